@@ -1,0 +1,90 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything the broker needs to start. `Default` gives the documented
+/// defaults with a listener on 127.0.0.1:8883 and the PKI in `./pki`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Where to listen. Port 0 picks a free port (see `RunningBroker::local_addr`).
+    pub listen: SocketAddr,
+    /// The directory `cityplane certs init` wrote (ca.crt, broker.crt/key, revoked.json).
+    pub pki: PathBuf,
+    pub limits: Limits,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8883)),
+            pki: PathBuf::from("pki"),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Per-connection and broker-wide limits.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest PUBLISH payload accepted, in bytes (AWS IoT Core uses 128 KiB).
+    pub max_payload: usize,
+    /// Subscriptions one connection may hold.
+    pub max_subscriptions: usize,
+    /// PUBLISH packets per second one device or operator connection may send
+    /// (a burst of one second's worth is allowed). Exceeding it disconnects
+    /// the client: silently dropping QoS 1 traffic would lose data. The
+    /// controller identity is exempt.
+    pub max_publishes_per_sec: u32,
+    /// Open connections, including those still in the TLS handshake.
+    pub max_connections: usize,
+    /// Time allowed for the TLS handshake.
+    #[serde(with = "millis", rename = "handshake_timeout_ms")]
+    pub handshake_timeout: Duration,
+    /// Time allowed between the end of the handshake and a complete CONNECT.
+    #[serde(with = "millis", rename = "connect_timeout_ms")]
+    pub connect_timeout: Duration,
+    /// How often the revocation list is checked for changes.
+    #[serde(with = "millis", rename = "revocation_poll_ms")]
+    pub revocation_poll: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_payload: 128 * 1024,
+            max_subscriptions: 50,
+            max_publishes_per_sec: 100,
+            // The process may hold at most ~20,000 descriptors here.
+            max_connections: 15_000,
+            handshake_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            revocation_poll: Duration::from_millis(200),
+        }
+    }
+}
+
+impl Limits {
+    /// Largest frame accepted: the payload limit plus 4 KiB for the topic and
+    /// headers. A declared length above it is refused before the body is read.
+    pub fn max_frame(&self) -> usize {
+        self.max_payload + 4096
+    }
+}
+
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}

@@ -1,0 +1,231 @@
+//! cityplane's embedded MQTT broker.
+//!
+//! We own the edge and keep rumqttd's router: connections are accepted in our
+//! own loop (rustls config built once, each handshake in its own task under a
+//! timeout), the client's identity comes from its verified certificate, every
+//! packet is validated strictly and authorized ([`acl`]), and only then handed
+//! to rumqttd's `Router` through its link API.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), cityplane_broker::BrokerError> {
+//! let mut config = cityplane_broker::BrokerConfig::default();
+//! config.listen = "127.0.0.1:0".parse().unwrap();
+//! let broker = cityplane_broker::Broker::start(config).await?;
+//! println!("listening on {}", broker.local_addr());
+//! broker.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+pub mod acl;
+mod config;
+pub mod mqtt;
+mod registry;
+mod revocation;
+mod session;
+mod tls;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cityplane_certs::Pki;
+pub use config::{BrokerConfig, Limits};
+use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
+use rumqttd::{Router, RouterConfig};
+
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::registry::Registry;
+use crate::revocation::RevocationState;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("PKI file {path}: {reason}")]
+    Pki { path: PathBuf, reason: String },
+    #[error("PKI: {0}")]
+    Certs(#[from] cityplane_certs::CertError),
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("router link: {0}")]
+    Link(String),
+}
+
+/// State every connection task shares.
+pub(crate) struct Shared {
+    pub(crate) config: BrokerConfig,
+    pub(crate) acceptor: tokio_rustls::TlsAcceptor,
+    pub(crate) router_tx: RouterTx,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) revocation: Arc<RevocationState>,
+}
+
+/// Opens a link into the router: `(client id, clean session)`.
+///
+/// `Router::spawn` returns a channel whose item type rumqttd does not export,
+/// so the sender lives inside this closure instead of being named.
+pub(crate) type RouterTx = Arc<
+    dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx, rumqttd::Notification), String> + Send + Sync,
+>;
+
+pub struct Broker;
+
+/// A started broker. Dropping it does not stop it; call [`RunningBroker::shutdown`].
+pub struct RunningBroker {
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Broker {
+    /// Loads the PKI, binds the listener and starts serving.
+    pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
+        let pki = Pki::open(&config.pki)?;
+        let revocation = RevocationState::load(pki.revocation_path());
+        let tls = tls::server_config(&pki, revocation.clone())?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| BrokerError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let local_addr = listener.local_addr().map_err(|source| BrokerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let router = Router::new(0, router_config(&config.limits)).spawn();
+        let router_tx: RouterTx = Arc::new(move |id: &str, clean: bool| {
+            LinkBuilder::new(id, router.clone())
+                .clean_session(clean)
+                .dynamic_filters(true)
+                .build()
+                .map_err(|e| e.to_string())
+        });
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let registry = Arc::new(Registry::default());
+        let shared = Arc::new(Shared {
+            acceptor: tokio_rustls::TlsAcceptor::from(tls),
+            router_tx,
+            registry: registry.clone(),
+            revocation: revocation.clone(),
+            config,
+        });
+        let tasks = vec![
+            tokio::spawn(accept_loop(listener, shared.clone(), shutdown_rx.clone())),
+            tokio::spawn(revocation::watch(
+                revocation,
+                registry,
+                shared.config.limits.revocation_poll,
+                shutdown_rx,
+            )),
+        ];
+        tracing::info!(addr = %local_addr, pki = %shared.config.pki.display(), "broker listening (mutual TLS, MQTT 3.1.1)");
+        Ok(RunningBroker {
+            local_addr,
+            shared,
+            shutdown,
+            tasks,
+        })
+    }
+}
+
+impl RunningBroker {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// An in-process link to the router with full rights, for the controller.
+    /// It bypasses TLS and the ACL: only trusted code in this process gets one.
+    pub async fn link(&self, client_id: &str) -> Result<(LinkTx, LinkRx), BrokerError> {
+        let router_tx = self.shared.router_tx.clone();
+        let id = client_id.to_owned();
+        tokio::task::spawn_blocking(move || {
+            router_tx(&id, true)
+                .map(|(tx, rx, _ack)| (tx, rx))
+                .map_err(BrokerError::Link)
+        })
+        .await
+        .map_err(|e| BrokerError::Link(e.to_string()))?
+    }
+
+    /// Live MQTT sessions (after CONNECT).
+    pub fn sessions(&self) -> usize {
+        self.shared.registry.len()
+    }
+
+    /// Stops accepting, cuts every session and waits for the background tasks.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        self.shared.registry.kick_where(|_| true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+fn router_config(limits: &Limits) -> RouterConfig {
+    // A full filter log drops its oldest segment even if a reader still
+    // needs it; size the logs generously so a fan-in burst is not lost.
+    let mut custom = HashMap::new();
+    for filter in [
+        "devices/+/reported",
+        "devices/+/acks",
+        "devices/+/telemetry",
+    ] {
+        custom.insert(
+            filter.to_owned(),
+            rumqttd::SegmentConfig {
+                max_segment_size: 4 * 1024 * 1024,
+                max_segment_count: 4,
+            },
+        );
+    }
+    RouterConfig {
+        // Our own limit triggers first; the router's is a backstop.
+        max_connections: limits.max_connections + 16,
+        max_outgoing_packet_count: 200,
+        max_segment_size: 1024 * 1024,
+        max_segment_count: 3,
+        custom_segment: Some(custom),
+        initialized_filters: None,
+        shared_subscriptions_strategy: Default::default(),
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(shared.config.limits.max_connections));
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.changed() => return,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // Usually out of file descriptors; back off instead of spinning.
+                tracing::error!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, limit = shared.config.limits.max_connections, "connection limit reached; closing new connection");
+            drop(tcp);
+            continue;
+        };
+        tokio::spawn(session::serve(shared.clone(), tcp, peer, permit));
+    }
+}

@@ -1,0 +1,130 @@
+//! The rustls server configuration, built once at start: mutual TLS against
+//! the project CA, plus our own checks on the verified client certificate
+//! (identity readable, serial not revoked).
+
+use std::sync::Arc;
+
+use cityplane_certs::Pki;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
+};
+
+use crate::revocation::RevocationState;
+use crate::BrokerError;
+
+pub(crate) fn server_config(
+    pki: &Pki,
+    revocation: Arc<RevocationState>,
+) -> Result<Arc<rustls::ServerConfig>, BrokerError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let read = |path: std::path::PathBuf| {
+        std::fs::read(&path).map_err(|source| BrokerError::Pki {
+            path: path.clone(),
+            reason: source.to_string(),
+        })
+    };
+    let pem_certs =
+        |path: std::path::PathBuf| -> Result<Vec<CertificateDer<'static>>, BrokerError> {
+            let bytes = read(path.clone())?;
+            rustls_pemfile_certs(&bytes).map_err(|reason| BrokerError::Pki { path, reason })
+        };
+
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in pem_certs(pki.ca_cert_path())? {
+        roots.add(ca).map_err(|e| BrokerError::Pki {
+            path: pki.ca_cert_path(),
+            reason: e.to_string(),
+        })?;
+    }
+    let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| BrokerError::Tls(e.to_string()))?;
+    let verifier = Arc::new(IdentityVerifier {
+        inner: webpki,
+        revocation,
+    });
+
+    let chain = pem_certs(pki.server_cert_path())?;
+    let key_path = pki.server_key_path();
+    let key_pem = read(key_path.clone())?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| BrokerError::Pki {
+        path: key_path,
+        reason: e.to_string(),
+    })?;
+
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| BrokerError::Tls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| BrokerError::Tls(e.to_string()))?;
+    config.alpn_protocols = vec![];
+    Ok(Arc::new(config))
+}
+
+fn rustls_pemfile_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    if certs.is_empty() {
+        return Err("no certificate in file".into());
+    }
+    Ok(certs)
+}
+
+/// Chain, validity and key usage are webpki's job; on top we insist the
+/// certificate names a valid cityplane identity and is not revoked, so a
+/// refused certificate is refused at the handshake with a TLS alert.
+#[derive(Debug)]
+struct IdentityVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    revocation: Arc<RevocationState>,
+}
+
+impl ClientCertVerifier for IdentityVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let peer = cityplane_certs::peer_cert(end_entity.as_ref()).map_err(|e| {
+            rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+        })?;
+        self.revocation.check(&peer.serial)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}

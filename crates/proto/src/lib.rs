@@ -1,0 +1,9 @@
+//! The wire contract every cityplane party shares: who a client is ([`Identity`],
+//! [`Role`]), how identities are spelled ([`validate_id`]) and which topics exist
+//! ([`topics`]). Only this crate builds topic strings.
+
+mod identity;
+pub mod messages;
+pub mod topics;
+
+pub use identity::{validate_id, IdError, Identity, Role, MAX_ID_LEN};
