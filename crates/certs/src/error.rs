@@ -1,0 +1,107 @@
+use std::path::PathBuf;
+
+use cityplane_proto::IdError;
+
+/// Everything that can go wrong in the cityplane PKI.
+///
+/// Messages are written for the operator reading them on a terminal: they
+/// name the file involved and, where there is one, the command that fixes it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CertError {
+    /// The I/O error is part of the message (not a `source()`), so a plain
+    /// `{}` of this error says everything.
+    #[error("cannot {action} {}: {error}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        error: std::io::Error,
+    },
+
+    #[error(
+        "{} holds no cityplane PKI ({missing} is missing): run `cityplane certs init --pki {}`",
+        dir.display(),
+        dir.display()
+    )]
+    NotInitialized { dir: PathBuf, missing: &'static str },
+
+    #[error(
+        "{} already holds a CA (ca.crt/ca.key): refusing to overwrite it. \
+         Pass --force to create a new CA; every certificate issued by the old one stops working",
+        dir.display()
+    )]
+    AlreadyInitialized { dir: PathBuf },
+
+    /// Says which identity and what the rule is.
+    #[error(transparent)]
+    InvalidId(#[from] IdError),
+
+    #[error("identity {0:?} is reserved for the PKI's own files (ca.crt, broker.crt); choose another id")]
+    ReservedId(String),
+
+    #[error(
+        "{id} already has a valid certificate (serial {serial}, expires {not_after}) in {}: \
+         pass --rotate to issue a new one and revoke the old one",
+        path.display()
+    )]
+    AlreadyIssued {
+        id: String,
+        serial: String,
+        not_after: String,
+        path: PathBuf,
+    },
+
+    #[error("certificate {serial} of {id} is already revoked")]
+    AlreadyRevoked { serial: String, id: String },
+
+    #[error("no certificate for {what} in {}", dir.display())]
+    NotFound { what: String, dir: PathBuf },
+
+    #[error("{0:?} is not a certificate serial number: expected hexadecimal digits, optionally separated by ':'")]
+    InvalidSerial(String),
+
+    #[error("invalid validity: {0}")]
+    InvalidValidity(String),
+
+    #[error("{}: {reason}", path.display())]
+    BadFile { path: PathBuf, reason: String },
+
+    #[error("revocation list {} is unusable: {reason}", path.display())]
+    BadRevocationList { path: PathBuf, reason: String },
+
+    #[error("client certificate rejected: {0}")]
+    BadPeerCert(String),
+
+    #[error("certificate generation failed: {0}")]
+    Generate(rcgen::Error),
+
+    #[error("the system random number generator failed: {0}")]
+    Random(String),
+}
+
+impl From<rcgen::Error> for CertError {
+    fn from(e: rcgen::Error) -> Self {
+        CertError::Generate(e)
+    }
+}
+
+impl CertError {
+    pub(crate) fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+        error: std::io::Error,
+    ) -> Self {
+        CertError::Io {
+            action,
+            path: path.into(),
+            error,
+        }
+    }
+
+    pub(crate) fn bad_file(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        CertError::BadFile {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! The cityplane certificate authority.
+//!
+//! Every party on the broker (device, operator, controller) holds its own
+//! X.509 certificate: CN = identity, OU = role. This crate creates and manages
+//! the PKI directory the broker trusts:
+//!
+//! | file | what |
+//! |---|---|
+//! | `ca.crt`, `ca.key` | the CA (ECDSA P-256, 10 years) |
+//! | `broker.crt`, `broker.key` | the broker's server certificate (`localhost`, `127.0.0.1`) |
+//! | `<id>.crt`, `<id>.key` | one identity each (clientAuth, 365 days by default) |
+//! | `revoked.json` | revoked serials: the broker's source of truth |
+//! | `crl.pem` | the same serials as a CA-signed X.509 CRL (mosquitto `crlfile`) |
+//!
+//! Private keys are created with mode 0600; every file is replaced atomically
+//! (temporary file, fsync, rename, fsync of the directory).
+//!
+//! ```no_run
+//! use cityplane_certs::Pki;
+//! use cityplane_proto::Role;
+//! # fn main() -> Result<(), cityplane_certs::CertError> {
+//! let pki = Pki::init("pki".as_ref(), false)?;
+//! let cert = pki.issue(Role::Device, "dev0001")?;
+//! pki.revoke(&cert.serial)?;
+//! # Ok(()) }
+//! ```
+
+mod error;
+mod fsutil;
+mod peer;
+mod pki;
+mod revocation;
+mod serial;
+
+pub use error::CertError;
+pub use peer::{peer_cert, PeerCert};
+pub use pki::{
+    BulkIssued, CertInfo, IssueOptions, Pki, BACKDATE, CA_CERT_FILE, CA_KEY_FILE, CA_VALIDITY_DAYS,
+    CRL_FILE, DEFAULT_VALIDITY_DAYS, RESERVED_IDS, REVOCATION_FILE, SERVER_CERT_FILE,
+    SERVER_KEY_FILE,
+};
+pub use revocation::{RevocationList, RevokedEntry, REVOCATION_FORMAT_VERSION};
+pub use serial::normalize_serial;

@@ -1,0 +1,106 @@
+//! Reading identities out of certificates.
+
+use cityplane_proto::{validate_id, Identity, Role};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use x509_parser::certificate::X509Certificate;
+use x509_parser::prelude::FromDer;
+use x509_parser::x509::X509Name;
+
+use crate::serial::serial_hex;
+use crate::CertError;
+
+/// The identity a TLS peer proved with its client certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCert {
+    /// CN = id, OU = role.
+    pub identity: Identity,
+    /// Canonical serial (lowercase hex, no colons, no leading zero bytes):
+    /// the same string [`crate::CertInfo::serial`] shows for this certificate
+    /// and that [`crate::RevocationList::is_revoked`] expects.
+    pub serial: String,
+}
+
+/// Parses a DER client certificate presented at the TLS handshake.
+///
+/// The chain, validity period and extended key usage must already have been
+/// verified (rustls does that); this only reads who the certificate names.
+/// The subject must hold exactly one CN, which must be a valid identity (see
+/// [`cityplane_proto::validate_id`]), and exactly one OU, which must be a
+/// [`Role`] name.
+pub fn peer_cert(der: &[u8]) -> Result<PeerCert, CertError> {
+    let parsed = parse_identity(der).map_err(CertError::BadPeerCert)?;
+    Ok(PeerCert {
+        identity: parsed.identity,
+        serial: parsed.serial,
+    })
+}
+
+/// What the PKI needs to know about an identity certificate.
+pub(crate) struct ParsedIdentity {
+    pub identity: Identity,
+    pub serial: String,
+    pub not_after: OffsetDateTime,
+}
+
+impl ParsedIdentity {
+    pub(crate) fn not_after_rfc3339(&self) -> String {
+        rfc3339(self.not_after)
+    }
+}
+
+pub(crate) fn rfc3339(t: OffsetDateTime) -> String {
+    // Only fails for years outside 0..=9999, which X.509 cannot express anyway.
+    t.format(&Rfc3339).unwrap_or_else(|_| t.to_string())
+}
+
+/// Parses a DER certificate into an identity; the error is a reason phrase.
+pub(crate) fn parse_identity(der: &[u8]) -> Result<ParsedIdentity, String> {
+    let (rest, cert) = X509Certificate::from_der(der)
+        .map_err(|e| format!("not a valid X.509 certificate: {e}"))?;
+    if !rest.is_empty() {
+        return Err(format!(
+            "{} unexpected bytes after the certificate",
+            rest.len()
+        ));
+    }
+    let subject = cert.subject();
+    let id = single_attr(subject, "CN (common name)", X509Name::iter_common_name)?;
+    validate_id(id).map_err(|e| format!("CN {e}"))?;
+    let ou = single_attr(
+        subject,
+        "OU (organizational unit)",
+        X509Name::iter_organizational_unit,
+    )?;
+    let role: Role = ou
+        .parse()
+        .map_err(|_| format!("OU {ou:?} is not a role: expected device, operator or controller"))?;
+    Ok(ParsedIdentity {
+        identity: Identity {
+            id: id.to_owned(),
+            role,
+        },
+        serial: serial_hex(cert.raw_serial()),
+        not_after: cert.validity().not_after.to_datetime(),
+    })
+}
+
+fn single_attr<'a, I>(
+    name: &'a X509Name<'a>,
+    what: &str,
+    iter: impl FnOnce(&'a X509Name<'a>) -> I,
+) -> Result<&'a str, String>
+where
+    I: Iterator<Item = &'a x509_parser::x509::AttributeTypeAndValue<'a>>,
+{
+    let mut values = iter(name);
+    let first = values
+        .next()
+        .ok_or_else(|| format!("the subject has no {what}"))?;
+    if values.next().is_some() {
+        return Err(format!("the subject has more than one {what}"));
+    }
+    first
+        .as_str()
+        .map_err(|_| format!("the subject's {what} is not a text string"))
+}

@@ -1,0 +1,877 @@
+//! The PKI directory: the CA, the broker's certificate and one certificate per
+//! identity.
+
+use std::collections::HashSet;
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
+
+use cityplane_proto::{validate_id, Role};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevokedCertParams, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
+};
+use serde::{Deserialize, Serialize};
+use time::{Duration, OffsetDateTime};
+use x509_parser::pem::parse_x509_pem;
+
+use crate::fsutil::{self, KEY_MODE, PUBLIC_MODE, TMP_PREFIX};
+use crate::peer::{parse_identity, rfc3339, ParsedIdentity};
+use crate::revocation::{RevocationFile, RevokedEntry, RevokedRecord};
+use crate::serial::{parse_serial, random_serial, serial_hex};
+use crate::CertError;
+
+pub const CA_CERT_FILE: &str = "ca.crt";
+pub const CA_KEY_FILE: &str = "ca.key";
+pub const SERVER_CERT_FILE: &str = "broker.crt";
+pub const SERVER_KEY_FILE: &str = "broker.key";
+pub const REVOCATION_FILE: &str = "revoked.json";
+pub const CRL_FILE: &str = "crl.pem";
+
+/// Identities that would collide with the PKI's own files.
+pub const RESERVED_IDS: [&str; 2] = ["ca", "broker"];
+
+/// Lifetime of the CA (and of the broker's certificate and the CRL's
+/// `nextUpdate`): 10 years.
+pub const CA_VALIDITY_DAYS: u32 = 3650;
+/// Default lifetime of identity certificates.
+pub const DEFAULT_VALIDITY_DAYS: u32 = 365;
+/// Certificates start this long in the past to tolerate clock skew.
+pub const BACKDATE: Duration = Duration::hours(1);
+
+/// Threads per core [`Pki::issue_bulk`] runs (mostly waiting on fsync), and their cap.
+const BULK_WRITERS_PER_CORE: usize = 16;
+const BULK_MAX_WRITERS: usize = 64;
+
+const CA_COMMON_NAME: &str = "cityplane CA";
+const ORGANIZATION: &str = "cityplane";
+const SERVER_NAME: &str = "broker";
+
+/// One certificate as `list` and `issue` report it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertInfo {
+    pub id: String,
+    pub role: Role,
+    /// Canonical serial: lowercase hex, no colons, no leading zero bytes.
+    pub serial: String,
+    /// RFC 3339 (UTC). Empty when unknown: a revoked certificate whose file was
+    /// replaced and whose `revoked.json` entry was written by hand.
+    pub not_after: String,
+    pub revoked: bool,
+    /// `DIR/<id>.crt` for the identity's current certificate. Empty for a
+    /// revoked certificate whose file has since been replaced by a newer one.
+    pub cert_path: PathBuf,
+}
+
+/// Validity and usage of a certificate to issue (see [`Pki::issue_with`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssueOptions {
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+    /// `true`: EKU clientAuth (a normal identity). `false`: EKU serverAuth
+    /// only, a certificate with the wrong key usage, for tests.
+    pub client_auth: bool,
+}
+
+impl IssueOptions {
+    /// Valid from one hour ago (clock skew) until `days` days from now.
+    pub fn valid_for_days(days: u32) -> IssueOptions {
+        let now = now();
+        IssueOptions {
+            not_before: now - BACKDATE,
+            not_after: now + Duration::days(i64::from(days)),
+            client_auth: true,
+        }
+    }
+}
+
+impl Default for IssueOptions {
+    /// [`DEFAULT_VALIDITY_DAYS`], clientAuth.
+    fn default() -> Self {
+        IssueOptions::valid_for_days(DEFAULT_VALIDITY_DAYS)
+    }
+}
+
+/// What [`Pki::issue_bulk`] did. Both lists are sorted by id; together they
+/// hold one certificate per requested id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BulkIssued {
+    /// Certificates created by this call (new ids, and ids whose previous
+    /// certificate was revoked).
+    pub issued: Vec<CertInfo>,
+    /// Ids that already had a valid (not revoked) certificate: left untouched.
+    pub skipped: Vec<CertInfo>,
+}
+
+impl BulkIssued {
+    /// Every requested id's current certificate, sorted by id.
+    pub fn into_all(self) -> Vec<CertInfo> {
+        let mut all = self.issued;
+        all.extend(self.skipped);
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all
+    }
+}
+
+/// A PKI directory. Cheap to create: it holds only the path and the validity
+/// of certificates it issues; files are read when needed.
+///
+/// One writer at a time: two processes issuing or revoking in the same
+/// directory concurrently can lose a `revoked.json` update.
+#[derive(Debug, Clone)]
+pub struct Pki {
+    dir: PathBuf,
+    validity_days: u32,
+}
+
+/// The loaded CA: its signing key and what certificates it signs inherit.
+struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    not_after: OffsetDateTime,
+}
+
+fn now() -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc();
+    // X.509 times have whole seconds; keep ours equal to what we write.
+    now.replace_nanosecond(0).unwrap_or(now)
+}
+
+impl Pki {
+    /// Creates a new CA, the broker's certificate, an empty `revoked.json` and
+    /// an empty CRL in `dir` (created with mode 0700 if missing).
+    ///
+    /// Refuses with [`CertError::AlreadyInitialized`] if `ca.crt` or `ca.key`
+    /// exists, unless `force`: then the CA is replaced, the revocation list
+    /// emptied, and every identity certificate and key in `dir` (all signed by
+    /// the old CA, so useless now) removed.
+    pub fn init(dir: &Path, force: bool) -> Result<Pki, CertError> {
+        fsutil::create_dir(dir)?;
+        let pki = Pki::at(dir);
+        let ca_exists = pki.ca_cert_path().exists() || pki.ca_key_path().exists();
+        if ca_exists && !force {
+            return Err(CertError::AlreadyInitialized {
+                dir: dir.to_owned(),
+            });
+        }
+
+        // Everything is built in memory first; nothing is written if any step fails.
+        let now = now();
+        let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut ca_params = CertificateParams::default();
+        ca_params.serial_number = Some(SerialNumber::from_slice(&random_serial()?));
+        ca_params.not_before = now - BACKDATE;
+        ca_params.not_after = now + Duration::days(i64::from(CA_VALIDITY_DAYS));
+        ca_params.distinguished_name = dn(&[
+            (DnType::OrganizationName, ORGANIZATION),
+            (DnType::CommonName, CA_COMMON_NAME),
+        ]);
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca_cert = ca_params.self_signed(&ca_key)?;
+        let ca_key_pem = ca_key.serialize_pem();
+        let ca = Ca {
+            not_after: ca_params.not_after,
+            issuer: Issuer::new(ca_params, ca_key),
+        };
+
+        let server_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut server = CertificateParams::new(vec!["localhost".to_owned()])?;
+        server
+            .subject_alt_names
+            .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        server.serial_number = Some(SerialNumber::from_slice(&random_serial()?));
+        server.not_before = now - BACKDATE;
+        server.not_after = ca.not_after;
+        server.distinguished_name = dn(&[
+            (DnType::OrganizationName, ORGANIZATION),
+            (DnType::OrganizationalUnitName, SERVER_NAME),
+            (DnType::CommonName, SERVER_NAME),
+        ]);
+        server.is_ca = IsCa::ExplicitNoCa;
+        server.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        server.use_authority_key_identifier_extension = true;
+        let server_cert = server.signed_by(&server_key, &ca.issuer)?;
+
+        let revocations = RevocationFile::empty();
+        let crl = build_crl(&ca, &revocations)?;
+
+        if force {
+            pki.remove_identity_files()?;
+        }
+        // The CA goes last: a crash before it leaves a directory `init` accepts
+        // without --force.
+        let d = pki.dir();
+        fsutil::write_atomic(
+            d,
+            SERVER_KEY_FILE,
+            server_key.serialize_pem().as_bytes(),
+            KEY_MODE,
+            true,
+        )?;
+        fsutil::write_atomic(
+            d,
+            SERVER_CERT_FILE,
+            server_cert.pem().as_bytes(),
+            PUBLIC_MODE,
+            true,
+        )?;
+        fsutil::write_atomic(
+            d,
+            REVOCATION_FILE,
+            &revocations.to_json()?,
+            PUBLIC_MODE,
+            true,
+        )?;
+        fsutil::write_atomic(d, CRL_FILE, crl.as_bytes(), PUBLIC_MODE, true)?;
+        fsutil::write_atomic(d, CA_KEY_FILE, ca_key_pem.as_bytes(), KEY_MODE, true)?;
+        fsutil::write_atomic(d, CA_CERT_FILE, ca_cert.pem().as_bytes(), PUBLIC_MODE, true)?;
+        tracing::info!(dir = %dir.display(), force, "initialised PKI");
+        Ok(pki)
+    }
+
+    /// Opens an initialised PKI directory. Needs `ca.crt` and `revoked.json`;
+    /// `ca.key` is only needed (and checked) when issuing or revoking, so a
+    /// host that only verifies (the broker) need not hold the CA key.
+    pub fn open(dir: &Path) -> Result<Pki, CertError> {
+        let pki = Pki::at(dir);
+        for (path, missing) in [
+            (pki.ca_cert_path(), CA_CERT_FILE),
+            (pki.revocation_path(), REVOCATION_FILE),
+        ] {
+            if !path.is_file() {
+                return Err(CertError::NotInitialized {
+                    dir: dir.to_owned(),
+                    missing,
+                });
+            }
+        }
+        Ok(pki)
+    }
+
+    fn at(dir: &Path) -> Pki {
+        Pki {
+            dir: dir.to_owned(),
+            validity_days: DEFAULT_VALIDITY_DAYS,
+        }
+    }
+
+    /// Makes [`issue`](Self::issue), [`rotate`](Self::rotate) and
+    /// [`issue_bulk`](Self::issue_bulk) issue certificates valid for `days`
+    /// days (default [`DEFAULT_VALIDITY_DAYS`]). Refuses 0.
+    pub fn with_validity_days(mut self, days: u32) -> Result<Pki, CertError> {
+        if days == 0 {
+            return Err(CertError::InvalidValidity(
+                "a certificate must be valid for at least 1 day".into(),
+            ));
+        }
+        self.validity_days = days;
+        Ok(self)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    pub fn ca_cert_path(&self) -> PathBuf {
+        self.dir.join(CA_CERT_FILE)
+    }
+    pub fn ca_key_path(&self) -> PathBuf {
+        self.dir.join(CA_KEY_FILE)
+    }
+    pub fn server_cert_path(&self) -> PathBuf {
+        self.dir.join(SERVER_CERT_FILE)
+    }
+    pub fn server_key_path(&self) -> PathBuf {
+        self.dir.join(SERVER_KEY_FILE)
+    }
+    /// `DIR/<id>.crt`. Does not validate `id`.
+    pub fn cert_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.crt"))
+    }
+    /// `DIR/<id>.key`. Does not validate `id`.
+    pub fn key_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.key"))
+    }
+    pub fn revocation_path(&self) -> PathBuf {
+        self.dir.join(REVOCATION_FILE)
+    }
+    pub fn crl_path(&self) -> PathBuf {
+        self.dir.join(CRL_FILE)
+    }
+
+    /// Issues the first certificate of `id`.
+    ///
+    /// Fails with [`CertError::AlreadyIssued`] if `id` has a certificate that
+    /// is not revoked (use [`rotate`](Self::rotate)); if its certificate is
+    /// revoked, issues a new one with a new serial.
+    pub fn issue(&self, role: Role, id: &str) -> Result<CertInfo, CertError> {
+        self.issue_checked(role, id, false)
+    }
+
+    /// Issues a new certificate (new key, new serial) for `id` and revokes the
+    /// current one, if it has one that is not yet revoked. The role may change.
+    /// Without any current certificate this is the same as [`issue`](Self::issue).
+    ///
+    /// The old serial is revoked durably before the new files replace the old
+    /// ones: a crash in between leaves a revoked certificate that `issue`
+    /// replaces.
+    pub fn rotate(&self, role: Role, id: &str) -> Result<CertInfo, CertError> {
+        self.issue_checked(role, id, true)
+    }
+
+    fn issue_checked(&self, role: Role, id: &str, rotate: bool) -> Result<CertInfo, CertError> {
+        check_id(id)?;
+        let ca = self.load_ca()?;
+        let mut revocations = self.load_revocations()?;
+        let to_revoke = match self.read_current(id, &revocations)? {
+            Some(cur) if !cur.revoked && !rotate => {
+                return Err(CertError::AlreadyIssued {
+                    id: cur.id,
+                    serial: cur.serial,
+                    not_after: cur.not_after,
+                    path: cur.cert_path,
+                })
+            }
+            Some(cur) if !cur.revoked => Some(cur),
+            _ => None,
+        };
+        // Build before revoking, so a failure here leaves everything as it was.
+        let opts = IssueOptions::valid_for_days(self.validity_days);
+        let new = self.generate(&ca, role, id, &opts)?;
+        if let Some(cur) = to_revoke {
+            self.append_revocation(&ca, &mut revocations, &cur)?;
+            tracing::info!(%id, serial = %cur.serial, "rotation revoked the old certificate");
+        }
+        self.write(&new, true)?;
+        tracing::info!(%id, %role, serial = %new.info.serial, "issued certificate");
+        Ok(new.info)
+    }
+
+    /// Issues a certificate with explicit validity and usage, replacing any
+    /// certificate `id` has without revoking it. Low level, for tests that
+    /// need expired, not-yet-valid or wrong-usage certificates; validates `id`
+    /// but does not check [`CertError::AlreadyIssued`].
+    pub fn issue_with(
+        &self,
+        role: Role,
+        id: &str,
+        opts: &IssueOptions,
+    ) -> Result<CertInfo, CertError> {
+        check_id(id)?;
+        let ca = self.load_ca()?;
+        let revocations = self.load_revocations()?;
+        let mut new = self.generate(&ca, role, id, opts)?;
+        new.info.revoked = revocations.find(&new.info.serial).is_some();
+        self.write(&new, true)?;
+        Ok(new.info)
+    }
+
+    /// Issues certificates for `{prefix}0001` … `{prefix}{count:04}` (ids grow
+    /// past 4 digits when `count` > 9999).
+    ///
+    /// All ids are validated before anything is written. Ids that already have
+    /// a valid (not revoked) certificate are skipped and keep it; ids whose
+    /// certificate is revoked get a new one. Work runs on up to 64 threads (signing
+    /// on every core, many fsyncs in flight).
+    /// `on_progress(done)` is called on the calling thread with the number of
+    /// ids handled so far (skipped ones count at once), ending with `count`.
+    ///
+    /// Every file is written atomically; the directory is flushed once at the
+    /// end. On error, certificates already written stay (they are valid), and
+    /// running again skips them.
+    pub fn issue_bulk(
+        &self,
+        role: Role,
+        prefix: &str,
+        count: usize,
+        mut on_progress: impl FnMut(usize),
+    ) -> Result<BulkIssued, CertError> {
+        let ids: Vec<String> = (1..=count).map(|n| format!("{prefix}{n:04}")).collect();
+        for id in &ids {
+            check_id(id)?;
+        }
+        let ca = self.load_ca()?;
+        let revocations = self.load_revocations()?;
+        let opts = IssueOptions::valid_for_days(self.validity_days);
+
+        let mut skipped = Vec::new();
+        let mut pending = Vec::new();
+        for id in ids {
+            match self.read_current(&id, &revocations)? {
+                Some(cur) if !cur.revoked => skipped.push(cur),
+                _ => pending.push(id),
+            }
+        }
+        on_progress(skipped.len());
+
+        let mut issued = Vec::with_capacity(pending.len());
+        let mut first_error = None;
+        if !pending.is_empty() {
+            // Signing is cheap (~0.1 ms); waiting for fsync is not. Many
+            // writers in flight let the filesystem commit their fsyncs
+            // together, which is what makes 10,000 certificates fast.
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let workers = (cores * BULK_WRITERS_PER_CORE)
+                .clamp(1, BULK_MAX_WRITERS)
+                .min(pending.len());
+            let next = AtomicUsize::new(0);
+            let stop = AtomicBool::new(false);
+            let (tx, rx) = mpsc::channel::<Result<CertInfo, CertError>>();
+            std::thread::scope(|s| {
+                for _ in 0..workers {
+                    let tx = tx.clone();
+                    let (next, stop, pending, ca, opts) = (&next, &stop, &pending, &ca, &opts);
+                    s.spawn(move || {
+                        while !stop.load(Ordering::Relaxed) {
+                            let Some(id) = pending.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                                break;
+                            };
+                            let result = self
+                                .generate(ca, role, id, opts)
+                                .and_then(|new| self.write(&new, false).map(|()| new.info));
+                            let failed = result.is_err();
+                            if tx.send(result).is_err() || failed {
+                                stop.store(true, Ordering::Relaxed);
+                                break;
+                            }
+                        }
+                    });
+                }
+                drop(tx);
+                for result in rx {
+                    match result {
+                        Ok(info) => {
+                            issued.push(info);
+                            on_progress(skipped.len() + issued.len());
+                        }
+                        Err(e) => {
+                            stop.store(true, Ordering::Relaxed);
+                            first_error.get_or_insert(e);
+                        }
+                    }
+                }
+            });
+        }
+        fsutil::sync_dir(&self.dir)?;
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        issued.sort_by(|a, b| a.id.cmp(&b.id));
+        tracing::info!(%role, issued = issued.len(), skipped = skipped.len(), "bulk issue done");
+        Ok(BulkIssued { issued, skipped })
+    }
+
+    /// Revokes by id (the serial of the id's current certificate file) or by
+    /// serial (hex, any case, colons allowed). An input that names an existing
+    /// `<id>.crt` is taken as an id, anything else that is hex as a serial.
+    pub fn revoke(&self, id_or_serial: &str) -> Result<RevokedEntry, CertError> {
+        let is_id = validate_id(id_or_serial).is_ok();
+        if is_id && self.cert_path(id_or_serial).exists() {
+            self.revoke_id(id_or_serial)
+        } else if parse_serial(id_or_serial).is_some() {
+            self.revoke_serial(id_or_serial)
+        } else if is_id {
+            self.revoke_id(id_or_serial)
+        } else {
+            Err(CertError::NotFound {
+                what: format!("id or serial {id_or_serial:?}"),
+                dir: self.dir.clone(),
+            })
+        }
+    }
+
+    /// Revokes the certificate currently in `DIR/<id>.crt`.
+    pub fn revoke_id(&self, id: &str) -> Result<RevokedEntry, CertError> {
+        check_id(id)?;
+        let ca = self.load_ca()?;
+        let mut revocations = self.load_revocations()?;
+        let cur = self
+            .read_current(id, &revocations)?
+            .ok_or_else(|| CertError::NotFound {
+                what: format!("id {id:?}"),
+                dir: self.dir.clone(),
+            })?;
+        if cur.revoked {
+            return Err(CertError::AlreadyRevoked {
+                serial: cur.serial,
+                id: cur.id,
+            });
+        }
+        self.append_revocation(&ca, &mut revocations, &cur)
+    }
+
+    /// Revokes the certificate with this serial. It must be the current
+    /// certificate of some id in the directory (a serial this CA never issued,
+    /// or whose file is gone, cannot be attributed to an id).
+    pub fn revoke_serial(&self, serial: &str) -> Result<RevokedEntry, CertError> {
+        let serial = parse_serial(serial)
+            .map(|b| crate::serial::to_hex(&b))
+            .ok_or_else(|| CertError::InvalidSerial(serial.to_owned()))?;
+        let ca = self.load_ca()?;
+        let mut revocations = self.load_revocations()?;
+        if let Some(rec) = revocations.find(&serial) {
+            return Err(CertError::AlreadyRevoked {
+                serial,
+                id: rec.id.clone(),
+            });
+        }
+        let cur = self
+            .current_certs(&revocations)?
+            .into_iter()
+            .find(|c| c.serial == serial)
+            .ok_or_else(|| CertError::NotFound {
+                what: format!("serial {serial}"),
+                dir: self.dir.clone(),
+            })?;
+        self.append_revocation(&ca, &mut revocations, &cur)
+    }
+
+    /// The certificate currently in `DIR/<id>.crt`, if any.
+    pub fn current_cert(&self, id: &str) -> Result<Option<CertInfo>, CertError> {
+        check_id(id)?;
+        self.read_current(id, &self.load_revocations()?)
+    }
+
+    /// Every identity certificate in the directory, plus revoked certificates
+    /// whose file has since been replaced (their `cert_path` is empty). Sorted
+    /// by id; for one id, replaced certificates come first (oldest revocation
+    /// first), then the current one.
+    pub fn list(&self) -> Result<Vec<CertInfo>, CertError> {
+        let revocations = self.load_revocations()?;
+        let current = self.current_certs(&revocations)?;
+        let current_serials: HashSet<&str> = current.iter().map(|c| c.serial.as_str()).collect();
+        let mut seen = HashSet::new();
+        let mut all = Vec::new();
+        for rec in &revocations.revoked {
+            if current_serials.contains(rec.serial.as_str()) || !seen.insert(rec.serial.as_str()) {
+                continue;
+            }
+            let role = rec
+                .role
+                .or_else(|| current.iter().find(|c| c.id == rec.id).map(|c| c.role));
+            let Some(role) = role else {
+                tracing::warn!(serial = %rec.serial, id = %rec.id, "revoked entry without a role: not listed");
+                continue;
+            };
+            all.push(CertInfo {
+                id: rec.id.clone(),
+                role,
+                serial: rec.serial.clone(),
+                not_after: rec.not_after.clone().unwrap_or_default(),
+                revoked: true,
+                cert_path: PathBuf::new(),
+            });
+        }
+        all.extend(current);
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(all)
+    }
+
+    // ---- internals -------------------------------------------------------
+
+    fn ca_missing(&self, missing: &'static str) -> CertError {
+        CertError::NotInitialized {
+            dir: self.dir.clone(),
+            missing,
+        }
+    }
+
+    fn load_ca(&self) -> Result<Ca, CertError> {
+        let key_path = self.ca_key_path();
+        let cert_path = self.ca_cert_path();
+        let key_pem =
+            fsutil::read_optional(&key_path)?.ok_or_else(|| self.ca_missing(CA_KEY_FILE))?;
+        let cert_pem =
+            fsutil::read_optional(&cert_path)?.ok_or_else(|| self.ca_missing(CA_CERT_FILE))?;
+        let key_pem = String::from_utf8(key_pem)
+            .map_err(|_| CertError::bad_file(&key_path, "not a PEM file"))?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| {
+            CertError::bad_file(&key_path, format!("not a usable private key: {e}"))
+        })?;
+
+        let (_, pem) = parse_x509_pem(&cert_pem)
+            .map_err(|e| CertError::bad_file(&cert_path, format!("not a PEM certificate: {e}")))?;
+        let cert = pem.parse_x509().map_err(|e| {
+            CertError::bad_file(&cert_path, format!("not a valid certificate: {e}"))
+        })?;
+        if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(CertError::bad_file(
+                &key_path,
+                format!("this key does not belong to {}", cert_path.display()),
+            ));
+        }
+        let not_after = cert.validity().not_after.to_datetime();
+        let issuer = Issuer::from_ca_cert_der(&pem.contents.as_slice().into(), key)
+            .map_err(|e| CertError::bad_file(&cert_path, format!("not usable as a CA: {e}")))?;
+        Ok(Ca { issuer, not_after })
+    }
+
+    fn load_revocations(&self) -> Result<RevocationFile, CertError> {
+        let path = self.revocation_path();
+        if !path.exists() {
+            return Err(self.ca_missing(REVOCATION_FILE));
+        }
+        RevocationFile::load(&path)
+    }
+
+    /// Parses `DIR/<id>.crt` if it exists.
+    fn read_current(
+        &self,
+        id: &str,
+        revocations: &RevocationFile,
+    ) -> Result<Option<CertInfo>, CertError> {
+        let path = self.cert_path(id);
+        let Some(pem) = fsutil::read_optional(&path)? else {
+            return Ok(None);
+        };
+        let parsed = parse_cert_file(&path, &pem)?;
+        if parsed.identity.id != id {
+            return Err(CertError::bad_file(
+                &path,
+                format!(
+                    "holds the certificate of {:?}, not of {id:?}: move it out of {}",
+                    parsed.identity.id,
+                    self.dir.display()
+                ),
+            ));
+        }
+        Ok(Some(CertInfo {
+            id: parsed.identity.id.clone(),
+            role: parsed.identity.role,
+            not_after: parsed.not_after_rfc3339(),
+            revoked: revocations.find(&parsed.serial).is_some(),
+            serial: parsed.serial,
+            cert_path: path,
+        }))
+    }
+
+    /// Every `<id>.crt` in the directory, in no particular order.
+    fn current_certs(&self, revocations: &RevocationFile) -> Result<Vec<CertInfo>, CertError> {
+        let mut certs = Vec::new();
+        for id in self.identity_stems("crt")? {
+            if let Some(info) = self.read_current(&id, revocations)? {
+                certs.push(info);
+            }
+        }
+        Ok(certs)
+    }
+
+    /// Stems of `<id>.<ext>` files whose stem is a valid, non-reserved id.
+    fn identity_stems(&self, ext: &str) -> Result<Vec<String>, CertError> {
+        let entries = fs::read_dir(&self.dir).map_err(|e| CertError::io("list", &self.dir, e))?;
+        let mut stems = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| CertError::io("list", &self.dir, e))?;
+            let name = entry.file_name();
+            let Some(stem) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(ext))
+                .and_then(|n| n.strip_suffix('.'))
+            else {
+                continue;
+            };
+            if check_id(stem).is_ok() {
+                stems.push(stem.to_owned());
+            }
+        }
+        Ok(stems)
+    }
+
+    /// `init --force`: the old CA's identities (and leftover temporary files) go.
+    fn remove_identity_files(&self) -> Result<(), CertError> {
+        let mut removed = 0usize;
+        for ext in ["crt", "key"] {
+            for stem in self.identity_stems(ext)? {
+                fsutil::remove_optional(&self.dir.join(format!("{stem}.{ext}")))?;
+                removed += 1;
+            }
+        }
+        let entries = fs::read_dir(&self.dir).map_err(|e| CertError::io("list", &self.dir, e))?;
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+                fsutil::remove_optional(&entry.path())?;
+            }
+        }
+        fsutil::sync_dir(&self.dir)?;
+        tracing::warn!(dir = %self.dir.display(), removed, "init --force removed the old CA's identity files");
+        Ok(())
+    }
+
+    /// Builds (in memory) a key and certificate for `id`.
+    fn generate(
+        &self,
+        ca: &Ca,
+        role: Role,
+        id: &str,
+        opts: &IssueOptions,
+    ) -> Result<NewCert, CertError> {
+        if opts.not_after <= opts.not_before {
+            return Err(CertError::InvalidValidity(format!(
+                "not_after ({}) must be later than not_before ({})",
+                rfc3339(opts.not_after),
+                rfc3339(opts.not_before)
+            )));
+        }
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let serial = random_serial()?;
+        let mut params = CertificateParams::default();
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        params.not_before = opts.not_before;
+        params.not_after = opts.not_after;
+        params.distinguished_name = dn(&[
+            (DnType::OrganizationName, ORGANIZATION),
+            (DnType::OrganizationalUnitName, role.as_str()),
+            (DnType::CommonName, id),
+        ]);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![if opts.client_auth {
+            ExtendedKeyUsagePurpose::ClientAuth
+        } else {
+            ExtendedKeyUsagePurpose::ServerAuth
+        }];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &ca.issuer)?;
+        // Report exactly what was written: read it back from the DER.
+        let parsed = parse_identity(cert.der()).map_err(|reason| {
+            CertError::bad_file(
+                self.cert_path(id),
+                format!("generated an unreadable certificate: {reason}"),
+            )
+        })?;
+        debug_assert_eq!(parsed.serial, serial_hex(&serial));
+        Ok(NewCert {
+            info: CertInfo {
+                id: id.to_owned(),
+                role,
+                not_after: parsed.not_after_rfc3339(),
+                serial: parsed.serial,
+                revoked: false,
+                cert_path: self.cert_path(id),
+            },
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Writes the key, then the certificate. A crash in between leaves a key
+    /// without certificate (or a new key next to a revoked certificate), which
+    /// the next `issue` replaces.
+    fn write(&self, new: &NewCert, sync_dir: bool) -> Result<(), CertError> {
+        let id = &new.info.id;
+        fsutil::write_atomic(
+            &self.dir,
+            &format!("{id}.key"),
+            new.key_pem.as_bytes(),
+            KEY_MODE,
+            sync_dir,
+        )?;
+        fsutil::write_atomic(
+            &self.dir,
+            &format!("{id}.crt"),
+            new.cert_pem.as_bytes(),
+            PUBLIC_MODE,
+            sync_dir,
+        )
+    }
+
+    /// Adds `cert` to `revoked.json` (durably) and regenerates `crl.pem`.
+    fn append_revocation(
+        &self,
+        ca: &Ca,
+        revocations: &mut RevocationFile,
+        cert: &CertInfo,
+    ) -> Result<RevokedEntry, CertError> {
+        let record = RevokedRecord {
+            serial: cert.serial.clone(),
+            id: cert.id.clone(),
+            revoked_at: rfc3339(now()),
+            role: Some(cert.role),
+            not_after: Some(cert.not_after.clone()).filter(|s| !s.is_empty()),
+        };
+        revocations.revoked.push(record.clone());
+        let crl = build_crl(ca, revocations)?;
+        fsutil::write_atomic(
+            &self.dir,
+            REVOCATION_FILE,
+            &revocations.to_json()?,
+            PUBLIC_MODE,
+            true,
+        )?;
+        fsutil::write_atomic(&self.dir, CRL_FILE, crl.as_bytes(), PUBLIC_MODE, true)?;
+        tracing::info!(id = %record.id, serial = %record.serial, "revoked certificate");
+        Ok(record.entry())
+    }
+}
+
+struct NewCert {
+    info: CertInfo,
+    cert_pem: String,
+    key_pem: String,
+}
+
+fn check_id(id: &str) -> Result<(), CertError> {
+    validate_id(id)?;
+    if RESERVED_IDS.contains(&id) {
+        return Err(CertError::ReservedId(id.to_owned()));
+    }
+    Ok(())
+}
+
+fn dn(parts: &[(DnType, &str)]) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    for (ty, value) in parts {
+        dn.push(ty.clone(), *value);
+    }
+    dn
+}
+
+fn parse_cert_file(path: &Path, pem: &[u8]) -> Result<ParsedIdentity, CertError> {
+    let (_, pem) = parse_x509_pem(pem)
+        .map_err(|e| CertError::bad_file(path, format!("not a PEM certificate: {e}")))?;
+    parse_identity(&pem.contents).map_err(|reason| {
+        CertError::bad_file(
+            path,
+            format!("not a cityplane identity certificate: {reason}"),
+        )
+    })
+}
+
+/// A CRL of every revoked serial, signed by the CA. `nextUpdate` is the CA's
+/// expiry: the CRL is only rewritten on revocation, and OpenSSL (mosquitto's
+/// `crlfile`) rejects every client once a CRL's `nextUpdate` has passed.
+fn build_crl(ca: &Ca, revocations: &RevocationFile) -> Result<String, CertError> {
+    let this_update = now();
+    let next_update = ca.not_after.max(this_update + Duration::days(1));
+    // Increases with every CRL written (RFC 5280 wants a monotonic number).
+    let crl_number = u128::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos()).unwrap_or(0);
+    let mut revoked_certs = Vec::with_capacity(revocations.revoked.len());
+    let mut seen = HashSet::new();
+    for rec in &revocations.revoked {
+        if !seen.insert(rec.serial.as_str()) {
+            continue;
+        }
+        let serial = parse_serial(&rec.serial).ok_or_else(|| CertError::BadRevocationList {
+            path: REVOCATION_FILE.into(),
+            reason: format!("serial {:?} is not hexadecimal", rec.serial),
+        })?;
+        revoked_certs.push(RevokedCertParams {
+            serial_number: SerialNumber::from_slice(&serial),
+            revocation_time: rec.revoked_at_time().unwrap_or(this_update),
+            reason_code: None,
+            invalidity_date: None,
+        });
+    }
+    let params = CertificateRevocationListParams {
+        this_update,
+        next_update,
+        crl_number: SerialNumber::from_slice(&crl_number.to_be_bytes()),
+        issuing_distribution_point: None,
+        revoked_certs,
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    Ok(params.signed_by(&ca.issuer)?.pem()?)
+}

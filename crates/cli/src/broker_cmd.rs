@@ -1,0 +1,66 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use cityplane_broker::{Broker, BrokerConfig};
+
+/// Runs the broker until Ctrl-C.
+///
+/// Settings come from, lowest to highest priority: built-in defaults, the
+/// `--config` file (TOML, see `--print-config`), environment variables, flags.
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Example:\n  cityplane broker --pki ./pki --listen 127.0.0.1:8883\n  mosquitto_sub -h localhost -p 8883 --cafile pki/ca.crt --cert pki/op1.crt --key pki/op1.key -i op1 -t 'devices/+/reported'"
+)]
+pub struct BrokerArgs {
+    /// PKI directory written by `cityplane certs init` [default: ./pki]
+    #[arg(long, env = "CITYPLANE_PKI")]
+    pki: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8883]; port 0 picks a free port.
+    #[arg(long, env = "CITYPLANE_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// TOML file with broker settings and limits.
+    #[arg(long, env = "CITYPLANE_BROKER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+pub fn load_config(args: &BrokerArgs) -> anyhow::Result<BrokerConfig> {
+    let mut config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading broker config {}", path.display()))?;
+            toml::from_str(&text)
+                .with_context(|| format!("parsing broker config {}", path.display()))?
+        }
+        None => BrokerConfig::default(),
+    };
+    if let Some(pki) = &args.pki {
+        config.pki = pki.clone();
+    }
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    Ok(config)
+}
+
+pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
+    let config = load_config(&args)?;
+    if args.print_config {
+        print!("{}", toml::to_string_pretty(&config)?);
+        return Ok(());
+    }
+    let broker = Broker::start(config).await.context("starting the broker")?;
+    eprintln!(
+        "cityplane broker listening on {} (mutual TLS). Ctrl-C stops it.",
+        broker.local_addr()
+    );
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
+    eprintln!("shutting down");
+    broker.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,395 @@
+//! `cityplane certs …`: create the CA, issue, revoke and list certificates.
+//!
+//! Every party on the broker (device, operator, controller) proves who it is
+//! with its own X.509 certificate: CN = identity, OU = role. These commands
+//! manage the PKI directory holding them (see `cityplane_certs`).
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use cityplane_certs::{CertInfo, Pki, DEFAULT_VALIDITY_DAYS};
+use cityplane_proto::Role;
+use clap::{ArgGroup, Args, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Where the PKI lives. Shared by every `certs` subcommand.
+#[derive(Args, Debug, Clone)]
+pub struct PkiDir {
+    /// PKI directory: the CA (ca.crt, ca.key), the broker's certificate
+    /// (broker.crt, broker.key), one <id>.crt/<id>.key per identity, and the
+    /// revocation list (revoked.json, crl.pem). Example: --pki /etc/cityplane/pki
+    #[arg(
+        long = "pki",
+        value_name = "DIR",
+        env = "CITYPLANE_PKI",
+        default_value = "./pki"
+    )]
+    pub dir: PathBuf,
+}
+
+/// What a certificate holder may do on the broker.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoleArg {
+    /// A field device: publishes its own state and telemetry, receives its own commands.
+    Device,
+    /// A human or script: sets desired state and reads fleet status.
+    Operator,
+    /// The reconciling controller service.
+    Controller,
+}
+
+impl From<RoleArg> for Role {
+    fn from(r: RoleArg) -> Role {
+        match r {
+            RoleArg::Device => Role::Device,
+            RoleArg::Operator => Role::Operator,
+            RoleArg::Controller => Role::Controller,
+        }
+    }
+}
+
+/// How `certs list` prints.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// Aligned columns for people.
+    Table,
+    /// A JSON array of {id, role, serial, not_after, revoked, cert_path} for scripts.
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CertsCommand {
+    /// Create the CA, the broker's certificate and an empty revocation list
+    #[command(
+        long_about = "Create a new PKI: a CA (ECDSA P-256, valid 10 years), the broker's server \
+certificate (for localhost and 127.0.0.1), an empty revocation list (revoked.json) and an \
+empty CRL (crl.pem). The directory is created with mode 0700 if missing; private keys are \
+written with mode 0600. Keep ca.key secret: whoever holds it can mint any identity.",
+        after_help = "Examples:\n  \
+cityplane certs init --pki ./pki\n  \
+CITYPLANE_PKI=/etc/cityplane/pki cityplane certs init"
+    )]
+    Init {
+        #[command(flatten)]
+        pki: PkiDir,
+        /// Replace an existing CA. Every certificate the old CA issued stops
+        /// working and its files are deleted; all devices need new certificates.
+        /// Default: refuse if DIR already holds ca.crt or ca.key.
+        #[arg(long)]
+        force: bool,
+    },
+
+    /// Issue a certificate for one identity (--id) or many (--count/--prefix)
+    #[command(
+        long_about = "Issue client certificates signed by the CA in DIR. Each identity gets \
+<id>.crt and <id>.key (mode 0600) in DIR: CN = id, OU = role, a random serial, valid from one \
+hour ago (clock skew) for --days days.\n\n\
+With --id, refuses if the identity already has a valid certificate: pass --rotate to issue a \
+new key and certificate and revoke the old one. An identity whose certificate was revoked can \
+simply be issued again.\n\n\
+With --count N --prefix P, issues P0001 … PNNNN (4 digits, more past 9999). Identities that \
+already have a valid certificate are skipped and keep it, so a run can be repeated or extended.\n\n\
+Identities use lowercase letters, digits, '.', '_' and '-', start with a letter or digit, and \
+are at most 64 characters; 'ca' and 'broker' are reserved.",
+        after_help = "Examples:\n  \
+cityplane certs issue --role device --id streetlight-0042\n  \
+cityplane certs issue --role operator --id alice --days 90\n  \
+cityplane certs issue --role device --id streetlight-0042 --rotate\n  \
+cityplane certs issue --role device --count 10000 --prefix dev   # dev0001 … dev10000",
+        group(ArgGroup::new("who").required(true).args(["id", "count"]))
+    )]
+    Issue {
+        #[command(flatten)]
+        pki: PkiDir,
+        /// Role written into the certificate (its OU); the broker grants
+        /// permissions by role.
+        #[arg(long, value_enum, value_name = "ROLE")]
+        role: RoleArg,
+        /// Identity to issue for: becomes the certificate CN, the MQTT client
+        /// id and the file names <ID>.crt/<ID>.key. Example: --id dev0001
+        #[arg(long, value_name = "ID", conflicts_with_all = ["count", "prefix"])]
+        id: Option<String>,
+        /// Issue this many certificates, named by --prefix plus a 4-digit
+        /// number starting at 0001. Example: --count 500 --prefix lamp
+        #[arg(
+            long,
+            value_name = "N",
+            requires = "prefix",
+            value_parser = clap::value_parser!(u32).range(1..=1_000_000)
+        )]
+        count: Option<u32>,
+        /// Prefix of the identities --count creates. Example: --prefix lamp
+        /// gives lamp0001, lamp0002, …
+        #[arg(long, value_name = "P", requires = "count")]
+        prefix: Option<String>,
+        /// Replace the identity's current certificate: issue a new key and
+        /// serial, and revoke the old serial. Only with --id. Default: refuse
+        /// if a valid certificate exists.
+        #[arg(long, conflicts_with = "count")]
+        rotate: bool,
+        /// How many days the new certificates are valid (1 to 3650). They
+        /// start one hour in the past to tolerate clock skew. Example: --days 90
+        #[arg(
+            long,
+            value_name = "D",
+            default_value_t = DEFAULT_VALIDITY_DAYS,
+            value_parser = clap::value_parser!(u32).range(1..=3650)
+        )]
+        days: u32,
+    },
+
+    /// Revoke a certificate, by identity or by serial
+    #[command(
+        long_about = "Revoke a certificate: its serial is added to revoked.json (written durably \
+before this command returns) and to crl.pem, which is re-signed by the CA. The broker refuses \
+revoked certificates. The identity can later get a new certificate with `certs issue`.",
+        after_help = "Examples:\n  \
+cityplane certs revoke --id dev0001\n  \
+cityplane certs revoke --serial 3f2a…   # serial as shown by `certs list`",
+        group(ArgGroup::new("which").required(true).args(["id", "serial"]))
+    )]
+    Revoke {
+        #[command(flatten)]
+        pki: PkiDir,
+        /// Revoke the identity's current certificate (DIR/<ID>.crt).
+        /// Example: --id dev0001
+        #[arg(long, value_name = "ID")]
+        id: Option<String>,
+        /// Revoke the certificate with this serial number: hex, as `certs
+        /// list` shows it (case and ':' separators do not matter).
+        #[arg(long, value_name = "HEX")]
+        serial: Option<String>,
+    },
+
+    /// List issued certificates, revoked ones included
+    #[command(
+        long_about = "List every identity certificate in DIR, and revoked certificates that \
+were since replaced by a newer one. Sorted by identity.",
+        after_help = "Examples:\n  \
+cityplane certs list\n  \
+cityplane certs list --role operator\n  \
+cityplane certs list --output json | jq '.[] | select(.revoked)'"
+    )]
+    List {
+        #[command(flatten)]
+        pki: PkiDir,
+        /// Show only certificates of this role. Default: all roles.
+        #[arg(long, value_enum, value_name = "ROLE")]
+        role: Option<RoleArg>,
+        /// Output format.
+        #[arg(long, value_enum, value_name = "FORMAT", default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
+}
+
+/// Runs one `certs` subcommand. Blocking (bulk issue uses its own threads).
+pub fn run(cmd: CertsCommand) -> Result<()> {
+    match cmd {
+        CertsCommand::Init { pki, force } => init(&pki.dir, force),
+        CertsCommand::Issue {
+            pki,
+            role,
+            id,
+            count,
+            prefix,
+            rotate,
+            days,
+        } => {
+            let pki = open(&pki.dir)?.with_validity_days(days)?;
+            match (id, count, prefix) {
+                (Some(id), _, _) => issue_one(&pki, role.into(), &id, rotate),
+                (None, Some(count), Some(prefix)) => issue_many(&pki, role.into(), &prefix, count),
+                // clap's argument groups make this unreachable; say so if not.
+                _ => anyhow::bail!("pass either --id ID or --count N --prefix P"),
+            }
+        }
+        CertsCommand::Revoke { pki, id, serial } => revoke(&pki.dir, id, serial),
+        CertsCommand::List { pki, role, output } => list(&pki.dir, role.map(Role::from), output),
+    }
+}
+
+fn open(dir: &Path) -> Result<Pki> {
+    Pki::open(dir).with_context(|| format!("cannot use the PKI in {}", dir.display()))
+}
+
+fn init(dir: &Path, force: bool) -> Result<()> {
+    let replaced = if force {
+        Pki::open(dir).and_then(|p| p.list()).map_or(0, |l| l.len())
+    } else {
+        0
+    };
+    let pki = Pki::init(dir, force)
+        .with_context(|| format!("cannot initialise a PKI in {}", dir.display()))?;
+    let d = pki.dir().display();
+    let mut out = String::new();
+    if force {
+        out += &format!(
+            "Replaced the CA in {d}; removed {replaced} certificate(s) issued by the old one.\n"
+        );
+    }
+    out += &format!(
+        "Initialised PKI in {d}:\n  \
+         ca.crt, ca.key          the CA (keep ca.key secret: it can mint any identity)\n  \
+         broker.crt, broker.key  the broker's server certificate (localhost, 127.0.0.1)\n  \
+         revoked.json, crl.pem   revocation list and CRL (empty)\n\
+         Next: cityplane certs issue --pki {d} --role device --id dev0001\n"
+    );
+    print_out(&out)
+}
+
+fn issue_one(pki: &Pki, role: Role, id: &str, rotate: bool) -> Result<()> {
+    let ctx = || {
+        format!(
+            "cannot issue a certificate for {id:?} in {}",
+            pki.dir().display()
+        )
+    };
+    let info = if rotate {
+        let previous = pki.current_cert(id).with_context(ctx)?;
+        let info = pki.rotate(role, id).with_context(ctx)?;
+        let mut out = format!("rotated {role} certificate of {id}\n");
+        match previous {
+            Some(p) if !p.revoked => out += &format!("  revoked    {} (old)\n", p.serial),
+            _ => out += "  (no valid certificate to revoke)\n",
+        }
+        print_out(&out)?;
+        info
+    } else {
+        let info = pki.issue(role, id).with_context(ctx)?;
+        print_out(&format!("issued {role} certificate for {id}\n"))?;
+        info
+    };
+    print_out(&format!(
+        "  serial     {}\n  not after  {}\n  cert       {}\n  key        {} \
+         (mode 0600: install it on {id} only, keep it secret)\n  ca         {}\n",
+        info.serial,
+        info.not_after,
+        info.cert_path.display(),
+        pki.key_path(id).display(),
+        pki.ca_cert_path().display(),
+    ))
+}
+
+fn issue_many(pki: &Pki, role: Role, prefix: &str, count: u32) -> Result<()> {
+    let count = usize::try_from(count).context("--count is too large for this machine")?;
+    let bar = ProgressBar::new(u64::try_from(count).unwrap_or(u64::MAX));
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} certs ({per_sec}, ETA {eta})",
+        )
+        .context("bad progress bar template")?,
+    );
+    let start = Instant::now();
+    let result = pki.issue_bulk(role, prefix, count, |done| {
+        bar.set_position(u64::try_from(done).unwrap_or(u64::MAX));
+    });
+    bar.finish_and_clear();
+    let out = result.with_context(|| {
+        format!(
+            "cannot issue {count} {role} certificates with prefix {prefix:?} in {} \
+             (certificates written so far are kept; re-running skips them)",
+            pki.dir().display()
+        )
+    })?;
+    let secs = start.elapsed().as_secs_f64();
+    print_out(&format!(
+        "issued {} {role} certificate(s), skipped {} already issued, in {secs:.1} s; files under {}\n",
+        out.issued.len(),
+        out.skipped.len(),
+        pki.dir().display()
+    ))
+}
+
+fn revoke(dir: &Path, id: Option<String>, serial: Option<String>) -> Result<()> {
+    let pki = open(dir)?;
+    let (entry, what) = match (id, serial) {
+        (Some(id), _) => (pki.revoke_id(&id), format!("identity {id:?}")),
+        (None, Some(serial)) => (pki.revoke_serial(&serial), format!("serial {serial}")),
+        (None, None) => anyhow::bail!("pass --id ID or --serial HEX"),
+    };
+    let entry = entry.with_context(|| format!("cannot revoke {what} in {}", dir.display()))?;
+    print_out(&format!(
+        "revoked certificate {} of {} at {}\n  updated {} and {}\n",
+        entry.serial,
+        entry.id,
+        entry.revoked_at,
+        pki.revocation_path().display(),
+        pki.crl_path().display(),
+    ))
+}
+
+fn list(dir: &Path, role: Option<Role>, output: OutputFormat) -> Result<()> {
+    let pki = open(dir)?;
+    let mut certs = pki
+        .list()
+        .with_context(|| format!("cannot list the certificates in {}", dir.display()))?;
+    if let Some(role) = role {
+        certs.retain(|c| c.role == role);
+    }
+    match output {
+        OutputFormat::Json => {
+            let json = serde_json::to_string_pretty(&certs).context("cannot encode JSON")?;
+            print_out(&format!("{json}\n"))
+        }
+        OutputFormat::Table => {
+            if certs.is_empty() {
+                eprintln!(
+                    "no certificates in {}{}; issue one with `cityplane certs issue --pki {} --role device --id dev0001`",
+                    dir.display(),
+                    role.map(|r| format!(" with role {r}")).unwrap_or_default(),
+                    dir.display()
+                );
+                return Ok(());
+            }
+            print_out(&table(&certs))
+        }
+    }
+}
+
+fn table(certs: &[CertInfo]) -> String {
+    let header = ["ID", "ROLE", "SERIAL", "NOT-AFTER", "REVOKED"];
+    let rows: Vec<[&str; 5]> = certs
+        .iter()
+        .map(|c| {
+            [
+                c.id.as_str(),
+                c.role.as_str(),
+                c.serial.as_str(),
+                if c.not_after.is_empty() {
+                    "-"
+                } else {
+                    &c.not_after
+                },
+                if c.revoked { "yes" } else { "no" },
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    for row in std::iter::once(&header).chain(&rows) {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out += line.join("  ").trim_end();
+        out.push('\n');
+    }
+    out
+}
+
+/// Prints to stdout; a closed pipe (`… | head`) is not an error.
+fn print_out(s: &str) -> Result<()> {
+    let mut stdout = io::stdout().lock();
+    match stdout.write_all(s.as_bytes()).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(e).context("cannot write to stdout"),
+        _ => Ok(()),
+    }
+}
