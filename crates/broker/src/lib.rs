@@ -58,8 +58,23 @@ pub enum BrokerError {
     Link(String),
 }
 
+/// A PUBLISH from an operator under `fleet/desired/` or `fleet/ops/`, with the
+/// identity proven by its certificate. The in-process controller reads these
+/// instead of subscribing, because the router does not carry the publisher's
+/// identity and the controller must know who wrote what (audit, responses).
+#[derive(Debug, Clone)]
+pub struct OperatorMessage {
+    pub from: cityplane_proto::Identity,
+    pub topic: String,
+    pub payload: bytes::Bytes,
+}
+
+/// Topic prefixes whose operator publishes are handed to the tap.
+pub const TAPPED_PREFIXES: [&str; 2] = ["fleet/desired/", "fleet/ops/"];
+
 /// State every connection task shares.
 pub(crate) struct Shared {
+    pub(crate) tap: std::sync::OnceLock<tokio::sync::mpsc::Sender<OperatorMessage>>,
     pub(crate) config: BrokerConfig,
     pub(crate) acceptor: tokio_rustls::TlsAcceptor,
     pub(crate) router_tx: RouterTx,
@@ -113,6 +128,7 @@ impl Broker {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let registry = Arc::new(Registry::default());
         let shared = Arc::new(Shared {
+            tap: std::sync::OnceLock::new(),
             acceptor: tokio_rustls::TlsAcceptor::from(tls),
             router_tx,
             registry: registry.clone(),
@@ -155,6 +171,14 @@ impl RunningBroker {
         })
         .await
         .map_err(|e| BrokerError::Link(e.to_string()))?
+    }
+
+    /// Hands every operator PUBLISH under [`TAPPED_PREFIXES`] to the returned
+    /// receiver (they are still routed as usual). Only one tap can exist;
+    /// a full receiver slows the publishing operators down, nothing is dropped.
+    pub fn tap_operator_messages(&self) -> Option<tokio::sync::mpsc::Receiver<OperatorMessage>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        self.shared.tap.set(tx).ok().map(|()| rx)
     }
 
     /// Live MQTT sessions (after CONNECT).
@@ -228,4 +252,22 @@ async fn accept_loop(
         };
         tokio::spawn(session::serve(shared.clone(), tcp, peer, permit));
     }
+}
+
+/// A PUBLISH for an in-process link. `LinkTx::publish` only does QoS 0 and
+/// rumqttd keeps `Publish`'s QoS and packet id private, so the packet is
+/// built from wire bytes by rumqttd's own decoder.
+pub fn link_publish(
+    topic: &str,
+    payload: &[u8],
+    qos1: bool,
+    retain: bool,
+    pkid: u16,
+) -> Option<rumqttd::protocol::Packet> {
+    use rumqttd::protocol::Protocol;
+    let wire = mqtt::encode_publish(topic, payload, u8::from(qos1), retain, pkid.max(1));
+    let mut buf = bytes::BytesMut::from(&wire[..]);
+    rumqttd::protocol::v4::V4
+        .read_mut(&mut buf, usize::MAX)
+        .ok()
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use cityplane_proto::{Identity, Role};
+use cityplane_proto::{topics, Identity, Role};
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::{Packet, Protocol};
@@ -140,6 +140,12 @@ impl Session {
             }
         }
         tracing::info!(peer = %self.peer, who = %self.who, keep_alive = connect.keep_alive, clean_session = clean, "connected");
+        // Presence comes from the connection itself: the broker announces a
+        // device online at CONNECT and offline when the session ends.
+        let is_device = self.who.role == Role::Device;
+        if is_device {
+            send_presence(&mut tx, &self.who.id, true).await;
+        }
 
         let end = self
             .pump(&connect, &mut tx, &mut rx, &registration.kill)
@@ -152,7 +158,11 @@ impl Session {
             End::Abrupt(reason) => tracing::warn!(who = %self.who, %reason, "connection closed"),
         }
         if !matches!(end, End::TakenOver) {
-            if let (End::Abrupt(_), Some(will)) = (&end, &connect.will) {
+            let will = match (&end, &connect.will) {
+                (End::Abrupt(_), Some(will)) => Some(will),
+                _ => None,
+            };
+            if let Some(will) = will {
                 let frame = mqtt::encode_publish(
                     &will.topic,
                     &will.payload,
@@ -163,6 +173,10 @@ impl Session {
                 if let Some(packet) = decode(&frame) {
                     let _ = tx.send(packet).await;
                 }
+            }
+            // A device's will is its presence; without one, say it ourselves.
+            if is_device && will.is_none_or(|w| w.topic != topics::presence(&self.who.id)) {
+                send_presence(&mut tx, &self.who.id, false).await;
             }
             let _ = tx.send(disconnect_packet()).await;
         }
@@ -306,9 +320,28 @@ impl Session {
             .map_err(|e| format!("protocol violation: {e}"))?;
         match inbound {
             Inbound::Connect { .. } => return Err("protocol violation: second CONNECT".into()),
-            Inbound::Publish { ref topic, .. } => {
+            Inbound::Publish {
+                ref topic,
+                payload_len,
+                ..
+            } => {
                 if !acl::may_publish(&self.who, topic) {
                     return Err(format!("not authorized to publish to {topic:?}"));
+                }
+                if let Some(tap) = self.shared.tap.get() {
+                    if self.who.role == Role::Operator
+                        && crate::TAPPED_PREFIXES.iter().any(|p| topic.starts_with(p))
+                    {
+                        let payload = frame.raw.slice(frame.raw.len() - payload_len..);
+                        let message = crate::OperatorMessage {
+                            from: self.who.clone(),
+                            topic: topic.clone(),
+                            payload,
+                        };
+                        if tap.send(message).await.is_err() {
+                            tracing::warn!(who = %self.who, "operator tap closed; request not delivered to the controller");
+                        }
+                    }
                 }
                 if self.who.role != Role::Controller && !state.tokens.take() {
                     return Err(format!(
@@ -458,6 +491,20 @@ impl Bucket {
 fn decode(raw: &[u8]) -> Option<Packet> {
     let mut buf = BytesMut::from(raw);
     V4.read_mut(&mut buf, usize::MAX).ok()
+}
+
+/// `{"online": …}`, retained, on the device's presence topic. QoS 0: it goes
+/// through the device's own link, and a QoS 1 PUBACK from the router would
+/// reach the device as an unsolicited ack.
+async fn send_presence(tx: &mut LinkTx, device: &str, online: bool) {
+    let body = if online {
+        &br#"{"online":true}"#[..]
+    } else {
+        &br#"{"online":false}"#[..]
+    };
+    if let Some(packet) = crate::link_publish(&topics::presence(device), body, false, true, 0) {
+        let _ = tx.send(packet).await;
+    }
 }
 
 fn disconnect_packet() -> Packet {

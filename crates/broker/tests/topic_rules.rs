@@ -53,7 +53,10 @@ async fn spy_until_sentinel(
         if topic == SENTINEL {
             return seen;
         }
-        seen.push(topic);
+        // The broker's own presence announcements are not client publishes.
+        if !topic.ends_with("/presence") {
+            seen.push(topic);
+        }
     }
 }
 
@@ -269,6 +272,15 @@ async fn a_device_will_may_only_announce_its_own_presence() {
         ));
     });
     connack(&mut eventloop).await.expect("own will accepted");
+    // The broker announces the device online at CONNECT.
+    let (topic, payload) = tokio::time::timeout(Duration::from_secs(10), spy_rx.recv())
+        .await
+        .expect("presence published")
+        .expect("open");
+    assert_eq!(
+        (topic.as_str(), payload.as_slice()),
+        ("devices/d1/presence", &br#"{"online":true}"#[..])
+    );
     drop(eventloop); // socket closed without DISCONNECT
     let (topic, payload) = tokio::time::timeout(Duration::from_secs(10), spy_rx.recv())
         .await

@@ -15,16 +15,16 @@ use cityplane_broker::{Broker, BrokerConfig};
 pub struct BrokerArgs {
     /// PKI directory written by `cityplane certs init` [default: ./pki]
     #[arg(long, env = "CITYPLANE_PKI")]
-    pki: Option<PathBuf>,
+    pub pki: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:8883]; port 0 picks a free port.
     #[arg(long, env = "CITYPLANE_LISTEN")]
-    listen: Option<SocketAddr>,
+    pub listen: Option<SocketAddr>,
     /// TOML file with broker settings and limits.
     #[arg(long, env = "CITYPLANE_BROKER_CONFIG")]
-    config: Option<PathBuf>,
+    pub config: Option<PathBuf>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
-    print_config: bool,
+    pub print_config: bool,
 }
 
 pub fn load_config(args: &BrokerArgs) -> anyhow::Result<BrokerConfig> {

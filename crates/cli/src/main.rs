@@ -2,6 +2,9 @@
 
 mod broker_cmd;
 mod certs_cmd;
+mod client;
+mod ops_cmd;
+mod serve_cmd;
 
 use std::process::ExitCode;
 
@@ -29,18 +32,37 @@ enum Command {
     Certs(certs_cmd::CertsCommand),
     /// Run the mTLS MQTT broker alone (in the foreground, until Ctrl-C).
     Broker(broker_cmd::BrokerArgs),
+    /// Run broker + controller in one process (the embedded default).
+    Serve(serve_cmd::ServeArgs),
+    /// Declare desired state for one device or a selector.
+    Apply(ops_cmd::ApplyArgs),
+    /// List devices (`cityplane get devices`).
+    Get(ops_cmd::GetArgs),
+    /// Show one device: desired, reported, delta, conditions, commands.
+    Describe(ops_cmd::DescribeArgs),
+    /// Fleet counts: total, online, converged, pending, failed, drifted.
+    Status(ops_cmd::StatusArgs),
+    /// The audit log of operator writes.
+    Audit(ops_cmd::AuditArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // One-shot commands speak through their own output; servers log.
     init_tracing(match cli.command {
+        Command::Broker(_) | Command::Serve(_) => "info,rumqttd=warn",
         Command::Certs(_) => "warn",
-        _ => "info,rumqttd=warn",
+        _ => "warn",
     });
     let result = match cli.command {
         Command::Certs(cmd) => certs_cmd::run(cmd),
-        Command::Broker(args) => runtime().and_then(|rt| rt.block_on(broker_cmd::run(args))),
+        Command::Broker(args) => block_on(broker_cmd::run(args)),
+        Command::Serve(args) => block_on(serve_cmd::run(args)),
+        Command::Apply(args) => block_on(ops_cmd::apply(args)),
+        Command::Get(args) => block_on(ops_cmd::get(args)),
+        Command::Describe(args) => block_on(ops_cmd::describe(args)),
+        Command::Status(args) => block_on(ops_cmd::status(args)),
+        Command::Audit(args) => block_on(ops_cmd::audit(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -51,10 +73,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
+fn block_on(work: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?)
+        .build()?
+        .block_on(work)
 }
 
 fn init_tracing(default: &str) {

@@ -1,1 +1,18 @@
-//! placeholder
+//! The cityplane controller: desired vs reported state, reconciled
+//! level-triggered and stored durably in sled.
+//!
+//! - [`delta`]: desired-state arithmetic (merge by priority, delta).
+//! - [`reconcile`]: the pure decision for one device.
+//! - [`fleet`]: in-memory fleet state and its transitions (no I/O).
+//! - [`store`]: sled behind a small interface, durable commits.
+//! - [`runtime`]: the event loop wired to the broker.
+
+pub mod delta;
+pub mod fleet;
+pub mod input;
+pub mod model;
+pub mod reconcile;
+pub mod runtime;
+pub mod store;
+
+pub use runtime::{Controller, ControllerConfig, ControllerError};

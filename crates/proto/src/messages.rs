@@ -54,21 +54,39 @@ pub struct Presence {
     pub online: bool,
 }
 
-/// Which devices a desired document applies to.
+/// Which devices a desired document applies to: a list of ids or a selector.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged, deny_unknown_fields)]
+#[serde(untagged)]
 pub enum Target {
-    Ids {
-        ids: Vec<String>,
-    },
-    Selector {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        class: Option<String>,
-        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-        labels: BTreeMap<String, String>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        id_prefix: Option<String>,
-    },
+    Ids(IdList),
+    Selector(Selector),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdList {
+    pub ids: Vec<String>,
+}
+
+/// Every given field must match; `all: true` alone selects the whole fleet
+/// (an empty selector is refused, so nobody targets everything by accident).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Selector {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all: bool,
+}
+
+impl Selector {
+    pub fn is_empty(&self) -> bool {
+        self.class.is_none() && self.labels.is_empty() && self.id_prefix.is_none() && !self.all
+    }
 }
 
 /// What `cityplane apply -f FILE` sends to `fleet/desired/<name>`.

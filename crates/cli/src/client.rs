@@ -1,0 +1,208 @@
+//! The operator side of the protocol: connect with an operator certificate,
+//! send a request, wait for the controller's answer.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::Value;
+
+/// How every client subcommand finds the server and proves who it is.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ConnectArgs {
+    /// Server address (host:port) [env: CITYPLANE_SERVER; default 127.0.0.1:8883]
+    #[arg(long, env = "CITYPLANE_SERVER", default_value = "127.0.0.1:8883")]
+    pub server: String,
+    /// PKI directory holding ca.crt and ID.crt/ID.key
+    #[arg(long, env = "CITYPLANE_PKI", default_value = "pki")]
+    pub pki: PathBuf,
+    /// Identity to connect as (an operator certificate's id)
+    #[arg(long, env = "CITYPLANE_ID", default_value = "operator")]
+    pub id: String,
+    /// Seconds to wait for an answer
+    #[arg(long, default_value_t = 10)]
+    pub timeout: u64,
+}
+
+pub fn tls_config(pki: &Path, id: &str) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let ca = pki.join("ca.crt");
+    let cert = pki.join(format!("{id}.crt"));
+    let key = pki.join(format!("{id}.key"));
+    let mut roots = rustls::RootCertStore::empty();
+    for c in
+        CertificateDer::pem_file_iter(&ca).with_context(|| format!("reading {}", ca.display()))?
+    {
+        roots.add(c.with_context(|| format!("parsing {}", ca.display()))?)?;
+    }
+    let chain = CertificateDer::pem_file_iter(&cert)
+        .with_context(|| {
+            format!(
+                "reading {} (issue it with `cityplane certs issue --role operator --id {id}`)",
+                cert.display()
+            )
+        })?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parsing {}", cert.display()))?;
+    let key =
+        PrivateKeyDer::from_pem_file(&key).with_context(|| format!("reading {}", key.display()))?;
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)?;
+    Ok(Arc::new(config))
+}
+
+pub struct Operator {
+    client: AsyncClient,
+    eventloop: EventLoop,
+    id: String,
+    timeout: Duration,
+    next: u64,
+}
+
+impl Operator {
+    pub async fn connect(args: &ConnectArgs) -> anyhow::Result<Operator> {
+        let (host, port) = split_server(&args.server)?;
+        let mut opts = MqttOptions::new(&args.id, host.clone(), port);
+        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_max_packet_size(4 * 1024 * 1024, 256 * 1024);
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            tls_config(&args.pki, &args.id)?,
+        )));
+        let (client, mut eventloop) = AsyncClient::new(opts, 64);
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        net.set_connection_timeout(args.timeout);
+        eventloop.set_network_options(net);
+        let timeout = Duration::from_secs(args.timeout);
+        let connected = tokio::time::timeout(timeout, async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                    Ok(_) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+        .await;
+        match connected {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => bail!("cannot connect to {} as {:?}: {e}", args.server, args.id),
+            Err(_) => bail!("no answer from {} within {timeout:?}", args.server),
+        }
+        client
+            .subscribe(format!("fleet/responses/{}/#", args.id), QoS::AtLeastOnce)
+            .await?;
+        let mut op = Operator {
+            client,
+            eventloop,
+            id: args.id.clone(),
+            timeout,
+            next: 0,
+        };
+        op.wait(|e| matches!(e, Event::Incoming(Packet::SubAck(_))))
+            .await?;
+        Ok(op)
+    }
+
+    async fn wait(&mut self, mut done: impl FnMut(&Event) -> bool) -> anyhow::Result<Event> {
+        let timeout = self.timeout;
+        tokio::time::timeout(timeout, async {
+            loop {
+                let event = self
+                    .eventloop
+                    .poll()
+                    .await
+                    .context("connection to the server lost")?;
+                if done(&event) {
+                    return Ok(event);
+                }
+            }
+        })
+        .await
+        .with_context(|| format!("no answer within {timeout:?}: is `cityplane serve` running?"))?
+    }
+
+    /// Publishes `body` (with a fresh request id) to `topic` and returns the answer.
+    pub async fn request(&mut self, topic: &str, mut body: Value) -> anyhow::Result<Value> {
+        self.next += 1;
+        let rid = format!(
+            "{}-{}-{}",
+            std::process::id(),
+            self.next,
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0)
+        );
+        if let Some(obj) = body.as_object_mut() {
+            obj.insert("request_id".into(), Value::from(rid.clone()));
+        }
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, serde_json::to_vec(&body)?)
+            .await?;
+        let want = format!("fleet/responses/{}/{rid}", self.id);
+        let event = self
+            .wait(|e| matches!(e, Event::Incoming(Packet::Publish(p)) if p.topic == want))
+            .await?;
+        let Event::Incoming(Packet::Publish(p)) = event else {
+            bail!("unexpected event");
+        };
+        serde_json::from_slice(&p.payload).context("controller answered with invalid JSON")
+    }
+
+    /// A query under `fleet/ops/<verb>`; errors when the controller refuses it.
+    pub async fn query(&mut self, verb: &str, body: Value) -> anyhow::Result<Value> {
+        let answer = self.request(&format!("fleet/ops/{verb}"), body).await?;
+        if answer["status"] != "ok" {
+            bail!(
+                "{}: {}",
+                answer["code"].as_str().unwrap_or("rejected"),
+                answer["reason"].as_str().unwrap_or("no reason given")
+            );
+        }
+        Ok(answer["result"].clone())
+    }
+
+    /// Sends DISCONNECT (so the broker does not publish a will) and waits for it to go out.
+    pub async fn disconnect(mut self) {
+        let _ = self.client.disconnect().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Ok(event) = self.eventloop.poll().await {
+                if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+}
+
+fn split_server(server: &str) -> anyhow::Result<(String, u16)> {
+    if let Ok(addr) = server.parse::<SocketAddr>() {
+        // The broker certificate names localhost and 127.0.0.1.
+        let host = if addr.ip().is_loopback() {
+            "localhost".to_owned()
+        } else {
+            addr.ip().to_string()
+        };
+        return Ok((host, addr.port()));
+    }
+    let (host, port) = server
+        .rsplit_once(':')
+        .with_context(|| format!("--server {server:?} must be HOST:PORT"))?;
+    Ok((
+        host.to_owned(),
+        port.parse()
+            .with_context(|| format!("bad port in {server:?}"))?,
+    ))
+}

@@ -1,0 +1,43 @@
+use std::path::PathBuf;
+
+use anyhow::Context;
+use cityplane_broker::Broker;
+use cityplane_controller::{Controller, ControllerConfig};
+
+use crate::broker_cmd::{self, BrokerArgs};
+
+/// Broker and controller in one process: the embedded default.
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Example:\n  cityplane certs init --pki ./pki && cityplane certs issue --pki ./pki --role operator --id operator\n  cityplane serve --pki ./pki --data ./data --listen 127.0.0.1:8883\n  cityplane apply -f desired.json --wait"
+)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// Directory of the controller's database (created if missing)
+    #[arg(long, env = "CITYPLANE_DATA", default_value = "data")]
+    pub data: PathBuf,
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let config = broker_cmd::load_config(&args.broker)?;
+    let pki = config.pki.clone();
+    let broker = Broker::start(config).await.context("starting the broker")?;
+    let mut cc = ControllerConfig::new(args.data.clone());
+    cc.pki = Some(pki);
+    let controller = Controller::start_in_process(&broker, cc)
+        .await
+        .with_context(|| format!("starting the controller on {}", args.data.display()))?;
+    eprintln!(
+        "cityplane serving on {} (broker + controller, data in {}). Ctrl-C stops it.",
+        broker.local_addr(),
+        args.data.display()
+    );
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
+    eprintln!("shutting down");
+    controller.shutdown().await?;
+    broker.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,633 @@
+//! The controller's in-memory view of the fleet and the state transitions
+//! that events and reconcile actions cause. No I/O: the runtime feeds events
+//! in and carries the resulting commands, responses and store writes out.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+
+use cityplane_proto::messages::{self, AckStatus, DesiredDoc, Presence, Reported, State, Target};
+use cityplane_proto::topics;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::delta::{delta, merge, selects, Layer};
+use crate::input::{self, InputLimits, Rejection};
+use crate::model::{now_ms, rfc3339, AuditEntry, DeviceRecord, DocRecord, Inflight, Millis};
+use crate::reconcile::{reconcile, Action, RetryPolicy};
+use crate::store::Changes;
+
+/// A message for the transport to publish once the changes behind it are durable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+}
+
+/// Counters for bad input and notable events (exported in `status`).
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Counters {
+    pub reports: u64,
+    pub stale_reports: u64,
+    pub commands_sent: u64,
+    pub commands_resent: u64,
+    pub drift_corrected: u64,
+    pub rejected_inputs: BTreeMap<String, u64>,
+}
+
+/// Fleet summary, as published on `fleet/status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    pub total: usize,
+    pub online: usize,
+    pub converged: usize,
+    pub pending: usize,
+    pub failed: usize,
+    pub drifted: usize,
+}
+
+pub struct Fleet {
+    pub devices: HashMap<String, DeviceRecord>,
+    pub docs: BTreeMap<String, DocRecord>,
+    pub seq: u64,
+    audit_seq: u64,
+    timers: BinaryHeap<Reverse<(Millis, String)>>,
+    pub counters: Counters,
+    pub policy: RetryPolicy,
+    pub limits: InputLimits,
+    /// Prefix that makes command ids unique across restarts.
+    boot: String,
+    next_command: u64,
+    /// Devices touched since the last commit.
+    dirty: HashSet<String>,
+    /// Optional check that a device id has a certificate.
+    known_device: Box<dyn Fn(&str) -> bool + Send>,
+}
+
+impl Fleet {
+    pub fn new(
+        docs: Vec<DocRecord>,
+        devices: Vec<DeviceRecord>,
+        seq: u64,
+        audit_len: u64,
+        policy: RetryPolicy,
+        limits: InputLimits,
+        known_device: Box<dyn Fn(&str) -> bool + Send>,
+    ) -> Fleet {
+        let mut fleet = Fleet {
+            devices: devices.into_iter().map(|d| (d.id.clone(), d)).collect(),
+            docs: docs.into_iter().map(|d| (d.name.clone(), d)).collect(),
+            seq,
+            audit_seq: audit_len,
+            timers: BinaryHeap::new(),
+            counters: Counters::default(),
+            policy,
+            limits,
+            boot: format!("{:x}", now_ms()),
+            next_command: 0,
+            dirty: HashSet::new(),
+            known_device,
+        };
+        // After a restart nobody is known to be online until they say so;
+        // in-flight commands stay and are re-sent (same id) when they return.
+        let ids: Vec<String> = fleet.devices.keys().cloned().collect();
+        for id in ids {
+            if let Some(d) = fleet.devices.get_mut(&id) {
+                d.online = false;
+            }
+        }
+        fleet
+    }
+
+    fn reject(&mut self, what: &str, rejection: &Rejection) {
+        *self
+            .counters
+            .rejected_inputs
+            .entry(format!("{what}:{}", rejection.code))
+            .or_default() += 1;
+    }
+
+    /// A message from a device topic (the ACL guarantees it is that device).
+    pub fn on_device_message(&mut self, id: &str, leaf: &str, payload: &[u8], now: Millis) {
+        if !(self.known_device)(id) {
+            let r = Rejection::new(
+                "unknown_device",
+                format!("no certificate for device {id:?}"),
+            );
+            tracing::warn!(device = id, leaf, %r, "device message refused");
+            self.reject(leaf, &r);
+            return;
+        }
+        let result =
+            match leaf {
+                "reported" => input::parse::<Reported>(payload, self.limits)
+                    .map(|r| self.on_reported(id, r, now)),
+                "acks" => input::parse::<messages::Ack>(payload, self.limits)
+                    .map(|a| self.on_ack(id, a, now)),
+                "presence" => input::parse::<Presence>(payload, self.limits)
+                    .map(|p| self.on_presence(id, p, now)),
+                _ => Ok(()),
+            };
+        if let Err(r) = result {
+            tracing::warn!(device = id, leaf, %r, "device message refused");
+            self.reject(leaf, &r);
+        }
+    }
+
+    fn device(&mut self, id: &str) -> &mut DeviceRecord {
+        self.devices
+            .entry(id.to_owned())
+            .or_insert_with(|| DeviceRecord::new(id))
+    }
+
+    fn on_reported(&mut self, id: &str, report: Reported, now: Millis) {
+        self.counters.reports += 1;
+        let was_new = !self.devices.contains_key(id);
+        let dev = self.device(id);
+        if report.version <= dev.reported_version {
+            self.counters.stale_reports += 1;
+            return;
+        }
+        let was_in_sync = dev.reported_version > 0
+            && dev.inflight.is_none()
+            && dev.converged_generation == dev.desired_generation
+            && delta(&dev.desired, &dev.reported).is_empty();
+        let class = report
+            .state
+            .get("class")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let labels: BTreeMap<String, String> = report
+            .state
+            .get("labels")
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let identity_changed = was_new || dev.class != class || dev.labels != labels;
+        dev.class = class;
+        dev.labels = labels;
+        dev.reported = report.state;
+        dev.reported_version = report.version;
+        dev.last_seen = now;
+        dev.online = true;
+        let drifted = was_in_sync && !delta(&dev.desired, &dev.reported).is_empty();
+        if drifted {
+            dev.drift_count += 1;
+            self.counters.drift_corrected += 1;
+            tracing::info!(device = id, "drift: reported state moved away from desired");
+        }
+        if identity_changed {
+            self.recompute_desired(Some(id));
+        }
+        self.touch(id);
+    }
+
+    fn on_ack(&mut self, id: &str, ack: messages::Ack, now: Millis) {
+        let dev = self.device(id);
+        dev.last_seen = now;
+        let Some(cmd) = dev.inflight.as_ref().filter(|c| c.id == ack.id) else {
+            return; // an ack for an old or unknown command changes nothing
+        };
+        let generation = cmd.generation;
+        match ack.status {
+            AckStatus::Applied => dev.log_command(&ack.id, generation, now, "applied"),
+            AckStatus::Rejected => {
+                let reason = ack
+                    .reason
+                    .unwrap_or_else(|| "rejected by the device".into());
+                dev.log_command(&ack.id, generation, now, format!("rejected: {reason}"));
+                dev.failed = Some(format!("device rejected command {}: {reason}", ack.id));
+                dev.inflight = None;
+            }
+        }
+        self.touch(id);
+    }
+
+    fn on_presence(&mut self, id: &str, presence: Presence, now: Millis) {
+        let dev = self.device(id);
+        dev.last_seen = now;
+        if presence.online && !dev.online {
+            // Back online (or rebooted): re-drive anything that failed.
+            dev.failed = None;
+            if let Some(cmd) = dev.inflight.as_mut() {
+                cmd.attempt = 0;
+            }
+        }
+        dev.online = presence.online;
+        self.touch(id);
+    }
+
+    fn touch(&mut self, id: &str) {
+        self.dirty.insert(id.to_owned());
+    }
+
+    /// Marks a device for reconciliation (e.g. everything after a restart).
+    pub fn on_device_message_touch(&mut self, id: &str) {
+        self.touch(id);
+    }
+
+    /// Recomputes the effective desired state of one device (or all), bumping
+    /// its generation when it changed.
+    fn recompute_desired(&mut self, only: Option<&str>) -> usize {
+        let ids: Vec<String> = match only {
+            Some(id) => vec![id.to_owned()],
+            None => self.devices.keys().cloned().collect(),
+        };
+        let mut changed = 0;
+        for id in ids {
+            let Some(dev) = self.devices.get(&id) else {
+                continue;
+            };
+            let layers = self
+                .docs
+                .values()
+                .filter(|d| selects(&d.target, &dev.id, dev.class.as_deref(), &dev.labels))
+                .map(|d| Layer {
+                    priority: d.priority,
+                    seq: d.seq,
+                    state: &d.state,
+                });
+            let desired = merge(layers);
+            if desired != dev.desired {
+                self.seq += 1;
+                let seq = self.seq;
+                if let Some(dev) = self.devices.get_mut(&id) {
+                    dev.desired = desired;
+                    dev.desired_generation = seq;
+                    dev.failed = None;
+                }
+                self.dirty.insert(id);
+                changed += 1;
+            }
+        }
+        changed
+    }
+
+    /// Validates and applies an operator's desired document. Returns the
+    /// changes to commit, the response, and whether it was accepted.
+    pub fn on_desired(
+        &mut self,
+        who: &str,
+        topic: &str,
+        payload: &[u8],
+        now: Millis,
+    ) -> (Outgoing, Result<DocRecord, Rejection>) {
+        let topic_name = topic.rsplit('/').next().unwrap_or_default().to_owned();
+        let parsed = input::parse::<DesiredDoc>(payload, self.limits).map_err(|mut r| {
+            if r.reason.contains("untagged enum Target") {
+                r = Rejection::new(
+                    "bad_target",
+                    r#"target must be {"ids": [...]} or a selector with any of "class", "labels", "id_prefix", "all""#,
+                );
+            }
+            r
+        });
+        // Even a document we refuse gets its answer where the operator waits.
+        let request_id = request_id_of(payload).unwrap_or_else(|| topic_name.clone());
+        let result = parsed.and_then(|doc| self.check_doc(&topic_name, doc));
+        let result = result.map(|doc| {
+            self.seq += 1;
+            let generation = self.docs.get(&doc.name).map_or(0, |d| d.generation) + 1;
+            DocRecord {
+                name: doc.name,
+                target: doc.target,
+                priority: doc.priority,
+                state: doc.state,
+                generation,
+                seq: self.seq,
+                author: who.to_owned(),
+                written_at: now,
+            }
+        });
+        if let Err(r) = &result {
+            tracing::warn!(operator = who, topic, %r, "desired state refused");
+            self.reject("desired", r);
+        }
+        let response = match &result {
+            Ok(doc) => json!({
+                "request_id": request_id, "status": "accepted", "name": doc.name,
+                "generation": doc.generation, "devices": self.targeted(&doc.target).len(),
+            }),
+            Err(r) => {
+                json!({"request_id": request_id, "status": "rejected", "code": r.code, "reason": r.reason})
+            }
+        };
+        (response_to(who, &request_id, &response), result)
+    }
+
+    fn check_doc(&self, topic_name: &str, doc: DesiredDoc) -> Result<DesiredDoc, Rejection> {
+        cityplane_proto::validate_id(&doc.name)
+            .map_err(|e| Rejection::new("bad_name", format!("name: {e}")))?;
+        if doc.name != topic_name {
+            return Err(Rejection::new(
+                "bad_name",
+                format!(
+                    "document name {:?} must match the topic's last level {topic_name:?}",
+                    doc.name
+                ),
+            ));
+        }
+        match &doc.target {
+            Target::Ids(list) if list.ids.is_empty() => {
+                return Err(Rejection::new("bad_target", "target.ids is empty"));
+            }
+            Target::Ids(list) => {
+                for id in &list.ids {
+                    cityplane_proto::validate_id(id)
+                        .map_err(|e| Rejection::new("bad_target", e.to_string()))?;
+                }
+            }
+            Target::Selector(sel) if sel.is_empty() => {
+                return Err(Rejection::new(
+                    "bad_target",
+                    r#"empty selector; to target the whole fleet say {"all": true}"#,
+                ));
+            }
+            Target::Selector(_) => {}
+        }
+        let stored = self.docs.get(&doc.name).map_or(0, |d| d.generation);
+        if let Some(want) = doc.if_generation {
+            if want != stored {
+                return Err(Rejection::new(
+                    "conflict",
+                    format!(
+                        "if_generation is {want} but the stored generation of {:?} is {stored}",
+                        doc.name
+                    ),
+                ));
+            }
+        }
+        Ok(doc)
+    }
+
+    /// Applies an accepted (and already durable) document.
+    pub fn apply_doc(&mut self, doc: DocRecord) -> usize {
+        self.docs.insert(doc.name.clone(), doc);
+        self.recompute_desired(None)
+    }
+
+    pub fn audit_entry(
+        &mut self,
+        who: &str,
+        action: &str,
+        name: &str,
+        result: &str,
+        now: Millis,
+    ) -> AuditEntry {
+        self.audit_seq += 1;
+        AuditEntry {
+            seq: self.audit_seq,
+            at: rfc3339(now),
+            who: who.to_owned(),
+            action: action.to_owned(),
+            name: name.to_owned(),
+            result: result.to_owned(),
+        }
+    }
+
+    pub fn targeted(&self, target: &Target) -> Vec<&DeviceRecord> {
+        self.devices
+            .values()
+            .filter(|d| selects(target, &d.id, d.class.as_deref(), &d.labels))
+            .collect()
+    }
+
+    /// Reconciles every dirty device and every device whose timer is due.
+    /// Returns the commands to send after the commit.
+    pub fn reconcile_due(&mut self, now: Millis) -> Vec<Outgoing> {
+        while let Some(Reverse((at, _))) = self.timers.peek() {
+            if *at > now {
+                break;
+            }
+            if let Some(Reverse((_, id))) = self.timers.pop() {
+                self.dirty.insert(id);
+            }
+        }
+        let ids: Vec<String> = self.dirty.iter().cloned().collect();
+        let mut out = Vec::new();
+        for id in ids {
+            self.reconcile_one(&id, now, &mut out);
+        }
+        out
+    }
+
+    fn reconcile_one(&mut self, id: &str, now: Millis, out: &mut Vec<Outgoing>) {
+        let Some(dev) = self.devices.get_mut(id) else {
+            return;
+        };
+        match reconcile(dev, now, &self.policy) {
+            Action::InSync => {
+                if let Some(cmd) = dev.inflight.take() {
+                    dev.log_command(&cmd.id, cmd.generation, now, "converged");
+                }
+                dev.converged_generation = dev.desired_generation;
+                dev.failed = None;
+            }
+            Action::Idle => {}
+            Action::Send { state } => {
+                self.next_command += 1;
+                let cmd = Inflight {
+                    id: format!("c-{}-{}", self.boot, self.next_command),
+                    generation: dev.desired_generation,
+                    state,
+                    sent_at: now,
+                    attempt: 1,
+                };
+                dev.log_command(&cmd.id, cmd.generation, now, "sent");
+                out.push(command_message(id, &cmd));
+                self.timers.push(Reverse((
+                    now + self.policy.command_timeout.as_millis() as u64,
+                    id.to_owned(),
+                )));
+                dev.inflight = Some(cmd);
+                self.counters.commands_sent += 1;
+            }
+            Action::Resend => {
+                if let Some(cmd) = dev.inflight.as_mut() {
+                    cmd.attempt += 1;
+                    cmd.sent_at = now;
+                    let (cid, generation, attempt) = (cmd.id.clone(), cmd.generation, cmd.attempt);
+                    out.push(command_message(id, cmd));
+                    dev.log_command(
+                        &cid,
+                        generation,
+                        now,
+                        format!("re-sent (attempt {attempt})"),
+                    );
+                    self.timers.push(Reverse((
+                        now + self.policy.command_timeout.as_millis() as u64,
+                        id.to_owned(),
+                    )));
+                    self.counters.commands_resent += 1;
+                }
+            }
+            Action::WaitUntil(at) => self.timers.push(Reverse((at, id.to_owned()))),
+            Action::Fail { reason } => {
+                tracing::warn!(device = id, %reason, "device marked Failed");
+                dev.failed = Some(reason);
+            }
+        }
+        update_conditions(dev, now);
+    }
+
+    /// Device records changed since the last call, for the commit.
+    pub fn take_dirty(&mut self) -> Vec<DeviceRecord> {
+        self.dirty
+            .drain()
+            .filter_map(|id| self.devices.get(&id).cloned())
+            .collect()
+    }
+
+    pub fn next_timer(&self) -> Option<Millis> {
+        self.timers.peek().map(|Reverse((at, _))| *at)
+    }
+
+    pub fn summary_of<'a>(devices: impl Iterator<Item = &'a DeviceRecord>) -> Summary {
+        let mut s = Summary::default();
+        for d in devices {
+            s.total += 1;
+            s.online += usize::from(d.online);
+            if d.failed.is_some() {
+                s.failed += 1;
+            } else if d.is_converged() {
+                s.converged += 1;
+            } else {
+                s.pending += 1;
+            }
+            s.drifted += usize::from(d.drift_count > 0);
+        }
+        s
+    }
+
+    pub fn summary(&self) -> Summary {
+        Fleet::summary_of(self.devices.values())
+    }
+
+    /// Builds the commit for an accepted document plus its audit line.
+    pub fn doc_changes(&self, doc: &DocRecord, audit: AuditEntry) -> Changes {
+        Changes {
+            docs: vec![doc.clone()],
+            audit: vec![audit],
+            seq: Some(self.seq),
+            ..Default::default()
+        }
+    }
+}
+
+fn update_conditions(dev: &mut DeviceRecord, now: Millis) {
+    let online = dev.online;
+    dev.set_condition(
+        "Online",
+        online,
+        if online { "Connected" } else { "Disconnected" },
+        "",
+        now,
+    );
+    let converged = dev.is_converged();
+    let (reason, message) = match (&dev.failed, converged, &dev.inflight) {
+        (_, true, _) => ("InSync", String::new()),
+        (Some(f), false, _) => ("Failed", f.clone()),
+        (None, false, Some(c)) => (
+            "CommandInFlight",
+            format!("command {} attempt {}", c.id, c.attempt),
+        ),
+        (None, false, None) if !online => {
+            ("Offline", "waiting for the device to come back".to_owned())
+        }
+        (None, false, None) => ("Pending", String::new()),
+    };
+    dev.set_condition("Converged", converged, reason, &message, now);
+    let failed = dev.failed.clone();
+    dev.set_condition(
+        "Failed",
+        failed.is_some(),
+        if failed.is_some() {
+            "Failed"
+        } else {
+            "NoFailure"
+        },
+        failed.as_deref().unwrap_or(""),
+        now,
+    );
+}
+
+fn command_message(device: &str, cmd: &Inflight) -> Outgoing {
+    let body = messages::Command {
+        id: cmd.id.clone(),
+        generation: cmd.generation,
+        state: cmd.state.clone(),
+    };
+    Outgoing {
+        topic: topics::commands(device),
+        payload: serde_json::to_vec(&body).unwrap_or_default(),
+        retain: false,
+    }
+}
+
+pub fn response_to(operator: &str, request_id: &str, body: &Value) -> Outgoing {
+    // A request id becomes a topic level: keep it to safe characters.
+    let rid: String = request_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    Outgoing {
+        topic: format!("fleet/responses/{operator}/{rid}"),
+        payload: serde_json::to_vec(body).unwrap_or_default(),
+        retain: false,
+    }
+}
+
+/// The `request_id` of a JSON request, read leniently (the document itself may be invalid).
+pub fn request_id_of(payload: &[u8]) -> Option<String> {
+    if let Ok(v) = serde_json::from_slice::<Value>(payload) {
+        return v.get("request_id")?.as_str().map(str::to_owned);
+    }
+    // Malformed JSON: find `"request_id": "…"` by hand so the refusal still
+    // reaches the operator waiting for it.
+    let text = std::str::from_utf8(payload).ok()?;
+    let rest = &text[text.find("\"request_id\"")? + 12..];
+    let rest = rest
+        .trim_start()
+        .strip_prefix(':')?
+        .trim_start()
+        .strip_prefix('"')?;
+    let end = rest.find('"')?;
+    Some(rest[..end].to_owned())
+}
+
+pub fn now() -> Millis {
+    now_ms()
+}
+
+/// A device row for `get devices`.
+pub fn device_row(d: &DeviceRecord) -> Value {
+    json!({
+        "id": d.id, "class": d.class, "online": d.online, "converged": d.is_converged(),
+        "failed": d.failed.is_some(), "generation": d.desired_generation,
+        "last_seen": if d.last_seen > 0 { rfc3339(d.last_seen) } else { String::new() },
+    })
+}
+
+pub fn describe(d: &DeviceRecord) -> Value {
+    let delta: State = delta(&d.desired, &d.reported);
+    json!({
+        "id": d.id, "class": d.class, "labels": d.labels, "online": d.online,
+        "desired": d.desired, "desired_generation": d.desired_generation,
+        "reported": d.reported, "reported_version": d.reported_version,
+        "delta": delta, "converged": d.is_converged(), "failed": d.failed,
+        "drift_count": d.drift_count, "inflight": d.inflight,
+        "conditions": d.conditions, "recent_commands": d.recent_commands,
+        "last_seen": if d.last_seen > 0 { rfc3339(d.last_seen) } else { String::new() },
+    })
+}

@@ -1,0 +1,168 @@
+//! What the controller stores, per device and per desired document.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use cityplane_proto::messages::{State, Target};
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds since the Unix epoch: records outlive the process, so they
+/// hold wall-clock times.
+pub type Millis = u64;
+
+pub fn now_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub fn rfc3339(ms: Millis) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+/// A stored desired document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DocRecord {
+    pub name: String,
+    pub target: Target,
+    pub priority: i64,
+    pub state: State,
+    /// Per-document counter, what `if_generation` compares against.
+    pub generation: u64,
+    /// Global write sequence number (orders documents for priority ties).
+    pub seq: u64,
+    pub author: String,
+    pub written_at: Millis,
+}
+
+/// A command sent and not yet seen to take effect.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Inflight {
+    pub id: String,
+    pub generation: u64,
+    pub state: State,
+    pub sent_at: Millis,
+    /// 1 for the first send; a re-send keeps the id and counts up.
+    pub attempt: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandLog {
+    pub id: String,
+    pub generation: u64,
+    pub at: Millis,
+    pub event: String,
+}
+
+/// Kubernetes-style condition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub status: String,
+    pub reason: String,
+    pub message: String,
+    pub last_transition_time: String,
+    pub observed_generation: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub id: String,
+    pub class: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub reported: State,
+    /// 0 = never reported.
+    pub reported_version: u64,
+    pub online: bool,
+    pub last_seen: Millis,
+    /// Effective desired state (merge of the documents targeting the device).
+    pub desired: State,
+    /// Bumped (from the global sequence) whenever `desired` changes.
+    pub desired_generation: u64,
+    pub inflight: Option<Inflight>,
+    /// Set when the device rejected the change or retries ran out; cleared
+    /// when the device comes back online or desired changes.
+    pub failed: Option<String>,
+    /// Generation at which the device was last seen converged.
+    pub converged_generation: u64,
+    pub drift_count: u64,
+    pub conditions: Vec<Condition>,
+    pub recent_commands: VecDeque<CommandLog>,
+}
+
+pub const RECENT_COMMANDS: usize = 10;
+
+impl DeviceRecord {
+    pub fn new(id: &str) -> Self {
+        DeviceRecord {
+            id: id.to_owned(),
+            ..Default::default()
+        }
+    }
+
+    pub fn log_command(&mut self, id: &str, generation: u64, at: Millis, event: impl Into<String>) {
+        if self.recent_commands.len() == RECENT_COMMANDS {
+            self.recent_commands.pop_front();
+        }
+        self.recent_commands.push_back(CommandLog {
+            id: id.to_owned(),
+            generation,
+            at,
+            event: event.into(),
+        });
+    }
+
+    pub fn is_converged(&self) -> bool {
+        self.reported_version > 0 && crate::delta::delta(&self.desired, &self.reported).is_empty()
+    }
+
+    /// Sets a condition, keeping its transition time when the status is unchanged.
+    pub fn set_condition(
+        &mut self,
+        kind: &str,
+        status: bool,
+        reason: &str,
+        message: &str,
+        now: Millis,
+    ) {
+        let status = if status { "True" } else { "False" };
+        let generation = self.desired_generation;
+        match self.conditions.iter_mut().find(|c| c.kind == kind) {
+            Some(c) => {
+                if c.status != status {
+                    c.last_transition_time = rfc3339(now);
+                }
+                c.status = status.to_owned();
+                c.reason = reason.to_owned();
+                c.message = message.to_owned();
+                c.observed_generation = generation;
+            }
+            None => self.conditions.push(Condition {
+                kind: kind.to_owned(),
+                status: status.to_owned(),
+                reason: reason.to_owned(),
+                message: message.to_owned(),
+                last_transition_time: rfc3339(now),
+                observed_generation: generation,
+            }),
+        }
+    }
+}
+
+/// One line of the append-only audit log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub seq: u64,
+    pub at: String,
+    pub who: String,
+    pub action: String,
+    pub name: String,
+    pub result: String,
+}
