@@ -18,6 +18,7 @@
 
 pub mod acl;
 mod config;
+mod dispatch;
 pub mod mqtt;
 mod registry;
 mod revocation;
@@ -74,6 +75,7 @@ pub const TAPPED_PREFIXES: [&str; 2] = ["fleet/desired/", "fleet/ops/"];
 
 /// State every connection task shares.
 pub(crate) struct Shared {
+    pub(crate) dispatch: Arc<dispatch::Dispatch>,
     pub(crate) tap: std::sync::OnceLock<tokio::sync::mpsc::Sender<OperatorMessage>>,
     pub(crate) config: BrokerConfig,
     pub(crate) acceptor: tokio_rustls::TlsAcceptor,
@@ -106,13 +108,10 @@ impl Broker {
         let pki = Pki::open(&config.pki)?;
         let revocation = RevocationState::load(pki.revocation_path());
         let tls = tls::server_config(&pki, revocation.clone())?;
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| BrokerError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
+        let listener = bind(config.listen).map_err(|source| BrokerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
         let local_addr = listener.local_addr().map_err(|source| BrokerError::Bind {
             addr: config.listen,
             source,
@@ -127,7 +126,24 @@ impl Broker {
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let registry = Arc::new(Registry::default());
+        let dispatch = Arc::new(dispatch::Dispatch::default());
+        let dispatch_link = {
+            let router_tx = router_tx.clone();
+            tokio::task::spawn_blocking(move || router_tx("cityplane-dispatch", true))
+                .await
+                .map_err(|e| BrokerError::Link(e.to_string()))?
+                .map_err(BrokerError::Link)?
+        };
+        let (mut dispatch_tx, dispatch_rx, _) = dispatch_link;
+        dispatch_tx
+            .subscribe(format!(
+                "{}/+/{}",
+                cityplane_proto::topics::DEVICES,
+                cityplane_proto::topics::DEVICE_SUBSCRIBE_LEAF
+            ))
+            .map_err(|e| BrokerError::Link(e.to_string()))?;
         let shared = Arc::new(Shared {
+            dispatch: dispatch.clone(),
             tap: std::sync::OnceLock::new(),
             acceptor: tokio_rustls::TlsAcceptor::from(tls),
             router_tx,
@@ -136,6 +152,14 @@ impl Broker {
             config,
         });
         let tasks = vec![
+            tokio::spawn({
+                let shutdown = shutdown_rx.clone();
+                async move {
+                    // Keeps the dispatch link's sending half alive with the broker.
+                    let _tx = dispatch_tx;
+                    dispatch::run(dispatch, dispatch_rx, shutdown).await;
+                }
+            }),
             tokio::spawn(accept_loop(listener, shared.clone(), shutdown_rx.clone())),
             tokio::spawn(revocation::watch(
                 revocation,
@@ -194,6 +218,19 @@ impl RunningBroker {
             let _ = task.await;
         }
     }
+}
+
+/// Binds with a deep accept backlog: mio's default of 128 overflows under a
+/// connect storm and each overflowed client waits a 1 s SYN retransmit.
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
 
 fn router_config(limits: &Limits) -> RouterConfig {

@@ -162,21 +162,24 @@ impl Session {
                 (End::Abrupt(_), Some(will)) => Some(will),
                 _ => None,
             };
-            if let Some(will) = will {
-                let frame = mqtt::encode_publish(
-                    &will.topic,
-                    &will.payload,
-                    will.qos,
-                    will.retain,
-                    u16::MAX,
-                );
-                if let Some(packet) = decode(&frame) {
-                    let _ = tx.send(packet).await;
+            // Queue the last packets together and wake the router once: a
+            // second wake-up after DISCONNECT would find the link gone.
+            {
+                let mut last = tx.buffer();
+                if let Some(will) = will {
+                    let frame = mqtt::encode_publish(
+                        &will.topic,
+                        &will.payload,
+                        will.qos,
+                        will.retain,
+                        u16::MAX,
+                    );
+                    last.extend(decode(&frame));
                 }
-            }
-            // A device's will is its presence; without one, say it ourselves.
-            if is_device && will.is_none_or(|w| w.topic != topics::presence(&self.who.id)) {
-                send_presence(&mut tx, &self.who.id, false).await;
+                // A device's will is its presence; without one, say it ourselves.
+                if is_device && will.is_none_or(|w| w.topic != topics::presence(&self.who.id)) {
+                    last.extend(presence_packet(&self.who.id, false));
+                }
             }
             let _ = tx.send(disconnect_packet()).await;
         }
@@ -259,15 +262,29 @@ impl Session {
             .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
         let far_future = Instant::now() + Duration::from_secs(86_400 * 365);
         let mut deadline = keep_alive.map_or(far_future, |ka| Instant::now() + ka);
+        // Devices get their commands from the edge's dispatcher, not the router.
+        let (commands_tx, mut commands_rx) = tokio::sync::mpsc::channel(crate::dispatch::QUEUE);
         let mut state = PumpState {
             subscriptions: std::collections::HashSet::new(),
             tokens: Bucket::new(self.shared.config.limits.max_publishes_per_sec),
+            commands_tx,
+            route: None,
+            command_qos: 0,
+            next_pkid: 0,
         };
         let max_frame = self.shared.config.limits.max_frame();
         loop {
             tokio::select! {
                 _ = kill.notified() => {
                     return End::Abrupt("certificate revoked or broker shutting down".into());
+                }
+                Some(command) = commands_rx.recv() => {
+                    state.next_pkid = state.next_pkid.checked_add(1).unwrap_or(1);
+                    let topic = topics::commands(&self.who.id);
+                    let frame = mqtt::encode_publish(&topic, &command, state.command_qos, false, state.next_pkid);
+                    if let Err(e) = self.write_raw(&frame).await {
+                        return End::Abrupt(format!("write failed: {e}"));
+                    }
                 }
                 read = self.stream.read_buf(&mut self.rbuf) => {
                     match read {
@@ -375,10 +392,38 @@ impl Session {
                 state
                     .subscriptions
                     .extend(filters.iter().map(|(f, _)| f.clone()));
+                if self.who.role == Role::Device {
+                    // The ACL left only the device's own commands topic.
+                    let granted = filters.iter().map(|(_, q)| (*q).min(1)).max().unwrap_or(0);
+                    state.command_qos = granted;
+                    if state.route.is_none() {
+                        self.shared
+                            .dispatch
+                            .register(&self.who.id, state.commands_tx.clone());
+                        state.route = Some(crate::dispatch::Route {
+                            dispatch: self.shared.dispatch.clone(),
+                            device: self.who.id.clone(),
+                            tx: state.commands_tx.clone(),
+                        });
+                    }
+                    let mut suback = vec![0x90];
+                    mqtt::encode_remaining_length(2 + filters.len(), &mut suback);
+                    suback.extend_from_slice(&pkid.to_be_bytes());
+                    suback.extend(filters.iter().map(|(_, q)| (*q).min(1)));
+                    self.write_raw(&suback).await.map_err(|e| e.to_string())?;
+                    return Ok(true);
+                }
             }
-            Inbound::Unsubscribe { ref filters, .. } => {
+            Inbound::Unsubscribe { pkid, ref filters } => {
                 for f in filters {
                     state.subscriptions.remove(f);
+                }
+                if self.who.role == Role::Device {
+                    state.route = None;
+                    let mut unsuback = vec![0xB0, 0x02];
+                    unsuback.extend_from_slice(&pkid.to_be_bytes());
+                    self.write_raw(&unsuback).await.map_err(|e| e.to_string())?;
+                    return Ok(true);
                 }
             }
             Inbound::PingReq => {
@@ -388,6 +433,12 @@ impl Session {
                 return Ok(true);
             }
             Inbound::Disconnect => return Ok(false),
+            // The router never sends to a device (its commands come from the
+            // dispatcher), so a device's PUBACK/PUBREC/PUBCOMP answer the
+            // edge; forwarding them would make the router drop the link.
+            Inbound::Ack { kind, .. } if self.who.role == Role::Device && kind != 6 => {
+                return Ok(true)
+            }
             Inbound::Ack { .. } => {}
         }
         let packet =
@@ -414,8 +465,14 @@ impl Session {
                 None => {}
             }
             // Drain what is already buffered without waiting for more.
-            match timeout(Duration::ZERO, rx.next()).await {
-                Ok(Ok(Some(note))) => next = Some(note),
+            // (`timeout(ZERO, …)` would round up to the next 1 ms timer tick.)
+            let ready = tokio::select! {
+                biased;
+                note = rx.next() => note,
+                _ = std::future::ready(()) => break,
+            };
+            match ready {
+                Ok(Some(note)) => next = Some(note),
                 _ => break,
             }
         }
@@ -454,6 +511,11 @@ impl Session {
 struct PumpState {
     subscriptions: std::collections::HashSet<String>,
     tokens: Bucket,
+    commands_tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    /// Set while a device is subscribed to its commands.
+    route: Option<crate::dispatch::Route>,
+    command_qos: u8,
+    next_pkid: u16,
 }
 
 /// Token bucket: `rate` tokens a second, holding at most one second's worth.
@@ -497,14 +559,18 @@ fn decode(raw: &[u8]) -> Option<Packet> {
 /// through the device's own link, and a QoS 1 PUBACK from the router would
 /// reach the device as an unsolicited ack.
 async fn send_presence(tx: &mut LinkTx, device: &str, online: bool) {
+    if let Some(packet) = presence_packet(device, online) {
+        let _ = tx.send(packet).await;
+    }
+}
+
+fn presence_packet(device: &str, online: bool) -> Option<Packet> {
     let body = if online {
         &br#"{"online":true}"#[..]
     } else {
         &br#"{"online":false}"#[..]
     };
-    if let Some(packet) = crate::link_publish(&topics::presence(device), body, false, true, 0) {
-        let _ = tx.send(packet).await;
-    }
+    crate::link_publish(&topics::presence(device), body, false, true, 0)
 }
 
 fn disconnect_packet() -> Packet {
