@@ -3,6 +3,7 @@
 mod broker_cmd;
 mod certs_cmd;
 mod client;
+mod demo_cmd;
 mod ops_cmd;
 mod serve_cmd;
 
@@ -32,6 +33,8 @@ enum Command {
     Certs(certs_cmd::CertsCommand),
     /// Run the mTLS MQTT broker alone (in the foreground, until Ctrl-C).
     Broker(broker_cmd::BrokerArgs),
+    /// Run everything on a throwaway CA: broker, controller, 1,000 simulated devices converging.
+    Demo(demo_cmd::DemoArgs),
     /// Run broker + controller in one process (the embedded default).
     Serve(serve_cmd::ServeArgs),
     /// Declare desired state for one device or a selector.
@@ -52,12 +55,15 @@ fn main() -> ExitCode {
     init_tracing(match cli.command {
         Command::Broker(_) | Command::Serve(_) => "info,rumqttd=warn",
         Command::Certs(_) => "warn",
+        // The demo draws progress bars; only errors may interrupt them.
+        Command::Demo(_) => "error",
         _ => "warn",
     });
     let result = match cli.command {
         Command::Certs(cmd) => certs_cmd::run(cmd),
         Command::Broker(args) => block_on(broker_cmd::run(args)),
         Command::Serve(args) => block_on(serve_cmd::run(args)),
+        Command::Demo(args) => block_on(demo_cmd::run(args)),
         Command::Apply(args) => block_on(ops_cmd::apply(args)),
         Command::Get(args) => block_on(ops_cmd::get(args)),
         Command::Describe(args) => block_on(ops_cmd::describe(args)),

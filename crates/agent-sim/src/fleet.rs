@@ -1,0 +1,559 @@
+//! The fleet: starts one task per device, paces their connects, and lets
+//! callers look at and poke the devices.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use cityplane_certs::Pki;
+use cityplane_proto::messages::State;
+use rustls::pki_types::ServerName;
+use rustls::ClientConfig;
+use serde_json::Value;
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::classes::{self, Class};
+use crate::mqtt::{Client, ClientError, ConnectOptions, Packet};
+use crate::rng::Rng;
+use crate::rogue::{self, RogueStats};
+use crate::stats::{Counters, SimStats};
+use crate::tls::TlsBase;
+use crate::{device, PresenceMode, SimConfig, SimError};
+
+/// Spreads connection attempts: at most `rate` per second, each slot
+/// jittered within its interval.
+pub(crate) struct Pacer {
+    interval: Duration,
+    next: Mutex<Instant>,
+}
+
+impl Pacer {
+    fn new(rate: f64) -> Pacer {
+        let interval = if rate > 0.0 && rate.is_finite() {
+            Duration::from_secs_f64(1.0 / rate)
+        } else {
+            Duration::ZERO
+        };
+        Pacer {
+            interval,
+            next: Mutex::new(Instant::now()),
+        }
+    }
+
+    pub(crate) async fn wait(&self, rng: &mut Rng) {
+        if self.interval.is_zero() {
+            return;
+        }
+        let slot = {
+            let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            let slot = (*next).max(now);
+            *next = slot + self.interval;
+            slot
+        };
+        let jitter = self.interval.mul_f64(rng.f64());
+        tokio::time::sleep_until(slot + jitter).await;
+    }
+}
+
+/// What all device tasks share.
+pub(crate) struct FleetShared {
+    pub config: SimConfig,
+    pub addr: SocketAddr,
+    pub server_name: ServerName<'static>,
+    pub counters: Counters,
+    pub pacer: Pacer,
+    pub connecting: Semaphore,
+    pub started: Instant,
+    pub rogue: Mutex<RogueStats>,
+    /// Devices publish presence online themselves (see [`PresenceMode`]).
+    pub announce_presence: bool,
+}
+
+/// Something the fleet asks one device to do.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Control {
+    /// Power-cycle: drop the connection (the will fires), stay away for the
+    /// reboot time, reconnect.
+    Reboot,
+    /// Go dark for a while.
+    Offline(Duration),
+    /// Lose the link and reconnect with backoff.
+    DropLink,
+}
+
+/// One device as the fleet sees it; the device task owns the rest.
+pub(crate) struct DeviceShared {
+    pub id: String,
+    pub class: Class,
+    pub view: Mutex<DeviceView>,
+    pub control: Notify,
+}
+
+impl DeviceShared {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, DeviceView> {
+        self.view.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+pub(crate) struct DeviceView {
+    pub state: State,
+    pub version: u64,
+    pub connected: bool,
+    pub online: bool,
+    pub connects: u32,
+    pub commands_received: u32,
+    pub last_generation: u64,
+    /// When the device last changed its state because of a command.
+    pub last_change: Option<Instant>,
+    /// When the current session became online.
+    pub online_since: Option<Instant>,
+    pub first_online: Option<Instant>,
+    pub pending: Option<Control>,
+}
+
+/// A copy of one device's state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceSnapshot {
+    pub id: String,
+    pub class: Class,
+    /// The version of the last report sent (the next one is above it).
+    pub version: u64,
+    pub state: State,
+    pub connected: bool,
+    pub online: bool,
+    /// Successful connects so far.
+    pub connects: u32,
+    pub commands_received: u32,
+    /// Generation of the last applied command.
+    pub last_generation: u64,
+    pub last_change: Option<Instant>,
+    pub online_since: Option<Instant>,
+    pub first_online: Option<Instant>,
+}
+
+/// A running fleet of simulated devices.
+pub struct Fleet {
+    shared: Arc<FleetShared>,
+    devices: Vec<Arc<DeviceShared>>,
+    index: HashMap<String, usize>,
+    rogues: Vec<(String, Arc<ClientConfig>)>,
+    tasks: Vec<JoinHandle<()>>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Fleet {
+    /// Loads every device's certificate, then starts all devices; they
+    /// connect in the background, paced by `connect_rate`.
+    pub async fn start(config: SimConfig) -> Result<Fleet, SimError> {
+        if config.ids.is_empty() && config.rogue_ids.is_empty() {
+            return Err(SimError::Config("no devices to simulate".into()));
+        }
+        for id in config.ids.iter().chain(&config.rogue_ids) {
+            cityplane_proto::validate_id(id).map_err(|e| SimError::Config(e.to_string()))?;
+        }
+        let (host, _) = config
+            .broker
+            .rsplit_once(':')
+            .ok_or_else(|| SimError::Broker {
+                addr: config.broker.clone(),
+                reason: "expected HOST:PORT".into(),
+            })?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let server_name =
+            crate::mqtt::server_name(config.tls_server_name.as_deref().unwrap_or(host))
+                .map_err(SimError::Config)?;
+        let addr = tokio::net::lookup_host(&config.broker)
+            .await
+            .map_err(|e| SimError::Broker {
+                addr: config.broker.clone(),
+                reason: e.to_string(),
+            })?
+            .next()
+            .ok_or_else(|| SimError::Broker {
+                addr: config.broker.clone(),
+                reason: "does not resolve".into(),
+            })?;
+
+        // Certificates: file reads and key parsing, off the async threads.
+        let load_config = config.clone();
+        let (identities, rogues) = tokio::task::spawn_blocking(move || {
+            let pki = Pki::open(&load_config.pki).map_err(|e| SimError::Pki(e.to_string()))?;
+            let base = TlsBase::from_ca_file(&pki.ca_cert_path())?;
+            let load = |id: &String| base.identity(&pki.cert_path(id), &pki.key_path(id));
+            let identities = load_config
+                .ids
+                .iter()
+                .map(load)
+                .collect::<Result<Vec<_>, _>>()?;
+            let rogues = load_config
+                .rogue_ids
+                .iter()
+                .map(|id| load(id).map(|i| (id.clone(), i.config)))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok::<_, SimError>((identities, rogues))
+        })
+        .await
+        .map_err(|e| SimError::Other(e.to_string()))??;
+
+        let announce_presence = match config.presence {
+            PresenceMode::Publish => true,
+            PresenceMode::Skip => false,
+            PresenceMode::Auto => match (config.ids.first(), identities.first()) {
+                (Some(id), Some(identity)) => {
+                    probe_presence(addr, &server_name, identity.config.clone(), id, &config).await
+                }
+                _ => true,
+            },
+        };
+        let shared = Arc::new(FleetShared {
+            announce_presence,
+            pacer: Pacer::new(config.connect_rate),
+            connecting: Semaphore::new(config.max_connecting.max(1)),
+            started: Instant::now(),
+            counters: Counters::default(),
+            rogue: Mutex::new(RogueStats::default()),
+            addr,
+            server_name,
+            config,
+        });
+        let config = &shared.config;
+        let classes = config.mix.assign(config.ids.len(), config.seed);
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        // A version above anything an earlier run of the same devices sent.
+        let first_version = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_millis() as u64);
+        let mut devices = Vec::with_capacity(config.ids.len());
+        let mut tasks = Vec::with_capacity(config.ids.len());
+        let mut index = HashMap::with_capacity(config.ids.len());
+        for ((id, class), identity) in config.ids.iter().zip(classes).zip(identities) {
+            let mut rng = Rng::for_name(config.seed, id);
+            let state = classes::initial_state(class, &mut rng, &identity.not_after);
+            let dev = Arc::new(DeviceShared {
+                id: id.clone(),
+                class,
+                view: Mutex::new(DeviceView {
+                    state,
+                    version: first_version,
+                    connected: false,
+                    online: false,
+                    connects: 0,
+                    commands_received: 0,
+                    last_generation: 0,
+                    last_change: None,
+                    online_since: None,
+                    first_online: None,
+                    pending: None,
+                }),
+                control: Notify::new(),
+            });
+            index.insert(id.clone(), devices.len());
+            devices.push(dev.clone());
+            tasks.push(tokio::spawn(device::run(
+                dev,
+                shared.clone(),
+                identity.config,
+                rng,
+                shutdown_rx.clone(),
+            )));
+        }
+        Ok(Fleet {
+            shared,
+            devices,
+            index,
+            rogues,
+            tasks,
+            shutdown,
+        })
+    }
+
+    /// Device ids, in configuration order.
+    pub fn ids(&self) -> Vec<String> {
+        self.devices.iter().map(|d| d.id.clone()).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.devices.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.devices.is_empty()
+    }
+
+    /// When [`Fleet::start`] started the devices.
+    pub fn started_at(&self) -> Instant {
+        self.shared.started
+    }
+
+    pub fn config(&self) -> &SimConfig {
+        &self.shared.config
+    }
+
+    pub fn stats(&self) -> SimStats {
+        let mut stats = self.shared.counters.snapshot(self.devices.len());
+        stats.rogue = self
+            .shared
+            .rogue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        stats.presence = self.presence_source().into();
+        stats
+    }
+
+    /// `devices` if devices publish their presence, `broker` if they leave it
+    /// to the broker (and their will).
+    pub fn presence_source(&self) -> &'static str {
+        if self.shared.announce_presence {
+            "devices"
+        } else {
+            "broker"
+        }
+    }
+
+    fn snapshot(d: &DeviceShared) -> DeviceSnapshot {
+        let v = d.lock();
+        DeviceSnapshot {
+            id: d.id.clone(),
+            class: d.class,
+            version: v.version,
+            state: v.state.clone(),
+            connected: v.connected,
+            online: v.online,
+            connects: v.connects,
+            commands_received: v.commands_received,
+            last_generation: v.last_generation,
+            last_change: v.last_change,
+            online_since: v.online_since,
+            first_online: v.first_online,
+        }
+    }
+
+    pub fn device(&self, id: &str) -> Option<DeviceSnapshot> {
+        self.index
+            .get(id)
+            .map(|i| Fleet::snapshot(&self.devices[*i]))
+    }
+
+    /// The value of one key of a device's state (`None` inside if the key is
+    /// absent; `None` outside for an unknown device). Cheaper than
+    /// [`device`](Self::device): nothing else is copied.
+    pub fn value_of(&self, id: &str, key: &str) -> Option<Option<Value>> {
+        self.index
+            .get(id)
+            .map(|i| self.devices[*i].lock().state.get(key).cloned())
+    }
+
+    /// When the device's current session became online (`None`: offline).
+    pub fn online_since(&self, id: &str) -> Option<Instant> {
+        self.index
+            .get(id)
+            .and_then(|i| self.devices[*i].lock().online_since)
+    }
+
+    /// Every device, in configuration order.
+    pub fn device_states(&self) -> Vec<DeviceSnapshot> {
+        self.devices.iter().map(|d| Fleet::snapshot(d)).collect()
+    }
+
+    /// The class of a device.
+    pub fn class_of(&self, id: &str) -> Option<Class> {
+        self.index.get(id).map(|i| self.devices[*i].class)
+    }
+
+    /// How many devices (of `class`, if given) have `key` = `value` in their
+    /// state: `(matching, considered)`. Cheap: no state is copied.
+    pub fn count_with(&self, key: &str, value: &Value, class: Option<Class>) -> (usize, usize) {
+        let mut matching = 0;
+        let mut considered = 0;
+        for d in &self.devices {
+            if class.is_some_and(|c| c != d.class) {
+                continue;
+            }
+            considered += 1;
+            if d.lock().state.get(key) == Some(value) {
+                matching += 1;
+            }
+        }
+        (matching, considered)
+    }
+
+    /// True if every device (of `class`, if given) has `key` = `value`.
+    pub fn all_have(&self, key: &str, value: &Value, class: Option<Class>) -> bool {
+        let (matching, considered) = self.count_with(key, value, class);
+        matching == considered
+    }
+
+    /// Polls [`stats`](Self::stats) every 20 ms until `done` holds; false on
+    /// timeout.
+    pub async fn wait_until(
+        &self,
+        timeout: Duration,
+        mut done: impl FnMut(&SimStats) -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if done(&self.stats()) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until at least `n` devices are online at once.
+    pub async fn wait_online(&self, n: usize, timeout: Duration) -> bool {
+        self.wait_until(timeout, |s| s.online >= n).await
+    }
+
+    fn control(&self, id: &str, control: Control) -> bool {
+        let Some(i) = self.index.get(id) else {
+            return false;
+        };
+        let dev = &self.devices[*i];
+        dev.lock().pending = Some(control);
+        dev.control.notify_one();
+        true
+    }
+
+    /// Power-cycles a device (abrupt disconnect: the broker publishes its
+    /// will); it reconnects after [`Faults::reboot_time`](crate::Faults).
+    /// A firmware update in progress is interrupted. False for an unknown id.
+    pub fn reboot(&self, id: &str) -> bool {
+        self.control(id, Control::Reboot)
+    }
+
+    /// Takes a device off the network for `duration`.
+    pub fn take_offline(&self, id: &str, duration: Duration) -> bool {
+        self.control(id, Control::Offline(duration))
+    }
+
+    /// Drops a device's link; it reconnects with backoff.
+    pub fn drop_link(&self, id: &str) -> bool {
+        self.control(id, Control::DropLink)
+    }
+
+    /// The rogue devices' ids.
+    pub fn rogue_ids(&self) -> Vec<String> {
+        self.rogues.iter().map(|(id, _)| id.clone()).collect()
+    }
+
+    /// Lets every rogue device try every forbidden action once (each on a
+    /// fresh connection, against honest devices' topics), and returns what
+    /// was attempted and refused. Also added to [`SimStats::rogue`].
+    pub async fn run_rogues(&self) -> RogueStats {
+        let victims: Vec<String> = if self.devices.is_empty() {
+            vec!["nobody0001".to_owned()]
+        } else {
+            self.devices.iter().map(|d| d.id.clone()).collect()
+        };
+        let mut handles = Vec::new();
+        for (i, (id, tls)) in self.rogues.iter().enumerate() {
+            let victim = victims[(i * 7919) % victims.len()].clone();
+            handles.push(tokio::spawn(rogue::attack(
+                self.shared.clone(),
+                id.clone(),
+                tls.clone(),
+                victim,
+            )));
+        }
+        let mut total = RogueStats::default();
+        for h in handles {
+            if let Ok(stats) = h.await {
+                total.merge(&stats);
+            }
+        }
+        self.shared
+            .rogue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .merge(&total);
+        total
+    }
+
+    /// Stops every device (connections are dropped without DISCONNECT, so
+    /// the broker publishes each device's will: presence offline) and
+    /// returns the final statistics.
+    pub async fn shutdown(mut self) -> SimStats {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks.iter_mut() {
+            let _ = task.await;
+        }
+        self.stats()
+    }
+}
+
+/// Does the broker accept a device's PUBLISH to its own presence topic?
+/// Connects once as `id`, publishes `{"online": true}` (QoS 1, retained) and
+/// waits for the PUBACK; a closed connection means no. Unclear outcomes
+/// (connect failure, timeout) fall back to the contract: publish.
+async fn probe_presence(
+    addr: SocketAddr,
+    server_name: &ServerName<'static>,
+    tls: Arc<ClientConfig>,
+    id: &str,
+    config: &SimConfig,
+) -> bool {
+    let will = crate::mqtt::Will {
+        topic: cityplane_proto::topics::presence(id),
+        payload: br#"{"online":false}"#.to_vec(),
+        qos: 1,
+        retain: true,
+    };
+    let opts = ConnectOptions {
+        client_id: id,
+        keep_alive: config.keep_alive,
+        clean_session: true,
+        will: Some(&will),
+    };
+    let mut client = match Client::connect(
+        addr,
+        server_name.clone(),
+        tls,
+        &opts,
+        config.connect_timeout,
+    )
+    .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(%id, error = %e, "presence probe could not connect; devices will publish presence");
+            return true;
+        }
+    };
+    let accepted = async {
+        let pkid = client
+            .publish(&will.topic, br#"{"online":true}"#, 1, true)
+            .await?;
+        client
+            .recv_until(Duration::from_secs(5), |p| {
+                matches!(p, Packet::PubAck(id) if *id == pkid).then_some(())
+            })
+            .await
+    }
+    .await;
+    match accepted {
+        Ok(()) => {
+            client.disconnect().await;
+            true
+        }
+        Err(ClientError::Closed | ClientError::Io(_)) => {
+            tracing::warn!(
+                %id,
+                "the broker refuses a device's publish to its own presence topic (docs/PROTOCOL.md asks \
+                 devices to publish it); devices will only set their will and leave presence to the broker"
+            );
+            false
+        }
+        Err(e) => {
+            tracing::warn!(%id, error = %e, "presence probe inconclusive; devices will publish presence");
+            true
+        }
+    }
+}

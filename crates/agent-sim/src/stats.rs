@@ -1,0 +1,253 @@
+//! Counters shared by all devices, and the snapshot [`SimStats`] built from them.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::rogue::RogueStats;
+
+/// Live counters (atomics; devices update them without locks).
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub connected: AtomicI64,
+    pub online: AtomicI64,
+    pub ever_online: AtomicU64,
+    pub connect_attempts: AtomicU64,
+    pub connects: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub connect_failures: AtomicU64,
+    pub sessions_lost: AtomicU64,
+    pub publishes_sent: AtomicU64,
+    pub publishes_received: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub pubacks_received: AtomicU64,
+    pub reports_sent: AtomicU64,
+    pub telemetry_sent: AtomicU64,
+    pub acks_sent: AtomicU64,
+    pub commands_received: AtomicU64,
+    pub commands_applied: AtomicU64,
+    pub commands_rejected: AtomicU64,
+    pub ignored_replays: AtomicU64,
+    pub ignored_stale: AtomicU64,
+    pub commands_malformed: AtomicU64,
+    pub subscribe_refused: AtomicU64,
+    pub reboots: AtomicU64,
+    pub offline_episodes: AtomicU64,
+    pub fw_started: AtomicU64,
+    pub fw_succeeded: AtomicU64,
+    pub fw_failed: AtomicU64,
+    pub failures: Mutex<BTreeMap<String, u64>>,
+    pub fw_outcomes: Mutex<BTreeMap<String, u64>>,
+    /// Durations of successful connects (TCP + TLS + CONNACK), in µs.
+    pub connect_latency_us: Mutex<Vec<u32>>,
+}
+
+/// Samples kept for latency percentiles (beyond this, new samples are dropped).
+const MAX_SAMPLES: usize = 1_000_000;
+
+impl Counters {
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn failure(&self, reason: impl Into<String>) {
+        let mut m = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        *m.entry(reason.into()).or_insert(0) += 1;
+    }
+
+    pub fn fw_outcome(&self, outcome: impl Into<String>) {
+        let mut m = self.fw_outcomes.lock().unwrap_or_else(|e| e.into_inner());
+        *m.entry(outcome.into()).or_insert(0) += 1;
+    }
+
+    pub fn connect_latency(&self, d: Duration) {
+        let mut v = self
+            .connect_latency_us
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if v.len() < MAX_SAMPLES {
+            v.push(d.as_micros().min(u128::from(u32::MAX)) as u32);
+        }
+    }
+}
+
+/// Percentiles of a set of durations, in milliseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Percentiles {
+    pub count: usize,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Percentiles {
+    pub fn from_durations(mut v: Vec<Duration>) -> Percentiles {
+        v.sort_unstable();
+        let ms = |d: &Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+        let at = |q: f64| -> f64 {
+            if v.is_empty() {
+                return 0.0;
+            }
+            let idx = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
+            ms(&v[idx])
+        };
+        Percentiles {
+            count: v.len(),
+            p50_ms: at(0.50),
+            p90_ms: at(0.90),
+            p99_ms: at(0.99),
+            max_ms: v.last().map_or(0.0, ms),
+        }
+    }
+}
+
+/// Firmware updates by outcome.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct FirmwareStats {
+    pub started: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    /// `succeeded`, `failed: download`, `failed: verify`, `failed: install`,
+    /// `failed: health-check`, `interrupted: reboot during …`.
+    pub by_outcome: BTreeMap<String, u64>,
+}
+
+/// A snapshot of the whole fleet.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct SimStats {
+    pub devices: usize,
+    /// Live MQTT sessions (after CONNACK).
+    pub connected: usize,
+    /// Sessions that finished the on-connect sequence (presence, SUBACK of
+    /// the commands subscription, first report).
+    pub online: usize,
+    /// Devices that were online at least once.
+    pub ever_online: usize,
+    pub connect_attempts: u64,
+    pub connects: u64,
+    /// Connects after a device's first.
+    pub reconnects: u64,
+    pub connect_failures: u64,
+    /// Sessions that ended other than by shutdown.
+    pub sessions_lost: u64,
+    pub publishes_sent: u64,
+    pub publishes_received: u64,
+    pub bytes_sent: u64,
+    pub pubacks_received: u64,
+    pub reports_sent: u64,
+    pub telemetry_sent: u64,
+    pub acks_sent: u64,
+    pub commands_received: u64,
+    pub commands_applied: u64,
+    pub commands_rejected: u64,
+    pub ignored_replays: u64,
+    pub ignored_stale: u64,
+    pub commands_malformed: u64,
+    /// SUBACK 0x80 for a device's own commands topic (should stay 0).
+    pub subscribe_refused: u64,
+    pub reboots: u64,
+    pub offline_episodes: u64,
+    pub firmware: FirmwareStats,
+    /// Failures by reason: connect errors, lost sessions, rejected commands.
+    pub failures: BTreeMap<String, u64>,
+    /// TCP + TLS + CONNECT/CONNACK of successful connects.
+    pub connect_latency: Percentiles,
+    /// What rogue devices tried and how much the broker refused.
+    pub rogue: RogueStats,
+    /// Who announces devices online: `devices` (they publish presence) or
+    /// `broker` (devices only set their will).
+    pub presence: String,
+}
+
+impl Counters {
+    pub fn snapshot(&self, devices: usize) -> SimStats {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let gauge = |c: &AtomicI64| c.load(Ordering::Relaxed).max(0) as usize;
+        let latencies: Vec<Duration> = self
+            .connect_latency_us
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|us| Duration::from_micros(u64::from(*us)))
+            .collect();
+        SimStats {
+            devices,
+            connected: gauge(&self.connected),
+            online: gauge(&self.online),
+            ever_online: g(&self.ever_online) as usize,
+            connect_attempts: g(&self.connect_attempts),
+            connects: g(&self.connects),
+            reconnects: g(&self.reconnects),
+            connect_failures: g(&self.connect_failures),
+            sessions_lost: g(&self.sessions_lost),
+            publishes_sent: g(&self.publishes_sent),
+            publishes_received: g(&self.publishes_received),
+            bytes_sent: g(&self.bytes_sent),
+            pubacks_received: g(&self.pubacks_received),
+            reports_sent: g(&self.reports_sent),
+            telemetry_sent: g(&self.telemetry_sent),
+            acks_sent: g(&self.acks_sent),
+            commands_received: g(&self.commands_received),
+            commands_applied: g(&self.commands_applied),
+            commands_rejected: g(&self.commands_rejected),
+            ignored_replays: g(&self.ignored_replays),
+            ignored_stale: g(&self.ignored_stale),
+            commands_malformed: g(&self.commands_malformed),
+            subscribe_refused: g(&self.subscribe_refused),
+            reboots: g(&self.reboots),
+            offline_episodes: g(&self.offline_episodes),
+            firmware: FirmwareStats {
+                started: g(&self.fw_started),
+                succeeded: g(&self.fw_succeeded),
+                failed: g(&self.fw_failed),
+                by_outcome: self
+                    .fw_outcomes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone(),
+            },
+            failures: self
+                .failures
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            connect_latency: Percentiles::from_durations(latencies),
+            rogue: RogueStats::default(),
+            presence: String::new(),
+        }
+    }
+}
+
+/// Resident set size of this process in KiB (`VmRSS` in /proc/self/status).
+pub fn rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_of_1_to_100_ms() {
+        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        let p = Percentiles::from_durations(v);
+        assert_eq!(
+            (p.count, p.p50_ms, p.p90_ms, p.p99_ms, p.max_ms),
+            (100, 50.0, 90.0, 99.0, 100.0)
+        );
+        assert_eq!(Percentiles::from_durations(vec![]).count, 0);
+    }
+
+    #[test]
+    fn rss_is_readable_on_linux() {
+        assert!(rss_kib().is_some_and(|k| k > 0));
+    }
+}

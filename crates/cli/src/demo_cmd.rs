@@ -1,0 +1,301 @@
+//! `cityplane demo`: the whole system on a throwaway CA, in one process.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use cityplane_agent_sim::{Fleet, PresenceMode, SimConfig};
+use cityplane_broker::{Broker, BrokerConfig};
+use cityplane_certs::Pki;
+use cityplane_controller::{Controller, ControllerConfig};
+use cityplane_proto::Role;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+
+use crate::client::{ConnectArgs, Operator};
+
+/// Runs a complete demo: CA and certificates, broker, controller, a
+/// simulated fleet, a fleet-wide change, progress while it converges and a
+/// fleet table. Everything runs in this process and stops at the end.
+#[derive(clap::Args, Debug)]
+pub struct DemoArgs {
+    /// Simulated devices (mixed classes)
+    #[arg(long, default_value_t = 1000)]
+    pub devices: usize,
+    /// Keep the PKI and database in this directory instead of a temporary one
+    #[arg(long)]
+    pub keep: Option<std::path::PathBuf>,
+    /// Seconds allowed for the fleet to converge
+    #[arg(long, default_value_t = 90)]
+    pub deadline: u64,
+}
+
+const OPERATOR: &str = "demo-operator";
+const PREFIX: &str = "dev";
+
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{{spinner}} {what:<28} [{{bar:40}}] {{pos}}/{{len}} {{msg}} ({{elapsed}})"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let temp;
+    let root = match &args.keep {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            dir.clone()
+        }
+        None => {
+            temp = tempfile::tempdir().context("creating a temporary directory")?;
+            temp.path().to_path_buf()
+        }
+    };
+    let pki_dir = root.join("pki");
+    let data_dir = root.join("data");
+    println!(
+        "cityplane demo: {} simulated devices, everything on 127.0.0.1\n",
+        args.devices
+    );
+
+    // 1. Identities.
+    let pki = if pki_dir.join("ca.crt").exists() {
+        Pki::open(&pki_dir)?
+    } else {
+        Pki::init(&pki_dir, false)?
+    };
+    if pki.current_cert(OPERATOR)?.is_none() {
+        pki.issue(Role::Operator, OPERATOR)?;
+    }
+    let certs = bar(args.devices as u64, "issuing device certificates");
+    pki.issue_bulk(Role::Device, PREFIX, args.devices, |n| {
+        certs.set_position(n as u64)
+    })?;
+    certs.finish_with_message("ECDSA P-256, one per device");
+
+    // 2. Broker + controller.
+    let broker = Broker::start(BrokerConfig {
+        listen: "127.0.0.1:0".parse()?,
+        pki: pki_dir.clone(),
+        limits: Default::default(),
+    })
+    .await
+    .context("starting the broker")?;
+    let addr = broker.local_addr();
+    let mut cc = ControllerConfig::new(data_dir.clone());
+    cc.pki = Some(pki_dir.clone());
+    let controller = Controller::start_in_process(&broker, cc)
+        .await
+        .context("starting the controller")?;
+    println!("broker + controller listening on {addr} (mutual TLS)");
+
+    let outcome = drive(&args, &pki_dir, addr).await;
+
+    // 5. Stop everything we started, whatever happened.
+    let stopping = bar(3, "stopping");
+    let outcome = match outcome {
+        Ok(mut o) => {
+            if let Some(fleet) = o.fleet.take() {
+                fleet.shutdown().await;
+            }
+            Ok(o)
+        }
+        Err(e) => Err(e),
+    };
+    stopping.inc(1);
+    controller
+        .shutdown()
+        .await
+        .context("stopping the controller")?;
+    stopping.inc(1);
+    broker.shutdown().await;
+    stopping.finish_with_message("nothing left running");
+
+    let o = outcome?;
+    print_table(&o.rows);
+    let (total, converged, failed) = o.totals;
+    println!(
+        "\n{converged} of {total} devices converged ({failed} failed) in {:.1} s after the change; demo took {:.0} s.",
+        o.converge_time.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    println!("\nWhere to look next:");
+    println!("  cityplane serve --help               run broker + controller for real");
+    println!("  cityplane apply --help               declare desired state (selectors, priorities, if_generation)");
+    println!("  agent-sim run --help                 load-test a server with thousands of devices");
+    println!("  docs/PROTOCOL.md, ARCHITECTURE.md    the wire contract and how it is built");
+    if let Some(dir) = &args.keep {
+        println!("  PKI and database kept in {}", dir.display());
+    }
+    if converged < total {
+        bail!(
+            "{} devices did not converge before the deadline",
+            total - converged
+        );
+    }
+    Ok(())
+}
+
+struct Outcome {
+    fleet: Option<Fleet>,
+    rows: Vec<Value>,
+    totals: (u64, u64, u64),
+    converge_time: Duration,
+}
+
+async fn drive(
+    args: &DemoArgs,
+    pki_dir: &std::path::Path,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<Outcome> {
+    // 3. The simulated fleet.
+    let mut sim = SimConfig::new(
+        pki_dir,
+        format!("localhost:{}", addr.port()),
+        PREFIX,
+        args.devices,
+    );
+    sim.presence = PresenceMode::Skip;
+    let fleet = Fleet::start(sim)
+        .await
+        .context("starting the simulated fleet")?;
+    let online = bar(args.devices as u64, "devices connecting (mTLS)");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = fleet.stats();
+        online.set_position(s.online as u64);
+        if s.online >= args.devices || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    online.finish_with_message("online");
+
+    let connect = ConnectArgs {
+        server: addr.to_string(),
+        pki: pki_dir.to_path_buf(),
+        id: OPERATOR.to_owned(),
+        timeout: 10,
+    };
+    let mut op = Operator::connect(&connect)
+        .await
+        .context("connecting as the operator")?;
+    let known = bar(args.devices as u64, "controller sees reports");
+    loop {
+        let s = op.query("status", json!({})).await?;
+        known.set_position(s["total"].as_u64().unwrap_or(0));
+        if s["total"].as_u64().unwrap_or(0) >= args.devices as u64 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    known.finish_with_message("reported state stored");
+
+    // 4. A fleet-wide change, with class-specific overrides.
+    let docs = [
+        json!({"name": "city-baseline", "target": {"all": true}, "priority": 1,
+               "state": {"maintenance_window": "02:00-04:00", "log_level": "warn"}}),
+        json!({"name": "streetlight-night-dimming", "target": {"class": "streetlight"}, "priority": 10,
+               "state": {"dimming": 40}}),
+        json!({"name": "camera-retention", "target": {"class": "camera"}, "priority": 10,
+               "state": {"retention_days": 30}}),
+    ];
+    println!();
+    let t0 = Instant::now();
+    for doc in docs {
+        let name = doc["name"].as_str().unwrap_or_default().to_owned();
+        let answer = op.request(&format!("fleet/desired/{name}"), doc).await?;
+        if answer["status"] != "accepted" {
+            bail!("the controller rejected {name}: {answer}");
+        }
+        println!(
+            "applied {name:<28} generation {} -> {} devices",
+            answer["generation"], answer["devices"]
+        );
+    }
+    let converging = bar(args.devices as u64, "devices converging");
+    let deadline = Instant::now() + Duration::from_secs(args.deadline);
+    let mut status;
+    loop {
+        status = op.query("status", json!({})).await?;
+        let n = |k: &str| status[k].as_u64().unwrap_or(0);
+        converging.set_length(n("total"));
+        converging.set_position(n("converged"));
+        converging.set_message(format!("{} pending, {} failed", n("pending"), n("failed")));
+        if n("pending") == 0 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let converge_time = t0.elapsed();
+    converging.finish();
+
+    let mut rows = Vec::new();
+    loop {
+        let page = op
+            .query("get-devices", json!({"offset": rows.len(), "limit": 1000}))
+            .await?;
+        let batch = page["devices"].as_array().cloned().unwrap_or_default();
+        let total = page["total"].as_u64().unwrap_or(0) as usize;
+        let empty = batch.is_empty();
+        rows.extend(batch);
+        if rows.len() >= total || empty {
+            break;
+        }
+    }
+    op.disconnect().await;
+    let n = |k: &str| status[k].as_u64().unwrap_or(0);
+    Ok(Outcome {
+        fleet: Some(fleet),
+        rows,
+        totals: (n("total"), n("converged"), n("failed")),
+        converge_time,
+    })
+}
+
+fn print_table(rows: &[Value]) {
+    #[derive(Default)]
+    struct Counts {
+        total: u64,
+        online: u64,
+        converged: u64,
+        failed: u64,
+    }
+    let mut by_class: BTreeMap<String, Counts> = BTreeMap::new();
+    for r in rows {
+        let c = by_class
+            .entry(r["class"].as_str().unwrap_or("?").to_owned())
+            .or_default();
+        c.total += 1;
+        c.online += u64::from(r["online"] == true);
+        c.converged += u64::from(r["converged"] == true);
+        c.failed += u64::from(r["failed"] == true);
+    }
+    println!(
+        "\n{:<14} {:>7} {:>7} {:>10} {:>7}",
+        "CLASS", "TOTAL", "ONLINE", "CONVERGED", "FAILED"
+    );
+    let mut all = Counts::default();
+    for (class, c) in &by_class {
+        println!(
+            "{class:<14} {:>7} {:>7} {:>10} {:>7}",
+            c.total, c.online, c.converged, c.failed
+        );
+        all.total += c.total;
+        all.online += c.online;
+        all.converged += c.converged;
+        all.failed += c.failed;
+    }
+    println!(
+        "{:<14} {:>7} {:>7} {:>10} {:>7}",
+        "all", all.total, all.online, all.converged, all.failed
+    );
+}
