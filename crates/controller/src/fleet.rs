@@ -61,7 +61,7 @@ pub struct Fleet {
     /// Devices touched since the last commit.
     dirty: HashSet<String>,
     /// Optional check that a device id has a certificate.
-    known_device: Box<dyn Fn(&str) -> bool + Send>,
+    known_device: Box<dyn FnMut(&str) -> bool + Send>,
 }
 
 impl Fleet {
@@ -72,7 +72,7 @@ impl Fleet {
         audit_len: u64,
         policy: RetryPolicy,
         limits: InputLimits,
-        known_device: Box<dyn Fn(&str) -> bool + Send>,
+        known_device: Box<dyn FnMut(&str) -> bool + Send>,
     ) -> Fleet {
         let mut fleet = Fleet {
             devices: devices.into_iter().map(|d| (d.id.clone(), d)).collect(),
@@ -90,12 +90,13 @@ impl Fleet {
         };
         // After a restart nobody is known to be online until they say so;
         // in-flight commands stay and are re-sent (same id) when they return.
-        let ids: Vec<String> = fleet.devices.keys().cloned().collect();
-        for id in ids {
-            if let Some(d) = fleet.devices.get_mut(&id) {
-                d.online = false;
-            }
+        for d in fleet.devices.values_mut() {
+            d.online = false;
         }
+        // A document may have been committed just before a crash, before the
+        // device records it changes: derive desired state again from the
+        // stored documents so every acknowledged write takes effect.
+        fleet.recompute_desired(None);
         fleet
     }
 
@@ -211,10 +212,13 @@ impl Fleet {
         let dev = self.device(id);
         dev.last_seen = now;
         if presence.online && !dev.online {
-            // Back online (or rebooted): re-drive anything that failed.
+            // Back online (or rebooted): re-drive anything that failed, and
+            // re-send what was in flight now (same id: a device that already
+            // applied it ignores the copy) instead of waiting for a timeout.
             dev.failed = None;
             if let Some(cmd) = dev.inflight.as_mut() {
                 cmd.attempt = 0;
+                cmd.sent_at = 0;
             }
         }
         dev.online = presence.online;

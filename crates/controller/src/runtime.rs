@@ -94,8 +94,23 @@ impl Controller {
                 .await
                 .map_err(|e| ControllerError::Broker(e.to_string()))??
         };
-        let known: Box<dyn Fn(&str) -> bool + Send> = match config.pki.clone() {
-            Some(dir) => Box::new(move |id: &str| dir.join(format!("{id}.crt")).exists()),
+        let known: Box<dyn FnMut(&str) -> bool + Send> = match config.pki.clone() {
+            Some(dir) => {
+                // A stat per report would cost more than the report; ids
+                // with a certificate are remembered (revocation is the
+                // broker's job: a revoked device cannot publish anyway).
+                let mut known = std::collections::HashSet::new();
+                Box::new(move |id: &str| {
+                    if known.contains(id) {
+                        return true;
+                    }
+                    let exists = dir.join(format!("{id}.crt")).exists();
+                    if exists {
+                        known.insert(id.to_owned());
+                    }
+                    exists
+                })
+            }
             None => Box::new(|_: &str| true),
         };
         tracing::info!(

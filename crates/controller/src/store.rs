@@ -42,11 +42,18 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// True when the disk is full: reads still work, writes wait for space.
+    /// True when the disk is full. The controller keeps answering queries
+    /// from memory and retries the write; the store reopens itself once
+    /// space is back.
     pub fn is_disk_full(&self) -> bool {
         let io = match self {
             StoreError::Io(e) => Some(e),
             StoreError::Sled(sled::Error::Io(e)) => Some(e),
+            // Opening writes too (snapshot, config): a restart on a full disk.
+            StoreError::Open {
+                source: sled::Error::Io(e),
+                ..
+            } => Some(e),
             _ => None,
         };
         io.is_some_and(|e| {
@@ -73,8 +80,22 @@ impl Changes {
     }
 }
 
+/// sled writes log items above a quarter of a segment to separate blob
+/// files that it never fsyncs; with 16 MiB segments (sled's default is
+/// 512 KiB) no record of ours gets there, and `commit` refuses any record
+/// larger than [`MAX_RECORD`] outright.
+const SEGMENT_SIZE: usize = 16 * 1024 * 1024;
+pub const MAX_RECORD: usize = 256 * 1024;
+
 pub struct Store {
     path: PathBuf,
+    cache_bytes: u64,
+    /// `None` after an I/O error: sled keeps the error on its handle for
+    /// good, so the next operation opens the database again.
+    engine: std::sync::Mutex<Option<Engine>>,
+}
+
+struct Engine {
     db: sled::Db,
     docs: sled::Tree,
     devices: sled::Tree,
@@ -92,59 +113,106 @@ pub struct Loaded {
     pub audit_len: usize,
 }
 
+impl Engine {
+    fn open(path: &Path, cache_bytes: u64) -> Result<Engine, StoreError> {
+        std::fs::create_dir_all(path)?;
+        // sled releases its file lock shortly after a dropped handle closes.
+        let mut tries = 0;
+        let db = loop {
+            let opened = sled::Config::new()
+                .path(path)
+                .cache_capacity(cache_bytes)
+                .segment_size(SEGMENT_SIZE)
+                .open();
+            match opened {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock && tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) if e.to_string().contains("could not acquire lock") && tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(source) => {
+                    return Err(StoreError::Open {
+                        path: path.to_path_buf(),
+                        source,
+                    })
+                }
+            }
+        };
+        let engine = Engine {
+            docs: db.open_tree("docs")?,
+            devices: db.open_tree("devices")?,
+            audit: db.open_tree("audit")?,
+            meta: db.open_tree("meta")?,
+            data_file: File::open(path.join("db"))?,
+            db,
+        };
+        engine.db.flush()?;
+        engine.sync_all(path)?;
+        Ok(engine)
+    }
+
+    /// Makes the directory entries of a fresh database durable too.
+    fn sync_all(&self, path: &Path) -> Result<(), StoreError> {
+        self.data_file.sync_all()?;
+        if let Ok(conf) = File::open(path.join("conf")) {
+            conf.sync_all()?;
+        }
+        File::open(path)?.sync_all()?;
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            File::open(parent)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
 impl Store {
     /// Opens (or creates) the store. `cache_bytes` bounds sled's page cache.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(path)?;
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_bytes)
-            .open()
-            .map_err(|source| StoreError::Open {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        let tree = |name: &str| db.open_tree(name);
-        let store = Store {
-            docs: tree("docs")?,
-            devices: tree("devices")?,
-            audit: tree("audit")?,
-            meta: tree("meta")?,
-            data_file: File::open(path.join("db"))?,
+        let engine = Engine::open(path, cache_bytes)?;
+        Ok(Store {
             path: path.to_path_buf(),
-            db,
-        };
-        store.db.flush()?;
-        store.sync_all()?;
-        Ok(store)
+            cache_bytes,
+            engine: std::sync::Mutex::new(Some(engine)),
+        })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Makes the directory entries of a fresh database durable too.
-    fn sync_all(&self) -> Result<(), StoreError> {
-        self.data_file.sync_all()?;
-        if let Ok(conf) = File::open(self.path.join("conf")) {
-            conf.sync_all()?;
+    /// Runs `f` on the engine, reopening it first if an earlier I/O error
+    /// poisoned it, and dropping it when `f` hits an I/O error.
+    fn with<T>(&self, f: impl FnOnce(&Engine) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let mut guard = self.engine.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.is_none() {
+            *guard = Some(Engine::open(&self.path, self.cache_bytes)?);
+            tracing::info!(path = %self.path.display(), "store reopened after an I/O error");
         }
-        File::open(&self.path)?.sync_all()?;
-        if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            File::open(parent)?.sync_all()?;
+        let Some(engine) = guard.as_ref() else {
+            return Err(StoreError::Transaction("store unavailable".into()));
+        };
+        let result = f(engine);
+        if matches!(result, Err(StoreError::Io(_)) | Err(StoreError::Sled(sled::Error::Io(_)))) {
+            *guard = None;
         }
-        Ok(())
+        result
     }
 
     pub fn load(&self) -> Result<Loaded, StoreError> {
-        let docs = read_all(&self.docs, "docs")?;
-        let devices = read_all(&self.devices, "devices")?;
-        let seq = self.meta.get("seq")?.map(|v| decode_u64(&v)).unwrap_or(0);
-        Ok(Loaded {
-            docs,
-            devices,
-            seq,
-            audit_len: self.audit.len(),
+        self.with(|e| {
+            let docs = read_all(&e.docs, "docs")?;
+            let devices = read_all(&e.devices, "devices")?;
+            let seq = e.meta.get("seq")?.map(|v| decode_u64(&v)).unwrap_or(0);
+            Ok(Loaded {
+                docs,
+                devices,
+                seq,
+                audit_len: e.audit.len(),
+            })
         })
     }
 
@@ -168,45 +236,56 @@ impl Store {
             .iter()
             .map(|a| (a.seq.to_be_bytes().to_vec(), json(a)))
             .collect();
-        (&self.docs, &self.devices, &self.audit, &self.meta)
-            .transaction(|(docs_t, devices_t, audit_t, meta_t)| {
-                for (k, v) in &docs {
-                    docs_t.insert(k.as_slice(), v.as_slice())?;
-                }
-                for (k, v) in &devices {
-                    devices_t.insert(k.as_slice(), v.as_slice())?;
-                }
-                for (k, v) in &audit {
-                    audit_t.insert(k.as_slice(), v.as_slice())?;
-                }
-                if let Some(seq) = changes.seq {
-                    meta_t.insert("seq", &seq.to_be_bytes())?;
-                }
-                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e| match e {
-                sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
-                other => StoreError::Transaction(format!("{other:?}")),
-            })?;
-        self.db.flush()?;
-        self.data_file.sync_data()?;
-        Ok(())
+        if let Some((k, v)) = docs.iter().chain(&devices).chain(&audit).find(|(_, v)| v.len() > MAX_RECORD) {
+            return Err(StoreError::Transaction(format!(
+                "record {:?} is {} bytes, above the {MAX_RECORD}-byte limit",
+                String::from_utf8_lossy(k),
+                v.len()
+            )));
+        }
+        self.with(|e| {
+            (&e.docs, &e.devices, &e.audit, &e.meta)
+                .transaction(|(docs_t, devices_t, audit_t, meta_t)| {
+                    for (k, v) in &docs {
+                        docs_t.insert(k.as_slice(), v.as_slice())?;
+                    }
+                    for (k, v) in &devices {
+                        devices_t.insert(k.as_slice(), v.as_slice())?;
+                    }
+                    for (k, v) in &audit {
+                        audit_t.insert(k.as_slice(), v.as_slice())?;
+                    }
+                    if let Some(seq) = changes.seq {
+                        meta_t.insert("seq", &seq.to_be_bytes())?;
+                    }
+                    Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+                })
+                .map_err(|e| match e {
+                    sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
+                    other => StoreError::Transaction(format!("{other:?}")),
+                })?;
+            e.db.flush()?;
+            e.data_file.sync_data()?;
+            Ok(())
+        })
     }
 
     /// The newest `limit` audit entries, oldest first.
     pub fn audit_tail(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
-        let mut out = self
-            .audit
-            .iter()
-            .rev()
-            .take(limit)
-            .map(|item| {
-                let (k, v) = item?;
-                decode("audit", &k, &v)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        out.reverse();
-        Ok(out)
+        self.with(|e| {
+            let mut out = e
+                .audit
+                .iter()
+                .rev()
+                .take(limit)
+                .map(|item| {
+                    let (k, v) = item?;
+                    decode("audit", &k, &v)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            out.reverse();
+            Ok(out)
+        })
     }
 }
 
