@@ -5,6 +5,7 @@
 //! [`DeviceShared`] (behind a mutex the fleet reads for snapshots); what only
 //! the task needs (replay window, update job, RNG) lives in [`Device`].
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use crate::fleet::{Control, DeviceShared, FleetShared};
 use crate::mqtt::{Client, ClientError, ConnectOptions, Packet, Publish, Will, SUBACK_FAILURE};
 use crate::rng::{fnv1a, Rng};
 use crate::stats::Counters;
+use crate::PresenceMode;
 
 const PRESENCE_ONLINE: &[u8] = br#"{"online":true}"#;
 const PRESENCE_OFFLINE: &[u8] = br#"{"online":false}"#;
@@ -179,11 +181,17 @@ impl Device {
             let connected = tokio::select! {
                 biased;
                 _ = shutdown.changed() => return,
-                r = self.connect() => r,
+                // Boxed: the TLS handshake's state only lives while connecting,
+                // instead of enlarging every device's task for its lifetime.
+                r = Box::pin(self.connect()) => r,
             };
             let pause = match connected {
-                Ok(client) => {
-                    let end = self.session(client, shutdown).await;
+                Ok(mut client) => {
+                    let end = self.session(&mut client, shutdown).await;
+                    // No DISCONNECT: to the broker this is a lost device, so
+                    // its will (presence offline) is published.
+                    client.drop_abruptly().await;
+                    drop(client);
                     self.set_disconnected();
                     match end {
                         End::Shutdown => return,
@@ -348,18 +356,37 @@ impl Device {
         self.rng.duration_between(lo, hi)
     }
 
-    async fn session(&mut self, mut c: Client, shutdown: &mut watch::Receiver<bool>) -> End {
+    async fn session(&mut self, c: &mut Client, shutdown: &mut watch::Receiver<bool>) -> End {
+        let announced = self.fleet.announce_presence.load(Ordering::Relaxed);
+        let end = self.session_inner(c, shutdown).await;
+        let online = self.dev.lock().online;
+        if announced
+            && !online
+            && matches!(end, End::Lost(_))
+            && self.fleet.config.presence == PresenceMode::Auto
+            && self.fleet.announce_presence.swap(false, Ordering::Relaxed)
+        {
+            tracing::warn!(
+                id = %self.dev.id,
+                "the broker closed the session right after the device's presence publish; \
+                 devices will only set their will and leave presence to the broker"
+            );
+        }
+        end
+    }
+
+    async fn session_inner(&mut self, c: &mut Client, shutdown: &mut watch::Receiver<bool>) -> End {
         let id = self.dev.id.clone();
         // The on-connect sequence of the contract.
-        if self.fleet.announce_presence {
-            self.queue_publish(&mut c, &topics::presence(&id), PRESENCE_ONLINE, 1, true);
+        if self.fleet.announce_presence.load(Ordering::Relaxed) {
+            self.queue_publish(c, &topics::presence(&id), PRESENCE_ONLINE, 1, true);
         }
         let commands_topic = topics::commands(&id);
         let sub_pkid = c.queue_subscribe(&commands_topic, 1);
         let acks = self.on_boot();
-        self.queue_report(&mut c);
+        self.queue_report(c);
         for ack in acks {
-            self.queue_ack(&mut c, ack);
+            self.queue_ack(c, ack);
         }
         if let Err(e) = c.flush().await {
             return End::Lost(e.label());
@@ -384,13 +411,11 @@ impl Device {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => {
-                    c.drop_abruptly().await;
                     return End::Shutdown;
                 }
                 _ = self.dev.control.notified() => {
                     let pending = self.dev.lock().pending.take();
                     if let Some(control) = pending {
-                        c.drop_abruptly().await;
                         return self.on_control(control);
                     }
                 }
@@ -403,14 +428,13 @@ impl Device {
                         Packet::SubAck { pkid, codes } if pkid == sub_pkid => {
                             if codes.first().is_none_or(|c| *c == SUBACK_FAILURE) {
                                 Counters::inc(&self.counters().subscribe_refused);
-                                c.drop_abruptly().await;
                                 return End::Lost(format!("SUBSCRIBE {commands_topic} refused"));
                             }
                             self.set_online();
                         }
                         Packet::Publish(p) => {
                             Counters::inc(&self.counters().publishes_received);
-                            self.on_publish(&mut c, p, &commands_topic);
+                            self.on_publish(c, p, &commands_topic);
                         }
                         Packet::PubAck(_) => Counters::inc(&self.counters().pubacks_received),
                         Packet::PingResp => ping_outstanding = false,
@@ -421,7 +445,6 @@ impl Device {
                     let now = Instant::now();
                     if now >= next_ping {
                         if ping_outstanding {
-                            c.drop_abruptly().await;
                             return End::Lost("no PINGRESP within the keep-alive".into());
                         }
                         c.queue_ping();
@@ -429,19 +452,17 @@ impl Device {
                         next_ping = keep_alive.map_or(far, |ka| now + ka);
                     }
                     if now >= next_telemetry {
-                        self.queue_telemetry(&mut c);
+                        self.queue_telemetry(c);
                         next_telemetry = telemetry.map_or(far, |t| now + t);
                     }
                     if now >= update_at {
-                        if let Some(end) = self.advance_update(&mut c) {
+                        if let Some(end) = self.advance_update(c) {
                             let _ = c.flush().await;
-                            c.drop_abruptly().await;
                             return end;
                         }
                     }
                     if let Some((at, control)) = fault {
                         if now >= at {
-                            c.drop_abruptly().await;
                             return self.on_control(control);
                         }
                     }

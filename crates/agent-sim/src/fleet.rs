@@ -70,7 +70,9 @@ pub(crate) struct FleetShared {
     pub started: Instant,
     pub rogue: Mutex<RogueStats>,
     /// Devices publish presence online themselves (see [`PresenceMode`]).
-    pub announce_presence: bool,
+    /// In `Auto` mode it turns off if the broker closes a session right
+    /// after a presence publish.
+    pub announce_presence: std::sync::atomic::AtomicBool,
 }
 
 /// Something the fleet asks one device to do.
@@ -202,15 +204,33 @@ impl Fleet {
         let announce_presence = match config.presence {
             PresenceMode::Publish => true,
             PresenceMode::Skip => false,
-            PresenceMode::Auto => match (config.ids.first(), identities.first()) {
-                (Some(id), Some(identity)) => {
-                    probe_presence(addr, &server_name, identity.config.clone(), id, &config).await
+            PresenceMode::Auto => {
+                // The first device, and if that is inconclusive the last one.
+                let mut verdict = None;
+                let last = config.ids.len().saturating_sub(1);
+                for i in [0, last] {
+                    if let (Some(id), Some(identity)) = (config.ids.get(i), identities.get(i)) {
+                        verdict = probe_presence(
+                            addr,
+                            &server_name,
+                            identity.config.clone(),
+                            id,
+                            &config,
+                        )
+                        .await;
+                    }
+                    if verdict.is_some() || last == 0 {
+                        break;
+                    }
                 }
-                _ => true,
-            },
+                verdict.unwrap_or_else(|| {
+                    tracing::warn!("presence probe inconclusive; devices will publish presence");
+                    true
+                })
+            }
         };
         let shared = Arc::new(FleetShared {
-            announce_presence,
+            announce_presence: std::sync::atomic::AtomicBool::new(announce_presence),
             pacer: Pacer::new(config.connect_rate),
             connecting: Semaphore::new(config.max_connecting.max(1)),
             started: Instant::now(),
@@ -253,13 +273,14 @@ impl Fleet {
             });
             index.insert(id.clone(), devices.len());
             devices.push(dev.clone());
-            tasks.push(tokio::spawn(device::run(
+            let fut = device::run(
                 dev,
                 shared.clone(),
                 identity.config,
                 rng,
                 shutdown_rx.clone(),
-            )));
+            );
+            tasks.push(tokio::spawn(fut));
         }
         Ok(Fleet {
             shared,
@@ -308,7 +329,11 @@ impl Fleet {
     /// `devices` if devices publish their presence, `broker` if they leave it
     /// to the broker (and their will).
     pub fn presence_source(&self) -> &'static str {
-        if self.shared.announce_presence {
+        if self
+            .shared
+            .announce_presence
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
             "devices"
         } else {
             "broker"
@@ -499,7 +524,7 @@ async fn probe_presence(
     tls: Arc<ClientConfig>,
     id: &str,
     config: &SimConfig,
-) -> bool {
+) -> Option<bool> {
     let will = crate::mqtt::Will {
         topic: cityplane_proto::topics::presence(id),
         payload: br#"{"online":false}"#.to_vec(),
@@ -517,14 +542,16 @@ async fn probe_presence(
         server_name.clone(),
         tls,
         &opts,
-        config.connect_timeout,
+        // Short: an inconclusive probe only costs a few lost sessions (see
+        // the fallback in the device task), a slow one delays every device.
+        config.connect_timeout.min(Duration::from_secs(3)),
     )
     .await
     {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!(%id, error = %e, "presence probe could not connect; devices will publish presence");
-            return true;
+            tracing::info!(%id, error = %e, "presence probe could not connect");
+            return None;
         }
     };
     let accepted = async {
@@ -541,7 +568,7 @@ async fn probe_presence(
     match accepted {
         Ok(()) => {
             client.disconnect().await;
-            true
+            Some(true)
         }
         Err(ClientError::Closed | ClientError::Io(_)) => {
             tracing::warn!(
@@ -549,11 +576,11 @@ async fn probe_presence(
                 "the broker refuses a device's publish to its own presence topic (docs/PROTOCOL.md asks \
                  devices to publish it); devices will only set their will and leave presence to the broker"
             );
-            false
+            Some(false)
         }
         Err(e) => {
-            tracing::warn!(%id, error = %e, "presence probe inconclusive; devices will publish presence");
-            true
+            tracing::info!(%id, error = %e, "presence probe inconclusive");
+            None
         }
     }
 }

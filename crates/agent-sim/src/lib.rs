@@ -186,8 +186,10 @@ pub enum PresenceMode {
     /// cityplane broker does, and refuses a device's own presence publish).
     Skip,
     /// [`Fleet::start`] probes once with the first device: publish if the
-    /// broker accepts a device's presence publish, else skip. The choice is
-    /// in [`SimStats::presence`].
+    /// broker accepts a device's presence publish, else skip. If the probe is
+    /// inconclusive (publish) and the broker then closes a session right
+    /// after a device's presence publish, the fleet switches to skip. The
+    /// choice is in [`SimStats::presence`].
     Auto,
 }
 

@@ -544,7 +544,7 @@ impl Client {
     }
 
     /// Sends DISCONNECT (the broker discards the will) and closes TLS.
-    pub async fn disconnect(mut self) {
+    pub async fn disconnect(&mut self) {
         self.wbuf.extend_from_slice(&codec::DISCONNECT);
         let _ = self.flush().await;
         let _ = self.stream.shutdown().await;
@@ -552,7 +552,7 @@ impl Client {
 
     /// Closes TLS and TCP without DISCONNECT: to the broker this is a lost
     /// connection, so it publishes the will (like a device losing power).
-    pub async fn drop_abruptly(mut self) {
+    pub async fn drop_abruptly(&mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.shutdown()).await;
     }
 }

@@ -145,7 +145,7 @@ impl Attacker {
     /// A CONNECT the broker must refuse.
     async fn probe_connect(&self, client_id: &str, will: Option<&Will>) -> Outcome {
         match self.connect(client_id, will).await {
-            Ok(c) => {
+            Ok(mut c) => {
                 c.disconnect().await;
                 Outcome::Accepted
             }

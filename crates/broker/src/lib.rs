@@ -4,7 +4,9 @@
 //! own loop (rustls config built once, each handshake in its own task under a
 //! timeout), the client's identity comes from its verified certificate, every
 //! packet is validated strictly and authorized ([`acl`]), and only then handed
-//! to rumqttd's `Router` through its link API.
+//! to rumqttd's `Router` through its link API: operators and the controller
+//! on a link each, devices all through one shared link (`ingress`), since a
+//! router link per connection would be most of a connection's memory.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), cityplane_broker::BrokerError> {
@@ -19,6 +21,7 @@
 pub mod acl;
 mod config;
 mod dispatch;
+mod ingress;
 pub mod mqtt;
 mod registry;
 mod revocation;
@@ -76,6 +79,8 @@ pub const TAPPED_PREFIXES: [&str; 2] = ["fleet/desired/", "fleet/ops/"];
 /// State every connection task shares.
 pub(crate) struct Shared {
     pub(crate) dispatch: Arc<dispatch::Dispatch>,
+    /// The router link every device session publishes through.
+    pub(crate) ingress: ingress::Ingress,
     pub(crate) tap: std::sync::OnceLock<tokio::sync::mpsc::Sender<OperatorMessage>>,
     pub(crate) config: BrokerConfig,
     pub(crate) acceptor: tokio_rustls::TlsAcceptor,
@@ -129,7 +134,8 @@ impl Broker {
         let dispatch = Arc::new(dispatch::Dispatch::default());
         let dispatch_link = {
             let router_tx = router_tx.clone();
-            tokio::task::spawn_blocking(move || router_tx("cityplane-dispatch", true))
+            // Not a valid client id, so no client can take this link over.
+            tokio::task::spawn_blocking(move || router_tx("_cityplane-dispatch", true))
                 .await
                 .map_err(|e| BrokerError::Link(e.to_string()))?
                 .map_err(BrokerError::Link)?
@@ -142,8 +148,10 @@ impl Broker {
                 cityplane_proto::topics::DEVICE_SUBSCRIBE_LEAF
             ))
             .map_err(|e| BrokerError::Link(e.to_string()))?;
+        let ingress = ingress::Ingress::start(router_tx.clone()).await?;
         let shared = Arc::new(Shared {
             dispatch: dispatch.clone(),
+            ingress,
             tap: std::sync::OnceLock::new(),
             acceptor: tokio_rustls::TlsAcceptor::from(tls),
             router_tx,

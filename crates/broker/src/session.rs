@@ -1,5 +1,23 @@
-//! One client connection: TLS handshake, CONNECT, then packets both ways
-//! between the socket and the client's link into rumqttd's router.
+//! One client connection: TLS handshake, CONNECT, then packets both ways.
+//!
+//! Operators and the controller get a router link of their own (they
+//! subscribe through the router). Devices do not: their commands come from
+//! [`crate::dispatch`], and what they publish (and their wills and presence)
+//! enters the router through the broker's one shared link
+//! ([`crate::ingress`]). For devices the edge therefore answers everything
+//! itself: CONNACK (session present 0, see below), PUBACK once a QoS 1
+//! publish is handed to the router, the QoS 2 handshake (PUBREC, PUBCOMP),
+//! SUBACK, UNSUBACK and PINGRESP. Session takeover is done by the
+//! [`crate::registry`].
+//!
+//! Contract notes for devices:
+//! - A device always gets a clean session. One that asks for
+//!   `clean_session = false` gets `session present = 0` and no queued
+//!   messages; commands are not queued for offline devices anyway (the
+//!   controller re-sends when the device is back).
+//! - QoS 2 from devices is delivered at least once: within one connection a
+//!   re-sent PUBLISH whose packet id awaits PUBREL is not routed again, but
+//!   nothing is remembered across connections.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,6 +36,7 @@ use tokio::time::{timeout, Instant};
 use tokio_rustls::server::TlsStream;
 
 use crate::mqtt::{self, Frame, Inbound, ProtocolError, Will};
+use crate::registry::{Kill, Registration};
 use crate::{acl, Shared};
 
 type Stream = TlsStream<TcpStream>;
@@ -27,18 +46,31 @@ type Stream = TlsStream<TcpStream>;
 enum End {
     /// DISCONNECT from the client: the will is discarded.
     Graceful,
-    /// The router dropped the link (the same client id connected again).
+    /// A new connection with the same client id took the session over
+    /// (for devices: the registry; otherwise the router dropped the link).
     TakenOver,
     /// Anything else: the will is published.
     Abrupt(String),
 }
 
+/// The whole life of one connection: this future is the connection's tokio
+/// task, and its size (the largest state it can be in) is paid by every
+/// connection for as long as it lives. Hence: the handshake boxed (its state
+/// is only needed for a moment), the session boxed and passed down by
+/// reference (a value moved into a nested future is stored once per level),
+/// and rare or bulky paths boxed.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     tcp: TcpStream,
     peer: SocketAddr,
     _permit: OwnedSemaphorePermit,
 ) {
+    if let Some(mut session) = Box::pin(handshake(shared, tcp, peer)).await {
+        session.run().await;
+    }
+}
+
+async fn handshake(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Option<Box<Session>> {
     // Without NODELAY every small MQTT packet waits for a delayed ACK (~40 ms).
     let _ = tcp.set_nodelay(true);
     let limits = &shared.config.limits;
@@ -46,11 +78,11 @@ pub(crate) async fn serve(
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
             tracing::warn!(%peer, reason = %e, "TLS handshake refused");
-            return;
+            return None;
         }
         Err(_) => {
             tracing::warn!(%peer, timeout_ms = limits.handshake_timeout.as_millis() as u64, "TLS handshake timed out");
-            return;
+            return None;
         }
     };
     let Some(peer_cert) = stream
@@ -62,18 +94,19 @@ pub(crate) async fn serve(
     else {
         // The verifier already insisted on a readable identity; be defensive anyway.
         tracing::warn!(%peer, "no usable client certificate after handshake");
-        return;
+        return None;
     };
-    let session = Session {
-        shared: shared.clone(),
+    Some(Box::new(Session {
+        shared,
         peer,
         who: peer_cert.identity,
         serial: peer_cert.serial,
         stream,
-        rbuf: BytesMut::with_capacity(1024),
-        wbuf: BytesMut::with_capacity(1024),
-    };
-    session.run().await;
+        // Both grow on demand and are released when empty (see `pump`): an
+        // idle connection should cost as little as possible.
+        rbuf: BytesMut::new(),
+        wbuf: BytesMut::new(),
+    }))
 }
 
 struct Session {
@@ -83,7 +116,15 @@ struct Session {
     serial: String,
     stream: Stream,
     rbuf: BytesMut,
+    /// Bytes for the client not yet written (answers are written once per
+    /// batch of packets read).
     wbuf: BytesMut,
+}
+
+/// A router link of the session's own (operators and the controller).
+struct Link {
+    tx: LinkTx,
+    rx: LinkRx,
 }
 
 struct Connected {
@@ -93,7 +134,7 @@ struct Connected {
 }
 
 impl Session {
-    async fn run(mut self) {
+    async fn run(&mut self) {
         let connect_timeout = self.shared.config.limits.connect_timeout;
         let connect = match timeout(connect_timeout, self.read_connect()).await {
             Ok(Ok(Some(c))) => c,
@@ -116,14 +157,80 @@ impl Session {
                 .await;
             return;
         }
+        if self.who.role == Role::Device {
+            self.run_device(connect, registration).await;
+        } else {
+            // Boxed: few sessions take this path, and its larger future
+            // would otherwise make every device's task larger.
+            Box::pin(self.run_linked(connect, registration)).await;
+        }
+    }
 
+    /// A device session: no router link; see the module documentation.
+    async fn run_device(&mut self, connect: Connected, mut registration: Registration) {
+        let shared = self.shared.clone();
+        // Take the id over and announce the device online in one step under
+        // the registry's lock, so that the old session's last words (if it
+        // is ending right now) cannot come after this session's online.
+        match shared.ingress.reserve_one().await {
+            Ok(permit) => shared.registry.claim(&mut registration, &self.who.id, || {
+                if let Some(online) = presence_packet(&self.who.id, true) {
+                    permit.send(online);
+                }
+            }),
+            Err(e) => {
+                tracing::error!(who = %self.who, error = %e, "router unavailable");
+                let _ = self
+                    .write_raw(&mqtt::connack(false, mqtt::CONNACK_UNAVAILABLE))
+                    .await;
+                return;
+            }
+        }
+        if !connect.clean_session {
+            tracing::debug!(who = %self.who, "device asked for a persistent session; it gets a clean one");
+        }
+        let end = match self.write_raw(&mqtt::connack(false, 0)).await {
+            Ok(()) => {
+                tracing::info!(peer = %self.peer, who = %self.who, keep_alive = connect.keep_alive, clean_session = connect.clean_session, "connected");
+                self.pump(&connect, None, &registration.kill).await
+            }
+            Err(e) => End::Abrupt(format!("write failed: {e}")),
+        };
+        self.log_end(&end);
+        if !matches!(end, End::TakenOver) {
+            let will = match (&end, &connect.will) {
+                (End::Abrupt(_), Some(will)) => Some(will),
+                _ => None,
+            };
+            let mut last = Vec::with_capacity(2);
+            last.extend(will.and_then(will_packet));
+            // A device's will is its presence; without one, say it ourselves.
+            if will.is_none_or(|w| w.topic != topics::presence(&self.who.id)) {
+                last.extend(presence_packet(&self.who.id, false));
+            }
+            if let Ok(permits) = shared.ingress.reserve(last.len()).await {
+                // Nothing if a newer session took over meanwhile: its online
+                // presence must stay the last word.
+                shared.registry.if_current(&registration, || {
+                    for (permit, packet) in permits.zip(last) {
+                        permit.send(packet);
+                    }
+                });
+            }
+        }
+        let _ = self.stream.shutdown().await;
+        drop(registration);
+    }
+
+    /// An operator or controller session, on a router link of its own.
+    async fn run_linked(&mut self, connect: Connected, registration: Registration) {
         let router_tx = self.shared.router_tx.clone();
         let id = self.who.id.clone();
         let clean = connect.clean_session;
         // No will is given to the router: the edge publishes wills itself.
         // Building a link blocks until the router answers.
         let built = tokio::task::spawn_blocking(move || router_tx(&id, clean)).await;
-        let (mut tx, mut rx, connack) = match built {
+        let (tx, rx, connack) = match built {
             Ok(Ok(link)) => link,
             other => {
                 tracing::error!(who = %self.who, error = ?other.err(), "router refused the connection");
@@ -133,30 +240,19 @@ impl Session {
                 return;
             }
         };
+        let mut link = Link { tx, rx };
         if let Some(packet) = Option::<Packet>::from(connack) {
             if self.write_packets([packet]).await.is_err() {
-                let _ = tx.send(disconnect_packet()).await;
+                let _ = link.tx.send(disconnect_packet()).await;
                 return;
             }
         }
         tracing::info!(peer = %self.peer, who = %self.who, keep_alive = connect.keep_alive, clean_session = clean, "connected");
-        // Presence comes from the connection itself: the broker announces a
-        // device online at CONNECT and offline when the session ends.
-        let is_device = self.who.role == Role::Device;
-        if is_device {
-            send_presence(&mut tx, &self.who.id, true).await;
-        }
 
         let end = self
-            .pump(&connect, &mut tx, &mut rx, &registration.kill)
+            .pump(&connect, Some(&mut link), &registration.kill)
             .await;
-        match &end {
-            End::Graceful => tracing::info!(who = %self.who, "disconnected"),
-            End::TakenOver => {
-                tracing::info!(who = %self.who, "session taken over by a new connection")
-            }
-            End::Abrupt(reason) => tracing::warn!(who = %self.who, %reason, "connection closed"),
-        }
+        self.log_end(&end);
         if !matches!(end, End::TakenOver) {
             let will = match (&end, &connect.will) {
                 (End::Abrupt(_), Some(will)) => Some(will),
@@ -164,27 +260,21 @@ impl Session {
             };
             // Queue the last packets together and wake the router once: a
             // second wake-up after DISCONNECT would find the link gone.
-            {
-                let mut last = tx.buffer();
-                if let Some(will) = will {
-                    let frame = mqtt::encode_publish(
-                        &will.topic,
-                        &will.payload,
-                        will.qos,
-                        will.retain,
-                        u16::MAX,
-                    );
-                    last.extend(decode(&frame));
-                }
-                // A device's will is its presence; without one, say it ourselves.
-                if is_device && will.is_none_or(|w| w.topic != topics::presence(&self.who.id)) {
-                    last.extend(presence_packet(&self.who.id, false));
-                }
-            }
-            let _ = tx.send(disconnect_packet()).await;
+            link.tx.buffer().extend(will.and_then(will_packet));
+            let _ = link.tx.send(disconnect_packet()).await;
         }
         let _ = self.stream.shutdown().await;
         drop(registration);
+    }
+
+    fn log_end(&self, end: &End) {
+        match end {
+            End::Graceful => tracing::info!(who = %self.who, "disconnected"),
+            End::TakenOver => {
+                tracing::info!(who = %self.who, "session taken over by a new connection")
+            }
+            End::Abrupt(reason) => tracing::warn!(who = %self.who, %reason, "connection closed"),
+        }
     }
 
     /// Reads and checks the first packet. `Ok(None)` means the client was
@@ -251,34 +341,38 @@ impl Session {
         }
     }
 
-    async fn pump(
-        &mut self,
-        connect: &Connected,
-        tx: &mut LinkTx,
-        rx: &mut LinkRx,
-        kill: &tokio::sync::Notify,
-    ) -> End {
+    async fn pump(&mut self, connect: &Connected, mut link: Option<&mut Link>, kill: &Kill) -> End {
         let keep_alive = (connect.keep_alive > 0)
             .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
         let far_future = Instant::now() + Duration::from_secs(86_400 * 365);
         let mut deadline = keep_alive.map_or(far_future, |ka| Instant::now() + ka);
         // Devices get their commands from the edge's dispatcher, not the router.
-        let (commands_tx, mut commands_rx) = tokio::sync::mpsc::channel(crate::dispatch::QUEUE);
+        let inbox = Arc::new(crate::dispatch::Inbox::default());
         let mut state = PumpState {
             subscriptions: std::collections::HashSet::new(),
             tokens: Bucket::new(self.shared.config.limits.max_publishes_per_sec),
-            commands_tx,
+            inbox: inbox.clone(),
             route: None,
             command_qos: 0,
             next_pkid: 0,
+            qos2_pending: Vec::new(),
         };
-        let max_frame = self.shared.config.limits.max_frame();
+        // Packets the client sent right behind its CONNECT.
+        if let Some(end) = self
+            .take_frames(link.as_deref_mut().map(|l| &mut l.tx), &mut state)
+            .await
+        {
+            return end;
+        }
         loop {
             tokio::select! {
                 _ = kill.notified() => {
+                    if kill.taken_over() {
+                        return End::TakenOver;
+                    }
                     return End::Abrupt("certificate revoked or broker shutting down".into());
                 }
-                Some(command) = commands_rx.recv() => {
+                command = inbox.next() => {
                     state.next_pkid = state.next_pkid.checked_add(1).unwrap_or(1);
                     let topic = topics::commands(&self.who.id);
                     let frame = mqtt::encode_publish(&topic, &command, state.command_qos, false, state.next_pkid);
@@ -295,23 +389,16 @@ impl Session {
                     if let Some(ka) = keep_alive {
                         deadline = Instant::now() + ka;
                     }
-                    loop {
-                        let frame = match mqtt::next_frame(&mut self.rbuf, max_frame) {
-                            Ok(Some(frame)) => frame,
-                            Ok(None) => break,
-                            Err(e) => return End::Abrupt(format!("protocol violation: {e}")),
-                        };
-                        match self.handle(frame, tx, &mut state).await {
-                            Ok(true) => {}
-                            Ok(false) => return End::Graceful,
-                            Err(reason) => return End::Abrupt(reason),
-                        }
+                    if let Some(end) = self.take_frames(link.as_deref_mut().map(|l| &mut l.tx), &mut state).await {
+                        return end;
                     }
                 }
-                note = rx.next() => {
+                note = next_notification(link.as_deref_mut()) => {
+                    let Some(link) = link.as_deref_mut() else { continue };
                     match note {
                         Ok(first) => {
-                            if let Err(e) = self.forward(first, rx).await {
+                            // Boxed: only sessions with a link get here.
+                            if let Err(e) = Box::pin(self.forward(first.map(|n| *n), &mut link.rx)).await {
                                 return End::Abrupt(e);
                             }
                         }
@@ -325,20 +412,62 @@ impl Session {
         }
     }
 
-    /// Handles one client packet. `Ok(false)` ends the session gracefully.
+    /// Handles every whole packet in `rbuf`, then writes the answers
+    /// together. `Some` ends the session.
+    async fn take_frames(
+        &mut self,
+        mut tx: Option<&mut LinkTx>,
+        state: &mut PumpState,
+    ) -> Option<End> {
+        let max_frame = self.shared.config.limits.max_frame();
+        let mut go_on = Ok(true);
+        loop {
+            let frame = match mqtt::next_frame(&mut self.rbuf, max_frame) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(e) => return Some(End::Abrupt(format!("protocol violation: {e}"))),
+            };
+            go_on = self.handle(frame, tx.as_deref_mut(), state).await;
+            if !matches!(go_on, Ok(true)) {
+                break;
+            }
+        }
+        if let Err(e) = self.flush().await {
+            return Some(End::Abrupt(format!("write failed: {e}")));
+        }
+        match go_on {
+            Ok(true) => {}
+            Ok(false) => return Some(End::Graceful),
+            Err(reason) => return Some(End::Abrupt(reason)),
+        }
+        if self.rbuf.is_empty() {
+            // Nothing half-read: give the memory back while idle (the next
+            // read allocates a little, and `next_frame` reserves what a
+            // packet needs once its length is in).
+            self.rbuf = BytesMut::new();
+        }
+        None
+    }
+
+    /// Handles one client packet; answers are queued in `wbuf`. `Ok(false)`
+    /// ends the session gracefully. `tx` is the session's own router link
+    /// (`None` for devices).
     async fn handle(
         &mut self,
         frame: Frame,
-        tx: &mut LinkTx,
+        tx: Option<&mut LinkTx>,
         state: &mut PumpState,
     ) -> Result<bool, String> {
         let limits = &self.shared.config.limits;
+        let is_device = self.who.role == Role::Device;
         let inbound = mqtt::parse(&frame, limits.max_payload)
             .map_err(|e| format!("protocol violation: {e}"))?;
         match inbound {
             Inbound::Connect { .. } => return Err("protocol violation: second CONNECT".into()),
             Inbound::Publish {
                 ref topic,
+                qos,
+                pkid,
                 payload_len,
                 ..
             } => {
@@ -349,14 +478,15 @@ impl Session {
                     if self.who.role == Role::Operator
                         && crate::TAPPED_PREFIXES.iter().any(|p| topic.starts_with(p))
                     {
-                        let payload = frame.raw.slice(frame.raw.len() - payload_len..);
-                        let message = crate::OperatorMessage {
-                            from: self.who.clone(),
-                            topic: topic.clone(),
-                            payload,
-                        };
-                        if tap.send(message).await.is_err() {
-                            tracing::warn!(who = %self.who, "operator tap closed; request not delivered to the controller");
+                        match tap.reserve().await {
+                            Ok(permit) => permit.send(crate::OperatorMessage {
+                                from: self.who.clone(),
+                                topic: topic.clone(),
+                                payload: frame.raw.slice(frame.raw.len() - payload_len..),
+                            }),
+                            Err(_) => {
+                                tracing::warn!(who = %self.who, "operator tap closed; request not delivered to the controller")
+                            }
                         }
                     }
                 }
@@ -365,6 +495,10 @@ impl Session {
                         "publish rate above {} per second",
                         limits.max_publishes_per_sec
                     ));
+                }
+                if is_device {
+                    self.device_publish(&frame, qos, pkid, state).await?;
+                    return Ok(true);
                 }
             }
             Inbound::Subscribe { pkid, ref filters } => {
@@ -384,33 +518,33 @@ impl Session {
                     } else {
                         tracing::warn!(who = %self.who, filters = ?refused, "SUBSCRIBE not authorized");
                     }
-                    self.write_raw(&mqtt::suback_failure(pkid, filters.len()))
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    self.wbuf
+                        .extend_from_slice(&mqtt::suback_failure(pkid, filters.len()));
                     return Ok(true);
                 }
                 state
                     .subscriptions
                     .extend(filters.iter().map(|(f, _)| f.clone()));
-                if self.who.role == Role::Device {
+                if is_device {
                     // The ACL left only the device's own commands topic.
                     let granted = filters.iter().map(|(_, q)| (*q).min(1)).max().unwrap_or(0);
                     state.command_qos = granted;
                     if state.route.is_none() {
                         self.shared
                             .dispatch
-                            .register(&self.who.id, state.commands_tx.clone());
+                            .register(&self.who.id, state.inbox.clone());
                         state.route = Some(crate::dispatch::Route {
                             dispatch: self.shared.dispatch.clone(),
                             device: self.who.id.clone(),
-                            tx: state.commands_tx.clone(),
+                            inbox: state.inbox.clone(),
                         });
                     }
-                    let mut suback = vec![0x90];
+                    let mut suback = Vec::with_capacity(4 + filters.len() + 4);
+                    suback.push(0x90);
                     mqtt::encode_remaining_length(2 + filters.len(), &mut suback);
                     suback.extend_from_slice(&pkid.to_be_bytes());
                     suback.extend(filters.iter().map(|(_, q)| (*q).min(1)));
-                    self.write_raw(&suback).await.map_err(|e| e.to_string())?;
+                    self.wbuf.extend_from_slice(&suback);
                     return Ok(true);
                 }
             }
@@ -418,35 +552,87 @@ impl Session {
                 for f in filters {
                     state.subscriptions.remove(f);
                 }
-                if self.who.role == Role::Device {
+                if is_device {
                     state.route = None;
-                    let mut unsuback = vec![0xB0, 0x02];
-                    unsuback.extend_from_slice(&pkid.to_be_bytes());
-                    self.write_raw(&unsuback).await.map_err(|e| e.to_string())?;
+                    self.wbuf.extend_from_slice(&ack(UNSUBACK, pkid));
                     return Ok(true);
                 }
             }
             Inbound::PingReq => {
-                self.write_raw(&mqtt::PINGRESP)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                self.wbuf.extend_from_slice(&mqtt::PINGRESP);
                 return Ok(true);
             }
             Inbound::Disconnect => return Ok(false),
-            // The router never sends to a device (its commands come from the
-            // dispatcher), so a device's PUBACK/PUBREC/PUBCOMP answer the
-            // edge; forwarding them would make the router drop the link.
-            Inbound::Ack { kind, .. } if self.who.role == Role::Device && kind != 6 => {
-                return Ok(true)
+            // The second half of a device's QoS 2 publish (see `device_publish`).
+            Inbound::Ack { kind: 6, pkid } if is_device => {
+                state.qos2_pending.retain(|p| *p != pkid);
+                // PUBCOMP even for an unknown id: the id is free either way.
+                self.wbuf.extend_from_slice(&ack(PUBCOMP, pkid));
+                return Ok(true);
             }
+            // The router never sends to a device (its commands come from the
+            // dispatcher), so a device's PUBACK/PUBREC/PUBCOMP answer the edge.
+            Inbound::Ack { .. } if is_device => return Ok(true),
             Inbound::Ack { .. } => {}
         }
+        let Some(tx) = tx else {
+            return Err("internal: packet for a router link the session does not have".into());
+        };
         let packet =
             decode(&frame.raw).ok_or_else(|| "packet rejected by the MQTT decoder".to_owned())?;
-        tx.send(packet)
+        // Boxed: `LinkTx::send`'s future holds a whole `Packet`.
+        Box::pin(tx.send(packet))
             .await
             .map_err(|e| format!("router gone: {e}"))?;
         Ok(true)
+    }
+
+    /// A device's PUBLISH, already authorized: into the router through the
+    /// shared ingress link, then answered by the edge.
+    async fn device_publish(
+        &mut self,
+        frame: &Frame,
+        qos: u8,
+        pkid: u16,
+        state: &mut PumpState,
+    ) -> Result<(), String> {
+        // Room in the queue first, then the packet: a future holding a
+        // `Packet` across the wait would make every device's task larger.
+        let ingress = &self.shared.ingress;
+        match qos {
+            0 | 1 => {
+                let permit = ingress.reserve_one().await.map_err(|e| e.to_string())?;
+                let packet = decode(&frame.raw)
+                    .ok_or_else(|| "packet rejected by the MQTT decoder".to_owned())?;
+                permit.send(packet);
+                if qos == 1 {
+                    self.wbuf.extend_from_slice(&ack(PUBACK, pkid));
+                }
+            }
+            _ => {
+                // Routed on the first PUBLISH, as QoS 1 (the router would
+                // hold a QoS 2 publish under a packet id that other devices
+                // reuse on the shared link); a re-send before PUBREL is only
+                // answered again.
+                if !state.qos2_pending.contains(&pkid) {
+                    if state.qos2_pending.len() >= MAX_QOS2_PENDING {
+                        return Err(format!(
+                            "more than {MAX_QOS2_PENDING} QoS 2 publishes awaiting PUBREL"
+                        ));
+                    }
+                    let permit = ingress.reserve_one().await.map_err(|e| e.to_string())?;
+                    let mut raw = BytesMut::from(&frame.raw[..]);
+                    raw[0] = (raw[0] & !0b0110) | 0b0010;
+                    let packet = V4
+                        .read_mut(&mut raw, usize::MAX)
+                        .map_err(|_| "packet rejected by the MQTT decoder".to_owned())?;
+                    permit.send(packet);
+                    state.qos2_pending.push(pkid);
+                }
+                self.wbuf.extend_from_slice(&ack(PUBREC, pkid));
+            }
+        }
+        Ok(())
     }
 
     /// Writes one notification and whatever else the router already queued.
@@ -490,32 +676,72 @@ impl Session {
         &mut self,
         packets: impl IntoIterator<Item = Packet>,
     ) -> std::io::Result<()> {
-        self.wbuf.clear();
         for packet in packets {
             V4.write(packet, &mut self.wbuf)
                 .map_err(|e| std::io::Error::other(format!("encode: {e:?}")))?;
         }
-        if self.wbuf.is_empty() {
-            return Ok(());
-        }
-        self.stream.write_all(&self.wbuf).await?;
-        self.stream.flush().await
+        self.flush().await
     }
 
     async fn write_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.stream.write_all(bytes).await?;
+        self.wbuf.extend_from_slice(bytes);
+        self.flush().await
+    }
+
+    /// Writes what `wbuf` holds.
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let written = self.stream.write_all(&self.wbuf).await;
+        self.wbuf.clear();
+        if self.wbuf.capacity() > WBUF_KEEP {
+            self.wbuf = BytesMut::new();
+        }
+        written?;
         self.stream.flush().await
+    }
+}
+
+/// `wbuf` capacity kept between writes; a larger one is released.
+const WBUF_KEEP: usize = 4096;
+/// QoS 2 publishes of one device awaiting PUBREL; more is misbehaviour.
+const MAX_QOS2_PENDING: usize = 1024;
+
+const PUBACK: u8 = 0x40;
+const PUBREC: u8 = 0x50;
+const PUBCOMP: u8 = 0x70;
+const UNSUBACK: u8 = 0xB0;
+
+/// PUBACK, PUBREC, PUBCOMP or UNSUBACK for `pkid`.
+fn ack(header: u8, pkid: u16) -> [u8; 4] {
+    let [hi, lo] = pkid.to_be_bytes();
+    [header, 0x02, hi, lo]
+}
+
+/// The next notification on the session's link; never resolves without one.
+/// Boxed, and the error reduced to "gone": both would otherwise take room in
+/// every session's task (`LinkError` alone is ~800 bytes).
+async fn next_notification(link: Option<&mut Link>) -> Result<Option<Box<Notification>>, ()> {
+    match link {
+        Some(link) => Box::pin(link.rx.next())
+            .await
+            .map(|note| note.map(Box::new))
+            .map_err(|_| ()),
+        None => std::future::pending().await,
     }
 }
 
 struct PumpState {
     subscriptions: std::collections::HashSet<String>,
     tokens: Bucket,
-    commands_tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    inbox: Arc<crate::dispatch::Inbox>,
     /// Set while a device is subscribed to its commands.
     route: Option<crate::dispatch::Route>,
     command_qos: u8,
     next_pkid: u16,
+    /// Packet ids of a device's QoS 2 publishes that await PUBREL.
+    qos2_pending: Vec<u16>,
 }
 
 /// Token bucket: `rate` tokens a second, holding at most one second's worth.
@@ -555,15 +781,7 @@ fn decode(raw: &[u8]) -> Option<Packet> {
     V4.read_mut(&mut buf, usize::MAX).ok()
 }
 
-/// `{"online": …}`, retained, on the device's presence topic. QoS 0: it goes
-/// through the device's own link, and a QoS 1 PUBACK from the router would
-/// reach the device as an unsolicited ack.
-async fn send_presence(tx: &mut LinkTx, device: &str, online: bool) {
-    if let Some(packet) = presence_packet(device, online) {
-        let _ = tx.send(packet).await;
-    }
-}
-
+/// `{"online": …}`, retained, QoS 0, on the device's presence topic.
 fn presence_packet(device: &str, online: bool) -> Option<Packet> {
     let body = if online {
         &br#"{"online":true}"#[..]
@@ -573,7 +791,20 @@ fn presence_packet(device: &str, online: bool) -> Option<Packet> {
     crate::link_publish(&topics::presence(device), body, false, true, 0)
 }
 
-fn disconnect_packet() -> Packet {
+/// A will as the router's packet. QoS 2 is sent as QoS 1: the router holds a
+/// QoS 2 publish until a PUBREL that a will never gets.
+fn will_packet(will: &Will) -> Option<Packet> {
+    let frame = mqtt::encode_publish(
+        &will.topic,
+        &will.payload,
+        will.qos.min(1),
+        will.retain,
+        u16::MAX,
+    );
+    decode(&frame)
+}
+
+pub(crate) fn disconnect_packet() -> Packet {
     use rumqttd::protocol::{Disconnect, DisconnectReasonCode};
     Packet::Disconnect(
         Disconnect {

@@ -12,7 +12,7 @@ use cityplane_proto::Role;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
-use crate::client::{ConnectArgs, Operator};
+use cityplane::client::{ConnectArgs, Operator};
 
 /// Runs a complete demo: CA and certificates, broker, controller, a
 /// simulated fleet, a fleet-wide change, progress while it converges and a

@@ -2,7 +2,7 @@
 
 mod broker_cmd;
 mod certs_cmd;
-mod client;
+
 mod demo_cmd;
 mod ops_cmd;
 mod serve_cmd;

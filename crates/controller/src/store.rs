@@ -126,7 +126,9 @@ impl Engine {
                 .open();
             match opened {
                 Ok(db) => break db,
-                Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock && tries < 50 => {
+                Err(sled::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock && tries < 50 =>
+                {
                     tries += 1;
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
@@ -196,7 +198,10 @@ impl Store {
             return Err(StoreError::Transaction("store unavailable".into()));
         };
         let result = f(engine);
-        if matches!(result, Err(StoreError::Io(_)) | Err(StoreError::Sled(sled::Error::Io(_)))) {
+        if matches!(
+            result,
+            Err(StoreError::Io(_)) | Err(StoreError::Sled(sled::Error::Io(_)))
+        ) {
             *guard = None;
         }
         result
@@ -236,7 +241,12 @@ impl Store {
             .iter()
             .map(|a| (a.seq.to_be_bytes().to_vec(), json(a)))
             .collect();
-        if let Some((k, v)) = docs.iter().chain(&devices).chain(&audit).find(|(_, v)| v.len() > MAX_RECORD) {
+        if let Some((k, v)) = docs
+            .iter()
+            .chain(&devices)
+            .chain(&audit)
+            .find(|(_, v)| v.len() > MAX_RECORD)
+        {
             return Err(StoreError::Transaction(format!(
                 "record {:?} is {} bytes, above the {MAX_RECORD}-byte limit",
                 String::from_utf8_lossy(k),

@@ -1,0 +1,190 @@
+//! The one router link that every device connection publishes through.
+//!
+//! A link of its own costs each connection what rumqttd's `LinkBuilder`
+//! preallocates (buffers for 200 packets each way, 100 in flight, the
+//! router's per-connection state): most of a connection's memory. Devices do
+//! not need one: their only subscription (`devices/D/commands`) is answered
+//! by the edge and fed by [`crate::dispatch`], and everything else they send
+//! is PUBLISH (plus PUBACK, PINGREQ, DISCONNECT, which the edge answers).
+//! So device publishes, wills and presence all enter the router here.
+//!
+//! Sessions hand packets to one bounded FIFO queue, so each device's packets
+//! keep their order and a slow router slows the devices down (nothing is
+//! dropped). One task moves whatever is queued into the link's buffer and
+//! wakes the router once per batch (a dedicated thread cost a thread wake-up
+//! per message at moderate rates: ~60% more broker CPU per message in the
+//! fan-in bench). `LinkTx::send` blocks that task's worker while the
+//! router's 1000-slot channel is full, as it did every session's worker
+//! before; with one wake-up per batch the ingress uses few slots. Another
+//! task drains what the router sends back on the link (a PubAck per QoS 1
+//! publish; it would answer `Unschedule` with `wake()`).
+//!
+//! Packet ids of many devices collide on this link. The router keeps no
+//! state for a QoS 0 or 1 publish it receives (it only queues the PUBACK),
+//! but it holds a QoS 2 publish under its packet id until PUBREL, so only
+//! QoS 0 and 1 are sent here: the edge turns a device's QoS 2 publish into
+//! QoS 1 and runs the QoS 2 handshake with the device itself.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::protocol::Packet;
+use rumqttd::Notification;
+use tokio::sync::{mpsc, watch};
+
+use crate::{BrokerError, RouterTx};
+
+/// Packets that may wait for the router before sessions have to wait.
+const QUEUE: usize = 4096;
+/// Packets moved into the link per router wake-up, at most.
+const BATCH: usize = 512;
+/// Not a valid cityplane id (ids start with `[a-z0-9]`), so no client can
+/// take this link over by connecting with the same client id.
+pub(crate) const LINK_ID: &str = "_cityplane-ingress";
+
+/// The router no longer takes packets (its thread is gone).
+#[derive(Debug)]
+pub(crate) struct Closed;
+
+impl std::fmt::Display for Closed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("router ingress closed")
+    }
+}
+
+/// The sending side, shared by every device session.
+#[derive(Debug)]
+pub(crate) struct Ingress {
+    tx: mpsc::Sender<Packet>,
+}
+
+impl Ingress {
+    /// Opens the shared link and starts its forwarding and drain tasks.
+    pub(crate) async fn start(router_tx: RouterTx) -> Result<Ingress, BrokerError> {
+        let (link_tx, link_rx) = open(&router_tx).await?;
+        let dead = Arc::new(AtomicBool::new(false));
+        // Dropped by `forward` when it ends, which ends the drain tasks.
+        let (stop, _) = watch::channel(());
+        tokio::spawn(drain(link_rx, dead.clone(), stop.subscribe()));
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(forward(rx, link_tx, router_tx, dead, stop));
+        Ok(Ingress { tx })
+    }
+
+    /// Room for one packet, waiting while the queue is full. Packets from
+    /// one caller reach the router in the order they were queued.
+    pub(crate) async fn reserve_one(&self) -> Result<mpsc::Permit<'_, Packet>, Closed> {
+        self.tx.reserve().await.map_err(|_| Closed)
+    }
+
+    /// Room for `n` packets, to be queued later without waiting (e.g. while
+    /// holding the registry's lock, see [`crate::registry`]).
+    pub(crate) async fn reserve(
+        &self,
+        n: usize,
+    ) -> Result<mpsc::PermitIterator<'_, Packet>, Closed> {
+        self.tx.reserve_many(n).await.map_err(|_| Closed)
+    }
+}
+
+async fn open(router_tx: &RouterTx) -> Result<(LinkTx, LinkRx), BrokerError> {
+    let router_tx = router_tx.clone();
+    // Building a link blocks until the router answers.
+    tokio::task::spawn_blocking(move || router_tx(LINK_ID, true))
+        .await
+        .map_err(|e| BrokerError::Link(e.to_string()))?
+        .map(|(tx, rx, _connack)| (tx, rx))
+        .map_err(BrokerError::Link)
+}
+
+/// Queue → link, one router wake-up per batch. Ends when every session and
+/// the broker dropped their `Ingress` (after forwarding what was queued),
+/// and then closes the link.
+async fn forward(
+    mut rx: mpsc::Receiver<Packet>,
+    mut link: LinkTx,
+    router_tx: RouterTx,
+    dead: Arc<AtomicBool>,
+    stop: watch::Sender<()>,
+) {
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut router_gone = false;
+    while rx.recv_many(&mut batch, BATCH).await > 0 {
+        if router_gone {
+            // Keep draining so sessions are not stuck on a full queue.
+            batch.clear();
+            continue;
+        }
+        if dead.swap(false, Ordering::AcqRel) {
+            // The router dropped the link; it never should (we only send
+            // valid QoS 0/1 publishes), but devices must not go unheard.
+            match open(&router_tx).await {
+                Ok((tx, rx)) => {
+                    tracing::error!("router ingress link was closed; reopened it");
+                    link = tx;
+                    tokio::spawn(drain(rx, dead.clone(), stop.subscribe()));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot reopen the router ingress link; device publishes are dropped");
+                    dead.store(true, Ordering::Release);
+                    batch.clear();
+                    continue;
+                }
+            }
+        }
+        let Some(last) = batch.pop() else { continue };
+        link.buffer().extend(batch.drain(..));
+        // `send` queues the last packet and notifies the router, blocking
+        // while the router's channel is full; it never awaits anything.
+        match poll_once(link.send(last)) {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "router is gone; device publishes are dropped");
+                router_gone = true;
+            }
+            None => tracing::error!("router link send did not complete"),
+        }
+    }
+    if !router_gone {
+        let _ = poll_once(link.send(crate::session::disconnect_packet()));
+    }
+}
+
+/// Reads the link's notifications (PUBACKs for QoS 1 publishes) so the
+/// router never stalls on it.
+async fn drain(mut rx: LinkRx, dead: Arc<AtomicBool>, mut stop: watch::Receiver<()>) {
+    loop {
+        let note = tokio::select! {
+            note = rx.next() => note,
+            _ = stop.changed() => return,
+        };
+        match note {
+            Ok(Some(Notification::Unschedule)) => {
+                if rx.wake().await.is_err() {
+                    break;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "router ingress link closed");
+                break;
+            }
+        }
+    }
+    dead.store(true, Ordering::Release);
+}
+
+/// Polls a future that completes without waiting (`LinkTx::send`).
+fn poll_once<F: Future>(future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    match future
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+    {
+        Poll::Ready(out) => Some(out),
+        Poll::Pending => None,
+    }
+}
