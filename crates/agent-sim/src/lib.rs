@@ -251,7 +251,7 @@ impl SimConfig {
             max_connecting: 100,
             connect_timeout: Duration::from_secs(10),
             keep_alive: 30,
-            presence: PresenceMode::Auto,
+            presence: PresenceMode::Skip,
             retain_reported: false,
             telemetry_interval: None,
             backoff: Backoff::default(),

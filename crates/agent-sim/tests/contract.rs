@@ -115,7 +115,7 @@ async fn fifty_mixed_devices_connect_and_report() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the cityplane broker refuses a device's PUBLISH to its own presence topic, which docs/PROTOCOL.md (device side, step 2) requires"]
+#[ignore = "PresenceMode::Publish only, for brokers other than cityplane: docs/PROTOCOL.md has the broker announce presence and refuses a device's own presence publish"]
 async fn presence_online_is_announced_per_contract() {
     let env = Env::start("pr", 3, &[(Role::Controller, "ctl")]).await;
     let mut ctl = env.client("ctl", &["devices/+/presence"]).await;

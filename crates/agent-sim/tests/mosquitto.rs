@@ -92,6 +92,8 @@ async fn devices_work_against_mosquitto_with_the_same_ca() {
     )
     .await;
     let mut config = SimConfig::new(dir.path(), format!("127.0.0.1:{port}"), "mq", 5);
+    // Other brokers do not announce presence: let the simulator find out.
+    config.presence = cityplane_agent_sim::PresenceMode::Auto;
     config.mix = "streetlight=1".parse().expect("mix");
     let fleet = Fleet::start(config).await.expect("fleet");
     assert!(fleet.wait_online(5, WAIT).await, "{:?}", fleet.stats());

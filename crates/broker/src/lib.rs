@@ -101,6 +101,8 @@ pub struct Broker;
 
 /// A started broker. Dropping it does not stop it; call [`RunningBroker::shutdown`].
 pub struct RunningBroker {
+    /// Accepting starts when this turns true (see [`Broker::start_closed`]).
+    gate: watch::Sender<bool>,
     local_addr: SocketAddr,
     shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
@@ -110,6 +112,15 @@ pub struct RunningBroker {
 impl Broker {
     /// Loads the PKI, binds the listener and starts serving.
     pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
+        let broker = Broker::start_closed(config).await?;
+        broker.open();
+        Ok(broker)
+    }
+
+    /// Like [`Broker::start`], but connections wait in the listen backlog
+    /// until [`RunningBroker::open`]: in-process subscribers (the controller)
+    /// attach first, so no device report is routed before anyone listens.
+    pub async fn start_closed(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
         let pki = Pki::open(&config.pki)?;
         let revocation = RevocationState::load(pki.revocation_path());
         let tls = tls::server_config(&pki, revocation.clone())?;
@@ -159,6 +170,7 @@ impl Broker {
             revocation: revocation.clone(),
             config,
         });
+        let (gate, gate_rx) = watch::channel(false);
         let tasks = vec![
             tokio::spawn({
                 let shutdown = shutdown_rx.clone();
@@ -168,7 +180,12 @@ impl Broker {
                     dispatch::run(dispatch, dispatch_rx, shutdown).await;
                 }
             }),
-            tokio::spawn(accept_loop(listener, shared.clone(), shutdown_rx.clone())),
+            tokio::spawn(accept_loop(
+                listener,
+                shared.clone(),
+                shutdown_rx.clone(),
+                gate_rx,
+            )),
             tokio::spawn(revocation::watch(
                 revocation,
                 registry,
@@ -178,6 +195,7 @@ impl Broker {
         ];
         tracing::info!(addr = %local_addr, pki = %shared.config.pki.display(), "broker listening (mutual TLS, MQTT 3.1.1)");
         Ok(RunningBroker {
+            gate,
             local_addr,
             shared,
             shutdown,
@@ -187,6 +205,11 @@ impl Broker {
 }
 
 impl RunningBroker {
+    /// Starts accepting connections (a no-op once open).
+    pub fn open(&self) {
+        let _ = self.gate.send(true);
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
@@ -274,7 +297,12 @@ async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
+    mut gate: watch::Receiver<bool>,
 ) {
+    tokio::select! {
+        _ = gate.wait_for(|open| *open) => {}
+        _ = shutdown.changed() => return,
+    }
     let slots = Arc::new(Semaphore::new(shared.config.limits.max_connections));
     loop {
         let accepted = tokio::select! {

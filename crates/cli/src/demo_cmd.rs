@@ -82,7 +82,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     certs.finish_with_message("ECDSA P-256, one per device");
 
     // 2. Broker + controller.
-    let broker = Broker::start(BrokerConfig {
+    let broker = Broker::start_closed(BrokerConfig {
         listen: "127.0.0.1:0".parse()?,
         pki: pki_dir.clone(),
         limits: Default::default(),

@@ -22,7 +22,9 @@ pub struct ServeArgs {
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = broker_cmd::load_config(&args.broker)?;
     let pki = config.pki.clone();
-    let broker = Broker::start(config).await.context("starting the broker")?;
+    let broker = Broker::start_closed(config)
+        .await
+        .context("starting the broker")?;
     let mut cc = ControllerConfig::new(args.data.clone());
     cc.pki = Some(pki);
     let controller = Controller::start_in_process(&broker, cc)

@@ -145,6 +145,8 @@ impl Controller {
         tokio::spawn(read_tap(tap, events_tx));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let task = tokio::spawn(run(fleet, store, tx, events, config, shutdown_rx));
+        // Subscribed and tapped: now devices may connect.
+        broker.open();
         Ok(Controller { shutdown, task })
     }
 

@@ -77,7 +77,7 @@ impl Server {
 
     /// (Re)starts broker and controller on the same PKI and data.
     pub async fn boot(&mut self) {
-        let broker = Broker::start(BrokerConfig {
+        let broker = Broker::start_closed(BrokerConfig {
             listen: "127.0.0.1:0".parse().expect("addr"),
             pki: self.pki_dir.path().to_path_buf(),
             limits: Limits::default(),
