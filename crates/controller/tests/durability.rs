@@ -518,7 +518,16 @@ fn power_loss_series(scenario: &Scenario, runs: u64) -> Tally {
         .tempdir()
         .unwrap();
     let base = work.path().join("base.img");
-    make_ext4_image(&base, env_u64("CITYPLANE_DURABILITY_IMAGE_MIB", 64));
+    // 16 MiB sled segments and 150 KB records need room to grow.
+    let default_mib = if scenario.pads.iter().any(|p| *p > 20_000) {
+        192
+    } else {
+        64
+    };
+    make_ext4_image(
+        &base,
+        env_u64("CITYPLANE_DURABILITY_IMAGE_MIB", default_mib),
+    );
     let mut tally = Tally {
         runs,
         ..Tally::default()
