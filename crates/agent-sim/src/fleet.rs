@@ -157,28 +157,7 @@ impl Fleet {
         for id in config.ids.iter().chain(&config.rogue_ids) {
             cityplane_proto::validate_id(id).map_err(|e| SimError::Config(e.to_string()))?;
         }
-        let (host, _) = config
-            .broker
-            .rsplit_once(':')
-            .ok_or_else(|| SimError::Broker {
-                addr: config.broker.clone(),
-                reason: "expected HOST:PORT".into(),
-            })?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let server_name =
-            crate::mqtt::server_name(config.tls_server_name.as_deref().unwrap_or(host))
-                .map_err(SimError::Config)?;
-        let addr = tokio::net::lookup_host(&config.broker)
-            .await
-            .map_err(|e| SimError::Broker {
-                addr: config.broker.clone(),
-                reason: e.to_string(),
-            })?
-            .next()
-            .ok_or_else(|| SimError::Broker {
-                addr: config.broker.clone(),
-                reason: "does not resolve".into(),
-            })?;
+        let (addr, server_name) = resolve_broker(&config).await?;
 
         // Certificates: file reads and key parsing, off the async threads.
         let load_config = config.clone();
@@ -583,4 +562,33 @@ async fn probe_presence(
             None
         }
     }
+}
+
+/// The broker's socket address and the TLS name to verify it against
+/// (`tls_server_name`, else the host part of `HOST:PORT`).
+pub(crate) async fn resolve_broker(
+    config: &SimConfig,
+) -> Result<(std::net::SocketAddr, rustls::pki_types::ServerName<'static>), SimError> {
+    let (host, _) = config
+        .broker
+        .rsplit_once(':')
+        .ok_or_else(|| SimError::Broker {
+            addr: config.broker.clone(),
+            reason: "expected HOST:PORT".into(),
+        })?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let server_name = crate::mqtt::server_name(config.tls_server_name.as_deref().unwrap_or(host))
+        .map_err(SimError::Config)?;
+    let addr = tokio::net::lookup_host(&config.broker)
+        .await
+        .map_err(|e| SimError::Broker {
+            addr: config.broker.clone(),
+            reason: e.to_string(),
+        })?
+        .next()
+        .ok_or_else(|| SimError::Broker {
+            addr: config.broker.clone(),
+            reason: "does not resolve".into(),
+        })?;
+    Ok((addr, server_name))
 }

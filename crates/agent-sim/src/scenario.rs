@@ -481,25 +481,7 @@ async fn converge(
         .collect();
 
     // The operator: subscribe to its responses, then publish the document.
-    let server_name =
-        crate::mqtt::server_name(config.tls_server_name.as_deref().unwrap_or_else(|| {
-            config
-                .broker
-                .rsplit_once(':')
-                .map_or("localhost", |(h, _)| h)
-        }))
-        .map_err(SimError::Config)?;
-    let addr = tokio::net::lookup_host(&config.broker)
-        .await
-        .map_err(|e| SimError::Broker {
-            addr: config.broker.clone(),
-            reason: e.to_string(),
-        })?
-        .next()
-        .ok_or_else(|| SimError::Broker {
-            addr: config.broker.clone(),
-            reason: "does not resolve".into(),
-        })?;
+    let (addr, server_name) = crate::fleet::resolve_broker(config).await?;
     let mut op = Client::connect(
         addr,
         server_name,
