@@ -4,6 +4,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::sync::Arc;
 
 use cityplane_proto::messages::{self, AckStatus, DesiredDoc, Presence, Reported, State, Target};
 use cityplane_proto::topics;
@@ -47,7 +48,10 @@ pub struct Summary {
 }
 
 pub struct Fleet {
-    pub devices: HashMap<String, DeviceRecord>,
+    /// Shared with the commit in flight: a record changed while its last
+    /// version is being written is copied then (`Arc::make_mut`), not
+    /// cloned for every commit.
+    pub devices: HashMap<String, Arc<DeviceRecord>>,
     pub docs: BTreeMap<String, DocRecord>,
     pub seq: u64,
     audit_seq: u64,
@@ -75,7 +79,10 @@ impl Fleet {
         known_device: Box<dyn FnMut(&str) -> bool + Send>,
     ) -> Fleet {
         let mut fleet = Fleet {
-            devices: devices.into_iter().map(|d| (d.id.clone(), d)).collect(),
+            devices: devices
+                .into_iter()
+                .map(|d| (d.id.clone(), Arc::new(d)))
+                .collect(),
             docs: docs.into_iter().map(|d| (d.name.clone(), d)).collect(),
             seq,
             audit_seq: audit_len,
@@ -91,7 +98,7 @@ impl Fleet {
         // After a restart nobody is known to be online until they say so;
         // in-flight commands stay and are re-sent (same id) when they return.
         for d in fleet.devices.values_mut() {
-            d.online = false;
+            Arc::make_mut(d).online = false;
         }
         // A document may have been committed just before a crash, before the
         // device records it changes: derive desired state again from the
@@ -136,9 +143,12 @@ impl Fleet {
     }
 
     fn device(&mut self, id: &str) -> &mut DeviceRecord {
-        self.devices
-            .entry(id.to_owned())
-            .or_insert_with(|| DeviceRecord::new(id))
+        if !self.devices.contains_key(id) {
+            self.devices
+                .insert(id.to_owned(), Arc::new(DeviceRecord::new(id)));
+        }
+        let dev = self.devices.get_mut(id).expect("inserted above");
+        Arc::make_mut(dev)
     }
 
     fn on_reported(&mut self, id: &str, report: Reported, now: Millis) {
@@ -229,11 +239,6 @@ impl Fleet {
         self.dirty.insert(id.to_owned());
     }
 
-    /// Marks a device for reconciliation (e.g. everything after a restart).
-    pub fn on_device_message_touch(&mut self, id: &str) {
-        self.touch(id);
-    }
-
     /// Recomputes the effective desired state of one device (or all), bumping
     /// its generation when it changed.
     fn recompute_desired(&mut self, only: Option<&str>) -> usize {
@@ -259,7 +264,7 @@ impl Fleet {
             if desired != dev.desired {
                 self.seq += 1;
                 let seq = self.seq;
-                if let Some(dev) = self.devices.get_mut(&id) {
+                if let Some(dev) = self.devices.get_mut(&id).map(Arc::make_mut) {
                     dev.desired = desired;
                     dev.desired_generation = seq;
                     dev.failed = None;
@@ -396,6 +401,7 @@ impl Fleet {
     pub fn targeted(&self, target: &Target) -> Vec<&DeviceRecord> {
         self.devices
             .values()
+            .map(|d| &**d)
             .filter(|d| selects(target, &d.id, d.class.as_deref(), &d.labels))
             .collect()
     }
@@ -420,7 +426,7 @@ impl Fleet {
     }
 
     fn reconcile_one(&mut self, id: &str, now: Millis, out: &mut Vec<Outgoing>) {
-        let Some(dev) = self.devices.get_mut(id) else {
+        let Some(dev) = self.devices.get_mut(id).map(Arc::make_mut) else {
             return;
         };
         match reconcile(dev, now, &self.policy) {
@@ -479,11 +485,20 @@ impl Fleet {
     }
 
     /// Device records changed since the last call, for the commit.
-    pub fn take_dirty(&mut self) -> Vec<DeviceRecord> {
+    pub fn take_dirty(&mut self) -> Vec<Arc<DeviceRecord>> {
         self.dirty
             .drain()
             .filter_map(|id| self.devices.get(&id).cloned())
             .collect()
+    }
+
+    /// Marks records whose commit failed, so the next commit writes them.
+    pub fn mark_dirty(&mut self, ids: impl IntoIterator<Item = String>) {
+        self.dirty.extend(ids);
+    }
+
+    pub fn has_dirty(&self) -> bool {
+        !self.dirty.is_empty()
     }
 
     pub fn next_timer(&self) -> Option<Millis> {
@@ -508,7 +523,7 @@ impl Fleet {
     }
 
     pub fn summary(&self) -> Summary {
-        Fleet::summary_of(self.devices.values())
+        Fleet::summary_of(self.devices.values().map(|d| &**d))
     }
 
     /// Builds the commit for an accepted document plus its audit line.
@@ -608,10 +623,6 @@ pub fn request_id_of(payload: &[u8]) -> Option<String> {
         .strip_prefix('"')?;
     let end = rest.find('"')?;
     Some(rest[..end].to_owned())
-}
-
-pub fn now() -> Millis {
-    now_ms()
 }
 
 /// A device row for `get devices`.

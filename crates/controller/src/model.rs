@@ -135,13 +135,18 @@ impl DeviceRecord {
         let status = if status { "True" } else { "False" };
         let generation = self.desired_generation;
         match self.conditions.iter_mut().find(|c| c.kind == kind) {
+            // Most reports change no condition: assign only what differs.
             Some(c) => {
                 if c.status != status {
                     c.last_transition_time = rfc3339(now);
+                    c.status = status.to_owned();
                 }
-                c.status = status.to_owned();
-                c.reason = reason.to_owned();
-                c.message = message.to_owned();
+                if c.reason != reason {
+                    c.reason = reason.to_owned();
+                }
+                if c.message != message {
+                    c.message = message.to_owned();
+                }
                 c.observed_generation = generation;
             }
             None => self.conditions.push(Condition {

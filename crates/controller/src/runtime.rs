@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 use crate::delta::selects;
 use crate::fleet::{self, Fleet, Outgoing};
 use crate::input::{self, InputLimits, Rejection};
+use crate::model::{now_ms, Millis};
 use crate::reconcile::RetryPolicy;
 use crate::store::{Changes, Store, StoreError};
 
@@ -143,8 +144,18 @@ impl Controller {
         let (events_tx, events) = mpsc::channel(8192);
         tokio::spawn(read_link(rx, events_tx.clone()));
         tokio::spawn(read_tap(tap, events_tx));
+        let (out_tx, out_rx) = mpsc::channel(8192);
+        tokio::spawn(publish_to_router(tx, out_rx));
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let task = tokio::spawn(run(fleet, store, tx, events, config, shutdown_rx));
+        let task = tokio::spawn(run(
+            fleet,
+            store,
+            events,
+            out_tx,
+            config,
+            shutdown_rx,
+            Clock::new(),
+        ));
         // Subscribed and tapped: now devices may connect.
         broker.open();
         Ok(Controller { shutdown, task })
@@ -198,76 +209,167 @@ async fn read_tap(mut tap: mpsc::Receiver<OperatorMessage>, events: mpsc::Sender
     }
 }
 
-struct Publisher {
-    tx: LinkTx,
-    pkid: u16,
-}
-
-impl Publisher {
-    async fn publish(&mut self, out: Outgoing) {
-        self.pkid = self.pkid.checked_add(1).unwrap_or(1);
+/// Publishes what the loop produces, in order, on the controller's router link.
+async fn publish_to_router(mut tx: LinkTx, mut out: mpsc::Receiver<Outgoing>) {
+    let mut pkid: u16 = 0;
+    while let Some(out) = out.recv().await {
+        pkid = pkid.checked_add(1).unwrap_or(1);
         // Commands and responses go out as QoS 1 so the router delivers them at QoS 1.
         let Some(packet) =
-            cityplane_broker::link_publish(&out.topic, &out.payload, true, out.retain, self.pkid)
+            cityplane_broker::link_publish(&out.topic, &out.payload, true, out.retain, pkid)
         else {
             tracing::error!(topic = %out.topic, "could not encode publish");
-            return;
+            continue;
         };
-        if let Err(e) = self.tx.send(packet).await {
+        if let Err(e) = tx.send(packet).await {
             tracing::error!(error = %e, topic = %out.topic, "router refused publish");
         }
     }
 }
 
+/// The loop's time: wall-clock milliseconds (records outlive the process)
+/// advanced by tokio's monotonic clock, so timers follow tokio time (and a
+/// paused clock in tests) and never jump with the system clock.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Clock {
+    wall_at_start: Millis,
+    start: tokio::time::Instant,
+}
+
+impl Clock {
+    pub(crate) fn new() -> Clock {
+        Clock {
+            wall_at_start: now_ms(),
+            start: tokio::time::Instant::now(),
+        }
+    }
+
+    pub(crate) fn now(&self) -> Millis {
+        self.wall_at_start + self.start.elapsed().as_millis() as Millis
+    }
+
+    fn instant_at(&self, at: Millis) -> tokio::time::Instant {
+        self.start + Duration::from_millis(at.saturating_sub(self.wall_at_start))
+    }
+}
+
+/// What waits for a commit before it may be published.
+#[derive(Default)]
+struct Held {
+    /// Answers to operators (queries are answered from memory, so only
+    /// once the state they describe is durable).
+    responses: Vec<Outgoing>,
+    /// Commands: only after the record of the command (the outbox) is durable.
+    commands: Vec<Outgoing>,
+}
+
+impl Held {
+    fn is_empty(&self) -> bool {
+        self.responses.is_empty() && self.commands.is_empty()
+    }
+}
+
+struct CommitInFlight {
+    task: JoinHandle<(Changes, Result<(), StoreError>)>,
+    held: Held,
+}
+
+/// Pause before writing again after a failed commit (e.g. a full disk).
+const COMMIT_RETRY: Duration = Duration::from_millis(200);
+
+async fn send_all(out: &mpsc::Sender<Outgoing>, messages: impl IntoIterator<Item = Outgoing>) {
+    for message in messages {
+        if out.send(message).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The loop. Commits are pipelined: while one batch's commit is being
+/// fsynced, the next events are applied in memory and their records wait
+/// for the following commit, so the commit grows with the load (group
+/// commit) instead of the loop idling on the disk.
 async fn run(
     mut fleet: Fleet,
     store: Arc<Store>,
-    tx: LinkTx,
     mut events: mpsc::Receiver<Event>,
+    out: mpsc::Sender<Outgoing>,
     config: ControllerConfig,
     mut shutdown: watch::Receiver<bool>,
+    clock: Clock,
 ) -> Result<(), ControllerError> {
-    let mut publisher = Publisher { tx, pkid: 0 };
     let mut status_tick = tokio::time::interval(config.status_every);
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_summary = None;
-    // Device records waiting for a successful commit (e.g. while the disk is full).
-    let mut pending: Vec<crate::model::DeviceRecord> = Vec::new();
+    let mut in_flight: Option<CommitInFlight> = None;
+    let mut held = Held::default();
+    let mut retry_commit_at: Option<tokio::time::Instant> = None;
     // Everything already in the store may have work to do.
     let ids: Vec<String> = fleet.devices.keys().cloned().collect();
-    for id in &ids {
-        fleet.on_device_message_touch(id);
-    }
+    fleet.mark_dirty(ids);
     loop {
-        let mut batch = Vec::new();
-        let sleep = fleet
+        let far = tokio::time::Instant::now() + Duration::from_secs(3600);
+        let wake = fleet
             .next_timer()
-            .map(|at| Duration::from_millis(at.saturating_sub(fleet::now())))
-            .unwrap_or(Duration::from_secs(3600));
+            .map(|at| clock.instant_at(at))
+            .into_iter()
+            .chain(retry_commit_at)
+            .min()
+            .unwrap_or(far);
+        let mut batch = Vec::new();
+        let mut stop = false;
         tokio::select! {
+            done = async {
+                match in_flight.as_mut() {
+                    Some(c) => (&mut c.task).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let held = in_flight.take().map(|c| c.held).unwrap_or_default();
+                let (changes, result) = match done {
+                    Ok(pair) => pair,
+                    Err(e) => (
+                        Changes::default(),
+                        Err(StoreError::Transaction(format!("commit task failed: {e}"))),
+                    ),
+                };
+                match result {
+                    Ok(()) => send_all(&out, held.responses.into_iter().chain(held.commands)).await,
+                    Err(e) => {
+                        tracing::error!(error = %e, disk_full = e.is_disk_full(), "commit failed; holding changes and commands until storage works again");
+                        fleet.mark_dirty(changes.devices.iter().map(|d| d.id.clone()));
+                        // Commands are not sent before their record is durable;
+                        // the timers re-send them once a commit succeeds.
+                        send_all(&out, held.responses).await;
+                        retry_commit_at = Some(tokio::time::Instant::now() + COMMIT_RETRY);
+                    }
+                }
+            }
             got = events.recv() => match got {
                 Some(ev) => batch.push(ev),
-                None => return Ok(()),
+                None => stop = true,
             },
-            _ = tokio::time::sleep(sleep) => {}
+            _ = tokio::time::sleep_until(wake) => {}
             _ = status_tick.tick() => {
                 let summary = fleet.summary();
                 if last_summary.as_ref() != Some(&summary) {
                     let body = json!({
                         "total": summary.total, "online": summary.online, "converged": summary.converged,
                         "pending": summary.pending, "failed": summary.failed, "drifted": summary.drifted,
-                        "at": crate::model::rfc3339(fleet::now()),
+                        "at": crate::model::rfc3339(clock.now()),
                     });
-                    publisher.publish(Outgoing {
+                    send_all(&out, [Outgoing {
                         topic: topics::FLEET_STATUS.to_owned(),
                         payload: serde_json::to_vec(&body).unwrap_or_default(),
                         retain: true,
-                    }).await;
+                    }]).await;
                     last_summary = Some(summary);
                 }
-                continue;
             }
-            _ = shutdown.changed() => return Ok(()),
+            _ = shutdown.changed() => stop = true,
+        }
+        if stop {
+            return finish(fleet, &store, &out, in_flight, held).await;
         }
         while batch.len() < config.max_batch {
             match events.try_recv() {
@@ -276,44 +378,83 @@ async fn run(
             }
         }
 
-        let now = fleet::now();
-        let mut after_commit: Vec<Outgoing> = Vec::new();
+        let now = clock.now();
         for event in batch {
             match event {
                 Event::Device { id, leaf, payload } => {
                     fleet.on_device_message(&id, &leaf, &payload, now)
                 }
                 Event::Operator(msg) => {
-                    let out = handle_operator(&mut fleet, &store, msg, now).await;
-                    after_commit.extend(out);
+                    let answers = handle_operator(&mut fleet, &store, msg, now).await;
+                    held.responses.extend(answers);
                 }
             }
         }
-        let commands = fleet.reconcile_due(now);
-        pending.extend(fleet.take_dirty());
-        if !pending.is_empty() {
+        held.commands.extend(fleet.reconcile_due(now));
+
+        let may_commit = in_flight.is_none()
+            && retry_commit_at.is_none_or(|at| at <= tokio::time::Instant::now());
+        if !may_commit {
+            continue;
+        }
+        retry_commit_at = None;
+        if fleet.has_dirty() {
             let changes = Changes {
-                devices: std::mem::take(&mut pending),
+                devices: fleet.take_dirty(),
                 seq: Some(fleet.seq),
                 ..Default::default()
             };
-            let (changes, result) = commit(&store, changes).await;
-            if let Err(e) = result {
-                tracing::error!(error = %e, disk_full = e.is_disk_full(), "commit failed; holding changes and commands until storage works again");
-                pending = changes.devices;
-                // Commands are not sent before their record is durable; the
-                // timers re-send them once a commit succeeds.
-                for out in after_commit {
-                    publisher.publish(out).await;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-        }
-        for out in after_commit.into_iter().chain(commands) {
-            publisher.publish(out).await;
+            let store = store.clone();
+            in_flight = Some(CommitInFlight {
+                task: tokio::task::spawn_blocking(move || {
+                    let result = store.commit(&changes);
+                    (changes, result)
+                }),
+                held: std::mem::take(&mut held),
+            });
+        } else if !held.is_empty() {
+            // Nothing new to make durable: what is held may go now.
+            let ready = std::mem::take(&mut held);
+            send_all(&out, ready.responses.into_iter().chain(ready.commands)).await;
         }
     }
+}
+
+/// On shutdown: the commit in flight and one last commit of what changed
+/// since, then what they held is published.
+async fn finish(
+    mut fleet: Fleet,
+    store: &Arc<Store>,
+    out: &mpsc::Sender<Outgoing>,
+    in_flight: Option<CommitInFlight>,
+    held: Held,
+) -> Result<(), ControllerError> {
+    if let Some(c) = in_flight {
+        match c.task.await {
+            Ok((_, Ok(()))) => {
+                send_all(out, c.held.responses.into_iter().chain(c.held.commands)).await
+            }
+            Ok((changes, Err(e))) => {
+                tracing::error!(error = %e, "commit failed at shutdown");
+                fleet.mark_dirty(changes.devices.iter().map(|d| d.id.clone()));
+            }
+            Err(e) => tracing::error!(error = %e, "commit task failed at shutdown"),
+        }
+    }
+    let changes = Changes {
+        devices: fleet.take_dirty(),
+        seq: Some(fleet.seq),
+        ..Default::default()
+    };
+    let (_, result) = commit(store, changes).await;
+    match result {
+        Ok(()) => send_all(out, held.responses.into_iter().chain(held.commands)).await,
+        Err(e) => {
+            tracing::error!(error = %e, "last commit failed at shutdown; the changes since the last commit are re-derived at the next start");
+            send_all(out, held.responses).await;
+        }
+    }
+    Ok(())
 }
 
 async fn commit(store: &Arc<Store>, changes: Changes) -> (Changes, Result<(), StoreError>) {
@@ -459,6 +600,7 @@ fn answer(fleet: &Fleet, store: &Arc<Store>, verb: &str, q: Query) -> Result<Val
             let mut rows: Vec<&crate::model::DeviceRecord> = fleet
                 .devices
                 .values()
+                .map(|d| &**d)
                 .filter(|d| {
                     q.selector.as_ref().is_none_or(|s| {
                         selects(
@@ -500,5 +642,197 @@ fn answer(fleet: &Fleet, store: &Arc<Store>, verb: &str, q: Query) -> Result<Val
             "unknown_verb",
             format!("unknown operation {other:?}; expected status, get-devices, describe or audit"),
         )),
+    }
+}
+
+/// The retry schedule as the running loop produces it, on tokio's paused
+/// clock: virtual time only moves when every task waits, so each command is
+/// observed at exactly the instant the loop sent it.
+#[cfg(test)]
+mod paused_clock_tests {
+    use super::*;
+    use crate::model::{DeviceRecord, DocRecord};
+    use crate::reconcile::jitter;
+    use cityplane_proto::messages::{self, IdList, State, Target};
+    use tokio::time::Instant;
+
+    const DEVICE: &str = "lamp";
+
+    fn state(v: Value) -> State {
+        v.as_object().cloned().expect("object")
+    }
+
+    struct Harness {
+        events: mpsc::Sender<Event>,
+        out: mpsc::Receiver<Outgoing>,
+        shutdown: watch::Sender<bool>,
+        task: JoinHandle<Result<(), ControllerError>>,
+        _dir: tempfile::TempDir,
+    }
+
+    /// One device that reported `dimming: 10`, one document that wants 50.
+    fn start(policy: RetryPolicy) -> Harness {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Store::open(dir.path(), 8 << 20).expect("store"));
+        let doc = DocRecord {
+            name: "dim".into(),
+            target: Target::Ids(IdList {
+                ids: vec![DEVICE.into()],
+            }),
+            priority: 0,
+            state: state(json!({"dimming": 50})),
+            generation: 1,
+            seq: 1,
+            author: "op".into(),
+            written_at: 0,
+        };
+        let mut lamp = DeviceRecord::new(DEVICE);
+        lamp.reported = state(json!({"dimming": 10}));
+        lamp.reported_version = 1;
+        let fleet = Fleet::new(
+            vec![doc],
+            vec![lamp],
+            1,
+            0,
+            policy,
+            InputLimits::default(),
+            Box::new(|_: &str| true),
+        );
+        let config = ControllerConfig::new(dir.path().to_path_buf());
+        let (events, events_rx) = mpsc::channel(64);
+        let (out_tx, out) = mpsc::channel(64);
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let task = tokio::spawn(run(
+            fleet,
+            store,
+            events_rx,
+            out_tx,
+            config,
+            shutdown_rx,
+            Clock::new(),
+        ));
+        Harness {
+            events,
+            out,
+            shutdown,
+            task,
+            _dir: dir,
+        }
+    }
+
+    impl Harness {
+        async fn device_says(&self, leaf: &str, body: Value) {
+            self.events
+                .send(Event::Device {
+                    id: DEVICE.into(),
+                    leaf: leaf.into(),
+                    payload: body.to_string().into(),
+                })
+                .await
+                .expect("controller running");
+        }
+
+        /// The next command, with the (virtual) instant it was sent.
+        async fn next_command(&mut self) -> (Instant, messages::Command) {
+            loop {
+                let out = self.out.recv().await.expect("controller running");
+                if out.topic == topics::commands(DEVICE) {
+                    let cmd = serde_json::from_slice(&out.payload).expect("command JSON");
+                    return (Instant::now(), cmd);
+                }
+            }
+        }
+
+        /// Everything published during `span` of virtual time: commands and
+        /// the last fleet summary.
+        async fn quiet_for(&mut self, span: Duration) -> (usize, Value) {
+            let until = Instant::now() + span;
+            let (mut commands, mut summary) = (0, Value::Null);
+            while let Ok(Some(out)) = tokio::time::timeout_at(until, self.out.recv()).await {
+                if out.topic == topics::commands(DEVICE) {
+                    commands += 1;
+                } else if out.topic == topics::FLEET_STATUS {
+                    summary = serde_json::from_slice(&out.payload).expect("status JSON");
+                }
+            }
+            (commands, summary)
+        }
+
+        async fn stop(self) {
+            let _ = self.shutdown.send(true);
+            self.task.await.expect("join").expect("clean stop");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_back_off_exponentially_up_to_the_cap_then_fail() {
+        let policy = RetryPolicy {
+            command_timeout: Duration::from_secs(10),
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(4),
+            max_attempts: 5,
+        };
+        let mut h = start(policy.clone());
+        // Nothing is sent to a device that is not online.
+        let (sent, _) = h.quiet_for(Duration::from_secs(60)).await;
+        assert_eq!(sent, 0, "a command went to an offline device");
+
+        let online_at = Instant::now();
+        h.device_says("presence", json!({"online": true})).await;
+        let (first_at, first) = h.next_command().await;
+        assert_eq!(first_at, online_at, "the first command goes out at once");
+        assert_eq!(first.state, state(json!({"dimming": 50})));
+
+        let mut previous = first_at;
+        for attempt in 1..policy.max_attempts {
+            let (at, cmd) = h.next_command().await;
+            assert_eq!(cmd.id, first.id, "a re-send keeps the command id");
+            assert_eq!(cmd.generation, first.generation);
+            let gap = at - previous;
+            // timeout, then base × 2^(attempt-1) capped at the maximum, with
+            // "equal jitter": between half and all of it.
+            let nominal = (policy.backoff_base * 2u32.pow(attempt - 1)).min(policy.backoff_max);
+            let wait = gap
+                .checked_sub(policy.command_timeout)
+                .expect("re-sent before the command timed out");
+            assert!(
+                wait >= nominal / 2 && wait <= nominal,
+                "attempt {}: waited {wait:?} after the timeout, nominal backoff {nominal:?}",
+                attempt + 1
+            );
+            let expected =
+                policy.command_timeout + policy.backoff(attempt, jitter(DEVICE, attempt));
+            assert_eq!(
+                gap.as_millis(),
+                expected.as_millis(),
+                "attempt {}",
+                attempt + 1
+            );
+            previous = at;
+        }
+
+        // The last attempt times out: Failed, and nothing more is sent.
+        let (sent, summary) = h.quiet_for(Duration::from_secs(24 * 3600)).await;
+        assert_eq!(sent, 0, "commands after the last attempt");
+        assert_eq!(summary["failed"], 1, "{summary}");
+
+        // Back online (a reboot): re-driven at once, same command id.
+        h.device_says("presence", json!({"online": false})).await;
+        let back_at = Instant::now();
+        h.device_says("presence", json!({"online": true})).await;
+        let (at, cmd) = h.next_command().await;
+        assert_eq!(at, back_at);
+        assert_eq!(cmd.id, first.id);
+
+        // Applied and reported: converged, and the timers stay quiet.
+        h.device_says("acks", json!({"id": cmd.id, "status": "applied"}))
+            .await;
+        h.device_says("reported", json!({"version": 2, "state": {"dimming": 50}}))
+            .await;
+        let (sent, summary) = h.quiet_for(Duration::from_secs(24 * 3600)).await;
+        assert_eq!(sent, 0, "commands after convergence");
+        assert_eq!(summary["converged"], 1, "{summary}");
+        assert_eq!(summary["failed"], 0, "{summary}");
+        h.stop().await;
     }
 }

@@ -16,6 +16,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -66,7 +67,7 @@ impl StoreError {
 #[derive(Debug, Default)]
 pub struct Changes {
     pub docs: Vec<DocRecord>,
-    pub devices: Vec<DeviceRecord>,
+    pub devices: Vec<Arc<DeviceRecord>>,
     pub audit: Vec<AuditEntry>,
     pub seq: Option<u64>,
 }
@@ -211,7 +212,15 @@ impl Store {
         self.with(|e| {
             let docs = read_all(&e.docs, "docs")?;
             let devices = read_all(&e.devices, "devices")?;
+            // Device-only commits write `devices` and `meta` in two atomic
+            // steps; a crash between them may leave `meta` behind, so the
+            // sequence also covers every generation already handed out.
             let seq = e.meta.get("seq")?.map(|v| decode_u64(&v)).unwrap_or(0);
+            let seq = devices
+                .iter()
+                .map(|d: &DeviceRecord| d.desired_generation)
+                .chain(docs.iter().map(|d: &DocRecord| d.seq))
+                .fold(seq, u64::max);
             Ok(Loaded {
                 docs,
                 devices,
@@ -234,7 +243,7 @@ impl Store {
         let devices: Vec<(Vec<u8>, Vec<u8>)> = changes
             .devices
             .iter()
-            .map(|d| (d.id.as_bytes().to_vec(), json(d)))
+            .map(|d| (d.id.as_bytes().to_vec(), json(&**d)))
             .collect();
         let audit: Vec<(Vec<u8>, Vec<u8>)> = changes
             .audit
@@ -254,6 +263,21 @@ impl Store {
             )));
         }
         self.with(|e| {
+            if docs.is_empty() && audit.is_empty() {
+                // The common case (reports, acks, reconciles): one batch is
+                // atomic and far cheaper than a multi-tree transaction.
+                let mut batch = sled::Batch::default();
+                for (k, v) in &devices {
+                    batch.insert(k.as_slice(), v.as_slice());
+                }
+                e.devices.apply_batch(batch)?;
+                if let Some(seq) = changes.seq {
+                    e.meta.insert("seq", &seq.to_be_bytes())?;
+                }
+                e.db.flush()?;
+                e.data_file.sync_data()?;
+                return Ok(());
+            }
             (&e.docs, &e.devices, &e.audit, &e.meta)
                 .transaction(|(docs_t, devices_t, audit_t, meta_t)| {
                     for (k, v) in &docs {

@@ -38,7 +38,7 @@ use sled::Transactional;
 
 const CACHE_BYTES: u64 = 16 * 1024 * 1024;
 const USAGE: &str = "usage: store-torture write <dir> [--stock [--fsync] [--segment-size B]] \
-                     [--max N] [--devices D] [--pad BYTES] | \
+                     [--max N] [--devices D] [--pad BYTES] [--device-only] | \
                      store-torture verify <dir> [--segment-size B]";
 
 #[derive(Default)]
@@ -49,6 +49,8 @@ struct Opts {
     max: Option<u64>,
     devices: Option<u64>,
     pad: Option<usize>,
+    /// Commits without an audit entry: `Store::commit`'s batch path.
+    device_only: bool,
 }
 
 fn main() -> ExitCode {
@@ -83,6 +85,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         let size = |n: u64| usize::try_from(n).map_err(|e| e.to_string());
         match arg.as_str() {
             "--stock" => opts.stock = true,
+            "--device-only" => opts.device_only = true,
             "--fsync" => opts.fsync = true,
             "--segment-size" => opts.segment_size = Some(size(value(arg)?)?),
             "--max" => opts.max = Some(value(arg)?),
@@ -98,6 +101,7 @@ fn records(seq: u64, opts: &Opts) -> (DeviceRecord, AuditEntry) {
     let devices = opts.devices.unwrap_or(16);
     let mut device = DeviceRecord::new(&format!("dev-{:03}", seq % devices));
     device.reported_version = seq;
+    device.desired_generation = seq;
     device.online = true;
     device.reported.insert("seq".to_owned(), json!(seq));
     device.reported.insert(
@@ -133,8 +137,12 @@ fn write(dir: &Path, opts: &Opts) -> Result<(), String> {
         seq += 1;
         let (device, audit) = records(seq, opts);
         let changes = Changes {
-            devices: vec![device],
-            audit: vec![audit],
+            devices: vec![std::sync::Arc::new(device)],
+            audit: if opts.device_only {
+                Vec::new()
+            } else {
+                vec![audit]
+            },
             seq: Some(seq),
             ..Changes::default()
         };
