@@ -10,7 +10,13 @@
 //!    clock stops when every device has the new value and the controller
 //!    reports nothing pending.
 //!
-//! `cargo bench -p cityplane --bench controller_e2e [-- --devices N]`.
+//! `cargo bench -p cityplane --bench controller_e2e [-- --devices N]
+//! [--reports R] [--reports-only]`: N devices (default 10,000), R reports
+//! each (default 10); `--reports-only` skips phase 2. Server RSS is sampled
+//! every 20 ms through phase 1 (peak and end), so `--devices 100000
+//! --reports 3 --reports-only` measures the controller's memory at 100,000
+//! devices (phase 2 needs one connection per device, at most ~15,000).
+//! `CITYPLANE_BENCH_PERF=FILE` records the server with `perf` during phase 1.
 //! Prints a summary and `BENCH_JSON {…}`; writes target/bench/controller_e2e.json.
 
 use std::path::Path;
@@ -27,7 +33,6 @@ use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cityplane");
 const LOADERS: usize = 4;
-const REPORTS_PER_DEVICE: u64 = 10;
 
 struct KillOnDrop(Child);
 impl Drop for KillOnDrop {
@@ -87,6 +92,8 @@ fn main() {
 
 async fn run() {
     let devices = arg("--devices", 10_000);
+    let reports_per_device = arg("--reports", 10).max(1) as u64;
+    let converge_phase = !std::env::args().any(|a| a == "--reports-only");
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/bench");
     std::fs::create_dir_all(&root).expect("bench dir");
     let pki_dir = root.join("controller-pki");
@@ -153,13 +160,23 @@ async fn run() {
     for n in 0..LOADERS {
         loaders.push(Arc::new(loader(port, &pki_dir, &format!("load{n}")).await));
     }
-    let total_reports = devices as u64 * REPORTS_PER_DEVICE;
+    let total_reports = devices as u64 * reports_per_device;
+    let perf = std::env::var("CITYPLANE_BENCH_PERF").ok().map(|out| {
+        KillOnDrop(
+            Command::new("perf")
+                .args(["record", "-F", "499", "--call-graph", "dwarf,32768"])
+                .args(["-p", &pid.to_string(), "-o", &out])
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("perf"),
+        )
+    });
     let t = Instant::now();
     let mut tasks = Vec::new();
     for (n, client) in loaders.iter().enumerate() {
         let client = client.clone();
         tasks.push(tokio::spawn(async move {
-            for version in 1..=REPORTS_PER_DEVICE {
+            for version in 1..=reports_per_device {
                 for d in (n..devices).step_by(LOADERS) {
                     let id = format!("dev{:04}", d + 1);
                     let body = json!({"version": version, "state": {"class": "streetlight", "labels": {"zone": "north"}, "dimming": version}});
@@ -176,17 +193,26 @@ async fn run() {
     }
     let publish_done = t.elapsed();
     let mut last = json!(null);
+    let mut rss_peak = 0;
     loop {
+        rss_peak = rss_peak.max(rss_kib(pid));
         let s = op.query("status", json!({})).await.expect("status");
         let counted = s["counters"]["reports"].as_u64().unwrap_or(0)
             + s["counters"]["stale_reports"].as_u64().unwrap_or(0);
         last = s;
-        if counted >= total_reports || t.elapsed() > Duration::from_secs(120) {
+        if counted >= total_reports || t.elapsed() > Duration::from_secs(600) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let persisted_in = t.elapsed();
+    if let Some(mut p) = perf {
+        // perf writes its file on SIGINT, not on the SIGKILL of KillOnDrop.
+        let _ = Command::new("kill")
+            .args(["-INT", &p.0.id().to_string()])
+            .status();
+        let _ = p.0.wait();
+    }
     let counted = last["counters"]["reports"].as_u64().unwrap_or(0);
     let reports_per_sec = counted as f64 / persisted_in.as_secs_f64();
     for client in &loaders {
@@ -195,7 +221,91 @@ async fn run() {
     let rss_after_reports = rss_kib(pid);
 
     // 2. One apply → every simulated device converged.
-    let mut sim = SimConfig::new(&pki_dir, format!("localhost:{port}"), "dev", devices);
+    let phase2 = if converge_phase {
+        Some(converge(&mut op, &pki_dir, port, pid, devices).await)
+    } else {
+        None
+    };
+    op.disconnect().await;
+    drop(server);
+
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    let nproc = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    println!("controller_e2e on {nproc} cores ({cpu}), {devices} devices, server and load in separate processes");
+    println!("  reported updates persisted : {counted} in {:.2} s = {reports_per_sec:.0}/s (publishing took {:.2} s) [target >= 50,000/s]", persisted_in.as_secs_f64(), publish_done.as_secs_f64());
+    println!(
+        "  server RSS: idle {rss_idle} KiB; reports phase peak {rss_peak} KiB, end {rss_after_reports} KiB ({:.1} KiB per device above idle)",
+        rss_after_reports.saturating_sub(rss_idle) as f64 / devices as f64
+    );
+    let converge_json = match &phase2 {
+        Some(c) => {
+            println!(
+                "  simulated fleet connected  : {devices} in {:.1} s (all online: {})",
+                c.connect_s, c.all_online
+            );
+            println!("  apply acknowledged (fsync) : {:.1} ms", c.acked_ms);
+            println!(
+                "  apply -> every device applied: {:.2} s; -> controller converged: {:.2} s [target <= 3 s]",
+                c.devices_applied_s, c.converged_s
+            );
+            println!(
+                "  server RSS: fleet connected {} KiB, end {} KiB",
+                c.rss_connected, c.rss_end
+            );
+            println!(
+                "  simulator: commands applied {}, replays ignored {}",
+                c.commands_applied, c.ignored_replays
+            );
+            json!({"connect_s": c.connect_s, "apply_ack_ms": c.acked_ms, "devices_applied_s": c.devices_applied_s,
+                   "controller_converged_s": c.converged_s, "target_s": 3.0,
+                   "rss_connected_kib": c.rss_connected, "rss_end_kib": c.rss_end})
+        }
+        None => json!(null),
+    };
+    let report = json!({
+        "bench": "controller_e2e", "devices": devices, "reports_per_device": reports_per_device, "nproc": nproc, "cpu": cpu,
+        "reports": {"count": counted, "seconds": persisted_in.as_secs_f64(), "per_sec": reports_per_sec, "target_per_sec": 50000},
+        "converge": converge_json,
+        "server_rss_kib": {"idle": rss_idle, "reports_peak": rss_peak, "after_reports": rss_after_reports},
+    });
+    println!("BENCH_JSON {report}");
+    let _ = std::fs::write(
+        root.join("controller_e2e.json"),
+        serde_json::to_vec_pretty(&report).unwrap_or_default(),
+    );
+}
+
+/// Phase 2's numbers.
+struct Converge {
+    connect_s: f64,
+    all_online: bool,
+    acked_ms: f64,
+    devices_applied_s: f64,
+    converged_s: f64,
+    rss_connected: u64,
+    rss_end: u64,
+    commands_applied: u64,
+    ignored_replays: u64,
+}
+
+/// Phase 2: `devices` simulated devices connect; one `apply` targets them all.
+async fn converge(
+    op: &mut Operator,
+    pki_dir: &Path,
+    port: u16,
+    pid: u32,
+    devices: usize,
+) -> Converge {
+    let mut sim = SimConfig::new(pki_dir, format!("localhost:{port}"), "dev", devices);
     sim.presence = PresenceMode::Skip;
     sim.connect_rate = 2000.0;
     sim.max_connecting = 200;
@@ -251,41 +361,15 @@ async fn run() {
     let devices_applied_s = sim_done.map(|d| d.as_secs_f64()).unwrap_or(f64::NAN);
     let rss_end = rss_kib(pid);
     let stats = fleet.shutdown().await;
-    op.disconnect().await;
-    drop(server);
-
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_default();
-    let nproc = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    println!("controller_e2e on {nproc} cores ({cpu}), {devices} devices, server and load in separate processes");
-    println!("  reported updates persisted : {counted} in {:.2} s = {reports_per_sec:.0}/s (publishing took {:.2} s) [target >= 50,000/s]", persisted_in.as_secs_f64(), publish_done.as_secs_f64());
-    println!(
-        "  simulated fleet connected  : {devices} in {connect_s:.1} s (all online: {all_online})"
-    );
-    println!("  apply acknowledged (fsync) : {acked_ms:.1} ms");
-    println!("  apply -> every device applied: {devices_applied_s:.2} s; -> controller converged: {converged_s:.2} s [target <= 3 s]");
-    println!("  server RSS: idle {rss_idle} KiB, after reports {rss_after_reports} KiB, fleet connected {rss_connected} KiB, end {rss_end} KiB");
-    println!(
-        "  simulator: commands applied {}, replays ignored {}",
-        stats.commands_applied, stats.ignored_replays
-    );
-    let report = json!({
-        "bench": "controller_e2e", "devices": devices, "nproc": nproc, "cpu": cpu,
-        "reports": {"count": counted, "seconds": persisted_in.as_secs_f64(), "per_sec": reports_per_sec, "target_per_sec": 50000},
-        "converge": {"connect_s": connect_s, "apply_ack_ms": acked_ms, "devices_applied_s": devices_applied_s, "controller_converged_s": converged_s, "target_s": 3.0},
-        "server_rss_kib": {"idle": rss_idle, "after_reports": rss_after_reports, "connected": rss_connected, "end": rss_end},
-    });
-    println!("BENCH_JSON {report}");
-    let _ = std::fs::write(
-        root.join("controller_e2e.json"),
-        serde_json::to_vec_pretty(&report).unwrap_or_default(),
-    );
+    Converge {
+        connect_s,
+        all_online,
+        acked_ms,
+        devices_applied_s,
+        converged_s,
+        rss_connected,
+        rss_end,
+        commands_applied: stats.commands_applied,
+        ignored_replays: stats.ignored_replays,
+    }
 }

@@ -124,7 +124,7 @@ impl Controller {
             loaded.docs,
             loaded.devices,
             loaded.seq,
-            loaded.audit_len as u64,
+            loaded.audit_last,
             config.retry.clone(),
             config.input,
             known,
@@ -512,7 +512,7 @@ async fn handle_operator(
                     &format!("accepted generation {}", doc.generation),
                     now,
                 );
-                let changes = fleet.doc_changes(&doc, audit);
+                let changes = fleet.doc_changes(&doc, audit.clone());
                 let (_, result) = commit(store, changes).await;
                 match result {
                     Ok(()) => {
@@ -521,14 +521,27 @@ async fn handle_operator(
                         vec![response]
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, "could not store desired state");
+                        tracing::error!(error = %e, disk_full = e.is_disk_full(), "could not store desired state");
+                        let reason = if e.is_disk_full() {
+                            "the controller's data disk is full (no space left on device): \
+                             the write was not stored; free space on the server and retry"
+                                .to_owned()
+                        } else {
+                            format!("the controller could not store the write: {e}")
+                        };
+                        // The refusal is audited (under the entry's sequence)
+                        // once a commit succeeds again.
+                        store.defer_audit([crate::model::AuditEntry {
+                            result: format!("rejected (storage_unavailable): {reason}"),
+                            ..audit
+                        }]);
                         let rid = fleet::request_id_of(&msg.payload).unwrap_or(name);
                         vec![fleet::response_to(
                             &who,
                             &rid,
                             &json!({
                                 "request_id": rid, "status": "rejected", "code": "storage_unavailable",
-                                "reason": format!("the controller could not store the write: {e}"),
+                                "reason": reason,
                             }),
                         )]
                     }
@@ -546,8 +559,9 @@ async fn handle_operator(
                     audit: vec![audit],
                     ..Default::default()
                 };
-                if let (_, Err(e)) = commit(store, changes).await {
-                    tracing::error!(error = %e, "could not append to the audit log");
+                if let (changes, Err(e)) = commit(store, changes).await {
+                    tracing::error!(error = %e, "could not append to the audit log; written with the next commit that succeeds");
+                    store.defer_audit(changes.audit);
                 }
                 vec![response]
             }
@@ -633,9 +647,8 @@ fn answer(fleet: &Fleet, store: &Arc<Store>, verb: &str, q: Query) -> Result<Val
             Ok(fleet::describe(dev))
         }
         "audit" => {
-            let entries = store
-                .audit_tail(q.limit.unwrap_or(50).min(1000))
-                .map_err(|e| Rejection::new("storage_unavailable", e.to_string()))?;
+            // From memory, like every query: reading sled fails on a full disk.
+            let entries = store.recent_audit(q.limit.unwrap_or(50).min(crate::store::AUDIT_KEPT));
             Ok(json!({"entries": entries}))
         }
         other => Err(Rejection::new(

@@ -87,6 +87,9 @@ impl Changes {
 /// larger than [`MAX_RECORD`] outright.
 const SEGMENT_SIZE: usize = 16 * 1024 * 1024;
 pub const MAX_RECORD: usize = 256 * 1024;
+/// Audit entries kept in memory: `audit` queries are answered from there,
+/// because reading sled fails while the disk is full.
+pub const AUDIT_KEPT: usize = 1000;
 
 pub struct Store {
     path: PathBuf,
@@ -94,6 +97,11 @@ pub struct Store {
     /// `None` after an I/O error: sled keeps the error on its handle for
     /// good, so the next operation opens the database again.
     engine: std::sync::Mutex<Option<Engine>>,
+    /// The newest [`AUDIT_KEPT`] stored audit entries, oldest first.
+    recent_audit: std::sync::Mutex<std::collections::VecDeque<AuditEntry>>,
+    /// Audit entries a failed commit could not write; written with the
+    /// next commit that succeeds.
+    deferred_audit: std::sync::Mutex<Vec<AuditEntry>>,
 }
 
 struct Engine {
@@ -112,6 +120,8 @@ pub struct Loaded {
     pub devices: Vec<DeviceRecord>,
     pub seq: u64,
     pub audit_len: usize,
+    /// The highest audit sequence stored (the audit may have gaps).
+    pub audit_last: u64,
 }
 
 impl Engine {
@@ -176,10 +186,23 @@ impl Store {
     /// Opens (or creates) the store. `cache_bytes` bounds sled's page cache.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
         let engine = Engine::open(path, cache_bytes)?;
+        let mut recent = engine
+            .audit
+            .iter()
+            .rev()
+            .take(AUDIT_KEPT)
+            .map(|item| {
+                let (k, v) = item?;
+                decode("audit", &k, &v)
+            })
+            .collect::<Result<std::collections::VecDeque<AuditEntry>, StoreError>>()?;
+        recent.make_contiguous().reverse();
         Ok(Store {
             path: path.to_path_buf(),
             cache_bytes,
             engine: std::sync::Mutex::new(Some(engine)),
+            recent_audit: std::sync::Mutex::new(recent),
+            deferred_audit: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -221,11 +244,13 @@ impl Store {
                 .map(|d: &DeviceRecord| d.desired_generation)
                 .chain(docs.iter().map(|d: &DocRecord| d.seq))
                 .fold(seq, u64::max);
+            let audit_last = e.audit.last()?.map_or(0, |(k, _)| decode_u64(&k));
             Ok(Loaded {
                 docs,
                 devices,
                 seq,
                 audit_len: e.audit.len(),
+                audit_last,
             })
         })
     }
@@ -262,7 +287,18 @@ impl Store {
                 v.len()
             )));
         }
-        self.with(|e| {
+        let deferred = std::mem::take(
+            &mut *self
+                .deferred_audit
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        let audit: Vec<(Vec<u8>, Vec<u8>)> = deferred
+            .iter()
+            .map(|a| (a.seq.to_be_bytes().to_vec(), json(a)))
+            .chain(audit)
+            .collect();
+        let result = self.with(|e| {
             if docs.is_empty() && audit.is_empty() {
                 // The common case (reports, acks, reconciles): one batch is
                 // atomic and far cheaper than a multi-tree transaction.
@@ -300,8 +336,41 @@ impl Store {
                 })?;
             e.db.flush()?;
             e.data_file.sync_data()?;
+            // Still under the engine's lock: in the order of the commits.
+            let mut recent = self.recent_audit.lock().unwrap_or_else(|e| e.into_inner());
+            recent.extend(deferred.iter().chain(&changes.audit).cloned());
+            let excess = recent.len().saturating_sub(AUDIT_KEPT);
+            recent.drain(..excess);
             Ok(())
-        })
+        });
+        if result.is_err() && !deferred.is_empty() {
+            let mut again = self
+                .deferred_audit
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            again.splice(0..0, deferred);
+        }
+        result
+    }
+
+    /// Audit entries a failed commit did not write (e.g. the refusal of a
+    /// write for a full disk): they go with the next commit that succeeds.
+    pub fn defer_audit(&self, entries: impl IntoIterator<Item = AuditEntry>) {
+        self.deferred_audit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(entries);
+    }
+
+    /// The newest `limit` (at most [`AUDIT_KEPT`]) stored audit entries,
+    /// oldest first, from memory: answered also while the disk is full.
+    pub fn recent_audit(&self, limit: usize) -> Vec<AuditEntry> {
+        let recent = self.recent_audit.lock().unwrap_or_else(|e| e.into_inner());
+        recent
+            .iter()
+            .skip(recent.len().saturating_sub(limit))
+            .cloned()
+            .collect()
     }
 
     /// The newest `limit` audit entries, oldest first.
