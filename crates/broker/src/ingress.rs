@@ -35,6 +35,7 @@ use rumqttd::protocol::Packet;
 use rumqttd::Notification;
 use tokio::sync::{mpsc, watch};
 
+use crate::backlog::Backlog;
 use crate::{BrokerError, RouterTx};
 
 /// Packets that may wait for the router before sessions have to wait.
@@ -63,14 +64,17 @@ pub(crate) struct Ingress {
 
 impl Ingress {
     /// Opens the shared link and starts its forwarding and drain tasks.
-    pub(crate) async fn start(router_tx: RouterTx) -> Result<Ingress, BrokerError> {
+    pub(crate) async fn start(
+        router_tx: RouterTx,
+        backlog: Arc<Backlog>,
+    ) -> Result<Ingress, BrokerError> {
         let (link_tx, link_rx) = open(&router_tx).await?;
         let dead = Arc::new(AtomicBool::new(false));
         // Dropped by `forward` when it ends, which ends the drain tasks.
         let (stop, _) = watch::channel(());
         tokio::spawn(drain(link_rx, dead.clone(), stop.subscribe()));
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(forward(rx, link_tx, router_tx, dead, stop));
+        tokio::spawn(forward(rx, link_tx, router_tx, dead, stop, backlog));
         Ok(Ingress { tx })
     }
 
@@ -109,8 +113,10 @@ async fn forward(
     router_tx: RouterTx,
     dead: Arc<AtomicBool>,
     stop: watch::Sender<()>,
+    backlog: Arc<Backlog>,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
+    let mut ready = Vec::with_capacity(BATCH);
     let mut router_gone = false;
     while rx.recv_many(&mut batch, BATCH).await > 0 {
         if router_gone {
@@ -135,21 +141,41 @@ async fn forward(
                 }
             }
         }
-        let Some(last) = batch.pop() else { continue };
-        link.buffer().extend(batch.drain(..));
-        // `send` queues the last packet and notifies the router, blocking
-        // while the router's channel is full; it never awaits anything.
-        match poll_once(link.send(last)) {
-            Some(Ok(_)) => {}
-            Some(Err(e)) => {
-                tracing::error!(error = %e, "router is gone; device publishes are dropped");
-                router_gone = true;
+        for packet in batch.drain(..) {
+            if let Err(needed) = backlog.try_take(&packet) {
+                // The controller is behind: hand the router what already has
+                // credit (so it can be read and credit comes back), then wait.
+                router_gone |= !send(&mut link, &mut ready);
+                backlog.wait(needed).await;
             }
-            None => tracing::error!("router link send did not complete"),
+            ready.push(packet);
         }
+        router_gone |= !send(&mut link, &mut ready);
     }
     if !router_gone {
         let _ = poll_once(link.send(crate::session::disconnect_packet()));
+    }
+}
+
+/// Moves `packets` into the link and wakes the router once; false when the
+/// router is gone.
+fn send(link: &mut LinkTx, packets: &mut Vec<Packet>) -> bool {
+    let Some(last) = packets.pop() else {
+        return true;
+    };
+    link.buffer().extend(packets.drain(..));
+    // `send` queues the last packet and notifies the router, blocking
+    // while the router's channel is full; it never awaits anything.
+    match poll_once(link.send(last)) {
+        Some(Ok(_)) => true,
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "router is gone; device publishes are dropped");
+            false
+        }
+        None => {
+            tracing::error!("router link send did not complete");
+            true
+        }
     }
 }
 

@@ -19,6 +19,7 @@
 //! ```
 
 pub mod acl;
+pub mod backlog;
 mod config;
 mod dispatch;
 mod ingress;
@@ -81,6 +82,7 @@ pub(crate) struct Shared {
     pub(crate) dispatch: Arc<dispatch::Dispatch>,
     /// The router link every device session publishes through.
     pub(crate) ingress: ingress::Ingress,
+    pub(crate) backlog: Arc<backlog::Backlog>,
     pub(crate) tap: std::sync::OnceLock<tokio::sync::mpsc::Sender<OperatorMessage>>,
     pub(crate) config: BrokerConfig,
     pub(crate) acceptor: tokio_rustls::TlsAcceptor,
@@ -159,10 +161,12 @@ impl Broker {
                 cityplane_proto::topics::DEVICE_SUBSCRIBE_LEAF
             ))
             .map_err(|e| BrokerError::Link(e.to_string()))?;
-        let ingress = ingress::Ingress::start(router_tx.clone()).await?;
+        let backlog = Arc::new(backlog::Backlog::default());
+        let ingress = ingress::Ingress::start(router_tx.clone(), backlog.clone()).await?;
         let shared = Arc::new(Shared {
             dispatch: dispatch.clone(),
             ingress,
+            backlog,
             tap: std::sync::OnceLock::new(),
             acceptor: tokio_rustls::TlsAcceptor::from(tls),
             router_tx,
@@ -236,6 +240,16 @@ impl RunningBroker {
         self.shared.tap.set(tx).ok().map(|()| rx)
     }
 
+    /// Flow control for an in-process reader of device messages (the
+    /// controller): device publishes on `devices/+/<leaf>` for `leaves` wait
+    /// for credit before entering the router, and the reader gives it back
+    /// with [`backlog::Credit::consumed`] for each one it reads, so a reader
+    /// that falls behind slows devices down instead of losing messages (see
+    /// [`backlog`]). Only one reader can hold it; dropping it lifts the limit.
+    pub fn limit_device_backlog(&self, leaves: &[&'static str]) -> Option<backlog::Credit> {
+        self.shared.backlog.limit(leaves)
+    }
+
     /// Live MQTT sessions (after CONNECT).
     pub fn sessions(&self) -> usize {
         self.shared.registry.len()
@@ -266,11 +280,14 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 fn router_config(limits: &Limits) -> RouterConfig {
     // A full filter log drops its oldest segment even if a reader still
-    // needs it; size the logs generously so a fan-in burst is not lost.
+    // needs it; size the logs generously so a fan-in burst is not lost
+    // (the in-process controller's unread backlog is also capped, at half
+    // of these, by `backlog`).
     let mut custom = HashMap::new();
     for filter in [
         "devices/+/reported",
         "devices/+/acks",
+        "devices/+/presence",
         "devices/+/telemetry",
     ] {
         custom.insert(

@@ -64,6 +64,9 @@ pub struct Fleet {
     next_command: u64,
     /// Devices touched since the last commit.
     dirty: HashSet<String>,
+    /// Devices touched since the last reconcile (a subset of what the next
+    /// commit writes: with pipelined commits, one commit spans many turns).
+    to_reconcile: HashSet<String>,
     /// Optional check that a device id has a certificate.
     known_device: Box<dyn FnMut(&str) -> bool + Send>,
 }
@@ -93,6 +96,7 @@ impl Fleet {
             boot: format!("{:x}", now_ms()),
             next_command: 0,
             dirty: HashSet::new(),
+            to_reconcile: HashSet::new(),
             known_device,
         };
         // After a restart nobody is known to be online until they say so;
@@ -236,7 +240,9 @@ impl Fleet {
     }
 
     fn touch(&mut self, id: &str) {
-        self.dirty.insert(id.to_owned());
+        if !self.to_reconcile.contains(id) {
+            self.to_reconcile.insert(id.to_owned());
+        }
     }
 
     /// Recomputes the effective desired state of one device (or all), bumping
@@ -269,7 +275,7 @@ impl Fleet {
                     dev.desired_generation = seq;
                     dev.failed = None;
                 }
-                self.dirty.insert(id);
+                self.to_reconcile.insert(id);
                 changed += 1;
             }
         }
@@ -406,7 +412,8 @@ impl Fleet {
             .collect()
     }
 
-    /// Reconciles every dirty device and every device whose timer is due.
+    /// Reconciles every device touched since the last call and every device
+    /// whose timer is due; each is written by the next commit.
     /// Returns the commands to send after the commit.
     pub fn reconcile_due(&mut self, now: Millis) -> Vec<Outgoing> {
         while let Some(Reverse((at, _))) = self.timers.peek() {
@@ -414,13 +421,14 @@ impl Fleet {
                 break;
             }
             if let Some(Reverse((_, id))) = self.timers.pop() {
-                self.dirty.insert(id);
+                self.to_reconcile.insert(id);
             }
         }
-        let ids: Vec<String> = self.dirty.iter().cloned().collect();
+        let ids = std::mem::take(&mut self.to_reconcile);
         let mut out = Vec::new();
         for id in ids {
             self.reconcile_one(&id, now, &mut out);
+            self.dirty.insert(id);
         }
         out
     }
@@ -495,6 +503,11 @@ impl Fleet {
     /// Marks records whose commit failed, so the next commit writes them.
     pub fn mark_dirty(&mut self, ids: impl IntoIterator<Item = String>) {
         self.dirty.extend(ids);
+    }
+
+    /// Marks devices for the next reconcile (e.g. all of them after a restart).
+    pub fn reconcile_later(&mut self, ids: impl IntoIterator<Item = String>) {
+        self.to_reconcile.extend(ids);
     }
 
     pub fn has_dirty(&self) -> bool {

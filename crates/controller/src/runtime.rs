@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cityplane_broker::backlog::Credit;
 use cityplane_broker::{OperatorMessage, RunningBroker};
 use cityplane_proto::messages::Selector;
 use cityplane_proto::topics;
@@ -134,15 +135,19 @@ impl Controller {
             .link("cityplane-controller")
             .await
             .map_err(|e| ControllerError::Broker(e.to_string()))?;
-        for leaf in ["reported", "acks", "presence"] {
+        const LEAVES: [&str; 3] = ["reported", "acks", "presence"];
+        for leaf in LEAVES {
             tx.subscribe(format!("{}/+/{leaf}", topics::DEVICES))
                 .map_err(|e| ControllerError::Broker(e.to_string()))?;
         }
+        let credit = broker
+            .limit_device_backlog(&LEAVES)
+            .ok_or_else(|| ControllerError::Broker("device backlog already limited".into()))?;
         let tap = broker
             .tap_operator_messages()
             .ok_or_else(|| ControllerError::Broker("operator tap already taken".into()))?;
         let (events_tx, events) = mpsc::channel(8192);
-        tokio::spawn(read_link(rx, events_tx.clone()));
+        tokio::spawn(read_link(rx, events_tx.clone(), credit));
         tokio::spawn(read_tap(tap, events_tx));
         let (out_tx, out_rx) = mpsc::channel(8192);
         tokio::spawn(publish_to_router(tx, out_rx));
@@ -170,10 +175,14 @@ impl Controller {
     }
 }
 
-async fn read_link(mut rx: LinkRx, events: mpsc::Sender<Event>) {
+/// Router → events. Credit for each device message goes back to the broker
+/// as it is read here, so the router holds only a bounded unread backlog;
+/// beyond that, the events queue and then the devices wait.
+async fn read_link(mut rx: LinkRx, events: mpsc::Sender<Event>, credit: Credit) {
     loop {
         match rx.next().await {
             Ok(Some(Notification::Forward(forward))) => {
+                credit.consumed(&forward.publish.topic, &forward.publish.payload);
                 let topic = String::from_utf8_lossy(&forward.publish.topic).into_owned();
                 let Some((id, leaf)) = topics::split_device_topic(&topic) else {
                     continue;
@@ -306,7 +315,7 @@ async fn run(
     let mut retry_commit_at: Option<tokio::time::Instant> = None;
     // Everything already in the store may have work to do.
     let ids: Vec<String> = fleet.devices.keys().cloned().collect();
-    fleet.mark_dirty(ids);
+    fleet.reconcile_later(ids);
     loop {
         let far = tokio::time::Instant::now() + Duration::from_secs(3600);
         let wake = fleet
