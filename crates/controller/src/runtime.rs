@@ -279,7 +279,8 @@ impl Held {
 }
 
 struct CommitInFlight {
-    task: JoinHandle<(Changes, Result<(), StoreError>)>,
+    /// The ids of the device records written, and the outcome.
+    task: JoinHandle<(Vec<String>, Result<(), StoreError>)>,
     held: Held,
 }
 
@@ -335,10 +336,10 @@ async fn run(
                 }
             } => {
                 let held = in_flight.take().map(|c| c.held).unwrap_or_default();
-                let (changes, result) = match done {
+                let (written, result) = match done {
                     Ok(pair) => pair,
                     Err(e) => (
-                        Changes::default(),
+                        Vec::new(),
                         Err(StoreError::Transaction(format!("commit task failed: {e}"))),
                     ),
                 };
@@ -346,7 +347,7 @@ async fn run(
                     Ok(()) => send_all(&out, held.responses.into_iter().chain(held.commands)).await,
                     Err(e) => {
                         tracing::error!(error = %e, disk_full = e.is_disk_full(), "commit failed; holding changes and commands until storage works again");
-                        fleet.mark_dirty(changes.devices.iter().map(|d| d.id.clone()));
+                        fleet.mark_dirty(written);
                         // Commands are not sent before their record is durable;
                         // the timers re-send them once a commit succeeds.
                         send_all(&out, held.responses).await;
@@ -415,10 +416,7 @@ async fn run(
             };
             let store = store.clone();
             in_flight = Some(CommitInFlight {
-                task: tokio::task::spawn_blocking(move || {
-                    let result = store.commit(&changes);
-                    (changes, result)
-                }),
+                task: tokio::task::spawn_blocking(move || store.commit_owned(changes)),
                 held: std::mem::take(&mut held),
             });
         } else if !held.is_empty() {
@@ -443,9 +441,9 @@ async fn finish(
             Ok((_, Ok(()))) => {
                 send_all(out, c.held.responses.into_iter().chain(c.held.commands)).await
             }
-            Ok((changes, Err(e))) => {
+            Ok((written, Err(e))) => {
                 tracing::error!(error = %e, "commit failed at shutdown");
-                fleet.mark_dirty(changes.devices.iter().map(|d| d.id.clone()));
+                fleet.mark_dirty(written);
             }
             Err(e) => tracing::error!(error = %e, "commit task failed at shutdown"),
         }

@@ -182,6 +182,55 @@ impl Engine {
     }
 }
 
+/// A commit's records, encoded (and size-checked) before any I/O.
+struct Encoded {
+    docs: Vec<(Vec<u8>, Vec<u8>)>,
+    devices: Vec<(Vec<u8>, Vec<u8>)>,
+    audit: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Kept for the in-memory audit tail.
+    audit_entries: Vec<AuditEntry>,
+    seq: Option<u64>,
+}
+
+impl Encoded {
+    fn new(changes: &Changes) -> Result<Encoded, StoreError> {
+        let docs: Vec<(Vec<u8>, Vec<u8>)> = changes
+            .docs
+            .iter()
+            .map(|d| (d.name.as_bytes().to_vec(), json(d)))
+            .collect();
+        let devices: Vec<(Vec<u8>, Vec<u8>)> = changes
+            .devices
+            .iter()
+            .map(|d| (d.id.as_bytes().to_vec(), json(&**d)))
+            .collect();
+        let audit: Vec<(Vec<u8>, Vec<u8>)> = changes
+            .audit
+            .iter()
+            .map(|a| (a.seq.to_be_bytes().to_vec(), json(a)))
+            .collect();
+        if let Some((k, v)) = docs
+            .iter()
+            .chain(&devices)
+            .chain(&audit)
+            .find(|(_, v)| v.len() > MAX_RECORD)
+        {
+            return Err(StoreError::Transaction(format!(
+                "record {:?} is {} bytes, above the {MAX_RECORD}-byte limit",
+                String::from_utf8_lossy(k),
+                v.len()
+            )));
+        }
+        Ok(Encoded {
+            docs,
+            devices,
+            audit,
+            audit_entries: changes.audit.clone(),
+            seq: changes.seq,
+        })
+    }
+}
+
 impl Store {
     /// Opens (or creates) the store. `cache_bytes` bounds sled's page cache.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
@@ -260,33 +309,32 @@ impl Store {
         if changes.is_empty() {
             return Ok(());
         }
-        let docs: Vec<(Vec<u8>, Vec<u8>)> = changes
-            .docs
-            .iter()
-            .map(|d| (d.name.as_bytes().to_vec(), json(d)))
-            .collect();
-        let devices: Vec<(Vec<u8>, Vec<u8>)> = changes
-            .devices
-            .iter()
-            .map(|d| (d.id.as_bytes().to_vec(), json(&**d)))
-            .collect();
-        let audit: Vec<(Vec<u8>, Vec<u8>)> = changes
-            .audit
-            .iter()
-            .map(|a| (a.seq.to_be_bytes().to_vec(), json(a)))
-            .collect();
-        if let Some((k, v)) = docs
-            .iter()
-            .chain(&devices)
-            .chain(&audit)
-            .find(|(_, v)| v.len() > MAX_RECORD)
-        {
-            return Err(StoreError::Transaction(format!(
-                "record {:?} is {} bytes, above the {MAX_RECORD}-byte limit",
-                String::from_utf8_lossy(k),
-                v.len()
-            )));
+        let encoded = Encoded::new(changes)?;
+        self.write(encoded)
+    }
+
+    /// [`Store::commit`] for a caller that hands its changes over: the
+    /// device records are released as soon as they are encoded, before the
+    /// write and fsync, so a caller sharing them (`Arc`) can change them
+    /// again without copying. Returns the ids of the devices written.
+    pub fn commit_owned(&self, changes: Changes) -> (Vec<String>, Result<(), StoreError>) {
+        let ids = changes.devices.iter().map(|d| d.id.clone()).collect();
+        if changes.is_empty() {
+            return (ids, Ok(()));
         }
+        let encoded = Encoded::new(&changes);
+        drop(changes);
+        (ids, encoded.and_then(|e| self.write(e)))
+    }
+
+    fn write(&self, encoded: Encoded) -> Result<(), StoreError> {
+        let Encoded {
+            docs,
+            devices,
+            audit,
+            audit_entries,
+            seq,
+        } = encoded;
         let deferred = std::mem::take(
             &mut *self
                 .deferred_audit
@@ -307,7 +355,7 @@ impl Store {
                     batch.insert(k.as_slice(), v.as_slice());
                 }
                 e.devices.apply_batch(batch)?;
-                if let Some(seq) = changes.seq {
+                if let Some(seq) = seq {
                     e.meta.insert("seq", &seq.to_be_bytes())?;
                 }
                 e.db.flush()?;
@@ -325,7 +373,7 @@ impl Store {
                     for (k, v) in &audit {
                         audit_t.insert(k.as_slice(), v.as_slice())?;
                     }
-                    if let Some(seq) = changes.seq {
+                    if let Some(seq) = seq {
                         meta_t.insert("seq", &seq.to_be_bytes())?;
                     }
                     Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
@@ -338,7 +386,7 @@ impl Store {
             e.data_file.sync_data()?;
             // Still under the engine's lock: in the order of the commits.
             let mut recent = self.recent_audit.lock().unwrap_or_else(|e| e.into_inner());
-            recent.extend(deferred.iter().chain(&changes.audit).cloned());
+            recent.extend(deferred.iter().chain(&audit_entries).cloned());
             let excess = recent.len().saturating_sub(AUDIT_KEPT);
             recent.drain(..excess);
             Ok(())
