@@ -603,9 +603,8 @@ fn acknowledged_commits_survive_power_loss() {
     );
 }
 
-/// The same through `Store::commit`'s cheaper path for commits that hold
-/// only device records (one atomic batch, then the sequence): what the
-/// controller writes for reports, acks and reconciles.
+/// The same for commits that hold only device records and the sequence (no
+/// audit entry): what the controller writes for reports, acks and reconciles.
 #[test]
 fn device_only_commits_survive_power_loss() {
     if !loop_devices_available("device_only_commits_survive_power_loss") {

@@ -49,7 +49,7 @@ struct Opts {
     max: Option<u64>,
     devices: Option<u64>,
     pad: Option<usize>,
-    /// Commits without an audit entry: `Store::commit`'s batch path.
+    /// Commits without an audit entry, like the controller's for reports.
     device_only: bool,
 }
 
