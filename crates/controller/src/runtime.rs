@@ -536,6 +536,9 @@ async fn handle_operator(
                         } else {
                             format!("the controller could not store the write: {e}")
                         };
+                        // The failed commit may have reached the disk anyway:
+                        // the next commit that succeeds puts back what was.
+                        store.defer_restore_doc(&doc.name, fleet.docs.get(&doc.name).cloned());
                         // The refusal is audited (under the entry's sequence)
                         // once a commit succeeds again.
                         store.defer_audit([crate::model::AuditEntry {

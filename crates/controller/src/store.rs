@@ -102,6 +102,10 @@ pub struct Store {
     /// Audit entries a failed commit could not write; written with the
     /// next commit that succeeds.
     deferred_audit: std::sync::Mutex<Vec<AuditEntry>>,
+    /// Documents as they were before a commit that failed: it may have
+    /// reached the disk all the same (e.g. written, then fsync failed), so
+    /// the next commit that succeeds writes them back (`None`: deletes).
+    deferred_docs: std::sync::Mutex<Vec<(String, Option<DocRecord>)>>,
 }
 
 struct Engine {
@@ -252,6 +256,7 @@ impl Store {
             engine: std::sync::Mutex::new(Some(engine)),
             recent_audit: std::sync::Mutex::new(recent),
             deferred_audit: std::sync::Mutex::new(Vec::new()),
+            deferred_docs: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -345,6 +350,12 @@ impl Store {
             .map(|a| (a.seq.to_be_bytes().to_vec(), json(a)))
             .chain(audit)
             .collect();
+        let restores =
+            std::mem::take(&mut *self.deferred_docs.lock().unwrap_or_else(|e| e.into_inner()));
+        let restored: Vec<(Vec<u8>, Option<Vec<u8>>)> = restores
+            .iter()
+            .map(|(name, doc)| (name.as_bytes().to_vec(), doc.as_ref().map(json)))
+            .collect();
         let result = self.with(|e| {
             // One multi-tree transaction even for device-only commits: sled's
             // `apply_batch` was ~10 % cheaper in CPU, but kept superseded
@@ -352,6 +363,12 @@ impl Store {
             // each, 3.3 GiB after 8; transactions: 0.9 and 1.0 GiB).
             (&e.docs, &e.devices, &e.audit, &e.meta)
                 .transaction(|(docs_t, devices_t, audit_t, meta_t)| {
+                    for (k, v) in &restored {
+                        match v {
+                            Some(v) => docs_t.insert(k.as_slice(), v.as_slice())?,
+                            None => docs_t.remove(k.as_slice())?,
+                        };
+                    }
                     for (k, v) in &docs {
                         docs_t.insert(k.as_slice(), v.as_slice())?;
                     }
@@ -386,7 +403,21 @@ impl Store {
                 .unwrap_or_else(|e| e.into_inner());
             again.splice(0..0, deferred);
         }
+        if result.is_err() && !restores.is_empty() {
+            let mut again = self.deferred_docs.lock().unwrap_or_else(|e| e.into_inner());
+            again.splice(0..0, restores);
+        }
         result
+    }
+
+    /// After a failed commit of document `name`: make the disk say what it
+    /// said before (`previous`, or no document) with the next commit that
+    /// succeeds, so a write refused to the operator cannot reappear.
+    pub fn defer_restore_doc(&self, name: &str, previous: Option<DocRecord>) {
+        self.deferred_docs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((name.to_owned(), previous));
     }
 
     /// Audit entries a failed commit did not write (e.g. the refusal of a
@@ -463,4 +494,66 @@ fn decode_u64(bytes: &[u8]) -> u64 {
     let n = bytes.len().min(8);
     buf[8 - n..].copy_from_slice(&bytes[bytes.len() - n..]);
     u64::from_be_bytes(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cityplane_proto::messages::{IdList, Target};
+
+    fn doc(name: &str, generation: u64) -> DocRecord {
+        DocRecord {
+            name: name.into(),
+            target: Target::Ids(IdList {
+                ids: vec!["d1".into()],
+            }),
+            priority: 0,
+            state: Default::default(),
+            generation,
+            seq: generation,
+            author: "op".into(),
+            written_at: 0,
+        }
+    }
+
+    fn docs(store: &Store) -> Vec<(String, u64)> {
+        let mut docs: Vec<_> = store
+            .load()
+            .expect("load")
+            .docs
+            .into_iter()
+            .map(|d| (d.name, d.generation))
+            .collect();
+        docs.sort();
+        docs
+    }
+
+    #[test]
+    fn a_refused_document_write_is_undone_by_the_next_commit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), 1 << 20).expect("open");
+        let commit_doc = |d: DocRecord| {
+            store
+                .commit(&Changes {
+                    docs: vec![d],
+                    ..Default::default()
+                })
+                .expect("commit")
+        };
+        commit_doc(doc("kept", 1));
+        // As if these two had reached the disk although their commits failed.
+        commit_doc(doc("kept", 2));
+        commit_doc(doc("new", 1));
+        store.defer_restore_doc("kept", Some(doc("kept", 1)));
+        store.defer_restore_doc("new", None);
+        assert_eq!(docs(&store), [("kept".into(), 2), ("new".into(), 1)]);
+        commit_doc(doc("other", 1));
+        assert_eq!(docs(&store), [("kept".into(), 1), ("other".into(), 1)]);
+        // Done once: later commits leave documents alone.
+        commit_doc(doc("new", 1));
+        assert_eq!(
+            docs(&store),
+            [("kept".into(), 1), ("new".into(), 1), ("other".into(), 1)]
+        );
+    }
 }
