@@ -3,58 +3,20 @@
 //! no device applies a command twice. Uses the real binary, the operator CLI
 //! and the simulator, all over mutual TLS on 127.0.0.1.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cityplane_agent_sim::{Backoff, Fleet, PresenceMode, SimConfig};
 use cityplane_certs::Pki;
 use cityplane_proto::Role;
+use common::{free_port, Server, BIN};
 use serde_json::{json, Value};
 
 const DEVICES: usize = 200;
 const RUNS: usize = 20;
-const BIN: &str = env!("CARGO_BIN_EXE_cityplane");
-
-struct Server {
-    child: Child,
-}
-
-impl Server {
-    fn start(pki: &Path, data: &Path, port: u16, log: &Path) -> Server {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("log");
-        let child = Command::new(BIN)
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--pki")
-            .arg(pki)
-            .arg("--data")
-            .arg(data)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("serve starts");
-        Server { child }
-    }
-
-    fn kill(mut self) {
-        // SIGKILL: no chance to flush or say goodbye.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn cli(pki: &Path, port: u16, args: &[&str]) -> Command {
     let mut cmd = Command::new(BIN);
@@ -75,13 +37,6 @@ fn status(pki: &Path, port: u16) -> Option<Value> {
         .success()
         .then(|| serde_json::from_slice(&out.stdout).ok())
         .flatten()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 /// A small deterministic generator for the kill moments (no rand dependency).
@@ -129,7 +84,7 @@ async fn sigkill_during_a_change_loses_nothing_and_applies_nothing_twice() {
     pki.issue_bulk(Role::Device, "dev", DEVICES, |_| {})
         .expect("devices");
     let port = free_port();
-    let mut server = Some(Server::start(&pki_dir, &data, port, &log));
+    let mut server = Some(Server::start(&pki_dir, &data, port, &log, "warn"));
 
     let mut sim = SimConfig::new(&pki_dir, format!("localhost:{port}"), "dev", DEVICES);
     sim.presence = PresenceMode::Skip;
@@ -170,7 +125,7 @@ async fn sigkill_during_a_change_loses_nothing_and_applies_nothing_twice() {
         })
         .await
         .expect("join");
-        server = Some(Server::start(&pki_dir, &data, port, &log));
+        server = Some(Server::start(&pki_dir, &data, port, &log, "warn"));
 
         if acked {
             acked_runs += 1;

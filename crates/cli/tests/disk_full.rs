@@ -15,19 +15,21 @@
 //! Without them the test is skipped with a message, unless
 //! `CITYPLANE_REQUIRE_LOOP=1` (CI), where it fails.
 
+mod common;
+
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cityplane::client::{ConnectArgs, Operator};
 use cityplane_agent_sim::{Backoff, Fleet, PresenceMode, SimConfig};
 use cityplane_certs::Pki;
 use cityplane_proto::Role;
+use common::{free_port, Server};
 use serde_json::{json, Value};
 
-const BIN: &str = env!("CARGO_BIN_EXE_cityplane");
 const DEVICES: usize = 5;
 /// The key every document sets (any device class accepts it).
 const KEY: &str = "maintenance_window";
@@ -185,68 +187,6 @@ fn fill_up(path: &Path) -> u64 {
 // ---------------------------------------------------------------------------
 // The server and the operator.
 
-/// `cityplane serve`, killed (SIGKILL) and reaped when dropped.
-struct Server {
-    child: Child,
-}
-
-impl Server {
-    fn start(pki: &Path, data: &Path, port: u16, log: &Path) -> Server {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("log");
-        let child = Command::new(BIN)
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--pki")
-            .arg(pki)
-            .arg("--data")
-            .arg(data)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("serve starts");
-        Server { child }
-    }
-
-    fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// Ctrl-C (SIGINT), as a user stops it; waits for it to exit.
-    fn stop(mut self) -> std::process::ExitStatus {
-        try_run("kill", &["-INT", &self.child.id().to_string()]).unwrap_or_else(|e| panic!("{e}"));
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait for serve") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "serve did not stop within {DEADLINE:?} of SIGINT"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 /// Connects the operator, retrying while the server is still starting.
 async fn operator(pki: &Path, port: u16, server: &mut Server, log: &Path) -> Operator {
     let args = ConnectArgs {
@@ -392,7 +332,7 @@ async fn disk_full_story(test: &str) {
         .expect("devices");
 
     let port = free_port();
-    let mut server = Server::start(&pki_dir, &data, port, &log);
+    let mut server = Server::start(&pki_dir, &data, port, &log, "info");
     let mut op = operator(&pki_dir, port, &mut server, &log).await;
 
     let mut sim = SimConfig::new(&pki_dir, format!("localhost:{port}"), "dev", DEVICES);
@@ -508,9 +448,9 @@ async fn disk_full_story(test: &str) {
     // 6. Restart on the same data: what was accepted is there, the refused
     //    writes are not (nothing half-applied).
     op.disconnect().await;
-    let exit = server.stop();
+    let exit = server.stop(DEADLINE);
     assert!(exit.success(), "serve exited with {exit}: {}", read(&log));
-    let mut server = Server::start(&pki_dir, &data, port, &log);
+    let mut server = Server::start(&pki_dir, &data, port, &log, "info");
     let mut op = operator(&pki_dir, port, &mut server, &log).await;
     assert!(fleet.wait_online(DEVICES, DEADLINE).await, "fleet back");
     wait_converged(&mut op, &fleet, "03:00-05:00", "after restart").await;
@@ -552,7 +492,7 @@ async fn disk_full_story(test: &str) {
     assert!(!log_text.contains("panicked"), "serve panicked: {log_text}");
     op.disconnect().await;
     fleet.shutdown().await;
-    let exit = server.stop();
+    let exit = server.stop(DEADLINE);
     assert!(exit.success(), "serve exited with {exit}: {}", read(&log));
 }
 

@@ -1,0 +1,82 @@
+//! `cityplane serve` as a child process, shared by the cli crate's tests.
+
+#![allow(dead_code)] // each test file uses its own part
+
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_cityplane");
+
+/// `cityplane serve`, killed (SIGKILL) and reaped when dropped.
+pub struct Server {
+    child: Child,
+}
+
+impl Server {
+    /// Starts serve on 127.0.0.1:`port`, its log appended to `log`.
+    pub fn start(pki: &Path, data: &Path, port: u16, log: &Path, rust_log: &str) -> Server {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log");
+        let child = Command::new(BIN)
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--pki")
+            .arg(pki)
+            .arg("--data")
+            .arg(data)
+            .env("RUST_LOG", rust_log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("serve starts");
+        Server { child }
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGKILL: no chance to flush or say goodbye.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Ctrl-C (SIGINT), as a user stops it; waits up to `within` for the exit.
+    pub fn stop(mut self, within: Duration) -> ExitStatus {
+        let sent = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "kill -INT failed: {sent}");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for serve") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "serve did not stop within {within:?} of SIGINT"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
