@@ -1,6 +1,7 @@
-//! A burst of device reports bigger than the router's message log (rumqttd
-//! drops a full log's oldest segment even when a reader is behind) reaches
-//! the controller whole: devices are slowed down, no report is lost.
+//! Flow control, end to end: a burst of device reports bigger than the
+//! router's message log (rumqttd drops a full log's oldest segment even when
+//! a reader is behind) reaches the controller whole, devices are slowed down
+//! instead; and a subscriber that never reads slows nobody.
 
 mod common;
 
@@ -63,4 +64,79 @@ async fn a_report_burst_larger_than_the_router_log_loses_nothing() {
     }
     op.close().await;
     s.stop().await;
+}
+
+/// An operator that subscribes to everything and then never reads (a hung
+/// dashboard) slows no one: the broker stops feeding it, the controller's
+/// writes, commands and answers go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_never_reads_blocks_nobody() {
+    let mut s = Server::start().await;
+    s.pki
+        .issue(cityplane_proto::Role::Operator, "hung")
+        .expect("operator");
+    let ids = s.devices("lamp", 40);
+    let mut devices = Vec::new();
+    for id in &ids {
+        let mut d = Device::new(
+            &s,
+            id,
+            json!({"class": "streetlight", "labels": {"zone": "north"}, "dimming": 100}),
+        );
+        d.connect(s.addr).await;
+        devices.push(d);
+    }
+    let hung = hung_subscriber(&s, &["fleet/#", "devices/+/reported"]).await;
+    let mut op = s.operator().await;
+
+    // 40 devices × 20 reports × 32 KiB = 25 MiB: far more than the hung client's
+    // socket buffers hold, all of it addressed to it too.
+    let pad = "p".repeat(32 * 1024);
+    for round in 0..20 {
+        for d in &devices {
+            d.tamper("pad", json!(format!("{round}{pad}"))).await;
+        }
+    }
+    let answer = op
+        .apply(json!({"name": "dim", "target": {"class": "streetlight"}, "state": {"dimming": 30}}))
+        .await;
+    assert_eq!(answer["status"], "accepted", "{answer}");
+    op.eventually_status(json!({"name": "dim"}), "converged", |v| {
+        v["total"] == 40 && v["converged"] == 40
+    })
+    .await;
+    for d in &devices {
+        assert_eq!(d.get("dimming"), Some(json!(30)), "{}", d.id);
+    }
+    drop(hung);
+    op.close().await;
+    s.stop().await;
+}
+
+/// Connects, subscribes, and from then on never reads its socket.
+async fn hung_subscriber(
+    s: &Server,
+    filters: &[&str],
+) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+    let mut opts = rumqttc::MqttOptions::new("hung", "localhost", s.addr.port());
+    opts.set_keep_alive(std::time::Duration::from_secs(60));
+    opts.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(tls(s.pki_path(), "hung")),
+    ));
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 16);
+    for f in filters {
+        client
+            .subscribe(*f, rumqttc::QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+    }
+    let mut subacks = 0;
+    while subacks < filters.len() {
+        if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) =
+            eventloop.poll().await.expect("hung subscriber connects")
+        {
+            subacks += 1;
+        }
+    }
+    (client, eventloop)
 }
