@@ -121,14 +121,18 @@ async fn two_hundred_mixed_devices_converge_even_when_some_reboot_mid_change() {
     loop {
         let (have, total) = fleet.count_with("maintenance_window", &window, None);
         let st = status(&mut op, json!({})).await;
-        if have == total && st["pending"] == 0 {
+        // The rebooted devices are back too (the change may well have
+        // converged before they went down).
+        let back = fleet.stats().reconnects >= 20 && st["online"] == 200;
+        if have == total && st["pending"] == 0 && back {
             assert_eq!(st["failed"], 0, "{st}");
             assert_eq!(st["converged"], 200, "{st}");
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "{have}/{total} devices changed; controller: {st}"
+            "{have}/{total} devices changed, {} reconnects; controller: {st}",
+            fleet.stats().reconnects
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
