@@ -56,9 +56,9 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Write as _};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -68,13 +68,15 @@ use cityplane_agent_sim::tls::TlsBase;
 use cityplane_agent_sim::{Percentiles, PresenceMode, SimConfig};
 use cityplane_broker::{Broker, BrokerConfig, Limits};
 use cityplane_certs::Pki;
-use cityplane_proto::{topics, Role};
+use cityplane_proto::topics;
+use cityplane_testkit::mosquitto::{self, MOSQUITTO};
+use cityplane_testkit::process::{self, kill_registered_children, ChildGuard};
+use cityplane_testkit::{bench, machine};
 use serde::Serialize;
 use serde_json::{json, Value};
 
 const DEVICE_PREFIX: &str = "sim";
 const CONTROLLER_ID: &str = "sim-ctl";
-const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 /// The simulator's wait for every device to be online (connect-storm and the
 /// start of steady).
 const ONLINE_WAIT: Duration = Duration::from_secs(60);
@@ -111,29 +113,17 @@ fn opts() -> Result<Opts> {
         steady_connect_rate: STEADY_CONNECT_RATE,
         only: env("CITYPLANE_BENCH_ONLY"),
     };
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let (key, inline) = match arg.split_once('=') {
-            Some((k, v)) => (k.to_owned(), Some(v.to_owned())),
-            None => (arg.clone(), None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| args.next())
-                .ok_or_else(|| anyhow!("{key} needs a value"))
-        };
-        match key.as_str() {
+    bench::parse_args(std::env::args().skip(1), |key, value| {
+        match key {
             "--devices" => o.devices = value()?.parse()?,
             "--steady-secs" => o.steady_secs = value()?.parse()?,
             "--telemetry-ms" => o.telemetry_ms = value()?.parse()?,
             "--cmd-rate" => o.cmd_rate = value()?.parse()?,
             "--only" => o.only = Some(value()?),
-            "--bench" => {} // passed by `cargo bench`
-            other if other.starts_with('-') => eprintln!("ignoring unknown option {other}"),
-            _ => {} // a name filter from `cargo bench NAME`: nothing to filter
+            _ => return Ok(false),
         }
-    }
+        Ok(true)
+    })?;
     if o.devices == 0 {
         bail!("--devices must be at least 1");
     }
@@ -212,14 +202,8 @@ fn broker_child() -> Result<()> {
             },
         })
         .await?;
-        println!("PORT {}", broker.local_addr().port());
-        std::io::stdout().flush()?;
-        // EOF on stdin: the parent is gone or done with us.
-        let _ = tokio::task::spawn_blocking(|| {
-            let mut sink = Vec::new();
-            let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
-        })
-        .await;
+        bench::announce_port(broker.local_addr().port())?;
+        let _ = tokio::task::spawn_blocking(bench::wait_for_stdin_eof).await;
         let _ = tokio::time::timeout(Duration::from_secs(5), broker.shutdown()).await;
         Ok(())
     })
@@ -257,8 +241,8 @@ fn sim_child() -> Result<()> {
     let report = rt.block_on(scenario::run(config, opts, &hidden))?;
     let out = json!({
         "report": report,
-        "cpu_s": proc_cpu("self").as_secs_f64(),
-        "rss_peak_kib": proc_status_kib("self", "VmHWM:"),
+        "cpu_s": process::cpu_time("self").as_secs_f64(),
+        "rss_peak_kib": process::status_kib("self", "VmHWM:"),
     });
     println!("REPORT {}", serde_json::to_string(&out)?);
     std::io::stdout().flush()?;
@@ -267,57 +251,6 @@ fn sim_child() -> Result<()> {
 
 // ---------------------------------------------------------------------------
 // Child processes
-
-/// Pids to kill if we exit early (Ctrl-C) or on error.
-static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
-
-fn kill_registered_children() {
-    let pids = std::mem::take(&mut *CHILDREN.lock().unwrap_or_else(|e| e.into_inner()));
-    for pid in pids {
-        let _ = Command::new("kill")
-            .arg("-KILL")
-            .arg(pid.to_string())
-            .status();
-    }
-}
-
-/// Kills and reaps the child when dropped.
-struct ChildGuard {
-    child: Child,
-}
-
-impl ChildGuard {
-    fn new(child: Child) -> Self {
-        CHILDREN
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(child.id());
-        ChildGuard { child }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn check_alive(&mut self, name: &str) -> Result<()> {
-        match self.child.try_wait()? {
-            Some(status) => bail!("{name} exited early: {status}"),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let pid = self.child.id();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        CHILDREN
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|p| *p != pid);
-    }
-}
 
 /// Reads a child's stdout on a thread: the first line starting with
 /// `prefix` (without it) goes to the returned channel; `eof` is set when the
@@ -369,7 +302,7 @@ impl Kind {
 fn start_broker(kind: Kind, pki: &Pki, bench_dir: &Path) -> Result<(ChildGuard, SocketAddr)> {
     match kind {
         Kind::Cityplane => start_cityplane(pki.dir(), bench_dir),
-        Kind::Mosquitto => start_mosquitto(pki, bench_dir),
+        Kind::Mosquitto => mosquitto::start("sim_vs_mosquitto", pki, bench_dir, "sim-"),
     }
 }
 
@@ -406,59 +339,6 @@ fn start_cityplane(pki: &Path, bench_dir: &Path) -> Result<(ChildGuard, SocketAd
         .parse()
         .with_context(|| format!("unexpected broker output {port:?}"))?;
     Ok((guard, SocketAddr::from(([127, 0, 0, 1], port))))
-}
-
-fn start_mosquitto(pki: &Pki, bench_dir: &Path) -> Result<(ChildGuard, SocketAddr)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    // As broker_vs_mosquitto: no persistence, generous queues, mTLS with the
-    // certificate CN as the user name.
-    let conf = format!(
-        "# generated by the sim_vs_mosquitto bench\n\
-         per_listener_settings false\n\
-         user root\n\
-         persistence false\n\
-         log_dest stderr\n\
-         log_type error\n\
-         allow_anonymous false\n\
-         set_tcp_nodelay true\n\
-         max_inflight_messages 100\n\
-         max_queued_messages 100000\n\
-         listener {port} 127.0.0.1\n\
-         cafile {}\n\
-         certfile {}\n\
-         keyfile {}\n\
-         require_certificate true\n\
-         use_identity_as_username true\n",
-        pki.ca_cert_path().display(),
-        pki.server_cert_path().display(),
-        pki.server_key_path().display(),
-    );
-    let conf_path = bench_dir.join("sim-mosquitto.conf");
-    std::fs::write(&conf_path, conf)?;
-    let log = File::create(bench_dir.join("sim-mosquitto.log"))?;
-    let child = Command::new(MOSQUITTO)
-        .arg("-c")
-        .arg(&conf_path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .with_context(|| format!("spawn {MOSQUITTO}"))?;
-    let mut guard = ChildGuard::new(child);
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        guard.check_alive("mosquitto (see target/bench/sim-mosquitto.log)")?;
-        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return Ok((guard, addr));
-        }
-        if Instant::now() > deadline {
-            bail!("mosquitto is not listening on {addr} after 10 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// The simulator as a child process running one scenario.
@@ -532,32 +412,6 @@ impl SimChild {
 // ---------------------------------------------------------------------------
 // /proc
 
-fn proc_status_kib(pid: &str, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// User + system CPU time of a process.
-fn proc_cpu(pid: &str) -> Duration {
-    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let rest = s.rsplit_once(')')?.1;
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-        })
-        .unwrap_or(0);
-    // CLK_TCK is 100 on every Linux we run on.
-    Duration::from_millis(ticks * 10)
-}
-
 /// Machine-wide CPU time from /proc/stat: (user + nice + system + irq +
 /// softirq, steal). Interrupt time is in: a process's system time can include
 /// the loopback traffic's softirq work, which /proc/stat books apart.
@@ -576,67 +430,6 @@ fn machine_cpu() -> (Duration, Duration) {
         Duration::from_millis((t(0) + t(1) + t(2) + t(5) + t(6)) * 10),
         Duration::from_millis(t(7) * 10),
     )
-}
-
-fn first_line_of(path: &str, key: &str) -> String {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into())
-}
-
-fn machine_info() -> Value {
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map_or("unknown".to_owned(), |s| s.trim().to_owned());
-    let os = std::fs::read_to_string("/etc/os-release")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("PRETTY_NAME="))
-                .map(|v| v.trim_matches('"').to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    let date = time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
-    let mosquitto = Command::new(MOSQUITTO)
-        .arg("-h")
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .map(|l| l.trim().to_owned())
-        })
-        .unwrap_or_else(|| "not installed".into());
-    let open_files = std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Max open files"))
-                .and_then(|l| l.split_whitespace().nth(3).map(str::to_owned))
-        })
-        .unwrap_or_else(|| "?".into());
-    let mem_total_kib: u64 = first_line_of("/proc/meminfo", "MemTotal")
-        .trim_end_matches(" kB")
-        .parse()
-        .unwrap_or(0);
-    json!({
-        "date": date,
-        "cpu_model": first_line_of("/proc/cpuinfo", "model name"),
-        "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        "mem_total_kib": mem_total_kib,
-        "kernel": kernel,
-        "os": os,
-        "mosquitto": mosquitto,
-        "open_files_limit": open_files,
-    })
 }
 
 // ---------------------------------------------------------------------------
@@ -790,7 +583,7 @@ async fn steady_controller(
     counts.clear();
     acks.clear();
     let t0 = Instant::now();
-    let cpu0 = proc_cpu(&pid);
+    let cpu0 = process::cpu_time(&pid);
     let end = t0 + window;
     let mut sent_at: Vec<Instant> = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(10));
@@ -809,7 +602,7 @@ async fn steady_controller(
                     sent_at.push(now);
                 }
                 if load.broker_rss_connected_kib == 0 && now >= t0 + window / 2 {
-                    load.broker_rss_connected_kib = proc_status_kib(&pid, "VmRSS:");
+                    load.broker_rss_connected_kib = process::status_kib(&pid, "VmRSS:");
                 }
             }
             packet = client.recv() => {
@@ -818,7 +611,7 @@ async fn steady_controller(
         }
         client.flush().await?;
     }
-    let cpu1 = proc_cpu(&pid);
+    let cpu1 = process::cpu_time(&pid);
     let window_s = t0.elapsed().as_secs_f64();
     let delivered: u64 = counts.values().sum();
     load.delivered_telemetry = counts.get("telemetry").copied().unwrap_or(0);
@@ -915,10 +708,10 @@ async fn run_scenario(
         Scenario::Steady => Some(connect_controller(addr, pki).await?),
         _ => None,
     };
-    let rss_idle = proc_status_kib(&pid, "VmRSS:");
-    let cpu0 = proc_cpu(&pid);
+    let rss_idle = process::status_kib(&pid, "VmRSS:");
+    let cpu0 = process::cpu_time(&pid);
     let (machine0, steal0) = machine_cpu();
-    let own0 = proc_cpu("self");
+    let own0 = process::cpu_time("self");
     let sim = SimChild::spawn(kind, scenario, addr, pki.dir(), opts, bench_dir)?;
     println!(
         "  {} {}: broker pid {}, simulator pid {}",
@@ -940,12 +733,12 @@ async fn run_scenario(
         };
     let out = sim.finish(budget).await?;
     broker.check_alive(kind.name())?;
-    let cpu1 = proc_cpu(&pid);
+    let cpu1 = process::cpu_time(&pid);
     let (machine1, steal1) = machine_cpu();
-    let own1 = proc_cpu("self");
+    let own1 = process::cpu_time("self");
     let rss_loaded = match &load {
         Some(l) => l.broker_rss_connected_kib,
-        None => proc_status_kib(&pid, "VmHWM:"),
+        None => process::status_kib(&pid, "VmHWM:"),
     };
     drop(broker);
     let online = num(&out["report"], "/connect/online");
@@ -1053,9 +846,9 @@ async fn run(opts: Opts) -> Result<()> {
         }
     });
     let started = Instant::now();
-    let bench_dir = target_dir().join("bench");
+    let bench_dir = bench::target_dir().join("bench");
     std::fs::create_dir_all(&bench_dir)?;
-    let machine = machine_info();
+    let machine = machine::describe();
     println!(
         "sim_vs_mosquitto: {} devices; machine {machine}",
         opts.devices
@@ -1068,7 +861,7 @@ async fn run(opts: Opts) -> Result<()> {
         kinds.push(Kind::Cityplane);
     }
     if want(Kind::Mosquitto) {
-        if Path::new(MOSQUITTO).exists() {
+        if mosquitto::installed() {
             kinds.push(Kind::Mosquitto);
         } else {
             println!("{MOSQUITTO} not found: mosquitto skipped, cityplane only");
@@ -1102,41 +895,14 @@ async fn run(opts: Opts) -> Result<()> {
         "results": results,
         "total_run_s": started.elapsed().as_secs_f64(),
     });
-    println!("\nBENCH_JSON {}", serde_json::to_string(&json)?);
-    let path = bench_dir.join("sim_vs_mosquitto.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
-    println!(
-        "written to {} (total {:.0} s)",
-        path.display(),
-        started.elapsed().as_secs_f64()
-    );
-    Ok(())
-}
-
-fn target_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
-        return PathBuf::from(dir);
-    }
-    // target/<profile>/deps/<bench binary>
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.ancestors().nth(3).map(Path::to_path_buf))
-        .filter(|t| t.join("CACHEDIR.TAG").exists())
-        .unwrap_or_else(|| PathBuf::from("target"))
+    bench::write_result(&bench_dir, "sim_vs_mosquitto", &json, started)
 }
 
 /// Kept in target/bench/sim-pki between runs; identities that already have
 /// a certificate are not issued again.
 fn prepare_pki(dir: &Path, devices: usize) -> Result<Pki> {
     let t0 = Instant::now();
-    let pki = match Pki::open(dir) {
-        Ok(pki) if pki.ca_key_path().exists() => pki,
-        _ => Pki::init(dir, true)?,
-    };
-    pki.issue_bulk(Role::Device, DEVICE_PREFIX, devices, |_| {})?;
-    if !pki.cert_path(CONTROLLER_ID).exists() {
-        pki.issue(Role::Controller, CONTROLLER_ID)?;
-    }
+    let pki = bench::prepare_pki(dir, DEVICE_PREFIX, devices, CONTROLLER_ID, |_| {})?;
     println!(
         "PKI ready in {:.1} s: {} ({devices} devices + {CONTROLLER_ID})",
         t0.elapsed().as_secs_f64(),

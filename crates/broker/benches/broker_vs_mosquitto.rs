@@ -33,10 +33,10 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write as _};
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -46,9 +46,10 @@ use bytes::{Buf, BytesMut};
 use cityplane_broker::mqtt::{encode_publish, encode_remaining_length};
 use cityplane_broker::{Broker, BrokerConfig, Limits};
 use cityplane_certs::Pki;
-use cityplane_proto::Role;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use cityplane_testkit::mosquitto::{self, MOSQUITTO};
+use cityplane_testkit::process::{self, kill_registered_children, ChildGuard};
+use cityplane_testkit::{bench, machine, tls};
+use rustls::pki_types::ServerName;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
@@ -92,28 +93,16 @@ fn opts() -> Result<Opts> {
         fanin_interval_ms: 20,
         only: env("CITYPLANE_BENCH_ONLY"),
     };
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let (key, inline) = match arg.split_once('=') {
-            Some((k, v)) => (k.to_owned(), Some(v.to_owned())),
-            None => (arg.clone(), None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| args.next())
-                .ok_or_else(|| anyhow!("{key} needs a value"))
-        };
-        match key.as_str() {
+    bench::parse_args(std::env::args().skip(1), |key, value| {
+        match key {
             "--clients" => o.clients = value()?.parse()?,
             "--cmd-secs" => o.cmd_secs = value()?.parse()?,
             "--fanin-msgs" => o.fanin_msgs = value()?.parse()?,
             "--only" => o.only = Some(value()?),
-            "--bench" => {} // passed by `cargo bench`
-            other if other.starts_with('-') => eprintln!("ignoring unknown option {other}"),
-            _ => {} // a name filter from `cargo bench NAME`: nothing to filter
+            _ => return Ok(false),
         }
-    }
+        Ok(true)
+    })?;
     if o.clients == 0 {
         bail!("--clients must be at least 1");
     }
@@ -174,14 +163,8 @@ fn broker_child() -> Result<()> {
             limits: Limits::default(),
         };
         let broker = Broker::start(config).await?;
-        println!("PORT {}", broker.local_addr().port());
-        std::io::stdout().flush()?;
-        // EOF on stdin: the parent is gone or done with us.
-        let _ = tokio::task::spawn_blocking(|| {
-            let mut sink = Vec::new();
-            let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
-        })
-        .await;
+        bench::announce_port(broker.local_addr().port())?;
+        let _ = tokio::task::spawn_blocking(bench::wait_for_stdin_eof).await;
         let _ = tokio::time::timeout(Duration::from_secs(5), broker.shutdown()).await;
         Ok(())
     })
@@ -189,57 +172,6 @@ fn broker_child() -> Result<()> {
 
 // ---------------------------------------------------------------------------
 // Child processes
-
-/// Pids to kill if we exit early (Ctrl-C) or on error.
-static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
-
-fn kill_registered_children() {
-    let pids = std::mem::take(&mut *CHILDREN.lock().unwrap_or_else(|e| e.into_inner()));
-    for pid in pids {
-        let _ = Command::new("kill")
-            .arg("-KILL")
-            .arg(pid.to_string())
-            .status();
-    }
-}
-
-/// Kills and reaps the child when dropped.
-struct ChildGuard {
-    child: Child,
-}
-
-impl ChildGuard {
-    fn new(child: Child) -> Self {
-        CHILDREN
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(child.id());
-        ChildGuard { child }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn check_alive(&mut self, name: &str) -> Result<()> {
-        match self.child.try_wait()? {
-            Some(status) => bail!("{name} exited early: {status}"),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let pid = self.child.id();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        CHILDREN
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|p| *p != pid);
-    }
-}
 
 fn start_cityplane(pki: &Path, bench_dir: &Path) -> Result<(ChildGuard, SocketAddr)> {
     let log = File::create(bench_dir.join("cityplane-broker.log"))?;
@@ -286,87 +218,8 @@ fn start_cityplane(pki: &Path, bench_dir: &Path) -> Result<(ChildGuard, SocketAd
     Ok((guard, SocketAddr::from(([127, 0, 0, 1], port))))
 }
 
-const MOSQUITTO: &str = "/usr/sbin/mosquitto";
-
-fn start_mosquitto(pki: &Pki, bench_dir: &Path) -> Result<(ChildGuard, SocketAddr)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let conf = format!(
-        "# generated by the broker_vs_mosquitto bench\n\
-         per_listener_settings false\n\
-         user root\n\
-         persistence false\n\
-         log_dest stderr\n\
-         log_type error\n\
-         allow_anonymous false\n\
-         set_tcp_nodelay true\n\
-         max_inflight_messages 100\n\
-         max_queued_messages 100000\n\
-         listener {port} 127.0.0.1\n\
-         cafile {}\n\
-         certfile {}\n\
-         keyfile {}\n\
-         require_certificate true\n\
-         use_identity_as_username true\n",
-        pki.ca_cert_path().display(),
-        pki.server_cert_path().display(),
-        pki.server_key_path().display(),
-    );
-    let conf_path = bench_dir.join("mosquitto.conf");
-    std::fs::write(&conf_path, conf)?;
-    let log = File::create(bench_dir.join("mosquitto.log"))?;
-    let child = Command::new(MOSQUITTO)
-        .arg("-c")
-        .arg(&conf_path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .with_context(|| format!("spawn {MOSQUITTO}"))?;
-    let mut guard = ChildGuard::new(child);
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        guard.check_alive("mosquitto (see target/bench/mosquitto.log)")?;
-        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return Ok((guard, addr));
-        }
-        if Instant::now() > deadline {
-            bail!("mosquitto is not listening on {addr} after 10 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 // ---------------------------------------------------------------------------
 // /proc
-
-fn proc_status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// User + system CPU time of a process.
-fn proc_cpu(pid: &str) -> Duration {
-    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let rest = s.rsplit_once(')')?.1;
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-        })
-        .unwrap_or(0);
-    // CLK_TCK is 100 on every Linux we run on.
-    Duration::from_millis(ticks * 10)
-}
 
 /// TcpExt ListenOverflows: connections dropped because an accept queue was
 /// full (machine-wide; the client retries its SYN after ~1 s).
@@ -382,64 +235,6 @@ fn listen_overflows() -> u64 {
         .find(|(n, _)| *n == "ListenOverflows")
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(0)
-}
-
-fn machine_info() -> serde_json::Value {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split_once(':'))
-        .map_or("unknown".to_owned(), |(_, v)| v.trim().to_owned());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map_or("unknown".to_owned(), |s| s.trim().to_owned());
-    let mem_total_kib = proc_meminfo("MemTotal:");
-    let date = time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
-    let mosquitto = Command::new(MOSQUITTO)
-        .arg("-h")
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .map(|l| l.trim().to_owned())
-        })
-        .unwrap_or_else(|| "not installed".into());
-    serde_json::json!({
-        "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        "cpu_model": model,
-        "kernel": kernel,
-        "mem_total_kib": mem_total_kib,
-        "date": date,
-        "mosquitto": mosquitto,
-        "open_files_limit": open_files_limit(),
-    })
-}
-
-fn proc_meminfo(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn open_files_limit() -> String {
-    std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Max open files"))
-                .map(|l| l.split_whitespace().nth(3).unwrap_or("?").to_owned())
-        })
-        .unwrap_or_else(|| "?".into())
 }
 
 // ---------------------------------------------------------------------------
@@ -618,17 +413,12 @@ async fn mqtt_connect(
 }
 
 fn client_tls(
-    provider: &Arc<rustls::crypto::CryptoProvider>,
     roots: &Arc<rustls::RootCertStore>,
     pki: &Pki,
     id: &str,
 ) -> Result<Arc<rustls::ClientConfig>> {
-    let chain = CertificateDer::pem_file_iter(pki.cert_path(id))?.collect::<Result<Vec<_>, _>>()?;
-    let key = PrivateKeyDer::from_pem_file(pki.key_path(id))?;
-    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots.clone())
-        .with_client_auth_cert(chain, key)?;
+    let identity = (pki.cert_path(id), pki.key_path(id));
+    let mut config = tls::client_config(roots.clone(), Some((&identity.0, &identity.1)))?;
     // Every connect is a full mutual-TLS handshake, on both brokers.
     config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
@@ -1133,10 +923,10 @@ async fn run(opts: Opts) -> Result<()> {
         }
     });
     let started = Instant::now();
-    let target = target_dir();
+    let target = bench::target_dir();
     let bench_dir = target.join("bench");
     std::fs::create_dir_all(&bench_dir)?;
-    let machine = machine_info();
+    let machine = machine::describe();
     println!(
         "broker_vs_mosquitto: {} clients; machine {machine}",
         opts.clients
@@ -1144,20 +934,15 @@ async fn run(opts: Opts) -> Result<()> {
 
     let pki = prepare_pki(&bench_dir.join("pki"), opts.clients)?;
     let setup = {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        for ca in CertificateDer::pem_file_iter(pki.ca_cert_path())? {
-            roots.add(ca?)?;
-        }
-        let roots = Arc::new(roots);
+        let roots = tls::roots(&pki.ca_cert_path())?;
         let ids: Vec<String> = (1..=opts.clients)
             .map(|n| format!("{DEVICE_PREFIX}{n:04}"))
             .collect();
         let tls = ids
             .iter()
-            .map(|id| client_tls(&provider, &roots, &pki, id))
+            .map(|id| client_tls(&roots, &pki, id))
             .collect::<Result<Vec<_>>>()?;
-        let ctl_tls = client_tls(&provider, &roots, &pki, CONTROLLER_ID)?;
+        let ctl_tls = client_tls(&roots, &pki, CONTROLLER_ID)?;
         Setup { ids, tls, ctl_tls }
     };
 
@@ -1170,9 +955,9 @@ async fn run(opts: Opts) -> Result<()> {
         drop(guard);
         results.push(r?);
     }
-    let mosquitto_available = Path::new(MOSQUITTO).exists();
+    let mosquitto_available = mosquitto::installed();
     if want("mosquitto") && mosquitto_available {
-        let (guard, addr) = start_mosquitto(&pki, &bench_dir)?;
+        let (guard, addr) = mosquitto::start("broker_vs_mosquitto", &pki, &bench_dir, "")?;
         println!("\n== mosquitto (pid {}, {addr}) ==", guard.pid());
         let r = bench_broker("mosquitto", addr, guard.pid(), &setup, &opts).await;
         drop(guard);
@@ -1200,48 +985,20 @@ async fn run(opts: Opts) -> Result<()> {
         "cityplane_log_notes": log_notes,
         "total_run_s": started.elapsed().as_secs_f64(),
     });
-    let line = serde_json::to_string(&json)?;
-    println!("\nBENCH_JSON {line}");
-    let path = bench_dir.join("broker_vs_mosquitto.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
-    println!(
-        "written to {} (total {:.0} s)",
-        path.display(),
-        started.elapsed().as_secs_f64()
-    );
-    Ok(())
-}
-
-fn target_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
-        return PathBuf::from(dir);
-    }
-    // target/<profile>/deps/<bench binary>
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.ancestors().nth(3).map(Path::to_path_buf))
-        .filter(|t| t.join("CACHEDIR.TAG").exists())
-        .unwrap_or_else(|| PathBuf::from("target"))
+    bench::write_result(&bench_dir, "broker_vs_mosquitto", &json, started)
 }
 
 /// The PKI is kept in target/bench/pki between runs; issuing is skipped for
 /// identities that already have a certificate.
 fn prepare_pki(dir: &Path, clients: usize) -> Result<Pki> {
     let t0 = Instant::now();
-    let pki = match Pki::open(dir) {
-        Ok(pki) if pki.ca_key_path().exists() => pki,
-        _ => Pki::init(dir, true)?,
-    };
     let mut last = 0;
-    pki.issue_bulk(Role::Device, DEVICE_PREFIX, clients, |done| {
+    let pki = bench::prepare_pki(dir, DEVICE_PREFIX, clients, CONTROLLER_ID, |done| {
         if done >= last + 1000 {
             last = done;
             eprint!("\rissuing device certificates: {done}/{clients}");
         }
     })?;
-    if !pki.cert_path(CONTROLLER_ID).exists() {
-        pki.issue(Role::Controller, CONTROLLER_ID)?;
-    }
     eprintln!(
         "\rPKI ready in {:.1} s: {} ({clients} devices + {CONTROLLER_ID})",
         t0.elapsed().as_secs_f64(),
@@ -1263,13 +1020,13 @@ async fn bench_broker(
         clients: opts.clients,
         ..Default::default()
     };
-    let gen_cpu0 = proc_cpu("self");
-    let broker_cpu0 = proc_cpu(&pid_s);
+    let gen_cpu0 = process::cpu_time("self");
+    let broker_cpu0 = process::cpu_time(&pid_s);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    r.rss_idle_kib = proc_status_kib(pid, "VmRSS:");
+    r.rss_idle_kib = process::status_kib(pid, "VmRSS:");
 
     // 1. Connects.
-    let cpu0 = proc_cpu(&pid_s);
+    let cpu0 = process::cpu_time(&pid_s);
     let overflows0 = listen_overflows();
     let sem = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
     let t0 = Instant::now();
@@ -1299,9 +1056,9 @@ async fn bench_broker(
     }
     let wall = t0.elapsed();
     r.listen_overflows = listen_overflows().saturating_sub(overflows0);
-    r.rss_after_connect_kib = proc_status_kib(pid, "VmRSS:");
+    r.rss_after_connect_kib = process::status_kib(pid, "VmRSS:");
     r.broker_cpu_ms_per_connect =
-        ms(proc_cpu(&pid_s).saturating_sub(cpu0)) / conns.len().max(1) as f64;
+        ms(process::cpu_time(&pid_s).saturating_sub(cpu0)) / conns.len().max(1) as f64;
     latencies.sort();
     r.connected = conns.len();
     r.connect_failures = opts.clients - conns.len();
@@ -1343,8 +1100,8 @@ async fn bench_broker(
     }
     devices.sort_by_key(|(i, _)| *i);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    r.rss_connected_kib = proc_status_kib(pid, "VmRSS:");
-    r.broker_threads = proc_status_kib(pid, "Threads:");
+    r.rss_connected_kib = process::status_kib(pid, "VmRSS:");
+    r.broker_threads = process::status_kib(pid, "Threads:");
     r.kib_per_connection =
         (r.rss_connected_kib as f64 - r.rss_idle_kib as f64) / devices.len().max(1) as f64;
     r.kib_per_connection_before_subscribe =
@@ -1463,7 +1220,7 @@ async fn bench_broker(
             };
             let sent0 = stats.fanin_sent.load(Ordering::Relaxed);
             let acked0 = stats.fanin_acked.load(Ordering::Relaxed);
-            let cpu0 = proc_cpu(&pid_s);
+            let cpu0 = process::cpu_time(&pid_s);
             let t0 = Instant::now();
             for (i, tx) in device_tx.iter().enumerate() {
                 // Starts staggered over one interval.
@@ -1505,7 +1262,9 @@ async fn bench_broker(
                     lost: sent as i64 - s.unique as i64,
                     seconds: elapsed,
                     msgs_per_sec: s.unique as f64 / elapsed.max(1e-9),
-                    broker_cpu_us_per_msg: proc_cpu(&pid_s).saturating_sub(cpu0).as_secs_f64()
+                    broker_cpu_us_per_msg: process::cpu_time(&pid_s)
+                        .saturating_sub(cpu0)
+                        .as_secs_f64()
                         * 1e6
                         / s.unique.max(1) as f64,
                 }
@@ -1538,10 +1297,14 @@ async fn bench_broker(
         r.fanin_duplicates = r.fanin_rounds.iter().map(|f| f.duplicates + f.late).sum();
         r.fanin_lost = r.fanin_rounds.iter().map(|f| f.lost).sum();
     }
-    r.rss_end_kib = proc_status_kib(pid, "VmRSS:");
-    r.rss_peak_kib = proc_status_kib(pid, "VmHWM:");
-    r.broker_cpu_s = proc_cpu(&pid_s).saturating_sub(broker_cpu0).as_secs_f64();
-    r.generator_cpu_s = proc_cpu("self").saturating_sub(gen_cpu0).as_secs_f64();
+    r.rss_end_kib = process::status_kib(pid, "VmRSS:");
+    r.rss_peak_kib = process::status_kib(pid, "VmHWM:");
+    r.broker_cpu_s = process::cpu_time(&pid_s)
+        .saturating_sub(broker_cpu0)
+        .as_secs_f64();
+    r.generator_cpu_s = process::cpu_time("self")
+        .saturating_sub(gen_cpu0)
+        .as_secs_f64();
 
     // Goodbye: DISCONNECT everyone (bounded), then the caller kills the broker.
     let mut waits = Vec::with_capacity(device_tx.len() + 1);

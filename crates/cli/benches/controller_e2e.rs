@@ -20,7 +20,7 @@
 //! Prints a summary and `BENCH_JSON {…}`; writes target/bench/controller_e2e.json.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,30 +29,13 @@ use cityplane::client::{tls_config, ConnectArgs, Operator};
 use cityplane_agent_sim::{Fleet, PresenceMode, SimConfig};
 use cityplane_certs::Pki;
 use cityplane_proto::Role;
+use cityplane_testkit::machine;
+use cityplane_testkit::process::{rss_kib, ChildGuard};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cityplane");
 const LOADERS: usize = 4;
-
-struct KillOnDrop(Child);
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
 
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
@@ -125,7 +108,7 @@ async fn run() {
         .expect("port")
         .port();
     let log = std::fs::File::create(root.join("controller_e2e-serve.log")).expect("log");
-    let server = KillOnDrop(
+    let server = ChildGuard::new(
         Command::new(BIN)
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
             .arg("--pki")
@@ -138,7 +121,7 @@ async fn run() {
             .spawn()
             .expect("serve"),
     );
-    let pid = server.0.id();
+    let pid = server.pid();
     let connect = ConnectArgs {
         server: format!("127.0.0.1:{port}"),
         pki: pki_dir.clone(),
@@ -163,7 +146,7 @@ async fn run() {
     }
     let total_reports = devices as u64 * reports_per_device;
     let perf = std::env::var("CITYPLANE_BENCH_PERF").ok().map(|out| {
-        KillOnDrop(
+        ChildGuard::new(
             Command::new("perf")
                 .args(["record", "-F", "499", "--call-graph", "dwarf,32768"])
                 .args(["-p", &pid.to_string(), "-o", &out])
@@ -225,11 +208,11 @@ async fn run() {
     let publish_done = publish_done.unwrap_or_else(|| t.elapsed());
     let persisted_in = t.elapsed();
     if let Some(mut p) = perf {
-        // perf writes its file on SIGINT, not on the SIGKILL of KillOnDrop.
+        // perf writes its file on SIGINT, not on the SIGKILL of ChildGuard.
         let _ = Command::new("kill")
-            .args(["-INT", &p.0.id().to_string()])
+            .args(["-INT", &p.pid().to_string()])
             .status();
-        let _ = p.0.wait();
+        let _ = p.wait();
     }
     let counted = last["counters"]["reports"].as_u64().unwrap_or(0);
     let reports_per_sec = counted as f64 / persisted_in.as_secs_f64();
@@ -247,14 +230,7 @@ async fn run() {
     op.disconnect().await;
     drop(server);
 
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_default();
+    let cpu = machine::cpu_model().unwrap_or_default();
     let nproc = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);

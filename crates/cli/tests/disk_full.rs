@@ -19,14 +19,14 @@ mod common;
 
 use std::fs::File;
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use cityplane::client::{ConnectArgs, Operator};
 use cityplane_agent_sim::{Backoff, Fleet, PresenceMode, SimConfig};
 use cityplane_certs::Pki;
 use cityplane_proto::Role;
+use cityplane_testkit::loopdev::{self, make_ext4_image, LoopMount};
 use common::{free_port, Server};
 use serde_json::{json, Value};
 
@@ -37,131 +37,7 @@ const KEY: &str = "maintenance_window";
 const DEADLINE: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------
-// Loop-mounted ext4 (a small copy of crates/controller/tests/durability.rs).
-
-/// `Some(reason)` when this test cannot run here.
-fn missing_prerequisite() -> Option<String> {
-    let uid = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
-        });
-    if uid.as_deref() != Some("0") {
-        return Some(format!("not running as root (effective uid {uid:?})"));
-    }
-    for tool in ["losetup", "mkfs.ext4", "mount", "umount", "kill"] {
-        if tool_path(tool).is_none() {
-            return Some(format!("`{tool}` not found"));
-        }
-    }
-    try_run("losetup", &["--find"])
-        .err()
-        .map(|e| format!("no free loop device: {e}"))
-}
-
-/// True when the test may run; skips (false) or fails per CITYPLANE_REQUIRE_LOOP.
-fn loop_devices_available(test: &str) -> bool {
-    let Some(reason) = missing_prerequisite() else {
-        return true;
-    };
-    if std::env::var("CITYPLANE_REQUIRE_LOOP").is_ok_and(|v| v == "1") {
-        panic!(
-            "{test}: needs root, losetup, mkfs.ext4 and loop devices, and \
-             CITYPLANE_REQUIRE_LOOP=1 requires it to run: {reason}"
-        );
-    }
-    eprintln!("SKIPPED {test}: {reason} (set CITYPLANE_REQUIRE_LOOP=1 to make this an error)");
-    false
-}
-
-fn tool_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var("PATH").unwrap_or_default();
-    let found = path
-        .split(':')
-        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"])
-        .map(|dir| Path::new(dir).join(name))
-        .find(|p| p.is_file());
-    found
-}
-
-/// Runs a tool; on failure, `Err` with its stderr.
-fn try_run(tool: &str, args: &[&str]) -> Result<String, String> {
-    let exe = tool_path(tool).ok_or_else(|| format!("`{tool}` not found"))?;
-    let out = Command::new(exe)
-        .args(args)
-        .output()
-        .map_err(|e| format!("{tool}: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-    } else {
-        Err(format!(
-            "{tool} {}: {}: {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
-/// A fresh ext4 image (no lazy init: nothing writes behind our back after
-/// mount; no reserved blocks: root sees the same free space as anyone).
-fn make_ext4_image(path: &Path, mib: u64) {
-    File::create(path)
-        .and_then(|f| f.set_len(mib << 20))
-        .expect("image file");
-    let args = ["-q", "-F", "-m", "0", "-E"];
-    let init = "lazy_itable_init=0,lazy_journal_init=0";
-    try_run("mkfs.ext4", &[&args[..], &[init, s(path)]].concat()).unwrap_or_else(|e| panic!("{e}"));
-}
-
-/// An image attached to a loop device and mounted. Dropping it unmounts and
-/// detaches, also while unwinding from a failed assertion.
-struct LoopMount {
-    device: String,
-    dir: PathBuf,
-    mounted: bool,
-}
-
-impl LoopMount {
-    fn mount(image: &Path, dir: &Path) -> Result<LoopMount, String> {
-        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-        let device = try_run("losetup", &["--find", "--show", s(image)])?;
-        let mut m = LoopMount {
-            device,
-            dir: dir.to_path_buf(),
-            mounted: false,
-        };
-        try_run("mount", &["-t", "ext4", &m.device, s(dir)])?;
-        m.mounted = true;
-        Ok(m)
-    }
-}
-
-impl Drop for LoopMount {
-    fn drop(&mut self) {
-        // The server may still be exiting: retry, then detach lazily.
-        if self.mounted
-            && !(0..50).any(|_| {
-                try_run("umount", &[s(&self.dir)]).is_ok() || {
-                    std::thread::sleep(Duration::from_millis(100));
-                    false
-                }
-            })
-        {
-            eprintln!("umount {} failed; detaching lazily", self.dir.display());
-            let _ = try_run("umount", &["-l", s(&self.dir)]);
-        }
-        if let Err(e) = try_run("losetup", &["-d", &self.device]) {
-            eprintln!("{e}");
-        }
-    }
-}
+// The data filesystem.
 
 /// Writes `path` until the filesystem has no block left (ENOSPC), then
 /// fsyncs it. Returns the bytes written.
@@ -310,7 +186,8 @@ async fn assert_not_found(op: &mut Operator, name: &str, context: &str) {
 // ---------------------------------------------------------------------------
 
 async fn disk_full_story(test: &str) {
-    if !loop_devices_available(test) {
+    // `kill` stops the server (SIGINT).
+    if !loopdev::available(test, &["kill"]) {
         return;
     }
     // Dropped in reverse order: devices, server, mount, then the files.

@@ -26,189 +26,24 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use cityplane_controller::model::{AuditEntry, DeviceRecord};
 use cityplane_controller::store::{Changes, Store, StoreError};
+use cityplane_testkit::loopdev::{self, make_ext4_image, path_str, run, LoopMount};
+use cityplane_testkit::process::ChildGuard;
 use serde_json::Value;
 
 const TORTURE: &str = env!("CARGO_BIN_EXE_store-torture");
 /// Devices the writer cycles through: commit `s` writes `dev-{s % DEVICES}`.
 const DEVICES: u64 = 16;
 
-// ---------------------------------------------------------------------------
-// Environment: root, tools, loop devices.
-
-/// `Some(reason)` when these tests cannot run here.
-fn missing_prerequisite() -> Option<String> {
-    let uid = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
-        });
-    if uid.as_deref() != Some("0") {
-        return Some(format!("not running as root (effective uid {uid:?})"));
-    }
-    for tool in ["losetup", "mkfs.ext4", "mount", "umount", "sync"] {
-        if tool_path(tool).is_none() {
-            let hint = if tool == "mkfs.ext4" {
-                " (apt-get install e2fsprogs)"
-            } else {
-                ""
-            };
-            return Some(format!("`{tool}` not found{hint}"));
-        }
-    }
-    match Command::new(tool_path("losetup").unwrap())
-        .arg("--find")
-        .output()
-    {
-        Ok(out) if out.status.success() => None,
-        Ok(out) => Some(format!(
-            "no free loop device: losetup --find: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )),
-        Err(e) => Some(format!("losetup: {e}")),
-    }
-}
-
-/// True when the test may run; skips (false) or fails per CITYPLANE_REQUIRE_LOOP.
+/// True when a loop-device test may run; skips (false) or fails per
+/// CITYPLANE_REQUIRE_LOOP (see [`loopdev::available`]).
 fn loop_devices_available(test: &str) -> bool {
-    let Some(reason) = missing_prerequisite() else {
-        return true;
-    };
-    if std::env::var("CITYPLANE_REQUIRE_LOOP").is_ok_and(|v| v == "1") {
-        panic!(
-            "{test}: needs root, losetup, mkfs.ext4 and loop devices, and \
-             CITYPLANE_REQUIRE_LOOP=1 requires it to run: {reason}"
-        );
-    }
-    eprintln!("SKIPPED {test}: {reason} (set CITYPLANE_REQUIRE_LOOP=1 to make this an error)");
-    false
-}
-
-fn tool_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var("PATH").unwrap_or_default();
-    let found = path
-        .split(':')
-        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"])
-        .map(|dir| Path::new(dir).join(name))
-        .find(|p| p.is_file());
-    found
-}
-
-/// Runs a tool; on failure, `Err` with its stderr.
-fn try_run(tool: &str, args: &[&str]) -> Result<String, String> {
-    let exe = tool_path(tool).ok_or_else(|| format!("`{tool}` not found"))?;
-    let out = Command::new(exe)
-        .args(args)
-        .output()
-        .map_err(|e| format!("{tool}: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-    } else {
-        Err(format!(
-            "{tool} {}: {}: {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-fn run(tool: &str, args: &[&str]) -> String {
-    try_run(tool, args).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// A fresh ext4 image file (no lazy init: nothing writes behind our back
-/// after mount; no reserved blocks: root sees the same free space as anyone).
-fn make_ext4_image(path: &Path, mib: u64) {
-    let f = std::fs::File::create(path).unwrap();
-    f.set_len(mib * 1024 * 1024).unwrap();
-    drop(f);
-    run(
-        "mkfs.ext4",
-        &[
-            "-q",
-            "-F",
-            "-m",
-            "0",
-            "-E",
-            "lazy_itable_init=0,lazy_journal_init=0",
-            s(path),
-        ],
-    );
-}
-
-/// An image attached to a loop device and mounted. Dropping it unmounts and
-/// detaches, also while unwinding from a failed assertion.
-struct LoopMount {
-    device: String,
-    dir: PathBuf,
-    mounted: bool,
-}
-
-impl LoopMount {
-    fn mount(image: &Path, dir: &Path) -> Result<LoopMount, String> {
-        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-        let device = try_run("losetup", &["--find", "--show", s(image)])?;
-        let mut m = LoopMount {
-            device,
-            dir: dir.to_path_buf(),
-            mounted: false,
-        };
-        try_run("mount", &["-t", "ext4", &m.device, s(dir)])?;
-        m.mounted = true;
-        Ok(m)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-}
-
-impl Drop for LoopMount {
-    fn drop(&mut self) {
-        if self.mounted {
-            let mut last = String::new();
-            let unmounted = (0..50).any(|_| match try_run("umount", &[s(&self.dir)]) {
-                Ok(_) => true,
-                Err(e) => {
-                    last = e;
-                    std::thread::sleep(Duration::from_millis(100));
-                    false
-                }
-            });
-            if !unmounted {
-                eprintln!(
-                    "umount {} failed ({last}); detaching lazily",
-                    self.dir.display()
-                );
-                let _ = try_run("umount", &["-l", s(&self.dir)]);
-            }
-        }
-        if let Err(e) = try_run("losetup", &["-d", &self.device]) {
-            eprintln!("{e}");
-        }
-    }
-}
-
-/// A child process killed (SIGKILL) and reaped when dropped.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    loopdev::available(test, &["sync"])
 }
 
 /// xorshift64*: reproducible randomness without a dependency.
@@ -323,7 +158,7 @@ fn torture_write(dir: &Path, scenario: &Scenario, pad: u64, max: Option<u64>) ->
 
 /// Runs `store-torture verify` on a store; its JSON report or why it failed.
 fn torture_verify(dir: &Path, scenario: &Scenario) -> Result<Value, String> {
-    let mut child = KillOnDrop(
+    let mut child = ChildGuard::new(
         Command::new(TORTURE)
             .arg("verify")
             .arg(dir)
@@ -336,7 +171,7 @@ fn torture_verify(dir: &Path, scenario: &Scenario) -> Result<Value, String> {
     // Both outputs are small: reading them after exit cannot deadlock.
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
+        if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
         if Instant::now() > deadline {
@@ -346,14 +181,12 @@ fn torture_verify(dir: &Path, scenario: &Scenario) -> Result<Value, String> {
     };
     let (mut out, mut err) = (String::new(), String::new());
     child
-        .0
         .stdout
         .take()
         .unwrap()
         .read_to_string(&mut out)
         .unwrap();
     child
-        .0
         .stderr
         .take()
         .unwrap()
@@ -442,18 +275,18 @@ fn power_loss_once(
             .output()
             .unwrap();
         assert!(out.status.success(), "setup writer failed: {}", out.status);
-        run("sync", &["-f", s(&live.dir)]);
+        run("sync", &["-f", path_str(&live.dir)]);
     }
 
     let log = work.join("writer.stderr");
-    let mut child = KillOnDrop(
+    let mut child = ChildGuard::new(
         torture_write(&store, scenario, pad, None)
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap(),
     );
-    let stdout = child.0.stdout.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel::<u64>();
     let reader = std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
@@ -475,7 +308,7 @@ fn power_loss_once(
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(seq) => acked = acked.max(seq),
             Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {
-                if let Some(status) = child.0.try_wait().unwrap() {
+                if let Some(status) = child.try_wait().unwrap() {
                     panic!(
                         "writer exited early ({status}): {}",
                         std::fs::read_to_string(&log).unwrap_or_default()
@@ -489,8 +322,8 @@ fn power_loss_once(
         }
     }
     std::thread::sleep(delay);
-    child.0.kill().unwrap();
-    child.0.wait().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
     // Power off: the image as the loop device left it, before anything else
     // (umount, writeback, journal commits) reaches it.
     std::fs::copy(&image, &copy).unwrap();

@@ -14,8 +14,7 @@ use cityplane_proto::Role;
 use rumqttc::{
     AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
 };
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -69,38 +68,16 @@ pub async fn start(pki: &Path, limits: Limits) -> RunningBroker {
 }
 
 pub fn tls_config(pki: &Path, id: Option<&str>) -> Arc<rustls::ClientConfig> {
-    tls_config_with_ca(
-        &pki.join("ca.crt"),
-        id.map(|id| (pki.join(format!("{id}.crt")), pki.join(format!("{id}.key")))),
-    )
+    cityplane_testkit::tls::pki_client(pki, id).expect("client TLS config")
 }
 
 pub fn tls_config_with_ca(
     ca: &Path,
     identity: Option<(PathBuf, PathBuf)>,
 ) -> Arc<rustls::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).expect("ca") {
-        roots.add(cert.expect("ca pem")).expect("add ca");
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots);
-    let config = match identity {
-        Some((cert, key)) => {
-            let chain = CertificateDer::pem_file_iter(&cert)
-                .expect("cert")
-                .collect::<Result<Vec<_>, _>>()
-                .expect("cert pem");
-            let key = PrivateKeyDer::from_pem_file(&key).expect("key");
-            builder
-                .with_client_auth_cert(chain, key)
-                .expect("client cert")
-        }
-        None => builder.with_no_client_auth(),
-    };
+    let roots = cityplane_testkit::tls::roots(ca).expect("ca");
+    let identity = identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+    let config = cityplane_testkit::tls::client_config(roots, identity).expect("client config");
     Arc::new(config)
 }
 

@@ -3,14 +3,16 @@
 #![allow(dead_code)] // each test file uses its own part
 
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+use cityplane_testkit::process::ChildGuard;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_cityplane");
 
 /// `cityplane serve`, killed (SIGKILL) and reaped when dropped.
 pub struct Server {
-    child: Child,
+    child: ChildGuard,
 }
 
 impl Server {
@@ -33,7 +35,9 @@ impl Server {
             .stderr(log)
             .spawn()
             .expect("serve starts");
-        Server { child }
+        Server {
+            child: ChildGuard::new(child),
+        }
     }
 
     pub fn alive(&mut self) -> bool {
@@ -41,9 +45,8 @@ impl Server {
     }
 
     /// SIGKILL: no chance to flush or say goodbye.
-    pub fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    pub fn kill(self) {
+        drop(self);
     }
 
     /// Ctrl-C (SIGINT), as a user stops it; waits up to `within` for the exit.
@@ -64,13 +67,6 @@ impl Server {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -16,8 +16,6 @@ use cityplane_proto::Role;
 use rumqttc::{
     AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
 };
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{json, Value};
 
 pub fn init_tracing() {
@@ -129,25 +127,7 @@ impl Server {
 }
 
 pub fn tls(pki: &Path, id: &str) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(pki.join("ca.crt")).expect("ca") {
-        roots.add(c.expect("pem")).expect("add");
-    }
-    let chain = CertificateDer::pem_file_iter(pki.join(format!("{id}.crt")))
-        .expect("cert")
-        .collect::<Result<Vec<_>, _>>()
-        .expect("pem");
-    let key = PrivateKeyDer::from_pem_file(pki.join(format!("{id}.key"))).expect("key");
-    Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .expect("client cert"),
-    )
+    cityplane_testkit::tls::pki_client(pki, Some(id)).expect("client TLS config")
 }
 
 /// A connected client whose received publishes land in a channel.

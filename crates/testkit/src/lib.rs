@@ -1,0 +1,13 @@
+//! Support code shared by cityplane's tests and benchmarks: child processes
+//! and their /proc figures, mosquitto next to our broker, a description of
+//! the machine, benchmark output, loop-mounted ext4 images and TLS clients
+//! of the project PKI.
+//!
+//! A dev-dependency only: nothing here is part of a shipped binary.
+
+pub mod bench;
+pub mod loopdev;
+pub mod machine;
+pub mod mosquitto;
+pub mod process;
+pub mod tls;
