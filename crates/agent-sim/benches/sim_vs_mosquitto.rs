@@ -176,11 +176,7 @@ fn child_args() -> Result<HashMap<String, String>> {
 
 fn init_child_logging() {
     let filter = std::env::var("CITYPLANE_BENCH_LOG").unwrap_or_else(|_| "warn".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+    cityplane_broker::logging::init_stderr(&filter, false);
 }
 
 /// `CITYPLANE_BENCH_ROLE=broker`: serve until the parent closes our stdin.

@@ -8,20 +8,8 @@ use cityplane_broker::{Broker, BrokerConfig, Limits};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    use tracing_subscriber::filter::{filter_fn, FilterExt};
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    use tracing_subscriber::Layer;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "error".into())
-        .and(filter_fn(|meta| !cityplane_broker::is_router_span(meta)));
-    tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_filter(filter),
-        )
-        .init();
+    let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into());
+    cityplane_broker::logging::init_stderr(&directives, true);
     let mut args = std::env::args().skip(1);
     let pki = args.next().ok_or("usage: broker PKI_DIR [ADDR]")?;
     let listen = args.next().unwrap_or_else(|| "127.0.0.1:8883".into());

@@ -148,11 +148,7 @@ fn broker_child() -> Result<()> {
     }
     let pki = pki.context("--pki DIR is required")?;
     let filter = std::env::var("CITYPLANE_BENCH_LOG").unwrap_or_else(|_| "warn".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+    cityplane_broker::logging::init_stderr(&filter, false);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -23,6 +23,7 @@ pub mod backlog;
 mod config;
 mod dispatch;
 mod ingress;
+pub mod logging;
 pub mod mqtt;
 mod registry;
 mod revocation;
@@ -72,15 +73,6 @@ pub struct OperatorMessage {
     pub from: cityplane_proto::Identity,
     pub topic: String,
     pub payload: bytes::Bytes,
-}
-
-/// rumqttd opens an ERROR-level span for every message it routes, with the
-/// topic's bytes Debug-formatted into it; a log subscriber that shows errors
-/// (every sane configuration) paid that formatting on the router thread for
-/// each message. Binaries filter these spans out (`!is_router_span(meta)`);
-/// rumqttd's events are kept.
-pub fn is_router_span(meta: &tracing::Metadata<'_>) -> bool {
-    meta.is_span() && meta.target().starts_with("rumqttd")
 }
 
 /// Topic prefixes whose operator publishes are handed to the tap.

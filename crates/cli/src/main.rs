@@ -87,18 +87,6 @@ fn block_on(work: impl std::future::Future<Output = anyhow::Result<()>>) -> anyh
 }
 
 fn init_tracing(default: &str) {
-    use tracing_subscriber::filter::{filter_fn, FilterExt};
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    use tracing_subscriber::Layer;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let filter = filter.and(filter_fn(|meta| !cityplane_broker::is_router_span(meta)));
-    tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_filter(filter),
-        )
-        .init();
+    let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| default.to_owned());
+    cityplane_broker::logging::init_stderr(&directives, true);
 }
