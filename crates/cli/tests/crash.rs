@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cityplane_agent_sim::{Backoff, Fleet, PresenceMode, SimConfig};
+use cityplane_agent_sim::Fleet;
 use cityplane_certs::Pki;
 use cityplane_proto::Role;
-use common::{free_port, Server, BIN};
+use common::{free_port, online_fleet, Server, BIN};
 use serde_json::{json, Value};
 
 const DEVICES: usize = 200;
@@ -86,18 +86,7 @@ async fn sigkill_during_a_change_loses_nothing_and_applies_nothing_twice() {
     let port = free_port();
     let mut server = Some(Server::start(&pki_dir, &data, port, &log, "warn"));
 
-    let mut sim = SimConfig::new(&pki_dir, format!("localhost:{port}"), "dev", DEVICES);
-    sim.presence = PresenceMode::Skip;
-    sim.backoff = Backoff {
-        initial: Duration::from_millis(50),
-        max: Duration::from_millis(400),
-        multiplier: 2.0,
-    };
-    let fleet = Fleet::start(sim).await.expect("fleet");
-    assert!(
-        fleet.wait_online(DEVICES, Duration::from_secs(60)).await,
-        "fleet online"
-    );
+    let fleet = online_fleet(&pki_dir, port, DEVICES, Duration::from_secs(60)).await;
 
     let mut rng = Lcg(0x5eed);
     let mut acked_runs = 0;

@@ -23,11 +23,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use cityplane::client::{ConnectArgs, Operator};
-use cityplane_agent_sim::{Backoff, Fleet, PresenceMode, SimConfig};
+use cityplane_agent_sim::Fleet;
 use cityplane_certs::Pki;
 use cityplane_proto::Role;
 use cityplane_testkit::loopdev::{self, make_ext4_image, LoopMount};
-use common::{free_port, Server};
+use common::{free_port, online_fleet, Server};
 use serde_json::{json, Value};
 
 const DEVICES: usize = 5;
@@ -212,15 +212,7 @@ async fn disk_full_story(test: &str) {
     let mut server = Server::start(&pki_dir, &data, port, &log, "info");
     let mut op = operator(&pki_dir, port, &mut server, &log).await;
 
-    let mut sim = SimConfig::new(&pki_dir, format!("localhost:{port}"), "dev", DEVICES);
-    sim.presence = PresenceMode::Skip;
-    sim.backoff = Backoff {
-        initial: Duration::from_millis(50),
-        max: Duration::from_millis(400),
-        multiplier: 2.0,
-    };
-    let fleet = Fleet::start(sim).await.expect("fleet");
-    assert!(fleet.wait_online(DEVICES, DEADLINE).await, "fleet online");
+    let fleet = online_fleet(&pki_dir, port, DEVICES, DEADLINE).await;
 
     // 1. A document, applied and converged on a healthy disk.
     let answer = apply(&mut op, doc("baseline", 0, "02:00-04:00")).await;

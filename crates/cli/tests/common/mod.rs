@@ -76,3 +76,24 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("free port")
 }
+
+/// `n` simulated devices (`dev0001`…, certificates already issued) against
+/// serve on `port`, reconnecting quickly after a server restart; returns
+/// once all are online.
+pub async fn online_fleet(
+    pki: &Path,
+    port: u16,
+    n: usize,
+    within: Duration,
+) -> cityplane_agent_sim::Fleet {
+    let mut sim = cityplane_agent_sim::SimConfig::new(pki, format!("localhost:{port}"), "dev", n);
+    sim.presence = cityplane_agent_sim::PresenceMode::Skip;
+    sim.backoff = cityplane_agent_sim::Backoff {
+        initial: Duration::from_millis(50),
+        max: Duration::from_millis(400),
+        multiplier: 2.0,
+    };
+    let fleet = cityplane_agent_sim::Fleet::start(sim).await.expect("fleet");
+    assert!(fleet.wait_online(n, within).await, "fleet online");
+    fleet
+}
