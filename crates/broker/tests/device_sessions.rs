@@ -190,17 +190,7 @@ async fn a_second_connection_with_the_same_id_takes_the_session_over() {
     let will_flags = 0x02 | 0x04 | 0x08 | 0x20;
     let mut first = raw_device(addr, t.path(), "d1", will_flags, &will).await;
     // Subscribed, so the first session holds the command route too.
-    first
-        .write_all(&frame(
-            0x82,
-            &[&[0, 1][..], &field(b"devices/d1/commands"), &[1]].concat(),
-        ))
-        .await
-        .expect("subscribe");
-    assert_eq!(
-        read_exact(&mut first, 5).await.expect("suback"),
-        [0x90, 3, 0, 1, 1]
-    );
+    subscribe_commands(&mut first, 1, 1).await;
     let got = drain(&mut spy_rx, QUIET).await;
     assert_eq!(
         only_topic(&got, "devices/d1/presence"),
@@ -229,17 +219,7 @@ async fn a_second_connection_with_the_same_id_takes_the_session_over() {
         read_exact(&mut second, 4).await.expect("puback"),
         [0x40, 2, 0, 1]
     );
-    second
-        .write_all(&frame(
-            0x82,
-            &[&[0, 2][..], &field(b"devices/d1/commands"), &[0]].concat(),
-        ))
-        .await
-        .expect("subscribe");
-    assert_eq!(
-        read_exact(&mut second, 5).await.expect("suback"),
-        [0x90, 3, 0, 2, 0]
-    );
+    subscribe_commands(&mut second, 2, 0).await;
     let got = drain(&mut spy_rx, QUIET).await;
     assert_eq!(
         only_topic(&got, "devices/d1/reported"),
@@ -303,4 +283,24 @@ async fn packets_sent_right_behind_connect_are_handled() {
         vec![b"early".to_vec()]
     );
     broker.shutdown().await;
+}
+
+/// SUBSCRIBE to d1's commands with packet id `pkid` at `qos`; the SUBACK
+/// must grant exactly that QoS.
+async fn subscribe_commands(
+    stream: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    pkid: u8,
+    qos: u8,
+) {
+    stream
+        .write_all(&frame(
+            0x82,
+            &[&[0, pkid][..], &field(b"devices/d1/commands"), &[qos]].concat(),
+        ))
+        .await
+        .expect("subscribe");
+    assert_eq!(
+        read_exact(stream, 5).await.expect("suback"),
+        [0x90, 3, 0, pkid, qos]
+    );
 }
