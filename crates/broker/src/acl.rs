@@ -6,7 +6,12 @@
 //! - operator: publish under `fleet/desired/#` and `fleet/ops/#`; subscribe to
 //!   filters inside `devices/+/{reported,telemetry,presence}` or `fleet/#`
 //!   (also as `$share/<group>/<filter>`);
-//! - controller: everything.
+//! - controller: everything except `$`-topics (rumqttd neither routes a
+//!   publish to one nor accepts a subscription to one).
+//!
+//! RETAIN is allowed only where docs/PROTOCOL.md says a topic is retained
+//! ([`may_retain`]); wills only where the publisher owns the topic and the
+//! controller does not read it through the operator tap ([`may_set_will`]).
 
 use cityplane_proto::{topics, Identity, Role};
 
@@ -19,29 +24,87 @@ const OPERATOR_SUBSCRIBE: [&str; 4] = [
 ];
 
 pub fn may_publish(who: &Identity, topic: &str) -> bool {
+    if topic.starts_with('$') {
+        return false;
+    }
     match who.role {
         Role::Controller => true,
         Role::Device => matches!(
             topics::split_device_topic(topic),
             Some((id, leaf)) if id == who.id && topics::DEVICE_PUBLISH_LEAVES.contains(&leaf)
         ),
-        Role::Operator => OPERATOR_PUBLISH.iter().any(|p| covers(p, topic)),
+        // `fleet/desired/#` also matches bare `fleet/desired`, which names
+        // no document and would get no answer.
+        Role::Operator => OPERATOR_PUBLISH
+            .iter()
+            .any(|p| covers(p, topic) && topic.len() > p.len() - 1),
     }
 }
 
+/// Whether `who` may publish `topic` with RETAIN set (an empty retained
+/// payload deletes the retained message). Only the topics the protocol
+/// marks retained: a device's own `reported` (optional), `fleet/status`
+/// from the controller, and presence, which only the broker and device
+/// wills write. Operators never retain: nothing they write is retained.
+pub fn may_retain(who: &Identity, topic: &str) -> bool {
+    if !may_publish(who, topic) {
+        return false;
+    }
+    match who.role {
+        Role::Device => matches!(topics::split_device_topic(topic), Some((_, "reported"))),
+        Role::Operator => false,
+        Role::Controller => {
+            topic == topics::FLEET_STATUS
+                || matches!(
+                    topics::split_device_topic(topic),
+                    Some((_, "reported" | "presence"))
+                )
+        }
+    }
+}
+
+/// Where `who` may leave a will. A device: only its own presence (the
+/// session also checks the payload). An operator: nowhere, since everything
+/// it may publish goes to the controller through the tap, which a will
+/// published by the broker would bypass. The controller: wherever it may
+/// publish.
 pub fn may_set_will(who: &Identity, topic: &str) -> bool {
     match who.role {
         Role::Device => matches!(
             topics::split_device_topic(topic),
             Some((id, leaf)) if id == who.id && leaf == topics::DEVICE_WILL_LEAF
         ),
-        _ => may_publish(who, topic),
+        Role::Operator => false,
+        Role::Controller => may_publish(who, topic),
     }
+}
+
+/// A device will must say exactly what the broker would: the device is
+/// offline. Anything else (online, empty, junk) would let a device fake its
+/// own presence after it is gone.
+pub fn is_offline_presence(payload: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    // (Checked to start with `{` too: serde fills a struct from an array.)
+    struct Presence {
+        online: bool,
+    }
+    matches!(
+        serde_json::from_slice::<Presence>(payload),
+        Ok(Presence { online: false })
+    ) && payload.trim_ascii_start().first() == Some(&b'{')
 }
 
 pub fn may_subscribe(who: &Identity, filter: &str) -> bool {
     match who.role {
-        Role::Controller => true,
+        // rumqttd drops the connection on a `$` filter other than `$share`.
+        Role::Controller => match filter.strip_prefix("$share/") {
+            Some(rest) => matches!(
+                rest.split_once('/'),
+                Some((group, inner)) if !group.is_empty() && !inner.starts_with('$')
+            ),
+            None => !filter.starts_with('$'),
+        },
         Role::Device => filter == topics::commands(&who.id),
         Role::Operator => {
             let inner = match filter.strip_prefix("$share/") {
@@ -131,6 +194,12 @@ mod tests {
         assert!(may_publish(&o, "fleet/ops/get"));
         assert!(!may_publish(&o, "devices/d1/commands"));
         assert!(!may_publish(&o, "fleet/status"));
+        assert!(!may_publish(&o, "fleet/desired"));
+        assert!(!may_publish(&o, "fleet/ops"));
+        assert!(!may_set_will(&o, "fleet/desired/x"));
+        for topic in ["fleet/desired/x", "fleet/ops/status"] {
+            assert!(!may_retain(&o, topic), "{topic}");
+        }
         for ok in [
             "devices/+/reported",
             "devices/d1/reported",
@@ -156,9 +225,46 @@ mod tests {
     }
 
     #[test]
-    fn the_controller_may_do_anything() {
+    fn the_controller_may_do_anything_but_dollar_topics() {
         let c = who(Role::Controller, "ctl");
         assert!(may_publish(&c, "devices/d1/commands"));
         assert!(may_subscribe(&c, "#"));
+        assert!(may_subscribe(&c, "$share/g/devices/+/reported"));
+        for bad in ["$TopicA/B", "$SYS/#", "$share/g/$SYS/x", "$share//x", "$share/g"] {
+            assert!(!may_subscribe(&c, bad), "{bad}");
+        }
+        assert!(!may_publish(&c, "$TopicA/B"));
+        assert!(may_retain(&c, "fleet/status"));
+        assert!(!may_retain(&c, "devices/d1/commands"));
+        assert!(!may_retain(&c, "fleet/responses/op/r1"));
+    }
+
+    #[test]
+    fn retain_only_where_the_protocol_retains() {
+        let d = who(Role::Device, "d1");
+        assert!(may_retain(&d, "devices/d1/reported"));
+        for bad in [
+            "devices/d1/telemetry",
+            "devices/d1/acks",
+            "devices/d2/reported",
+        ] {
+            assert!(!may_retain(&d, bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_device_will_may_only_say_offline() {
+        assert!(is_offline_presence(br#"{"online":false}"#));
+        assert!(is_offline_presence(br#"{ "online" : false }"#));
+        for bad in [
+            &br#"{"online":true}"#[..],
+            b"",
+            b"null",
+            br#"{"online":false,"x":1}"#,
+            br#"[false]"#,
+            b"junk",
+        ] {
+            assert!(!is_offline_presence(bad), "{:?}", String::from_utf8_lossy(bad));
+        }
     }
 }

@@ -39,8 +39,34 @@ pub struct Limits {
     /// the client: silently dropping QoS 1 traffic would lose data. The
     /// controller identity is exempt.
     pub max_publishes_per_sec: u32,
-    /// Open connections, including those still in the TLS handshake.
+    /// SUBSCRIBE, UNSUBSCRIBE and PINGREQ packets per second one identity
+    /// may send, over all its connections (a burst of `max_subscriptions`
+    /// is allowed). Exceeding it disconnects the client.
+    pub max_subscribes_per_sec: u32,
+    /// Distinct topic filters one operator or controller identity may
+    /// subscribe to over the broker's lifetime. rumqttd keeps a log for
+    /// every filter it has seen until the process exits, so filter churn
+    /// would otherwise grow memory without bound; over the cap SUBSCRIBE
+    /// is refused (0x80). Devices subscribe only to their own commands.
+    pub max_filters_per_identity: usize,
+    /// Retained messages the broker holds (excluding the presence it
+    /// publishes itself, one per device), and their total payload bytes.
+    /// A retained publish over either limit is refused.
+    pub max_retained: usize,
+    pub max_retained_bytes: usize,
+    /// Retained messages and bytes one identity may hold.
+    pub max_retained_per_identity: usize,
+    pub max_retained_bytes_per_identity: usize,
+    /// Authenticated connections (a client certificate verified).
     pub max_connections: usize,
+    /// Sockets still in the TLS handshake: they have their own budget, so
+    /// certificate-less sockets cannot take the slots of authenticated
+    /// clients. When it is full the oldest pending handshake is dropped to
+    /// admit the new one.
+    pub max_handshakes: usize,
+    /// Sockets in the TLS handshake from one source address; more are
+    /// closed at once.
+    pub max_handshakes_per_addr: usize,
     /// Time allowed for the TLS handshake.
     #[serde(with = "millis", rename = "handshake_timeout_ms")]
     pub handshake_timeout: Duration,
@@ -58,8 +84,17 @@ impl Default for Limits {
             max_payload: 128 * 1024,
             max_subscriptions: 50,
             max_publishes_per_sec: 100,
-            // The process may hold at most ~20,000 descriptors here.
+            max_subscribes_per_sec: 10,
+            max_filters_per_identity: 1_000,
+            max_retained: 100_000,
+            max_retained_bytes: 256 * 1024 * 1024,
+            max_retained_per_identity: 1_000,
+            max_retained_bytes_per_identity: 16 * 1024 * 1024,
+            // The process may hold at most ~20,000 descriptors here:
+            // connections plus handshakes stay below it.
             max_connections: 15_000,
+            max_handshakes: 1_024,
+            max_handshakes_per_addr: 256,
             handshake_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             revocation_poll: Duration::from_millis(200),

@@ -20,6 +20,9 @@ use rumqttd::local::LinkRx;
 use rumqttd::Notification;
 use tokio::sync::Notify;
 
+/// The router link that receives every command (see the module docs).
+pub(crate) const LINK_ID: &str = "_cityplane-dispatch";
+
 /// Commands a slow device may have queued before new ones are dropped
 /// (the controller retries; a device this far behind is not keeping up).
 pub(crate) const QUEUE: usize = 64;

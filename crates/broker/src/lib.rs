@@ -22,9 +22,11 @@ pub mod acl;
 pub mod backlog;
 mod config;
 mod dispatch;
+mod handshake;
 mod ingress;
 pub mod logging;
 pub mod mqtt;
+mod quota;
 mod registry;
 mod revocation;
 mod session;
@@ -75,6 +77,18 @@ pub struct OperatorMessage {
     pub payload: bytes::Bytes,
 }
 
+/// The router link of the in-process controller ([`RunningBroker::link`]).
+pub const CONTROLLER_LINK_ID: &str = "_cityplane-controller";
+/// Every router link the broker or the controller opens for itself. All
+/// start with `_`, which no certificate identity can (see
+/// `cityplane_proto::validate_id`): a client holding one of these ids would
+/// take the link over (rumqttd drops the older link of a duplicate id).
+pub const INTERNAL_LINK_IDS: [&str; 3] = [
+    CONTROLLER_LINK_ID,
+    ingress::LINK_ID,
+    dispatch::LINK_ID,
+];
+
 /// Topic prefixes whose operator publishes are handed to the tap.
 pub const TAPPED_PREFIXES: [&str; 2] = ["fleet/desired/", "fleet/ops/"];
 
@@ -90,6 +104,16 @@ pub(crate) struct Shared {
     pub(crate) router_tx: RouterTx,
     pub(crate) registry: Arc<Registry>,
     pub(crate) revocation: Arc<RevocationState>,
+    /// Authenticated connections (see `Limits::max_connections`).
+    pub(crate) slots: Arc<Semaphore>,
+    pub(crate) handshakes: handshake::Handshakes,
+    pub(crate) quotas: quota::Quotas,
+    pub(crate) retained: quota::Retained,
+    /// Operator and controller ids whose router session is persistent
+    /// (clean session 0), with the certificate serial that created it: a
+    /// session is resumed only by the same certificate, so a revoked,
+    /// re-issued or re-roled id never inherits the old subscriptions.
+    pub(crate) persisted: std::sync::Mutex<HashMap<String, String>>,
 }
 
 /// Opens a link into the router: `(client id, clean session)`.
@@ -149,7 +173,7 @@ impl Broker {
         let dispatch_link = {
             let router_tx = router_tx.clone();
             // Not a valid client id, so no client can take this link over.
-            tokio::task::spawn_blocking(move || router_tx("_cityplane-dispatch", true))
+            tokio::task::spawn_blocking(move || router_tx(dispatch::LINK_ID, true))
                 .await
                 .map_err(|e| BrokerError::Link(e.to_string()))?
                 .map_err(BrokerError::Link)?
@@ -173,6 +197,11 @@ impl Broker {
             router_tx,
             registry: registry.clone(),
             revocation: revocation.clone(),
+            slots: Arc::new(Semaphore::new(config.limits.max_connections)),
+            handshakes: handshake::Handshakes::default(),
+            quotas: quota::Quotas::default(),
+            retained: quota::Retained::default(),
+            persisted: std::sync::Mutex::new(HashMap::new()),
             config,
         });
         let (gate, gate_rx) = watch::channel(false);
@@ -221,7 +250,14 @@ impl RunningBroker {
 
     /// An in-process link to the router with full rights, for the controller.
     /// It bypasses TLS and the ACL: only trusted code in this process gets one.
+    /// `client_id` must start with `_` (e.g. [`CONTROLLER_LINK_ID`]), so no
+    /// client certificate can hold it and take the link over.
     pub async fn link(&self, client_id: &str) -> Result<(LinkTx, LinkRx), BrokerError> {
+        if !client_id.starts_with('_') {
+            return Err(BrokerError::Link(format!(
+                "internal link id {client_id:?} must start with '_' (a client could take it over)"
+            )));
+        }
         let router_tx = self.shared.router_tx.clone();
         let id = client_id.to_owned();
         tokio::task::spawn_blocking(move || {
@@ -259,7 +295,7 @@ impl RunningBroker {
     /// Stops accepting, cuts every session and waits for the background tasks.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        self.shared.registry.kick_where(|_| true);
+        self.shared.registry.shutdown_all();
         for task in self.tasks {
             let _ = task.await;
         }
@@ -321,7 +357,6 @@ async fn accept_loop(
         _ = gate.wait_for(|open| *open) => {}
         _ = shutdown.changed() => return,
     }
-    let slots = Arc::new(Semaphore::new(shared.config.limits.max_connections));
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -336,12 +371,12 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, limit = shared.config.limits.max_connections, "connection limit reached; closing new connection");
+        let Some(pending) = shared.handshakes.admit(peer.ip(), &shared.config.limits) else {
+            // Not logged one by one: any address could fill the log.
             drop(tcp);
             continue;
         };
-        tokio::spawn(session::serve(shared.clone(), tcp, peer, permit));
+        tokio::spawn(session::serve(shared.clone(), tcp, peer, pending));
     }
 }
 

@@ -42,6 +42,9 @@ pub(crate) struct Kill {
     notify: Notify,
     /// Set (under the registry's lock) when a newer session took the id over.
     taken_over: AtomicBool,
+    /// Set when the session's certificate was revoked: such a session
+    /// publishes no will (a revoked device must not get the last word).
+    revoked: AtomicBool,
 }
 
 impl Kill {
@@ -52,6 +55,10 @@ impl Kill {
 
     pub(crate) fn taken_over(&self) -> bool {
         self.taken_over.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn revoked(&self) -> bool {
+        self.revoked.load(Ordering::Acquire)
     }
 
     fn signal(&self) {
@@ -139,15 +146,24 @@ impl Registry {
         true
     }
 
-    /// Signals every session whose certificate serial matches; returns how many.
+    /// Cuts every session whose certificate serial matches, as revoked;
+    /// returns how many.
     pub(crate) fn kick_where(&self, doomed: impl Fn(&str) -> bool) -> usize {
         let inner = self.lock();
         let mut n = 0;
         for entry in inner.live.values().filter(|e| doomed(&e.serial)) {
+            entry.kill.revoked.store(true, Ordering::Release);
             entry.kill.signal();
             n += 1;
         }
         n
+    }
+
+    /// Cuts every session (broker shutdown).
+    pub(crate) fn shutdown_all(&self) {
+        for entry in self.lock().live.values() {
+            entry.kill.signal();
+        }
     }
 
     pub(crate) fn len(&self) -> usize {

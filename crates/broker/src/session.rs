@@ -31,11 +31,12 @@ use rumqttd::protocol::{Packet, Protocol};
 use rumqttd::Notification;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{timeout, Instant};
 use tokio_rustls::server::TlsStream;
 
+use crate::handshake::Pending;
 use crate::mqtt::{self, Frame, Inbound, ProtocolError, Will};
+use crate::quota::IdentityQuota;
 use crate::registry::{Kill, Registration};
 use crate::{acl, Shared};
 
@@ -49,6 +50,9 @@ enum End {
     /// A new connection with the same client id took the session over
     /// (for devices: the registry; otherwise the router dropped the link).
     TakenOver,
+    /// The certificate was revoked: no will (a revoked client must not get
+    /// the last word); a device's offline presence is still published.
+    Revoked,
     /// Anything else: the will is published.
     Abrupt(String),
 }
@@ -63,28 +67,48 @@ pub(crate) async fn serve(
     shared: Arc<Shared>,
     tcp: TcpStream,
     peer: SocketAddr,
-    _permit: OwnedSemaphorePermit,
+    pending: Pending,
 ) {
-    if let Some(mut session) = Box::pin(handshake(shared, tcp, peer)).await {
-        session.run().await;
-    }
+    let Some(mut session) = Box::pin(handshake(shared, tcp, peer, pending)).await else {
+        return;
+    };
+    // Authenticated now: a place among the connections, or nothing.
+    let Ok(_slot) = session.shared.slots.clone().try_acquire_owned() else {
+        tracing::warn!(%peer, who = %session.who, limit = session.shared.config.limits.max_connections, "connection limit reached; closing new connection");
+        let _ = session.stream.shutdown().await;
+        return;
+    };
+    session.run().await;
 }
 
-async fn handshake(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Option<Box<Session>> {
+async fn handshake(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    pending: Pending,
+) -> Option<Box<Session>> {
     // Without NODELAY every small MQTT packet waits for a delayed ACK (~40 ms).
     let _ = tcp.set_nodelay(true);
     let limits = &shared.config.limits;
-    let stream = match timeout(limits.handshake_timeout, shared.acceptor.accept(tcp)).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => {
-            tracing::warn!(%peer, reason = %e, "TLS handshake refused");
-            return None;
-        }
-        Err(_) => {
-            tracing::warn!(%peer, timeout_ms = limits.handshake_timeout.as_millis() as u64, "TLS handshake timed out");
+    let accept = timeout(limits.handshake_timeout, shared.acceptor.accept(tcp));
+    let stream = tokio::select! {
+        accepted = accept => match accepted {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                tracing::warn!(%peer, reason = %e, "TLS handshake refused");
+                return None;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, timeout_ms = limits.handshake_timeout.as_millis() as u64, "TLS handshake timed out");
+                return None;
+            }
+        },
+        () = pending.evicted() => {
+            tracing::debug!(%peer, "handshake dropped: all handshake places taken by newer sockets");
             return None;
         }
     };
+    drop(pending);
     let Some(peer_cert) = stream
         .get_ref()
         .1
@@ -96,7 +120,9 @@ async fn handshake(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Opt
         tracing::warn!(%peer, "no usable client certificate after handshake");
         return None;
     };
+    let quota = shared.quotas.of(&peer_cert.identity.id, limits);
     Some(Box::new(Session {
+        quota,
         shared,
         peer,
         who: peer_cert.identity,
@@ -111,6 +137,8 @@ async fn handshake(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Opt
 
 struct Session {
     shared: Arc<Shared>,
+    /// This identity's rates and quotas, shared with its other connections.
+    quota: Arc<IdentityQuota>,
     peer: SocketAddr,
     who: Identity,
     serial: String,
@@ -224,9 +252,33 @@ impl Session {
 
     /// An operator or controller session, on a router link of its own.
     async fn run_linked(&mut self, connect: Connected, registration: Registration) {
+        let clean = connect.clean_session;
+        // A stored router session keeps the subscriptions its creator was
+        // authorized for; only the same certificate may resume it.
+        let stale = {
+            let mut persisted = self
+                .shared
+                .persisted
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let stale = persisted
+                .get(&self.who.id)
+                .is_some_and(|serial| *serial != self.serial);
+            if clean {
+                persisted.remove(&self.who.id);
+            } else {
+                persisted.insert(self.who.id.clone(), self.serial.clone());
+            }
+            stale
+        };
+        if stale && !clean {
+            tracing::info!(who = %self.who, "stored session belongs to another certificate; discarded");
+            if self.open_link(true).await.is_err() {
+                return;
+            }
+        }
         let router_tx = self.shared.router_tx.clone();
         let id = self.who.id.clone();
-        let clean = connect.clean_session;
         // No will is given to the router: the edge publishes wills itself.
         // Building a link blocks until the router answers.
         let built = tokio::task::spawn_blocking(move || router_tx(&id, clean)).await;
@@ -267,12 +319,33 @@ impl Session {
         drop(registration);
     }
 
+    /// Opens and closes a clean router link with this session's id, which
+    /// makes the router discard the session it stored for the id.
+    async fn open_link(&mut self, clean: bool) -> Result<(), ()> {
+        let router_tx = self.shared.router_tx.clone();
+        let id = self.who.id.clone();
+        match tokio::task::spawn_blocking(move || router_tx(&id, clean)).await {
+            Ok(Ok((mut tx, _rx, _))) => {
+                let _ = tx.send(disconnect_packet()).await;
+                Ok(())
+            }
+            other => {
+                tracing::error!(who = %self.who, error = ?other.err(), "router refused the connection");
+                let _ = self
+                    .write_raw(&mqtt::connack(false, mqtt::CONNACK_UNAVAILABLE))
+                    .await;
+                Err(())
+            }
+        }
+    }
+
     fn log_end(&self, end: &End) {
         match end {
             End::Graceful => tracing::info!(who = %self.who, "disconnected"),
             End::TakenOver => {
                 tracing::info!(who = %self.who, "session taken over by a new connection")
             }
+            End::Revoked => tracing::warn!(who = %self.who, "certificate revoked: session cut, no will"),
             End::Abrupt(reason) => tracing::warn!(who = %self.who, %reason, "connection closed"),
         }
     }
@@ -309,8 +382,19 @@ impl Session {
             return Ok(None);
         }
         if let Some(will) = &will {
-            if !acl::may_set_will(&self.who, &will.topic) {
-                tracing::warn!(who = %self.who, topic = %will.topic, "will topic not authorized");
+            let refusal = if !acl::may_set_will(&self.who, &will.topic) {
+                Some("will topic not authorized")
+            } else if self.who.role == Role::Device && !acl::is_offline_presence(&will.payload) {
+                Some(r#"a device's will must be {"online":false}"#)
+            } else if will.retain && !acl::may_retain(&self.who, &will.topic) && self.who.role != Role::Device {
+                Some("RETAIN not allowed on the will topic")
+            } else if will.payload.is_empty() {
+                Some("empty will payload (it would delete the retained message)")
+            } else {
+                None
+            };
+            if let Some(reason) = refusal {
+                tracing::warn!(who = %self.who, topic = %will.topic, reason, "will refused");
                 let _ = self
                     .write_raw(&mqtt::connack(false, mqtt::CONNACK_NOT_AUTHORIZED))
                     .await;
@@ -350,7 +434,7 @@ impl Session {
         let inbox = Arc::new(crate::dispatch::Inbox::default());
         let mut state = PumpState {
             subscriptions: std::collections::HashSet::new(),
-            tokens: Bucket::new(self.shared.config.limits.max_publishes_per_sec),
+            acks: AckTrack::default(),
             inbox: inbox.clone(),
             route: None,
             command_qos: 0,
@@ -370,7 +454,10 @@ impl Session {
                     if kill.taken_over() {
                         return End::TakenOver;
                     }
-                    return End::Abrupt("certificate revoked or broker shutting down".into());
+                    if kill.revoked() {
+                        return End::Revoked;
+                    }
+                    return End::Abrupt("broker shutting down".into());
                 }
                 command = inbox.next() => {
                     state.next_pkid = state.next_pkid.checked_add(1).unwrap_or(1);
@@ -398,7 +485,7 @@ impl Session {
                     match note {
                         Ok(first) => {
                             // Boxed: only sessions with a link get here.
-                            if let Err(e) = Box::pin(self.forward(first.map(|n| *n), &mut link.rx)).await {
+                            if let Err(e) = Box::pin(self.forward(first.map(|n| *n), &mut link.rx, &mut state.acks)).await {
                                 return End::Abrupt(e);
                             }
                         }
@@ -467,12 +554,35 @@ impl Session {
             Inbound::Publish {
                 ref topic,
                 qos,
+                retain,
                 pkid,
                 payload_len,
-                ..
             } => {
+                // Every check before anything is carried out: a refused
+                // publish must have no effect at all.
                 if !acl::may_publish(&self.who, topic) {
                     return Err(format!("not authorized to publish to {topic:?}"));
+                }
+                if self.who.role != Role::Controller && !self.quota.take_publish() {
+                    return Err(format!(
+                        "publish rate above {} per second",
+                        limits.max_publishes_per_sec
+                    ));
+                }
+                if retain {
+                    if !acl::may_retain(&self.who, topic) {
+                        return Err(format!("RETAIN not allowed on {topic:?}"));
+                    }
+                    self.shared
+                        .retained
+                        .set(&self.who.id, topic, payload_len, limits)
+                        .map_err(|e| format!("retained publish to {topic:?} refused: {e}"))?;
+                } else if payload_len == 0 {
+                    // rumqttd deletes the retained message of any topic that
+                    // gets an empty payload, RETAIN or not.
+                    return Err(format!(
+                        "empty payload without RETAIN on {topic:?} (would delete its retained message)"
+                    ));
                 }
                 if let Some(tap) = self.shared.tap.get() {
                     if self.who.role == Role::Operator
@@ -490,18 +600,18 @@ impl Session {
                         }
                     }
                 }
-                if self.who.role != Role::Controller && !state.tokens.take() {
-                    return Err(format!(
-                        "publish rate above {} per second",
-                        limits.max_publishes_per_sec
-                    ));
-                }
                 if is_device {
                     self.device_publish(&frame, qos, pkid, state).await?;
                     return Ok(true);
                 }
             }
             Inbound::Subscribe { pkid, ref filters } => {
+                if !self.quota.take_control() {
+                    return Err(format!(
+                        "SUBSCRIBE/UNSUBSCRIBE/PINGREQ rate above {} per second",
+                        limits.max_subscribes_per_sec
+                    ));
+                }
                 let refused: Vec<&str> = filters
                     .iter()
                     .map(|(f, _)| f.as_str())
@@ -512,9 +622,19 @@ impl Session {
                     .filter(|(f, _)| !state.subscriptions.contains(f))
                     .count();
                 let over = state.subscriptions.len() + new > limits.max_subscriptions;
-                if !refused.is_empty() || over {
+                // Devices never make the router create a filter.
+                let too_many_filters = refused.is_empty()
+                    && !over
+                    && !is_device
+                    && !self.quota.admit_filters(
+                        filters.iter().map(|(f, _)| f.as_str()),
+                        limits.max_filters_per_identity,
+                    );
+                if !refused.is_empty() || over || too_many_filters {
                     if over {
                         tracing::warn!(who = %self.who, limit = limits.max_subscriptions, "subscription limit reached; SUBSCRIBE refused");
+                    } else if too_many_filters {
+                        tracing::warn!(who = %self.who, limit = limits.max_filters_per_identity, "distinct filter limit of this identity reached; SUBSCRIBE refused");
                     } else {
                         tracing::warn!(who = %self.who, filters = ?refused, "SUBSCRIBE not authorized");
                     }
@@ -549,6 +669,12 @@ impl Session {
                 }
             }
             Inbound::Unsubscribe { pkid, ref filters } => {
+                if !self.quota.take_control() {
+                    return Err(format!(
+                        "SUBSCRIBE/UNSUBSCRIBE/PINGREQ rate above {} per second",
+                        limits.max_subscribes_per_sec
+                    ));
+                }
                 for f in filters {
                     state.subscriptions.remove(f);
                 }
@@ -559,6 +685,12 @@ impl Session {
                 }
             }
             Inbound::PingReq => {
+                if !self.quota.take_control() {
+                    return Err(format!(
+                        "SUBSCRIBE/UNSUBSCRIBE/PINGREQ rate above {} per second",
+                        limits.max_subscribes_per_sec
+                    ));
+                }
                 self.wbuf.extend_from_slice(&mqtt::PINGRESP);
                 return Ok(true);
             }
@@ -573,18 +705,45 @@ impl Session {
             // The router never sends to a device (its commands come from the
             // dispatcher), so a device's PUBACK/PUBREC/PUBCOMP answer the edge.
             Inbound::Ack { .. } if is_device => return Ok(true),
-            Inbound::Ack { .. } => {}
+            // rumqttd logs an ERROR for an ack it did not expect: any client
+            // could fill the log on demand. Pass on only what it awaits.
+            Inbound::Ack { kind, pkid } => {
+                if !state.acks.take(kind, pkid) {
+                    tracing::debug!(who = %self.who, kind, pkid, "unexpected ack dropped");
+                    return Ok(true);
+                }
+            }
         }
         let Some(tx) = tx else {
             return Err("internal: packet for a router link the session does not have".into());
         };
-        let packet =
+        let mut packet =
             decode(&frame.raw).ok_or_else(|| "packet rejected by the MQTT decoder".to_owned())?;
+        self.scope_shared_groups(&mut packet);
+        if let Inbound::Publish { qos: 2, pkid, .. } = inbound {
+            state.acks.awaiting_pubrel(pkid);
+        }
         // Boxed: `LinkTx::send`'s future holds a whole `Packet`.
         Box::pin(tx.send(packet))
             .await
             .map_err(|e| format!("router gone: {e}"))?;
         Ok(true)
+    }
+
+    /// Shared-subscription groups are per identity: `$share/g/f` becomes
+    /// `$share/<id>:g/f` (`:` is in no id), so one operator cannot join
+    /// another's group and take a share of its messages.
+    fn scope_shared_groups(&self, packet: &mut Packet) {
+        let scoped = |f: &mut String| {
+            if let Some(rest) = f.strip_prefix("$share/") {
+                *f = format!("$share/{}:{rest}", self.who.id);
+            }
+        };
+        match packet {
+            Packet::Subscribe(sub, _) => sub.filters.iter_mut().for_each(|f| scoped(&mut f.path)),
+            Packet::Unsubscribe(unsub, _) => unsub.filters.iter_mut().for_each(scoped),
+            _ => {}
+        }
     }
 
     /// A device's PUBLISH, already authorized: into the router through the
@@ -640,6 +799,7 @@ impl Session {
         &mut self,
         first: Option<Notification>,
         rx: &mut LinkRx,
+        acks: &mut AckTrack,
     ) -> Result<(), String> {
         let mut packets = Vec::new();
         let mut unscheduled = false;
@@ -662,7 +822,13 @@ impl Session {
                 _ => break,
             }
         }
-        self.write_packets(packets)
+        for packet in packets {
+            let at = self.wbuf.len();
+            V4.write(packet, &mut self.wbuf)
+                .map_err(|e| format!("encode: {e:?}"))?;
+            acks.sent(&self.wbuf[at..]);
+        }
+        self.flush()
             .await
             .map_err(|e| format!("write failed: {e}"))?;
         if unscheduled {
@@ -734,7 +900,7 @@ async fn next_notification(link: Option<&mut Link>) -> Result<Option<Box<Notific
 
 struct PumpState {
     subscriptions: std::collections::HashSet<String>,
-    tokens: Bucket,
+    acks: AckTrack,
     inbox: Arc<crate::dispatch::Inbox>,
     /// Set while a device is subscribed to its commands.
     route: Option<crate::dispatch::Route>,
@@ -744,32 +910,71 @@ struct PumpState {
     qos2_pending: Vec<u16>,
 }
 
-/// Token bucket: `rate` tokens a second, holding at most one second's worth.
-struct Bucket {
-    rate: f64,
-    tokens: f64,
-    last: Instant,
+/// Packet ids a linked client may acknowledge: those of the QoS 1/2
+/// publishes and PUBRELs the router sent it, and of its own QoS 2 publishes
+/// (for PUBREL). Empty for devices, whose acks the edge answers itself.
+#[derive(Default)]
+struct AckTrack {
+    puback: std::collections::HashSet<u16>,
+    pubrec: std::collections::HashSet<u16>,
+    pubcomp: std::collections::HashSet<u16>,
+    pubrel: std::collections::HashSet<u16>,
 }
 
-impl Bucket {
-    fn new(rate: u32) -> Self {
-        Bucket {
-            rate: f64::from(rate),
-            tokens: f64::from(rate),
-            last: Instant::now(),
+impl AckTrack {
+    /// Whether an ack of `kind` (the packet type) for `pkid` is awaited;
+    /// if so it is no longer.
+    fn take(&mut self, kind: u8, pkid: u16) -> bool {
+        match kind {
+            4 => self.puback.remove(&pkid),
+            5 => self.pubrec.remove(&pkid),
+            6 => self.pubrel.remove(&pkid),
+            7 => self.pubcomp.remove(&pkid),
+            _ => false,
         }
     }
 
-    fn take(&mut self) -> bool {
-        let now = Instant::now();
-        self.tokens =
-            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.rate);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
+    fn awaiting_pubrel(&mut self, pkid: u16) {
+        self.pubrel.insert(pkid);
+    }
+
+    /// Notes what an encoded packet written to the client will be answered with.
+    fn sent(&mut self, wire: &[u8]) {
+        let Some(&first) = wire.first() else { return };
+        let mut len = 0usize;
+        let mut at = 1;
+        for (i, b) in wire.iter().skip(1).take(4).enumerate() {
+            len |= usize::from(b & 0x7F) << (7 * i);
+            at += 1;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        let body = &wire[at.min(wire.len())..(at + len).min(wire.len())];
+        let u16_at = |i: usize| {
+            body.get(i..i + 2)
+                .map(|b| u16::from_be_bytes([b[0], b[1]]))
+        };
+        match first >> 4 {
+            3 => {
+                let qos = (first >> 1) & 3;
+                let pkid = u16_at(0).and_then(|tl| u16_at(2 + usize::from(tl)));
+                match (qos, pkid) {
+                    (1, Some(p)) => {
+                        self.puback.insert(p);
+                    }
+                    (2, Some(p)) => {
+                        self.pubrec.insert(p);
+                    }
+                    _ => {}
+                }
+            }
+            6 => {
+                if let Some(p) = u16_at(0) {
+                    self.pubcomp.insert(p);
+                }
+            }
+            _ => {}
         }
     }
 }

@@ -134,7 +134,7 @@ impl Controller {
         );
 
         let (mut tx, rx) = broker
-            .link("cityplane-controller")
+            .link(cityplane_broker::CONTROLLER_LINK_ID)
             .await
             .map_err(|e| ControllerError::Broker(e.to_string()))?;
         const LEAVES: [&str; 3] = ["reported", "acks", "presence"];
