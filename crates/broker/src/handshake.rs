@@ -3,11 +3,13 @@
 //! for up to the handshake timeout, so these must never take the slots of
 //! clients that proved who they are.
 //!
-//! Per source address at most `max_handshakes_per_addr` are pending; more
-//! are closed at once. When all `max_handshakes` are pending, the oldest is
-//! dropped to admit the new one: a legitimate handshake takes milliseconds,
-//! so an attacker would have to open the whole budget again within that
-//! time to push it out, while slow or silent sockets are the first to go.
+//! When all `max_handshakes` are pending, or `max_handshakes_per_addr` from
+//! the new socket's address, the oldest of them is dropped to admit the new
+//! one. A legitimate handshake takes milliseconds, so an attacker would have
+//! to open that many new sockets within those milliseconds to push it out,
+//! while silent or slow sockets are the first to go; refusing new sockets
+//! instead would let one address lock out every client behind the same
+//! address (NAT) for as long as it holds its sockets.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -31,6 +33,14 @@ struct Inner {
 }
 
 impl Inner {
+    fn evict(&mut self, key: u64) {
+        if let Some((_, notify)) = self.pending.get(&key) {
+            // notify_one keeps a permit for a task not yet waiting.
+            notify.notify_one();
+        }
+        self.remove(key);
+    }
+
     fn remove(&mut self, key: u64) {
         if let Some((ip, _)) = self.pending.remove(&key) {
             if let Some(n) = self.per_addr.get_mut(&ip) {
@@ -69,32 +79,38 @@ impl Drop for Pending {
 }
 
 impl Handshakes {
-    /// A place for a new socket from `ip`, or `None` if that address has
-    /// too many handshakes pending.
-    pub(crate) fn admit(&self, ip: IpAddr, limits: &Limits) -> Option<Pending> {
+    /// A place for a new socket from `ip`, made by dropping the oldest
+    /// pending handshake (of that address, or of all) if either budget is full.
+    pub(crate) fn admit(&self, ip: IpAddr, limits: &Limits) -> Pending {
         let mut inner = lock(&self.inner);
-        let from_ip = inner.per_addr.get(&ip).copied().unwrap_or(0);
-        if from_ip >= limits.max_handshakes_per_addr {
-            return None;
+        while inner.per_addr.get(&ip).copied().unwrap_or(0) >= limits.max_handshakes_per_addr.max(1)
+        {
+            let oldest = inner
+                .pending
+                .iter()
+                .find(|(_, (from, _))| *from == ip)
+                .map(|(key, _)| *key);
+            match oldest {
+                Some(key) => inner.evict(key),
+                None => break,
+            }
         }
         while inner.pending.len() >= limits.max_handshakes.max(1) {
-            let Some((&oldest, (_, notify))) = inner.pending.first_key_value() else {
+            let Some(&oldest) = inner.pending.keys().next() else {
                 break;
             };
-            // notify_one keeps a permit for a task not yet waiting.
-            notify.notify_one();
-            inner.remove(oldest);
+            inner.evict(oldest);
         }
         let key = inner.next;
         inner.next += 1;
         let evicted = Arc::new(Notify::new());
         inner.pending.insert(key, (ip, evicted.clone()));
         *inner.per_addr.entry(ip).or_default() += 1;
-        Some(Pending {
+        Pending {
             inner: self.inner.clone(),
             key,
             evicted,
-        })
+        }
     }
 
     #[cfg(test)]
@@ -108,7 +124,7 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn per_address_limit_and_oldest_evicted_when_full() {
+    async fn the_oldest_pending_handshake_makes_room() {
         let limits = Limits {
             max_handshakes: 3,
             max_handshakes_per_addr: 2,
@@ -118,19 +134,28 @@ mod tests {
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
         let c: IpAddr = "10.0.0.3".parse().unwrap();
-        let a1 = h.admit(a, &limits).unwrap();
-        let _a2 = h.admit(a, &limits).unwrap();
-        assert!(h.admit(a, &limits).is_none(), "a has 2 pending");
-        let _b1 = h.admit(b, &limits).unwrap();
-        // Full: c's socket pushes out the oldest (a1).
-        let _c1 = h.admit(c, &limits).unwrap();
+        let b1 = h.admit(b, &limits);
+        let a1 = h.admit(a, &limits);
+        let a2 = h.admit(a, &limits);
+        // a's third pushes out a's oldest, not b's older one.
+        let a3 = h.admit(a, &limits);
+        evicted(&a1).await;
         assert_eq!(h.len(), 3);
-        tokio::time::timeout(std::time::Duration::from_secs(1), a1.evicted())
-            .await
-            .expect("oldest evicted");
+        // All full: c's socket pushes out the oldest of all (b1).
+        let _c1 = h.admit(c, &limits);
+        evicted(&b1).await;
+        assert_eq!(h.len(), 3);
         drop(a1);
-        assert_eq!(h.len(), 3, "dropping an evicted place frees nothing twice");
-        // a has one place left again.
-        assert!(h.admit(a, &limits).is_some());
+        drop(b1);
+        assert_eq!(h.len(), 3, "an evicted place is not freed twice");
+        drop(a2);
+        drop(a3);
+        assert_eq!(h.len(), 1);
+    }
+
+    async fn evicted(p: &Pending) {
+        tokio::time::timeout(std::time::Duration::from_secs(1), p.evicted())
+            .await
+            .expect("evicted");
     }
 }

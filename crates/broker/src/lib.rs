@@ -371,11 +371,7 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Some(pending) = shared.handshakes.admit(peer.ip(), &shared.config.limits) else {
-            // Not logged one by one: any address could fill the log.
-            drop(tcp);
-            continue;
-        };
+        let pending = shared.handshakes.admit(peer.ip(), &shared.config.limits);
         tokio::spawn(session::serve(shared.clone(), tcp, peer, pending));
     }
 }

@@ -29,7 +29,7 @@ async fn burst(limited: bool) -> usize {
         pki.issue(Role::Device, id);
     }
     let broker = start(pki.path(), test_limits()).await;
-    let (mut tx, mut rx) = broker.link("slow-reader").await.expect("link");
+    let (mut tx, mut rx) = broker.link("_slow-reader").await.expect("link");
     tx.subscribe("devices/+/reported").expect("subscribe");
     let credit = limited.then(|| {
         broker

@@ -186,7 +186,8 @@ async fn a_second_connection_with_the_same_id_takes_the_session_over() {
 
     // Will on its presence topic, QoS 1, retained: as PROTOCOL.md recommends.
     let mut will = field(b"devices/d1/presence");
-    will.extend(field(b"will-of-d1"));
+    // Spaced, so it can be told apart from the broker's own offline presence.
+    will.extend(field(br#"{"online": false}"#));
     let will_flags = 0x02 | 0x04 | 0x08 | 0x20;
     let mut first = raw_device(addr, t.path(), "d1", will_flags, &will).await;
     // Subscribed, so the first session holds the command route too.
@@ -247,7 +248,7 @@ async fn a_second_connection_with_the_same_id_takes_the_session_over() {
     let got = drain(&mut spy_rx, QUIET).await;
     assert_eq!(
         only_topic(&got, "devices/d1/presence"),
-        vec![b"will-of-d1".to_vec()],
+        vec![br#"{"online": false}"#.to_vec()],
         "{got:?}"
     );
     tokio::time::sleep(Duration::from_millis(100)).await;

@@ -266,7 +266,7 @@ async fn a_device_will_may_only_announce_its_own_presence() {
     let (_c, mut eventloop) = mqtt_with(addr, tls_config(t.path(), Some("d1")), "d1", |o| {
         o.set_last_will(LastWill::new(
             "devices/d1/presence",
-            "offline",
+            r#"{"online": false}"#,
             QoS::AtLeastOnce,
             false,
         ));
@@ -288,7 +288,7 @@ async fn a_device_will_may_only_announce_its_own_presence() {
         .expect("open");
     assert_eq!(
         (topic.as_str(), payload.as_slice()),
-        ("devices/d1/presence", &b"offline"[..])
+        ("devices/d1/presence", &br#"{"online": false}"#[..])
     );
     broker.shutdown().await;
 }
