@@ -230,7 +230,13 @@ mod tests {
         assert!(may_publish(&c, "devices/d1/commands"));
         assert!(may_subscribe(&c, "#"));
         assert!(may_subscribe(&c, "$share/g/devices/+/reported"));
-        for bad in ["$TopicA/B", "$SYS/#", "$share/g/$SYS/x", "$share//x", "$share/g"] {
+        for bad in [
+            "$TopicA/B",
+            "$SYS/#",
+            "$share/g/$SYS/x",
+            "$share//x",
+            "$share/g",
+        ] {
             assert!(!may_subscribe(&c, bad), "{bad}");
         }
         assert!(!may_publish(&c, "$TopicA/B"));
@@ -264,7 +270,11 @@ mod tests {
             br#"[false]"#,
             b"junk",
         ] {
-            assert!(!is_offline_presence(bad), "{:?}", String::from_utf8_lossy(bad));
+            assert!(
+                !is_offline_presence(bad),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 }

@@ -83,11 +83,7 @@ pub const CONTROLLER_LINK_ID: &str = "_cityplane-controller";
 /// start with `_`, which no certificate identity can (see
 /// `cityplane_proto::validate_id`): a client holding one of these ids would
 /// take the link over (rumqttd drops the older link of a duplicate id).
-pub const INTERNAL_LINK_IDS: [&str; 3] = [
-    CONTROLLER_LINK_ID,
-    ingress::LINK_ID,
-    dispatch::LINK_ID,
-];
+pub const INTERNAL_LINK_IDS: [&str; 3] = [CONTROLLER_LINK_ID, ingress::LINK_ID, dispatch::LINK_ID];
 
 /// Topic prefixes whose operator publishes are handed to the tap.
 pub const TAPPED_PREFIXES: [&str; 2] = ["fleet/desired/", "fleet/ops/"];

@@ -63,12 +63,7 @@ enum End {
 /// is only needed for a moment), the session boxed and passed down by
 /// reference (a value moved into a nested future is stored once per level),
 /// and rare or bulky paths boxed.
-pub(crate) async fn serve(
-    shared: Arc<Shared>,
-    tcp: TcpStream,
-    peer: SocketAddr,
-    pending: Pending,
-) {
+pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, pending: Pending) {
     let Some(mut session) = Box::pin(handshake(shared, tcp, peer, pending)).await else {
         return;
     };
@@ -345,7 +340,9 @@ impl Session {
             End::TakenOver => {
                 tracing::info!(who = %self.who, "session taken over by a new connection")
             }
-            End::Revoked => tracing::warn!(who = %self.who, "certificate revoked: session cut, no will"),
+            End::Revoked => {
+                tracing::warn!(who = %self.who, "certificate revoked: session cut, no will")
+            }
             End::Abrupt(reason) => tracing::warn!(who = %self.who, %reason, "connection closed"),
         }
     }
@@ -386,7 +383,10 @@ impl Session {
                 Some("will topic not authorized")
             } else if self.who.role == Role::Device && !acl::is_offline_presence(&will.payload) {
                 Some(r#"a device's will must be {"online":false}"#)
-            } else if will.retain && !acl::may_retain(&self.who, &will.topic) && self.who.role != Role::Device {
+            } else if will.retain
+                && !acl::may_retain(&self.who, &will.topic)
+                && self.who.role != Role::Device
+            {
                 Some("RETAIN not allowed on the will topic")
             } else if will.payload.is_empty() {
                 Some("empty will payload (it would delete the retained message)")
@@ -951,10 +951,7 @@ impl AckTrack {
             }
         }
         let body = &wire[at.min(wire.len())..(at + len).min(wire.len())];
-        let u16_at = |i: usize| {
-            body.get(i..i + 2)
-                .map(|b| u16::from_be_bytes([b[0], b[1]]))
-        };
+        let u16_at = |i: usize| body.get(i..i + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
         match first >> 4 {
             3 => {
                 let qos = (first >> 1) & 3;

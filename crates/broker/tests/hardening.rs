@@ -76,7 +76,12 @@ async fn connect_code(
 ) -> Result<(), ConnectionError> {
     let (_c, mut eventloop) = mqtt_with(addr, tls_config(pki, Some(id)), id, |o| {
         if let Some((topic, payload)) = will {
-            o.set_last_will(LastWill::new(topic, payload.to_vec(), QoS::AtLeastOnce, true));
+            o.set_last_will(LastWill::new(
+                topic,
+                payload.to_vec(),
+                QoS::AtLeastOnce,
+                true,
+            ));
         }
     });
     connack(&mut eventloop).await
@@ -105,18 +110,27 @@ async fn distinct_filters_are_capped_per_identity_across_connections() {
             .await
             .expect("write");
         let [hi, lo] = pkid.to_be_bytes();
-        assert_eq!(read_exact(&mut s, 4).await.expect("unsuback"), [0xB0, 2, hi, lo]);
+        assert_eq!(
+            read_exact(&mut s, 4).await.expect("unsuback"),
+            [0xB0, 2, hi, lo]
+        );
     }
     // Unsubscribing did not give the filters back: the router keeps them.
-    s.write_all(&subscribe(100, "fleet/churn/20")).await.expect("write");
+    s.write_all(&subscribe(100, "fleet/churn/20"))
+        .await
+        .expect("write");
     expect_suback(&mut s, 100, 0x80).await;
     // A filter it already made costs nothing.
-    s.write_all(&subscribe(101, "fleet/churn/3")).await.expect("write");
+    s.write_all(&subscribe(101, "fleet/churn/3"))
+        .await
+        .expect("write");
     expect_suback(&mut s, 101, 1).await;
     drop(s);
     // A new connection of the same identity has the same budget.
     let mut s = raw_connected(addr, t.path(), "op").await;
-    s.write_all(&subscribe(1, "fleet/churn/21")).await.expect("write");
+    s.write_all(&subscribe(1, "fleet/churn/21"))
+        .await
+        .expect("write");
     expect_suback(&mut s, 1, 0x80).await;
     broker.shutdown().await;
 }
@@ -175,10 +189,19 @@ async fn retain_is_refused_where_the_protocol_does_not_retain() {
     // Where the protocol retains, it works; an empty payload without RETAIN
     // (which rumqttd would take as "delete the retained message") does not.
     let mut s = raw_connected(addr, t.path(), "d1").await;
-    s.write_all(&encode_publish("devices/d1/reported", b"{\"v\":1}", 1, true, 1))
-        .await
-        .expect("write");
-    assert_eq!(read_exact(&mut s, 4).await.expect("puback"), [0x40, 2, 0, 1]);
+    s.write_all(&encode_publish(
+        "devices/d1/reported",
+        b"{\"v\":1}",
+        1,
+        true,
+        1,
+    ))
+    .await
+    .expect("write");
+    assert_eq!(
+        read_exact(&mut s, 4).await.expect("puback"),
+        [0x40, 2, 0, 1]
+    );
     s.write_all(&encode_publish("devices/d1/reported", b"", 1, false, 2))
         .await
         .expect("write");
@@ -188,7 +211,12 @@ async fn retain_is_refused_where_the_protocol_does_not_retain() {
         addr,
         t.path(),
         "late",
-        &["fleet/#", "devices/+/telemetry", "devices/+/acks", "devices/+/reported"],
+        &[
+            "fleet/#",
+            "devices/+/telemetry",
+            "devices/+/acks",
+            "devices/+/reported",
+        ],
     )
     .await;
     let got = drain(&mut rx, QUIET).await;
@@ -216,10 +244,19 @@ async fn the_retained_store_is_capped_per_identity_and_broker_wide() {
 
     let mut s = raw_connected(addr, t.path(), "ctl").await;
     for (pkid, d) in [(1u16, "a"), (2, "b")] {
-        s.write_all(&encode_publish(&format!("devices/{d}/reported"), b"{}", 1, true, pkid))
-            .await
-            .expect("write");
-        assert_eq!(read_exact(&mut s, 4).await.expect("puback"), [0x40, 2, 0, pkid as u8]);
+        s.write_all(&encode_publish(
+            &format!("devices/{d}/reported"),
+            b"{}",
+            1,
+            true,
+            pkid,
+        ))
+        .await
+        .expect("write");
+        assert_eq!(
+            read_exact(&mut s, 4).await.expect("puback"),
+            [0x40, 2, 0, pkid as u8]
+        );
     }
     s.write_all(&encode_publish("devices/c/reported", b"{}", 1, true, 3))
         .await
@@ -231,12 +268,24 @@ async fn the_retained_store_is_capped_per_identity_and_broker_wide() {
     s1.write_all(&encode_publish("devices/d1/reported", &big, 1, true, 1))
         .await
         .expect("write");
-    assert_eq!(read_exact(&mut s1, 4).await.expect("puback"), [0x40, 2, 0, 1]);
+    assert_eq!(
+        read_exact(&mut s1, 4).await.expect("puback"),
+        [0x40, 2, 0, 1]
+    );
     // Replacing one's own message counts once.
-    s1.write_all(&encode_publish("devices/d1/reported", &vec![b'y'; 700], 1, true, 2))
-        .await
-        .expect("write");
-    assert_eq!(read_exact(&mut s1, 4).await.expect("puback"), [0x40, 2, 0, 2]);
+    s1.write_all(&encode_publish(
+        "devices/d1/reported",
+        &vec![b'y'; 700],
+        1,
+        true,
+        2,
+    ))
+    .await
+    .expect("write");
+    assert_eq!(
+        read_exact(&mut s1, 4).await.expect("puback"),
+        [0x40, 2, 0, 2]
+    );
     let mut s2 = raw_connected(addr, t.path(), "d2").await;
     s2.write_all(&encode_publish("devices/d2/reported", &big, 1, true, 1))
         .await
@@ -253,7 +302,10 @@ async fn a_stored_session_is_not_inherited_by_a_new_certificate() {
     let broker = start(t.path(), test_limits()).await;
     let addr = broker.local_addr();
 
-    async fn persistent(addr: SocketAddr, pki: &Path) -> (rumqttc::AsyncClient, rumqttc::EventLoop, bool) {
+    async fn persistent(
+        addr: SocketAddr,
+        pki: &Path,
+    ) -> (rumqttc::AsyncClient, rumqttc::EventLoop, bool) {
         let (client, mut eventloop) = mqtt_with(addr, tls_config(pki, Some("spy")), "spy", |o| {
             o.set_clean_session(false);
         });
@@ -270,7 +322,10 @@ async fn a_stored_session_is_not_inherited_by_a_new_certificate() {
 
     let (client, mut eventloop, present) = persistent(addr, t.path()).await;
     assert!(!present);
-    client.subscribe("#", QoS::AtLeastOnce).await.expect("subscribe");
+    client
+        .subscribe("#", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
     loop {
         if let Event::Incoming(Packet::SubAck(_)) = eventloop.poll().await.expect("suback") {
             break;
@@ -287,9 +342,14 @@ async fn a_stored_session_is_not_inherited_by_a_new_certificate() {
     // Revoked, then re-issued to the same id as an operator.
     t.pki.revoke("spy").expect("revoke");
     tokio::time::sleep(Duration::from_millis(400)).await;
-    t.pki.issue(Role::Operator, "spy").expect("re-issue as operator");
+    t.pki
+        .issue(Role::Operator, "spy")
+        .expect("re-issue as operator");
     let (_client, mut eventloop, present) = persistent(addr, t.path()).await;
-    assert!(!present, "a new certificate must not resume the old session");
+    assert!(
+        !present,
+        "a new certificate must not resume the old session"
+    );
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok(event) = eventloop.poll().await {
@@ -299,20 +359,31 @@ async fn a_stored_session_is_not_inherited_by_a_new_certificate() {
         }
     });
     let mut d = raw_connected(addr, t.path(), "d1").await;
-    for (i, topic) in ["devices/d1/reported", "devices/d1/acks"].iter().enumerate() {
+    for (i, topic) in ["devices/d1/reported", "devices/d1/acks"]
+        .iter()
+        .enumerate()
+    {
         d.write_all(&encode_publish(topic, b"{}", 1, false, i as u16 + 1))
             .await
             .expect("publish");
         read_exact(&mut d, 4).await.expect("puback");
     }
     let got = drain(&mut rx, QUIET).await;
-    assert!(got.is_empty(), "the old controller subscription leaked: {got:?}");
+    assert!(
+        got.is_empty(),
+        "the old controller subscription leaked: {got:?}"
+    );
     broker.shutdown().await;
 }
 
 /// `n` sockets from `source` that connect and send nothing, renewed every
 /// `renew` (as a patient attacker would, just inside the handshake timeout).
-fn bare_sockets(addr: SocketAddr, sources: Vec<String>, n: usize, renew: Duration) -> tokio::task::JoinHandle<()> {
+fn bare_sockets(
+    addr: SocketAddr,
+    sources: Vec<String>,
+    n: usize,
+    renew: Duration,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             let mut held = Vec::with_capacity(n);
@@ -333,7 +404,9 @@ async fn device_gets_in_every_time(addr: SocketAddr, pki: &Path) {
         let mut s = raw_tls(addr, tls_config(pki, Some("d1")))
             .await
             .unwrap_or_else(|e| panic!("attempt {attempt}: TLS failed: {e}"));
-        s.write_all(&connect_packet("d1", 0x02, 30, &[])).await.expect("write");
+        s.write_all(&connect_packet("d1", 0x02, 30, &[]))
+            .await
+            .expect("write");
         assert_eq!(
             read_exact(&mut s, 4).await.ok(),
             Some(vec![0x20, 2, 0, 0]),
@@ -357,7 +430,12 @@ async fn certificate_less_sockets_cannot_keep_a_device_out_at_a_small_limit() {
     let broker = start(t.path(), limits).await;
     let addr = broker.local_addr();
     // The review's attack: 64 bare sockets from one host, renewed every 4.5 s.
-    let attacker = bare_sockets(addr, vec!["127.0.0.2".into()], 64, Duration::from_millis(4_500));
+    let attacker = bare_sockets(
+        addr,
+        vec!["127.0.0.2".into()],
+        64,
+        Duration::from_millis(4_500),
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     device_gets_in_every_time(addr, t.path()).await;
     attacker.abort();
@@ -378,7 +456,11 @@ async fn certificate_less_sockets_cannot_keep_a_device_out_at_the_default_limits
     let n = budget + 200;
     let mut held = Vec::new();
     for i in 0..n {
-        held.push(tcp_from(&sources[i % sources.len()], addr).await.expect("tcp"));
+        held.push(
+            tcp_from(&sources[i % sources.len()], addr)
+                .await
+                .expect("tcp"),
+        );
     }
     // The oldest are closed to make room, long before the handshake timeout.
     let mut closed = 0;
@@ -393,7 +475,10 @@ async fn certificate_less_sockets_cannot_keep_a_device_out_at_the_default_limits
             closed += 1;
         }
     }
-    assert_eq!(closed, 200, "the oldest bare sockets make room for new ones");
+    assert_eq!(
+        closed, 200,
+        "the oldest bare sockets make room for new ones"
+    );
     device_gets_in_every_time(addr, t.path()).await;
     drop(held);
     broker.shutdown().await;
@@ -415,10 +500,30 @@ async fn wills_cannot_fake_presence_nor_outlive_revocation() {
     let (_w, mut rx) = connected(addr, t.path(), "watch", &["devices/+/presence", "fleet/#"]).await;
 
     for (id, topic, payload, what) in [
-        ("d1", "devices/d1/presence", &br#"{"online":true}"#[..], "a device will saying online"),
-        ("d1", "devices/d1/presence", b"", "an empty device will (deletes presence)"),
-        ("d1", "devices/d1/presence", b"bye", "a device will that is not presence"),
-        ("op", "fleet/desired/x", br#"{}"#, "an operator will on a topic the controller reads"),
+        (
+            "d1",
+            "devices/d1/presence",
+            &br#"{"online":true}"#[..],
+            "a device will saying online",
+        ),
+        (
+            "d1",
+            "devices/d1/presence",
+            b"",
+            "an empty device will (deletes presence)",
+        ),
+        (
+            "d1",
+            "devices/d1/presence",
+            b"bye",
+            "a device will that is not presence",
+        ),
+        (
+            "op",
+            "fleet/desired/x",
+            br#"{}"#,
+            "an operator will on a topic the controller reads",
+        ),
     ] {
         match connect_code(addr, t.path(), id, Some((topic, payload))).await {
             Err(ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized)) => {}
@@ -429,27 +534,45 @@ async fn wills_cannot_fake_presence_nor_outlive_revocation() {
 
     // Control: an abrupt end publishes the will.
     let (_c2, mut e2) = mqtt_with(addr, tls_config(t.path(), Some("c2")), "c2", |o| {
-        o.set_last_will(LastWill::new("fleet/wills/c2", "c2-gone", QoS::AtLeastOnce, false));
+        o.set_last_will(LastWill::new(
+            "fleet/wills/c2",
+            "c2-gone",
+            QoS::AtLeastOnce,
+            false,
+        ));
     });
     connack(&mut e2).await.expect("c2 connects");
     drop(e2);
     let got = drain(&mut rx, QUIET).await;
-    assert!(got.contains(&("fleet/wills/c2".into(), b"c2-gone".to_vec())), "{got:?}");
+    assert!(
+        got.contains(&("fleet/wills/c2".into(), b"c2-gone".to_vec())),
+        "{got:?}"
+    );
 
     // A revoked session's will is not published.
     let (_c1, mut e1) = mqtt_with(addr, tls_config(t.path(), Some("c1")), "c1", |o| {
-        o.set_last_will(LastWill::new("fleet/wills/c1", "c1-gone", QoS::AtLeastOnce, false));
+        o.set_last_will(LastWill::new(
+            "fleet/wills/c1",
+            "c1-gone",
+            QoS::AtLeastOnce,
+            false,
+        ));
     });
     connack(&mut e1).await.expect("c1 connects");
     let c1_loop = tokio::spawn(async move { while e1.poll().await.is_ok() {} });
     // A device whose will differs (spacing) from the broker's own offline.
     let mut will = field(b"devices/d2/presence");
     will.extend(field(br#"{ "online": false }"#));
-    let mut d2 = raw_tls(addr, tls_config(t.path(), Some("d2"))).await.expect("tls");
+    let mut d2 = raw_tls(addr, tls_config(t.path(), Some("d2")))
+        .await
+        .expect("tls");
     d2.write_all(&connect_packet("d2", 0x02 | 0x04 | 0x08 | 0x20, 30, &will))
         .await
         .expect("write");
-    assert_eq!(read_exact(&mut d2, 4).await.expect("connack"), [0x20, 2, 0, 0]);
+    assert_eq!(
+        read_exact(&mut d2, 4).await.expect("connack"),
+        [0x20, 2, 0, 0]
+    );
     drain(&mut rx, QUIET).await;
     t.pki.revoke("c1").expect("revoke");
     t.pki.revoke("d2").expect("revoke");
@@ -483,10 +606,15 @@ async fn dollar_topics_and_bare_fleet_topics_are_refused_not_dropped() {
     let addr = broker.local_addr();
 
     let mut s = raw_connected(addr, t.path(), "ctl").await;
-    s.write_all(&subscribe(1, "$TopicA/B")).await.expect("write");
+    s.write_all(&subscribe(1, "$TopicA/B"))
+        .await
+        .expect("write");
     expect_suback(&mut s, 1, 0x80).await;
     s.write_all(&[0xC0, 0]).await.expect("ping");
-    assert_eq!(read_exact(&mut s, 2).await.expect("the session lives on"), [0xD0, 0]);
+    assert_eq!(
+        read_exact(&mut s, 2).await.expect("the session lives on"),
+        [0xD0, 0]
+    );
     s.write_all(&encode_publish("$TopicA/B", b"{}", 1, false, 2))
         .await
         .expect("write");
@@ -515,7 +643,13 @@ async fn a_publish_over_the_rate_limit_has_no_effect() {
     let mut s = raw_connected(addr, t.path(), "op").await;
     let mut burst = Vec::new();
     for i in 0..130 {
-        burst.extend(encode_publish(&format!("fleet/desired/rl-{i}"), b"{}", 0, false, 0));
+        burst.extend(encode_publish(
+            &format!("fleet/desired/rl-{i}"),
+            b"{}",
+            0,
+            false,
+            0,
+        ));
     }
     s.write_all(&burst).await.expect("write");
     expect_closed(&mut s, "a burst over the rate limit").await;
@@ -548,7 +682,10 @@ async fn reconnecting_does_not_refill_the_publish_budget() {
     let mut s = raw_connected(addr, t.path(), "d1").await;
     s.write_all(&burst).await.expect("write");
     s.write_all(&[0xC0, 0]).await.expect("ping");
-    assert_eq!(read_exact(&mut s, 2).await.expect("within the budget"), [0xD0, 0]);
+    assert_eq!(
+        read_exact(&mut s, 2).await.expect("within the budget"),
+        [0xD0, 0]
+    );
     s.write_all(&[0xE0, 0]).await.expect("disconnect");
     drop(s);
     let mut s = raw_connected(addr, t.path(), "d1").await;
@@ -570,9 +707,14 @@ async fn shared_subscription_groups_are_per_identity() {
     let (_o2, mut rx2) = connected(addr, t.path(), "op2", &[filter]).await;
     let (ctl, _) = connected(addr, t.path(), "ctl", &[]).await;
     for i in 0..20 {
-        ctl.publish(format!("devices/d{i}/telemetry"), QoS::AtLeastOnce, false, "{}")
-            .await
-            .expect("publish");
+        ctl.publish(
+            format!("devices/d{i}/telemetry"),
+            QoS::AtLeastOnce,
+            false,
+            "{}",
+        )
+        .await
+        .expect("publish");
     }
     let (got1, got2) = (drain(&mut rx1, QUIET).await, drain(&mut rx2, QUIET).await);
     assert_eq!(

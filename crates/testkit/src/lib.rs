@@ -1,11 +1,13 @@
 //! Support code shared by cityplane's tests and benchmarks: child processes
 //! and their /proc figures, mosquitto next to our broker, a description of
 //! the machine, benchmark output, loop-mounted ext4 images and TLS clients
-//! of the project PKI.
+//! of the project PKI, and certificates `cityplane certs` would refuse to
+//! issue (forged with the project CA's key, as an attacker holding it would).
 //!
 //! A dev-dependency only: nothing here is part of a shipped binary.
 
 pub mod bench;
+pub mod forge;
 pub mod loopdev;
 pub mod machine;
 pub mod mosquitto;
