@@ -1,6 +1,7 @@
 //! The rustls server configuration, built once at start: mutual TLS against
 //! the project CA, plus our own checks on the verified client certificate
-//! (identity readable, serial not revoked).
+//! (issued directly by the CA, clientAuth EKU, identity readable, serial not
+//! revoked). Session resumption is off so every connection is verified.
 
 use std::sync::Arc;
 
@@ -64,6 +65,18 @@ pub(crate) fn server_config(
         .with_single_cert(chain, key)
         .map_err(|e| BrokerError::Tls(e.to_string()))?;
     config.alpn_protocols = vec![];
+    // No session resumption: a resumed session brings back the client's
+    // chain without calling the verifier, so a certificate that has expired
+    // (or been revoked) since would still get in. Full handshakes cost
+    // little here: devices connect once and stay, and a broker restart
+    // empties the in-memory cache anyway.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    if config.ticketer.enabled() {
+        return Err(BrokerError::Tls(
+            "stateless session tickets must stay off (resumption skips client verification)".into(),
+        ));
+    }
     Ok(Arc::new(config))
 }
 

@@ -1,0 +1,168 @@
+//! Findings of the TLS security review (issue 8), end to end over real mTLS:
+//! no way around the client-certificate checks through session resumption,
+//! intermediate CAs or a missing clientAuth EKU, and no revocation change
+//! the watcher can miss.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cityplane_certs::{IssueOptions, Pki};
+use cityplane_proto::Role;
+use common::*;
+use rustls::AlertDescription;
+use time::OffsetDateTime;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Connects as `id` and returns the alert the server refused the client
+/// certificate with. Anything else (MQTT bytes, a plain close, a non-alert
+/// error) fails the test: the refusal must happen at the TLS layer.
+async fn refused_with_alert(
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    id: &str,
+) -> AlertDescription {
+    let err = match raw_tls(addr, tls).await {
+        Err(e) => e,
+        Ok(mut stream) => {
+            let _ = stream.write_all(&connect_packet(id, 0x02, 30, &[])).await;
+            let mut buf = [0u8; 16];
+            // TLS 1.3: the client learns of the refusal on its first read.
+            let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("{id}: the server neither answered nor closed"));
+            match read {
+                Err(e) => e,
+                Ok(n) => panic!(
+                    "{id}: not refused at the TLS layer: got {n} bytes {:?} (CONNACK 0 is 20 02 00 00)",
+                    &buf[..n]
+                ),
+            }
+        }
+    };
+    match err
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::AlertReceived(alert)) => *alert,
+        _ => panic!("{id}: expected a TLS alert from the server, got {err}"),
+    }
+}
+
+/// Full MQTT connect as `id` with `tls`; returns the live stream. Reading the
+/// CONNACK also makes the client take the session tickets sent before it.
+async fn connects(
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    id: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut s = raw_tls(addr, tls).await.expect("tls");
+    s.write_all(&connect_packet(id, 0x02, 30, &[]))
+        .await
+        .expect("write CONNECT");
+    assert_eq!(
+        read_exact(&mut s, 4).await.expect("CONNACK"),
+        [0x20, 2, 0, 0],
+        "{id} must be accepted"
+    );
+    s
+}
+
+fn issue_device(pki: &Pki, id: &str, not_after: OffsetDateTime) {
+    pki.issue_with(
+        Role::Device,
+        id,
+        &IssueOptions {
+            not_before: OffsetDateTime::now_utc() - time::Duration::minutes(5),
+            not_after,
+            client_auth: true,
+        },
+    )
+    .expect("issue");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_certificate_cannot_resume_a_tls_session() {
+    let t = TestPki::new();
+    let not_after = OffsetDateTime::now_utc() + time::Duration::seconds(4);
+    issue_device(&t.pki, "shortlived", not_after);
+    let broker = start(t.path(), test_limits()).await;
+    let addr = broker.local_addr();
+
+    // One ClientConfig for both connects: rustls' default client keeps the
+    // session tickets it was given in memory and offers them next time.
+    let tls = tls_config(t.path(), Some("shortlived"));
+    drop(connects(addr, tls.clone(), "shortlived").await);
+
+    let until_expired = not_after - OffsetDateTime::now_utc() + time::Duration::milliseconds(1500);
+    tokio::time::sleep(until_expired.try_into().unwrap_or_default()).await;
+    // Several times: a resumed session hands out fresh tickets, so one
+    // lucky resumption would otherwise chain into the next.
+    for _ in 0..3 {
+        assert_eq!(
+            refused_with_alert(addr, tls.clone(), "shortlived").await,
+            AlertDescription::CertificateExpired
+        );
+    }
+    broker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_certificate_cannot_resume_a_tls_session() {
+    let t = TestPki::new();
+    t.issue(Role::Device, "revokee");
+    let broker = start(t.path(), test_limits()).await;
+    let addr = broker.local_addr();
+
+    let tls = tls_config(t.path(), Some("revokee"));
+    let mut live = connects(addr, tls.clone(), "revokee").await;
+    t.pki.revoke("revokee").expect("revoke");
+    // Cut means the broker has loaded the new list.
+    assert_eq!(read_until_closed(&mut live).await, Some(vec![]));
+
+    assert_eq!(
+        refused_with_alert(addr, tls, "revokee").await,
+        AlertDescription::CertificateRevoked
+    );
+    broker.shutdown().await;
+}
+
+/// Connect-rate cost of refusing resumption: N sequential connects (TLS +
+/// CONNECT/CONNACK) with a fresh client config each (full handshakes, as
+/// agent-sim devices and CLI invocations connect) against N with one shared
+/// config (resumption whenever the server allows it). Numbers only; run
+/// with `--ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement"]
+async fn measure_full_vs_resumed_handshakes() {
+    const N: usize = 500;
+    let t = TestPki::new();
+    t.issue(Role::Device, "m");
+    let broker = start(t.path(), test_limits()).await;
+    let addr = broker.local_addr();
+
+    let fresh: Vec<_> = (0..N).map(|_| tls_config(t.path(), Some("m"))).collect();
+    let shared = tls_config(t.path(), Some("m"));
+    for (what, configs) in [
+        ("fresh config each", fresh),
+        ("one shared config", vec![shared; N]),
+    ] {
+        let mut resumed = 0;
+        let started = Instant::now();
+        for tls in configs {
+            let s = connects(addr, tls, "m").await;
+            if s.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                resumed += 1;
+            }
+        }
+        let took = started.elapsed();
+        println!(
+            "{what}: {N} connects in {took:?} ({:?} each, {:.0}/s), {resumed} resumed",
+            took / N as u32,
+            N as f64 / took.as_secs_f64()
+        );
+    }
+    broker.shutdown().await;
+}
