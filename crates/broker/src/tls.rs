@@ -90,13 +90,27 @@ fn rustls_pemfile_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, Stri
     Ok(certs)
 }
 
-/// Chain, validity and key usage are webpki's job; on top we insist the
-/// certificate names a valid cityplane identity and is not revoked, so a
-/// refused certificate is refused at the handshake with a TLS alert.
+/// Signature, validity and key usage are webpki's job; on top we insist the
+/// certificate was issued directly by the CA, says clientAuth, names a valid
+/// cityplane identity and is not revoked, so a refused certificate is
+/// refused at the handshake with a TLS alert.
 #[derive(Debug)]
 struct IdentityVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     revocation: Arc<RevocationState>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the client sent {intermediates} certificate(s) after its own; only a certificate \
+     issued directly by the cityplane CA, alone, is accepted"
+)]
+struct NotIssuedDirectly {
+    intermediates: usize,
+}
+
+fn other(e: impl std::error::Error + Send + Sync + 'static) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
 }
 
 impl ClientCertVerifier for IdentityVerifier {
@@ -110,11 +124,24 @@ impl ClientCertVerifier for IdentityVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner
-            .verify_client_cert(end_entity, intermediates, now)?;
-        let peer = cityplane_certs::peer_cert(end_entity.as_ref()).map_err(|e| {
-            rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
-        })?;
+        // cityplane issues leaves directly from the CA. An intermediate could
+        // only come from someone holding the CA key outside our tooling, and
+        // webpki would accept it unless the CA says pathLen=0, which CAs
+        // created before that was set do not.
+        if !intermediates.is_empty() {
+            return Err(other(NotIssuedDirectly {
+                intermediates: intermediates.len(),
+            }));
+        }
+        self.inner.verify_client_cert(end_entity, &[], now)?;
+        let peer = cityplane_certs::peer_cert(end_entity.as_ref()).map_err(other)?;
+        // webpki treats a certificate without the EKU extension as good for
+        // any purpose; ours must say clientAuth.
+        if !peer.client_auth {
+            return Err(rustls::Error::InvalidCertificate(
+                CertificateError::InvalidPurpose,
+            ));
+        }
         self.revocation.check(&peer.serial)?;
         Ok(ClientCertVerified::assertion())
     }

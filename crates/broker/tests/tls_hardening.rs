@@ -6,12 +6,17 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cityplane_certs::{IssueOptions, Pki};
 use cityplane_proto::Role;
 use common::*;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+};
 use rustls::AlertDescription;
 use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -70,6 +75,87 @@ async fn connects(
     s
 }
 
+/// A name with exactly these parts (rcgen's default params carry a CN of their own).
+fn dn(parts: &[(DnType, &str)]) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    for (ty, value) in parts {
+        dn.push(ty.clone(), *value);
+    }
+    dn
+}
+
+fn project_ca_key(pki: &Path) -> KeyPair {
+    let pem = std::fs::read_to_string(pki.join(cityplane_certs::CA_KEY_FILE)).expect("ca.key");
+    KeyPair::from_pem(&pem).expect("CA key")
+}
+
+fn project_ca_issuer(pki: &Path) -> Issuer<'static, KeyPair> {
+    let pem = std::fs::read_to_string(pki.join(cityplane_certs::CA_CERT_FILE)).expect("ca.crt");
+    Issuer::from_ca_cert_pem(&pem, project_ca_key(pki)).expect("CA issuer")
+}
+
+/// Replaces `ca.crt` by a CA certificate with the same name and key but no
+/// pathLen constraint, as CAs created before pathLen=0 was set look. Every
+/// certificate the PKI issued still chains to it.
+fn make_legacy_ca_without_path_len(pki: &Path) {
+    let key = project_ca_key(pki);
+    let mut params = CertificateParams::default();
+    // Same name as the real CA, so what it issued (broker.crt) chains here.
+    params.distinguished_name = dn(&[
+        (DnType::OrganizationName, "cityplane"),
+        (DnType::CommonName, "cityplane CA"),
+    ]);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(365);
+    let cert = params.self_signed(&key).expect("legacy CA");
+    std::fs::write(pki.join(cityplane_certs::CA_CERT_FILE), cert.pem()).expect("write ca.crt");
+}
+
+/// A device leaf for `id` with the given EKUs, signed by `issuer`.
+fn device_leaf(
+    id: &str,
+    ekus: Vec<ExtendedKeyUsagePurpose>,
+    issuer: &Issuer<'_, KeyPair>,
+) -> (rcgen::Certificate, KeyPair) {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn(&[
+        (DnType::OrganizationName, "cityplane"),
+        (DnType::OrganizationalUnitName, "device"),
+        (DnType::CommonName, id),
+    ]);
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(30);
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = ekus;
+    params.use_authority_key_identifier_extension = true;
+    let cert = params.signed_by(&key, issuer).expect("sign leaf");
+    (cert, key)
+}
+
+/// A client presenting `chain` (PEM, leaf first) and `key`, trusting the PKI's CA.
+fn client_presenting(
+    pki: &Path,
+    scratch: &Path,
+    name: &str,
+    chain: &str,
+    key: &KeyPair,
+) -> Arc<rustls::ClientConfig> {
+    let cert_path = scratch.join(format!("{name}.crt"));
+    let key_path = scratch.join(format!("{name}.key"));
+    std::fs::write(&cert_path, chain).expect("write chain");
+    std::fs::write(&key_path, key.serialize_pem()).expect("write key");
+    tls_config_with_ca(
+        &pki.join(cityplane_certs::CA_CERT_FILE),
+        Some((cert_path, key_path)),
+    )
+}
+
 fn issue_device(pki: &Pki, id: &str, not_after: OffsetDateTime) {
     pki.issue_with(
         Role::Device,
@@ -125,6 +211,86 @@ async fn a_revoked_certificate_cannot_resume_a_tls_session() {
     assert_eq!(
         refused_with_alert(addr, tls, "revokee").await,
         AlertDescription::CertificateRevoked
+    );
+    broker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaf_signed_by_an_intermediate_ca_is_refused_even_without_path_len() {
+    let t = TestPki::new();
+    make_legacy_ca_without_path_len(t.path());
+    t.issue(Role::Device, "direct");
+    let scratch = tempfile::tempdir().expect("tempdir");
+
+    // An intermediate CA the project CA signed (as a leaked CA key, or a
+    // careless `openssl ca`, could produce), and a device leaf under it.
+    let inter_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut inter = CertificateParams::default();
+    inter.distinguished_name = dn(&[
+        (DnType::OrganizationName, "cityplane"),
+        (DnType::CommonName, "rogue intermediate"),
+    ]);
+    inter.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    inter.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let now = OffsetDateTime::now_utc();
+    inter.not_before = now - time::Duration::days(1);
+    inter.not_after = now + time::Duration::days(30);
+    inter.use_authority_key_identifier_extension = true;
+    let inter_cert = inter
+        .signed_by(&inter_key, &project_ca_issuer(t.path()))
+        .expect("sign intermediate");
+    let inter_issuer = Issuer::new(inter, inter_key);
+    let (leaf, leaf_key) = device_leaf(
+        "via-intermediate",
+        vec![ExtendedKeyUsagePurpose::ClientAuth],
+        &inter_issuer,
+    );
+
+    let broker = start(t.path(), test_limits()).await;
+    let addr = broker.local_addr();
+    // Positive control: the legacy CA itself is trusted.
+    drop(connects(addr, tls_config(t.path(), Some("direct")), "direct").await);
+
+    let chain = format!("{}{}", leaf.pem(), inter_cert.pem());
+    let tls = client_presenting(t.path(), scratch.path(), "inter", &chain, &leaf_key);
+    assert_eq!(
+        refused_with_alert(addr, tls, "via-intermediate").await,
+        AlertDescription::CertificateUnknown
+    );
+    broker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaf_without_the_client_auth_eku_is_refused() {
+    let t = TestPki::new();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let ca = project_ca_issuer(t.path());
+    let (no_eku, no_eku_key) = device_leaf("no-eku", vec![], &ca);
+    let (with_eku, with_eku_key) =
+        device_leaf("with-eku", vec![ExtendedKeyUsagePurpose::ClientAuth], &ca);
+
+    let broker = start(t.path(), test_limits()).await;
+    let addr = broker.local_addr();
+    // Positive control: the same hand-made leaf with the EKU gets in.
+    let tls = client_presenting(
+        t.path(),
+        scratch.path(),
+        "with-eku",
+        &with_eku.pem(),
+        &with_eku_key,
+    );
+    drop(connects(addr, tls, "with-eku").await);
+
+    let tls = client_presenting(
+        t.path(),
+        scratch.path(),
+        "no-eku",
+        &no_eku.pem(),
+        &no_eku_key,
+    );
+    assert_eq!(
+        refused_with_alert(addr, tls, "no-eku").await,
+        AlertDescription::UnsupportedCertificate
     );
     broker.shutdown().await;
 }
