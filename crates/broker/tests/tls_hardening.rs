@@ -295,6 +295,60 @@ async fn a_leaf_without_the_client_auth_eku_is_refused() {
     broker.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_same_length_rewrite_of_the_revocation_list_with_its_mtime_kept_is_seen() {
+    let t = TestPki::new();
+    t.issue(Role::Device, "d1");
+    t.issue(Role::Device, "d2");
+    // d2's entry is the placeholder the rewrite turns into d1's.
+    t.pki.revoke("d2").expect("revoke d2");
+    let serial = |id: &str| {
+        t.pki
+            .current_cert(id)
+            .expect("read")
+            .expect("issued")
+            .serial
+    };
+    let (d1_serial, d2_serial) = (serial("d1"), serial("d2"));
+    let broker = start(t.path(), test_limits()).await;
+    let addr = broker.local_addr();
+    let mut d1 = raw_connected(addr, t.path(), "d1").await;
+    // Let the watcher take in the list as it is now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let path = t.pki.revocation_path();
+    let before = std::fs::read_to_string(&path).expect("list");
+    let meta = std::fs::metadata(&path).expect("stat");
+    let after = before
+        .replace(&d2_serial, &d1_serial)
+        .replace("\"d2\"", "\"d1\"");
+    assert_eq!(after.len(), before.len());
+    assert_ne!(after, before);
+    // In place, without truncating: the file never looks shorter or empty.
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open list");
+    std::io::Write::write_all(&mut file, after.as_bytes()).expect("rewrite list");
+    file.set_modified(meta.modified().expect("mtime"))
+        .expect("restore mtime");
+    drop(file);
+    let now = std::fs::metadata(&path).expect("stat");
+    assert_eq!(
+        (now.len(), now.modified().ok()),
+        (meta.len(), meta.modified().ok())
+    );
+
+    let rewritten = Instant::now();
+    assert_eq!(
+        read_until_closed(&mut d1).await,
+        Some(vec![]),
+        "d1 was revoked by the rewrite: its session must be cut"
+    );
+    assert!(rewritten.elapsed() < Duration::from_secs(2));
+    broker.shutdown().await;
+}
+
 /// Connect-rate cost of refusing resumption: N sequential connects (TLS +
 /// CONNECT/CONNACK) with a fresh client config each (full handshakes, as
 /// agent-sim devices and CLI invocations connect) against N with one shared
