@@ -35,9 +35,10 @@ pub(crate) fn server_config(
             rustls_pemfile_certs(&bytes).map_err(|reason| BrokerError::Pki { path, reason })
         };
 
+    let cas = pem_certs(pki.ca_cert_path())?;
     let mut roots = rustls::RootCertStore::empty();
-    for ca in pem_certs(pki.ca_cert_path())? {
-        roots.add(ca).map_err(|e| BrokerError::Pki {
+    for ca in &cas {
+        roots.add(ca.clone()).map_err(|e| BrokerError::Pki {
             path: pki.ca_cert_path(),
             reason: e.to_string(),
         })?;
@@ -47,6 +48,7 @@ pub(crate) fn server_config(
         .map_err(|e| BrokerError::Tls(e.to_string()))?;
     let verifier = Arc::new(IdentityVerifier {
         inner: webpki,
+        cas,
         revocation,
     });
 
@@ -97,13 +99,15 @@ fn rustls_pemfile_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, Stri
 #[derive(Debug)]
 struct IdentityVerifier {
     inner: Arc<dyn ClientCertVerifier>,
+    /// The trusted CA certificates, as in `ca.crt`.
+    cas: Vec<CertificateDer<'static>>,
     revocation: Arc<RevocationState>,
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "the client sent {intermediates} certificate(s) after its own; only a certificate \
-     issued directly by the cityplane CA, alone, is accepted"
+    "the client sent {intermediates} intermediate certificate(s); only certificates \
+     issued directly by the cityplane CA are accepted"
 )]
 struct NotIssuedDirectly {
     intermediates: usize,
@@ -127,11 +131,15 @@ impl ClientCertVerifier for IdentityVerifier {
         // cityplane issues leaves directly from the CA. An intermediate could
         // only come from someone holding the CA key outside our tooling, and
         // webpki would accept it unless the CA says pathLen=0, which CAs
-        // created before that was set do not.
-        if !intermediates.is_empty() {
-            return Err(other(NotIssuedDirectly {
-                intermediates: intermediates.len(),
-            }));
+        // created before that was set do not. A copy of the CA itself is
+        // harmless and OpenSSL clients (mosquitto_pub) send one: they
+        // complete the chain from their CA file.
+        let intermediates = intermediates
+            .iter()
+            .filter(|cert| !self.cas.contains(cert))
+            .count();
+        if intermediates > 0 {
+            return Err(other(NotIssuedDirectly { intermediates }));
         }
         self.inner.verify_client_cert(end_entity, &[], now)?;
         let peer = cityplane_certs::peer_cert(end_entity.as_ref()).map_err(other)?;

@@ -251,6 +251,25 @@ async fn a_leaf_signed_by_an_intermediate_ca_is_refused_even_without_path_len() 
     // Positive control: the legacy CA itself is trusted.
     drop(connects(addr, tls_config(t.path(), Some("direct")), "direct").await);
 
+    // Also a positive control: the leaf followed by a copy of the CA, as
+    // OpenSSL clients (mosquitto_pub) send it.
+    let direct_with_ca = format!(
+        "{}{}",
+        std::fs::read_to_string(t.path().join("direct.crt")).expect("direct.crt"),
+        std::fs::read_to_string(t.path().join(cityplane_certs::CA_CERT_FILE)).expect("ca.crt"),
+    );
+    let direct_key =
+        KeyPair::from_pem(&std::fs::read_to_string(t.path().join("direct.key")).expect("key"))
+            .expect("direct key");
+    let tls = client_presenting(
+        t.path(),
+        scratch.path(),
+        "direct-with-ca",
+        &direct_with_ca,
+        &direct_key,
+    );
+    drop(connects(addr, tls, "direct").await);
+
     let chain = format!("{}{}", leaf.pem(), inter_cert.pem());
     let tls = client_presenting(t.path(), scratch.path(), "inter", &chain, &leaf_key);
     assert_eq!(
