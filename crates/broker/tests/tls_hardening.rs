@@ -405,3 +405,95 @@ async fn measure_full_vs_resumed_handshakes() {
     }
     broker.shutdown().await;
 }
+
+/// The server's CPU per handshake, in memory (no sockets, no broker): a
+/// rustls server like the broker's (webpki client verifier, P-256 keys)
+/// with resumption as rustls ships it, against one without. One shared
+/// client config, so the client resumes whenever it can. Numbers only; run
+/// with `--ignored --nocapture`.
+#[test]
+#[ignore = "measurement"]
+fn measure_server_cpu_full_vs_resumed_handshakes() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    const N: u32 = 2000;
+    let t = TestPki::new();
+    t.issue(Role::Device, "m");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let roots = cityplane_testkit::tls::roots(&t.pki.ca_cert_path()).expect("roots");
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+            .build()
+            .expect("verifier");
+    let server = |resumption: bool| {
+        let chain = CertificateDer::pem_file_iter(t.pki.server_cert_path())
+            .expect("broker.crt")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("broker.crt");
+        let key = PrivateKeyDer::from_pem_file(t.pki.server_key_path()).expect("broker.key");
+        let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_client_cert_verifier(verifier.clone())
+            .with_single_cert(chain, key)
+            .expect("server config");
+        if !resumption {
+            config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+            config.send_tls13_tickets = 0;
+        }
+        Arc::new(config)
+    };
+    for (what, config) in [
+        ("resumption on (rustls default)", server(true)),
+        ("resumption off (cityplane)", server(false)),
+    ] {
+        let client = tls_config(t.path(), Some("m"));
+        let (mut server_time, mut resumed) = (Duration::ZERO, 0);
+        for _ in 0..N {
+            let (took, kind) = in_memory_handshake(client.clone(), config.clone());
+            server_time += took;
+            resumed += u32::from(kind == Some(rustls::HandshakeKind::Resumed));
+        }
+        println!(
+            "{what}: server {:?} per handshake over {N}, {resumed} resumed",
+            server_time / N
+        );
+    }
+}
+
+/// One handshake between in-memory connections, until the session tickets
+/// (if any) have reached the client; returns the time spent in the server.
+fn in_memory_handshake(
+    client: Arc<rustls::ClientConfig>,
+    server: Arc<rustls::ServerConfig>,
+) -> (Duration, Option<rustls::HandshakeKind>) {
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut client = rustls::ClientConnection::new(client, name).expect("client");
+    let mut server_conn = rustls::ServerConnection::new(server).expect("server");
+    let mut in_server = Duration::ZERO;
+    loop {
+        let mut wire = Vec::new();
+        while client.wants_write() {
+            client.write_tls(&mut wire).expect("client write");
+        }
+        let started = Instant::now();
+        let mut rd = &wire[..];
+        while !rd.is_empty() {
+            server_conn.read_tls(&mut rd).expect("server read");
+            server_conn.process_new_packets().expect("server");
+        }
+        let mut back = Vec::new();
+        while server_conn.wants_write() {
+            server_conn.write_tls(&mut back).expect("server write");
+        }
+        in_server += started.elapsed();
+        let mut rd = &back[..];
+        while !rd.is_empty() {
+            client.read_tls(&mut rd).expect("client read");
+            client.process_new_packets().expect("client");
+        }
+        if wire.is_empty() && back.is_empty() && !client.is_handshaking() {
+            return (in_server, server_conn.handshake_kind());
+        }
+    }
+}
