@@ -1,10 +1,17 @@
 //! The live revocation list. It is re-read whenever `revoked.json` changes;
 //! if it cannot be read or parsed the broker fails closed: every handshake
 //! is refused and every live session is cut until a good list is back.
+//!
+//! "Changes" means its contents: every poll reads the file and compares a
+//! hash of the bytes with the hash of the bytes the installed list was
+//! parsed from. Size and mtime miss a same-length rewrite within one mtime
+//! tick (or with the mtime restored), and fingerprinting the file apart
+//! from reading it misses a change in between.
 
-use std::path::PathBuf;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use cityplane_certs::RevocationList;
 use rustls::{CertificateError, OtherError};
@@ -14,8 +21,17 @@ use crate::registry::Registry;
 #[derive(Debug)]
 pub(crate) struct RevocationState {
     path: PathBuf,
+    current: RwLock<Installed>,
+}
+
+/// A list and the contents of the file it came from.
+#[derive(Debug)]
+struct Installed {
+    /// Hash of the bytes `list` was parsed from; `None` if the file could not
+    /// be read.
+    digest: Option<u64>,
     /// `Err` holds why the list is unusable (fail closed).
-    current: RwLock<Result<Arc<RevocationList>, String>>,
+    list: Result<Arc<RevocationList>, String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -27,8 +43,8 @@ struct FailClosed {
 
 impl RevocationState {
     pub(crate) fn load(path: PathBuf) -> Arc<Self> {
-        let current = load_list(&path);
-        if let Err(reason) = &current {
+        let current = read_list(&path);
+        if let Err(reason) = &current.list {
             tracing::error!(path = %path.display(), %reason, "revocation list unusable: failing closed, every client is refused");
         }
         Arc::new(RevocationState {
@@ -39,7 +55,7 @@ impl RevocationState {
 
     /// Refuses a serial that is revoked, or every serial when the list is unusable.
     pub(crate) fn check(&self, serial: &str) -> Result<(), rustls::Error> {
-        match &*self.read() {
+        match &self.read().list {
             Ok(list) if list.is_revoked(serial) => {
                 Err(rustls::Error::InvalidCertificate(CertificateError::Revoked))
             }
@@ -57,27 +73,56 @@ impl RevocationState {
         self.check(serial).is_ok()
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Result<Arc<RevocationList>, String>> {
-        // A poisoned lock only means a panic elsewhere while swapping an Arc;
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Installed> {
+        // A poisoned lock only means a panic elsewhere while swapping a value;
         // the value inside is still whole.
         self.current.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn replace(&self, value: Result<Arc<RevocationList>, String>) {
+    fn replace(&self, value: Installed) {
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = value;
     }
 }
 
-fn load_list(path: &std::path::Path) -> Result<Arc<RevocationList>, String> {
-    RevocationList::load(path)
+/// Reads the file once and parses those very bytes.
+fn read_list(path: &Path) -> Installed {
+    let read = std::fs::read(path);
+    Installed {
+        digest: read.as_ref().ok().map(|bytes| digest(bytes)),
+        list: parse(path, read),
+    }
+}
+
+fn parse(path: &Path, read: std::io::Result<Vec<u8>>) -> Result<Arc<RevocationList>, String> {
+    let bytes = read.map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    RevocationList::parse(path, &bytes)
         .map(Arc::new)
         .map_err(|e| e.to_string())
 }
 
-/// (modified time, length): cheap to poll, changes on every atomic rewrite.
-fn fingerprint(path: &std::path::Path) -> Option<(SystemTime, u64)> {
-    let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.len()))
+/// Only tells our own successive reads apart (nobody gains by forging a
+/// collision: whoever can write the file decides revocation anyway).
+fn digest(bytes: &[u8]) -> u64 {
+    let mut hasher = std::hash::DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// The file as it is now, or `None` if its contents are the installed ones.
+/// Off the runtime's workers: it reads the whole file on every poll.
+async fn read_if_changed(path: &Path, installed: Option<u64>) -> Option<Installed> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let read = std::fs::read(&path);
+        let digest = read.as_ref().ok().map(|bytes| digest(bytes));
+        (digest != installed).then(|| Installed {
+            digest,
+            list: parse(&path, read),
+        })
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 /// Polls the list and cuts sessions whose certificate is no longer allowed.
@@ -87,7 +132,6 @@ pub(crate) async fn watch(
     every: Duration,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut seen = fingerprint(&state.path);
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -95,14 +139,14 @@ pub(crate) async fn watch(
             _ = ticker.tick() => {}
             _ = shutdown.changed() => return,
         }
-        let now = fingerprint(&state.path);
-        let failing = state.read().is_err();
-        if now == seen && !failing {
+        let (installed, failing) = {
+            let current = state.read();
+            (current.digest, current.list.is_err())
+        };
+        let Some(loaded) = read_if_changed(&state.path, installed).await else {
             continue;
-        }
-        seen = now;
-        let loaded = load_list(&state.path);
-        match &loaded {
+        };
+        match &loaded.list {
             Ok(list) => {
                 if failing {
                     tracing::info!(path = %state.path.display(), revoked = list.len(), "revocation list readable again: accepting clients");

@@ -1,6 +1,7 @@
 //! The rustls server configuration, built once at start: mutual TLS against
 //! the project CA, plus our own checks on the verified client certificate
-//! (identity readable, serial not revoked).
+//! (issued directly by the CA, clientAuth EKU, identity readable, serial not
+//! revoked). Session resumption is off so every connection is verified.
 
 use std::sync::Arc;
 
@@ -34,9 +35,10 @@ pub(crate) fn server_config(
             rustls_pemfile_certs(&bytes).map_err(|reason| BrokerError::Pki { path, reason })
         };
 
+    let cas = pem_certs(pki.ca_cert_path())?;
     let mut roots = rustls::RootCertStore::empty();
-    for ca in pem_certs(pki.ca_cert_path())? {
-        roots.add(ca).map_err(|e| BrokerError::Pki {
+    for ca in &cas {
+        roots.add(ca.clone()).map_err(|e| BrokerError::Pki {
             path: pki.ca_cert_path(),
             reason: e.to_string(),
         })?;
@@ -46,6 +48,7 @@ pub(crate) fn server_config(
         .map_err(|e| BrokerError::Tls(e.to_string()))?;
     let verifier = Arc::new(IdentityVerifier {
         inner: webpki,
+        cas,
         revocation,
     });
 
@@ -64,6 +67,18 @@ pub(crate) fn server_config(
         .with_single_cert(chain, key)
         .map_err(|e| BrokerError::Tls(e.to_string()))?;
     config.alpn_protocols = vec![];
+    // No session resumption: a resumed session brings back the client's
+    // chain without calling the verifier, so a certificate that has expired
+    // (or been revoked) since would still get in. Full handshakes cost
+    // little here: devices connect once and stay, and a broker restart
+    // empties the in-memory cache anyway.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    if config.ticketer.enabled() {
+        return Err(BrokerError::Tls(
+            "stateless session tickets must stay off (resumption skips client verification)".into(),
+        ));
+    }
     Ok(Arc::new(config))
 }
 
@@ -77,13 +92,29 @@ fn rustls_pemfile_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, Stri
     Ok(certs)
 }
 
-/// Chain, validity and key usage are webpki's job; on top we insist the
-/// certificate names a valid cityplane identity and is not revoked, so a
-/// refused certificate is refused at the handshake with a TLS alert.
+/// Signature, validity and key usage are webpki's job; on top we insist the
+/// certificate was issued directly by the CA, says clientAuth, names a valid
+/// cityplane identity and is not revoked, so a refused certificate is
+/// refused at the handshake with a TLS alert.
 #[derive(Debug)]
 struct IdentityVerifier {
     inner: Arc<dyn ClientCertVerifier>,
+    /// The trusted CA certificates, as in `ca.crt`.
+    cas: Vec<CertificateDer<'static>>,
     revocation: Arc<RevocationState>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the client sent {intermediates} intermediate certificate(s); only certificates \
+     issued directly by the cityplane CA are accepted"
+)]
+struct NotIssuedDirectly {
+    intermediates: usize,
+}
+
+fn other(e: impl std::error::Error + Send + Sync + 'static) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
 }
 
 impl ClientCertVerifier for IdentityVerifier {
@@ -97,11 +128,28 @@ impl ClientCertVerifier for IdentityVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner
-            .verify_client_cert(end_entity, intermediates, now)?;
-        let peer = cityplane_certs::peer_cert(end_entity.as_ref()).map_err(|e| {
-            rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
-        })?;
+        // cityplane issues leaves directly from the CA. An intermediate could
+        // only come from someone holding the CA key outside our tooling, and
+        // webpki would accept it unless the CA says pathLen=0, which CAs
+        // created before that was set do not. A copy of the CA itself is
+        // harmless and OpenSSL clients (mosquitto_pub) send one: they
+        // complete the chain from their CA file.
+        let intermediates = intermediates
+            .iter()
+            .filter(|cert| !self.cas.contains(cert))
+            .count();
+        if intermediates > 0 {
+            return Err(other(NotIssuedDirectly { intermediates }));
+        }
+        self.inner.verify_client_cert(end_entity, &[], now)?;
+        let peer = cityplane_certs::peer_cert(end_entity.as_ref()).map_err(other)?;
+        // webpki treats a certificate without the EKU extension as good for
+        // any purpose; ours must say clientAuth.
+        if !peer.client_auth {
+            return Err(rustls::Error::InvalidCertificate(
+                CertificateError::InvalidPurpose,
+            ));
+        }
         self.revocation.check(&peer.serial)?;
         Ok(ClientCertVerified::assertion())
     }

@@ -19,12 +19,17 @@ pub struct PeerCert {
     /// the same string [`crate::CertInfo::serial`] shows for this certificate
     /// and that [`crate::RevocationList::is_revoked`] expects.
     pub serial: String,
+    /// The extended key usage extension lists clientAuth. `false` when the
+    /// extension is missing, although webpki then accepts any purpose:
+    /// cityplane issues every client certificate with clientAuth.
+    pub client_auth: bool,
 }
 
 /// Parses a DER client certificate presented at the TLS handshake.
 ///
-/// The chain, validity period and extended key usage must already have been
-/// verified (rustls does that); this only reads who the certificate names.
+/// The chain and validity period must already have been verified (rustls
+/// does that); this reads who the certificate names and whether it is meant
+/// for client authentication.
 /// The subject must hold exactly one CN, which must be a valid identity (see
 /// [`cityplane_proto::validate_id`]), and exactly one OU, which must be a
 /// [`Role`] name.
@@ -33,6 +38,7 @@ pub fn peer_cert(der: &[u8]) -> Result<PeerCert, CertError> {
     Ok(PeerCert {
         identity: parsed.identity,
         serial: parsed.serial,
+        client_auth: parsed.client_auth,
     })
 }
 
@@ -41,6 +47,7 @@ pub(crate) struct ParsedIdentity {
     pub identity: Identity,
     pub serial: String,
     pub not_after: OffsetDateTime,
+    pub client_auth: bool,
 }
 
 impl ParsedIdentity {
@@ -82,6 +89,8 @@ pub(crate) fn parse_identity(der: &[u8]) -> Result<ParsedIdentity, String> {
         },
         serial: serial_hex(cert.raw_serial()),
         not_after: cert.validity().not_after.to_datetime(),
+        // A duplicated or malformed extension counts as no clientAuth.
+        client_auth: matches!(cert.extended_key_usage(), Ok(Some(eku)) if eku.value.client_auth),
     })
 }
 

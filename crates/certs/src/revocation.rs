@@ -70,13 +70,17 @@ impl RevocationFile {
 
     /// Reads and checks the file. Serials are returned in canonical form.
     pub(crate) fn load(path: &Path) -> Result<Self, CertError> {
+        Self::parse(path, &fsutil::read(path)?)
+    }
+
+    /// Checks the contents `data` of the file at `path` (named in errors).
+    pub(crate) fn parse(path: &Path, data: &[u8]) -> Result<Self, CertError> {
         let bad = |reason: String| CertError::BadRevocationList {
             path: path.to_owned(),
             reason,
         };
-        let data = fsutil::read(path)?;
         let mut file: RevocationFile =
-            serde_json::from_slice(&data).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+            serde_json::from_slice(data).map_err(|e| bad(format!("not valid JSON: {e}")))?;
         if file.version != REVOCATION_FORMAT_VERSION {
             return Err(bad(format!(
                 "unsupported version {} (this build reads version {REVOCATION_FORMAT_VERSION})",
@@ -129,6 +133,13 @@ pub struct RevocationList {
 impl RevocationList {
     pub fn load(path: &Path) -> Result<RevocationList, CertError> {
         Ok(Self::from_file(&RevocationFile::load(path)?))
+    }
+
+    /// Like [`RevocationList::load`], from contents already read from `path`
+    /// (which only names the file in errors): a watcher can then decide on
+    /// exactly the bytes it parsed.
+    pub fn parse(path: &Path, data: &[u8]) -> Result<RevocationList, CertError> {
+        Ok(Self::from_file(&RevocationFile::parse(path, data)?))
     }
 
     pub(crate) fn from_file(file: &RevocationFile) -> Self {
