@@ -291,7 +291,7 @@ impl Fleet {
         payload: &[u8],
         now: Millis,
     ) -> (Outgoing, Result<DocRecord, Rejection>) {
-        let topic_name = topic.rsplit('/').next().unwrap_or_default().to_owned();
+        let topic_name = topics::desired_name(topic).unwrap_or_default().to_owned();
         let parsed = input::parse::<DesiredDoc>(payload, self.limits).map_err(|mut r| {
             if r.reason.contains("untagged enum Target") {
                 r = Rejection::new(
@@ -341,7 +341,7 @@ impl Fleet {
             return Err(Rejection::new(
                 "bad_name",
                 format!(
-                    "document name {:?} must match the topic's last level {topic_name:?}",
+                    "document name {:?} must equal the topic after fleet/desired/, {topic_name:?}",
                     doc.name
                 ),
             ));
