@@ -50,8 +50,8 @@ pub fn parse<T: DeserializeOwned>(payload: &[u8], limits: InputLimits) -> Result
     }
     // The depth is checked on the bytes, so a document is parsed once,
     // straight into its type (reports arrive tens of thousands a second).
-    let depth = nesting_depth(payload);
-    if depth > limits.max_depth {
+    let scan = scan(payload);
+    if scan.depth > limits.max_depth {
         // Deep and malformed is reported as malformed.
         if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(payload) {
             return Err(bad_json(&e));
@@ -59,11 +59,25 @@ pub fn parse<T: DeserializeOwned>(payload: &[u8], limits: InputLimits) -> Result
         return Err(Rejection::new(
             "too_deep",
             format!(
-                "nesting depth {depth} exceeds the limit of {}",
-                limits.max_depth
+                "nesting depth {} exceeds the limit of {}",
+                scan.depth, limits.max_depth
             ),
         ));
     }
+    // serde_json reads `-0` as the float -0.0 (to keep its sign), which every
+    // integer field refuses; in JSON it is the integer 0. Blanking the sign
+    // keeps byte offsets, so error positions still point into the original.
+    let owned;
+    let payload = if scan.negative_zeros.is_empty() {
+        payload
+    } else {
+        let mut copy = payload.to_vec();
+        for at in scan.negative_zeros {
+            copy[at] = b' ';
+        }
+        owned = copy;
+        &owned[..]
+    };
     serde_json::from_slice(payload).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => {
             let msg = e.to_string();
@@ -82,12 +96,22 @@ fn bad_json(e: &serde_json::Error) -> Rejection {
     Rejection::new("bad_json", format!("not valid JSON: {e}"))
 }
 
-/// Deepest nesting of objects and arrays, brackets inside strings not counted.
-fn nesting_depth(json: &[u8]) -> usize {
+struct Scan {
+    /// Deepest nesting of objects and arrays.
+    depth: usize,
+    /// Where the `-` of each number token `-0` (no fraction, no exponent) is.
+    negative_zeros: Vec<usize>,
+}
+
+/// One pass over the bytes, brackets and numbers inside strings not counted.
+fn scan(json: &[u8]) -> Scan {
     let (mut depth, mut max) = (0usize, 0usize);
+    let mut negative_zeros = Vec::new();
     let mut in_string = false;
     let mut escaped = false;
-    for &b in json {
+    // The byte before, outside strings: a number token starts after one of these.
+    let mut token_may_start = true;
+    for (i, &b) in json.iter().enumerate() {
         if in_string {
             match (escaped, b) {
                 (true, _) => escaped = false,
@@ -104,10 +128,22 @@ fn nesting_depth(json: &[u8]) -> usize {
                 max = max.max(depth);
             }
             b'}' | b']' => depth = depth.saturating_sub(1),
+            b'-' if token_may_start
+                && json.get(i + 1) == Some(&b'0')
+                && !json
+                    .get(i + 2)
+                    .is_some_and(|n| n.is_ascii_digit() || matches!(n, b'.' | b'e' | b'E')) =>
+            {
+                negative_zeros.push(i);
+            }
             _ => {}
         }
+        token_may_start = matches!(b, b' ' | b'\t' | b'\n' | b'\r' | b':' | b',' | b'[');
     }
-    max
+    Scan {
+        depth: max,
+        negative_zeros,
+    }
 }
 
 #[cfg(test)]
@@ -142,5 +178,50 @@ mod tests {
         assert!(parse::<Reported>(br#"{"version": 1, "state": {"a": 1}}"#, l).is_ok());
         let doc = br#"{"name": "x", "target": {"class": "camera", "colour": "red"}, "state": {}}"#;
         assert!(parse::<DesiredDoc>(doc, InputLimits::default()).is_err());
+    }
+
+    #[test]
+    fn arrays_in_place_of_objects_are_bad_schema() {
+        let l = InputLimits::default();
+        let code = |p: &[u8]| parse::<DesiredDoc>(p, l).expect_err("refused").code;
+        assert_eq!(
+            code(br#"["n", {"ids": ["a"]}, 3, {"x": 1}, null, "r-1"]"#),
+            "bad_schema"
+        );
+        assert_eq!(
+            code(br#"{"name": "n", "target": [["a"]], "state": {}}"#),
+            "bad_schema"
+        );
+        assert_eq!(
+            code(br#"{"name": "n", "target": {"ids": ["a"]}, "state": []}"#),
+            "bad_schema"
+        );
+        let r = parse::<Reported>(br#"[3, {"a": 1}]"#, l).expect_err("refused");
+        assert_eq!(r.code, "bad_schema", "{r}");
+    }
+
+    #[test]
+    fn minus_zero_is_the_integer_zero() {
+        let l = InputLimits::default();
+        let doc = parse::<DesiredDoc>(
+            br#"{"name":"n","target":{"ids":["a"]},"priority":-0,"if_generation": -0,"state":{"a":[-0,-0.5,-0e1,1e-0,"-0"]}}"#,
+            l,
+        )
+        .expect("-0 is an integer");
+        assert_eq!((doc.priority, doc.if_generation), (0, Some(0)));
+        // Only the integer token changes; floats, exponents and strings do not.
+        assert_eq!(
+            serde_json::Value::Object(doc.state),
+            serde_json::json!({"a": [0, -0.5, -0.0, 1.0, "-0"]})
+        );
+        let r = parse::<Reported>(b"{\"version\":\n-0,\"state\":{}}", l).expect("accepted");
+        assert_eq!(r.version, 0);
+        // Still not a licence for malformed numbers.
+        assert_eq!(
+            parse::<Reported>(br#"{"version": -01, "state": {}}"#, l)
+                .expect_err("refused")
+                .code,
+            "bad_json"
+        );
     }
 }

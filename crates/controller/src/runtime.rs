@@ -482,8 +482,9 @@ async fn commit(store: &Arc<Store>, changes: Changes) -> (Changes, Result<(), St
     }
 }
 
+/// Like every body, a JSON object only (see `cityplane_proto::messages`).
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(remote = "Self", deny_unknown_fields)]
 struct Query {
     /// Accepted so `deny_unknown_fields` lets it through; read leniently elsewhere.
     #[serde(default, rename = "request_id")]
@@ -500,6 +501,8 @@ struct Query {
     offset: Option<usize>,
 }
 
+cityplane_proto::object_only!(Query);
+
 /// Operator writes commit immediately (they are rare and must be durable
 /// before they are answered); queries are answered from memory.
 async fn handle_operator(
@@ -509,8 +512,8 @@ async fn handle_operator(
     now: u64,
 ) -> Vec<Outgoing> {
     let who = msg.from.id.clone();
-    if let Some(rest) = msg.topic.strip_prefix("fleet/desired/") {
-        let name = rest.to_owned();
+    if let Some(name) = topics::desired_name(&msg.topic) {
+        let name = name.to_owned();
         let (response, result) = fleet.on_desired(&who, &msg.topic, &msg.payload, now);
         match result {
             Ok(doc) => {
@@ -578,7 +581,7 @@ async fn handle_operator(
                 vec![response]
             }
         }
-    } else if let Some(verb) = msg.topic.strip_prefix("fleet/ops/") {
+    } else if let Some(verb) = topics::ops_verb(&msg.topic) {
         let verb = verb.to_owned();
         let query = input::parse::<Query>(&msg.payload, fleet.limits);
         let rid = fleet::request_id_of(&msg.payload).unwrap_or_else(|| verb.clone());
@@ -667,6 +670,33 @@ fn answer(fleet: &Fleet, store: &Arc<Store>, verb: &str, q: Query) -> Result<Val
             "unknown_verb",
             format!("unknown operation {other:?}; expected status, get-devices, describe or audit"),
         )),
+    }
+}
+
+#[cfg(test)]
+mod query_tests {
+    use super::*;
+
+    #[test]
+    fn a_query_is_an_object_only() {
+        let l = InputLimits::default();
+        let q = input::parse::<Query>(br#"{"request_id": "r", "id": "d1", "limit": -0}"#, l)
+            .expect("object");
+        assert_eq!((q.id.as_deref(), q.limit), (Some("d1"), Some(0)));
+        for bad in [
+            &br#"["r", "d1"]"#[..],
+            br#"{"selector": []}"#,
+            br#"{"selector": ["lamp"]}"#,
+            b"null",
+        ] {
+            let r = input::parse::<Query>(bad, l).err().expect("refused");
+            assert_eq!(
+                r.code,
+                "bad_schema",
+                "{}: {r}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 }
 

@@ -7,3 +7,7 @@ pub mod messages;
 pub mod topics;
 
 pub use identity::{validate_id, IdError, Identity, Role, MAX_ID_LEN};
+
+// For `object_only!` in other crates.
+#[doc(hidden)]
+pub use serde as __serde;

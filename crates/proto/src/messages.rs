@@ -1,6 +1,12 @@
 //! JSON bodies of the cityplane contract (docs/PROTOCOL.md). Unknown fields
 //! are refused in everything the controller receives, so a typo is an error,
 //! not a silently ignored setting.
+//!
+//! Every body is a JSON object and nothing else: serde's derived
+//! `Deserialize` also fills a struct from an array of its fields in order
+//! (`[7, {}]` would be a report), so each type here derives into an inherent
+//! function (`remote = "Self"`) and its trait impls, written by
+//! [`object_only!`](crate::object_only), reach it only through a map.
 
 use std::collections::BTreeMap;
 
@@ -13,7 +19,7 @@ pub type State = Map<String, Value>;
 /// `devices/D/reported`: the device's full state, stamped with its own
 /// monotonically increasing `version`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(remote = "Self", deny_unknown_fields)]
 pub struct Reported {
     pub version: u64,
     pub state: State,
@@ -22,7 +28,7 @@ pub struct Reported {
 /// `devices/D/commands`: keys to set (`null` deletes), carrying the desired
 /// generation they come from and a unique id so replays are recognised.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(remote = "Self", deny_unknown_fields)]
 pub struct Command {
     pub id: String,
     pub generation: u64,
@@ -38,7 +44,7 @@ pub enum AckStatus {
 
 /// `devices/D/acks`: the device's answer to one command.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(remote = "Self", deny_unknown_fields)]
 pub struct Ack {
     pub id: String,
     pub status: AckStatus,
@@ -49,21 +55,21 @@ pub struct Ack {
 /// `devices/D/presence`: published by the device on connect (`true`) and as
 /// its will (`false`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(remote = "Self", deny_unknown_fields)]
 pub struct Presence {
     pub online: bool,
 }
 
 /// Which devices a desired document applies to: a list of ids or a selector.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(remote = "Self", untagged)]
 pub enum Target {
     Ids(IdList),
     Selector(Selector),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(remote = "Self", deny_unknown_fields)]
 pub struct IdList {
     pub ids: Vec<String>,
 }
@@ -71,7 +77,7 @@ pub struct IdList {
 /// Every given field must match; `all: true` alone selects the whole fleet
 /// (an empty selector is refused, so nobody targets everything by accident).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(remote = "Self", deny_unknown_fields)]
 pub struct Selector {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub class: Option<String>,
@@ -91,7 +97,7 @@ impl Selector {
 
 /// What `cityplane apply -f FILE` sends to `fleet/desired/<name>`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(remote = "Self", deny_unknown_fields)]
 pub struct DesiredDoc {
     pub name: String,
     pub target: Target,
@@ -105,4 +111,120 @@ pub struct DesiredDoc {
     /// Echoed in the response so the operator can match it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+}
+
+crate::object_only!(serialize: Reported, Command, Ack, Presence, Target, IdList, Selector, DesiredDoc);
+
+/// Implements `Deserialize` for types whose derived deserializer is an
+/// inherent function (`#[serde(remote = "Self")]`) so that they are read from
+/// a JSON object only; anything else is "invalid type: …, expected a JSON
+/// object". With `serialize:` it also implements `Serialize` through the
+/// derived inherent function.
+#[macro_export]
+macro_rules! object_only {
+    (serialize: $($ty:ident),+ $(,)?) => {
+        $crate::object_only!($($ty),+);
+        $(
+            impl $crate::__serde::Serialize for $ty {
+                fn serialize<S: $crate::__serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                    $ty::serialize(self, s)
+                }
+            }
+        )+
+    };
+    ($($ty:ident),+ $(,)?) => {$(
+        impl<'de> $crate::__serde::Deserialize<'de> for $ty {
+            fn deserialize<D: $crate::__serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct ObjectOnly;
+                impl<'de> $crate::__serde::de::Visitor<'de> for ObjectOnly {
+                    type Value = $ty;
+                    fn expecting(&self, f: &mut ::std::fmt::Formatter) -> ::std::fmt::Result {
+                        f.write_str(concat!("a JSON object (", stringify!($ty), ")"))
+                    }
+                    fn visit_map<A: $crate::__serde::de::MapAccess<'de>>(self, map: A) -> Result<$ty, A::Error> {
+                        // The inherent (derived) function, not this trait's.
+                        $ty::deserialize($crate::__serde::de::value::MapAccessDeserializer::new(map))
+                    }
+                }
+                d.deserialize_map(ObjectOnly)
+            }
+        }
+    )+};
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::de::DeserializeOwned;
+
+    /// `object` is accepted and serializes back to itself; the same fields
+    /// as an array (what serde's derived impls would take) are refused.
+    fn only_objects<T: DeserializeOwned + Serialize + PartialEq + std::fmt::Debug>(
+        object: &str,
+        array: &str,
+    ) {
+        let t: T = serde_json::from_str(object).expect(object);
+        let back: Value = serde_json::to_value(&t).expect("serializes");
+        assert_eq!(back, serde_json::from_str::<Value>(object).expect("json"));
+        let e = serde_json::from_str::<T>(array).expect_err(array);
+        assert!(e.is_data(), "{array}: {e}");
+        assert!(
+            e.to_string().contains("expected a JSON object"),
+            "{array}: {e}"
+        );
+        for other in ["null", "1", "\"x\"", "true", "[]"] {
+            assert!(
+                serde_json::from_str::<T>(other).is_err(),
+                "{other} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn reported_is_an_object_only() {
+        only_objects::<Reported>(r#"{"version":3,"state":{"a":1}}"#, r#"[3, {"a": 1}]"#);
+    }
+
+    #[test]
+    fn command_is_an_object_only() {
+        only_objects::<Command>(r#"{"id":"c","generation":2,"state":{}}"#, r#"["c", 2, {}]"#);
+    }
+
+    #[test]
+    fn ack_is_an_object_only() {
+        only_objects::<Ack>(r#"{"id":"c","status":"applied"}"#, r#"["c", "applied"]"#);
+    }
+
+    #[test]
+    fn presence_is_an_object_only() {
+        only_objects::<Presence>(r#"{"online":true}"#, "[true]");
+    }
+
+    #[test]
+    fn id_list_is_an_object_only() {
+        only_objects::<IdList>(r#"{"ids":["a"]}"#, r#"[["a"]]"#);
+    }
+
+    #[test]
+    fn selector_is_an_object_only() {
+        only_objects::<Selector>(r#"{"class":"lamp"}"#, r#"["lamp"]"#);
+    }
+
+    #[test]
+    fn target_is_an_object_only() {
+        only_objects::<Target>(r#"{"ids":["a"]}"#, r#"[["a"]]"#);
+        only_objects::<Target>(r#"{"labels":{"zone":"n"}}"#, r#"[null, {"zone": "n"}]"#);
+    }
+
+    #[test]
+    fn desired_doc_is_an_object_only_down_to_its_target() {
+        only_objects::<DesiredDoc>(
+            r#"{"name":"n","target":{"ids":["a"]},"priority":3,"state":{}}"#,
+            r#"["n", {"ids": ["a"]}, 3, {}, null, "r-1"]"#,
+        );
+        for target in [r#"[["a"]]"#, "[]", r#""a""#] {
+            let doc = format!(r#"{{"name":"n","target":{target},"state":{{}}}}"#);
+            assert!(serde_json::from_str::<DesiredDoc>(&doc).is_err(), "{doc}");
+        }
+    }
 }

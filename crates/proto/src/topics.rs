@@ -37,6 +37,19 @@ pub const FLEET_OPS: &str = "fleet/ops";
 /// Retained fleet summary.
 pub const FLEET_STATUS: &str = "fleet/status";
 
+/// The document name of `fleet/desired/<name>`: the whole rest of the topic,
+/// so `fleet/desired/a/b/n1` names `a/b/n1` (which no valid name equals),
+/// not `n1`.
+pub fn desired_name(topic: &str) -> Option<&str> {
+    topic.strip_prefix(FLEET_DESIRED)?.strip_prefix('/')
+}
+
+/// The verb of `fleet/ops/<verb>`: the whole rest of the topic, so
+/// `fleet/ops/x/status` is the verb `x/status` (unknown), not `status`.
+pub fn ops_verb(topic: &str) -> Option<&str> {
+    topic.strip_prefix(FLEET_OPS)?.strip_prefix('/')
+}
+
 /// Splits `devices/<id>/<leaf>` into `(id, leaf)`.
 pub fn split_device_topic(topic: &str) -> Option<(&str, &str)> {
     let rest = topic.strip_prefix(DEVICES)?.strip_prefix('/')?;
@@ -60,5 +73,15 @@ mod tests {
         assert_eq!(split_device_topic("devices/d1/a/b"), None);
         assert_eq!(split_device_topic("devicesX/d1/a"), None);
         assert_eq!(split_device_topic("devices/d1"), None);
+    }
+
+    #[test]
+    fn fleet_topics_keep_every_level_after_the_prefix() {
+        assert_eq!(desired_name("fleet/desired/n1"), Some("n1"));
+        assert_eq!(desired_name("fleet/desired/a/b/n1"), Some("a/b/n1"));
+        assert_eq!(desired_name("fleet/desiredx/n1"), None);
+        assert_eq!(ops_verb("fleet/ops/status"), Some("status"));
+        assert_eq!(ops_verb("fleet/ops/x/status"), Some("x/status"));
+        assert_eq!(ops_verb("fleet/desired/status"), None);
     }
 }
