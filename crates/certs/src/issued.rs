@@ -11,6 +11,7 @@
 //! most a torn last line; its certificate was never written (the record comes
 //! first), so unreadable lines are skipped with a warning.
 
+use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io::{ErrorKind, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -47,7 +48,12 @@ impl IssuedRecord {
 
 #[derive(Debug, Default)]
 pub(crate) struct IssuedIndex {
+    /// File order (oldest first).
     pub records: Vec<IssuedRecord>,
+    /// Positions in `records`: bulk issue looks up every id of a large
+    /// fleet, so a scan per id would be quadratic.
+    by_id: HashMap<String, Vec<usize>>,
+    by_serial: HashMap<String, usize>,
 }
 
 impl IssuedIndex {
@@ -72,7 +78,13 @@ impl IssuedIndex {
                 ),
             }
         }
-        Ok(IssuedIndex { records })
+        let mut index = IssuedIndex::default();
+        for (i, rec) in records.iter().enumerate() {
+            index.by_id.entry(rec.id.clone()).or_default().push(i);
+            index.by_serial.insert(rec.serial.clone(), i);
+        }
+        index.records = records;
+        Ok(index)
     }
 
     /// Appends `records` durably (one write, one fsync).
@@ -128,10 +140,15 @@ impl IssuedIndex {
     }
 
     pub(crate) fn by_serial(&self, serial: &str) -> Option<&IssuedRecord> {
-        self.records.iter().rev().find(|r| r.serial == serial)
+        self.by_serial.get(serial).map(|&i| &self.records[i])
     }
 
-    pub(crate) fn for_id<'a>(&'a self, id: &'a str) -> impl Iterator<Item = &'a IssuedRecord> {
-        self.records.iter().filter(move |r| r.id == id)
+    /// Records of `id`, oldest first.
+    pub(crate) fn for_id<'a>(&'a self, id: &str) -> impl Iterator<Item = &'a IssuedRecord> {
+        self.by_id
+            .get(id)
+            .into_iter()
+            .flatten()
+            .map(|&i| &self.records[i])
     }
 }

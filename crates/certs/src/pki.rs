@@ -81,7 +81,8 @@ pub struct CertInfo {
     pub not_after: String,
     pub revoked: bool,
     /// `DIR/<id>.crt` for the identity's current certificate. Empty for a
-    /// revoked certificate whose file has since been replaced by a newer one.
+    /// revoked certificate whose file has since been replaced by a newer one,
+    /// and for a valid certificate whose file is gone.
     pub cert_path: PathBuf,
 }
 
@@ -751,9 +752,10 @@ impl Pki {
     }
 
     /// Every identity certificate in the directory, plus revoked certificates
-    /// whose file has since been replaced (their `cert_path` is empty). Sorted
+    /// whose file has since been replaced and valid ones whose file is gone
+    /// (from the issuance record); those have an empty `cert_path`. Sorted
     /// by id; for one id, replaced certificates come first (oldest revocation
-    /// first), then the current one.
+    /// first), then fileless valid ones, then the current one.
     pub fn list(&self) -> Result<Vec<CertInfo>, CertError> {
         let revocations = self.load_revocations()?;
         let current = self.current_certs(&revocations)?;
@@ -768,7 +770,11 @@ impl Pki {
                 .role
                 .or_else(|| current.iter().find(|c| c.id == rec.id).map(|c| c.role));
             let Some(role) = role else {
-                tracing::warn!(serial = %rec.serial, id = %rec.id, "revoked entry without a role: not listed");
+                // A serial revoked without any record of it here has no id
+                // either; that is expected, not worth a warning.
+                if !rec.id.is_empty() {
+                    tracing::warn!(serial = %rec.serial, id = %rec.id, "revoked entry without a role: not listed");
+                }
                 continue;
             };
             all.push(CertInfo {
@@ -777,6 +783,26 @@ impl Pki {
                 serial: rec.serial.clone(),
                 not_after: rec.not_after.clone().unwrap_or_default(),
                 revoked: true,
+                cert_path: PathBuf::new(),
+            });
+        }
+        // Valid certificates whose file is gone: the ones most worth seeing.
+        let index = self.load_index()?;
+        let now = now();
+        for rec in &index.records {
+            if current_serials.contains(rec.serial.as_str())
+                || revocations.find(&rec.serial).is_some()
+                || !rec.unexpired_at(now)
+                || !seen.insert(rec.serial.as_str())
+            {
+                continue;
+            }
+            all.push(CertInfo {
+                id: rec.id.clone(),
+                role: rec.role,
+                serial: rec.serial.clone(),
+                not_after: rec.not_after.clone(),
+                revoked: false,
                 cert_path: PathBuf::new(),
             });
         }

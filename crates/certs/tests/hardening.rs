@@ -89,6 +89,12 @@ fn an_id_whose_file_is_gone_can_be_revoked_and_is_not_silently_reissued() -> Tes
         "{err}"
     );
 
+    // `list` shows it, without a file.
+    let listed = pki.list()?;
+    assert_eq!(listed.len(), 1, "{listed:#?}");
+    assert_eq!(listed[0].serial, lost.serial);
+    assert!(!listed[0].revoked && listed[0].cert_path.as_os_str().is_empty());
+
     let entry = pki.revoke_id("lamp0002")?;
     assert_eq!(entry.serial, lost.serial);
     assert!(RevocationList::load(&pki.revocation_path())?.is_revoked(&lost.serial));
