@@ -326,8 +326,8 @@ fn issue_one(pki: &Pki, role: Role, id: &str, rotate: bool) -> Result<()> {
             out += "  (no valid certificate to revoke)\n";
         } else {
             out += &format!(
-                "  (servers on their own directory need it too: `cityplane certs revoke --pki {} \
-                 --serial SERIAL --also SERVER_DIR`)\n",
+                "  (a server directory learns of it with `cityplane certs crl --pki {} --also \
+                 SERVER_DIR`)\n",
                 pki.dir().display()
             );
         }
