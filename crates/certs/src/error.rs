@@ -32,6 +32,26 @@ pub enum CertError {
     )]
     AlreadyInitialized { dir: PathBuf },
 
+    #[error(
+        "{} has mode {mode:04o}: other users can write to it and could replace the CA or \
+         the keys in it. Run `chmod 700 {}` (or choose a private directory) and try again",
+        dir.display(),
+        dir.display()
+    )]
+    InsecureDir { dir: PathBuf, mode: u32 },
+
+    #[error(
+        "{count} identit{} ha{} a valid certificate recorded in issued.jsonl but no .crt file \
+         ({ids}): it may be in use somewhere. Revoke them (`cityplane certs revoke --id ID`) or \
+         replace them one by one (`cityplane certs issue --id ID --rotate`), then run again",
+        if *count == 1 { "y" } else { "ies" },
+        if *count == 1 { "s" } else { "ve" }
+    )]
+    LiveWithoutFile { count: usize, ids: String },
+
+    #[error("{}: {reason}", dir.display())]
+    ServerDir { dir: PathBuf, reason: String },
+
     /// Says which identity and what the rule is.
     #[error(transparent)]
     InvalidId(#[from] IdError),
@@ -40,9 +60,13 @@ pub enum CertError {
     ReservedId(String),
 
     #[error(
-        "{id} already has a valid certificate (serial {serial}, expires {not_after}) in {}: \
+        "{id} already has a valid certificate (serial {serial}, expires {not_after}{}): \
          pass --rotate to issue a new one and revoke the old one",
-        path.display()
+        if path.as_os_str().is_empty() {
+            ", its .crt file is gone but the certificate may be in use".to_owned()
+        } else {
+            format!(", {}", path.display())
+        }
     )]
     AlreadyIssued {
         id: String,

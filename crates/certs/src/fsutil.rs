@@ -83,6 +83,21 @@ pub(crate) fn create_dir(dir: &Path) -> Result<(), CertError> {
     }
 }
 
+/// Refuses a directory other users can write to: they could replace the CA
+/// certificate, plant a key or swap files between our writes.
+pub(crate) fn check_private_dir(dir: &Path) -> Result<(), CertError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = fs::metadata(dir).map_err(|e| CertError::io("inspect", dir, e))?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(CertError::InsecureDir {
+            dir: dir.to_owned(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
 /// Reads a file, returning `None` when it does not exist.
 pub(crate) fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, CertError> {
     match fs::read(path) {

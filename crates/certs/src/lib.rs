@@ -9,11 +9,18 @@
 //! | `ca.crt`, `ca.key` | the CA (ECDSA P-256, 10 years) |
 //! | `broker.crt`, `broker.key` | the broker's server certificate (`localhost`, `127.0.0.1`) |
 //! | `<id>.crt`, `<id>.key` | one identity each (clientAuth, 365 days by default) |
+//! | `issued.jsonl` | every serial signed (id, role, expiry), appended before the certificate is written |
 //! | `revoked.json` | revoked serials: the broker's source of truth |
-//! | `crl.pem` | the same serials as a CA-signed X.509 CRL (mosquitto `crlfile`) |
+//! | `crl.pem` | the same serials as a CA-signed X.509 CRL (mosquitto `crlfile`), valid 30 days |
 //!
 //! Private keys are created with mode 0600; every file is replaced atomically
-//! (temporary file, fsync, rename, fsync of the directory).
+//! (temporary file, fsync, rename, fsync of the directory); `issued.jsonl` is
+//! only appended to (fsynced).
+//!
+//! A server needs only `ca.crt`, `broker.crt`, `broker.key`, `revoked.json`
+//! and `crl.pem`: [`Pki::export_server`] copies them into a directory of
+//! their own and [`Pki::publish_revocations`] keeps its revocation list
+//! current.
 //!
 //! ```no_run
 //! use cityplane_certs::Pki;
@@ -27,6 +34,7 @@
 
 mod error;
 mod fsutil;
+mod issued;
 mod peer;
 mod pki;
 mod revocation;
@@ -35,9 +43,9 @@ mod serial;
 pub use error::CertError;
 pub use peer::{peer_cert, PeerCert};
 pub use pki::{
-    BulkIssued, CertInfo, IssueOptions, Pki, BACKDATE, CA_CERT_FILE, CA_KEY_FILE, CA_VALIDITY_DAYS,
-    CRL_FILE, DEFAULT_VALIDITY_DAYS, RESERVED_IDS, REVOCATION_FILE, SERVER_CERT_FILE,
-    SERVER_KEY_FILE,
+    BulkIssued, CertInfo, CrlInfo, IssueOptions, Pki, Rotated, BACKDATE, CA_CERT_FILE, CA_KEY_FILE,
+    CA_VALIDITY_DAYS, CRL_FILE, CRL_VALIDITY_DAYS, DEFAULT_VALIDITY_DAYS, ISSUED_FILE,
+    RESERVED_IDS, REVOCATION_FILE, SERVER_CERT_FILE, SERVER_FILES, SERVER_KEY_FILE,
 };
 pub use revocation::{RevocationList, RevokedEntry, REVOCATION_FORMAT_VERSION};
 pub use serial::normalize_serial;

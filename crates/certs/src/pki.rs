@@ -19,9 +19,10 @@ use time::{Duration, OffsetDateTime};
 use x509_parser::pem::parse_x509_pem;
 
 use crate::fsutil::{self, KEY_MODE, PUBLIC_MODE, TMP_PREFIX};
+use crate::issued::{IssuedIndex, IssuedRecord};
 use crate::peer::{parse_identity, rfc3339, ParsedIdentity};
 use crate::revocation::{RevocationFile, RevokedEntry, RevokedRecord};
-use crate::serial::{parse_serial, random_serial, serial_hex};
+use crate::serial::{parse_serial, random_serial, serial_hex, to_hex, SERIAL_LEN};
 use crate::CertError;
 
 pub const CA_CERT_FILE: &str = "ca.crt";
@@ -30,13 +31,31 @@ pub const SERVER_CERT_FILE: &str = "broker.crt";
 pub const SERVER_KEY_FILE: &str = "broker.key";
 pub const REVOCATION_FILE: &str = "revoked.json";
 pub const CRL_FILE: &str = "crl.pem";
+/// Every serial this CA signed (see `issued.rs`). Stays in the CA directory.
+pub const ISSUED_FILE: &str = "issued.jsonl";
+
+/// What a server directory ([`Pki::export_server`]) holds: enough to verify
+/// clients and prove the broker's identity, nothing that can sign.
+pub const SERVER_FILES: [&str; 5] = [
+    CA_CERT_FILE,
+    SERVER_CERT_FILE,
+    SERVER_KEY_FILE,
+    REVOCATION_FILE,
+    CRL_FILE,
+];
 
 /// Identities that would collide with the PKI's own files.
 pub const RESERVED_IDS: [&str; 2] = ["ca", "broker"];
 
-/// Lifetime of the CA (and of the broker's certificate and the CRL's
-/// `nextUpdate`): 10 years.
+/// Lifetime of the CA and of the broker's certificate: 10 years.
 pub const CA_VALIDITY_DAYS: u32 = 3650;
+/// A CRL's `nextUpdate` is this far after its `thisUpdate`. Relying parties
+/// (mosquitto's `crlfile`) refuse every client once it has passed, so the
+/// CRL must be re-signed within this period (`cityplane certs crl`); a short
+/// period bounds how long a stale copy of the CRL can be replayed.
+pub const CRL_VALIDITY_DAYS: u32 = 30;
+/// RFC 5280: serial numbers are at most 20 octets.
+const MAX_SERIAL_OCTETS: usize = 20;
 /// Default lifetime of identity certificates.
 pub const DEFAULT_VALIDITY_DAYS: u32 = 365;
 /// Certificates start this long in the past to tolerate clock skew.
@@ -62,7 +81,8 @@ pub struct CertInfo {
     pub not_after: String,
     pub revoked: bool,
     /// `DIR/<id>.crt` for the identity's current certificate. Empty for a
-    /// revoked certificate whose file has since been replaced by a newer one.
+    /// revoked certificate whose file has since been replaced by a newer one,
+    /// and for a valid certificate whose file is gone.
     pub cert_path: PathBuf,
 }
 
@@ -116,6 +136,26 @@ impl BulkIssued {
     }
 }
 
+/// What [`Pki::rotate_reporting`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rotated {
+    /// The new certificate.
+    pub cert: CertInfo,
+    /// The serials it replaced, now revoked (empty if the id had no valid
+    /// certificate).
+    pub revoked: Vec<RevokedEntry>,
+}
+
+/// A freshly signed CRL (see [`Pki::refresh_crl`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrlInfo {
+    pub path: PathBuf,
+    /// Distinct revoked serials it lists.
+    pub revoked: usize,
+    /// RFC 3339 (UTC): re-sign before this.
+    pub next_update: String,
+}
+
 /// A PKI directory. Cheap to create: it holds only the path and the validity
 /// of certificates it issues; files are read when needed.
 ///
@@ -147,8 +187,13 @@ impl Pki {
     /// exists, unless `force`: then the CA is replaced, the revocation list
     /// emptied, and every identity certificate and key in `dir` (all signed by
     /// the old CA, so useless now) removed.
+    ///
+    /// Refuses with [`CertError::InsecureDir`] a directory that other users
+    /// can write to (it is not made private behind the operator's back: whoever
+    /// could write there may already have planted something).
     pub fn init(dir: &Path, force: bool) -> Result<Pki, CertError> {
         fsutil::create_dir(dir)?;
+        fsutil::check_private_dir(dir)?;
         let pki = Pki::at(dir);
         let ca_exists = pki.ca_cert_path().exists() || pki.ca_key_path().exists();
         if ca_exists && !force {
@@ -226,7 +271,7 @@ impl Pki {
             PUBLIC_MODE,
             true,
         )?;
-        fsutil::write_atomic(d, CRL_FILE, crl.as_bytes(), PUBLIC_MODE, true)?;
+        fsutil::write_atomic(d, CRL_FILE, crl.pem.as_bytes(), PUBLIC_MODE, true)?;
         fsutil::write_atomic(d, CA_KEY_FILE, ca_key_pem.as_bytes(), KEY_MODE, true)?;
         fsutil::write_atomic(d, CA_CERT_FILE, ca_cert.pem().as_bytes(), PUBLIC_MODE, true)?;
         tracing::info!(dir = %dir.display(), force, "initialised PKI");
@@ -305,49 +350,63 @@ impl Pki {
     /// Issues the first certificate of `id`.
     ///
     /// Fails with [`CertError::AlreadyIssued`] if `id` has a certificate that
-    /// is not revoked (use [`rotate`](Self::rotate)); if its certificate is
-    /// revoked, issues a new one with a new serial.
+    /// is neither revoked nor expired, in `DIR/<id>.crt` or only in the
+    /// issuance record (its file deleted: it may still be in use somewhere);
+    /// use [`rotate`](Self::rotate). If every certificate of `id` is revoked,
+    /// issues a new one with a new serial.
     pub fn issue(&self, role: Role, id: &str) -> Result<CertInfo, CertError> {
-        self.issue_checked(role, id, false)
+        Ok(self.issue_checked(role, id, false)?.cert)
     }
 
-    /// Issues a new certificate (new key, new serial) for `id` and revokes the
-    /// current one, if it has one that is not yet revoked. The role may change.
-    /// Without any current certificate this is the same as [`issue`](Self::issue).
+    /// Issues a new certificate (new key, new serial) for `id` and revokes
+    /// every valid one it has, whether its file is still there or not. The
+    /// role may change. Without any valid certificate this is the same as
+    /// [`issue`](Self::issue).
     ///
-    /// The old serial is revoked durably before the new files replace the old
-    /// ones: a crash in between leaves a revoked certificate that `issue`
+    /// The old serials are revoked durably before the new files replace the
+    /// old ones: a crash in between leaves a revoked certificate that `issue`
     /// replaces.
     pub fn rotate(&self, role: Role, id: &str) -> Result<CertInfo, CertError> {
+        Ok(self.issue_checked(role, id, true)?.cert)
+    }
+
+    /// [`rotate`](Self::rotate), also saying which serials it revoked.
+    pub fn rotate_reporting(&self, role: Role, id: &str) -> Result<Rotated, CertError> {
         self.issue_checked(role, id, true)
     }
 
-    fn issue_checked(&self, role: Role, id: &str, rotate: bool) -> Result<CertInfo, CertError> {
+    fn issue_checked(&self, role: Role, id: &str, rotate: bool) -> Result<Rotated, CertError> {
         check_id(id)?;
         let ca = self.load_ca()?;
         let mut revocations = self.load_revocations()?;
-        let to_revoke = match self.read_current(id, &revocations)? {
-            Some(cur) if !cur.revoked && !rotate => {
-                return Err(CertError::AlreadyIssued {
-                    id: cur.id,
-                    serial: cur.serial,
-                    not_after: cur.not_after,
-                    path: cur.cert_path,
-                })
-            }
-            Some(cur) if !cur.revoked => Some(cur),
-            _ => None,
-        };
+        let index = self.load_index()?;
+        let live = self.live_certs(id, &revocations, &index)?;
+        if let (Some(cur), false) = (live.first(), rotate) {
+            // A certificate issued before the record existed gets one now, so
+            // it stays revocable if its file is later lost.
+            self.backfill(&index, &live)?;
+            return Err(CertError::AlreadyIssued {
+                id: cur.id.clone(),
+                serial: cur.serial.clone(),
+                not_after: cur.not_after.clone(),
+                path: cur.cert_path.clone(),
+            });
+        }
         // Build before revoking, so a failure here leaves everything as it was.
         let opts = IssueOptions::valid_for_days(self.validity_days);
-        let new = self.generate(&ca, role, id, &opts)?;
-        if let Some(cur) = to_revoke {
-            self.append_revocation(&ca, &mut revocations, &cur)?;
-            tracing::info!(%id, serial = %cur.serial, "rotation revoked the old certificate");
+        let new = self.generate(&ca, role, id, &opts, &random_serial()?)?;
+        let revoked = self.append_revocations(&ca, &mut revocations, &live)?;
+        for old in &revoked {
+            tracing::info!(%id, serial = %old.serial, "rotation revoked the old certificate");
         }
+        // The record is durable before the certificate exists anywhere.
+        self.record_issued(std::slice::from_ref(&new.info))?;
         self.write(&new, true)?;
         tracing::info!(%id, %role, serial = %new.info.serial, "issued certificate");
-        Ok(new.info)
+        Ok(Rotated {
+            cert: new.info,
+            revoked,
+        })
     }
 
     /// Issues a certificate with explicit validity and usage, replacing any
@@ -363,8 +422,9 @@ impl Pki {
         check_id(id)?;
         let ca = self.load_ca()?;
         let revocations = self.load_revocations()?;
-        let mut new = self.generate(&ca, role, id, opts)?;
+        let mut new = self.generate(&ca, role, id, opts, &random_serial()?)?;
         new.info.revoked = revocations.find(&new.info.serial).is_some();
+        self.record_issued(std::slice::from_ref(&new.info))?;
         self.write(&new, true)?;
         Ok(new.info)
     }
@@ -373,15 +433,19 @@ impl Pki {
     /// past 4 digits when `count` > 9999).
     ///
     /// All ids are validated before anything is written. Ids that already have
-    /// a valid (not revoked) certificate are skipped and keep it; ids whose
-    /// certificate is revoked get a new one. Work runs on up to 64 threads (signing
-    /// on every core, many fsyncs in flight).
+    /// a valid (not revoked) certificate file are skipped and keep it; ids
+    /// whose certificate is revoked get a new one. An id with a valid
+    /// certificate in the issuance record but no file refuses the whole call
+    /// ([`CertError::LiveWithoutFile`]) before anything is written. Work runs
+    /// on up to 64 threads (signing on every core, many fsyncs in flight).
     /// `on_progress(done)` is called on the calling thread with the number of
     /// ids handled so far (skipped ones count at once), ending with `count`.
     ///
-    /// Every file is written atomically; the directory is flushed once at the
-    /// end. On error, certificates already written stay (they are valid), and
-    /// running again skips them.
+    /// Every file is written atomically; the directory is flushed and the new
+    /// serials recorded (one append) at the end, also when a certificate
+    /// failed. On error, certificates already written stay (they are valid),
+    /// and running again skips them; a crash before the record leaves files
+    /// without records, which the next bulk run records.
     pub fn issue_bulk(
         &self,
         role: Role,
@@ -395,16 +459,37 @@ impl Pki {
         }
         let ca = self.load_ca()?;
         let revocations = self.load_revocations()?;
+        let index = self.load_index()?;
         let opts = IssueOptions::valid_for_days(self.validity_days);
 
         let mut skipped = Vec::new();
         let mut pending = Vec::new();
+        let mut orphans = Vec::new();
         for id in ids {
             match self.read_current(&id, &revocations)? {
                 Some(cur) if !cur.revoked => skipped.push(cur),
+                _ if self
+                    .live_in_index(&id, &revocations, &index)
+                    .next()
+                    .is_some() =>
+                {
+                    orphans.push(id)
+                }
                 _ => pending.push(id),
             }
         }
+        if !orphans.is_empty() {
+            const SHOWN: usize = 10;
+            let mut ids = orphans[..orphans.len().min(SHOWN)].join(", ");
+            if orphans.len() > SHOWN {
+                ids += ", …";
+            }
+            return Err(CertError::LiveWithoutFile {
+                count: orphans.len(),
+                ids,
+            });
+        }
+        self.backfill(&index, &skipped)?;
         on_progress(skipped.len());
 
         let mut issued = Vec::with_capacity(pending.len());
@@ -429,8 +514,8 @@ impl Pki {
                             let Some(id) = pending.get(next.fetch_add(1, Ordering::Relaxed)) else {
                                 break;
                             };
-                            let result = self
-                                .generate(ca, role, id, opts)
+                            let result = random_serial()
+                                .and_then(|serial| self.generate(ca, role, id, opts, &serial))
                                 .and_then(|new| self.write(&new, false).map(|()| new.info));
                             let failed = result.is_err();
                             if tx.send(result).is_err() || failed {
@@ -455,7 +540,11 @@ impl Pki {
                 }
             });
         }
+        // One fsync for ten thousand records instead of one each; until it
+        // is done the files themselves are the record (still in the
+        // directory, so still revocable by id).
         fsutil::sync_dir(&self.dir)?;
+        self.record_issued(&issued)?;
         if let Some(e) = first_error {
             return Err(e);
         }
@@ -464,12 +553,16 @@ impl Pki {
         Ok(BulkIssued { issued, skipped })
     }
 
-    /// Revokes by id (the serial of the id's current certificate file) or by
-    /// serial (hex, any case, colons allowed). An input that names an existing
-    /// `<id>.crt` is taken as an id, anything else that is hex as a serial.
+    /// Revokes by id (every valid certificate of the id) or by serial (hex,
+    /// any case, colons allowed). An input that names an id with a
+    /// certificate file or an issuance record is taken as an id, anything
+    /// else that is hex as a serial.
     pub fn revoke(&self, id_or_serial: &str) -> Result<RevokedEntry, CertError> {
         let is_id = validate_id(id_or_serial).is_ok();
-        if is_id && self.cert_path(id_or_serial).exists() {
+        let known_id = is_id
+            && (self.cert_path(id_or_serial).exists()
+                || self.load_index()?.for_id(id_or_serial).next().is_some());
+        if known_id {
             self.revoke_id(id_or_serial)
         } else if parse_serial(id_or_serial).is_some() {
             self.revoke_serial(id_or_serial)
@@ -483,50 +576,173 @@ impl Pki {
         }
     }
 
-    /// Revokes the certificate currently in `DIR/<id>.crt`.
+    /// [`revoke_id_all`](Self::revoke_id_all), returning the newest entry.
     pub fn revoke_id(&self, id: &str) -> Result<RevokedEntry, CertError> {
+        let mut all = self.revoke_id_all(id)?;
+        all.pop().ok_or_else(|| CertError::NotFound {
+            what: format!("id {id:?}"),
+            dir: self.dir.clone(),
+        })
+    }
+
+    /// Revokes every valid certificate of `id`: the one in `DIR/<id>.crt`
+    /// and any unexpired one in the issuance record whose file is gone.
+    ///
+    /// [`CertError::AlreadyRevoked`] when all of them already are (the CRL is
+    /// re-signed first, so re-running after a crash completes the job);
+    /// [`CertError::NotFound`] when the id never had a certificate here.
+    pub fn revoke_id_all(&self, id: &str) -> Result<Vec<RevokedEntry>, CertError> {
         check_id(id)?;
         let ca = self.load_ca()?;
         let mut revocations = self.load_revocations()?;
-        let cur = self
-            .read_current(id, &revocations)?
-            .ok_or_else(|| CertError::NotFound {
-                what: format!("id {id:?}"),
-                dir: self.dir.clone(),
-            })?;
-        if cur.revoked {
-            return Err(CertError::AlreadyRevoked {
-                serial: cur.serial,
-                id: cur.id,
+        let index = self.load_index()?;
+        let live = self.live_certs(id, &revocations, &index)?;
+        if live.is_empty() {
+            let last_revoked = index
+                .for_id(id)
+                .map(|r| r.serial.clone())
+                .chain(self.read_current(id, &revocations)?.map(|c| c.serial))
+                .filter(|s| revocations.find(s).is_some())
+                .last();
+            return Err(match last_revoked {
+                Some(serial) => {
+                    self.write_crl(&ca, &revocations)?;
+                    CertError::AlreadyRevoked {
+                        serial,
+                        id: id.to_owned(),
+                    }
+                }
+                None => CertError::NotFound {
+                    what: format!("id {id:?}"),
+                    dir: self.dir.clone(),
+                },
             });
         }
-        self.append_revocation(&ca, &mut revocations, &cur)
+        self.append_revocations(&ca, &mut revocations, &live)
     }
 
-    /// Revokes the certificate with this serial. It must be the current
-    /// certificate of some id in the directory (a serial this CA never issued,
-    /// or whose file is gone, cannot be attributed to an id).
+    /// Revokes the certificate with this serial, whether or not a file or
+    /// record of it exists here: a serial from an old backup or a device
+    /// vendor must be revocable too. The id (and role) come from the
+    /// certificate files or the issuance record; an unknown serial is
+    /// recorded with an empty id.
+    ///
+    /// [`CertError::InvalidSerial`] for anything but 1 to 20 octets of hex;
+    /// [`CertError::AlreadyRevoked`] if it already is (the CRL is re-signed
+    /// first, so re-running after a crash completes the job).
     pub fn revoke_serial(&self, serial: &str) -> Result<RevokedEntry, CertError> {
         let serial = parse_serial(serial)
-            .map(|b| crate::serial::to_hex(&b))
+            .filter(|b| b.len() <= MAX_SERIAL_OCTETS)
+            .map(|b| to_hex(&b))
             .ok_or_else(|| CertError::InvalidSerial(serial.to_owned()))?;
         let ca = self.load_ca()?;
         let mut revocations = self.load_revocations()?;
         if let Some(rec) = revocations.find(&serial) {
-            return Err(CertError::AlreadyRevoked {
-                serial,
+            let id = rec.id.clone();
+            self.write_crl(&ca, &revocations)?;
+            return Err(CertError::AlreadyRevoked { serial, id });
+        }
+        let index = self.load_index()?;
+        let cert = match index.by_serial(&serial) {
+            Some(rec) => CertInfo {
                 id: rec.id.clone(),
+                role: rec.role,
+                serial: serial.clone(),
+                not_after: rec.not_after.clone(),
+                revoked: false,
+                cert_path: PathBuf::new(),
+            },
+            None => match self
+                .current_certs(&revocations)?
+                .into_iter()
+                .find(|c| c.serial == serial)
+            {
+                Some(cur) => cur,
+                None => {
+                    tracing::warn!(%serial, dir = %self.dir.display(), "revoking a serial this directory has no record of");
+                    let mut entries = self.append_records(
+                        &ca,
+                        &mut revocations,
+                        vec![RevokedRecord {
+                            serial,
+                            id: String::new(),
+                            revoked_at: rfc3339(now()),
+                            role: None,
+                            not_after: None,
+                        }],
+                    )?;
+                    return entries
+                        .pop()
+                        .ok_or_else(|| CertError::InvalidSerial(String::new()));
+                }
+            },
+        };
+        let mut entries = self.append_revocations(&ca, &mut revocations, &[cert])?;
+        entries
+            .pop()
+            .ok_or_else(|| CertError::InvalidSerial(String::new()))
+    }
+
+    /// Re-signs `crl.pem` from `revoked.json` with a fresh `nextUpdate`
+    /// ([`CRL_VALIDITY_DAYS`]). Run it regularly (cron) when anything reads
+    /// the CRL, and after restoring `revoked.json`.
+    pub fn refresh_crl(&self) -> Result<CrlInfo, CertError> {
+        let ca = self.load_ca()?;
+        let revocations = self.load_revocations()?;
+        self.write_crl(&ca, &revocations)
+    }
+
+    /// Copies what a server needs, and nothing that can sign, into `out`
+    /// (created 0700; an existing `out` must be private): `ca.crt`,
+    /// `broker.crt`, `broker.key` (created 0600), `revoked.json`, `crl.pem`.
+    /// Never `ca.key`. Re-running refreshes the copies.
+    ///
+    /// Refuses `out` if it is this directory or holds a `ca.key`.
+    pub fn export_server(&self, out: &Path) -> Result<Vec<PathBuf>, CertError> {
+        fsutil::create_dir(out)?;
+        fsutil::check_private_dir(out)?;
+        self.check_server_dir(out)?;
+        let mut written = Vec::new();
+        for name in SERVER_FILES {
+            let data = fsutil::read(&self.dir.join(name))?;
+            let mode = if name == SERVER_KEY_FILE {
+                KEY_MODE
+            } else {
+                PUBLIC_MODE
+            };
+            fsutil::write_atomic(out, name, &data, mode, false)?;
+            written.push(out.join(name));
+        }
+        fsutil::sync_dir(out)?;
+        tracing::info!(from = %self.dir.display(), to = %out.display(), "exported a server directory");
+        Ok(written)
+    }
+
+    /// Copies `revoked.json` and `crl.pem` into a server directory made by
+    /// [`export_server`](Self::export_server) from this PKI (its `ca.crt` must
+    /// be this CA's), so a broker serving from there sees revocations.
+    pub fn publish_revocations(&self, server_dir: &Path) -> Result<(), CertError> {
+        self.check_server_dir(server_dir)?;
+        let theirs = fsutil::read_optional(&server_dir.join(CA_CERT_FILE))?;
+        if theirs.as_deref() != Some(fsutil::read(&self.ca_cert_path())?.as_slice()) {
+            return Err(CertError::ServerDir {
+                dir: server_dir.to_owned(),
+                reason: format!(
+                    "its ca.crt is missing or not the CA of {}: create it with \
+                     `cityplane certs export-server --pki {} --out {}`",
+                    self.dir.display(),
+                    self.dir.display(),
+                    server_dir.display()
+                ),
             });
         }
-        let cur = self
-            .current_certs(&revocations)?
-            .into_iter()
-            .find(|c| c.serial == serial)
-            .ok_or_else(|| CertError::NotFound {
-                what: format!("serial {serial}"),
-                dir: self.dir.clone(),
-            })?;
-        self.append_revocation(&ca, &mut revocations, &cur)
+        // revoked.json first, as in the CA directory: it is what our broker
+        // reads, and both are copies of files that are already durable there.
+        for name in [REVOCATION_FILE, CRL_FILE] {
+            let data = fsutil::read(&self.dir.join(name))?;
+            fsutil::write_atomic(server_dir, name, &data, PUBLIC_MODE, true)?;
+        }
+        Ok(())
     }
 
     /// The certificate currently in `DIR/<id>.crt`, if any.
@@ -536,9 +752,10 @@ impl Pki {
     }
 
     /// Every identity certificate in the directory, plus revoked certificates
-    /// whose file has since been replaced (their `cert_path` is empty). Sorted
+    /// whose file has since been replaced and valid ones whose file is gone
+    /// (from the issuance record); those have an empty `cert_path`. Sorted
     /// by id; for one id, replaced certificates come first (oldest revocation
-    /// first), then the current one.
+    /// first), then fileless valid ones, then the current one.
     pub fn list(&self) -> Result<Vec<CertInfo>, CertError> {
         let revocations = self.load_revocations()?;
         let current = self.current_certs(&revocations)?;
@@ -553,7 +770,11 @@ impl Pki {
                 .role
                 .or_else(|| current.iter().find(|c| c.id == rec.id).map(|c| c.role));
             let Some(role) = role else {
-                tracing::warn!(serial = %rec.serial, id = %rec.id, "revoked entry without a role: not listed");
+                // A serial revoked without any record of it here has no id
+                // either; that is expected, not worth a warning.
+                if !rec.id.is_empty() {
+                    tracing::warn!(serial = %rec.serial, id = %rec.id, "revoked entry without a role: not listed");
+                }
                 continue;
             };
             all.push(CertInfo {
@@ -562,6 +783,26 @@ impl Pki {
                 serial: rec.serial.clone(),
                 not_after: rec.not_after.clone().unwrap_or_default(),
                 revoked: true,
+                cert_path: PathBuf::new(),
+            });
+        }
+        // Valid certificates whose file is gone: the ones most worth seeing.
+        let index = self.load_index()?;
+        let now = now();
+        for rec in &index.records {
+            if current_serials.contains(rec.serial.as_str())
+                || revocations.find(&rec.serial).is_some()
+                || !rec.unexpired_at(now)
+                || !seen.insert(rec.serial.as_str())
+            {
+                continue;
+            }
+            all.push(CertInfo {
+                id: rec.id.clone(),
+                role: rec.role,
+                serial: rec.serial.clone(),
+                not_after: rec.not_after.clone(),
+                revoked: false,
                 cert_path: PathBuf::new(),
             });
         }
@@ -689,6 +930,8 @@ impl Pki {
                 removed += 1;
             }
         }
+        // The old CA's serials mean nothing to the new one.
+        fsutil::remove_optional(&self.dir.join(ISSUED_FILE))?;
         let entries = fs::read_dir(&self.dir).map_err(|e| CertError::io("list", &self.dir, e))?;
         for entry in entries.flatten() {
             if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
@@ -707,6 +950,7 @@ impl Pki {
         role: Role,
         id: &str,
         opts: &IssueOptions,
+        serial: &[u8; SERIAL_LEN],
     ) -> Result<NewCert, CertError> {
         if opts.not_after <= opts.not_before {
             return Err(CertError::InvalidValidity(format!(
@@ -716,9 +960,8 @@ impl Pki {
             )));
         }
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let serial = random_serial()?;
         let mut params = CertificateParams::default();
-        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        params.serial_number = Some(SerialNumber::from_slice(serial));
         params.not_before = opts.not_before;
         params.not_after = opts.not_after;
         params.distinguished_name = dn(&[
@@ -742,7 +985,7 @@ impl Pki {
                 format!("generated an unreadable certificate: {reason}"),
             )
         })?;
-        debug_assert_eq!(parsed.serial, serial_hex(&serial));
+        debug_assert_eq!(parsed.serial, serial_hex(serial));
         Ok(NewCert {
             info: CertInfo {
                 id: id.to_owned(),
@@ -778,32 +1021,154 @@ impl Pki {
         )
     }
 
-    /// Adds `cert` to `revoked.json` (durably) and regenerates `crl.pem`.
-    fn append_revocation(
+    /// Adds `certs` to `revoked.json` and regenerates `crl.pem`.
+    fn append_revocations(
         &self,
         ca: &Ca,
         revocations: &mut RevocationFile,
-        cert: &CertInfo,
-    ) -> Result<RevokedEntry, CertError> {
-        let record = RevokedRecord {
-            serial: cert.serial.clone(),
-            id: cert.id.clone(),
-            revoked_at: rfc3339(now()),
-            role: Some(cert.role),
-            not_after: Some(cert.not_after.clone()).filter(|s| !s.is_empty()),
-        };
-        revocations.revoked.push(record.clone());
+        certs: &[CertInfo],
+    ) -> Result<Vec<RevokedEntry>, CertError> {
+        let revoked_at = rfc3339(now());
+        let records = certs
+            .iter()
+            .map(|cert| RevokedRecord {
+                serial: cert.serial.clone(),
+                id: cert.id.clone(),
+                revoked_at: revoked_at.clone(),
+                role: Some(cert.role),
+                not_after: Some(cert.not_after.clone()).filter(|s| !s.is_empty()),
+            })
+            .collect();
+        self.append_records(ca, revocations, records)
+    }
+
+    fn append_records(
+        &self,
+        ca: &Ca,
+        revocations: &mut RevocationFile,
+        records: Vec<RevokedRecord>,
+    ) -> Result<Vec<RevokedEntry>, CertError> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        revocations.revoked.extend(records.iter().cloned());
+        // Both are built before either is written, so a signing failure
+        // changes nothing.
+        let json = revocations.to_json()?;
         let crl = build_crl(ca, revocations)?;
-        fsutil::write_atomic(
-            &self.dir,
-            REVOCATION_FILE,
-            &revocations.to_json()?,
-            PUBLIC_MODE,
-            true,
-        )?;
-        fsutil::write_atomic(&self.dir, CRL_FILE, crl.as_bytes(), PUBLIC_MODE, true)?;
-        tracing::info!(id = %record.id, serial = %record.serial, "revoked certificate");
-        Ok(record.entry())
+        // revoked.json first. It is the source crl.pem is derived from, and
+        // what our broker enforces. A crash between the two writes leaves
+        // the CRL one revocation behind and the command reported failure;
+        // re-running it (AlreadyRevoked), the next revocation or `certs crl`
+        // re-derives the CRL from revoked.json. The other order would leave a
+        // serial only in the CRL, and the next CRL derived from revoked.json
+        // would silently drop it again: an un-revocation.
+        fsutil::write_atomic(&self.dir, REVOCATION_FILE, &json, PUBLIC_MODE, true)?;
+        fsutil::write_atomic(&self.dir, CRL_FILE, crl.pem.as_bytes(), PUBLIC_MODE, true)?;
+        for rec in &records {
+            tracing::info!(id = %rec.id, serial = %rec.serial, "revoked certificate");
+        }
+        Ok(records.iter().map(RevokedRecord::entry).collect())
+    }
+
+    /// Re-signs `crl.pem` from `revocations` (already durable).
+    fn write_crl(&self, ca: &Ca, revocations: &RevocationFile) -> Result<CrlInfo, CertError> {
+        let crl = build_crl(ca, revocations)?;
+        fsutil::write_atomic(&self.dir, CRL_FILE, crl.pem.as_bytes(), PUBLIC_MODE, true)?;
+        Ok(CrlInfo {
+            path: self.crl_path(),
+            revoked: crl.revoked,
+            next_update: rfc3339(crl.next_update),
+        })
+    }
+
+    fn load_index(&self) -> Result<IssuedIndex, CertError> {
+        IssuedIndex::load(&self.dir.join(ISSUED_FILE))
+    }
+
+    /// Appends `certs` to the issuance record, durably.
+    fn record_issued(&self, certs: &[CertInfo]) -> Result<(), CertError> {
+        let issued_at = rfc3339(now());
+        let records: Vec<IssuedRecord> = certs
+            .iter()
+            .map(|c| IssuedRecord {
+                serial: c.serial.clone(),
+                id: c.id.clone(),
+                role: c.role,
+                not_after: c.not_after.clone(),
+                issued_at: issued_at.clone(),
+            })
+            .collect();
+        IssuedIndex::append(&self.dir, ISSUED_FILE, &records)
+    }
+
+    /// Records certificates found as files but missing from the record
+    /// (issued before it existed, or by a bulk run that crashed).
+    fn backfill(&self, index: &IssuedIndex, certs: &[CertInfo]) -> Result<(), CertError> {
+        let missing: Vec<CertInfo> = certs
+            .iter()
+            .filter(|c| !c.cert_path.as_os_str().is_empty() && index.by_serial(&c.serial).is_none())
+            .cloned()
+            .collect();
+        self.record_issued(&missing)
+    }
+
+    /// Every certificate of `id` that is not revoked: the current file's
+    /// (first, if valid) and any unexpired one in the issuance record.
+    fn live_certs(
+        &self,
+        id: &str,
+        revocations: &RevocationFile,
+        index: &IssuedIndex,
+    ) -> Result<Vec<CertInfo>, CertError> {
+        let mut live: Vec<CertInfo> = self
+            .read_current(id, revocations)?
+            .filter(|c| !c.revoked)
+            .into_iter()
+            .collect();
+        for rec in self.live_in_index(id, revocations, index) {
+            if !live.iter().any(|c| c.serial == rec.serial) {
+                live.push(CertInfo {
+                    id: rec.id.clone(),
+                    role: rec.role,
+                    serial: rec.serial.clone(),
+                    not_after: rec.not_after.clone(),
+                    revoked: false,
+                    cert_path: PathBuf::new(),
+                });
+            }
+        }
+        Ok(live)
+    }
+
+    /// Records of `id` that are neither revoked nor expired.
+    fn live_in_index<'a>(
+        &self,
+        id: &'a str,
+        revocations: &'a RevocationFile,
+        index: &'a IssuedIndex,
+    ) -> impl Iterator<Item = &'a IssuedRecord> {
+        let now = now();
+        index
+            .for_id(id)
+            .filter(move |r| revocations.find(&r.serial).is_none() && r.unexpired_at(now))
+    }
+
+    /// A server directory is never the CA directory and never holds the CA key.
+    fn check_server_dir(&self, dir: &Path) -> Result<(), CertError> {
+        let same = match (fs::canonicalize(dir), fs::canonicalize(&self.dir)) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        };
+        if same || dir.join(CA_KEY_FILE).exists() {
+            return Err(CertError::ServerDir {
+                dir: dir.to_owned(),
+                reason: "holds ca.key (it is a CA directory): a server directory must hold only \
+                         ca.crt, broker.crt, broker.key, revoked.json and crl.pem"
+                    .into(),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -840,12 +1205,17 @@ fn parse_cert_file(path: &Path, pem: &[u8]) -> Result<ParsedIdentity, CertError>
     })
 }
 
-/// A CRL of every revoked serial, signed by the CA. `nextUpdate` is the CA's
-/// expiry: the CRL is only rewritten on revocation, and OpenSSL (mosquitto's
-/// `crlfile`) rejects every client once a CRL's `nextUpdate` has passed.
-fn build_crl(ca: &Ca, revocations: &RevocationFile) -> Result<String, CertError> {
+struct SignedCrl {
+    pem: String,
+    revoked: usize,
+    next_update: OffsetDateTime,
+}
+
+/// A CRL of every revoked serial, signed by the CA, valid for
+/// [`CRL_VALIDITY_DAYS`].
+fn build_crl(ca: &Ca, revocations: &RevocationFile) -> Result<SignedCrl, CertError> {
     let this_update = now();
-    let next_update = ca.not_after.max(this_update + Duration::days(1));
+    let next_update = this_update + Duration::days(i64::from(CRL_VALIDITY_DAYS));
     // Increases with every CRL written (RFC 5280 wants a monotonic number).
     let crl_number = u128::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos()).unwrap_or(0);
     let mut revoked_certs = Vec::with_capacity(revocations.revoked.len());
@@ -865,6 +1235,7 @@ fn build_crl(ca: &Ca, revocations: &RevocationFile) -> Result<String, CertError>
             invalidity_date: None,
         });
     }
+    let revoked = revoked_certs.len();
     let params = CertificateRevocationListParams {
         this_update,
         next_update,
@@ -873,5 +1244,9 @@ fn build_crl(ca: &Ca, revocations: &RevocationFile) -> Result<String, CertError>
         revoked_certs,
         key_identifier_method: KeyIdMethod::Sha256,
     };
-    Ok(params.signed_by(&ca.issuer)?.pem()?)
+    Ok(SignedCrl {
+        pem: params.signed_by(&ca.issuer)?.pem()?,
+        revoked,
+        next_update,
+    })
 }

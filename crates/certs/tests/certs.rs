@@ -203,8 +203,9 @@ fn revoke_by_serial_accepts_any_spelling_and_refuses_unknown() -> TestResult {
     assert_eq!(entry.id, "a1");
     assert!(!pki.current_cert("b1")?.ok_or("b1")?.revoked, "{b:?}");
 
-    let err = pki.revoke("0123456789abcdef").expect_err("unknown serial");
-    assert!(matches!(err, CertError::NotFound { .. }), "{err}");
+    // A serial with no file or record is revoked all the same (see hardening.rs).
+    let unknown = pki.revoke("0123456789abcdef")?;
+    assert_eq!(unknown.id, "");
     let err = pki.revoke_id("nobody").expect_err("unknown id");
     assert!(matches!(err, CertError::NotFound { .. }), "{err}");
     let err = pki.revoke("not a serial!").expect_err("garbage");
@@ -463,7 +464,7 @@ fn crl_is_signed_by_the_ca_and_lists_revoked_serials() -> TestResult {
         let (_, ca) = x509_parser::parse_x509_certificate(&ca_der)?;
         assert_eq!(crl.issuer(), ca.subject());
         let next = crl.next_update().ok_or("nextUpdate")?.to_datetime();
-        assert!(next > OffsetDateTime::now_utc() + Duration::days(3000));
+        assert!(next > OffsetDateTime::now_utc() + Duration::days(29));
         Ok(crl
             .iter_revoked_certificates()
             .map(|r| normalize_serial(&r.raw_serial_as_string()).unwrap_or_default())

@@ -1,5 +1,5 @@
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use cityplane_broker::{Broker, BrokerConfig};
@@ -10,7 +10,7 @@ use cityplane_broker::{Broker, BrokerConfig};
 /// `--config` file (TOML, see `--print-config`), environment variables, flags.
 #[derive(clap::Args, Debug)]
 #[command(
-    after_help = "Example:\n  cityplane broker --pki ./pki --listen 127.0.0.1:8883\n  mosquitto_sub -h localhost -p 8883 --cafile pki/ca.crt --cert pki/op1.crt --key pki/op1.key -i op1 -t 'devices/+/reported'"
+    after_help = "Example:\n  cityplane certs export-server --pki ./pki --out ./server-pki\n  cityplane broker --pki ./server-pki --listen 127.0.0.1:8883\n  mosquitto_sub -h localhost -p 8883 --cafile pki/ca.crt --cert pki/op1.crt --key pki/op1.key -i op1 -t 'devices/+/reported'"
 )]
 pub struct BrokerArgs {
     /// PKI directory written by `cityplane certs init` [default: ./pki]
@@ -46,12 +46,33 @@ pub fn load_config(args: &BrokerArgs) -> anyhow::Result<BrokerConfig> {
     Ok(config)
 }
 
+/// Whether `pki` holds the CA's signing key. A server should not: whoever
+/// breaks into it could mint any identity.
+pub fn holds_ca_key(pki: &Path) -> bool {
+    pki.join(cityplane_certs::CA_KEY_FILE).exists()
+}
+
+/// One line on stderr when the directory a server runs from holds `ca.key`.
+pub fn warn_if_ca_key(pki: &Path) {
+    if holds_ca_key(pki) {
+        tracing::warn!(
+            "{} holds ca.key, the CA's signing key: a server needs only ca.crt, broker.crt, \
+             broker.key, revoked.json and crl.pem. Create such a directory with \
+             `cityplane certs export-server --pki {} --out ./server-pki`, serve from it with \
+             --pki ./server-pki, and keep ca.key elsewhere",
+            pki.display(),
+            pki.display()
+        );
+    }
+}
+
 pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
     let config = load_config(&args)?;
     if args.print_config {
         print!("{}", toml::to_string_pretty(&config)?);
         return Ok(());
     }
+    warn_if_ca_key(&config.pki);
     let broker = Broker::start(config).await.context("starting the broker")?;
     eprintln!(
         "cityplane broker listening on {} (mutual TLS). Ctrl-C stops it.",

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use cityplane_certs::{CertInfo, Pki, DEFAULT_VALIDITY_DAYS};
+use cityplane_certs::{CertError, CertInfo, Pki, CRL_VALIDITY_DAYS, DEFAULT_VALIDITY_DAYS};
 use cityplane_proto::Role;
 use clap::{ArgGroup, Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -27,6 +27,16 @@ pub struct PkiDir {
         default_value = "./pki"
     )]
     pub dir: PathBuf,
+}
+
+/// Server directories that get copies of the revocation list.
+#[derive(Args, Debug, Clone, Default)]
+pub struct AlsoDirs {
+    /// Also copy revoked.json and crl.pem into this server directory (made
+    /// by `certs export-server` from this PKI); repeat for several servers.
+    /// Example: --also /etc/cityplane/server-pki
+    #[arg(long = "also", value_name = "SERVER_DIR")]
+    pub dirs: Vec<PathBuf>,
 }
 
 /// What a certificate holder may do on the broker.
@@ -65,8 +75,10 @@ pub enum CertsCommand {
     #[command(
         long_about = "Create a new PKI: a CA (ECDSA P-256, valid 10 years), the broker's server \
 certificate (for localhost and 127.0.0.1), an empty revocation list (revoked.json) and an \
-empty CRL (crl.pem). The directory is created with mode 0700 if missing; private keys are \
-written with mode 0600. Keep ca.key secret: whoever holds it can mint any identity.",
+empty CRL (crl.pem). The directory is created with mode 0700 if missing; an existing one \
+that group or others can write to is refused. Private keys are written with mode 0600. Keep \
+ca.key secret: whoever holds it can mint any identity; servers run from a directory made by \
+`certs export-server`, without it.",
         after_help = "Examples:\n  \
 cityplane certs init --pki ./pki\n  \
 CITYPLANE_PKI=/etc/cityplane/pki cityplane certs init"
@@ -144,16 +156,24 @@ cityplane certs issue --role device --count 10000 --prefix dev   # dev0001 … d
     #[command(
         long_about = "Revoke a certificate: its serial is added to revoked.json (written durably \
 before this command returns) and to crl.pem, which is re-signed by the CA. The broker refuses \
-revoked certificates. The identity can later get a new certificate with `certs issue`.",
+revoked certificates. The identity can later get a new certificate with `certs issue`.\n\n\
+Works without the certificate file: --id finds the identity's serials in issued.jsonl, and any \
+serial can be revoked (even one this directory never issued). Revoking something already revoked \
+re-signs crl.pem and copies the list to the --also directories again, so re-running after a \
+failure completes the job.\n\n\
+A broker serving from a server directory (see `certs export-server`) reads that directory's \
+revoked.json: name it with --also so the revocation reaches it.",
         after_help = "Examples:\n  \
-cityplane certs revoke --id dev0001\n  \
-cityplane certs revoke --serial 3f2a…   # serial as shown by `certs list`",
+cityplane certs revoke --pki ./pki --id dev0001\n  \
+cityplane certs revoke --pki ./pki --serial 3f2a…   # serial as shown by `certs list`\n  \
+cityplane certs revoke --pki ./pki --id dev0001 --also /etc/cityplane/server-pki",
         group(ArgGroup::new("which").required(true).args(["id", "serial"]))
     )]
     Revoke {
         #[command(flatten)]
         pki: PkiDir,
-        /// Revoke the identity's current certificate (DIR/<ID>.crt).
+        /// Revoke every valid certificate of this identity: DIR/<ID>.crt and
+        /// any recorded in DIR/issued.jsonl whose file is gone.
         /// Example: --id dev0001
         #[arg(long, value_name = "ID")]
         id: Option<String>,
@@ -161,6 +181,47 @@ cityplane certs revoke --serial 3f2a…   # serial as shown by `certs list`",
         /// list` shows it (case and ':' separators do not matter).
         #[arg(long, value_name = "HEX")]
         serial: Option<String>,
+        #[command(flatten)]
+        also: AlsoDirs,
+    },
+
+    /// Re-sign crl.pem (nextUpdate is 30 days out): run it from cron
+    #[command(
+        long_about = "Re-sign crl.pem from revoked.json with a fresh nextUpdate (30 days from \
+now). Clients and brokers that read the CRL (mosquitto's crlfile) refuse everyone once \
+nextUpdate has passed, so run this regularly, e.g. weekly from cron. Our own broker reads \
+revoked.json and does not depend on it.",
+        after_help = "Examples:\n  \
+cityplane certs crl --pki ./pki\n  \
+cityplane certs crl --pki ./pki --also /etc/cityplane/server-pki   # e.g. weekly from cron"
+    )]
+    Crl {
+        #[command(flatten)]
+        pki: PkiDir,
+        #[command(flatten)]
+        also: AlsoDirs,
+    },
+
+    /// Copy what a server needs (never ca.key) into its own directory
+    #[command(
+        name = "export-server",
+        long_about = "Create (or refresh) a server directory: ca.crt, broker.crt, broker.key \
+(mode 0600), revoked.json and crl.pem, copied from the CA directory. Never ca.key: a server \
+that can be broken into must not be able to mint identities. Run `cityplane serve` or \
+`cityplane broker` with --pki pointing at it, and keep the CA directory on another host or \
+offline. Revocations reach the server directory through `certs revoke --also OUT` (or by \
+running this command again).",
+        after_help = "Examples:\n  \
+cityplane certs export-server --pki ./pki --out /etc/cityplane/server-pki\n  \
+cityplane serve --pki /etc/cityplane/server-pki --data ./data"
+    )]
+    ExportServer {
+        #[command(flatten)]
+        pki: PkiDir,
+        /// Server directory to write (created with mode 0700 if missing).
+        /// Example: --out /etc/cityplane/server-pki
+        #[arg(long, value_name = "OUT")]
+        out: PathBuf,
     },
 
     /// List issued certificates, revoked ones included
@@ -205,7 +266,14 @@ pub fn run(cmd: CertsCommand) -> Result<()> {
                 _ => anyhow::bail!("pass either --id ID or --count N --prefix P"),
             }
         }
-        CertsCommand::Revoke { pki, id, serial } => revoke(&pki.dir, id, serial),
+        CertsCommand::Revoke {
+            pki,
+            id,
+            serial,
+            also,
+        } => revoke(&pki.dir, id, serial, &also.dirs),
+        CertsCommand::Crl { pki, also } => crl(&pki.dir, &also.dirs),
+        CertsCommand::ExportServer { pki, out } => export_server(&pki.dir, &out),
         CertsCommand::List { pki, role, output } => list(&pki.dir, role.map(Role::from), output),
     }
 }
@@ -233,8 +301,10 @@ fn init(dir: &Path, force: bool) -> Result<()> {
         "Initialised PKI in {d}:\n  \
          ca.crt, ca.key          the CA (keep ca.key secret: it can mint any identity)\n  \
          broker.crt, broker.key  the broker's server certificate (localhost, 127.0.0.1)\n  \
-         revoked.json, crl.pem   revocation list and CRL (empty)\n\
-         Next: cityplane certs issue --pki {d} --role device --id dev0001\n"
+         revoked.json, crl.pem   revocation list and CRL (empty; re-sign the CRL within \
+         {CRL_VALIDITY_DAYS} days: `cityplane certs crl`)\n\
+         Next: cityplane certs issue --pki {d} --role device --id dev0001\n\
+         Servers: cityplane certs export-server --pki {d} --out ./server-pki  (no ca.key)\n"
     );
     print_out(&out)
 }
@@ -247,15 +317,22 @@ fn issue_one(pki: &Pki, role: Role, id: &str, rotate: bool) -> Result<()> {
         )
     };
     let info = if rotate {
-        let previous = pki.current_cert(id).with_context(ctx)?;
-        let info = pki.rotate(role, id).with_context(ctx)?;
+        let rotated = pki.rotate_reporting(role, id).with_context(ctx)?;
         let mut out = format!("rotated {role} certificate of {id}\n");
-        match previous {
-            Some(p) if !p.revoked => out += &format!("  revoked    {} (old)\n", p.serial),
-            _ => out += "  (no valid certificate to revoke)\n",
+        for old in &rotated.revoked {
+            out += &format!("  revoked    {} (old)\n", old.serial);
+        }
+        if rotated.revoked.is_empty() {
+            out += "  (no valid certificate to revoke)\n";
+        } else {
+            out += &format!(
+                "  (a server directory learns of it with `cityplane certs crl --pki {} --also \
+                 SERVER_DIR`)\n",
+                pki.dir().display()
+            );
         }
         print_out(&out)?;
-        info
+        rotated.cert
     } else {
         let info = pki.issue(role, id).with_context(ctx)?;
         print_out(&format!("issued {role} certificate for {id}\n"))?;
@@ -302,22 +379,107 @@ fn issue_many(pki: &Pki, role: Role, prefix: &str, count: u32) -> Result<()> {
     ))
 }
 
-fn revoke(dir: &Path, id: Option<String>, serial: Option<String>) -> Result<()> {
+fn revoke(dir: &Path, id: Option<String>, serial: Option<String>, also: &[PathBuf]) -> Result<()> {
     let pki = open(dir)?;
-    let (entry, what) = match (id, serial) {
-        (Some(id), _) => (pki.revoke_id(&id), format!("identity {id:?}")),
-        (None, Some(serial)) => (pki.revoke_serial(&serial), format!("serial {serial}")),
+    let (result, what) = match (id, serial) {
+        (Some(id), _) => (pki.revoke_id_all(&id), format!("identity {id:?}")),
+        (None, Some(serial)) => (
+            pki.revoke_serial(&serial).map(|e| vec![e]),
+            format!("serial {serial}"),
+        ),
         (None, None) => anyhow::bail!("pass --id ID or --serial HEX"),
     };
-    let entry = entry.with_context(|| format!("cannot revoke {what} in {}", dir.display()))?;
-    print_out(&format!(
-        "revoked certificate {} of {} at {}\n  updated {} and {}\n",
-        entry.serial,
-        entry.id,
-        entry.revoked_at,
+    let mut out = String::new();
+    match result {
+        Ok(entries) => {
+            for e in entries {
+                let whose = if e.id.is_empty() {
+                    "(no record of it here: revoked anyway)".to_owned()
+                } else {
+                    format!("of {}", e.id)
+                };
+                out += &format!(
+                    "revoked certificate {} {whose} at {}\n",
+                    e.serial, e.revoked_at
+                );
+            }
+        }
+        // Re-running after a crash or a failed --also: the CRL was re-signed
+        // from revoked.json, and the copies below are made again.
+        Err(CertError::AlreadyRevoked { serial, id }) => {
+            out +=
+                &format!("certificate {serial} of {id} was already revoked; crl.pem re-signed\n");
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot revoke {what} in {}", dir.display()))
+        }
+    }
+    out += &format!(
+        "  updated {} and {}\n",
         pki.revocation_path().display(),
-        pki.crl_path().display(),
-    ))
+        pki.crl_path().display()
+    );
+    print_out(&out)?;
+    publish(&pki, also)
+}
+
+fn crl(dir: &Path, also: &[PathBuf]) -> Result<()> {
+    let pki = open(dir)?;
+    let info = pki
+        .refresh_crl()
+        .with_context(|| format!("cannot re-sign the CRL in {}", dir.display()))?;
+    print_out(&format!(
+        "re-signed {} ({} revoked serial(s)); next update {}: run this again before then\n",
+        info.path.display(),
+        info.revoked,
+        info.next_update
+    ))?;
+    publish(&pki, also)
+}
+
+/// Copies the revocation list into each server directory.
+fn publish(pki: &Pki, also: &[PathBuf]) -> Result<()> {
+    for dir in also {
+        pki.publish_revocations(dir).with_context(|| {
+            format!(
+                "{} is updated but the server directory {} is NOT: fix the error and re-run \
+                 the same command",
+                pki.dir().display(),
+                dir.display()
+            )
+        })?;
+        print_out(&format!(
+            "  copied revoked.json and crl.pem to {}\n",
+            dir.display()
+        ))?;
+    }
+    Ok(())
+}
+
+fn export_server(dir: &Path, out: &Path) -> Result<()> {
+    let pki = open(dir)?;
+    let written = pki.export_server(out).with_context(|| {
+        format!(
+            "cannot export a server directory from {} to {}",
+            dir.display(),
+            out.display()
+        )
+    })?;
+    let mut text = format!(
+        "exported a server directory to {} (no ca.key):\n",
+        out.display()
+    );
+    for path in written {
+        text += &format!("  {}\n", path.display());
+    }
+    text += &format!(
+        "Serve from it: cityplane serve --pki {o}\n\
+         Revoke with:   cityplane certs revoke --pki {d} --id ID --also {o}\n\
+         Keep {d} (it holds ca.key) off the server.\n",
+        o = out.display(),
+        d = dir.display()
+    );
+    print_out(&text)
 }
 
 fn list(dir: &Path, role: Option<Role>, output: OutputFormat) -> Result<()> {

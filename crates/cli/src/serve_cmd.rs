@@ -9,7 +9,7 @@ use crate::broker_cmd::{self, BrokerArgs};
 /// Broker and controller in one process: the embedded default.
 #[derive(clap::Args, Debug)]
 #[command(
-    after_help = "Example:\n  cityplane certs init --pki ./pki && cityplane certs issue --pki ./pki --role operator --id operator\n  cityplane serve --pki ./pki --data ./data --listen 127.0.0.1:8883\n  cityplane apply -f desired.json --wait"
+    after_help = "Example:\n  cityplane certs init --pki ./pki && cityplane certs issue --pki ./pki --role operator --id operator\n  cityplane certs export-server --pki ./pki --out ./server-pki   # no ca.key\n  cityplane serve --pki ./server-pki --data ./data --listen 127.0.0.1:8883\n  cityplane apply -f desired.json --wait"
 )]
 pub struct ServeArgs {
     #[command(flatten)]
@@ -27,12 +27,17 @@ pub struct ServeArgs {
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = broker_cmd::load_config(&args.broker)?;
-    let pki = config.pki.clone();
+    broker_cmd::warn_if_ca_key(&config.pki);
+    // The controller refuses reports from ids without a <id>.crt; only a CA
+    // directory holds those. A server directory (certs export-server) has
+    // none, and there the broker's mTLS, with CN = client id and the
+    // revocation list, already proves every device is one we issued.
+    let pki = broker_cmd::holds_ca_key(&config.pki).then(|| config.pki.clone());
     let broker = Broker::start_closed(config)
         .await
         .context("starting the broker")?;
     let mut cc = ControllerConfig::new(args.data.clone());
-    cc.pki = Some(pki);
+    cc.pki = pki;
     cc.cache_bytes = args.store_cache_mib * 1024 * 1024;
     let controller = Controller::start_in_process(&broker, cc)
         .await

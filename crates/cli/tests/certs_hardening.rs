@@ -1,0 +1,256 @@
+//! `cityplane certs` and the servers after the security review (issue 8), as
+//! an operator runs them: the binary, its output and exit status.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use cityplane_testkit::process::ChildGuard;
+
+const BIN: &str = env!("CARGO_BIN_EXE_cityplane");
+
+fn cityplane(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("CITYPLANE_PKI")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("cityplane runs")
+}
+
+/// Runs and insists on success; returns stdout.
+fn ok(args: &[&str]) -> String {
+    let out = cityplane(args);
+    assert!(
+        out.status.success(),
+        "{args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs and insists on failure; returns stderr.
+fn fails(args: &[&str]) -> String {
+    let out = cityplane(args);
+    assert!(!out.status.success(), "{args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// The serial `certs issue` printed.
+fn serial_of(issue_output: &str) -> String {
+    issue_output
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("serial"))
+        .map(|s| s.trim().to_owned())
+        .expect("serial line")
+}
+
+#[test]
+fn revoke_and_rotate_work_without_the_certificate_file() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = tmp.path().join("pki");
+    ok(&["certs", "init", "--pki", s(&pki)]);
+
+    let lost = serial_of(&ok(&[
+        "certs",
+        "issue",
+        "--pki",
+        s(&pki),
+        "--role",
+        "device",
+        "--id",
+        "lamp1",
+    ]));
+    std::fs::remove_file(pki.join("lamp1.crt")).expect("rm");
+    let err = fails(&[
+        "certs",
+        "issue",
+        "--pki",
+        s(&pki),
+        "--role",
+        "device",
+        "--id",
+        "lamp1",
+    ]);
+    assert!(err.contains(&lost) && err.contains("--rotate"), "{err}");
+    let out = ok(&[
+        "certs",
+        "issue",
+        "--pki",
+        s(&pki),
+        "--role",
+        "device",
+        "--id",
+        "lamp1",
+        "--rotate",
+    ]);
+    assert!(out.contains(&format!("revoked    {lost} (old)")), "{out}");
+
+    let lost = serial_of(&ok(&[
+        "certs",
+        "issue",
+        "--pki",
+        s(&pki),
+        "--role",
+        "device",
+        "--id",
+        "lamp2",
+    ]));
+    std::fs::remove_file(pki.join("lamp2.crt")).expect("rm");
+    let out = ok(&["certs", "revoke", "--pki", s(&pki), "--serial", &lost]);
+    assert!(
+        out.contains(&format!("revoked certificate {lost} of lamp2")),
+        "{out}"
+    );
+    // Again: already revoked, still success (the CRL is re-signed).
+    let out = ok(&["certs", "revoke", "--pki", s(&pki), "--serial", &lost]);
+    assert!(out.contains("already revoked"), "{out}");
+
+    let lost = serial_of(&ok(&[
+        "certs",
+        "issue",
+        "--pki",
+        s(&pki),
+        "--role",
+        "operator",
+        "--id",
+        "alice",
+    ]));
+    std::fs::remove_file(pki.join("alice.crt")).expect("rm");
+    let out = ok(&["certs", "revoke", "--pki", s(&pki), "--id", "alice"]);
+    assert!(out.contains(&lost), "{out}");
+
+    let revoked = std::fs::read_to_string(pki.join("revoked.json")).expect("revoked.json");
+    assert!(revoked.contains(&lost), "{revoked}");
+}
+
+#[test]
+fn init_refuses_a_world_writable_directory() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("shared");
+    std::fs::create_dir(&dir).expect("mkdir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let err = fails(&["certs", "init", "--pki", s(&dir)]);
+    assert!(err.contains("chmod 700"), "{err}");
+    assert!(!dir.join("ca.key").exists());
+}
+
+#[test]
+fn export_server_crl_and_revoke_also_keep_a_server_dir_current() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = tmp.path().join("pki");
+    let srv = tmp.path().join("server-pki");
+    ok(&["certs", "init", "--pki", s(&pki)]);
+    let out = ok(&["certs", "export-server", "--pki", s(&pki), "--out", s(&srv)]);
+    assert!(out.contains("no ca.key"), "{out}");
+    assert!(!srv.join("ca.key").exists(), "ca.key is never exported");
+    let mode = std::fs::metadata(srv.join("broker.key"))
+        .expect("key")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let serial = serial_of(&ok(&[
+        "certs",
+        "issue",
+        "--pki",
+        s(&pki),
+        "--role",
+        "device",
+        "--id",
+        "d1",
+    ]));
+    let out = ok(&[
+        "certs",
+        "revoke",
+        "--pki",
+        s(&pki),
+        "--id",
+        "d1",
+        "--also",
+        s(&srv),
+    ]);
+    assert!(
+        out.contains(&format!(
+            "copied revoked.json and crl.pem to {}",
+            srv.display()
+        )),
+        "{out}"
+    );
+    let list = std::fs::read_to_string(srv.join("revoked.json")).expect("server list");
+    assert!(list.contains(&serial), "{list}");
+
+    let out = ok(&["certs", "crl", "--pki", s(&pki), "--also", s(&srv)]);
+    assert!(out.contains("1 revoked serial(s)); next update"), "{out}");
+    assert_eq!(
+        std::fs::read(srv.join("crl.pem")).expect("crl"),
+        std::fs::read(pki.join("crl.pem")).expect("crl")
+    );
+    // The CA directory is not a server directory.
+    let err = fails(&["certs", "crl", "--pki", s(&pki), "--also", s(&pki)]);
+    assert!(err.contains("ca.key"), "{err}");
+}
+
+/// Starts `cityplane broker` on `pki` and returns its stderr up to the line
+/// saying it listens.
+fn broker_stderr_until_listening(pki: &Path) -> String {
+    let mut child = Command::new(BIN)
+        .args(["broker", "--listen", "127.0.0.1:0", "--pki", s(pki)])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("broker starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let _guard = ChildGuard::new(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut got = String::new();
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("broker did not say it listens; stderr so far:\n{got}"));
+        got += &line;
+        got.push('\n');
+        if line.contains("listening on") {
+            return got;
+        }
+    }
+}
+
+#[test]
+fn broker_warns_when_its_directory_holds_the_ca_key() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = tmp.path().join("pki");
+    let srv = tmp.path().join("server-pki");
+    ok(&["certs", "init", "--pki", s(&pki)]);
+    ok(&["certs", "export-server", "--pki", s(&pki), "--out", s(&srv)]);
+
+    let err = broker_stderr_until_listening(&pki);
+    let warnings: Vec<&str> = err.lines().filter(|l| l.contains("ca.key")).collect();
+    assert_eq!(warnings.len(), 1, "one warning line:\n{err}");
+    assert!(
+        warnings[0].contains("WARN") && warnings[0].contains("export-server"),
+        "{err}"
+    );
+
+    let err = broker_stderr_until_listening(&srv);
+    assert!(
+        !err.contains("ca.key"),
+        "no warning on a server directory:\n{err}"
+    );
+}
