@@ -53,6 +53,8 @@ enum End {
     /// The certificate was revoked: no will (a revoked client must not get
     /// the last word); a device's offline presence is still published.
     Revoked,
+    /// The certificate's validity ended during the session; as `Revoked`.
+    Expired,
     /// Anything else: the will is published.
     Abrupt(String),
 }
@@ -116,12 +118,20 @@ async fn handshake(
         return None;
     };
     let quota = shared.quotas.of(&peer_cert.identity.id, limits);
+    // The verifier checked validity at the handshake; the session ends when
+    // the certificate does.
+    let valid_for = peer_cert
+        .not_after
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    let expires = Instant::now() + valid_for.min(Duration::from_secs(86_400 * 365 * 100));
     Some(Box::new(Session {
         quota,
         shared,
         peer,
         who: peer_cert.identity,
         serial: peer_cert.serial,
+        expires,
         stream,
         // Both grow on demand and are released when empty (see `pump`): an
         // idle connection should cost as little as possible.
@@ -137,6 +147,8 @@ struct Session {
     peer: SocketAddr,
     who: Identity,
     serial: String,
+    /// When the client certificate stops being valid.
+    expires: Instant,
     stream: Stream,
     rbuf: BytesMut,
     /// Bytes for the client not yet written (answers are written once per
@@ -343,6 +355,9 @@ impl Session {
             End::Revoked => {
                 tracing::warn!(who = %self.who, "certificate revoked: session cut, no will")
             }
+            End::Expired => {
+                tracing::warn!(who = %self.who, "certificate expired: session cut, no will")
+            }
             End::Abrupt(reason) => tracing::warn!(who = %self.who, %reason, "connection closed"),
         }
     }
@@ -492,7 +507,11 @@ impl Session {
                         Err(_) => return End::TakenOver,
                     }
                 }
-                _ = tokio::time::sleep_until(deadline) => {
+                // One timer for both: a second one would be armed per packet.
+                _ = tokio::time::sleep_until(deadline.min(self.expires)) => {
+                    if self.expires <= deadline {
+                        return End::Expired;
+                    }
                     return End::Abrupt(format!("keep-alive of {}s expired (1.5 x interval)", connect.keep_alive));
                 }
             }

@@ -724,3 +724,46 @@ async fn shared_subscription_groups_are_per_identity() {
     );
     broker.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ends_when_its_certificate_expires() {
+    let t = TestPki::new();
+    let now = time::OffsetDateTime::now_utc();
+    t.pki
+        .issue_with(
+            Role::Device,
+            "d1",
+            &cityplane_certs::IssueOptions {
+                not_before: now - time::Duration::minutes(1),
+                not_after: now + time::Duration::seconds(3),
+                client_auth: true,
+            },
+        )
+        .expect("issue");
+    t.issue(Role::Operator, "watch");
+    let broker = start(t.path(), test_limits()).await;
+    let addr = broker.local_addr();
+    let (_w, mut rx) = connected(addr, t.path(), "watch", &["devices/+/presence"]).await;
+    // Keep-alive 0: only the certificate's end can close this session.
+    let mut s = raw_tls(addr, tls_config(t.path(), Some("d1")))
+        .await
+        .expect("tls");
+    s.write_all(&connect_packet("d1", 0x02, 0, &[]))
+        .await
+        .expect("write");
+    assert_eq!(
+        read_exact(&mut s, 4).await.expect("connack"),
+        [0x20, 2, 0, 0]
+    );
+    expect_closed(&mut s, "a session past its certificate's end").await;
+    let got = drain(&mut rx, QUIET).await;
+    assert_eq!(
+        got.last(),
+        Some(&(
+            "devices/d1/presence".to_owned(),
+            br#"{"online":false}"#.to_vec()
+        )),
+        "{got:?}"
+    );
+    broker.shutdown().await;
+}

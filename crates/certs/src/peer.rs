@@ -23,6 +23,8 @@ pub struct PeerCert {
     /// extension is missing, although webpki then accepts any purpose:
     /// cityplane issues every client certificate with clientAuth.
     pub client_auth: bool,
+    /// The end of the validity period: a session must not outlive it.
+    pub not_after: std::time::SystemTime,
 }
 
 /// Parses a DER client certificate presented at the TLS handshake.
@@ -39,6 +41,7 @@ pub fn peer_cert(der: &[u8]) -> Result<PeerCert, CertError> {
         identity: parsed.identity,
         serial: parsed.serial,
         client_auth: parsed.client_auth,
+        not_after: parsed.not_after.into(),
     })
 }
 
