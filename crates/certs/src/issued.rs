@@ -39,6 +39,19 @@ pub(crate) struct IssuedRecord {
 }
 
 impl IssuedRecord {
+    /// What `list` and `revoke` show for this record's certificate while it
+    /// is not revoked: its file is gone, so no path.
+    pub(crate) fn unrevoked_info(&self) -> crate::CertInfo {
+        crate::CertInfo {
+            id: self.id.clone(),
+            role: self.role,
+            serial: self.serial.clone(),
+            not_after: self.not_after.clone(),
+            revoked: false,
+            cert_path: std::path::PathBuf::new(),
+        }
+    }
+
     /// Not expired at `now`. A record with an unreadable time counts as
     /// unexpired: when in doubt, keep it revocable.
     pub(crate) fn unexpired_at(&self, now: OffsetDateTime) -> bool {

@@ -644,14 +644,7 @@ impl Pki {
         }
         let index = self.load_index()?;
         let cert = match index.by_serial(&serial) {
-            Some(rec) => CertInfo {
-                id: rec.id.clone(),
-                role: rec.role,
-                serial: serial.clone(),
-                not_after: rec.not_after.clone(),
-                revoked: false,
-                cert_path: PathBuf::new(),
-            },
+            Some(rec) => rec.unrevoked_info(),
             None => match self
                 .current_certs(&revocations)?
                 .into_iter()
@@ -797,14 +790,7 @@ impl Pki {
             {
                 continue;
             }
-            all.push(CertInfo {
-                id: rec.id.clone(),
-                role: rec.role,
-                serial: rec.serial.clone(),
-                not_after: rec.not_after.clone(),
-                revoked: false,
-                cert_path: PathBuf::new(),
-            });
+            all.push(rec.unrevoked_info());
         }
         all.extend(current);
         all.sort_by(|a, b| a.id.cmp(&b.id));
@@ -1128,14 +1114,7 @@ impl Pki {
             .collect();
         for rec in self.live_in_index(id, revocations, index) {
             if !live.iter().any(|c| c.serial == rec.serial) {
-                live.push(CertInfo {
-                    id: rec.id.clone(),
-                    role: rec.role,
-                    serial: rec.serial.clone(),
-                    not_after: rec.not_after.clone(),
-                    revoked: false,
-                    cert_path: PathBuf::new(),
-                });
+                live.push(rec.unrevoked_info());
             }
         }
         Ok(live)
