@@ -35,11 +35,27 @@ pub struct Command {
     pub state: State,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AckStatus {
     Applied,
     Rejected,
+}
+
+impl<'de> Deserialize<'de> for AckStatus {
+    /// A string and nothing else: serde's derived enum also takes
+    /// `{"applied": null}`.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        match &*s {
+            "applied" => Ok(AckStatus::Applied),
+            "rejected" => Ok(AckStatus::Rejected),
+            other => Err(serde::de::Error::unknown_variant(
+                other,
+                &["applied", "rejected"],
+            )),
+        }
+    }
 }
 
 /// `devices/D/acks`: the device's answer to one command.
@@ -156,6 +172,19 @@ macro_rules! object_only {
 mod tests {
     use super::*;
     use serde::de::DeserializeOwned;
+
+    #[test]
+    fn an_ack_status_is_a_string_only() {
+        for (json, want) in [
+            (r#""applied""#, AckStatus::Applied),
+            (r#""rejected""#, AckStatus::Rejected),
+        ] {
+            assert_eq!(serde_json::from_str::<AckStatus>(json).unwrap(), want);
+        }
+        for bad in [r#"{"applied":null}"#, r#""Applied""#, r#"["applied"]"#, "0"] {
+            assert!(serde_json::from_str::<AckStatus>(bad).is_err(), "{bad}");
+        }
+    }
 
     /// `object` is accepted and serializes back to itself; the same fields
     /// as an array (what serde's derived impls would take) are refused.
