@@ -1,0 +1,127 @@
+//! Mechanical invariants of ARCHITECTURE.md, checked on every `cargo test`
+//! by reading the source tree (as rust-analyzer's `tidy.rs` does): which
+//! crate may depend on rumqttd, sled and rcgen, where sled and rustls'
+//! `danger` API may be used, and that no source chmods a file.
+
+use std::path::{Path, PathBuf};
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root")
+}
+
+/// `(crate dir name, dependency names)` of the `[dependencies]` table of
+/// every crate (dev-dependencies excluded).
+fn dependencies() -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(workspace().join("crates")).expect("crates/") {
+        let dir = entry.expect("entry").path();
+        let Ok(manifest) = std::fs::read_to_string(dir.join("Cargo.toml")) else {
+            continue;
+        };
+        let mut in_deps = false;
+        let mut deps = Vec::new();
+        for line in manifest.lines() {
+            let line = line.trim();
+            if line.starts_with('[') {
+                in_deps = line == "[dependencies]";
+                continue;
+            }
+            if in_deps {
+                if let Some((name, _)) = line.split_once('=') {
+                    let name = name.trim().trim_end_matches(".workspace").trim();
+                    if !name.is_empty() && !name.starts_with('#') {
+                        deps.push(name.to_owned());
+                    }
+                }
+            }
+        }
+        let name = dir
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        out.push((name, deps));
+    }
+    assert!(out.len() >= 6, "found the crates: {out:?}");
+    out
+}
+
+/// Every `.rs` file under `crates/`, with its path relative to the workspace.
+fn sources() -> Vec<(String, String)> {
+    fn walk(dir: &Path, root: &Path, out: &mut Vec<(String, String)>) {
+        for entry in std::fs::read_dir(dir).expect("read_dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                walk(&path, root, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let rel = path.strip_prefix(root).expect("prefix");
+                let text = std::fs::read_to_string(&path).expect("read");
+                out.push((rel.to_string_lossy().into_owned(), text));
+            }
+        }
+    }
+    let root = workspace();
+    let mut out = Vec::new();
+    walk(&root.join("crates"), &root, &mut out);
+    out
+}
+
+/// Who may depend on what (ARCHITECTURE.md, "API boundaries").
+#[test]
+fn heavy_dependencies_stay_inside_their_crates() {
+    let allowed: [(&str, &[&str]); 3] = [
+        // The router; the controller still takes rumqttd's link types.
+        ("rumqttd", &["broker", "controller"]),
+        ("sled", &["controller"]),
+        // Signing is the CA's job; testkit forges certificates for tests.
+        ("rcgen", &["certs", "testkit"]),
+    ];
+    let mut wrong = Vec::new();
+    for (krate, deps) in dependencies() {
+        for (dep, who) in allowed {
+            if deps.iter().any(|d| d == dep) && !who.contains(&krate.as_str()) {
+                wrong.push(format!(
+                    "crates/{krate} depends on {dep} (allowed: {who:?})"
+                ));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+#[test]
+fn only_the_store_touches_sled() {
+    let wrong: Vec<String> = sources()
+        .into_iter()
+        .filter(|(path, text)| {
+            text.contains("sled::")
+                && path != "crates/controller/src/store.rs"
+                && path != "crates/cli/tests/tidy.rs"
+                // The power-loss helper drives stock sled on purpose.
+                && path != "crates/controller/tests/durability_bin/store_torture.rs"
+        })
+        .map(|(path, _)| path)
+        .collect();
+    assert!(wrong.is_empty(), "sled used outside store.rs: {wrong:?}");
+}
+
+#[test]
+fn no_chmod_and_no_dangerous_tls_outside_the_verifier() {
+    let mut wrong = Vec::new();
+    for (path, text) in sources() {
+        let test_code = path.contains("/tests/") || path.contains("/benches/");
+        // Keys are created 0600; a chmod after the fact leaves a window.
+        if !test_code && text.contains("set_permissions") {
+            wrong.push(format!("{path}: set_permissions"));
+        }
+        // The client-certificate verifier wraps webpki's; nothing else may
+        // reach for rustls' `danger` API (a verifier that accepts anything).
+        if !test_code && text.contains("danger") && path != "crates/broker/src/tls.rs" {
+            wrong.push(format!("{path}: rustls danger API"));
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
