@@ -6,43 +6,12 @@ use std::time::Duration;
 
 use cityplane_certs::{IssueOptions, Pki};
 use cityplane_proto::Role;
+use common::tls_assert::*;
 use common::*;
 use rumqttc::{ConnectReturnCode, ConnectionError, QoS};
+use rustls::AlertDescription;
 use time::OffsetDateTime;
 use tokio::io::AsyncWriteExt;
-
-/// The handshake must fail: the server answers our first read with an alert
-/// (TLS 1.3 verifies the client certificate after the client's Finished).
-async fn assert_refused(
-    addr: std::net::SocketAddr,
-    tls: std::sync::Arc<rustls::ClientConfig>,
-    what: &str,
-) {
-    let mut stream = match raw_tls(addr, tls).await {
-        Err(_) => return,
-        Ok(s) => s,
-    };
-    let _ = stream.write_all(&connect_packet("x", 0x02, 30, &[])).await;
-    let mut buf = [0u8; 16];
-    let read = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio::io::AsyncReadExt::read(&mut stream, &mut buf),
-    )
-    .await
-    .expect("server must answer or close");
-    match read {
-        Err(e) => assert!(
-            e.to_string().contains("alert") || e.kind() == std::io::ErrorKind::ConnectionReset,
-            "{what}: unexpected error {e}"
-        ),
-        Ok(n) => assert_eq!(
-            n,
-            0,
-            "{what}: server sent MQTT bytes {:?} instead of refusing",
-            &buf[..n]
-        ),
-    }
-}
 
 fn issue_with(
     pki: &Pki,
@@ -86,18 +55,38 @@ async fn only_valid_unrevoked_certificates_from_our_ca_get_in() {
     good.write_all(&[0xC0, 0]).await.expect("ping");
     assert_eq!(read_exact(&mut good, 2).await.expect("pingresp"), [0xD0, 0]);
 
-    assert_refused(addr, tls_config(t.path(), None), "no client certificate").await;
-    assert_refused(
-        addr,
-        tls_config_with_ca(
-            &t.path().join("ca.crt"),
-            Some((other.path().join("good.crt"), other.path().join("good.key"))),
-        ),
-        "certificate from another CA",
-    )
-    .await;
-    for id in ["expired", "future", "serverusage", "revoked"] {
-        assert_refused(addr, tls_config(t.path(), Some(id)), id).await;
+    // Each refusal is the alert of the TLS handshake, not a CONNACK or a
+    // close after CONNECT, and the alert says why.
+    assert_eq!(
+        refused_with_alert(addr, tls_config(t.path(), None), "no client certificate").await,
+        AlertDescription::CertificateRequired
+    );
+    assert_eq!(
+        refused_with_alert(
+            addr,
+            tls_config_with_ca(
+                &t.path().join("ca.crt"),
+                Some((other.path().join("good.crt"), other.path().join("good.key"))),
+            ),
+            "good",
+        )
+        .await,
+        // Every project CA has the same name, so webpki finds an issuer by
+        // name and then the signature does not verify.
+        AlertDescription::DecryptError,
+        "certificate from another CA"
+    );
+    for (id, alert) in [
+        ("expired", AlertDescription::CertificateExpired),
+        ("future", AlertDescription::CertificateExpired),
+        ("serverusage", AlertDescription::UnsupportedCertificate),
+        ("revoked", AlertDescription::CertificateRevoked),
+    ] {
+        assert_eq!(
+            refused_with_alert(addr, tls_config(t.path(), Some(id)), id).await,
+            alert,
+            "{id}"
+        );
     }
     broker.shutdown().await;
 }

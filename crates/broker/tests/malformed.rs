@@ -23,243 +23,247 @@ fn limits() -> Limits {
     }
 }
 
-/// Sends `bytes` (after a valid CONNECT if `after_connect`) and expects the
-/// broker to close the connection without answering anything but `answer`.
+/// Sends `bytes` as `id` (after a valid CONNECT if `after_connect`) and
+/// expects the broker to close the connection without answering anything
+/// but `answer`.
 async fn refused(
     addr: SocketAddr,
     pki: &Path,
+    id: &str,
     after_connect: bool,
     bytes: &[u8],
     answer: &[u8],
     what: &str,
 ) {
     let mut s = if after_connect {
-        raw_connected(addr, pki, "d1").await
+        raw_connected(addr, pki, id).await
     } else {
-        raw_tls(addr, tls_config(pki, Some("d1")))
-            .await
-            .expect("tls")
+        raw_tls(addr, tls_config(pki, Some(id))).await.expect("tls")
     };
     s.write_all(bytes).await.expect("write");
     let got = read_until_closed(&mut s)
         .await
-        .unwrap_or_else(|| panic!("{what}: connection left open"));
-    assert_eq!(got, answer, "{what}: unexpected answer");
+        .unwrap_or_else(|| panic!("{id}: {what}: connection left open"));
+    assert_eq!(got, answer, "{id}: {what}: unexpected answer");
+}
+
+/// One malformed input: sent after a valid CONNECT or instead of it, the
+/// bytes, what the broker may answer before closing, and a description.
+type Case = (bool, Vec<u8>, Vec<u8>, &'static str);
+
+/// Cases only the parser can refuse when sent by the controller, whose ACL
+/// allows every topic and filter (bar `$`): a device would also be refused
+/// by its ACL, which would hide a parser that let them through.
+fn parser_cases(id: &str) -> Vec<Case> {
+    let subscribe = |header: u8, filter: &str, qos: u8| {
+        let mut body = vec![0, 1, 0, filter.len() as u8];
+        body.extend_from_slice(filter.as_bytes());
+        body.push(qos);
+        frame(header, &body)
+    };
+    let mut v5 = connect_packet(id, 0x02, 30, &[]);
+    v5[8] = 5;
+    vec![
+        // CONNECT-level violations: refused before any session exists.
+        (
+            false,
+            connect_packet(id, 0x03, 30, &[]),
+            vec![],
+            "CONNECT reserved flag",
+        ),
+        (
+            false,
+            connect_packet(id, 0x42, 30, &[0, 1, b'p']),
+            vec![],
+            "password without user name",
+        ),
+        (
+            false,
+            connect_packet(id, 0x22, 30, &[]),
+            vec![],
+            "will retain without will",
+        ),
+        (
+            false,
+            v5,
+            vec![0x20, 2, 0, 1],
+            "MQTT 5 CONNECT gets 'unacceptable protocol'",
+        ),
+        (
+            false,
+            publish_packet("fleet/status", b"{}"),
+            vec![],
+            "PUBLISH before CONNECT",
+        ),
+        // After a valid CONNECT.
+        (
+            true,
+            connect_packet(id, 0x02, 30, &[]),
+            vec![],
+            "second CONNECT",
+        ),
+        (
+            true,
+            publish_packet("", b"x"),
+            vec![],
+            "PUBLISH empty topic",
+        ),
+        (
+            true,
+            publish_packet("devices/d1/#", b"x"),
+            vec![],
+            "PUBLISH # in topic",
+        ),
+        (
+            true,
+            publish_packet("devices/d1/+", b"x"),
+            vec![],
+            "PUBLISH + in topic",
+        ),
+        (
+            true,
+            publish_packet("devices/d1/rep\0orted", b"x"),
+            vec![],
+            "PUBLISH U+0000 in topic",
+        ),
+        (
+            true,
+            frame(0x36, &[0, 1, b'a', 0, 1]),
+            vec![],
+            "PUBLISH QoS 3",
+        ),
+        (
+            true,
+            frame(0x38, &[0, 1, b'a']),
+            vec![],
+            "PUBLISH QoS 0 with DUP",
+        ),
+        (
+            true,
+            frame(0x32, &[0, 1, b'a', 0, 0]),
+            vec![],
+            "PUBLISH packet id 0",
+        ),
+        (
+            true,
+            frame(0x30, &[0, 200, b'a']),
+            vec![],
+            "PUBLISH topic length past the packet",
+        ),
+        (
+            true,
+            frame(0x30, &[0, 2, 0xC3, 0x28, b'x']),
+            vec![],
+            "PUBLISH topic not UTF-8",
+        ),
+        (
+            true,
+            subscribe(0x80, "fleet/status", 1),
+            vec![],
+            "SUBSCRIBE wrong header flags",
+        ),
+        (true, subscribe(0x82, "a/#/b", 0), vec![], "SUBSCRIBE a/#/b"),
+        (
+            true,
+            subscribe(0x82, "a/b+", 0),
+            vec![],
+            "SUBSCRIBE + inside a level",
+        ),
+        (
+            true,
+            frame(0x82, &[0, 1]),
+            vec![],
+            "SUBSCRIBE without filters",
+        ),
+        (true, subscribe(0x82, "a", 3), vec![], "SUBSCRIBE QoS 3"),
+        (
+            true,
+            frame(0xA2, &[0, 1, 0, 5, b'a', b'/', b'#', b'/', b'b']),
+            vec![],
+            "UNSUBSCRIBE a/#/b",
+        ),
+        (true, vec![0xC0, 1, 0], vec![], "PINGREQ with a body"),
+        (true, vec![0x20, 2, 0, 0], vec![], "CONNACK from a client"),
+        (true, vec![0x00, 0], vec![], "reserved packet type 0"),
+        (
+            true,
+            vec![0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F],
+            vec![],
+            "five-byte remaining length",
+        ),
+        (
+            true,
+            cityplane_broker::mqtt::encode_publish("fleet/status", &[b'x'; 2000], 0, false, 0),
+            vec![],
+            "payload over the limit",
+        ),
+        // Declares 100 MiB and sends none of it: refused on the length alone.
+        (
+            true,
+            vec![0x30, 0x80, 0x80, 0x80, 0x32],
+            vec![],
+            "declared length over the limit",
+        ),
+    ]
+}
+
+/// Parser refusals on a device's session (its own loop in the broker), on
+/// topics and filters the device's ACL allows, so again only the parser
+/// stands between them and the router.
+fn device_cases() -> Vec<Case> {
+    let reported = "devices/d1/reported";
+    let mut qos3 = vec![0, reported.len() as u8];
+    qos3.extend_from_slice(reported.as_bytes());
+    qos3.extend_from_slice(&[0, 1, b'{', b'}']);
+    let filter = "devices/d1/commands";
+    let mut sub = vec![0, 1, 0, filter.len() as u8];
+    sub.extend_from_slice(filter.as_bytes());
+    sub.push(1);
+    vec![
+        (
+            true,
+            frame(0x36, &qos3),
+            vec![],
+            "PUBLISH QoS 3 on its own reported topic",
+        ),
+        (
+            true,
+            cityplane_broker::mqtt::encode_publish(reported, &[b'x'; 2000], 0, false, 0),
+            vec![],
+            "payload over the limit on its own reported topic",
+        ),
+        (
+            true,
+            frame(0x80, &sub),
+            vec![],
+            "SUBSCRIBE to its commands with wrong header flags",
+        ),
+        (
+            true,
+            vec![0x30, 0x80, 0x80, 0x80, 0x32],
+            vec![],
+            "declared length over the limit",
+        ),
+    ]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spec_violations_close_the_connection_and_route_nothing() {
     let t = TestPki::new();
     t.issue(Role::Device, "d1");
+    t.issue(Role::Controller, "ctl");
     t.issue(Role::Controller, "spy");
     let broker = start(t.path(), limits()).await;
     let addr = broker.local_addr();
     let (spy, mut spy_rx) = connected(addr, t.path(), "spy", &["#"]).await;
     let p = t.path();
 
-    // CONNECT-level violations: refused before any session exists.
-    refused(
-        addr,
-        p,
-        false,
-        &connect_packet("d1", 0x03, 30, &[]),
-        &[],
-        "CONNECT reserved flag",
-    )
-    .await;
-    refused(
-        addr,
-        p,
-        false,
-        &connect_packet("d1", 0x42, 30, &[0, 1, b'p']),
-        &[],
-        "password without user name",
-    )
-    .await;
-    refused(
-        addr,
-        p,
-        false,
-        &connect_packet("d1", 0x22, 30, &[]),
-        &[],
-        "will retain without will",
-    )
-    .await;
-    let mut v5 = connect_packet("d1", 0x02, 30, &[]);
-    v5[8] = 5;
-    refused(
-        addr,
-        p,
-        false,
-        &v5,
-        &[0x20, 2, 0, 1],
-        "MQTT 5 CONNECT gets 'unacceptable protocol'",
-    )
-    .await;
-    refused(
-        addr,
-        p,
-        false,
-        &publish_packet("devices/d1/reported", b"{}"),
-        &[],
-        "PUBLISH before CONNECT",
-    )
-    .await;
-
-    // After a valid CONNECT.
-    let reported = "devices/d1/reported";
-    refused(
-        addr,
-        p,
-        true,
-        &connect_packet("d1", 0x02, 30, &[]),
-        &[],
-        "second CONNECT",
-    )
-    .await;
-    refused(
-        addr,
-        p,
-        true,
-        &publish_packet("", b"x"),
-        &[],
-        "PUBLISH empty topic",
-    )
-    .await;
-    refused(
-        addr,
-        p,
-        true,
-        &publish_packet("devices/d1/#", b"x"),
-        &[],
-        "PUBLISH # in topic",
-    )
-    .await;
-    refused(
-        addr,
-        p,
-        true,
-        &publish_packet("devices/d1/+", b"x"),
-        &[],
-        "PUBLISH + in topic",
-    )
-    .await;
-    refused(
-        addr,
-        p,
-        true,
-        &publish_packet("devices/d1/rep\0orted", b"x"),
-        &[],
-        "PUBLISH U+0000 in topic",
-    )
-    .await;
-    refused(
-        addr,
-        p,
-        true,
-        &frame(0x36, &[0, 1, b'a', 0, 1]),
-        &[],
-        "PUBLISH QoS 3",
-    )
-    .await;
-    refused(
-        addr,
-        p,
-        true,
-        &frame(0x30, &[0, 200, b'a']),
-        &[],
-        "PUBLISH topic length past the packet",
-    )
-    .await;
-    refused(
-        addr,
-        p,
-        true,
-        &frame(0x30, &[0, 2, 0xC3, 0x28, b'x']),
-        &[],
-        "PUBLISH topic not UTF-8",
-    )
-    .await;
-    let filter = "devices/d1/commands";
-    let mut sub = vec![0, 1, 0, filter.len() as u8];
-    sub.extend_from_slice(filter.as_bytes());
-    sub.push(1);
-    refused(
-        addr,
-        p,
-        true,
-        &frame(0x80, &sub),
-        &[],
-        "SUBSCRIBE wrong header flags",
-    )
-    .await;
-    refused(
-        addr,
-        p,
-        true,
-        &frame(0x82, &[0, 1, 0, 5, b'a', b'/', b'#', b'/', b'b', 0]),
-        &[],
-        "SUBSCRIBE a/#/b",
-    )
-    .await;
-    refused(
-        addr,
-        p,
-        true,
-        &frame(0x82, &[0, 1]),
-        &[],
-        "SUBSCRIBE without filters",
-    )
-    .await;
-    refused(
-        addr,
-        p,
-        true,
-        &frame(0x82, &[0, 1, 0, 1, b'a', 3]),
-        &[],
-        "SUBSCRIBE QoS 3",
-    )
-    .await;
-    refused(addr, p, true, &[0xC0, 1, 0], &[], "PINGREQ with a body").await;
-    refused(
-        addr,
-        p,
-        true,
-        &[0x20, 2, 0, 0],
-        &[],
-        "CONNACK from a client",
-    )
-    .await;
-    refused(addr, p, true, &[0x00, 0], &[], "reserved packet type 0").await;
-    refused(
-        addr,
-        p,
-        true,
-        &[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F],
-        &[],
-        "five-byte remaining length",
-    )
-    .await;
-    let big = vec![b'x'; 2000];
-    refused(
-        addr,
-        p,
-        true,
-        &cityplane_broker::mqtt::encode_publish(reported, &big, 0, false, 0),
-        &[],
-        "payload over the limit",
-    )
-    .await;
-    // Declares 100 MiB and sends none of it: refused on the length alone.
-    refused(
-        addr,
-        p,
-        true,
-        &[0x30, 0x80, 0x80, 0x80, 0x32],
-        &[],
-        "declared length over the limit",
-    )
-    .await;
+    for (after_connect, bytes, answer, what) in parser_cases("ctl") {
+        refused(addr, p, "ctl", after_connect, &bytes, &answer, what).await;
+    }
+    for (after_connect, bytes, answer, what) in device_cases() {
+        refused(addr, p, "d1", after_connect, &bytes, &answer, what).await;
+    }
 
     // None of it was routed: the next thing the spy sees is the sentinel.
     spy.publish("fleet/ops/sentinel", QoS::AtLeastOnce, false, "end")
@@ -280,8 +284,9 @@ async fn spec_violations_close_the_connection_and_route_nothing() {
         );
     }
 
-    // And the broker still serves a well-behaved client.
+    // And the broker still serves well-behaved clients of both kinds.
     let (_d1, _) = connected(addr, p, "d1", &["devices/d1/commands"]).await;
+    let (_ctl, _) = connected(addr, p, "ctl", &["devices/+/reported"]).await;
     broker.shutdown().await;
 }
 

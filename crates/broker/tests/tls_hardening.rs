@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use cityplane_certs::{IssueOptions, Pki};
 use cityplane_proto::Role;
+use common::tls_assert::*;
 use common::*;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -19,42 +20,7 @@ use rcgen::{
 };
 use rustls::AlertDescription;
 use time::OffsetDateTime;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// Connects as `id` and returns the alert the server refused the client
-/// certificate with. Anything else (MQTT bytes, a plain close, a non-alert
-/// error) fails the test: the refusal must happen at the TLS layer.
-async fn refused_with_alert(
-    addr: SocketAddr,
-    tls: Arc<rustls::ClientConfig>,
-    id: &str,
-) -> AlertDescription {
-    let err = match raw_tls(addr, tls).await {
-        Err(e) => e,
-        Ok(mut stream) => {
-            let _ = stream.write_all(&connect_packet(id, 0x02, 30, &[])).await;
-            let mut buf = [0u8; 16];
-            // TLS 1.3: the client learns of the refusal on its first read.
-            let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
-                .await
-                .unwrap_or_else(|_| panic!("{id}: the server neither answered nor closed"));
-            match read {
-                Err(e) => e,
-                Ok(n) => panic!(
-                    "{id}: not refused at the TLS layer: got {n} bytes {:?} (CONNACK 0 is 20 02 00 00)",
-                    &buf[..n]
-                ),
-            }
-        }
-    };
-    match err
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-    {
-        Some(rustls::Error::AlertReceived(alert)) => *alert,
-        _ => panic!("{id}: expected a TLS alert from the server, got {err}"),
-    }
-}
+use tokio::io::AsyncWriteExt;
 
 /// Full MQTT connect as `id` with `tls`; returns the live stream. Reading the
 /// CONNACK also makes the client take the session tickets sent before it.

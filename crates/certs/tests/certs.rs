@@ -453,6 +453,9 @@ fn bulk_issues_numbered_ids_and_skips_valid_ones() -> TestResult {
 #[test]
 fn crl_is_signed_by_the_ca_and_lists_revoked_serials() -> TestResult {
     let (_tmp, pki) = pki()?;
+    // Every project CA has the same name: only the signature tells whose
+    // CRL this is.
+    let (_other_tmp, other) = self::pki()?;
     let crl_of = |pki: &Pki| -> Result<Vec<String>, Box<dyn std::error::Error>> {
         let data = std::fs::read(pki.crl_path())?;
         let (_, pem) = parse_x509_pem(&data).map_err(|e| format!("{e:?}"))?;
@@ -463,6 +466,15 @@ fn crl_is_signed_by_the_ca_and_lists_revoked_serials() -> TestResult {
         let ca_der = pem_der(&pki.ca_cert_path())?;
         let (_, ca) = x509_parser::parse_x509_certificate(&ca_der)?;
         assert_eq!(crl.issuer(), ca.subject());
+        crl.verify_signature(ca.public_key())
+            .map_err(|e| format!("crl.pem is not signed by ca.crt's key: {e:?}"))?;
+        let other_ca_der = pem_der(&other.ca_cert_path())?;
+        let (_, other_ca) = x509_parser::parse_x509_certificate(&other_ca_der)?;
+        assert_eq!(crl.issuer(), other_ca.subject());
+        assert!(
+            crl.verify_signature(other_ca.public_key()).is_err(),
+            "another CA's key must not verify this CRL"
+        );
         let next = crl.next_update().ok_or("nextUpdate")?.to_datetime();
         assert!(next > OffsetDateTime::now_utc() + Duration::days(29));
         Ok(crl

@@ -71,11 +71,23 @@ pub fn start(
     bench_dir: &Path,
     prefix: &str,
 ) -> Result<(ChildGuard, SocketAddr)> {
+    start_with(generated_by, pki, bench_dir, prefix, "")
+}
+
+/// [`start`] with `extra` lines appended to the configuration; they apply
+/// to the listener (e.g. `crlfile …`).
+pub fn start_with(
+    generated_by: &str,
+    pki: &Pki,
+    bench_dir: &Path,
+    prefix: &str,
+    extra: &str,
+) -> Result<(ChildGuard, SocketAddr)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
     let conf_path = bench_dir.join(format!("{prefix}mosquitto.conf"));
-    std::fs::write(&conf_path, config(generated_by, pki, port))?;
+    std::fs::write(&conf_path, config(generated_by, pki, port) + extra)?;
     let log = File::create(bench_dir.join(format!("{prefix}mosquitto.log")))?;
     let child = Command::new(MOSQUITTO)
         .arg("-c")
@@ -88,7 +100,10 @@ pub fn start(
     let mut guard = ChildGuard::new(child);
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let deadline = Instant::now() + Duration::from_secs(10);
-    let name = format!("mosquitto (see target/bench/{prefix}mosquitto.log)");
+    let name = format!(
+        "mosquitto (see {})",
+        bench_dir.join(format!("{prefix}mosquitto.log")).display()
+    );
     loop {
         guard.check_alive(&name)?;
         if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {

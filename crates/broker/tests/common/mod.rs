@@ -3,6 +3,8 @@
 //! streams for the malformed ones).
 #![allow(dead_code)]
 
+pub mod tls_assert;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
