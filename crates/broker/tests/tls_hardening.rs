@@ -297,9 +297,8 @@ async fn a_same_length_rewrite_of_the_revocation_list_with_its_mtime_kept_is_see
     let (d1_serial, d2_serial) = (serial("d1"), serial("d2"));
     let broker = start(t.path(), test_limits()).await;
     let addr = broker.local_addr();
+    // The watcher's baseline is the hash of the bytes loaded at start.
     let mut d1 = raw_connected(addr, t.path(), "d1").await;
-    // Let the watcher take in the list as it is now.
-    tokio::time::sleep(Duration::from_millis(500)).await;
 
     let path = t.pki.revocation_path();
     let before = std::fs::read_to_string(&path).expect("list");
@@ -324,13 +323,11 @@ async fn a_same_length_rewrite_of_the_revocation_list_with_its_mtime_kept_is_see
         (meta.len(), meta.modified().ok())
     );
 
-    let rewritten = Instant::now();
     assert_eq!(
         read_until_closed(&mut d1).await,
         Some(vec![]),
         "d1 was revoked by the rewrite: its session must be cut"
     );
-    assert!(rewritten.elapsed() < Duration::from_secs(2));
     broker.shutdown().await;
 }
 
