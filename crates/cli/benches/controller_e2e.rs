@@ -11,7 +11,7 @@
 //!    reports nothing pending.
 //!
 //! `cargo bench -p cityplane --bench controller_e2e [-- --devices N]
-//! [--reports R] [--reports-only] [--reports-via devices]`: N devices
+//! [--reports R] [--reports-only] [--reports-via devices [--device-burst]]`: N devices
 //! (default 10,000), R reports each (default 10); `--reports-only` skips
 //! phase 2.
 //!
@@ -20,7 +20,8 @@
 //! themselves instead). `--reports-via devices` measures the device path
 //! instead: N device connections (each with its own certificate) first
 //! connect, then each publishes its own R `devices/<id>/reported` (QoS 1)
-//! at once through the broker's edge, ingress queue and backlog credit; the
+//! through the broker's edge, ingress queue and backlog credit, one at a
+//! time (the next after the PUBACK; `--device-burst`: all R at once); the
 //! clock runs from that start until the controller has persisted all of
 //! them. The bench process then holds N sockets, the server N more (each
 //! under the 20,000 open-files limit per process); they are closed before
@@ -125,6 +126,7 @@ async fn via_devices(
     port: u16,
     devices: usize,
     reports: u64,
+    burst: bool,
 ) -> (
     tokio::sync::watch::Sender<bool>,
     tokio::sync::watch::Sender<bool>,
@@ -200,18 +202,27 @@ async fn via_devices(
                 }
             }
             let topic = format!("devices/{id}/reported");
-            for version in 1..=reports {
-                let body = json!({"version": version, "state": {"class": "streetlight", "labels": {"zone": "north"}, "dimming": version}});
-                client.queue_publish(&topic, body.to_string().as_bytes(), 1, false);
-            }
-            counters.offered.fetch_add(reports, Ordering::Relaxed);
-            if client.flush().await.is_err() {
-                counters.errors.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            counters.flushed.fetch_add(1, Ordering::Relaxed);
+            // Burst: all R queued at once. Otherwise one at a time: the next
+            // report after the PUBACK of the previous one.
+            let per_write = if burst { reports } else { 1 };
+            let mut version = 0;
             let mut acked = 0;
             while acked < reports {
+                if version == acked {
+                    for _ in 0..per_write {
+                        version += 1;
+                        let body = json!({"version": version, "state": {"class": "streetlight", "labels": {"zone": "north"}, "dimming": version}});
+                        client.queue_publish(&topic, body.to_string().as_bytes(), 1, false);
+                    }
+                    counters.offered.fetch_add(per_write, Ordering::Relaxed);
+                    if client.flush().await.is_err() {
+                        counters.errors.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    if version == reports {
+                        counters.flushed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
                 match tokio::time::timeout(Duration::from_secs(600), client.recv()).await {
                     Ok(Ok(Packet::PubAck(_))) => {
                         acked += 1;
@@ -322,7 +333,17 @@ async fn run() {
         .any(|w| w[0] == "--reports-via" && w[1] == "devices");
     let total_reports = devices as u64 * reports_per_device;
     let phase1 = if via_mode {
-        phase1_devices(&mut op, &pki_dir, port, pid, devices, reports_per_device).await
+        let burst = std::env::args().any(|a| a == "--device-burst");
+        phase1_devices(
+            &mut op,
+            &pki_dir,
+            port,
+            pid,
+            devices,
+            reports_per_device,
+            burst,
+        )
+        .await
     } else {
         phase1_loaders(&mut op, &pki_dir, port, pid, devices, reports_per_device).await
     };
@@ -356,8 +377,11 @@ async fn run() {
     // Busy CPU outside the two processes above 10 % of the window (at least
     // 0.1 s: /proc/stat counts in 10 ms ticks) means other work ran.
     let disturbed = cpu_elsewhere > (persisted_in / 10).max(Duration::from_millis(100));
-    let path = if via.is_some() {
-        "device connections (device certificates, edge ingress, backlog credit)"
+    let burst = std::env::args().any(|a| a == "--device-burst");
+    let path = if via.is_some() && burst {
+        "device connections (device certificates, edge ingress, backlog credit), each device's reports in one burst"
+    } else if via.is_some() {
+        "device connections (device certificates, edge ingress, backlog credit), one report in flight per device"
     } else {
         "4 controller-role loaders (own router links: no device ingress, no backlog credit)"
     };
@@ -421,6 +445,7 @@ async fn run() {
         "bench": "controller_e2e", "devices": devices, "reports_per_device": reports_per_device, "nproc": nproc, "cpu": cpu,
         "machine": machine,
         "reports_via": if via.is_some() { "devices" } else { "controller-loaders" },
+        "device_burst": via.is_some() && burst,
         "reports": {"persisted": counted, "seconds": persisted_in.as_secs_f64(), "persisted_per_sec": reports_per_sec,
                     "offered_seconds": publish_done.as_secs_f64(), "target_per_sec": 50000,
                     "cpu_elsewhere_s": cpu_elsewhere.as_secs_f64(), "disturbed": disturbed},
@@ -574,10 +599,11 @@ async fn phase1_devices(
     pid: u32,
     devices: usize,
     reports_per_device: u64,
+    burst: bool,
 ) -> Phase1 {
     let total_reports = devices as u64 * reports_per_device;
     let (go, stop, c, tasks, connect_s) =
-        via_devices(pki_dir, port, devices, reports_per_device).await;
+        via_devices(pki_dir, port, devices, reports_per_device, burst).await;
     let connected = c.connected.load(Ordering::Relaxed) as usize;
     eprintln!(
         "{connected} devices connected in {connect_s:.1} s (server fds: {})",
