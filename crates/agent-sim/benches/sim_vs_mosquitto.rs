@@ -438,7 +438,9 @@ struct SteadyLoad {
     /// Controller connected → every device's first report seen.
     all_reported_after_s: f64,
     window_s: f64,
-    cmd_sent: u64,
+    /// Commands queued (offered), not counting whether they were delivered.
+    cmd_offered: u64,
+    /// Commands whose ack the controller received.
     cmd_acked: u64,
     cmd_lost: u64,
     /// Command published → the device's ack received.
@@ -637,13 +639,13 @@ async fn steady_controller(
         }
     }
     client.disconnect().await;
-    let cmd_sent = sent_at.len() as u64;
+    let cmd_offered = sent_at.len() as u64;
     let cmd_acked = round_trips.len() as u64;
     Ok(SteadyLoad {
         window_s,
-        cmd_sent,
+        cmd_offered,
         cmd_acked,
-        cmd_lost: cmd_sent - cmd_acked,
+        cmd_lost: cmd_offered - cmd_acked,
         cmd_round_trip: Percentiles::from_durations(round_trips),
         delivered_per_s: delivered as f64 / window_s,
         broker_cpu_s: (cpu1 - cpu0).as_secs_f64(),
@@ -783,15 +785,16 @@ fn failures(r: &ScenarioRun) -> f64 {
 fn print_run(r: &ScenarioRun) {
     let rep = &r.report;
     println!(
-        "    {}/{} online in {:.2} s = {:.0}/s; handshake p50 {:.1} ms p99 {:.1} ms; sent {:.0}/s, received {:.0}/s; failures {}; presence by {}",
+        "    {}/{} online in {:.2} s = {:.0}/s; handshake p50 {:.1} ms p99 {:.1} ms; devices offered {:.0}/s (queued), received {:.0}/s (commands), PUBACKs received {:.0}/s; failures {}; presence by {}",
         num(rep, "/connect/online"),
         num(rep, "/devices"),
         num(rep, "/connect/seconds"),
         num(rep, "/connect/rate_per_s"),
         num(rep, "/connect/handshake/p50_ms"),
         num(rep, "/connect/handshake/p99_ms"),
-        num(rep, "/messages/sent_per_s"),
+        num(rep, "/messages/offered_per_s"),
         num(rep, "/messages/received_per_s"),
+        num(rep, "/messages/pubacks_received_per_s"),
         failures(r),
         rep.pointer("/stats/presence").and_then(Value::as_str).unwrap_or("?"),
     );
@@ -806,8 +809,8 @@ fn print_run(r: &ScenarioRun) {
     );
     if let Some(l) = &r.load {
         println!(
-            "    controller: {} commands, {} acked, round trip p50 {:.2} ms p99 {:.2} ms; delivered {:.0}/s; broker CPU {:.0} %",
-            l.cmd_sent,
+            "    controller: {} commands offered (queued), {} acks received, round trip p50 {:.2} ms p99 {:.2} ms; received {:.0}/s; broker CPU {:.0} %",
+            l.cmd_offered,
             l.cmd_acked,
             l.cmd_round_trip.p50_ms,
             l.cmd_round_trip.p99_ms,
@@ -954,13 +957,16 @@ fn print_summary(c: Option<&BrokerRun>, m: Option<&BrokerRun>, opts: &Opts) -> V
         ("steady: handshake p99 ms at 500/s", |r| {
             num(&r.steady.report, "/connect/handshake/p99_ms")
         }),
-        ("steady: devices→broker msg/s", |r| {
-            num(&r.steady.report, "/messages/sent_per_s")
+        ("steady: devices→broker msg/s, offered (queued)", |r| {
+            num(&r.steady.report, "/messages/offered_per_s")
         }),
-        ("steady: broker→devices msg/s", |r| {
+        ("steady: devices' QoS 1 publishes acked, received", |r| {
+            num(&r.steady.report, "/messages/pubacks_received_per_s")
+        }),
+        ("steady: broker→devices msg/s, received", |r| {
             num(&r.steady.report, "/messages/received_per_s")
         }),
-        ("steady: delivered to controller msg/s", |r| {
+        ("steady: delivered to controller msg/s, received", |r| {
             r.steady.load.as_ref().map_or(0.0, |l| l.delivered_per_s)
         }),
         ("steady: command round trip p50 ms", |r| {

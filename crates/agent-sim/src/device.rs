@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
 
 use crate::classes;
-use crate::fleet::{Control, DeviceShared, FleetShared};
+use crate::fleet::{Attempt, Control, DeviceShared, FleetShared, ATTEMPTS_KEPT};
 use crate::mqtt::{Client, ClientError, ConnectOptions, Packet, Publish, Will, SUBACK_FAILURE};
 use crate::rng::{fnv1a, Rng};
 use crate::stats::Counters;
@@ -193,6 +193,7 @@ impl Device {
                     client.drop_abruptly().await;
                     drop(client);
                     self.set_disconnected();
+                    self.attempt_ended();
                     match end {
                         End::Shutdown => return,
                         End::Pause(d) => d,
@@ -208,6 +209,7 @@ impl Device {
                     }
                 }
                 Err(e) => {
+                    self.attempt_ended();
                     Counters::inc(&self.counters().connect_failures);
                     self.counters().failure(format!("connect: {}", e.label()));
                     tracing::debug!(id = %self.dev.id, error = %e, "connect failed");
@@ -225,6 +227,17 @@ impl Device {
     }
 
     async fn connect(&mut self) -> Result<Client, ClientError> {
+        {
+            let mut v = self.dev.lock();
+            if v.attempts.len() >= ATTEMPTS_KEPT {
+                v.attempts.pop_front();
+            }
+            v.attempts.push_back(Attempt {
+                started: Instant::now(),
+                ended: None,
+                online: false,
+            });
+        }
         self.fleet.pacer.wait(&mut self.rng).await;
         let _permit = self.fleet.connecting.acquire().await;
         Counters::inc(&self.counters().connect_attempts);
@@ -264,6 +277,14 @@ impl Device {
         Ok(client)
     }
 
+    /// Records the end of the current attempt (failed connect or session).
+    fn attempt_ended(&self) {
+        let mut v = self.dev.lock();
+        if let Some(a) = v.attempts.back_mut() {
+            a.ended.get_or_insert_with(Instant::now);
+        }
+    }
+
     fn set_disconnected(&self) {
         let mut v = self.dev.lock();
         use std::sync::atomic::Ordering::Relaxed;
@@ -289,6 +310,9 @@ impl Device {
         }
         v.online = true;
         v.online_since = Some(now);
+        if let Some(a) = v.attempts.back_mut() {
+            a.online = true;
+        }
         if v.first_online.is_none() {
             v.first_online = Some(now);
             Counters::inc(&self.counters().ever_online);
@@ -298,9 +322,9 @@ impl Device {
     fn queue_publish(&self, c: &mut Client, topic: &str, payload: &[u8], qos: u8, retain: bool) {
         c.queue_publish(topic, payload, qos, retain);
         let counters = self.counters();
-        Counters::inc(&counters.publishes_sent);
+        Counters::inc(&counters.publishes_offered);
         counters
-            .bytes_sent
+            .bytes_offered
             .fetch_add(payload.len() as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
@@ -317,7 +341,7 @@ impl Device {
         let Ok(payload) = payload else { return };
         let retain = self.fleet.config.retain_reported;
         self.queue_publish(c, &topics::reported(&self.dev.id), &payload, 1, retain);
-        Counters::inc(&self.counters().reports_sent);
+        Counters::inc(&self.counters().reports_offered);
     }
 
     fn queue_ack(&self, c: &mut Client, ack: AckOut) {
@@ -330,7 +354,7 @@ impl Device {
             return;
         };
         self.queue_publish(c, &topics::acks(&self.dev.id), &payload, 1, false);
-        Counters::inc(&self.counters().acks_sent);
+        Counters::inc(&self.counters().acks_offered);
     }
 
     /// The next random fault of this session: (when, what).
@@ -434,7 +458,9 @@ impl Device {
                         }
                         Packet::Publish(p) => {
                             Counters::inc(&self.counters().publishes_received);
-                            self.on_publish(c, p, &commands_topic);
+                            if let Some(end) = self.on_publish(c, p, &commands_topic) {
+                                return end;
+                            }
                         }
                         Packet::PubAck(_) => Counters::inc(&self.counters().pubacks_received),
                         Packet::PingResp => ping_outstanding = false,
@@ -502,12 +528,30 @@ impl Device {
         };
         if let Ok(payload) = serde_json::to_vec(&sample) {
             self.queue_publish(c, &topics::telemetry(&self.dev.id), &payload, 0, false);
-            Counters::inc(&self.counters().telemetry_sent);
+            Counters::inc(&self.counters().telemetry_offered);
         }
     }
 
-    fn on_publish(&mut self, c: &mut Client, p: Publish, commands_topic: &str) {
+    /// Handles one PUBLISH; `Some` if the session ends because of it (a
+    /// reboot armed by [`Fleet::reboot_on_next_command`](crate::Fleet)).
+    fn on_publish(&mut self, c: &mut Client, p: Publish, commands_topic: &str) -> Option<End> {
         if p.topic == commands_topic {
+            let reboot = {
+                let mut v = self.dev.lock();
+                let armed = std::mem::take(&mut v.reboot_on_command);
+                if armed {
+                    v.commands_received += 1;
+                    v.reboots_before_applying += 1;
+                }
+                armed
+            };
+            if reboot {
+                // Power cut on receipt: neither applied nor acknowledged
+                // (no PUBACK), so the change is still pending at the controller.
+                Counters::inc(&self.counters().commands_received);
+                Counters::inc(&self.counters().reboots);
+                return Some(End::Pause(self.reboot_time()));
+            }
             match serde_json::from_slice::<Command>(&p.payload) {
                 Ok(cmd) => self.on_command(c, cmd),
                 Err(e) => {
@@ -520,6 +564,7 @@ impl Device {
         if p.qos == 1 {
             c.queue_puback(p.pkid);
         }
+        None
     }
 
     /// The contract's command rules: replays and stale generations are

@@ -1,7 +1,7 @@
 //! The fleet: starts one task per device, paces their connects, and lets
 //! callers look at and poke the devices.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -115,6 +115,26 @@ pub(crate) struct DeviceView {
     pub online_since: Option<Instant>,
     pub first_online: Option<Instant>,
     pub pending: Option<Control>,
+    /// The last [`ATTEMPTS_KEPT`] connection attempts.
+    pub attempts: VecDeque<Attempt>,
+    /// Armed by [`Fleet::reboot_on_next_command`].
+    pub reboot_on_command: bool,
+    /// Commands received and not applied because the device rebooted first.
+    pub reboots_before_applying: u32,
+}
+
+/// Connection attempts each device remembers (the oldest are dropped).
+pub const ATTEMPTS_KEPT: usize = 32;
+
+/// One connection attempt as the device recorded it, from its own clock.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Attempt {
+    /// The device starts connecting (after any reconnect wait, before pacing).
+    pub started: Instant,
+    /// The connect failed or the session ended (`None`: still going).
+    pub ended: Option<Instant>,
+    /// The session got online (SUBACK of its commands subscription).
+    pub online: bool,
 }
 
 /// A copy of one device's state.
@@ -135,6 +155,13 @@ pub struct DeviceSnapshot {
     pub last_change: Option<Instant>,
     pub online_since: Option<Instant>,
     pub first_online: Option<Instant>,
+    /// The last [`ATTEMPTS_KEPT`] connection attempts, oldest first: the
+    /// wait before attempt `i + 1` is `attempts[i + 1].started -
+    /// attempts[i].ended`.
+    pub attempts: Vec<Attempt>,
+    /// Commands this device received and did not apply because it rebooted
+    /// first ([`Fleet::reboot_on_next_command`]).
+    pub reboots_before_applying: u32,
 }
 
 /// A running fleet of simulated devices.
@@ -247,6 +274,9 @@ impl Fleet {
                     online_since: None,
                     first_online: None,
                     pending: None,
+                    attempts: VecDeque::new(),
+                    reboot_on_command: false,
+                    reboots_before_applying: 0,
                 }),
                 control: Notify::new(),
             });
@@ -334,6 +364,8 @@ impl Fleet {
             last_change: v.last_change,
             online_since: v.online_since,
             first_online: v.first_online,
+            attempts: v.attempts.iter().copied().collect(),
+            reboots_before_applying: v.reboots_before_applying,
         }
     }
 
@@ -431,6 +463,19 @@ impl Fleet {
     /// A firmware update in progress is interrupted. False for an unknown id.
     pub fn reboot(&self, id: &str) -> bool {
         self.control(id, Control::Reboot)
+    }
+
+    /// Arms a power cut on the device's next command: it receives the
+    /// command, then reboots before applying or acknowledging it (no PUBACK
+    /// either), and reconnects after [`Faults::reboot_time`](crate::Faults).
+    /// Counted in [`DeviceSnapshot::reboots_before_applying`]. False for an
+    /// unknown id.
+    pub fn reboot_on_next_command(&self, id: &str) -> bool {
+        let Some(i) = self.index.get(id) else {
+            return false;
+        };
+        self.devices[*i].lock().reboot_on_command = true;
+        true
     }
 
     /// Takes a device off the network for `duration`.

@@ -33,7 +33,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use classes::{Class, ClassMix};
-pub use fleet::{DeviceSnapshot, Fleet};
+pub use fleet::{Attempt, DeviceSnapshot, Fleet, ATTEMPTS_KEPT};
 pub use rogue::{RogueActionStats, RogueStats};
 pub use stats::{rss_kib, FirmwareStats, Percentiles, SimStats};
 

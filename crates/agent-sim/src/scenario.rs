@@ -117,12 +117,17 @@ pub struct ConnectReport {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct MessageReport {
     pub window_s: f64,
-    /// PUBLISH packets devices sent (reports, acks, telemetry, presence).
-    pub sent: u64,
+    /// PUBLISH packets devices queued (reports, acks, telemetry, presence):
+    /// offered load, counted when queued, not when sent or acknowledged.
+    pub offered: u64,
     /// PUBLISH packets devices received (commands).
     pub received: u64,
-    pub sent_per_s: f64,
+    /// PUBACKs devices received: their QoS 1 publishes the broker
+    /// acknowledged (received; QoS 0 telemetry has none).
+    pub pubacks_received: u64,
+    pub offered_per_s: f64,
     pub received_per_s: f64,
+    pub pubacks_received_per_s: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -309,8 +314,9 @@ pub async fn run(
 
     let window_start = (
         Instant::now(),
-        stats.publishes_sent,
+        stats.publishes_offered,
         stats.publishes_received,
+        stats.pubacks_received,
     );
     report.ok = all_online;
     match opts.scenario {
@@ -374,20 +380,27 @@ pub async fn run(
     } else {
         fleet.started_at().elapsed()
     };
-    let (sent, received) = if opts.scenario == Scenario::Steady {
+    let (offered, received, pubacks) = if opts.scenario == Scenario::Steady {
         (
-            s.publishes_sent - window_start.1,
+            s.publishes_offered - window_start.1,
             s.publishes_received - window_start.2,
+            s.pubacks_received - window_start.3,
         )
     } else {
-        (s.publishes_sent, s.publishes_received)
+        (
+            s.publishes_offered,
+            s.publishes_received,
+            s.pubacks_received,
+        )
     };
     report.messages = MessageReport {
         window_s: window.as_secs_f64(),
-        sent,
+        offered,
         received,
-        sent_per_s: per_s(sent, window),
+        pubacks_received: pubacks,
+        offered_per_s: per_s(offered, window),
         received_per_s: per_s(received, window),
+        pubacks_received_per_s: per_s(pubacks, window),
     };
     pb.finish_and_clear();
     let stats = fleet.shutdown().await;
@@ -695,8 +708,14 @@ impl std::fmt::Display for Report {
         let m = &self.messages;
         let _ = writeln!(
             s,
-            "  messages    sent {} ({:.1}/s), received {} ({:.1}/s) over {:.1} s",
-            m.sent, m.sent_per_s, m.received, m.received_per_s, m.window_s
+            "  messages    offered {} ({:.1}/s, queued by devices), received {} ({:.1}/s, commands), PUBACKs received {} ({:.1}/s) over {:.1} s",
+            m.offered,
+            m.offered_per_s,
+            m.received,
+            m.received_per_s,
+            m.pubacks_received,
+            m.pubacks_received_per_s,
+            m.window_s
         );
         let st = &self.stats;
         let _ = writeln!(

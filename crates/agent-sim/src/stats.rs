@@ -20,13 +20,13 @@ pub(crate) struct Counters {
     pub reconnects: AtomicU64,
     pub connect_failures: AtomicU64,
     pub sessions_lost: AtomicU64,
-    pub publishes_sent: AtomicU64,
+    pub publishes_offered: AtomicU64,
     pub publishes_received: AtomicU64,
-    pub bytes_sent: AtomicU64,
+    pub bytes_offered: AtomicU64,
     pub pubacks_received: AtomicU64,
-    pub reports_sent: AtomicU64,
-    pub telemetry_sent: AtomicU64,
-    pub acks_sent: AtomicU64,
+    pub reports_offered: AtomicU64,
+    pub telemetry_offered: AtomicU64,
+    pub acks_offered: AtomicU64,
     pub commands_received: AtomicU64,
     pub commands_applied: AtomicU64,
     pub commands_rejected: AtomicU64,
@@ -134,13 +134,23 @@ pub struct SimStats {
     pub connect_failures: u64,
     /// Sessions that ended other than by shutdown.
     pub sessions_lost: u64,
-    pub publishes_sent: u64,
+    /// PUBLISH packets devices queued (reports, acks, telemetry, presence).
+    /// Offered load: counted when queued, not when written to the socket nor
+    /// when the broker acknowledged it (a session lost in between loses them).
+    pub publishes_offered: u64,
+    /// PUBLISH packets devices received (commands): received.
     pub publishes_received: u64,
-    pub bytes_sent: u64,
+    /// Payload bytes of `publishes_offered` (offered, counted when queued).
+    pub bytes_offered: u64,
+    /// PUBACKs devices received from the broker: QoS 1 publishes the broker
+    /// acknowledged (received; telemetry is QoS 0 and never acknowledged).
     pub pubacks_received: u64,
-    pub reports_sent: u64,
-    pub telemetry_sent: u64,
-    pub acks_sent: u64,
+    /// Reports queued (offered).
+    pub reports_offered: u64,
+    /// Telemetry samples queued (offered, QoS 0).
+    pub telemetry_offered: u64,
+    /// Command acks queued (offered).
+    pub acks_offered: u64,
     pub commands_received: u64,
     pub commands_applied: u64,
     pub commands_rejected: u64,
@@ -184,13 +194,13 @@ impl Counters {
             reconnects: g(&self.reconnects),
             connect_failures: g(&self.connect_failures),
             sessions_lost: g(&self.sessions_lost),
-            publishes_sent: g(&self.publishes_sent),
+            publishes_offered: g(&self.publishes_offered),
             publishes_received: g(&self.publishes_received),
-            bytes_sent: g(&self.bytes_sent),
+            bytes_offered: g(&self.bytes_offered),
             pubacks_received: g(&self.pubacks_received),
-            reports_sent: g(&self.reports_sent),
-            telemetry_sent: g(&self.telemetry_sent),
-            acks_sent: g(&self.acks_sent),
+            reports_offered: g(&self.reports_offered),
+            telemetry_offered: g(&self.telemetry_offered),
+            acks_offered: g(&self.acks_offered),
             commands_received: g(&self.commands_received),
             commands_applied: g(&self.commands_applied),
             commands_rejected: g(&self.commands_rejected),

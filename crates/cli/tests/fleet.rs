@@ -83,7 +83,10 @@ async fn status(op: &mut Operator, body: Value) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_mixed_devices_converge_even_when_some_reboot_mid_change() {
     let s = setup("sim", 200).await;
-    let fleet = Fleet::start(s.sim("sim", 200)).await.expect("fleet");
+    let mut sim = s.sim("sim", 200);
+    // Down long enough for the loop below to look at each one while it is.
+    sim.faults.reboot_time = (Duration::from_millis(300), Duration::from_millis(600));
+    let fleet = Fleet::start(sim).await.expect("fleet");
     assert!(
         fleet.wait_online(200, Duration::from_secs(60)).await,
         "{:?}",
@@ -99,6 +102,14 @@ async fn two_hundred_mixed_devices_converge_even_when_some_reboot_mid_change() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // Every tenth device loses power when the change reaches it: it receives
+    // the command, then reboots before applying or acknowledging it.
+    let ids = fleet.ids();
+    let rebooting: Vec<String> = ids.iter().step_by(10).cloned().collect();
+    for id in &rebooting {
+        assert!(fleet.reboot_on_next_command(id));
+    }
+
     for doc in [
         json!({"name": "baseline", "target": {"all": true}, "state": {"maintenance_window": "02:00-04:00"}}),
         json!({"name": "dim", "target": {"class": "streetlight"}, "priority": 5, "state": {"dimming": 40}}),
@@ -110,21 +121,40 @@ async fn two_hundred_mixed_devices_converge_even_when_some_reboot_mid_change() {
             .expect("apply");
         assert_eq!(answer["status"], "accepted", "{answer}");
     }
-    // Every tenth device reboots in the middle of the change.
-    let ids = fleet.ids();
-    for id in ids.iter().step_by(10) {
-        assert!(fleet.reboot(id));
-    }
-
+    // The rebooting devices are pending at the controller while they are
+    // down: it sent them the change and has no ack.
+    let mut seen_pending = std::collections::BTreeSet::new();
     let window = json!("02:00-04:00");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
+        for id in &rebooting {
+            let down = |d: &cityplane_agent_sim::DeviceSnapshot| {
+                d.reboots_before_applying == 1 && d.connects == 1 && !d.connected
+            };
+            if seen_pending.contains(id) || !fleet.device(id).is_some_and(|d| down(&d)) {
+                continue;
+            }
+            let desc = op
+                .query("describe", json!({"id": id}))
+                .await
+                .expect("describe");
+            // Down before and after the answer: the answer describes the
+            // controller's record while the device was rebooting.
+            if fleet.device(id).is_some_and(|d| down(&d))
+                && desc["converged"] == false
+                && desc["delta"].as_object().is_some_and(|d| !d.is_empty())
+            {
+                seen_pending.insert(id.clone());
+            }
+        }
         let (have, total) = fleet.count_with("maintenance_window", &window, None);
         let st = status(&mut op, json!({})).await;
-        // The rebooted devices are back too (the change may well have
-        // converged before they went down).
-        let back = fleet.stats().reconnects >= 20 && st["online"] == 200;
-        if have == total && st["pending"] == 0 && back {
+        let back = rebooting.iter().all(|id| {
+            fleet
+                .device(id)
+                .is_some_and(|d| d.connects == 2 && d.online)
+        });
+        if have == total && st["pending"] == 0 && back && st["online"] == 200 {
             assert_eq!(st["failed"], 0, "{st}");
             assert_eq!(st["converged"], 200, "{st}");
             break;
@@ -142,8 +172,27 @@ async fn two_hundred_mixed_devices_converge_even_when_some_reboot_mid_change() {
         Some(cityplane_agent_sim::Class::Streetlight),
     );
     assert_eq!(lights.0, lights.1, "every streetlight dimmed");
+    assert_eq!(
+        seen_pending.len(),
+        rebooting.len(),
+        "the controller showed each rebooting device unconverged while it was down: {seen_pending:?}"
+    );
+    // From the devices' records: each rebooting device received the change
+    // and rebooted before applying it (so while not converged), came back
+    // (a second session), was sent the change again and applied it.
+    for id in &rebooting {
+        let d = fleet.device(id).expect("device");
+        assert_eq!(
+            d.reboots_before_applying, 1,
+            "{id} rebooted mid-change: {d:?}"
+        );
+        assert_eq!(d.connects, 2, "{id} came back once: {d:?}");
+        assert!(d.commands_received >= 2, "{id} got the change again: {d:?}");
+        assert_eq!(d.state.get("maintenance_window"), Some(&window), "{id}");
+    }
     let stats = fleet.shutdown().await;
-    assert!(stats.reconnects >= 20, "the reboots happened: {stats:?}");
+    assert_eq!(stats.reconnects, 20, "only the 20 reboots: {stats:?}");
+    assert_eq!(stats.reboots, 20, "{stats:?}");
     op.disconnect().await;
     s.stop().await;
 }
