@@ -5,13 +5,21 @@
 //! a loop device and prints each acknowledged sequence. It is SIGKILLed at a
 //! random moment and, as soon as it has exited, the loop device's backing
 //! image is copied. The loop driver writes into its backing file only what
-//! the filesystem above it submitted as I/O, so the copy holds what a disk
-//! would hold after a power cut at that instant: whatever is still dirty in
+//! the filesystem above it submitted as I/O, so whatever is still dirty in
 //! the page cache of the mounted filesystem (data written but not synced,
-//! uncommitted journal transactions) is not in it. The copy is then mounted
-//! (the ext4 journal is replayed, as on a reboot) and opened with
-//! `Store::open`: every acknowledged commit must be there, and the state
-//! must be exactly that after some prefix of the commits.
+//! uncommitted journal transactions) is not in the copy. What the model
+//! loses is exactly that page cache: a missing or ineffective fsync (sled's
+//! `sync_file_range`) shows up as lost commits. It does not model a disk's
+//! volatile write cache: every write already submitted to the loop device
+//! is in the copy, whole and in any order, whether or not a cache flush
+//! (FLUSH/FUA) followed it; so a filesystem or device that relies on
+//! flushes to order writes is not tested here (dm-log-writes, replaying up
+//! to each flush, would; the kernel here has no device-mapper). Writeback
+//! the kernel submits between the kill and the end of the copy lands in it
+//! too. The copy is then mounted (the ext4 journal is replayed, as on a
+//! reboot) and opened with `Store::open` (stock sled stores: with sled's
+//! own configuration): every acknowledged commit must be there, and the
+//! state must be exactly that after some prefix of the commits.
 //!
 //! Needs root, `losetup`, `mkfs.ext4` (e2fsprogs) and free loop devices.
 //! Without them the tests are skipped with a message, unless
