@@ -6,7 +6,10 @@
 //! Absence is shown without a timeout: while a commit is held (or failing),
 //! a controller-role client publishes a sentinel on the topic the answer
 //! (or command) would take. Both pass the same router filter log, so
-//! anything the controller published before the sentinel arrives first.
+//! whatever the controller handed to the router first arrives first; an
+//! answer or command queued before its commit began is handed over well
+//! before the sentinel, which is published only once the gate holds that
+//! commit and then crosses a TLS connection.
 
 mod common;
 
