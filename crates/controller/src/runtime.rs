@@ -23,7 +23,7 @@ use crate::fleet::{self, Fleet, Outgoing};
 use crate::input::{self, InputLimits, Rejection};
 use crate::model::{now_ms, Millis};
 use crate::reconcile::RetryPolicy;
-use crate::store::{Changes, Store, StoreError};
+use crate::store::{Changes, CommitGate, Store, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
@@ -41,6 +41,8 @@ pub struct ControllerConfig {
     pub status_every: Duration,
     /// Events taken per loop turn (one commit each).
     pub max_batch: usize,
+    /// Tests only: holds or fails commits (see [`CommitGate`]).
+    pub commit_gate: Option<CommitGate>,
 }
 
 impl ControllerConfig {
@@ -53,6 +55,7 @@ impl ControllerConfig {
             cache_bytes: 64 * 1024 * 1024,
             status_every: Duration::from_secs(1),
             max_batch: 2048,
+            commit_gate: None,
         }
     }
 }
@@ -88,9 +91,12 @@ impl Controller {
     ) -> Result<Controller, ControllerError> {
         let data = config.data.clone();
         let cache = config.cache_bytes;
-        let store = tokio::task::spawn_blocking(move || Store::open(&data, cache))
-            .await
-            .map_err(|e| ControllerError::Broker(e.to_string()))??;
+        let gate = config.commit_gate.clone();
+        let store = tokio::task::spawn_blocking(move || {
+            Store::open(&data, cache).map(|s| s.with_gate(gate))
+        })
+        .await
+        .map_err(|e| ControllerError::Broker(e.to_string()))??;
         let store = Arc::new(store);
         let loaded = {
             let store = store.clone();

@@ -81,6 +81,36 @@ impl Changes {
     }
 }
 
+/// A commit's records as they are written (key, JSON value), shown to a
+/// [`CommitGate`].
+pub struct Pending<'a> {
+    pub docs: &'a [(Vec<u8>, Vec<u8>)],
+    pub devices: &'a [(Vec<u8>, Vec<u8>)],
+}
+
+/// Runs on the committing thread after a commit's fsync, before the commit
+/// is reported done; its error fails the commit as an fsync error would.
+/// The seam that lets a test hold commits (a slow disk) or fail them and
+/// watch what the controller publishes meanwhile: a SIGKILL test cannot
+/// tell "after fsync" from "after write", the page cache survives it.
+/// `None` in production.
+#[derive(Clone)]
+pub struct CommitGate(Arc<GateFn>);
+
+type GateFn = dyn Fn(&Pending<'_>) -> Result<(), StoreError> + Send + Sync;
+
+impl CommitGate {
+    pub fn new(f: impl Fn(&Pending<'_>) -> Result<(), StoreError> + Send + Sync + 'static) -> Self {
+        CommitGate(Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for CommitGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CommitGate")
+    }
+}
+
 /// sled writes log items above a quarter of a segment to separate blob
 /// files that it never fsyncs; with 16 MiB segments (sled's default is
 /// 512 KiB) no record of ours gets there, and `commit` refuses any record
@@ -106,6 +136,7 @@ pub struct Store {
     /// reached the disk all the same (e.g. written, then fsync failed), so
     /// the next commit that succeeds writes them back (`None`: deletes).
     deferred_docs: std::sync::Mutex<Vec<(String, Option<DocRecord>)>>,
+    gate: Option<CommitGate>,
 }
 
 struct Engine {
@@ -257,7 +288,14 @@ impl Store {
             recent_audit: std::sync::Mutex::new(recent),
             deferred_audit: std::sync::Mutex::new(Vec::new()),
             deferred_docs: std::sync::Mutex::new(Vec::new()),
+            gate: None,
         })
+    }
+
+    /// Every later commit passes `gate` once durable (see [`CommitGate`]).
+    pub fn with_gate(mut self, gate: Option<CommitGate>) -> Store {
+        self.gate = gate;
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -389,6 +427,12 @@ impl Store {
                 })?;
             e.db.flush()?;
             e.data_file.sync_data()?;
+            if let Some(gate) = &self.gate {
+                (gate.0)(&Pending {
+                    docs: &docs,
+                    devices: &devices,
+                })?;
+            }
             // Still under the engine's lock: in the order of the commits.
             let mut recent = self.recent_audit.lock().unwrap_or_else(|e| e.into_inner());
             recent.extend(deferred.iter().chain(&audit_entries).cloned());

@@ -5,13 +5,21 @@
 //! a loop device and prints each acknowledged sequence. It is SIGKILLed at a
 //! random moment and, as soon as it has exited, the loop device's backing
 //! image is copied. The loop driver writes into its backing file only what
-//! the filesystem above it submitted as I/O, so the copy holds what a disk
-//! would hold after a power cut at that instant: whatever is still dirty in
+//! the filesystem above it submitted as I/O, so whatever is still dirty in
 //! the page cache of the mounted filesystem (data written but not synced,
-//! uncommitted journal transactions) is not in it. The copy is then mounted
-//! (the ext4 journal is replayed, as on a reboot) and opened with
-//! `Store::open`: every acknowledged commit must be there, and the state
-//! must be exactly that after some prefix of the commits.
+//! uncommitted journal transactions) is not in the copy. What the model
+//! loses is exactly that page cache: a missing or ineffective fsync (sled's
+//! `sync_file_range`) shows up as lost commits. It does not model a disk's
+//! volatile write cache: every write already submitted to the loop device
+//! is in the copy, whole and in any order, whether or not a cache flush
+//! (FLUSH/FUA) followed it; so a filesystem or device that relies on
+//! flushes to order writes is not tested here (dm-log-writes, replaying up
+//! to each flush, would; the kernel here has no device-mapper). Writeback
+//! the kernel submits between the kill and the end of the copy lands in it
+//! too. The copy is then mounted (the ext4 journal is replayed, as on a
+//! reboot) and opened with `Store::open` (stock sled stores: with sled's
+//! own configuration): every acknowledged commit must be there, and the
+//! state must be exactly that after some prefix of the commits.
 //!
 //! Needs root, `losetup`, `mkfs.ext4` (e2fsprogs) and free loop devices.
 //! Without them the tests are skipped with a message, unless
@@ -456,20 +464,29 @@ fn device_only_commits_survive_power_loss() {
 }
 
 /// The control group: the same harness against stock sled (flush() only)
-/// must catch lost or unreadable acknowledged writes, or it simulates no
-/// power loss and the test above proves nothing.
+/// must find acknowledged commits missing from a store that opens, or it
+/// simulates no power loss and the tests above prove nothing. The copy is
+/// read back with sled's own default segment size (`verify --stock`): read
+/// through `Store::open`, which asks for 16 MiB, sled refuses every existing
+/// stock store ("cannot change the io buffer size"), and counting that as a
+/// failure made this test pass whatever the disk held.
+///
+/// Measured here (2026-11-30, 50 runs): 32 lost acknowledged commits (24 of
+/// 25 fresh stores, 8 of 25 existing ones), 0 unusable, 0 inconsistent.
 #[test]
 fn the_power_loss_harness_catches_stock_sled() {
     if !loop_devices_available("the_power_loss_harness_catches_stock_sled") {
         return;
     }
     let runs = env_u64("CITYPLANE_DURABILITY_STOCK_RUNS", 20);
-    let scenario = Scenario::new("power loss, stock sled flush()", &["--stock"], &PADS);
+    let mut scenario = Scenario::new("power loss, stock sled flush()", &["--stock"], &PADS);
+    scenario.verify_args = vec!["--stock".to_owned()];
     let t = power_loss_series(&scenario, runs);
     assert!(
-        t.failed() > 0,
-        "stock sled survived all {runs} simulated power losses: the harness does not \
-         simulate power loss"
+        t.lost + t.inconsistent > 0,
+        "stock sled lost no acknowledged commit in {runs} simulated power losses \
+         (unusable {}): the harness does not simulate power loss",
+        t.unusable
     );
 }
 

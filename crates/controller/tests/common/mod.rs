@@ -10,6 +10,7 @@ use std::time::Duration;
 use cityplane_broker::{Broker, BrokerConfig, Limits, RunningBroker};
 use cityplane_certs::Pki;
 use cityplane_controller::reconcile::RetryPolicy;
+use cityplane_controller::store::CommitGate;
 use cityplane_controller::{Controller, ControllerConfig};
 use cityplane_proto::messages::{Command, State};
 use cityplane_proto::Role;
@@ -37,6 +38,8 @@ pub struct Server {
     pub controller: Option<Controller>,
     pub addr: SocketAddr,
     pub retry: RetryPolicy,
+    /// Passed to every controller this server boots.
+    pub gate: Option<CommitGate>,
 }
 
 pub fn fast_retry() -> RetryPolicy {
@@ -54,6 +57,10 @@ impl Server {
     }
 
     pub async fn start_with(retry: RetryPolicy) -> Server {
+        Server::start_gated(retry, None).await
+    }
+
+    pub async fn start_gated(retry: RetryPolicy, gate: Option<CommitGate>) -> Server {
         init_tracing();
         let pki_dir = tempfile::tempdir().expect("tempdir");
         let data_dir = tempfile::tempdir().expect("tempdir");
@@ -68,6 +75,7 @@ impl Server {
             controller: None,
             addr: "127.0.0.1:0".parse().expect("addr"),
             retry,
+            gate,
         };
         server.boot().await;
         server
@@ -86,6 +94,7 @@ impl Server {
         config.pki = Some(self.pki_dir.path().to_path_buf());
         config.retry = self.retry.clone();
         config.status_every = Duration::from_millis(200);
+        config.commit_gate = self.gate.clone();
         let controller = Controller::start_in_process(&broker, config)
             .await
             .expect("controller");

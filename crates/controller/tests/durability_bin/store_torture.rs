@@ -3,7 +3,7 @@
 //! ```text
 //! store-torture write  <dir> [--stock [--fsync] [--segment-size B]]
 //!                            [--max N] [--devices D] [--pad BYTES]
-//! store-torture verify <dir> [--segment-size B]
+//! store-torture verify <dir> [--stock | --segment-size B]
 //! ```
 //!
 //! `write` opens the store at `<dir>`, prints `ready <seq>`, then commits in a
@@ -21,7 +21,11 @@
 //! flush) and `--segment-size` sets sled's segment size (it is persisted, so
 //! `verify` needs the same value, and then reads through sled directly).
 //!
-//! `verify` opens the store with `Store::open`, loads it and prints one JSON
+//! `verify` opens the store with `Store::open` (with `--stock` or
+//! `--segment-size`, through sled directly with that configuration: sled
+//! refuses to open a database with another segment size than it was created
+//! with, so reading a stock store through `Store` would only ever report
+//! that), loads it and prints one JSON
 //! line `{"seq", "audit_contiguous", "audit_len", "audit_first", "audit_last",
 //! "devices": {id: reported_version}}`; any error is printed to stderr with
 //! exit status 2 (a panic exits 101).
@@ -39,7 +43,7 @@ use sled::Transactional;
 const CACHE_BYTES: u64 = 16 * 1024 * 1024;
 const USAGE: &str = "usage: store-torture write <dir> [--stock [--fsync] [--segment-size B]] \
                      [--max N] [--devices D] [--pad BYTES] [--device-only] | \
-                     store-torture verify <dir> [--segment-size B]";
+                     store-torture verify <dir> [--stock | --segment-size B]";
 
 #[derive(Default)]
 struct Opts {
@@ -219,9 +223,10 @@ struct Seen {
 }
 
 fn verify(dir: &Path, opts: &Opts) -> Result<(), String> {
-    let seen = match opts.segment_size {
-        None => read_store(dir)?,
-        Some(_) => read_sled(dir, opts)?,
+    let seen = if opts.stock || opts.segment_size.is_some() {
+        read_sled(dir, opts)?
+    } else {
+        read_store(dir)?
     };
     let first = seen.audit.first().copied();
     let contiguous = seen
@@ -271,7 +276,7 @@ fn read_store(dir: &Path) -> Result<Seen, String> {
     })
 }
 
-/// Through sled directly, for stores written with a non-default segment size.
+/// Through sled directly, with the configuration the store was written with.
 fn read_sled(dir: &Path, opts: &Opts) -> Result<Seen, String> {
     let db = open_sled(dir, opts)?;
     let tree = |name: &str| db.open_tree(name).map_err(|e| format!("open tree: {e}"));
