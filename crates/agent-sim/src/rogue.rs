@@ -331,12 +331,16 @@ pub(crate) async fn attack(
         json!({"name": "evil", "target": {"ids": [victim]}, "state": {"firmware": "6.6.6"}});
     rec(
         "publish-fleet-desired",
-        a.probe_publish("fleet/desired/evil", desired.to_string().as_bytes(), false)
-            .await,
+        a.probe_publish(
+            &topics::desired("evil"),
+            desired.to_string().as_bytes(),
+            false,
+        )
+        .await,
     );
     rec(
         "publish-fleet-status",
-        a.probe_publish("fleet/status", br#"{"total":0}"#, true)
+        a.probe_publish(topics::FLEET_STATUS, br#"{"total":0}"#, true)
             .await,
     );
 
@@ -347,15 +351,19 @@ pub(crate) async fn attack(
     );
     rec(
         "subscribe-wildcard-commands",
-        a.probe_subscribe("devices/+/commands").await,
+        a.probe_subscribe(&topics::all_devices(topics::DEVICE_SUBSCRIBE_LEAF))
+            .await,
     );
     rec("subscribe-all", a.probe_subscribe("#").await);
     rec(
         "subscribe-other-reported",
         a.probe_subscribe(&topics::reported(&victim)).await,
     );
-    rec("subscribe-fleet", a.probe_subscribe("fleet/#").await);
-    rec("subscribe-sys", a.probe_subscribe("$SYS/#").await);
+    rec(
+        "subscribe-fleet",
+        a.probe_subscribe(topics::FLEET_ALL).await,
+    );
+    rec("subscribe-sys", a.probe_subscribe(topics::SYS_ALL).await);
 
     // Broken packets.
     let mut bad_qos = Vec::new();
@@ -376,7 +384,7 @@ pub(crate) async fn attack(
     );
     let mut wildcard = Vec::new();
     codec::publish(
-        "devices/+/reported",
+        &topics::all_devices("reported"),
         b"{}",
         0,
         false,

@@ -15,13 +15,16 @@
 
 use cityplane_proto::{topics, Identity, Role};
 
-const OPERATOR_PUBLISH: [&str; 2] = ["fleet/desired/#", "fleet/ops/#"];
-const OPERATOR_SUBSCRIBE: [&str; 4] = [
-    "devices/+/reported",
-    "devices/+/telemetry",
-    "devices/+/presence",
-    "fleet/#",
-];
+const OPERATOR_PUBLISH: [&str; 2] = [topics::FLEET_DESIRED_ALL, topics::FLEET_OPS_ALL];
+/// Built once: proto spells the topics, and `may_subscribe` runs per SUBSCRIBE.
+static OPERATOR_SUBSCRIBE: std::sync::LazyLock<[String; 4]> = std::sync::LazyLock::new(|| {
+    [
+        topics::all_devices("reported"),
+        topics::all_devices("telemetry"),
+        topics::all_devices(topics::DEVICE_WILL_LEAF),
+        topics::FLEET_ALL.to_owned(),
+    ]
+});
 
 pub fn may_publish(who: &Identity, topic: &str) -> bool {
     if topic.starts_with('$') {
@@ -98,7 +101,7 @@ pub fn is_offline_presence(payload: &[u8]) -> bool {
 pub fn may_subscribe(who: &Identity, filter: &str) -> bool {
     match who.role {
         // rumqttd drops the connection on a `$` filter other than `$share`.
-        Role::Controller => match filter.strip_prefix("$share/") {
+        Role::Controller => match filter.strip_prefix(topics::SHARE_PREFIX) {
             Some(rest) => matches!(
                 rest.split_once('/'),
                 Some((group, inner)) if !group.is_empty() && !inner.starts_with('$')
@@ -107,7 +110,7 @@ pub fn may_subscribe(who: &Identity, filter: &str) -> bool {
         },
         Role::Device => filter == topics::commands(&who.id),
         Role::Operator => {
-            let inner = match filter.strip_prefix("$share/") {
+            let inner = match filter.strip_prefix(topics::SHARE_PREFIX) {
                 Some(rest) => match rest.split_once('/') {
                     Some((group, inner)) if !group.is_empty() => inner,
                     _ => return false,

@@ -86,7 +86,10 @@ pub const CONTROLLER_LINK_ID: &str = "_cityplane-controller";
 pub const INTERNAL_LINK_IDS: [&str; 3] = [CONTROLLER_LINK_ID, ingress::LINK_ID, dispatch::LINK_ID];
 
 /// Topic prefixes whose operator publishes are handed to the tap.
-pub const TAPPED_PREFIXES: [&str; 2] = ["fleet/desired/", "fleet/ops/"];
+pub const TAPPED_PREFIXES: [&str; 2] = [
+    cityplane_proto::topics::FLEET_DESIRED_PREFIX,
+    cityplane_proto::topics::FLEET_OPS_PREFIX,
+];
 
 /// State every connection task shares.
 pub(crate) struct Shared {
@@ -317,14 +320,9 @@ fn router_config(limits: &Limits) -> RouterConfig {
     // (the in-process controller's unread backlog is also capped, at half
     // of these, by `backlog`).
     let mut custom = HashMap::new();
-    for filter in [
-        "devices/+/reported",
-        "devices/+/acks",
-        "devices/+/presence",
-        "devices/+/telemetry",
-    ] {
+    for leaf in ["reported", "acks", "presence", "telemetry"] {
         custom.insert(
-            filter.to_owned(),
+            cityplane_proto::topics::all_devices(leaf),
             rumqttd::SegmentConfig {
                 max_segment_size: 4 * 1024 * 1024,
                 max_segment_count: 4,

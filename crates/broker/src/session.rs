@@ -754,8 +754,8 @@ impl Session {
     /// another's group and take a share of its messages.
     fn scope_shared_groups(&self, packet: &mut Packet) {
         let scoped = |f: &mut String| {
-            if let Some(rest) = f.strip_prefix("$share/") {
-                *f = format!("$share/{}:{rest}", self.who.id);
+            if let Some(rest) = f.strip_prefix(topics::SHARE_PREFIX) {
+                *f = format!("{}{}:{rest}", topics::SHARE_PREFIX, self.who.id);
             }
         };
         match packet {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use cityplane_proto::topics;
 use rumqttc::{
     AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
 };
@@ -100,7 +101,7 @@ impl Operator {
             Err(_) => bail!("no answer from {} within {timeout:?}", args.server),
         }
         client
-            .subscribe(format!("fleet/responses/{}/#", args.id), QoS::AtLeastOnce)
+            .subscribe(topics::responses_filter(&args.id), QoS::AtLeastOnce)
             .await?;
         let mut op = Operator {
             client,
@@ -150,7 +151,7 @@ impl Operator {
         self.client
             .publish(topic, QoS::AtLeastOnce, false, serde_json::to_vec(&body)?)
             .await?;
-        let want = format!("fleet/responses/{}/{rid}", self.id);
+        let want = topics::response(&self.id, &rid);
         let event = self
             .wait(|e| matches!(e, Event::Incoming(Packet::Publish(p)) if p.topic == want))
             .await?;
@@ -162,7 +163,7 @@ impl Operator {
 
     /// A query under `fleet/ops/<verb>`; errors when the controller refuses it.
     pub async fn query(&mut self, verb: &str, body: Value) -> anyhow::Result<Value> {
-        let answer = self.request(&format!("fleet/ops/{verb}"), body).await?;
+        let answer = self.request(&topics::ops(verb), body).await?;
         if answer["status"] != "ok" {
             bail!(
                 "{}: {}",

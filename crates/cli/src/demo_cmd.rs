@@ -212,7 +212,9 @@ async fn drive(
     let t0 = Instant::now();
     for doc in docs {
         let name = doc["name"].as_str().unwrap_or_default().to_owned();
-        let answer = op.request(&format!("fleet/desired/{name}"), doc).await?;
+        let answer = op
+            .request(&cityplane_proto::topics::desired(&name), doc)
+            .await?;
         if answer["status"] != "accepted" {
             bail!("the controller rejected {name}: {answer}");
         }

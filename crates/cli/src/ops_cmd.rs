@@ -120,7 +120,9 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
         .context("the document needs a \"name\"")?
         .to_owned();
     let mut op = Operator::connect(&args.connect).await?;
-    let answer = op.request(&format!("fleet/desired/{name}"), doc).await?;
+    let answer = op
+        .request(&cityplane_proto::topics::desired(&name), doc)
+        .await?;
     if answer["status"] != "accepted" {
         if args.output == Output::Json {
             print_json(&answer)?;

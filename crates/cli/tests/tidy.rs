@@ -1,7 +1,8 @@
 //! Mechanical invariants of ARCHITECTURE.md, checked on every `cargo test`
 //! by reading the source tree (as rust-analyzer's `tidy.rs` does): which
 //! crate may depend on rumqttd, sled and rcgen, where sled and rustls'
-//! `danger` API may be used, and that no source chmods a file.
+//! `danger` API may be used, that no source chmods a file, and that only
+//! `proto` spells topic strings.
 
 use std::path::{Path, PathBuf};
 
@@ -124,4 +125,29 @@ fn no_chmod_and_no_dangerous_tls_outside_the_verifier() {
         }
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+/// Shipped code outside `proto` builds every topic through
+/// `cityplane_proto::topics`: a topic spelled twice drifts (unit tests at the
+/// end of a file, after `#[cfg(test)]`, may spell the topics they check).
+#[test]
+fn only_proto_spells_topic_strings() {
+    let mut wrong = Vec::new();
+    for (path, text) in sources() {
+        if !path.contains("/src/") || path.starts_with("crates/proto/") {
+            continue;
+        }
+        let shipped = text.split("#[cfg(test)]").next().unwrap_or_default();
+        for (n, line) in shipped.lines().enumerate() {
+            if line.trim_start().starts_with("//") {
+                continue;
+            }
+            for prefix in ["\"devices/", "\"fleet/", "\"$share", "\"$SYS"] {
+                if line.contains(prefix) {
+                    wrong.push(format!("{path}:{}: {}", n + 1, line.trim()));
+                }
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "topic strings outside proto: {wrong:#?}");
 }

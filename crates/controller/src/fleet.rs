@@ -699,7 +699,7 @@ pub fn response_to(operator: &str, request_id: &str, body: &Value) -> Outgoing {
         .take(64)
         .collect();
     Outgoing {
-        topic: format!("fleet/responses/{operator}/{rid}"),
+        topic: cityplane_proto::topics::response(operator, &rid),
         payload: serde_json::to_vec(body).unwrap_or_default(),
         retain: false,
     }

@@ -36,6 +36,46 @@ pub const FLEET_DESIRED: &str = "fleet/desired";
 pub const FLEET_OPS: &str = "fleet/ops";
 /// Retained fleet summary.
 pub const FLEET_STATUS: &str = "fleet/status";
+/// The controller answers operators under here.
+pub const FLEET_RESPONSES: &str = "fleet/responses";
+
+/// What operator publishes the controller reads start with.
+pub const FLEET_DESIRED_PREFIX: &str = "fleet/desired/";
+pub const FLEET_OPS_PREFIX: &str = "fleet/ops/";
+/// Where operators may publish: documents and queries.
+pub const FLEET_DESIRED_ALL: &str = "fleet/desired/#";
+pub const FLEET_OPS_ALL: &str = "fleet/ops/#";
+/// Everything under `fleet/` (status, responses): what operators may read.
+pub const FLEET_ALL: &str = "fleet/#";
+/// The prefix of a shared subscription, `$share/<group>/<filter>`.
+pub const SHARE_PREFIX: &str = "$share/";
+/// The broker's own topics: nobody may use them (refusal tests need the name).
+pub const SYS_ALL: &str = "$SYS/#";
+
+/// `fleet/desired/<name>`: an operator writes document `name`.
+pub fn desired(name: &str) -> String {
+    format!("{FLEET_DESIRED}/{name}")
+}
+
+/// `fleet/ops/<verb>`: an operator query or order.
+pub fn ops(verb: &str) -> String {
+    format!("{FLEET_OPS}/{verb}")
+}
+
+/// `fleet/responses/<operator>/<request id>`: the controller's answer.
+pub fn response(operator: &str, request_id: &str) -> String {
+    format!("{FLEET_RESPONSES}/{operator}/{request_id}")
+}
+
+/// Every answer for one operator.
+pub fn responses_filter(operator: &str) -> String {
+    format!("{FLEET_RESPONSES}/{operator}/#")
+}
+
+/// `devices/+/<leaf>`: one leaf of every device.
+pub fn all_devices(leaf: &str) -> String {
+    format!("{DEVICES}/+/{leaf}")
+}
 
 /// The document name of `fleet/desired/<name>`: the whole rest of the topic,
 /// so `fleet/desired/a/b/n1` names `a/b/n1` (which no valid name equals),
