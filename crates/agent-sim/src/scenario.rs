@@ -508,7 +508,7 @@ async fn converge(
         config.connect_timeout,
     )
     .await?;
-    let responses = topics::responses_filter(&operator);
+    let responses = topics::responses_filter(operator);
     let sub = op.subscribe(&responses, 1).await?;
     let codes = op
         .recv_until(Duration::from_secs(10), |p| match p {
@@ -540,7 +540,7 @@ async fn converge(
     .await?;
 
     // The controller's answer arrives while devices converge; read it on the side.
-    let response_topic = topics::response(&operator, &request_id);
+    let response_topic = topics::response(operator, &request_id);
     let response = tokio::spawn(async move {
         let got = op
             .recv_until(Duration::from_secs(30), |p| match p {
