@@ -36,13 +36,6 @@ async fn raw_device(
     s
 }
 
-/// Length-prefixed string or bytes, as in a CONNECT payload.
-fn field(bytes: &[u8]) -> Vec<u8> {
-    let mut out = (bytes.len() as u16).to_be_bytes().to_vec();
-    out.extend_from_slice(bytes);
-    out
-}
-
 fn only_topic(got: &[(String, Vec<u8>)], topic: &str) -> Vec<Vec<u8>> {
     got.iter()
         .filter(|(t, _)| t == topic)

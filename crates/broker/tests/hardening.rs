@@ -20,12 +20,6 @@ use tokio_rustls::client::TlsStream;
 
 const QUIET: Duration = Duration::from_millis(500);
 
-fn field(bytes: &[u8]) -> Vec<u8> {
-    let mut out = (bytes.len() as u16).to_be_bytes().to_vec();
-    out.extend_from_slice(bytes);
-    out
-}
-
 fn subscribe(pkid: u16, filter: &str) -> Vec<u8> {
     frame(
         0x82,

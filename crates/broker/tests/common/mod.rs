@@ -190,6 +190,13 @@ pub fn connect_packet(
     frame(0x10, &body)
 }
 
+/// Length-prefixed string or bytes, as in CONNECT and SUBSCRIBE payloads.
+pub fn field(bytes: &[u8]) -> Vec<u8> {
+    let mut out = (bytes.len() as u16).to_be_bytes().to_vec();
+    out.extend_from_slice(bytes);
+    out
+}
+
 pub fn frame(header: u8, body: &[u8]) -> Vec<u8> {
     let mut out = vec![header];
     cityplane_broker::mqtt::encode_remaining_length(body.len(), &mut out);
