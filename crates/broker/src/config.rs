@@ -67,6 +67,11 @@ pub struct Limits {
     /// Sockets in the TLS handshake from one source address; more are
     /// closed at once.
     pub max_handshakes_per_addr: usize,
+    /// Connections one identity may hold at once, counted from the end of
+    /// the handshake (a new CONNECT takes a session over, so more than one
+    /// is only ever transient): one stolen certificate cannot fill
+    /// `max_connections` with sockets that never send CONNECT.
+    pub max_connections_per_identity: usize,
     /// Time allowed for the TLS handshake.
     #[serde(with = "millis", rename = "handshake_timeout_ms")]
     pub handshake_timeout: Duration,
@@ -95,6 +100,7 @@ impl Default for Limits {
             max_connections: 15_000,
             max_handshakes: 1_024,
             max_handshakes_per_addr: 256,
+            max_connections_per_identity: 4,
             handshake_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             revocation_poll: Duration::from_millis(200),

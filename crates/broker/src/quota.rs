@@ -54,9 +54,42 @@ pub(crate) struct IdentityQuota {
     control: Mutex<Bucket>,
     /// Every filter this identity has subscribed to since the broker started.
     filters: Mutex<HashSet<String>>,
+    /// Its connections past the handshake.
+    connections: std::sync::atomic::AtomicUsize,
+}
+
+/// One of an identity's connections; dropping it gives the place back.
+#[derive(Debug)]
+pub(crate) struct ConnectionPlace(Arc<IdentityQuota>);
+
+impl Drop for ConnectionPlace {
+    fn drop(&mut self) {
+        self.0
+            .connections
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl IdentityQuota {
+    /// A place for one more connection of this identity, if it holds
+    /// fewer than `cap`.
+    pub(crate) fn connect(self: &Arc<Self>, cap: usize) -> Option<ConnectionPlace> {
+        use std::sync::atomic::Ordering;
+        let mut n = self.connections.load(Ordering::Acquire);
+        loop {
+            if n >= cap {
+                return None;
+            }
+            match self
+                .connections
+                .compare_exchange(n, n + 1, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Some(ConnectionPlace(self.clone())),
+                Err(now) => n = now,
+            }
+        }
+    }
+
     /// One PUBLISH.
     pub(crate) fn take_publish(&self) -> bool {
         lock(&self.publishes).take()
@@ -113,6 +146,7 @@ impl Quotas {
                     .max(u32::try_from(limits.max_subscriptions).unwrap_or(u32::MAX)),
             )),
             filters: Mutex::new(HashSet::new()),
+            connections: std::sync::atomic::AtomicUsize::new(0),
         });
         map.insert(id.to_owned(), q.clone());
         q
@@ -244,6 +278,16 @@ mod tests {
         assert!(!q.admit_filters(["c", "d"], 3));
         assert!(q.admit_filters(["c"], 3));
         assert!(!q.admit_filters(["e"], 3));
+    }
+
+    #[test]
+    fn connection_places_per_identity_are_capped_and_given_back() {
+        let q = Quotas::default().of("d1", &Limits::default());
+        let a = q.connect(2).expect("first");
+        let _b = q.connect(2).expect("second");
+        assert!(q.connect(2).is_none());
+        drop(a);
+        assert!(q.connect(2).is_some());
     }
 
     #[test]

@@ -69,7 +69,14 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr,
     let Some(mut session) = Box::pin(handshake(shared, tcp, peer, pending)).await else {
         return;
     };
-    // Authenticated now: a place among the connections, or nothing.
+    // Authenticated now: a place among this identity's connections and
+    // among all connections, or nothing.
+    let limits = &session.shared.config.limits;
+    let Some(_place) = session.quota.connect(limits.max_connections_per_identity) else {
+        tracing::warn!(%peer, who = %session.who, limit = limits.max_connections_per_identity, "too many connections of this identity; closing new connection");
+        let _ = session.stream.shutdown().await;
+        return;
+    };
     let Ok(_slot) = session.shared.slots.clone().try_acquire_owned() else {
         tracing::warn!(%peer, who = %session.who, limit = session.shared.config.limits.max_connections, "connection limit reached; closing new connection");
         let _ = session.stream.shutdown().await;

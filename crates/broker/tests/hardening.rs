@@ -761,3 +761,41 @@ async fn a_session_ends_when_its_certificate_expires() {
     );
     broker.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_stolen_certificate_cannot_fill_the_connection_slots() {
+    let t = TestPki::new();
+    t.issue(Role::Device, "stolen");
+    t.issue(Role::Device, "d1");
+    let limits = Limits {
+        max_connections: 8,
+        // Sockets within the budget stay for the whole test.
+        connect_timeout: Duration::from_secs(60),
+        ..test_limits()
+    };
+    let per_identity = limits.max_connections_per_identity;
+    assert!(per_identity < 8);
+    let broker = start(t.path(), limits).await;
+    let addr = broker.local_addr();
+    // Handshakes completed with a valid certificate, and no CONNECT: each
+    // would hold a slot for the whole connect timeout.
+    let mut held = Vec::new();
+    for _ in 0..12 {
+        held.push(
+            raw_tls(addr, tls_config(t.path(), Some("stolen")))
+                .await
+                .expect("tls"),
+        );
+    }
+    // Those over the identity's budget are closed at once.
+    let mut closed = 0;
+    for s in &mut held[per_identity..] {
+        if read_until_closed(s).await == Some(vec![]) {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 12 - per_identity);
+    device_gets_in_every_time(addr, t.path()).await;
+    drop(held);
+    broker.shutdown().await;
+}
