@@ -113,6 +113,7 @@ pub(crate) struct Shared {
     /// session is resumed only by the same certificate, so a revoked,
     /// re-issued or re-roled id never inherits the old subscriptions.
     pub(crate) persisted: std::sync::Mutex<HashMap<String, String>>,
+    pub(crate) refusal_log: quota::LogBudget,
 }
 
 /// Opens a link into the router: `(client id, clean session)`.
@@ -201,6 +202,7 @@ impl Broker {
             quotas: quota::Quotas::default(),
             retained: quota::Retained::default(),
             persisted: std::sync::Mutex::new(HashMap::new()),
+            refusal_log: quota::LogBudget::default(),
             config,
         });
         let (gate, gate_rx) = watch::channel(false);

@@ -153,6 +153,32 @@ impl Quotas {
     }
 }
 
+/// At most one log line a second for an event any peer can cause.
+#[derive(Debug, Default)]
+pub(crate) struct LogBudget {
+    inner: Mutex<(Option<Instant>, u64)>,
+}
+
+impl LogBudget {
+    /// `Some(n)` when this event may be logged, `n` being how many since the
+    /// last logged one were not.
+    pub(crate) fn admit(&self) -> Option<u64> {
+        let mut inner = lock(&self.inner);
+        let now = Instant::now();
+        match inner.0 {
+            Some(last) if now.duration_since(last) < std::time::Duration::from_secs(1) => {
+                inner.1 += 1;
+                None
+            }
+            _ => {
+                let unlogged = std::mem::take(&mut inner.1);
+                inner.0 = Some(now);
+                Some(unlogged)
+            }
+        }
+    }
+}
+
 /// The retained messages clients have set (the router holds the messages;
 /// this holds who set each and its size, to enforce the limits).
 #[derive(Debug, Default)]

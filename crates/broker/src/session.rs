@@ -99,7 +99,11 @@ async fn handshake(
         accepted = accept => match accepted {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {
-                tracing::warn!(%peer, reason = %e, "TLS handshake refused");
+                // Anyone who can reach the port can cause this: at most one
+                // line a second, with how many were not logged.
+                if let Some(unlogged) = shared.refusal_log.admit() {
+                    tracing::warn!(%peer, reason = %e, unlogged, "TLS handshake refused");
+                }
                 return None;
             }
             Err(_) => {

@@ -1,6 +1,8 @@
-//! Acks nobody asked for must not reach rumqttd, which logs an ERROR for
-//! each: any client could fill the broker's log on demand. Its own binary,
-//! because it counts every ERROR event the process logs.
+//! Nobody can fill the broker's log on demand: acks nobody asked for must
+//! not reach rumqttd (it logs an ERROR for each), and refused TLS
+//! handshakes (anyone who reaches the port can cause one) are logged at
+//! most once a second. Its own binary, because it counts the events the
+//! whole process logs.
 
 mod common;
 
@@ -15,24 +17,47 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 static ROUTER_ERRORS: AtomicUsize = AtomicUsize::new(0);
+static REFUSAL_LINES: AtomicUsize = AtomicUsize::new(0);
 
-struct CountRouterErrors;
+struct Count;
 
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CountRouterErrors {
+struct Message(String);
+
+impl tracing::field::Visit for Message {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.0 = format!("{value:?}");
+        }
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Count {
     fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
         let meta = event.metadata();
         if *meta.level() == tracing::Level::ERROR && meta.target().starts_with("rumqttd") {
             ROUTER_ERRORS.fetch_add(1, Ordering::Relaxed);
         }
+        let mut message = Message(String::new());
+        event.record(&mut message);
+        if message.0 == "TLS handshake refused" {
+            REFUSAL_LINES.fetch_add(1, Ordering::Relaxed);
+        }
     }
+}
+
+fn count_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        tracing_subscriber::registry()
+            .with(Count)
+            .with(tracing_subscriber::filter::LevelFilter::WARN)
+            .init();
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stray_acks_are_dropped_at_the_edge_and_real_ones_pass() {
-    tracing_subscriber::registry()
-        .with(CountRouterErrors)
-        .with(tracing_subscriber::filter::LevelFilter::ERROR)
-        .init();
+    count_logs();
     let t = TestPki::new();
     t.issue(Role::Operator, "op");
     t.issue(Role::Controller, "ctl");
@@ -80,5 +105,26 @@ async fn stray_acks_are_dropped_at_the_edge_and_real_ones_pass() {
         0,
         "rumqttd logged ERRORs for acks a client sent"
     );
+    broker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_handshakes_are_logged_at_most_once_a_second() {
+    count_logs();
+    let t = TestPki::new();
+    let broker = start(t.path(), test_limits()).await;
+    let addr = broker.local_addr();
+    // A client without a certificate: refused at the handshake every time.
+    let anonymous = tls_config(t.path(), None);
+    for _ in 0..200 {
+        if let Ok(mut s) = raw_tls(addr, anonymous.clone()).await {
+            let _ = s.write_all(&connect_packet("x", 0x02, 30, &[])).await;
+            let _ = read_until_closed(&mut s).await;
+        }
+    }
+    let lines = REFUSAL_LINES.load(Ordering::Relaxed);
+    assert!(lines >= 1, "refusals are still logged");
+    // 200 refusals take well under 20 s even on a slow machine.
+    assert!(lines <= 20, "{lines} log lines for 200 refused handshakes");
     broker.shutdown().await;
 }
