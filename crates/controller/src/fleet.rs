@@ -585,6 +585,22 @@ impl Fleet {
             .collect()
     }
 
+    /// The commands to `devices` were not sent (their commit failed): a copy
+    /// that never left must not count as an attempt, or a storage outage
+    /// longer than every retry would mark devices Failed that were never
+    /// asked. The first copy stays counted (attempts start at 1); its
+    /// re-send is the first to leave.
+    pub fn commands_not_sent<'a>(&mut self, devices: impl IntoIterator<Item = &'a str>) {
+        for id in devices {
+            if let Some(dev) = self.devices.get_mut(id).map(Arc::make_mut) {
+                if let Some(cmd) = dev.inflight.as_mut() {
+                    cmd.attempt = cmd.attempt.saturating_sub(1).max(1);
+                    self.dirty.insert(id.to_owned());
+                }
+            }
+        }
+    }
+
     /// Marks records whose commit failed, so the next commit writes them.
     pub fn mark_dirty(&mut self, ids: impl IntoIterator<Item = String>) {
         self.dirty.extend(ids);

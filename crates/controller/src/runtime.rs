@@ -358,6 +358,11 @@ async fn run(
                         fleet.mark_dirty(written);
                         // Commands are not sent before their record is durable;
                         // the timers re-send them once a commit succeeds.
+                        fleet.commands_not_sent(
+                            held.commands
+                                .iter()
+                                .filter_map(|c| topics::split_device_topic(&c.topic).map(|(id, _)| id)),
+                        );
                         send_all(&out, held.responses).await;
                         retry_commit_at = Some(tokio::time::Instant::now() + COMMIT_RETRY);
                     }

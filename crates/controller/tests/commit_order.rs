@@ -257,3 +257,54 @@ async fn nothing_is_answered_or_commanded_before_its_commit_succeeds() {
     assert_eq!(cmd.state.get("dimming"), Some(&json!(40)));
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storage_outage_longer_than_every_retry_fails_no_device() {
+    let gate = Arc::new(Gate::default());
+    // Three attempts: the outage below outlasts them several times over.
+    let retry = RetryPolicy {
+        max_attempts: 3,
+        ..fast_retry()
+    };
+    let _release = ReleaseOnDrop(gate.clone());
+    let mut s = Server::start_gated(retry, Some(gate.commit_gate())).await;
+    s.devices("lamp", 1);
+    let commands_topic = "devices/lamp0001/commands";
+    let mut lamp = Client::connect(s.addr, s.pki_path(), "lamp0001", &[commands_topic], None).await;
+    lamp.publish(
+        "devices/lamp0001/reported",
+        json!({"version": 1, "state": {"dimming": 100}}).to_string(),
+    )
+    .await;
+    let mut op = s.operator().await;
+    op.eventually_device("lamp0001", "known", |v| v["online"] == true)
+        .await;
+
+    gate.set(|r| r.fail_commands = true);
+    let answer = op
+        .apply(json!({"name": "dim", "target": {"ids": ["lamp0001"]}, "state": {"dimming": 40}}))
+        .await;
+    assert_eq!(answer["status"], "accepted", "{answer}");
+    gate.until(
+        "failing the command's commit 9 times (3 per attempt)",
+        |log| {
+            log.iter()
+                .filter(|s| s.outcome == Outcome::Failed && !s.commands.is_empty())
+                .count()
+                >= 9
+        },
+    )
+    .await;
+    let described = op.query("describe", json!({"id": "lamp0001"})).await;
+    assert!(
+        described["failed"].is_null(),
+        "marked Failed for commands that never left: {described:#}"
+    );
+
+    // Storage is back: the command goes out; the device was never given up.
+    gate.set(|r| r.fail_commands = false);
+    let cmd: Command =
+        serde_json::from_slice(&lamp.next_on(commands_topic).await).expect("command");
+    assert_eq!(cmd.state.get("dimming"), Some(&json!(40)));
+    s.stop().await;
+}
