@@ -151,3 +151,44 @@ fn only_proto_spells_topic_strings() {
     }
     assert!(wrong.is_empty(), "topic strings outside proto: {wrong:#?}");
 }
+
+/// The controller's core (fleet state, reconcile, merge) is pure: time
+/// comes in as an argument and nothing touches the file system, the network
+/// or a runtime, so table and property tests drive it without I/O.
+#[test]
+fn the_controller_core_reads_no_clock_and_does_no_io() {
+    let core = [
+        "crates/controller/src/fleet.rs",
+        "crates/controller/src/reconcile.rs",
+        "crates/controller/src/delta.rs",
+    ];
+    let forbidden = [
+        "now_ms(",
+        "SystemTime",
+        "Instant",
+        "std::fs",
+        "std::net",
+        "tokio::",
+        "sled::",
+    ];
+    let mut wrong = Vec::new();
+    for (path, text) in sources() {
+        if !core.contains(&path.as_str()) {
+            continue;
+        }
+        for (n, line) in text.lines().enumerate() {
+            if line.trim_start().starts_with("//") {
+                continue;
+            }
+            for f in forbidden {
+                if line.contains(f) {
+                    wrong.push(format!("{path}:{}: {}", n + 1, line.trim()));
+                }
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "I/O or clock in the controller core: {wrong:#?}"
+    );
+}

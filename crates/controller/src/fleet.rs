@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use crate::delta::{delta, merge, selects, Layer};
 use crate::input::{self, InputLimits, Rejection};
-use crate::model::{now_ms, rfc3339, AuditEntry, DeviceRecord, DocRecord, Inflight, Millis};
+use crate::model::{rfc3339, AuditEntry, DeviceRecord, DocRecord, Inflight, Millis};
 use crate::reconcile::{reconcile, Action, RetryPolicy};
 use crate::store::Changes;
 
@@ -118,8 +118,6 @@ pub struct Fleet {
     /// Devices touched since the last reconcile (a subset of what the next
     /// commit writes: with pipelined commits, one commit spans many turns).
     to_reconcile: HashSet<String>,
-    /// Optional check that a device id has a certificate.
-    known_device: Box<dyn FnMut(&str) -> bool + Send>,
 }
 
 impl Fleet {
@@ -130,7 +128,7 @@ impl Fleet {
         audit_len: u64,
         policy: RetryPolicy,
         limits: InputLimits,
-        known_device: Box<dyn FnMut(&str) -> bool + Send>,
+        boot: String,
     ) -> Fleet {
         let mut fleet = Fleet {
             devices: devices
@@ -145,11 +143,10 @@ impl Fleet {
             counters: Counters::default(),
             policy,
             limits,
-            boot: format!("{:x}", now_ms()),
+            boot,
             next_command: 0,
             dirty: HashSet::new(),
             to_reconcile: HashSet::new(),
-            known_device,
         };
         // After a restart nobody is known to be online until they say so;
         // in-flight commands stay and are re-sent (same id) when they return.
@@ -175,17 +172,19 @@ impl Fleet {
             .or_default() += 1;
     }
 
+    /// A message from a device the edge found no certificate for: counted
+    /// and dropped.
+    pub fn refuse_unknown_device(&mut self, id: &str, leaf: &str) {
+        let r = Rejection::new(
+            "unknown_device",
+            format!("no certificate for device {id:?}"),
+        );
+        tracing::warn!(device = id, leaf, %r, "device message refused");
+        self.reject(leaf, &r);
+    }
+
     /// A message from a device topic (the ACL guarantees it is that device).
     pub fn on_device_message(&mut self, id: &str, leaf: &str, payload: &[u8], now: Millis) {
-        if !(self.known_device)(id) {
-            let r = Rejection::new(
-                "unknown_device",
-                format!("no certificate for device {id:?}"),
-            );
-            tracing::warn!(device = id, leaf, %r, "device message refused");
-            self.reject(leaf, &r);
-            return;
-        }
         let result =
             match leaf {
                 "reported" => input::parse::<Reported>(payload, self.limits)
@@ -816,7 +815,7 @@ mod tests {
             0,
             RetryPolicy::default(),
             InputLimits::default(),
-            Box::new(|_: &str| true),
+            "test".into(),
         );
         // Documents move between id lists (with repeats) and selectors,
         // overlap, and change priority; devices change zone in between.

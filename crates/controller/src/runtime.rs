@@ -104,25 +104,6 @@ impl Controller {
                 .await
                 .map_err(|e| ControllerError::Broker(e.to_string()))??
         };
-        let known: Box<dyn FnMut(&str) -> bool + Send> = match config.pki.clone() {
-            Some(dir) => {
-                // A stat per report would cost more than the report; ids
-                // with a certificate are remembered (revocation is the
-                // broker's job: a revoked device cannot publish anyway).
-                let mut known = std::collections::HashSet::new();
-                Box::new(move |id: &str| {
-                    if known.contains(id) {
-                        return true;
-                    }
-                    let exists = dir.join(format!("{id}.crt")).exists();
-                    if exists {
-                        known.insert(id.to_owned());
-                    }
-                    exists
-                })
-            }
-            None => Box::new(|_: &str| true),
-        };
         tracing::info!(
             devices = loaded.devices.len(),
             documents = loaded.docs.len(),
@@ -136,7 +117,7 @@ impl Controller {
             loaded.audit_last,
             config.retry.clone(),
             config.input,
-            known,
+            format!("{:x}", now_ms()),
         );
 
         let (mut tx, rx) = broker
@@ -303,6 +284,31 @@ async fn send_all(out: &mpsc::Sender<Outgoing>, messages: impl IntoIterator<Item
     }
 }
 
+/// Whether a device id has a certificate in the PKI directory (checked only
+/// when the controller serves from one that holds the CA; see `serve`). An
+/// edge check: the fleet core gets the answer, not the file system.
+fn known_devices(pki: Option<std::path::PathBuf>) -> Box<dyn FnMut(&str) -> bool + Send> {
+    match pki {
+        Some(dir) => {
+            // A stat per report would cost more than the report; ids
+            // with a certificate are remembered (revocation is the
+            // broker's job: a revoked device cannot publish anyway).
+            let mut known = std::collections::HashSet::new();
+            Box::new(move |id: &str| {
+                if known.contains(id) {
+                    return true;
+                }
+                let exists = dir.join(format!("{id}.crt")).exists();
+                if exists {
+                    known.insert(id.to_owned());
+                }
+                exists
+            })
+        }
+        None => Box::new(|_: &str| true),
+    }
+}
+
 /// The loop. Commits are pipelined: while one batch's commit is being
 /// fsynced, the next events are applied in memory and their records wait
 /// for the following commit, so the commit grows with the load (group
@@ -316,6 +322,7 @@ async fn run(
     mut shutdown: watch::Receiver<bool>,
     clock: Clock,
 ) -> Result<(), ControllerError> {
+    let mut known_device = known_devices(config.pki.clone());
     let mut status_tick = tokio::time::interval(config.status_every);
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_summary = None;
@@ -405,7 +412,11 @@ async fn run(
         for event in batch {
             match event {
                 Event::Device { id, leaf, payload } => {
-                    fleet.on_device_message(&id, &leaf, &payload, now)
+                    if known_device(&id) {
+                        fleet.on_device_message(&id, &leaf, &payload, now)
+                    } else {
+                        fleet.refuse_unknown_device(&id, &leaf)
+                    }
                 }
                 Event::Operator(msg) => {
                     let answers = handle_operator(&mut fleet, &store, msg, now).await;
@@ -762,7 +773,7 @@ mod paused_clock_tests {
             0,
             policy,
             InputLimits::default(),
-            Box::new(|_: &str| true),
+            "test".into(),
         );
         let config = ControllerConfig::new(dir.path().to_path_buf());
         let (events, events_rx) = mpsc::channel(64);
