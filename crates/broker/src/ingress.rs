@@ -152,6 +152,9 @@ async fn forward(
         }
         router_gone |= !send(&mut link, &mut ready);
     }
+    // The drain tasks stop first: the router closing the link after this
+    // DISCONNECT is the expected end, not an error to log.
+    drop(stop);
     if !router_gone {
         let _ = poll_once(link.send(crate::session::disconnect_packet()));
     }
@@ -184,8 +187,10 @@ fn send(link: &mut LinkTx, packets: &mut Vec<Packet>) -> bool {
 async fn drain(mut rx: LinkRx, dead: Arc<AtomicBool>, mut stop: watch::Receiver<()>) {
     loop {
         let note = tokio::select! {
-            note = rx.next() => note,
+            // A stop and the link closing can be ready together at shutdown.
+            biased;
             _ = stop.changed() => return,
+            note = rx.next() => note,
         };
         match note {
             Ok(Some(Notification::Unschedule)) => {

@@ -82,6 +82,7 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
         .await
         .context("waiting for Ctrl-C")?;
     eprintln!("shutting down");
+    cityplane_broker::logging::stopping();
     broker.shutdown().await;
     Ok(())
 }

@@ -100,6 +100,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let outcome = drive(&args, &pki_dir, addr).await;
 
     // 5. Stop everything we started, whatever happened.
+    cityplane_broker::logging::stopping();
     let stopping = bar(3, "stopping");
     let outcome = match outcome {
         Ok(mut o) => {

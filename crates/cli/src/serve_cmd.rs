@@ -51,6 +51,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .context("waiting for Ctrl-C")?;
     eprintln!("shutting down");
+    cityplane_broker::logging::stopping();
     controller.shutdown().await?;
     broker.shutdown().await;
     Ok(())
