@@ -1,30 +1,14 @@
 use std::collections::HashSet;
-use std::os::unix::fs::PermissionsExt;
+mod common;
+
 use std::path::Path;
 
 use cityplane_certs::{normalize_serial, peer_cert, CertError, IssueOptions, Pki, RevocationList};
 use cityplane_proto::Role;
+use common::{mode, pem_der, pki, TestResult};
 use time::{Duration, OffsetDateTime};
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::pem::parse_x509_pem;
-
-type TestResult = Result<(), Box<dyn std::error::Error>>;
-
-fn pki() -> Result<(tempfile::TempDir, Pki), Box<dyn std::error::Error>> {
-    let tmp = tempfile::tempdir()?;
-    let pki = Pki::init(&tmp.path().join("pki"), false)?;
-    Ok((tmp, pki))
-}
-
-fn mode(path: &Path) -> Result<u32, Box<dyn std::error::Error>> {
-    Ok(std::fs::metadata(path)?.permissions().mode() & 0o777)
-}
-
-fn pem_der(path: &Path) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
-    let data = std::fs::read(path)?;
-    let (_, pem) = parse_x509_pem(&data).map_err(|e| format!("{}: {e:?}", path.display()))?;
-    Ok(pem.contents)
-}
 
 #[test]
 fn init_creates_every_file_and_refuses_to_overwrite_without_force() -> TestResult {

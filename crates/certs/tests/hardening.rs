@@ -2,31 +2,15 @@
 //! certificate file, insecure PKI directories, the CA's path length, the
 //! CRL's lifetime and the server-only directory.
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 
 use cityplane_certs::{CertError, Pki, RevocationList};
 use cityplane_proto::Role;
+use common::{mode, pem_der, pki, TestResult};
 use time::{Duration, OffsetDateTime};
 use x509_parser::pem::parse_x509_pem;
-
-type TestResult = Result<(), Box<dyn std::error::Error>>;
-
-fn pki() -> Result<(tempfile::TempDir, Pki), Box<dyn std::error::Error>> {
-    let tmp = tempfile::tempdir()?;
-    let pki = Pki::init(&tmp.path().join("pki"), false)?;
-    Ok((tmp, pki))
-}
-
-fn mode(path: &Path) -> Result<u32, Box<dyn std::error::Error>> {
-    Ok(std::fs::metadata(path)?.permissions().mode() & 0o777)
-}
-
-fn pem_der(path: &Path) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
-    let data = std::fs::read(path)?;
-    let (_, pem) = parse_x509_pem(&data).map_err(|e| format!("{}: {e:?}", path.display()))?;
-    Ok(pem.contents)
-}
 
 fn crl_next_update(pki: &Pki) -> Result<(OffsetDateTime, Vec<String>), Box<dyn std::error::Error>> {
     let data = std::fs::read(pki.crl_path())?;

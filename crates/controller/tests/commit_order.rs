@@ -162,6 +162,25 @@ fn text(messages: &[(String, Vec<u8>)]) -> Vec<(String, String)> {
         .collect()
 }
 
+const COMMANDS: &str = "devices/lamp0001/commands";
+
+/// A server behind `gate`, device `lamp0001` (a raw client subscribed to
+/// its commands) known to the controller, and an operator.
+async fn gated_lamp(gate: &Arc<Gate>, retry: RetryPolicy) -> (Server, Client, Client) {
+    let s = Server::start_gated(retry, Some(gate.commit_gate())).await;
+    s.devices("lamp", 1);
+    let lamp = Client::connect(s.addr, s.pki_path(), "lamp0001", &[COMMANDS], None).await;
+    lamp.publish(
+        "devices/lamp0001/reported",
+        json!({"version": 1, "state": {"dimming": 100}}).to_string(),
+    )
+    .await;
+    let mut op = s.operator().await;
+    op.eventually_device("lamp0001", "known", |v| v["online"] == true)
+        .await;
+    (s, lamp, op)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_is_answered_or_commanded_before_its_commit_succeeds() {
     let gate = Arc::new(Gate::default());
@@ -171,19 +190,9 @@ async fn nothing_is_answered_or_commanded_before_its_commit_succeeds() {
         ..fast_retry()
     };
     let _release = ReleaseOnDrop(gate.clone());
-    let mut s = Server::start_gated(retry, Some(gate.commit_gate())).await;
-    s.devices("lamp", 1);
+    let (mut s, mut lamp, mut op) = gated_lamp(&gate, retry).await;
     let spy = Client::connect(s.addr, s.pki_path(), "spy", &[], None).await;
-    let commands_topic = "devices/lamp0001/commands";
-    let mut lamp = Client::connect(s.addr, s.pki_path(), "lamp0001", &[commands_topic], None).await;
-    lamp.publish(
-        "devices/lamp0001/reported",
-        json!({"version": 1, "state": {"dimming": 100}}).to_string(),
-    )
-    .await;
-    let mut op = s.operator().await;
-    op.eventually_device("lamp0001", "known", |v| v["online"] == true)
-        .await;
+    let commands_topic = COMMANDS;
 
     // 1. An operator write whose commit is held: no answer until it is durable.
     // (It targets a device not yet known, so no device commit follows that
@@ -267,18 +276,8 @@ async fn a_storage_outage_longer_than_every_retry_fails_no_device() {
         ..fast_retry()
     };
     let _release = ReleaseOnDrop(gate.clone());
-    let mut s = Server::start_gated(retry, Some(gate.commit_gate())).await;
-    s.devices("lamp", 1);
-    let commands_topic = "devices/lamp0001/commands";
-    let mut lamp = Client::connect(s.addr, s.pki_path(), "lamp0001", &[commands_topic], None).await;
-    lamp.publish(
-        "devices/lamp0001/reported",
-        json!({"version": 1, "state": {"dimming": 100}}).to_string(),
-    )
-    .await;
-    let mut op = s.operator().await;
-    op.eventually_device("lamp0001", "known", |v| v["online"] == true)
-        .await;
+    let (mut s, mut lamp, mut op) = gated_lamp(&gate, retry).await;
+    let commands_topic = COMMANDS;
 
     gate.set(|r| r.fail_commands = true);
     let answer = op
