@@ -1,0 +1,9 @@
+//! The crate's integration tests: one binary (link time on 2 cores), one
+//! module per subject.
+
+mod common;
+mod contract;
+mod faults;
+mod firmware;
+mod mosquitto;
+mod scenarios;

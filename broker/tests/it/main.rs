@@ -1,0 +1,17 @@
+//! The crate's integration tests: one binary (link time on 2 cores), one
+//! module per subject.
+
+mod backlog;
+mod common;
+mod device_sessions;
+mod frame_props;
+mod hardening;
+mod identity;
+mod limits;
+mod log_floods;
+mod malformed;
+mod mosquitto_clients;
+mod pki_hardening;
+mod revocation;
+mod tls_hardening;
+mod topic_rules;

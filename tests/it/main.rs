@@ -1,0 +1,9 @@
+//! The crate's integration tests: one binary (link time on 2 cores), one
+//! module per subject.
+
+mod certs_hardening;
+mod common;
+mod crash;
+mod disk_full;
+mod fleet;
+mod tidy;

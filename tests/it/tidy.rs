@@ -1,0 +1,223 @@
+//! Mechanical invariants of ARCHITECTURE.md, checked on every `cargo test`
+//! by reading the source tree (as rust-analyzer's `tidy.rs` does): which
+//! crate may depend on rumqttd, sled and rcgen, where sled and rustls'
+//! `danger` API may be used, that no source chmods a file, and that only
+//! `proto` spells topic strings.
+
+use std::path::{Path, PathBuf};
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The workspace members' directories, from the root `Cargo.toml` (`.` is
+/// the `cityplane` binary's package).
+fn members() -> Vec<String> {
+    let manifest = std::fs::read_to_string(workspace().join("Cargo.toml")).expect("Cargo.toml");
+    let line = manifest
+        .lines()
+        .find(|l| l.starts_with("members = ["))
+        .expect("a one-line members list");
+    let out: Vec<String> = line
+        .split('"')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect();
+    assert!(out.len() >= 7, "found the members: {out:?}");
+    out
+}
+
+/// A member's name in messages: its directory, `cityplane` for the root.
+fn member_name(dir: &str) -> &str {
+    if dir == "." {
+        "cityplane"
+    } else {
+        dir
+    }
+}
+
+/// `(crate, dependency names)` of the `[dependencies]` table of every
+/// member (dev-dependencies excluded).
+fn dependencies() -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    for member in members() {
+        let manifest = std::fs::read_to_string(workspace().join(&member).join("Cargo.toml"))
+            .expect("member manifest");
+        let mut in_deps = false;
+        let mut deps = Vec::new();
+        for line in manifest.lines() {
+            let line = line.trim();
+            if line.starts_with('[') {
+                in_deps = line == "[dependencies]";
+                continue;
+            }
+            if in_deps {
+                if let Some((name, _)) = line.split_once('=') {
+                    let name = name.trim().trim_end_matches(".workspace").trim();
+                    if !name.is_empty() && !name.starts_with('#') {
+                        deps.push(name.to_owned());
+                    }
+                }
+            }
+        }
+        out.push((member_name(&member).to_owned(), deps));
+    }
+    out
+}
+
+/// Every `.rs` file of every member, with its path relative to the
+/// workspace (`src/main.rs`, `broker/src/lib.rs`).
+fn sources() -> Vec<(String, String)> {
+    fn walk(dir: &Path, root: &Path, out: &mut Vec<(String, String)>) {
+        for entry in std::fs::read_dir(dir).expect("read_dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                walk(&path, root, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let rel = path.strip_prefix(root).expect("prefix");
+                let text = std::fs::read_to_string(&path).expect("read");
+                out.push((rel.to_string_lossy().into_owned(), text));
+            }
+        }
+    }
+    let root = workspace();
+    let mut out = Vec::new();
+    for member in members() {
+        // The root package's own code; the other members are walked as such.
+        for sub in ["src", "tests", "benches", "examples"] {
+            let dir = root.join(&member).join(sub);
+            if dir.is_dir() {
+                walk(&dir, &root, &mut out);
+            }
+        }
+    }
+    assert!(out.len() > 50, "found the sources: {}", out.len());
+    out
+}
+
+/// Shipped code: a `src/` directory of a member.
+fn shipped(path: &str) -> bool {
+    path.starts_with("src/") || path.contains("/src/")
+}
+
+/// Who may depend on what (ARCHITECTURE.md, "API boundaries").
+#[test]
+fn heavy_dependencies_stay_inside_their_crates() {
+    let allowed: [(&str, &[&str]); 3] = [
+        // The router; the controller still takes rumqttd's link types.
+        ("rumqttd", &["broker", "controller"]),
+        ("sled", &["controller"]),
+        // Signing is the CA's job; testkit forges certificates for tests.
+        ("rcgen", &["certs", "testkit"]),
+    ];
+    let mut wrong = Vec::new();
+    for (krate, deps) in dependencies() {
+        for (dep, who) in allowed {
+            if deps.iter().any(|d| d == dep) && !who.contains(&krate.as_str()) {
+                wrong.push(format!("{krate} depends on {dep} (allowed: {who:?})"));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+#[test]
+fn only_the_store_touches_sled() {
+    let wrong: Vec<String> = sources()
+        .into_iter()
+        .filter(|(path, text)| {
+            text.contains("sled::")
+                && path != "controller/src/store.rs"
+                && path != "tests/it/tidy.rs"
+                // The power-loss helper drives stock sled on purpose.
+                && path != "controller/tests/it/store_torture.rs"
+        })
+        .map(|(path, _)| path)
+        .collect();
+    assert!(wrong.is_empty(), "sled used outside store.rs: {wrong:?}");
+}
+
+#[test]
+fn no_chmod_and_no_dangerous_tls_outside_the_verifier() {
+    let mut wrong = Vec::new();
+    for (path, text) in sources() {
+        let test_code = !shipped(&path);
+        // Keys are created 0600; a chmod after the fact leaves a window.
+        if !test_code && text.contains("set_permissions") {
+            wrong.push(format!("{path}: set_permissions"));
+        }
+        // The client-certificate verifier wraps webpki's; nothing else may
+        // reach for rustls' `danger` API (a verifier that accepts anything).
+        if !test_code && text.contains("danger") && path != "broker/src/tls.rs" {
+            wrong.push(format!("{path}: rustls danger API"));
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+/// Shipped code outside `proto` builds every topic through
+/// `cityplane_proto::topics`: a topic spelled twice drifts (unit tests at the
+/// end of a file, after `#[cfg(test)]`, may spell the topics they check).
+#[test]
+fn only_proto_spells_topic_strings() {
+    let mut wrong = Vec::new();
+    for (path, text) in sources() {
+        if !shipped(&path) || path.starts_with("proto/") {
+            continue;
+        }
+        let shipped = text.split("#[cfg(test)]").next().unwrap_or_default();
+        for (n, line) in shipped.lines().enumerate() {
+            if line.trim_start().starts_with("//") {
+                continue;
+            }
+            for prefix in ["\"devices/", "\"fleet/", "\"$share", "\"$SYS"] {
+                if line.contains(prefix) {
+                    wrong.push(format!("{path}:{}: {}", n + 1, line.trim()));
+                }
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "topic strings outside proto: {wrong:#?}");
+}
+
+/// The controller's core (fleet state, reconcile, merge) is pure: time
+/// comes in as an argument and nothing touches the file system, the network
+/// or a runtime, so table and property tests drive it without I/O.
+#[test]
+fn the_controller_core_reads_no_clock_and_does_no_io() {
+    let core = [
+        "controller/src/fleet.rs",
+        "controller/src/reconcile.rs",
+        "controller/src/delta.rs",
+    ];
+    let forbidden = [
+        "now_ms(",
+        "SystemTime",
+        "Instant",
+        "std::fs",
+        "std::net",
+        "tokio::",
+        "sled::",
+    ];
+    let mut wrong = Vec::new();
+    for (path, text) in sources() {
+        if !core.contains(&path.as_str()) {
+            continue;
+        }
+        for (n, line) in text.lines().enumerate() {
+            if line.trim_start().starts_with("//") {
+                continue;
+            }
+            for f in forbidden {
+                if line.contains(f) {
+                    wrong.push(format!("{path}:{}: {}", n + 1, line.trim()));
+                }
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "I/O or clock in the controller core: {wrong:#?}"
+    );
+}
