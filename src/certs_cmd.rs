@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use cityplane_certs::{CertError, CertInfo, Pki, CRL_VALIDITY_DAYS, DEFAULT_VALIDITY_DAYS};
+use cityplane_proto::messages::Attributes;
 use cityplane_proto::Role;
 use clap::{ArgGroup, Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -29,11 +30,48 @@ pub struct PkiDir {
     pub dir: PathBuf,
 }
 
+/// Registry attributes recorded with device certificates.
+#[derive(Args, Debug, Clone, Default)]
+pub struct AttributeArgs {
+    /// Device class (registry attribute). Example: --class streetlight
+    #[arg(long, value_name = "CLASS")]
+    pub class: Option<String>,
+    /// Label KEY=VALUE (registry attribute), repeatable. Example: --label zone=north
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Owning organisation (registry attribute). Example: --owner lighting-co
+    #[arg(long, value_name = "ORG")]
+    pub owner: Option<String>,
+}
+
+impl AttributeArgs {
+    fn into_attributes(self, role: RoleArg) -> Result<Attributes> {
+        let attributes = Attributes {
+            class: self.class,
+            labels: self.labels.into_iter().collect(),
+            owner: self.owner,
+        };
+        if attributes != Attributes::default() && role != RoleArg::Device {
+            anyhow::bail!("--class, --label and --owner describe devices; this is --role {role:?}");
+        }
+        Ok(attributes)
+    }
+}
+
+/// `KEY=VALUE`, both non-empty.
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("label {s:?} must be KEY=VALUE, both non-empty")),
+    }
+}
+
 /// Server directories that get copies of the revocation list.
 #[derive(Args, Debug, Clone, Default)]
 pub struct AlsoDirs {
-    /// Also copy revoked.json and crl.pem into this server directory (made
-    /// by `certs export-server` from this PKI); repeat for several servers.
+    /// Also copy revoked.json, crl.pem and issued.jsonl into this server
+    /// directory (made by `certs export-server` from this PKI); repeat for
+    /// several servers.
     /// Example: --also /etc/cityplane/server-pki
     #[arg(long = "also", value_name = "SERVER_DIR")]
     pub dirs: Vec<PathBuf>,
@@ -109,7 +147,11 @@ are at most 64 characters; 'ca' and 'broker' are reserved.",
 cityplane certs issue --role device --id streetlight-0042\n  \
 cityplane certs issue --role operator --id alice --days 90\n  \
 cityplane certs issue --role device --id streetlight-0042 --rotate\n  \
-cityplane certs issue --role device --count 10000 --prefix dev   # dev0001 … dev10000",
+cityplane certs issue --role device --count 10000 --prefix dev   # dev0001 … dev10000\n  \
+cityplane certs issue --role device --id lamp-0001 --class streetlight --label zone=north --owner lighting-co\n\n\
+--class, --label and --owner are registry attributes: they go into issued.jsonl, from which a \
+server reading this directory (or a server directory kept current with --also) registers a new \
+device. Selectors in desired documents match them; what a device reports never does.",
         group(ArgGroup::new("who").required(true).args(["id", "count"]))
     )]
     Issue {
@@ -150,6 +192,10 @@ cityplane certs issue --role device --count 10000 --prefix dev   # dev0001 … d
             value_parser = clap::value_parser!(u32).range(1..=3650)
         )]
         days: u32,
+        #[command(flatten)]
+        attributes: AttributeArgs,
+        #[command(flatten)]
+        also: AlsoDirs,
     },
 
     /// Revoke a certificate, by identity or by serial
@@ -257,14 +303,20 @@ pub fn run(cmd: CertsCommand) -> Result<()> {
             prefix,
             rotate,
             days,
+            attributes,
+            also,
         } => {
-            let pki = open(&pki.dir)?.with_validity_days(days)?;
+            let attributes = attributes.into_attributes(role)?;
+            let pki = open(&pki.dir)?
+                .with_validity_days(days)?
+                .with_attributes(attributes);
             match (id, count, prefix) {
                 (Some(id), _, _) => issue_one(&pki, role.into(), &id, rotate),
                 (None, Some(count), Some(prefix)) => issue_many(&pki, role.into(), &prefix, count),
                 // clap's argument groups make this unreachable; say so if not.
                 _ => anyhow::bail!("pass either --id ID or --count N --prefix P"),
-            }
+            }?;
+            publish(&pki, &also.dirs)
         }
         CertsCommand::Revoke {
             pki,
@@ -449,7 +501,7 @@ fn publish(pki: &Pki, also: &[PathBuf]) -> Result<()> {
             )
         })?;
         print_out(&format!(
-            "  copied revoked.json and crl.pem to {}\n",
+            "  copied revoked.json, crl.pem and issued.jsonl to {}\n",
             dir.display()
         ))?;
     }

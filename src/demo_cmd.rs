@@ -92,6 +92,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let addr = broker.local_addr();
     let mut cc = ControllerConfig::new(data_dir.clone());
     cc.pki = Some(pki_dir.clone());
+    cc.registry_source = Some(pki_dir.clone());
     let controller = Controller::start_in_process(&broker, cc)
         .await
         .context("starting the controller")?;
@@ -189,11 +190,23 @@ async fn drive(
     let mut op = Operator::connect(&connect)
         .await
         .context("connecting as the operator")?;
-    let known = bar(args.devices as u64, "controller sees reports");
+    // The registry: the installer's manifest (class, zone) through the
+    // operator API. Selectors match these attributes, never the devices' claims.
+    let manifest = fleet.manifest();
+    let registering = bar(manifest.len() as u64, "registering the fleet");
+    for chunk in manifest.chunks(250) {
+        op.query("register", json!({"devices": chunk})).await?;
+        registering.inc(chunk.len() as u64);
+    }
+    registering.finish_with_message("class, zone: set by the operator");
+    print_registry(&manifest);
+
+    let known = bar(args.devices as u64, "controller sees devices online");
     loop {
         let s = op.query("status", json!({})).await?;
-        known.set_position(s["total"].as_u64().unwrap_or(0));
-        if s["total"].as_u64().unwrap_or(0) >= args.devices as u64 || Instant::now() > deadline {
+        let online = s["online"].as_u64().unwrap_or(0);
+        known.set_position(online);
+        if online >= args.devices as u64 || Instant::now() > deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -262,6 +275,35 @@ async fn drive(
         totals: (n("total"), n("converged"), n("failed")),
         converge_time,
     })
+}
+
+/// The registry before the change: devices per class and zone.
+fn print_registry(manifest: &[Value]) {
+    let mut zones: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+    let mut counts: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for d in manifest {
+        let class = d["class"].as_str().unwrap_or("-").to_owned();
+        let zone = d["labels"]["zone"].as_str().unwrap_or("-").to_owned();
+        zones.insert(zone.clone());
+        *counts.entry((class, zone)).or_default() += 1;
+    }
+    let classes: std::collections::BTreeSet<&String> = counts.keys().map(|(c, _)| c).collect();
+    print!("\nregistry: {:<12}", "CLASS");
+    for z in &zones {
+        print!(" {z:>7}");
+    }
+    println!(" {:>7}", "TOTAL");
+    for c in classes {
+        print!("          {c:<12}");
+        let mut total = 0;
+        for z in &zones {
+            let n = counts.get(&(c.clone(), z.clone())).copied().unwrap_or(0);
+            total += n;
+            print!(" {n:>7}");
+        }
+        println!(" {total:>7}");
+    }
+    println!();
 }
 
 fn print_table(rows: &[Value]) {

@@ -39,14 +39,19 @@ enum Command {
     Serve(serve_cmd::ServeArgs),
     /// Declare desired state for one device or a selector.
     Apply(ops_cmd::ApplyArgs),
-    /// List devices (`cityplane get devices`).
+    /// List devices or documents (`cityplane get devices`, `cityplane get documents`).
     Get(ops_cmd::GetArgs),
-    /// Show one device: desired, reported, delta, conditions, commands.
+    /// Show one device (desired, reported, delta, conditions) or one document (history, status).
     Describe(ops_cmd::DescribeArgs),
     /// Fleet counts: total, online, converged, pending, failed, drifted.
     Status(ops_cmd::StatusArgs),
     /// The audit log of operator writes.
     Audit(ops_cmd::AuditArgs),
+    /// The device registry: register devices from a manifest, set their attributes.
+    #[command(subcommand)]
+    Devices(ops_cmd::DevicesCommand),
+    /// Delete a desired document (`cityplane delete document NAME`).
+    Delete(ops_cmd::DeleteArgs),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +74,8 @@ fn main() -> ExitCode {
         Command::Describe(args) => block_on(ops_cmd::describe(args)),
         Command::Status(args) => block_on(ops_cmd::status(args)),
         Command::Audit(args) => block_on(ops_cmd::audit(args)),
+        Command::Devices(cmd) => block_on(ops_cmd::devices(cmd)),
+        Command::Delete(args) => block_on(ops_cmd::delete(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -32,14 +32,18 @@ pub struct ApplyArgs {
     /// Deadline for --wait, in seconds
     #[arg(long, default_value_t = 120)]
     pub wait_timeout: u64,
+    /// Change nothing: show which devices the document would target and,
+    /// per key, how many devices would change (refusals as a real apply)
+    #[arg(long, conflicts_with = "wait")]
+    pub dry_run: bool,
     #[arg(long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
 
 #[derive(clap::Args, Debug)]
 pub struct GetArgs {
-    /// What to list (only `devices` today)
-    #[arg(value_parser = ["devices"])]
+    /// What to list: `devices` (the registry) or `documents` (desired state)
+    #[arg(value_parser = ["devices", "documents"])]
     pub what: String,
     #[command(flatten)]
     pub connect: ConnectArgs,
@@ -52,6 +56,12 @@ pub struct GetArgs {
     /// Only ids starting with this prefix
     #[arg(long)]
     pub id_prefix: Option<String>,
+    /// Only devices of this owner
+    #[arg(long)]
+    pub owner: Option<String>,
+    /// A selector as in documents (JSON), e.g. '{"class": "streetlight", "labels": {"zone": "north"}}'
+    #[arg(long, conflicts_with_all = ["class", "labels", "id_prefix", "owner"])]
+    pub selector: Option<String>,
     /// Rows per page fetched from the controller
     #[arg(long, default_value_t = 500)]
     pub page: usize,
@@ -61,11 +71,11 @@ pub struct GetArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct DescribeArgs {
-    /// What to describe (only `device` today)
-    #[arg(value_parser = ["device"])]
+    /// What to describe: `device` or `document`
+    #[arg(value_parser = ["device", "document"])]
     pub what: String,
-    /// Device id
-    #[arg(value_name = "DEVICE")]
+    /// Device id or document name
+    #[arg(value_name = "NAME")]
     pub device: String,
     #[command(flatten)]
     pub connect: ConnectArgs,
@@ -95,14 +105,350 @@ pub struct AuditArgs {
     pub output: Output,
 }
 
-fn parse_label(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .ok_or_else(|| format!("label {s:?} must be KEY=VALUE"))
-}
+use crate::certs_cmd::parse_label;
 
 fn print_json(v: &Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// `cityplane delete document NAME`.
+#[derive(clap::Args, Debug)]
+#[command(
+    long_about = "Delete a desired document. The keys it set leave the desired state of the devices \
+it targeted, unless another document sets them (then that document's value is sent). Devices keep \
+the values they hold: nothing is sent to undo a setting. Audited."
+)]
+pub struct DeleteArgs {
+    /// What to delete (`document`)
+    #[arg(value_parser = ["document"])]
+    pub what: String,
+    /// Document name
+    pub name: String,
+    /// Delete only if the stored document is at this generation
+    #[arg(long)]
+    pub if_generation: Option<u64>,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+/// `cityplane devices …`: the registry.
+#[derive(clap::Subcommand, Debug)]
+pub enum DevicesCommand {
+    /// Register devices from a manifest (keys made elsewhere) or set their attributes
+    #[command(
+        long_about = "Register devices from a provisioning manifest: JSON (an array of \
+{\"id\", \"class\", \"labels\": {...}, \"owner\"}) or CSV with a header line \
+`id,class,labels,owner` where labels are `key=value;key=value`. A device already registered gets \
+the manifest's attributes. Sent in batches; each batch is stored durably and audited before it \
+is answered.",
+        after_help = "Example:\n  printf 'id,class,labels,owner\\nlamp-0001,streetlight,zone=north;street=elm,lighting-co\\n' > devices.csv\n  cityplane devices register -f devices.csv"
+    )]
+    Register(RegisterArgs),
+    /// Set or remove attributes (class, labels, owner) of devices by id or selector
+    #[command(
+        after_help = "Examples:\n  cityplane devices label lamp-0001 zone=south\n  cityplane devices label --selector '{\"labels\": {\"zone\": \"north\"}}' street=elm --remove old\n  cityplane devices label cam-0007 --class camera --owner camera-co"
+    )]
+    Label(LabelArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RegisterArgs {
+    /// Manifest file (.json or .csv); `-` reads JSON from standard input
+    #[arg(short = 'f', long = "file")]
+    pub file: PathBuf,
+    /// Devices per request
+    #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(1..=2000))]
+    pub batch: u64,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct LabelArgs {
+    /// Device ids, then KEY=VALUE labels to set (ids have no '=')
+    #[arg(value_name = "ID|KEY=VALUE")]
+    pub items: Vec<String>,
+    /// Instead of ids: the devices a selector picks (JSON, as in documents)
+    #[arg(long)]
+    pub selector: Option<String>,
+    /// Label keys to remove (repeatable)
+    #[arg(long = "remove", value_name = "KEY")]
+    pub remove: Vec<String>,
+    /// Set the class ("" clears it)
+    #[arg(long)]
+    pub class: Option<String>,
+    /// Set the owner ("" clears it)
+    #[arg(long)]
+    pub owner: Option<String>,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+pub async fn devices(cmd: DevicesCommand) -> anyhow::Result<()> {
+    match cmd {
+        DevicesCommand::Register(args) => register(args).await,
+        DevicesCommand::Label(args) => label(args).await,
+    }
+}
+
+/// Reads a manifest: JSON array (or `{"devices": [...]}`) or CSV.
+fn read_manifest(path: &std::path::Path) -> anyhow::Result<Vec<Value>> {
+    let text = if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+    };
+    let csv = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+    if !csv {
+        let v: Value = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is not valid JSON (use a .csv name for CSV)",
+                path.display()
+            )
+        })?;
+        let list = match v {
+            Value::Array(a) => a,
+            Value::Object(mut o) => match o.remove("devices") {
+                Some(Value::Array(a)) => a,
+                _ => bail!("a JSON manifest is an array of devices or {{\"devices\": [...]}}"),
+            },
+            _ => bail!("a JSON manifest is an array of devices or {{\"devices\": [...]}}"),
+        };
+        return Ok(list);
+    }
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty());
+    let header: Vec<String> = match lines.next() {
+        Some((_, h)) => h
+            .split(',')
+            .map(|c| c.trim().to_ascii_lowercase())
+            .collect(),
+        None => return Ok(Vec::new()),
+    };
+    if header.first().map(String::as_str) != Some("id") {
+        bail!("the CSV header must start with id (id,class,labels,owner); got {header:?}");
+    }
+    let mut out = Vec::new();
+    for (n, line) in lines {
+        let cells: Vec<&str> = line.split(',').map(str::trim).collect();
+        if cells.len() > header.len() {
+            bail!(
+                "line {}: {} cells, the header has {}",
+                n + 1,
+                cells.len(),
+                header.len()
+            );
+        }
+        let mut device = serde_json::Map::new();
+        for (name, cell) in header.iter().zip(&cells) {
+            if cell.is_empty() {
+                continue;
+            }
+            match name.as_str() {
+                "id" | "class" | "owner" => {
+                    device.insert(name.clone(), json!(cell));
+                }
+                "labels" => {
+                    let mut labels = serde_json::Map::new();
+                    for pair in cell.split(';').filter(|p| !p.is_empty()) {
+                        let (k, v) = parse_label(pair)
+                            .map_err(|e| anyhow::anyhow!("line {}: {e}", n + 1))?;
+                        labels.insert(k, json!(v));
+                    }
+                    device.insert("labels".into(), Value::Object(labels));
+                }
+                other => bail!("unknown CSV column {other:?} (id,class,labels,owner)"),
+            }
+        }
+        out.push(Value::Object(device));
+    }
+    Ok(out)
+}
+
+async fn register(args: RegisterArgs) -> anyhow::Result<()> {
+    let devices = read_manifest(&args.file)?;
+    let mut op = Operator::connect(&args.connect).await?;
+    let bar = if args.output == Output::Table && devices.len() > args.batch as usize {
+        ProgressBar::new(devices.len() as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    let (mut new, mut updated, mut total) = (0, 0, 0);
+    for chunk in devices.chunks(args.batch as usize) {
+        let r = op.query("register", json!({"devices": chunk})).await;
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                bar.abandon();
+                op.disconnect().await;
+                return Err(e.context(format!(
+                    "registered {} of {} devices before this batch was refused; the rest were not sent",
+                    bar.position(),
+                    devices.len()
+                )));
+            }
+        };
+        new += r["registered"].as_u64().unwrap_or(0);
+        updated += r["updated"].as_u64().unwrap_or(0);
+        total = r["total"].as_u64().unwrap_or(0);
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    op.disconnect().await;
+    let result = json!({"registered": new, "updated": updated, "sent": devices.len(), "registry_total": total});
+    if args.output == Output::Json {
+        return print_json(&result);
+    }
+    println!(
+        "{} devices sent: {new} registered, {updated} updated; the registry holds {total}",
+        devices.len()
+    );
+    Ok(())
+}
+
+async fn label(args: LabelArgs) -> anyhow::Result<()> {
+    let (sets, ids): (Vec<&String>, Vec<&String>) =
+        args.items.iter().partition(|i| i.contains('='));
+    let mut set = serde_json::Map::new();
+    for s in sets {
+        let (k, v) = parse_label(s).map_err(anyhow::Error::msg)?;
+        set.insert(k, json!(v));
+    }
+    let mut change = json!({"set": set, "remove": args.remove});
+    if let Some(c) = &args.class {
+        change["class"] = json!(c);
+    }
+    if let Some(o) = &args.owner {
+        change["owner"] = json!(o);
+    }
+    let mut body = json!({"change": change});
+    match (&args.selector, ids.is_empty()) {
+        (Some(sel), true) => body["selector"] = parse_selector(sel)?,
+        (None, false) => body["ids"] = json!(ids),
+        _ => bail!("name device ids or pass --selector (not both)"),
+    }
+    let mut op = Operator::connect(&args.connect).await?;
+    let r = op.query("label", body).await;
+    op.disconnect().await;
+    let r = r?;
+    if args.output == Output::Json {
+        return print_json(&r);
+    }
+    println!("{} devices matched, {} changed", r["matched"], r["changed"]);
+    Ok(())
+}
+
+fn parse_selector(text: &str) -> anyhow::Result<Value> {
+    let v: Value = serde_json::from_str(text)
+        .context("--selector is JSON, e.g. '{\"class\": \"streetlight\"}'")?;
+    if !v.is_object() {
+        bail!("--selector is a JSON object, e.g. '{{\"class\": \"streetlight\"}}'");
+    }
+    Ok(v)
+}
+
+pub async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
+    let mut body = json!({"name": args.name});
+    if let Some(g) = args.if_generation {
+        body["if_generation"] = json!(g);
+    }
+    let mut op = Operator::connect(&args.connect).await?;
+    let r = op.query("delete-document", body).await;
+    op.disconnect().await;
+    let r = r?;
+    if args.output == Output::Json {
+        return print_json(&r);
+    }
+    println!(
+        "deleted {:?} (generation {}); desired state changed on {} devices",
+        args.name, r["generation"], r["devices_changed"]
+    );
+    Ok(())
+}
+
+async fn get_documents(args: &GetArgs) -> anyhow::Result<()> {
+    let mut op = Operator::connect(&args.connect).await?;
+    let r = op.query("get-documents", json!({})).await;
+    op.disconnect().await;
+    let r = r?;
+    if args.output == Output::Json {
+        return print_json(&r["documents"]);
+    }
+    println!(
+        "{:<28} {:>8} {:>4} {:>9} {:>9} {:>8} {:>7} {:<12} {:<20} TARGET",
+        "NAME",
+        "PRIORITY",
+        "GEN",
+        "TARGETED",
+        "CONVERGED",
+        "PENDING",
+        "FAILED",
+        "AUTHOR",
+        "UPDATED"
+    );
+    let docs = r["documents"].as_array().cloned().unwrap_or_default();
+    for d in &docs {
+        println!(
+            "{:<28} {:>8} {:>4} {:>9} {:>9} {:>8} {:>7} {:<12} {:<20} {}",
+            d["name"].as_str().unwrap_or(""),
+            d["priority"].to_string(),
+            d["generation"].to_string(),
+            d["targeted"].to_string(),
+            d["converged"].to_string(),
+            d["pending"].to_string(),
+            d["failed"].to_string(),
+            d["author"].as_str().unwrap_or(""),
+            d["updated"].as_str().unwrap_or(""),
+            d["target"]
+        );
+    }
+    println!("{} documents", docs.len());
+    Ok(())
+}
+
+async fn describe_document(args: &DescribeArgs) -> anyhow::Result<()> {
+    let mut op = Operator::connect(&args.connect).await?;
+    let d = op
+        .query("describe-document", json!({"name": args.device}))
+        .await;
+    op.disconnect().await;
+    let d = d?;
+    if args.output == Output::Json {
+        return print_json(&d);
+    }
+    println!("Document:   {}", d["name"].as_str().unwrap_or(""));
+    println!("Target:     {}", d["target"]);
+    println!(
+        "Priority:   {}   Generation: {}",
+        d["priority"], d["generation"]
+    );
+    println!("State:      {}", d["state"]);
+    println!(
+        "Devices:    {} targeted, {} converged, {} pending, {} failed, {} online",
+        d["targeted"], d["converged"], d["pending"], d["failed"], d["online"]
+    );
+    println!("History:");
+    for h in d["history"].as_array().into_iter().flatten() {
+        println!(
+            "  gen {:<4} {:<20} {:<16} priority {} target {}",
+            h["generation"].to_string(),
+            h["written_at"].as_str().unwrap_or(""),
+            h["author"].as_str().unwrap_or(""),
+            h["priority"],
+            h["target"]
+        );
+    }
     Ok(())
 }
 
@@ -120,6 +466,22 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
         .context("the document needs a \"name\"")?
         .to_owned();
     let mut op = Operator::connect(&args.connect).await?;
+    if args.dry_run {
+        let r = op.query("dry-run", json!({"document": doc})).await;
+        op.disconnect().await;
+        let r = r?;
+        if args.output == Output::Json {
+            return print_json(&r);
+        }
+        println!(
+            "dry run: {name:?} would be generation {}, target {} devices; desired state would change on {}",
+            r["generation"], r["devices"], r["changing"]
+        );
+        for (key, n) in r["keys"].as_object().into_iter().flatten() {
+            println!("  {key:<24} {n} devices");
+        }
+        return Ok(());
+    }
     let answer = op
         .request(&cityplane_proto::topics::desired(&name), doc)
         .await?;
@@ -200,7 +562,18 @@ pub async fn wait_converged(
 }
 
 pub async fn get(args: GetArgs) -> anyhow::Result<()> {
+    if args.what == "documents" {
+        return get_documents(&args).await;
+    }
     let mut selector = serde_json::Map::new();
+    if let Some(o) = &args.owner {
+        selector.insert("owner".into(), json!(o));
+    }
+    if let Some(text) = &args.selector {
+        if let Value::Object(m) = parse_selector(text)? {
+            selector = m;
+        }
+    }
     if let Some(c) = &args.class {
         selector.insert("class".into(), json!(c));
     }
@@ -266,6 +639,9 @@ fn yes(v: &Value) -> String {
 }
 
 pub async fn describe(args: DescribeArgs) -> anyhow::Result<()> {
+    if args.what == "document" {
+        return describe_document(&args).await;
+    }
     let mut op = Operator::connect(&args.connect).await?;
     let d = op.query("describe", json!({"id": args.device})).await?;
     op.disconnect().await;
@@ -275,6 +651,17 @@ pub async fn describe(args: DescribeArgs) -> anyhow::Result<()> {
     println!("Device:     {}", d["id"].as_str().unwrap_or(""));
     println!("Class:      {}", d["class"].as_str().unwrap_or("-"));
     println!("Labels:     {}", d["labels"]);
+    println!("Owner:      {}", d["owner"].as_str().unwrap_or("-"));
+    println!(
+        "Registered: {} by {}{}",
+        d["registered"].as_str().unwrap_or(""),
+        d["registered_by"].as_str().unwrap_or(""),
+        if d["revoked"] == true {
+            "   REVOKED"
+        } else {
+            ""
+        }
+    );
     println!(
         "Online:     {}   Last seen: {}",
         yes(&d["online"]),
@@ -290,7 +677,10 @@ pub async fn describe(args: DescribeArgs) -> anyhow::Result<()> {
         println!("Failed:     {f}");
     }
     println!("Desired:    {}", d["desired"]);
-    println!("Reported:   {}", d["reported"]);
+    match &d["reported"] {
+        Value::Null => println!("Reported:   (none yet)"),
+        r => println!("Reported:   {r}"),
+    }
     println!("Delta:      {}", d["delta"]);
     println!("Conditions:");
     for c in d["conditions"].as_array().into_iter().flatten() {

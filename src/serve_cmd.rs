@@ -33,10 +33,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // none, and there the broker's mTLS, with CN = client id and the
     // revocation list, already proves every device is one we issued.
     let pki = broker_cmd::holds_ca_key(&config.pki).then(|| config.pki.clone());
+    let registry_source = config.pki.clone();
     let broker = Broker::start_closed(config)
         .await
         .context("starting the broker")?;
     let mut cc = ControllerConfig::new(args.data.clone());
+    // The registry learns of devices issued with this CA from issued.jsonl.
+    cc.registry_source = Some(registry_source);
     cc.pki = pki;
     cc.cache_bytes = args.store_cache_mib * 1024 * 1024;
     let controller = Controller::start_in_process(&broker, cc)

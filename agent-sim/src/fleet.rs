@@ -396,6 +396,24 @@ impl Fleet {
         self.devices.iter().map(|d| Fleet::snapshot(d)).collect()
     }
 
+    /// The fleet as a provisioning manifest (`cityplane devices register`,
+    /// the `register` operator request): each device's id, class and the
+    /// labels it was installed with. The installer's knowledge, which is
+    /// what a registry holds, not what the devices claim later.
+    pub fn manifest(&self) -> Vec<Value> {
+        self.devices
+            .iter()
+            .map(|d| {
+                let labels = d.lock().state.get("labels").cloned().unwrap_or(Value::Null);
+                let mut entry = serde_json::json!({"id": d.id, "class": d.class.as_str()});
+                if labels.is_object() {
+                    entry["labels"] = labels;
+                }
+                entry
+            })
+            .collect()
+    }
+
     /// The class of a device.
     pub fn class_of(&self, id: &str) -> Option<Class> {
         self.index.get(id).map(|i| self.devices[*i].class)

@@ -524,6 +524,29 @@ async fn converge(
             "the broker refused the operator's SUBSCRIBE to {responses}"
         ));
     }
+    // Selectors match registry attributes, not what devices report: the
+    // simulator registers what it installed (idempotent) before targeting.
+    let manifest = fleet.manifest();
+    for (n, chunk) in manifest.chunks(250).enumerate() {
+        let rid = format!("{request_id}-register-{n}");
+        let body = json!({"request_id": rid, "devices": chunk});
+        let payload = serde_json::to_vec(&body).map_err(|e| SimError::Other(e.to_string()))?;
+        op.publish(&topics::ops("register"), &payload, 1, false)
+            .await?;
+        let topic = topics::response(operator, &rid);
+        let answer = op
+            .recv_until(Duration::from_secs(30), |p| match p {
+                Packet::Publish(p) if p.topic == topic => {
+                    serde_json::from_slice::<Value>(&p.payload).ok()
+                }
+                _ => None,
+            })
+            .await?;
+        if answer["status"] != "ok" {
+            notes.push(format!("registering the fleet was refused: {answer}"));
+            break;
+        }
+    }
     let payload = serde_json::to_vec(&doc).map_err(|e| SimError::Other(e.to_string()))?;
     let t0 = Instant::now();
     let pkid = op

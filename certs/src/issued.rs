@@ -17,6 +17,7 @@ use std::io::{ErrorKind, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
+use cityplane_proto::messages::Attributes;
 use cityplane_proto::Role;
 use serde::{Deserialize, Serialize};
 use time::format_description::well_known::Rfc3339;
@@ -36,6 +37,14 @@ pub(crate) struct IssuedRecord {
     pub not_after: String,
     /// RFC 3339 (UTC).
     pub issued_at: String,
+    /// Registry attributes given at issue (`certs issue --class …`): what
+    /// a server reading this record registers a new device with.
+    #[serde(default, skip_serializing_if = "attributes_empty")]
+    pub attributes: Attributes,
+}
+
+fn attributes_empty(a: &Attributes) -> bool {
+    a == &Attributes::default()
 }
 
 impl IssuedRecord {

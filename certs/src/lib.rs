@@ -9,7 +9,7 @@
 //! | `ca.crt`, `ca.key` | the CA (ECDSA P-256, 10 years) |
 //! | `broker.crt`, `broker.key` | the broker's server certificate (`localhost`, `127.0.0.1`) |
 //! | `<id>.crt`, `<id>.key` | one identity each (clientAuth, 365 days by default) |
-//! | `issued.jsonl` | every serial signed (id, role, expiry), appended before the certificate is written |
+//! | `issued.jsonl` | every serial signed (id, role, expiry, registry attributes of a device), appended before the certificate is written |
 //! | `revoked.json` | revoked serials: the broker's source of truth |
 //! | `crl.pem` | the same serials as a CA-signed X.509 CRL (mosquitto `crlfile`), valid 30 days |
 //!
@@ -18,9 +18,10 @@
 //! only appended to (fsynced).
 //!
 //! A server needs only `ca.crt`, `broker.crt`, `broker.key`, `revoked.json`
-//! and `crl.pem`: [`Pki::export_server`] copies them into a directory of
-//! their own and [`Pki::publish_revocations`] keeps its revocation list
-//! current.
+//! and `crl.pem` (and `issued.jsonl`, from which its registry learns of new
+//! devices): [`Pki::export_server`] copies them into a directory of their
+//! own and [`Pki::publish_revocations`] keeps revocations and the issuance
+//! record current there.
 //!
 //! ```no_run
 //! use cityplane_certs::Pki;
@@ -37,6 +38,7 @@ mod fsutil;
 mod issued;
 mod peer;
 mod pki;
+pub mod registry;
 mod revocation;
 mod serial;
 

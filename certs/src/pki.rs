@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 
+use cityplane_proto::messages::Attributes;
 use cityplane_proto::{validate_id, Role};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
@@ -165,6 +166,8 @@ pub struct CrlInfo {
 pub struct Pki {
     dir: PathBuf,
     validity_days: u32,
+    /// Recorded with every device certificate this handle issues.
+    attributes: Attributes,
 }
 
 /// The loaded CA: its signing key and what certificates it signs inherit.
@@ -301,12 +304,20 @@ impl Pki {
         Pki {
             dir: dir.to_owned(),
             validity_days: DEFAULT_VALIDITY_DAYS,
+            attributes: Attributes::default(),
         }
     }
 
     /// Makes [`issue`](Self::issue), [`rotate`](Self::rotate) and
     /// [`issue_bulk`](Self::issue_bulk) issue certificates valid for `days`
     /// days (default [`DEFAULT_VALIDITY_DAYS`]). Refuses 0.
+    /// Device certificates issued through this handle carry these registry
+    /// attributes in `issued.jsonl` (see [`crate::registry`]).
+    pub fn with_attributes(mut self, attributes: Attributes) -> Pki {
+        self.attributes = attributes;
+        self
+    }
+
     pub fn with_validity_days(mut self, days: u32) -> Result<Pki, CertError> {
         if days == 0 {
             return Err(CertError::InvalidValidity(
@@ -706,6 +717,11 @@ impl Pki {
             fsutil::write_atomic(out, name, &data, mode, false)?;
             written.push(out.join(name));
         }
+        // The server's registry is introduced from the issuance record.
+        if let Some(data) = fsutil::read_optional(&self.dir.join(ISSUED_FILE))? {
+            fsutil::write_atomic(out, ISSUED_FILE, &data, PUBLIC_MODE, false)?;
+            written.push(out.join(ISSUED_FILE));
+        }
         fsutil::sync_dir(out)?;
         tracing::info!(from = %self.dir.display(), to = %out.display(), "exported a server directory");
         Ok(written)
@@ -731,7 +747,11 @@ impl Pki {
         }
         // revoked.json first, as in the CA directory: it is what our broker
         // reads, and both are copies of files that are already durable there.
-        for name in [REVOCATION_FILE, CRL_FILE] {
+        // issued.jsonl after them: the server's registry reads it.
+        for name in [REVOCATION_FILE, CRL_FILE, ISSUED_FILE] {
+            if name == ISSUED_FILE && !self.dir.join(name).exists() {
+                continue;
+            }
             let data = fsutil::read(&self.dir.join(name))?;
             fsutil::write_atomic(server_dir, name, &data, PUBLIC_MODE, true)?;
         }
@@ -1083,6 +1103,11 @@ impl Pki {
                 role: c.role,
                 not_after: c.not_after.clone(),
                 issued_at: issued_at.clone(),
+                attributes: if c.role == Role::Device {
+                    self.attributes.clone()
+                } else {
+                    Attributes::default()
+                },
             })
             .collect();
         IssuedIndex::append(&self.dir, ISSUED_FILE, &records)

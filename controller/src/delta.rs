@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use cityplane_proto::messages::{State, Target};
+use cityplane_proto::messages::{Attributes, State, Target};
 use serde_json::Value;
 
 /// Keys in desired whose value differs from reported. A `null` in desired
@@ -61,20 +61,11 @@ pub fn merge<'a>(layers: impl IntoIterator<Item = Layer<'a>>) -> State {
         .collect()
 }
 
-/// Does `target` select the device with this id, class and labels?
-pub fn selects(
-    target: &Target,
-    id: &str,
-    class: Option<&str>,
-    labels: &BTreeMap<String, String>,
-) -> bool {
+/// Does `target` select the device with this id and registry attributes?
+pub fn selects(target: &Target, id: &str, attrs: &Attributes) -> bool {
     match target {
         Target::Ids(list) => list.ids.iter().any(|i| i == id),
-        Target::Selector(sel) => {
-            sel.class.as_deref().is_none_or(|c| Some(c) == class)
-                && sel.id_prefix.as_deref().is_none_or(|p| id.starts_with(p))
-                && sel.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
-        }
+        Target::Selector(sel) => sel.matches(id, attrs),
     }
 }
 
@@ -153,39 +144,29 @@ mod tests {
     }
 
     #[test]
-    fn selectors_match_class_labels_and_prefix() {
-        let labels: BTreeMap<String, String> = [("zone".to_owned(), "north".to_owned())].into();
+    fn selectors_match_class_labels_owner_and_prefix() {
+        let lamp = Attributes {
+            class: Some("streetlight".into()),
+            labels: [("zone".to_owned(), "north".to_owned())].into(),
+            owner: Some("lighting-co".into()),
+        };
+        let bare = Attributes::default();
         let sel = |v: Value| serde_json::from_value::<Target>(v).expect("target");
-        assert!(selects(
-            &sel(json!({"class": "streetlight", "labels": {"zone": "north"}})),
-            "l1",
-            Some("streetlight"),
-            &labels
-        ));
-        assert!(!selects(
-            &sel(json!({"class": "camera"})),
-            "l1",
-            Some("streetlight"),
-            &labels
-        ));
+        let both = sel(json!({"class": "streetlight", "labels": {"zone": "north"}}));
+        assert!(selects(&both, "l1", &lamp));
+        assert!(!selects(&both, "l1", &bare));
+        assert!(!selects(&sel(json!({"class": "camera"})), "l1", &lamp));
         assert!(!selects(
             &sel(json!({"labels": {"zone": "south"}})),
             "l1",
-            Some("streetlight"),
-            &labels
+            &lamp
         ));
-        assert!(selects(
-            &sel(json!({"id_prefix": "l"})),
-            "l1",
-            None,
-            &labels
-        ));
-        assert!(selects(
-            &sel(json!({"ids": ["l1", "l2"]})),
-            "l1",
-            None,
-            &labels
-        ));
-        assert!(!selects(&sel(json!({"ids": ["l2"]})), "l1", None, &labels));
+        assert!(selects(&sel(json!({"owner": "lighting-co"})), "l1", &lamp));
+        assert!(!selects(&sel(json!({"owner": "waste-co"})), "l1", &lamp));
+        assert!(!selects(&sel(json!({"owner": "lighting-co"})), "l1", &bare));
+        assert!(selects(&sel(json!({"id_prefix": "l"})), "l1", &bare));
+        assert!(selects(&sel(json!({"all": true})), "l1", &bare));
+        assert!(selects(&sel(json!({"ids": ["l1", "l2"]})), "l1", &bare));
+        assert!(!selects(&sel(json!({"ids": ["l2"]})), "l1", &lamp));
     }
 }

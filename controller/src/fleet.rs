@@ -6,14 +6,18 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 
-use cityplane_proto::messages::{self, AckStatus, DesiredDoc, Presence, Reported, State, Target};
+use cityplane_proto::messages::{
+    self, AckStatus, Attributes, DesiredDoc, Presence, Registration, Reported, State, Target,
+};
 use cityplane_proto::topics;
 use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::delta::{delta, merge, selects, Layer};
 use crate::input::{self, InputLimits, Rejection};
-use crate::model::{rfc3339, AuditEntry, DeviceRecord, DocRecord, Inflight, Millis};
+use crate::model::{
+    rfc3339, AuditEntry, DeviceRecord, DocRecord, DocVersion, Inflight, Millis, DOC_HISTORY,
+};
 use crate::reconcile::{reconcile, Action, RetryPolicy};
 use crate::store::Changes;
 
@@ -94,6 +98,61 @@ impl DocIndex {
                 self.selectors.remove(&doc.name);
             }
         }
+    }
+}
+
+/// Who registered a device that was first seen before any registration.
+pub const FIRST_CONTACT: &str = "first-contact";
+/// Who registered a device read from the PKI's issuance record.
+pub const FROM_PKI: &str = "pki";
+
+/// Whether a registration replaces the attributes of a registered device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overwrite {
+    /// A manifest or `devices register`: the operator's word.
+    Always,
+    /// The PKI import: attributes given at issue only introduce a device.
+    Never,
+}
+
+/// `devices label`: attributes to set and label keys to remove (an empty
+/// `class` or `owner` clears it).
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
+pub struct LabelChange {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+    #[serde(default)]
+    pub class: Option<String>,
+    #[serde(default)]
+    pub owner: Option<String>,
+}
+
+cityplane_proto::object_only!(LabelChange);
+
+impl LabelChange {
+    fn apply_to(&self, attrs: &mut Attributes) {
+        for (k, v) in &self.set {
+            attrs.labels.insert(k.clone(), v.clone());
+        }
+        for k in &self.remove {
+            attrs.labels.remove(k);
+        }
+        if let Some(c) = &self.class {
+            attrs.class = Some(c.clone()).filter(|c| !c.is_empty());
+        }
+        if let Some(o) = &self.owner {
+            attrs.owner = Some(o.clone()).filter(|o| !o.is_empty());
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty()
+            && self.remove.is_empty()
+            && self.class.is_none()
+            && self.owner.is_none()
     }
 }
 
@@ -201,10 +260,17 @@ impl Fleet {
         }
     }
 
-    fn device(&mut self, id: &str) -> &mut DeviceRecord {
+    /// The device's record. A certificate the registry did not know yet
+    /// (issued after the last import, or by a CA directory this server does
+    /// not read) is registered at first contact, without attributes, and
+    /// gets what the documents that select it want at once.
+    fn device(&mut self, id: &str, now: Millis) -> &mut DeviceRecord {
         if !self.devices.contains_key(id) {
-            self.devices
-                .insert(id.to_owned(), Arc::new(DeviceRecord::new(id)));
+            let mut dev = DeviceRecord::new(id);
+            dev.registered_at = now;
+            dev.registered_by = FIRST_CONTACT.to_owned();
+            self.devices.insert(id.to_owned(), Arc::new(dev));
+            self.recompute_desired([id.to_owned()]);
         }
         let dev = self.devices.get_mut(id).expect("inserted above");
         Arc::make_mut(dev)
@@ -212,8 +278,7 @@ impl Fleet {
 
     fn on_reported(&mut self, id: &str, report: Reported, now: Millis) {
         self.counters.reports += 1;
-        let was_new = !self.devices.contains_key(id);
-        let dev = self.device(id);
+        let dev = self.device(id, now);
         if report.version <= dev.reported_version {
             self.counters.stale_reports += 1;
             return;
@@ -222,24 +287,8 @@ impl Fleet {
             && dev.inflight.is_none()
             && dev.converged_generation == dev.desired_generation
             && delta(&dev.desired, &dev.reported).is_empty();
-        let class = report
-            .state
-            .get("class")
-            .and_then(Value::as_str)
-            .map(str::to_owned);
-        let labels: BTreeMap<String, String> = report
-            .state
-            .get("labels")
-            .and_then(Value::as_object)
-            .map(|m| {
-                m.iter()
-                    .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let identity_changed = was_new || dev.class != class || dev.labels != labels;
-        dev.class = class;
-        dev.labels = labels;
+        // What the device says of its class or labels is reported state
+        // only: the registry's attributes decide which documents select it.
         dev.reported = report.state;
         dev.reported_version = report.version;
         dev.last_seen = now;
@@ -250,14 +299,11 @@ impl Fleet {
             self.counters.drift_corrected += 1;
             tracing::info!(device = id, "drift: reported state moved away from desired");
         }
-        if identity_changed {
-            self.recompute_desired([id.to_owned()]);
-        }
         self.touch(id);
     }
 
     fn on_ack(&mut self, id: &str, ack: messages::Ack, now: Millis) {
-        let dev = self.device(id);
+        let dev = self.device(id, now);
         dev.last_seen = now;
         let Some(cmd) = dev.inflight.as_ref().filter(|c| c.id == ack.id) else {
             return; // an ack for an old or unknown command changes nothing
@@ -278,7 +324,7 @@ impl Fleet {
     }
 
     fn on_presence(&mut self, id: &str, presence: Presence, now: Millis) {
-        let dev = self.device(id);
+        let dev = self.device(id, now);
         dev.last_seen = now;
         if presence.online && !dev.online {
             // Back online (or rebooted): re-drive anything that failed, and
@@ -312,7 +358,7 @@ impl Fleet {
             let selecting = self.index.selectors.iter().filter(|name| {
                 self.docs
                     .get(*name)
-                    .is_some_and(|d| selects(&d.target, &dev.id, dev.class.as_deref(), &dev.labels))
+                    .is_some_and(|d| selects(&d.target, &dev.id, &dev.attrs))
             });
             let layers = listed
                 .chain(selecting)
@@ -362,7 +408,20 @@ impl Fleet {
         let result = parsed.and_then(|doc| self.check_doc(&topic_name, doc));
         let result = result.map(|doc| {
             self.seq += 1;
-            let generation = self.docs.get(&doc.name).map_or(0, |d| d.generation) + 1;
+            let previous = self.docs.get(&doc.name);
+            let generation = previous.map_or(0, |d| d.generation) + 1;
+            let mut history = previous.map(|d| d.history.clone()).unwrap_or_default();
+            if let Some(p) = previous {
+                history.push(DocVersion {
+                    generation: p.generation,
+                    author: p.author.clone(),
+                    written_at: p.written_at,
+                    priority: p.priority,
+                    target: p.target.clone(),
+                });
+                let excess = history.len().saturating_sub(DOC_HISTORY);
+                history.drain(..excess);
+            }
             DocRecord {
                 name: doc.name,
                 target: doc.target,
@@ -372,6 +431,7 @@ impl Fleet {
                 seq: self.seq,
                 author: who.to_owned(),
                 written_at: now,
+                history,
             }
         });
         if let Err(r) = &result {
@@ -448,6 +508,206 @@ impl Fleet {
         self.recompute_desired(affected)
     }
 
+    /// Registers devices or updates their attributes (a manifest, an
+    /// import). With `Overwrite::Never`, ids already registered keep the
+    /// attributes the registry holds: the PKI introduces a device, operators
+    /// own its attributes afterwards. Returns (new, updated).
+    pub fn register(
+        &mut self,
+        entries: impl IntoIterator<Item = Registration>,
+        who: &str,
+        overwrite: Overwrite,
+        now: Millis,
+    ) -> (usize, usize) {
+        let (mut new, mut updated) = (0, 0);
+        let mut changed = Vec::new();
+        for entry in entries {
+            let attrs = entry.attributes();
+            match self.devices.get_mut(&entry.id).map(Arc::make_mut) {
+                Some(dev) => {
+                    // A device first seen before it was registered takes
+                    // the manifest's attributes: nobody set any yet.
+                    let unset = dev.registered_by == FIRST_CONTACT;
+                    if (overwrite == Overwrite::Always || unset) && dev.attrs != attrs {
+                        dev.attrs = attrs;
+                        updated += 1;
+                        changed.push(entry.id.clone());
+                    }
+                    if unset {
+                        dev.registered_by = who.to_owned();
+                        self.dirty.insert(entry.id);
+                    }
+                }
+                None => {
+                    let mut dev = DeviceRecord::new(&entry.id);
+                    dev.attrs = attrs;
+                    dev.registered_at = now;
+                    dev.registered_by = who.to_owned();
+                    self.devices.insert(entry.id.clone(), Arc::new(dev));
+                    new += 1;
+                    changed.push(entry.id.clone());
+                    self.to_reconcile.insert(entry.id.clone());
+                    self.dirty.insert(entry.id);
+                }
+            }
+        }
+        self.dirty.extend(changed.iter().cloned());
+        self.recompute_desired(changed);
+        (new, updated)
+    }
+
+    /// The records [`Fleet::register`] would write for `entries` with
+    /// [`Overwrite::Always`], for the commit that precedes it.
+    pub fn registered_records(
+        &self,
+        entries: &[Registration],
+        who: &str,
+        now: Millis,
+    ) -> Vec<Arc<DeviceRecord>> {
+        entries
+            .iter()
+            .filter_map(|e| {
+                let attrs = e.attributes();
+                match self.devices.get(&e.id) {
+                    Some(dev) if dev.attrs == attrs && dev.registered_by != FIRST_CONTACT => None,
+                    Some(dev) => {
+                        let mut dev = (**dev).clone();
+                        dev.attrs = attrs;
+                        if dev.registered_by == FIRST_CONTACT {
+                            dev.registered_by = who.to_owned();
+                        }
+                        Some(Arc::new(dev))
+                    }
+                    None => {
+                        let mut dev = DeviceRecord::new(&e.id);
+                        dev.attrs = attrs;
+                        dev.registered_at = now;
+                        dev.registered_by = who.to_owned();
+                        Some(Arc::new(dev))
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// The records [`Fleet::label`] would write, for the commit before it.
+    pub fn labelled_records(&self, ids: &[String], change: &LabelChange) -> Vec<Arc<DeviceRecord>> {
+        ids.iter()
+            .filter_map(|id| self.devices.get(id))
+            .filter_map(|dev| {
+                let mut attrs = dev.attrs.clone();
+                change.apply_to(&mut attrs);
+                (attrs != dev.attrs).then(|| {
+                    let mut dev = (**dev).clone();
+                    dev.attrs = attrs;
+                    Arc::new(dev)
+                })
+            })
+            .collect()
+    }
+
+    /// Marks exactly `revoked` (device ids) as revoked among the devices
+    /// the registry holds.
+    pub fn set_revoked(&mut self, revoked: &HashSet<String>) {
+        for (id, dev) in self.devices.iter_mut() {
+            let now_revoked = revoked.contains(id);
+            if dev.revoked != now_revoked {
+                Arc::make_mut(dev).revoked = now_revoked;
+                self.dirty.insert(id.clone());
+            }
+        }
+    }
+
+    /// Changes the attributes of these devices; returns how many changed.
+    pub fn label(&mut self, ids: &[String], change: &LabelChange) -> usize {
+        let mut changed = Vec::new();
+        for id in ids {
+            let Some(dev) = self.devices.get_mut(id).map(Arc::make_mut) else {
+                continue;
+            };
+            let before = dev.attrs.clone();
+            change.apply_to(&mut dev.attrs);
+            if dev.attrs != before {
+                changed.push(id.clone());
+                self.dirty.insert(id.clone());
+            }
+        }
+        let n = changed.len();
+        self.recompute_desired(changed);
+        n
+    }
+
+    /// Removes a stored document (already durable). The keys it set leave
+    /// the desired state of the devices it targeted, unless another
+    /// document sets them; devices keep the values they hold.
+    pub fn delete_doc(&mut self, name: &str) -> Option<(DocRecord, usize)> {
+        let old = self.docs.remove(name)?;
+        let affected = self.targeted_ids(&old.target);
+        self.index.remove(&old);
+        let changed = self.recompute_desired(affected);
+        Some((old, changed))
+    }
+
+    /// What applying `doc` would do, without doing it: the devices it
+    /// targets, how many of them would get another desired state, and per
+    /// key how many devices would change. Refusals are a real apply's.
+    pub fn dry_run(&self, who: &str, payload: &[u8]) -> Result<Value, Rejection> {
+        let doc = input::parse::<DesiredDoc>(payload, self.limits)?;
+        let name = doc.name.clone();
+        let doc = self.check_doc(&name, doc)?;
+        let generation = self.docs.get(&doc.name).map_or(0, |d| d.generation) + 1;
+        let probe = DocRecord {
+            name: doc.name.clone(),
+            target: doc.target.clone(),
+            priority: doc.priority,
+            state: doc.state.clone(),
+            generation,
+            seq: self.seq + 1,
+            author: who.to_owned(),
+            written_at: 0,
+            history: Vec::new(),
+        };
+        let mut affected = self.targeted_ids(&doc.target);
+        if let Some(old) = self.docs.get(&doc.name) {
+            affected.extend(self.targeted_ids(&old.target));
+        }
+        let mut changing = 0usize;
+        let mut keys: BTreeMap<String, usize> = BTreeMap::new();
+        for id in &affected {
+            let Some(dev) = self.devices.get(id) else {
+                continue;
+            };
+            let layers = self
+                .docs
+                .values()
+                .filter(|d| d.name != probe.name)
+                .chain(std::iter::once(&probe))
+                .filter(|d| selects(&d.target, id, &dev.attrs))
+                .map(|d| Layer {
+                    priority: d.priority,
+                    seq: d.seq,
+                    state: &d.state,
+                });
+            let after = merge(layers);
+            if after != dev.desired {
+                changing += 1;
+                let differing: BTreeSet<&String> = after
+                    .keys()
+                    .chain(dev.desired.keys())
+                    .filter(|k| after.get(*k) != dev.desired.get(*k))
+                    .collect();
+                for key in differing {
+                    *keys.entry(key.clone()).or_default() += 1;
+                }
+            }
+        }
+        Ok(json!({
+            "name": doc.name, "generation": generation,
+            "devices": self.targeted(&doc.target).len(),
+            "changing": changing, "keys": keys,
+        }))
+    }
+
     pub fn audit_entry(
         &mut self,
         who: &str,
@@ -484,7 +744,7 @@ impl Fleet {
                 .devices
                 .values()
                 .map(|d| &**d)
-                .filter(|d| selects(target, &d.id, d.class.as_deref(), &d.labels))
+                .filter(|d| selects(target, &d.id, &d.attrs))
                 .collect(),
         }
     }
@@ -738,26 +998,76 @@ pub fn request_id_of(payload: &[u8]) -> Option<String> {
     Some(rest[..end].to_owned())
 }
 
+/// `never` for a device that has not been seen.
+fn last_seen(d: &DeviceRecord) -> String {
+    if d.last_seen > 0 {
+        rfc3339(d.last_seen)
+    } else {
+        "never".to_owned()
+    }
+}
+
 /// A device row for `get devices`.
 pub fn device_row(d: &DeviceRecord) -> Value {
     json!({
-        "id": d.id, "class": d.class, "online": d.online, "converged": d.is_converged(),
-        "failed": d.failed.is_some(), "generation": d.desired_generation,
-        "last_seen": if d.last_seen > 0 { rfc3339(d.last_seen) } else { String::new() },
+        "id": d.id, "class": d.attrs.class, "labels": d.attrs.labels, "owner": d.attrs.owner,
+        "online": d.online, "converged": d.is_converged(),
+        "failed": d.failed.is_some(), "revoked": d.revoked, "generation": d.desired_generation,
+        "last_seen": last_seen(d),
     })
 }
 
 pub fn describe(d: &DeviceRecord) -> Value {
     let delta: State = delta(&d.desired, &d.reported);
     json!({
-        "id": d.id, "class": d.class, "labels": d.labels, "online": d.online,
+        "id": d.id, "class": d.attrs.class, "labels": d.attrs.labels, "owner": d.attrs.owner,
+        "registered": rfc3339(d.registered_at), "registered_by": d.registered_by,
+        "revoked": d.revoked, "online": d.online,
         "desired": d.desired, "desired_generation": d.desired_generation,
-        "reported": d.reported, "reported_version": d.reported_version,
+        "reported": if d.reported_version > 0 { Value::Object(d.reported.clone()) } else { Value::Null },
+        "reported_version": d.reported_version,
         "delta": delta, "converged": d.is_converged(), "failed": d.failed,
         "drift_count": d.drift_count, "inflight": d.inflight,
         "conditions": d.conditions, "recent_commands": d.recent_commands,
-        "last_seen": if d.last_seen > 0 { rfc3339(d.last_seen) } else { String::new() },
+        "last_seen": last_seen(d),
     })
+}
+
+/// A document row for `get documents`, with the status of the devices it
+/// targets (converged: at or past the generation it produced).
+pub fn document_row(fleet: &Fleet, doc: &DocRecord) -> Value {
+    let targeted = fleet.targeted(&doc.target);
+    let mut s = Fleet::summary_of(targeted.iter().copied());
+    s.converged = targeted
+        .iter()
+        .filter(|d| d.is_converged() && d.desired_generation >= doc.seq)
+        .count();
+    s.pending = s.total - s.converged - s.failed;
+    json!({
+        "name": doc.name, "target": doc.target, "priority": doc.priority,
+        "generation": doc.generation, "author": doc.author, "updated": rfc3339(doc.written_at),
+        "targeted": s.total, "converged": s.converged, "pending": s.pending, "failed": s.failed,
+        "online": s.online,
+    })
+}
+
+/// `describe document`: the document, its generations, and its devices.
+pub fn describe_document(fleet: &Fleet, doc: &DocRecord) -> Value {
+    let mut out = document_row(fleet, doc);
+    out["state"] = Value::Object(doc.state.clone());
+    out["history"] = doc
+        .history
+        .iter()
+        .map(|v| {
+            json!({"generation": v.generation, "author": v.author, "written_at": rfc3339(v.written_at),
+                   "priority": v.priority, "target": v.target})
+        })
+        .chain(std::iter::once(json!({
+            "generation": doc.generation, "author": doc.author,
+            "written_at": rfc3339(doc.written_at), "priority": doc.priority, "target": doc.target,
+        })))
+        .collect();
+    out
 }
 
 #[cfg(test)]
@@ -788,7 +1098,7 @@ mod tests {
             fleet
                 .docs
                 .values()
-                .filter(|d| selects(&d.target, &dev.id, dev.class.as_deref(), &dev.labels))
+                .filter(|d| selects(&d.target, &dev.id, &dev.attrs))
                 .map(|d| Layer {
                     priority: d.priority,
                     seq: d.seq,
@@ -802,8 +1112,8 @@ mod tests {
         let devices = (0..30)
             .map(|i| {
                 let mut d = DeviceRecord::new(&format!("d{i}"));
-                d.class = Some("lamp".into());
-                d.labels.insert("zone".into(), format!("z{}", i % 3));
+                d.attrs.class = Some("lamp".into());
+                d.attrs.labels.insert("zone".into(), format!("z{}", i % 3));
                 d.reported_version = 1;
                 d
             })
@@ -837,15 +1147,17 @@ mod tests {
                 seq: fleet.seq,
                 author: "t".into(),
                 written_at: 0,
+                history: Vec::new(),
             });
             let moved = format!("d{}", (step * 11) % 30);
-            let report = Reported {
-                version: 2 + step as u64,
-                state: object(
-                    json!({"class": "lamp", "labels": {"zone": format!("z{}", step % 3 + 1)}}),
-                ),
-            };
-            fleet.on_reported(&moved, report, 0);
+            let zone = [("zone".to_owned(), format!("z{}", step % 3 + 1))].into();
+            fleet.label(
+                &[moved],
+                &LabelChange {
+                    set: zone,
+                    ..Default::default()
+                },
+            );
             for dev in fleet.devices.values() {
                 assert_eq!(
                     dev.desired,

@@ -1,8 +1,8 @@
 //! What the controller stores, per device and per desired document.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 
-use cityplane_proto::messages::{State, Target};
+use cityplane_proto::messages::{Attributes, State, Target};
 use serde::{Deserialize, Serialize};
 
 /// Milliseconds since the Unix epoch: records outlive the process, so they
@@ -39,7 +39,22 @@ pub struct DocRecord {
     pub seq: u64,
     pub author: String,
     pub written_at: Millis,
+    /// Earlier generations, newest last (at most [`DOC_HISTORY`]).
+    #[serde(default)]
+    pub history: Vec<DocVersion>,
 }
+
+/// Who wrote one generation of a document, and when.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DocVersion {
+    pub generation: u64,
+    pub author: String,
+    pub written_at: Millis,
+    pub priority: i64,
+    pub target: Target,
+}
+
+pub const DOC_HISTORY: usize = 20;
 
 /// A command sent and not yet seen to take effect.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -75,8 +90,22 @@ pub struct Condition {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DeviceRecord {
     pub id: String,
-    pub class: Option<String>,
-    pub labels: BTreeMap<String, String>,
+    /// Registry attributes, set by operators only (selectors match these).
+    /// Records written before the registry held the device's own claims
+    /// under `class`/`labels`; those are ignored, not trusted.
+    #[serde(default)]
+    pub attrs: Attributes,
+    /// When the device entered the registry (issue, manifest, or first
+    /// contact of a certificate the registry did not know yet).
+    #[serde(default)]
+    pub registered_at: Millis,
+    /// `pki` (its certificate was issued with the CA this server reads),
+    /// an operator's id (a manifest), or `first-contact`.
+    #[serde(default)]
+    pub registered_by: String,
+    /// Its certificate is revoked: it stays listed, as revoked.
+    #[serde(default)]
+    pub revoked: bool,
     pub reported: State,
     /// 0 = never reported.
     pub reported_version: u64,

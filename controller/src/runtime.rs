@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use cityplane_broker::backlog::Credit;
 use cityplane_broker::{OperatorMessage, RunningBroker};
-use cityplane_proto::messages::Selector;
+use cityplane_certs::registry::IssuedDevice;
+use cityplane_proto::messages::{Attributes, Registration, Selector, Target};
 use cityplane_proto::topics;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::Notification;
@@ -19,7 +20,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::delta::selects;
-use crate::fleet::{self, Fleet, Outgoing};
+use crate::fleet::{self, Fleet, LabelChange, Outgoing, Overwrite};
 use crate::input::{self, InputLimits, Rejection};
 use crate::model::{now_ms, Millis};
 use crate::reconcile::RetryPolicy;
@@ -31,6 +32,9 @@ pub struct ControllerConfig {
     pub data: PathBuf,
     /// When set, reports from ids without a certificate here are refused.
     pub pki: Option<PathBuf>,
+    /// A PKI or server directory whose `issued.jsonl` introduces devices to
+    /// the registry (read at start, then whenever it changes).
+    pub registry_source: Option<PathBuf>,
     pub retry: RetryPolicy,
     pub input: InputLimits,
     /// sled's page cache. It does not bound memory: at 100,000 devices
@@ -50,6 +54,7 @@ impl ControllerConfig {
         ControllerConfig {
             data,
             pki: None,
+            registry_source: None,
             retry: RetryPolicy::default(),
             input: InputLimits::default(),
             cache_bytes: 64 * 1024 * 1024,
@@ -75,6 +80,8 @@ enum Event {
         payload: bytes::Bytes,
     },
     Operator(OperatorMessage),
+    /// The device certificates a PKI directory records, read anew.
+    Issued(Vec<IssuedDevice>),
 }
 
 pub struct Controller {
@@ -137,6 +144,15 @@ impl Controller {
             .ok_or_else(|| ControllerError::Broker("operator tap already taken".into()))?;
         let (events_tx, events) = mpsc::channel(8192);
         tokio::spawn(read_link(rx, events_tx.clone(), credit));
+        if let Some(dir) = config.registry_source.clone() {
+            // The first read is in the loop's queue before any device can
+            // connect (the broker opens below).
+            let first = read_issued(&dir).await;
+            if let Some(devices) = first.clone() {
+                let _ = events_tx.send(Event::Issued(devices)).await;
+            }
+            tokio::spawn(watch_issued(dir, events_tx.clone()));
+        }
         tokio::spawn(read_tap(tap, events_tx));
         let (out_tx, out_rx) = mpsc::channel(8192);
         tokio::spawn(publish_to_router(tx, out_rx));
@@ -193,6 +209,56 @@ async fn read_link(mut rx: LinkRx, events: mpsc::Sender<Event>, credit: Credit) 
             Ok(_) => {}
             Err(e) => {
                 tracing::error!(error = %e, "controller link to the router closed");
+                return;
+            }
+        }
+    }
+}
+
+/// How often the registry source is checked for changes (a stat).
+const ISSUED_POLL: Duration = Duration::from_secs(1);
+
+async fn read_issued(dir: &std::path::Path) -> Option<Vec<IssuedDevice>> {
+    let dir = dir.to_path_buf();
+    let read = tokio::task::spawn_blocking(move || cityplane_certs::registry::issued_devices(&dir));
+    match read.await {
+        Ok(Ok(devices)) => Some(devices),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not read the PKI's issuance record; the registry keeps what it has");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+/// Size and modification time of the files the import reads: `issued.jsonl`
+/// is appended to and `revoked.json` replaced, so either changes them.
+fn issued_stamp(dir: &std::path::Path) -> Vec<Option<(u64, std::time::SystemTime)>> {
+    [
+        cityplane_certs::ISSUED_FILE,
+        cityplane_certs::REVOCATION_FILE,
+    ]
+    .iter()
+    .map(|f| {
+        std::fs::metadata(dir.join(f))
+            .ok()
+            .and_then(|m| Some((m.len(), m.modified().ok()?)))
+    })
+    .collect()
+}
+
+/// Re-reads the issuance record whenever it changes.
+async fn watch_issued(dir: PathBuf, events: mpsc::Sender<Event>) {
+    let mut seen = issued_stamp(&dir);
+    loop {
+        tokio::time::sleep(ISSUED_POLL).await;
+        let now = issued_stamp(&dir);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        if let Some(devices) = read_issued(&dir).await {
+            if events.send(Event::Issued(devices)).await.is_err() {
                 return;
             }
         }
@@ -422,6 +488,32 @@ async fn run(
                     let answers = handle_operator(&mut fleet, &store, msg, now).await;
                     held.responses.extend(answers);
                 }
+                Event::Issued(devices) => {
+                    let revoked: std::collections::HashSet<String> = devices
+                        .iter()
+                        .filter(|d| d.revoked)
+                        .map(|d| d.id.clone())
+                        .collect();
+                    let (new, updated) = fleet.register(
+                        devices.into_iter().map(|d| Registration {
+                            id: d.id,
+                            class: d.attributes.class,
+                            labels: d.attributes.labels,
+                            owner: d.attributes.owner,
+                        }),
+                        fleet::FROM_PKI,
+                        Overwrite::Never,
+                        now,
+                    );
+                    fleet.set_revoked(&revoked);
+                    if new + updated > 0 {
+                        tracing::info!(
+                            new,
+                            updated,
+                            "registry: devices from the PKI's issuance record"
+                        );
+                    }
+                }
             }
         }
         held.commands.extend(fleet.reconcile_due(now));
@@ -521,9 +613,250 @@ struct Query {
     limit: Option<usize>,
     #[serde(default)]
     offset: Option<usize>,
+    /// `dry-run`: the document an `apply` would send.
+    #[serde(default)]
+    document: Option<Value>,
 }
 
-cityplane_proto::object_only!(Query);
+/// `register`: a provisioning manifest (or part of one).
+#[derive(Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
+struct RegisterRequest {
+    #[serde(default, rename = "request_id")]
+    _request_id: Option<String>,
+    devices: Vec<Registration>,
+}
+
+/// `label`: these ids, or the devices a selector picks, get `change`.
+#[derive(Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
+struct LabelRequest {
+    #[serde(default, rename = "request_id")]
+    _request_id: Option<String>,
+    #[serde(default)]
+    ids: Vec<String>,
+    #[serde(default)]
+    selector: Option<Selector>,
+    change: LabelChange,
+}
+
+/// `delete-document`.
+#[derive(Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
+struct DeleteRequest {
+    #[serde(default, rename = "request_id")]
+    _request_id: Option<String>,
+    name: String,
+    #[serde(default)]
+    if_generation: Option<u64>,
+}
+
+cityplane_proto::object_only!(Query, RegisterRequest, LabelRequest, DeleteRequest);
+
+/// Verbs on `fleet/ops/` that change state: committed before answered, and
+/// audited (refusals too).
+const WRITE_VERBS: [&str; 3] = ["register", "label", "delete-document"];
+
+/// Longest class, owner, label key or value the registry takes.
+const MAX_ATTRIBUTE: usize = 128;
+
+fn check_attribute(what: &str, value: &str) -> Result<(), Rejection> {
+    if value.is_empty() || value.len() > MAX_ATTRIBUTE || value.chars().any(char::is_control) {
+        return Err(Rejection::new(
+            "bad_attribute",
+            format!(
+                "{what} {value:?} must be 1 to {MAX_ATTRIBUTE} bytes without control characters"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_attributes(a: &Attributes) -> Result<(), Rejection> {
+    for c in a.class.iter() {
+        check_attribute("class", c)?;
+    }
+    for o in a.owner.iter() {
+        check_attribute("owner", o)?;
+    }
+    for (k, v) in &a.labels {
+        check_attribute("label key", k)?;
+        check_attribute("label value", v)?;
+    }
+    Ok(())
+}
+
+/// Commits an operator write; a failure becomes the operator's refusal.
+async fn commit_write(store: &Arc<Store>, changes: Changes) -> Result<(), Rejection> {
+    let (changes, result) = commit(store, changes).await;
+    result.map_err(|e| {
+        tracing::error!(error = %e, disk_full = e.is_disk_full(), "could not store an operator write");
+        // The refusal's audit line waits for the next commit that works.
+        store.defer_audit(changes.audit.into_iter().map(|a| crate::model::AuditEntry {
+            result: "rejected (storage_unavailable)".to_owned(),
+            ..a
+        }));
+        storage_rejection(&e)
+    })
+}
+
+fn storage_rejection(e: &StoreError) -> Rejection {
+    let reason = if e.is_disk_full() {
+        "the controller's data disk is full (no space left on device): \
+         the write was not stored; free space on the server and retry"
+            .to_owned()
+    } else {
+        format!("the controller could not store the write: {e}")
+    };
+    Rejection::new("storage_unavailable", reason)
+}
+
+/// `register`, `label`, `delete-document`: validated, committed with their
+/// audit line, then applied in memory.
+async fn operator_write(
+    fleet: &mut Fleet,
+    store: &Arc<Store>,
+    who: &str,
+    verb: &str,
+    payload: &[u8],
+    now: Millis,
+) -> Result<Value, Rejection> {
+    match verb {
+        "register" => {
+            let req = input::parse::<RegisterRequest>(payload, fleet.limits)?;
+            for r in &req.devices {
+                cityplane_proto::validate_id(&r.id)
+                    .map_err(|e| Rejection::new("bad_id", format!("{:?}: {e}", r.id)))?;
+                check_attributes(&r.attributes())?;
+            }
+            let records = fleet.registered_records(&req.devices, who, now);
+            let audit = fleet.audit_entry(
+                who,
+                "register",
+                &format!("{} devices", req.devices.len()),
+                &format!("accepted, {} records written", records.len()),
+                now,
+            );
+            commit_write(
+                store,
+                Changes {
+                    devices: records,
+                    audit: vec![audit],
+                    ..Default::default()
+                },
+            )
+            .await?;
+            let (new, updated) = fleet.register(req.devices, who, Overwrite::Always, now);
+            tracing::info!(operator = who, new, updated, "devices registered");
+            Ok(json!({"registered": new, "updated": updated, "total": fleet.devices.len()}))
+        }
+        "label" => {
+            let req = input::parse::<LabelRequest>(payload, fleet.limits)?;
+            if req.change.is_empty() {
+                return Err(Rejection::new(
+                    "bad_schema",
+                    "the change sets and removes nothing",
+                ));
+            }
+            let probe = Attributes {
+                class: req.change.class.clone().filter(|c| !c.is_empty()),
+                owner: req.change.owner.clone().filter(|o| !o.is_empty()),
+                labels: req.change.set.clone(),
+            };
+            check_attributes(&probe)?;
+            let ids: Vec<String> = match (&req.selector, req.ids.is_empty()) {
+                (Some(sel), true) if !sel.is_empty() => fleet
+                    .targeted(&Target::Selector(sel.clone()))
+                    .into_iter()
+                    .map(|d| d.id.clone())
+                    .collect(),
+                (None, false) => {
+                    if let Some(missing) =
+                        req.ids.iter().find(|id| !fleet.devices.contains_key(*id))
+                    {
+                        return Err(Rejection::new(
+                            "not_found",
+                            format!("no device {missing:?} is registered"),
+                        ));
+                    }
+                    req.ids.clone()
+                }
+                _ => {
+                    return Err(Rejection::new(
+                        "bad_target",
+                        "label needs either \"ids\" or a non-empty \"selector\"",
+                    ))
+                }
+            };
+            let records = fleet.labelled_records(&ids, &req.change);
+            let audit = fleet.audit_entry(
+                who,
+                "label",
+                &format!("{} devices", ids.len()),
+                &format!("accepted, {} changed", records.len()),
+                now,
+            );
+            commit_write(
+                store,
+                Changes {
+                    devices: records,
+                    audit: vec![audit],
+                    ..Default::default()
+                },
+            )
+            .await?;
+            let changed = fleet.label(&ids, &req.change);
+            Ok(json!({"matched": ids.len(), "changed": changed}))
+        }
+        "delete-document" => {
+            let req = input::parse::<DeleteRequest>(payload, fleet.limits)?;
+            let doc = fleet.docs.get(&req.name).ok_or_else(|| {
+                Rejection::new(
+                    "not_found",
+                    format!("no desired document named {:?}", req.name),
+                )
+            })?;
+            if let Some(want) = req.if_generation {
+                if want != doc.generation {
+                    return Err(Rejection::new(
+                        "conflict",
+                        format!(
+                            "if_generation is {want} but the stored generation of {:?} is {}",
+                            req.name, doc.generation
+                        ),
+                    ));
+                }
+            }
+            let previous = doc.clone();
+            let audit = fleet.audit_entry(
+                who,
+                "delete",
+                &req.name,
+                &format!("deleted generation {}", previous.generation),
+                now,
+            );
+            let changes = Changes {
+                deleted_docs: vec![req.name.clone()],
+                audit: vec![audit],
+                ..Default::default()
+            };
+            if let Err(r) = commit_write(store, changes).await {
+                // The failed commit may have reached the disk anyway.
+                store.defer_restore_doc(&req.name, Some(previous));
+                return Err(r);
+            }
+            let (old, changed) = fleet
+                .delete_doc(&req.name)
+                .ok_or_else(|| Rejection::new("not_found", "deleted meanwhile"))?;
+            tracing::info!(operator = who, name = %old.name, devices_changed = changed, "desired document deleted");
+            Ok(json!({"name": old.name, "generation": old.generation, "devices_changed": changed}))
+        }
+        other => Err(Rejection::new(
+            "unknown_verb",
+            format!("{other:?} is not a write"),
+        )),
+    }
+}
 
 /// Operator writes commit immediately (they are rare and must be durable
 /// before they are answered); queries are answered from memory.
@@ -605,12 +938,23 @@ async fn handle_operator(
         }
     } else if let Some(verb) = topics::ops_verb(&msg.topic) {
         let verb = verb.to_owned();
-        let query = input::parse::<Query>(&msg.payload, fleet.limits);
         let rid = fleet::request_id_of(&msg.payload).unwrap_or_else(|| verb.clone());
-        let body = match query.and_then(|q| answer(fleet, store, &verb, q)) {
+        let result = if WRITE_VERBS.contains(&verb.as_str()) {
+            let result = operator_write(fleet, store, &who, &verb, &msg.payload, now).await;
+            if let Err(r) = &result {
+                if r.code != "storage_unavailable" {
+                    audit_refusal(fleet, store, &who, &verb, r, now).await;
+                }
+            }
+            result
+        } else {
+            input::parse::<Query>(&msg.payload, fleet.limits)
+                .and_then(|q| answer(fleet, store, &who, &verb, q))
+        };
+        let body = match result {
             Ok(result) => json!({"request_id": rid, "status": "ok", "result": result}),
             Err(r) => {
-                tracing::warn!(operator = %who, verb, %r, "query refused");
+                tracing::warn!(operator = %who, verb, %r, "operator request refused");
                 json!({"request_id": rid, "status": "rejected", "code": r.code, "reason": r.reason})
             }
         };
@@ -620,8 +964,64 @@ async fn handle_operator(
     }
 }
 
-fn answer(fleet: &Fleet, store: &Arc<Store>, verb: &str, q: Query) -> Result<Value, Rejection> {
+/// A refused write is audited like an accepted one.
+async fn audit_refusal(
+    fleet: &mut Fleet,
+    store: &Arc<Store>,
+    who: &str,
+    verb: &str,
+    r: &Rejection,
+    now: Millis,
+) {
+    let audit = fleet.audit_entry(
+        who,
+        verb,
+        "",
+        &format!("rejected ({}): {}", r.code, r.reason),
+        now,
+    );
+    let changes = Changes {
+        audit: vec![audit],
+        ..Default::default()
+    };
+    if let (changes, Err(e)) = commit(store, changes).await {
+        tracing::error!(error = %e, "could not append to the audit log; written with the next commit that succeeds");
+        store.defer_audit(changes.audit);
+    }
+}
+
+fn answer(
+    fleet: &Fleet,
+    store: &Arc<Store>,
+    who: &str,
+    verb: &str,
+    q: Query,
+) -> Result<Value, Rejection> {
     match verb {
+        "get-documents" => {
+            let docs: Vec<Value> = fleet
+                .docs
+                .values()
+                .map(|d| fleet::document_row(fleet, d))
+                .collect();
+            Ok(json!({"total": docs.len(), "documents": docs}))
+        }
+        "describe-document" => {
+            let name = q
+                .name
+                .ok_or_else(|| Rejection::new("bad_schema", "describe-document needs \"name\""))?;
+            let doc = fleet.docs.get(&name).ok_or_else(|| {
+                Rejection::new("not_found", format!("no desired document named {name:?}"))
+            })?;
+            Ok(fleet::describe_document(fleet, doc))
+        }
+        "dry-run" => {
+            let doc = q
+                .document
+                .ok_or_else(|| Rejection::new("bad_schema", "dry-run needs \"document\""))?;
+            let bytes = serde_json::to_vec(&doc).unwrap_or_default();
+            fleet.dry_run(who, &bytes)
+        }
         "status" => {
             let summary = match &q.name {
                 Some(name) => {
@@ -653,14 +1053,9 @@ fn answer(fleet: &Fleet, store: &Arc<Store>, verb: &str, q: Query) -> Result<Val
                 .values()
                 .map(|d| &**d)
                 .filter(|d| {
-                    q.selector.as_ref().is_none_or(|s| {
-                        selects(
-                            &cityplane_proto::messages::Target::Selector(s.clone()),
-                            &d.id,
-                            d.class.as_deref(),
-                            &d.labels,
-                        )
-                    })
+                    q.selector
+                        .as_ref()
+                        .is_none_or(|s| selects(&Target::Selector(s.clone()), &d.id, &d.attrs))
                 })
                 .collect();
             rows.sort_by(|a, b| a.id.cmp(&b.id));
@@ -679,7 +1074,10 @@ fn answer(fleet: &Fleet, store: &Arc<Store>, verb: &str, q: Query) -> Result<Val
             let id =
                 q.id.ok_or_else(|| Rejection::new("bad_schema", "describe needs \"id\""))?;
             let dev = fleet.devices.get(&id).ok_or_else(|| {
-                Rejection::new("not_found", format!("no device {id:?} has reported yet"))
+                Rejection::new(
+                    "not_found",
+                    format!("no device {id:?} is registered (cityplane devices register, or certs issue)"),
+                )
             })?;
             Ok(fleet::describe(dev))
         }
@@ -690,7 +1088,10 @@ fn answer(fleet: &Fleet, store: &Arc<Store>, verb: &str, q: Query) -> Result<Val
         }
         other => Err(Rejection::new(
             "unknown_verb",
-            format!("unknown operation {other:?}; expected status, get-devices, describe or audit"),
+            format!(
+                "unknown operation {other:?}; expected status, get-devices, describe, audit, \
+                 get-documents, describe-document, dry-run, register, label or delete-document"
+            ),
         )),
     }
 }
@@ -762,6 +1163,7 @@ mod paused_clock_tests {
             seq: 1,
             author: "op".into(),
             written_at: 0,
+            history: Vec::new(),
         };
         let mut lamp = DeviceRecord::new(DEVICE);
         lamp.reported = state(json!({"dimming": 10}));

@@ -67,6 +67,8 @@ impl StoreError {
 #[derive(Debug, Default)]
 pub struct Changes {
     pub docs: Vec<DocRecord>,
+    /// Names of documents to delete.
+    pub deleted_docs: Vec<String>,
     pub devices: Vec<Arc<DeviceRecord>>,
     pub audit: Vec<AuditEntry>,
     pub seq: Option<u64>,
@@ -75,6 +77,7 @@ pub struct Changes {
 impl Changes {
     pub fn is_empty(&self) -> bool {
         self.docs.is_empty()
+            && self.deleted_docs.is_empty()
             && self.devices.is_empty()
             && self.audit.is_empty()
             && self.seq.is_none()
@@ -220,6 +223,7 @@ impl Engine {
 /// A commit's records, encoded (and size-checked) before any I/O.
 struct Encoded {
     docs: Vec<(Vec<u8>, Vec<u8>)>,
+    deleted_docs: Vec<Vec<u8>>,
     devices: Vec<(Vec<u8>, Vec<u8>)>,
     audit: Vec<(Vec<u8>, Vec<u8>)>,
     /// Kept for the in-memory audit tail.
@@ -258,6 +262,11 @@ impl Encoded {
         }
         Ok(Encoded {
             docs,
+            deleted_docs: changes
+                .deleted_docs
+                .iter()
+                .map(|n| n.as_bytes().to_vec())
+                .collect(),
             devices,
             audit,
             audit_entries: changes.audit.clone(),
@@ -372,6 +381,7 @@ impl Store {
     fn write(&self, encoded: Encoded) -> Result<(), StoreError> {
         let Encoded {
             docs,
+            deleted_docs,
             devices,
             audit,
             audit_entries,
@@ -409,6 +419,9 @@ impl Store {
                     }
                     for (k, v) in &docs {
                         docs_t.insert(k.as_slice(), v.as_slice())?;
+                    }
+                    for k in &deleted_docs {
+                        docs_t.remove(k.as_slice())?;
                     }
                     for (k, v) in &devices {
                         devices_t.insert(k.as_slice(), v.as_slice())?;
@@ -557,6 +570,7 @@ mod tests {
             seq: generation,
             author: "op".into(),
             written_at: 0,
+            history: Vec::new(),
         }
     }
 

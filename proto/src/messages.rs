@@ -101,13 +101,73 @@ pub struct Selector {
     pub labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id_prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub all: bool,
 }
 
 impl Selector {
     pub fn is_empty(&self) -> bool {
-        self.class.is_none() && self.labels.is_empty() && self.id_prefix.is_none() && !self.all
+        self.class.is_none()
+            && self.labels.is_empty()
+            && self.id_prefix.is_none()
+            && self.owner.is_none()
+            && !self.all
+    }
+
+    /// Does this selector pick the device with this id and registry attributes?
+    pub fn matches(&self, id: &str, attrs: &Attributes) -> bool {
+        self.class
+            .as_deref()
+            .is_none_or(|c| attrs.class.as_deref() == Some(c))
+            && self
+                .owner
+                .as_deref()
+                .is_none_or(|o| attrs.owner.as_deref() == Some(o))
+            && self.id_prefix.as_deref().is_none_or(|p| id.starts_with(p))
+            && self
+                .labels
+                .iter()
+                .all(|(k, v)| attrs.labels.get(k) == Some(v))
+    }
+}
+
+/// What the registry knows of a device, set by operators (at issue, in a
+/// manifest, with `devices label`), never by the device: selectors match
+/// these, so a device cannot move itself into another document's target by
+/// what it reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
+pub struct Attributes {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+/// One device of a provisioning manifest (`cityplane devices register`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
+pub struct Registration {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+impl Registration {
+    pub fn attributes(&self) -> Attributes {
+        Attributes {
+            class: self.class.clone(),
+            labels: self.labels.clone(),
+            owner: self.owner.clone(),
+        }
     }
 }
 
@@ -129,7 +189,7 @@ pub struct DesiredDoc {
     pub request_id: Option<String>,
 }
 
-crate::object_only!(serialize: Reported, Command, Ack, Presence, Target, IdList, Selector, DesiredDoc);
+crate::object_only!(serialize: Reported, Command, Ack, Presence, Target, IdList, Selector, DesiredDoc, Attributes, Registration);
 
 /// Implements `Deserialize` for types whose derived deserializer is an
 /// inherent function (`#[serde(remote = "Self")]`) so that they are read from
