@@ -179,7 +179,7 @@ fn export_server_crl_and_revoke_also_keep_a_server_dir_current() {
     ]);
     assert!(
         out.contains(&format!(
-            "copied revoked.json and crl.pem to {}",
+            "copied revoked.json, crl.pem and issued.jsonl to {}",
             srv.display()
         )),
         "{out}"

@@ -66,7 +66,9 @@ impl Setup {
             devices,
         );
         sim.presence = PresenceMode::Skip;
-        sim.faults.reboot_time = (Duration::from_millis(100), Duration::from_millis(400));
+        // Long enough that polling `describe` for 20 devices, one query at a
+        // time on a loaded machine, catches each of them while it is down.
+        sim.faults.reboot_time = (Duration::from_millis(1500), Duration::from_millis(2500));
         sim
     }
 
@@ -110,6 +112,12 @@ async fn two_hundred_mixed_devices_converge_even_when_some_reboot_mid_change() {
         assert!(fleet.reboot_on_next_command(id));
     }
 
+    // Selectors match the registry: the installer registers what it installed.
+    for chunk in fleet.manifest().chunks(250) {
+        op.query("register", json!({"devices": chunk}))
+            .await
+            .expect("register");
+    }
     for doc in [
         json!({"name": "baseline", "target": {"all": true}, "state": {"maintenance_window": "02:00-04:00"}}),
         json!({"name": "dim", "target": {"class": "streetlight"}, "priority": 5, "state": {"dimming": 40}}),

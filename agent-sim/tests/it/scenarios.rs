@@ -90,7 +90,9 @@ async fn converge_times_each_device_against_a_contract_controller() {
         &[(Role::Controller, "ctl"), (Role::Operator, "op")],
     )
     .await;
-    let mut ctl = env.client("ctl", &["fleet/desired/+"]).await;
+    let mut ctl = env
+        .client("ctl", &["fleet/desired/+", "fleet/ops/register"])
+        .await;
     let mut config = env.sim("cv", 6);
     config.mix = "streetlight=1".parse().expect("mix");
     let mut o = opts(Scenario::Converge);
@@ -102,7 +104,29 @@ async fn converge_times_each_device_against_a_contract_controller() {
         scenario::run(config, o, &pb).await
     });
 
-    // The stand-in controller: one desired document in, commands out.
+    // The stand-in controller: the fleet registered with what the simulator
+    // installed (selectors match the registry), then one desired document
+    // in, commands out.
+    let (rid, devices) = ctl
+        .expect("a register request", |t, v| {
+            (t == "fleet/ops/register")
+                .then(|| Some((v["request_id"].as_str()?.to_owned(), v["devices"].clone())))
+                .flatten()
+        })
+        .await;
+    let devices = devices.as_array().expect("devices").clone();
+    assert_eq!(devices.len(), 6, "{devices:?}");
+    assert!(
+        devices
+            .iter()
+            .all(|d| d["class"] == "streetlight" && d["labels"]["zone"].is_string()),
+        "{devices:?}"
+    );
+    ctl.publish(
+        &format!("fleet/responses/op/{rid}"),
+        json!({"request_id": rid, "status": "ok", "result": {"registered": 6, "updated": 0, "total": 6}})
+            .to_string(),
+    );
     let (name, doc) = ctl
         .expect("a desired document", |t, v| {
             t.strip_prefix("fleet/desired/")

@@ -88,6 +88,7 @@ async fn a_subscriber_that_never_reads_blocks_nobody() {
     }
     let hung = hung_subscriber(&s, &["fleet/#", "devices/+/reported"]).await;
     let mut op = s.operator().await;
+    op.register(&devices.iter().collect::<Vec<_>>()).await;
 
     // 40 devices × 20 reports × 32 KiB = 25 MiB: far more than the hung client's
     // socket buffers hold, all of it addressed to it too.

@@ -67,6 +67,7 @@ async fn a_selector_reaches_exactly_the_matching_devices_of_100() {
         devices.push(d);
     }
     let mut op = s.operator().await;
+    op.register(&devices.iter().collect::<Vec<_>>()).await;
     op.eventually_status(json!({}), "100 devices known", |v| v["total"] == 100)
         .await;
     let answer = op
@@ -98,6 +99,7 @@ async fn overlapping_documents_merge_by_priority_then_recency() {
     let mut d = Device::new(&s, "lamp0001", lamp("north"));
     d.connect(s.addr).await;
     let mut op = s.operator().await;
+    op.register(&[&d]).await;
     op.eventually_device("lamp0001", "known", |v| v["online"] == true)
         .await;
     let all = json!({"class": "streetlight"});
@@ -251,10 +253,17 @@ async fn desired_state_survives_a_restart_and_still_converges() {
     let mut s = Server::start().await;
     s.devices("lamp", 1);
     let mut op = s.operator().await;
+    // Registered, never connected: targeted all the same.
+    op.query(
+        "register",
+        json!({"devices": [{"id": "lamp0001", "class": "streetlight"}]}),
+    )
+    .await;
     let answer = op
         .apply(json!({"name": "dim", "target": {"class": "streetlight"}, "state": {"dimming": 33}}))
         .await;
     assert_eq!(answer["status"], "accepted");
+    assert_eq!(answer["devices"], 1, "{answer}");
     op.close().await;
     s.stop().await;
     s.boot().await;

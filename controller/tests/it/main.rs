@@ -10,4 +10,5 @@ mod durability;
 mod guards;
 mod input_hardening;
 mod internal_links;
+mod registry;
 mod store_torture;

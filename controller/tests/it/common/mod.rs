@@ -239,6 +239,28 @@ impl Client {
         serde_json::from_slice(&answer).expect("answer is JSON")
     }
 
+    /// Registers devices with the class and labels of their initial state
+    /// (what an installer's manifest holds): selectors match the registry.
+    pub async fn register(&mut self, devices: &[&Device]) -> Value {
+        let entries: Vec<Value> = devices
+            .iter()
+            .map(|d| {
+                let state = d.state.lock().expect("lock");
+                let mut e = json!({"id": d.id});
+                if let Some(c) = state.get("class") {
+                    e["class"] = c.clone();
+                }
+                if let Some(l) = state.get("labels") {
+                    e["labels"] = l.clone();
+                }
+                e
+            })
+            .collect();
+        let r = self.query("register", json!({"devices": entries})).await;
+        assert!(r["registered"].is_u64(), "register: {r}");
+        r
+    }
+
     pub async fn apply(&mut self, doc: Value) -> Value {
         let name = doc["name"].as_str().expect("name").to_owned();
         self.request(&format!("fleet/desired/{name}"), doc).await
