@@ -27,6 +27,15 @@ pub struct ServeArgs {
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = broker_cmd::load_config(&args.broker)?;
+    if args.broker.print_config {
+        print!("{}", toml::to_string_pretty(&config)?);
+        println!(
+            "\n# controller (flags or environment)\n# data = {:?}   # CITYPLANE_DATA\n# store_cache_mib = {}   # CITYPLANE_STORE_CACHE_MIB",
+            args.data.display().to_string(),
+            args.store_cache_mib
+        );
+        return Ok(());
+    }
     broker_cmd::warn_if_ca_key(&config.pki);
     // The controller refuses reports from ids without a <id>.crt; only a CA
     // directory holds those. A server directory (certs export-server) has

@@ -254,3 +254,36 @@ fn broker_warns_when_its_directory_holds_the_ca_key() {
         "no warning on a server directory:\n{err}"
     );
 }
+
+/// `serve --print-config` prints the configuration and exits, as `broker
+/// --print-config` does (it used to start serving).
+#[test]
+fn serve_print_config_prints_and_exits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = ChildGuard::new(
+        Command::new(BIN)
+            .args(["serve", "--print-config", "--data"])
+            .arg(dir.path().join("data"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn"),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "serve --print-config kept running"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().expect("stdout"), &mut out)
+        .expect("read");
+    assert!(status.success(), "{status}: {out}");
+    assert!(out.contains("listen") && out.contains("data"), "{out}");
+    assert!(!dir.path().join("data").exists(), "it opened the database");
+}
