@@ -24,13 +24,15 @@
 //! feeds them to the core and carries out the actions it returns (writes,
 //! router sends, the operator tap, dispatch routes).
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use cityplane_proto::{topics, Identity, Role};
-use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::{Packet, Protocol};
 use rumqttd::Notification;
@@ -534,13 +536,16 @@ impl Session {
             Ok(inbound) => inbound,
             Err(e) => return Some(End::Abrupt(format!("protocol violation: {e}"))),
         };
-        let env = Env {
-            who: &self.who,
-            limits,
-            quota: &self.quota,
-            retained: &self.shared.retained,
+        let actions = {
+            let env = Env {
+                who: &self.who,
+                limits,
+                quota: &self.quota,
+                retained: &self.shared.retained,
+            };
+            state.core.on_packet(&frame, inbound, now, &env)
         };
-        for action in state.core.on_packet(&frame, inbound, now, &env) {
+        for action in actions {
             if let Err(end) = self.perform(action, &frame, tx.as_deref_mut(), state).await {
                 return Some(end);
             }
@@ -577,9 +582,11 @@ impl Session {
             }
             Action::Link => {
                 let packet = outbound::decode(&frame.raw).ok_or_else(rejected)?;
-                to_link(tx, packet).await?;
+                to_link(tx, packet)?.await.map_err(router_gone)?;
             }
-            Action::LinkPacket(packet) => to_link(tx, *packet).await?,
+            Action::LinkPacket(packet) => {
+                to_link(tx, *packet)?.await.map_err(router_gone)?;
+            }
             Action::Tap { topic, payload_len } => {
                 let Some(tap) = self.shared.tap.get() else {
                     return Ok(());
@@ -703,19 +710,23 @@ impl Session {
     }
 }
 
-/// The session's own router link; the core sends nothing to a link a
-/// device session does not have, so `None` is a bug, not input.
-async fn to_link(tx: Option<&mut LinkTx>, packet: Packet) -> Result<(), End> {
-    let Some(tx) = tx else {
-        return Err(End::Abrupt(
-            "internal: packet for a router link the session does not have".into(),
-        ));
-    };
-    // Boxed: `LinkTx::send`'s future holds a whole `Packet`.
-    match Box::pin(tx.send(packet)).await {
-        Ok(_) => Ok(()),
-        Err(e) => Err(End::Abrupt(format!("router gone: {e}"))),
-    }
+/// Sends `packet` on the session's own router link. Not an async fn: the
+/// packet goes straight into the boxed future (`LinkTx::send`'s holds a
+/// whole `Packet`) instead of into every session's task.
+fn to_link(
+    tx: Option<&mut LinkTx>,
+    packet: Packet,
+) -> Result<Pin<Box<impl Future<Output = Result<usize, LinkError>> + '_>>, End> {
+    // The core sends nothing to a link a device session does not have:
+    // `None` is a bug, not input.
+    let tx = tx.ok_or_else(|| {
+        End::Abrupt("internal: packet for a router link the session does not have".into())
+    })?;
+    Ok(Box::pin(tx.send(packet)))
+}
+
+fn router_gone(e: LinkError) -> End {
+    End::Abrupt(format!("router gone: {e}"))
 }
 
 /// `wbuf` capacity kept between writes; a larger one is released.

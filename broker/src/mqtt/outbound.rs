@@ -1,10 +1,10 @@
 //! What the edge sends: packets it writes to clients itself (CONNACK, acks,
-//! SUBACK, PINGRESP, commands) and the router packets it makes (wills,
+//! SUBACK, PINGRESP, commands to devices) and the router packets it makes (wills,
 //! presence, DISCONNECT). rumqttd's `Publish` keeps QoS and packet id
 //! private, so a router packet with either is built as wire bytes and read
 //! back through rumqttd's own decoder.
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use cityplane_proto::topics;
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::{Packet, Protocol};
@@ -87,17 +87,11 @@ pub enum Outbound {
     Ack(AckKind, u16),
     UnsubAck(u16),
     PingResp,
-    /// One return code per filter of the SUBSCRIBE.
+    /// One return code per filter of the SUBSCRIBE. (A boxed slice, not a
+    /// `Vec`: every session's task holds room for one of these.)
     SubAck {
         pkid: u16,
-        codes: Vec<u8>,
-    },
-    /// A command to a device (never retained).
-    Publish {
-        topic: String,
-        payload: Bytes,
-        qos: u8,
-        pkid: u16,
+        codes: Box<[u8]>,
     },
 }
 
@@ -108,12 +102,6 @@ impl Outbound {
             Outbound::UnsubAck(pkid) => out.extend_from_slice(&ack(UNSUBACK, *pkid)),
             Outbound::PingResp => out.extend_from_slice(&PINGRESP),
             Outbound::SubAck { pkid, codes } => suback(*pkid, codes.iter().copied(), out),
-            Outbound::Publish {
-                topic,
-                payload,
-                qos,
-                pkid,
-            } => out.extend_from_slice(&encode_publish(topic, payload, *qos, false, *pkid)),
         }
     }
 }
@@ -211,7 +199,7 @@ mod tests {
     fn subacks_list_one_code_per_filter() {
         let granted = wire(Outbound::SubAck {
             pkid: 3,
-            codes: vec![1, 0],
+            codes: Box::new([1, 0]),
         });
         assert_eq!(granted, [0x90, 4, 0, 3, 1, 0]);
         assert_eq!(suback_failure(3, 2), [0x90, 4, 0, 3, 0x80, 0x80]);

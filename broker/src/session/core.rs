@@ -75,7 +75,7 @@ pub(crate) enum Action {
 pub(crate) enum Note {
     SubscriptionLimit { limit: usize },
     FilterLimit { limit: usize },
-    SubscribeNotAuthorized { filters: Vec<String> },
+    SubscribeNotAuthorized { filters: Box<[String]> },
     UnexpectedAck { kind: AckKind, pkid: u16 },
 }
 
@@ -156,7 +156,9 @@ pub(crate) struct Core {
     /// When the client certificate stops being valid.
     expires: Instant,
     subscriptions: HashSet<String>,
-    acks: AckTrack,
+    /// Boxed and made on first use: four hash sets are ~200 bytes that
+    /// device sessions (most of them) never use.
+    acks: Option<Box<AckTrack>>,
     /// Whether the device's commands are routed to this session.
     dispatching: bool,
     command_qos: u8,
@@ -172,7 +174,7 @@ impl Core {
             deadline: now + Duration::from_secs(86_400 * 365),
             expires,
             subscriptions: HashSet::new(),
-            acks: AckTrack::default(),
+            acks: None,
             dispatching: false,
             command_qos: 0,
             next_pkid: 0,
@@ -234,7 +236,7 @@ impl Core {
     /// An encoded packet from the router was written to the client: note
     /// what the client may answer it with.
     pub(crate) fn on_sent(&mut self, wire: &[u8]) {
-        self.acks.sent(wire);
+        self.acks.get_or_insert_default().sent(wire);
     }
 
     /// One validated client packet (`inbound` is `frame` parsed).
@@ -295,11 +297,13 @@ impl Core {
             Inbound::Ack { .. } if device => Actions::default(),
             // rumqttd logs an ERROR for an ack it did not expect: any client
             // could fill the log on demand. Pass on only what it awaits.
-            Inbound::Ack { kind, pkid } => Actions::one(if self.acks.take(kind, pkid) {
-                Action::Link
-            } else {
-                Action::Log(Note::UnexpectedAck { kind, pkid })
-            }),
+            Inbound::Ack { kind, pkid } => {
+                Actions::one(if self.acks.as_mut().is_some_and(|a| a.take(kind, pkid)) {
+                    Action::Link
+                } else {
+                    Action::Log(Note::UnexpectedAck { kind, pkid })
+                })
+            }
         }
     }
 
@@ -346,7 +350,7 @@ impl Core {
         }
         if who.role != Role::Device {
             if qos == 2 {
-                self.acks.awaiting_pubrel(pkid);
+                self.acks.get_or_insert_default().awaiting_pubrel(pkid);
             }
             actions.push(Action::Link);
             return actions;
@@ -421,12 +425,14 @@ impl Core {
                     limit: limits.max_filters_per_identity,
                 }
             } else {
-                Note::SubscribeNotAuthorized { filters: refused }
+                Note::SubscribeNotAuthorized {
+                    filters: refused.into(),
+                }
             };
             let mut actions = Actions::one(Action::Log(note));
             actions.push(Action::Send(Outbound::SubAck {
                 pkid,
-                codes: vec![outbound::SUBACK_FAILURE; filters.len()],
+                codes: vec![outbound::SUBACK_FAILURE; filters.len()].into(),
             }));
             return actions;
         }
@@ -436,7 +442,7 @@ impl Core {
             return Actions::one(scoped(frame, who));
         }
         // The ACL left only the device's own commands topic.
-        let codes: Vec<u8> = filters.iter().map(|(_, q)| (*q).min(1)).collect();
+        let codes: Box<[u8]> = filters.iter().map(|(_, q)| (*q).min(1)).collect();
         self.command_qos = codes.iter().copied().max().unwrap_or(0);
         self.subscriptions
             .extend(filters.into_iter().map(|(f, _)| f));
@@ -609,7 +615,7 @@ mod tests {
     fn suback_failure(pkid: u16, filters: usize) -> Action {
         send(Outbound::SubAck {
             pkid,
-            codes: vec![outbound::SUBACK_FAILURE; filters],
+            codes: vec![outbound::SUBACK_FAILURE; filters].into(),
         })
     }
 
@@ -779,7 +785,7 @@ mod tests {
                 ..case("a SUBSCRIBE over the rate closes the session", d1(), vec![
                     In(subscribe(1, &[(&commands, 1)]), vec![
                         Action::RegisterDispatch,
-                        send(Outbound::SubAck { pkid: 1, codes: vec![1] }),
+                        send(Outbound::SubAck { pkid: 1, codes: Box::new([1]) }),
                     ]),
                     In(subscribe(2, &[(&commands, 1)]), vec![refused(
                         "SUBSCRIBE/UNSUBSCRIBE/PINGREQ rate above 1 per second".into(),
@@ -792,9 +798,9 @@ mod tests {
                 vec![
                     In(subscribe(1, &[(&commands, 2)]), vec![
                         Action::RegisterDispatch,
-                        send(Outbound::SubAck { pkid: 1, codes: vec![1] }),
+                        send(Outbound::SubAck { pkid: 1, codes: Box::new([1]) }),
                     ]),
-                    In(subscribe(2, &[(&commands, 0)]), vec![send(Outbound::SubAck { pkid: 2, codes: vec![0] })]),
+                    In(subscribe(2, &[(&commands, 0)]), vec![send(Outbound::SubAck { pkid: 2, codes: Box::new([0]) })]),
                     In(unsubscribe(3, &[&commands]), vec![
                         Action::UnregisterDispatch,
                         send(Outbound::UnsubAck(3)),
@@ -808,7 +814,7 @@ mod tests {
                 d1(),
                 vec![In(subscribe(5, &[(&topics::commands("d2"), 1)]), vec![
                     Action::Log(Note::SubscribeNotAuthorized {
-                        filters: vec![topics::commands("d2")],
+                        filters: Box::new([topics::commands("d2")]),
                     }),
                     suback_failure(5, 1),
                 ])],
