@@ -79,12 +79,15 @@ pub(crate) enum Note {
     UnexpectedAck { kind: AckKind, pkid: u16 },
 }
 
-/// Room for the effects of one packet; no packet has more than two, so
-/// this never allocates (it is made for every PUBLISH).
+/// Room for the effects of one packet, inline: it is made for every
+/// PUBLISH, so it must not allocate. No packet has more than two effects
+/// today; the spare slots are headroom.
 #[derive(Debug, Default)]
 pub(crate) struct Actions {
-    slots: [Option<Action>; 4],
+    slots: [Option<Action>; SLOTS],
 }
+
+const SLOTS: usize = 4;
 
 impl Actions {
     fn push(&mut self, action: Action) {
@@ -93,7 +96,7 @@ impl Actions {
         } else {
             debug_assert!(false, "more actions than slots");
             // Closing is safe where carrying out a partial list is not.
-            self.slots[3] = Some(close("internal: too many actions for one packet"));
+            self.slots[SLOTS - 1] = Some(close("internal: too many actions for one packet"));
         }
     }
 
@@ -106,7 +109,7 @@ impl Actions {
 
 impl IntoIterator for Actions {
     type Item = Action;
-    type IntoIter = std::iter::Flatten<std::array::IntoIter<Option<Action>, 4>>;
+    type IntoIter = std::iter::Flatten<std::array::IntoIter<Option<Action>, SLOTS>>;
 
     fn into_iter(self) -> Self::IntoIter {
         self.slots.into_iter().flatten()
