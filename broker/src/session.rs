@@ -238,14 +238,10 @@ impl Session {
         };
         self.log_end(&end);
         if !matches!(end, End::TakenOver) {
-            let will = match (&end, &connect.will) {
-                (End::Abrupt(_), Some(will)) => Some(will),
-                _ => None,
-            };
+            let will = end.will(connect.will.as_ref());
             let mut last = Vec::with_capacity(2);
             last.extend(will.and_then(will_packet));
-            // A device's will is its presence; without one, say it ourselves.
-            if will.is_none_or(|w| w.topic != topics::presence(&self.who.id)) {
+            if core::says_offline_itself(&self.who.id, will) {
                 last.extend(presence_packet(&self.who.id, false));
             }
             if let Ok(permits) = shared.ingress.reserve(last.len()).await {
@@ -318,10 +314,7 @@ impl Session {
             .await;
         self.log_end(&end);
         if !matches!(end, End::TakenOver) {
-            let will = match (&end, &connect.will) {
-                (End::Abrupt(_), Some(will)) => Some(will),
-                _ => None,
-            };
+            let will = end.will(connect.will.as_ref());
             // Queue the last packets together and wake the router once: a
             // second wake-up after DISCONNECT would find the link gone.
             link.tx.buffer().extend(will.and_then(will_packet));

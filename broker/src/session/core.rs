@@ -39,6 +39,24 @@ pub(crate) enum End {
     Abrupt(String),
 }
 
+impl End {
+    /// The will published for a session that ended this way, if any: only
+    /// an abrupt end publishes one. (A takeover publishes nothing at all,
+    /// not even presence: the new session's must stay the last word.)
+    pub(crate) fn will<'w>(&self, will: Option<&'w Will>) -> Option<&'w Will> {
+        match self {
+            End::Abrupt(_) => will,
+            _ => None,
+        }
+    }
+}
+
+/// Whether the edge must publish a device's offline presence itself: a
+/// device's will is its presence, so only when no will says it.
+pub(crate) fn says_offline_itself(device: &str, will: Option<&Will>) -> bool {
+    will.is_none_or(|w| w.topic != topics::presence(device))
+}
+
 /// One effect of a packet, for the pump to carry out.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Action {
@@ -985,6 +1003,29 @@ mod tests {
             will_refusal(&op, &will(topics::desired("x"), b"{}", false)),
             Some("will topic not authorized")
         );
+    }
+
+    #[test]
+    fn only_an_abrupt_end_publishes_the_will() {
+        let presence = Will {
+            topic: topics::presence("d1"),
+            payload: br#"{"online":false}"#.to_vec(),
+            qos: 1,
+            retain: true,
+        };
+        let abrupt = End::Abrupt("read failed".into());
+        for (end, published) in [
+            (&abrupt, true),
+            (&End::Graceful, false),
+            (&End::Revoked, false),
+            (&End::Expired, false),
+        ] {
+            assert_eq!(end.will(Some(&presence)).is_some(), published, "{end:?}");
+            // Without its will a device's offline presence comes from the edge.
+            let will = end.will(Some(&presence));
+            assert_eq!(says_offline_itself("d1", will), !published, "{end:?}");
+        }
+        assert!(says_offline_itself("d2", Some(&presence)));
     }
 
     /// The core is pure: no clock, no sockets, no awaiting, no logging
