@@ -156,7 +156,7 @@ async fn forward(
     // DISCONNECT is the expected end, not an error to log.
     drop(stop);
     if !router_gone {
-        let _ = poll_once(link.send(crate::session::disconnect_packet()));
+        let _ = poll_once(link.send(crate::mqtt::outbound::disconnect_packet()));
     }
 }
 

@@ -382,10 +382,5 @@ pub fn link_publish(
     retain: bool,
     pkid: u16,
 ) -> Option<rumqttd::protocol::Packet> {
-    use rumqttd::protocol::Protocol;
-    let wire = mqtt::encode_publish(topic, payload, u8::from(qos1), retain, pkid.max(1));
-    let mut buf = bytes::BytesMut::from(&wire[..]);
-    rumqttd::protocol::v4::V4
-        .read_mut(&mut buf, usize::MAX)
-        .ok()
+    mqtt::outbound::link_publish(topic, payload, qos1, retain, pkid)
 }

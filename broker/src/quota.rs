@@ -33,8 +33,8 @@ impl Bucket {
         }
     }
 
-    pub(crate) fn take(&mut self) -> bool {
-        let now = Instant::now();
+    /// One token at `now` (the caller's clock: the session core reads none).
+    pub(crate) fn take(&mut self, now: Instant) -> bool {
         self.tokens =
             (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
         self.last = now;
@@ -91,13 +91,13 @@ impl IdentityQuota {
     }
 
     /// One PUBLISH.
-    pub(crate) fn take_publish(&self) -> bool {
-        lock(&self.publishes).take()
+    pub(crate) fn take_publish(&self, now: Instant) -> bool {
+        lock(&self.publishes).take(now)
     }
 
     /// One SUBSCRIBE, UNSUBSCRIBE or PINGREQ.
-    pub(crate) fn take_control(&self) -> bool {
-        lock(&self.control).take()
+    pub(crate) fn take_control(&self, now: Instant) -> bool {
+        lock(&self.control).take(now)
     }
 
     /// Records `filters` as used by this identity unless that would make
@@ -319,7 +319,9 @@ mod tests {
     #[test]
     fn a_bucket_allows_its_burst_then_its_rate() {
         let mut b = Bucket::new(1, 3);
-        assert!((0..3).all(|_| b.take()));
-        assert!(!b.take());
+        let now = Instant::now();
+        assert!((0..3).all(|_| b.take(now)));
+        assert!(!b.take(now));
+        assert!(b.take(now + std::time::Duration::from_secs(1)));
     }
 }

@@ -18,14 +18,21 @@
 //! - QoS 2 from devices is delivered at least once: within one connection a
 //!   re-sent PUBLISH whose packet id awaits PUBREL is not routed again, but
 //!   nothing is remembered across connections.
+//!
+//! What a packet may do is decided by [`core`], a state machine without
+//! I/O; this module is the pump around it: it reads and validates frames,
+//! feeds them to the core and carries out the actions it returns (writes,
+//! router sends, the operator tap, dispatch routes).
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use cityplane_proto::{topics, Identity, Role};
-use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::{Packet, Protocol};
 use rumqttd::Notification;
@@ -34,30 +41,17 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 use tokio_rustls::server::TlsStream;
 
+use self::core::{Action, Core, End, Env, Note};
 use crate::handshake::Pending;
+use crate::mqtt::outbound::{self, disconnect_packet, presence_packet, will_packet};
 use crate::mqtt::{self, Frame, Inbound, ProtocolError, Will};
 use crate::quota::IdentityQuota;
 use crate::registry::{Kill, Registration};
-use crate::{acl, Shared};
+use crate::Shared;
+
+mod core;
 
 type Stream = TlsStream<TcpStream>;
-
-/// Why a session ended; decides whether the will is published.
-#[derive(Debug)]
-enum End {
-    /// DISCONNECT from the client: the will is discarded.
-    Graceful,
-    /// A new connection with the same client id took the session over
-    /// (for devices: the registry; otherwise the router dropped the link).
-    TakenOver,
-    /// The certificate was revoked: no will (a revoked client must not get
-    /// the last word); a device's offline presence is still published.
-    Revoked,
-    /// The certificate's validity ended during the session; as `Revoked`.
-    Expired,
-    /// Anything else: the will is published.
-    Abrupt(String),
-}
 
 /// The whole life of one connection: this future is the connection's tokio
 /// task, and its size (the largest state it can be in) is paid by every
@@ -244,14 +238,10 @@ impl Session {
         };
         self.log_end(&end);
         if !matches!(end, End::TakenOver) {
-            let will = match (&end, &connect.will) {
-                (End::Abrupt(_), Some(will)) => Some(will),
-                _ => None,
-            };
+            let will = end.will(connect.will.as_ref());
             let mut last = Vec::with_capacity(2);
             last.extend(will.and_then(will_packet));
-            // A device's will is its presence; without one, say it ourselves.
-            if will.is_none_or(|w| w.topic != topics::presence(&self.who.id)) {
+            if core::says_offline_itself(&self.who.id, will) {
                 last.extend(presence_packet(&self.who.id, false));
             }
             if let Ok(permits) = shared.ingress.reserve(last.len()).await {
@@ -324,10 +314,7 @@ impl Session {
             .await;
         self.log_end(&end);
         if !matches!(end, End::TakenOver) {
-            let will = match (&end, &connect.will) {
-                (End::Abrupt(_), Some(will)) => Some(will),
-                _ => None,
-            };
+            let will = end.will(connect.will.as_ref());
             // Queue the last packets together and wake the router once: a
             // second wake-up after DISCONNECT would find the link gone.
             link.tx.buffer().extend(will.and_then(will_packet));
@@ -404,28 +391,15 @@ impl Session {
                 .await;
             return Ok(None);
         }
-        if let Some(will) = &will {
-            let refusal = if !acl::may_set_will(&self.who, &will.topic) {
-                Some("will topic not authorized")
-            } else if self.who.role == Role::Device && !acl::is_offline_presence(&will.payload) {
-                Some(r#"a device's will must be {"online":false}"#)
-            } else if will.retain
-                && !acl::may_retain(&self.who, &will.topic)
-                && self.who.role != Role::Device
-            {
-                Some("RETAIN not allowed on the will topic")
-            } else if will.payload.is_empty() {
-                Some("empty will payload (it would delete the retained message)")
-            } else {
-                None
-            };
-            if let Some(reason) = refusal {
-                tracing::warn!(who = %self.who, topic = %will.topic, reason, "will refused");
-                let _ = self
-                    .write_raw(&mqtt::connack(false, mqtt::CONNACK_NOT_AUTHORIZED))
-                    .await;
-                return Ok(None);
-            }
+        let refusal = will
+            .as_ref()
+            .and_then(|w| Some((&w.topic, core::will_refusal(&self.who, w)?)));
+        if let Some((topic, reason)) = refusal {
+            tracing::warn!(who = %self.who, %topic, reason, "will refused");
+            let _ = self
+                .write_raw(&mqtt::connack(false, mqtt::CONNACK_NOT_AUTHORIZED))
+                .await;
+            return Ok(None);
         }
         Ok(Some(Connected {
             keep_alive,
@@ -452,43 +426,25 @@ impl Session {
     }
 
     async fn pump(&mut self, connect: &Connected, mut link: Option<&mut Link>, kill: &Kill) -> End {
-        let keep_alive = (connect.keep_alive > 0)
-            .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
-        let far_future = Instant::now() + Duration::from_secs(86_400 * 365);
-        let mut deadline = keep_alive.map_or(far_future, |ka| Instant::now() + ka);
-        // Devices get their commands from the edge's dispatcher, not the router.
-        let inbox = Arc::new(crate::dispatch::Inbox::default());
         let mut state = PumpState {
-            subscriptions: std::collections::HashSet::new(),
-            acks: AckTrack::default(),
-            inbox: inbox.clone(),
+            core: Core::new(connect.keep_alive, self.expires, Instant::now()),
+            inbox: Arc::new(crate::dispatch::Inbox::default()),
             route: None,
-            command_qos: 0,
-            next_pkid: 0,
-            qos2_pending: Vec::new(),
         };
+        // Devices get their commands from the edge's dispatcher, not the router.
+        let inbox = state.inbox.clone();
         // Packets the client sent right behind its CONNECT.
-        if let Some(end) = self
-            .take_frames(link.as_deref_mut().map(|l| &mut l.tx), &mut state)
-            .await
-        {
+        let tx = link.as_deref_mut().map(|l| &mut l.tx);
+        if let Some(end) = self.take_frames(tx, &mut state, Instant::now()).await {
             return end;
         }
         loop {
             tokio::select! {
-                _ = kill.notified() => {
-                    if kill.taken_over() {
-                        return End::TakenOver;
-                    }
-                    if kill.revoked() {
-                        return End::Revoked;
-                    }
-                    return End::Abrupt("broker shutting down".into());
-                }
+                _ = kill.notified() => return Core::on_kill(kill.taken_over(), kill.revoked()),
                 command = inbox.next() => {
-                    state.next_pkid = state.next_pkid.checked_add(1).unwrap_or(1);
+                    let (qos, pkid) = state.core.on_command();
                     let topic = topics::commands(&self.who.id);
-                    let frame = mqtt::encode_publish(&topic, &command, state.command_qos, false, state.next_pkid);
+                    let frame = mqtt::encode_publish(&topic, &command, qos, false, pkid);
                     if let Err(e) = self.write_raw(&frame).await {
                         return End::Abrupt(format!("write failed: {e}"));
                     }
@@ -499,10 +455,11 @@ impl Session {
                         Ok(_) => {}
                         Err(e) => return End::Abrupt(format!("read failed: {e}")),
                     }
-                    if let Some(ka) = keep_alive {
-                        deadline = Instant::now() + ka;
-                    }
-                    if let Some(end) = self.take_frames(link.as_deref_mut().map(|l| &mut l.tx), &mut state).await {
+                    // One clock read for the whole batch: its packets came in together.
+                    let now = Instant::now();
+                    state.core.on_read(now);
+                    let tx = link.as_deref_mut().map(|l| &mut l.tx);
+                    if let Some(end) = self.take_frames(tx, &mut state, now).await {
                         return end;
                     }
                 }
@@ -511,19 +468,17 @@ impl Session {
                     match note {
                         Ok(first) => {
                             // Boxed: only sessions with a link get here.
-                            if let Err(e) = Box::pin(self.forward(first.map(|n| *n), &mut link.rx, &mut state.acks)).await {
+                            if let Err(e) = Box::pin(self.forward(first.map(|n| *n), &mut link.rx, &mut state.core)).await {
                                 return End::Abrupt(e);
                             }
                         }
                         Err(_) => return End::TakenOver,
                     }
                 }
-                // One timer for both: a second one would be armed per packet.
-                _ = tokio::time::sleep_until(deadline.min(self.expires)) => {
-                    if self.expires <= deadline {
-                        return End::Expired;
+                _ = tokio::time::sleep_until(state.core.wake_at()) => {
+                    if let Some(end) = state.core.on_timer(Instant::now()) {
+                        return end;
                     }
-                    return End::Abrupt(format!("keep-alive of {}s expired (1.5 x interval)", connect.keep_alive));
                 }
             }
         }
@@ -535,293 +490,142 @@ impl Session {
         &mut self,
         mut tx: Option<&mut LinkTx>,
         state: &mut PumpState,
+        now: Instant,
     ) -> Option<End> {
         let max_frame = self.shared.config.limits.max_frame();
-        let mut go_on = Ok(true);
-        loop {
+        let mut end = None;
+        while end.is_none() {
             let frame = match mqtt::next_frame(&mut self.rbuf, max_frame) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => break,
                 Err(e) => return Some(End::Abrupt(format!("protocol violation: {e}"))),
             };
-            go_on = self.handle(frame, tx.as_deref_mut(), state).await;
-            if !matches!(go_on, Ok(true)) {
-                break;
-            }
+            end = self.handle(frame, tx.as_deref_mut(), state, now).await;
         }
         if let Err(e) = self.flush().await {
             return Some(End::Abrupt(format!("write failed: {e}")));
         }
-        match go_on {
-            Ok(true) => {}
-            Ok(false) => return Some(End::Graceful),
-            Err(reason) => return Some(End::Abrupt(reason)),
-        }
-        if self.rbuf.is_empty() {
+        if end.is_none() && self.rbuf.is_empty() {
             // Nothing half-read: give the memory back while idle (the next
             // read allocates a little, and `next_frame` reserves what a
             // packet needs once its length is in).
             self.rbuf = BytesMut::new();
         }
-        None
+        end
     }
 
-    /// Handles one client packet; answers are queued in `wbuf`. `Ok(false)`
-    /// ends the session gracefully. `tx` is the session's own router link
-    /// (`None` for devices).
+    /// One client packet: the core decides, this carries out its actions
+    /// (answers are queued in `wbuf`). `tx` is the session's own router link
+    /// (`None` for devices). `Some` ends the session.
     async fn handle(
         &mut self,
         frame: Frame,
+        mut tx: Option<&mut LinkTx>,
+        state: &mut PumpState,
+        now: Instant,
+    ) -> Option<End> {
+        let limits = &self.shared.config.limits;
+        let inbound = match mqtt::parse(&frame, limits.max_payload) {
+            Ok(inbound) => inbound,
+            Err(e) => return Some(End::Abrupt(format!("protocol violation: {e}"))),
+        };
+        let actions = {
+            let env = Env {
+                who: &self.who,
+                limits,
+                quota: &self.quota,
+                retained: &self.shared.retained,
+            };
+            state.core.on_packet(&frame, inbound, now, &env)
+        };
+        for action in actions {
+            if let Err(end) = self.perform(action, &frame, tx.as_deref_mut(), state).await {
+                return Some(end);
+            }
+        }
+        None
+    }
+
+    async fn perform(
+        &mut self,
+        action: Action,
+        frame: &Frame,
         tx: Option<&mut LinkTx>,
         state: &mut PumpState,
-    ) -> Result<bool, String> {
-        let limits = &self.shared.config.limits;
-        let is_device = self.who.role == Role::Device;
-        let inbound = mqtt::parse(&frame, limits.max_payload)
-            .map_err(|e| format!("protocol violation: {e}"))?;
-        match inbound {
-            Inbound::Connect { .. } => return Err("protocol violation: second CONNECT".into()),
-            Inbound::Publish {
-                ref topic,
-                qos,
-                retain,
-                pkid,
-                payload_len,
-            } => {
-                // Every check before anything is carried out: a refused
-                // publish must have no effect at all.
-                if !acl::may_publish(&self.who, topic) {
-                    return Err(format!("not authorized to publish to {topic:?}"));
-                }
-                if self.who.role != Role::Controller && !self.quota.take_publish() {
-                    return Err(format!(
-                        "publish rate above {} per second",
-                        limits.max_publishes_per_sec
-                    ));
-                }
-                if retain {
-                    if !acl::may_retain(&self.who, topic) {
-                        return Err(format!("RETAIN not allowed on {topic:?}"));
-                    }
-                    self.shared
-                        .retained
-                        .set(&self.who.id, topic, payload_len, limits)
-                        .map_err(|e| format!("retained publish to {topic:?} refused: {e}"))?;
-                } else if payload_len == 0 {
-                    // rumqttd deletes the retained message of any topic that
-                    // gets an empty payload, RETAIN or not.
-                    return Err(format!(
-                        "empty payload without RETAIN on {topic:?} (would delete its retained message)"
-                    ));
-                }
-                if let Some(tap) = self.shared.tap.get() {
-                    if self.who.role == Role::Operator
-                        && crate::TAPPED_PREFIXES.iter().any(|p| topic.starts_with(p))
-                    {
-                        match tap.reserve().await {
-                            Ok(permit) => permit.send(crate::OperatorMessage {
-                                from: self.who.clone(),
-                                topic: topic.clone(),
-                                payload: frame.raw.slice(frame.raw.len() - payload_len..),
-                            }),
-                            Err(_) => {
-                                tracing::warn!(who = %self.who, "operator tap closed; request not delivered to the controller")
-                            }
-                        }
+    ) -> Result<(), End> {
+        let rejected = || End::Abrupt("packet rejected by the MQTT decoder".into());
+        match action {
+            Action::Send(packet) => packet.encode(&mut self.wbuf),
+            Action::Ingress { as_qos1 } => {
+                // Room in the queue first, then the packet: a future holding
+                // a `Packet` across the wait would make every device's task
+                // larger.
+                let permit = self
+                    .shared
+                    .ingress
+                    .reserve_one()
+                    .await
+                    .map_err(|e| End::Abrupt(e.to_string()))?;
+                let packet = if as_qos1 {
+                    outbound::decode_as_qos1(&frame.raw)
+                } else {
+                    outbound::decode(&frame.raw)
+                };
+                permit.send(packet.ok_or_else(rejected)?);
+            }
+            Action::Link => {
+                let packet = outbound::decode(&frame.raw).ok_or_else(rejected)?;
+                to_link(tx, packet)?.await.map_err(router_gone)?;
+            }
+            Action::LinkPacket(packet) => {
+                to_link(tx, *packet)?.await.map_err(router_gone)?;
+            }
+            Action::Tap { topic, payload_len } => {
+                let Some(tap) = self.shared.tap.get() else {
+                    return Ok(());
+                };
+                match tap.reserve().await {
+                    Ok(permit) => permit.send(crate::OperatorMessage {
+                        from: self.who.clone(),
+                        topic,
+                        payload: frame.raw.slice(frame.raw.len() - payload_len..),
+                    }),
+                    Err(_) => {
+                        tracing::warn!(who = %self.who, "operator tap closed; request not delivered to the controller")
                     }
                 }
-                if is_device {
-                    self.device_publish(&frame, qos, pkid, state).await?;
-                    return Ok(true);
-                }
             }
-            Inbound::Subscribe { pkid, ref filters } => {
-                if !self.quota.take_control() {
-                    return Err(format!(
-                        "SUBSCRIBE/UNSUBSCRIBE/PINGREQ rate above {} per second",
-                        limits.max_subscribes_per_sec
-                    ));
-                }
-                let refused: Vec<&str> = filters
-                    .iter()
-                    .map(|(f, _)| f.as_str())
-                    .filter(|f| !acl::may_subscribe(&self.who, f))
-                    .collect();
-                let new = filters
-                    .iter()
-                    .filter(|(f, _)| !state.subscriptions.contains(f))
-                    .count();
-                let over = state.subscriptions.len() + new > limits.max_subscriptions;
-                // Devices never make the router create a filter.
-                let too_many_filters = refused.is_empty()
-                    && !over
-                    && !is_device
-                    && !self.quota.admit_filters(
-                        filters.iter().map(|(f, _)| f.as_str()),
-                        limits.max_filters_per_identity,
-                    );
-                if !refused.is_empty() || over || too_many_filters {
-                    if over {
-                        tracing::warn!(who = %self.who, limit = limits.max_subscriptions, "subscription limit reached; SUBSCRIBE refused");
-                    } else if too_many_filters {
-                        tracing::warn!(who = %self.who, limit = limits.max_filters_per_identity, "distinct filter limit of this identity reached; SUBSCRIBE refused");
-                    } else {
-                        tracing::warn!(who = %self.who, filters = ?refused, "SUBSCRIBE not authorized");
-                    }
-                    self.wbuf
-                        .extend_from_slice(&mqtt::suback_failure(pkid, filters.len()));
-                    return Ok(true);
-                }
-                state
-                    .subscriptions
-                    .extend(filters.iter().map(|(f, _)| f.clone()));
-                if is_device {
-                    // The ACL left only the device's own commands topic.
-                    let granted = filters.iter().map(|(_, q)| (*q).min(1)).max().unwrap_or(0);
-                    state.command_qos = granted;
-                    if state.route.is_none() {
-                        self.shared
-                            .dispatch
-                            .register(&self.who.id, state.inbox.clone());
-                        state.route = Some(crate::dispatch::Route {
-                            dispatch: self.shared.dispatch.clone(),
-                            device: self.who.id.clone(),
-                            inbox: state.inbox.clone(),
-                        });
-                    }
-                    let mut suback = Vec::with_capacity(4 + filters.len() + 4);
-                    suback.push(0x90);
-                    mqtt::encode_remaining_length(2 + filters.len(), &mut suback);
-                    suback.extend_from_slice(&pkid.to_be_bytes());
-                    suback.extend(filters.iter().map(|(_, q)| (*q).min(1)));
-                    self.wbuf.extend_from_slice(&suback);
-                    return Ok(true);
-                }
+            Action::RegisterDispatch => {
+                let dispatch = &self.shared.dispatch;
+                dispatch.register(&self.who.id, state.inbox.clone());
+                state.route = Some(crate::dispatch::Route {
+                    dispatch: dispatch.clone(),
+                    device: self.who.id.clone(),
+                    inbox: state.inbox.clone(),
+                });
             }
-            Inbound::Unsubscribe { pkid, ref filters } => {
-                if !self.quota.take_control() {
-                    return Err(format!(
-                        "SUBSCRIBE/UNSUBSCRIBE/PINGREQ rate above {} per second",
-                        limits.max_subscribes_per_sec
-                    ));
-                }
-                for f in filters {
-                    state.subscriptions.remove(f);
-                }
-                if is_device {
-                    state.route = None;
-                    self.wbuf.extend_from_slice(&ack(UNSUBACK, pkid));
-                    return Ok(true);
-                }
-            }
-            Inbound::PingReq => {
-                if !self.quota.take_control() {
-                    return Err(format!(
-                        "SUBSCRIBE/UNSUBSCRIBE/PINGREQ rate above {} per second",
-                        limits.max_subscribes_per_sec
-                    ));
-                }
-                self.wbuf.extend_from_slice(&mqtt::PINGRESP);
-                return Ok(true);
-            }
-            Inbound::Disconnect => return Ok(false),
-            // The second half of a device's QoS 2 publish (see `device_publish`).
-            Inbound::Ack { kind: 6, pkid } if is_device => {
-                state.qos2_pending.retain(|p| *p != pkid);
-                // PUBCOMP even for an unknown id: the id is free either way.
-                self.wbuf.extend_from_slice(&ack(PUBCOMP, pkid));
-                return Ok(true);
-            }
-            // The router never sends to a device (its commands come from the
-            // dispatcher), so a device's PUBACK/PUBREC/PUBCOMP answer the edge.
-            Inbound::Ack { .. } if is_device => return Ok(true),
-            // rumqttd logs an ERROR for an ack it did not expect: any client
-            // could fill the log on demand. Pass on only what it awaits.
-            Inbound::Ack { kind, pkid } => {
-                if !state.acks.take(kind, pkid) {
-                    tracing::debug!(who = %self.who, kind, pkid, "unexpected ack dropped");
-                    return Ok(true);
-                }
-            }
-        }
-        let Some(tx) = tx else {
-            return Err("internal: packet for a router link the session does not have".into());
-        };
-        let mut packet =
-            decode(&frame.raw).ok_or_else(|| "packet rejected by the MQTT decoder".to_owned())?;
-        self.scope_shared_groups(&mut packet);
-        if let Inbound::Publish { qos: 2, pkid, .. } = inbound {
-            state.acks.awaiting_pubrel(pkid);
-        }
-        // Boxed: `LinkTx::send`'s future holds a whole `Packet`.
-        Box::pin(tx.send(packet))
-            .await
-            .map_err(|e| format!("router gone: {e}"))?;
-        Ok(true)
-    }
-
-    /// Shared-subscription groups are per identity: `$share/g/f` becomes
-    /// `$share/<id>:g/f` (`:` is in no id), so one operator cannot join
-    /// another's group and take a share of its messages.
-    fn scope_shared_groups(&self, packet: &mut Packet) {
-        let scoped = |f: &mut String| {
-            if let Some(rest) = f.strip_prefix(topics::SHARE_PREFIX) {
-                *f = format!("{}{}:{rest}", topics::SHARE_PREFIX, self.who.id);
-            }
-        };
-        match packet {
-            Packet::Subscribe(sub, _) => sub.filters.iter_mut().for_each(|f| scoped(&mut f.path)),
-            Packet::Unsubscribe(unsub, _) => unsub.filters.iter_mut().for_each(scoped),
-            _ => {}
-        }
-    }
-
-    /// A device's PUBLISH, already authorized: into the router through the
-    /// shared ingress link, then answered by the edge.
-    async fn device_publish(
-        &mut self,
-        frame: &Frame,
-        qos: u8,
-        pkid: u16,
-        state: &mut PumpState,
-    ) -> Result<(), String> {
-        // Room in the queue first, then the packet: a future holding a
-        // `Packet` across the wait would make every device's task larger.
-        let ingress = &self.shared.ingress;
-        match qos {
-            0 | 1 => {
-                let permit = ingress.reserve_one().await.map_err(|e| e.to_string())?;
-                let packet = decode(&frame.raw)
-                    .ok_or_else(|| "packet rejected by the MQTT decoder".to_owned())?;
-                permit.send(packet);
-                if qos == 1 {
-                    self.wbuf.extend_from_slice(&ack(PUBACK, pkid));
-                }
-            }
-            _ => {
-                // Routed on the first PUBLISH, as QoS 1 (the router would
-                // hold a QoS 2 publish under a packet id that other devices
-                // reuse on the shared link); a re-send before PUBREL is only
-                // answered again.
-                if !state.qos2_pending.contains(&pkid) {
-                    if state.qos2_pending.len() >= MAX_QOS2_PENDING {
-                        return Err(format!(
-                            "more than {MAX_QOS2_PENDING} QoS 2 publishes awaiting PUBREL"
-                        ));
-                    }
-                    let permit = ingress.reserve_one().await.map_err(|e| e.to_string())?;
-                    let mut raw = BytesMut::from(&frame.raw[..]);
-                    raw[0] = (raw[0] & !0b0110) | 0b0010;
-                    let packet = V4
-                        .read_mut(&mut raw, usize::MAX)
-                        .map_err(|_| "packet rejected by the MQTT decoder".to_owned())?;
-                    permit.send(packet);
-                    state.qos2_pending.push(pkid);
-                }
-                self.wbuf.extend_from_slice(&ack(PUBREC, pkid));
-            }
+            Action::UnregisterDispatch => state.route = None,
+            Action::Log(note) => self.log_note(note),
+            Action::Close(end) => return Err(end),
         }
         Ok(())
+    }
+
+    fn log_note(&self, note: Note) {
+        match note {
+            Note::SubscriptionLimit { limit } => {
+                tracing::warn!(who = %self.who, limit, "subscription limit reached; SUBSCRIBE refused")
+            }
+            Note::FilterLimit { limit } => {
+                tracing::warn!(who = %self.who, limit, "distinct filter limit of this identity reached; SUBSCRIBE refused")
+            }
+            Note::SubscribeNotAuthorized { filters } => {
+                tracing::warn!(who = %self.who, ?filters, "SUBSCRIBE not authorized")
+            }
+            Note::UnexpectedAck { kind, pkid } => {
+                tracing::debug!(who = %self.who, ?kind, pkid, "unexpected ack dropped")
+            }
+        }
     }
 
     /// Writes one notification and whatever else the router already queued.
@@ -829,7 +633,7 @@ impl Session {
         &mut self,
         first: Option<Notification>,
         rx: &mut LinkRx,
-        acks: &mut AckTrack,
+        core: &mut Core,
     ) -> Result<(), String> {
         let mut packets = Vec::new();
         let mut unscheduled = false;
@@ -856,7 +660,7 @@ impl Session {
             let at = self.wbuf.len();
             V4.write(packet, &mut self.wbuf)
                 .map_err(|e| format!("encode: {e:?}"))?;
-            acks.sent(&self.wbuf[at..]);
+            core.on_sent(&self.wbuf[at..]);
         }
         self.flush()
             .await
@@ -899,21 +703,27 @@ impl Session {
     }
 }
 
+/// Sends `packet` on the session's own router link. Not an async fn: the
+/// packet goes straight into the boxed future (`LinkTx::send`'s holds a
+/// whole `Packet`) instead of into every session's task.
+fn to_link(
+    tx: Option<&mut LinkTx>,
+    packet: Packet,
+) -> Result<Pin<Box<impl Future<Output = Result<usize, LinkError>> + '_>>, End> {
+    // The core sends nothing to a link a device session does not have:
+    // `None` is a bug, not input.
+    let tx = tx.ok_or_else(|| {
+        End::Abrupt("internal: packet for a router link the session does not have".into())
+    })?;
+    Ok(Box::pin(tx.send(packet)))
+}
+
+fn router_gone(e: LinkError) -> End {
+    End::Abrupt(format!("router gone: {e}"))
+}
+
 /// `wbuf` capacity kept between writes; a larger one is released.
 const WBUF_KEEP: usize = 4096;
-/// QoS 2 publishes of one device awaiting PUBREL; more is misbehaviour.
-const MAX_QOS2_PENDING: usize = 1024;
-
-const PUBACK: u8 = 0x40;
-const PUBREC: u8 = 0x50;
-const PUBCOMP: u8 = 0x70;
-const UNSUBACK: u8 = 0xB0;
-
-/// PUBACK, PUBREC, PUBCOMP or UNSUBACK for `pkid`.
-fn ack(header: u8, pkid: u16) -> [u8; 4] {
-    let [hi, lo] = pkid.to_be_bytes();
-    [header, 0x02, hi, lo]
-}
 
 /// The next notification on the session's link; never resolves without one.
 /// Boxed, and the error reduced to "gone": both would otherwise take room in
@@ -929,119 +739,8 @@ async fn next_notification(link: Option<&mut Link>) -> Result<Option<Box<Notific
 }
 
 struct PumpState {
-    subscriptions: std::collections::HashSet<String>,
-    acks: AckTrack,
+    core: Core,
     inbox: Arc<crate::dispatch::Inbox>,
     /// Set while a device is subscribed to its commands.
     route: Option<crate::dispatch::Route>,
-    command_qos: u8,
-    next_pkid: u16,
-    /// Packet ids of a device's QoS 2 publishes that await PUBREL.
-    qos2_pending: Vec<u16>,
-}
-
-/// Packet ids a linked client may acknowledge: those of the QoS 1/2
-/// publishes and PUBRELs the router sent it, and of its own QoS 2 publishes
-/// (for PUBREL). Empty for devices, whose acks the edge answers itself.
-#[derive(Default)]
-struct AckTrack {
-    puback: std::collections::HashSet<u16>,
-    pubrec: std::collections::HashSet<u16>,
-    pubcomp: std::collections::HashSet<u16>,
-    pubrel: std::collections::HashSet<u16>,
-}
-
-impl AckTrack {
-    /// Whether an ack of `kind` (the packet type) for `pkid` is awaited;
-    /// if so it is no longer.
-    fn take(&mut self, kind: u8, pkid: u16) -> bool {
-        match kind {
-            4 => self.puback.remove(&pkid),
-            5 => self.pubrec.remove(&pkid),
-            6 => self.pubrel.remove(&pkid),
-            7 => self.pubcomp.remove(&pkid),
-            _ => false,
-        }
-    }
-
-    fn awaiting_pubrel(&mut self, pkid: u16) {
-        self.pubrel.insert(pkid);
-    }
-
-    /// Notes what an encoded packet written to the client will be answered with.
-    fn sent(&mut self, wire: &[u8]) {
-        let Some(&first) = wire.first() else { return };
-        let mut len = 0usize;
-        let mut at = 1;
-        for (i, b) in wire.iter().skip(1).take(4).enumerate() {
-            len |= usize::from(b & 0x7F) << (7 * i);
-            at += 1;
-            if b & 0x80 == 0 {
-                break;
-            }
-        }
-        let body = &wire[at.min(wire.len())..(at + len).min(wire.len())];
-        let u16_at = |i: usize| body.get(i..i + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
-        match first >> 4 {
-            3 => {
-                let qos = (first >> 1) & 3;
-                let pkid = u16_at(0).and_then(|tl| u16_at(2 + usize::from(tl)));
-                match (qos, pkid) {
-                    (1, Some(p)) => {
-                        self.puback.insert(p);
-                    }
-                    (2, Some(p)) => {
-                        self.pubrec.insert(p);
-                    }
-                    _ => {}
-                }
-            }
-            6 => {
-                if let Some(p) = u16_at(0) {
-                    self.pubcomp.insert(p);
-                }
-            }
-            _ => {}
-        }
-    }
-}
-
-/// rumqttd's decoder is the only way to build its `Publish` with a QoS and
-/// packet id, so validated frames go through it.
-fn decode(raw: &[u8]) -> Option<Packet> {
-    let mut buf = BytesMut::from(raw);
-    V4.read_mut(&mut buf, usize::MAX).ok()
-}
-
-/// `{"online": …}`, retained, QoS 0, on the device's presence topic.
-fn presence_packet(device: &str, online: bool) -> Option<Packet> {
-    let body = if online {
-        &br#"{"online":true}"#[..]
-    } else {
-        &br#"{"online":false}"#[..]
-    };
-    crate::link_publish(&topics::presence(device), body, false, true, 0)
-}
-
-/// A will as the router's packet. QoS 2 is sent as QoS 1: the router holds a
-/// QoS 2 publish until a PUBREL that a will never gets.
-fn will_packet(will: &Will) -> Option<Packet> {
-    let frame = mqtt::encode_publish(
-        &will.topic,
-        &will.payload,
-        will.qos.min(1),
-        will.retain,
-        u16::MAX,
-    );
-    decode(&frame)
-}
-
-pub(crate) fn disconnect_packet() -> Packet {
-    use rumqttd::protocol::{Disconnect, DisconnectReasonCode};
-    Packet::Disconnect(
-        Disconnect {
-            reason_code: DisconnectReasonCode::NormalDisconnection,
-        },
-        None,
-    )
 }

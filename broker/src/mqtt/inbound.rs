@@ -16,9 +16,9 @@ pub enum Inbound {
         pkid: u16,
         payload_len: usize,
     },
-    /// PUBACK, PUBREC, PUBREL or PUBCOMP: only the router's session state cares.
+    /// PUBACK, PUBREC, PUBREL or PUBCOMP.
     Ack {
-        kind: u8,
+        kind: AckKind,
         pkid: u16,
     },
     Subscribe {
@@ -31,6 +31,28 @@ pub enum Inbound {
     },
     PingReq,
     Disconnect,
+}
+
+/// The four packets that acknowledge a step of a QoS 1 or 2 delivery, all
+/// `type + packet id`; the type says which step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AckKind {
+    PubAck,
+    PubRec,
+    PubRel,
+    PubComp,
+}
+
+impl AckKind {
+    /// The fixed header's first byte (PUBREL's carries its required flags).
+    pub fn header(self) -> u8 {
+        match self {
+            AckKind::PubAck => PUBACK << 4,
+            AckKind::PubRec => PUBREC << 4,
+            AckKind::PubRel => (PUBREL << 4) | 0b0010,
+            AckKind::PubComp => PUBCOMP << 4,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,17 +131,16 @@ pub fn parse(frame: &Frame, max_payload: usize) -> Result<Inbound, ProtocolError
             parse_connect(&mut r)?
         }
         PUBLISH => parse_publish(flags, &mut r, max_payload)?,
-        PUBACK | PUBREC | PUBCOMP => {
-            expect_flags(0)?;
+        PUBACK | PUBREC | PUBREL | PUBCOMP => {
+            let ack = match kind {
+                PUBACK => AckKind::PubAck,
+                PUBREC => AckKind::PubRec,
+                PUBREL => AckKind::PubRel,
+                _ => AckKind::PubComp,
+            };
+            expect_flags(ack.header() & 0x0F)?;
             Inbound::Ack {
-                kind,
-                pkid: r.pkid()?,
-            }
-        }
-        PUBREL => {
-            expect_flags(0b0010)?;
-            Inbound::Ack {
-                kind,
+                kind: ack,
                 pkid: r.pkid()?,
             }
         }

@@ -1,0 +1,1080 @@
+//! What one connection may do after CONNECT, decided without I/O.
+//!
+//! The pump (`super::Session::pump`) reads frames, validates them, hands
+//! each to [`Core::on_packet`] and carries out the [`Actions`] it returns,
+//! in order: bytes for the client, packets for the router, the operator tap,
+//! dispatch routes, log lines, the end of the session. Everything that
+//! decides (ACL, rates, subscription and retained limits, the QoS 2
+//! handshake, `$share` scoping, keep-alive) lives here and is tested by
+//! feeding packets (`tests` below). The core awaits nothing and reads no
+//! clock: time comes in as an argument. The per-identity quotas and the
+//! retained accounting are shared by all connections, so the core calls
+//! them through [`Env`] (plain mutexes, no I/O).
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use cityplane_proto::{topics, Identity, Role};
+use rumqttd::protocol::Packet;
+use tokio::time::Instant;
+
+use crate::mqtt::{outbound, AckKind, Frame, Inbound, Outbound, Will};
+use crate::quota::{IdentityQuota, Retained};
+use crate::{acl, Limits, TAPPED_PREFIXES};
+
+/// Why a session ended; decides whether the will is published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum End {
+    /// DISCONNECT from the client: the will is discarded.
+    Graceful,
+    /// A new connection with the same client id took the session over
+    /// (for devices: the registry; otherwise the router dropped the link).
+    TakenOver,
+    /// The certificate was revoked: no will (a revoked client must not get
+    /// the last word); a device's offline presence is still published.
+    Revoked,
+    /// The certificate's validity ended during the session; as `Revoked`.
+    Expired,
+    /// Anything else: the will is published.
+    Abrupt(String),
+}
+
+impl End {
+    /// The will published for a session that ended this way, if any: only
+    /// an abrupt end publishes one. (A takeover publishes nothing at all,
+    /// not even presence: the new session's must stay the last word.)
+    pub(crate) fn will<'w>(&self, will: Option<&'w Will>) -> Option<&'w Will> {
+        match self {
+            End::Abrupt(_) => will,
+            _ => None,
+        }
+    }
+}
+
+/// Whether the edge must publish a device's offline presence itself: a
+/// device's will is its presence, so only when no will says it.
+pub(crate) fn says_offline_itself(device: &str, will: Option<&Will>) -> bool {
+    will.is_none_or(|w| w.topic != topics::presence(device))
+}
+
+/// One effect of a packet, for the pump to carry out.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Action {
+    /// To the client, written with the answers to the rest of the batch.
+    Send(Outbound),
+    /// The packet being handled, into the router through the shared ingress
+    /// link (devices). `as_qos1`: a QoS 2 publish routed as QoS 1.
+    Ingress {
+        as_qos1: bool,
+    },
+    /// The packet being handled, as the client sent it, to the session's
+    /// own router link.
+    Link,
+    /// A packet the core rewrote (`$share` scoping) for the session's own link.
+    LinkPacket(Box<Packet>),
+    /// An operator request also goes to the in-process controller, with the
+    /// certificate identity (the router does not carry who published); its
+    /// payload is the frame's last `payload_len` bytes.
+    Tap {
+        topic: String,
+        payload_len: usize,
+    },
+    /// The device is subscribed to its commands: route them to this session.
+    RegisterDispatch,
+    UnregisterDispatch,
+    /// Worth a log line; the session goes on.
+    Log(Note),
+    /// The session ends, after the actions before this one.
+    Close(End),
+}
+
+/// What [`Action::Log`] reports.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Note {
+    SubscriptionLimit { limit: usize },
+    FilterLimit { limit: usize },
+    SubscribeNotAuthorized { filters: Box<[String]> },
+    UnexpectedAck { kind: AckKind, pkid: u16 },
+}
+
+/// Room for the effects of one packet, inline: it is made for every
+/// PUBLISH, so it must not allocate. No packet has more than two effects
+/// today; the spare slots are headroom.
+#[derive(Debug, Default)]
+pub(crate) struct Actions {
+    slots: [Option<Action>; SLOTS],
+}
+
+const SLOTS: usize = 4;
+
+impl Actions {
+    fn push(&mut self, action: Action) {
+        if let Some(slot) = self.slots.iter_mut().find(|s| s.is_none()) {
+            *slot = Some(action);
+        } else {
+            debug_assert!(false, "more actions than slots");
+            // Closing is safe where carrying out a partial list is not.
+            self.slots[SLOTS - 1] = Some(close("internal: too many actions for one packet"));
+        }
+    }
+
+    fn one(action: Action) -> Self {
+        let mut actions = Actions::default();
+        actions.push(action);
+        actions
+    }
+}
+
+impl IntoIterator for Actions {
+    type Item = Action;
+    type IntoIter = std::iter::Flatten<std::array::IntoIter<Option<Action>, SLOTS>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.slots.into_iter().flatten()
+    }
+}
+
+fn close(reason: impl Into<String>) -> Action {
+    Action::Close(End::Abrupt(reason.into()))
+}
+
+/// What the core consults but does not own: the connection's identity, the
+/// broker's limits and the state shared with other connections.
+pub(crate) struct Env<'a> {
+    pub(crate) who: &'a Identity,
+    pub(crate) limits: &'a Limits,
+    /// This identity's rates and quotas, shared with its other connections.
+    pub(crate) quota: &'a IdentityQuota,
+    pub(crate) retained: &'a Retained,
+}
+
+/// Why a will in CONNECT is refused, if it is (the connection then ends
+/// with CONNACK "not authorized").
+pub(crate) fn will_refusal(who: &Identity, will: &Will) -> Option<&'static str> {
+    if !acl::may_set_will(who, &will.topic) {
+        Some("will topic not authorized")
+    } else if who.role == Role::Device && !acl::is_offline_presence(&will.payload) {
+        Some(r#"a device's will must be {"online":false}"#)
+    } else if will.retain && !acl::may_retain(who, &will.topic) && who.role != Role::Device {
+        Some("RETAIN not allowed on the will topic")
+    } else if will.payload.is_empty() {
+        Some("empty will payload (it would delete the retained message)")
+    } else {
+        None
+    }
+}
+
+/// QoS 2 publishes of one device awaiting PUBREL; more is misbehaviour.
+const MAX_QOS2_PENDING: usize = 1024;
+
+/// One connection's state after CONNECT.
+#[derive(Debug)]
+pub(crate) struct Core {
+    /// Seconds, as the client asked; 0 = off.
+    keep_alive: u16,
+    /// When the client must have sent something (far ahead without keep-alive).
+    deadline: Instant,
+    /// When the client certificate stops being valid.
+    expires: Instant,
+    subscriptions: HashSet<String>,
+    /// Boxed and made on first use: four hash sets are ~200 bytes that
+    /// device sessions (most of them) never use.
+    acks: Option<Box<AckTrack>>,
+    /// Whether the device's commands are routed to this session.
+    dispatching: bool,
+    command_qos: u8,
+    next_pkid: u16,
+    /// Packet ids of a device's QoS 2 publishes that await PUBREL.
+    qos2_pending: Vec<u16>,
+}
+
+impl Core {
+    pub(crate) fn new(keep_alive: u16, expires: Instant, now: Instant) -> Self {
+        let mut core = Core {
+            keep_alive,
+            deadline: now + Duration::from_secs(86_400 * 365),
+            expires,
+            subscriptions: HashSet::new(),
+            acks: None,
+            dispatching: false,
+            command_qos: 0,
+            next_pkid: 0,
+            qos2_pending: Vec::new(),
+        };
+        core.on_read(now);
+        core
+    }
+
+    /// 1.5 × the interval the client asked for (MQTT 3.1.1 §3.1.2.10).
+    fn keep_alive_period(&self) -> Option<Duration> {
+        (self.keep_alive > 0).then(|| Duration::from_millis(u64::from(self.keep_alive) * 1500))
+    }
+
+    /// Bytes came in at `now`.
+    pub(crate) fn on_read(&mut self, now: Instant) {
+        if let Some(period) = self.keep_alive_period() {
+            self.deadline = now + period;
+        }
+    }
+
+    /// When [`Core::on_timer`] has something to say; one timer covers both
+    /// keep-alive and expiry (a second one would be armed per packet).
+    pub(crate) fn wake_at(&self) -> Instant {
+        self.deadline.min(self.expires)
+    }
+
+    pub(crate) fn on_timer(&self, now: Instant) -> Option<End> {
+        if now < self.wake_at() {
+            return None;
+        }
+        Some(if self.expires <= self.deadline {
+            End::Expired
+        } else {
+            End::Abrupt(format!(
+                "keep-alive of {}s expired (1.5 x interval)",
+                self.keep_alive
+            ))
+        })
+    }
+
+    /// The registry told the session to end.
+    pub(crate) fn on_kill(taken_over: bool, revoked: bool) -> End {
+        if taken_over {
+            End::TakenOver
+        } else if revoked {
+            End::Revoked
+        } else {
+            End::Abrupt("broker shutting down".into())
+        }
+    }
+
+    /// QoS and packet id of the next command written to the device.
+    pub(crate) fn on_command(&mut self) -> (u8, u16) {
+        self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+        (self.command_qos, self.next_pkid)
+    }
+
+    /// An encoded packet from the router was written to the client: note
+    /// what the client may answer it with.
+    pub(crate) fn on_sent(&mut self, wire: &[u8]) {
+        self.acks.get_or_insert_default().sent(wire);
+    }
+
+    /// One validated client packet (`inbound` is `frame` parsed).
+    pub(crate) fn on_packet(
+        &mut self,
+        frame: &Frame,
+        inbound: Inbound,
+        now: Instant,
+        env: &Env<'_>,
+    ) -> Actions {
+        let device = env.who.role == Role::Device;
+        match inbound {
+            Inbound::Connect { .. } => Actions::one(close("protocol violation: second CONNECT")),
+            Inbound::Publish {
+                topic,
+                qos,
+                retain,
+                pkid,
+                payload_len,
+            } => self.on_publish(topic, qos, retain, pkid, payload_len, now, env),
+            Inbound::Subscribe { pkid, filters } => {
+                self.on_subscribe(frame, pkid, filters, now, env)
+            }
+            Inbound::Unsubscribe { pkid, filters } => {
+                if !env.quota.take_control(now) {
+                    return Actions::one(over_control_rate(env.limits));
+                }
+                for f in &filters {
+                    self.subscriptions.remove(f);
+                }
+                if !device {
+                    return Actions::one(scoped(frame, env.who));
+                }
+                let mut actions = Actions::default();
+                if std::mem::take(&mut self.dispatching) {
+                    actions.push(Action::UnregisterDispatch);
+                }
+                actions.push(Action::Send(Outbound::UnsubAck(pkid)));
+                actions
+            }
+            Inbound::PingReq => Actions::one(if env.quota.take_control(now) {
+                Action::Send(Outbound::PingResp)
+            } else {
+                over_control_rate(env.limits)
+            }),
+            Inbound::Disconnect => Actions::one(Action::Close(End::Graceful)),
+            // The second half of a device's QoS 2 publish (see `on_publish`).
+            Inbound::Ack {
+                kind: AckKind::PubRel,
+                pkid,
+            } if device => {
+                self.qos2_pending.retain(|p| *p != pkid);
+                // PUBCOMP even for an unknown id: the id is free either way.
+                Actions::one(Action::Send(Outbound::Ack(AckKind::PubComp, pkid)))
+            }
+            // The router never sends to a device (its commands come from the
+            // dispatcher), so a device's PUBACK/PUBREC/PUBCOMP answer the edge.
+            Inbound::Ack { .. } if device => Actions::default(),
+            // rumqttd logs an ERROR for an ack it did not expect: any client
+            // could fill the log on demand. Pass on only what it awaits.
+            Inbound::Ack { kind, pkid } => {
+                Actions::one(if self.acks.as_mut().is_some_and(|a| a.take(kind, pkid)) {
+                    Action::Link
+                } else {
+                    Action::Log(Note::UnexpectedAck { kind, pkid })
+                })
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_publish(
+        &mut self,
+        topic: String,
+        qos: u8,
+        retain: bool,
+        pkid: u16,
+        payload_len: usize,
+        now: Instant,
+        env: &Env<'_>,
+    ) -> Actions {
+        let (who, limits) = (env.who, env.limits);
+        // Every check before anything is carried out: a refused publish
+        // must have no effect at all.
+        if !acl::may_publish(who, &topic) {
+            return Actions::one(close(format!("not authorized to publish to {topic:?}")));
+        }
+        if who.role != Role::Controller && !env.quota.take_publish(now) {
+            return Actions::one(close(format!(
+                "publish rate above {} per second",
+                limits.max_publishes_per_sec
+            )));
+        }
+        if retain {
+            if !acl::may_retain(who, &topic) {
+                return Actions::one(close(format!("RETAIN not allowed on {topic:?}")));
+            }
+            if let Err(e) = env.retained.set(&who.id, &topic, payload_len, limits) {
+                return Actions::one(close(format!("retained publish to {topic:?} refused: {e}")));
+            }
+        } else if payload_len == 0 {
+            // rumqttd deletes the retained message of any topic that gets an
+            // empty payload, RETAIN or not.
+            return Actions::one(close(format!(
+                "empty payload without RETAIN on {topic:?} (would delete its retained message)"
+            )));
+        }
+        let mut actions = Actions::default();
+        if who.role == Role::Operator && TAPPED_PREFIXES.iter().any(|p| topic.starts_with(p)) {
+            actions.push(Action::Tap { topic, payload_len });
+        }
+        if who.role != Role::Device {
+            if qos == 2 {
+                self.acks.get_or_insert_default().awaiting_pubrel(pkid);
+            }
+            actions.push(Action::Link);
+            return actions;
+        }
+        // A device's publish enters the router through the shared ingress
+        // link and is answered by the edge.
+        match qos {
+            0 => actions.push(Action::Ingress { as_qos1: false }),
+            1 => {
+                actions.push(Action::Ingress { as_qos1: false });
+                actions.push(Action::Send(Outbound::Ack(AckKind::PubAck, pkid)));
+            }
+            _ => {
+                // Routed on the first PUBLISH, as QoS 1 (the router would
+                // hold a QoS 2 publish under a packet id that other devices
+                // reuse on the shared link); a re-send before PUBREL is only
+                // answered again.
+                if !self.qos2_pending.contains(&pkid) {
+                    if self.qos2_pending.len() >= MAX_QOS2_PENDING {
+                        return Actions::one(close(format!(
+                            "more than {MAX_QOS2_PENDING} QoS 2 publishes awaiting PUBREL"
+                        )));
+                    }
+                    self.qos2_pending.push(pkid);
+                    actions.push(Action::Ingress { as_qos1: true });
+                }
+                actions.push(Action::Send(Outbound::Ack(AckKind::PubRec, pkid)));
+            }
+        }
+        actions
+    }
+
+    fn on_subscribe(
+        &mut self,
+        frame: &Frame,
+        pkid: u16,
+        filters: Vec<(String, u8)>,
+        now: Instant,
+        env: &Env<'_>,
+    ) -> Actions {
+        let (who, limits) = (env.who, env.limits);
+        let device = who.role == Role::Device;
+        if !env.quota.take_control(now) {
+            return Actions::one(over_control_rate(limits));
+        }
+        let refused: Vec<String> = filters
+            .iter()
+            .map(|(f, _)| f)
+            .filter(|f| !acl::may_subscribe(who, f))
+            .cloned()
+            .collect();
+        let new = filters
+            .iter()
+            .filter(|(f, _)| !self.subscriptions.contains(f))
+            .count();
+        let over = self.subscriptions.len() + new > limits.max_subscriptions;
+        // Devices never make the router create a filter.
+        let too_many_filters = refused.is_empty()
+            && !over
+            && !device
+            && !env.quota.admit_filters(
+                filters.iter().map(|(f, _)| f.as_str()),
+                limits.max_filters_per_identity,
+            );
+        if !refused.is_empty() || over || too_many_filters {
+            let note = if over {
+                Note::SubscriptionLimit {
+                    limit: limits.max_subscriptions,
+                }
+            } else if too_many_filters {
+                Note::FilterLimit {
+                    limit: limits.max_filters_per_identity,
+                }
+            } else {
+                Note::SubscribeNotAuthorized {
+                    filters: refused.into(),
+                }
+            };
+            let mut actions = Actions::one(Action::Log(note));
+            actions.push(Action::Send(Outbound::SubAck {
+                pkid,
+                codes: vec![outbound::SUBACK_FAILURE; filters.len()].into(),
+            }));
+            return actions;
+        }
+        if !device {
+            self.subscriptions
+                .extend(filters.into_iter().map(|(f, _)| f));
+            return Actions::one(scoped(frame, who));
+        }
+        // The ACL left only the device's own commands topic.
+        let codes: Box<[u8]> = filters.iter().map(|(_, q)| (*q).min(1)).collect();
+        self.command_qos = codes.iter().copied().max().unwrap_or(0);
+        self.subscriptions
+            .extend(filters.into_iter().map(|(f, _)| f));
+        let mut actions = Actions::default();
+        if !std::mem::replace(&mut self.dispatching, true) {
+            actions.push(Action::RegisterDispatch);
+        }
+        actions.push(Action::Send(Outbound::SubAck { pkid, codes }));
+        actions
+    }
+}
+
+fn over_control_rate(limits: &Limits) -> Action {
+    close(format!(
+        "SUBSCRIBE/UNSUBSCRIBE/PINGREQ rate above {} per second",
+        limits.max_subscribes_per_sec
+    ))
+}
+
+/// A linked session's SUBSCRIBE or UNSUBSCRIBE for its router link, with
+/// its shared-subscription groups made per identity: `$share/g/f` becomes
+/// `$share/<id>:g/f` (`:` is in no id), so one operator cannot join
+/// another's group and take a share of its messages.
+fn scoped(frame: &Frame, who: &Identity) -> Action {
+    let Some(mut packet) = outbound::decode(&frame.raw) else {
+        return close("packet rejected by the MQTT decoder");
+    };
+    let scope = |f: &mut String| {
+        if let Some(rest) = f.strip_prefix(topics::SHARE_PREFIX) {
+            *f = format!("{}{}:{rest}", topics::SHARE_PREFIX, who.id);
+        }
+    };
+    match &mut packet {
+        Packet::Subscribe(sub, _) => sub.filters.iter_mut().for_each(|f| scope(&mut f.path)),
+        Packet::Unsubscribe(unsub, _) => unsub.filters.iter_mut().for_each(scope),
+        _ => {}
+    }
+    Action::LinkPacket(Box::new(packet))
+}
+
+/// Packet ids a linked client may acknowledge: those of the QoS 1/2
+/// publishes and PUBRELs the router sent it, and of its own QoS 2 publishes
+/// (for PUBREL). Empty for devices, whose acks the edge answers itself.
+#[derive(Debug, Default)]
+struct AckTrack {
+    puback: HashSet<u16>,
+    pubrec: HashSet<u16>,
+    pubcomp: HashSet<u16>,
+    pubrel: HashSet<u16>,
+}
+
+impl AckTrack {
+    /// Whether an ack of `kind` for `pkid` is awaited; if so it is no longer.
+    fn take(&mut self, kind: AckKind, pkid: u16) -> bool {
+        match kind {
+            AckKind::PubAck => self.puback.remove(&pkid),
+            AckKind::PubRec => self.pubrec.remove(&pkid),
+            AckKind::PubRel => self.pubrel.remove(&pkid),
+            AckKind::PubComp => self.pubcomp.remove(&pkid),
+        }
+    }
+
+    fn awaiting_pubrel(&mut self, pkid: u16) {
+        self.pubrel.insert(pkid);
+    }
+
+    /// Notes what an encoded packet written to the client will be answered with.
+    fn sent(&mut self, wire: &[u8]) {
+        let Some(&first) = wire.first() else { return };
+        let mut len = 0usize;
+        let mut at = 1;
+        for (i, b) in wire.iter().skip(1).take(4).enumerate() {
+            len |= usize::from(b & 0x7F) << (7 * i);
+            at += 1;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        let body = &wire[at.min(wire.len())..(at + len).min(wire.len())];
+        let u16_at = |i: usize| body.get(i..i + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
+        match first >> 4 {
+            3 => {
+                let qos = (first >> 1) & 3;
+                let pkid = u16_at(0).and_then(|tl| u16_at(2 + usize::from(tl)));
+                match (qos, pkid) {
+                    (1, Some(p)) => {
+                        self.puback.insert(p);
+                    }
+                    (2, Some(p)) => {
+                        self.pubrec.insert(p);
+                    }
+                    _ => {}
+                }
+            }
+            6 => {
+                if let Some(p) = u16_at(0) {
+                    self.pubcomp.insert(p);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The session's rules as tables: packets in, actions out, no sockets.
+
+    use std::sync::Arc;
+
+    use bytes::BytesMut;
+    use cityplane_proto::topics;
+
+    use super::*;
+    use crate::mqtt::{encode_publish, encode_remaining_length, next_frame, parse};
+    use crate::quota::Quotas;
+
+    fn who(id: &str, role: Role) -> Identity {
+        Identity {
+            id: id.into(),
+            role,
+        }
+    }
+
+    fn publish(topic: &str, payload: &[u8], qos: u8, retain: bool, pkid: u16) -> Vec<u8> {
+        encode_publish(topic, payload, qos, retain, pkid)
+    }
+
+    fn subscribe(pkid: u16, filters: &[(&str, u8)]) -> Vec<u8> {
+        let mut body = pkid.to_be_bytes().to_vec();
+        for (f, q) in filters {
+            body.extend((f.len() as u16).to_be_bytes());
+            body.extend(f.as_bytes());
+            body.push(*q);
+        }
+        with_header(0x82, body)
+    }
+
+    fn unsubscribe(pkid: u16, filters: &[&str]) -> Vec<u8> {
+        let mut body = pkid.to_be_bytes().to_vec();
+        for f in filters {
+            body.extend((f.len() as u16).to_be_bytes());
+            body.extend(f.as_bytes());
+        }
+        with_header(0xA2, body)
+    }
+
+    fn with_header(first: u8, body: Vec<u8>) -> Vec<u8> {
+        let mut out = vec![first];
+        encode_remaining_length(body.len(), &mut out);
+        out.extend(body);
+        out
+    }
+
+    fn ack(kind: AckKind, pkid: u16) -> Vec<u8> {
+        let [hi, lo] = pkid.to_be_bytes();
+        vec![kind.header(), 2, hi, lo]
+    }
+
+    const PINGREQ: [u8; 2] = [0xC0, 0];
+
+    fn send(packet: Outbound) -> Action {
+        Action::Send(packet)
+    }
+
+    fn refused(reason: String) -> Action {
+        Action::Close(End::Abrupt(reason))
+    }
+
+    fn suback_failure(pkid: u16, filters: usize) -> Action {
+        send(Outbound::SubAck {
+            pkid,
+            codes: vec![outbound::SUBACK_FAILURE; filters].into(),
+        })
+    }
+
+    /// What happens, in order, to one session.
+    enum Step {
+        /// A client packet and the actions it must produce.
+        In(Vec<u8>, Vec<Action>),
+        /// A packet from the router written to the client.
+        Out(Vec<u8>),
+        /// Time passes.
+        Wait(Duration),
+        /// The session's timer fires: what it says.
+        Timer(Option<End>),
+    }
+    use Step::{In, Out, Timer, Wait};
+
+    struct Case {
+        name: &'static str,
+        who: Identity,
+        limits: Limits,
+        keep_alive: u16,
+        steps: Vec<Step>,
+    }
+
+    fn case(name: &'static str, who: Identity, steps: Vec<Step>) -> Case {
+        Case {
+            name,
+            who,
+            limits: Limits::default(),
+            keep_alive: 0,
+            steps,
+        }
+    }
+
+    /// One connection's core with everything it consults.
+    struct Conn {
+        who: Identity,
+        limits: Limits,
+        quota: Arc<IdentityQuota>,
+        retained: Retained,
+        core: Core,
+        now: Instant,
+    }
+
+    impl Conn {
+        /// `quotas` is the broker's: connections of one identity share theirs.
+        fn new(who: Identity, limits: Limits, keep_alive: u16, quotas: &Quotas) -> Self {
+            let now = Instant::now();
+            Conn {
+                quota: quotas.of(&who.id, &limits),
+                who,
+                limits,
+                retained: Retained::default(),
+                core: Core::new(keep_alive, now + Duration::from_secs(3_600), now),
+                now,
+            }
+        }
+
+        /// One client packet, as the pump hands it over.
+        fn feed(&mut self, bytes: &[u8]) -> Vec<Action> {
+            let mut buf = BytesMut::from(bytes);
+            let frame = next_frame(&mut buf, self.limits.max_frame())
+                .expect("a valid frame")
+                .expect("a whole frame");
+            let inbound = parse(&frame, self.limits.max_payload).expect("a valid packet");
+            let env = Env {
+                who: &self.who,
+                limits: &self.limits,
+                quota: &self.quota,
+                retained: &self.retained,
+            };
+            self.core.on_read(self.now);
+            self.core
+                .on_packet(&frame, inbound, self.now, &env)
+                .into_iter()
+                .collect()
+        }
+    }
+
+    /// Runs a case; every step's actions must be exactly the expected ones.
+    fn check(case: Case) {
+        let Case {
+            name,
+            who,
+            limits,
+            keep_alive,
+            steps,
+        } = case;
+        let mut conn = Conn::new(who, limits, keep_alive, &Quotas::default());
+        for (i, step) in steps.into_iter().enumerate() {
+            match step {
+                In(bytes, expected) => assert_eq!(conn.feed(&bytes), expected, "{name}, step {i}"),
+                Out(bytes) => conn.core.on_sent(&bytes),
+                Wait(d) => conn.now += d,
+                Timer(expected) => {
+                    assert_eq!(conn.core.on_timer(conn.now), expected, "{name}, step {i}")
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn session_table() {
+        let d1 = || who("d1", Role::Device);
+        let op = || who("op1", Role::Operator);
+        let reported = topics::reported("d1");
+        let telemetry = topics::telemetry("d1");
+        let commands = topics::commands("d1");
+        let desired = topics::desired("lamps");
+        let cases = vec![
+            case(
+                "a device's own report is routed through ingress and acknowledged",
+                d1(),
+                vec![
+                    In(publish(&reported, b"{}", 1, false, 1), vec![
+                        Action::Ingress { as_qos1: false },
+                        send(Outbound::Ack(AckKind::PubAck, 1)),
+                    ]),
+                    In(publish(&telemetry, b"{}", 0, false, 0), vec![Action::Ingress { as_qos1: false }]),
+                ],
+            ),
+            case(
+                "a device publishing to another device's topic is refused and closed",
+                d1(),
+                vec![In(publish(&topics::reported("d2"), b"{}", 1, false, 1), vec![refused(
+                    format!("not authorized to publish to {:?}", topics::reported("d2")),
+                )])],
+            ),
+            case(
+                "an empty payload without RETAIN is refused (it would delete the retained message)",
+                d1(),
+                vec![In(publish(&reported, b"", 0, false, 0), vec![refused(format!(
+                    "empty payload without RETAIN on {reported:?} (would delete its retained message)"
+                ))])],
+            ),
+            case(
+                "RETAIN is refused on telemetry and allowed on reported",
+                d1(),
+                vec![
+                    In(publish(&reported, b"{}", 0, true, 0), vec![Action::Ingress { as_qos1: false }]),
+                    In(publish(&telemetry, b"{}", 0, true, 0), vec![refused(format!(
+                        "RETAIN not allowed on {telemetry:?}"
+                    ))]),
+                ],
+            ),
+            Case {
+                limits: Limits {
+                    max_publishes_per_sec: 2,
+                    ..Limits::default()
+                },
+                ..case("a publish over the rate closes the session, a second later one is fine", d1(), vec![
+                    In(publish(&telemetry, b"1", 0, false, 0), vec![Action::Ingress { as_qos1: false }]),
+                    In(publish(&telemetry, b"2", 0, false, 0), vec![Action::Ingress { as_qos1: false }]),
+                    Wait(Duration::from_millis(500)),
+                    In(publish(&telemetry, b"3", 0, false, 0), vec![Action::Ingress { as_qos1: false }]),
+                    In(publish(&telemetry, b"4", 0, false, 0), vec![refused(
+                        "publish rate above 2 per second".into(),
+                    )]),
+                ])
+            },
+            Case {
+                limits: Limits {
+                    max_subscribes_per_sec: 1,
+                    max_subscriptions: 1,
+                    ..Limits::default()
+                },
+                ..case("a SUBSCRIBE over the rate closes the session", d1(), vec![
+                    In(subscribe(1, &[(&commands, 1)]), vec![
+                        Action::RegisterDispatch,
+                        send(Outbound::SubAck { pkid: 1, codes: Box::new([1]) }),
+                    ]),
+                    In(subscribe(2, &[(&commands, 1)]), vec![refused(
+                        "SUBSCRIBE/UNSUBSCRIBE/PINGREQ rate above 1 per second".into(),
+                    )]),
+                ])
+            },
+            case(
+                "a device's commands are routed to it once, granted at most QoS 1, until it unsubscribes",
+                d1(),
+                vec![
+                    In(subscribe(1, &[(&commands, 2)]), vec![
+                        Action::RegisterDispatch,
+                        send(Outbound::SubAck { pkid: 1, codes: Box::new([1]) }),
+                    ]),
+                    In(subscribe(2, &[(&commands, 0)]), vec![send(Outbound::SubAck { pkid: 2, codes: Box::new([0]) })]),
+                    In(unsubscribe(3, &[&commands]), vec![
+                        Action::UnregisterDispatch,
+                        send(Outbound::UnsubAck(3)),
+                    ]),
+                    In(unsubscribe(4, &[&commands]), vec![send(Outbound::UnsubAck(4))]),
+                    In(PINGREQ.to_vec(), vec![send(Outbound::PingResp)]),
+                ],
+            ),
+            case(
+                "a device subscribing to another device's commands gets 0x80 and no route",
+                d1(),
+                vec![In(subscribe(5, &[(&topics::commands("d2"), 1)]), vec![
+                    Action::Log(Note::SubscribeNotAuthorized {
+                        filters: Box::new([topics::commands("d2")]),
+                    }),
+                    suback_failure(5, 1),
+                ])],
+            ),
+            Case {
+                limits: Limits {
+                    max_subscriptions: 1,
+                    ..Limits::default()
+                },
+                ..case("subscriptions over the per-connection limit are refused as a whole", op(), vec![In(
+                    subscribe(1, &[(&topics::all_devices("reported"), 1), (topics::FLEET_STATUS, 1)]),
+                    vec![Action::Log(Note::SubscriptionLimit { limit: 1 }), suback_failure(1, 2)],
+                )])
+            },
+            case(
+                "a device's QoS 2 publish is routed once as QoS 1 until PUBREL frees its id",
+                d1(),
+                vec![
+                    In(publish(&reported, b"{}", 2, false, 7), vec![
+                        Action::Ingress { as_qos1: true },
+                        send(Outbound::Ack(AckKind::PubRec, 7)),
+                    ]),
+                    In(publish(&reported, b"{}", 2, false, 7), vec![send(Outbound::Ack(AckKind::PubRec, 7))]),
+                    In(ack(AckKind::PubRel, 7), vec![send(Outbound::Ack(AckKind::PubComp, 7))]),
+                    In(publish(&reported, b"{}", 2, false, 7), vec![
+                        Action::Ingress { as_qos1: true },
+                        send(Outbound::Ack(AckKind::PubRec, 7)),
+                    ]),
+                    // A device's other acks answer the edge, never the router.
+                    In(ack(AckKind::PubAck, 9), vec![]),
+                    In(ack(AckKind::PubComp, 9), vec![]),
+                ],
+            ),
+            case(
+                "a linked client's QoS 2 acks reach the router only when the router awaits them",
+                op(),
+                vec![
+                    // Delivery to the client: PUBLISH, PUBREC, PUBREL, PUBCOMP.
+                    Out(publish(topics::FLEET_STATUS, b"{}", 2, false, 5)),
+                    In(ack(AckKind::PubRec, 5), vec![Action::Link]),
+                    In(ack(AckKind::PubRec, 5), vec![Action::Log(Note::UnexpectedAck {
+                        kind: AckKind::PubRec,
+                        pkid: 5,
+                    })]),
+                    Out(ack(AckKind::PubRel, 5)),
+                    In(ack(AckKind::PubComp, 5), vec![Action::Link]),
+                    // The client's own QoS 2 publish: its PUBREL is awaited.
+                    In(publish(&desired, b"{}", 2, false, 9), vec![
+                        Action::Tap { topic: desired.clone(), payload_len: 2 },
+                        Action::Link,
+                    ]),
+                    In(ack(AckKind::PubRel, 9), vec![Action::Link]),
+                    In(ack(AckKind::PubRel, 9), vec![Action::Log(Note::UnexpectedAck {
+                        kind: AckKind::PubRel,
+                        pkid: 9,
+                    })]),
+                ],
+            ),
+            case(
+                "a stray ack from a linked client is dropped before rumqttd logs it",
+                op(),
+                vec![
+                    Out(publish(topics::FLEET_STATUS, b"{}", 1, false, 3)),
+                    In(ack(AckKind::PubAck, 4), vec![Action::Log(Note::UnexpectedAck {
+                        kind: AckKind::PubAck,
+                        pkid: 4,
+                    })]),
+                    In(ack(AckKind::PubAck, 3), vec![Action::Link]),
+                ],
+            ),
+            case(
+                "operators may not retain and may not publish outside their prefixes",
+                op(),
+                vec![
+                    In(publish(&desired, b"{}", 1, true, 1), vec![refused(format!(
+                        "RETAIN not allowed on {desired:?}"
+                    ))]),
+                    In(publish(topics::FLEET_DESIRED, b"{}", 0, false, 0), vec![refused(format!(
+                        "not authorized to publish to {:?}",
+                        topics::FLEET_DESIRED
+                    ))]),
+                ],
+            ),
+            Case {
+                keep_alive: 10,
+                ..case("keep-alive is 1.5 x the interval, counted from the last packet", d1(), vec![
+                    Wait(Duration::from_secs(14)),
+                    Timer(None),
+                    In(PINGREQ.to_vec(), vec![send(Outbound::PingResp)]),
+                    Wait(Duration::from_secs(14)),
+                    Timer(None),
+                    Wait(Duration::from_secs(1)),
+                    Timer(Some(End::Abrupt("keep-alive of 10s expired (1.5 x interval)".into()))),
+                ])
+            },
+            case(
+                "the certificate's end ends the session; DISCONNECT is graceful, a second CONNECT is not",
+                d1(),
+                vec![
+                    In(vec![0xE0, 0], vec![Action::Close(End::Graceful)]),
+                    In(
+                        with_header(0x10, b"\0\x04MQTT\x04\x02\0\0\0\x02d1".to_vec()),
+                        vec![refused("protocol violation: second CONNECT".into())],
+                    ),
+                    Wait(Duration::from_secs(3_600)),
+                    Timer(Some(End::Expired)),
+                ],
+            ),
+        ];
+        for c in cases {
+            check(c);
+        }
+    }
+
+    /// `$share/<group>/…` from a linked client is rewritten to
+    /// `$share/<id>:<group>/…` both ways, so operators cannot share groups.
+    #[test]
+    fn shared_groups_are_scoped_to_the_identity() {
+        let op = who("op1", Role::Operator);
+        let filter = format!("{}g/{}", topics::SHARE_PREFIX, topics::FLEET_STATUS);
+        let scoped = format!("{}op1:g/{}", topics::SHARE_PREFIX, topics::FLEET_STATUS);
+        let mut conn = Conn::new(op, Limits::default(), 0, &Quotas::default());
+        let mut rewritten = |packet: &[u8]| match conn.feed(packet).pop() {
+            Some(Action::LinkPacket(packet)) => match *packet {
+                Packet::Subscribe(sub, _) => sub.filters.into_iter().map(|f| f.path).collect(),
+                Packet::Unsubscribe(unsub, _) => unsub.filters,
+                other => panic!("{other:?}"),
+            },
+            other => panic!("not a packet for the link: {other:?}"),
+        };
+        let plain = topics::FLEET_STATUS.to_owned();
+        assert_eq!(
+            rewritten(&subscribe(1, &[(&filter, 1), (&plain, 0)])),
+            vec![scoped.clone(), plain.clone()]
+        );
+        assert_eq!(rewritten(&unsubscribe(2, &[&filter])), vec![scoped]);
+    }
+
+    #[test]
+    fn a_device_will_must_be_its_own_offline_presence() {
+        let d1 = who("d1", Role::Device);
+        let will = |topic: String, payload: &[u8], retain| Will {
+            topic,
+            payload: payload.to_vec(),
+            qos: 1,
+            retain,
+        };
+        let offline = br#"{"online":false}"#;
+        let table = [
+            (will(topics::presence("d1"), offline, true), None),
+            (
+                will(topics::presence("d2"), offline, true),
+                Some("will topic not authorized"),
+            ),
+            (
+                will(topics::presence("d1"), br#"{"online":true}"#, true),
+                Some(r#"a device's will must be {"online":false}"#),
+            ),
+        ];
+        for (w, expected) in table {
+            assert_eq!(will_refusal(&d1, &w), expected, "{w:?}");
+        }
+        let op = who("op1", Role::Operator);
+        assert_eq!(
+            will_refusal(&op, &will(topics::desired("x"), b"{}", false)),
+            Some("will topic not authorized")
+        );
+    }
+
+    #[test]
+    fn only_an_abrupt_end_publishes_the_will() {
+        let presence = Will {
+            topic: topics::presence("d1"),
+            payload: br#"{"online":false}"#.to_vec(),
+            qos: 1,
+            retain: true,
+        };
+        let abrupt = End::Abrupt("read failed".into());
+        for (end, published) in [
+            (&abrupt, true),
+            (&End::Graceful, false),
+            (&End::Revoked, false),
+            (&End::Expired, false),
+        ] {
+            assert_eq!(end.will(Some(&presence)).is_some(), published, "{end:?}");
+            // Without its will a device's offline presence comes from the edge.
+            let will = end.will(Some(&presence));
+            assert_eq!(says_offline_itself("d1", will), !published, "{end:?}");
+        }
+        assert!(says_offline_itself("d2", Some(&presence)));
+    }
+
+    /// The core is pure: no clock, no sockets, no awaiting, no logging
+    /// (the pump logs what [`Action::Log`] and [`Action::Close`] report).
+    #[test]
+    fn the_session_core_reads_no_clock_and_does_no_io() {
+        let source = include_str!("core.rs");
+        let shipped = source.split("#[cfg(test)]").next().unwrap_or_default();
+        let forbidden = [
+            "::now(",
+            "SystemTime",
+            ".await",
+            "async ",
+            "std::net",
+            "std::fs",
+            "tokio::net",
+            "tokio::io",
+            "tokio::sync",
+            "tracing::",
+        ];
+        for (n, line) in shipped.lines().enumerate() {
+            if line.trim_start().starts_with("//") {
+                continue;
+            }
+            for word in forbidden {
+                // Whole words only (`.await` is not `.awaiting_pubrel`).
+                let found = line.match_indices(word).any(|(at, _)| {
+                    !line[at + word.len()..].starts_with(|c: char| c.is_alphanumeric() || c == '_')
+                });
+                assert!(!found, "core.rs:{}: {word} in {line:?}", n + 1);
+            }
+        }
+    }
+
+    #[test]
+    fn quota_is_shared_across_connections() {
+        // Two connections of one identity spend the same PINGREQ budget.
+        let limits = Limits {
+            max_subscribes_per_sec: 1,
+            max_subscriptions: 1,
+            ..Limits::default()
+        };
+        let quotas = Quotas::default();
+        let mut a = Conn::new(who("d1", Role::Device), limits.clone(), 0, &quotas);
+        let mut b = Conn::new(who("d1", Role::Device), limits, 0, &quotas);
+        assert_eq!(a.feed(&PINGREQ), vec![send(Outbound::PingResp)]);
+        assert!(matches!(
+            b.feed(&PINGREQ)[..],
+            [Action::Close(End::Abrupt(_))]
+        ));
+    }
+}
