@@ -265,7 +265,7 @@ async fn run() {
     let devices = arg("--devices", 10_000);
     let reports_per_device = arg("--reports", 10).max(1) as u64;
     let converge_phase = !std::env::args().any(|a| a == "--reports-only");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/bench");
+    let root = cityplane_testkit::bench::target_dir().join("bench");
     std::fs::create_dir_all(&root).expect("bench dir");
     let pki_dir = root.join("controller-pki");
     let pki = if pki_dir.join("ca.crt").exists() {

@@ -485,8 +485,17 @@ async fn run(
                     }
                 }
                 Event::Operator(msg) => {
+                    // A write commits itself before it is answered: its answer
+                    // need not wait for the batch's commit (which, after a
+                    // document that changes 50,000 devices, writes them all).
+                    let write = topics::desired_name(&msg.topic).is_some()
+                        || topics::ops_verb(&msg.topic).is_some_and(|v| WRITE_VERBS.contains(&v));
                     let answers = handle_operator(&mut fleet, &store, msg, now).await;
-                    held.responses.extend(answers);
+                    if write {
+                        send_all(&out, answers).await;
+                    } else {
+                        held.responses.extend(answers);
+                    }
                 }
                 Event::Issued(devices) => {
                     let revoked: std::collections::HashSet<String> = devices
