@@ -619,10 +619,7 @@ async fn converge(
 
 async fn reboot_wave(fleet: &Fleet, opts: &ScenarioOptions, pb: &ProgressBar) -> RebootReport {
     let mut ids = fleet.ids();
-    let mut rng = Rng::new(fleet.config().seed ^ 0xBEEF);
-    for i in (1..ids.len()).rev() {
-        ids.swap(i, rng.below(i as u64 + 1) as usize);
-    }
+    Rng::new(fleet.config().seed ^ 0xBEEF).shuffle(&mut ids);
     let count = ((ids.len() as f64) * opts.reboot_fraction.clamp(0.0, 1.0)).round() as usize;
     ids.truncate(count);
     bar(pb, count, "rebooting");
