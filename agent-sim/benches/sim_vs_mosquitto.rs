@@ -406,29 +406,6 @@ impl SimChild {
 }
 
 // ---------------------------------------------------------------------------
-// /proc
-
-/// Machine-wide CPU time from /proc/stat: (user + nice + system + irq +
-/// softirq, steal). Interrupt time is in: a process's system time can include
-/// the loopback traffic's softirq work, which /proc/stat books apart.
-fn machine_cpu() -> (Duration, Duration) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let ticks: Vec<u64> = stat
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    let t = |i: usize| ticks.get(i).copied().unwrap_or(0);
-    (
-        Duration::from_millis((t(0) + t(1) + t(2) + t(5) + t(6)) * 10),
-        Duration::from_millis(t(7) * 10),
-    )
-}
-
-// ---------------------------------------------------------------------------
 // The controller of `steady`
 
 /// What the controller saw during `steady`.
@@ -708,7 +685,7 @@ async fn run_scenario(
     };
     let rss_idle = process::status_kib(&pid, "VmRSS:");
     let cpu0 = process::cpu_time(&pid);
-    let (machine0, steal0) = machine_cpu();
+    let (machine0, steal0) = process::machine_cpu();
     let own0 = process::cpu_time("self");
     let sim = SimChild::spawn(kind, scenario, addr, pki.dir(), opts, bench_dir)?;
     println!(
@@ -732,7 +709,7 @@ async fn run_scenario(
     let out = sim.finish(budget).await?;
     broker.check_alive(kind.name())?;
     let cpu1 = process::cpu_time(&pid);
-    let (machine1, steal1) = machine_cpu();
+    let (machine1, steal1) = process::machine_cpu();
     let own1 = process::cpu_time("self");
     let rss_loaded = match &load {
         Some(l) => l.broker_rss_connected_kib,
