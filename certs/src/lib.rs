@@ -32,6 +32,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod client_tls;
 mod error;
 mod fsutil;
 mod issued;
