@@ -233,8 +233,7 @@ fn sim_child() -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let hidden = indicatif::ProgressBar::hidden();
-    let report = rt.block_on(scenario::run(config, opts, &hidden))?;
+    let report = rt.block_on(scenario::run(config, opts, &|_| {}))?;
     let out = json!({
         "report": report,
         "cpu_s": process::cpu_time("self").as_secs_f64(),
