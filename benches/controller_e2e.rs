@@ -43,7 +43,7 @@ use cityplane_agent_sim::{Fleet, PresenceMode, SimConfig};
 use cityplane_certs::Pki;
 use cityplane_proto::Role;
 use cityplane_testkit::machine;
-use cityplane_testkit::process::{cpu_time, rss_kib, ChildGuard};
+use cityplane_testkit::process::{cpu_time, machine_cpu, rss_kib, ChildGuard};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use serde_json::json;
 
@@ -85,22 +85,6 @@ fn main() {
         .build()
         .expect("runtime");
     rt.block_on(run());
-}
-
-/// Machine-wide busy CPU time (user + nice + system + irq + softirq) from
-/// /proc/stat, to tell how much ran outside the bench and the server.
-fn machine_cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let ticks: Vec<u64> = stat
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    let t = |i: usize| ticks.get(i).copied().unwrap_or(0);
-    Duration::from_millis((t(0) + t(1) + t(2) + t(5) + t(6)) * 10)
 }
 
 /// What phase 1 over device connections measured.
@@ -478,7 +462,7 @@ struct Phase1 {
 
 /// CPU so far: the machine's, the bench's, the server's.
 fn cpu_mark(pid: u32) -> (Duration, Duration, Duration) {
-    (machine_cpu(), cpu_time("self"), cpu_time(pid))
+    (machine_cpu().0, cpu_time("self"), cpu_time(pid))
 }
 
 /// Machine CPU since `mark` that neither the bench nor the server used.

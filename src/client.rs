@@ -7,12 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use cityplane_certs::client_tls;
 use cityplane_proto::topics;
 use rumqttc::{
     AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
 };
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::Value;
 
 /// How every client subcommand finds the server and proves who it is.
@@ -32,34 +31,17 @@ pub struct ConnectArgs {
     pub timeout: u64,
 }
 
+/// The client config of identity `id` in the PKI directory `pki`.
 pub fn tls_config(pki: &Path, id: &str) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let ca = pki.join("ca.crt");
-    let cert = pki.join(format!("{id}.crt"));
-    let key = pki.join(format!("{id}.key"));
-    let mut roots = rustls::RootCertStore::empty();
-    for c in
-        CertificateDer::pem_file_iter(&ca).with_context(|| format!("reading {}", ca.display()))?
-    {
-        roots.add(c.with_context(|| format!("parsing {}", ca.display()))?)?;
+    match client_tls::config(pki, id) {
+        Ok(config) => Ok(Arc::new(config)),
+        Err(e @ client_tls::Error::Read { .. }) if !pki.join(format!("{id}.crt")).exists() => {
+            Err(anyhow::Error::new(e).context(format!(
+                "no certificate for {id:?} (issue it with `cityplane certs issue --role operator --id {id}`)"
+            )))
+        }
+        Err(e) => Err(e.into()),
     }
-    let chain = CertificateDer::pem_file_iter(&cert)
-        .with_context(|| {
-            format!(
-                "reading {} (issue it with `cityplane certs issue --role operator --id {id}`)",
-                cert.display()
-            )
-        })?
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("parsing {}", cert.display()))?;
-    let key =
-        PrivateKeyDer::from_pem_file(&key).with_context(|| format!("reading {}", key.display()))?;
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_client_auth_cert(chain, key)?;
-    Ok(Arc::new(config))
 }
 
 pub struct Operator {

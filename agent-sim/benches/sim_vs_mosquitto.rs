@@ -233,8 +233,7 @@ fn sim_child() -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let hidden = indicatif::ProgressBar::hidden();
-    let report = rt.block_on(scenario::run(config, opts, &hidden))?;
+    let report = rt.block_on(scenario::run(config, opts, &|_| {}))?;
     let out = json!({
         "report": report,
         "cpu_s": process::cpu_time("self").as_secs_f64(),
@@ -403,29 +402,6 @@ impl SimChild {
         drop(self.guard);
         Ok(serde_json::from_str(&line)?)
     }
-}
-
-// ---------------------------------------------------------------------------
-// /proc
-
-/// Machine-wide CPU time from /proc/stat: (user + nice + system + irq +
-/// softirq, steal). Interrupt time is in: a process's system time can include
-/// the loopback traffic's softirq work, which /proc/stat books apart.
-fn machine_cpu() -> (Duration, Duration) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let ticks: Vec<u64> = stat
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    let t = |i: usize| ticks.get(i).copied().unwrap_or(0);
-    (
-        Duration::from_millis((t(0) + t(1) + t(2) + t(5) + t(6)) * 10),
-        Duration::from_millis(t(7) * 10),
-    )
 }
 
 // ---------------------------------------------------------------------------
@@ -708,7 +684,7 @@ async fn run_scenario(
     };
     let rss_idle = process::status_kib(&pid, "VmRSS:");
     let cpu0 = process::cpu_time(&pid);
-    let (machine0, steal0) = machine_cpu();
+    let (machine0, steal0) = process::machine_cpu();
     let own0 = process::cpu_time("self");
     let sim = SimChild::spawn(kind, scenario, addr, pki.dir(), opts, bench_dir)?;
     println!(
@@ -732,7 +708,7 @@ async fn run_scenario(
     let out = sim.finish(budget).await?;
     broker.check_alive(kind.name())?;
     let cpu1 = process::cpu_time(&pid);
-    let (machine1, steal1) = machine_cpu();
+    let (machine1, steal1) = process::machine_cpu();
     let own1 = process::cpu_time("self");
     let rss_loaded = match &load {
         Some(l) => l.broker_rss_connected_kib,

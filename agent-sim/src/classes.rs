@@ -198,11 +198,7 @@ impl ClassMix {
             .iter()
             .flat_map(|(c, k, _)| std::iter::repeat_n(*c, *k))
             .collect();
-        let mut rng = Rng::new(seed ^ 0x05EE_DC1A_55E5_u64);
-        for i in (1..classes.len()).rev() {
-            let j = rng.below(i as u64 + 1) as usize;
-            classes.swap(i, j);
-        }
+        Rng::new(seed ^ 0x05EE_DC1A_55E5_u64).shuffle(&mut classes);
         classes
     }
 }

@@ -1,5 +1,7 @@
-//! One simulated device: the device side of docs/PROTOCOL.md, its firmware
-//! update state machine and the faults it suffers.
+//! One simulated device's session loop: connect, subscribe, feed what
+//! arrives and what falls due to the device's rules
+//! ([`crate::behaviour`]) and send what they decide; and the faults it
+//! suffers.
 //!
 //! Each device is one tokio task holding one [`Client`]. Its state lives in
 //! [`DeviceShared`] (behind a mutex the fleet reads for snapshots); what only
@@ -9,55 +11,22 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cityplane_proto::messages::{Ack, AckStatus, Command, State};
+use cityplane_proto::messages::{Ack, Command};
 use cityplane_proto::topics;
 use rustls::ClientConfig;
-use serde::Serialize;
-use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
 
+use crate::behaviour::{self, AckOut, Actions, Behaviour, Env};
 use crate::classes;
 use crate::fleet::{Attempt, Control, DeviceShared, FleetShared, ATTEMPTS_KEPT};
 use crate::mqtt::{Client, ClientError, ConnectOptions, Packet, Publish, Will, SUBACK_FAILURE};
-use crate::rng::{fnv1a, Rng};
+use crate::rng::Rng;
 use crate::stats::Counters;
 use crate::PresenceMode;
 
 const PRESENCE_ONLINE: &[u8] = br#"{"online":true}"#;
 const PRESENCE_OFFLINE: &[u8] = br#"{"online":false}"#;
-
-/// Command ids remembered to recognise replays.
-pub(crate) const REPLAY_WINDOW: usize = 64;
-
-/// The last [`REPLAY_WINDOW`] command ids, as 64-bit hashes (8 bytes each
-/// instead of a String).
-pub(crate) struct ReplayWindow {
-    ids: [u64; REPLAY_WINDOW],
-    next: usize,
-    len: usize,
-}
-
-impl ReplayWindow {
-    pub(crate) fn new() -> ReplayWindow {
-        ReplayWindow {
-            ids: [0; REPLAY_WINDOW],
-            next: 0,
-            len: 0,
-        }
-    }
-
-    pub(crate) fn contains(&self, id: &str) -> bool {
-        let h = fnv1a(id.as_bytes());
-        self.ids[..self.len].contains(&h)
-    }
-
-    pub(crate) fn insert(&mut self, id: &str) {
-        self.ids[self.next] = fnv1a(id.as_bytes());
-        self.next = (self.next + 1) % REPLAY_WINDOW;
-        self.len = (self.len + 1).min(REPLAY_WINDOW);
-    }
-}
 
 /// Why a session ended.
 enum End {
@@ -68,68 +37,12 @@ enum End {
     Pause(Duration),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Step {
-    Downloading,
-    Verifying,
-    Installing,
-    Rebooting,
-    HealthCheck,
-}
-
-impl Step {
-    fn name(self) -> &'static str {
-        match self {
-            Step::Downloading => "downloading",
-            Step::Verifying => "verifying",
-            Step::Installing => "installing",
-            Step::Rebooting => "rebooting",
-            Step::HealthCheck => "health-check",
-        }
-    }
-}
-
-struct UpdateJob {
-    target: String,
-    from: String,
-    generation: u64,
-    /// Commands to acknowledge when the update ends (the first, and retries
-    /// of the same change that arrived meanwhile).
-    command_ids: Vec<String>,
-    step: Step,
-    deadline: Instant,
-    /// A power loss planned for the end of this step.
-    interrupt_at: Option<Step>,
-    /// Set when a reboot cut the update short; reported after reconnecting.
-    interrupted: Option<Step>,
-}
-
-struct Failure {
-    step: Step,
-    reason: String,
-    /// A reboot cut the update short (as opposed to a step failing).
-    interrupted: bool,
-}
-
-struct AckOut {
-    id: String,
-    status: AckStatus,
-    reason: Option<String>,
-}
-
-#[derive(Serialize)]
-struct ReportedRef<'a> {
-    version: u64,
-    state: &'a State,
-}
-
 struct Device {
     dev: Arc<DeviceShared>,
     fleet: Arc<FleetShared>,
     tls: Arc<ClientConfig>,
     rng: Rng,
-    replay: ReplayWindow,
-    update: Option<Box<UpdateJob>>,
+    core: Behaviour,
     /// Failed connects or lost sessions since the device was last online.
     lost_in_row: u32,
 }
@@ -146,8 +59,7 @@ pub(crate) async fn run(
         fleet,
         tls,
         rng,
-        replay: ReplayWindow::new(),
-        update: None,
+        core: Behaviour::new(),
         lost_in_row: 0,
     };
     device.main(&mut shutdown).await;
@@ -330,14 +242,7 @@ impl Device {
 
     /// Bumps the version and queues the full state on `reported`.
     fn queue_report(&self, c: &mut Client) {
-        let payload = {
-            let mut v = self.dev.lock();
-            v.version += 1;
-            serde_json::to_vec(&ReportedRef {
-                version: v.version,
-                state: &v.state,
-            })
-        };
+        let payload = behaviour::report(&mut self.dev.lock());
         let Ok(payload) = payload else { return };
         let retain = self.fleet.config.retain_reported;
         self.queue_publish(c, &topics::reported(&self.dev.id), &payload, 1, retain);
@@ -407,11 +312,12 @@ impl Device {
         }
         let commands_topic = topics::commands(&id);
         let sub_pkid = c.queue_subscribe(&commands_topic, 1);
-        let acks = self.on_boot();
-        self.queue_report(c);
-        for ack in acks {
-            self.queue_ack(c, ack);
-        }
+        let actions = {
+            let env = env(&self.fleet, self.dev.class);
+            self.core
+                .on_boot(&env, &mut self.dev.lock(), Instant::now())
+        };
+        self.perform(c, actions);
         if let Err(e) = c.flush().await {
             return End::Lost(e.label());
         }
@@ -429,7 +335,7 @@ impl Device {
         let fault = self.next_fault();
 
         loop {
-            let update_at = self.update.as_ref().map_or(far, |j| j.deadline);
+            let update_at = self.core.update_due().unwrap_or(far);
             let fault_at = fault.map_or(far, |f| f.0);
             let next = next_ping.min(next_telemetry).min(update_at).min(fault_at);
             tokio::select! {
@@ -482,7 +388,12 @@ impl Device {
                         next_telemetry = telemetry.map_or(far, |t| now + t);
                     }
                     if now >= update_at {
-                        if let Some(end) = self.advance_update(c) {
+                        let actions = {
+                            let env = env(&self.fleet, self.dev.class);
+                            self.core
+                                .advance_update(&env, &mut self.rng, &mut self.dev.lock(), now)
+                        };
+                        if let Some(end) = self.perform(c, actions) {
                             let _ = c.flush().await;
                             return end;
                         }
@@ -506,11 +417,7 @@ impl Device {
         match control {
             Control::Reboot => {
                 Counters::inc(&self.counters().reboots);
-                if let Some(job) = self.update.as_mut() {
-                    if job.step != Step::Rebooting {
-                        job.interrupted = Some(job.step);
-                    }
-                }
+                self.core.power_lost();
                 End::Pause(self.reboot_time())
             }
             Control::Offline(d) => {
@@ -567,320 +474,43 @@ impl Device {
         None
     }
 
-    /// The contract's command rules: replays and stale generations are
-    /// ignored; invalid values reject the whole command; otherwise keys are
-    /// set (null deletes), the new state reported, then the ack sent. A new
-    /// `firmware` starts an update, acknowledged when it ends.
     fn on_command(&mut self, c: &mut Client, cmd: Command) {
-        Counters::inc(&self.counters().commands_received);
-        self.dev.lock().commands_received += 1;
-        if self.replay.contains(&cmd.id) {
-            Counters::inc(&self.counters().ignored_replays);
-            return;
-        }
-        self.replay.insert(&cmd.id);
-        let class = self.dev.class;
-        let mut v = self.dev.lock();
-        if cmd.generation < v.last_generation {
-            drop(v);
-            Counters::inc(&self.counters().ignored_stale);
-            return;
-        }
-        let mut reason = cmd
-            .state
-            .iter()
-            .find_map(|(k, val)| classes::validate(class, k, val, &v.state).err());
-        let current_fw = v
-            .state
-            .get("firmware")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned();
-        let new_fw = cmd
-            .state
-            .get("firmware")
-            .and_then(Value::as_str)
-            .filter(|fw| *fw != current_fw)
-            .map(str::to_owned);
-        let mut joins_update = false;
-        if let (None, Some(fw), Some(job)) = (&reason, &new_fw, &self.update) {
-            if *fw == job.target {
-                joins_update = true;
-            } else {
-                reason = Some(format!(
-                    "firmware update to {} in progress ({})",
-                    job.target,
-                    job.step.name()
-                ));
-            }
-        }
-        if let Some(reason) = reason {
-            drop(v);
-            Counters::inc(&self.counters().commands_rejected);
-            self.counters()
-                .failure(format!("command rejected: {reason}"));
-            self.queue_ack(
-                c,
-                AckOut {
-                    id: cmd.id,
-                    status: AckStatus::Rejected,
-                    reason: Some(reason),
-                },
-            );
-            return;
-        }
-        for (k, val) in &cmd.state {
-            if k != "firmware" {
-                classes::apply(class, &mut v.state, k, val);
-            }
-        }
-        v.last_change = Some(Instant::now());
-        match new_fw {
-            None => {
-                v.last_generation = v.last_generation.max(cmd.generation);
-                drop(v);
-                self.queue_report(c);
-                Counters::inc(&self.counters().commands_applied);
-                self.queue_ack(
-                    c,
-                    AckOut {
-                        id: cmd.id,
-                        status: AckStatus::Applied,
-                        reason: None,
-                    },
-                );
-            }
-            Some(_) if joins_update => {
-                drop(v);
-                if let Some(job) = self.update.as_mut() {
-                    if job.command_ids.len() < 16 {
-                        job.command_ids.push(cmd.id);
-                    }
-                    job.generation = job.generation.max(cmd.generation);
-                }
-                self.queue_report(c);
-            }
-            Some(target) => {
-                let fw = &self.fleet.config.firmware;
-                let now = Instant::now();
-                let interrupt_at = self
-                    .rng
-                    .chance(self.fleet.config.faults.reboot_during_update)
-                    .then(|| {
-                        *self
-                            .rng
-                            .pick(&[Step::Downloading, Step::Verifying, Step::Installing])
-                    });
-                let job = UpdateJob {
-                    from: current_fw,
-                    generation: cmd.generation,
-                    command_ids: vec![cmd.id],
-                    step: Step::Downloading,
-                    deadline: now + fw.download_time(),
-                    interrupt_at,
-                    interrupted: None,
-                    target,
-                };
-                v.state.insert(
-                    "update".into(),
-                    json!({"state": "downloading", "target": job.target, "from": job.from, "size_kib": fw.size_kib}),
-                );
-                drop(v);
-                self.update = Some(Box::new(job));
-                Counters::inc(&self.counters().fw_started);
-                self.queue_report(c);
-            }
-        }
-    }
-
-    fn set_update_state(&self, step: Step) {
-        let Some(job) = &self.update else { return };
-        let mut v = self.dev.lock();
-        v.state.insert(
-            "update".into(),
-            json!({"state": step.name(), "target": job.target, "from": job.from}),
-        );
-    }
-
-    /// Moves the update on when its step's time is up. Returns how the
-    /// session ends if the device reboots.
-    fn advance_update(&mut self, c: &mut Client) -> Option<End> {
-        let now = Instant::now();
-        let job = self.update.as_mut()?;
-        if now < job.deadline {
-            return None;
-        }
-        if job.interrupt_at == Some(job.step) {
-            // Power loss: nothing more is sent; the will announces it.
-            job.interrupted = Some(job.step);
-            job.interrupt_at = None;
-            Counters::inc(&self.fleet.counters.reboots);
-            return Some(End::Pause(self.reboot_time()));
-        }
-        let fw = self.fleet.config.firmware.clone();
-        let (fail_p, failure, next, next_time) = match job.step {
-            Step::Downloading => (
-                fw.failure.download,
-                "download failed: image checksum mismatch",
-                Step::Verifying,
-                fw.verify_time,
-            ),
-            Step::Verifying => (
-                fw.failure.verify,
-                "verification failed: bad image signature",
-                Step::Installing,
-                fw.install_time,
-            ),
-            Step::Installing => (
-                fw.failure.install,
-                "install failed: flash write error",
-                Step::Rebooting,
-                Duration::ZERO,
-            ),
-            Step::HealthCheck => (
-                fw.failure.health_check,
-                "health check failed after reboot; rolled back",
-                Step::HealthCheck,
-                Duration::ZERO,
-            ),
-            Step::Rebooting => return None,
+        let actions = {
+            let env = env(&self.fleet, self.dev.class);
+            self.core.on_command(
+                &env,
+                &mut self.rng,
+                &mut self.dev.lock(),
+                cmd,
+                Instant::now(),
+            )
         };
-        let step = job.step;
-        if self.rng.chance(fail_p) {
-            let acks = self.finish_update(Err(Failure {
-                step,
-                reason: failure.to_owned(),
-                interrupted: false,
-            }));
+        // A command never ends the session by itself.
+        let _ = self.perform(c, actions);
+    }
+
+    /// Queues what the device's rules decided; `Some` if the device reboots.
+    fn perform(&mut self, c: &mut Client, actions: Actions) -> Option<End> {
+        if actions.report {
             self.queue_report(c);
-            for ack in acks {
-                self.queue_ack(c, ack);
-            }
-            return None;
         }
-        if step == Step::HealthCheck {
-            let acks = self.finish_update(Ok(()));
-            self.queue_report(c);
-            for ack in acks {
-                self.queue_ack(c, ack);
-            }
-            return None;
+        for ack in actions.acks {
+            self.queue_ack(c, ack);
         }
-        if let Some(job) = self.update.as_mut() {
-            job.step = next;
-            job.deadline = now + next_time;
-        }
-        self.set_update_state(next);
-        self.queue_report(c);
-        if next == Step::Rebooting {
-            // The planned reboot into the new image.
-            Counters::inc(&self.fleet.counters.reboots);
+        if actions.reboot {
+            Counters::inc(&self.counters().reboots);
             return Some(End::Pause(self.reboot_time()));
         }
         None
     }
-
-    /// Ends the update job: success switches nothing more (the new image
-    /// already runs), failure keeps or restores the old firmware.
-    fn finish_update(&mut self, outcome: Result<(), Failure>) -> Vec<AckOut> {
-        let Some(job) = self.update.take() else {
-            return Vec::new();
-        };
-        let counters = &self.fleet.counters;
-        let mut v = self.dev.lock();
-        v.last_change = Some(Instant::now());
-        match outcome {
-            Ok(()) => {
-                v.state.insert("firmware".into(), json!(job.target));
-                v.state.insert(
-                    "update".into(),
-                    json!({"state": "done", "target": job.target, "from": job.from}),
-                );
-                v.last_generation = v.last_generation.max(job.generation);
-                Counters::inc(&counters.fw_succeeded);
-                counters.fw_outcome("succeeded");
-                for _ in &job.command_ids {
-                    Counters::inc(&counters.commands_applied);
-                }
-                job.command_ids
-                    .into_iter()
-                    .map(|id| AckOut {
-                        id,
-                        status: AckStatus::Applied,
-                        reason: None,
-                    })
-                    .collect()
-            }
-            Err(Failure {
-                step,
-                reason,
-                interrupted,
-            }) => {
-                v.state.insert("firmware".into(), json!(job.from));
-                v.state.insert(
-                    "update".into(),
-                    json!({"state": "failed", "target": job.target, "from": job.from, "step": step.name(), "reason": reason}),
-                );
-                Counters::inc(&counters.fw_failed);
-                let kind = if interrupted { "interrupted" } else { "failed" };
-                counters.fw_outcome(format!("{kind}: {}", step.name()));
-                counters.failure(format!("firmware update failed: {reason}"));
-                for _ in &job.command_ids {
-                    Counters::inc(&counters.commands_rejected);
-                }
-                job.command_ids
-                    .into_iter()
-                    .map(|id| AckOut {
-                        id,
-                        status: AckStatus::Rejected,
-                        reason: Some(reason.clone()),
-                    })
-                    .collect()
-            }
-        }
-    }
-
-    /// After (re)connecting: a planned reboot of an update continues with the
-    /// health check on the new image; an interrupted update failed.
-    fn on_boot(&mut self) -> Vec<AckOut> {
-        let Some(job) = self.update.as_mut() else {
-            return Vec::new();
-        };
-        if let Some(step) = job.interrupted.take() {
-            let reason = format!("interrupted by a reboot during {}", step.name());
-            return self.finish_update(Err(Failure {
-                step,
-                reason,
-                interrupted: true,
-            }));
-        }
-        if job.step == Step::Rebooting {
-            job.step = Step::HealthCheck;
-            job.deadline = Instant::now() + self.fleet.config.firmware.health_check_time;
-            let target = job.target.clone();
-            self.dev
-                .lock()
-                .state
-                .insert("firmware".into(), json!(target));
-            self.set_update_state(Step::HealthCheck);
-        }
-        Vec::new()
-    }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn replay_window_remembers_the_last_64() {
-        let mut w = ReplayWindow::new();
-        for i in 0..100 {
-            w.insert(&format!("c-{i}"));
-        }
-        assert!(w.contains("c-99"));
-        assert!(w.contains("c-36"));
-        assert!(!w.contains("c-35"));
-        assert!(!w.contains("c-100"));
+/// What the device's rules read from the fleet.
+fn env(fleet: &FleetShared, class: classes::Class) -> Env<'_> {
+    Env {
+        class,
+        firmware: &fleet.config.firmware,
+        reboot_during_update: fleet.config.faults.reboot_during_update,
+        counters: &fleet.counters,
     }
 }

@@ -101,6 +101,7 @@ impl DeviceShared {
     }
 }
 
+#[derive(Default)]
 pub(crate) struct DeviceView {
     pub state: State,
     pub version: u64,

@@ -19,6 +19,7 @@
 //! (mosquitto with `require_certificate true` and
 //! `use_identity_as_username true`, for instance).
 
+mod behaviour;
 pub mod classes;
 mod device;
 mod fleet;

@@ -5,12 +5,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use cityplane_agent_sim::scenario::{self, Scenario, ScenarioOptions};
+use cityplane_agent_sim::scenario::{self, Progress, Scenario, ScenarioOptions};
 use cityplane_agent_sim::{
     device_ids, Backoff, Class, ClassMix, Faults, FirmwareSim, PresenceMode, SimConfig,
     StepFailures,
 };
 use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
 
 /// Simulated smart-city devices, each with its own X.509 certificate and
 /// its own MQTT 3.1.1 connection over mutual TLS.
@@ -280,12 +281,33 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
     opts.reboot_fraction = sa.reboot_fraction;
     opts.wave = Duration::from_secs_f64(sa.wave_s.max(0.0));
 
-    let pb = scenario::progress_bar();
-    let report = scenario::run(config, opts, &pb).await?;
+    let pb = progress_bar();
+    let draw = |p: Progress<'_>| match p {
+        Progress::Phase { what, len } => {
+            pb.set_length(len);
+            pb.set_position(0);
+            pb.set_message(what.to_owned());
+        }
+        Progress::At(n) => pb.set_position(n),
+        Progress::Done => pb.finish_and_clear(),
+    };
+    let report = scenario::run(config, opts, &draw).await?;
     print!("{report}");
     if let Some(path) = &args.report {
         let json = serde_json::to_vec_pretty(&report)?;
         std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(report.ok)
+}
+
+/// A scenario's progress bar on stderr.
+fn progress_bar() -> ProgressBar {
+    let pb = ProgressBar::new(0);
+    if let Ok(style) =
+        ProgressStyle::with_template("{spinner} {msg:<22} [{bar:40}] {pos}/{len} ({elapsed})")
+    {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.enable_steady_tick(Duration::from_millis(200));
+    pb
 }

@@ -1,32 +1,29 @@
-//! A tiny deterministic PRNG (SplitMix64): 8 bytes per device, seeded from
-//! the fleet seed and the device id, so a run is reproducible.
+//! The simulator's randomness: `fastrand`'s seedable generator (8 bytes per
+//! device), seeded from the fleet seed and the device id so a run is
+//! reproducible, plus the few draws the simulator needs on top of it.
 
 use std::time::Duration;
 
 #[derive(Debug, Clone)]
-pub struct Rng(u64);
+pub struct Rng(fastrand::Rng);
 
 impl Rng {
     pub fn new(seed: u64) -> Rng {
-        Rng(seed)
+        Rng(fastrand::Rng::with_seed(seed))
     }
 
     /// Seeded from a fleet seed and a name (e.g. a device id).
     pub fn for_name(seed: u64, name: &str) -> Rng {
-        Rng(seed ^ fnv1a(name.as_bytes()))
+        Rng::new(seed ^ fnv1a(name.as_bytes()))
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.u64(..)
     }
 
     /// Uniform in [0, 1).
     pub fn f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        self.0.f64()
     }
 
     /// Uniform in [0, n); 0 when n is 0.
@@ -34,7 +31,7 @@ impl Rng {
         if n == 0 {
             0
         } else {
-            self.next_u64() % n
+            self.0.u64(..n)
         }
     }
 
@@ -43,8 +40,13 @@ impl Rng {
         p > 0.0 && self.f64() < p
     }
 
+    /// One of `items`, which must not be empty.
     pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
+        &items[self.0.usize(..items.len())]
+    }
+
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        self.0.shuffle(items);
     }
 
     /// Uniform in [lo, hi].

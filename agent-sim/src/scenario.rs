@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use cityplane_certs::Pki;
 use cityplane_proto::topics;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::time::Instant;
@@ -201,27 +200,31 @@ pub struct Report {
     pub stats: SimStats,
 }
 
-fn bar(pb: &ProgressBar, len: usize, msg: &str) {
-    pb.set_length(len as u64);
-    pb.set_position(0);
-    pb.set_message(msg.to_owned());
+/// How far a scenario got, for whoever shows it (the binary draws a
+/// progress bar).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress<'a> {
+    /// A phase of `len` steps begins.
+    Phase { what: &'a str, len: u64 },
+    /// This many steps of the current phase are done.
+    At(u64),
+    /// Every phase is over.
+    Done,
 }
 
-/// A progress bar on stderr in the style the binary uses.
-pub fn progress_bar() -> ProgressBar {
-    let pb = ProgressBar::new(0);
-    if let Ok(style) =
-        ProgressStyle::with_template("{spinner} {msg:<22} [{bar:40}] {pos}/{len} ({elapsed})")
-    {
-        pb.set_style(style.progress_chars("=> "));
-    }
-    pb.enable_steady_tick(Duration::from_millis(200));
-    pb
+/// Receives a scenario's [`Progress`]; `&|_| {}` ignores it.
+pub type OnProgress<'a> = &'a (dyn Fn(Progress<'_>) + Send + Sync);
+
+fn phase(progress: OnProgress<'_>, len: usize, what: &str) {
+    progress(Progress::Phase {
+        what,
+        len: len as u64,
+    });
 }
 
 /// Waits until `count` (re-evaluated every 50 ms) reaches `len`; updates the bar.
 async fn wait_progress(
-    pb: &ProgressBar,
+    progress: OnProgress<'_>,
     len: usize,
     timeout: Duration,
     mut count: impl FnMut() -> usize,
@@ -229,7 +232,7 @@ async fn wait_progress(
     let deadline = Instant::now() + timeout;
     loop {
         let n = count();
-        pb.set_position(n as u64);
+        progress(Progress::At(n as u64));
         if n >= len {
             return true;
         }
@@ -244,7 +247,7 @@ async fn wait_progress(
 pub async fn run(
     config: SimConfig,
     opts: ScenarioOptions,
-    pb: &ProgressBar,
+    progress: OnProgress<'_>,
 ) -> Result<Report, SimError> {
     let mut report = Report {
         scenario: opts.scenario.as_str().into(),
@@ -274,8 +277,8 @@ pub async fn run(
                 .into(),
         );
     }
-    bar(pb, n, "connecting");
-    let all_online = wait_progress(pb, n, opts.timeout, || fleet.stats().online).await;
+    phase(progress, n, "connecting");
+    let all_online = wait_progress(progress, n, opts.timeout, || fleet.stats().online).await;
     let stats = fleet.stats();
     let rss_online = rss_kib().unwrap_or(0);
     report.memory = MemoryReport {
@@ -322,11 +325,17 @@ pub async fn run(
     match opts.scenario {
         Scenario::ConnectStorm => {}
         Scenario::Steady => {
-            bar(pb, opts.duration.as_secs() as usize, "steady (seconds)");
+            phase(
+                progress,
+                opts.duration.as_secs() as usize,
+                "steady (seconds)",
+            );
             let end = Instant::now() + opts.duration;
             while Instant::now() < end {
                 tokio::time::sleep(Duration::from_millis(250).min(end - Instant::now())).await;
-                pb.set_position((opts.duration - (end - Instant::now())).as_secs());
+                progress(Progress::At(
+                    (opts.duration - (end - Instant::now())).as_secs(),
+                ));
             }
             let s = fleet.stats();
             report.ok = s.online == n;
@@ -339,21 +348,28 @@ pub async fn run(
         Scenario::Converge => {
             let (base, operator_id) =
                 operator.ok_or_else(|| SimError::Config("no operator".into()))?;
-            let conv = converge(&fleet, &opts, base, &operator_id, pb, &mut report.notes).await?;
+            let conv = converge(
+                &fleet,
+                &opts,
+                base,
+                &operator_id,
+                progress,
+                &mut report.notes,
+            )
+            .await?;
             report.ok = all_online && conv.targeted > 0 && conv.converged == conv.targeted;
             report.convergence = Some(conv);
         }
         Scenario::RebootWave => {
-            let r = reboot_wave(&fleet, &opts, pb).await;
+            let r = reboot_wave(&fleet, &opts, progress).await;
             report.ok = all_online && r.back_online == r.rebooted;
             report.reboot = Some(r);
         }
         Scenario::Rogue => {
             let before = fleet.device_states();
-            bar(pb, fleet.rogue_ids().len(), "rogue devices");
-            pb.set_message("rogue attempts");
+            phase(progress, fleet.rogue_ids().len(), "rogue attempts");
             let rogue = fleet.run_rogues().await;
-            pb.set_position(fleet.rogue_ids().len() as u64);
+            progress(Progress::At(fleet.rogue_ids().len() as u64));
             // Anything the broker wrongly forwarded has had time to arrive.
             tokio::time::sleep(Duration::from_millis(500)).await;
             let after = fleet.device_states();
@@ -402,7 +418,7 @@ pub async fn run(
         received_per_s: per_s(received, window),
         pubacks_received_per_s: per_s(pubacks, window),
     };
-    pb.finish_and_clear();
+    progress(Progress::Done);
     let stats = fleet.shutdown().await;
     report.failures = stats.failures.clone();
     report.stats = stats;
@@ -452,7 +468,7 @@ async fn converge(
     opts: &ScenarioOptions,
     tls: std::sync::Arc<rustls::ClientConfig>,
     operator: &str,
-    pb: &ProgressBar,
+    progress: OnProgress<'_>,
     notes: &mut Vec<String>,
 ) -> Result<ConvergenceReport, SimError> {
     let config = fleet.config();
@@ -578,7 +594,7 @@ async fn converge(
         got
     });
 
-    bar(pb, targeted.len(), &format!("converging {key}"));
+    phase(progress, targeted.len(), &format!("converging {key}"));
     let mut done: BTreeMap<String, Duration> = BTreeMap::new();
     let deadline = t0 + opts.timeout;
     loop {
@@ -596,7 +612,7 @@ async fn converge(
                 }
             }
         }
-        pb.set_position(done.len() as u64);
+        progress(Progress::At(done.len() as u64));
         if done.len() == targeted.len() || Instant::now() >= deadline {
             break;
         }
@@ -640,15 +656,16 @@ async fn converge(
     })
 }
 
-async fn reboot_wave(fleet: &Fleet, opts: &ScenarioOptions, pb: &ProgressBar) -> RebootReport {
+async fn reboot_wave(
+    fleet: &Fleet,
+    opts: &ScenarioOptions,
+    progress: OnProgress<'_>,
+) -> RebootReport {
     let mut ids = fleet.ids();
-    let mut rng = Rng::new(fleet.config().seed ^ 0xBEEF);
-    for i in (1..ids.len()).rev() {
-        ids.swap(i, rng.below(i as u64 + 1) as usize);
-    }
+    Rng::new(fleet.config().seed ^ 0xBEEF).shuffle(&mut ids);
     let count = ((ids.len() as f64) * opts.reboot_fraction.clamp(0.0, 1.0)).round() as usize;
     ids.truncate(count);
-    bar(pb, count, "rebooting");
+    phase(progress, count, "rebooting");
     let step = if count > 1 {
         opts.wave / (count as u32 - 1).max(1)
     } else {
@@ -662,9 +679,9 @@ async fn reboot_wave(fleet: &Fleet, opts: &ScenarioOptions, pb: &ProgressBar) ->
         let t = Instant::now();
         fleet.reboot(id);
         rebooted_at.push((id.clone(), t));
-        pb.set_position(i as u64 + 1);
+        progress(Progress::At(i as u64 + 1));
     }
-    bar(pb, count, "back online");
+    phase(progress, count, "back online");
     let mut back: BTreeMap<String, Duration> = BTreeMap::new();
     let deadline = Instant::now() + opts.timeout;
     loop {
@@ -678,7 +695,7 @@ async fn reboot_wave(fleet: &Fleet, opts: &ScenarioOptions, pb: &ProgressBar) ->
                 }
             }
         }
-        pb.set_position(back.len() as u64);
+        progress(Progress::At(back.len() as u64));
         if back.len() == count || Instant::now() >= deadline {
             break;
         }

@@ -45,10 +45,11 @@ use anyhow::{anyhow, bail, Context, Result};
 use bytes::{Buf, BytesMut};
 use cityplane_broker::mqtt::{encode_publish, encode_remaining_length};
 use cityplane_broker::{Broker, BrokerConfig, Limits};
+use cityplane_certs::client_tls::{ClientCert, Trust};
 use cityplane_certs::Pki;
 use cityplane_testkit::mosquitto::{self, MOSQUITTO};
 use cityplane_testkit::process::{self, kill_registered_children, ChildGuard};
-use cityplane_testkit::{bench, machine, tls};
+use cityplane_testkit::{bench, machine};
 use rustls::pki_types::ServerName;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -408,13 +409,9 @@ async fn mqtt_connect(
     Ok((conn, t0.elapsed()))
 }
 
-fn client_tls(
-    roots: &Arc<rustls::RootCertStore>,
-    pki: &Pki,
-    id: &str,
-) -> Result<Arc<rustls::ClientConfig>> {
-    let identity = (pki.cert_path(id), pki.key_path(id));
-    let mut config = tls::client_config(roots.clone(), Some((&identity.0, &identity.1)))?;
+fn client_tls(trust: &Trust, pki: &Pki, id: &str) -> Result<Arc<rustls::ClientConfig>> {
+    let identity = ClientCert::from_pem_files(&pki.cert_path(id), &pki.key_path(id))?;
+    let mut config = trust.client(Some(identity))?;
     // Every connect is a full mutual-TLS handshake, on both brokers.
     config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
@@ -930,15 +927,15 @@ async fn run(opts: Opts) -> Result<()> {
 
     let pki = prepare_pki(&bench_dir.join("pki"), opts.clients)?;
     let setup = {
-        let roots = tls::roots(&pki.ca_cert_path())?;
+        let trust = Trust::from_ca_file(&pki.ca_cert_path())?;
         let ids: Vec<String> = (1..=opts.clients)
             .map(|n| format!("{DEVICE_PREFIX}{n:04}"))
             .collect();
         let tls = ids
             .iter()
-            .map(|id| client_tls(&roots, &pki, id))
+            .map(|id| client_tls(&trust, &pki, id))
             .collect::<Result<Vec<_>>>()?;
-        let ctl_tls = client_tls(&roots, &pki, CONTROLLER_ID)?;
+        let ctl_tls = client_tls(&trust, &pki, CONTROLLER_ID)?;
         Setup { ids, tls, ctl_tls }
     };
 

@@ -33,6 +33,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod client_tls;
 mod error;
 mod fsutil;
 mod issued;

@@ -13,14 +13,8 @@ use std::time::Duration;
 /// missing (`losetup`, `mkfs.ext4`, `mount`, `umount` and `extra_tools`),
 /// or no free loop device.
 pub fn missing_prerequisite(extra_tools: &[&str]) -> Option<String> {
-    let uid = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
-        });
-    if uid.as_deref() != Some("0") {
+    let uid = crate::process::status_field("self", "Uid:");
+    if uid != Some(0) {
         return Some(format!("not running as root (effective uid {uid:?})"));
     }
     let tools = ["losetup", "mkfs.ext4", "mount", "umount"];

@@ -77,19 +77,23 @@ impl Drop for ChildGuard {
     }
 }
 
+/// The first number of a field of `/proc/<pid>/status` (`"VmRSS:"` in kB,
+/// `"Uid:"`'s real uid, `"Threads:"`); `None` when unreadable. `pid` may be
+/// `"self"`.
+pub fn status_field(pid: impl std::fmt::Display, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// A `kB` field of `/proc/<pid>/status` (`"VmRSS:"`, `"VmHWM:"`; also a
 /// plain number such as `"Threads:"`); 0 when unreadable. `pid` may be
 /// `"self"`.
 pub fn status_kib(pid: impl std::fmt::Display, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
+    status_field(pid, field).unwrap_or(0)
 }
 
 /// Resident memory (VmRSS) of a process in KiB; 0 when unreadable.
@@ -110,6 +114,28 @@ pub fn cpu_time(pid: impl std::fmt::Display) -> Duration {
         .unwrap_or(0);
     // CLK_TCK is 100 on every Linux we run on.
     Duration::from_millis(ticks * 10)
+}
+
+/// Machine-wide CPU time from /proc/stat: (user + nice + system + irq +
+/// softirq, steal); zero when unreadable. Interrupt time is in: a process's
+/// system time can include the loopback traffic's softirq work, which
+/// /proc/stat books apart.
+pub fn machine_cpu() -> (Duration, Duration) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let t = |i: usize| ticks.get(i).copied().unwrap_or(0);
+    // CLK_TCK is 100, as in `cpu_time`.
+    (
+        Duration::from_millis((t(0) + t(1) + t(2) + t(5) + t(6)) * 10),
+        Duration::from_millis(t(7) * 10),
+    )
 }
 
 /// The environment variable that marks a re-executed test binary; its value

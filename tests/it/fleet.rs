@@ -213,7 +213,7 @@ async fn the_converge_report_parses_and_matches_the_controller() {
     opts.set = Some(("dimming".into(), json!(33)));
     opts.id_prefix = Some("rep".into());
     opts.timeout = Duration::from_secs(60);
-    let report = scenario::run(s.sim("rep", 60), opts, &indicatif::ProgressBar::hidden())
+    let report = scenario::run(s.sim("rep", 60), opts, &|_| {})
         .await
         .expect("scenario runs");
     let parsed: Value = serde_json::from_str(&serde_json::to_string(&report).expect("json"))

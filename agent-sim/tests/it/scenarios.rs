@@ -11,7 +11,6 @@ use cityplane_agent_sim::device_ids;
 use cityplane_agent_sim::scenario::{self, Scenario, ScenarioOptions};
 use cityplane_proto::{topics, Role};
 use common::{Env, WAIT};
-use indicatif::ProgressBar;
 use serde_json::{json, Value};
 
 fn opts(scenario: Scenario) -> ScenarioOptions {
@@ -25,7 +24,7 @@ async fn connect_storm_reports_rate_latency_and_memory() {
     let env = Env::start("cs", 20, &[]).await;
     let mut config = env.sim("cs", 20);
     config.connect_rate = 200.0;
-    let report = scenario::run(config, opts(Scenario::ConnectStorm), &ProgressBar::hidden())
+    let report = scenario::run(config, opts(Scenario::ConnectStorm), &|_| {})
         .await
         .expect("scenario");
     assert!(report.ok, "{report}");
@@ -51,9 +50,7 @@ async fn reboot_wave_brings_everyone_back() {
     let mut o = opts(Scenario::RebootWave);
     o.wave = Duration::from_millis(100);
     o.reboot_fraction = 0.5;
-    let report = scenario::run(config, o, &ProgressBar::hidden())
-        .await
-        .expect("scenario");
+    let report = scenario::run(config, o, &|_| {}).await.expect("scenario");
     assert!(report.ok, "{report}");
     let reboot = report.reboot.expect("reboot report");
     assert_eq!((reboot.rebooted, reboot.back_online), (5, 5));
@@ -70,7 +67,7 @@ async fn rogue_scenario_reports_refused_equals_attempted() {
         .expect("rogue cert");
     let mut config = env.sim("rg", 4);
     config.rogue_ids = device_ids("evil", 1);
-    let report = scenario::run(config, opts(Scenario::Rogue), &ProgressBar::hidden())
+    let report = scenario::run(config, opts(Scenario::Rogue), &|_| {})
         .await
         .expect("scenario");
     assert!(report.ok, "{report}");
@@ -99,10 +96,7 @@ async fn converge_times_each_device_against_a_contract_controller() {
     o.operator = Some("op".into());
     o.id_prefix = Some("cv".into());
     o.set = Some(("dimming".into(), json!(33)));
-    let run = tokio::spawn(async move {
-        let pb = ProgressBar::hidden();
-        scenario::run(config, o, &pb).await
-    });
+    let run = tokio::spawn(async move { scenario::run(config, o, &|_| {}).await });
 
     // The stand-in controller: the fleet registered with what the simulator
     // installed (selectors match the registry), then one desired document

@@ -57,34 +57,15 @@ fn loop_devices_available(test: &str) -> bool {
     loopdev::available(test, &["sync"])
 }
 
-/// xorshift64*: reproducible randomness without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn seeded(name: &str) -> Rng {
-        let seed = std::env::var("CITYPLANE_DURABILITY_SEED")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-            });
-        eprintln!("{name}: CITYPLANE_DURABILITY_SEED={seed}");
-        Rng(seed | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
+/// A generator seeded from CITYPLANE_DURABILITY_SEED, or at random; the seed
+/// is printed so a failing run can be replayed.
+fn seeded_rng(name: &str) -> fastrand::Rng {
+    let seed = std::env::var("CITYPLANE_DURABILITY_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    eprintln!("{name}: CITYPLANE_DURABILITY_SEED={seed}");
+    fastrand::Rng::with_seed(seed)
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -277,7 +258,7 @@ fn power_loss_once(
     scenario: &Scenario,
     fresh: bool,
     pad: u64,
-    rng: &mut Rng,
+    rng: &mut fastrand::Rng,
 ) -> (Outcome, u64) {
     let (image, copy) = (work.join("run.img"), work.join("copy.img"));
     std::fs::copy(base, &image).unwrap();
@@ -288,7 +269,7 @@ fn power_loss_once(
     // killed run's commits are at risk.
     let mut acked = 0;
     if !fresh {
-        acked = rng.range(1, 40);
+        acked = rng.u64(1..=40);
         let out = torture_write(&store, scenario, pad, Some(acked))
             .stderr(Stdio::inherit())
             .output()
@@ -320,8 +301,8 @@ fn power_loss_once(
 
     // Kill after a random number of acknowledgements plus a random delay, so
     // the cut falls anywhere: between commits, mid-write, mid-fsync.
-    let want = acked + rng.range(3, 120);
-    let delay = Duration::from_micros(rng.range(0, 3000));
+    let want = acked + rng.u64(3..=120);
+    let delay = Duration::from_micros(rng.u64(0..=3000));
     let deadline = Instant::now() + Duration::from_secs(20);
     while acked < want {
         match rx.recv_timeout(Duration::from_millis(100)) {
@@ -368,7 +349,7 @@ fn power_loss_once(
 }
 
 fn power_loss_series(scenario: &Scenario, runs: u64) -> Tally {
-    let mut rng = Rng::seeded(scenario.name);
+    let mut rng = seeded_rng(scenario.name);
     let work = tempfile::Builder::new()
         .prefix("cityplane-durability-")
         .tempdir()
@@ -391,7 +372,7 @@ fn power_loss_series(scenario: &Scenario, runs: u64) -> Tally {
     let started = Instant::now();
     for i in 0..runs {
         let fresh = i % 2 == 0;
-        let pad = scenario.pads[rng.range(0, scenario.pads.len() as u64 - 1) as usize];
+        let pad = scenario.pads[rng.usize(..scenario.pads.len())];
         let (outcome, acked) = power_loss_once(work.path(), &base, scenario, fresh, pad, &mut rng);
         tally.acked += acked;
         let kind = if fresh { "fresh" } else { "existing" };

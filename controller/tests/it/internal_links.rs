@@ -87,9 +87,8 @@ async fn no_certificate_can_take_an_internal_link_over() {
             n += 1;
             let (crt, key) = cityplane_testkit::forge::client_cert(s.pki_path(), internal, role, n)
                 .expect("forge");
-            let roots = cityplane_testkit::tls::roots(&s.pki_path().join("ca.crt")).expect("roots");
-            let tls =
-                cityplane_testkit::tls::client_config(roots, Some((&crt, &key))).expect("tls");
+            let ca = s.pki_path().join("ca.crt");
+            let tls = cityplane_testkit::tls::client_config(&ca, Some((&crt, &key))).expect("tls");
             assert!(
                 !gets_in(s.addr, Arc::new(tls), internal).await,
                 "a certificate for {internal} ({role}) got in"

@@ -77,9 +77,8 @@ pub fn tls_config_with_ca(
     ca: &Path,
     identity: Option<(PathBuf, PathBuf)>,
 ) -> Arc<rustls::ClientConfig> {
-    let roots = cityplane_testkit::tls::roots(ca).expect("ca");
     let identity = identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
-    let config = cityplane_testkit::tls::client_config(roots, identity).expect("client config");
+    let config = cityplane_testkit::tls::client_config(ca, identity).expect("client config");
     Arc::new(config)
 }
 

@@ -1,0 +1,914 @@
+//! What a device decides, apart from the socket that feeds it: the command
+//! rules of docs/PROTOCOL.md (replays and stale generations ignored,
+//! invalid values rejected, desired keys applied, reported, then
+//! acknowledged) and the firmware update state machine (downloading →
+//! verifying → installing → rebooting → health-check → done, or failed).
+//!
+//! No clock and no I/O: time comes in as an argument and what the device
+//! must send comes out as [`Actions`], which the session loop in
+//! `device.rs` carries out. Randomness (failure injection, power loss during
+//! an update) is the device's seeded [`Rng`], passed in.
+
+use cityplane_proto::messages::{AckStatus, Command, State};
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+use crate::classes::{self, Class};
+use crate::fleet::DeviceView;
+use crate::rng::{fnv1a, Rng};
+use crate::stats::Counters;
+use crate::FirmwareSim;
+
+/// Command ids remembered to recognise replays.
+pub(crate) const REPLAY_WINDOW: usize = 64;
+
+/// Commands acknowledged together when one update ends (the first and the
+/// retries of the same change that arrived meanwhile), at most.
+const UPDATE_ACKS_KEPT: usize = 16;
+
+/// The last [`REPLAY_WINDOW`] command ids, as 64-bit hashes (8 bytes each
+/// instead of a String).
+pub(crate) struct ReplayWindow {
+    ids: [u64; REPLAY_WINDOW],
+    next: usize,
+    len: usize,
+}
+
+impl ReplayWindow {
+    pub(crate) fn new() -> ReplayWindow {
+        ReplayWindow {
+            ids: [0; REPLAY_WINDOW],
+            next: 0,
+            len: 0,
+        }
+    }
+
+    pub(crate) fn contains(&self, id: &str) -> bool {
+        let h = fnv1a(id.as_bytes());
+        self.ids[..self.len].contains(&h)
+    }
+
+    pub(crate) fn insert(&mut self, id: &str) {
+        self.ids[self.next] = fnv1a(id.as_bytes());
+        self.next = (self.next + 1) % REPLAY_WINDOW;
+        self.len = (self.len + 1).min(REPLAY_WINDOW);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    Downloading,
+    Verifying,
+    Installing,
+    Rebooting,
+    HealthCheck,
+}
+
+impl Step {
+    fn name(self) -> &'static str {
+        match self {
+            Step::Downloading => "downloading",
+            Step::Verifying => "verifying",
+            Step::Installing => "installing",
+            Step::Rebooting => "rebooting",
+            Step::HealthCheck => "health-check",
+        }
+    }
+}
+
+struct UpdateJob {
+    target: String,
+    from: String,
+    generation: u64,
+    /// Commands to acknowledge when the update ends.
+    command_ids: Vec<String>,
+    step: Step,
+    deadline: Instant,
+    /// A power loss planned for the end of this step.
+    interrupt_at: Option<Step>,
+    /// Set when a reboot cut the update short; reported after reconnecting.
+    interrupted: Option<Step>,
+}
+
+struct Failure {
+    step: Step,
+    reason: String,
+    /// A reboot cut the update short (as opposed to a step failing).
+    interrupted: bool,
+}
+
+/// One acknowledgement to send.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct AckOut {
+    pub id: String,
+    pub status: AckStatus,
+    pub reason: Option<String>,
+}
+
+/// What the device sends after an event, in this order: the full state
+/// ([`report`]), the acks, then it reboots (the session ends).
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct Actions {
+    pub report: bool,
+    pub acks: Vec<AckOut>,
+    pub reboot: bool,
+}
+
+impl Actions {
+    fn report() -> Actions {
+        Actions {
+            report: true,
+            ..Actions::default()
+        }
+    }
+
+    fn ack(ack: AckOut) -> Actions {
+        Actions {
+            acks: vec![ack],
+            ..Actions::default()
+        }
+    }
+}
+
+/// The fleet's settings and counters the rules read and count into.
+pub(crate) struct Env<'a> {
+    pub class: Class,
+    pub firmware: &'a FirmwareSim,
+    /// Probability that an update is cut by a power loss.
+    pub reboot_during_update: f64,
+    pub counters: &'a Counters,
+}
+
+#[derive(Serialize)]
+struct ReportedRef<'a> {
+    version: u64,
+    state: &'a State,
+}
+
+/// Bumps the version and encodes the full state for `reported`.
+pub(crate) fn report(v: &mut DeviceView) -> serde_json::Result<Vec<u8>> {
+    v.version += 1;
+    serde_json::to_vec(&ReportedRef {
+        version: v.version,
+        state: &v.state,
+    })
+}
+
+/// What only the device task remembers between events.
+pub(crate) struct Behaviour {
+    replay: ReplayWindow,
+    update: Option<Box<UpdateJob>>,
+}
+
+impl Behaviour {
+    pub(crate) fn new() -> Behaviour {
+        Behaviour {
+            replay: ReplayWindow::new(),
+            update: None,
+        }
+    }
+
+    /// When the update in progress moves on ([`Behaviour::advance_update`]).
+    pub(crate) fn update_due(&self) -> Option<Instant> {
+        self.update.as_ref().map(|j| j.deadline)
+    }
+
+    /// The contract's command rules: replays and stale generations are
+    /// ignored; invalid values reject the whole command; otherwise keys are
+    /// set (null deletes), the new state reported, then the ack sent. A new
+    /// `firmware` starts an update, acknowledged when it ends.
+    pub(crate) fn on_command(
+        &mut self,
+        env: &Env,
+        rng: &mut Rng,
+        v: &mut DeviceView,
+        cmd: Command,
+        now: Instant,
+    ) -> Actions {
+        let counters = env.counters;
+        Counters::inc(&counters.commands_received);
+        v.commands_received += 1;
+        if self.replay.contains(&cmd.id) {
+            Counters::inc(&counters.ignored_replays);
+            return Actions::default();
+        }
+        self.replay.insert(&cmd.id);
+        if cmd.generation < v.last_generation {
+            Counters::inc(&counters.ignored_stale);
+            return Actions::default();
+        }
+        let mut reason = cmd
+            .state
+            .iter()
+            .find_map(|(k, val)| classes::validate(env.class, k, val, &v.state).err());
+        let current_fw = v
+            .state
+            .get("firmware")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let new_fw = cmd
+            .state
+            .get("firmware")
+            .and_then(Value::as_str)
+            .filter(|fw| *fw != current_fw)
+            .map(str::to_owned);
+        let mut joins_update = false;
+        if let (None, Some(fw), Some(job)) = (&reason, &new_fw, &self.update) {
+            if *fw == job.target {
+                joins_update = true;
+            } else {
+                reason = Some(format!(
+                    "firmware update to {} in progress ({})",
+                    job.target,
+                    job.step.name()
+                ));
+            }
+        }
+        if let Some(reason) = reason {
+            Counters::inc(&counters.commands_rejected);
+            counters.failure(format!("command rejected: {reason}"));
+            return Actions::ack(AckOut {
+                id: cmd.id,
+                status: AckStatus::Rejected,
+                reason: Some(reason),
+            });
+        }
+        for (k, val) in &cmd.state {
+            if k != "firmware" {
+                classes::apply(env.class, &mut v.state, k, val);
+            }
+        }
+        v.last_change = Some(now);
+        match new_fw {
+            None => {
+                v.last_generation = v.last_generation.max(cmd.generation);
+                Counters::inc(&counters.commands_applied);
+                Actions {
+                    report: true,
+                    acks: vec![AckOut {
+                        id: cmd.id,
+                        status: AckStatus::Applied,
+                        reason: None,
+                    }],
+                    reboot: false,
+                }
+            }
+            Some(_) if joins_update => {
+                if let Some(job) = self.update.as_mut() {
+                    if job.command_ids.len() < UPDATE_ACKS_KEPT {
+                        job.command_ids.push(cmd.id);
+                    }
+                    job.generation = job.generation.max(cmd.generation);
+                }
+                Actions::report()
+            }
+            Some(target) => {
+                let fw = env.firmware;
+                let interrupt_at = rng
+                    .chance(env.reboot_during_update)
+                    .then(|| *rng.pick(&[Step::Downloading, Step::Verifying, Step::Installing]));
+                let job = UpdateJob {
+                    from: current_fw,
+                    generation: cmd.generation,
+                    command_ids: vec![cmd.id],
+                    step: Step::Downloading,
+                    deadline: now + fw.download_time(),
+                    interrupt_at,
+                    interrupted: None,
+                    target,
+                };
+                v.state.insert(
+                    "update".into(),
+                    json!({"state": "downloading", "target": job.target, "from": job.from, "size_kib": fw.size_kib}),
+                );
+                self.update = Some(Box::new(job));
+                Counters::inc(&counters.fw_started);
+                Actions::report()
+            }
+        }
+    }
+
+    /// Moves the update on when its step's time is up; a step may fail (at
+    /// the firmware's failure rates) or the power may go (planned when the
+    /// update started).
+    pub(crate) fn advance_update(
+        &mut self,
+        env: &Env,
+        rng: &mut Rng,
+        v: &mut DeviceView,
+        now: Instant,
+    ) -> Actions {
+        let Some(job) = self.update.as_mut() else {
+            return Actions::default();
+        };
+        if now < job.deadline {
+            return Actions::default();
+        }
+        if job.interrupt_at == Some(job.step) {
+            // Power loss: nothing more is sent; the will announces it.
+            job.interrupted = Some(job.step);
+            job.interrupt_at = None;
+            return Actions {
+                reboot: true,
+                ..Actions::default()
+            };
+        }
+        let fw = env.firmware;
+        let (fail_p, failure, next, next_time) = match job.step {
+            Step::Downloading => (
+                fw.failure.download,
+                "download failed: image checksum mismatch",
+                Step::Verifying,
+                fw.verify_time,
+            ),
+            Step::Verifying => (
+                fw.failure.verify,
+                "verification failed: bad image signature",
+                Step::Installing,
+                fw.install_time,
+            ),
+            Step::Installing => (
+                fw.failure.install,
+                "install failed: flash write error",
+                Step::Rebooting,
+                std::time::Duration::ZERO,
+            ),
+            Step::HealthCheck => (
+                fw.failure.health_check,
+                "health check failed after reboot; rolled back",
+                Step::HealthCheck,
+                std::time::Duration::ZERO,
+            ),
+            Step::Rebooting => return Actions::default(),
+        };
+        let step = job.step;
+        if rng.chance(fail_p) {
+            let acks = self.finish_update(
+                env,
+                v,
+                now,
+                Err(Failure {
+                    step,
+                    reason: failure.to_owned(),
+                    interrupted: false,
+                }),
+            );
+            return Actions {
+                report: true,
+                acks,
+                reboot: false,
+            };
+        }
+        if step == Step::HealthCheck {
+            let acks = self.finish_update(env, v, now, Ok(()));
+            return Actions {
+                report: true,
+                acks,
+                reboot: false,
+            };
+        }
+        job.step = next;
+        job.deadline = now + next_time;
+        set_update_state(v, job);
+        Actions {
+            report: true,
+            acks: Vec::new(),
+            // The planned reboot into the new image.
+            reboot: next == Step::Rebooting,
+        }
+    }
+
+    /// The device loses power: an update in progress (other than its own
+    /// planned reboot) failed, which the device reports once it is back.
+    pub(crate) fn power_lost(&mut self) {
+        if let Some(job) = self.update.as_mut() {
+            if job.step != Step::Rebooting {
+                job.interrupted = Some(job.step);
+            }
+        }
+    }
+
+    /// After (re)connecting, before the first report: a planned reboot of an
+    /// update continues with the health check on the new image; an
+    /// interrupted update failed.
+    pub(crate) fn on_boot(&mut self, env: &Env, v: &mut DeviceView, now: Instant) -> Actions {
+        let Some(job) = self.update.as_mut() else {
+            return Actions::report();
+        };
+        if let Some(step) = job.interrupted.take() {
+            let reason = format!("interrupted by a reboot during {}", step.name());
+            let acks = self.finish_update(
+                env,
+                v,
+                now,
+                Err(Failure {
+                    step,
+                    reason,
+                    interrupted: true,
+                }),
+            );
+            return Actions {
+                report: true,
+                acks,
+                reboot: false,
+            };
+        }
+        if job.step == Step::Rebooting {
+            job.step = Step::HealthCheck;
+            job.deadline = now + env.firmware.health_check_time;
+            v.state.insert("firmware".into(), json!(job.target));
+            set_update_state(v, job);
+        }
+        Actions::report()
+    }
+
+    /// Ends the update job: success switches nothing more (the new image
+    /// already runs), failure keeps or restores the old firmware.
+    fn finish_update(
+        &mut self,
+        env: &Env,
+        v: &mut DeviceView,
+        now: Instant,
+        outcome: Result<(), Failure>,
+    ) -> Vec<AckOut> {
+        let Some(job) = self.update.take() else {
+            return Vec::new();
+        };
+        let counters = env.counters;
+        v.last_change = Some(now);
+        match outcome {
+            Ok(()) => {
+                v.state.insert("firmware".into(), json!(job.target));
+                v.state.insert(
+                    "update".into(),
+                    json!({"state": "done", "target": job.target, "from": job.from}),
+                );
+                v.last_generation = v.last_generation.max(job.generation);
+                Counters::inc(&counters.fw_succeeded);
+                counters.fw_outcome("succeeded");
+                for _ in &job.command_ids {
+                    Counters::inc(&counters.commands_applied);
+                }
+                job.command_ids
+                    .into_iter()
+                    .map(|id| AckOut {
+                        id,
+                        status: AckStatus::Applied,
+                        reason: None,
+                    })
+                    .collect()
+            }
+            Err(Failure {
+                step,
+                reason,
+                interrupted,
+            }) => {
+                v.state.insert("firmware".into(), json!(job.from));
+                v.state.insert(
+                    "update".into(),
+                    json!({"state": "failed", "target": job.target, "from": job.from, "step": step.name(), "reason": reason}),
+                );
+                Counters::inc(&counters.fw_failed);
+                let kind = if interrupted { "interrupted" } else { "failed" };
+                counters.fw_outcome(format!("{kind}: {}", step.name()));
+                counters.failure(format!("firmware update failed: {reason}"));
+                for _ in &job.command_ids {
+                    Counters::inc(&counters.commands_rejected);
+                }
+                job.command_ids
+                    .into_iter()
+                    .map(|id| AckOut {
+                        id,
+                        status: AckStatus::Rejected,
+                        reason: Some(reason.clone()),
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+fn set_update_state(v: &mut DeviceView, job: &UpdateJob) {
+    v.state.insert(
+        "update".into(),
+        json!({"state": job.step.name(), "target": job.target, "from": job.from}),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::StepFailures;
+
+    const OLD_FW: &str = "1.3.9";
+
+    /// A streetlight on the old firmware, dimmed to 30.
+    fn streetlight() -> DeviceView {
+        let mut state = classes::initial_state(Class::Streetlight, &mut Rng::new(1), "");
+        state.insert("firmware".into(), json!(OLD_FW));
+        state.insert("dimming".into(), json!(30));
+        DeviceView {
+            state,
+            connected: true,
+            online: true,
+            connects: 1,
+            ..DeviceView::default()
+        }
+    }
+
+    fn command(id: &str, generation: u64, state: Value) -> Command {
+        let Value::Object(state) = state else {
+            panic!("a command's state is an object")
+        };
+        Command {
+            id: id.into(),
+            generation,
+            state,
+        }
+    }
+
+    fn applied(id: &str) -> AckOut {
+        AckOut {
+            id: id.into(),
+            status: AckStatus::Applied,
+            reason: None,
+        }
+    }
+
+    fn rejected(id: &str, reason: &str) -> AckOut {
+        AckOut {
+            id: id.into(),
+            status: AckStatus::Rejected,
+            reason: Some(reason.into()),
+        }
+    }
+
+    fn acks(acks: Vec<AckOut>) -> Actions {
+        Actions {
+            acks,
+            ..Actions::default()
+        }
+    }
+
+    fn report_and(acks: Vec<AckOut>) -> Actions {
+        Actions {
+            report: true,
+            acks,
+            reboot: false,
+        }
+    }
+
+    fn reboot(report: bool) -> Actions {
+        Actions {
+            report,
+            acks: Vec::new(),
+            reboot: true,
+        }
+    }
+
+    /// The fleet settings and counters the rules read.
+    struct Settings {
+        firmware: FirmwareSim,
+        reboot_during_update: f64,
+        counters: Counters,
+    }
+
+    impl Settings {
+        fn env(&self) -> Env<'_> {
+            Env {
+                class: Class::Streetlight,
+                firmware: &self.firmware,
+                reboot_during_update: self.reboot_during_update,
+                counters: &self.counters,
+            }
+        }
+    }
+
+    /// One device and its rules, driven by hand.
+    struct Sim {
+        core: Behaviour,
+        view: DeviceView,
+        rng: Rng,
+        settings: Settings,
+        now: Instant,
+    }
+
+    impl Sim {
+        fn new(firmware: FirmwareSim, reboot_during_update: f64) -> Sim {
+            Sim {
+                core: Behaviour::new(),
+                view: streetlight(),
+                rng: Rng::new(7),
+                settings: Settings {
+                    firmware,
+                    reboot_during_update,
+                    counters: Counters::default(),
+                },
+                now: Instant::now(),
+            }
+        }
+
+        fn command(&mut self, id: &str, generation: u64, state: Value) -> Actions {
+            let cmd = command(id, generation, state);
+            let env = self.settings.env();
+            self.core
+                .on_command(&env, &mut self.rng, &mut self.view, cmd, self.now)
+        }
+
+        /// Waits for the update's next step and takes it.
+        fn next_step(&mut self) -> Actions {
+            let due = self.core.update_due().expect("an update in progress");
+            let early = self.advance_at(due - Duration::from_millis(1));
+            assert_eq!(early, Actions::default(), "a step ended before its time");
+            self.advance_at(due)
+        }
+
+        fn advance_at(&mut self, now: Instant) -> Actions {
+            self.now = now;
+            let env = self.settings.env();
+            self.core
+                .advance_update(&env, &mut self.rng, &mut self.view, now)
+        }
+
+        fn boot(&mut self) -> Actions {
+            self.now += Duration::from_secs(3);
+            let env = self.settings.env();
+            self.core.on_boot(&env, &mut self.view, self.now)
+        }
+
+        fn update_state(&self) -> Value {
+            self.view.state["update"]["state"].clone()
+        }
+
+        fn firmware(&self) -> Value {
+            self.view.state["firmware"].clone()
+        }
+    }
+
+    #[test]
+    fn replay_window_remembers_the_last_64() {
+        let mut w = ReplayWindow::new();
+        for i in 0..100 {
+            w.insert(&format!("c-{i}"));
+        }
+        assert!(w.contains("c-99"));
+        assert!(w.contains("c-36"));
+        assert!(!w.contains("c-35"));
+        assert!(!w.contains("c-100"));
+    }
+
+    /// Each case: commands sent in order (id, generation, state), what the
+    /// last one makes the device send, and the dimming it ends with.
+    #[test]
+    fn command_rules() {
+        type Case = (&'static str, Vec<(&'static str, u64, Value)>, Actions, u64);
+        let cases: Vec<Case> = vec![
+            (
+                "a valid change is applied, reported, then acknowledged",
+                vec![("c1", 1, json!({"dimming": 70}))],
+                report_and(vec![applied("c1")]),
+                70,
+            ),
+            (
+                "an invalid value rejects the whole command",
+                vec![(
+                    "c1",
+                    1,
+                    json!({"schedule": {"on": "18:00", "off": "06:00"}, "dimming": 400}),
+                )],
+                acks(vec![rejected("c1", "dimming must be 0..100")]),
+                30,
+            ),
+            (
+                "a read-only key cannot change",
+                vec![("c1", 1, json!({"lamp_power_w": 1}))],
+                acks(vec![rejected("c1", "lamp_power_w is read-only")]),
+                30,
+            ),
+            (
+                "a replayed command id is ignored",
+                vec![
+                    ("c1", 1, json!({"dimming": 70})),
+                    ("c1", 2, json!({"dimming": 50})),
+                ],
+                Actions::default(),
+                70,
+            ),
+            (
+                "a stale generation is ignored",
+                vec![
+                    ("c1", 5, json!({"dimming": 70})),
+                    ("c2", 4, json!({"dimming": 50})),
+                ],
+                Actions::default(),
+                70,
+            ),
+            (
+                "the same generation again is applied",
+                vec![
+                    ("c1", 5, json!({"dimming": 70})),
+                    ("c2", 5, json!({"dimming": 50})),
+                ],
+                report_and(vec![applied("c2")]),
+                50,
+            ),
+            (
+                "a new firmware starts an update, acknowledged when it ends",
+                vec![("c1", 1, json!({"firmware": "1.4.2", "dimming": 50}))],
+                Actions::report(),
+                50,
+            ),
+            (
+                "the firmware it already runs is no update",
+                vec![("c1", 1, json!({"firmware": OLD_FW}))],
+                report_and(vec![applied("c1")]),
+                30,
+            ),
+            (
+                "a retry of the update in progress joins it",
+                vec![
+                    ("c1", 1, json!({"firmware": "1.4.2"})),
+                    ("c2", 1, json!({"firmware": "1.4.2"})),
+                ],
+                Actions::report(),
+                30,
+            ),
+            (
+                "another firmware during an update is rejected",
+                vec![
+                    ("c1", 1, json!({"firmware": "1.4.2"})),
+                    ("c2", 2, json!({"firmware": "1.5.0"})),
+                ],
+                acks(vec![rejected(
+                    "c2",
+                    "firmware update to 1.4.2 in progress (downloading)",
+                )]),
+                30,
+            ),
+        ];
+        for (name, commands, want, dimming) in cases {
+            let mut sim = Sim::new(FirmwareSim::fast(), 0.0);
+            let mut last = Actions::default();
+            for (id, generation, state) in commands {
+                last = sim.command(id, generation, state);
+            }
+            assert_eq!(last, want, "{name}");
+            assert_eq!(sim.view.state["dimming"], json!(dimming), "{name}");
+        }
+    }
+
+    #[test]
+    fn an_applied_command_bumps_the_reported_version_and_generation() {
+        let mut sim = Sim::new(FirmwareSim::fast(), 0.0);
+        sim.command("c1", 3, json!({"dimming": 70}));
+        assert_eq!(sim.view.last_generation, 3);
+        assert_eq!(sim.view.state["lamp_power_w"], json!(84));
+        assert_eq!(sim.view.last_change, Some(sim.now));
+        let body: Value =
+            serde_json::from_slice(&report(&mut sim.view).expect("report")).expect("json");
+        assert_eq!(body["version"], json!(1));
+        assert_eq!(body["state"]["dimming"], json!(70));
+        assert_eq!(sim.view.version, 1);
+    }
+
+    #[test]
+    fn an_update_runs_through_its_states_and_acknowledges_every_joined_command() {
+        let mut sim = Sim::new(FirmwareSim::fast(), 0.0);
+        assert_eq!(
+            sim.command("c1", 1, json!({"firmware": "1.4.2"})),
+            Actions::report()
+        );
+        assert_eq!(sim.update_state(), json!("downloading"));
+        assert_eq!(
+            sim.command("c2", 2, json!({"firmware": "1.4.2"})),
+            Actions::report()
+        );
+        assert_eq!(sim.next_step(), Actions::report());
+        assert_eq!(sim.update_state(), json!("verifying"));
+        assert_eq!(sim.next_step(), Actions::report());
+        assert_eq!(sim.update_state(), json!("installing"));
+        assert_eq!(sim.next_step(), reboot(true));
+        assert_eq!(sim.update_state(), json!("rebooting"));
+        assert_eq!(sim.firmware(), json!(OLD_FW));
+        // The planned reboot is not an interruption.
+        sim.core.power_lost();
+        assert_eq!(sim.boot(), Actions::report());
+        assert_eq!(sim.update_state(), json!("health-check"));
+        assert_eq!(sim.firmware(), json!("1.4.2"));
+        assert_eq!(
+            sim.next_step(),
+            report_and(vec![applied("c1"), applied("c2")])
+        );
+        assert_eq!(sim.update_state(), json!("done"));
+        assert_eq!(sim.view.last_generation, 2);
+        assert_eq!(sim.core.update_due(), None);
+        assert_eq!(
+            sim.settings
+                .counters
+                .fw_succeeded
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+    }
+
+    /// Failure injection: each step failing (probability 1) ends the update
+    /// there, on the old firmware, with the step's reason.
+    #[test]
+    fn a_failing_step_rejects_the_update_and_keeps_the_old_firmware() {
+        // (step, how it fails, steps taken before it, the reason given)
+        type Case = (&'static str, fn(&mut StepFailures), usize, &'static str);
+        let cases: [Case; 4] = [
+            (
+                "download",
+                |f| f.download = 1.0,
+                0,
+                "download failed: image checksum mismatch",
+            ),
+            (
+                "verify",
+                |f| f.verify = 1.0,
+                1,
+                "verification failed: bad image signature",
+            ),
+            (
+                "install",
+                |f| f.install = 1.0,
+                2,
+                "install failed: flash write error",
+            ),
+            (
+                "health check",
+                |f| f.health_check = 1.0,
+                3,
+                "health check failed after reboot; rolled back",
+            ),
+        ];
+        for (name, fail, steps_before, why) in cases {
+            let mut firmware = FirmwareSim::fast();
+            fail(&mut firmware.failure);
+            let mut sim = Sim::new(firmware, 0.0);
+            sim.command("c1", 1, json!({"firmware": "1.4.2"}));
+            for _ in 0..steps_before {
+                if sim.next_step().reboot {
+                    assert_eq!(sim.boot(), Actions::report(), "{name}");
+                }
+            }
+            assert_eq!(
+                sim.next_step(),
+                report_and(vec![rejected("c1", why)]),
+                "{name}"
+            );
+            assert_eq!(sim.update_state(), json!("failed"), "{name}");
+            assert_eq!(sim.firmware(), json!(OLD_FW), "{name}");
+            assert_eq!(sim.view.state["update"]["reason"], json!(why), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_power_loss_mid_update_is_reported_as_failed_after_the_reboot() {
+        // Planned at the start (probability 1): the power goes at the end of
+        // one of the first three steps, without a report.
+        let mut sim = Sim::new(FirmwareSim::fast(), 1.0);
+        sim.command("c1", 1, json!({"firmware": "1.4.2"}));
+        let mut steps = 0;
+        let cut_during = loop {
+            let during = sim.update_state();
+            let actions = sim.next_step();
+            if actions == reboot(false) {
+                break during;
+            }
+            assert_eq!(actions, Actions::report());
+            steps += 1;
+            assert!(steps < 3, "no power loss");
+        };
+        let cut_during = cut_during.as_str().expect("a step name").to_owned();
+        let why = format!("interrupted by a reboot during {cut_during}");
+        assert_eq!(sim.boot(), report_and(vec![rejected("c1", &why)]));
+        assert_eq!(sim.firmware(), json!(OLD_FW));
+        assert_eq!(sim.view.state["update"]["step"], json!(cut_during));
+
+        // A reboot from outside does the same.
+        let mut sim = Sim::new(FirmwareSim::fast(), 0.0);
+        sim.command("c1", 1, json!({"firmware": "1.4.2"}));
+        sim.core.power_lost();
+        assert_eq!(
+            sim.boot(),
+            report_and(vec![rejected(
+                "c1",
+                "interrupted by a reboot during downloading"
+            )])
+        );
+        assert_eq!(sim.update_state(), json!("failed"));
+    }
+
+    #[test]
+    fn without_an_update_a_boot_only_reports() {
+        let mut sim = Sim::new(FirmwareSim::fast(), 0.0);
+        assert_eq!(sim.boot(), Actions::report());
+        assert_eq!(sim.advance_at(sim.now), Actions::default());
+    }
+}
