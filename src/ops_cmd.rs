@@ -65,6 +65,13 @@ pub struct GetArgs {
     /// Rows per page fetched from the controller
     #[arg(long, default_value_t = 500)]
     pub page: usize,
+    /// Keep watching: after the list, print each device whose row changes
+    /// (one JSON object per line with --output json), until Ctrl-C
+    #[arg(short = 'w', long)]
+    pub watch: bool,
+    /// Seconds between refreshes with --watch
+    #[arg(long, default_value_t = 2.0, requires = "watch", value_parser = parse_interval)]
+    pub interval: f64,
     #[arg(long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
@@ -106,6 +113,13 @@ pub struct AuditArgs {
 }
 
 use crate::certs_cmd::parse_label;
+
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.2..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?}: seconds from 0.2 to 3600")),
+    }
+}
 
 fn print_json(v: &Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
@@ -591,9 +605,65 @@ pub async fn get(args: GetArgs) -> anyhow::Result<()> {
         selector.insert("id_prefix".into(), json!(p));
     }
     let mut op = Operator::connect(&args.connect).await?;
+    let rows = fetch_devices(&mut op, &selector, args.page).await;
+    let rows = match rows {
+        Ok(rows) => rows,
+        Err(e) => {
+            op.disconnect().await;
+            return Err(e);
+        }
+    };
+    if !args.watch {
+        op.disconnect().await;
+        if args.output == Output::Json {
+            return print_json(&Value::Array(rows));
+        }
+        print_device_header();
+        for r in &rows {
+            print_device_row(r);
+        }
+        println!("{} devices", rows.len());
+        return Ok(());
+    }
+    // Like `kubectl get -w`: everything once, then a line per device whose
+    // row changed (`--output json`: one JSON object per line).
+    let mut last: std::collections::BTreeMap<String, Value> = std::collections::BTreeMap::new();
+    let interval = Duration::from_millis((args.interval * 1000.0) as u64);
+    if args.output == Output::Table {
+        print_device_header();
+    }
+    let mut rows = rows;
+    loop {
+        for r in rows {
+            let id = r["id"].as_str().unwrap_or_default().to_owned();
+            if last.get(&id) != Some(&r) {
+                if args.output == Output::Json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    print_device_row(&r);
+                }
+                last.insert(id, r);
+            }
+        }
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        rows = fetch_devices(&mut op, &selector, args.page).await?;
+    }
+    op.disconnect().await;
+    Ok(())
+}
+
+/// Every device the selector picks, page by page.
+async fn fetch_devices(
+    op: &mut Operator,
+    selector: &serde_json::Map<String, Value>,
+    page: usize,
+) -> anyhow::Result<Vec<Value>> {
     let mut rows = Vec::new();
     loop {
-        let mut q = json!({"offset": rows.len(), "limit": args.page});
+        let mut q = json!({"offset": rows.len(), "limit": page});
         if !selector.is_empty() {
             q["selector"] = Value::Object(selector.clone());
         }
@@ -603,35 +673,46 @@ pub async fn get(args: GetArgs) -> anyhow::Result<()> {
         let empty = batch.is_empty();
         rows.extend(batch);
         if rows.len() >= total || empty {
-            break;
+            return Ok(rows);
         }
     }
-    op.disconnect().await;
-    if args.output == Output::Json {
-        return print_json(&Value::Array(rows));
-    }
+}
+
+fn print_device_header() {
     println!(
-        "{:<20} {:<12} {:<7} {:<10} {:<11} LAST-SEEN",
-        "ID", "CLASS", "ONLINE", "CONVERGED", "GENERATION"
+        "{:<20} {:<12} {:<24} {:<7} {:<10} {:<11} LAST-SEEN",
+        "ID", "CLASS", "LABELS", "ONLINE", "CONVERGED", "GENERATION"
     );
-    for r in &rows {
-        let converged = if r["failed"] == true {
-            "failed".to_owned()
+}
+
+fn print_device_row(r: &Value) {
+    let converged = if r["revoked"] == true {
+        "revoked".to_owned()
+    } else if r["failed"] == true {
+        "failed".to_owned()
+    } else {
+        yes(&r["converged"])
+    };
+    let labels: Vec<String> = r["labels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+        .collect();
+    println!(
+        "{:<20} {:<12} {:<24} {:<7} {:<10} {:<11} {}",
+        r["id"].as_str().unwrap_or(""),
+        r["class"].as_str().unwrap_or("-"),
+        if labels.is_empty() {
+            "-".to_owned()
         } else {
-            yes(&r["converged"])
-        };
-        println!(
-            "{:<20} {:<12} {:<7} {:<10} {:<11} {}",
-            r["id"].as_str().unwrap_or(""),
-            r["class"].as_str().unwrap_or("-"),
-            yes(&r["online"]),
-            converged,
-            r["generation"].to_string(),
-            r["last_seen"].as_str().unwrap_or("")
-        );
-    }
-    println!("{} devices", rows.len());
-    Ok(())
+            labels.join(",")
+        },
+        yes(&r["online"]),
+        converged,
+        r["generation"].to_string(),
+        r["last_seen"].as_str().unwrap_or("")
+    );
 }
 
 fn yes(v: &Value) -> String {

@@ -6,4 +6,5 @@ mod common;
 mod crash;
 mod disk_full;
 mod fleet;
+mod registry_cli;
 mod tidy;

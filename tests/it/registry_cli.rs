@@ -1,0 +1,248 @@
+//! The registry through the binary, as an operator uses it: devices issued
+//! with attributes exist before they connect, a CSV manifest registers and
+//! relabels, documents are tried, listed and deleted, and all of it
+//! survives a SIGKILL of `cityplane serve`.
+
+use crate::common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{free_port, Server, BIN};
+use serde_json::{json, Value};
+
+fn cli(pki: &Path, port: u16, args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env("CITYPLANE_SERVER", format!("127.0.0.1:{port}"))
+        .env("CITYPLANE_PKI", pki)
+        .env("CITYPLANE_ID", "op")
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Runs a command that must succeed; its standard output.
+fn ok(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("runs");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An operator command with `--output json`; its answer.
+fn json_of(pki: &Path, port: u16, args: &[&str]) -> Value {
+    let mut args = args.to_vec();
+    args.extend(["--output", "json"]);
+    let out = ok(&mut cli(pki, port, &args));
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+}
+
+fn wait_up(pki: &Path, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cli(pki, port, &["status", "--timeout", "2"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        assert!(Instant::now() < deadline, "serve did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn device<'a>(rows: &'a Value, id: &str) -> &'a Value {
+    rows.as_array()
+        .expect("rows")
+        .iter()
+        .find(|r| r["id"] == id)
+        .unwrap_or_else(|| panic!("{id} not listed: {rows}"))
+}
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !check() {
+        assert!(Instant::now() < deadline, "{what} within 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_survives_sigkill_and_its_devices_converge_on_first_connect() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (pki, data, log) = (
+        dir.path().join("pki"),
+        dir.path().join("data"),
+        dir.path().join("serve.log"),
+    );
+    let p = pki.to_str().expect("utf-8");
+    ok(Command::new(BIN).args(["certs", "init", "--pki", p]));
+    ok(Command::new(BIN).args([
+        "certs", "issue", "--pki", p, "--role", "operator", "--id", "op",
+    ]));
+    ok(Command::new(BIN).args([
+        "certs",
+        "issue",
+        "--pki",
+        p,
+        "--role",
+        "device",
+        "--count",
+        "3",
+        "--prefix",
+        "dev",
+        "--class",
+        "streetlight",
+        "--label",
+        "zone=north",
+    ]));
+    // Attributes describe devices only.
+    let refused = Command::new(BIN)
+        .args([
+            "certs", "issue", "--pki", p, "--role", "operator", "--id", "op2", "--class", "x",
+        ])
+        .output()
+        .expect("runs");
+    assert!(!refused.status.success());
+
+    let port = free_port();
+    let server = Server::start(&pki, &data, port, &log, "warn");
+    wait_up(&pki, port);
+
+    // Issued with attributes: registered before any of them connects.
+    let rows = json_of(&pki, port, &["get", "devices"]);
+    assert_eq!(rows.as_array().map(Vec::len), Some(3), "{rows}");
+    let d1 = device(&rows, "dev0001");
+    assert_eq!(
+        (&d1["class"], &d1["labels"], &d1["last_seen"]),
+        (
+            &json!("streetlight"),
+            &json!({"zone": "north"}),
+            &json!("never")
+        ),
+        "{d1}"
+    );
+
+    // A CSV manifest relabels one and registers a device whose keys were
+    // made elsewhere.
+    let csv = dir.path().join("devices.csv");
+    std::fs::write(
+        &csv,
+        "id,class,labels,owner\ndev0003,streetlight,zone=south;street=elm,lighting-co\ngw-0001,gateway,,city-it\n",
+    )
+    .expect("csv");
+    let r = json_of(
+        &pki,
+        port,
+        &["devices", "register", "-f", csv.to_str().expect("utf-8")],
+    );
+    assert_eq!(
+        (r["registered"].as_u64(), r["updated"].as_u64()),
+        (Some(1), Some(1)),
+        "{r}"
+    );
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(&bad, "id,colour\nx1,red\n").expect("csv");
+    let out = cli(
+        &pki,
+        port,
+        &["devices", "register", "-f", bad.to_str().expect("utf-8")],
+    )
+    .output()
+    .expect("runs");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown CSV column"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let north = dir.path().join("north.json");
+    std::fs::write(
+        &north,
+        json!({"name": "north-dimming", "target": {"class": "streetlight", "labels": {"zone": "north"}},
+               "priority": 10, "state": {"dimming": 40}})
+        .to_string(),
+    )
+    .expect("doc");
+    let n = north.to_str().expect("utf-8");
+    let dry = json_of(&pki, port, &["apply", "--dry-run", "-f", n]);
+    assert_eq!(
+        (&dry["devices"], &dry["changing"], &dry["keys"]),
+        (&json!(2), &json!(2), &json!({"dimming": 2})),
+        "{dry}"
+    );
+    assert_eq!(
+        json_of(&pki, port, &["get", "documents"]),
+        json!([]),
+        "a dry run stored nothing"
+    );
+    let applied = json_of(&pki, port, &["apply", "-f", n]);
+    assert_eq!(
+        applied["devices"], 2,
+        "never-connected devices are targeted: {applied}"
+    );
+
+    // Power cut: everything acknowledged above is still there.
+    server.kill();
+    let _server = Server::start(&pki, &data, port, &log, "warn");
+    wait_up(&pki, port);
+    let docs = json_of(&pki, port, &["get", "documents"]);
+    assert_eq!(docs[0]["name"], "north-dimming", "{docs}");
+    assert_eq!(docs[0]["targeted"], 2, "{docs}");
+    let gw = json_of(&pki, port, &["describe", "device", "gw-0001"]);
+    assert_eq!(
+        (&gw["class"], &gw["owner"]),
+        (&json!("gateway"), &json!("city-it")),
+        "{gw}"
+    );
+    assert_eq!(gw["reported"], Value::Null, "{gw}");
+
+    // The devices connect for the first time; they report a random zone of
+    // their own, which moves nothing.
+    let mut sim = cityplane_agent_sim::SimConfig::new(&pki, format!("localhost:{port}"), "dev", 3);
+    sim.presence = cityplane_agent_sim::PresenceMode::Skip;
+    sim.mix = "streetlight=1".parse().expect("mix");
+    let fleet = cityplane_agent_sim::Fleet::start(sim).await.expect("fleet");
+    let dimmed = |id: &str| fleet.value_of(id, "dimming") == Some(Some(json!(40)));
+    eventually("dev0001 and dev0002 dimmed", || {
+        dimmed("dev0001") && dimmed("dev0002")
+    })
+    .await;
+    let d3 = json_of(&pki, port, &["describe", "device", "dev0003"]);
+    assert_eq!(
+        d3["desired"].get("dimming"),
+        None,
+        "zone=south is not targeted: {d3}"
+    );
+    assert!(!dimmed("dev0003"));
+
+    // A label moves it; a delete lets go of all of them.
+    let moved = json_of(&pki, port, &["devices", "label", "dev0003", "zone=north"]);
+    assert_eq!(moved["changed"], 1, "{moved}");
+    eventually("dev0003 dimmed after its label", || dimmed("dev0003")).await;
+    let deleted = json_of(&pki, port, &["delete", "document", "north-dimming"]);
+    assert_eq!(deleted["devices_changed"], 3, "{deleted}");
+    let audit = json_of(&pki, port, &["audit"]);
+    let actions: Vec<&str> = audit
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    for want in ["register", "apply", "label", "delete"] {
+        assert!(actions.contains(&want), "{want} not audited: {actions:?}");
+    }
+
+    // A revoked device stays listed, as revoked.
+    ok(Command::new(BIN).args(["certs", "revoke", "--pki", p, "--id", "dev0002"]));
+    eventually("dev0002 listed as revoked", || {
+        let rows = json_of(&pki, port, &["get", "devices"]);
+        device(&rows, "dev0002")["revoked"] == true && device(&rows, "dev0001")["revoked"] == false
+    })
+    .await;
+    fleet.shutdown().await;
+}
