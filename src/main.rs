@@ -95,5 +95,7 @@ fn block_on(work: impl std::future::Future<Output = anyhow::Result<()>>) -> anyh
 
 fn init_tracing(default: &str) {
     let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| default.to_owned());
-    cityplane_broker::logging::init_stderr(&directives, true);
+    // Colours for a terminal only: a log file should not hold escape codes.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    cityplane_broker::logging::init_stderr(&directives, ansi);
 }

@@ -315,8 +315,13 @@ impl Session {
         self.log_end(&end);
         if !matches!(end, End::TakenOver) {
             let will = end.will(connect.will.as_ref());
-            // Queue the last packets together and wake the router once: a
-            // second wake-up after DISCONNECT would find the link gone.
+            // Every send wakes the router once, and one wake-up takes all
+            // that is queued: a DISCONNECT taken with earlier packets leaves
+            // their wake-ups behind, and rumqttd logs each as an ERROR ("no-
+            // connection id N is already gone": one per operator CLI call).
+            // So the link is drained first, and the last packets go together
+            // with a single wake-up.
+            drained(&link.tx).await;
             link.tx.buffer().extend(will.and_then(will_packet));
             let _ = link.tx.send(disconnect_packet()).await;
         }
@@ -743,4 +748,15 @@ struct PumpState {
     inbox: Arc<crate::dispatch::Inbox>,
     /// Set while a device is subscribed to its commands.
     route: Option<crate::dispatch::Route>,
+}
+
+/// Waits (at most ~100 ms) until the router has taken everything queued on
+/// this link, so wake-ups still in its channel find the connection alive.
+async fn drained(tx: &rumqttd::local::LinkTx) {
+    for _ in 0..100 {
+        if tx.buffer().is_empty() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
 }
