@@ -1,0 +1,464 @@
+//! The loop: events in batches, one durable commit per batch (group
+//! commit), then what the commit held is published.
+
+use super::operator::{handle_operator, WRITE_VERBS};
+use super::*;
+
+/// What waits for a commit before it may be published.
+#[derive(Default)]
+struct Held {
+    /// Answers to operators (queries are answered from memory, so only
+    /// once the state they describe is durable).
+    responses: Vec<Outgoing>,
+    /// Commands: only after the record of the command (the outbox) is durable.
+    commands: Vec<Outgoing>,
+}
+
+impl Held {
+    fn is_empty(&self) -> bool {
+        self.responses.is_empty() && self.commands.is_empty()
+    }
+}
+
+struct CommitInFlight {
+    /// The ids of the device records written, and the outcome.
+    task: JoinHandle<(Vec<String>, Result<(), StoreError>)>,
+    held: Held,
+}
+
+/// Pause before writing again after a failed commit (e.g. a full disk).
+const COMMIT_RETRY: Duration = Duration::from_millis(200);
+
+async fn send_all(out: &mpsc::Sender<Outgoing>, messages: impl IntoIterator<Item = Outgoing>) {
+    for message in messages {
+        if out.send(message).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The loop. Commits are pipelined: while one batch's commit is being
+/// fsynced, the next events are applied in memory and their records wait
+/// for the following commit, so the commit grows with the load (group
+/// commit) instead of the loop idling on the disk.
+pub(super) async fn run(
+    mut fleet: Fleet,
+    store: Arc<Store>,
+    mut events: mpsc::Receiver<Event>,
+    out: mpsc::Sender<Outgoing>,
+    config: ControllerConfig,
+    mut shutdown: watch::Receiver<bool>,
+    clock: Clock,
+) -> Result<(), ControllerError> {
+    let mut known_device = known_devices(config.pki.clone());
+    let mut status_tick = tokio::time::interval(config.status_every);
+    status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_summary = None;
+    let mut in_flight: Option<CommitInFlight> = None;
+    let mut held = Held::default();
+    let mut retry_commit_at: Option<tokio::time::Instant> = None;
+    // Everything already in the store may have work to do.
+    let ids: Vec<String> = fleet.devices.keys().cloned().collect();
+    fleet.reconcile_later(ids);
+    loop {
+        let far = tokio::time::Instant::now() + Duration::from_secs(3600);
+        let wake = fleet
+            .next_timer()
+            .map(|at| clock.instant_at(at))
+            .into_iter()
+            .chain(retry_commit_at)
+            .min()
+            .unwrap_or(far);
+        let mut batch = Vec::new();
+        let mut stop = false;
+        tokio::select! {
+            done = async {
+                match in_flight.as_mut() {
+                    Some(c) => (&mut c.task).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let held = in_flight.take().map(|c| c.held).unwrap_or_default();
+                let (written, result) = match done {
+                    Ok(pair) => pair,
+                    Err(e) => (
+                        Vec::new(),
+                        Err(StoreError::Transaction(format!("commit task failed: {e}"))),
+                    ),
+                };
+                match result {
+                    Ok(()) => send_all(&out, held.responses.into_iter().chain(held.commands)).await,
+                    Err(e) => {
+                        tracing::error!(error = %e, disk_full = e.is_disk_full(), "commit failed; holding changes and commands until storage works again");
+                        fleet.mark_dirty(written);
+                        // Commands are not sent before their record is durable;
+                        // the timers re-send them once a commit succeeds.
+                        fleet.commands_not_sent(
+                            held.commands
+                                .iter()
+                                .filter_map(|c| topics::split_device_topic(&c.topic).map(|(id, _)| id)),
+                        );
+                        send_all(&out, held.responses).await;
+                        retry_commit_at = Some(tokio::time::Instant::now() + COMMIT_RETRY);
+                    }
+                }
+            }
+            got = events.recv() => match got {
+                Some(ev) => batch.push(ev),
+                None => stop = true,
+            },
+            _ = tokio::time::sleep_until(wake) => {}
+            _ = status_tick.tick() => {
+                let summary = fleet.summary();
+                if last_summary.as_ref() != Some(&summary) {
+                    let body = json!({
+                        "total": summary.total, "online": summary.online, "converged": summary.converged,
+                        "pending": summary.pending, "failed": summary.failed, "drifted": summary.drifted,
+                        "at": crate::model::rfc3339(clock.now()),
+                    });
+                    send_all(&out, [Outgoing {
+                        topic: topics::FLEET_STATUS.to_owned(),
+                        payload: serde_json::to_vec(&body).unwrap_or_default(),
+                        retain: true,
+                    }]).await;
+                    last_summary = Some(summary);
+                }
+            }
+            _ = shutdown.changed() => stop = true,
+        }
+        if stop {
+            return finish(fleet, &store, &out, in_flight, held).await;
+        }
+        while batch.len() < config.max_batch {
+            match events.try_recv() {
+                Ok(ev) => batch.push(ev),
+                Err(_) => break,
+            }
+        }
+
+        let now = clock.now();
+        for event in batch {
+            match event {
+                Event::Device { id, leaf, payload } => {
+                    if known_device(&id) {
+                        fleet.on_device_message(&id, &leaf, &payload, now)
+                    } else {
+                        fleet.refuse_unknown_device(&id, &leaf)
+                    }
+                }
+                Event::Operator(msg) => {
+                    // A write commits itself before it is answered: its answer
+                    // need not wait for the batch's commit (which, after a
+                    // document that changes 50,000 devices, writes them all).
+                    let write = topics::desired_name(&msg.topic).is_some()
+                        || topics::ops_verb(&msg.topic).is_some_and(|v| WRITE_VERBS.contains(&v));
+                    let answers = handle_operator(&mut fleet, &store, msg, now).await;
+                    if write {
+                        send_all(&out, answers).await;
+                    } else {
+                        held.responses.extend(answers);
+                    }
+                }
+                Event::Issued(devices) => {
+                    let revoked: std::collections::HashSet<String> = devices
+                        .iter()
+                        .filter(|d| d.revoked)
+                        .map(|d| d.id.clone())
+                        .collect();
+                    let (new, updated) = fleet.register(
+                        devices.into_iter().map(|d| Registration {
+                            id: d.id,
+                            class: d.attributes.class,
+                            labels: d.attributes.labels,
+                            owner: d.attributes.owner,
+                        }),
+                        fleet::FROM_PKI,
+                        Overwrite::Never,
+                        now,
+                    );
+                    fleet.set_revoked(&revoked);
+                    if new + updated > 0 {
+                        tracing::info!(
+                            new,
+                            updated,
+                            "registry: devices from the PKI's issuance record"
+                        );
+                    }
+                }
+            }
+        }
+        held.commands.extend(fleet.reconcile_due(now));
+
+        let may_commit = in_flight.is_none()
+            && retry_commit_at.is_none_or(|at| at <= tokio::time::Instant::now());
+        if !may_commit {
+            continue;
+        }
+        retry_commit_at = None;
+        if fleet.has_dirty() {
+            let changes = Changes {
+                devices: fleet.take_dirty(),
+                seq: Some(fleet.seq),
+                ..Default::default()
+            };
+            let store = store.clone();
+            in_flight = Some(CommitInFlight {
+                task: tokio::task::spawn_blocking(move || store.commit_owned(changes)),
+                held: std::mem::take(&mut held),
+            });
+        } else if !held.is_empty() {
+            // Nothing new to make durable: what is held may go now.
+            let ready = std::mem::take(&mut held);
+            send_all(&out, ready.responses.into_iter().chain(ready.commands)).await;
+        }
+    }
+}
+
+/// On shutdown: the commit in flight and one last commit of what changed
+/// since, then what they held is published.
+async fn finish(
+    mut fleet: Fleet,
+    store: &Arc<Store>,
+    out: &mpsc::Sender<Outgoing>,
+    in_flight: Option<CommitInFlight>,
+    held: Held,
+) -> Result<(), ControllerError> {
+    if let Some(c) = in_flight {
+        match c.task.await {
+            Ok((_, Ok(()))) => {
+                send_all(out, c.held.responses.into_iter().chain(c.held.commands)).await
+            }
+            Ok((written, Err(e))) => {
+                tracing::error!(error = %e, "commit failed at shutdown");
+                fleet.mark_dirty(written);
+            }
+            Err(e) => tracing::error!(error = %e, "commit task failed at shutdown"),
+        }
+    }
+    let changes = Changes {
+        devices: fleet.take_dirty(),
+        seq: Some(fleet.seq),
+        ..Default::default()
+    };
+    let (_, result) = commit(store, changes).await;
+    match result {
+        Ok(()) => send_all(out, held.responses.into_iter().chain(held.commands)).await,
+        Err(e) => {
+            tracing::error!(error = %e, "last commit failed at shutdown; the changes since the last commit are re-derived at the next start");
+            send_all(out, held.responses).await;
+        }
+    }
+    Ok(())
+}
+
+pub(super) async fn commit(
+    store: &Arc<Store>,
+    changes: Changes,
+) -> (Changes, Result<(), StoreError>) {
+    let store = store.clone();
+    match tokio::task::spawn_blocking(move || {
+        let result = store.commit(&changes);
+        (changes, result)
+    })
+    .await
+    {
+        Ok(pair) => pair,
+        Err(e) => (
+            Changes::default(),
+            Err(StoreError::Transaction(format!("commit task failed: {e}"))),
+        ),
+    }
+}
+
+/// The retry schedule as the running loop produces it, on tokio's paused
+/// clock: virtual time only moves when every task waits, so each command is
+/// observed at exactly the instant the loop sent it.
+#[cfg(test)]
+mod paused_clock_tests {
+    use super::*;
+    use crate::model::{DeviceRecord, DocRecord};
+    use crate::reconcile::jitter;
+    use cityplane_proto::messages::{self, IdList, State, Target};
+    use tokio::time::Instant;
+
+    const DEVICE: &str = "lamp";
+
+    fn state(v: Value) -> State {
+        v.as_object().cloned().expect("object")
+    }
+
+    struct Harness {
+        events: mpsc::Sender<Event>,
+        out: mpsc::Receiver<Outgoing>,
+        shutdown: watch::Sender<bool>,
+        task: JoinHandle<Result<(), ControllerError>>,
+        _dir: tempfile::TempDir,
+    }
+
+    /// One device that reported `dimming: 10`, one document that wants 50.
+    fn start(policy: RetryPolicy) -> Harness {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Store::open(dir.path(), 8 << 20).expect("store"));
+        let doc = DocRecord {
+            name: "dim".into(),
+            target: Target::Ids(IdList {
+                ids: vec![DEVICE.into()],
+            }),
+            priority: 0,
+            state: state(json!({"dimming": 50})),
+            generation: 1,
+            seq: 1,
+            author: "op".into(),
+            written_at: 0,
+            history: Vec::new(),
+        };
+        let mut lamp = DeviceRecord::new(DEVICE);
+        lamp.reported = state(json!({"dimming": 10}));
+        lamp.reported_version = 1;
+        let fleet = Fleet::new(
+            vec![doc],
+            vec![lamp],
+            1,
+            0,
+            policy,
+            InputLimits::default(),
+            "test".into(),
+        );
+        let config = ControllerConfig::new(dir.path().to_path_buf());
+        let (events, events_rx) = mpsc::channel(64);
+        let (out_tx, out) = mpsc::channel(64);
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let task = tokio::spawn(run(
+            fleet,
+            store,
+            events_rx,
+            out_tx,
+            config,
+            shutdown_rx,
+            Clock::new(),
+        ));
+        Harness {
+            events,
+            out,
+            shutdown,
+            task,
+            _dir: dir,
+        }
+    }
+
+    impl Harness {
+        async fn device_says(&self, leaf: &str, body: Value) {
+            self.events
+                .send(Event::Device {
+                    id: DEVICE.into(),
+                    leaf: leaf.into(),
+                    payload: body.to_string().into(),
+                })
+                .await
+                .expect("controller running");
+        }
+
+        /// The next command, with the (virtual) instant it was sent.
+        async fn next_command(&mut self) -> (Instant, messages::Command) {
+            loop {
+                let out = self.out.recv().await.expect("controller running");
+                if out.topic == topics::commands(DEVICE) {
+                    let cmd = serde_json::from_slice(&out.payload).expect("command JSON");
+                    return (Instant::now(), cmd);
+                }
+            }
+        }
+
+        /// Everything published during `span` of virtual time: commands and
+        /// the last fleet summary.
+        async fn quiet_for(&mut self, span: Duration) -> (usize, Value) {
+            let until = Instant::now() + span;
+            let (mut commands, mut summary) = (0, Value::Null);
+            while let Ok(Some(out)) = tokio::time::timeout_at(until, self.out.recv()).await {
+                if out.topic == topics::commands(DEVICE) {
+                    commands += 1;
+                } else if out.topic == topics::FLEET_STATUS {
+                    summary = serde_json::from_slice(&out.payload).expect("status JSON");
+                }
+            }
+            (commands, summary)
+        }
+
+        async fn stop(self) {
+            let _ = self.shutdown.send(true);
+            self.task.await.expect("join").expect("clean stop");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_back_off_exponentially_up_to_the_cap_then_fail() {
+        let policy = RetryPolicy {
+            command_timeout: Duration::from_secs(10),
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(4),
+            max_attempts: 5,
+        };
+        let mut h = start(policy.clone());
+        // Nothing is sent to a device that is not online.
+        let (sent, _) = h.quiet_for(Duration::from_secs(60)).await;
+        assert_eq!(sent, 0, "a command went to an offline device");
+
+        let online_at = Instant::now();
+        h.device_says("presence", json!({"online": true})).await;
+        let (first_at, first) = h.next_command().await;
+        assert_eq!(first_at, online_at, "the first command goes out at once");
+        assert_eq!(first.state, state(json!({"dimming": 50})));
+
+        let mut previous = first_at;
+        for attempt in 1..policy.max_attempts {
+            let (at, cmd) = h.next_command().await;
+            assert_eq!(cmd.id, first.id, "a re-send keeps the command id");
+            assert_eq!(cmd.generation, first.generation);
+            let gap = at - previous;
+            // timeout, then base × 2^(attempt-1) capped at the maximum, with
+            // "equal jitter": between half and all of it.
+            let nominal = (policy.backoff_base * 2u32.pow(attempt - 1)).min(policy.backoff_max);
+            let wait = gap
+                .checked_sub(policy.command_timeout)
+                .expect("re-sent before the command timed out");
+            assert!(
+                wait >= nominal / 2 && wait <= nominal,
+                "attempt {}: waited {wait:?} after the timeout, nominal backoff {nominal:?}",
+                attempt + 1
+            );
+            let expected =
+                policy.command_timeout + policy.backoff(attempt, jitter(DEVICE, attempt));
+            assert_eq!(
+                gap.as_millis(),
+                expected.as_millis(),
+                "attempt {}",
+                attempt + 1
+            );
+            previous = at;
+        }
+
+        // The last attempt times out: Failed, and nothing more is sent.
+        let (sent, summary) = h.quiet_for(Duration::from_secs(24 * 3600)).await;
+        assert_eq!(sent, 0, "commands after the last attempt");
+        assert_eq!(summary["failed"], 1, "{summary}");
+
+        // Back online (a reboot): re-driven at once, same command id.
+        h.device_says("presence", json!({"online": false})).await;
+        let back_at = Instant::now();
+        h.device_says("presence", json!({"online": true})).await;
+        let (at, cmd) = h.next_command().await;
+        assert_eq!(at, back_at);
+        assert_eq!(cmd.id, first.id);
+
+        // Applied and reported: converged, and the timers stay quiet.
+        h.device_says("acks", json!({"id": cmd.id, "status": "applied"}))
+            .await;
+        h.device_says("reported", json!({"version": 2, "state": {"dimming": 50}}))
+            .await;
+        let (sent, summary) = h.quiet_for(Duration::from_secs(24 * 3600)).await;
+        assert_eq!(sent, 0, "commands after convergence");
+        assert_eq!(summary["converged"], 1, "{summary}");
+        assert_eq!(summary["failed"], 0, "{summary}");
+        h.stop().await;
+    }
+}

@@ -1,0 +1,240 @@
+//! The controller's runtime, around the pure fleet core: `wiring` (router
+//! link, operator tap, the PKI's issuance record → events), `event_loop`
+//! (one task owns the fleet, so no two reconciles of a device ever run at
+//! once; events in batches, one durable commit per batch, then what it held
+//! is published) and `operator` (documents, queries and registry writes).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cityplane_broker::backlog::Credit;
+use cityplane_broker::{OperatorMessage, RunningBroker};
+use cityplane_certs::registry::IssuedDevice;
+use cityplane_proto::messages::{Attributes, Registration, Selector, Target};
+use cityplane_proto::topics;
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::Notification;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::delta::selects;
+use crate::fleet::{self, Fleet, LabelChange, Outgoing, Overwrite};
+use crate::input::{self, InputLimits, Rejection};
+use crate::model::{now_ms, Millis};
+use crate::reconcile::RetryPolicy;
+use crate::store::{Changes, CommitGate, Store, StoreError};
+
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// sled database directory.
+    pub data: PathBuf,
+    /// When set, reports from ids without a certificate here are refused.
+    pub pki: Option<PathBuf>,
+    /// A PKI or server directory whose `issued.jsonl` introduces devices to
+    /// the registry (read at start, then whenever it changes).
+    pub registry_source: Option<PathBuf>,
+    pub retry: RetryPolicy,
+    pub input: InputLimits,
+    /// sled's page cache. It does not bound memory: at 100,000 devices
+    /// the process holds ~9 KiB per device with 8 MiB or 256 MiB alike
+    /// (~3.5 KiB of it the in-memory fleet); a larger cache is faster there.
+    pub cache_bytes: u64,
+    /// How often the fleet summary is republished on `fleet/status`.
+    pub status_every: Duration,
+    /// Events taken per loop turn (one commit each).
+    pub max_batch: usize,
+    /// Tests only: holds or fails commits (see [`CommitGate`]).
+    pub commit_gate: Option<CommitGate>,
+}
+
+impl ControllerConfig {
+    pub fn new(data: PathBuf) -> Self {
+        ControllerConfig {
+            data,
+            pki: None,
+            registry_source: None,
+            retry: RetryPolicy::default(),
+            input: InputLimits::default(),
+            cache_bytes: 64 * 1024 * 1024,
+            status_every: Duration::from_secs(1),
+            max_batch: 2048,
+            commit_gate: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("broker: {0}")]
+    Broker(String),
+}
+
+enum Event {
+    Device {
+        id: String,
+        leaf: String,
+        payload: bytes::Bytes,
+    },
+    Operator(OperatorMessage),
+    /// The device certificates a PKI directory records, read anew.
+    Issued(Vec<IssuedDevice>),
+}
+
+pub struct Controller {
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<Result<(), ControllerError>>,
+}
+
+impl Controller {
+    /// Starts the controller inside the broker's process, wired to the
+    /// router by an in-process link and to operators through the tap.
+    pub async fn start_in_process(
+        broker: &RunningBroker,
+        config: ControllerConfig,
+    ) -> Result<Controller, ControllerError> {
+        let data = config.data.clone();
+        let cache = config.cache_bytes;
+        let gate = config.commit_gate.clone();
+        let store = tokio::task::spawn_blocking(move || {
+            Store::open(&data, cache).map(|s| s.with_gate(gate))
+        })
+        .await
+        .map_err(|e| ControllerError::Broker(e.to_string()))??;
+        let store = Arc::new(store);
+        let loaded = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || store.load())
+                .await
+                .map_err(|e| ControllerError::Broker(e.to_string()))??
+        };
+        tracing::info!(
+            devices = loaded.devices.len(),
+            documents = loaded.docs.len(),
+            data = %config.data.display(),
+            "controller state loaded"
+        );
+        let fleet = Fleet::new(
+            loaded.docs,
+            loaded.devices,
+            loaded.seq,
+            loaded.audit_last,
+            config.retry.clone(),
+            config.input,
+            format!("{:x}", now_ms()),
+        );
+
+        let (mut tx, rx) = broker
+            .link(cityplane_broker::CONTROLLER_LINK_ID)
+            .await
+            .map_err(|e| ControllerError::Broker(e.to_string()))?;
+        const LEAVES: [&str; 3] = ["reported", "acks", "presence"];
+        for leaf in LEAVES {
+            tx.subscribe(format!("{}/+/{leaf}", topics::DEVICES))
+                .map_err(|e| ControllerError::Broker(e.to_string()))?;
+        }
+        let credit = broker
+            .limit_device_backlog(&LEAVES)
+            .ok_or_else(|| ControllerError::Broker("device backlog already limited".into()))?;
+        let tap = broker
+            .tap_operator_messages()
+            .ok_or_else(|| ControllerError::Broker("operator tap already taken".into()))?;
+        let (events_tx, events) = mpsc::channel(8192);
+        tokio::spawn(read_link(rx, events_tx.clone(), credit));
+        if let Some(dir) = config.registry_source.clone() {
+            // The first read is in the loop's queue before any device can
+            // connect (the broker opens below).
+            let first = read_issued(&dir).await;
+            if let Some(devices) = first.clone() {
+                let _ = events_tx.send(Event::Issued(devices)).await;
+            }
+            tokio::spawn(watch_issued(dir, events_tx.clone()));
+        }
+        tokio::spawn(read_tap(tap, events_tx));
+        let (out_tx, out_rx) = mpsc::channel(8192);
+        tokio::spawn(publish_to_router(tx, out_rx));
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let task = tokio::spawn(run(
+            fleet,
+            store,
+            events,
+            out_tx,
+            config,
+            shutdown_rx,
+            Clock::new(),
+        ));
+        // Subscribed and tapped: now devices may connect.
+        broker.open();
+        Ok(Controller { shutdown, task })
+    }
+
+    /// Stops after the current batch is committed.
+    pub async fn shutdown(self) -> Result<(), ControllerError> {
+        let _ = self.shutdown.send(true);
+        self.task
+            .await
+            .map_err(|e| ControllerError::Broker(e.to_string()))?
+    }
+}
+
+/// The loop's time: wall-clock milliseconds (records outlive the process)
+/// advanced by tokio's monotonic clock, so timers follow tokio time (and a
+/// paused clock in tests) and never jump with the system clock.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Clock {
+    wall_at_start: Millis,
+    start: tokio::time::Instant,
+}
+
+impl Clock {
+    pub(crate) fn new() -> Clock {
+        Clock {
+            wall_at_start: now_ms(),
+            start: tokio::time::Instant::now(),
+        }
+    }
+
+    pub(crate) fn now(&self) -> Millis {
+        self.wall_at_start + self.start.elapsed().as_millis() as Millis
+    }
+
+    fn instant_at(&self, at: Millis) -> tokio::time::Instant {
+        self.start + Duration::from_millis(at.saturating_sub(self.wall_at_start))
+    }
+}
+
+/// Whether a device id has a certificate in the PKI directory (checked only
+/// when the controller serves from one that holds the CA; see `serve`). An
+/// edge check: the fleet core gets the answer, not the file system.
+fn known_devices(pki: Option<std::path::PathBuf>) -> Box<dyn FnMut(&str) -> bool + Send> {
+    match pki {
+        Some(dir) => {
+            // A stat per report would cost more than the report; ids
+            // with a certificate are remembered (revocation is the
+            // broker's job: a revoked device cannot publish anyway).
+            let mut known = std::collections::HashSet::new();
+            Box::new(move |id: &str| {
+                if known.contains(id) {
+                    return true;
+                }
+                let exists = dir.join(format!("{id}.crt")).exists();
+                if exists {
+                    known.insert(id.to_owned());
+                }
+                exists
+            })
+        }
+        None => Box::new(|_: &str| true),
+    }
+}
+
+mod event_loop;
+mod operator;
+mod wiring;
+
+use event_loop::run;
+use wiring::{publish_to_router, read_issued, read_link, read_tap, watch_issued};

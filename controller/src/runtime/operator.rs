@@ -1,0 +1,532 @@
+//! The operator protocol on `fleet/desired/` and `fleet/ops/`: documents,
+//! queries, and registry writes (committed and audited before answered).
+
+use super::event_loop::commit;
+use super::*;
+
+/// Like every body, a JSON object only (see `cityplane_proto::messages`).
+#[derive(Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
+struct Query {
+    /// Accepted so `deny_unknown_fields` lets it through; read leniently elsewhere.
+    #[serde(default, rename = "request_id")]
+    _request_id: Option<String>,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    selector: Option<Selector>,
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    offset: Option<usize>,
+    /// `dry-run`: the document an `apply` would send.
+    #[serde(default)]
+    document: Option<Value>,
+}
+
+/// `register`: a provisioning manifest (or part of one).
+#[derive(Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
+struct RegisterRequest {
+    #[serde(default, rename = "request_id")]
+    _request_id: Option<String>,
+    devices: Vec<Registration>,
+}
+
+/// `label`: these ids, or the devices a selector picks, get `change`.
+#[derive(Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
+struct LabelRequest {
+    #[serde(default, rename = "request_id")]
+    _request_id: Option<String>,
+    #[serde(default)]
+    ids: Vec<String>,
+    #[serde(default)]
+    selector: Option<Selector>,
+    change: LabelChange,
+}
+
+/// `delete-document`.
+#[derive(Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
+struct DeleteRequest {
+    #[serde(default, rename = "request_id")]
+    _request_id: Option<String>,
+    name: String,
+    #[serde(default)]
+    if_generation: Option<u64>,
+}
+
+cityplane_proto::object_only!(Query, RegisterRequest, LabelRequest, DeleteRequest);
+
+/// Verbs on `fleet/ops/` that change state: committed before answered, and
+/// audited (refusals too).
+pub(super) const WRITE_VERBS: [&str; 3] = ["register", "label", "delete-document"];
+
+/// Longest class, owner, label key or value the registry takes.
+const MAX_ATTRIBUTE: usize = 128;
+
+fn check_attribute(what: &str, value: &str) -> Result<(), Rejection> {
+    if value.is_empty() || value.len() > MAX_ATTRIBUTE || value.chars().any(char::is_control) {
+        return Err(Rejection::new(
+            "bad_attribute",
+            format!(
+                "{what} {value:?} must be 1 to {MAX_ATTRIBUTE} bytes without control characters"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_attributes(a: &Attributes) -> Result<(), Rejection> {
+    for c in a.class.iter() {
+        check_attribute("class", c)?;
+    }
+    for o in a.owner.iter() {
+        check_attribute("owner", o)?;
+    }
+    for (k, v) in &a.labels {
+        check_attribute("label key", k)?;
+        check_attribute("label value", v)?;
+    }
+    Ok(())
+}
+
+/// Commits an operator write; a failure becomes the operator's refusal.
+async fn commit_write(store: &Arc<Store>, changes: Changes) -> Result<(), Rejection> {
+    let (changes, result) = commit(store, changes).await;
+    result.map_err(|e| {
+        tracing::error!(error = %e, disk_full = e.is_disk_full(), "could not store an operator write");
+        // The refusal's audit line waits for the next commit that works.
+        store.defer_audit(changes.audit.into_iter().map(|a| crate::model::AuditEntry {
+            result: "rejected (storage_unavailable)".to_owned(),
+            ..a
+        }));
+        storage_rejection(&e)
+    })
+}
+
+fn storage_rejection(e: &StoreError) -> Rejection {
+    let reason = if e.is_disk_full() {
+        "the controller's data disk is full (no space left on device): \
+         the write was not stored; free space on the server and retry"
+            .to_owned()
+    } else {
+        format!("the controller could not store the write: {e}")
+    };
+    Rejection::new("storage_unavailable", reason)
+}
+
+/// `register`, `label`, `delete-document`: validated, committed with their
+/// audit line, then applied in memory.
+async fn operator_write(
+    fleet: &mut Fleet,
+    store: &Arc<Store>,
+    who: &str,
+    verb: &str,
+    payload: &[u8],
+    now: Millis,
+) -> Result<Value, Rejection> {
+    match verb {
+        "register" => {
+            let req = input::parse::<RegisterRequest>(payload, fleet.limits)?;
+            for r in &req.devices {
+                cityplane_proto::validate_id(&r.id)
+                    .map_err(|e| Rejection::new("bad_id", format!("{:?}: {e}", r.id)))?;
+                check_attributes(&r.attributes())?;
+            }
+            let records = fleet.registered_records(&req.devices, who, now);
+            let audit = fleet.audit_entry(
+                who,
+                "register",
+                &format!("{} devices", req.devices.len()),
+                &format!("accepted, {} records written", records.len()),
+                now,
+            );
+            commit_write(
+                store,
+                Changes {
+                    devices: records,
+                    audit: vec![audit],
+                    ..Default::default()
+                },
+            )
+            .await?;
+            let (new, updated) = fleet.register(req.devices, who, Overwrite::Always, now);
+            tracing::info!(operator = who, new, updated, "devices registered");
+            Ok(json!({"registered": new, "updated": updated, "total": fleet.devices.len()}))
+        }
+        "label" => {
+            let req = input::parse::<LabelRequest>(payload, fleet.limits)?;
+            if req.change.is_empty() {
+                return Err(Rejection::new(
+                    "bad_schema",
+                    "the change sets and removes nothing",
+                ));
+            }
+            let probe = Attributes {
+                class: req.change.class.clone().filter(|c| !c.is_empty()),
+                owner: req.change.owner.clone().filter(|o| !o.is_empty()),
+                labels: req.change.set.clone(),
+            };
+            check_attributes(&probe)?;
+            let ids: Vec<String> = match (&req.selector, req.ids.is_empty()) {
+                (Some(sel), true) if !sel.is_empty() => fleet
+                    .targeted(&Target::Selector(sel.clone()))
+                    .into_iter()
+                    .map(|d| d.id.clone())
+                    .collect(),
+                (None, false) => {
+                    if let Some(missing) =
+                        req.ids.iter().find(|id| !fleet.devices.contains_key(*id))
+                    {
+                        return Err(Rejection::new(
+                            "not_found",
+                            format!("no device {missing:?} is registered"),
+                        ));
+                    }
+                    req.ids.clone()
+                }
+                _ => {
+                    return Err(Rejection::new(
+                        "bad_target",
+                        "label needs either \"ids\" or a non-empty \"selector\"",
+                    ))
+                }
+            };
+            let records = fleet.labelled_records(&ids, &req.change);
+            let audit = fleet.audit_entry(
+                who,
+                "label",
+                &format!("{} devices", ids.len()),
+                &format!("accepted, {} changed", records.len()),
+                now,
+            );
+            commit_write(
+                store,
+                Changes {
+                    devices: records,
+                    audit: vec![audit],
+                    ..Default::default()
+                },
+            )
+            .await?;
+            let changed = fleet.label(&ids, &req.change);
+            Ok(json!({"matched": ids.len(), "changed": changed}))
+        }
+        "delete-document" => {
+            let req = input::parse::<DeleteRequest>(payload, fleet.limits)?;
+            let doc = fleet.docs.get(&req.name).ok_or_else(|| {
+                Rejection::new(
+                    "not_found",
+                    format!("no desired document named {:?}", req.name),
+                )
+            })?;
+            if let Some(want) = req.if_generation {
+                if want != doc.generation {
+                    return Err(Rejection::new(
+                        "conflict",
+                        format!(
+                            "if_generation is {want} but the stored generation of {:?} is {}",
+                            req.name, doc.generation
+                        ),
+                    ));
+                }
+            }
+            let previous = doc.clone();
+            let audit = fleet.audit_entry(
+                who,
+                "delete",
+                &req.name,
+                &format!("deleted generation {}", previous.generation),
+                now,
+            );
+            let changes = Changes {
+                deleted_docs: vec![req.name.clone()],
+                audit: vec![audit],
+                ..Default::default()
+            };
+            if let Err(r) = commit_write(store, changes).await {
+                // The failed commit may have reached the disk anyway.
+                store.defer_restore_doc(&req.name, Some(previous));
+                return Err(r);
+            }
+            let (old, changed) = fleet
+                .delete_doc(&req.name)
+                .ok_or_else(|| Rejection::new("not_found", "deleted meanwhile"))?;
+            tracing::info!(operator = who, name = %old.name, devices_changed = changed, "desired document deleted");
+            Ok(json!({"name": old.name, "generation": old.generation, "devices_changed": changed}))
+        }
+        other => Err(Rejection::new(
+            "unknown_verb",
+            format!("{other:?} is not a write"),
+        )),
+    }
+}
+
+/// Operator writes commit immediately (they are rare and must be durable
+/// before they are answered); queries are answered from memory.
+pub(super) async fn handle_operator(
+    fleet: &mut Fleet,
+    store: &Arc<Store>,
+    msg: OperatorMessage,
+    now: u64,
+) -> Vec<Outgoing> {
+    let who = msg.from.id.clone();
+    if let Some(name) = topics::desired_name(&msg.topic) {
+        let name = name.to_owned();
+        let (response, result) = fleet.on_desired(&who, &msg.topic, &msg.payload, now);
+        match result {
+            Ok(doc) => {
+                let audit = fleet.audit_entry(
+                    &who,
+                    "apply",
+                    &doc.name,
+                    &format!("accepted generation {}", doc.generation),
+                    now,
+                );
+                let changes = fleet.doc_changes(&doc, audit.clone());
+                let (_, result) = commit(store, changes).await;
+                match result {
+                    Ok(()) => {
+                        let changed = fleet.apply_doc(doc.clone());
+                        tracing::info!(operator = %who, name = %doc.name, generation = doc.generation, devices_changed = changed, "desired state accepted");
+                        vec![response]
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, disk_full = e.is_disk_full(), "could not store desired state");
+                        let reason = if e.is_disk_full() {
+                            "the controller's data disk is full (no space left on device): \
+                             the write was not stored; free space on the server and retry"
+                                .to_owned()
+                        } else {
+                            format!("the controller could not store the write: {e}")
+                        };
+                        // The failed commit may have reached the disk anyway:
+                        // the next commit that succeeds puts back what was.
+                        store.defer_restore_doc(&doc.name, fleet.docs.get(&doc.name).cloned());
+                        // The refusal is audited (under the entry's sequence)
+                        // once a commit succeeds again.
+                        store.defer_audit([crate::model::AuditEntry {
+                            result: format!("rejected (storage_unavailable): {reason}"),
+                            ..audit
+                        }]);
+                        let rid = fleet::request_id_of(&msg.payload).unwrap_or(name);
+                        vec![fleet::response_to(
+                            &who,
+                            &rid,
+                            &json!({
+                                "request_id": rid, "status": "rejected", "code": "storage_unavailable",
+                                "reason": reason,
+                            }),
+                        )]
+                    }
+                }
+            }
+            Err(r) => {
+                let audit = fleet.audit_entry(
+                    &who,
+                    "apply",
+                    &name,
+                    &format!("rejected ({}): {}", r.code, r.reason),
+                    now,
+                );
+                let changes = Changes {
+                    audit: vec![audit],
+                    ..Default::default()
+                };
+                if let (changes, Err(e)) = commit(store, changes).await {
+                    tracing::error!(error = %e, "could not append to the audit log; written with the next commit that succeeds");
+                    store.defer_audit(changes.audit);
+                }
+                vec![response]
+            }
+        }
+    } else if let Some(verb) = topics::ops_verb(&msg.topic) {
+        let verb = verb.to_owned();
+        let rid = fleet::request_id_of(&msg.payload).unwrap_or_else(|| verb.clone());
+        let result = if WRITE_VERBS.contains(&verb.as_str()) {
+            let result = operator_write(fleet, store, &who, &verb, &msg.payload, now).await;
+            if let Err(r) = &result {
+                if r.code != "storage_unavailable" {
+                    audit_refusal(fleet, store, &who, &verb, r, now).await;
+                }
+            }
+            result
+        } else {
+            input::parse::<Query>(&msg.payload, fleet.limits)
+                .and_then(|q| answer(fleet, store, &who, &verb, q))
+        };
+        let body = match result {
+            Ok(result) => json!({"request_id": rid, "status": "ok", "result": result}),
+            Err(r) => {
+                tracing::warn!(operator = %who, verb, %r, "operator request refused");
+                json!({"request_id": rid, "status": "rejected", "code": r.code, "reason": r.reason})
+            }
+        };
+        vec![fleet::response_to(&who, &rid, &body)]
+    } else {
+        Vec::new()
+    }
+}
+
+/// A refused write is audited like an accepted one.
+async fn audit_refusal(
+    fleet: &mut Fleet,
+    store: &Arc<Store>,
+    who: &str,
+    verb: &str,
+    r: &Rejection,
+    now: Millis,
+) {
+    let audit = fleet.audit_entry(
+        who,
+        verb,
+        "",
+        &format!("rejected ({}): {}", r.code, r.reason),
+        now,
+    );
+    let changes = Changes {
+        audit: vec![audit],
+        ..Default::default()
+    };
+    if let (changes, Err(e)) = commit(store, changes).await {
+        tracing::error!(error = %e, "could not append to the audit log; written with the next commit that succeeds");
+        store.defer_audit(changes.audit);
+    }
+}
+
+fn answer(
+    fleet: &Fleet,
+    store: &Arc<Store>,
+    who: &str,
+    verb: &str,
+    q: Query,
+) -> Result<Value, Rejection> {
+    match verb {
+        "get-documents" => {
+            let docs: Vec<Value> = fleet
+                .docs
+                .values()
+                .map(|d| fleet::document_row(fleet, d))
+                .collect();
+            Ok(json!({"total": docs.len(), "documents": docs}))
+        }
+        "describe-document" => {
+            let name = q
+                .name
+                .ok_or_else(|| Rejection::new("bad_schema", "describe-document needs \"name\""))?;
+            let doc = fleet.docs.get(&name).ok_or_else(|| {
+                Rejection::new("not_found", format!("no desired document named {name:?}"))
+            })?;
+            Ok(fleet::describe_document(fleet, doc))
+        }
+        "dry-run" => {
+            let doc = q
+                .document
+                .ok_or_else(|| Rejection::new("bad_schema", "dry-run needs \"document\""))?;
+            let bytes = serde_json::to_vec(&doc).unwrap_or_default();
+            fleet.dry_run(who, &bytes)
+        }
+        "status" => {
+            let summary = match &q.name {
+                Some(name) => {
+                    let doc = fleet.docs.get(name).ok_or_else(|| {
+                        Rejection::new("not_found", format!("no desired document named {name:?}"))
+                    })?;
+                    let mut s = Fleet::summary_of(fleet.targeted(&doc.target).into_iter());
+                    // Converged for a document means: at or past the
+                    // generation that document produced.
+                    s.converged = fleet
+                        .targeted(&doc.target)
+                        .iter()
+                        .filter(|d| d.is_converged() && d.desired_generation >= doc.seq)
+                        .count();
+                    s.pending = s.total - s.converged - s.failed;
+                    s
+                }
+                None => fleet.summary(),
+            };
+            Ok(json!({
+                "total": summary.total, "online": summary.online, "converged": summary.converged,
+                "pending": summary.pending, "failed": summary.failed, "drifted": summary.drifted,
+                "counters": fleet.counters,
+            }))
+        }
+        "get-devices" => {
+            let mut rows: Vec<&crate::model::DeviceRecord> = fleet
+                .devices
+                .values()
+                .map(|d| &**d)
+                .filter(|d| {
+                    q.selector
+                        .as_ref()
+                        .is_none_or(|s| selects(&Target::Selector(s.clone()), &d.id, &d.attrs))
+                })
+                .collect();
+            rows.sort_by(|a, b| a.id.cmp(&b.id));
+            let total = rows.len();
+            let offset = q.offset.unwrap_or(0);
+            let limit = q.limit.unwrap_or(500).min(2000);
+            let page: Vec<Value> = rows
+                .into_iter()
+                .skip(offset)
+                .take(limit)
+                .map(fleet::device_row)
+                .collect();
+            Ok(json!({"total": total, "offset": offset, "devices": page}))
+        }
+        "describe" => {
+            let id =
+                q.id.ok_or_else(|| Rejection::new("bad_schema", "describe needs \"id\""))?;
+            let dev = fleet.devices.get(&id).ok_or_else(|| {
+                Rejection::new(
+                    "not_found",
+                    format!("no device {id:?} is registered (cityplane devices register, or certs issue)"),
+                )
+            })?;
+            Ok(fleet::describe(dev))
+        }
+        "audit" => {
+            // From memory, like every query: reading sled fails on a full disk.
+            let entries = store.recent_audit(q.limit.unwrap_or(50).min(crate::store::AUDIT_KEPT));
+            Ok(json!({"entries": entries}))
+        }
+        other => Err(Rejection::new(
+            "unknown_verb",
+            format!(
+                "unknown operation {other:?}; expected status, get-devices, describe, audit, \
+                 get-documents, describe-document, dry-run, register, label or delete-document"
+            ),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod query_tests {
+    use super::*;
+
+    #[test]
+    fn a_query_is_an_object_only() {
+        let l = InputLimits::default();
+        let q = input::parse::<Query>(br#"{"request_id": "r", "id": "d1", "limit": -0}"#, l)
+            .expect("object");
+        assert_eq!((q.id.as_deref(), q.limit), (Some("d1"), Some(0)));
+        for bad in [
+            &br#"["r", "d1"]"#[..],
+            br#"{"selector": []}"#,
+            br#"{"selector": ["lamp"]}"#,
+            b"null",
+        ] {
+            let r = input::parse::<Query>(bad, l).err().expect("refused");
+            assert_eq!(
+                r.code,
+                "bad_schema",
+                "{}: {r}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! What feeds the loop and carries its output: the router link, the
+//! operator tap, the PKI's issuance record.
+
+use super::*;
+
+/// Router → events. Credit for each device message goes back to the broker
+/// as it is read here, so the router holds only a bounded unread backlog;
+/// beyond that, the events queue and then the devices wait.
+pub(super) async fn read_link(mut rx: LinkRx, events: mpsc::Sender<Event>, credit: Credit) {
+    loop {
+        match rx.next().await {
+            Ok(Some(Notification::Forward(forward))) => {
+                credit.consumed(&forward.publish.topic, &forward.publish.payload);
+                let topic = String::from_utf8_lossy(&forward.publish.topic).into_owned();
+                let Some((id, leaf)) = topics::split_device_topic(&topic) else {
+                    continue;
+                };
+                let event = Event::Device {
+                    id: id.to_owned(),
+                    leaf: leaf.to_owned(),
+                    payload: forward.publish.payload,
+                };
+                if events.send(event).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Some(Notification::Unschedule)) => {
+                if rx.wake().await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "controller link to the router closed");
+                return;
+            }
+        }
+    }
+}
+
+/// How often the registry source is checked for changes (a stat).
+const ISSUED_POLL: Duration = Duration::from_secs(1);
+
+pub(super) async fn read_issued(dir: &std::path::Path) -> Option<Vec<IssuedDevice>> {
+    let dir = dir.to_path_buf();
+    let read = tokio::task::spawn_blocking(move || cityplane_certs::registry::issued_devices(&dir));
+    match read.await {
+        Ok(Ok(devices)) => Some(devices),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not read the PKI's issuance record; the registry keeps what it has");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+/// Size and modification time of the files the import reads: `issued.jsonl`
+/// is appended to and `revoked.json` replaced, so either changes them.
+fn issued_stamp(dir: &std::path::Path) -> Vec<Option<(u64, std::time::SystemTime)>> {
+    [
+        cityplane_certs::ISSUED_FILE,
+        cityplane_certs::REVOCATION_FILE,
+    ]
+    .iter()
+    .map(|f| {
+        std::fs::metadata(dir.join(f))
+            .ok()
+            .and_then(|m| Some((m.len(), m.modified().ok()?)))
+    })
+    .collect()
+}
+
+/// Re-reads the issuance record whenever it changes.
+pub(super) async fn watch_issued(dir: PathBuf, events: mpsc::Sender<Event>) {
+    let mut seen = issued_stamp(&dir);
+    loop {
+        tokio::time::sleep(ISSUED_POLL).await;
+        let now = issued_stamp(&dir);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        if let Some(devices) = read_issued(&dir).await {
+            if events.send(Event::Issued(devices)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+pub(super) async fn read_tap(
+    mut tap: mpsc::Receiver<OperatorMessage>,
+    events: mpsc::Sender<Event>,
+) {
+    while let Some(message) = tap.recv().await {
+        if events.send(Event::Operator(message)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Publishes what the loop produces, in order, on the controller's router link.
+pub(super) async fn publish_to_router(mut tx: LinkTx, mut out: mpsc::Receiver<Outgoing>) {
+    let mut pkid: u16 = 0;
+    while let Some(out) = out.recv().await {
+        pkid = pkid.checked_add(1).unwrap_or(1);
+        // Commands and responses go out as QoS 1 so the router delivers them at QoS 1.
+        let Some(packet) =
+            cityplane_broker::link_publish(&out.topic, &out.payload, true, out.retain, pkid)
+        else {
+            tracing::error!(topic = %out.topic, "could not encode publish");
+            continue;
+        };
+        if let Err(e) = tx.send(packet).await {
+            tracing::error!(error = %e, topic = %out.topic, "router refused publish");
+        }
+    }
+}
