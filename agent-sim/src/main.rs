@@ -120,7 +120,10 @@ struct ScenarioArgs {
     /// steady: seconds to run once everyone is online.
     #[arg(long, default_value_t = 30)]
     duration_s: u64,
-    /// converge: operator identity publishing the desired document.
+    /// Operator identity (its certificate in --pki). Once the fleet is up it
+    /// registers every device's class and zone with the controller (selectors
+    /// match the registry, never what devices report); converge also
+    /// publishes the desired document with it.
     #[arg(long)]
     operator: Option<String>,
     /// converge: KEY=VALUE to set (VALUE as JSON, else a string); default dimming=<random>.

@@ -262,8 +262,8 @@ pub async fn run(
         ));
     }
     // Fail early, before the fleet connects, if the operator cannot.
-    let operator = match opts.scenario {
-        Scenario::Converge => Some(operator_client_config(&config, &opts)?),
+    let operator = match (opts.scenario, &opts.operator) {
+        (Scenario::Converge, _) | (_, Some(_)) => Some(operator_client_config(&config, &opts)?),
         _ => None,
     };
     let rss_before = rss_kib().unwrap_or(0);
@@ -290,6 +290,14 @@ pub async fn run(
             0.0
         },
     };
+    // With an operator, the controller's registry learns what was installed
+    // (class, zone): selectors match that, never what devices report.
+    if let (Some((tls, operator_id)), false) = (&operator, opts.scenario == Scenario::Converge) {
+        let mut op =
+            operator_session(fleet.config(), tls.clone(), operator_id, &mut report.notes).await?;
+        register_fleet(&mut op, &fleet, operator_id, &mut report.notes).await?;
+        op.disconnect().await;
+    }
     let snapshots = fleet.device_states();
     let firsts: Vec<Duration> = snapshots
         .iter()
@@ -463,6 +471,87 @@ fn operator_client_config(
     Ok((identity.config, op))
 }
 
+/// An operator connection subscribed to its responses.
+async fn operator_session(
+    config: &SimConfig,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    operator: &str,
+    notes: &mut Vec<String>,
+) -> Result<Client, SimError> {
+    let (addr, server_name) = crate::fleet::resolve_broker(config).await?;
+    let mut op = Client::connect(
+        addr,
+        server_name,
+        tls,
+        &ConnectOptions {
+            client_id: operator,
+            keep_alive: 60,
+            clean_session: true,
+            will: None,
+        },
+        config.connect_timeout,
+    )
+    .await?;
+    let responses = topics::responses_filter(operator);
+    let sub = op.subscribe(&responses, 1).await?;
+    let codes = op
+        .recv_until(Duration::from_secs(10), |p| match p {
+            Packet::SubAck { pkid, codes } if *pkid == sub => Some(codes.clone()),
+            _ => None,
+        })
+        .await?;
+    if codes
+        .first()
+        .is_none_or(|c| *c == crate::mqtt::SUBACK_FAILURE)
+    {
+        notes.push(format!(
+            "the broker refused the operator's SUBSCRIBE to {responses}"
+        ));
+    }
+    Ok(op)
+}
+
+/// Registers the fleet's class and zone (what the simulator installed; the
+/// `register` request of docs/PROTOCOL.md, idempotent). Without a
+/// controller (another broker) nobody answers: noted, not fatal.
+async fn register_fleet(
+    op: &mut Client,
+    fleet: &Fleet,
+    operator: &str,
+    notes: &mut Vec<String>,
+) -> Result<(), SimError> {
+    let manifest = fleet.manifest();
+    for (n, chunk) in manifest.chunks(250).enumerate() {
+        let rid = format!("r-{}-register-{n}", now_ms());
+        let body = json!({"request_id": rid, "devices": chunk});
+        let payload = serde_json::to_vec(&body).map_err(|e| SimError::Other(e.to_string()))?;
+        op.publish(&topics::ops("register"), &payload, 1, false)
+            .await?;
+        let topic = topics::response(operator, &rid);
+        let answer = op
+            .recv_until(Duration::from_secs(10), |p| match p {
+                Packet::Publish(p) if p.topic == topic => {
+                    serde_json::from_slice::<Value>(&p.payload).ok()
+                }
+                _ => None,
+            })
+            .await;
+        match answer {
+            Ok(a) if a["status"] == "ok" => {}
+            Ok(a) => {
+                notes.push(format!("registering the fleet was refused: {a}"));
+                break;
+            }
+            Err(crate::mqtt::ClientError::Timeout) => {
+                notes.push("no controller answered the fleet's registration within 10 s".into());
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 async fn converge(
     fleet: &Fleet,
     opts: &ScenarioOptions,
@@ -509,60 +598,10 @@ async fn converge(
         .filter(|id| fleet.class_of(id) == Some(class) && id.starts_with(&prefix))
         .collect();
 
-    // The operator: subscribe to its responses, then publish the document.
-    let (addr, server_name) = crate::fleet::resolve_broker(config).await?;
-    let mut op = Client::connect(
-        addr,
-        server_name,
-        tls,
-        &ConnectOptions {
-            client_id: operator,
-            keep_alive: 60,
-            clean_session: true,
-            will: None,
-        },
-        config.connect_timeout,
-    )
-    .await?;
-    let responses = topics::responses_filter(operator);
-    let sub = op.subscribe(&responses, 1).await?;
-    let codes = op
-        .recv_until(Duration::from_secs(10), |p| match p {
-            Packet::SubAck { pkid, codes } if *pkid == sub => Some(codes.clone()),
-            _ => None,
-        })
-        .await?;
-    if codes
-        .first()
-        .is_none_or(|c| *c == crate::mqtt::SUBACK_FAILURE)
-    {
-        notes.push(format!(
-            "the broker refused the operator's SUBSCRIBE to {responses}"
-        ));
-    }
-    // Selectors match registry attributes, not what devices report: the
-    // simulator registers what it installed (idempotent) before targeting.
-    let manifest = fleet.manifest();
-    for (n, chunk) in manifest.chunks(250).enumerate() {
-        let rid = format!("{request_id}-register-{n}");
-        let body = json!({"request_id": rid, "devices": chunk});
-        let payload = serde_json::to_vec(&body).map_err(|e| SimError::Other(e.to_string()))?;
-        op.publish(&topics::ops("register"), &payload, 1, false)
-            .await?;
-        let topic = topics::response(operator, &rid);
-        let answer = op
-            .recv_until(Duration::from_secs(30), |p| match p {
-                Packet::Publish(p) if p.topic == topic => {
-                    serde_json::from_slice::<Value>(&p.payload).ok()
-                }
-                _ => None,
-            })
-            .await?;
-        if answer["status"] != "ok" {
-            notes.push(format!("registering the fleet was refused: {answer}"));
-            break;
-        }
-    }
+    // The operator: subscribe to its responses, register what was installed
+    // (selectors match the registry), then publish the document.
+    let mut op = operator_session(config, tls, operator, notes).await?;
+    register_fleet(&mut op, fleet, operator, notes).await?;
     let payload = serde_json::to_vec(&doc).map_err(|e| SimError::Other(e.to_string()))?;
     let t0 = Instant::now();
     let pkid = op

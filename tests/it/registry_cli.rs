@@ -99,6 +99,12 @@ async fn the_registry_survives_sigkill_and_its_devices_converge_on_first_connect
         "--label",
         "zone=north",
     ]));
+    // A second operator for the watch: one MQTT client id (= identity) is
+    // one connection, and a second connection takes the first one over.
+    let watcher = [
+        "certs", "issue", "--pki", p, "--role", "operator", "--id", "watcher",
+    ];
+    ok(Command::new(BIN).args(watcher));
     // Attributes describe devices only.
     let refused = Command::new(BIN)
         .args([
@@ -220,9 +226,63 @@ async fn the_registry_survives_sigkill_and_its_devices_converge_on_first_connect
     );
     assert!(!dimmed("dev0003"));
 
-    // A label moves it; a delete lets go of all of them.
+    // Watching the north devices: the list, then each row that changes.
+    let mut watch = cityplane_testkit::process::ChildGuard::new(
+        cli(
+            &pki,
+            port,
+            &[
+                "get",
+                "devices",
+                "--watch",
+                "--interval",
+                "0.2",
+                "--output",
+                "json",
+                "--selector",
+                r#"{"labels": {"zone": "north"}}"#,
+            ],
+        )
+        .env("CITYPLANE_ID", "watcher")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("watch"),
+    );
+    let (tx, rx) = std::sync::mpsc::channel::<Value>();
+    let stdout = watch.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+            let Ok(line) = line else { return };
+            if let Ok(v) = serde_json::from_str(&line) {
+                if tx.send(v).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let next = || {
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("a watched row")
+    };
+    let mut first: Vec<String> = (0..2)
+        .map(|_| next()["id"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    first.sort();
+    assert_eq!(first, ["dev0001", "dev0002"]);
+
+    // A label moves it (the watch shows it arrive); a delete lets go of all.
     let moved = json_of(&pki, port, &["devices", "label", "dev0003", "zone=north"]);
     assert_eq!(moved["changed"], 1, "{moved}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let row = next();
+        if row["id"] == "dev0003" {
+            assert_eq!(row["labels"]["zone"], "north", "{row}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the watch never showed dev0003");
+    }
+    drop(watch);
     eventually("dev0003 dimmed after its label", || dimmed("dev0003")).await;
     let deleted = json_of(&pki, port, &["delete", "document", "north-dimming"]);
     assert_eq!(deleted["devices_changed"], 3, "{deleted}");
