@@ -55,7 +55,13 @@ pub struct Operator {
 impl Operator {
     pub async fn connect(args: &ConnectArgs) -> anyhow::Result<Operator> {
         let (host, port) = split_server(&args.server)?;
-        let mut opts = MqttOptions::new(&args.id, host.clone(), port);
+        // A session of its own (`<id>:<session>`): the same operator may
+        // run a `get devices --watch` and an `apply` at once, and MQTT lets
+        // one client id hold one connection (the second takes it over).
+        static SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let client_id = format!("{}:cli-{}-{n}", args.id, std::process::id());
+        let mut opts = MqttOptions::new(client_id, host.clone(), port);
         opts.set_keep_alive(Duration::from_secs(30));
         opts.set_max_packet_size(4 * 1024 * 1024, 256 * 1024);
         opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(

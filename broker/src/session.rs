@@ -168,6 +168,9 @@ struct Link {
 }
 
 struct Connected {
+    /// The identity's id, or an operator's `<id>:<session>`: the router
+    /// session's name.
+    client_id: String,
     keep_alive: u16,
     clean_session: bool,
     will: Option<Will>,
@@ -270,23 +273,23 @@ impl Session {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
             let stale = persisted
-                .get(&self.who.id)
+                .get(&connect.client_id)
                 .is_some_and(|serial| *serial != self.serial);
             if clean {
-                persisted.remove(&self.who.id);
+                persisted.remove(&connect.client_id);
             } else {
-                persisted.insert(self.who.id.clone(), self.serial.clone());
+                persisted.insert(connect.client_id.clone(), self.serial.clone());
             }
             stale
         };
         if stale && !clean {
             tracing::info!(who = %self.who, "stored session belongs to another certificate; discarded");
-            if self.open_link(true).await.is_err() {
+            if self.open_link(&connect.client_id, true).await.is_err() {
                 return;
             }
         }
         let router_tx = self.shared.router_tx.clone();
-        let id = self.who.id.clone();
+        let id = connect.client_id.clone();
         // No will is given to the router: the edge publishes wills itself.
         // Building a link blocks until the router answers.
         let built = tokio::task::spawn_blocking(move || router_tx(&id, clean)).await;
@@ -331,9 +334,9 @@ impl Session {
 
     /// Opens and closes a clean router link with this session's id, which
     /// makes the router discard the session it stored for the id.
-    async fn open_link(&mut self, clean: bool) -> Result<(), ()> {
+    async fn open_link(&mut self, client_id: &str, clean: bool) -> Result<(), ()> {
         let router_tx = self.shared.router_tx.clone();
-        let id = self.who.id.clone();
+        let id = client_id.to_owned();
         match tokio::task::spawn_blocking(move || router_tx(&id, clean)).await {
             Ok(Ok((mut tx, _rx, _))) => {
                 let _ = tx.send(disconnect_packet()).await;
@@ -389,7 +392,7 @@ impl Session {
             }
             Err(e) => return Err(format!("invalid CONNECT: {e}")),
         };
-        if client_id != self.who.id {
+        if !self.who.may_use_client_id(&client_id) {
             tracing::warn!(peer = %self.peer, who = %self.who, client_id = %client_id, "client id does not match the certificate: not authorized");
             let _ = self
                 .write_raw(&mqtt::connack(false, mqtt::CONNACK_NOT_AUTHORIZED))
@@ -407,6 +410,7 @@ impl Session {
             return Ok(None);
         }
         Ok(Some(Connected {
+            client_id,
             keep_alive,
             clean_session,
             will,

@@ -88,6 +88,33 @@ pub struct Identity {
     pub role: Role,
 }
 
+/// Longest session suffix of an operator's client id (`<id>:<session>`).
+pub const MAX_SESSION_LEN: usize = 32;
+
+impl Identity {
+    /// Whether this identity may connect with `client_id`: its id, or for an
+    /// operator also `<id>:<session>` (1 to 32 of `a-z 0-9 _ -`), so one
+    /// operator can run several tools at once (a `get devices --watch` and an
+    /// `apply`): MQTT lets one client id hold one connection. No identity
+    /// contains `:`, so a session id is never another identity's id.
+    pub fn may_use_client_id(&self, client_id: &str) -> bool {
+        if client_id == self.id {
+            return true;
+        }
+        let session = client_id
+            .strip_prefix(self.id.as_str())
+            .and_then(|rest| rest.strip_prefix(':'));
+        self.role == Role::Operator
+            && session.is_some_and(|s| {
+                !s.is_empty()
+                    && s.len() <= MAX_SESSION_LEN
+                    && s.bytes().all(|b| {
+                        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
+                    })
+            })
+    }
+}
+
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}", self.role, self.id)
@@ -117,6 +144,45 @@ mod tests {
             &"a".repeat(65),
         ] {
             assert!(validate_id(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn an_operator_may_add_a_session_to_its_client_id_and_nobody_else_may() {
+        let op = Identity {
+            id: "op".into(),
+            role: Role::Operator,
+        };
+        for good in [
+            "op",
+            "op:1",
+            "op:watch-2f_a",
+            &format!("op:{}", "a".repeat(32)),
+        ] {
+            assert!(op.may_use_client_id(good), "{good}");
+        }
+        for bad in [
+            "op:",
+            "op:A",
+            "op:a:b",
+            "op:a/b",
+            "op:a b",
+            "opx:1",
+            "o:1",
+            "op1",
+            "op.x",
+            ":1",
+            &format!("op:{}", "a".repeat(33)),
+        ] {
+            assert!(!op.may_use_client_id(bad), "{bad:?}");
+        }
+        for role in [Role::Device, Role::Controller] {
+            let who = Identity {
+                id: "d1".into(),
+                role,
+            };
+            assert!(who.may_use_client_id("d1"));
+            assert!(!who.may_use_client_id("d1:1"), "{role}");
         }
     }
 

@@ -99,12 +99,6 @@ async fn the_registry_survives_sigkill_and_its_devices_converge_on_first_connect
         "--label",
         "zone=north",
     ]));
-    // A second operator for the watch: one MQTT client id (= identity) is
-    // one connection, and a second connection takes the first one over.
-    let watcher = [
-        "certs", "issue", "--pki", p, "--role", "operator", "--id", "watcher",
-    ];
-    ok(Command::new(BIN).args(watcher));
     // Attributes describe devices only.
     let refused = Command::new(BIN)
         .args([
@@ -226,7 +220,9 @@ async fn the_registry_survives_sigkill_and_its_devices_converge_on_first_connect
     );
     assert!(!dimmed("dev0003"));
 
-    // Watching the north devices: the list, then each row that changes.
+    // Watching the north devices: the list, then each row that changes,
+    // while the same operator goes on with other commands (each CLI call
+    // is its own MQTT session, `op:<session>`).
     let mut watch = cityplane_testkit::process::ChildGuard::new(
         cli(
             &pki,
@@ -243,7 +239,6 @@ async fn the_registry_survives_sigkill_and_its_devices_converge_on_first_connect
                 r#"{"labels": {"zone": "north"}}"#,
             ],
         )
-        .env("CITYPLANE_ID", "watcher")
         .stdout(Stdio::piped())
         .spawn()
         .expect("watch"),

@@ -8,7 +8,7 @@ use cityplane_certs::{IssueOptions, Pki};
 use cityplane_proto::Role;
 use common::tls_assert::*;
 use common::*;
-use rumqttc::{ConnectReturnCode, ConnectionError, QoS};
+use rumqttc::{ConnectReturnCode, ConnectionError, Event, Packet, QoS};
 use rustls::AlertDescription;
 use time::OffsetDateTime;
 use tokio::io::AsyncWriteExt;
@@ -131,5 +131,72 @@ async fn a_client_id_that_is_not_the_certificate_cn_is_not_authorized() {
         got,
         ("devices/victim/commands".to_owned(), b"still-here".to_vec())
     );
+    broker.shutdown().await;
+}
+
+/// An operator may run several tools at once: `<id>:<session>` client ids
+/// are its own sessions, side by side. Nobody else gets that: a device or a
+/// controller uses its id, and a session of another identity's id is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_runs_sessions_side_by_side_and_nobody_else_may() {
+    let t = TestPki::new();
+    t.issue(Role::Operator, "op");
+    t.issue(Role::Operator, "other");
+    t.issue(Role::Device, "d1");
+    t.issue(Role::Controller, "ctl");
+    let broker = start(t.path(), test_limits()).await;
+    let addr = broker.local_addr();
+    let (ctl, _) = connected(addr, t.path(), "ctl", &[]).await;
+
+    let session = |client_id: &str| {
+        let (client, mut eventloop) = mqtt(addr, t.path(), "op", client_id);
+        async move {
+            connack(&mut eventloop).await.expect("connects");
+            client
+                .subscribe("devices/+/reported", QoS::AtLeastOnce)
+                .await
+                .expect("subscribe");
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                while let Ok(event) = eventloop.poll().await {
+                    if let Event::Incoming(Packet::Publish(p)) = event {
+                        let _ = tx.send(p.payload.to_vec());
+                    }
+                }
+            });
+            (client, rx)
+        }
+    };
+    let (_watch, mut watch_rx) = session("op:watch").await;
+    let (_apply, mut apply_rx) = session("op:apply-1").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Both are alive: the second did not take the first over.
+    ctl.publish("devices/x1/reported", QoS::AtLeastOnce, false, "r1")
+        .await
+        .expect("publish");
+    for rx in [&mut watch_rx, &mut apply_rx] {
+        let got = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("both sessions receive")
+            .expect("open");
+        assert_eq!(got, b"r1".to_vec());
+    }
+
+    // Refused: a session of someone else's id, a malformed session, and a
+    // session for a device or a controller.
+    for (cert, client_id) in [
+        ("op", "other:1"),
+        ("op", "op:"),
+        ("op", "op:A"),
+        ("op", "op:a:b"),
+        ("d1", "d1:1"),
+        ("ctl", "ctl:1"),
+    ] {
+        let (_c, mut eventloop) = mqtt(addr, t.path(), cert, client_id);
+        match connack(&mut eventloop).await {
+            Err(ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized)) => {}
+            other => panic!("{cert} as {client_id:?}: {other:?}"),
+        }
+    }
     broker.shutdown().await;
 }
