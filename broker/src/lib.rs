@@ -24,6 +24,7 @@ mod config;
 mod dispatch;
 mod handshake;
 mod ingress;
+pub mod link;
 pub mod logging;
 pub mod mqtt;
 mod quota;
@@ -270,6 +271,17 @@ impl RunningBroker {
         .map_err(|e| BrokerError::Link(e.to_string()))?
     }
 
+    /// [`RunningBroker::link`] with typed halves, subscribed to `filters`:
+    /// what the controller uses.
+    pub async fn open_link(
+        &self,
+        client_id: &str,
+        filters: &[String],
+    ) -> Result<(link::LinkSender, link::LinkReceiver), BrokerError> {
+        let (tx, rx) = self.link(client_id).await?;
+        link::typed(tx, rx, filters)
+    }
+
     /// Hands every operator PUBLISH under [`TAPPED_PREFIXES`] to the returned
     /// receiver (they are still routed as usual). Only one tap can exist;
     /// a full receiver slows the publishing operators down, nothing is dropped.
@@ -370,17 +382,4 @@ async fn accept_loop(
         let pending = shared.handshakes.admit(peer.ip(), &shared.config.limits);
         tokio::spawn(session::serve(shared.clone(), tcp, peer, pending));
     }
-}
-
-/// A PUBLISH for an in-process link. `LinkTx::publish` only does QoS 0 and
-/// rumqttd keeps `Publish`'s QoS and packet id private, so the packet is
-/// built from wire bytes by rumqttd's own decoder.
-pub fn link_publish(
-    topic: &str,
-    payload: &[u8],
-    qos1: bool,
-    retain: bool,
-    pkid: u16,
-) -> Option<rumqttd::protocol::Packet> {
-    mqtt::outbound::link_publish(topic, payload, qos1, retain, pkid)
 }

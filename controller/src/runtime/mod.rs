@@ -9,12 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cityplane_broker::backlog::Credit;
+use cityplane_broker::link::{LinkReceiver, LinkSender};
 use cityplane_broker::{OperatorMessage, RunningBroker};
 use cityplane_certs::registry::IssuedDevice;
 use cityplane_proto::messages::{Attributes, Registration, Selector, Target};
 use cityplane_proto::topics;
-use rumqttd::local::{LinkRx, LinkTx};
-use rumqttd::Notification;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
@@ -128,15 +127,15 @@ impl Controller {
             format!("{:x}", now_ms()),
         );
 
-        let (mut tx, rx) = broker
-            .link(cityplane_broker::CONTROLLER_LINK_ID)
+        const LEAVES: [&str; 3] = ["reported", "acks", "presence"];
+        let filters: Vec<String> = LEAVES
+            .iter()
+            .map(|leaf| format!("{}/+/{leaf}", topics::DEVICES))
+            .collect();
+        let (tx, rx) = broker
+            .open_link(cityplane_broker::CONTROLLER_LINK_ID, &filters)
             .await
             .map_err(|e| ControllerError::Broker(e.to_string()))?;
-        const LEAVES: [&str; 3] = ["reported", "acks", "presence"];
-        for leaf in LEAVES {
-            tx.subscribe(format!("{}/+/{leaf}", topics::DEVICES))
-                .map_err(|e| ControllerError::Broker(e.to_string()))?;
-        }
         let credit = broker
             .limit_device_backlog(&LEAVES)
             .ok_or_else(|| ControllerError::Broker("device backlog already limited".into()))?;

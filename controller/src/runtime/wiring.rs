@@ -6,34 +6,27 @@ use super::*;
 /// Router → events. Credit for each device message goes back to the broker
 /// as it is read here, so the router holds only a bounded unread backlog;
 /// beyond that, the events queue and then the devices wait.
-pub(super) async fn read_link(mut rx: LinkRx, events: mpsc::Sender<Event>, credit: Credit) {
+pub(super) async fn read_link(mut rx: LinkReceiver, events: mpsc::Sender<Event>, credit: Credit) {
     loop {
-        match rx.next().await {
-            Ok(Some(Notification::Forward(forward))) => {
-                credit.consumed(&forward.publish.topic, &forward.publish.payload);
-                let topic = String::from_utf8_lossy(&forward.publish.topic).into_owned();
-                let Some((id, leaf)) = topics::split_device_topic(&topic) else {
-                    continue;
-                };
-                let event = Event::Device {
-                    id: id.to_owned(),
-                    leaf: leaf.to_owned(),
-                    payload: forward.publish.payload,
-                };
-                if events.send(event).await.is_err() {
-                    return;
-                }
-            }
-            Ok(Some(Notification::Unschedule)) => {
-                if rx.wake().await.is_err() {
-                    return;
-                }
-            }
-            Ok(_) => {}
+        let delivery = match rx.recv().await {
+            Ok(d) => d,
             Err(e) => {
                 tracing::error!(error = %e, "controller link to the router closed");
                 return;
             }
+        };
+        credit.consumed(&delivery.topic, &delivery.payload);
+        let topic = String::from_utf8_lossy(&delivery.topic);
+        let Some((id, leaf)) = topics::split_device_topic(&topic) else {
+            continue;
+        };
+        let event = Event::Device {
+            id: id.to_owned(),
+            leaf: leaf.to_owned(),
+            payload: delivery.payload,
+        };
+        if events.send(event).await.is_err() {
+            return;
         }
     }
 }
@@ -100,18 +93,9 @@ pub(super) async fn read_tap(
 }
 
 /// Publishes what the loop produces, in order, on the controller's router link.
-pub(super) async fn publish_to_router(mut tx: LinkTx, mut out: mpsc::Receiver<Outgoing>) {
-    let mut pkid: u16 = 0;
+pub(super) async fn publish_to_router(mut tx: LinkSender, mut out: mpsc::Receiver<Outgoing>) {
     while let Some(out) = out.recv().await {
-        pkid = pkid.checked_add(1).unwrap_or(1);
-        // Commands and responses go out as QoS 1 so the router delivers them at QoS 1.
-        let Some(packet) =
-            cityplane_broker::link_publish(&out.topic, &out.payload, true, out.retain, pkid)
-        else {
-            tracing::error!(topic = %out.topic, "could not encode publish");
-            continue;
-        };
-        if let Err(e) = tx.send(packet).await {
+        if let Err(e) = tx.publish(&out.topic, &out.payload, out.retain).await {
             tracing::error!(error = %e, topic = %out.topic, "router refused publish");
         }
     }
