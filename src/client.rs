@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use cityplane_certs::client_tls;
+use cityplane_proto::messages::Response;
 use cityplane_proto::topics;
 use rumqttc::{
     AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
@@ -149,17 +150,15 @@ impl Operator {
         serde_json::from_slice(&p.payload).context("controller answered with invalid JSON")
     }
 
-    /// A query under `fleet/ops/<verb>`; errors when the controller refuses it.
+    /// A query or registry write under `fleet/ops/<verb>`; its result, or an
+    /// error when the controller refuses it.
     pub async fn query(&mut self, verb: &str, body: Value) -> anyhow::Result<Value> {
         let answer = self.request(&topics::ops(verb), body).await?;
-        if answer["status"] != "ok" {
-            bail!(
-                "{}: {}",
-                answer["code"].as_str().unwrap_or("rejected"),
-                answer["reason"].as_str().unwrap_or("no reason given")
-            );
+        match serde_json::from_value::<Response>(answer.clone()) {
+            Ok(Response::Ok { result, .. }) => Ok(result),
+            Ok(Response::Rejected { code, reason, .. }) => bail!("{code}: {reason}"),
+            _ => bail!("the controller answered {verb} with {answer}"),
         }
-        Ok(answer["result"].clone())
     }
 
     /// Sends DISCONNECT (so the broker does not publish a will) and waits for it to go out.

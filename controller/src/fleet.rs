@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 
 use cityplane_proto::messages::{
-    self, AckStatus, Attributes, DesiredDoc, Presence, Registration, Reported, State, Target,
+    self, AckStatus, Attributes, DesiredDoc, Presence, Registration, Reported, Response, State,
+    Target,
 };
 use cityplane_proto::topics;
 use serde::Serialize;
@@ -439,15 +440,15 @@ impl Fleet {
             self.reject("desired", r);
         }
         let response = match &result {
-            Ok(doc) => json!({
-                "request_id": request_id, "status": "accepted", "name": doc.name,
-                "generation": doc.generation, "devices": self.targeted(&doc.target).len(),
-            }),
-            Err(r) => {
-                json!({"request_id": request_id, "status": "rejected", "code": r.code, "reason": r.reason})
-            }
+            Ok(doc) => Response::Accepted {
+                request_id,
+                name: doc.name.clone(),
+                generation: doc.generation,
+                devices: self.targeted(&doc.target).len(),
+            },
+            Err(r) => r.response(request_id),
         };
-        (response_to(who, &request_id, &response), result)
+        (response_to(who, &response), result)
     }
 
     fn check_doc(&self, topic_name: &str, doc: DesiredDoc) -> Result<DesiredDoc, Rejection> {
@@ -960,7 +961,8 @@ fn command_message(device: &str, cmd: &Inflight) -> Outgoing {
     }
 }
 
-pub fn response_to(operator: &str, request_id: &str, body: &Value) -> Outgoing {
+pub fn response_to(operator: &str, response: &Response) -> Outgoing {
+    let request_id = response.request_id();
     // A request id becomes a topic level: keep it to safe characters.
     let rid: String = request_id
         .chars()
@@ -975,7 +977,7 @@ pub fn response_to(operator: &str, request_id: &str, body: &Value) -> Outgoing {
         .collect();
     Outgoing {
         topic: cityplane_proto::topics::response(operator, &rid),
-        payload: serde_json::to_vec(body).unwrap_or_default(),
+        payload: serde_json::to_vec(response).unwrap_or_default(),
         retain: false,
     }
 }

@@ -18,6 +18,15 @@ impl Rejection {
             reason: reason.into(),
         }
     }
+
+    /// The operator's answer for this refusal.
+    pub fn response(&self, request_id: String) -> cityplane_proto::messages::Response {
+        cityplane_proto::messages::Response::Rejected {
+            request_id,
+            code: self.code.to_owned(),
+            reason: self.reason.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]

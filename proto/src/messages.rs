@@ -189,6 +189,40 @@ pub struct DesiredDoc {
     pub request_id: Option<String>,
 }
 
+/// The controller's answer on `fleet/responses/<operator>/<request id>`,
+/// tagged by `status`: a document `accepted`, a query or registry write
+/// `ok` with its `result`, or `rejected` with a stable `code`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "lowercase")]
+pub enum Response {
+    Accepted {
+        request_id: String,
+        name: String,
+        generation: u64,
+        /// Devices the document targets now (registered, seen or not).
+        devices: usize,
+    },
+    Ok {
+        request_id: String,
+        result: Value,
+    },
+    Rejected {
+        request_id: String,
+        code: String,
+        reason: String,
+    },
+}
+
+impl Response {
+    pub fn request_id(&self) -> &str {
+        match self {
+            Response::Accepted { request_id, .. }
+            | Response::Ok { request_id, .. }
+            | Response::Rejected { request_id, .. } => request_id,
+        }
+    }
+}
+
 crate::object_only!(serialize: Reported, Command, Ack, Presence, Target, IdList, Selector, DesiredDoc, Attributes, Registration);
 
 /// Implements `Deserialize` for types whose derived deserializer is an
@@ -266,6 +300,41 @@ mod tests {
                 serde_json::from_str::<T>(other).is_err(),
                 "{other} accepted"
             );
+        }
+    }
+
+    #[test]
+    fn responses_keep_their_wire_shape() {
+        let cases = [
+            (
+                Response::Accepted {
+                    request_id: "r1".into(),
+                    name: "dim".into(),
+                    generation: 2,
+                    devices: 30,
+                },
+                r#"{"status":"accepted","request_id":"r1","name":"dim","generation":2,"devices":30}"#,
+            ),
+            (
+                Response::Ok {
+                    request_id: "r2".into(),
+                    result: serde_json::json!({"total": 1}),
+                },
+                r#"{"status":"ok","request_id":"r2","result":{"total":1}}"#,
+            ),
+            (
+                Response::Rejected {
+                    request_id: "r3".into(),
+                    code: "conflict".into(),
+                    reason: "stale".into(),
+                },
+                r#"{"status":"rejected","request_id":"r3","code":"conflict","reason":"stale"}"#,
+            ),
+        ];
+        for (response, wire) in cases {
+            let want: Value = serde_json::from_str(wire).unwrap();
+            assert_eq!(serde_json::to_value(&response).unwrap(), want);
+            assert_eq!(serde_json::from_value::<Response>(want).unwrap(), response);
         }
     }
 

@@ -3,6 +3,7 @@
 
 use super::event_loop::commit;
 use super::*;
+use cityplane_proto::messages::Response;
 
 /// Like every body, a JSON object only (see `cityplane_proto::messages`).
 #[derive(Deserialize)]
@@ -297,31 +298,18 @@ pub(super) async fn handle_operator(
                     }
                     Err(e) => {
                         tracing::error!(error = %e, disk_full = e.is_disk_full(), "could not store desired state");
-                        let reason = if e.is_disk_full() {
-                            "the controller's data disk is full (no space left on device): \
-                             the write was not stored; free space on the server and retry"
-                                .to_owned()
-                        } else {
-                            format!("the controller could not store the write: {e}")
-                        };
+                        let refusal = storage_rejection(&e);
                         // The failed commit may have reached the disk anyway:
                         // the next commit that succeeds puts back what was.
                         store.defer_restore_doc(&doc.name, fleet.docs.get(&doc.name).cloned());
                         // The refusal is audited (under the entry's sequence)
                         // once a commit succeeds again.
                         store.defer_audit([crate::model::AuditEntry {
-                            result: format!("rejected (storage_unavailable): {reason}"),
+                            result: format!("rejected (storage_unavailable): {}", refusal.reason),
                             ..audit
                         }]);
                         let rid = fleet::request_id_of(&msg.payload).unwrap_or(name);
-                        vec![fleet::response_to(
-                            &who,
-                            &rid,
-                            &json!({
-                                "request_id": rid, "status": "rejected", "code": "storage_unavailable",
-                                "reason": reason,
-                            }),
-                        )]
+                        vec![fleet::response_to(&who, &refusal.response(rid))]
                     }
                 }
             }
@@ -359,14 +347,17 @@ pub(super) async fn handle_operator(
             input::parse::<Query>(&msg.payload, fleet.limits)
                 .and_then(|q| answer(fleet, store, &who, &verb, q))
         };
-        let body = match result {
-            Ok(result) => json!({"request_id": rid, "status": "ok", "result": result}),
+        let response = match result {
+            Ok(result) => Response::Ok {
+                request_id: rid,
+                result,
+            },
             Err(r) => {
                 tracing::warn!(operator = %who, verb, %r, "operator request refused");
-                json!({"request_id": rid, "status": "rejected", "code": r.code, "reason": r.reason})
+                r.response(rid)
             }
         };
-        vec![fleet::response_to(&who, &rid, &body)]
+        vec![fleet::response_to(&who, &response)]
     } else {
         Vec::new()
     }
