@@ -1,14 +1,47 @@
 //! Plumbing of the `harness = false` benchmarks: options, where results go,
-//! a PKI kept between runs, the `BENCH_JSON` result, and the handshake with
-//! a child process that is the benchmark binary re-executed.
+//! a PKI kept between runs, the `BENCH_JSON` result, our broker as a child
+//! process (`cityplane broker`), and the handshake with a child process
+//! that is the benchmark binary re-executed.
 
-use std::io::{Read as _, Write as _};
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use cityplane_certs::Pki;
 use cityplane_proto::Role;
+
+use crate::process::{kill_registered_children, ChildGuard};
+
+/// Runs a benchmark's `work` on a multi-thread tokio runtime. Ctrl-C kills
+/// every guarded child process and exits with 130.
+pub fn block_on(work: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    rt.block_on(async {
+        tokio::spawn(async {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                kill_registered_children();
+                std::process::exit(130);
+            }
+        });
+        work.await
+    })
+}
+
+/// The end of a benchmark's `main`: kills every guarded child process, then
+/// on an error prints `{name}: {error}` and exits with 1.
+pub fn finish(name: &str, result: Result<()>) {
+    kill_registered_children();
+    if let Err(e) = result {
+        eprintln!("{name}: {e:#}");
+        std::process::exit(1);
+    }
+}
 
 /// The cargo target directory of the running benchmark binary
 /// (`CARGO_TARGET_DIR`, else `target/<profile>/deps/<binary>`'s, else
@@ -44,6 +77,30 @@ pub fn prepare_pki(
     if !pki.cert_path(controller_id).exists() {
         pki.issue(Role::Controller, controller_id)?;
     }
+    Ok(pki)
+}
+
+/// [`prepare_pki`], saying on stderr how far issuing got (every 1,000
+/// certificates) and when the PKI is ready.
+pub fn prepare_pki_verbose(
+    dir: &Path,
+    device_prefix: &str,
+    devices: usize,
+    controller_id: &str,
+) -> Result<Pki> {
+    let t0 = Instant::now();
+    let mut last = 0;
+    let pki = prepare_pki(dir, device_prefix, devices, controller_id, |done| {
+        if done >= last + 1000 {
+            last = done;
+            eprint!("\rissuing device certificates: {done}/{devices}");
+        }
+    })?;
+    eprintln!(
+        "\rPKI ready in {:.1} s: {} ({devices} devices + {controller_id})",
+        t0.elapsed().as_secs_f64(),
+        dir.display()
+    );
     Ok(pki)
 }
 
@@ -112,4 +169,84 @@ pub fn announce_port(port: u16) -> Result<()> {
 pub fn wait_for_stdin_eof() {
     let mut sink = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut sink);
+}
+
+/// Starts our broker, the real binary: `{bin} broker --pki
+/// bench_dir/{prefix}pki-server --listen 127.0.0.1:0 --config
+/// bench_dir/{prefix}cityplane-broker.toml`, and returns once it says where it
+/// listens (at most 30 s).
+///
+/// The server directory is exported from `pki` (no `ca.key`, as in
+/// production; re-exported every start). `config_toml` is the `--config`
+/// file (`cityplane broker --print-config` shows every key; a missing one
+/// keeps its default). The log filter is `CITYPLANE_BENCH_LOG` (default
+/// `warn`); stderr goes to `bench_dir/{prefix}cityplane-broker.log`.
+/// `CITYPLANE_BENCH_BROKER_WRAP` is a command prefix for the broker (e.g.
+/// `heaptrack -o /tmp/hp`; the pid, and so the memory figures, are then the
+/// wrapper's).
+pub fn start_cityplane_broker(
+    bin: &Path,
+    pki: &Pki,
+    bench_dir: &Path,
+    prefix: &str,
+    config_toml: &str,
+) -> Result<(ChildGuard, SocketAddr)> {
+    let server_dir = bench_dir.join(format!("{prefix}pki-server"));
+    pki.export_server(&server_dir)
+        .with_context(|| format!("export a server directory to {}", server_dir.display()))?;
+    let config = bench_dir.join(format!("{prefix}cityplane-broker.toml"));
+    std::fs::write(&config, config_toml)?;
+    let log_path = bench_dir.join(format!("{prefix}cityplane-broker.log"));
+    let mut log = std::fs::File::create(&log_path)?;
+    let wrap = std::env::var("CITYPLANE_BENCH_BROKER_WRAP").unwrap_or_default();
+    let mut argv: Vec<std::ffi::OsString> = wrap.split_whitespace().map(Into::into).collect();
+    argv.push(bin.into());
+    let filter = std::env::var("CITYPLANE_BENCH_LOG").unwrap_or_else(|_| "warn".into());
+    let mut child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .args(["broker", "--listen", "127.0.0.1:0", "--pki"])
+        .arg(&server_dir)
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", filter)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawn {} broker", bin.display()))?;
+    let stderr = child.stderr.take().context("the broker's stderr")?;
+    let mut guard = ChildGuard::new(child);
+    // Every line goes to the log; the one saying where it listens also to us.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = writeln!(log, "{line}");
+            if let Some(at) = line.split_once("listening on ").map(|(_, a)| a) {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(at.split_whitespace().next().unwrap_or_default().to_owned());
+                }
+            }
+        }
+    });
+    let name = format!("cityplane broker (see {})", log_path.display());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let addr = loop {
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(addr) => break addr,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                guard.check_alive(&name)?;
+                bail!("{name} closed its stderr before it listened");
+            }
+        }
+        guard.check_alive(&name)?;
+        if Instant::now() > deadline {
+            bail!("{name} did not say where it listens within 30 s");
+        }
+    };
+    let addr = addr
+        .parse()
+        .with_context(|| format!("{name}: listening on {addr:?}"))?;
+    Ok((guard, addr))
 }

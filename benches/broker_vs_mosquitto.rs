@@ -1,14 +1,16 @@
 //! cityplane's broker against mosquitto, same load, same machine, one run.
 //!
 //! ```text
-//! cargo bench -p cityplane-broker --bench broker_vs_mosquitto [-- --clients N]
+//! cargo bench -p cityplane --bench broker_vs_mosquitto [-- --clients N]
 //! ```
 //!
 //! Both brokers run as separate child processes (memory is per process): our
-//! broker is this very binary re-executed with `CITYPLANE_BENCH_ROLE=broker`,
-//! mosquitto is `/usr/sbin/mosquitto` with a generated configuration on the
-//! same PKI. The load generator is a small hand-rolled MQTT 3.1.1 client over
-//! tokio-rustls (mutual TLS, ring), one real TLS connection per device.
+//! broker is the real binary, `cityplane broker` on a server directory
+//! exported from the bench PKI, with the default limits
+//! (`testkit::bench::start_cityplane_broker`); mosquitto is
+//! `/usr/sbin/mosquitto` with a generated configuration on the same PKI. The
+//! load generator is a small hand-rolled MQTT 3.1.1 client over tokio-rustls
+//! (mutual TLS, ring), one real TLS connection per device.
 //!
 //! Phases, for each broker:
 //! 1. connects: N devices connect (TCP + mTLS + CONNECT/CONNACK), at most 200
@@ -27,16 +29,14 @@
 //! (`CITYPLANE_BENCH_ONLY`), `--cmd-secs S` (default 5), `--fanin-msgs M`
 //! (default 20). `CITYPLANE_BENCH_LOG` sets our broker's log filter (default
 //! `warn`), `CITYPLANE_BENCH_BROKER_WRAP` a command prefix for our broker
-//! (e.g. `heaptrack -o /tmp/hp`). Results: a table on stdout, one `BENCH_JSON {...}` line, and
-//! `target/bench/broker_vs_mosquitto.json`; broker logs in `target/bench/`.
+//! (e.g. `heaptrack -o /tmp/hp`). Results: a table on stdout, one `BENCH_JSON
+//! {...}` line, and `target/bench/broker_vs_mosquitto.json`; broker logs in
+//! `target/bench/`.
 //! A missed target is reported, never a failure of the process.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -44,11 +44,10 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::{Buf, BytesMut};
 use cityplane_broker::mqtt::{encode_publish, encode_remaining_length};
-use cityplane_broker::{Broker, BrokerConfig, Limits};
 use cityplane_certs::client_tls::{ClientCert, Trust};
 use cityplane_certs::Pki;
 use cityplane_testkit::mosquitto::{self, MOSQUITTO};
-use cityplane_testkit::process::{self, kill_registered_children, ChildGuard};
+use cityplane_testkit::process;
 use cityplane_testkit::{bench, machine};
 use rustls::pki_types::ServerName;
 use serde::Serialize;
@@ -58,6 +57,11 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_rustls::client::TlsStream;
 
 type Stream = TlsStream<TcpStream>;
+
+/// Our broker: the `cityplane` binary of this package.
+const BIN: &str = env!("CARGO_BIN_EXE_cityplane");
+/// Its `--config`: the default limits, as a deployment starts with.
+const BROKER_CONFIG: &str = "# broker_vs_mosquitto: cityplane's default limits\n";
 
 const DEVICE_PREFIX: &str = "bench";
 const CONTROLLER_ID: &str = "bench-ctl";
@@ -117,102 +121,8 @@ fn opts() -> Result<Opts> {
 // Entry points
 
 fn main() {
-    if std::env::var("CITYPLANE_BENCH_ROLE").as_deref() == Ok("broker") {
-        if let Err(e) = broker_child() {
-            eprintln!("bench broker: {e:#}");
-            std::process::exit(1);
-        }
-        return;
-    }
-    let result = opts().and_then(|opts| {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .context("tokio runtime")?
-            .block_on(run(opts))
-    });
-    kill_registered_children();
-    if let Err(e) = result {
-        eprintln!("broker_vs_mosquitto: {e:#}");
-        std::process::exit(1);
-    }
-}
-
-/// `CITYPLANE_BENCH_ROLE=broker`: serve until the parent closes our stdin.
-fn broker_child() -> Result<()> {
-    let mut args = std::env::args().skip(1);
-    let mut pki = None;
-    while let Some(a) = args.next() {
-        if a == "--pki" {
-            pki = args.next().map(PathBuf::from);
-        }
-    }
-    let pki = pki.context("--pki DIR is required")?;
-    let filter = std::env::var("CITYPLANE_BENCH_LOG").unwrap_or_else(|_| "warn".into());
-    cityplane_broker::logging::init_stderr(&filter, false);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let config = BrokerConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            pki,
-            limits: Limits::default(),
-        };
-        let broker = Broker::start(config).await?;
-        bench::announce_port(broker.local_addr().port())?;
-        let _ = tokio::task::spawn_blocking(bench::wait_for_stdin_eof).await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), broker.shutdown()).await;
-        Ok(())
-    })
-}
-
-// ---------------------------------------------------------------------------
-// Child processes
-
-fn start_cityplane(pki: &Path, bench_dir: &Path) -> Result<(ChildGuard, SocketAddr)> {
-    let log = File::create(bench_dir.join("cityplane-broker.log"))?;
-    // CITYPLANE_BENCH_BROKER_WRAP="heaptrack -o /tmp/hp" profiles our broker
-    // (memory figures then include the wrapper's overhead).
-    let wrap = std::env::var("CITYPLANE_BENCH_BROKER_WRAP").unwrap_or_default();
-    let mut argv: Vec<std::ffi::OsString> = wrap.split_whitespace().map(Into::into).collect();
-    argv.push(std::env::current_exe()?.into());
-    let mut child = Command::new(&argv[0])
-        .args(&argv[1..])
-        .env("CITYPLANE_BENCH_ROLE", "broker")
-        .arg("--pki")
-        .arg(pki)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .context("re-exec the bench binary as the broker")?;
-    let stdout = child.stdout.take().context("child stdout")?;
-    let mut guard = ChildGuard::new(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        // Skip whatever a wrapper prints first.
-        let mut lines = BufReader::new(stdout).lines();
-        let line = lines
-            .by_ref()
-            .map_while(Result::ok)
-            .find(|l| l.starts_with("PORT "))
-            .unwrap_or_default();
-        let _ = tx.send(line);
-        lines.for_each(drop);
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(30))
-        .map_err(|_| anyhow!("our broker did not report its port within 30 s"))?;
-    guard.check_alive("cityplane broker")?;
-    let port: u16 = line
-        .trim()
-        .strip_prefix("PORT ")
-        .and_then(|p| p.parse().ok())
-        .with_context(|| {
-            format!("unexpected broker output {line:?}; see target/bench/cityplane-broker.log")
-        })?;
-    Ok((guard, SocketAddr::from(([127, 0, 0, 1], port))))
+    let result = opts().and_then(|opts| bench::block_on(run(opts)));
+    bench::finish("broker_vs_mosquitto", result);
 }
 
 // ---------------------------------------------------------------------------
@@ -909,12 +819,6 @@ struct Setup {
 }
 
 async fn run(opts: Opts) -> Result<()> {
-    tokio::spawn(async {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            kill_registered_children();
-            std::process::exit(130);
-        }
-    });
     let started = Instant::now();
     let target = bench::target_dir();
     let bench_dir = target.join("bench");
@@ -925,7 +829,12 @@ async fn run(opts: Opts) -> Result<()> {
         opts.clients
     );
 
-    let pki = prepare_pki(&bench_dir.join("pki"), opts.clients)?;
+    let pki = bench::prepare_pki_verbose(
+        &bench_dir.join("pki"),
+        DEVICE_PREFIX,
+        opts.clients,
+        CONTROLLER_ID,
+    )?;
     let setup = {
         let trust = Trust::from_ca_file(&pki.ca_cert_path())?;
         let ids: Vec<String> = (1..=opts.clients)
@@ -942,7 +851,8 @@ async fn run(opts: Opts) -> Result<()> {
     let want = |name: &str| opts.only.as_deref().is_none_or(|o| o == name);
     let mut results: Vec<BrokerResult> = Vec::new();
     if want("cityplane") {
-        let (guard, addr) = start_cityplane(pki.dir(), &bench_dir)?;
+        let (guard, addr) =
+            bench::start_cityplane_broker(Path::new(BIN), &pki, &bench_dir, "", BROKER_CONFIG)?;
         println!("\n== cityplane (pid {}, {addr}) ==", guard.pid());
         let r = bench_broker("cityplane", addr, guard.pid(), &setup, &opts).await;
         drop(guard);
@@ -979,25 +889,6 @@ async fn run(opts: Opts) -> Result<()> {
         "total_run_s": started.elapsed().as_secs_f64(),
     });
     bench::write_result(&bench_dir, "broker_vs_mosquitto", &json, started)
-}
-
-/// The PKI is kept in target/bench/pki between runs; issuing is skipped for
-/// identities that already have a certificate.
-fn prepare_pki(dir: &Path, clients: usize) -> Result<Pki> {
-    let t0 = Instant::now();
-    let mut last = 0;
-    let pki = bench::prepare_pki(dir, DEVICE_PREFIX, clients, CONTROLLER_ID, |done| {
-        if done >= last + 1000 {
-            last = done;
-            eprint!("\rissuing device certificates: {done}/{clients}");
-        }
-    })?;
-    eprintln!(
-        "\rPKI ready in {:.1} s: {} ({clients} devices + {CONTROLLER_ID})",
-        t0.elapsed().as_secs_f64(),
-        dir.display()
-    );
-    Ok(pki)
 }
 
 async fn bench_broker(

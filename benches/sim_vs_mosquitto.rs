@@ -2,14 +2,15 @@
 //! broker and against mosquitto: same load, same machine, one run.
 //!
 //! ```text
-//! cargo bench -p cityplane-agent-sim --bench sim_vs_mosquitto [-- --devices N]
+//! cargo bench -p cityplane --bench sim_vs_mosquitto [-- --devices N]
 //! ```
 //!
 //! Every party is its own process, so memory figures are one process's each
 //! and no run inherits the allocator state or leftover tasks of the one
-//! before: our broker is this binary re-executed with
-//! `CITYPLANE_BENCH_ROLE=broker` (`Broker::start`, default limits with a 10 s
-//! handshake timeout), mosquitto is `/usr/sbin/mosquitto` on a generated
+//! before: our broker is the real binary, `cityplane broker` on a server
+//! directory exported from the bench PKI (default limits with a 10 s
+//! handshake timeout, in its `--config` file;
+//! `testkit::bench::start_cityplane_broker`), mosquitto is `/usr/sbin/mosquitto` on a generated
 //! configuration trusting the same CA (`require_certificate true`,
 //! `use_identity_as_username true`), and the simulator is this binary
 //! re-executed with `CITYPLANE_BENCH_ROLE=sim`, running the library's
@@ -47,7 +48,8 @@
 //! (`CITYPLANE_BENCH_DEVICES`, default 2000), `--steady-secs S` (10),
 //! `--telemetry-ms T` (1000), `--cmd-rate R` (200), `--only
 //! cityplane|mosquitto` (`CITYPLANE_BENCH_ONLY`). `CITYPLANE_BENCH_LOG` is the
-//! log filter of our broker and the simulator (default `warn`). Results: a
+//! log filter of our broker and the simulator (default `warn`),
+//! `CITYPLANE_BENCH_BROKER_WRAP` a command prefix for our broker. Results: a
 //! table on stdout, one `BENCH_JSON {...}` line, and
 //! `target/bench/sim_vs_mosquitto.json`; logs in `target/bench/sim-*.log`.
 
@@ -66,17 +68,21 @@ use cityplane_agent_sim::mqtt::{server_name, Client, ConnectOptions, Packet, SUB
 use cityplane_agent_sim::scenario::{self, Scenario, ScenarioOptions};
 use cityplane_agent_sim::tls::TlsBase;
 use cityplane_agent_sim::{Percentiles, PresenceMode, SimConfig};
-use cityplane_broker::{Broker, BrokerConfig, Limits};
 use cityplane_certs::Pki;
 use cityplane_proto::topics;
 use cityplane_testkit::mosquitto::{self, MOSQUITTO};
-use cityplane_testkit::process::{self, kill_registered_children, ChildGuard};
+use cityplane_testkit::process::{self, ChildGuard};
 use cityplane_testkit::{bench, machine};
 use serde::Serialize;
 use serde_json::{json, Value};
 
 const DEVICE_PREFIX: &str = "sim";
 const CONTROLLER_ID: &str = "sim-ctl";
+/// Our broker: the `cityplane` binary of this package.
+const BIN: &str = env!("CARGO_BIN_EXE_cityplane");
+/// Its `--config`: as the simulator's earlier numbers, a storm's queued
+/// handshakes wait up to 10 s (default 5 s); the other limits are defaults.
+const BROKER_CONFIG: &str = "# sim_vs_mosquitto\n[limits]\nhandshake_timeout_ms = 10000\n";
 /// The simulator's wait for every device to be online (connect-storm and the
 /// start of steady).
 const ONLINE_WAIT: Duration = Duration::from_secs(60);
@@ -140,21 +146,10 @@ fn opts() -> Result<Opts> {
 fn main() {
     let role = std::env::var("CITYPLANE_BENCH_ROLE").unwrap_or_default();
     let result = match role.as_str() {
-        "broker" => broker_child(),
         "sim" => sim_child(),
-        _ => opts().and_then(|opts| {
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("tokio runtime")?
-                .block_on(run(opts))
-        }),
+        _ => opts().and_then(|opts| bench::block_on(run(opts))),
     };
-    kill_registered_children();
-    if let Err(e) = result {
-        eprintln!("sim_vs_mosquitto {role}: {e:#}");
-        std::process::exit(1);
-    }
+    bench::finish(&format!("sim_vs_mosquitto {role}"), result);
 }
 
 /// `--key value` pairs of a child role.
@@ -177,32 +172,6 @@ fn child_args() -> Result<HashMap<String, String>> {
 fn init_child_logging() {
     let filter = std::env::var("CITYPLANE_BENCH_LOG").unwrap_or_else(|_| "warn".into());
     cityplane_broker::logging::init_stderr(&filter, false);
-}
-
-/// `CITYPLANE_BENCH_ROLE=broker`: serve until the parent closes our stdin.
-fn broker_child() -> Result<()> {
-    let args = child_args()?;
-    let pki = PathBuf::from(args.get("pki").context("--pki DIR is required")?);
-    init_child_logging();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let broker = Broker::start(BrokerConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            pki,
-            // As the simulator's earlier numbers: a storm's queued handshakes wait.
-            limits: Limits {
-                handshake_timeout: Duration::from_secs(10),
-                ..Limits::default()
-            },
-        })
-        .await?;
-        bench::announce_port(broker.local_addr().port())?;
-        let _ = tokio::task::spawn_blocking(bench::wait_for_stdin_eof).await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), broker.shutdown()).await;
-        Ok(())
-    })
 }
 
 /// `CITYPLANE_BENCH_ROLE=sim`: one scenario, then `REPORT {json}` on stdout.
@@ -296,44 +265,11 @@ impl Kind {
 
 fn start_broker(kind: Kind, pki: &Pki, bench_dir: &Path) -> Result<(ChildGuard, SocketAddr)> {
     match kind {
-        Kind::Cityplane => start_cityplane(pki.dir(), bench_dir),
+        Kind::Cityplane => {
+            bench::start_cityplane_broker(Path::new(BIN), pki, bench_dir, "sim-", BROKER_CONFIG)
+        }
         Kind::Mosquitto => mosquitto::start("sim_vs_mosquitto", pki, bench_dir, "sim-"),
     }
-}
-
-fn start_cityplane(pki: &Path, bench_dir: &Path) -> Result<(ChildGuard, SocketAddr)> {
-    let log = File::create(bench_dir.join("sim-cityplane-broker.log"))?;
-    let mut child = Command::new(std::env::current_exe()?)
-        .env("CITYPLANE_BENCH_ROLE", "broker")
-        .arg("--pki")
-        .arg(pki)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .context("re-exec the bench binary as the broker")?;
-    let stdout = child.stdout.take().context("child stdout")?;
-    let mut guard = ChildGuard::new(child);
-    let (rx, _) = watch_stdout(stdout, "PORT ");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut rx = rx;
-    let port = loop {
-        match rx.try_recv() {
-            Ok(line) => break line,
-            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
-            Err(_) => bail!("our broker exited; see target/bench/sim-cityplane-broker.log"),
-        }
-        guard.check_alive("cityplane broker (see target/bench/sim-cityplane-broker.log)")?;
-        if Instant::now() > deadline {
-            bail!("our broker did not report its port within 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let port: u16 = port
-        .trim()
-        .parse()
-        .with_context(|| format!("unexpected broker output {port:?}"))?;
-    Ok((guard, SocketAddr::from(([127, 0, 0, 1], port))))
 }
 
 /// The simulator as a child process running one scenario.
@@ -814,12 +750,6 @@ fn print_run(r: &ScenarioRun) {
 // The run
 
 async fn run(opts: Opts) -> Result<()> {
-    tokio::spawn(async {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            kill_registered_children();
-            std::process::exit(130);
-        }
-    });
     let started = Instant::now();
     let bench_dir = bench::target_dir().join("bench");
     std::fs::create_dir_all(&bench_dir)?;
@@ -828,7 +758,12 @@ async fn run(opts: Opts) -> Result<()> {
         "sim_vs_mosquitto: {} devices; machine {machine}",
         opts.devices
     );
-    let pki = prepare_pki(&bench_dir.join("sim-pki"), opts.devices)?;
+    let pki = bench::prepare_pki_verbose(
+        &bench_dir.join("sim-pki"),
+        DEVICE_PREFIX,
+        opts.devices,
+        CONTROLLER_ID,
+    )?;
 
     let want = |k: Kind| opts.only.as_deref().is_none_or(|o| o == k.name());
     let mut kinds = Vec::new();
@@ -871,19 +806,6 @@ async fn run(opts: Opts) -> Result<()> {
         "total_run_s": started.elapsed().as_secs_f64(),
     });
     bench::write_result(&bench_dir, "sim_vs_mosquitto", &json, started)
-}
-
-/// Kept in target/bench/sim-pki between runs; identities that already have
-/// a certificate are not issued again.
-fn prepare_pki(dir: &Path, devices: usize) -> Result<Pki> {
-    let t0 = Instant::now();
-    let pki = bench::prepare_pki(dir, DEVICE_PREFIX, devices, CONTROLLER_ID, |_| {})?;
-    println!(
-        "PKI ready in {:.1} s: {} ({devices} devices + {CONTROLLER_ID})",
-        t0.elapsed().as_secs_f64(),
-        dir.display()
-    );
-    Ok(pki)
 }
 
 // ---------------------------------------------------------------------------
