@@ -9,7 +9,7 @@
 //! `CITYPLANE_FUZZ_SECS` seconds (default 300):
 //!
 //! ```sh
-//! cargo test -p cityplane-broker --test frame_props -- --ignored --nocapture
+//! cargo test -p cityplane-broker --test it frame_props -- --ignored --nocapture
 //! ```
 
 use bytes::BytesMut;
