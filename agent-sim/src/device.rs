@@ -231,13 +231,20 @@ impl Device {
         }
     }
 
-    fn queue_publish(&self, c: &mut Client, topic: &str, payload: &[u8], qos: u8, retain: bool) {
-        c.queue_publish(topic, payload, qos, retain);
+    fn queue_publish(
+        &self,
+        c: &mut Client,
+        topic: String,
+        payload: Vec<u8>,
+        qos: u8,
+        retain: bool,
+    ) {
         let counters = self.counters();
         Counters::inc(&counters.publishes_offered);
         counters
             .bytes_offered
             .fetch_add(payload.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        c.queue_publish_owned(topic, payload, qos, retain);
     }
 
     /// Bumps the version and queues the full state on `reported`.
@@ -245,7 +252,7 @@ impl Device {
         let payload = behaviour::report(&mut self.dev.lock());
         let Ok(payload) = payload else { return };
         let retain = self.fleet.config.retain_reported;
-        self.queue_publish(c, &topics::reported(&self.dev.id), &payload, 1, retain);
+        self.queue_publish(c, topics::reported(&self.dev.id), payload, 1, retain);
         Counters::inc(&self.counters().reports_offered);
     }
 
@@ -258,7 +265,7 @@ impl Device {
         let Ok(payload) = serde_json::to_vec(&body) else {
             return;
         };
-        self.queue_publish(c, &topics::acks(&self.dev.id), &payload, 1, false);
+        self.queue_publish(c, topics::acks(&self.dev.id), payload, 1, false);
         Counters::inc(&self.counters().acks_offered);
     }
 
@@ -308,7 +315,7 @@ impl Device {
         let id = self.dev.id.clone();
         // The on-connect sequence of the contract.
         if self.fleet.announce_presence.load(Ordering::Relaxed) {
-            self.queue_publish(c, &topics::presence(&id), PRESENCE_ONLINE, 1, true);
+            self.queue_publish(c, topics::presence(&id), PRESENCE_ONLINE.to_vec(), 1, true);
         }
         let commands_topic = topics::commands(&id);
         let sub_pkid = c.queue_subscribe(&commands_topic, 1);
@@ -434,7 +441,7 @@ impl Device {
             classes::telemetry(self.dev.class, &mut v.state, &mut self.rng, unix_ms())
         };
         if let Ok(payload) = serde_json::to_vec(&sample) {
-            self.queue_publish(c, &topics::telemetry(&self.dev.id), &payload, 0, false);
+            self.queue_publish(c, topics::telemetry(&self.dev.id), payload, 0, false);
             Counters::inc(&self.counters().telemetry_offered);
         }
     }

@@ -6,19 +6,22 @@
 //! clean session nothing survives a reconnect anyway, and a device re-sends
 //! its full state on every connect.
 //!
-//! Why not rumqttc: it costs ~55 KiB per client (request channel, inflight
-//! array, 10 KiB buffers). This one keeps one TLS stream and one read buffer
-//! that is released when empty, so a connected client costs little more than
-//! rustls' own per-connection state.
+//! The packets are rumqttc's codec (`mqttbytes::v4`); the client around it
+//! is our own. Why not rumqttc's client: it costs ~55 KiB per client
+//! (request channel, inflight array, 10 KiB buffers). This one keeps one TLS
+//! stream and one read buffer that is released when empty, so a connected
+//! client costs little more than rustls' own per-connection state.
 //!
-//! The [`codec`] functions are also what the rogue mode uses to build
-//! deliberately bad packets next to good ones.
+//! Hand-made bytes go through [`Client::queue_raw`]: the rogue mode's
+//! deliberately bad packets.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::{self, v4};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -92,6 +95,10 @@ pub enum ClientError {
     Io(#[from] io::Error),
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// A packet this client was asked to send cannot be encoded (a QoS
+    /// above 2, a packet over 256 MiB): reported by the next flush.
+    #[error("cannot encode a packet: {0}")]
+    Encode(mqttbytes::Error),
 }
 
 impl ClientError {
@@ -105,233 +112,90 @@ impl ClientError {
             ClientError::Closed => "closed by broker".into(),
             ClientError::Io(e) => format!("io: {}", e.kind()),
             ClientError::Protocol(_) => "protocol error".into(),
+            ClientError::Encode(_) => "encode error".into(),
         }
     }
 }
 
-/// Encoding and decoding of the packets above.
-pub mod codec {
-    use super::{Packet, Publish, Will};
-
-    pub const PINGREQ: [u8; 2] = [0xC0, 0];
-    pub const DISCONNECT: [u8; 2] = [0xE0, 0];
-
-    #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-    pub enum DecodeError {
-        #[error("malformed remaining length")]
-        RemainingLength,
-        #[error("packet of {0} bytes exceeds the limit")]
-        TooLarge(usize),
-        #[error("malformed {0} packet")]
-        Malformed(&'static str),
-        #[error("unexpected packet type {0:#04x}")]
-        Unexpected(u8),
-    }
-
-    pub fn encode_remaining_length(mut len: usize, out: &mut Vec<u8>) {
-        loop {
-            let mut byte = (len % 128) as u8;
-            len /= 128;
-            if len > 0 {
-                byte |= 0x80;
-            }
-            out.push(byte);
-            if len == 0 {
-                break;
-            }
-        }
-    }
-
-    fn put_str(out: &mut Vec<u8>, s: &[u8]) {
-        out.extend_from_slice(&(s.len() as u16).to_be_bytes());
-        out.extend_from_slice(s);
-    }
-
-    fn frame(header: u8, body: &[u8], out: &mut Vec<u8>) {
-        out.reserve(body.len() + 5);
-        out.push(header);
-        encode_remaining_length(body.len(), out);
-        out.extend_from_slice(body);
-    }
-
-    /// CONNECT, MQTT 3.1.1, without username or password (identity is the
-    /// client certificate).
-    pub fn connect(
-        client_id: &str,
-        keep_alive: u16,
-        clean_session: bool,
-        will: Option<&Will>,
-        out: &mut Vec<u8>,
-    ) {
-        let mut body = Vec::with_capacity(
-            16 + client_id.len() + will.map_or(0, |w| w.topic.len() + w.payload.len() + 4),
-        );
-        body.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4]);
-        let mut flags = 0u8;
-        if clean_session {
-            flags |= 0x02;
-        }
-        if let Some(w) = will {
-            flags |= 0x04 | ((w.qos & 0x03) << 3);
-            if w.retain {
-                flags |= 0x20;
-            }
-        }
-        body.push(flags);
-        body.extend_from_slice(&keep_alive.to_be_bytes());
-        put_str(&mut body, client_id.as_bytes());
-        if let Some(w) = will {
-            put_str(&mut body, w.topic.as_bytes());
-            put_str(&mut body, &w.payload);
-        }
-        frame(0x10, &body, out);
-    }
-
-    /// PUBLISH. `pkid` is ignored for QoS 0.
-    pub fn publish(
-        topic: &str,
-        payload: &[u8],
-        qos: u8,
-        retain: bool,
-        dup: bool,
-        pkid: u16,
-        out: &mut Vec<u8>,
-    ) {
-        let mut header = 0x30 | ((qos & 0x03) << 1);
-        if retain {
-            header |= 0x01;
-        }
-        if dup {
-            header |= 0x08;
-        }
-        let len = 2 + topic.len() + if qos > 0 { 2 } else { 0 } + payload.len();
-        out.reserve(len + 5);
-        out.push(header);
-        encode_remaining_length(len, out);
-        put_str(out, topic.as_bytes());
-        if qos > 0 {
-            out.extend_from_slice(&pkid.to_be_bytes());
-        }
-        out.extend_from_slice(payload);
-    }
-
-    pub fn puback(pkid: u16, out: &mut Vec<u8>) {
-        let [hi, lo] = pkid.to_be_bytes();
-        out.extend_from_slice(&[0x40, 2, hi, lo]);
-    }
-
-    pub fn subscribe(pkid: u16, filters: &[(&str, u8)], out: &mut Vec<u8>) {
-        let mut body =
-            Vec::with_capacity(2 + filters.iter().map(|(f, _)| f.len() + 3).sum::<usize>());
-        body.extend_from_slice(&pkid.to_be_bytes());
-        for (filter, qos) in filters {
-            put_str(&mut body, filter.as_bytes());
-            body.push(*qos);
-        }
-        frame(0x82, &body, out);
-    }
-
-    /// Reads a remaining length at `buf[1..]`: `Ok(None)` if incomplete,
-    /// else `(length, bytes used by the length field)`.
-    pub(crate) fn remaining_length(buf: &[u8]) -> Result<Option<(usize, usize)>, DecodeError> {
-        let mut len = 0usize;
-        for i in 0..4 {
-            let Some(&byte) = buf.get(1 + i) else {
-                return Ok(None);
-            };
-            len |= usize::from(byte & 0x7F) << (7 * i);
-            if byte & 0x80 == 0 {
-                return Ok(Some((len, i + 1)));
-            }
-        }
-        Err(DecodeError::RemainingLength)
-    }
-
-    fn u16_at(b: &[u8], at: usize, what: &'static str) -> Result<u16, DecodeError> {
-        match b.get(at..at + 2) {
-            Some(&[hi, lo]) => Ok(u16::from_be_bytes([hi, lo])),
-            _ => Err(DecodeError::Malformed(what)),
-        }
-    }
-
-    /// Takes one whole packet off the front of `buf`, or `Ok(None)` if more
-    /// bytes are needed.
-    pub fn decode(buf: &mut Vec<u8>, max_packet: usize) -> Result<Option<Packet>, DecodeError> {
-        let Some(&header) = buf.first() else {
-            return Ok(None);
-        };
-        let Some((len, len_bytes)) = remaining_length(buf)? else {
-            return Ok(None);
-        };
-        let total = 1 + len_bytes + len;
-        if total > max_packet {
-            return Err(DecodeError::TooLarge(total));
-        }
-        if buf.len() < total {
-            return Ok(None);
-        }
-        let body = &buf[1 + len_bytes..total];
-        let packet = match header >> 4 {
-            2 => {
-                if body.len() != 2 {
-                    return Err(DecodeError::Malformed("CONNACK"));
-                }
-                Packet::ConnAck {
-                    session_present: body[0] & 1 == 1,
-                    code: body[1],
-                }
-            }
-            3 => {
-                let qos = (header >> 1) & 0x03;
-                if qos == 3 {
-                    return Err(DecodeError::Malformed("PUBLISH"));
-                }
-                let tlen = usize::from(u16_at(body, 0, "PUBLISH")?);
-                let topic_bytes = body
-                    .get(2..2 + tlen)
-                    .ok_or(DecodeError::Malformed("PUBLISH"))?;
-                let topic = std::str::from_utf8(topic_bytes)
-                    .map_err(|_| DecodeError::Malformed("PUBLISH"))?
-                    .to_owned();
-                let mut at = 2 + tlen;
-                let pkid = if qos > 0 {
-                    let p = u16_at(body, at, "PUBLISH")?;
-                    at += 2;
-                    p
-                } else {
-                    0
-                };
-                Packet::Publish(Publish {
-                    topic,
-                    payload: body[at..].to_vec(),
-                    qos,
-                    retain: header & 0x01 == 1,
-                    dup: header & 0x08 != 0,
-                    pkid,
+/// Takes one whole packet off the front of `buf`, or `Ok(None)` if more
+/// bytes are needed. A packet longer than `max_packet` (remaining length)
+/// or one a broker never sends a client is an error.
+fn decode(buf: &mut BytesMut, max_packet: usize) -> Result<Option<Packet>, String> {
+    let packet = match v4::Packet::read(buf, max_packet) {
+        Ok(packet) => packet,
+        Err(mqttbytes::Error::InsufficientBytes(_)) => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    Ok(Some(match packet {
+        v4::Packet::ConnAck(ack) => Packet::ConnAck {
+            session_present: ack.session_present,
+            code: ack.code as u8,
+        },
+        v4::Packet::Publish(p) => Packet::Publish(Publish {
+            topic: p.topic,
+            payload: p.payload.to_vec(),
+            qos: p.qos as u8,
+            retain: p.retain,
+            dup: p.dup,
+            pkid: p.pkid,
+        }),
+        v4::Packet::PubAck(ack) => Packet::PubAck(ack.pkid),
+        v4::Packet::SubAck(ack) => Packet::SubAck {
+            pkid: ack.pkid,
+            codes: ack
+                .return_codes
+                .into_iter()
+                .map(|code| match code {
+                    v4::SubscribeReasonCode::Success(qos) => qos as u8,
+                    v4::SubscribeReasonCode::Failure => SUBACK_FAILURE,
                 })
-            }
-            4 => Packet::PubAck(u16_at(body, 0, "PUBACK")?),
-            9 => {
-                let pkid = u16_at(body, 0, "SUBACK")?;
-                Packet::SubAck {
-                    pkid,
-                    codes: body[2..].to_vec(),
-                }
-            }
-            11 => Packet::UnsubAck(u16_at(body, 0, "UNSUBACK")?),
-            13 => Packet::PingResp,
-            _ => return Err(DecodeError::Unexpected(header)),
-        };
-        buf.drain(..total);
-        Ok(Some(packet))
-    }
+                .collect(),
+        },
+        v4::Packet::UnsubAck(ack) => Packet::UnsubAck(ack.pkid),
+        v4::Packet::PingResp => Packet::PingResp,
+        other => return Err(format!("unexpected packet from the broker: {other:?}")),
+    }))
+}
+
+/// The bytes of one well-formed packet, for a caller that sends them with
+/// [`Client::queue_raw`] (the rogue mode spoils some of them).
+pub fn encode(packet: &v4::Packet) -> Result<BytesMut, ClientError> {
+    let mut buf = BytesMut::new();
+    packet
+        .write(&mut buf, usize::MAX)
+        .map_err(ClientError::Encode)?;
+    Ok(buf)
+}
+
+/// CONNECT, MQTT 3.1.1, without username or password (identity is the
+/// client certificate).
+fn connect_packet(opts: &ConnectOptions<'_>) -> Result<v4::Connect, mqttbytes::Error> {
+    let last_will = match opts.will {
+        Some(w) => Some(v4::LastWill {
+            topic: w.topic.clone(),
+            message: Bytes::copy_from_slice(&w.payload),
+            qos: mqttbytes::qos(w.qos)?,
+            retain: w.retain,
+        }),
+        None => None,
+    };
+    Ok(v4::Connect {
+        protocol: mqttbytes::Protocol::V4,
+        keep_alive: opts.keep_alive,
+        client_id: opts.client_id.to_owned(),
+        clean_session: opts.clean_session,
+        last_will,
+        login: None,
+    })
 }
 
 /// A TLS connection to the broker, before or after CONNECT.
 pub struct Client {
     stream: TlsStream<TcpStream>,
-    rbuf: Vec<u8>,
-    wbuf: Vec<u8>,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    /// The first packet since the last flush that could not be encoded.
+    unencodable: Option<mqttbytes::Error>,
     max_inbound: usize,
     next_pkid: u16,
 }
@@ -358,8 +222,9 @@ impl Client {
             .map_err(ClientError::Tls)?;
         Ok(Client {
             stream,
-            rbuf: Vec::new(),
-            wbuf: Vec::new(),
+            rbuf: BytesMut::new(),
+            wbuf: BytesMut::new(),
+            unencodable: None,
             max_inbound: DEFAULT_MAX_INBOUND,
             next_pkid: 0,
         })
@@ -393,14 +258,9 @@ impl Client {
             .map_err(|_| ClientError::Timeout)?
     }
 
+    /// Sends CONNECT (see [`ConnectOptions`]).
     pub async fn send_connect(&mut self, opts: &ConnectOptions<'_>) -> Result<(), ClientError> {
-        codec::connect(
-            opts.client_id,
-            opts.keep_alive,
-            opts.clean_session,
-            opts.will,
-            &mut self.wbuf,
-        );
+        self.queue_packet(|buf| connect_packet(opts)?.write(buf));
         self.flush().await
     }
 
@@ -413,27 +273,73 @@ impl Client {
         self.next_pkid
     }
 
+    /// Encodes one packet at the end of the write buffer. A packet that
+    /// cannot be encoded leaves nothing behind and fails the next flush.
+    fn queue_packet(
+        &mut self,
+        write: impl FnOnce(&mut BytesMut) -> Result<usize, mqttbytes::Error>,
+    ) {
+        let before = self.wbuf.len();
+        if let Err(e) = write(&mut self.wbuf) {
+            self.wbuf.truncate(before);
+            self.unencodable.get_or_insert(e);
+        }
+    }
+
     /// Queues a PUBLISH (sent by [`flush`](Self::flush)); returns its packet
-    /// id (0 for QoS 0).
+    /// id (0 for QoS 0). Copies topic and payload; a caller that has them
+    /// as owned buffers passes them to
+    /// [`queue_publish_owned`](Self::queue_publish_owned) instead.
     pub fn queue_publish(&mut self, topic: &str, payload: &[u8], qos: u8, retain: bool) -> u16 {
+        self.queue_publish_owned(topic.to_owned(), payload.to_vec(), qos, retain)
+    }
+
+    /// [`queue_publish`](Self::queue_publish) taking the topic and payload
+    /// the caller built: encoded without copying them first.
+    pub fn queue_publish_owned(
+        &mut self,
+        topic: String,
+        payload: Vec<u8>,
+        qos: u8,
+        retain: bool,
+    ) -> u16 {
         let pkid = if qos > 0 { self.next_pkid() } else { 0 };
-        codec::publish(topic, payload, qos, retain, false, pkid, &mut self.wbuf);
+        self.queue_packet(|buf| {
+            v4::Publish {
+                dup: false,
+                qos: mqttbytes::qos(qos)?,
+                retain,
+                topic,
+                pkid,
+                // Exact size (a shrink in place), so `Bytes` takes the
+                // buffer over without allocating a shared header.
+                payload: Bytes::from(payload.into_boxed_slice()),
+            }
+            .write(buf)
+        });
         pkid
     }
 
     /// Queues a SUBSCRIBE with one filter; returns its packet id.
     pub fn queue_subscribe(&mut self, filter: &str, qos: u8) -> u16 {
         let pkid = self.next_pkid();
-        codec::subscribe(pkid, &[(filter, qos)], &mut self.wbuf);
+        self.queue_packet(|buf| {
+            let filter = v4::SubscribeFilter::new(filter.to_owned(), mqttbytes::qos(qos)?);
+            v4::Subscribe {
+                pkid,
+                filters: vec![filter],
+            }
+            .write(buf)
+        });
         pkid
     }
 
     pub fn queue_puback(&mut self, pkid: u16) {
-        codec::puback(pkid, &mut self.wbuf);
+        self.queue_packet(|buf| v4::PubAck::new(pkid).write(buf));
     }
 
     pub fn queue_ping(&mut self) {
-        self.wbuf.extend_from_slice(&codec::PINGREQ);
+        self.queue_packet(|buf| v4::PingReq.write(buf));
     }
 
     /// Queues arbitrary bytes (for hand-made packets).
@@ -441,13 +347,18 @@ impl Client {
         self.wbuf.extend_from_slice(bytes);
     }
 
-    /// Bytes queued and not yet written.
+    /// Bytes queued and not yet written (non-zero too when a packet could
+    /// not be encoded, so that the next flush reports it).
     pub fn queued(&self) -> usize {
-        self.wbuf.len()
+        self.wbuf.len() + usize::from(self.unencodable.is_some())
     }
 
     /// Writes everything queued as few TLS records as possible.
     pub async fn flush(&mut self) -> Result<(), ClientError> {
+        if let Some(e) = self.unencodable.take() {
+            self.wbuf.clear();
+            return Err(ClientError::Encode(e));
+        }
         if self.wbuf.is_empty() {
             return Ok(());
         }
@@ -458,7 +369,7 @@ impl Client {
         .await;
         self.wbuf.clear();
         if self.wbuf.capacity() > 4096 {
-            self.wbuf = Vec::new();
+            self.wbuf = BytesMut::new();
         }
         result.map_err(|e| match e.kind() {
             io::ErrorKind::BrokenPipe
@@ -491,16 +402,19 @@ impl Client {
     /// buffered for the next call.
     pub async fn recv(&mut self) -> Result<Packet, ClientError> {
         loop {
-            match codec::decode(&mut self.rbuf, self.max_inbound) {
+            match decode(&mut self.rbuf, self.max_inbound) {
                 Ok(Some(packet)) => {
-                    if self.rbuf.is_empty() && self.rbuf.capacity() > 1024 {
-                        // Idle connections should not keep a large buffer.
-                        self.rbuf = Vec::new();
+                    // Idle connections should not keep a large buffer.
+                    // The decoded packet holds no part of it any more, so
+                    // `try_reclaim` sees the whole allocation: it succeeds
+                    // only if that is over 1 KiB (it never allocates).
+                    if self.rbuf.is_empty() && self.rbuf.try_reclaim(1025) {
+                        self.rbuf = BytesMut::new();
                     }
                     return Ok(packet);
                 }
                 Ok(None) => {}
-                Err(e) => return Err(ClientError::Protocol(e.to_string())),
+                Err(e) => return Err(ClientError::Protocol(e)),
             }
             self.rbuf.reserve(256);
             match self.stream.read_buf(&mut self.rbuf).await {
@@ -545,7 +459,7 @@ impl Client {
 
     /// Sends DISCONNECT (the broker discards the will) and closes TLS.
     pub async fn disconnect(&mut self) {
-        self.wbuf.extend_from_slice(&codec::DISCONNECT);
+        self.queue_packet(|buf| v4::Disconnect.write(buf));
         let _ = self.flush().await;
         let _ = self.stream.shutdown().await;
     }
@@ -559,57 +473,30 @@ impl Client {
 
 #[cfg(test)]
 mod tests {
-    use super::codec::*;
     use super::*;
+    use rumqttc::mqttbytes::QoS;
 
-    #[test]
-    fn remaining_length_round_trips() {
-        for len in [
-            0usize,
-            1,
-            127,
-            128,
-            16_383,
-            16_384,
-            2_097_151,
-            2_097_152,
-            268_435_455,
-        ] {
-            let mut out = vec![0x30];
-            encode_remaining_length(len, &mut out);
-            assert_eq!(
-                remaining_length(&out),
-                Ok(Some((len, out.len() - 1))),
-                "{len}"
-            );
-        }
+    fn encoded(packet: v4::Packet) -> BytesMut {
+        encode(&packet).expect("encodes")
     }
 
     #[test]
-    fn publish_qos1_decodes_back() {
-        let mut out = Vec::new();
-        publish(
-            "devices/d1/commands",
-            b"{\"a\":1}",
-            1,
-            false,
-            true,
-            42,
-            &mut out,
-        );
-        let mut buf = out.clone();
+    fn a_publish_then_a_pingresp_decode_in_turn() {
+        let mut publish = v4::Publish::new("devices/d1/commands", QoS::AtLeastOnce, "{\"a\":1}");
+        publish.pkid = 42;
+        publish.dup = true;
+        let mut buf = encoded(v4::Packet::Publish(publish));
         buf.extend_from_slice(&[0xD0, 0]); // PINGRESP right after
-        let got = decode(&mut buf, 1 << 20).expect("ok").expect("whole");
         assert_eq!(
-            got,
-            Packet::Publish(Publish {
+            decode(&mut buf, 1 << 20),
+            Ok(Some(Packet::Publish(Publish {
                 topic: "devices/d1/commands".into(),
                 payload: b"{\"a\":1}".to_vec(),
                 qos: 1,
                 retain: false,
                 dup: true,
                 pkid: 42,
-            })
+            })))
         );
         assert_eq!(decode(&mut buf, 1 << 20), Ok(Some(Packet::PingResp)));
         assert!(buf.is_empty());
@@ -617,49 +504,50 @@ mod tests {
 
     #[test]
     fn partial_packets_wait_for_more_bytes() {
-        let mut out = Vec::new();
-        publish("t", &[7u8; 300], 0, false, false, 0, &mut out);
-        for cut in [0, 1, 2, 3, 10, out.len() - 1] {
-            let mut part = out[..cut].to_vec();
+        let whole = encoded(v4::Packet::Publish(v4::Publish::new(
+            "t",
+            QoS::AtMostOnce,
+            vec![7u8; 300],
+        )));
+        for cut in [0, 1, 2, 3, 10, whole.len() - 1] {
+            let mut part = BytesMut::from(&whole[..cut]);
             assert_eq!(decode(&mut part, 1 << 20), Ok(None), "cut at {cut}");
+            assert_eq!(part.len(), cut, "nothing taken at {cut}");
         }
     }
 
     #[test]
     fn suback_connack_puback_decode() {
-        let mut buf = vec![0x90, 3, 0, 5, 0x80, 0x20, 2, 0, 5, 0x40, 2, 1, 2];
+        let mut buf = BytesMut::from(&[0x90, 3, 0, 5, 0x80, 0x20, 2, 0, 5, 0x40, 2, 1, 2][..]);
         assert_eq!(
             decode(&mut buf, 100),
             Ok(Some(Packet::SubAck {
                 pkid: 5,
-                codes: vec![0x80]
+                codes: vec![SUBACK_FAILURE]
             }))
         );
         assert_eq!(
             decode(&mut buf, 100),
             Ok(Some(Packet::ConnAck {
                 session_present: false,
-                code: 5
+                code: CONNACK_NOT_AUTHORIZED
             }))
         );
         assert_eq!(decode(&mut buf, 100), Ok(Some(Packet::PubAck(0x0102))));
     }
 
     #[test]
-    fn oversized_and_malformed_are_errors() {
-        let mut out = Vec::new();
-        publish("t", &[0u8; 1000], 0, false, false, 0, &mut out);
-        assert!(matches!(
-            decode(&mut out, 100),
-            Err(DecodeError::TooLarge(_))
-        ));
-        let mut bad = vec![0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01];
-        assert_eq!(decode(&mut bad, 1 << 30), Err(DecodeError::RemainingLength));
-        let mut unexpected = vec![0x10, 0];
-        assert_eq!(
-            decode(&mut unexpected, 100),
-            Err(DecodeError::Unexpected(0x10))
-        );
+    fn oversized_malformed_and_unexpected_are_errors() {
+        let mut big = encoded(v4::Packet::Publish(v4::Publish::new(
+            "t",
+            QoS::AtMostOnce,
+            vec![0u8; 1000],
+        )));
+        assert!(decode(&mut big, 100).is_err());
+        let mut bad = BytesMut::from(&[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01][..]);
+        assert!(decode(&mut bad, 1 << 30).is_err());
+        let mut connect = encoded(v4::Packet::Connect(v4::Connect::new("d1")));
+        assert!(decode(&mut connect, 100).is_err());
     }
 
     #[test]
@@ -670,12 +558,26 @@ mod tests {
             qos: 1,
             retain: true,
         };
-        let mut out = Vec::new();
-        connect("d1", 30, true, Some(&will), &mut out);
+        let opts = ConnectOptions {
+            client_id: "d1",
+            keep_alive: 30,
+            clean_session: true,
+            will: Some(&will),
+        };
+        let out = encoded(v4::Packet::Connect(connect_packet(&opts).expect("valid")));
         assert_eq!(out[0], 0x10);
         // Variable header starts after the 1-byte length (packet < 128 bytes).
         assert_eq!(&out[2..9], &[0, 4, b'M', b'Q', b'T', b'T', 4]);
         assert_eq!(out[9], 0x02 | 0x04 | 0x08 | 0x20);
         assert_eq!(&out[10..12], &30u16.to_be_bytes());
+        let bad_will = Will {
+            qos: 3,
+            ..will.clone()
+        };
+        let opts = ConnectOptions {
+            will: Some(&bad_will),
+            ..opts
+        };
+        assert!(connect_packet(&opts).is_err());
     }
 }

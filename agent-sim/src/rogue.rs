@@ -17,13 +17,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use cityplane_proto::topics;
+use rumqttc::mqttbytes::{v4, QoS};
 use rustls::ClientConfig;
 use serde::Serialize;
 use serde_json::json;
 
 use crate::fleet::FleetShared;
-use crate::mqtt::{self, codec, Client, ClientError, ConnectOptions, Packet, Will};
+use crate::mqtt::{self, Client, ClientError, ConnectOptions, Packet, Will};
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -159,10 +161,7 @@ impl Attacker {
             Ok(c) => c,
             Err(o) => return Outcome::Unanswered(format!("own connect failed: {o:?}")),
         };
-        let pkid = c.next_pkid();
-        let mut frame = Vec::new();
-        codec::publish(topic, payload, 1, retain, false, pkid, &mut frame);
-        c.queue_raw(&frame);
+        let pkid = c.queue_publish(topic, payload, 1, retain);
         if let Err(e) = c.flush().await {
             return if closed(&e) {
                 Outcome::Refused("connection closed".into())
@@ -218,13 +217,17 @@ impl Attacker {
 
     /// Raw bytes the broker must answer by closing the connection; a PINGREQ
     /// follows so that "still open" shows as a PINGRESP.
-    async fn probe_raw(&self, bytes: &[u8]) -> Outcome {
+    async fn probe_raw(&self, bytes: Result<BytesMut, ClientError>) -> Outcome {
+        let bytes = match bytes {
+            Ok(b) => b,
+            Err(e) => return Outcome::Unanswered(e.label()),
+        };
         let mut c = match self.connect(&self.id, None).await {
             Ok(c) => c,
             Err(o) => return Outcome::Unanswered(format!("own connect failed: {o:?}")),
         };
-        c.queue_raw(bytes);
-        c.queue_raw(&codec::PINGREQ);
+        c.queue_raw(&bytes);
+        c.queue_ping();
         if let Err(e) = c.flush().await {
             return if closed(&e) {
                 Outcome::Refused("connection closed".into())
@@ -366,36 +369,30 @@ pub(crate) async fn attack(
     rec("subscribe-sys", a.probe_subscribe(topics::SYS_ALL).await);
 
     // Broken packets.
-    let mut bad_qos = Vec::new();
-    codec::publish(
-        &topics::reported(&a.id),
-        b"{}",
-        0,
-        false,
-        false,
-        0,
-        &mut bad_qos,
-    );
-    bad_qos[0] = 0x36; // QoS 3 does not exist
-    rec("malformed-publish-qos3", a.probe_raw(&bad_qos).await);
+    let own_report = v4::Publish::new(topics::reported(&a.id), QoS::AtMostOnce, "{}");
+    let bad_qos = mqtt::encode(&v4::Packet::Publish(own_report)).map(|mut b| {
+        b[0] = 0x36; // QoS 3 does not exist
+        b
+    });
+    rec("malformed-publish-qos3", a.probe_raw(bad_qos).await);
+    let bad_length = BytesMut::from(&[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F][..]);
     rec(
         "malformed-remaining-length",
-        a.probe_raw(&[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F]).await,
+        a.probe_raw(Ok(bad_length)).await,
     );
-    let mut wildcard = Vec::new();
-    codec::publish(
-        &topics::all_devices("reported"),
-        b"{}",
-        0,
-        false,
-        false,
-        0,
-        &mut wildcard,
+    let wildcard = v4::Publish::new(topics::all_devices("reported"), QoS::AtMostOnce, "{}");
+    rec(
+        "publish-wildcard-topic",
+        a.probe_raw(mqtt::encode(&v4::Packet::Publish(wildcard)))
+            .await,
     );
-    rec("publish-wildcard-topic", a.probe_raw(&wildcard).await);
-    let mut second = Vec::new();
-    codec::connect(&a.id, 30, true, None, &mut second);
-    rec("second-connect", a.probe_raw(&second).await);
+    let mut second = v4::Connect::new(a.id.as_str());
+    second.keep_alive = 30;
+    rec(
+        "second-connect",
+        a.probe_raw(mqtt::encode(&v4::Packet::Connect(second)))
+            .await,
+    );
     let big = vec![b'x'; 200 * 1024];
     rec(
         "oversized-payload",
