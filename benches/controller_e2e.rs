@@ -274,40 +274,24 @@ async fn run() {
     eprintln!("certificates ready in {:.1} s", t.elapsed().as_secs_f64());
 
     let data = tempfile::tempdir().expect("data");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
-    let log = std::fs::File::create(root.join("controller_e2e-serve.log")).expect("log");
-    let server = ChildGuard::new(
-        Command::new(BIN)
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--pki")
-            .arg(&pki_dir)
-            .arg("--data")
-            .arg(data.path())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("serve"),
-    );
+    let (server, addr) = cityplane_testkit::bench::start_cityplane_serve(
+        Path::new(BIN),
+        &pki_dir,
+        data.path(),
+        &root.join("controller_e2e-serve.log"),
+    )
+    .expect("serve");
+    let port = addr.port();
     let pid = server.pid();
     let connect = ConnectArgs {
-        server: format!("127.0.0.1:{port}"),
+        server: addr.to_string(),
         pki: pki_dir.clone(),
         id: "op".into(),
         timeout: 30,
     };
-    let mut op = None;
-    for _ in 0..100 {
-        if let Ok(o) = Operator::connect(&connect).await {
-            op = Some(o);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let mut op = op.expect("server up");
+    let mut op = Operator::connect_retrying(&connect, Duration::from_secs(10))
+        .await
+        .expect("server up");
     let rss_idle = rss_kib(pid);
 
     // 1. Reported updates persisted per second.

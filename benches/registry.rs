@@ -18,7 +18,8 @@
 //! [--batch B]`. Prints a summary and `BENCH_JSON {…}`; writes
 //! target/bench/registry.json.
 
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cityplane::client::{ConnectArgs, Operator};
@@ -26,7 +27,7 @@ use cityplane_certs::Pki;
 use cityplane_proto::Role;
 use cityplane_testkit::bench;
 use cityplane_testkit::machine;
-use cityplane_testkit::process::{rss_kib, ChildGuard};
+use cityplane_testkit::process::rss_kib;
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cityplane");
@@ -78,26 +79,14 @@ async fn run() {
     let manifest_path = work.path().join("manifest.json");
     std::fs::write(&manifest_path, serde_json::to_vec(&manifest).expect("json")).expect("write");
 
-    let data = work.path().join("data");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
-    let server_addr = format!("127.0.0.1:{port}");
-    let log = std::fs::File::create(root.join("registry-serve.log")).expect("log");
-    let server = ChildGuard::new(
-        Command::new(BIN)
-            .args(["serve", "--listen", &server_addr])
-            .arg("--pki")
-            .arg(&pki_dir)
-            .arg("--data")
-            .arg(&data)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("serve"),
-    );
+    let (server, addr) = bench::start_cityplane_serve(
+        Path::new(BIN),
+        &pki_dir,
+        &work.path().join("data"),
+        &root.join("registry-serve.log"),
+    )
+    .expect("serve");
+    let server_addr = addr.to_string();
     let pid = server.pid();
     let connect = ConnectArgs {
         server: server_addr.clone(),
@@ -105,15 +94,9 @@ async fn run() {
         id: "op".into(),
         timeout: 60,
     };
-    let mut op = None;
-    for _ in 0..100 {
-        if let Ok(o) = Operator::connect(&connect).await {
-            op = Some(o);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let mut op = op.expect("server up");
+    let mut op = Operator::connect_retrying(&connect, Duration::from_secs(10))
+        .await
+        .expect("server up");
     let rss_before = rss_kib(pid);
 
     // 1. Register through the CLI.

@@ -54,6 +54,22 @@ pub struct Operator {
 }
 
 impl Operator {
+    /// [`Operator::connect`], retried every 100 ms for `within` (a server
+    /// that is still starting).
+    pub async fn connect_retrying(
+        args: &ConnectArgs,
+        within: Duration,
+    ) -> anyhow::Result<Operator> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match Operator::connect(args).await {
+                Ok(op) => return Ok(op),
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
     pub async fn connect(args: &ConnectArgs) -> anyhow::Result<Operator> {
         let (host, port) = split_server(&args.server)?;
         // A session of its own (`<id>:<session>`): the same operator may

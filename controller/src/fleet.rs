@@ -14,7 +14,7 @@ use cityplane_proto::topics;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::delta::{delta, merge, selects, Layer};
+use crate::delta::{delta, merge, selects};
 use crate::input::{self, InputLimits, Rejection};
 use crate::model::{
     rfc3339, AuditEntry, DeviceRecord, DocRecord, DocVersion, Inflight, Millis, DOC_HISTORY,
@@ -364,11 +364,7 @@ impl Fleet {
             let layers = listed
                 .chain(selecting)
                 .filter_map(|name| self.docs.get(name))
-                .map(|d| Layer {
-                    priority: d.priority,
-                    seq: d.seq,
-                    state: &d.state,
-                });
+                .map(DocRecord::layer);
             let desired = merge(layers);
             if desired != dev.desired {
                 self.seq += 1;
@@ -684,11 +680,7 @@ impl Fleet {
                 .filter(|d| d.name != probe.name)
                 .chain(std::iter::once(&probe))
                 .filter(|d| selects(&d.target, id, &dev.attrs))
-                .map(|d| Layer {
-                    priority: d.priority,
-                    seq: d.seq,
-                    state: &d.state,
-                });
+                .map(DocRecord::layer);
             let after = merge(layers);
             if after != dev.desired {
                 changing += 1;
@@ -1101,11 +1093,7 @@ mod tests {
                 .docs
                 .values()
                 .filter(|d| selects(&d.target, &dev.id, &dev.attrs))
-                .map(|d| Layer {
-                    priority: d.priority,
-                    seq: d.seq,
-                    state: &d.state,
-                }),
+                .map(DocRecord::layer),
         )
     }
 

@@ -44,6 +44,17 @@ pub struct DocRecord {
     pub history: Vec<DocVersion>,
 }
 
+impl DocRecord {
+    /// This document as one layer of a device's merged desired state.
+    pub fn layer(&self) -> crate::delta::Layer<'_> {
+        crate::delta::Layer {
+            priority: self.priority,
+            seq: self.seq,
+            state: &self.state,
+        }
+    }
+}
+
 /// Who wrote one generation of a document, and when.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DocVersion {

@@ -181,6 +181,30 @@ pub fn wait_for_stdin_eof() {
 /// file (`cityplane broker --print-config` shows every key; a missing one
 /// keeps its default). The log filter is `CITYPLANE_BENCH_LOG` (default
 /// `warn`); stderr goes to `bench_dir/{prefix}cityplane-broker.log`.
+/// `cityplane serve` (broker and controller) on a free loopback port, its
+/// log (RUST_LOG=warn) in `log`; returns the child and its address.
+pub fn start_cityplane_serve(
+    bin: &Path,
+    pki_dir: &Path,
+    data: &Path,
+    log: &Path,
+) -> Result<(ChildGuard, SocketAddr)> {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let log = std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+    let child = std::process::Command::new(bin)
+        .args(["serve", "--listen", &addr.to_string()])
+        .arg("--pki")
+        .arg(pki_dir)
+        .arg("--data")
+        .arg(data)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("start cityplane serve")?;
+    Ok((ChildGuard::new(child), addr))
+}
+
 /// `CITYPLANE_BENCH_BROKER_WRAP` is a command prefix for the broker (e.g.
 /// `heaptrack -o /tmp/hp`; the pid, and so the memory figures, are then the
 /// wrapper's).

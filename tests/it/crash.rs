@@ -6,28 +6,17 @@
 use crate::common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use cityplane_agent_sim::Fleet;
 use cityplane_certs::Pki;
 use cityplane_proto::Role;
-use common::{free_port, online_fleet, Server, BIN};
+use common::{cli, free_port, online_fleet, Server};
 use serde_json::{json, Value};
 
 const DEVICES: usize = 200;
 const RUNS: usize = 20;
-
-fn cli(pki: &Path, port: u16, args: &[&str]) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .env("CITYPLANE_SERVER", format!("127.0.0.1:{port}"))
-        .env("CITYPLANE_PKI", pki)
-        .env("CITYPLANE_ID", "op")
-        .env("RUST_LOG", "error")
-        .stdin(Stdio::null());
-    cmd
-}
 
 fn status(pki: &Path, port: u16) -> Option<Value> {
     let out = cli(pki, port, &["status", "--output", "json", "--timeout", "2"])

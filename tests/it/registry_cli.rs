@@ -9,19 +9,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, Server, BIN};
+use common::{cli, free_port, Server, BIN};
 use serde_json::{json, Value};
-
-fn cli(pki: &Path, port: u16, args: &[&str]) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .env("CITYPLANE_SERVER", format!("127.0.0.1:{port}"))
-        .env("CITYPLANE_PKI", pki)
-        .env("CITYPLANE_ID", "op")
-        .env("RUST_LOG", "error")
-        .stdin(Stdio::null());
-    cmd
-}
 
 /// Runs a command that must succeed; its standard output.
 fn ok(cmd: &mut Command) -> String {

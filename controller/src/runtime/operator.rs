@@ -95,6 +95,20 @@ fn check_attributes(a: &Attributes) -> Result<(), Rejection> {
     Ok(())
 }
 
+/// Commits device records an operator write changed, with its audit line.
+async fn commit_records(
+    store: &Arc<Store>,
+    devices: Vec<Arc<crate::model::DeviceRecord>>,
+    audit: crate::model::AuditEntry,
+) -> Result<(), Rejection> {
+    let changes = Changes {
+        devices,
+        audit: vec![audit],
+        ..Default::default()
+    };
+    commit_write(store, changes).await
+}
+
 /// Commits an operator write; a failure becomes the operator's refusal.
 async fn commit_write(store: &Arc<Store>, changes: Changes) -> Result<(), Rejection> {
     let (changes, result) = commit(store, changes).await;
@@ -146,15 +160,7 @@ async fn operator_write(
                 &format!("accepted, {} records written", records.len()),
                 now,
             );
-            commit_write(
-                store,
-                Changes {
-                    devices: records,
-                    audit: vec![audit],
-                    ..Default::default()
-                },
-            )
-            .await?;
+            commit_records(store, records, audit).await?;
             let (new, updated) = fleet.register(req.devices, who, Overwrite::Always, now);
             tracing::info!(operator = who, new, updated, "devices registered");
             Ok(json!({"registered": new, "updated": updated, "total": fleet.devices.len()}))
@@ -205,15 +211,7 @@ async fn operator_write(
                 &format!("accepted, {} changed", records.len()),
                 now,
             );
-            commit_write(
-                store,
-                Changes {
-                    devices: records,
-                    audit: vec![audit],
-                    ..Default::default()
-                },
-            )
-            .await?;
+            commit_records(store, records, audit).await?;
             let changed = fleet.label(&ids, &req.change);
             Ok(json!({"matched": ids.len(), "changed": changed}))
         }

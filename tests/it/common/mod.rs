@@ -70,6 +70,18 @@ impl Server {
     }
 }
 
+/// The `cityplane` binary as operator `op` of the serve on `port`.
+pub fn cli(pki: &Path, port: u16, args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env("CITYPLANE_SERVER", format!("127.0.0.1:{port}"))
+        .env("CITYPLANE_PKI", pki)
+        .env("CITYPLANE_ID", "op")
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::null());
+    cmd
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
