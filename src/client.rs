@@ -18,7 +18,7 @@ use serde_json::Value;
 /// How every client subcommand finds the server and proves who it is.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ConnectArgs {
-    /// Server address (host:port) [env: CITYPLANE_SERVER; default 127.0.0.1:8883]
+    /// Server address (host:port)
     #[arg(long, env = "CITYPLANE_SERVER", default_value = "127.0.0.1:8883")]
     pub server: String,
     /// PKI directory holding ca.crt and ID.crt/ID.key

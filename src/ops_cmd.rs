@@ -36,6 +36,7 @@ pub struct ApplyArgs {
     /// per key, how many devices would change (refusals as a real apply)
     #[arg(long, conflicts_with = "wait")]
     pub dry_run: bool,
+    /// `table` for people, `json` for scripts
     #[arg(long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
@@ -72,6 +73,7 @@ pub struct GetArgs {
     /// Seconds between refreshes with --watch
     #[arg(long, default_value_t = 2.0, requires = "watch", value_parser = parse_interval)]
     pub interval: f64,
+    /// `table` for people, `json` for scripts
     #[arg(long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
@@ -86,6 +88,7 @@ pub struct DescribeArgs {
     pub device: String,
     #[command(flatten)]
     pub connect: ConnectArgs,
+    /// `table` for people, `json` for scripts
     #[arg(long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
@@ -97,6 +100,7 @@ pub struct StatusArgs {
     /// Counts for the devices one desired document targets
     #[arg(long)]
     pub name: Option<String>,
+    /// `table` for people, `json` for scripts
     #[arg(long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
@@ -108,6 +112,7 @@ pub struct AuditArgs {
     /// How many of the newest entries
     #[arg(long, default_value_t = 50)]
     pub limit: usize,
+    /// `table` for people, `json` for scripts
     #[arg(long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
@@ -144,6 +149,7 @@ pub struct DeleteArgs {
     pub if_generation: Option<u64>,
     #[command(flatten)]
     pub connect: ConnectArgs,
+    /// `table` for people, `json` for scripts
     #[arg(long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
@@ -178,6 +184,7 @@ pub struct RegisterArgs {
     pub batch: u64,
     #[command(flatten)]
     pub connect: ConnectArgs,
+    /// `table` for people, `json` for scripts
     #[arg(long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
@@ -201,6 +208,7 @@ pub struct LabelArgs {
     pub owner: Option<String>,
     #[command(flatten)]
     pub connect: ConnectArgs,
+    /// `table` for people, `json` for scripts
     #[arg(long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
