@@ -53,6 +53,17 @@ pub struct Operator {
     next: u64,
 }
 
+/// What [`Operator::register`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Registered {
+    /// Devices new to the registry.
+    pub registered: u64,
+    /// Registered devices whose attributes changed.
+    pub updated: u64,
+    /// Devices in the registry afterwards.
+    pub total: u64,
+}
+
 impl Operator {
     /// [`Operator::connect`], retried every 100 ms for `within` (a server
     /// that is still starting).
@@ -175,6 +186,37 @@ impl Operator {
             Ok(Response::Rejected { code, reason, .. }) => bail!("{code}: {reason}"),
             _ => bail!("the controller answered {verb} with {answer}"),
         }
+    }
+
+    /// Registers a manifest in batches of `batch` (each stored and audited
+    /// before its answer); `progress` gets the devices sent so far. On a
+    /// refusal, the error says how many were registered before it.
+    pub async fn register(
+        &mut self,
+        devices: &[Value],
+        batch: usize,
+        mut progress: impl FnMut(usize),
+    ) -> anyhow::Result<Registered> {
+        let mut out = Registered::default();
+        let mut sent = 0;
+        for chunk in devices.chunks(batch.max(1)) {
+            let r = self
+                .query("register", serde_json::json!({"devices": chunk}))
+                .await
+                .with_context(|| {
+                    format!(
+                        "registered {sent} of {} devices before this batch was refused; \
+                         the rest were not sent",
+                        devices.len()
+                    )
+                })?;
+            out.registered += r["registered"].as_u64().unwrap_or(0);
+            out.updated += r["updated"].as_u64().unwrap_or(0);
+            out.total = r["total"].as_u64().unwrap_or(0);
+            sent += chunk.len();
+            progress(sent);
+        }
+        Ok(out)
     }
 
     /// Sends DISCONNECT (so the broker does not publish a will) and waits for it to go out.

@@ -194,10 +194,8 @@ async fn drive(
     // operator API. Selectors match these attributes, never the devices' claims.
     let manifest = fleet.manifest();
     let registering = bar(manifest.len() as u64, "registering the fleet");
-    for chunk in manifest.chunks(250) {
-        op.query("register", json!({"devices": chunk})).await?;
-        registering.inc(chunk.len() as u64);
-    }
+    op.register(&manifest, 250, |n| registering.set_position(n as u64))
+        .await?;
     registering.finish_with_message("class, zone: set by the operator");
     print_registry(&manifest);
 

@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
-use cityplane::client::{ConnectArgs, Operator};
+use cityplane::client::{ConnectArgs, Operator, Registered};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Output {
@@ -306,28 +306,24 @@ async fn register(args: RegisterArgs) -> anyhow::Result<()> {
     } else {
         ProgressBar::hidden()
     };
-    let (mut new, mut updated, mut total) = (0, 0, 0);
-    for chunk in devices.chunks(args.batch as usize) {
-        let r = op.query("register", json!({"devices": chunk})).await;
-        let r = match r {
-            Ok(r) => r,
-            Err(e) => {
-                bar.abandon();
-                op.disconnect().await;
-                return Err(e.context(format!(
-                    "registered {} of {} devices before this batch was refused; the rest were not sent",
-                    bar.position(),
-                    devices.len()
-                )));
-            }
-        };
-        new += r["registered"].as_u64().unwrap_or(0);
-        updated += r["updated"].as_u64().unwrap_or(0);
-        total = r["total"].as_u64().unwrap_or(0);
-        bar.inc(chunk.len() as u64);
-    }
-    bar.finish_and_clear();
+    let done = op
+        .register(&devices, args.batch as usize, |n| {
+            bar.set_position(n as u64)
+        })
+        .await;
     op.disconnect().await;
+    let Registered {
+        registered: new,
+        updated,
+        total,
+    } = match done {
+        Ok(r) => r,
+        Err(e) => {
+            bar.abandon();
+            return Err(e);
+        }
+    };
+    bar.finish_and_clear();
     let result = json!({"registered": new, "updated": updated, "sent": devices.len(), "registry_total": total});
     if args.output == Output::Json {
         return print_json(&result);

@@ -511,83 +511,61 @@ impl Fleet {
     /// own its attributes afterwards. Returns (new, updated).
     pub fn register(
         &mut self,
-        entries: impl IntoIterator<Item = Registration>,
+        entries: &[Registration],
         who: &str,
         overwrite: Overwrite,
         now: Millis,
     ) -> (usize, usize) {
-        let (mut new, mut updated) = (0, 0);
-        let mut changed = Vec::new();
-        for entry in entries {
-            let attrs = entry.attributes();
-            match self.devices.get_mut(&entry.id).map(Arc::make_mut) {
-                Some(dev) => {
-                    // A device first seen before it was registered takes
-                    // the manifest's attributes: nobody set any yet.
-                    let unset = dev.registered_by == FIRST_CONTACT;
-                    if (overwrite == Overwrite::Always || unset) && dev.attrs != attrs {
-                        dev.attrs = attrs;
-                        updated += 1;
-                        changed.push(entry.id.clone());
-                    }
-                    if unset {
-                        dev.registered_by = who.to_owned();
-                        self.dirty.insert(entry.id);
-                    }
-                }
-                None => {
-                    let mut dev = DeviceRecord::new(&entry.id);
-                    dev.attrs = attrs;
-                    dev.registered_at = now;
-                    dev.registered_by = who.to_owned();
-                    self.devices.insert(entry.id.clone(), Arc::new(dev));
-                    new += 1;
-                    changed.push(entry.id.clone());
-                    self.to_reconcile.insert(entry.id.clone());
-                    self.dirty.insert(entry.id);
-                }
-            }
-        }
-        self.dirty.extend(changed.iter().cloned());
-        self.recompute_desired(changed);
-        (new, updated)
+        let records = self.registered_records(entries, who, overwrite, now);
+        self.apply_registry(records)
     }
 
-    /// The records [`Fleet::register`] would write for `entries` with
-    /// [`Overwrite::Always`], for the commit that precedes it.
+    /// The records [`Fleet::register`] writes, for the commit that precedes
+    /// it: new devices, and registered ones whose attributes or registrar
+    /// change (a device first seen before it was registered takes the
+    /// manifest's attributes, nobody set any yet).
     pub fn registered_records(
         &self,
         entries: &[Registration],
         who: &str,
+        overwrite: Overwrite,
         now: Millis,
     ) -> Vec<Arc<DeviceRecord>> {
         entries
             .iter()
             .filter_map(|e| {
                 let attrs = e.attributes();
-                match self.devices.get(&e.id) {
-                    Some(dev) if dev.attrs == attrs && dev.registered_by != FIRST_CONTACT => None,
-                    Some(dev) => {
-                        let mut dev = (**dev).clone();
+                let Some(dev) = self.devices.get(&e.id) else {
+                    let mut dev = DeviceRecord::new(&e.id);
+                    dev.attrs = attrs;
+                    dev.registered_at = now;
+                    dev.registered_by = who.to_owned();
+                    return Some(Arc::new(dev));
+                };
+                let unset = dev.registered_by == FIRST_CONTACT;
+                let new_attrs = (overwrite == Overwrite::Always || unset) && dev.attrs != attrs;
+                (new_attrs || unset).then(|| {
+                    let mut dev = (**dev).clone();
+                    if new_attrs {
                         dev.attrs = attrs;
-                        if dev.registered_by == FIRST_CONTACT {
-                            dev.registered_by = who.to_owned();
-                        }
-                        Some(Arc::new(dev))
                     }
-                    None => {
-                        let mut dev = DeviceRecord::new(&e.id);
-                        dev.attrs = attrs;
-                        dev.registered_at = now;
+                    if unset {
                         dev.registered_by = who.to_owned();
-                        Some(Arc::new(dev))
                     }
-                }
+                    Arc::new(dev)
+                })
             })
             .collect()
     }
 
-    /// The records [`Fleet::label`] would write, for the commit before it.
+    /// Changes the attributes of these devices; returns how many changed.
+    #[cfg(test)]
+    fn label(&mut self, ids: &[String], change: &LabelChange) -> usize {
+        let records = self.labelled_records(ids, change);
+        self.apply_registry(records).1
+    }
+
+    /// The records [`Fleet::label`] writes, for the commit before it.
     pub fn labelled_records(&self, ids: &[String], change: &LabelChange) -> Vec<Arc<DeviceRecord>> {
         ids.iter()
             .filter_map(|id| self.devices.get(id))
@@ -603,6 +581,37 @@ impl Fleet {
             .collect()
     }
 
+    /// Takes the registry fields (attributes, registrar) of `records` made
+    /// by [`Fleet::registered_records`] or [`Fleet::labelled_records`], adds
+    /// the new devices, and recomputes desired state where attributes
+    /// changed. Returns (new devices, devices whose attributes changed).
+    pub fn apply_registry(&mut self, records: Vec<Arc<DeviceRecord>>) -> (usize, usize) {
+        let (mut new, mut updated) = (0, 0);
+        let mut changed = Vec::new();
+        for record in records {
+            let id = record.id.clone();
+            match self.devices.get_mut(&id).map(Arc::make_mut) {
+                Some(dev) => {
+                    if dev.attrs != record.attrs {
+                        dev.attrs = record.attrs.clone();
+                        updated += 1;
+                        changed.push(id.clone());
+                    }
+                    dev.registered_by = record.registered_by.clone();
+                }
+                None => {
+                    self.devices.insert(id.clone(), record);
+                    self.to_reconcile.insert(id.clone());
+                    new += 1;
+                    changed.push(id.clone());
+                }
+            }
+            self.dirty.insert(id);
+        }
+        self.recompute_desired(changed);
+        (new, updated)
+    }
+
     /// Marks exactly `revoked` (device ids) as revoked among the devices
     /// the registry holds.
     pub fn set_revoked(&mut self, revoked: &HashSet<String>) {
@@ -613,25 +622,6 @@ impl Fleet {
                 self.dirty.insert(id.clone());
             }
         }
-    }
-
-    /// Changes the attributes of these devices; returns how many changed.
-    pub fn label(&mut self, ids: &[String], change: &LabelChange) -> usize {
-        let mut changed = Vec::new();
-        for id in ids {
-            let Some(dev) = self.devices.get_mut(id).map(Arc::make_mut) else {
-                continue;
-            };
-            let before = dev.attrs.clone();
-            change.apply_to(&mut dev.attrs);
-            if dev.attrs != before {
-                changed.push(id.clone());
-                self.dirty.insert(id.clone());
-            }
-        }
-        let n = changed.len();
-        self.recompute_desired(changed);
-        n
     }
 
     /// Removes a stored document (already durable). The keys it set leave

@@ -113,11 +113,9 @@ async fn two_hundred_mixed_devices_converge_even_when_some_reboot_mid_change() {
     }
 
     // Selectors match the registry: the installer registers what it installed.
-    for chunk in fleet.manifest().chunks(250) {
-        op.query("register", json!({"devices": chunk}))
-            .await
-            .expect("register");
-    }
+    op.register(&fleet.manifest(), 250, |_| {})
+        .await
+        .expect("register");
     for doc in [
         json!({"name": "baseline", "target": {"all": true}, "state": {"maintenance_window": "02:00-04:00"}}),
         json!({"name": "dim", "target": {"class": "streetlight"}, "priority": 5, "state": {"dimming": 40}}),

@@ -165,17 +165,17 @@ pub(super) async fn run(
                         .filter(|d| d.revoked)
                         .map(|d| d.id.clone())
                         .collect();
-                    let (new, updated) = fleet.register(
-                        devices.into_iter().map(|d| Registration {
+                    let entries: Vec<Registration> = devices
+                        .into_iter()
+                        .map(|d| Registration {
                             id: d.id,
                             class: d.attributes.class,
                             labels: d.attributes.labels,
                             owner: d.attributes.owner,
-                        }),
-                        fleet::FROM_PKI,
-                        Overwrite::Never,
-                        now,
-                    );
+                        })
+                        .collect();
+                    let (new, updated) =
+                        fleet.register(&entries, fleet::FROM_PKI, Overwrite::Never, now);
                     fleet.set_revoked(&revoked);
                     if new + updated > 0 {
                         tracing::info!(

@@ -152,7 +152,7 @@ async fn operator_write(
                     .map_err(|e| Rejection::new("bad_id", format!("{:?}: {e}", r.id)))?;
                 check_attributes(&r.attributes())?;
             }
-            let records = fleet.registered_records(&req.devices, who, now);
+            let records = fleet.registered_records(&req.devices, who, Overwrite::Always, now);
             let audit = fleet.audit_entry(
                 who,
                 "register",
@@ -160,8 +160,8 @@ async fn operator_write(
                 &format!("accepted, {} records written", records.len()),
                 now,
             );
-            commit_records(store, records, audit).await?;
-            let (new, updated) = fleet.register(req.devices, who, Overwrite::Always, now);
+            commit_records(store, records.clone(), audit).await?;
+            let (new, updated) = fleet.apply_registry(records);
             tracing::info!(operator = who, new, updated, "devices registered");
             Ok(json!({"registered": new, "updated": updated, "total": fleet.devices.len()}))
         }
@@ -211,8 +211,8 @@ async fn operator_write(
                 &format!("accepted, {} changed", records.len()),
                 now,
             );
-            commit_records(store, records, audit).await?;
-            let changed = fleet.label(&ids, &req.change);
+            commit_records(store, records.clone(), audit).await?;
+            let (_, changed) = fleet.apply_registry(records);
             Ok(json!({"matched": ids.len(), "changed": changed}))
         }
         "delete-document" => {
