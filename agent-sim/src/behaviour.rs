@@ -528,6 +528,7 @@ mod tests {
             id: id.into(),
             generation,
             state,
+            release: None,
         }
     }
 

@@ -935,6 +935,7 @@ fn command_message(device: &str, cmd: &Inflight) -> Outgoing {
         id: cmd.id.clone(),
         generation: cmd.generation,
         state: cmd.state.clone(),
+        release: None,
     };
     Outgoing {
         topic: topics::commands(device),

@@ -2,6 +2,7 @@
 //! [`Role`]), how identities are spelled ([`validate_id`]) and which topics exist
 //! ([`topics`]). Only this crate builds topic strings.
 
+pub mod firmware;
 mod identity;
 pub mod messages;
 pub mod topics;

@@ -33,6 +33,9 @@ pub struct Command {
     pub id: String,
     pub generation: u64,
     pub state: State,
+    /// The signed release to install, when `state` sets `firmware`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<crate::firmware::SignedRelease>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

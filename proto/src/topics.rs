@@ -23,6 +23,20 @@ pub fn commands(device: &str) -> String {
     format!("{DEVICES}/{device}/commands")
 }
 
+/// A device asks for image bytes here (answered by the broker's edge).
+pub fn fetch(device: &str) -> String {
+    format!("{DEVICES}/{device}/fetch")
+}
+
+/// Image bytes for a device (published by the broker's edge, QoS 0).
+pub fn blob(device: &str) -> String {
+    format!("{DEVICES}/{device}/blob")
+}
+
+/// The leaf a device asks for image chunks on, and the one they come on.
+pub const DEVICE_FETCH_LEAF: &str = "fetch";
+pub const DEVICE_BLOB_LEAF: &str = "blob";
+
 /// The per-device leaves a device may publish to.
 pub const DEVICE_PUBLISH_LEAVES: [&str; 3] = ["reported", "telemetry", "acks"];
 /// The leaf a device's will must use.
