@@ -35,6 +35,7 @@
 
 pub mod client_tls;
 mod error;
+pub mod firmware;
 mod fsutil;
 mod issued;
 mod peer;

@@ -98,8 +98,8 @@ pub fn decode_blob(payload: &[u8]) -> Result<(BlobHeader, &[u8]), String> {
         .iter()
         .position(|b| *b == b'\n')
         .ok_or("blob without a header line")?;
-    let header: BlobHeader = serde_json::from_slice(&payload[..split])
-        .map_err(|e| format!("bad blob header: {e}"))?;
+    let header: BlobHeader =
+        serde_json::from_slice(&payload[..split]).map_err(|e| format!("bad blob header: {e}"))?;
     Ok((header, &payload[split + 1..]))
 }
 
@@ -161,10 +161,9 @@ mod tests {
 
     #[test]
     fn a_manifest_defaults_to_fetching_over_mqtt() {
-        let m: ReleaseManifest = serde_json::from_str(
-            r#"{"version":"1.0.0","models":["m"],"size":1,"sha256":"00"}"#,
-        )
-        .unwrap();
+        let m: ReleaseManifest =
+            serde_json::from_str(r#"{"version":"1.0.0","models":["m"],"size":1,"sha256":"00"}"#)
+                .unwrap();
         assert_eq!(m.fetch, "mqtt");
         assert!(!m.downgrade);
         assert!(serde_json::from_str::<ReleaseManifest>(r#"["1.0.0"]"#).is_err());
