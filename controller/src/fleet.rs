@@ -14,13 +14,18 @@ use cityplane_proto::topics;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::delta::{delta, merge, selects};
+use crate::delta::{delta, merge, selects, Layer};
 use crate::input::{self, InputLimits, Rejection};
 use crate::model::{
-    rfc3339, AuditEntry, DeviceRecord, DocRecord, DocVersion, Inflight, Millis, DOC_HISTORY,
+    rfc3339, AuditEntry, DeviceRecord, DocRecord, DocVersion, Inflight, Millis, ReleaseRecord,
+    DOC_HISTORY,
 };
 use crate::reconcile::{reconcile, Action, RetryPolicy};
+use crate::rollout::{RolloutRecord, Stage};
 use crate::store::Changes;
+
+mod rollouts;
+pub use rollouts::Control;
 
 /// A message for the transport to publish once the changes behind it are durable.
 #[derive(Debug, Clone, PartialEq)]
@@ -178,6 +183,11 @@ pub struct Fleet {
     /// Devices touched since the last reconcile (a subset of what the next
     /// commit writes: with pipelined commits, one commit spans many turns).
     to_reconcile: HashSet<String>,
+    pub rollouts: BTreeMap<String, RolloutRecord>,
+    /// Published firmware, by version: attached to commands that set it.
+    pub releases: BTreeMap<String, ReleaseRecord>,
+    /// Rollout records changed since the last commit.
+    dirty_rollouts: HashSet<String>,
 }
 
 impl Fleet {
@@ -207,6 +217,9 @@ impl Fleet {
             next_command: 0,
             dirty: HashSet::new(),
             to_reconcile: HashSet::new(),
+            rollouts: BTreeMap::new(),
+            releases: BTreeMap::new(),
+            dirty_rollouts: HashSet::new(),
         };
         // After a restart nobody is known to be online until they say so;
         // in-flight commands stay and are re-sent (same id) when they return.
@@ -328,6 +341,7 @@ impl Fleet {
         let dev = self.device(id, now);
         dev.last_seen = now;
         if presence.online && !dev.online {
+            dev.connects += 1;
             // Back online (or rebooted): re-drive anything that failed, and
             // re-send what was in flight now (same id: a device that already
             // applied it ignores the copy) instead of waiting for a timeout.
@@ -365,7 +379,25 @@ impl Fleet {
                 .chain(selecting)
                 .filter_map(|name| self.docs.get(name))
                 .map(DocRecord::layer);
-            let desired = merge(layers);
+            // A rollout is a layer of the devices it admitted; a rollback
+            // is the lowest layer, so any document setting the key wins.
+            let rollout_layers = dev.rollouts.iter().filter_map(|(name, entry)| {
+                let r = self.rollouts.get(name)?;
+                match entry.stage {
+                    Stage::Admitted => Some(Layer {
+                        priority: r.spec.priority,
+                        seq: r.seq,
+                        state: &r.patch,
+                    }),
+                    Stage::RolledBack => Some(Layer {
+                        priority: i64::MIN,
+                        seq: r.seq,
+                        state: &entry.previous,
+                    }),
+                    Stage::Queued | Stage::Cancelled => None,
+                }
+            });
+            let desired = merge(layers.chain(rollout_layers));
             if desired != dev.desired {
                 self.seq += 1;
                 let seq = self.seq;
@@ -783,7 +815,7 @@ impl Fleet {
                     attempt: 1,
                 };
                 dev.log_command(&cmd.id, cmd.generation, now, "sent");
-                out.push(command_message(id, &cmd));
+                out.push(command_message(id, &cmd, &self.releases));
                 self.timers.push(Reverse((
                     now + self.policy.command_timeout.as_millis() as u64,
                     id.to_owned(),
@@ -796,7 +828,7 @@ impl Fleet {
                     cmd.attempt += 1;
                     cmd.sent_at = now;
                     let (cid, generation, attempt) = (cmd.id.clone(), cmd.generation, cmd.attempt);
-                    out.push(command_message(id, cmd));
+                    out.push(command_message(id, cmd, &self.releases));
                     dev.log_command(
                         &cid,
                         generation,
@@ -930,12 +962,25 @@ fn update_conditions(dev: &mut DeviceRecord, now: Millis) {
     );
 }
 
-fn command_message(device: &str, cmd: &Inflight) -> Outgoing {
+/// The command for `cmd`; one that sets `firmware` carries the signed
+/// release of that version (none published: the device refuses it as
+/// unsigned, which is what a release nobody signed deserves).
+fn command_message(
+    device: &str,
+    cmd: &Inflight,
+    releases: &BTreeMap<String, ReleaseRecord>,
+) -> Outgoing {
+    let release = cmd
+        .state
+        .get(crate::rollout::FIRMWARE_KEY)
+        .and_then(Value::as_str)
+        .and_then(|v| releases.get(v))
+        .map(|r| r.release.clone());
     let body = messages::Command {
         id: cmd.id.clone(),
         generation: cmd.generation,
         state: cmd.state.clone(),
-        release: None,
+        release,
     };
     Outgoing {
         topic: topics::commands(device),

@@ -4,6 +4,8 @@
 //! - [`delta`]: desired-state arithmetic (merge by priority, delta).
 //! - [`reconcile`]: the pure decision for one device.
 //! - [`fleet`]: in-memory fleet state and its transitions (no I/O).
+//! - [`rollout`]: rollouts' spec, records and pure decisions (waves, gates, abort).
+//! - [`window`]: maintenance windows in a named time zone.
 //! - [`store`]: sled behind a small interface, durable commits.
 //! - [`runtime`]: the event loop wired to the broker.
 
@@ -12,7 +14,9 @@ pub mod fleet;
 pub mod input;
 pub mod model;
 pub mod reconcile;
+pub mod rollout;
 pub mod runtime;
 pub mod store;
+pub mod window;
 
 pub use runtime::{Controller, ControllerConfig, ControllerError};

@@ -1,6 +1,6 @@
 //! What the controller stores, per device and per desired document.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 use cityplane_proto::messages::{Attributes, State, Target};
 use serde::{Deserialize, Serialize};
@@ -135,6 +135,12 @@ pub struct DeviceRecord {
     pub drift_count: u64,
     pub conditions: Vec<Condition>,
     pub recent_commands: VecDeque<CommandLog>,
+    /// Times it came online (a reboot loop shows as many).
+    #[serde(default)]
+    pub connects: u64,
+    /// Its part in each rollout that reached it (by rollout name).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rollouts: BTreeMap<String, crate::rollout::DeviceRollout>,
 }
 
 pub const RECENT_COMMANDS: usize = 10;
@@ -199,6 +205,20 @@ impl DeviceRecord {
             }),
         }
     }
+}
+
+/// A published firmware release: the signed manifest as the signer made it
+/// (devices verify it; the controller only checks the image matches its
+/// size and SHA-256), the image stored as `firmware/<sha256>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReleaseRecord {
+    pub version: String,
+    pub release: cityplane_proto::firmware::SignedRelease,
+    pub models: Vec<String>,
+    pub size: u64,
+    pub sha256: String,
+    pub published_by: String,
+    pub published_at: Millis,
 }
 
 /// One line of the append-only audit log.

@@ -7,6 +7,10 @@
 //!   status, in-flight command = the outbox)
 //! - `audit`:   sequence (u64 big-endian) → `AuditEntry`, append-only
 //! - `meta`:    `"seq"`                  → last global sequence (u64 BE)
+//! - `rollouts`: rollout name            → `RolloutRecord` (each device's
+//!   part in a rollout is in its `DeviceRecord`, written in the same commits)
+//! - `releases`: firmware version        → `ReleaseRecord` (the image is the
+//!   file `firmware/<sha256>` next to the database, fsynced before this)
 //!
 //! Durability: sled's `flush()` is not durable against power loss on Linux
 //! (it uses `sync_file_range` and never fsyncs its directory). After every
@@ -22,7 +26,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sled::Transactional;
 
-use crate::model::{AuditEntry, DeviceRecord, DocRecord};
+use crate::model::{AuditEntry, DeviceRecord, DocRecord, ReleaseRecord};
+use crate::rollout::RolloutRecord;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -72,6 +77,8 @@ pub struct Changes {
     pub devices: Vec<Arc<DeviceRecord>>,
     pub audit: Vec<AuditEntry>,
     pub seq: Option<u64>,
+    pub rollouts: Vec<RolloutRecord>,
+    pub releases: Vec<ReleaseRecord>,
 }
 
 impl Changes {
@@ -81,6 +88,8 @@ impl Changes {
             && self.devices.is_empty()
             && self.audit.is_empty()
             && self.seq.is_none()
+            && self.rollouts.is_empty()
+            && self.releases.is_empty()
     }
 }
 
@@ -148,6 +157,8 @@ struct Engine {
     devices: sled::Tree,
     audit: sled::Tree,
     meta: sled::Tree,
+    rollouts: sled::Tree,
+    releases: sled::Tree,
     /// sled's data file, fsynced after each commit.
     data_file: File,
 }
@@ -156,6 +167,8 @@ struct Engine {
 pub struct Loaded {
     pub docs: Vec<DocRecord>,
     pub devices: Vec<DeviceRecord>,
+    pub rollouts: Vec<RolloutRecord>,
+    pub releases: Vec<ReleaseRecord>,
     pub seq: u64,
     pub audit_len: usize,
     /// The highest audit sequence stored (the audit may have gaps).
@@ -198,6 +211,8 @@ impl Engine {
             devices: db.open_tree("devices")?,
             audit: db.open_tree("audit")?,
             meta: db.open_tree("meta")?,
+            rollouts: db.open_tree("rollouts")?,
+            releases: db.open_tree("releases")?,
             data_file: File::open(path.join("db"))?,
             db,
         };
@@ -226,6 +241,8 @@ struct Encoded {
     deleted_docs: Vec<Vec<u8>>,
     devices: Vec<(Vec<u8>, Vec<u8>)>,
     audit: Vec<(Vec<u8>, Vec<u8>)>,
+    rollouts: Vec<(Vec<u8>, Vec<u8>)>,
+    releases: Vec<(Vec<u8>, Vec<u8>)>,
     /// Kept for the in-memory audit tail.
     audit_entries: Vec<AuditEntry>,
     seq: Option<u64>,
@@ -248,10 +265,22 @@ impl Encoded {
             .iter()
             .map(|a| (a.seq.to_be_bytes().to_vec(), json(a)))
             .collect();
+        let rollouts: Vec<(Vec<u8>, Vec<u8>)> = changes
+            .rollouts
+            .iter()
+            .map(|r| (r.spec.name.as_bytes().to_vec(), json(r)))
+            .collect();
+        let releases: Vec<(Vec<u8>, Vec<u8>)> = changes
+            .releases
+            .iter()
+            .map(|r| (r.version.as_bytes().to_vec(), json(r)))
+            .collect();
         if let Some((k, v)) = docs
             .iter()
             .chain(&devices)
             .chain(&audit)
+            .chain(&rollouts)
+            .chain(&releases)
             .find(|(_, v)| v.len() > MAX_RECORD)
         {
             return Err(StoreError::Transaction(format!(
@@ -269,6 +298,8 @@ impl Encoded {
                 .collect(),
             devices,
             audit,
+            rollouts,
+            releases,
             audit_entries: changes.audit.clone(),
             seq: changes.seq,
         })
@@ -336,6 +367,8 @@ impl Store {
         self.with(|e| {
             let docs = read_all(&e.docs, "docs")?;
             let devices = read_all(&e.devices, "devices")?;
+            let rollouts: Vec<RolloutRecord> = read_all(&e.rollouts, "rollouts")?;
+            let releases = read_all(&e.releases, "releases")?;
             // Belt and braces: the sequence also covers every generation
             // already handed out, should `meta` ever lag the records.
             let seq = e.meta.get("seq")?.map(|v| decode_u64(&v)).unwrap_or(0);
@@ -343,11 +376,14 @@ impl Store {
                 .iter()
                 .map(|d: &DeviceRecord| d.desired_generation)
                 .chain(docs.iter().map(|d: &DocRecord| d.seq))
+                .chain(rollouts.iter().map(|r| r.seq))
                 .fold(seq, u64::max);
             let audit_last = e.audit.last()?.map_or(0, |(k, _)| decode_u64(&k));
             Ok(Loaded {
                 docs,
                 devices,
+                rollouts,
+                releases,
                 seq,
                 audit_len: e.audit.len(),
                 audit_last,
@@ -384,6 +420,8 @@ impl Store {
             deleted_docs,
             devices,
             audit,
+            rollouts,
+            releases,
             audit_entries,
             seq,
         } = encoded;
@@ -409,31 +447,46 @@ impl Store {
             // `apply_batch` was ~10 % cheaper in CPU, but kept superseded
             // values in memory (100,000 devices: RSS 1.6 GiB after 3 updates
             // each, 3.3 GiB after 8; transactions: 0.9 and 1.0 GiB).
-            (&e.docs, &e.devices, &e.audit, &e.meta)
-                .transaction(|(docs_t, devices_t, audit_t, meta_t)| {
-                    for (k, v) in &restored {
-                        match v {
-                            Some(v) => docs_t.insert(k.as_slice(), v.as_slice())?,
-                            None => docs_t.remove(k.as_slice())?,
-                        };
-                    }
-                    for (k, v) in &docs {
-                        docs_t.insert(k.as_slice(), v.as_slice())?;
-                    }
-                    for k in &deleted_docs {
-                        docs_t.remove(k.as_slice())?;
-                    }
-                    for (k, v) in &devices {
-                        devices_t.insert(k.as_slice(), v.as_slice())?;
-                    }
-                    for (k, v) in &audit {
-                        audit_t.insert(k.as_slice(), v.as_slice())?;
-                    }
-                    if let Some(seq) = seq {
-                        meta_t.insert("seq", &seq.to_be_bytes())?;
-                    }
-                    Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
-                })
+            (
+                &e.docs,
+                &e.devices,
+                &e.audit,
+                &e.meta,
+                &e.rollouts,
+                &e.releases,
+            )
+                .transaction(
+                    |(docs_t, devices_t, audit_t, meta_t, rollouts_t, releases_t)| {
+                        for (k, v) in &restored {
+                            match v {
+                                Some(v) => docs_t.insert(k.as_slice(), v.as_slice())?,
+                                None => docs_t.remove(k.as_slice())?,
+                            };
+                        }
+                        for (k, v) in &docs {
+                            docs_t.insert(k.as_slice(), v.as_slice())?;
+                        }
+                        for k in &deleted_docs {
+                            docs_t.remove(k.as_slice())?;
+                        }
+                        for (k, v) in &devices {
+                            devices_t.insert(k.as_slice(), v.as_slice())?;
+                        }
+                        for (k, v) in &audit {
+                            audit_t.insert(k.as_slice(), v.as_slice())?;
+                        }
+                        for (k, v) in &rollouts {
+                            rollouts_t.insert(k.as_slice(), v.as_slice())?;
+                        }
+                        for (k, v) in &releases {
+                            releases_t.insert(k.as_slice(), v.as_slice())?;
+                        }
+                        if let Some(seq) = seq {
+                            meta_t.insert("seq", &seq.to_be_bytes())?;
+                        }
+                        Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+                    },
+                )
                 .map_err(|e| match e {
                     sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
                     other => StoreError::Transaction(format!("{other:?}")),

@@ -23,6 +23,8 @@ impl Held {
 struct CommitInFlight {
     /// The ids of the device records written, and the outcome.
     task: JoinHandle<(Vec<String>, Result<(), StoreError>)>,
+    /// The rollout records written (written again if the commit fails).
+    rollouts: Vec<String>,
     held: Held,
 }
 
@@ -53,6 +55,9 @@ pub(super) async fn run(
     let mut known_device = known_devices(config.pki.clone());
     let mut status_tick = tokio::time::interval(config.status_every);
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rollout_tick = tokio::time::interval(config.rollout_every);
+    rollout_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut uploads = super::firmware::Uploads::new(config.firmware_dir());
     let mut last_summary = None;
     let mut in_flight: Option<CommitInFlight> = None;
     let mut held = Held::default();
@@ -78,7 +83,10 @@ pub(super) async fn run(
                     None => std::future::pending().await,
                 }
             } => {
-                let held = in_flight.take().map(|c| c.held).unwrap_or_default();
+                let (held, rollouts) = in_flight
+                    .take()
+                    .map(|c| (c.held, c.rollouts))
+                    .unwrap_or_default();
                 let (written, result) = match done {
                     Ok(pair) => pair,
                     Err(e) => (
@@ -91,6 +99,7 @@ pub(super) async fn run(
                     Err(e) => {
                         tracing::error!(error = %e, disk_full = e.is_disk_full(), "commit failed; holding changes and commands until storage works again");
                         fleet.mark_dirty(written);
+                        fleet.mark_rollouts_dirty(rollouts);
                         // Commands are not sent before their record is durable;
                         // the timers re-send them once a commit succeeds.
                         fleet.commands_not_sent(
@@ -124,6 +133,11 @@ pub(super) async fn run(
                     last_summary = Some(summary);
                 }
             }
+            _ = rollout_tick.tick() => {
+                if !fleet.rollouts.is_empty() {
+                    fleet.step_rollouts(clock.now());
+                }
+            }
             _ = shutdown.changed() => stop = true,
         }
         if stop {
@@ -152,7 +166,7 @@ pub(super) async fn run(
                     // document that changes 50,000 devices, writes them all).
                     let write = topics::desired_name(&msg.topic).is_some()
                         || topics::ops_verb(&msg.topic).is_some_and(|v| WRITE_VERBS.contains(&v));
-                    let answers = handle_operator(&mut fleet, &store, msg, now).await;
+                    let answers = handle_operator(&mut fleet, &store, &mut uploads, msg, now).await;
                     if write {
                         send_all(&out, answers).await;
                     } else {
@@ -195,14 +209,21 @@ pub(super) async fn run(
             continue;
         }
         retry_commit_at = None;
-        if fleet.has_dirty() {
+        if fleet.has_dirty() || fleet.has_dirty_rollouts() {
             let changes = Changes {
                 devices: fleet.take_dirty(),
+                rollouts: fleet.take_dirty_rollouts(),
                 seq: Some(fleet.seq),
                 ..Default::default()
             };
             let store = store.clone();
+            let rollouts = changes
+                .rollouts
+                .iter()
+                .map(|r| r.spec.name.clone())
+                .collect();
             in_flight = Some(CommitInFlight {
+                rollouts,
                 task: tokio::task::spawn_blocking(move || store.commit_owned(changes)),
                 held: std::mem::take(&mut held),
             });
@@ -237,6 +258,7 @@ async fn finish(
     }
     let changes = Changes {
         devices: fleet.take_dirty(),
+        rollouts: fleet.take_dirty_rollouts(),
         seq: Some(fleet.seq),
         ..Default::default()
     };

@@ -47,6 +47,8 @@ pub struct ControllerConfig {
     pub max_batch: usize,
     /// Tests only: holds or fails commits (see [`CommitGate`]).
     pub commit_gate: Option<CommitGate>,
+    /// How often rollouts are stepped (devices admitted, waves gated).
+    pub rollout_every: Duration,
 }
 
 impl ControllerConfig {
@@ -61,8 +63,20 @@ impl ControllerConfig {
             status_every: Duration::from_secs(1),
             max_batch: 2048,
             commit_gate: None,
+            rollout_every: Duration::from_secs(1),
         }
     }
+
+    /// Where published firmware images are kept (the broker serves them
+    /// from there): `firmware/` in the data directory.
+    pub fn firmware_dir(&self) -> PathBuf {
+        firmware_dir(&self.data)
+    }
+}
+
+/// `firmware/` in a controller's data directory.
+pub fn firmware_dir(data: &std::path::Path) -> PathBuf {
+    data.join("firmware")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,7 +131,7 @@ impl Controller {
             data = %config.data.display(),
             "controller state loaded"
         );
-        let fleet = Fleet::new(
+        let mut fleet = Fleet::new(
             loaded.docs,
             loaded.devices,
             loaded.seq,
@@ -126,6 +140,7 @@ impl Controller {
             config.input,
             format!("{:x}", now_ms()),
         );
+        fleet.restore_rollouts(loaded.rollouts, loaded.releases);
 
         const LEAVES: [&str; 3] = ["reported", "acks", "presence"];
         let filters: Vec<String> = LEAVES
@@ -232,6 +247,7 @@ fn known_devices(pki: Option<std::path::PathBuf>) -> Box<dyn FnMut(&str) -> bool
 }
 
 mod event_loop;
+mod firmware;
 mod operator;
 mod wiring;
 

@@ -2,7 +2,10 @@
 //! queries, and registry writes (committed and audited before answered).
 
 use super::event_loop::commit;
+use super::firmware::{publish_chunk, releases, Uploads};
 use super::*;
+use crate::fleet::Control;
+use crate::rollout::RolloutSpec;
 use cityplane_proto::messages::Response;
 
 /// Like every body, a JSON object only (see `cityplane_proto::messages`).
@@ -25,6 +28,9 @@ struct Query {
     /// `dry-run`: the document an `apply` would send.
     #[serde(default)]
     document: Option<Value>,
+    /// `rollout-devices`: only devices with this status.
+    #[serde(default)]
+    status: Option<String>,
 }
 
 /// `register`: a provisioning manifest (or part of one).
@@ -60,11 +66,37 @@ struct DeleteRequest {
     if_generation: Option<u64>,
 }
 
-cityplane_proto::object_only!(Query, RegisterRequest, LabelRequest, DeleteRequest);
+/// `rollout-pause`, `rollout-resume`, `rollout-abort`.
+#[derive(Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
+struct RolloutControl {
+    #[serde(default, rename = "request_id")]
+    _request_id: Option<String>,
+    name: String,
+    #[serde(default)]
+    reason: String,
+}
+
+cityplane_proto::object_only!(
+    Query,
+    RegisterRequest,
+    LabelRequest,
+    DeleteRequest,
+    RolloutControl
+);
 
 /// Verbs on `fleet/ops/` that change state: committed before answered, and
 /// audited (refusals too).
-pub(super) const WRITE_VERBS: [&str; 3] = ["register", "label", "delete-document"];
+pub(super) const WRITE_VERBS: [&str; 8] = [
+    "register",
+    "label",
+    "delete-document",
+    "rollout-create",
+    "rollout-pause",
+    "rollout-resume",
+    "rollout-abort",
+    "publish-firmware",
+];
 
 /// Longest class, owner, label key or value the registry takes.
 const MAX_ATTRIBUTE: usize = 128;
@@ -139,12 +171,64 @@ fn storage_rejection(e: &StoreError) -> Rejection {
 async fn operator_write(
     fleet: &mut Fleet,
     store: &Arc<Store>,
+    uploads: &mut Uploads,
     who: &str,
     verb: &str,
     payload: &[u8],
     now: Millis,
 ) -> Result<Value, Rejection> {
     match verb {
+        "publish-firmware" => publish_chunk(fleet, store, uploads, who, payload, now).await,
+        "rollout-create" => {
+            let spec = input::parse::<RolloutSpec>(payload, fleet.limits)?;
+            let (record, devices) = fleet.plan_rollout(spec, who, now)?;
+            let name = record.spec.name.clone();
+            let sizes = record.wave_sizes.clone();
+            let audit = fleet.audit_entry(
+                who,
+                verb,
+                &name,
+                &format!("accepted, {} devices in waves of {sizes:?}", devices.len()),
+                now,
+            );
+            let changes = Changes {
+                devices: devices.clone(),
+                rollouts: vec![record.clone()],
+                audit: vec![audit],
+                seq: Some(record.seq),
+                ..Default::default()
+            };
+            commit_write(store, changes).await?;
+            let total = devices.len();
+            fleet.apply_rollout(record, devices);
+            tracing::info!(operator = who, rollout = %name, devices = total, "rollout created");
+            Ok(json!({"name": name, "devices": total, "waves": sizes}))
+        }
+        "rollout-pause" | "rollout-resume" | "rollout-abort" => {
+            let req = input::parse::<RolloutControl>(payload, fleet.limits)?;
+            let control =
+                Control::parse(verb).ok_or_else(|| Rejection::new("unknown_verb", verb))?;
+            let (record, devices) =
+                fleet.control_rollout(&req.name, control, who, &req.reason, now)?;
+            let phase = record.phase;
+            let audit = fleet.audit_entry(
+                who,
+                verb,
+                &req.name,
+                &format!("accepted, now {phase:?}"),
+                now,
+            );
+            let changes = Changes {
+                devices: devices.clone(),
+                rollouts: vec![record.clone()],
+                audit: vec![audit],
+                ..Default::default()
+            };
+            commit_write(store, changes).await?;
+            fleet.apply_rollout_change(record, devices);
+            tracing::info!(operator = who, rollout = %req.name, ?phase, "rollout {verb}");
+            Ok(json!({"name": req.name, "phase": phase}))
+        }
         "register" => {
             let req = input::parse::<RegisterRequest>(payload, fleet.limits)?;
             for r in &req.devices {
@@ -270,6 +354,7 @@ async fn operator_write(
 pub(super) async fn handle_operator(
     fleet: &mut Fleet,
     store: &Arc<Store>,
+    uploads: &mut Uploads,
     msg: OperatorMessage,
     now: u64,
 ) -> Vec<Outgoing> {
@@ -334,7 +419,8 @@ pub(super) async fn handle_operator(
         let verb = verb.to_owned();
         let rid = fleet::request_id_of(&msg.payload).unwrap_or_else(|| verb.clone());
         let result = if WRITE_VERBS.contains(&verb.as_str()) {
-            let result = operator_write(fleet, store, &who, &verb, &msg.payload, now).await;
+            let result =
+                operator_write(fleet, store, uploads, &who, &verb, &msg.payload, now).await;
             if let Err(r) = &result {
                 if r.code != "storage_unavailable" {
                     audit_refusal(fleet, store, &who, &verb, r, now).await;
@@ -343,7 +429,7 @@ pub(super) async fn handle_operator(
             result
         } else {
             input::parse::<Query>(&msg.payload, fleet.limits)
-                .and_then(|q| answer(fleet, store, &who, &verb, q))
+                .and_then(|q| answer(fleet, store, &who, &verb, q, now))
         };
         let response = match result {
             Ok(result) => Response::Ok {
@@ -393,8 +479,26 @@ fn answer(
     who: &str,
     verb: &str,
     q: Query,
+    now: Millis,
 ) -> Result<Value, Rejection> {
+    let name_of = |q: &Query| {
+        q.name
+            .clone()
+            .ok_or_else(|| Rejection::new("bad_schema", format!("{verb} needs \"name\"")))
+    };
     match verb {
+        "get-rollouts" => {
+            let rows = fleet.rollout_rows();
+            Ok(json!({"total": rows.len(), "rollouts": rows}))
+        }
+        "rollout-status" => fleet.rollout_status(&name_of(&q)?, now),
+        "rollout-devices" => fleet.rollout_devices(
+            &name_of(&q)?,
+            q.status.as_deref(),
+            q.offset.unwrap_or(0),
+            q.limit.unwrap_or(500).min(2000),
+        ),
+        "get-releases" => Ok(releases(fleet)),
         "get-documents" => {
             let docs: Vec<Value> = fleet
                 .docs
@@ -487,7 +591,9 @@ fn answer(
             "unknown_verb",
             format!(
                 "unknown operation {other:?}; expected status, get-devices, describe, audit, \
-                 get-documents, describe-document, dry-run, register, label or delete-document"
+                 get-documents, describe-document, dry-run, get-rollouts, rollout-status, \
+                 rollout-devices, get-releases, register, label, delete-document, rollout-create, \
+                 rollout-pause, rollout-resume, rollout-abort or publish-firmware"
             ),
         )),
     }

@@ -1,0 +1,831 @@
+//! Rollouts on the fleet: planning one (validated, its waves spread over a
+//! label), operator controls, the periodic step that admits devices, gates
+//! waves and aborts, and the views `rollout status` and `rollout devices`
+//! read. Decisions over one device are in [`crate::rollout`].
+
+use super::*;
+use crate::rollout::{
+    check_spec, count, device_status, failure_is, holds, spread_order, wave_sizes, Counts,
+    DeviceRollout, DeviceStatus, Phase, RolloutSpec, FIRMWARE_KEY,
+};
+
+/// What an operator does to a rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Pause,
+    Resume,
+    Abort,
+}
+
+impl Control {
+    pub fn parse(verb: &str) -> Option<Control> {
+        match verb {
+            "rollout-pause" => Some(Control::Pause),
+            "rollout-resume" => Some(Control::Resume),
+            "rollout-abort" => Some(Control::Abort),
+            _ => None,
+        }
+    }
+}
+
+/// Per device of a rollout: (id, its entry, its status, why).
+type Member<'a> = (
+    &'a DeviceRecord,
+    &'a DeviceRollout,
+    DeviceStatus,
+    Option<String>,
+);
+
+impl Fleet {
+    /// Rollouts and releases from the store; desired state is derived again
+    /// with their layers (a rollout step may have been committed just
+    /// before a crash, before the device records it changed).
+    pub fn restore_rollouts(&mut self, rollouts: Vec<RolloutRecord>, releases: Vec<ReleaseRecord>) {
+        self.rollouts = rollouts
+            .into_iter()
+            .map(|r| (r.spec.name.clone(), r))
+            .collect();
+        self.releases = releases
+            .into_iter()
+            .map(|r| (r.version.clone(), r))
+            .collect();
+        let ids: Vec<String> = self.devices.keys().cloned().collect();
+        self.recompute_desired(ids);
+    }
+
+    /// A release made durable: later commands setting its version carry it.
+    pub fn add_release(&mut self, release: ReleaseRecord) {
+        self.releases.insert(release.version.clone(), release);
+    }
+
+    fn members<'a>(&'a self, r: &'a RolloutRecord) -> impl Iterator<Item = Member<'a>> + 'a {
+        let name = r.spec.name.as_str();
+        self.devices.values().filter_map(move |d| {
+            let entry = d.rollouts.get(name)?;
+            let (status, why) = device_status(d, entry, r);
+            Some((&**d, entry, status, why))
+        })
+    }
+
+    /// Validates a rollout and plans it: which devices, in which wave.
+    /// Nothing changes until [`Fleet::apply_rollout`] after the commit.
+    pub fn plan_rollout(
+        &self,
+        spec: RolloutSpec,
+        who: &str,
+        now: Millis,
+    ) -> Result<(RolloutRecord, Vec<Arc<DeviceRecord>>), Rejection> {
+        let patch = check_spec(&spec, |v| self.releases.contains_key(v))?;
+        if let Some(old) = self.rollouts.get(&spec.name) {
+            return Err(Rejection::new(
+                "conflict",
+                format!(
+                    "a rollout named {:?} exists ({:?}); pick another name",
+                    spec.name, old.phase
+                ),
+            ));
+        }
+        let targeted: Vec<&DeviceRecord> = self
+            .targeted(&spec.target)
+            .into_iter()
+            .filter(|d| !d.revoked)
+            .collect();
+        // Two live rollouts may not set the same key on the same device:
+        // which would win would depend on timing.
+        for other in self.rollouts.values().filter(|r| r.phase.is_live()) {
+            let shared: Vec<&String> = other
+                .patch
+                .keys()
+                .filter(|k| patch.contains_key(*k))
+                .collect();
+            if shared.is_empty() {
+                continue;
+            }
+            let overlap: Vec<&str> = targeted
+                .iter()
+                .filter(|d| {
+                    d.rollouts
+                        .get(&other.spec.name)
+                        .is_some_and(|e| matches!(e.stage, Stage::Queued | Stage::Admitted))
+                })
+                .map(|d| d.id.as_str())
+                .collect();
+            if let Some(first) = overlap.first() {
+                return Err(Rejection::new(
+                    "conflict",
+                    format!(
+                        "rollout {:?} ({:?}) holds {} on {} of these devices (e.g. {first}): \
+                         wait for it, or abort it first",
+                        other.spec.name,
+                        other.phase,
+                        shared
+                            .iter()
+                            .map(|k| k.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        overlap.len()
+                    ),
+                ));
+            }
+        }
+        let order = spread_order(&targeted, &spec.spread_by);
+        let sizes = wave_sizes(&spec.waves, order.len());
+        let mut records = Vec::with_capacity(order.len());
+        let mut ids = order.iter();
+        for (wave, size) in sizes.iter().enumerate() {
+            for id in ids.by_ref().take(*size) {
+                let Some(dev) = self.devices.get(id) else {
+                    continue;
+                };
+                let mut dev = (**dev).clone();
+                dev.rollouts.insert(
+                    spec.name.clone(),
+                    DeviceRollout {
+                        wave,
+                        stage: Stage::Queued,
+                        admitted_at: 0,
+                        previous: State::new(),
+                        skipped: false,
+                        failed: None,
+                        succeeded_at: None,
+                        connects_at_success: 0,
+                    },
+                );
+                records.push(Arc::new(dev));
+            }
+        }
+        let mut record = RolloutRecord {
+            patch,
+            seq: self.seq + 1,
+            author: who.to_owned(),
+            created_at: now,
+            phase: Phase::Active,
+            reason: String::new(),
+            wave: 0,
+            wave_sizes: sizes.clone(),
+            wave_started_at: now,
+            soak_from: None,
+            history: Vec::new(),
+            spec,
+        };
+        record.log(
+            now,
+            who,
+            format!(
+                "created: {} devices in waves of {:?}",
+                order.len(),
+                record.wave_sizes
+            ),
+        );
+        Ok((record, records))
+    }
+
+    /// A planned rollout made durable.
+    pub fn apply_rollout(&mut self, record: RolloutRecord, devices: Vec<Arc<DeviceRecord>>) {
+        self.seq = self.seq.max(record.seq);
+        let name = record.spec.name.clone();
+        self.rollouts.insert(name.clone(), record);
+        self.adopt_entries(&name, devices);
+    }
+
+    /// Takes `name`'s entries from `devices` (planned from the records as
+    /// they were) into the live records, which may have changed meanwhile.
+    fn adopt_entries(&mut self, name: &str, devices: Vec<Arc<DeviceRecord>>) {
+        let mut changed = Vec::new();
+        for planned in devices {
+            let Some(entry) = planned.rollouts.get(name) else {
+                continue;
+            };
+            if let Some(dev) = self.devices.get_mut(&planned.id).map(Arc::make_mut) {
+                dev.rollouts.insert(name.to_owned(), entry.clone());
+                self.dirty.insert(planned.id.clone());
+                changed.push(planned.id.clone());
+            }
+        }
+        self.recompute_desired(changed);
+    }
+
+    /// Pause, resume or abort: the new record and the device records it
+    /// changes, for the commit; applied by [`Fleet::apply_rollout_change`].
+    pub fn control_rollout(
+        &self,
+        name: &str,
+        control: Control,
+        who: &str,
+        reason: &str,
+        now: Millis,
+    ) -> Result<(RolloutRecord, Vec<Arc<DeviceRecord>>), Rejection> {
+        let r = self
+            .rollouts
+            .get(name)
+            .ok_or_else(|| Rejection::new("not_found", format!("no rollout named {name:?}")))?;
+        let mut r = r.clone();
+        let why = if reason.is_empty() {
+            String::new()
+        } else {
+            format!(": {reason}")
+        };
+        match (control, r.phase) {
+            (_, Phase::Aborted | Phase::Completed) => Err(Rejection::new(
+                "conflict",
+                format!("rollout {name:?} has ended ({:?})", r.phase),
+            )),
+            (Control::Pause, Phase::Paused) | (Control::Resume, Phase::Active) => {
+                Err(Rejection::new(
+                    "conflict",
+                    format!("rollout {name:?} is already {:?}", r.phase),
+                ))
+            }
+            (Control::Pause, _) => {
+                r.phase = Phase::Paused;
+                r.reason = format!("paused by {who}{why}");
+                r.log(now, who, format!("paused{why}"));
+                Ok((r, Vec::new()))
+            }
+            (Control::Resume, _) => {
+                r.phase = Phase::Active;
+                r.reason.clear();
+                // A halted wave soaks again from now: its health is judged anew.
+                r.soak_from = None;
+                r.log(now, who, format!("resumed{why}"));
+                Ok((r, Vec::new()))
+            }
+            (Control::Abort, _) => {
+                let records =
+                    self.abort_records(&mut r, now, who, &format!("aborted by {who}{why}"));
+                Ok((r, records))
+            }
+        }
+    }
+
+    /// Ends `r` as aborted; the device records that change with it:
+    /// queued devices are cancelled; with `rollback`, every device the
+    /// rollout reached gets back what it had (those already at the target
+    /// before keep it), without, the devices not yet done are cancelled.
+    fn abort_records(
+        &self,
+        r: &mut RolloutRecord,
+        now: Millis,
+        who: &str,
+        reason: &str,
+    ) -> Vec<Arc<DeviceRecord>> {
+        r.phase = Phase::Aborted;
+        r.reason = reason.to_owned();
+        let mut records = Vec::new();
+        let mut rolled = 0;
+        for (dev, entry, status, _) in self.members(r) {
+            let stage = match entry.stage {
+                Stage::Queued => Stage::Cancelled,
+                Stage::Admitted if entry.skipped => continue,
+                Stage::Admitted if r.spec.rollback => {
+                    rolled += 1;
+                    Stage::RolledBack
+                }
+                Stage::Admitted if status.is_success() => continue,
+                Stage::Admitted => Stage::Cancelled,
+                Stage::RolledBack | Stage::Cancelled => continue,
+            };
+            let mut dev = dev.clone();
+            if let Some(e) = dev.rollouts.get_mut(&r.spec.name) {
+                e.stage = stage;
+            }
+            records.push(Arc::new(dev));
+        }
+        let what = if r.spec.rollback {
+            format!("{reason}; rolling back {rolled} devices")
+        } else {
+            reason.to_owned()
+        };
+        r.log(now, who, what);
+        records
+    }
+
+    /// A control made durable.
+    pub fn apply_rollout_change(&mut self, record: RolloutRecord, devices: Vec<Arc<DeviceRecord>>) {
+        let name = record.spec.name.clone();
+        self.rollouts.insert(name.clone(), record);
+        self.adopt_entries(&name, devices);
+    }
+
+    /// Rollout records changed by steps since the last commit.
+    pub fn take_dirty_rollouts(&mut self) -> Vec<RolloutRecord> {
+        self.dirty_rollouts
+            .drain()
+            .filter_map(|n| self.rollouts.get(&n).cloned())
+            .collect()
+    }
+
+    /// Rollout records whose commit failed: the next commit writes them.
+    pub fn mark_rollouts_dirty(&mut self, names: impl IntoIterator<Item = String>) {
+        self.dirty_rollouts.extend(names);
+    }
+
+    pub fn has_dirty_rollouts(&self) -> bool {
+        !self.dirty_rollouts.is_empty()
+    }
+
+    /// Moves every live rollout on (level-triggered: it looks at the
+    /// devices as they are, so a restart simply steps again).
+    pub fn step_rollouts(&mut self, now: Millis) {
+        let live: Vec<String> = self
+            .rollouts
+            .iter()
+            .filter(|(_, r)| r.phase.is_live())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in live {
+            self.step_rollout(&name, now);
+        }
+    }
+
+    fn step_rollout(&mut self, name: &str, now: Millis) {
+        let Some(r) = self.rollouts.get(name).cloned() else {
+            return;
+        };
+        let active = r.phase == Phase::Active;
+        // Devices that joined the target while the rollout runs: into the
+        // wave in progress.
+        if active {
+            let joining: Vec<String> = self
+                .targeted(&r.spec.target)
+                .into_iter()
+                .filter(|d| !d.revoked && !d.rollouts.contains_key(name))
+                .map(|d| d.id.clone())
+                .collect();
+            let wave = r.wave.min(r.wave_sizes.len().saturating_sub(1));
+            for id in joining {
+                if let Some(dev) = self.devices.get_mut(&id).map(Arc::make_mut) {
+                    dev.rollouts.insert(
+                        name.to_owned(),
+                        DeviceRollout {
+                            wave,
+                            stage: Stage::Queued,
+                            admitted_at: 0,
+                            previous: State::new(),
+                            skipped: false,
+                            failed: None,
+                            succeeded_at: None,
+                            connects_at_success: 0,
+                        },
+                    );
+                    self.dirty.insert(id);
+                }
+            }
+        }
+        // Bookkeeping: who succeeded (and when, for the reboot count), whose
+        // failure counts.
+        let mut notes: Vec<(String, Option<Millis>, Option<String>)> = Vec::new();
+        let mut admit: Vec<String> = Vec::new();
+        let window_open = r.spec.window.as_ref().is_none_or(|w| w.is_open(now));
+        for (dev, entry, status, why) in self.members(&r) {
+            match entry.stage {
+                Stage::Admitted => {
+                    if status.is_success() && entry.succeeded_at.is_none() {
+                        notes.push((dev.id.clone(), Some(now), None));
+                    } else if status == DeviceStatus::Failed && entry.failed.is_none() {
+                        notes.push((dev.id.clone(), None, why));
+                    }
+                }
+                Stage::Queued
+                    if active
+                        && window_open
+                        && entry.wave <= r.wave
+                        && r.start_at(&dev.id) <= now =>
+                {
+                    admit.push(dev.id.clone())
+                }
+                _ => {}
+            }
+        }
+        for (id, succeeded, failed) in notes {
+            if let Some(dev) = self.devices.get_mut(&id).map(Arc::make_mut) {
+                let connects = dev.connects;
+                if let Some(e) = dev.rollouts.get_mut(name) {
+                    if succeeded.is_some() {
+                        e.succeeded_at = succeeded;
+                        e.connects_at_success = connects;
+                        e.failed = None;
+                    } else {
+                        e.failed = failed;
+                    }
+                }
+                self.dirty.insert(id);
+            }
+        }
+        for id in &admit {
+            self.admit(&r, id, now);
+        }
+        self.recompute_desired(admit);
+        let Some(r) = self.rollouts.get(name).cloned() else {
+            return;
+        };
+        if let Some(reason) = self.abort_reason(&r) {
+            let mut r = r;
+            let records = self.abort_records(&mut r, now, "controller", &reason);
+            tracing::warn!(rollout = name, %reason, "rollout aborted");
+            self.apply_rollout_change(r, records);
+            self.dirty_rollouts.insert(name.to_owned());
+            return;
+        }
+        if active {
+            if let Some(next) = self.gate(&r, now) {
+                self.rollouts.insert(name.to_owned(), next);
+                self.dirty_rollouts.insert(name.to_owned());
+            }
+        }
+    }
+
+    /// Admits device `id` into `r`: its previous values are kept for a
+    /// rollback, entries of ended rollouts this one supersedes are dropped.
+    fn admit(&mut self, r: &RolloutRecord, id: &str, now: Millis) {
+        let superseded: Vec<String> = self
+            .rollouts
+            .values()
+            .filter(|o| {
+                o.spec.name != r.spec.name
+                    && !o.phase.is_live()
+                    && o.patch.keys().all(|k| r.patch.contains_key(k))
+            })
+            .map(|o| o.spec.name.clone())
+            .collect();
+        let Some(dev) = self.devices.get_mut(id).map(Arc::make_mut) else {
+            return;
+        };
+        let previous: State = r
+            .patch
+            .keys()
+            .map(|k| {
+                (
+                    k.clone(),
+                    dev.reported.get(k).cloned().unwrap_or(Value::Null),
+                )
+            })
+            .collect();
+        let skipped = dev.reported_version > 0 && holds(&dev.reported, &r.patch);
+        for old in superseded {
+            dev.rollouts.remove(&old);
+        }
+        if let Some(e) = dev.rollouts.get_mut(&r.spec.name) {
+            e.stage = Stage::Admitted;
+            e.admitted_at = now;
+            e.previous = previous;
+            e.skipped = skipped;
+        }
+        self.dirty.insert(id.to_owned());
+    }
+
+    /// The first abort rule that holds, as a reason.
+    fn abort_reason(&self, r: &RolloutRecord) -> Option<String> {
+        if r.spec.abort.is_empty() {
+            return None;
+        }
+        let mut succeeded = 0usize;
+        let mut failures: Vec<String> = Vec::new();
+        for (_, entry, status, why) in self.members(r) {
+            if entry.stage != Stage::Admitted || entry.skipped {
+                continue;
+            }
+            match status {
+                DeviceStatus::Succeeded => succeeded += 1,
+                DeviceStatus::Failed => failures.push(why.unwrap_or_default()),
+                _ => {}
+            }
+        }
+        let executed = succeeded + failures.len();
+        r.spec.abort.iter().find_map(|rule| {
+            let failed = failures
+                .iter()
+                .filter(|f| failure_is(rule.failure, f))
+                .count();
+            (executed >= rule.min_executed
+                && executed > 0
+                && (failed as f64) * 100.0 >= rule.threshold_percent * executed as f64)
+                .then(|| {
+                    format!(
+                        "abort rule: {failed} of {executed} devices that finished failed \
+                         ({:?}), at or above {}% (e.g. {})",
+                        rule.failure,
+                        rule.threshold_percent,
+                        failures
+                            .iter()
+                            .find(|f| failure_is(rule.failure, f))
+                            .map_or("", String::as_str)
+                    )
+                })
+        })
+    }
+
+    /// The wave's gate: threshold, then health for the soak time, then the
+    /// next wave. Returns the record when it changed.
+    fn gate(&self, r: &RolloutRecord, now: Millis) -> Option<RolloutRecord> {
+        let mut next = r.clone();
+        if r.wave >= r.wave_sizes.len() {
+            next.phase = Phase::Completed;
+            next.log(now, "controller", "completed");
+            return Some(next);
+        }
+        let (size, ok) = self
+            .members(r)
+            .filter(|(_, e, _, _)| e.wave == r.wave && e.stage != Stage::Cancelled)
+            .fold((0usize, 0usize), |(n, ok), (_, _, s, _)| {
+                (n + 1, ok + usize::from(s.is_success()))
+            });
+        let threshold_holds = (ok as f64) * 100.0 >= r.spec.success_threshold * size as f64;
+        if !threshold_holds {
+            if r.soak_from.is_some() {
+                next.soak_from = None;
+                return Some(next);
+            }
+            return None;
+        }
+        let soak_from = *next.soak_from.get_or_insert(now);
+        let health = self.health(r);
+        if health.failing(&r.spec.health) {
+            next.phase = Phase::Halted;
+            next.reason = format!(
+                "health gate: {} of {} updated devices unhealthy ({})",
+                health.unhealthy.len(),
+                health.checked,
+                health
+                    .unhealthy
+                    .iter()
+                    .take(5)
+                    .map(|(id, why)| format!("{id}: {why}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+            let reason = next.reason.clone();
+            next.log(
+                now,
+                "controller",
+                format!("halted wave {}: {reason}", r.wave + 1),
+            );
+            tracing::warn!(rollout = %r.spec.name, %reason, "rollout halted");
+            return Some(next);
+        }
+        if now < soak_from + r.spec.health.soak_s * 1000 {
+            return (r.soak_from.is_none()).then_some(next);
+        }
+        next.log(
+            now,
+            "controller",
+            format!("wave {} done: {ok} of {size} succeeded", r.wave + 1),
+        );
+        next.wave += 1;
+        next.wave_started_at = now;
+        next.soak_from = None;
+        if next.wave >= r.wave_sizes.len() {
+            next.phase = Phase::Completed;
+            next.log(now, "controller", "completed");
+            tracing::info!(rollout = %r.spec.name, "rollout completed");
+        }
+        Some(next)
+    }
+
+    /// The health of every device the rollout updated so far.
+    fn health(&self, r: &RolloutRecord) -> Health {
+        let gate = &r.spec.health;
+        let mut h = Health::default();
+        for (dev, entry, status, _) in self.members(r) {
+            if entry.stage != Stage::Admitted || status != DeviceStatus::Succeeded {
+                continue;
+            }
+            h.checked += 1;
+            let reboots = dev.connects.saturating_sub(entry.connects_at_success);
+            let why = if gate.require_online && !dev.online {
+                Some("offline".to_owned())
+            } else if reboots > gate.max_reboots {
+                Some(format!(
+                    "{reboots} reconnects since it updated (reboot loop)"
+                ))
+            } else {
+                gate.rules
+                    .iter()
+                    .find(|rule| !rule.check(&dev.reported))
+                    .map(|rule| format!("fails {}", rule.describe()))
+            };
+            if let Some(why) = why {
+                h.unhealthy.push((dev.id.clone(), why));
+            }
+        }
+        h.unhealthy.sort();
+        h
+    }
+
+    /// Rollouts, newest first.
+    pub fn rollout_rows(&self) -> Vec<Value> {
+        let mut all: Vec<&RolloutRecord> = self.rollouts.values().collect();
+        all.sort_by_key(|r| Reverse(r.seq));
+        all.into_iter().map(|r| self.rollout_row(r)).collect()
+    }
+
+    fn rollout_row(&self, r: &RolloutRecord) -> Value {
+        let mut counts = Counts::new();
+        let mut total = 0;
+        for (_, _, s, _) in self.members(r) {
+            total += 1;
+            count(&mut counts, s);
+        }
+        json!({
+            "name": r.spec.name, "phase": r.phase, "reason": r.reason,
+            "firmware": r.spec.firmware, "keys": r.patch.keys().collect::<Vec<_>>(),
+            "wave": (r.wave + 1).min(r.wave_sizes.len()), "waves": r.wave_sizes.len(),
+            "devices": total, "counts": counts,
+            "author": r.author, "created": rfc3339(r.created_at),
+        })
+    }
+
+    /// `rollout status`: per wave and in total, the gate's figures, and
+    /// what it waits for.
+    pub fn rollout_status(&self, name: &str, now: Millis) -> Result<Value, Rejection> {
+        let r = self
+            .rollouts
+            .get(name)
+            .ok_or_else(|| Rejection::new("not_found", format!("no rollout named {name:?}")))?;
+        let mut waves: Vec<(usize, Counts)> = vec![(0, Counts::new()); r.wave_sizes.len()];
+        let mut totals = Counts::new();
+        let mut failures: Vec<(String, String)> = Vec::new();
+        let mut queued_later = 0;
+        for (dev, e, s, why) in self.members(r) {
+            if let Some((n, c)) = waves.get_mut(e.wave) {
+                *n += 1;
+                count(c, s);
+            }
+            count(&mut totals, s);
+            if matches!(s, DeviceStatus::Failed | DeviceStatus::RollbackFailed)
+                && failures.len() < 10
+            {
+                failures.push((dev.id.clone(), why.unwrap_or_default()));
+            }
+            if s == DeviceStatus::Queued && e.wave <= r.wave && r.start_at(&dev.id) > now {
+                queued_later += 1;
+            }
+        }
+        let health = self.health(r);
+        let succeeded_now = waves
+            .get(r.wave)
+            .map(|(n, c)| {
+                let ok = c.get("succeeded").copied().unwrap_or(0)
+                    + c.get("skipped").copied().unwrap_or(0);
+                (ok, *n)
+            })
+            .unwrap_or((0, 0));
+        let waiting = match r.phase {
+            Phase::Paused | Phase::Halted | Phase::Aborted => r.reason.clone(),
+            Phase::Completed => String::new(),
+            Phase::Active => {
+                let closed = r.spec.window.as_ref().filter(|w| !w.is_open(now));
+                if let Some(w) = closed {
+                    format!(
+                        "maintenance window {} is closed; it opens at {}",
+                        w.describe(),
+                        rfc3339(w.next_open(now))
+                    )
+                } else if let Some(from) = r.soak_from {
+                    let left = (from + r.spec.health.soak_s * 1000).saturating_sub(now);
+                    format!(
+                        "wave {}: soaking, {} s left; {} of {} updated devices unhealthy",
+                        r.wave + 1,
+                        left.div_ceil(1000),
+                        health.unhealthy.len(),
+                        health.checked
+                    )
+                } else if queued_later > 0 {
+                    format!(
+                        "wave {}: {queued_later} devices start later (jitter)",
+                        r.wave + 1
+                    )
+                } else {
+                    let (ok, n) = succeeded_now;
+                    format!(
+                        "wave {}: {ok} of {n} succeeded, {}% needed",
+                        r.wave + 1,
+                        r.spec.success_threshold
+                    )
+                }
+            }
+        };
+        let wave_rows: Vec<Value> = waves
+            .into_iter()
+            .enumerate()
+            .map(|(i, (n, c))| {
+                let state = if i < r.wave {
+                    "done"
+                } else if i == r.wave && r.phase.is_live() {
+                    "in progress"
+                } else if r.phase.is_live() {
+                    "pending"
+                } else {
+                    "ended"
+                };
+                json!({"wave": i + 1, "planned": r.wave_sizes[i], "devices": n, "state": state, "counts": c})
+            })
+            .collect();
+        let abort: Vec<Value> = r
+            .spec
+            .abort
+            .iter()
+            .map(|rule| json!({"failure": rule.failure, "threshold_percent": rule.threshold_percent, "min_executed": rule.min_executed}))
+            .collect();
+        let mut row = self.rollout_row(r);
+        if let Some(obj) = row.as_object_mut() {
+            obj.insert("waiting".into(), json!(waiting));
+            obj.insert("wave_rows".into(), json!(wave_rows));
+            obj.insert("totals".into(), json!(totals));
+            obj.insert(
+                "health".into(),
+                json!({
+                    "soak_s": r.spec.health.soak_s,
+                    "rules": r.spec.health.rules.iter().map(|x| x.describe()).collect::<Vec<_>>(),
+                    "checked": health.checked,
+                    "unhealthy": health.unhealthy.len(),
+                    "examples": health.unhealthy.iter().take(5).map(|(id, why)| json!({"id": id, "why": why})).collect::<Vec<_>>(),
+                }),
+            );
+            obj.insert("abort".into(), json!(abort));
+            obj.insert("rollback".into(), json!(r.spec.rollback));
+            obj.insert(
+                "failures".into(),
+                json!(failures
+                    .iter()
+                    .map(|(id, why)| json!({"id": id, "reason": why}))
+                    .collect::<Vec<_>>()),
+            );
+            obj.insert(
+                "window".into(),
+                json!(r.spec.window.as_ref().map(|w| w.describe())),
+            );
+            obj.insert(
+                "history".into(),
+                json!(r
+                    .history
+                    .iter()
+                    .map(|h| json!({"at": rfc3339(h.at), "who": h.who, "what": h.what}))
+                    .collect::<Vec<_>>()),
+            );
+        }
+        Ok(row)
+    }
+
+    /// `rollout devices`: one row per device, optionally of one status.
+    pub fn rollout_devices(
+        &self,
+        name: &str,
+        status: Option<&str>,
+        offset: usize,
+        limit: usize,
+    ) -> Result<Value, Rejection> {
+        let r = self
+            .rollouts
+            .get(name)
+            .ok_or_else(|| Rejection::new("not_found", format!("no rollout named {name:?}")))?;
+        let want = match status {
+            Some(s) => Some(DeviceStatus::parse(s).ok_or_else(|| {
+                Rejection::new(
+                    "bad_schema",
+                    format!(
+                        "unknown status {s:?}; one of {}",
+                        crate::rollout::ALL_STATUSES
+                            .map(DeviceStatus::as_str)
+                            .join(", ")
+                    ),
+                )
+            })?),
+            None => None,
+        };
+        let mut rows: Vec<Member> = self
+            .members(r)
+            .filter(|(_, _, s, _)| want.is_none_or(|w| w == *s))
+            .collect();
+        rows.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+        let total = rows.len();
+        let page: Vec<Value> = rows
+            .into_iter()
+            .skip(offset)
+            .take(limit)
+            .map(|(d, e, s, why)| {
+                json!({
+                    "id": d.id, "wave": e.wave + 1, "status": s.as_str(), "reason": why,
+                    "zone": d.attrs.labels.get(&r.spec.spread_by),
+                    FIRMWARE_KEY: d.reported.get(FIRMWARE_KEY),
+                    "online": d.online,
+                })
+            })
+            .collect();
+        Ok(json!({"total": total, "offset": offset, "devices": page}))
+    }
+}
+
+#[derive(Default)]
+struct Health {
+    checked: usize,
+    unhealthy: Vec<(String, String)>,
+}
+
+impl Health {
+    fn failing(&self, gate: &crate::rollout::HealthGate) -> bool {
+        self.checked > 0
+            && (self.unhealthy.len() as f64) * 100.0
+                > gate.max_unhealthy_percent * self.checked as f64
+    }
+}
