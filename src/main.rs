@@ -5,6 +5,7 @@ mod certs_cmd;
 
 mod demo_cmd;
 mod ops_cmd;
+mod rollout_cmd;
 mod serve_cmd;
 
 use std::process::ExitCode;
@@ -52,6 +53,9 @@ enum Command {
     Devices(ops_cmd::DevicesCommand),
     /// Delete a desired document (`cityplane delete document NAME`).
     Delete(ops_cmd::DeleteArgs),
+    /// Change many devices in waves: firmware or configuration, health-gated, with abort and rollback.
+    #[command(subcommand)]
+    Rollout(rollout_cmd::RolloutCommand),
 }
 
 fn main() -> ExitCode {
@@ -76,6 +80,7 @@ fn main() -> ExitCode {
         Command::Audit(args) => block_on(ops_cmd::audit(args)),
         Command::Devices(cmd) => block_on(ops_cmd::devices(cmd)),
         Command::Delete(args) => block_on(ops_cmd::delete(args)),
+        Command::Rollout(cmd) => block_on(rollout_cmd::run(cmd)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -544,13 +544,15 @@ pub fn check_spec(
         match (w.count, w.percent) {
             (Some(c), None) if c > 0 => {}
             (None, Some(p)) if p > 0.0 && p <= 100.0 => {}
-            _ => return bad(
-                "bad_waves",
-                format!(
+            _ => {
+                return bad(
+                    "bad_waves",
+                    format!(
                     "wave {}: give exactly one of \"count\" (> 0) or \"percent\" (0 < p <= 100)",
                     i + 1
                 ),
-            ),
+                )
+            }
         }
     }
     if !(0.0..=100.0).contains(&spec.success_threshold) {
