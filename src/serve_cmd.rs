@@ -23,6 +23,10 @@ pub struct ServeArgs {
     /// roughly 9 KiB per device whatever the cache (see docs/BENCHMARKS.md)
     #[arg(long, env = "CITYPLANE_STORE_CACHE_MIB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65536))]
     pub store_cache_mib: u64,
+    /// How often rollouts are evaluated (devices started, waves gated,
+    /// abort rules checked), in milliseconds
+    #[arg(long, env = "CITYPLANE_ROLLOUT_TICK_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    pub rollout_tick_ms: u64,
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -30,9 +34,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.broker.print_config {
         print!("{}", toml::to_string_pretty(&config)?);
         println!(
-            "\n# controller (flags or environment)\n# data = {:?}   # CITYPLANE_DATA\n# store_cache_mib = {}   # CITYPLANE_STORE_CACHE_MIB",
+            "\n# controller (flags or environment)\n# data = {:?}   # CITYPLANE_DATA\n# store_cache_mib = {}   # CITYPLANE_STORE_CACHE_MIB\n# rollout_tick_ms = {}   # CITYPLANE_ROLLOUT_TICK_MS",
             args.data.display().to_string(),
-            args.store_cache_mib
+            args.store_cache_mib,
+            args.rollout_tick_ms
         );
         return Ok(());
     }
@@ -51,6 +56,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     cc.registry_source = Some(registry_source);
     cc.pki = pki;
     cc.cache_bytes = args.store_cache_mib * 1024 * 1024;
+    cc.rollout_every = std::time::Duration::from_millis(args.rollout_tick_ms);
     let controller = Controller::start_in_process(&broker, cc)
         .await
         .with_context(|| format!("starting the controller on {}", args.data.display()))?;

@@ -7,4 +7,5 @@ mod crash;
 mod disk_full;
 mod fleet;
 mod registry_cli;
+mod rollouts;
 mod tidy;

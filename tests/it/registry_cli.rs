@@ -5,43 +5,11 @@
 
 use crate::common;
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{cli, free_port, Server, BIN};
+use common::{cli, eventually, free_port, json_of, ok, wait_up, Server, BIN};
 use serde_json::{json, Value};
-
-/// Runs a command that must succeed; its standard output.
-fn ok(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("runs");
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// An operator command with `--output json`; its answer.
-fn json_of(pki: &Path, port: u16, args: &[&str]) -> Value {
-    let mut args = args.to_vec();
-    args.extend(["--output", "json"]);
-    let out = ok(&mut cli(pki, port, &args));
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
-}
-
-fn wait_up(pki: &Path, port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !cli(pki, port, &["status", "--timeout", "2"])
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        assert!(Instant::now() < deadline, "serve did not come up");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn device<'a>(rows: &'a Value, id: &str) -> &'a Value {
     rows.as_array()
@@ -49,14 +17,6 @@ fn device<'a>(rows: &'a Value, id: &str) -> &'a Value {
         .iter()
         .find(|r| r["id"] == id)
         .unwrap_or_else(|| panic!("{id} not listed: {rows}"))
-}
-
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !check() {
-        assert!(Instant::now() < deadline, "{what} within 60 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,6 +3,8 @@
 #![allow(dead_code)] // each test file uses its own part
 
 use std::path::Path;
+
+use serde_json::Value;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -25,6 +27,8 @@ impl Server {
             .expect("log");
         let child = Command::new(BIN)
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            // Rollout steps 10 times a second: waves move on in tests.
+            .env("CITYPLANE_ROLLOUT_TICK_MS", "100")
             .arg("--pki")
             .arg(pki)
             .arg("--data")
@@ -108,4 +112,44 @@ pub async fn online_fleet(
     let fleet = cityplane_agent_sim::Fleet::start(sim).await.expect("fleet");
     assert!(fleet.wait_online(n, within).await, "fleet online");
     fleet
+}
+
+/// Runs a command that must succeed; its standard output.
+pub fn ok(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("runs");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An operator command with `--output json`; its answer.
+pub fn json_of(pki: &Path, port: u16, args: &[&str]) -> Value {
+    let mut args = args.to_vec();
+    args.extend(["--output", "json"]);
+    let out = ok(&mut cli(pki, port, &args));
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+}
+
+pub fn wait_up(pki: &Path, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cli(pki, port, &["status", "--timeout", "2"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        assert!(Instant::now() < deadline, "serve did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Polls `check` every 100 ms for up to 60 s.
+pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !check() {
+        assert!(Instant::now() < deadline, "{what} within 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
