@@ -829,3 +829,163 @@ impl Health {
                 > gate.max_unhealthy_percent * self.checked as f64
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reconcile::RetryPolicy;
+
+    fn fleet_of(devices: Vec<DeviceRecord>) -> Fleet {
+        Fleet::new(
+            Vec::new(),
+            devices,
+            0,
+            0,
+            RetryPolicy::default(),
+            InputLimits::default(),
+            "t".into(),
+        )
+    }
+
+    fn lamps(n: usize) -> Vec<DeviceRecord> {
+        (0..n)
+            .map(|i| {
+                let mut d = DeviceRecord::new(&format!("d{i:02}"));
+                d.attrs.class = Some("lamp".into());
+                d.attrs
+                    .labels
+                    .insert("zone".into(), ["n", "s"][i % 2].to_owned());
+                d.reported = json!({"dimming": 0})
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default();
+                d.reported_version = 1;
+                d.online = true;
+                d
+            })
+            .collect()
+    }
+
+    fn report(fleet: &mut Fleet, id: &str, dimming: u64, version: u64, now: Millis) {
+        let body = json!({"version": version, "state": {"dimming": dimming}}).to_string();
+        fleet.on_device_message(id, "reported", body.as_bytes(), now);
+        fleet.on_device_message(id, "presence", br#"{"online": true}"#, now);
+    }
+
+    fn spec(v: Value) -> RolloutSpec {
+        serde_json::from_value(v).expect("spec")
+    }
+
+    fn admitted(fleet: &Fleet, name: &str) -> Vec<String> {
+        let mut ids: Vec<String> = fleet
+            .devices
+            .values()
+            .filter(|d| {
+                d.rollouts
+                    .get(name)
+                    .is_some_and(|e| e.stage == Stage::Admitted)
+            })
+            .map(|d| d.id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// What a restart sees: the records as stored.
+    fn restarted(fleet: &Fleet) -> Fleet {
+        let devices = fleet.devices.values().map(|d| (**d).clone()).collect();
+        let mut again = fleet_of(devices);
+        again.restore_rollouts(fleet.rollouts.values().cloned().collect(), Vec::new());
+        again
+    }
+
+    #[test]
+    fn a_restart_goes_on_from_the_stored_wave_without_admitting_anyone_twice() {
+        let mut fleet = fleet_of(lamps(10));
+        let (record, devices) = fleet
+            .plan_rollout(
+                spec(
+                    json!({"name": "r", "target": {"class": "lamp"}, "state": {"dimming": 50},
+                            "waves": [{"count": 2}, {"percent": 100}], "success_threshold": 100}),
+                ),
+                "op",
+                1_000,
+            )
+            .expect("planned");
+        fleet.apply_rollout(record, devices);
+        fleet.step_rollouts(1_000);
+        let canary = admitted(&fleet, "r");
+        assert_eq!(canary.len(), 2, "{canary:?}");
+        assert_eq!(
+            fleet.devices["d00"].desired.get("dimming"),
+            Some(&json!(50)),
+            "the first in its zone starts"
+        );
+        // The canary takes the change; the wave moves on.
+        for id in &canary {
+            report(&mut fleet, id, 50, 2, 2_000);
+        }
+        fleet.step_rollouts(2_000);
+        assert_eq!(fleet.rollouts["r"].wave, 1);
+        let at: Vec<Millis> = canary
+            .iter()
+            .map(|id| fleet.devices[id].rollouts["r"].admitted_at)
+            .collect();
+
+        // Crash: the records as stored; the next step goes on with wave 2.
+        let mut fleet = restarted(&fleet);
+        assert_eq!(fleet.rollouts["r"].wave, 1);
+        fleet.step_rollouts(3_000);
+        assert_eq!(admitted(&fleet, "r").len(), 10);
+        let again: Vec<Millis> = canary
+            .iter()
+            .map(|id| fleet.devices[id].rollouts["r"].admitted_at)
+            .collect();
+        assert_eq!(at, again, "the canary is not admitted again");
+        for id in canary {
+            assert!(fleet.devices[&id].is_converged(), "{id}");
+        }
+    }
+
+    #[test]
+    fn an_abort_with_rollback_puts_back_what_each_device_had() {
+        let mut fleet = fleet_of(lamps(4));
+        report(&mut fleet, "d01", 7, 2, 500);
+        let (record, devices) = fleet
+            .plan_rollout(
+                spec(
+                    json!({"name": "r", "target": {"class": "lamp"}, "state": {"dimming": 50},
+                            "waves": [{"count": 2}, {"percent": 100}], "rollback": true}),
+                ),
+                "op",
+                1_000,
+            )
+            .expect("planned");
+        fleet.apply_rollout(record, devices);
+        fleet.step_rollouts(1_000);
+        let canary = admitted(&fleet, "r");
+        let (record, devices) = fleet
+            .control_rollout("r", Control::Abort, "op", "testing", 2_000)
+            .expect("abort");
+        fleet.apply_rollout_change(record, devices);
+        assert_eq!(fleet.rollouts["r"].phase, Phase::Aborted);
+        for id in &canary {
+            let before = if id == "d01" { 7 } else { 0 };
+            assert_eq!(
+                fleet.devices[id].desired.get("dimming"),
+                Some(&json!(before)),
+                "{id}"
+            );
+        }
+        let cancelled = fleet
+            .devices
+            .values()
+            .filter(|d| d.rollouts["r"].stage == Stage::Cancelled)
+            .count();
+        assert_eq!(cancelled, 2);
+        // An ended rollout takes no more orders.
+        assert!(fleet
+            .control_rollout("r", Control::Resume, "op", "", 3_000)
+            .is_err());
+    }
+}
