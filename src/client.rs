@@ -219,6 +219,44 @@ impl Operator {
         Ok(out)
     }
 
+    /// Uploads a signed release and its image in chunks of `chunk` bytes
+    /// (`publish-firmware`); `progress` gets the bytes sent so far. The
+    /// answer of the last chunk (`complete: true`), or of the first when
+    /// the server already has this exact release.
+    pub async fn publish_release(
+        &mut self,
+        release: &cityplane_proto::firmware::SignedRelease,
+        image: &Path,
+        chunk: usize,
+        mut progress: impl FnMut(u64),
+    ) -> anyhow::Result<Value> {
+        use base64::Engine as _;
+        use std::io::Read as _;
+        let mut file =
+            std::fs::File::open(image).with_context(|| format!("opening {}", image.display()))?;
+        let mut buf = vec![0u8; chunk.max(1)];
+        let mut offset = 0u64;
+        loop {
+            let n = file
+                .read(&mut buf)
+                .with_context(|| format!("reading {}", image.display()))?;
+            let body = serde_json::json!({
+                "release": release,
+                "offset": offset,
+                "data": base64::engine::general_purpose::STANDARD.encode(&buf[..n]),
+            });
+            let r = self.query("publish-firmware", body).await?;
+            if r["complete"] == true {
+                return Ok(r);
+            }
+            if n == 0 {
+                bail!("the image ended at byte {offset} but the server expects more: is it the image that was signed?");
+            }
+            offset += n as u64;
+            progress(offset);
+        }
+    }
+
     /// Sends DISCONNECT (so the broker does not publish a will) and waits for it to go out.
     pub async fn disconnect(mut self) {
         let _ = self.client.disconnect().await;

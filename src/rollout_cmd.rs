@@ -2,11 +2,11 @@
 //! waves, and the releases they install.
 
 use std::io::{IsTerminal, Read};
+
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use base64::Engine as _;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
@@ -411,6 +411,7 @@ pub async fn status(
     let multi = MultiProgress::new();
     let mut bars: Vec<ProgressBar> = Vec::new();
     let footer = ProgressBar::new_spinner();
+    let mut last_line: Option<String> = None;
     loop {
         let s = op.query("rollout-status", json!({"name": name})).await?;
         let phase = s["phase"].as_str().unwrap_or("").to_owned();
@@ -442,6 +443,25 @@ pub async fn status(
                     ));
                 }
                 footer.set_message(summary_lines(&s).join("\n"));
+            }
+            Output::Table if watch => {
+                // Not a terminal (a log, a pipe): a line when something changed.
+                let line = format!(
+                    "{} wave {}/{}: {}{}",
+                    phase,
+                    s["wave"],
+                    s["waves"],
+                    counts_line(&s["totals"]),
+                    s["waiting"]
+                        .as_str()
+                        .filter(|w| !w.is_empty() && !w.contains(" s left"))
+                        .map(|w| format!(" ({w})"))
+                        .unwrap_or_default()
+                );
+                if last_line.as_deref() != Some(line.as_str()) {
+                    println!("{line}");
+                    last_line = Some(line);
+                }
             }
             Output::Table => {
                 let lines = summary_lines(&s);
@@ -501,9 +521,9 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
         .with_context(|| format!("{} is not a signed release", args.release.display()))?;
     let manifest: ReleaseManifest = serde_json::from_str(&release.manifest)
         .with_context(|| format!("the manifest in {} is not valid", args.release.display()))?;
-    let mut image = std::fs::File::open(&args.image)
-        .with_context(|| format!("opening {}", args.image.display()))?;
-    let size = image.metadata()?.len();
+    let size = std::fs::metadata(&args.image)
+        .with_context(|| format!("reading {}", args.image.display()))?
+        .len();
     if size != manifest.size {
         bail!(
             "{} is {size} bytes but the release says {}: is it the image that was signed?",
@@ -523,27 +543,11 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     } else {
         ProgressBar::hidden()
     };
-    let mut offset = 0u64;
-    let mut buf = vec![0u8; args.chunk as usize];
-    let result = loop {
-        let n = image.read(&mut buf)?;
-        let last = offset + n as u64 >= size;
-        let body = json!({
-            "release": release,
-            "offset": offset,
-            "data": base64::engine::general_purpose::STANDARD.encode(&buf[..n]),
-        });
-        match op.query("publish-firmware", body).await {
-            Ok(r) if r["complete"] == true => break Ok(r),
-            Ok(_) if last || n == 0 => {
-                break Err(anyhow::anyhow!("the server did not complete the upload"))
-            }
-            Ok(_) => {}
-            Err(e) => break Err(e),
-        }
-        offset += n as u64;
-        bar.set_position(offset);
-    };
+    let result = op
+        .publish_release(&release, &args.image, args.chunk as usize, |n| {
+            bar.set_position(n)
+        })
+        .await;
     bar.finish_and_clear();
     op.disconnect().await;
     let r = result?;
