@@ -6,6 +6,7 @@
 //! - [`fleet`]: in-memory fleet state and its transitions (no I/O).
 //! - [`store`]: sled behind a small interface, durable commits.
 //! - [`runtime`]: the event loop wired to the broker.
+//! - [`window`]: maintenance windows (when a rollout may start devices).
 
 pub mod delta;
 pub mod fleet;
@@ -14,5 +15,6 @@ pub mod model;
 pub mod reconcile;
 pub mod runtime;
 pub mod store;
+pub mod window;
 
 pub use runtime::{Controller, ControllerConfig, ControllerError};
