@@ -4,6 +4,7 @@ mod broker_cmd;
 mod certs_cmd;
 
 mod demo_cmd;
+mod firmware_cmd;
 mod ops_cmd;
 mod serve_cmd;
 
@@ -52,6 +53,12 @@ enum Command {
     Devices(ops_cmd::DevicesCommand),
     /// Delete a desired document (`cityplane delete document NAME`).
     Delete(ops_cmd::DeleteArgs),
+    /// Signed firmware: the release key, signing images, checking releases.
+    #[command(
+        subcommand,
+        after_help = "The release key is not the CA: keep release.key offline, apart from ca.key.\n\nExamples:\n  cityplane firmware keygen --dir ./release\n  cityplane firmware sign sl200.bin --version 2.1.0 --model SL-200 --key ./release/release.key\n  cityplane firmware verify sl200.bin.release.json --image sl200.bin --key ./release/release.pub"
+    )]
+    Firmware(firmware_cmd::FirmwareCommand),
 }
 
 fn main() -> ExitCode {
@@ -76,6 +83,7 @@ fn main() -> ExitCode {
         Command::Audit(args) => block_on(ops_cmd::audit(args)),
         Command::Devices(cmd) => block_on(ops_cmd::devices(cmd)),
         Command::Delete(args) => block_on(ops_cmd::delete(args)),
+        Command::Firmware(cmd) => firmware_cmd::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
