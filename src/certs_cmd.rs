@@ -600,7 +600,7 @@ fn table(certs: &[CertInfo]) -> String {
 }
 
 /// Prints to stdout; a closed pipe (`… | head`) is not an error.
-fn print_out(s: &str) -> Result<()> {
+pub(crate) fn print_out(s: &str) -> Result<()> {
     let mut stdout = io::stdout().lock();
     match stdout.write_all(s.as_bytes()).and_then(|()| stdout.flush()) {
         Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(e).context("cannot write to stdout"),

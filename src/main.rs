@@ -4,6 +4,7 @@ mod broker_cmd;
 mod certs_cmd;
 
 mod demo_cmd;
+mod firmware_cmd;
 mod ops_cmd;
 mod rollout_cmd;
 mod serve_cmd;
@@ -56,6 +57,12 @@ enum Command {
     /// Change many devices in waves: firmware or configuration, health-gated, with abort and rollback.
     #[command(subcommand)]
     Rollout(rollout_cmd::RolloutCommand),
+    /// Signed firmware: the release key, signing images, checking releases.
+    #[command(
+        subcommand,
+        after_help = "The release key is not the CA: keep release.key offline, apart from ca.key.\n\nExamples:\n  cityplane firmware keygen --dir ./release\n  cityplane firmware sign sl200.bin --version 2.1.0 --model SL-200 --key ./release/release.key\n  cityplane firmware verify sl200.bin.release.json --image sl200.bin --key ./release/release.pub"
+    )]
+    Firmware(firmware_cmd::FirmwareCommand),
 }
 
 fn main() -> ExitCode {
@@ -81,6 +88,7 @@ fn main() -> ExitCode {
         Command::Devices(cmd) => block_on(ops_cmd::devices(cmd)),
         Command::Delete(args) => block_on(ops_cmd::delete(args)),
         Command::Rollout(cmd) => block_on(rollout_cmd::run(cmd)),
+        Command::Firmware(cmd) => firmware_cmd::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -126,7 +126,7 @@ fn parse_interval(s: &str) -> Result<f64, String> {
     }
 }
 
-fn print_json(v: &Value) -> anyhow::Result<()> {
+pub(crate) fn print_json(v: &Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }

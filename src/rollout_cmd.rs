@@ -565,3 +565,51 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `cityplane firmware list`.
+#[derive(clap::Args, Debug)]
+pub struct ReleasesArgs {
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// `table` for people, `json` for scripts
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+pub async fn releases(args: ReleasesArgs) -> anyhow::Result<()> {
+    let mut op = Operator::connect(&args.connect).await?;
+    let r = op.query("get-releases", json!({})).await;
+    op.disconnect().await;
+    let r = r?;
+    if args.output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    let rows = r["releases"].as_array().cloned().unwrap_or_default();
+    if rows.is_empty() {
+        println!("no releases (sign one with `cityplane firmware sign`, then `cityplane firmware publish`)");
+        return Ok(());
+    }
+    println!(
+        "{:<12} {:>10}  {:<16} {:<24} MODELS",
+        "VERSION", "BYTES", "SHA256", "PUBLISHED"
+    );
+    for row in rows {
+        println!(
+            "{:<12} {:>10}  {:<16} {:<24} {}",
+            row["version"].as_str().unwrap_or(""),
+            row["size"],
+            row["sha256"].as_str().unwrap_or("").get(..16).unwrap_or(""),
+            row["published"].as_str().unwrap_or(""),
+            row["models"]
+                .as_array()
+                .map(|m| m
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", "))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}

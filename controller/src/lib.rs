@@ -8,6 +8,7 @@
 //! - [`window`]: maintenance windows in a named time zone.
 //! - [`store`]: sled behind a small interface, durable commits.
 //! - [`runtime`]: the event loop wired to the broker.
+//! - [`window`]: maintenance windows (when a rollout may start devices).
 
 pub mod delta;
 pub mod fleet;

@@ -45,13 +45,20 @@ impl RetryPolicy {
 /// Deterministic jitter in [0, 1) from the device and attempt, so retries
 /// spread out without a random number generator in the pure core.
 pub fn jitter(device: &str, attempt: u32) -> f64 {
-    // FNV-1a
+    let h = fnv1a(device.bytes().chain(attempt.to_le_bytes()));
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// FNV-1a (64 bits): a hash that stays the same across runs, machines and
+/// Rust versions (std's `DefaultHasher` promises none of that), so the
+/// spreads derived from it survive a controller upgrade.
+pub(crate) fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in device.bytes().chain(attempt.to_le_bytes()) {
+    for b in bytes {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    (h >> 11) as f64 / (1u64 << 53) as f64
+    h
 }
 
 #[derive(Debug, Clone, PartialEq)]

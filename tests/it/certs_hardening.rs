@@ -22,14 +22,7 @@ fn cityplane(args: &[&str]) -> Output {
 
 /// Runs and insists on success; returns stdout.
 fn ok(args: &[&str]) -> String {
-    let out = cityplane(args);
-    assert!(
-        out.status.success(),
-        "{args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    crate::common::stdout_of_success(args, cityplane(args))
 }
 
 /// Runs and insists on failure; returns stderr.

@@ -5,6 +5,7 @@ mod certs_hardening;
 mod common;
 mod crash;
 mod disk_full;
+mod firmware;
 mod fleet;
 mod registry_cli;
 mod rollouts;

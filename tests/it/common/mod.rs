@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use serde_json::Value;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use cityplane_testkit::process::ChildGuard;
@@ -84,6 +84,18 @@ pub fn cli(pki: &Path, port: u16, args: &[&str]) -> Command {
         .env("RUST_LOG", "error")
         .stdin(Stdio::null());
     cmd
+}
+
+/// The stdout of a run of `what` that must have succeeded; a failure
+/// panics with both of its streams.
+pub fn stdout_of_success(what: impl std::fmt::Debug, out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "{what:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 pub fn free_port() -> u16 {
