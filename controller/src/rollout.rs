@@ -284,9 +284,19 @@ impl RolloutRecord {
         self.spec.firmware.as_deref()
     }
 
-    /// When device `id` of the current wave may start.
-    pub fn start_at(&self, id: &str) -> Millis {
-        self.wave_started_at + crate::window::jitter_ms(id, self.seq, self.spec.jitter_s * 1000)
+    /// When devices of the current wave may start at `now`, before their
+    /// jitter: when the wave began or, with a window, when the window's
+    /// current opening began if later; `None` while the window is closed.
+    pub fn starts_from(&self, now: Millis) -> Option<Millis> {
+        match &self.spec.window {
+            None => Some(self.wave_started_at),
+            Some(w) => w.opened_at(now).map(|o| o.max(self.wave_started_at)),
+        }
+    }
+
+    /// When device `id` may start, for a wave that starts from `base`.
+    pub fn start_at(&self, base: Millis, id: &str) -> Millis {
+        base + crate::window::jitter_ms(id, self.seq, self.spec.jitter_s * 1000)
     }
 }
 

@@ -55,6 +55,13 @@ impl Window {
         self.open_span(now_ms).is_some()
     }
 
+    /// When the opening `now_ms` is in began, if the window is open: a
+    /// rollout spreads its start times from there, not from when its wave
+    /// began (hours before, perhaps, which would start everyone at once).
+    pub fn opened_at(&self, now_ms: Millis) -> Option<Millis> {
+        self.open_span(now_ms).and_then(|(open, _)| to_millis(open))
+    }
+
     /// When the window closes, if it is open at `now_ms`.
     pub fn closes_at(&self, now_ms: Millis) -> Option<Millis> {
         self.open_span(now_ms).and_then(|(_, end)| to_millis(end))

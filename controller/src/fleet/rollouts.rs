@@ -376,7 +376,7 @@ impl Fleet {
         // failure counts.
         let mut notes: Vec<(String, Option<Millis>, Option<String>)> = Vec::new();
         let mut admit: Vec<String> = Vec::new();
-        let window_open = r.spec.window.as_ref().is_none_or(|w| w.is_open(now));
+        let starts_from = r.starts_from(now);
         for (dev, entry, status, why) in self.members(&r) {
             match entry.stage {
                 Stage::Admitted => {
@@ -388,9 +388,8 @@ impl Fleet {
                 }
                 Stage::Queued
                     if active
-                        && window_open
                         && entry.wave <= r.wave
-                        && r.start_at(&dev.id) <= now =>
+                        && starts_from.is_some_and(|base| r.start_at(base, &dev.id) <= now) =>
                 {
                     admit.push(dev.id.clone())
                 }
@@ -646,6 +645,7 @@ impl Fleet {
         let mut totals = Counts::new();
         let mut failures: Vec<(String, String)> = Vec::new();
         let mut queued_later = 0;
+        let starts_from = r.starts_from(now);
         for (dev, e, s, why) in self.members(r) {
             if let Some((n, c)) = waves.get_mut(e.wave) {
                 *n += 1;
@@ -657,7 +657,8 @@ impl Fleet {
             {
                 failures.push((dev.id.clone(), why.unwrap_or_default()));
             }
-            if s == DeviceStatus::Queued && e.wave <= r.wave && r.start_at(&dev.id) > now {
+            let later = starts_from.is_some_and(|base| r.start_at(base, &dev.id) > now);
+            if s == DeviceStatus::Queued && e.wave <= r.wave && later {
                 queued_later += 1;
             }
         }
@@ -987,5 +988,54 @@ mod tests {
         assert!(fleet
             .control_rollout("r", Control::Resume, "op", "", 3_000)
             .is_err());
+    }
+    fn at(utc: &str) -> Millis {
+        let t: jiff::Timestamp = utc.parse().expect("timestamp");
+        t.as_millisecond() as Millis
+    }
+
+    #[test]
+    fn a_window_defers_starts_and_jitter_spreads_them_from_its_opening() {
+        let mut fleet = fleet_of(lamps(40));
+        // Created at 23:30 in Paris; the window opens at 01:00 (00:00 UTC).
+        let created = at("2026-11-30T22:30:00Z");
+        let (record, devices) = fleet
+            .plan_rollout(
+                spec(
+                    json!({"name": "night", "target": {"class": "lamp"}, "state": {"dimming": 5},
+                            "waves": [{"percent": 100}], "jitter_s": 600,
+                            "window": {"start": "01:00", "end": "04:00", "tz": "Europe/Paris"}}),
+                ),
+                "op",
+                created,
+            )
+            .expect("planned");
+        fleet.apply_rollout(record, devices);
+        fleet.step_rollouts(at("2026-11-30T23:59:59Z"));
+        assert!(admitted(&fleet, "night").is_empty());
+        let waiting = fleet
+            .rollout_status("night", at("2026-11-30T23:59:59Z"))
+            .expect("status");
+        assert!(
+            waiting["waiting"].as_str().is_some_and(
+                |w| w.contains("01:00–04:00 Europe/Paris") && w.contains("2026-12-01T00:00:00")
+            ),
+            "{waiting}"
+        );
+        // Spread over the 10 minutes after the opening, not at once.
+        fleet.step_rollouts(at("2026-12-01T00:00:01Z"));
+        let early = admitted(&fleet, "night").len();
+        fleet.step_rollouts(at("2026-12-01T00:05:00Z"));
+        let half = admitted(&fleet, "night").len();
+        fleet.step_rollouts(at("2026-12-01T00:10:00Z"));
+        let all = admitted(&fleet, "night").len();
+        assert!(
+            early < 5 && (10..=30).contains(&half) && all == 40,
+            "{early} {half} {all}"
+        );
+        for id in admitted(&fleet, "night") {
+            let admitted_at = fleet.devices[&id].rollouts["night"].admitted_at;
+            assert!(admitted_at >= at("2026-12-01T00:00:00Z"), "{id}");
+        }
     }
 }
