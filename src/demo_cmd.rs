@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use cityplane_agent_sim::{Fleet, PresenceMode, SimConfig};
+use cityplane_agent_sim::{FirmwareSim, Fleet, PresenceMode, SimConfig};
+use cityplane_certs::firmware;
 use cityplane_broker::{Broker, BrokerConfig};
 use cityplane_certs::Pki;
 use cityplane_controller::{Controller, ControllerConfig};
@@ -123,6 +124,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     let o = outcome?;
     print_table(&o.rows);
+    print_firmware(&o.rows, &o.rollouts);
     let (total, converged, failed) = o.totals;
     println!(
         "\n{converged} of {total} devices converged ({failed} failed) in {:.1} s after the change; demo took {:.0} s.",
@@ -132,6 +134,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("\nWhere to look next:");
     println!("  cityplane serve --help               run broker + controller for real");
     println!("  cityplane apply --help               declare desired state (selectors, priorities, if_generation)");
+    println!("  cityplane rollout create --help      change thousands of devices in waves, health-gated");
+    println!("  cityplane firmware --help            the release key, signing and publishing images");
     println!("  agent-sim run --help                 load-test a server with thousands of devices");
     println!("  docs/PROTOCOL.md, ARCHITECTURE.md    the wire contract and how it is built");
     if let Some(dir) = &args.keep {
@@ -151,6 +155,7 @@ struct Outcome {
     rows: Vec<Value>,
     totals: (u64, u64, u64),
     converge_time: Duration,
+    rollouts: Vec<Value>,
 }
 
 async fn drive(
@@ -166,6 +171,23 @@ async fn drive(
         args.devices,
     );
     sim.presence = PresenceMode::Skip;
+    // Devices trust the release key's public half (provisioned at the
+    // factory); the key itself never leaves the release directory.
+    let release_dir = pki_dir
+        .parent()
+        .unwrap_or(pki_dir)
+        .join("release");
+    firmware::generate_release_key(&release_dir, true)?;
+    sim.release_key = Some(firmware::read_public_key(
+        &release_dir.join(firmware::RELEASE_PUB_FILE),
+    )?);
+    sim.firmware = FirmwareSim {
+        verify_time: Duration::from_millis(200),
+        install_time: Duration::from_millis(800),
+        health_check_time: Duration::from_millis(300),
+        ..FirmwareSim::default()
+    };
+    sim.faults.reboot_time = (Duration::from_millis(500), Duration::from_millis(1500));
     let fleet = Fleet::start(sim)
         .await
         .context("starting the simulated fleet")?;
@@ -265,6 +287,7 @@ async fn drive(
             break;
         }
     }
+    let rollouts = firmware_rollouts(&mut op, &release_dir).await?;
     op.disconnect().await;
     let n = |k: &str| status[k].as_u64().unwrap_or(0);
     Ok(Outcome {
@@ -272,7 +295,134 @@ async fn drive(
         rows,
         totals: (n("total"), n("converged"), n("failed")),
         converge_time,
+        rollouts,
     })
+}
+
+/// Hardware models of the simulated streetlights.
+const LAMP_MODELS: [&str; 3] = ["LumiNode SL-200", "LumiNode SL-300", "Orbis LX-4"];
+
+/// Writes an image of `kib` KiB and signs it; the release file's path.
+fn signed(
+    dir: &std::path::Path,
+    version: &str,
+    kib: usize,
+    models: &[&str],
+    downgrade: bool,
+) -> anyhow::Result<(cityplane_proto::firmware::SignedRelease, std::path::PathBuf)> {
+    let key = firmware::read_release_key(&dir.join(firmware::RELEASE_KEY_FILE))?;
+    let mut rng = fastrand::Rng::with_seed(version.len() as u64 * 7919 + kib as u64);
+    let image: Vec<u8> = (0..kib * 1024).map(|_| rng.u8(..)).collect();
+    let path = dir.join(format!("lamp-{version}.bin"));
+    std::fs::write(&path, &image)?;
+    let sha256 = ring::digest::digest(&ring::digest::SHA256, &image)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let release = firmware::sign_manifest(
+        &key,
+        &cityplane_proto::firmware::ReleaseManifest {
+            version: version.to_owned(),
+            models: models.iter().map(|m| (*m).to_owned()).collect(),
+            size: image.len() as u64,
+            sha256,
+            floor: None,
+            downgrade,
+            fetch: "mqtt".into(),
+        },
+    )?;
+    Ok((release, path))
+}
+
+/// Firmware in waves: a release whose build left one lamp model out (its
+/// devices refuse it), so its second wave trips the abort and every lamp it
+/// reached is rolled back; then a fixed release, to every streetlight.
+async fn firmware_rollouts(
+    op: &mut Operator,
+    release_dir: &std::path::Path,
+) -> anyhow::Result<Vec<Value>> {
+    println!("
+Firmware, signed with a release key that is not the CA, rolled out in waves:");
+    let releases = [
+        // The 2.0.0 build left the Orbis LX-4 out: those lamps refuse it.
+        ("2.0.0", &LAMP_MODELS[..2], false),
+        ("2.0.1", &LAMP_MODELS[..], false),
+        // What a rollback installs: signed to go below the 2.0.0 floor.
+        ("1.4.2", &LAMP_MODELS[..], true),
+        ("1.3.9", &LAMP_MODELS[..], true),
+    ];
+    for (version, models, downgrade) in releases {
+        let (release, image) = signed(release_dir, version, 256, models, downgrade)?;
+        let r = op.publish_release(&release, &image, 32 * 1024, |_| {}).await?;
+        println!(
+            "  published {version:<6} {} KiB for {}{}",
+            r["size"].as_u64().unwrap_or(0) / 1024,
+            models.join(", "),
+            if downgrade { " (rollback: may go below the floor)" } else { "" }
+        );
+    }
+    let specs = [
+        json!({"name": "lamps-2-0-0", "target": {"class": "streetlight"}, "firmware": "2.0.0",
+               "waves": [{"count": 5}, {"percent": 25}, {"percent": 100}],
+               "success_threshold": 60, "health": {"soak_s": 2},
+               "abort": [{"failure": "any", "threshold_percent": 20, "min_executed": 15}],
+               "rollback": true}),
+        json!({"name": "lamps-2-0-1", "target": {"class": "streetlight"}, "firmware": "2.0.1",
+               "waves": [{"count": 5}, {"percent": 25}, {"percent": 100}],
+               "success_threshold": 95, "health": {"soak_s": 2},
+               "abort": [{"failure": "any", "threshold_percent": 10, "min_executed": 10}],
+               "rollback": true}),
+    ];
+    for spec in specs {
+        let name = spec["name"].as_str().unwrap_or_default().to_owned();
+        let r = op.query("rollout-create", spec).await?;
+        println!(
+            "
+rollout {name}: {} streetlights in waves of {}",
+            r["devices"], r["waves"]
+        );
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let watched = crate::rollout_cmd::status_until(
+            op,
+            &name,
+            true,
+            0.5,
+            crate::ops_cmd::Output::Table,
+            Some(deadline),
+        )
+        .await;
+        if let Err(e) = watched {
+            println!("  {e:#}");
+        }
+        // A rollback goes on after the abort: wait for it to land.
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            let s = op.query("rollout-status", json!({"name": name})).await?;
+            let busy: u64 = ["rolling_back", "notified", "downloading", "installing", "rebooting", "verifying"]
+                .iter()
+                .map(|k| s["totals"][*k].as_u64().unwrap_or(0))
+                .sum();
+            if busy == 0 || Instant::now() > until {
+                println!(
+                    "  {name}: {} ({})",
+                    s["phase"].as_str().unwrap_or(""),
+                    s["totals"]
+                        .as_object()
+                        .map(|m| m
+                            .iter()
+                            .map(|(k, v)| format!("{k} {v}"))
+                            .collect::<Vec<_>>()
+                            .join(", "))
+                        .unwrap_or_default()
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    let list = op.query("get-rollouts", json!({})).await?;
+    Ok(list["rollouts"].as_array().cloned().unwrap_or_default())
 }
 
 /// The registry before the change: devices per class and zone.
@@ -302,6 +452,27 @@ fn print_registry(manifest: &[Value]) {
         println!(" {total:>7}");
     }
     println!();
+}
+
+/// Streetlights per firmware version, and how each rollout ended.
+fn print_firmware(rows: &[Value], rollouts: &[Value]) {
+    let mut versions: BTreeMap<String, u64> = BTreeMap::new();
+    for r in rows.iter().filter(|r| r["class"] == "streetlight") {
+        *versions
+            .entry(r["firmware"].as_str().unwrap_or("?").to_owned())
+            .or_default() += 1;
+    }
+    let line: Vec<String> = versions.iter().map(|(v, n)| format!("{v}: {n}")).collect();
+    println!("
+streetlight firmware  {}", line.join(", "));
+    for r in rollouts.iter().rev() {
+        println!(
+            "rollout {:<14} {:<10} {}",
+            r["name"].as_str().unwrap_or(""),
+            r["phase"].as_str().unwrap_or(""),
+            r["reason"].as_str().unwrap_or("")
+        );
+    }
 }
 
 fn print_table(rows: &[Value]) {

@@ -406,6 +406,18 @@ pub async fn status(
     interval: f64,
     output: Output,
 ) -> anyhow::Result<()> {
+    status_until(op, name, watch, interval, output, None).await
+}
+
+/// [`status`], giving up (with an error) once `deadline` has passed.
+pub async fn status_until(
+    op: &mut Operator,
+    name: &str,
+    watch: bool,
+    interval: f64,
+    output: Output,
+    deadline: Option<std::time::Instant>,
+) -> anyhow::Result<()> {
     let every = Duration::from_secs_f64(interval.clamp(0.2, 3600.0));
     let live = watch && output == Output::Table && std::io::stdout().is_terminal();
     let multi = MultiProgress::new();
@@ -487,6 +499,13 @@ pub async fn status(
                 "rollout {name} is {phase}: {}",
                 s["reason"].as_str().unwrap_or("")
             );
+        }
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            for b in &bars {
+                b.abandon();
+            }
+            footer.abandon();
+            bail!("rollout {name} is still {phase} at the deadline");
         }
         tokio::time::sleep(every).await;
     }

@@ -1043,7 +1043,7 @@ pub fn device_row(d: &DeviceRecord) -> Value {
         "id": d.id, "class": d.attrs.class, "labels": d.attrs.labels, "owner": d.attrs.owner,
         "online": d.online, "converged": d.is_converged(),
         "failed": d.failed.is_some(), "revoked": d.revoked, "generation": d.desired_generation,
-        "last_seen": last_seen(d),
+        "last_seen": last_seen(d), "firmware": d.reported.get(crate::rollout::FIRMWARE_KEY),
     })
 }
 
@@ -1059,7 +1059,7 @@ pub fn describe(d: &DeviceRecord) -> Value {
         "delta": delta, "converged": d.is_converged(), "failed": d.failed,
         "drift_count": d.drift_count, "inflight": d.inflight,
         "conditions": d.conditions, "recent_commands": d.recent_commands,
-        "last_seen": last_seen(d),
+        "last_seen": last_seen(d), "rollouts": d.rollouts,
     })
 }
 

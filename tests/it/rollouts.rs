@@ -275,3 +275,318 @@ async fn a_configuration_rollout_moves_in_waves_and_a_failing_one_aborts_and_rol
     assert_eq!(fleet.value_of("dev0001", "dimming"), Some(Some(json!(33))));
     fleet.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_health_gate_halts_the_rollout_until_an_operator_decides() {
+    let s = Setup::new(10);
+    let _server = s.serve();
+    s.zones(10);
+    let fleet = cityplane_agent_sim::Fleet::start(sim(&s.pki, s.port, 10))
+        .await
+        .expect("fleet");
+    assert!(
+        fleet
+            .wait_online(10, std::time::Duration::from_secs(60))
+            .await
+    );
+    // The canary takes the change, then fails the rule the rollout names.
+    let spec = s.file(
+        "gate.json",
+        &json!({"name": "gated", "target": {"class": "streetlight"}, "state": {"dimming": 20},
+                "waves": [{"count": 2}, {"percent": 100}], "success_threshold": 100,
+                "health": {"soak_s": 30, "rules": [{"key": "dimming", "op": ">", "value": 50}]}}),
+    );
+    s.json(&["rollout", "create", "-f", &spec]);
+    let halted = s.until_phase("gated", "halted").await;
+    assert!(
+        halted["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("health gate: 2 of 2") && r.contains("fails dimming > 50")),
+        "{halted}"
+    );
+    assert_eq!(
+        halted["totals"],
+        json!({"succeeded": 2, "queued": 8}),
+        "{halted}"
+    );
+    // Resuming judges the wave again: still unhealthy, halted again; the
+    // second wave never starts.
+    s.json(&["rollout", "resume", "gated"]);
+    let again = s.until_phase("gated", "halted").await;
+    assert_eq!(again["totals"]["queued"], 8, "{again}");
+    let out = cli(&s.pki, s.port, &["rollout", "status", "gated", "--watch"])
+        .output()
+        .expect("runs");
+    assert!(
+        !out.status.success(),
+        "watching a halted rollout ends with an error"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("halted"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s.json(&["rollout", "abort", "gated"]);
+    assert_eq!(s.devices_of("gated", Some("cancelled")).len(), 8);
+    fleet.shutdown().await;
+}
+
+/// A release key, images and releases signed with it, in the test's directory.
+struct Releases<'a> {
+    s: &'a Setup,
+    key_dir: PathBuf,
+}
+
+const LAMP_MODELS: [&str; 3] = ["LumiNode SL-200", "LumiNode SL-300", "Orbis LX-4"];
+
+impl<'a> Releases<'a> {
+    fn new(s: &'a Setup, name: &str) -> Releases<'a> {
+        let key_dir = s.dir.path().join(name);
+        ok(Command::new(BIN)
+            .args(["firmware", "keygen", "--dir"])
+            .arg(&key_dir));
+        Releases { s, key_dir }
+    }
+
+    fn public_key(&self) -> [u8; 32] {
+        cityplane_certs::firmware::read_public_key(&self.key_dir.join("release.pub"))
+            .expect("release.pub")
+    }
+
+    /// Signs an image of `size` bytes as `version` for `models` (extra
+    /// `sign` flags after); returns (release file, image file).
+    fn sign(
+        &self,
+        version: &str,
+        size: usize,
+        models: &[&str],
+        extra: &[&str],
+    ) -> (String, String) {
+        let image = self.s.dir.path().join(format!("img-{version}.bin"));
+        let bytes: Vec<u8> = (0..size)
+            .map(|i| (i * 31 % 251) as u8 ^ version.len() as u8)
+            .collect();
+        std::fs::write(&image, bytes).expect("image");
+        let release = self
+            .s
+            .dir
+            .path()
+            .join(format!("img-{version}.release.json"));
+        let mut cmd = Command::new(BIN);
+        cmd.args(["firmware", "sign"])
+            .arg(&image)
+            .args(["--version", version, "--key"])
+            .arg(self.key_dir.join("release.key"))
+            .arg("--out")
+            .arg(&release);
+        for m in models {
+            cmd.args(["--model", m]);
+        }
+        cmd.args(extra);
+        ok(&mut cmd);
+        (
+            release.to_str().expect("utf-8").to_owned(),
+            image.to_str().expect("utf-8").to_owned(),
+        )
+    }
+
+    /// Signs and publishes; returns the image's SHA-256.
+    fn publish(&self, version: &str, size: usize, models: &[&str], extra: &[&str]) -> String {
+        let (release, image) = self.sign(version, size, models, extra);
+        let r = self
+            .s
+            .json(&["firmware", "publish", &release, "--image", &image]);
+        assert_eq!(r["complete"], true, "{r}");
+        r["sha256"].as_str().expect("sha256").to_owned()
+    }
+}
+
+fn firmware_sim(
+    s: &Setup,
+    prefix: &str,
+    n: usize,
+    key: [u8; 32],
+) -> cityplane_agent_sim::SimConfig {
+    let mut c = sim(&s.pki, s.port, n);
+    c.ids = (1..=n).map(|i| format!("{prefix}{i:04}")).collect();
+    c.release_key = Some(key);
+    c.firmware = cityplane_agent_sim::FirmwareSim::fast();
+    c.faults.reboot_time = (
+        std::time::Duration::from_millis(20),
+        std::time::Duration::from_millis(60),
+    );
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_firmware_rollout_survives_sigkill_picks_up_new_devices_and_installs_once_each() {
+    const N: usize = 500;
+    let s = Setup::new(N);
+    // Ten more, issued without attributes: no streetlight rollout targets them yet.
+    ok(Command::new(BIN)
+        .args(["certs", "issue", "--pki", s.pki.to_str().expect("utf-8")])
+        .args(["--role", "device", "--count", "10", "--prefix", "new"]));
+    let server = s.serve();
+    s.zones(N);
+    let releases = Releases::new(&s, "release");
+    releases.publish("2.0.0", 200 * 1024, &LAMP_MODELS, &[]);
+    let fleet =
+        cityplane_agent_sim::Fleet::start(firmware_sim(&s, "dev", N, releases.public_key()))
+            .await
+            .expect("fleet");
+    let newcomers =
+        cityplane_agent_sim::Fleet::start(firmware_sim(&s, "new", 10, releases.public_key()))
+            .await
+            .expect("newcomers");
+    assert!(
+        fleet
+            .wait_online(N, std::time::Duration::from_secs(120))
+            .await
+    );
+
+    let spec = s.file(
+        "fw.json",
+        &json!({"name": "lamps-2-0-0", "target": {"class": "streetlight"}, "firmware": "2.0.0",
+                "waves": [{"count": 10}, {"percent": 10}, {"percent": 100}],
+                "success_threshold": 100, "health": {"soak_s": 1}}),
+    );
+    let created = s.json(&["rollout", "create", "-f", &spec]);
+    assert_eq!(created["waves"], json!([10, 50, 440]), "{created}");
+
+    // SIGKILL while the third wave is on its way.
+    eventually("the third wave under way", || {
+        let st = s.status("lamps-2-0-0");
+        st["wave"] == 3 && st["totals"]["succeeded"].as_u64().unwrap_or(0) > 60
+    })
+    .await;
+    server.kill();
+    let _server = s.serve();
+    // Registered while the rollout runs: picked up.
+    let joiners: Vec<Value> = (1..=10)
+        .map(|i| json!({"id": format!("new{i:04}"), "class": "streetlight", "labels": {"zone": "east"}}))
+        .collect();
+    let f = s.file("joiners.json", &json!(joiners));
+    s.json(&["devices", "register", "-f", &f]);
+
+    let done = s.until_phase("lamps-2-0-0", "completed").await;
+    eventually("every device on 2.0.0", || {
+        s.status("lamps-2-0-0")["totals"] == json!({"succeeded": N + 10})
+    })
+    .await;
+    for (sim, prefix, n) in [(&fleet, "dev", N), (&newcomers, "new", 10)] {
+        for i in 1..=n {
+            let id = format!("{prefix}{i:04}");
+            let d = sim.device(&id).expect("device");
+            assert_eq!(
+                d.firmware_installs, 1,
+                "{id} installed {} times",
+                d.firmware_installs
+            );
+            assert_eq!(
+                sim.value_of(&id, "firmware"),
+                Some(Some(json!("2.0.0"))),
+                "{id}"
+            );
+        }
+    }
+    assert!(
+        done["history"].to_string().contains("wave 3 done"),
+        "{done}"
+    );
+    fleet.shutdown().await;
+    newcomers.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_device_refuses_every_bad_release_and_the_rollout_says_why() {
+    const N: usize = 6;
+    let s = Setup::new(N);
+    let _server = s.serve();
+    s.zones(N);
+    let releases = Releases::new(&s, "release");
+    let stranger = Releases::new(&s, "stranger");
+    let fleet =
+        cityplane_agent_sim::Fleet::start(firmware_sim(&s, "dev", N, releases.public_key()))
+            .await
+            .expect("fleet");
+    assert!(
+        fleet
+            .wait_online(N, std::time::Duration::from_secs(60))
+            .await
+    );
+    let firmware = s.data.join("firmware");
+
+    // What each release gets wrong, and the words the devices' refusals use.
+    stranger.publish("2.1.0", 4096, &LAMP_MODELS, &[]);
+    releases.publish("2.2.0", 4096, &["Nope X-1"], &[]);
+    let tampered = releases.publish("2.3.0", 100_000, &LAMP_MODELS, &[]);
+    let mut bytes = std::fs::read(firmware.join(&tampered)).expect("stored image");
+    bytes[50_000] ^= 0xff;
+    std::fs::write(firmware.join(&tampered), bytes).expect("tamper");
+    let grown = releases.publish("2.4.0", 4096, &LAMP_MODELS, &[]);
+    let mut bytes = std::fs::read(firmware.join(&grown)).expect("stored image");
+    bytes.extend_from_slice(&[0u8; 70_000]);
+    std::fs::write(firmware.join(&grown), bytes).expect("grow");
+    releases.publish("1.0.0", 4096, &LAMP_MODELS, &[]);
+    let cases = [
+        ("2.1.0", "bad signature"),
+        ("2.2.0", "wrong model"),
+        ("2.3.0", "hash mismatch"),
+        ("2.4.0", "size"),
+        ("1.0.0", "downgrade"),
+    ];
+    for (version, words) in cases {
+        let name = format!("bad-{}", version.replace('.', "-"));
+        let spec = s.file(
+            &format!("{name}.json"),
+            &json!({"name": name, "target": {"class": "streetlight"}, "firmware": version,
+                    "waves": [{"percent": 100}]}),
+        );
+        s.json(&["rollout", "create", "-f", &spec]);
+        eventually(&format!("{name}: every device refused"), || {
+            s.status(&name)["totals"] == json!({"failed": N})
+        })
+        .await;
+        let failed = s.devices_of(&name, Some("failed"));
+        assert_eq!(failed.len(), N);
+        for d in &failed {
+            assert!(
+                d["reason"].as_str().is_some_and(|r| r.contains(words)),
+                "{version}: {d}"
+            );
+        }
+        let st = s.status(&name);
+        assert!(
+            st["failures"].to_string().contains(words),
+            "rollout status shows it: {st}"
+        );
+        s.json(&["rollout", "abort", &name]);
+    }
+    // No release at all: a rollout is refused at create; a document that
+    // sets firmware anyway reaches devices unsigned, and they refuse it.
+    let missing = s.file(
+        "missing.json",
+        &json!({"name": "missing", "target": {"class": "streetlight"}, "firmware": "9.9.9"}),
+    );
+    let refused = s.fails(&["rollout", "create", "-f", &missing]);
+    assert!(
+        refused.contains("no release 9.9.9 is published"),
+        "{refused}"
+    );
+    let doc = s.file(
+        "doc.json",
+        &json!({"name": "sneaky", "target": {"ids": ["dev0001"]}, "state": {"firmware": "9.9.9"}}),
+    );
+    s.json(&["apply", "-f", &doc]);
+    eventually("dev0001 refuses an unsigned firmware change", || {
+        s.json(&["describe", "device", "dev0001"])["failed"]
+            .as_str()
+            .is_some_and(|f| f.contains("unsigned"))
+    })
+    .await;
+    for i in 1..=N {
+        let d = fleet.device(&format!("dev{i:04}")).expect("device");
+        assert_eq!(d.firmware_installs, 0, "nothing bad was installed");
+    }
+    fleet.shutdown().await;
+}
