@@ -87,6 +87,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         listen: "127.0.0.1:0".parse()?,
         pki: pki_dir.clone(),
         limits: Default::default(),
+        firmware_dir: None,
     })
     .await
     .context("starting the broker")?;

@@ -4,11 +4,23 @@
 //! acknowledged) and the firmware update state machine (downloading →
 //! verifying → installing → rebooting → health-check → done, or failed).
 //!
+//! A device provisioned with a release key ([`Env::release_key`]) installs
+//! only signed releases (docs/PROTOCOL.md, "Firmware"): the command's
+//! `release` is checked (signature, version, model, floor) before anything
+//! starts, the image is downloaded for real in chunks (`fetch` out, blobs
+//! in, resumed from the bytes it has after a dropped connection), its size
+//! and SHA-256 checked, and the floor raised once the new image runs.
+//! Without a key the download is a timer, as it always was.
+//!
 //! No clock and no I/O: time comes in as an argument and what the device
 //! must send comes out as [`Actions`], which the session loop in
 //! `device.rs` carries out. Randomness (failure injection, power loss during
 //! an update) is the device's seeded [`Rng`], passed in.
 
+use std::time::Duration;
+
+use cityplane_certs::firmware::{check_release, floor_after, ReleaseError};
+use cityplane_proto::firmware::{BlobHeader, FetchRequest, ReleaseManifest, MAX_CHUNK};
 use cityplane_proto::messages::{AckStatus, Command, State};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -26,6 +38,19 @@ pub(crate) const REPLAY_WINDOW: usize = 64;
 /// Commands acknowledged together when one update ends (the first and the
 /// retries of the same change that arrived meanwhile), at most.
 const UPDATE_ACKS_KEPT: usize = 16;
+
+/// Shortest time between two fetches: 40 a second, well under the broker's
+/// default budget of 100 publishes a second per identity (which fetches
+/// spend too), so reports and acks always have room.
+const MIN_FETCH_INTERVAL: Duration = Duration::from_millis(25);
+
+/// A fetch without an answer is sent again after this long (a blob is QoS
+/// 0), at most [`FETCH_RETRIES`] times in a row.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+const FETCH_RETRIES: u32 = 5;
+
+/// The state key holding the oldest version the device still accepts.
+pub(crate) const FLOOR_KEY: &str = "firmware_floor";
 
 /// The last [`REPLAY_WINDOW`] command ids, as 64-bit hashes (8 bytes each
 /// instead of a String).
@@ -77,9 +102,40 @@ impl Step {
     }
 }
 
+/// A signed release being downloaded: what it declares and what came in.
+struct Download {
+    manifest: ReleaseManifest,
+    received: u64,
+    hash: ring::digest::Context,
+    /// When the transfer started: fetches are paced at the simulated link
+    /// speed ([`FirmwareSim::download_kib_per_s`]).
+    started: Instant,
+    last_fetch: Instant,
+    /// A fetch is out and its blob has not come.
+    awaiting: bool,
+    /// Fetches sent again without an answer, in a row.
+    retries: u32,
+    /// Every byte is in and the hash matched: the step ends at the deadline.
+    complete: bool,
+}
+
+impl Download {
+    fn request(&self) -> FetchRequest {
+        FetchRequest {
+            sha256: self.manifest.sha256.clone(),
+            offset: self.received,
+            length: MAX_CHUNK,
+        }
+    }
+}
+
 struct UpdateJob {
     target: String,
     from: String,
+    /// A signed release (the device has a release key): downloaded for real.
+    download: Option<Box<Download>>,
+    /// The floor once this release runs.
+    floor_after: Option<String>,
     generation: u64,
     /// Commands to acknowledge when the update ends.
     command_ids: Vec<String>,
@@ -106,12 +162,26 @@ pub(crate) struct AckOut {
     pub reason: Option<String>,
 }
 
+impl UpdateJob {
+    /// A fetch for the bytes still missing; its answer is awaited until
+    /// [`FETCH_TIMEOUT`] (then asked for again).
+    fn fetch(&mut self, now: Instant) -> Option<FetchRequest> {
+        let dl = self.download.as_mut()?;
+        dl.awaiting = true;
+        dl.last_fetch = now;
+        self.deadline = now + FETCH_TIMEOUT;
+        Some(dl.request())
+    }
+}
+
 /// What the device sends after an event, in this order: the full state
-/// ([`report`]), the acks, then it reboots (the session ends).
+/// ([`report`]), the acks, a fetch, then it reboots (the session ends).
 #[derive(Debug, Default, PartialEq)]
 pub(crate) struct Actions {
     pub report: bool,
     pub acks: Vec<AckOut>,
+    /// Image bytes to ask for on `devices/D/fetch`.
+    pub fetch: Option<FetchRequest>,
     pub reboot: bool,
 }
 
@@ -138,6 +208,36 @@ pub(crate) struct Env<'a> {
     /// Probability that an update is cut by a power loss.
     pub reboot_during_update: f64,
     pub counters: &'a Counters,
+    /// The release public key the device is provisioned with: with one it
+    /// installs only signed releases, downloaded from the broker.
+    pub release_key: Option<&'a [u8; 32]>,
+}
+
+/// The refusal kinds counted in the statistics, by check.
+fn refusal_kind(e: &ReleaseError) -> &'static str {
+    match e {
+        ReleaseError::BadSignature => "signature",
+        ReleaseError::WrongModel { .. } => "model",
+        ReleaseError::Downgrade { .. } => "downgrade",
+        ReleaseError::VersionMismatch { .. } => "version mismatch",
+        ReleaseError::BadManifest(_) => "manifest",
+        _ => "other",
+    }
+}
+
+/// The version below which the device refuses releases: its `firmware_floor`,
+/// else (never updated through a release) the firmware it runs.
+fn floor_of(v: &DeviceView) -> String {
+    v.state
+        .get(FLOOR_KEY)
+        .or_else(|| v.state.get("firmware"))
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[derive(Serialize)]
@@ -217,6 +317,8 @@ impl Behaviour {
         let mut joins_update = false;
         if let (None, Some(fw), Some(job)) = (&reason, &new_fw, &self.update) {
             if *fw == job.target {
+                // The release of the update in progress was checked when it
+                // started: a retry (new id, same version) only joins it.
                 joins_update = true;
             } else {
                 reason = Some(format!(
@@ -224,6 +326,31 @@ impl Behaviour {
                     job.target,
                     job.step.name()
                 ));
+            }
+        }
+        let mut manifest = None;
+        if let (None, Some(fw), false, Some(key)) =
+            (&reason, &new_fw, joins_update, env.release_key)
+        {
+            let model = v
+                .state
+                .get("hardware_model")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let checked = match &cmd.release {
+                None => Err((
+                    "unsigned",
+                    "unsigned: the command carries no signed release".to_owned(),
+                )),
+                Some(release) => check_release(key, release, fw, model, &floor_of(v))
+                    .map_err(|e| (refusal_kind(&e), e.to_string())),
+            };
+            match checked {
+                Ok(m) => manifest = Some(m),
+                Err((kind, why)) => {
+                    counters.fw_refusal(kind);
+                    reason = Some(why);
+                }
             }
         }
         if let Some(reason) = reason {
@@ -253,6 +380,7 @@ impl Behaviour {
                         reason: None,
                     }],
                     reboot: false,
+                    fetch: None,
                 }
             }
             Some(_) if joins_update => {
@@ -269,8 +397,10 @@ impl Behaviour {
                 let interrupt_at = rng
                     .chance(env.reboot_during_update)
                     .then(|| *rng.pick(&[Step::Downloading, Step::Verifying, Step::Installing]));
-                let job = UpdateJob {
+                let mut job = UpdateJob {
                     from: current_fw,
+                    download: None,
+                    floor_after: None,
                     generation: cmd.generation,
                     command_ids: vec![cmd.id],
                     step: Step::Downloading,
@@ -279,13 +409,36 @@ impl Behaviour {
                     interrupted: None,
                     target,
                 };
-                v.state.insert(
-                    "update".into(),
-                    json!({"state": "downloading", "target": job.target, "from": job.from, "size_kib": fw.size_kib}),
-                );
+                let mut actions = Actions::report();
+                match manifest {
+                    Some(m) => {
+                        job.floor_after = Some(floor_after(&m, &floor_of(v)));
+                        v.state.insert(
+                            "update".into(),
+                            json!({"state": "downloading", "target": job.target, "from": job.from, "received": 0, "size": m.size}),
+                        );
+                        job.download = Some(Box::new(Download {
+                            hash: ring::digest::Context::new(&ring::digest::SHA256),
+                            received: 0,
+                            started: now,
+                            last_fetch: now,
+                            awaiting: false,
+                            retries: 0,
+                            complete: false,
+                            manifest: m,
+                        }));
+                        actions.fetch = job.fetch(now);
+                    }
+                    None => {
+                        v.state.insert(
+                            "update".into(),
+                            json!({"state": "downloading", "target": job.target, "from": job.from, "size_kib": fw.size_kib}),
+                        );
+                    }
+                }
                 self.update = Some(Box::new(job));
                 Counters::inc(&counters.fw_started);
-                Actions::report()
+                actions
             }
         }
     }
@@ -305,6 +458,21 @@ impl Behaviour {
         };
         if now < job.deadline {
             return Actions::default();
+        }
+        if let Some(dl) = job.download.as_mut().filter(|d| !d.complete) {
+            // The transfer is under way: the deadline is the next fetch's
+            // (paced) or an unanswered one's timeout.
+            if dl.awaiting {
+                dl.retries += 1;
+                if dl.retries > FETCH_RETRIES {
+                    let reason = format!("download failed: no answer to {FETCH_RETRIES} fetches");
+                    return self.fail_download(env, v, now, reason);
+                }
+            }
+            return Actions {
+                fetch: job.fetch(now),
+                ..Actions::default()
+            };
         }
         if job.interrupt_at == Some(job.step) {
             // Power loss: nothing more is sent; the will announces it.
@@ -359,6 +527,7 @@ impl Behaviour {
                 report: true,
                 acks,
                 reboot: false,
+                fetch: None,
             };
         }
         if step == Step::HealthCheck {
@@ -367,16 +536,134 @@ impl Behaviour {
                 report: true,
                 acks,
                 reboot: false,
+                fetch: None,
             };
+        }
+        if step == Step::Installing {
+            // The image is written: one install, whatever happens next.
+            v.firmware_installs += 1;
+            Counters::inc(&env.counters.fw_installs);
         }
         job.step = next;
         job.deadline = now + next_time;
         set_update_state(v, job);
         Actions {
             report: true,
-            acks: Vec::new(),
             // The planned reboot into the new image.
             reboot: next == Step::Rebooting,
+            ..Actions::default()
+        }
+    }
+
+    /// A blob on the device's blob topic: the next chunk of the download in
+    /// progress, or nothing this device waits for (ignored).
+    pub(crate) fn on_blob(
+        &mut self,
+        env: &Env,
+        v: &mut DeviceView,
+        header: BlobHeader,
+        bytes: &[u8],
+        now: Instant,
+    ) -> Actions {
+        let Some(job) = self.update.as_mut() else {
+            return Actions::default();
+        };
+        let Some(dl) = job.download.as_mut() else {
+            return Actions::default();
+        };
+        // Only the answer to the fetch that is out (a late copy of an
+        // earlier one would be bytes at the wrong place).
+        if dl.complete
+            || !dl.awaiting
+            || header.sha256 != dl.manifest.sha256
+            || header.offset != dl.received
+        {
+            return Actions::default();
+        }
+        dl.awaiting = false;
+        dl.retries = 0;
+        let size = dl.manifest.size;
+        if let Some(error) = header.error {
+            return self.fail_download(env, v, now, format!("download failed: {error}"));
+        }
+        if header.total != size {
+            env.counters.fw_refusal("size");
+            let reason = format!(
+                "size: the image is {} bytes, the release declares {size}",
+                header.total
+            );
+            return self.fail_download(env, v, now, reason);
+        }
+        let received = dl.received + bytes.len() as u64;
+        if received > size {
+            env.counters.fw_refusal("size");
+            let reason = format!("size: more than the {size} bytes the release declares came");
+            return self.fail_download(env, v, now, reason);
+        }
+        if bytes.is_empty() && received < size {
+            let reason = format!("download failed: the image ended at {received} of {size} bytes");
+            return self.fail_download(env, v, now, reason);
+        }
+        dl.hash.update(bytes);
+        dl.received = received;
+        v.firmware_bytes += bytes.len() as u64;
+        env.counters
+            .fw_bytes
+            .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        if let Some(update) = v.state.get_mut("update").and_then(Value::as_object_mut) {
+            update.insert("received".into(), json!(received));
+        }
+        if received < size {
+            // The next chunk, no faster than the simulated link and the
+            // broker's publish budget allow.
+            let link = env.firmware.download_kib_per_s;
+            let by_link = if link > 0.0 {
+                dl.started + Duration::from_secs_f64(received as f64 / 1024.0 / link)
+            } else {
+                now
+            };
+            let next = by_link.max(dl.last_fetch + MIN_FETCH_INTERVAL);
+            if next <= now {
+                return Actions {
+                    fetch: job.fetch(now),
+                    ..Actions::default()
+                };
+            }
+            job.deadline = next;
+            return Actions::default();
+        }
+        let digest = hex(dl.hash.clone().finish().as_ref());
+        if digest != dl.manifest.sha256 {
+            env.counters.fw_refusal("hash");
+            let reason = format!(
+                "hash mismatch: the image's SHA-256 is {digest}, the release declares {}",
+                dl.manifest.sha256
+            );
+            return self.fail_download(env, v, now, reason);
+        }
+        // All in and intact: the download step ends now (where a power
+        // loss or an injected failure may still cut it).
+        dl.complete = true;
+        job.deadline = now;
+        Actions::default()
+    }
+
+    fn fail_download(
+        &mut self,
+        env: &Env,
+        v: &mut DeviceView,
+        now: Instant,
+        reason: String,
+    ) -> Actions {
+        let failure = Failure {
+            step: Step::Downloading,
+            reason,
+            interrupted: false,
+        };
+        Actions {
+            report: true,
+            acks: self.finish_update(env, v, now, Err(failure)),
+            ..Actions::default()
         }
     }
 
@@ -413,6 +700,16 @@ impl Behaviour {
                 report: true,
                 acks,
                 reboot: false,
+                fetch: None,
+            };
+        }
+        if job.download.as_ref().is_some_and(|d| !d.complete) {
+            // Back after a dropped connection: ask again from the bytes it
+            // has (the fetch that was out died with the old connection).
+            return Actions {
+                report: true,
+                fetch: job.fetch(now),
+                ..Actions::default()
             };
         }
         if job.step == Step::Rebooting {
@@ -441,6 +738,9 @@ impl Behaviour {
         match outcome {
             Ok(()) => {
                 v.state.insert("firmware".into(), json!(job.target));
+                if let Some(floor) = &job.floor_after {
+                    v.state.insert(FLOOR_KEY.into(), json!(floor));
+                }
                 v.state.insert(
                     "update".into(),
                     json!({"state": "done", "target": job.target, "from": job.from}),
@@ -503,6 +803,7 @@ mod tests {
 
     use super::*;
     use crate::StepFailures;
+    use cityplane_proto::firmware::SignedRelease;
 
     const OLD_FW: &str = "1.3.9";
 
@@ -560,6 +861,7 @@ mod tests {
             report: true,
             acks,
             reboot: false,
+            fetch: None,
         }
     }
 
@@ -568,6 +870,7 @@ mod tests {
             report,
             acks: Vec::new(),
             reboot: true,
+            fetch: None,
         }
     }
 
@@ -576,6 +879,7 @@ mod tests {
         firmware: FirmwareSim,
         reboot_during_update: f64,
         counters: Counters,
+        release_key: Option<[u8; 32]>,
     }
 
     impl Settings {
@@ -585,6 +889,7 @@ mod tests {
                 firmware: &self.firmware,
                 reboot_during_update: self.reboot_during_update,
                 counters: &self.counters,
+                release_key: self.release_key.as_ref(),
             }
         }
     }
@@ -608,16 +913,34 @@ mod tests {
                     firmware,
                     reboot_during_update,
                     counters: Counters::default(),
+                    release_key: None,
                 },
                 now: Instant::now(),
             }
         }
 
         fn command(&mut self, id: &str, generation: u64, state: Value) -> Actions {
-            let cmd = command(id, generation, state);
+            self.release(id, generation, state, None)
+        }
+
+        fn release(
+            &mut self,
+            id: &str,
+            generation: u64,
+            state: Value,
+            release: Option<SignedRelease>,
+        ) -> Actions {
+            let mut cmd = command(id, generation, state);
+            cmd.release = release;
             let env = self.settings.env();
             self.core
                 .on_command(&env, &mut self.rng, &mut self.view, cmd, self.now)
+        }
+
+        fn blob(&mut self, header: BlobHeader, bytes: &[u8]) -> Actions {
+            let env = self.settings.env();
+            self.core
+                .on_blob(&env, &mut self.view, header, bytes, self.now)
         }
 
         /// Waits for the update's next step and takes it.
@@ -904,6 +1227,293 @@ mod tests {
             )])
         );
         assert_eq!(sim.update_state(), json!("failed"));
+    }
+
+    /// Signed releases (a device with a release key).
+    mod signed {
+        use super::*;
+        use cityplane_certs::firmware::sign_manifest;
+        use ring::signature::{Ed25519KeyPair, KeyPair};
+
+        const MODEL: &str = "LumiNode SL-200";
+        const SIZE: usize = 100_000;
+
+        fn key() -> (Ed25519KeyPair, [u8; 32]) {
+            let pkcs8 =
+                Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).expect("pkcs8");
+            let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("pair");
+            let public = pair.public_key().as_ref().try_into().expect("32 bytes");
+            (pair, public)
+        }
+
+        fn image() -> Vec<u8> {
+            (0..SIZE).map(|i| (i % 251) as u8).collect()
+        }
+
+        fn manifest(version: &str, bytes: &[u8]) -> ReleaseManifest {
+            ReleaseManifest {
+                version: version.into(),
+                models: vec![MODEL.into()],
+                size: bytes.len() as u64,
+                sha256: hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref()),
+                floor: None,
+                downgrade: false,
+                fetch: "mqtt".into(),
+            }
+        }
+
+        /// A streetlight of model [`MODEL`] with a release key, and a
+        /// release of [`image`] signed by it.
+        fn signed_sim() -> (Sim, Ed25519KeyPair, SignedRelease) {
+            let (pair, public) = key();
+            let mut sim = Sim::new(FirmwareSim::fast(), 0.0);
+            sim.settings.release_key = Some(public);
+            sim.view.state.insert("hardware_model".into(), json!(MODEL));
+            sim.view.state.insert(FLOOR_KEY.into(), json!(OLD_FW));
+            let release = sign_manifest(&pair, &manifest("1.5.0", &image())).expect("sign");
+            (sim, pair, release)
+        }
+
+        fn fetch(offset: u64) -> Actions {
+            Actions {
+                fetch: Some(FetchRequest {
+                    sha256: manifest("1.5.0", &image()).sha256,
+                    offset,
+                    length: MAX_CHUNK,
+                }),
+                ..Actions::default()
+            }
+        }
+
+        fn header(offset: u64, total: u64) -> BlobHeader {
+            BlobHeader {
+                sha256: manifest("1.5.0", &image()).sha256,
+                offset,
+                total,
+                error: None,
+            }
+        }
+
+        const CHUNK: usize = MAX_CHUNK as usize;
+
+        #[test]
+        fn a_release_is_downloaded_in_paced_chunks_resumed_checked_and_installed_once() {
+            let (mut sim, _, release) = signed_sim();
+            let bytes = image();
+            let fw = json!({"firmware": "1.5.0"});
+            let started = sim.release("c1", 1, fw.clone(), Some(release.clone()));
+            assert_eq!(
+                started,
+                Actions {
+                    report: true,
+                    ..fetch(0)
+                }
+            );
+            assert_eq!(
+                sim.view.state["update"],
+                json!({"state": "downloading", "target": "1.5.0", "from": OLD_FW, "received": 0, "size": SIZE})
+            );
+            // A retry with a new id joins; the chunk that answers the fetch
+            // is taken, a copy of it is not.
+            assert_eq!(sim.release("c2", 1, fw, Some(release)), Actions::report());
+            assert_eq!(
+                sim.blob(header(0, SIZE as u64), &bytes[..CHUNK]),
+                Actions::default()
+            );
+            assert_eq!(
+                sim.blob(header(0, SIZE as u64), &bytes[..CHUNK]),
+                Actions::default()
+            );
+            // The next fetch waits its turn (pacing), then goes out.
+            assert_eq!(sim.next_step(), fetch(CHUNK as u64));
+            // The connection drops: back online, it asks from where it was.
+            assert_eq!(
+                sim.boot(),
+                Actions {
+                    report: true,
+                    ..fetch(CHUNK as u64)
+                }
+            );
+            assert_eq!(sim.view.state["update"]["received"], json!(CHUNK));
+            assert_eq!(
+                sim.blob(header(CHUNK as u64, SIZE as u64), &bytes[CHUNK..]),
+                Actions::default()
+            );
+            assert_eq!(sim.next_step(), Actions::report());
+            assert_eq!(sim.update_state(), json!("verifying"));
+            assert_eq!(sim.next_step(), Actions::report());
+            assert_eq!(sim.next_step(), reboot(true));
+            assert_eq!(sim.view.firmware_installs, 1);
+            assert_eq!(sim.boot(), Actions::report());
+            assert_eq!(
+                sim.next_step(),
+                report_and(vec![applied("c1"), applied("c2")])
+            );
+            assert_eq!(sim.firmware(), json!("1.5.0"));
+            assert_eq!(sim.view.state[FLOOR_KEY], json!("1.5.0"));
+            // The version it runs, under a new id: applied, no install.
+            assert_eq!(
+                sim.command("c3", 2, json!({"firmware": "1.5.0"})),
+                report_and(vec![applied("c3")])
+            );
+            assert_eq!(sim.view.firmware_installs, 1);
+        }
+
+        #[test]
+        fn bad_images_are_refused_by_size_and_hash() {
+            let bytes = image();
+            let mut other = bytes.clone();
+            other[SIZE - 1] ^= 1;
+            let total = SIZE as u64;
+            // (what, blobs sent, the reason's start)
+            type Case = (&'static str, Vec<(BlobHeader, Vec<u8>)>, &'static str);
+            let cases: Vec<Case> = vec![
+                (
+                    "a larger image",
+                    vec![(header(0, total + 1), bytes[..CHUNK].to_vec())],
+                    "size: ",
+                ),
+                (
+                    "a smaller image",
+                    vec![(header(0, total - 1), bytes[..CHUNK].to_vec())],
+                    "size: ",
+                ),
+                (
+                    "more bytes than declared",
+                    vec![
+                        (header(0, total), bytes[..CHUNK].to_vec()),
+                        (header(CHUNK as u64, total), vec![0; CHUNK]),
+                    ],
+                    "size: ",
+                ),
+                (
+                    "other bytes",
+                    vec![
+                        (header(0, total), other[..CHUNK].to_vec()),
+                        (header(CHUNK as u64, total), other[CHUNK..].to_vec()),
+                    ],
+                    "hash mismatch: ",
+                ),
+                (
+                    "an error from the broker",
+                    vec![(
+                        BlobHeader {
+                            error: Some("not_found".into()),
+                            ..header(0, 0)
+                        },
+                        vec![],
+                    )],
+                    "download failed: not_found",
+                ),
+            ];
+            for (what, blobs, reason) in cases {
+                let (mut sim, _, release) = signed_sim();
+                sim.release("c1", 1, json!({"firmware": "1.5.0"}), Some(release));
+                let mut last = Actions::default();
+                for (i, (h, b)) in blobs.into_iter().enumerate() {
+                    if i > 0 {
+                        assert!(sim.next_step().fetch.is_some(), "{what}");
+                    }
+                    last = sim.blob(h, &b);
+                }
+                let ack = last.acks.first().expect("an ack");
+                assert_eq!(ack.status, AckStatus::Rejected, "{what}");
+                let why = ack.reason.as_deref().unwrap_or_default();
+                assert!(why.starts_with(reason), "{what}: {why}");
+                assert_eq!(sim.firmware(), json!(OLD_FW), "{what}");
+                assert_eq!(sim.update_state(), json!("failed"), "{what}");
+            }
+        }
+
+        #[test]
+        fn a_release_is_checked_before_anything_starts() {
+            let (other, _) = key();
+            let bytes = image();
+            let sign = |pair: &Ed25519KeyPair, m: ReleaseManifest| {
+                Some(sign_manifest(pair, &m).expect("sign"))
+            };
+            // (what, asked version, the release from the right key or not, reason, kind)
+            type Case = (
+                &'static str,
+                &'static str,
+                Option<ReleaseManifest>,
+                bool,
+                &'static str,
+                &'static str,
+            );
+            let mut wrong_model = manifest("1.5.0", &bytes);
+            wrong_model.models = vec!["Orbis LX-4".into()];
+            let mut rollback = manifest("1.0.0", &bytes);
+            rollback.downgrade = true;
+            let cases: Vec<Case> = vec![
+                (
+                    "unsigned",
+                    "1.5.0",
+                    None,
+                    true,
+                    "unsigned: the command carries no signed release",
+                    "unsigned",
+                ),
+                (
+                    "another key",
+                    "1.5.0",
+                    Some(manifest("1.5.0", &bytes)),
+                    false,
+                    "bad signature: ",
+                    "signature",
+                ),
+                (
+                    "another model",
+                    "1.5.0",
+                    Some(wrong_model),
+                    true,
+                    "wrong model: ",
+                    "model",
+                ),
+                (
+                    "below the floor",
+                    "1.0.0",
+                    Some(manifest("1.0.0", &bytes)),
+                    true,
+                    "downgrade: ",
+                    "downgrade",
+                ),
+                (
+                    "another version",
+                    "1.6.0",
+                    Some(manifest("1.5.0", &bytes)),
+                    true,
+                    "release is for 1.5.0",
+                    "version mismatch",
+                ),
+            ];
+            for (what, version, m, right_key, reason, kind) in cases {
+                let (mut sim, pair, _) = signed_sim();
+                let release = m.and_then(|m| sign(if right_key { &pair } else { &other }, m));
+                let got = sim.release("c1", 1, json!({"firmware": version, "dimming": 5}), release);
+                assert_eq!(got.acks.len(), 1, "{what}");
+                let why = got.acks[0].reason.as_deref().unwrap_or_default();
+                assert!(why.starts_with(reason), "{what}: {why}");
+                assert_eq!((got.report, got.fetch), (false, None), "{what}");
+                assert_eq!(
+                    sim.view.state["dimming"],
+                    json!(30),
+                    "{what}: nothing applied"
+                );
+                let refused = sim
+                    .settings
+                    .counters
+                    .fw_refused
+                    .lock()
+                    .expect("lock")
+                    .clone();
+                assert_eq!(refused.get(kind), Some(&1), "{what}: {refused:?}");
+            }
+            // Signed as a downgrade, it starts.
+            let (mut sim, pair, _) = signed_sim();
+            let got = sim.release("c1", 1, json!({"firmware": "1.0.0"}), sign(&pair, rollback));
+            assert!(got.fetch.is_some());
+        }
     }
 
     #[test]

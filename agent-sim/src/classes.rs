@@ -12,6 +12,7 @@
 //! | `security` | `{"services": {name: bool}, "default_password_changed": bool, "ntp": host}` | yes (whole) |
 //! | `cert_not_after` | notAfter of the device certificate (RFC 3339) | no |
 //! | `update` | firmware update sub-state: `{"state": "idle" \| "downloading" \| … }` | no |
+//! | `firmware_floor` | with a release key: the oldest version it accepts (rises with each signed release) | no |
 //!
 //! Class keys: streetlight `dimming` (0..100), `schedule` ({"on","off"} as
 //! "HH:MM"), `lamp_power_w` and `fault` (read-only); waste-bin `fill_level`
@@ -90,7 +91,7 @@ impl Class {
     fn read_only(self, key: &str) -> bool {
         matches!(
             key,
-            "class" | "hardware_model" | "cert_not_after" | "update"
+            "class" | "hardware_model" | "cert_not_after" | "update" | "firmware_floor"
         ) || match self {
             Class::Streetlight => matches!(key, "lamp_power_w" | "fault"),
             Class::WasteBin => matches!(key, "fill_level" | "lid_sensor"),

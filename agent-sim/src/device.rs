@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cityplane_proto::firmware::decode_blob;
 use cityplane_proto::messages::{Ack, Command};
 use cityplane_proto::topics;
 use rustls::ClientConfig;
@@ -319,6 +320,16 @@ impl Device {
         }
         let commands_topic = topics::commands(&id);
         let sub_pkid = c.queue_subscribe(&commands_topic, 1);
+        // Image chunks come on the blob topic; only devices that download
+        // real images (a release key) subscribe, so that without one the
+        // device does exactly what it did before (also on other brokers).
+        let blob_topic = topics::blob(&id);
+        let blob_pkid = self
+            .fleet
+            .config
+            .release_key
+            .is_some()
+            .then(|| c.queue_subscribe(&blob_topic, 0));
         let actions = {
             let env = env(&self.fleet, self.dev.class);
             self.core
@@ -368,6 +379,19 @@ impl Device {
                                 return End::Lost(format!("SUBSCRIBE {commands_topic} refused"));
                             }
                             self.set_online();
+                        }
+                        // Refused: updates will fail for want of blobs; the
+                        // rest of the device works.
+                        Packet::SubAck { pkid, codes }
+                            if Some(pkid) == blob_pkid
+                                && codes.first().is_none_or(|c| *c == SUBACK_FAILURE) =>
+                        {
+                            Counters::inc(&self.counters().subscribe_refused);
+                            self.counters().failure(format!("SUBSCRIBE {blob_topic} refused"));
+                        }
+                        Packet::Publish(p) if p.topic == blob_topic => {
+                            Counters::inc(&self.counters().publishes_received);
+                            self.on_blob(c, &p.payload);
                         }
                         Packet::Publish(p) => {
                             Counters::inc(&self.counters().publishes_received);
@@ -481,6 +505,24 @@ impl Device {
         None
     }
 
+    /// A chunk of the image being downloaded (QoS 0: nothing to acknowledge).
+    fn on_blob(&mut self, c: &mut Client, payload: &[u8]) {
+        let (header, bytes) = match decode_blob(payload) {
+            Ok(blob) => blob,
+            Err(e) => {
+                self.counters().failure("malformed blob");
+                tracing::warn!(id = %self.dev.id, error = %e, "malformed blob ignored");
+                return;
+            }
+        };
+        let actions = {
+            let env = env(&self.fleet, self.dev.class);
+            self.core
+                .on_blob(&env, &mut self.dev.lock(), header, bytes, Instant::now())
+        };
+        let _ = self.perform(c, actions);
+    }
+
     fn on_command(&mut self, c: &mut Client, cmd: Command) {
         let actions = {
             let env = env(&self.fleet, self.dev.class);
@@ -504,6 +546,12 @@ impl Device {
         for ack in actions.acks {
             self.queue_ack(c, ack);
         }
+        if let Some(req) = actions.fetch {
+            if let Ok(payload) = serde_json::to_vec(&req) {
+                // QoS 0: an unanswered fetch is sent again (behaviour.rs).
+                self.queue_publish(c, topics::fetch(&self.dev.id), payload, 0, false);
+            }
+        }
         if actions.reboot {
             Counters::inc(&self.counters().reboots);
             return Some(End::Pause(self.reboot_time()));
@@ -519,5 +567,6 @@ fn env(fleet: &FleetShared, class: classes::Class) -> Env<'_> {
         firmware: &fleet.config.firmware,
         reboot_during_update: fleet.config.faults.reboot_during_update,
         counters: &fleet.counters,
+        release_key: fleet.config.release_key.as_ref(),
     }
 }

@@ -122,6 +122,10 @@ pub(crate) struct DeviceView {
     pub reboot_on_command: bool,
     /// Commands received and not applied because the device rebooted first.
     pub reboots_before_applying: u32,
+    /// Firmware images this device wrote to flash.
+    pub firmware_installs: u32,
+    /// Image bytes it downloaded, over all its connections.
+    pub firmware_bytes: u64,
 }
 
 /// Connection attempts each device remembers (the oldest are dropped).
@@ -163,6 +167,12 @@ pub struct DeviceSnapshot {
     /// Commands this device received and did not apply because it rebooted
     /// first ([`Fleet::reboot_on_next_command`]).
     pub reboots_before_applying: u32,
+    /// Firmware images this device wrote to flash (one per update that got
+    /// through its install step).
+    pub firmware_installs: u32,
+    /// Image bytes this device downloaded, over all its connections (a
+    /// download resumed after a dropped connection fetches no byte twice).
+    pub firmware_bytes: u64,
 }
 
 /// A running fleet of simulated devices.
@@ -259,7 +269,15 @@ impl Fleet {
         let mut index = HashMap::with_capacity(config.ids.len());
         for ((id, class), identity) in config.ids.iter().zip(classes).zip(identities) {
             let mut rng = Rng::for_name(config.seed, id);
-            let state = classes::initial_state(class, &mut rng, &identity.not_after);
+            let mut state = classes::initial_state(class, &mut rng, &identity.not_after);
+            if config.release_key.is_some() {
+                // A device that checks releases starts with its own firmware
+                // as the floor (it refuses anything older unless signed as a
+                // downgrade).
+                if let Some(firmware) = state.get("firmware").cloned() {
+                    state.insert(crate::behaviour::FLOOR_KEY.into(), firmware);
+                }
+            }
             let dev = Arc::new(DeviceShared {
                 id: id.clone(),
                 class,
@@ -278,6 +296,8 @@ impl Fleet {
                     attempts: VecDeque::new(),
                     reboot_on_command: false,
                     reboots_before_applying: 0,
+                    firmware_installs: 0,
+                    firmware_bytes: 0,
                 }),
                 control: Notify::new(),
             });
@@ -367,6 +387,8 @@ impl Fleet {
             first_online: v.first_online,
             attempts: v.attempts.iter().copied().collect(),
             reboots_before_applying: v.reboots_before_applying,
+            firmware_installs: v.firmware_installs,
+            firmware_bytes: v.firmware_bytes,
         }
     }
 

@@ -230,6 +230,14 @@ pub struct SimConfig {
     pub backoff: Backoff,
     pub faults: Faults,
     pub firmware: FirmwareSim,
+    /// The release public key devices are provisioned with
+    /// (`release.pub`, see `cityplane_certs::firmware::read_public_key`).
+    /// With one, a command that changes `firmware` must carry a signed
+    /// release for the device's model, not below its `firmware_floor`, and
+    /// the image is downloaded from the broker (`devices/D/fetch` →
+    /// `devices/D/blob`) and its size and SHA-256 checked before it is
+    /// installed. Without one, updates are simulated ([`FirmwareSim`]).
+    pub release_key: Option<[u8; 32]>,
 }
 
 impl SimConfig {
@@ -258,6 +266,7 @@ impl SimConfig {
             backoff: Backoff::default(),
             faults: Faults::default(),
             firmware: FirmwareSim::default(),
+            release_key: None,
         }
     }
 }

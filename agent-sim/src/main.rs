@@ -167,6 +167,12 @@ struct FaultArgs {
     /// Failure probability of each update step (download, verify, install, health-check).
     #[arg(long, default_value_t = 0.0)]
     fw_fail: f64,
+    /// The release public key (release.pub) devices are provisioned with:
+    /// they then install only signed releases, downloading the image from
+    /// the broker and checking its size and SHA-256. Without it, updates
+    /// are simulated.
+    #[arg(long, value_name = "PATH")]
+    release_key: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -267,6 +273,12 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
         reboot_during_update: f.reboot_during_update,
         ..Faults::default()
     };
+    config.release_key = f
+        .release_key
+        .as_deref()
+        .map(cityplane_certs::firmware::read_public_key)
+        .transpose()
+        .context("--release-key")?;
     config.firmware = FirmwareSim {
         size_kib: f.fw_size_kib,
         download_kib_per_s: f.fw_kib_per_s,

@@ -814,12 +814,16 @@ impl std::fmt::Display for Report {
         if st.firmware.started > 0 {
             let _ = writeln!(
                 s,
-                "  firmware    started {}, succeeded {}, failed {} {:?}",
+                "  firmware    started {}, succeeded {}, failed {}, installs {} {:?}",
                 st.firmware.started,
                 st.firmware.succeeded,
                 st.firmware.failed,
+                st.firmware.installs,
                 st.firmware.by_outcome
             );
+        }
+        if !st.firmware.refused.is_empty() {
+            let _ = writeln!(s, "  releases    refused {:?}", st.firmware.refused);
         }
         if let Some(conv) = &self.convergence {
             let _ = writeln!(

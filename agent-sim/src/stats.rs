@@ -39,6 +39,12 @@ pub(crate) struct Counters {
     pub fw_started: AtomicU64,
     pub fw_succeeded: AtomicU64,
     pub fw_failed: AtomicU64,
+    /// Images written to flash (the install step done).
+    pub fw_installs: AtomicU64,
+    /// Image bytes downloaded (each chunk counted once, when taken).
+    pub fw_bytes: AtomicU64,
+    /// Signed releases refused, by check.
+    pub fw_refused: Mutex<BTreeMap<String, u64>>,
     pub failures: Mutex<BTreeMap<String, u64>>,
     pub fw_outcomes: Mutex<BTreeMap<String, u64>>,
     /// Durations of successful connects (TCP + TLS + CONNACK), in µs.
@@ -61,6 +67,11 @@ impl Counters {
     pub fn fw_outcome(&self, outcome: impl Into<String>) {
         let mut m = self.fw_outcomes.lock().unwrap_or_else(|e| e.into_inner());
         *m.entry(outcome.into()).or_insert(0) += 1;
+    }
+
+    pub fn fw_refusal(&self, kind: &str) {
+        let mut m = self.fw_refused.lock().unwrap_or_else(|e| e.into_inner());
+        *m.entry(kind.to_owned()).or_insert(0) += 1;
     }
 
     pub fn connect_latency(&self, d: Duration) {
@@ -111,6 +122,16 @@ pub struct FirmwareStats {
     pub started: u64,
     pub succeeded: u64,
     pub failed: u64,
+    /// Images written to flash: at most one per update, none for a command
+    /// naming the version a device already runs or is installing.
+    pub installs: u64,
+    /// Image bytes downloaded: the size of each image once when downloads
+    /// resume where they stopped.
+    pub bytes_downloaded: u64,
+    /// Releases refused before anything started, and downloads refused,
+    /// by check: `signature`, `model`, `downgrade`, `version mismatch`,
+    /// `manifest`, `unsigned` (no release), `size`, `hash`.
+    pub refused: BTreeMap<String, u64>,
     /// `succeeded`, `failed: download`, `failed: verify`, `failed: install`,
     /// `failed: health-check`, `interrupted: reboot during …`.
     pub by_outcome: BTreeMap<String, u64>,
@@ -214,6 +235,13 @@ impl Counters {
                 started: g(&self.fw_started),
                 succeeded: g(&self.fw_succeeded),
                 failed: g(&self.fw_failed),
+                installs: g(&self.fw_installs),
+                bytes_downloaded: g(&self.fw_bytes),
+                refused: self
+                    .fw_refused
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone(),
                 by_outcome: self
                     .fw_outcomes
                     .lock()

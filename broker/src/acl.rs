@@ -1,13 +1,16 @@
 //! Who may publish and subscribe to what. The identity comes from the
 //! verified client certificate, never from anything the client says.
 //!
-//! - device `D`: publish `devices/D/{reported,telemetry,acks}`, will on
-//!   `devices/D/presence`, subscribe exactly `devices/D/commands`;
+//! - device `D`: publish `devices/D/{reported,telemetry,acks,fetch}`, will
+//!   on `devices/D/presence`, subscribe exactly `devices/D/commands` and
+//!   `devices/D/blob`;
 //! - operator: publish under `fleet/desired/#` and `fleet/ops/#`; subscribe to
 //!   filters inside `devices/+/{reported,telemetry,presence}` or `fleet/#`
 //!   (also as `$share/<group>/<filter>`);
-//! - controller: everything except `$`-topics (rumqttd neither routes a
-//!   publish to one nor accepts a subscription to one).
+//! - controller: every publish except on `$`-topics (rumqttd neither routes
+//!   a publish to one nor accepts a subscription to one) and on the image
+//!   path (`devices/+/fetch`, `devices/+/blob`: see [`is_image_path`]);
+//!   every subscription except to `$`-topics.
 //!
 //! RETAIN is allowed only where docs/PROTOCOL.md says a topic is retained
 //! ([`may_retain`]); wills only where the publisher owns the topic and the
@@ -31,10 +34,11 @@ pub fn may_publish(who: &Identity, topic: &str) -> bool {
         return false;
     }
     match who.role {
-        Role::Controller => true,
+        Role::Controller => !is_image_path(topic),
         Role::Device => matches!(
             topics::split_device_topic(topic),
-            Some((id, leaf)) if id == who.id && topics::DEVICE_PUBLISH_LEAVES.contains(&leaf)
+            Some((id, leaf)) if id == who.id
+                && (topics::DEVICE_PUBLISH_LEAVES.contains(&leaf) || leaf == topics::DEVICE_FETCH_LEAF)
         ),
         // `fleet/desired/#` also matches bare `fleet/desired`, which names
         // no document and would get no answer.
@@ -42,6 +46,20 @@ pub fn may_publish(who: &Identity, topic: &str) -> bool {
             .iter()
             .any(|p| covers(p, topic) && topic.len() > p.len() - 1),
     }
+}
+
+/// `devices/<id>/fetch` and `devices/<id>/blob`: a device's requests for
+/// firmware image bytes and the edge's answers. The edge answers a fetch
+/// itself and writes blobs straight to the device's connection, so nothing
+/// on either topic goes through the router. A fetch is the device's own
+/// request: from anyone else (the controller included) it would be a
+/// request in the device's name, and a blob from anyone but the edge would
+/// be image bytes nobody asked for; both are refused.
+pub fn is_image_path(topic: &str) -> bool {
+    matches!(
+        topics::split_device_topic(topic),
+        Some((_, leaf)) if leaf == topics::DEVICE_FETCH_LEAF || leaf == topics::DEVICE_BLOB_LEAF
+    )
 }
 
 /// Whether `who` may publish `topic` with RETAIN set (an empty retained
@@ -108,7 +126,12 @@ pub fn may_subscribe(who: &Identity, filter: &str) -> bool {
             ),
             None => !filter.starts_with('$'),
         },
-        Role::Device => filter == topics::commands(&who.id),
+        // Exactly its own commands and blob topics (a wildcard is no id).
+        Role::Device => matches!(
+            topics::split_device_topic(filter),
+            Some((id, leaf)) if id == who.id
+                && (leaf == topics::DEVICE_SUBSCRIBE_LEAF || leaf == topics::DEVICE_BLOB_LEAF)
+        ),
         Role::Operator => {
             let inner = match filter.strip_prefix(topics::SHARE_PREFIX) {
                 Some(rest) => match rest.split_once('/') {
@@ -161,11 +184,14 @@ mod tests {
             "devices/d1/reported",
             "devices/d1/telemetry",
             "devices/d1/acks",
+            "devices/d1/fetch",
         ] {
             assert!(may_publish(&d, ok), "{ok}");
         }
         for bad in [
             "devices/d2/reported",
+            "devices/d2/fetch",
+            "devices/d1/blob",
             "devices/d1/commands",
             "devices/d1/presence",
             "devices/d1/reported/x",
@@ -178,8 +204,12 @@ mod tests {
         assert!(may_set_will(&d, "devices/d1/presence"));
         assert!(!may_set_will(&d, "devices/d2/presence"));
         assert!(may_subscribe(&d, "devices/d1/commands"));
+        assert!(may_subscribe(&d, "devices/d1/blob"));
         for bad in [
             "devices/d2/commands",
+            "devices/d2/blob",
+            "devices/+/blob",
+            "devices/d1/fetch",
             "devices/+/commands",
             "devices/d1/#",
             "#",
@@ -196,6 +226,8 @@ mod tests {
         assert!(may_publish(&o, "fleet/desired/lights"));
         assert!(may_publish(&o, "fleet/ops/get"));
         assert!(!may_publish(&o, "devices/d1/commands"));
+        assert!(!may_publish(&o, "devices/d1/fetch"));
+        assert!(!may_subscribe(&o, "devices/d1/blob"));
         assert!(!may_publish(&o, "fleet/status"));
         assert!(!may_publish(&o, "fleet/desired"));
         assert!(!may_publish(&o, "fleet/ops"));
@@ -243,6 +275,9 @@ mod tests {
             assert!(!may_subscribe(&c, bad), "{bad}");
         }
         assert!(!may_publish(&c, "$TopicA/B"));
+        // The image path is between a device and the edge only.
+        assert!(!may_publish(&c, "devices/d1/fetch"));
+        assert!(!may_publish(&c, "devices/d1/blob"));
         assert!(may_retain(&c, "fleet/status"));
         assert!(!may_retain(&c, "devices/d1/commands"));
         assert!(!may_retain(&c, "fleet/responses/op/r1"));
@@ -255,6 +290,7 @@ mod tests {
         for bad in [
             "devices/d1/telemetry",
             "devices/d1/acks",
+            "devices/d1/fetch",
             "devices/d2/reported",
         ] {
             assert!(!may_retain(&d, bad), "{bad}");

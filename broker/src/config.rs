@@ -14,6 +14,12 @@ pub struct BrokerConfig {
     /// The directory `cityplane certs init` wrote (ca.crt, broker.crt/key, revoked.json).
     pub pki: PathBuf,
     pub limits: Limits,
+    /// Where published firmware images are, one file per image named by
+    /// its lowercase hex SHA-256 (the controller writes them there). The
+    /// edge serves devices' `devices/D/fetch` requests from it; `None`
+    /// answers every fetch with the error `no_firmware_store`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub firmware_dir: Option<PathBuf>,
 }
 
 impl Default for BrokerConfig {
@@ -22,6 +28,7 @@ impl Default for BrokerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8883)),
             pki: PathBuf::from("pki"),
             limits: Limits::default(),
+            firmware_dir: None,
         }
     }
 }

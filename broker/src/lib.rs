@@ -20,6 +20,7 @@
 
 pub mod acl;
 pub mod backlog;
+mod blobs;
 mod config;
 mod dispatch;
 mod handshake;
@@ -115,6 +116,11 @@ pub(crate) struct Shared {
     /// re-issued or re-roled id never inherits the old subscriptions.
     pub(crate) persisted: std::sync::Mutex<HashMap<String, String>>,
     pub(crate) refusal_log: quota::LogBudget,
+    /// Firmware images for devices' fetches (`BrokerConfig::firmware_dir`).
+    pub(crate) blobs: blobs::Blobs,
+    /// Image read errors are logged at most once a second (one per fetch
+    /// could flood the log when a disk fails).
+    pub(crate) blob_log: quota::LogBudget,
 }
 
 /// Opens a link into the router: `(client id, clean session)`.
@@ -204,6 +210,8 @@ impl Broker {
             retained: quota::Retained::default(),
             persisted: std::sync::Mutex::new(HashMap::new()),
             refusal_log: quota::LogBudget::default(),
+            blobs: blobs::Blobs::new(config.firmware_dir.clone()),
+            blob_log: quota::LogBudget::default(),
             config,
         });
         let (gate, gate_rx) = watch::channel(false);

@@ -31,6 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use cityplane_proto::firmware::BlobHeader;
 use cityplane_proto::{topics, Identity, Role};
 use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::v4::V4;
@@ -41,7 +42,7 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 use tokio_rustls::server::TlsStream;
 
-use self::core::{Action, Core, End, Env, Note};
+use self::core::{Action, Core, End, Env, Fetch, Note};
 use crate::handshake::Pending;
 use crate::mqtt::outbound::{self, disconnect_packet, presence_packet, will_packet};
 use crate::mqtt::{self, Frame, Inbound, ProtocolError, Will};
@@ -613,11 +614,59 @@ impl Session {
                     inbox: state.inbox.clone(),
                 });
             }
+            Action::Fetch(fetch) => {
+                self.write_blob(*fetch);
+                // Written out now rather than with the rest of the batch: a
+                // device pipelining fetches would otherwise have many chunks
+                // waiting in `wbuf`.
+                self.flush()
+                    .await
+                    .map_err(|e| End::Abrupt(format!("write failed: {e}")))?;
+            }
             Action::UnregisterDispatch => state.route = None,
             Action::Log(note) => self.log_note(note),
             Action::Close(end) => return Err(end),
         }
         Ok(())
+    }
+
+    /// Queues the answer to a fetch: the chunk, or a header saying why not.
+    fn write_blob(&mut self, fetch: Fetch) {
+        let req = match fetch {
+            Fetch::Serve(req) => req,
+            Fetch::Refuse(header) => return self.write_blob_error(header),
+        };
+        let device = &self.who.id;
+        let written = self.shared.blobs.locate(&req).and_then(|chunk| {
+            let header = BlobHeader {
+                sha256: req.sha256.clone(),
+                offset: chunk.offset,
+                total: chunk.image.total(),
+                error: None,
+            };
+            outbound::blob_publish(&mut self.wbuf, device, &header, chunk.len, |buf| {
+                chunk.image.read_into(chunk.offset, buf)
+            })
+            .map_err(crate::blobs::BlobError::Io)
+        });
+        if let Err(e) = written {
+            if matches!(e, crate::blobs::BlobError::Io(_)) {
+                if let Some(unlogged) = self.shared.blob_log.admit() {
+                    tracing::warn!(who = %self.who, sha256 = %req.sha256, error = %e, unlogged, "cannot read a firmware image");
+                }
+            }
+            self.write_blob_error(BlobHeader {
+                total: e.total(),
+                error: Some(e.to_string()),
+                sha256: req.sha256,
+                offset: req.offset,
+            });
+        }
+    }
+
+    fn write_blob_error(&mut self, header: BlobHeader) {
+        // Without bytes nothing can fail.
+        let _ = outbound::blob_publish(&mut self.wbuf, &self.who.id, &header, 0, |_| Ok(()));
     }
 
     fn log_note(&self, note: Note) {
@@ -633,6 +682,9 @@ impl Session {
             }
             Note::UnexpectedAck { kind, pkid } => {
                 tracing::debug!(who = %self.who, ?kind, pkid, "unexpected ack dropped")
+            }
+            Note::FetchWithoutBlobSubscription => {
+                tracing::debug!(who = %self.who, "fetch without a blob subscription: not answered")
             }
         }
     }

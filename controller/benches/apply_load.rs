@@ -199,6 +199,7 @@ fn main() -> Result<()> {
             listen: "127.0.0.1:0".parse().expect("addr"),
             pki: pki_dir.clone(),
             limits: Limits::default(),
+            firmware_dir: None,
         })
         .await?;
         // The loader reports for devices without certificates: no PKI check.

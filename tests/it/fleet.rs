@@ -30,6 +30,7 @@ async fn setup(prefix: &str, devices: usize) -> Setup {
         listen: "127.0.0.1:0".parse().expect("addr"),
         pki: pki_dir.clone(),
         limits: Default::default(),
+        firmware_dir: None,
     })
     .await
     .expect("broker");

@@ -102,17 +102,7 @@ async fn an_update_runs_through_its_states_reboots_and_comes_back_new() {
         json!({"id": "c-fw", "generation": 3, "state": {"firmware": "9.9.9", "manifest": {"sha256": "ab12", "signature": "unchecked"}}}).to_string(),
     );
     let (states, went_offline, ack, last) = follow_update(&mut ctl, id, before.version).await;
-    assert_eq!(
-        states,
-        [
-            "downloading",
-            "verifying",
-            "installing",
-            "rebooting",
-            "health-check",
-            "done"
-        ]
-    );
+    assert_eq!(states, common::UPDATE_STATES);
     assert!(
         went_offline,
         "the reboot drops the connection, so the will fires"

@@ -6,4 +6,5 @@ mod contract;
 mod faults;
 mod firmware;
 mod mosquitto;
+mod releases;
 mod scenarios;

@@ -5,6 +5,7 @@
 //! back through rumqttd's own decoder.
 
 use bytes::BytesMut;
+use cityplane_proto::firmware::{encode_blob, BlobHeader};
 use cityplane_proto::topics;
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::{Packet, Protocol};
@@ -65,6 +66,34 @@ pub fn encode_publish(topic: &str, payload: &[u8], qos: u8, retain: bool, pkid: 
     }
     out.extend_from_slice(payload);
     out
+}
+
+/// A blob for `device`: a QoS 0 PUBLISH on `devices/<device>/blob` whose
+/// payload is `encode_blob(header, bytes)`, appended to `out`. The `len`
+/// image bytes are written by `fill` straight into `out` (read from the
+/// image file), so a chunk is copied once; if `fill` fails nothing is left
+/// in `out`.
+pub(crate) fn blob_publish(
+    out: &mut BytesMut,
+    device: &str,
+    header: &BlobHeader,
+    len: usize,
+    fill: impl FnOnce(&mut [u8]) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let topic = topics::blob(device);
+    // The header line and its `\n`: `encode_blob` without bytes, so the
+    // payload format stays defined in one place.
+    let head = encode_blob(header, &[]);
+    let start = out.len();
+    out.reserve(5 + 2 + topic.len() + head.len() + len);
+    out.extend_from_slice(&[0x30]);
+    encode_remaining_length(2 + topic.len() + head.len() + len, out);
+    out.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    out.extend_from_slice(topic.as_bytes());
+    out.extend_from_slice(&head);
+    let at = out.len();
+    out.resize(at + len, 0);
+    fill(&mut out[at..]).inspect_err(|_| out.truncate(start))
 }
 
 pub fn encode_remaining_length(mut len: usize, out: &mut impl Extend<u8>) {
@@ -203,6 +232,36 @@ mod tests {
         });
         assert_eq!(granted, [0x90, 4, 0, 3, 1, 0]);
         assert_eq!(suback_failure(3, 2), [0x90, 4, 0, 3, 0x80, 0x80]);
+    }
+
+    #[test]
+    fn a_blob_is_a_qos0_publish_of_encode_blob() {
+        let header = BlobHeader {
+            sha256: "ab".repeat(32),
+            offset: 7,
+            total: 300,
+            error: None,
+        };
+        let bytes = vec![0x0A; 200];
+        let mut out = BytesMut::from(&b"before"[..]);
+        blob_publish(&mut out, "d1", &header, bytes.len(), |buf| {
+            buf.copy_from_slice(&bytes);
+            Ok(())
+        })
+        .expect("filled");
+        let payload = encode_blob(&header, &bytes);
+        assert_eq!(
+            &out[6..],
+            &encode_publish(&topics::blob("d1"), &payload, 0, false, 0)[..]
+        );
+        let failed = blob_publish(&mut out, "d1", &header, 10, |_| {
+            Err(std::io::Error::other("disk gone"))
+        });
+        assert!(failed.is_err());
+        assert_eq!(
+            out.len(),
+            6 + encode_publish(&topics::blob("d1"), &payload, 0, false, 0).len()
+        );
     }
 
     #[test]

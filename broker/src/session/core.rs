@@ -14,6 +14,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use cityplane_proto::firmware::{is_sha256_hex, BlobHeader, FetchRequest};
 use cityplane_proto::{topics, Identity, Role};
 use rumqttd::protocol::Packet;
 use tokio::time::Instant;
@@ -79,6 +80,10 @@ pub(crate) enum Action {
         topic: String,
         payload_len: usize,
     },
+    /// A device's request on its own fetch topic: the pump answers it with
+    /// a blob on the device's blob topic (never routed; boxed: rare, and
+    /// every session's task holds room for a few actions).
+    Fetch(Box<Fetch>),
     /// The device is subscribed to its commands: route them to this session.
     RegisterDispatch,
     UnregisterDispatch,
@@ -88,13 +93,62 @@ pub(crate) enum Action {
     Close(End),
 }
 
+/// A device's fetch, checked (docs/PROTOCOL.md, "Firmware").
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Fetch {
+    /// Send these bytes (the pump finds the image and clamps the length).
+    Serve(FetchRequest),
+    /// Not a request that can be served: answer with this header, no bytes.
+    Refuse(BlobHeader),
+}
+
+impl Fetch {
+    /// Reads a fetch payload. A bad request is answered, not punished: the
+    /// session goes on (it cost the device a publish of its budget).
+    fn read(payload: &[u8]) -> Fetch {
+        let refuse = |sha256: String, offset: u64, reason: String| {
+            Fetch::Refuse(BlobHeader {
+                sha256,
+                offset,
+                total: 0,
+                error: Some(format!("bad_request: {reason}")),
+            })
+        };
+        let req: FetchRequest = match serde_json::from_slice(payload) {
+            Ok(req) => req,
+            Err(e) if e.is_data() => return refuse(String::new(), 0, format!("bad_schema: {e}")),
+            Err(e) => return refuse(String::new(), 0, format!("not JSON: {e}")),
+        };
+        if !is_sha256_hex(&req.sha256) {
+            let reason = "sha256 must be 64 lowercase hex digits".to_owned();
+            return refuse(String::new(), req.offset, reason);
+        }
+        if req.length == 0 {
+            return refuse(req.sha256, req.offset, "length must be above 0".into());
+        }
+        Fetch::Serve(req)
+    }
+}
+
 /// What [`Action::Log`] reports.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Note {
-    SubscriptionLimit { limit: usize },
-    FilterLimit { limit: usize },
-    SubscribeNotAuthorized { filters: Box<[String]> },
-    UnexpectedAck { kind: AckKind, pkid: u16 },
+    SubscriptionLimit {
+        limit: usize,
+    },
+    FilterLimit {
+        limit: usize,
+    },
+    SubscribeNotAuthorized {
+        filters: Box<[String]>,
+    },
+    UnexpectedAck {
+        kind: AckKind,
+        pkid: u16,
+    },
+    /// A fetch from a device not subscribed to its blob topic: the answer
+    /// would be a message it did not subscribe to, so there is none.
+    FetchWithoutBlobSubscription,
 }
 
 /// Room for the effects of one packet, inline: it is made for every
@@ -182,6 +236,8 @@ pub(crate) struct Core {
     acks: Option<Box<AckTrack>>,
     /// Whether the device's commands are routed to this session.
     dispatching: bool,
+    /// Whether the device subscribed to its blob topic (fetches answered).
+    blob_subscribed: bool,
     command_qos: u8,
     next_pkid: u16,
     /// Packet ids of a device's QoS 2 publishes that await PUBREL.
@@ -197,6 +253,7 @@ impl Core {
             subscriptions: HashSet::new(),
             acks: None,
             dispatching: false,
+            blob_subscribed: false,
             command_qos: 0,
             next_pkid: 0,
             qos2_pending: Vec::new(),
@@ -277,7 +334,7 @@ impl Core {
                 retain,
                 pkid,
                 payload_len,
-            } => self.on_publish(topic, qos, retain, pkid, payload_len, now, env),
+            } => self.on_publish(frame, topic, qos, retain, pkid, payload_len, now, env),
             Inbound::Subscribe { pkid, filters } => {
                 self.on_subscribe(frame, pkid, filters, now, env)
             }
@@ -292,8 +349,18 @@ impl Core {
                     return Actions::one(scoped(frame, env.who));
                 }
                 let mut actions = Actions::default();
-                if std::mem::take(&mut self.dispatching) {
-                    actions.push(Action::UnregisterDispatch);
+                for f in &filters {
+                    let own_leaf = topics::split_device_topic(f)
+                        .filter(|(id, _)| *id == env.who.id)
+                        .map(|(_, leaf)| leaf);
+                    if own_leaf == Some(topics::DEVICE_SUBSCRIBE_LEAF)
+                        && std::mem::take(&mut self.dispatching)
+                    {
+                        actions.push(Action::UnregisterDispatch);
+                    }
+                    if own_leaf == Some(topics::DEVICE_BLOB_LEAF) {
+                        self.blob_subscribed = false;
+                    }
                 }
                 actions.push(Action::Send(Outbound::UnsubAck(pkid)));
                 actions
@@ -331,6 +398,7 @@ impl Core {
     #[allow(clippy::too_many_arguments)]
     fn on_publish(
         &mut self,
+        frame: &Frame,
         topic: String,
         qos: u8,
         retain: bool,
@@ -364,6 +432,12 @@ impl Core {
             return Actions::one(close(format!(
                 "empty payload without RETAIN on {topic:?} (would delete its retained message)"
             )));
+        }
+        if who.role == Role::Device
+            && topics::split_device_topic(&topic)
+                .is_some_and(|(_, leaf)| leaf == topics::DEVICE_FETCH_LEAF)
+        {
+            return self.on_fetch(frame, qos, pkid, payload_len);
         }
         let mut actions = Actions::default();
         if who.role == Role::Operator && TAPPED_PREFIXES.iter().any(|p| topic.starts_with(p)) {
@@ -401,6 +475,25 @@ impl Core {
                 actions.push(Action::Send(Outbound::Ack(AckKind::PubRec, pkid)));
             }
         }
+        actions
+    }
+
+    /// A device's own fetch (the ACL and the publish budget passed it): the
+    /// edge answers it and the router never sees it.
+    fn on_fetch(&mut self, frame: &Frame, qos: u8, pkid: u16, payload_len: usize) -> Actions {
+        let mut actions = Actions::default();
+        match qos {
+            0 => {}
+            1 => actions.push(Action::Send(Outbound::Ack(AckKind::PubAck, pkid))),
+            // A request answered once and at once needs no exactly-once.
+            _ => return Actions::one(close("a fetch must be QoS 0 or 1")),
+        }
+        actions.push(if self.blob_subscribed {
+            let payload = &frame.raw[frame.raw.len().saturating_sub(payload_len)..];
+            Action::Fetch(Box::new(Fetch::read(payload)))
+        } else {
+            Action::Log(Note::FetchWithoutBlobSubscription)
+        });
         actions
     }
 
@@ -462,13 +555,31 @@ impl Core {
                 .extend(filters.into_iter().map(|(f, _)| f));
             return Actions::one(scoped(frame, who));
         }
-        // The ACL left only the device's own commands topic.
-        let codes: Box<[u8]> = filters.iter().map(|(_, q)| (*q).min(1)).collect();
-        self.command_qos = codes.iter().copied().max().unwrap_or(0);
+        // The ACL left only the device's own commands and blob topics.
+        // Blobs are sent at QoS 0 (a lost chunk is asked for again), so that
+        // is what a blob subscription is granted.
+        let is_blob = |f: &str| {
+            topics::split_device_topic(f).is_some_and(|(_, l)| l == topics::DEVICE_BLOB_LEAF)
+        };
+        let codes: Box<[u8]> = filters
+            .iter()
+            .map(|(f, q)| if is_blob(f) { 0 } else { (*q).min(1) })
+            .collect();
+        let mut commands = None;
+        for ((f, _), code) in filters.iter().zip(codes.iter()) {
+            if is_blob(f) {
+                self.blob_subscribed = true;
+            } else {
+                commands = Some(commands.unwrap_or(0).max(*code));
+            }
+        }
+        if let Some(qos) = commands {
+            self.command_qos = qos;
+        }
         self.subscriptions
             .extend(filters.into_iter().map(|(f, _)| f));
         let mut actions = Actions::default();
-        if !std::mem::replace(&mut self.dispatching, true) {
+        if commands.is_some() && !std::mem::replace(&mut self.dispatching, true) {
             actions.push(Action::RegisterDispatch);
         }
         actions.push(Action::Send(Outbound::SubAck { pkid, codes }));
@@ -746,6 +857,32 @@ mod tests {
         let telemetry = topics::telemetry("d1");
         let commands = topics::commands("d1");
         let desired = topics::desired("lamps");
+        let fetch = topics::fetch("d1");
+        let blob = topics::blob("d1");
+        let sha = "ab".repeat(32);
+        let fetch_body = |offset: u64, length: u32| {
+            serde_json::to_vec(&FetchRequest {
+                sha256: sha.clone(),
+                offset,
+                length,
+            })
+            .expect("json")
+        };
+        let serve = |offset, length| {
+            Action::Fetch(Box::new(Fetch::Serve(FetchRequest {
+                sha256: sha.clone(),
+                offset,
+                length,
+            })))
+        };
+        let bad_fetch = |sha256: &str, offset, reason: &str| {
+            Action::Fetch(Box::new(Fetch::Refuse(BlobHeader {
+                sha256: sha256.into(),
+                offset,
+                total: 0,
+                error: Some(format!("bad_request: {reason}")),
+            })))
+        };
         let cases = vec![
             case(
                 "a device's own report is routed through ingress and acknowledged",
@@ -830,6 +967,104 @@ mod tests {
                     In(PINGREQ.to_vec(), vec![send(Outbound::PingResp)]),
                 ],
             ),
+            case(
+                "a device's fetch is answered by the edge once it subscribed to its blobs, never routed",
+                d1(),
+                vec![
+                    In(publish(&fetch, &fetch_body(0, 10), 1, false, 3), vec![
+                        send(Outbound::Ack(AckKind::PubAck, 3)),
+                        Action::Log(Note::FetchWithoutBlobSubscription),
+                    ]),
+                    In(subscribe(1, &[(&blob, 1), (&commands, 1)]), vec![
+                        Action::RegisterDispatch,
+                        send(Outbound::SubAck { pkid: 1, codes: Box::new([0, 1]) }),
+                    ]),
+                    In(publish(&fetch, &fetch_body(0, 10), 1, false, 4), vec![
+                        send(Outbound::Ack(AckKind::PubAck, 4)),
+                        serve(0, 10),
+                    ]),
+                    In(publish(&fetch, &fetch_body(70_000, 1), 0, false, 0), vec![serve(70_000, 1)]),
+                    In(publish(&fetch, b"fetch please", 0, false, 0), vec![bad_fetch(
+                        "", 0, "not JSON: expected ident at line 1 column 2",
+                    )]),
+                    In(publish(&fetch, br#"{"sha256":"ab","offset":0}"#, 0, false, 0), vec![bad_fetch(
+                        "", 0, "bad_schema: missing field `length` at line 1 column 26",
+                    )]),
+                    In(publish(&fetch, br#"{"sha256":"../x","offset":5,"length":1}"#, 0, false, 0), vec![bad_fetch(
+                        "", 5, "sha256 must be 64 lowercase hex digits",
+                    )]),
+                    In(publish(&fetch, &fetch_body(8, 0), 0, false, 0), vec![bad_fetch(
+                        &sha, 8, "length must be above 0",
+                    )]),
+                    In(publish(&fetch, &fetch_body(0, 1), 2, false, 5), vec![refused(
+                        "a fetch must be QoS 0 or 1".into(),
+                    )]),
+                ],
+            ),
+            case(
+                "unsubscribing from blobs stops the answers, not the commands",
+                d1(),
+                vec![
+                    In(subscribe(1, &[(&commands, 1)]), vec![
+                        Action::RegisterDispatch,
+                        send(Outbound::SubAck { pkid: 1, codes: Box::new([1]) }),
+                    ]),
+                    In(subscribe(2, &[(&blob, 0)]), vec![send(Outbound::SubAck { pkid: 2, codes: Box::new([0]) })]),
+                    In(unsubscribe(3, &[&blob]), vec![send(Outbound::UnsubAck(3))]),
+                    In(publish(&fetch, &fetch_body(0, 1), 0, false, 0), vec![
+                        Action::Log(Note::FetchWithoutBlobSubscription),
+                    ]),
+                ],
+            ),
+            case(
+                "a device may not fetch for another device nor read its blobs",
+                d1(),
+                vec![
+                    In(subscribe(1, &[(&topics::blob("d2"), 0)]), vec![
+                        Action::Log(Note::SubscribeNotAuthorized {
+                            filters: Box::new([topics::blob("d2")]),
+                        }),
+                        suback_failure(1, 1),
+                    ]),
+                    In(publish(&topics::fetch("d2"), &fetch_body(0, 1), 0, false, 0), vec![refused(
+                        format!("not authorized to publish to {:?}", topics::fetch("d2")),
+                    )]),
+                ],
+            ),
+            case(
+                "an operator may not publish a fetch",
+                op(),
+                vec![In(publish(&fetch, &fetch_body(0, 1), 1, false, 1), vec![refused(format!(
+                    "not authorized to publish to {fetch:?}"
+                ))])],
+            ),
+            case(
+                "nor may the controller: a fetch is a device's own request",
+                who("ctl", Role::Controller),
+                vec![In(publish(&fetch, &fetch_body(0, 1), 1, false, 1), vec![refused(format!(
+                    "not authorized to publish to {fetch:?}"
+                ))])],
+            ),
+            case(
+                "a fetch with RETAIN is refused",
+                d1(),
+                vec![In(publish(&fetch, &fetch_body(0, 1), 1, true, 1), vec![refused(format!(
+                    "RETAIN not allowed on {fetch:?}"
+                ))])],
+            ),
+            Case {
+                limits: Limits {
+                    max_publishes_per_sec: 1,
+                    ..Limits::default()
+                },
+                ..case("fetches spend the publish budget", d1(), vec![
+                    In(subscribe(1, &[(&blob, 0)]), vec![send(Outbound::SubAck { pkid: 1, codes: Box::new([0]) })]),
+                    In(publish(&fetch, &fetch_body(0, 1), 0, false, 0), vec![serve(0, 1)]),
+                    In(publish(&fetch, &fetch_body(0, 1), 0, false, 0), vec![refused(
+                        "publish rate above 1 per second".into(),
+                    )]),
+                ])
+            },
             case(
                 "a device subscribing to another device's commands gets 0x80 and no route",
                 d1(),

@@ -18,6 +18,16 @@ use tokio::sync::mpsc;
 /// Every wait in these tests is bounded by this (generous: CI boxes are slow).
 pub const WAIT: Duration = Duration::from_secs(30);
 
+/// The `update` states a successful firmware update reports, in order.
+pub const UPDATE_STATES: [&str; 6] = [
+    "downloading",
+    "verifying",
+    "installing",
+    "rebooting",
+    "health-check",
+    "done",
+];
+
 pub struct Env {
     pub dir: tempfile::TempDir,
     pub pki: Pki,
@@ -44,14 +54,23 @@ impl Env {
         for (role, id) in extra {
             pki.issue(*role, id).expect("issue");
         }
+        let firmware_dir = dir.path().join("firmware");
+        std::fs::create_dir(&firmware_dir).expect("firmware dir");
         let broker = Broker::start(BrokerConfig {
             listen: "127.0.0.1:0".parse().expect("addr"),
             pki: dir.path().to_path_buf(),
             limits: Limits::default(),
+            // Images devices fetch (`firmware_dir`), as the controller stores them.
+            firmware_dir: Some(firmware_dir),
         })
         .await
         .expect("broker starts");
         Env { dir, pki, broker }
+    }
+
+    /// Where the broker serves firmware images from: `<sha256>` files.
+    pub fn firmware_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("firmware")
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -60,11 +60,21 @@ pub fn test_limits() -> Limits {
 }
 
 pub async fn start(pki: &Path, limits: Limits) -> RunningBroker {
+    start_serving(pki, limits, None).await
+}
+
+/// [`start`] with firmware images served from `firmware_dir`.
+pub async fn start_serving(
+    pki: &Path,
+    limits: Limits,
+    firmware_dir: Option<PathBuf>,
+) -> RunningBroker {
     init_tracing();
     let config = BrokerConfig {
         listen: "127.0.0.1:0".parse().expect("addr"),
         pki: pki.to_path_buf(),
         limits,
+        firmware_dir,
     };
     Broker::start(config).await.expect("broker starts")
 }

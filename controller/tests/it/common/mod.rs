@@ -87,6 +87,7 @@ impl Server {
             listen: "127.0.0.1:0".parse().expect("addr"),
             pki: self.pki_dir.path().to_path_buf(),
             limits: Limits::default(),
+            firmware_dir: None,
         })
         .await
         .expect("broker");
