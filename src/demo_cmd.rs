@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use cityplane_agent_sim::{FirmwareSim, Fleet, PresenceMode, SimConfig};
-use cityplane_certs::firmware;
 use cityplane_broker::{Broker, BrokerConfig};
+use cityplane_certs::firmware;
 use cityplane_certs::Pki;
 use cityplane_controller::{Controller, ControllerConfig};
 use cityplane_proto::Role;
@@ -87,7 +87,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         listen: "127.0.0.1:0".parse()?,
         pki: pki_dir.clone(),
         limits: Default::default(),
-        firmware_dir: None,
+        // The controller stores published images here; the edge serves them.
+        firmware_dir: Some(cityplane_controller::runtime::firmware_dir(&data_dir)),
     })
     .await
     .context("starting the broker")?;
@@ -135,8 +136,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("\nWhere to look next:");
     println!("  cityplane serve --help               run broker + controller for real");
     println!("  cityplane apply --help               declare desired state (selectors, priorities, if_generation)");
-    println!("  cityplane rollout create --help      change thousands of devices in waves, health-gated");
-    println!("  cityplane firmware --help            the release key, signing and publishing images");
+    println!(
+        "  cityplane rollout create --help      change thousands of devices in waves, health-gated"
+    );
+    println!(
+        "  cityplane firmware --help            the release key, signing and publishing images"
+    );
     println!("  agent-sim run --help                 load-test a server with thousands of devices");
     println!("  docs/PROTOCOL.md, ARCHITECTURE.md    the wire contract and how it is built");
     if let Some(dir) = &args.keep {
@@ -174,10 +179,7 @@ async fn drive(
     sim.presence = PresenceMode::Skip;
     // Devices trust the release key's public half (provisioned at the
     // factory); the key itself never leaves the release directory.
-    let release_dir = pki_dir
-        .parent()
-        .unwrap_or(pki_dir)
-        .join("release");
+    let release_dir = pki_dir.parent().unwrap_or(pki_dir).join("release");
     firmware::generate_release_key(&release_dir, true)?;
     sim.release_key = Some(firmware::read_public_key(
         &release_dir.join(firmware::RELEASE_PUB_FILE),
@@ -343,8 +345,10 @@ async fn firmware_rollouts(
     op: &mut Operator,
     release_dir: &std::path::Path,
 ) -> anyhow::Result<Vec<Value>> {
-    println!("
-Firmware, signed with a release key that is not the CA, rolled out in waves:");
+    println!(
+        "
+Firmware, signed with a release key that is not the CA, rolled out in waves:"
+    );
     let releases = [
         // The 2.0.0 build left the Orbis LX-4 out: those lamps refuse it.
         ("2.0.0", &LAMP_MODELS[..2], false),
@@ -355,12 +359,18 @@ Firmware, signed with a release key that is not the CA, rolled out in waves:");
     ];
     for (version, models, downgrade) in releases {
         let (release, image) = signed(release_dir, version, 256, models, downgrade)?;
-        let r = op.publish_release(&release, &image, 32 * 1024, |_| {}).await?;
+        let r = op
+            .publish_release(&release, &image, 32 * 1024, |_| {})
+            .await?;
         println!(
             "  published {version:<6} {} KiB for {}{}",
             r["size"].as_u64().unwrap_or(0) / 1024,
             models.join(", "),
-            if downgrade { " (rollback: may go below the floor)" } else { "" }
+            if downgrade {
+                " (rollback: may go below the floor)"
+            } else {
+                ""
+            }
         );
     }
     let specs = [
@@ -400,10 +410,17 @@ rollout {name}: {} streetlights in waves of {}",
         let until = Instant::now() + Duration::from_secs(60);
         loop {
             let s = op.query("rollout-status", json!({"name": name})).await?;
-            let busy: u64 = ["rolling_back", "notified", "downloading", "installing", "rebooting", "verifying"]
-                .iter()
-                .map(|k| s["totals"][*k].as_u64().unwrap_or(0))
-                .sum();
+            let busy: u64 = [
+                "rolling_back",
+                "notified",
+                "downloading",
+                "installing",
+                "rebooting",
+                "verifying",
+            ]
+            .iter()
+            .map(|k| s["totals"][*k].as_u64().unwrap_or(0))
+            .sum();
             if busy == 0 || Instant::now() > until {
                 println!(
                     "  {name}: {} ({})",
@@ -464,8 +481,11 @@ fn print_firmware(rows: &[Value], rollouts: &[Value]) {
             .or_default() += 1;
     }
     let line: Vec<String> = versions.iter().map(|(v, n)| format!("{v}: {n}")).collect();
-    println!("
-streetlight firmware  {}", line.join(", "));
+    println!(
+        "
+streetlight firmware  {}",
+        line.join(", ")
+    );
     for r in rollouts.iter().rev() {
         println!(
             "rollout {:<14} {:<10} {}",

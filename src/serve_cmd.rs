@@ -48,6 +48,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // revocation list, already proves every device is one we issued.
     let pki = broker_cmd::holds_ca_key(&config.pki).then(|| config.pki.clone());
     let registry_source = config.pki.clone();
+    // The controller stores published images in its data directory; the
+    // broker's edge serves devices from there.
+    let mut config = config;
+    config.firmware_dir = Some(cityplane_controller::runtime::firmware_dir(&args.data));
     let broker = Broker::start_closed(config)
         .await
         .context("starting the broker")?;
