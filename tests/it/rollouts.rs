@@ -363,8 +363,10 @@ impl<'a> Releases<'a> {
         extra: &[&str],
     ) -> (String, String) {
         let image = self.s.dir.path().join(format!("img-{version}.bin"));
+        // Each version its own bytes (equal images would share one stored file).
+        let seed: usize = version.bytes().map(usize::from).sum();
         let bytes: Vec<u8> = (0..size)
-            .map(|i| (i * 31 % 251) as u8 ^ version.len() as u8)
+            .map(|i| ((i * 31 + seed * 7) % 251) as u8)
             .collect();
         std::fs::write(&image, bytes).expect("image");
         let release = self
@@ -543,10 +545,18 @@ async fn every_device_refuses_every_bad_release_and_the_rollout_says_why() {
                     "waves": [{"percent": 100}]}),
         );
         s.json(&["rollout", "create", "-f", &spec]);
-        eventually(&format!("{name}: every device refused"), || {
-            s.status(&name)["totals"] == json!({"failed": N})
+        let mut last = Value::Null;
+        let refused = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+            loop {
+                last = s.status(&name);
+                if last["totals"] == json!({"failed": N}) {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
         })
         .await;
+        assert!(refused.is_ok(), "{name}: every device refused: {last}");
         let failed = s.devices_of(&name, Some("failed"));
         assert_eq!(failed.len(), N);
         for d in &failed {
