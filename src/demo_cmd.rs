@@ -277,6 +277,7 @@ async fn drive(
     let converge_time = t0.elapsed();
     converging.finish();
 
+    let rollouts = firmware_rollouts(&mut op, &release_dir).await?;
     let mut rows = Vec::new();
     loop {
         let page = op
@@ -290,7 +291,6 @@ async fn drive(
             break;
         }
     }
-    let rollouts = firmware_rollouts(&mut op, &release_dir).await?;
     op.disconnect().await;
     let n = |k: &str| status[k].as_u64().unwrap_or(0);
     Ok(Outcome {
@@ -410,8 +410,11 @@ rollout {name}: {} streetlights in waves of {}",
         let until = Instant::now() + Duration::from_secs(60);
         loop {
             let s = op.query("rollout-status", json!({"name": name})).await?;
+            // A device still installing the aborted release takes the
+            // rollback once it has rebooted.
             let busy: u64 = [
                 "rolling_back",
+                "rollback_failed",
                 "notified",
                 "downloading",
                 "installing",

@@ -259,6 +259,10 @@ pub(crate) fn report(v: &mut DeviceView) -> serde_json::Result<Vec<u8>> {
 pub(crate) struct Behaviour {
     replay: ReplayWindow,
     update: Option<Box<UpdateJob>>,
+    /// A command for another firmware that came while the new image was
+    /// being checked after its reboot: taken once that check ends (a
+    /// rollback, say, must not be refused for arriving a moment early).
+    pending: Option<Box<Command>>,
 }
 
 impl Behaviour {
@@ -266,6 +270,7 @@ impl Behaviour {
         Behaviour {
             replay: ReplayWindow::new(),
             update: None,
+            pending: None,
         }
     }
 
@@ -298,6 +303,20 @@ impl Behaviour {
             Counters::inc(&counters.ignored_stale);
             return Actions::default();
         }
+        self.apply_command(env, rng, v, cmd, now)
+    }
+
+    /// A new command's effect (replays and stale generations are already
+    /// out).
+    fn apply_command(
+        &mut self,
+        env: &Env,
+        rng: &mut Rng,
+        v: &mut DeviceView,
+        cmd: Command,
+        now: Instant,
+    ) -> Actions {
+        let counters = env.counters;
         let mut reason = cmd
             .state
             .iter()
@@ -315,11 +334,14 @@ impl Behaviour {
             .filter(|fw| *fw != current_fw)
             .map(str::to_owned);
         let mut joins_update = false;
+        let mut defer = false;
         if let (None, Some(fw), Some(job)) = (&reason, &new_fw, &self.update) {
             if *fw == job.target {
                 // The release of the update in progress was checked when it
                 // started: a retry (new id, same version) only joins it.
                 joins_update = true;
+            } else if job.step == Step::HealthCheck {
+                defer = true;
             } else {
                 reason = Some(format!(
                     "firmware update to {} in progress ({})",
@@ -327,6 +349,10 @@ impl Behaviour {
                     job.step.name()
                 ));
             }
+        }
+        if defer {
+            self.pending = Some(Box::new(cmd));
+            return Actions::default();
         }
         let mut manifest = None;
         if let (None, Some(fw), false, Some(key)) =
@@ -523,21 +549,11 @@ impl Behaviour {
                     interrupted: false,
                 }),
             );
-            return Actions {
-                report: true,
-                acks,
-                reboot: false,
-                fetch: None,
-            };
+            return self.then_pending(env, rng, v, now, acks);
         }
         if step == Step::HealthCheck {
             let acks = self.finish_update(env, v, now, Ok(()));
-            return Actions {
-                report: true,
-                acks,
-                reboot: false,
-                fetch: None,
-            };
+            return self.then_pending(env, rng, v, now, acks);
         }
         if step == Step::Installing {
             // The image is written: one install, whatever happens next.
@@ -719,6 +735,34 @@ impl Behaviour {
             set_update_state(v, job);
         }
         Actions::report()
+    }
+
+    /// After an update ended (with these acks): the command that waited for
+    /// it, if one did.
+    fn then_pending(
+        &mut self,
+        env: &Env,
+        rng: &mut Rng,
+        v: &mut DeviceView,
+        now: Instant,
+        mut acks: Vec<AckOut>,
+    ) -> Actions {
+        let Some(cmd) = self.pending.take() else {
+            return Actions {
+                report: true,
+                acks,
+                reboot: false,
+                fetch: None,
+            };
+        };
+        let next = self.apply_command(env, rng, v, *cmd, now);
+        acks.extend(next.acks);
+        Actions {
+            report: true,
+            acks,
+            reboot: next.reboot,
+            fetch: next.fetch,
+        }
     }
 
     /// Ends the update job: success switches nothing more (the new image
@@ -1083,6 +1127,35 @@ mod tests {
             assert_eq!(last, want, "{name}");
             assert_eq!(sim.view.state["dimming"], json!(dimming), "{name}");
         }
+    }
+
+    #[test]
+    fn another_firmware_during_the_health_check_is_taken_after_it() {
+        let mut sim = Sim::new(FirmwareSim::fast(), 0.0);
+        sim.command("c1", 1, json!({"firmware": "1.4.2"}));
+        for _ in 0..10 {
+            if sim
+                .core
+                .update
+                .as_ref()
+                .is_some_and(|j| j.step == Step::HealthCheck)
+            {
+                break;
+            }
+            if sim.next_step().reboot {
+                sim.boot();
+            }
+        }
+        // The new image runs and is being checked: a rollback waits for it.
+        let early = sim.command("c2", 2, json!({"firmware": "1.3.9"}));
+        assert_eq!(early, Actions::default());
+        let done = sim.next_step();
+        assert_eq!(done.acks, vec![applied("c1")]);
+        assert_eq!(
+            sim.core.update.as_ref().map(|j| j.target.as_str()),
+            Some("1.3.9"),
+            "c2's update starts once c1's has ended"
+        );
     }
 
     #[test]

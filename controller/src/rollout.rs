@@ -180,6 +180,15 @@ impl HealthRule {
     }
 }
 
+/// A device's failure without the command id (`device rejected command
+/// c-…: wrong model: …` → `wrong model: …`), for summaries.
+pub fn short_reason(reason: &str) -> &str {
+    reason
+        .strip_prefix("device rejected command ")
+        .and_then(|rest| rest.split_once(": "))
+        .map_or(reason, |(_, why)| why)
+}
+
 /// Which failures an abort rule counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -357,6 +366,16 @@ pub enum DeviceStatus {
     RolledBack,
     RollbackFailed,
     Cancelled,
+}
+
+impl FailureType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureType::Any => "any",
+            FailureType::Rejected => "rejected",
+            FailureType::TimedOut => "timed_out",
+        }
+    }
 }
 
 impl DeviceStatus {

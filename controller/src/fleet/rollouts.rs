@@ -5,8 +5,8 @@
 
 use super::*;
 use crate::rollout::{
-    check_spec, count, device_status, failure_is, holds, spread_order, wave_sizes, Counts,
-    DeviceRollout, DeviceStatus, Phase, RolloutSpec, FIRMWARE_KEY,
+    check_spec, count, device_status, failure_is, holds, short_reason, spread_order, wave_sizes,
+    Counts, DeviceRollout, DeviceStatus, Phase, RolloutSpec, FIRMWARE_KEY,
 };
 
 /// What an operator does to a rollout.
@@ -502,13 +502,13 @@ impl Fleet {
                 .then(|| {
                     format!(
                         "abort rule: {failed} of {executed} devices that finished failed \
-                         ({:?}), at or above {}% (e.g. {})",
-                        rule.failure,
+                         ({}), at or above {}% (e.g. {})",
+                        rule.failure.as_str(),
                         rule.threshold_percent,
                         failures
                             .iter()
                             .find(|f| failure_is(rule.failure, f))
-                            .map_or("", String::as_str)
+                            .map_or("", |f| short_reason(f))
                     )
                 })
         })
