@@ -39,6 +39,10 @@ pub struct RolloutSpec {
     /// Wave sizes in order; the last wave takes every device left.
     #[serde(default = "default_waves")]
     pub waves: Vec<WaveSpec>,
+    /// At most this many devices start per minute (within the waves),
+    /// growing while devices succeed (AWS IoT Jobs' exponential rollout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<Rate>,
     /// Percent of a wave that must have succeeded before it may soak.
     #[serde(default = "default_threshold")]
     pub success_threshold: f64,
@@ -97,6 +101,35 @@ pub struct WaveSpec {
     pub count: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub percent: Option<f64>,
+}
+
+/// Devices started per minute: `per_minute`, multiplied by
+/// `increase_factor` for every `every_succeeded` devices that succeeded,
+/// up to `max_per_minute`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
+pub struct Rate {
+    pub per_minute: u64,
+    #[serde(default = "one_f")]
+    pub increase_factor: f64,
+    #[serde(default)]
+    pub every_succeeded: u64,
+    #[serde(default)]
+    pub max_per_minute: Option<u64>,
+}
+
+fn one_f() -> f64 {
+    1.0
+}
+
+impl Rate {
+    /// Devices that may start in a minute once `succeeded` devices succeeded.
+    pub fn per_minute_after(&self, succeeded: u64) -> u64 {
+        let steps = succeeded.checked_div(self.every_succeeded).unwrap_or(0);
+        let grown = self.per_minute as f64 * self.increase_factor.powf(steps.min(64) as f64);
+        let cap = self.max_per_minute.unwrap_or(u64::MAX) as f64;
+        grown.min(cap).min(1e12) as u64
+    }
 }
 
 /// What must hold for the devices already updated before the next wave.
@@ -222,7 +255,7 @@ fn one() -> usize {
 }
 
 // Bodies are JSON objects only (see `cityplane_proto::messages`).
-cityplane_proto::object_only!(serialize: RolloutSpec, WaveSpec, HealthGate, HealthRule, AbortRule);
+cityplane_proto::object_only!(serialize: RolloutSpec, WaveSpec, Rate, HealthGate, HealthRule, AbortRule);
 
 /// Where a rollout is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -582,6 +615,14 @@ pub fn check_spec(
                 ),
                 )
             }
+        }
+    }
+    if let Some(r) = &spec.rate {
+        if r.per_minute == 0 || !(1.0..=10.0).contains(&r.increase_factor) {
+            return bad(
+                "bad_schema",
+                "rate: per_minute > 0 and increase_factor from 1 to 10".into(),
+            );
         }
     }
     if !(0.0..=100.0).contains(&spec.success_threshold) {

@@ -375,11 +375,14 @@ impl Fleet {
         // Bookkeeping: who succeeded (and when, for the reboot count), whose
         // failure counts.
         let mut notes: Vec<(String, Option<Millis>, Option<String>)> = Vec::new();
-        let mut admit: Vec<String> = Vec::new();
+        let mut admit: Vec<(usize, String)> = Vec::new();
+        let (mut started_last_minute, mut succeeded) = (0u64, 0u64);
         let starts_from = r.starts_from(now);
         for (dev, entry, status, why) in self.members(&r) {
             match entry.stage {
                 Stage::Admitted => {
+                    started_last_minute += u64::from(entry.admitted_at + 60_000 > now);
+                    succeeded += u64::from(status.is_success());
                     if status.is_success() && entry.succeeded_at.is_none() {
                         notes.push((dev.id.clone(), Some(now), None));
                     } else if status == DeviceStatus::Failed && entry.failed.is_none() {
@@ -391,7 +394,7 @@ impl Fleet {
                         && entry.wave <= r.wave
                         && starts_from.is_some_and(|base| r.start_at(base, &dev.id) <= now) =>
                 {
-                    admit.push(dev.id.clone())
+                    admit.push((entry.wave, dev.id.clone()))
                 }
                 _ => {}
             }
@@ -411,6 +414,15 @@ impl Fleet {
                 self.dirty.insert(id);
             }
         }
+        if let Some(rate) = &r.spec.rate {
+            // Earlier waves first, then by id: the order the plan spread.
+            admit.sort_unstable();
+            let budget = rate
+                .per_minute_after(succeeded)
+                .saturating_sub(started_last_minute);
+            admit.truncate(usize::try_from(budget).unwrap_or(usize::MAX));
+        }
+        let admit: Vec<String> = admit.into_iter().map(|(_, id)| id).collect();
         for id in &admit {
             self.admit(&r, id, now);
         }
@@ -645,6 +657,7 @@ impl Fleet {
         let mut totals = Counts::new();
         let mut failures: Vec<(String, String)> = Vec::new();
         let mut queued_later = 0;
+        let mut queued_now = 0;
         let starts_from = r.starts_from(now);
         for (dev, e, s, why) in self.members(r) {
             if let Some((n, c)) = waves.get_mut(e.wave) {
@@ -660,6 +673,8 @@ impl Fleet {
             let later = starts_from.is_some_and(|base| r.start_at(base, &dev.id) > now);
             if s == DeviceStatus::Queued && e.wave <= r.wave && later {
                 queued_later += 1;
+            } else if s == DeviceStatus::Queued && e.wave <= r.wave {
+                queued_now += 1;
             }
         }
         let health = self.health(r);
@@ -690,6 +705,13 @@ impl Fleet {
                         left.div_ceil(1000),
                         health.unhealthy.len(),
                         health.checked
+                    )
+                } else if let Some(rate) = r.spec.rate.as_ref().filter(|_| queued_now > 0) {
+                    let ok = totals.get("succeeded").copied().unwrap_or(0) as u64;
+                    format!(
+                        "wave {}: starting at most {} devices a minute ({queued_now} queued)",
+                        r.wave + 1,
+                        rate.per_minute_after(ok)
                     )
                 } else if queued_later > 0 {
                     format!(
@@ -1037,5 +1059,42 @@ mod tests {
             let admitted_at = fleet.devices[&id].rollouts["night"].admitted_at;
             assert!(admitted_at >= at("2026-12-01T00:00:00Z"), "{id}");
         }
+    }
+
+    #[test]
+    fn a_rate_starts_so_many_devices_a_minute_and_grows_with_successes() {
+        let mut fleet = fleet_of(lamps(40));
+        let (record, devices) = fleet
+            .plan_rollout(
+                spec(
+                    json!({"name": "r", "target": {"class": "lamp"}, "state": {"dimming": 9},
+                            "waves": [{"percent": 100}],
+                            "rate": {"per_minute": 4, "increase_factor": 2, "every_succeeded": 4}}),
+                ),
+                "op",
+                0,
+            )
+            .expect("planned");
+        fleet.apply_rollout(record, devices);
+        fleet.step_rollouts(1_000);
+        fleet.step_rollouts(2_000);
+        let first = admitted(&fleet, "r");
+        assert_eq!(first.len(), 4, "4 a minute: {first:?}");
+        // They succeed: the rate doubles, but the minute still counts them.
+        for (i, id) in first.iter().enumerate() {
+            report(&mut fleet, id, 9, 2 + i as u64, 3_000);
+        }
+        fleet.step_rollouts(4_000);
+        assert_eq!(
+            admitted(&fleet, "r").len(),
+            8,
+            "8 a minute after 4 succeeded"
+        );
+        fleet.step_rollouts(62_000);
+        assert_eq!(
+            admitted(&fleet, "r").len(),
+            12,
+            "the first 4 left the minute"
+        );
     }
 }
