@@ -23,7 +23,8 @@ const SPEC_HELP: &str = "FILE is JSON, for example:
               \"max_reboots\": 2},
    \"abort\": [{\"failure\": \"any\", \"threshold_percent\": 10, \"min_executed\": 20}],
    \"rollback\": true,
-   \"window\": {\"start\": \"01:00\", \"end\": \"04:00\", \"tz\": \"Europe/Paris\"}, \"jitter_s\": 600}
+   \"window\": {\"start\": \"01:00\", \"end\": \"04:00\", \"tz\": \"Europe/Paris\"}, \"jitter_s\": 600,
+   \"rate\": {\"per_minute\": 50, \"increase_factor\": 2, \"every_succeeded\": 100, \"max_per_minute\": 1000}}
 \"firmware\" names a published release (cityplane firmware publish); \"state\" is a configuration
 change (keys as in a desired document). A rollout has one or both. Waves are spread over the
 \"zone\" label (\"spread_by\"); the last wave takes every device left. A wave moves on when
@@ -31,7 +32,7 @@ change (keys as in a desired document). A rollout has one or both. Waves are spr
 (online, fewer than max_reboots reconnects, every rule true on their reported state); a failed
 health gate halts the rollout. An abort rule that holds aborts it, and with \"rollback\" every
 device it reached gets its previous value back. Devices that join the target while it runs are
-included.";
+included. \"rate\" caps how many devices start a minute, growing while they succeed.";
 
 /// `cityplane rollout …`.
 #[derive(clap::Subcommand, Debug)]
