@@ -25,7 +25,7 @@ pub struct ServeArgs {
     pub store_cache_mib: u64,
     /// How often rollouts are evaluated (devices started, waves gated,
     /// abort rules checked), in milliseconds
-    #[arg(long, env = "CITYPLANE_ROLLOUT_TICK_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    #[arg(long, env = "CITYPLANE_ROLLOUT_TICK_MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(50..=60_000))]
     pub rollout_tick_ms: u64,
 }
 

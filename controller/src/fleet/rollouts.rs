@@ -334,7 +334,12 @@ impl Fleet {
             .map(|(n, _)| n.clone())
             .collect();
         for name in live {
+            let wave = self.rollouts.get(&name).map(|r| r.wave);
             self.step_rollout(&name, now);
+            // A wave that just moved on starts its devices now, not a tick later.
+            if self.rollouts.get(&name).map(|r| r.wave) != wave {
+                self.step_rollout(&name, now);
+            }
         }
     }
 

@@ -63,7 +63,7 @@ impl ControllerConfig {
             status_every: Duration::from_secs(1),
             max_batch: 2048,
             commit_gate: None,
-            rollout_every: Duration::from_secs(1),
+            rollout_every: Duration::from_millis(250),
         }
     }
 

@@ -201,6 +201,8 @@ async fn operator_write(
             commit_write(store, changes).await?;
             let total = devices.len();
             fleet.apply_rollout(record, devices);
+            // The first devices start now, not at the next tick.
+            fleet.step_rollouts(now);
             tracing::info!(operator = who, rollout = %name, devices = total, "rollout created");
             Ok(json!({"name": name, "devices": total, "waves": sizes}))
         }
@@ -226,6 +228,7 @@ async fn operator_write(
             };
             commit_write(store, changes).await?;
             fleet.apply_rollout_change(record, devices);
+            fleet.step_rollouts(now);
             tracing::info!(operator = who, rollout = %req.name, ?phase, "rollout {verb}");
             Ok(json!({"name": req.name, "phase": phase}))
         }
