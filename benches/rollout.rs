@@ -43,6 +43,8 @@ struct Args {
     image_kib: usize,
     soak: u64,
     runs: usize,
+    /// Only the peer (the push alone): to check it quickly.
+    push_only: bool,
 }
 
 fn args() -> Result<Args> {
@@ -51,6 +53,7 @@ fn args() -> Result<Args> {
         image_kib: 1024,
         soak: 10,
         runs: 1,
+        push_only: false,
     };
     bench::parse_args(std::env::args().skip(1), |key, value| {
         match key {
@@ -58,6 +61,7 @@ fn args() -> Result<Args> {
             "--image-kib" => a.image_kib = value()?.parse()?,
             "--soak" => a.soak = value()?.parse()?,
             "--runs" => a.runs = value()?.parse()?,
+            "--push-only" => a.push_only = true,
             "--bench" => {}
             _ => return Ok(false),
         }
@@ -128,8 +132,16 @@ async fn run() -> Result<()> {
 
     let mut runs = Vec::new();
     for i in 0..a.runs {
+        if a.push_only {
+            break;
+        }
         eprintln!("\nrun {} of {}", i + 1, a.runs);
-        runs.push(rollout_once(&a, &pki_dir, &dir, &release, &image_path, public).await?);
+        let r = rollout_once(&a, &pki_dir, &dir, &release, &image_path, public).await?;
+        eprintln!(
+            "  {:.1} s ({:.1} s minus soak), server CPU {:.1} s, peak RSS {:.0} MiB",
+            r.total_s, r.minus_soak_s, r.server_cpu_s, r.peak_rss_mib
+        );
+        runs.push(r);
     }
     eprintln!(
         "\npeer: the image pushed alone over loopback mTLS to {} connections",
@@ -138,6 +150,10 @@ async fn run() -> Result<()> {
     let mut push = Vec::new();
     for _ in 0..a.runs {
         push.push(push_alone(&pki, a.devices, &image).await?);
+    }
+    if a.push_only {
+        eprintln!("push alone: {push:?} s");
+        return Ok(());
     }
     let minus_soak = median(runs.iter().map(|r| r.minus_soak_s).collect());
     let push_s = median(push);
@@ -339,7 +355,13 @@ async fn push_alone(pki: &cityplane_certs::Pki, devices: usize, image: &[u8]) ->
                         let mut tls = acceptor.accept(tcp).await.ok()?;
                         let _ = go.wait_for(|g| *g).await;
                         tls.write_all(&image).await.ok()?;
-                        tls.flush().await.ok()
+                        // Close first, then wait for the client's close: a
+                        // socket closed with unread input sends a reset, which
+                        // throws away what the client has not read yet.
+                        tls.shutdown().await.ok()?;
+                        let mut rest = [0u8; 64];
+                        while tls.read(&mut rest).await.ok()? > 0 {}
+                        Some(())
                     }));
                 }
                 for t in tasks {
@@ -385,10 +407,19 @@ async fn push_alone(pki: &cityplane_certs::Pki, devices: usize, image: &[u8]) ->
                 })
             })
             .collect();
+        let mut short = Vec::new();
         for r in readers {
-            if r.await? != size {
-                bail!("a push client got less than the image");
+            let got = r.await?;
+            if got != size {
+                short.push(got);
             }
+        }
+        if !short.is_empty() {
+            bail!(
+                "{} push clients got less than the image (e.g. {:?} bytes of {size})",
+                short.len(),
+                &short[..short.len().min(5)]
+            );
         }
         total += t.elapsed().as_secs_f64();
         server.await?;
