@@ -413,6 +413,9 @@ fn firmware_sim(
     c.ids = (1..=n).map(|i| format!("{prefix}{i:04}")).collect();
     c.release_key = Some(key);
     c.firmware = cityplane_agent_sim::FirmwareSim::fast();
+    // Steps slow enough that a wave is in flight for a while.
+    c.firmware.install_time = std::time::Duration::from_millis(300);
+    c.firmware.health_check_time = std::time::Duration::from_millis(200);
     c.faults.reboot_time = (
         std::time::Duration::from_millis(20),
         std::time::Duration::from_millis(60),
@@ -455,13 +458,26 @@ async fn a_firmware_rollout_survives_sigkill_picks_up_new_devices_and_installs_o
     let created = s.json(&["rollout", "create", "-f", &spec]);
     assert_eq!(created["waves"], json!([10, 50, 440]), "{created}");
 
-    // SIGKILL while the third wave is on its way.
+    // SIGKILL while the third wave is on its way: devices told, downloading,
+    // installing or rebooting.
+    let mut at_kill = Value::Null;
     eventually("the third wave under way", || {
-        let st = s.status("lamps-2-0-0");
-        st["wave"] == 3 && st["totals"]["succeeded"].as_u64().unwrap_or(0) > 60
+        at_kill = s.status("lamps-2-0-0");
+        let busy: u64 = [
+            "notified",
+            "downloading",
+            "installing",
+            "rebooting",
+            "verifying",
+        ]
+        .iter()
+        .map(|k| at_kill["totals"][*k].as_u64().unwrap_or(0))
+        .sum();
+        at_kill["wave"] == 3 && busy >= 100
     })
     .await;
     server.kill();
+    assert_eq!(at_kill["phase"], "active", "{at_kill}");
     let _server = s.serve();
     // Registered while the rollout runs: picked up.
     let joiners: Vec<Value> = (1..=10)
