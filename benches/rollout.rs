@@ -28,7 +28,6 @@ use anyhow::{bail, Context, Result};
 use cityplane::client::{ConnectArgs, Operator};
 use cityplane_agent_sim::{Backoff, FirmwareSim, Fleet, PresenceMode, SimConfig};
 use cityplane_certs::firmware;
-use cityplane_proto::firmware::ReleaseManifest;
 use cityplane_testkit::bench::{self, target_dir};
 use cityplane_testkit::machine;
 use cityplane_testkit::process::{cpu_time, rss_kib};
@@ -110,24 +109,12 @@ async fn run() -> Result<()> {
     let image: Vec<u8> = (0..a.image_kib * 1024).map(|_| rng.u8(..)).collect();
     let image_path = dir.join("image.bin");
     std::fs::write(&image_path, &image)?;
-    let sha: String = ring::digest::digest(&ring::digest::SHA256, &image)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let release = firmware::sign_manifest(
+    let release = firmware::sign_image(
         &key,
-        &ReleaseManifest {
-            version: "9.0.0".into(),
-            models: ["LumiNode SL-200", "LumiNode SL-300", "Orbis LX-4"]
-                .map(String::from)
-                .to_vec(),
-            size: image.len() as u64,
-            sha256: sha,
-            floor: None,
-            downgrade: false,
-            fetch: "mqtt".into(),
-        },
+        "9.0.0",
+        &["LumiNode SL-200", "LumiNode SL-300", "Orbis LX-4"],
+        &image,
+        false,
     )?;
 
     let mut runs = Vec::new();

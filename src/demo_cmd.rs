@@ -314,27 +314,15 @@ fn signed(
     downgrade: bool,
 ) -> anyhow::Result<(cityplane_proto::firmware::SignedRelease, std::path::PathBuf)> {
     let key = firmware::read_release_key(&dir.join(firmware::RELEASE_KEY_FILE))?;
-    let mut rng = fastrand::Rng::with_seed(version.len() as u64 * 7919 + kib as u64);
+    // Each version its own bytes.
+    let seed = version
+        .bytes()
+        .fold(kib as u64, |h, b| h * 131 + u64::from(b));
+    let mut rng = fastrand::Rng::with_seed(seed);
     let image: Vec<u8> = (0..kib * 1024).map(|_| rng.u8(..)).collect();
     let path = dir.join(format!("lamp-{version}.bin"));
     std::fs::write(&path, &image)?;
-    let sha256 = ring::digest::digest(&ring::digest::SHA256, &image)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let release = firmware::sign_manifest(
-        &key,
-        &cityplane_proto::firmware::ReleaseManifest {
-            version: version.to_owned(),
-            models: models.iter().map(|m| (*m).to_owned()).collect(),
-            size: image.len() as u64,
-            sha256,
-            floor: None,
-            downgrade,
-            fetch: "mqtt".into(),
-        },
-    )?;
+    let release = firmware::sign_image(&key, version, models, &image, downgrade)?;
     Ok((release, path))
 }
 

@@ -418,11 +418,5 @@ fn digest_file(path: &Path) -> Result<(u64, String)> {
         hash.update(&buf[..n]);
         size += n as u64;
     }
-    let hex = hash
-        .finish()
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    Ok((size, hex))
+    Ok((size, cityplane_certs::firmware::hex(hash.finish().as_ref())))
 }

@@ -19,7 +19,7 @@
 
 use std::time::Duration;
 
-use cityplane_certs::firmware::{check_release, floor_after, ReleaseError};
+use cityplane_certs::firmware::{check_release, floor_after, hex, ReleaseError};
 use cityplane_proto::firmware::{BlobHeader, FetchRequest, ReleaseManifest, MAX_CHUNK};
 use cityplane_proto::messages::{AckStatus, Command, State};
 use serde::Serialize;
@@ -234,10 +234,6 @@ fn floor_of(v: &DeviceView) -> String {
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_owned()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[derive(Serialize)]

@@ -132,6 +132,33 @@ pub fn validate_manifest(m: &ReleaseManifest) -> Result<(), ReleaseError> {
     Ok(())
 }
 
+/// Lowercase hex, as a manifest spells a SHA-256.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Signs a release of `image` (its size and SHA-256 taken from the bytes).
+pub fn sign_image(
+    key: &Ed25519KeyPair,
+    version: &str,
+    models: &[&str],
+    image: &[u8],
+    downgrade: bool,
+) -> Result<SignedRelease, ReleaseError> {
+    sign_manifest(
+        key,
+        &ReleaseManifest {
+            version: version.to_owned(),
+            models: models.iter().map(|m| (*m).to_owned()).collect(),
+            size: image.len() as u64,
+            sha256: hex(ring::digest::digest(&ring::digest::SHA256, image).as_ref()),
+            floor: None,
+            downgrade,
+            fetch: "mqtt".to_owned(),
+        },
+    )
+}
+
 /// Signs a manifest: the signature covers the exact manifest text.
 pub fn sign_manifest(
     key: &Ed25519KeyPair,

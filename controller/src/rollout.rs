@@ -368,6 +368,22 @@ pub struct DeviceRollout {
     pub connects_at_success: u64,
 }
 
+impl DeviceRollout {
+    /// Waiting for wave `wave`.
+    pub fn queued(wave: usize) -> DeviceRollout {
+        DeviceRollout {
+            wave,
+            stage: Stage::Queued,
+            admitted_at: 0,
+            previous: State::new(),
+            skipped: false,
+            failed: None,
+            succeeded_at: None,
+            connects_at_success: 0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Stage {

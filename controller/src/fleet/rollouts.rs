@@ -138,19 +138,8 @@ impl Fleet {
                     continue;
                 };
                 let mut dev = (**dev).clone();
-                dev.rollouts.insert(
-                    spec.name.clone(),
-                    DeviceRollout {
-                        wave,
-                        stage: Stage::Queued,
-                        admitted_at: 0,
-                        previous: State::new(),
-                        skipped: false,
-                        failed: None,
-                        succeeded_at: None,
-                        connects_at_success: 0,
-                    },
-                );
+                dev.rollouts
+                    .insert(spec.name.clone(), DeviceRollout::queued(wave));
                 records.push(Arc::new(dev));
             }
         }
@@ -360,19 +349,8 @@ impl Fleet {
             let wave = r.wave.min(r.wave_sizes.len().saturating_sub(1));
             for id in joining {
                 if let Some(dev) = self.devices.get_mut(&id).map(Arc::make_mut) {
-                    dev.rollouts.insert(
-                        name.to_owned(),
-                        DeviceRollout {
-                            wave,
-                            stage: Stage::Queued,
-                            admitted_at: 0,
-                            previous: State::new(),
-                            skipped: false,
-                            failed: None,
-                            succeeded_at: None,
-                            connects_at_success: 0,
-                        },
-                    );
+                    dev.rollouts
+                        .insert(name.to_owned(), DeviceRollout::queued(wave));
                     self.dirty.insert(id);
                 }
             }

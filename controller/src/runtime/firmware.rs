@@ -14,7 +14,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
-use cityplane_certs::firmware::validate_manifest;
+use cityplane_certs::firmware::{hex, validate_manifest};
 use cityplane_proto::firmware::{ReleaseManifest, SignedRelease};
 
 use super::event_loop::commit;
@@ -65,10 +65,6 @@ fn io_rejection(what: &str, path: &Path, e: std::io::Error) -> Rejection {
         "storage_unavailable",
         format!("cannot {what} {}: {e}", path.display()),
     )
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Takes one chunk; the last one stores the release.
