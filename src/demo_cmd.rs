@@ -217,11 +217,19 @@ async fn drive(
         .context("connecting as the operator")?;
     // The registry: the installer's manifest (class, zone) through the
     // operator API. Selectors match these attributes, never the devices' claims.
-    let manifest = fleet.manifest();
+    // The installer's manifest also records each device's hardware model
+    // (label `hw`): rollouts can spread their waves over it.
+    let mut manifest = fleet.manifest();
+    for entry in &mut manifest {
+        let id = entry["id"].as_str().unwrap_or_default().to_owned();
+        if let Some(Some(Value::String(model))) = fleet.value_of(&id, "hardware_model") {
+            entry["labels"]["hw"] = json!(model);
+        }
+    }
     let registering = bar(manifest.len() as u64, "registering the fleet");
     op.register(&manifest, 250, |n| registering.set_position(n as u64))
         .await?;
-    registering.finish_with_message("class, zone: set by the operator");
+    registering.finish_with_message("class, zone, hw: set by the operator");
     print_registry(&manifest);
 
     let known = bar(args.devices as u64, "controller sees devices online");
@@ -362,13 +370,14 @@ Firmware, signed with a release key that is not the CA, rolled out in waves:"
         );
     }
     let specs = [
+        // Waves spread over hardware models: the canary has each model.
         json!({"name": "lamps-2-0-0", "target": {"class": "streetlight"}, "firmware": "2.0.0",
-               "waves": [{"count": 5}, {"percent": 25}, {"percent": 100}],
+               "waves": [{"count": 5}, {"percent": 25}, {"percent": 100}], "spread_by": "hw",
                "success_threshold": 60, "health": {"soak_s": 2},
                "abort": [{"failure": "any", "threshold_percent": 20, "min_executed": 15}],
                "rollback": true}),
         json!({"name": "lamps-2-0-1", "target": {"class": "streetlight"}, "firmware": "2.0.1",
-               "waves": [{"count": 5}, {"percent": 25}, {"percent": 100}],
+               "waves": [{"count": 5}, {"percent": 25}, {"percent": 100}], "spread_by": "hw",
                "success_threshold": 95, "health": {"soak_s": 2},
                "abort": [{"failure": "any", "threshold_percent": 10, "min_executed": 10}],
                "rollback": true}),

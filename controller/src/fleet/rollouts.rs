@@ -651,7 +651,8 @@ impl Fleet {
             if matches!(s, DeviceStatus::Failed | DeviceStatus::RollbackFailed)
                 && failures.len() < 10
             {
-                failures.push((dev.id.clone(), why.unwrap_or_default()));
+                let why = why.unwrap_or_default();
+                failures.push((dev.id.clone(), short_reason(&why).to_owned()));
             }
             let later = starts_from.is_some_and(|base| r.start_at(base, &dev.id) > now);
             if s == DeviceStatus::Queued && e.wave <= r.wave && later {
@@ -811,7 +812,8 @@ impl Fleet {
             .take(limit)
             .map(|(d, e, s, why)| {
                 json!({
-                    "id": d.id, "wave": e.wave + 1, "status": s.as_str(), "reason": why,
+                    "id": d.id, "wave": e.wave + 1, "status": s.as_str(),
+                    "reason": why.as_deref().map(short_reason),
                     "zone": d.attrs.labels.get(&r.spec.spread_by),
                     FIRMWARE_KEY: d.reported.get(FIRMWARE_KEY),
                     "online": d.online,
