@@ -616,3 +616,80 @@ async fn every_device_refuses_every_bad_release_and_the_rollout_says_why() {
     }
     fleet.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_firmware_rollout_whose_failures_trip_the_abort_rolls_back_with_a_signed_downgrade() {
+    const N: usize = 12;
+    let s = Setup::new(N);
+    let _server = s.serve();
+    s.zones(N);
+    let releases = Releases::new(&s, "release");
+    // The 2.0.0 build leaves the Orbis LX-4 out; the rollback releases may
+    // go below the floor 2.0.0 sets.
+    releases.publish("2.0.0", 8192, &LAMP_MODELS[..2], &[]);
+    for old in ["1.4.2", "1.3.9"] {
+        releases.publish(old, 8192, &LAMP_MODELS, &["--downgrade"]);
+    }
+    let fleet =
+        cityplane_agent_sim::Fleet::start(firmware_sim(&s, "dev", N, releases.public_key()))
+            .await
+            .expect("fleet");
+    assert!(
+        fleet
+            .wait_online(N, std::time::Duration::from_secs(60))
+            .await
+    );
+    let before: Vec<(String, Value)> = (1..=N)
+        .map(|i| {
+            let id = format!("dev{i:04}");
+            let fw = fleet.value_of(&id, "firmware").flatten().expect("firmware");
+            (id, fw)
+        })
+        .collect();
+    let lx4 = (1..=N)
+        .filter(|i| {
+            fleet.value_of(&format!("dev{i:04}"), "hardware_model")
+                == Some(Some(json!("Orbis LX-4")))
+        })
+        .count();
+    assert!(lx4 > 0 && lx4 < N, "the fleet mixes models ({lx4} LX-4)");
+
+    let spec = s.file(
+        "fw.json",
+        &json!({"name": "lamps-2-0-0", "target": {"class": "streetlight"}, "firmware": "2.0.0",
+                "waves": [{"percent": 100}], "success_threshold": 100,
+                "abort": [{"failure": "rejected", "threshold_percent": 10, "min_executed": N}],
+                "rollback": true}),
+    );
+    s.json(&["rollout", "create", "-f", &spec]);
+    let aborted = s.until_phase("lamps-2-0-0", "aborted").await;
+    assert!(
+        aborted["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("(rejected)") && r.contains("wrong model")),
+        "{aborted}"
+    );
+    // Every device is back on what it ran, the ones that installed 2.0.0
+    // through the signed downgrade.
+    eventually("every device rolled back", || {
+        s.status("lamps-2-0-0")["totals"] == json!({"rolled_back": N})
+    })
+    .await;
+    for (id, fw) in &before {
+        assert_eq!(
+            fleet.value_of(id, "firmware"),
+            Some(Some(fw.clone())),
+            "{id}"
+        );
+    }
+    let installed_twice = (1..=N)
+        .filter_map(|i| fleet.device(&format!("dev{i:04}")))
+        .filter(|d| d.firmware_installs == 2)
+        .count();
+    assert_eq!(
+        installed_twice,
+        N - lx4,
+        "2.0.0 then the rollback, on every model it fits"
+    );
+    fleet.shutdown().await;
+}
