@@ -221,7 +221,7 @@ async fn list(args: ListArgs) -> anyhow::Result<()> {
             row["phase"].as_str().unwrap_or(""),
             format!("{}/{}", row["wave"], row["waves"]),
             row["firmware"].as_str().unwrap_or("-"),
-            row["devices"],
+            row["devices"].as_u64().unwrap_or(0),
             n("succeeded") + n("skipped"),
             n("failed") + n("rollback_failed"),
             row["created"].as_str().unwrap_or("")
@@ -289,7 +289,7 @@ async fn devices(args: DevicesArgs) -> anyhow::Result<()> {
         println!(
             "{:<20} {:>4} {:<16} {:<8} {:<10} {}",
             r["id"].as_str().unwrap_or(""),
-            r["wave"],
+            r["wave"].as_u64().unwrap_or(0),
             r["status"].as_str().unwrap_or(""),
             r["zone"].as_str().unwrap_or("-"),
             r["firmware"].as_str().unwrap_or("-"),
@@ -390,9 +390,9 @@ fn print_waves(s: &Value) {
     for w in s["wave_rows"].as_array().into_iter().flatten() {
         println!(
             "  wave {:<3} {:>6}/{:<6} {:<12} {}",
-            w["wave"],
+            w["wave"].as_u64().unwrap_or(0),
             done_of(&w["counts"]),
-            w["devices"],
+            w["devices"].as_u64().unwrap_or(0),
             w["state"].as_str().unwrap_or(""),
             counts_line(&w["counts"])
         );
@@ -618,7 +618,7 @@ pub async fn releases(args: ReleasesArgs) -> anyhow::Result<()> {
         println!(
             "{:<12} {:>10}  {:<16} {:<24} {}",
             row["version"].as_str().unwrap_or(""),
-            row["size"],
+            row["size"].as_u64().unwrap_or(0),
             row["sha256"].as_str().unwrap_or("").get(..16).unwrap_or(""),
             row["published"].as_str().unwrap_or(""),
             row["models"]
