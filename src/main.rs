@@ -21,7 +21,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "cityplane", version, propagate_version = true)]
 #[command(
-    after_help = "Start here (README.md walks through it):\n  cityplane certs init --pki ./pki\n  cityplane certs issue --pki ./pki --role operator --id operator\n  cityplane certs issue --pki ./pki --role device --count 100 --prefix lamp --class streetlight --label zone=north\n  cityplane certs export-server --pki ./pki --out ./server-pki   # no ca.key\n  cityplane serve --pki ./server-pki --data ./data --listen 127.0.0.1:8883\n  cityplane get devices --pki ./pki      # the registry: every issued device\n  cityplane apply --pki ./pki -f desired.json --dry-run\n\nLogs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more."
+    after_help = "Start here (README.md walks through it):\n  cityplane certs init --pki ./pki\n  cityplane certs issue --pki ./pki --role operator --id operator\n  cityplane certs issue --pki ./pki --role device --count 100 --prefix lamp --class streetlight --label zone=north\n  cityplane certs export-server --pki ./pki --out ./server-pki   # no ca.key\n  cityplane serve --pki ./server-pki --data ./data --listen 127.0.0.1:8883\n  cityplane get devices --pki ./pki      # the registry: every issued device\n  cityplane apply --pki ./pki -f desired.json --dry-run\n  cityplane firmware keygen --dir ./release   # then firmware sign, publish\n  cityplane rollout create --pki ./pki -f rollout.json --watch   # in waves, health-gated\n\nLogs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more."
 )]
 struct Cli {
     #[command(subcommand)]
