@@ -27,6 +27,10 @@ pub struct ServeArgs {
     /// abort rules checked), in milliseconds
     #[arg(long, env = "CITYPLANE_ROLLOUT_TICK_MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(50..=60_000))]
     pub rollout_tick_ms: u64,
+    /// Firmware images the server stores at most, in MiB (published and
+    /// uploading); a release beyond it is refused with `quota`
+    #[arg(long, env = "CITYPLANE_MAX_FIRMWARE_MIB", default_value_t = 16 * 1024, value_parser = clap::value_parser!(u64).range(1..=16 * 1024 * 1024))]
+    pub max_firmware_mib: u64,
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -34,10 +38,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.broker.print_config {
         print!("{}", toml::to_string_pretty(&config)?);
         println!(
-            "\n# controller (flags or environment)\n# data = {:?}   # CITYPLANE_DATA\n# store_cache_mib = {}   # CITYPLANE_STORE_CACHE_MIB\n# rollout_tick_ms = {}   # CITYPLANE_ROLLOUT_TICK_MS",
+            "\n# controller (flags or environment)\n# data = {:?}   # CITYPLANE_DATA\n# store_cache_mib = {}   # CITYPLANE_STORE_CACHE_MIB\n# rollout_tick_ms = {}   # CITYPLANE_ROLLOUT_TICK_MS\n# max_firmware_mib = {}   # CITYPLANE_MAX_FIRMWARE_MIB",
             args.data.display().to_string(),
             args.store_cache_mib,
-            args.rollout_tick_ms
+            args.rollout_tick_ms,
+            args.max_firmware_mib
         );
         return Ok(());
     }
@@ -61,6 +66,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     cc.pki = pki;
     cc.cache_bytes = args.store_cache_mib * 1024 * 1024;
     cc.rollout_every = std::time::Duration::from_millis(args.rollout_tick_ms);
+    cc.max_firmware_bytes = args.max_firmware_mib << 20;
     let controller = Controller::start_in_process(&broker, cc)
         .await
         .with_context(|| format!("starting the controller on {}", args.data.display()))?;

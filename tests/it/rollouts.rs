@@ -614,6 +614,21 @@ async fn every_device_refuses_every_bad_release_and_the_rollout_says_why() {
         let d = fleet.device(&format!("dev{i:04}")).expect("device");
         assert_eq!(d.firmware_installs, 0, "nothing bad was installed");
     }
+    // Images are under a quota (4 MiB for these tests): a release that
+    // would pass it is refused before a byte is stored.
+    let (release, image) = releases.sign("3.0.0", 5 << 20, &LAMP_MODELS, &[]);
+    let refused = s.fails(&["firmware", "publish", &release, "--image", &image]);
+    assert!(
+        refused.contains("quota") && refused.contains("limit of 4 MiB"),
+        "{refused}"
+    );
+    let listed = s.json(&["firmware", "list"]);
+    assert_eq!(listed["total"], 5, "{listed}");
+    let partial = std::fs::read_dir(&firmware)
+        .expect("firmware dir")
+        .filter_map(Result::ok)
+        .any(|e| e.file_name().to_string_lossy().starts_with(".upload-"));
+    assert!(!partial, "nothing of the refused image was stored");
     fleet.shutdown().await;
 }
 

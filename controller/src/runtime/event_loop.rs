@@ -57,7 +57,8 @@ pub(super) async fn run(
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut rollout_tick = tokio::time::interval(config.rollout_every);
     rollout_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut uploads = super::firmware::Uploads::new(config.firmware_dir());
+    let mut uploads =
+        super::firmware::Uploads::new(config.firmware_dir(), config.max_firmware_bytes);
     let mut last_summary = None;
     let mut in_flight: Option<CommitInFlight> = None;
     let mut held = Held::default();

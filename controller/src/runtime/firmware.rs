@@ -41,20 +41,24 @@ cityplane_proto::object_only!(PublishChunk);
 /// Uploads in progress, by image SHA-256.
 pub(super) struct Uploads {
     dir: PathBuf,
+    /// Bytes of images the server may hold, published and uploading.
+    max_bytes: u64,
     open: HashMap<String, Upload>,
 }
 
 struct Upload {
     file: File,
     path: PathBuf,
+    size: u64,
     received: u64,
     digest: ring::digest::Context,
 }
 
 impl Uploads {
-    pub(super) fn new(dir: PathBuf) -> Uploads {
+    pub(super) fn new(dir: PathBuf, max_bytes: u64) -> Uploads {
         Uploads {
             dir,
+            max_bytes,
             open: HashMap::new(),
         }
     }
@@ -107,6 +111,26 @@ pub(super) async fn publish_chunk(
         .map_err(|e| Rejection::new("bad_schema", format!("data is not base64: {e}")))?;
     let sha = manifest.sha256.clone();
     if chunk.offset == 0 {
+        // Images fill the data disk: a quota, so an operator cannot.
+        let held: u64 = fleet.releases.values().map(|r| r.size).sum::<u64>()
+            + uploads
+                .open
+                .iter()
+                .filter(|(s, _)| **s != sha)
+                .map(|(_, u)| u.size)
+                .sum::<u64>();
+        if held + manifest.size > uploads.max_bytes {
+            return Err(Rejection::new(
+                "quota",
+                format!(
+                    "the server holds {} MiB of firmware images; this one ({} MiB) would pass its \
+                     limit of {} MiB (serve --max-firmware-mib)",
+                    held >> 20,
+                    manifest.size.div_ceil(1 << 20),
+                    uploads.max_bytes >> 20
+                ),
+            ));
+        }
         fs::create_dir_all(&uploads.dir).map_err(|e| io_rejection("create", &uploads.dir, e))?;
         let path = uploads.dir.join(format!(".upload-{sha}"));
         let file = OpenOptions::new()
@@ -120,6 +144,7 @@ pub(super) async fn publish_chunk(
             Upload {
                 file,
                 path,
+                size: manifest.size,
                 received: 0,
                 digest: ring::digest::Context::new(&ring::digest::SHA256),
             },

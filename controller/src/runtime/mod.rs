@@ -49,6 +49,9 @@ pub struct ControllerConfig {
     pub commit_gate: Option<CommitGate>,
     /// How often rollouts are stepped (devices admitted, waves gated).
     pub rollout_every: Duration,
+    /// Firmware images the server holds at most, in bytes (published and
+    /// uploading): operators cannot fill the data disk with them.
+    pub max_firmware_bytes: u64,
 }
 
 impl ControllerConfig {
@@ -64,6 +67,7 @@ impl ControllerConfig {
             max_batch: 2048,
             commit_gate: None,
             rollout_every: Duration::from_millis(250),
+            max_firmware_bytes: 16 << 30,
         }
     }
 
