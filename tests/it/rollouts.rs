@@ -92,6 +92,24 @@ impl Setup {
         self.json(&["devices", "register", "-f", &f]);
     }
 
+    /// Simulated devices from `config`, once all of them are online.
+    pub async fn online(
+        &self,
+        config: cityplane_agent_sim::SimConfig,
+    ) -> cityplane_agent_sim::Fleet {
+        let n = config.ids.len();
+        let fleet = cityplane_agent_sim::Fleet::start(config)
+            .await
+            .expect("fleet");
+        assert!(
+            fleet
+                .wait_online(n, std::time::Duration::from_secs(120))
+                .await,
+            "{n} devices online"
+        );
+        fleet
+    }
+
     pub fn status(&self, name: &str) -> Value {
         self.json(&["rollout", "status", name])
     }
@@ -135,14 +153,7 @@ async fn a_configuration_rollout_moves_in_waves_and_a_failing_one_aborts_and_rol
     let s = Setup::new(40);
     let _server = s.serve();
     s.zones(40);
-    let fleet = cityplane_agent_sim::Fleet::start(sim(&s.pki, s.port, 40))
-        .await
-        .expect("fleet");
-    assert!(
-        fleet
-            .wait_online(40, std::time::Duration::from_secs(60))
-            .await
-    );
+    let fleet = s.online(sim(&s.pki, s.port, 40)).await;
 
     // Three waves; each moves on only once all of it took the change.
     let spec = s.file(
@@ -281,14 +292,7 @@ async fn a_failed_health_gate_halts_the_rollout_until_an_operator_decides() {
     let s = Setup::new(10);
     let _server = s.serve();
     s.zones(10);
-    let fleet = cityplane_agent_sim::Fleet::start(sim(&s.pki, s.port, 10))
-        .await
-        .expect("fleet");
-    assert!(
-        fleet
-            .wait_online(10, std::time::Duration::from_secs(60))
-            .await
-    );
+    let fleet = s.online(sim(&s.pki, s.port, 10)).await;
     // The canary takes the change, then fails the rule the rollout names.
     let spec = s.file(
         "gate.json",
@@ -523,15 +527,9 @@ async fn every_device_refuses_every_bad_release_and_the_rollout_says_why() {
     s.zones(N);
     let releases = Releases::new(&s, "release");
     let stranger = Releases::new(&s, "stranger");
-    let fleet =
-        cityplane_agent_sim::Fleet::start(firmware_sim(&s, "dev", N, releases.public_key()))
-            .await
-            .expect("fleet");
-    assert!(
-        fleet
-            .wait_online(N, std::time::Duration::from_secs(60))
-            .await
-    );
+    let fleet = s
+        .online(firmware_sim(&s, "dev", N, releases.public_key()))
+        .await;
     let firmware = s.data.join("firmware");
 
     // What each release gets wrong, and the words the devices' refusals use.
@@ -645,15 +643,9 @@ async fn a_firmware_rollout_whose_failures_trip_the_abort_rolls_back_with_a_sign
     for old in ["1.4.2", "1.3.9"] {
         releases.publish(old, 8192, &LAMP_MODELS, &["--downgrade"]);
     }
-    let fleet =
-        cityplane_agent_sim::Fleet::start(firmware_sim(&s, "dev", N, releases.public_key()))
-            .await
-            .expect("fleet");
-    assert!(
-        fleet
-            .wait_online(N, std::time::Duration::from_secs(60))
-            .await
-    );
+    let fleet = s
+        .online(firmware_sim(&s, "dev", N, releases.public_key()))
+        .await;
     let before: Vec<(String, Value)> = (1..=N)
         .map(|i| {
             let id = format!("dev{i:04}");

@@ -880,6 +880,12 @@ mod tests {
         fleet.on_device_message(id, "presence", br#"{"online": true}"#, now);
     }
 
+    /// Plans and applies a rollout, as a committed `rollout-create` does.
+    fn start(fleet: &mut Fleet, spec: RolloutSpec, now: Millis) {
+        let (record, devices) = fleet.plan_rollout(spec, "op", now).expect("planned");
+        fleet.apply_rollout(record, devices);
+    }
+
     fn spec(v: Value) -> RolloutSpec {
         serde_json::from_value(v).expect("spec")
     }
@@ -910,17 +916,14 @@ mod tests {
     #[test]
     fn a_restart_goes_on_from_the_stored_wave_without_admitting_anyone_twice() {
         let mut fleet = fleet_of(lamps(10));
-        let (record, devices) = fleet
-            .plan_rollout(
-                spec(
-                    json!({"name": "r", "target": {"class": "lamp"}, "state": {"dimming": 50},
+        start(
+            &mut fleet,
+            spec(
+                json!({"name": "r", "target": {"class": "lamp"}, "state": {"dimming": 50},
                             "waves": [{"count": 2}, {"percent": 100}], "success_threshold": 100}),
-                ),
-                "op",
-                1_000,
-            )
-            .expect("planned");
-        fleet.apply_rollout(record, devices);
+            ),
+            1_000,
+        );
         fleet.step_rollouts(1_000);
         let canary = admitted(&fleet, "r");
         assert_eq!(canary.len(), 2, "{canary:?}");
@@ -959,17 +962,14 @@ mod tests {
     fn an_abort_with_rollback_puts_back_what_each_device_had() {
         let mut fleet = fleet_of(lamps(4));
         report(&mut fleet, "d01", 7, 2, 500);
-        let (record, devices) = fleet
-            .plan_rollout(
-                spec(
-                    json!({"name": "r", "target": {"class": "lamp"}, "state": {"dimming": 50},
+        start(
+            &mut fleet,
+            spec(
+                json!({"name": "r", "target": {"class": "lamp"}, "state": {"dimming": 50},
                             "waves": [{"count": 2}, {"percent": 100}], "rollback": true}),
-                ),
-                "op",
-                1_000,
-            )
-            .expect("planned");
-        fleet.apply_rollout(record, devices);
+            ),
+            1_000,
+        );
         fleet.step_rollouts(1_000);
         let canary = admitted(&fleet, "r");
         let (record, devices) = fleet
@@ -1006,18 +1006,15 @@ mod tests {
         let mut fleet = fleet_of(lamps(40));
         // Created at 23:30 in Paris; the window opens at 01:00 (00:00 UTC).
         let created = at("2026-11-30T22:30:00Z");
-        let (record, devices) = fleet
-            .plan_rollout(
-                spec(
-                    json!({"name": "night", "target": {"class": "lamp"}, "state": {"dimming": 5},
+        start(
+            &mut fleet,
+            spec(
+                json!({"name": "night", "target": {"class": "lamp"}, "state": {"dimming": 5},
                             "waves": [{"percent": 100}], "jitter_s": 600,
                             "window": {"start": "01:00", "end": "04:00", "tz": "Europe/Paris"}}),
-                ),
-                "op",
-                created,
-            )
-            .expect("planned");
-        fleet.apply_rollout(record, devices);
+            ),
+            created,
+        );
         fleet.step_rollouts(at("2026-11-30T23:59:59Z"));
         assert!(admitted(&fleet, "night").is_empty());
         let waiting = fleet
@@ -1049,18 +1046,15 @@ mod tests {
     #[test]
     fn a_rate_starts_so_many_devices_a_minute_and_grows_with_successes() {
         let mut fleet = fleet_of(lamps(40));
-        let (record, devices) = fleet
-            .plan_rollout(
-                spec(
-                    json!({"name": "r", "target": {"class": "lamp"}, "state": {"dimming": 9},
+        start(
+            &mut fleet,
+            spec(
+                json!({"name": "r", "target": {"class": "lamp"}, "state": {"dimming": 9},
                             "waves": [{"percent": 100}],
                             "rate": {"per_minute": 4, "increase_factor": 2, "every_succeeded": 4}}),
-                ),
-                "op",
-                0,
-            )
-            .expect("planned");
-        fleet.apply_rollout(record, devices);
+            ),
+            0,
+        );
         fleet.step_rollouts(1_000);
         fleet.step_rollouts(2_000);
         let first = admitted(&fleet, "r");

@@ -400,21 +400,7 @@ pub(super) async fn handle_operator(
                 }
             }
             Err(r) => {
-                let audit = fleet.audit_entry(
-                    &who,
-                    "apply",
-                    &name,
-                    &format!("rejected ({}): {}", r.code, r.reason),
-                    now,
-                );
-                let changes = Changes {
-                    audit: vec![audit],
-                    ..Default::default()
-                };
-                if let (changes, Err(e)) = commit(store, changes).await {
-                    tracing::error!(error = %e, "could not append to the audit log; written with the next commit that succeeds");
-                    store.defer_audit(changes.audit);
-                }
+                audit_refusal(fleet, store, &who, "apply", &name, &r, now).await;
                 vec![response]
             }
         }
@@ -426,7 +412,7 @@ pub(super) async fn handle_operator(
                 operator_write(fleet, store, uploads, &who, &verb, &msg.payload, now).await;
             if let Err(r) = &result {
                 if r.code != "storage_unavailable" {
-                    audit_refusal(fleet, store, &who, &verb, r, now).await;
+                    audit_refusal(fleet, store, &who, &verb, "", r, now).await;
                 }
             }
             result
@@ -456,13 +442,14 @@ async fn audit_refusal(
     store: &Arc<Store>,
     who: &str,
     verb: &str,
+    name: &str,
     r: &Rejection,
     now: Millis,
 ) {
     let audit = fleet.audit_entry(
         who,
         verb,
-        "",
+        name,
         &format!("rejected ({}): {}", r.code, r.reason),
         now,
     );
