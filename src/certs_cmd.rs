@@ -103,7 +103,7 @@ impl From<RoleArg> for Role {
 pub enum OutputFormat {
     /// Aligned columns for people.
     Table,
-    /// A JSON array of {id, role, serial, not_after, revoked, cert_path} for scripts.
+    /// A JSON array of {id, role, serial, not_after, revoked, cert_path, org} for scripts.
     Json,
 }
 
@@ -145,13 +145,17 @@ Identities use lowercase letters, digits, '.', '_' and '-', start with a letter 
 are at most 64 characters; 'ca' and 'broker' are reserved.",
         after_help = "Examples:\n  \
 cityplane certs issue --role device --id streetlight-0042\n  \
-cityplane certs issue --role operator --id alice --days 90\n  \
+cityplane certs issue --role operator --id alice --org city --days 90\n  \
+cityplane certs issue --role operator --id bob --org lighting-co   # a contractor: sees its scope\n  \
 cityplane certs issue --role device --id streetlight-0042 --rotate\n  \
 cityplane certs issue --role device --count 10000 --prefix dev   # dev0001 … dev10000\n  \
 cityplane certs issue --role device --id lamp-0001 --class streetlight --label zone=north --owner lighting-co\n\n\
 --class, --label and --owner are registry attributes: they go into issued.jsonl, from which a \
 server reading this directory (or a server directory kept current with --also) registers a new \
-device. Selectors in desired documents match them; what a device reports never does.",
+device. Selectors in desired documents match them; what a device reports never does.\n\n\
+An operator belongs to an organisation (--org, written as the certificate's O): --org city for \
+the city's own administrators, who see every device; any other organisation (a contractor) \
+sees only the devices the controller puts in its scope.",
         group(ArgGroup::new("who").required(true).args(["id", "count"]))
     )]
     Issue {
@@ -183,6 +187,12 @@ device. Selectors in desired documents match them; what a device reports never d
         /// if a valid certificate exists.
         #[arg(long, conflicts_with = "count")]
         rotate: bool,
+        /// The operator's organisation, written as the certificate's O.
+        /// Required for operators, refused for devices and controllers.
+        /// `city` is the city's own administrators (every device); any other
+        /// organisation sees only its scope. Example: --org lighting-co
+        #[arg(long, value_name = "ORG")]
+        org: Option<String>,
         /// How many days the new certificates are valid (1 to 3650). They
         /// start one hour in the past to tolerate clock skew. Example: --days 90
         #[arg(
@@ -302,14 +312,27 @@ pub fn run(cmd: CertsCommand) -> Result<()> {
             count,
             prefix,
             rotate,
+            org,
             days,
             attributes,
             also,
         } => {
             let attributes = attributes.into_attributes(role)?;
-            let pki = open(&pki.dir)?
+            let mut pki = open(&pki.dir)?
                 .with_validity_days(days)?
                 .with_attributes(attributes);
+            match (role, org) {
+                (RoleArg::Operator, Some(org)) => pki = pki.with_org(&org)?,
+                (RoleArg::Operator, None) => anyhow::bail!(
+                    "an operator belongs to an organisation: --org city for the city's own \
+                     administrators, or the contractor's organisation, e.g. --org lighting-co"
+                ),
+                (_, None) => {}
+                (role, Some(_)) => anyhow::bail!(
+                    "--org is for operators; a {} belongs to no organisation",
+                    Role::from(role)
+                ),
+            }
             match (id, count, prefix) {
                 (Some(id), _, _) => issue_one(&pki, role.into(), &id, rotate),
                 (None, Some(count), Some(prefix)) => issue_many(&pki, role.into(), &prefix, count),
@@ -563,13 +586,14 @@ fn list(dir: &Path, role: Option<Role>, output: OutputFormat) -> Result<()> {
 }
 
 fn table(certs: &[CertInfo]) -> String {
-    let header = ["ID", "ROLE", "SERIAL", "NOT-AFTER", "REVOKED"];
-    let rows: Vec<[&str; 5]> = certs
+    let header = ["ID", "ROLE", "ORG", "SERIAL", "NOT-AFTER", "REVOKED"];
+    let rows: Vec<[&str; 6]> = certs
         .iter()
         .map(|c| {
             [
                 c.id.as_str(),
                 c.role.as_str(),
+                c.org.as_deref().unwrap_or("-"),
                 c.serial.as_str(),
                 if c.not_after.is_empty() {
                     "-"

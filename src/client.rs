@@ -38,7 +38,7 @@ pub fn tls_config(pki: &Path, id: &str) -> anyhow::Result<Arc<rustls::ClientConf
         Ok(config) => Ok(Arc::new(config)),
         Err(e @ client_tls::Error::Read { .. }) if !pki.join(format!("{id}.crt")).exists() => {
             Err(anyhow::Error::new(e).context(format!(
-                "no certificate for {id:?} (issue it with `cityplane certs issue --role operator --id {id}`)"
+                "no certificate for {id:?} (issue it with `cityplane certs issue --role operator --id {id} --org city`, or the contractor's organisation)"
             )))
         }
         Err(e) => Err(e.into()),

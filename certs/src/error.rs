@@ -56,6 +56,13 @@ pub enum CertError {
     #[error(transparent)]
     InvalidId(#[from] IdError),
 
+    /// Says the rule (the same as for identities: orgs appear in topics).
+    #[error("invalid organisation: {0}")]
+    InvalidOrg(IdError),
+
+    #[error("only an operator belongs to an organisation; a {role} certificate has none")]
+    OrgNotForRole { role: cityplane_proto::Role },
+
     #[error("identity {0:?} is reserved for the PKI's own files (ca.crt, broker.crt); choose another id")]
     ReservedId(String),
 

@@ -41,6 +41,10 @@ pub(crate) struct IssuedRecord {
     /// a server reading this record registers a new device with.
     #[serde(default, skip_serializing_if = "attributes_empty")]
     pub attributes: Attributes,
+    /// An operator's organisation; absent for other roles and in records
+    /// written before organisations existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org: Option<String>,
 }
 
 fn attributes_empty(a: &Attributes) -> bool {
@@ -58,6 +62,7 @@ impl IssuedRecord {
             not_after: self.not_after.clone(),
             revoked: false,
             cert_path: std::path::PathBuf::new(),
+            org: self.org.clone(),
         }
     }
 

@@ -1,6 +1,6 @@
 //! Reading identities out of certificates.
 
-use cityplane_proto::{validate_id, Identity, Role};
+use cityplane_proto::{validate_id, validate_org, Identity, Role};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use x509_parser::certificate::X509Certificate;
@@ -13,7 +13,7 @@ use crate::CertError;
 /// The identity a TLS peer proved with its client certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerCert {
-    /// CN = id, OU = role.
+    /// CN = id, OU = role, and for an operator O = organisation.
     pub identity: Identity,
     /// Canonical serial (lowercase hex, no colons, no leading zero bytes):
     /// the same string [`crate::CertInfo::serial`] shows for this certificate
@@ -34,7 +34,12 @@ pub struct PeerCert {
 /// for client authentication.
 /// The subject must hold exactly one CN, which must be a valid identity (see
 /// [`cityplane_proto::validate_id`]), and exactly one OU, which must be a
-/// [`Role`] name.
+/// [`Role`] name. An operator's subject must also hold exactly one O, its
+/// organisation (see [`cityplane_proto::validate_org`]); the O of devices
+/// and controllers (`cityplane`) means nothing and is not read. An operator
+/// certificate from before organisations existed has O = `cityplane`: it
+/// belongs to an organisation of that name, which nobody creates, so it
+/// sees no device (fails closed) until it is re-issued with `--org`.
 pub fn peer_cert(der: &[u8]) -> Result<PeerCert, CertError> {
     let parsed = parse_identity(der).map_err(CertError::BadPeerCert)?;
     Ok(PeerCert {
@@ -85,10 +90,19 @@ pub(crate) fn parse_identity(der: &[u8]) -> Result<ParsedIdentity, String> {
     let role: Role = ou
         .parse()
         .map_err(|_| format!("OU {ou:?} is not a role: expected device, operator or controller"))?;
+    let org = match role {
+        Role::Operator => {
+            let org = single_attr(subject, "O (organization)", X509Name::iter_organization)?;
+            validate_org(org).map_err(|e| format!("O (organisation) {e}"))?;
+            Some(org.to_owned())
+        }
+        Role::Device | Role::Controller => None,
+    };
     Ok(ParsedIdentity {
         identity: Identity {
             id: id.to_owned(),
             role,
+            org,
         },
         serial: serial_hex(cert.raw_serial()),
         not_after: cert.validity().not_after.to_datetime(),

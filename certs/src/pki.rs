@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 
 use cityplane_proto::messages::Attributes;
-use cityplane_proto::{validate_id, Role};
+use cityplane_proto::{validate_id, validate_org, Role, ADMIN_ORG};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
@@ -85,6 +85,11 @@ pub struct CertInfo {
     /// revoked certificate whose file has since been replaced by a newer one,
     /// and for a valid certificate whose file is gone.
     pub cert_path: PathBuf,
+    /// An operator's organisation (the subject's O). `None` for devices and
+    /// controllers, and for a revoked certificate known only from
+    /// `revoked.json`.
+    #[serde(default)]
+    pub org: Option<String>,
 }
 
 /// Validity and usage of a certificate to issue (see [`Pki::issue_with`]).
@@ -95,6 +100,13 @@ pub struct IssueOptions {
     /// `true`: EKU clientAuth (a normal identity). `false`: EKU serverAuth
     /// only, a certificate with the wrong key usage, for tests.
     pub client_auth: bool,
+    /// An operator's organisation, written as the subject's O. `None` for an
+    /// operator means [`ADMIN_ORG`]: library callers that issue operators
+    /// without saying (tests, benchmarks, the demo) get the city's own
+    /// administrators, as before organisations existed; the CLI always
+    /// says. Refused for devices and controllers
+    /// ([`CertError::OrgNotForRole`]).
+    pub org: Option<String>,
 }
 
 impl IssueOptions {
@@ -105,6 +117,7 @@ impl IssueOptions {
             not_before: now - BACKDATE,
             not_after: now + Duration::days(i64::from(days)),
             client_auth: true,
+            org: None,
         }
     }
 }
@@ -168,6 +181,8 @@ pub struct Pki {
     validity_days: u32,
     /// Recorded with every device certificate this handle issues.
     attributes: Attributes,
+    /// The organisation of operators this handle issues (see [`Pki::with_org`]).
+    org: Option<String>,
 }
 
 /// The loaded CA: its signing key and what certificates it signs inherit.
@@ -305,6 +320,7 @@ impl Pki {
             dir: dir.to_owned(),
             validity_days: DEFAULT_VALIDITY_DAYS,
             attributes: Attributes::default(),
+            org: None,
         }
     }
 
@@ -316,6 +332,25 @@ impl Pki {
     pub fn with_attributes(mut self, attributes: Attributes) -> Pki {
         self.attributes = attributes;
         self
+    }
+
+    /// Makes [`issue`](Self::issue), [`rotate`](Self::rotate) and
+    /// [`issue_bulk`](Self::issue_bulk) issue operators of `org` (written
+    /// as the certificate subject's O). Without it they issue operators of
+    /// [`ADMIN_ORG`] (see [`IssueOptions::org`]); issuing a device or a
+    /// controller through a handle with an organisation is refused.
+    pub fn with_org(mut self, org: &str) -> Result<Pki, CertError> {
+        validate_org(org).map_err(CertError::InvalidOrg)?;
+        self.org = Some(org.to_owned());
+        Ok(self)
+    }
+
+    /// The [`IssueOptions`] of `issue`, `rotate` and `issue_bulk`.
+    fn issue_options(&self) -> IssueOptions {
+        IssueOptions {
+            org: self.org.clone(),
+            ..IssueOptions::valid_for_days(self.validity_days)
+        }
     }
 
     pub fn with_validity_days(mut self, days: u32) -> Result<Pki, CertError> {
@@ -404,7 +439,7 @@ impl Pki {
             });
         }
         // Build before revoking, so a failure here leaves everything as it was.
-        let opts = IssueOptions::valid_for_days(self.validity_days);
+        let opts = self.issue_options();
         let new = self.generate(&ca, role, id, &opts, &random_serial()?)?;
         let revoked = self.append_revocations(&ca, &mut revocations, &live)?;
         for old in &revoked {
@@ -468,10 +503,11 @@ impl Pki {
         for id in &ids {
             check_id(id)?;
         }
+        subject_org(role, self.org.as_deref())?;
         let ca = self.load_ca()?;
         let revocations = self.load_revocations()?;
         let index = self.load_index()?;
-        let opts = IssueOptions::valid_for_days(self.validity_days);
+        let opts = self.issue_options();
 
         let mut skipped = Vec::new();
         let mut pending = Vec::new();
@@ -771,6 +807,7 @@ impl Pki {
     /// first), then fileless valid ones, then the current one.
     pub fn list(&self) -> Result<Vec<CertInfo>, CertError> {
         let revocations = self.load_revocations()?;
+        let index = self.load_index()?;
         let current = self.current_certs(&revocations)?;
         let current_serials: HashSet<&str> = current.iter().map(|c| c.serial.as_str()).collect();
         let mut seen = HashSet::new();
@@ -797,10 +834,11 @@ impl Pki {
                 not_after: rec.not_after.clone().unwrap_or_default(),
                 revoked: true,
                 cert_path: PathBuf::new(),
+                // revoked.json does not keep it; issued.jsonl may.
+                org: index.by_serial(&rec.serial).and_then(|r| r.org.clone()),
             });
         }
         // Valid certificates whose file is gone: the ones most worth seeing.
-        let index = self.load_index()?;
         let now = now();
         for rec in &index.records {
             if current_serials.contains(rec.serial.as_str())
@@ -892,6 +930,7 @@ impl Pki {
             revoked: revocations.find(&parsed.serial).is_some(),
             serial: parsed.serial,
             cert_path: path,
+            org: parsed.identity.org,
         }))
     }
 
@@ -965,13 +1004,14 @@ impl Pki {
                 rfc3339(opts.not_before)
             )));
         }
+        let org = subject_org(role, opts.org.as_deref())?;
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
         params.serial_number = Some(SerialNumber::from_slice(serial));
         params.not_before = opts.not_before;
         params.not_after = opts.not_after;
         params.distinguished_name = dn(&[
-            (DnType::OrganizationName, ORGANIZATION),
+            (DnType::OrganizationName, org),
             (DnType::OrganizationalUnitName, role.as_str()),
             (DnType::CommonName, id),
         ]);
@@ -1000,6 +1040,7 @@ impl Pki {
                 serial: parsed.serial,
                 revoked: false,
                 cert_path: self.cert_path(id),
+                org: parsed.identity.org,
             },
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
@@ -1108,6 +1149,7 @@ impl Pki {
                 } else {
                     Attributes::default()
                 },
+                org: c.org.clone(),
             })
             .collect();
         IssuedIndex::append(&self.dir, ISSUED_FILE, &records)
@@ -1188,6 +1230,20 @@ fn check_id(id: &str) -> Result<(), CertError> {
         return Err(CertError::ReservedId(id.to_owned()));
     }
     Ok(())
+}
+
+/// The subject's O: an operator's organisation ([`ADMIN_ORG`] unless said),
+/// [`ORGANIZATION`] for everyone else, who belongs to none.
+fn subject_org(role: Role, org: Option<&str>) -> Result<&str, CertError> {
+    match (role, org) {
+        (Role::Operator, Some(org)) => {
+            validate_org(org).map_err(CertError::InvalidOrg)?;
+            Ok(org)
+        }
+        (Role::Operator, None) => Ok(ADMIN_ORG),
+        (_, None) => Ok(ORGANIZATION),
+        (role, Some(_)) => Err(CertError::OrgNotForRole { role }),
+    }
 }
 
 fn dn(parts: &[(DnType, &str)]) -> DistinguishedName {

@@ -25,6 +25,9 @@ pub struct IssuedDevice {
     pub attributes: Attributes,
     /// Its newest certificate is revoked.
     pub revoked: bool,
+    /// When its newest certificate expires (unix milliseconds); `None` when
+    /// the record's time is unreadable.
+    pub not_after_ms: Option<u64>,
 }
 
 /// Every device certificate recorded in `dir`, newest record per id, in
@@ -45,6 +48,7 @@ pub fn issued_devices(dir: &Path) -> Result<Vec<IssuedDevice>, CertError> {
             id: rec.id.clone(),
             attributes: rec.attributes.clone(),
             revoked: revoked.find(&rec.serial).is_some(),
+            not_after_ms: unix_ms(&rec.not_after),
         };
         match at.get(rec.id.as_str()) {
             Some(&i) => out[i] = device,
@@ -55,4 +59,22 @@ pub fn issued_devices(dir: &Path) -> Result<Vec<IssuedDevice>, CertError> {
         }
     }
     Ok(out)
+}
+
+/// An RFC 3339 time as unix milliseconds (`None` if unreadable or before 1970).
+fn unix_ms(rfc3339: &str) -> Option<u64> {
+    let t = time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
+        .ok()?;
+    u64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn record_times_become_unix_milliseconds() {
+        assert_eq!(super::unix_ms("1970-01-01T00:00:01Z"), Some(1000));
+        assert_eq!(super::unix_ms("2026-01-01T00:00:00Z"), Some(1_767_225_600_000));
+        assert_eq!(super::unix_ms("junk"), None);
+        assert_eq!(super::unix_ms("1969-12-31T00:00:00Z"), None);
+    }
 }

@@ -6,6 +6,11 @@ use serde::{Deserialize, Serialize};
 /// Longest identity (certificate CN and MQTT client id) cityplane accepts.
 pub const MAX_ID_LEN: usize = 64;
 
+/// The organisation of the city's own administrators: its operators see
+/// every device. Every other organisation (a contractor) sees only the
+/// devices of its scope.
+pub const ADMIN_ORG: &str = "city";
+
 /// What a certificate holder is allowed to be. Stored in the certificate's OU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -81,11 +86,22 @@ pub fn validate_id(id: &str) -> Result<(), IdError> {
     Ok(())
 }
 
+/// Checks an organisation name: the same rule as [`validate_id`], since
+/// organisations appear in topic names (`fleet/compliance/<org>`).
+pub fn validate_org(org: &str) -> Result<(), IdError> {
+    validate_id(org)
+}
+
 /// Who is on the other end of a connection, as proven by its certificate.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Identity {
     pub id: String,
     pub role: Role,
+    /// An operator's organisation (the certificate subject's O); `None` for
+    /// devices and controllers. Which devices an organisation may see is
+    /// the controller's to say (the broker's scope table), except for
+    /// [`ADMIN_ORG`], which sees all of them.
+    pub org: Option<String>,
 }
 
 /// Longest session suffix of an operator's client id (`<id>:<session>`).
@@ -152,6 +168,7 @@ mod tests {
         let op = Identity {
             id: "op".into(),
             role: Role::Operator,
+            org: Some(ADMIN_ORG.into()),
         };
         for good in [
             "op",
@@ -180,6 +197,7 @@ mod tests {
             let who = Identity {
                 id: "d1".into(),
                 role,
+                org: None,
             };
             assert!(who.may_use_client_id("d1"));
             assert!(!who.may_use_client_id("d1:1"), "{role}");

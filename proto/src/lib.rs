@@ -7,7 +7,7 @@ mod identity;
 pub mod messages;
 pub mod topics;
 
-pub use identity::{validate_id, IdError, Identity, Role, MAX_ID_LEN};
+pub use identity::{validate_id, validate_org, IdError, Identity, Role, ADMIN_ORG, MAX_ID_LEN};
 
 // For `object_only!` in other crates.
 #[doc(hidden)]

@@ -52,6 +52,9 @@ pub const FLEET_OPS: &str = "fleet/ops";
 pub const FLEET_STATUS: &str = "fleet/status";
 /// The controller answers operators under here.
 pub const FLEET_RESPONSES: &str = "fleet/responses";
+/// Retained compliance summaries: the whole fleet's here, one
+/// organisation's under `fleet/compliance/<org>` ([`compliance`]).
+pub const FLEET_COMPLIANCE: &str = "fleet/compliance";
 
 /// What operator publishes the controller reads start with.
 pub const FLEET_DESIRED_PREFIX: &str = "fleet/desired/";
@@ -84,6 +87,18 @@ pub fn response(operator: &str, request_id: &str) -> String {
 /// Every answer for one operator.
 pub fn responses_filter(operator: &str) -> String {
     format!("{FLEET_RESPONSES}/{operator}/#")
+}
+
+/// `fleet/compliance/<org>`: the retained compliance summary of one
+/// organisation's scope.
+pub fn compliance(org: &str) -> String {
+    format!("{FLEET_COMPLIANCE}/{org}")
+}
+
+/// The organisation of `fleet/compliance/<org>` (one non-empty level).
+pub fn compliance_org(topic: &str) -> Option<&str> {
+    let org = topic.strip_prefix(FLEET_COMPLIANCE)?.strip_prefix('/')?;
+    (!org.is_empty() && !org.contains('/')).then_some(org)
 }
 
 /// `devices/+/<leaf>`: one leaf of every device.
@@ -137,5 +152,9 @@ mod tests {
         assert_eq!(ops_verb("fleet/ops/status"), Some("status"));
         assert_eq!(ops_verb("fleet/ops/x/status"), Some("x/status"));
         assert_eq!(ops_verb("fleet/desired/status"), None);
+        assert_eq!(compliance_org(&compliance("lighting-co")), Some("lighting-co"));
+        for bad in ["fleet/compliance", "fleet/compliance/", "fleet/compliance/a/b", "fleet/compliancex/a"] {
+            assert_eq!(compliance_org(bad), None, "{bad}");
+        }
     }
 }

@@ -115,6 +115,8 @@ fn revoke_and_rotate_work_without_the_certificate_file() {
         "operator",
         "--id",
         "alice",
+        "--org",
+        "city",
     ]));
     std::fs::remove_file(pki.join("alice.crt")).expect("rm");
     let out = ok(&["certs", "revoke", "--pki", s(&pki), "--id", "alice"]);
@@ -279,4 +281,39 @@ fn serve_print_config_prints_and_exits() {
     assert!(status.success(), "{status}: {out}");
     assert!(out.contains("listen") && out.contains("data"), "{out}");
     assert!(!dir.path().join("data").exists(), "it opened the database");
+}
+
+#[test]
+fn an_operator_is_issued_into_an_organisation_and_nothing_else_is() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = tmp.path().join("pki");
+    ok(&["certs", "init", "--pki", s(&pki)]);
+    let issue = |extra: &[&str]| {
+        let mut args = vec!["certs", "issue", "--pki", s(&pki)];
+        args.extend_from_slice(extra);
+        args
+    };
+    let err = fails(&issue(&["--role", "operator", "--id", "bob"]));
+    assert!(
+        err.contains("--org city") && err.contains("--org lighting-co"),
+        "{err}"
+    );
+    let err = fails(&issue(&["--role", "device", "--id", "d1", "--org", "city"]));
+    assert!(err.contains("--org is for operators"), "{err}");
+    let err = fails(&issue(&["--role", "operator", "--id", "bob", "--org", "Bad/Org"]));
+    assert!(err.contains("organisation"), "{err}");
+    ok(&issue(&["--role", "operator", "--id", "bob", "--org", "lighting-co"]));
+    ok(&issue(&["--role", "device", "--id", "d1"]));
+
+    let list = ok(&["certs", "list", "--pki", s(&pki)]);
+    let row = |id: &str| {
+        list.lines()
+            .find(|l| l.starts_with(id))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .unwrap_or_else(|| panic!("{id} listed: {list}"))
+    };
+    assert_eq!(row("bob")[1..3], ["operator", "lighting-co"], "{list}");
+    assert_eq!(row("d1")[1..3], ["device", "-"], "{list}");
+    let issued = std::fs::read_to_string(pki.join("issued.jsonl")).expect("issued.jsonl");
+    assert!(issued.contains(r#""org":"lighting-co""#), "{issued}");
 }

@@ -30,7 +30,7 @@ async fn the_registry_survives_sigkill_and_its_devices_converge_on_first_connect
     let p = pki.to_str().expect("utf-8");
     ok(Command::new(BIN).args(["certs", "init", "--pki", p]));
     ok(Command::new(BIN).args([
-        "certs", "issue", "--pki", p, "--role", "operator", "--id", "op",
+        "certs", "issue", "--pki", p, "--role", "operator", "--id", "op", "--org", "city",
     ]));
     ok(Command::new(BIN).args([
         "certs",
@@ -51,7 +51,8 @@ async fn the_registry_survives_sigkill_and_its_devices_converge_on_first_connect
     // Attributes describe devices only.
     let refused = Command::new(BIN)
         .args([
-            "certs", "issue", "--pki", p, "--role", "operator", "--id", "op2", "--class", "x",
+            "certs", "issue", "--pki", p, "--role", "operator", "--id", "op2", "--org", "city", "--class",
+            "x",
         ])
         .output()
         .expect("runs");

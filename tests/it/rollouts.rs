@@ -31,7 +31,7 @@ impl Setup {
         let p = pki.to_str().expect("utf-8");
         ok(Command::new(BIN).args(["certs", "init", "--pki", p]));
         ok(Command::new(BIN).args([
-            "certs", "issue", "--pki", p, "--role", "operator", "--id", "op",
+            "certs", "issue", "--pki", p, "--role", "operator", "--id", "op", "--org", "city",
         ]));
         let count = n.to_string();
         ok(Command::new(BIN).args([
