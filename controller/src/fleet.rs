@@ -24,7 +24,9 @@ use crate::reconcile::{reconcile, Action, RetryPolicy};
 use crate::rollout::{RolloutRecord, Stage};
 use crate::store::Changes;
 
+mod governance;
 mod rollouts;
+pub use governance::{ExceptionRecord, Governance, PolicyRecord};
 pub use rollouts::Control;
 
 /// A message for the transport to publish once the changes behind it are durable.
@@ -188,6 +190,11 @@ pub struct Fleet {
     pub releases: BTreeMap<String, ReleaseRecord>,
     /// Rollout records changed since the last commit.
     dirty_rollouts: HashSet<String>,
+    /// The organisation of the operator whose request is being handled
+    /// (written into audit entries).
+    pub acting_org: Option<String>,
+    /// Organisations, their policy and compliance (`fleet/governance.rs`).
+    pub gov: governance::Governance,
 }
 
 impl Fleet {
@@ -220,6 +227,8 @@ impl Fleet {
             rollouts: BTreeMap::new(),
             releases: BTreeMap::new(),
             dirty_rollouts: HashSet::new(),
+            acting_org: None,
+            gov: governance::Governance::default(),
         };
         // After a restart nobody is known to be online until they say so;
         // in-flight commands stay and are re-sent (same id) when they return.
@@ -284,6 +293,7 @@ impl Fleet {
             dev.registered_at = now;
             dev.registered_by = FIRST_CONTACT.to_owned();
             self.devices.insert(id.to_owned(), Arc::new(dev));
+            self.gov.scopes_dirty = true;
             self.recompute_desired([id.to_owned()]);
         }
         let dev = self.devices.get_mut(id).expect("inserted above");
@@ -314,6 +324,7 @@ impl Fleet {
             tracing::info!(device = id, "drift: reported state moved away from desired");
         }
         self.touch(id);
+        self.evaluate(id, now);
     }
 
     fn on_ack(&mut self, id: &str, ack: messages::Ack, now: Millis) {
@@ -375,14 +386,19 @@ impl Fleet {
                     .get(*name)
                     .is_some_and(|d| selects(&d.target, &dev.id, &dev.attrs))
             });
+            // A document reaches only devices its author's organisation sees.
             let layers = listed
                 .chain(selecting)
                 .filter_map(|name| self.docs.get(name))
+                .filter(|d| self.org_sees(d.org.as_deref(), dev))
                 .map(DocRecord::layer);
             // A rollout is a layer of the devices it admitted; a rollback
             // is the lowest layer, so any document setting the key wins.
             let rollout_layers = dev.rollouts.iter().filter_map(|(name, entry)| {
                 let r = self.rollouts.get(name)?;
+                if !self.org_sees(r.org.as_deref(), dev) {
+                    return None;
+                }
                 match entry.stage {
                     Stage::Admitted => Some(Layer {
                         priority: r.spec.priority,
@@ -459,6 +475,7 @@ impl Fleet {
                 generation,
                 seq: self.seq,
                 author: who.to_owned(),
+                org: None,
                 written_at: now,
                 history,
             }
@@ -640,7 +657,16 @@ impl Fleet {
             }
             self.dirty.insert(id);
         }
-        self.recompute_desired(changed);
+        if !changed.is_empty() {
+            self.gov.scopes_dirty = true;
+        }
+        self.recompute_desired(changed.iter().cloned());
+        // Attributes decide which rules apply. Their clock is the last
+        // report's: a registry change is not a reason to judge time rules.
+        for id in &changed {
+            let at = self.devices.get(id).map_or(0, |d| d.last_seen);
+            self.evaluate(id, at);
+        }
         (new, updated)
     }
 
@@ -683,6 +709,7 @@ impl Fleet {
             generation,
             seq: self.seq + 1,
             author: who.to_owned(),
+            org: None,
             written_at: 0,
             history: Vec::new(),
         };
@@ -739,6 +766,7 @@ impl Fleet {
             action: action.to_owned(),
             name: name.to_owned(),
             result: result.to_owned(),
+            org: self.acting_org.clone(),
         }
     }
 
@@ -1172,6 +1200,7 @@ mod tests {
                 generation: 1,
                 seq: fleet.seq,
                 author: "t".into(),
+                org: None,
                 written_at: 0,
                 history: Vec::new(),
             });

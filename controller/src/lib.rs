@@ -14,6 +14,7 @@ pub mod delta;
 pub mod fleet;
 pub mod input;
 pub mod model;
+pub mod orgs;
 pub mod reconcile;
 pub mod rollout;
 pub mod runtime;

@@ -38,6 +38,10 @@ pub struct DocRecord {
     /// Global write sequence number (orders documents for priority ties).
     pub seq: u64,
     pub author: String,
+    /// The author's organisation: the document applies only to devices in
+    /// its scope (`None`: written before organisations, the city's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org: Option<String>,
     pub written_at: Millis,
     /// Earlier generations, newest last (at most [`DOC_HISTORY`]).
     #[serde(default)]
@@ -141,6 +145,19 @@ pub struct DeviceRecord {
     /// Its part in each rollout that reached it (by rollout name).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub rollouts: BTreeMap<String, crate::rollout::DeviceRollout>,
+    /// The security policy's rules it breaks now, by rule id.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub violations: BTreeMap<String, Violation>,
+    /// When its newest certificate expires (from the PKI's record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_not_after: Option<Millis>,
+}
+
+/// A rule a device breaks: since when, and why (the last evaluation's words).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Violation {
+    pub since: Millis,
+    pub reason: String,
 }
 
 pub const RECENT_COMMANDS: usize = 10;
@@ -230,4 +247,7 @@ pub struct AuditEntry {
     pub action: String,
     pub name: String,
     pub result: String,
+    /// The organisation of `who` (an operator's), for scoped reading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org: Option<String>,
 }

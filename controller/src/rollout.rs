@@ -281,6 +281,9 @@ impl Phase {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RolloutRecord {
     pub spec: RolloutSpec,
+    /// The author's organisation: only devices in its scope are admitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org: Option<String>,
     /// What the rollout sets: `state` plus `firmware`.
     pub patch: State,
     /// Global write sequence (orders its layer against documents).

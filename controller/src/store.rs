@@ -11,6 +11,9 @@
 //!   part in a rollout is in its `DeviceRecord`, written in the same commits)
 //! - `releases`: firmware version        → `ReleaseRecord` (the image is the
 //!   file `firmware/<sha256>` next to the database, fsynced before this)
+//! - `governance`: `org/<name>` → `OrgRecord`, `policy/<version u64 BE as
+//!   16 hex digits>` → `PolicyRecord`, `exception/<id>` → `ExceptionRecord`
+//!   (organisations, the security policy's versions and its exceptions)
 //!
 //! Durability: sled's `flush()` is not durable against power loss on Linux
 //! (it uses `sync_file_range` and never fsyncs its directory). After every
@@ -79,6 +82,9 @@ pub struct Changes {
     pub seq: Option<u64>,
     pub rollouts: Vec<RolloutRecord>,
     pub releases: Vec<ReleaseRecord>,
+    /// Governance records by key (see the module's key layout); `None`
+    /// deletes the key.
+    pub governance: Vec<(String, Option<Vec<u8>>)>,
 }
 
 impl Changes {
@@ -90,6 +96,7 @@ impl Changes {
             && self.seq.is_none()
             && self.rollouts.is_empty()
             && self.releases.is_empty()
+            && self.governance.is_empty()
     }
 }
 
@@ -159,6 +166,7 @@ struct Engine {
     meta: sled::Tree,
     rollouts: sled::Tree,
     releases: sled::Tree,
+    governance: sled::Tree,
     /// sled's data file, fsynced after each commit.
     data_file: File,
 }
@@ -169,6 +177,8 @@ pub struct Loaded {
     pub devices: Vec<DeviceRecord>,
     pub rollouts: Vec<RolloutRecord>,
     pub releases: Vec<ReleaseRecord>,
+    /// Governance records (key, JSON), in key order.
+    pub governance: Vec<(String, Vec<u8>)>,
     pub seq: u64,
     pub audit_len: usize,
     /// The highest audit sequence stored (the audit may have gaps).
@@ -213,6 +223,7 @@ impl Engine {
             meta: db.open_tree("meta")?,
             rollouts: db.open_tree("rollouts")?,
             releases: db.open_tree("releases")?,
+            governance: db.open_tree("governance")?,
             data_file: File::open(path.join("db"))?,
             db,
         };
@@ -243,6 +254,7 @@ struct Encoded {
     audit: Vec<(Vec<u8>, Vec<u8>)>,
     rollouts: Vec<(Vec<u8>, Vec<u8>)>,
     releases: Vec<(Vec<u8>, Vec<u8>)>,
+    governance: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     /// Kept for the in-memory audit tail.
     audit_entries: Vec<AuditEntry>,
     seq: Option<u64>,
@@ -275,6 +287,21 @@ impl Encoded {
             .iter()
             .map(|r| (r.version.as_bytes().to_vec(), json(r)))
             .collect();
+        let governance: Vec<(Vec<u8>, Option<Vec<u8>>)> = changes
+            .governance
+            .iter()
+            .map(|(k, v)| (k.as_bytes().to_vec(), v.clone()))
+            .collect();
+        let governed = governance
+            .iter()
+            .filter_map(|(k, v)| Some((k, v.as_ref()?)));
+        if let Some((k, v)) = governed.clone().find(|(_, v)| v.len() > MAX_RECORD) {
+            return Err(StoreError::Transaction(format!(
+                "record {:?} is {} bytes, above the {MAX_RECORD}-byte limit",
+                String::from_utf8_lossy(k),
+                v.len()
+            )));
+        }
         if let Some((k, v)) = docs
             .iter()
             .chain(&devices)
@@ -300,6 +327,7 @@ impl Encoded {
             audit,
             rollouts,
             releases,
+            governance,
             audit_entries: changes.audit.clone(),
             seq: changes.seq,
         })
@@ -369,6 +397,14 @@ impl Store {
             let devices = read_all(&e.devices, "devices")?;
             let rollouts: Vec<RolloutRecord> = read_all(&e.rollouts, "rollouts")?;
             let releases = read_all(&e.releases, "releases")?;
+            let governance = e
+                .governance
+                .iter()
+                .map(|item| {
+                    let (k, v) = item?;
+                    Ok((String::from_utf8_lossy(&k).into_owned(), v.to_vec()))
+                })
+                .collect::<Result<Vec<_>, StoreError>>()?;
             // Belt and braces: the sequence also covers every generation
             // already handed out, should `meta` ever lag the records.
             let seq = e.meta.get("seq")?.map(|v| decode_u64(&v)).unwrap_or(0);
@@ -384,6 +420,7 @@ impl Store {
                 devices,
                 rollouts,
                 releases,
+                governance,
                 seq,
                 audit_len: e.audit.len(),
                 audit_last,
@@ -422,6 +459,7 @@ impl Store {
             audit,
             rollouts,
             releases,
+            governance,
             audit_entries,
             seq,
         } = encoded;
@@ -454,9 +492,10 @@ impl Store {
                 &e.meta,
                 &e.rollouts,
                 &e.releases,
+                &e.governance,
             )
                 .transaction(
-                    |(docs_t, devices_t, audit_t, meta_t, rollouts_t, releases_t)| {
+                    |(docs_t, devices_t, audit_t, meta_t, rollouts_t, releases_t, gov_t)| {
                         for (k, v) in &restored {
                             match v {
                                 Some(v) => docs_t.insert(k.as_slice(), v.as_slice())?,
@@ -480,6 +519,12 @@ impl Store {
                         }
                         for (k, v) in &releases {
                             releases_t.insert(k.as_slice(), v.as_slice())?;
+                        }
+                        for (k, v) in &governance {
+                            match v {
+                                Some(v) => gov_t.insert(k.as_slice(), v.as_slice())?,
+                                None => gov_t.remove(k.as_slice())?,
+                            };
                         }
                         if let Some(seq) = seq {
                             meta_t.insert("seq", &seq.to_be_bytes())?;
@@ -622,6 +667,7 @@ mod tests {
             generation,
             seq: generation,
             author: "op".into(),
+            org: None,
             written_at: 0,
             history: Vec::new(),
         }

@@ -144,6 +144,7 @@ impl Fleet {
             }
         }
         let mut record = RolloutRecord {
+            org: None,
             patch,
             seq: self.seq + 1,
             author: who.to_owned(),
@@ -344,6 +345,7 @@ impl Fleet {
                 .targeted(&r.spec.target)
                 .into_iter()
                 .filter(|d| !d.revoked && !d.rollouts.contains_key(name))
+                .filter(|d| self.org_sees(r.org.as_deref(), d))
                 .map(|d| d.id.clone())
                 .collect();
             let wave = r.wave.min(r.wave_sizes.len().saturating_sub(1));

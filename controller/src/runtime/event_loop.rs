@@ -51,12 +51,15 @@ pub(super) async fn run(
     config: ControllerConfig,
     mut shutdown: watch::Receiver<bool>,
     clock: Clock,
+    scopes: cityplane_broker::Scopes,
 ) -> Result<(), ControllerError> {
     let mut known_device = known_devices(config.pki.clone());
     let mut status_tick = tokio::time::interval(config.status_every);
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut rollout_tick = tokio::time::interval(config.rollout_every);
     rollout_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut compliance_tick = tokio::time::interval(config.compliance_every);
+    compliance_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut uploads =
         super::firmware::Uploads::new(config.firmware_dir(), config.max_firmware_bytes);
     let mut last_summary = None;
@@ -139,6 +142,12 @@ pub(super) async fn run(
                     fleet.step_rollouts(clock.now());
                 }
             }
+            _ = compliance_tick.tick() => {
+                let now = clock.now();
+                let summaries = fleet.compliance_tick(now);
+                send_all(&out, summaries).await;
+                super::enforce(&mut fleet, &store, now).await;
+            }
             _ = shutdown.changed() => stop = true,
         }
         if stop {
@@ -180,6 +189,10 @@ pub(super) async fn run(
                         .filter(|d| d.revoked)
                         .map(|d| d.id.clone())
                         .collect();
+                    let expiry: Vec<(String, u64)> = devices
+                        .iter()
+                        .filter_map(|d| Some((d.id.clone(), d.not_after_ms?)))
+                        .collect();
                     let entries: Vec<Registration> = devices
                         .into_iter()
                         .map(|d| Registration {
@@ -192,6 +205,7 @@ pub(super) async fn run(
                     let (new, updated) =
                         fleet.register(&entries, fleet::FROM_PKI, Overwrite::Never, now);
                     fleet.set_revoked(&revoked);
+                    fleet.set_cert_expiry(&expiry);
                     if new + updated > 0 {
                         tracing::info!(
                             new,
@@ -203,6 +217,10 @@ pub(super) async fn run(
             }
         }
         held.commands.extend(fleet.reconcile_due(now));
+        if fleet.gov.scopes_dirty {
+            fleet.gov.scopes_dirty = false;
+            scopes.replace(fleet.scope_table());
+        }
 
         let may_commit = in_flight.is_none()
             && retry_commit_at.is_none_or(|at| at <= tokio::time::Instant::now());
@@ -332,6 +350,7 @@ mod paused_clock_tests {
             generation: 1,
             seq: 1,
             author: "op".into(),
+            org: None,
             written_at: 0,
             history: Vec::new(),
         };

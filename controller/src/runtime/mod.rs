@@ -49,6 +49,9 @@ pub struct ControllerConfig {
     pub commit_gate: Option<CommitGate>,
     /// How often rollouts are stepped (devices admitted, waves gated).
     pub rollout_every: Duration,
+    /// How often compliance is sampled and published, the time-based
+    /// rules evaluated again and enforcement considered.
+    pub compliance_every: Duration,
     /// Firmware images the server holds at most, in bytes (published and
     /// uploading): operators cannot fill the data disk with them.
     pub max_firmware_bytes: u64,
@@ -67,6 +70,7 @@ impl ControllerConfig {
             max_batch: 2048,
             commit_gate: None,
             rollout_every: Duration::from_millis(250),
+            compliance_every: Duration::from_secs(5),
             max_firmware_bytes: 16 << 30,
         }
     }
@@ -145,6 +149,10 @@ impl Controller {
             format!("{:x}", now_ms()),
         );
         fleet.restore_rollouts(loaded.rollouts, loaded.releases);
+        fleet.load_governance(loaded.governance, now_ms())?;
+        let scopes = broker.scopes();
+        scopes.replace(fleet.scope_table());
+        fleet.gov.scopes_dirty = false;
 
         const LEAVES: [&str; 3] = ["reported", "acks", "presence"];
         let filters: Vec<String> = LEAVES
@@ -184,6 +192,7 @@ impl Controller {
             config,
             shutdown_rx,
             Clock::new(),
+            scopes,
         ));
         // Subscribed and tapped: now devices may connect.
         broker.open();
@@ -252,8 +261,10 @@ fn known_devices(pki: Option<std::path::PathBuf>) -> Box<dyn FnMut(&str) -> bool
 
 mod event_loop;
 mod firmware;
+mod governance;
 mod operator;
 mod wiring;
 
 use event_loop::run;
+use governance::enforce;
 use wiring::{publish_to_router, read_issued, read_link, read_tap, watch_issued};

@@ -5,6 +5,7 @@ use super::event_loop::commit;
 use super::firmware::{publish_chunk, releases, Uploads};
 use super::*;
 use crate::fleet::Control;
+use crate::orgs::{Access, Right};
 use crate::rollout::RolloutSpec;
 use cityplane_proto::messages::Response;
 
@@ -142,7 +143,7 @@ async fn commit_records(
 }
 
 /// Commits an operator write; a failure becomes the operator's refusal.
-async fn commit_write(store: &Arc<Store>, changes: Changes) -> Result<(), Rejection> {
+pub(super) async fn commit_write(store: &Arc<Store>, changes: Changes) -> Result<(), Rejection> {
     let (changes, result) = commit(store, changes).await;
     result.map_err(|e| {
         tracing::error!(error = %e, disk_full = e.is_disk_full(), "could not store an operator write");
@@ -172,42 +173,38 @@ async fn operator_write(
     fleet: &mut Fleet,
     store: &Arc<Store>,
     uploads: &mut Uploads,
-    who: &str,
+    access: &Access,
     verb: &str,
     payload: &[u8],
     now: Millis,
 ) -> Result<Value, Rejection> {
+    let who = access.operator.as_str();
     match verb {
-        "publish-firmware" => publish_chunk(fleet, store, uploads, who, payload, now).await,
+        "publish-firmware" => {
+            access.require(Right::Rollout, "publish firmware")?;
+            publish_chunk(fleet, store, uploads, who, payload, now).await
+        }
+        "org-create" | "org-grant" | "policy-apply" | "exception-grant" | "exception-revoke" => {
+            super::governance::write(fleet, store, access, verb, payload, now).await
+        }
         "rollout-create" => {
+            access.require(Right::Rollout, "run rollouts")?;
             let spec = input::parse::<RolloutSpec>(payload, fleet.limits)?;
-            let (record, devices) = fleet.plan_rollout(spec, who, now)?;
-            let name = record.spec.name.clone();
-            let sizes = record.wave_sizes.clone();
-            let audit = fleet.audit_entry(
-                who,
-                verb,
-                &name,
-                &format!("accepted, {} devices in waves of {sizes:?}", devices.len()),
-                now,
-            );
-            let changes = Changes {
-                devices: devices.clone(),
-                rollouts: vec![record.clone()],
-                audit: vec![audit],
-                seq: Some(record.seq),
-                ..Default::default()
-            };
-            commit_write(store, changes).await?;
-            let total = devices.len();
-            fleet.apply_rollout(record, devices);
-            // The first devices start now, not at the next tick.
-            fleet.step_rollouts(now);
-            tracing::info!(operator = who, rollout = %name, devices = total, "rollout created");
-            Ok(json!({"name": name, "devices": total, "waves": sizes}))
+            create_rollout(fleet, store, access, spec, now).await
         }
         "rollout-pause" | "rollout-resume" | "rollout-abort" => {
+            access.require(Right::Rollout, "control rollouts")?;
             let req = input::parse::<RolloutControl>(payload, fleet.limits)?;
+            if !fleet
+                .rollouts
+                .get(&req.name)
+                .is_some_and(|r| access.owns(r.org.as_deref()))
+            {
+                return Err(Rejection::new(
+                    "not_found",
+                    format!("no rollout named {:?}", req.name),
+                ));
+            }
             let control =
                 Control::parse(verb).ok_or_else(|| Rejection::new("unknown_verb", verb))?;
             let (record, devices) =
@@ -233,6 +230,7 @@ async fn operator_write(
             Ok(json!({"name": req.name, "phase": phase}))
         }
         "register" => {
+            access.require(Right::Write, "register devices")?;
             let req = input::parse::<RegisterRequest>(payload, fleet.limits)?;
             for r in &req.devices {
                 cityplane_proto::validate_id(&r.id)
@@ -240,6 +238,7 @@ async fn operator_write(
                 check_attributes(&r.attributes())?;
             }
             let records = fleet.registered_records(&req.devices, who, Overwrite::Always, now);
+            check_registry_reach(fleet, access, &records)?;
             let audit = fleet.audit_entry(
                 who,
                 "register",
@@ -253,6 +252,7 @@ async fn operator_write(
             Ok(json!({"registered": new, "updated": updated, "total": fleet.devices.len()}))
         }
         "label" => {
+            access.require(Right::Write, "label devices")?;
             let req = input::parse::<LabelRequest>(payload, fleet.limits)?;
             if req.change.is_empty() {
                 return Err(Rejection::new(
@@ -270,12 +270,18 @@ async fn operator_write(
                 (Some(sel), true) if !sel.is_empty() => fleet
                     .targeted(&Target::Selector(sel.clone()))
                     .into_iter()
+                    .filter(|d| access.sees(&d.id, &d.attrs))
                     .map(|d| d.id.clone())
                     .collect(),
                 (None, false) => {
-                    if let Some(missing) =
-                        req.ids.iter().find(|id| !fleet.devices.contains_key(*id))
-                    {
+                    // Outside the scope is the same as unknown: a
+                    // contractor learns nothing of other parties' devices.
+                    if let Some(missing) = req.ids.iter().find(|id| {
+                        !fleet
+                            .devices
+                            .get(*id)
+                            .is_some_and(|d| access.sees(&d.id, &d.attrs))
+                    }) {
                         return Err(Rejection::new(
                             "not_found",
                             format!("no device {missing:?} is registered"),
@@ -291,6 +297,7 @@ async fn operator_write(
                 }
             };
             let records = fleet.labelled_records(&ids, &req.change);
+            check_registry_reach(fleet, access, &records)?;
             let audit = fleet.audit_entry(
                 who,
                 "label",
@@ -303,13 +310,18 @@ async fn operator_write(
             Ok(json!({"matched": ids.len(), "changed": changed}))
         }
         "delete-document" => {
+            access.require(Right::Write, "delete documents")?;
             let req = input::parse::<DeleteRequest>(payload, fleet.limits)?;
-            let doc = fleet.docs.get(&req.name).ok_or_else(|| {
-                Rejection::new(
-                    "not_found",
-                    format!("no desired document named {:?}", req.name),
-                )
-            })?;
+            let doc = fleet
+                .docs
+                .get(&req.name)
+                .filter(|d| access.owns(d.org.as_deref()))
+                .ok_or_else(|| {
+                    Rejection::new(
+                        "not_found",
+                        format!("no desired document named {:?}", req.name),
+                    )
+                })?;
             if let Some(want) = req.if_generation {
                 if want != doc.generation {
                     return Err(Rejection::new(
@@ -352,6 +364,82 @@ async fn operator_write(
     }
 }
 
+/// A scoped organisation's registry write may touch only devices in its
+/// scope and must leave them there (a contractor cannot take a device
+/// over by labelling it, nor give one away by accident).
+fn check_registry_reach(
+    fleet: &Fleet,
+    access: &Access,
+    records: &[Arc<crate::model::DeviceRecord>],
+) -> Result<(), Rejection> {
+    if access.is_admin() {
+        return Ok(());
+    }
+    let outside = records
+        .iter()
+        .filter(|r| {
+            let before = fleet
+                .devices
+                .get(&r.id)
+                .is_none_or(|d| access.sees(&d.id, &d.attrs));
+            !before || !access.sees(&r.id, &r.attrs)
+        })
+        .count();
+    if outside > 0 {
+        return Err(Rejection::new(
+            "out_of_scope",
+            format!(
+                "{outside} device(s) would be outside organisation {:?}'s scope before or after \
+                 this change; an organisation registers and labels only its own devices",
+                access.org
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `rollout-create`, from an operator or from the policy's enforcement:
+/// scope, admission, plan, commit, then the first devices start at once.
+pub(super) async fn create_rollout(
+    fleet: &mut Fleet,
+    store: &Arc<Store>,
+    access: &Access,
+    spec: RolloutSpec,
+    now: Millis,
+) -> Result<Value, Rejection> {
+    let who = access.operator.as_str();
+    fleet.check_reach(access, &spec.target)?;
+    let (mut record, devices) = fleet.plan_rollout(spec, who, now)?;
+    record.org = Some(access.org.clone());
+    {
+        let targeted: Vec<&crate::model::DeviceRecord> = devices.iter().map(|d| &**d).collect();
+        fleet.admit(&targeted, &record.patch, now)?;
+    }
+    let name = record.spec.name.clone();
+    let sizes = record.wave_sizes.clone();
+    let audit = fleet.audit_entry(
+        who,
+        "rollout-create",
+        &name,
+        &format!("accepted, {} devices in waves of {sizes:?}", devices.len()),
+        now,
+    );
+    let changes = Changes {
+        devices: devices.clone(),
+        rollouts: vec![record.clone()],
+        audit: vec![audit],
+        seq: Some(record.seq),
+        ..Default::default()
+    };
+    commit_write(store, changes).await?;
+    let total = devices.len();
+    fleet.apply_rollout(record, devices);
+    // The first devices start now, not at the next tick.
+    fleet.step_rollouts(now);
+    tracing::info!(operator = who, rollout = %name, devices = total, "rollout created");
+    Ok(json!({"name": name, "devices": total, "waves": sizes}))
+}
+
 /// Operator writes commit immediately (they are rare and must be durable
 /// before they are answered); queries are answered from memory.
 pub(super) async fn handle_operator(
@@ -361,10 +449,62 @@ pub(super) async fn handle_operator(
     msg: OperatorMessage,
     now: u64,
 ) -> Vec<Outgoing> {
+    let access = fleet.access(&msg.from);
+    fleet.acting_org = Some(access.org.clone());
+    let out = handle(fleet, store, uploads, &access, msg, now).await;
+    fleet.acting_org = None;
+    out
+}
+
+/// Scope, ownership and admission of a document the fleet found valid.
+fn govern_doc(
+    fleet: &Fleet,
+    access: &Access,
+    doc: &mut crate::model::DocRecord,
+    now: Millis,
+) -> Result<(), Rejection> {
+    access.require(Right::Write, "write desired state")?;
+    if let Some(old) = fleet.docs.get(&doc.name) {
+        if !access.owns(old.org.as_deref()) {
+            return Err(Rejection::new(
+                "forbidden",
+                format!(
+                    "document {:?} belongs to another organisation; pick another name",
+                    doc.name
+                ),
+            ));
+        }
+    }
+    fleet.check_reach(access, &doc.target)?;
+    let devices = fleet.targeted(&doc.target);
+    fleet.admit(&devices, &doc.state, now)?;
+    doc.org = Some(access.org.clone());
+    Ok(())
+}
+
+async fn handle(
+    fleet: &mut Fleet,
+    store: &Arc<Store>,
+    uploads: &mut Uploads,
+    access: &Access,
+    msg: OperatorMessage,
+    now: u64,
+) -> Vec<Outgoing> {
     let who = msg.from.id.clone();
     if let Some(name) = topics::desired_name(&msg.topic) {
         let name = name.to_owned();
         let (response, result) = fleet.on_desired(&who, &msg.topic, &msg.payload, now);
+        let (response, result) = match result {
+            Ok(mut doc) => match govern_doc(fleet, access, &mut doc, now) {
+                Ok(()) => (response, Ok(doc)),
+                Err(r) => {
+                    tracing::warn!(operator = %who, %r, "desired state refused");
+                    let rid = fleet::request_id_of(&msg.payload).unwrap_or(name.clone());
+                    (fleet::response_to(&who, &r.response(rid)), Err(r))
+                }
+            },
+            Err(r) => (response, Err(r)),
+        };
         match result {
             Ok(doc) => {
                 let audit = fleet.audit_entry(
@@ -409,7 +549,7 @@ pub(super) async fn handle_operator(
         let rid = fleet::request_id_of(&msg.payload).unwrap_or_else(|| verb.clone());
         let result = if WRITE_VERBS.contains(&verb.as_str()) {
             let result =
-                operator_write(fleet, store, uploads, &who, &verb, &msg.payload, now).await;
+                operator_write(fleet, store, uploads, access, &verb, &msg.payload, now).await;
             if let Err(r) = &result {
                 if r.code != "storage_unavailable" {
                     audit_refusal(fleet, store, &who, &verb, "", r, now).await;
@@ -418,7 +558,7 @@ pub(super) async fn handle_operator(
             result
         } else {
             input::parse::<Query>(&msg.payload, fleet.limits)
-                .and_then(|q| answer(fleet, store, &who, &verb, q, now))
+                .and_then(|q| answer(fleet, store, access, &verb, q, now))
         };
         let response = match result {
             Ok(result) => Response::Ok {
@@ -466,33 +606,79 @@ async fn audit_refusal(
 fn answer(
     fleet: &Fleet,
     store: &Arc<Store>,
-    who: &str,
+    access: &Access,
     verb: &str,
     q: Query,
     now: Millis,
 ) -> Result<Value, Rejection> {
+    access.require(Right::Read, "read the fleet")?;
     let name_of = |q: &Query| {
         q.name
             .clone()
             .ok_or_else(|| Rejection::new("bad_schema", format!("{verb} needs \"name\"")))
     };
+    // Another organisation's rollout or document is as good as absent.
+    let own_rollout = |name: String| -> Result<String, Rejection> {
+        if fleet
+            .rollouts
+            .get(&name)
+            .is_some_and(|r| access.owns(r.org.as_deref()))
+        {
+            Ok(name)
+        } else {
+            Err(Rejection::new(
+                "not_found",
+                format!("no rollout named {name:?}"),
+            ))
+        }
+    };
+    let own_doc = |name: &str| {
+        fleet
+            .docs
+            .get(name)
+            .filter(|d| access.owns(d.org.as_deref()))
+            .ok_or_else(|| {
+                Rejection::new("not_found", format!("no desired document named {name:?}"))
+            })
+    };
+    let sees = |d: &&crate::model::DeviceRecord| access.sees(&d.id, &d.attrs);
     match verb {
         "get-rollouts" => {
-            let rows = fleet.rollout_rows();
+            let rows: Vec<Value> = fleet
+                .rollout_rows()
+                .into_iter()
+                .filter(|row| {
+                    row.get("name")
+                        .and_then(Value::as_str)
+                        .and_then(|n| fleet.rollouts.get(n))
+                        .is_some_and(|r| access.owns(r.org.as_deref()))
+                })
+                .collect();
             Ok(json!({"total": rows.len(), "rollouts": rows}))
         }
-        "rollout-status" => fleet.rollout_status(&name_of(&q)?, now),
+        "rollout-status" => fleet.rollout_status(&own_rollout(name_of(&q)?)?, now),
         "rollout-devices" => fleet.rollout_devices(
-            &name_of(&q)?,
+            &own_rollout(name_of(&q)?)?,
             q.status.as_deref(),
             q.offset.unwrap_or(0),
             q.limit.unwrap_or(500).min(2000),
         ),
         "get-releases" => Ok(releases(fleet)),
+        "get-orgs" | "describe-org" | "get-policy" | "get-policy-history" | "get-exceptions"
+        | "compliance" => super::governance::query(
+            fleet,
+            access,
+            verb,
+            q.name.as_deref(),
+            q.version,
+            q.limit,
+            now,
+        ),
         "get-documents" => {
             let docs: Vec<Value> = fleet
                 .docs
                 .values()
+                .filter(|d| access.owns(d.org.as_deref()))
                 .map(|d| fleet::document_row(fleet, d))
                 .collect();
             Ok(json!({"total": docs.len(), "documents": docs}))
@@ -501,36 +687,46 @@ fn answer(
             let name = q
                 .name
                 .ok_or_else(|| Rejection::new("bad_schema", "describe-document needs \"name\""))?;
-            let doc = fleet.docs.get(&name).ok_or_else(|| {
-                Rejection::new("not_found", format!("no desired document named {name:?}"))
-            })?;
-            Ok(fleet::describe_document(fleet, doc))
+            Ok(fleet::describe_document(fleet, own_doc(&name)?))
         }
         "dry-run" => {
             let doc = q
                 .document
                 .ok_or_else(|| Rejection::new("bad_schema", "dry-run needs \"document\""))?;
             let bytes = serde_json::to_vec(&doc).unwrap_or_default();
-            fleet.dry_run(who, &bytes)
+            let parsed = input::parse::<cityplane_proto::messages::DesiredDoc>(&bytes, fleet.limits)?;
+            let mut probe = crate::model::DocRecord {
+                name: parsed.name,
+                target: parsed.target,
+                priority: parsed.priority,
+                state: parsed.state,
+                generation: 0,
+                seq: 0,
+                author: access.operator.clone(),
+                org: None,
+                written_at: now,
+                history: Vec::new(),
+            };
+            govern_doc(fleet, access, &mut probe, now)?;
+            fleet.dry_run(&access.operator, &bytes)
         }
         "status" => {
+            let in_scope = || fleet.devices.values().map(|d| &**d).filter(sees);
             let summary = match &q.name {
                 Some(name) => {
-                    let doc = fleet.docs.get(name).ok_or_else(|| {
-                        Rejection::new("not_found", format!("no desired document named {name:?}"))
-                    })?;
-                    let mut s = Fleet::summary_of(fleet.targeted(&doc.target).into_iter());
+                    let doc = own_doc(name)?;
+                    let targeted = || fleet.targeted(&doc.target).into_iter().filter(sees);
+                    let mut s = Fleet::summary_of(targeted());
                     // Converged for a document means: at or past the
                     // generation that document produced.
-                    s.converged = fleet
-                        .targeted(&doc.target)
-                        .iter()
+                    s.converged = targeted()
                         .filter(|d| d.is_converged() && d.desired_generation >= doc.seq)
                         .count();
                     s.pending = s.total - s.converged - s.failed;
                     s
                 }
-                None => fleet.summary(),
+                None if access.is_admin() => fleet.summary(),
+                None => Fleet::summary_of(in_scope()),
             };
             Ok(json!({
                 "total": summary.total, "online": summary.online, "converged": summary.converged,
@@ -543,6 +739,7 @@ fn answer(
                 .devices
                 .values()
                 .map(|d| &**d)
+                .filter(sees)
                 .filter(|d| {
                     q.selector
                         .as_ref()
@@ -564,17 +761,33 @@ fn answer(
         "describe" => {
             let id =
                 q.id.ok_or_else(|| Rejection::new("bad_schema", "describe needs \"id\""))?;
-            let dev = fleet.devices.get(&id).ok_or_else(|| {
-                Rejection::new(
-                    "not_found",
-                    format!("no device {id:?} is registered (cityplane devices register, or certs issue)"),
-                )
-            })?;
+            let dev = fleet
+                .devices
+                .get(&id)
+                .map(|d| &**d)
+                .filter(sees)
+                .ok_or_else(|| {
+                    Rejection::new(
+                        "not_found",
+                        format!("no device {id:?} is registered (cityplane devices register, or certs issue)"),
+                    )
+                })?;
             Ok(fleet::describe(dev))
         }
         "audit" => {
             // From memory, like every query: reading sled fails on a full disk.
-            let entries = store.recent_audit(q.limit.unwrap_or(50).min(crate::store::AUDIT_KEPT));
+            let limit = q.limit.unwrap_or(50).min(crate::store::AUDIT_KEPT);
+            let entries: Vec<crate::model::AuditEntry> = if access.is_admin() {
+                store.recent_audit(limit)
+            } else {
+                let mine = store
+                    .recent_audit(crate::store::AUDIT_KEPT)
+                    .into_iter()
+                    .filter(|e| e.org.as_deref() == Some(access.org.as_str()))
+                    .collect::<Vec<_>>();
+                let skip = mine.len().saturating_sub(limit);
+                mine.into_iter().skip(skip).collect()
+            };
             Ok(json!({"entries": entries}))
         }
         other => Err(Rejection::new(
@@ -582,8 +795,11 @@ fn answer(
             format!(
                 "unknown operation {other:?}; expected status, get-devices, describe, audit, \
                  get-documents, describe-document, dry-run, get-rollouts, rollout-status, \
-                 rollout-devices, get-releases, register, label, delete-document, rollout-create, \
-                 rollout-pause, rollout-resume, rollout-abort or publish-firmware"
+                 rollout-devices, get-releases, get-orgs, describe-org, get-policy, \
+                 get-policy-history, get-exceptions, compliance, register, label, \
+                 delete-document, rollout-create, rollout-pause, rollout-resume, rollout-abort, \
+                 publish-firmware, org-create, org-grant, policy-apply, exception-grant or \
+                 exception-revoke"
             ),
         )),
     }

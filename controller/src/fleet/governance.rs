@@ -1,0 +1,660 @@
+//! Organisations, the security policy, its exceptions and the fleet's
+//! compliance, on the fleet. No I/O: the runtime commits what these
+//! produce, and feeds the clock in.
+//!
+//! - Scope: a document or rollout applies only to devices its author's
+//!   organisation sees (checked when a device's desired state is computed,
+//!   so a device that leaves a contractor's scope leaves its documents too);
+//!   writes reaching outside are refused with the count.
+//! - Compliance: every report (and every registry change, policy change and
+//!   compliance tick for the time-based rules) evaluates the rules that
+//!   apply to the device; a device's record keeps the rules it breaks with
+//!   the time each violation started.
+//! - Admission: a desired value that would break a rule is refused unless
+//!   an unexpired exception covers the rule and the device.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use cityplane_proto::messages::{State, Target};
+use cityplane_proto::policy::{Facts, Mode, Outcome, Policy};
+use cityplane_proto::topics;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::{Fleet, Outgoing};
+use crate::delta::selects;
+use crate::input::Rejection;
+use crate::model::{rfc3339, DeviceRecord, Millis, Violation};
+use crate::orgs::{Access, OrgRecord, ADMIN_ORG};
+use crate::store::StoreError;
+
+/// Samples of compliance over time kept per organisation (the chart).
+const HISTORY_KEPT: usize = 2_000;
+/// A sample is taken when compliance changed, or at least this often.
+const SAMPLE_EVERY_MS: Millis = 60_000;
+
+/// One published version of the policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    pub version: u64,
+    /// The policy as published (validated JSON).
+    pub policy: Value,
+    pub published_by: String,
+    #[serde(default)]
+    pub org: Option<String>,
+    pub published_at: Millis,
+}
+
+impl PolicyRecord {
+    pub fn key(version: u64) -> String {
+        format!("policy/{version:016x}")
+    }
+}
+
+/// A rule waived for some devices until a time: granted by the policy
+/// owner, audited, and never open-ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExceptionRecord {
+    pub id: String,
+    pub rule: String,
+    /// `None`: every device the rule applies to.
+    pub target: Option<Target>,
+    pub reason: String,
+    pub granted_by: String,
+    #[serde(default)]
+    pub org: Option<String>,
+    pub granted_at: Millis,
+    pub expires_at: Millis,
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+impl ExceptionRecord {
+    pub fn key(id: &str) -> String {
+        format!("exception/{id}")
+    }
+
+    pub fn active(&self, now: Millis) -> bool {
+        !self.revoked && now < self.expires_at
+    }
+
+    fn covers(&self, rule: &str, d: &DeviceRecord, now: Millis) -> bool {
+        self.rule == rule
+            && self.active(now)
+            && self
+                .target
+                .as_ref()
+                .is_none_or(|t| selects(t, &d.id, &d.attrs))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Sample {
+    pub at: Millis,
+    pub total: usize,
+    pub compliant: usize,
+}
+
+#[derive(Default)]
+pub struct Governance {
+    pub orgs: BTreeMap<String, OrgRecord>,
+    /// The current policy, parsed.
+    pub policy: Option<(PolicyRecord, Arc<Policy>)>,
+    pub versions: BTreeMap<u64, PolicyRecord>,
+    pub exceptions: BTreeMap<String, ExceptionRecord>,
+    /// Compliance over time, per organisation (`city`: the whole fleet).
+    pub history: HashMap<String, VecDeque<Sample>>,
+    /// The retained summaries last published, by topic.
+    published: HashMap<String, Value>,
+    /// Organisations or the registry changed: the broker's scope table is
+    /// stale.
+    pub scopes_dirty: bool,
+}
+
+/// How many devices a change would put out of compliance, per rule.
+struct Breach {
+    rule: String,
+    severity: String,
+    description: String,
+    example: String,
+    devices: usize,
+}
+
+impl Fleet {
+    /// Takes the stored organisations, policy versions and exceptions.
+    pub fn load_governance(
+        &mut self,
+        records: Vec<(String, Vec<u8>)>,
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        let corrupt = |key: &str, reason: String| StoreError::Corrupt {
+            tree: "governance",
+            key: key.to_owned(),
+            reason,
+        };
+        for (key, bytes) in records {
+            let what = key.split('/').next().unwrap_or_default();
+            match what {
+                "org" => {
+                    let org: OrgRecord =
+                        serde_json::from_slice(&bytes).map_err(|e| corrupt(&key, e.to_string()))?;
+                    self.gov.orgs.insert(org.name.clone(), org);
+                }
+                "policy" => {
+                    let rec: PolicyRecord =
+                        serde_json::from_slice(&bytes).map_err(|e| corrupt(&key, e.to_string()))?;
+                    self.gov.versions.insert(rec.version, rec);
+                }
+                "exception" => {
+                    let rec: ExceptionRecord =
+                        serde_json::from_slice(&bytes).map_err(|e| corrupt(&key, e.to_string()))?;
+                    self.gov.exceptions.insert(rec.id.clone(), rec);
+                }
+                _ => return Err(corrupt(&key, "unknown kind of record".into())),
+            }
+        }
+        if let Some(rec) = self.gov.versions.values().next_back().cloned() {
+            let text = serde_json::to_vec(&rec.policy).unwrap_or_default();
+            let parsed = cityplane_proto::policy::parse_policy(&text)
+                .map_err(|e| corrupt(&PolicyRecord::key(rec.version), e.to_string()))?;
+            self.gov.policy = Some((rec, Arc::new(parsed)));
+        }
+        self.gov.scopes_dirty = true;
+        // Scopes decide which documents and rollouts reach a device.
+        let ids: Vec<String> = self.devices.keys().cloned().collect();
+        self.recompute_desired(ids);
+        self.evaluate_all(now);
+        Ok(())
+    }
+
+    /// What the operator behind `who` may do.
+    pub fn access(&self, who: &cityplane_proto::Identity) -> Access {
+        Access::resolve(&who.id, who.org.as_deref(), &self.gov.orgs)
+    }
+
+    /// Whether something owned by `org` (a document, a rollout) may reach
+    /// this device.
+    pub fn org_sees(&self, org: Option<&str>, d: &DeviceRecord) -> bool {
+        match org {
+            None | Some(ADMIN_ORG) => true,
+            Some(o) => self
+                .gov
+                .orgs
+                .get(o)
+                .and_then(|r| r.scope.as_ref())
+                .is_some_and(|s| s.matches(&d.id, &d.attrs)),
+        }
+    }
+
+    /// Each organisation's devices, for the broker's topic rules.
+    pub fn scope_table(&self) -> HashMap<String, HashSet<String>> {
+        self.gov
+            .orgs
+            .values()
+            .map(|o| {
+                let ids = self
+                    .devices
+                    .values()
+                    .filter(|d| self.org_sees(Some(&o.name), d))
+                    .map(|d| d.id.clone())
+                    .collect();
+                (o.name.clone(), ids)
+            })
+            .collect()
+    }
+
+    /// Refuses a target that reaches devices outside the operator's scope,
+    /// counting them (a contractor learns how many, not which).
+    pub fn check_reach(&self, access: &Access, target: &Target) -> Result<(), Rejection> {
+        if access.is_admin() {
+            return Ok(());
+        }
+        let outside = self
+            .targeted(target)
+            .into_iter()
+            .filter(|d| !access.sees(&d.id, &d.attrs))
+            .count();
+        if outside > 0 {
+            return Err(Rejection::new(
+                "out_of_scope",
+                format!(
+                    "the target reaches {outside} device(s) outside organisation {:?}'s scope; \
+                     narrow the selector to your own devices",
+                    access.org
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Is this rule waived for this device now?
+    pub fn excepted(&self, rule: &str, d: &DeviceRecord, now: Millis) -> bool {
+        self.gov
+            .exceptions
+            .values()
+            .any(|e| e.covers(rule, d, now))
+    }
+
+    /// Admission: refuses `state` on `devices` when it would break a rule
+    /// of the policy on any of them (an exception covering the rule and the
+    /// device lets it through). Says which rule and how many devices.
+    pub fn admit(
+        &self,
+        devices: &[&DeviceRecord],
+        state: &State,
+        now: Millis,
+    ) -> Result<(), Rejection> {
+        let Some((rec, policy)) = &self.gov.policy else {
+            return Ok(());
+        };
+        let mut breaches: Vec<Breach> = Vec::new();
+        for rule in &policy.rules {
+            let forbidden: Vec<(String, String)> = state
+                .iter()
+                .filter_map(|(k, v)| rule.forbids(k, v).map(|why| (k.clone(), why)))
+                .collect();
+            let Some((_, why)) = forbidden.first() else {
+                continue;
+            };
+            let devices = devices
+                .iter()
+                .filter(|d| rule.applies_to(&d.id, &d.attrs))
+                .filter(|d| !self.excepted(&rule.id, d, now))
+                .count();
+            if devices > 0 {
+                breaches.push(Breach {
+                    rule: rule.id.clone(),
+                    severity: format!("{:?}", rule.severity).to_lowercase(),
+                    description: rule.description.clone(),
+                    example: why.clone(),
+                    devices,
+                });
+            }
+        }
+        let Some(worst) = breaches.iter().max_by_key(|b| b.devices) else {
+            return Ok(());
+        };
+        let others = if breaches.len() > 1 {
+            format!(" ({} rules in all)", breaches.len())
+        } else {
+            String::new()
+        };
+        Err(Rejection::new(
+            "policy_violation",
+            format!(
+                "policy v{} rule {:?} ({}: {}) forbids this: {}; it would put {} device(s) out of \
+                 compliance{others}. The policy owner can grant an expiring exception \
+                 (cityplane policy except --rule {} ...)",
+                rec.version,
+                worst.rule,
+                worst.severity,
+                worst.description,
+                worst.example,
+                worst.devices,
+                worst.rule
+            ),
+        ))
+    }
+
+    /// Evaluates the policy on one device, noting what changed.
+    pub(super) fn evaluate(&mut self, id: &str, now: Millis) {
+        let Some(dev) = self.devices.get(id) else {
+            return;
+        };
+        let mut found = BTreeMap::new();
+        if let Some((_, policy)) = &self.gov.policy {
+            let facts = Facts {
+                id: &dev.id,
+                attrs: &dev.attrs,
+                reported: &dev.reported,
+                cert_not_after_ms: dev.cert_not_after,
+                last_seen_ms: (dev.last_seen > 0).then_some(dev.last_seen),
+                now_ms: now,
+            };
+            for rule in policy.rules.iter().filter(|r| r.applies_to(&dev.id, &dev.attrs)) {
+                if let Outcome::Fail(reason) = rule.evaluate(&facts) {
+                    let since = dev.violations.get(&rule.id).map_or(now, |v| v.since);
+                    found.insert(rule.id.clone(), Violation { since, reason });
+                }
+            }
+        }
+        if found != dev.violations {
+            if let Some(dev) = self.devices.get_mut(id).map(Arc::make_mut) {
+                dev.violations = found;
+            }
+            self.dirty.insert(id.to_owned());
+        }
+    }
+
+    pub fn evaluate_all(&mut self, now: Millis) {
+        let ids: Vec<String> = self.devices.keys().cloned().collect();
+        for id in ids {
+            self.evaluate(&id, now);
+        }
+    }
+
+    /// A created or changed organisation (already committed): its scope
+    /// decides which devices its documents and rollouts reach. Returns how
+    /// many devices it sees.
+    pub fn apply_org(&mut self, org: OrgRecord) -> usize {
+        let name = org.name.clone();
+        self.gov.orgs.insert(name.clone(), org);
+        self.gov.scopes_dirty = true;
+        let ids: Vec<String> = self.devices.keys().cloned().collect();
+        self.recompute_desired(ids);
+        self.devices
+            .values()
+            .filter(|d| self.org_sees(Some(&name), d))
+            .count()
+    }
+
+    /// Certificate expiry per device, from the PKI's issuance record.
+    pub fn set_cert_expiry(&mut self, expiry: &[(String, Millis)]) {
+        for (id, at) in expiry {
+            if let Some(dev) = self.devices.get(id) {
+                if dev.cert_not_after != Some(*at) {
+                    if let Some(dev) = self.devices.get_mut(id).map(Arc::make_mut) {
+                        dev.cert_not_after = Some(*at);
+                    }
+                    self.dirty.insert(id.clone());
+                }
+            }
+        }
+    }
+
+    /// Publishes `policy` as the new current version (already committed).
+    pub fn apply_policy(&mut self, rec: PolicyRecord, policy: Policy, now: Millis) {
+        self.gov.versions.insert(rec.version, rec.clone());
+        self.gov.policy = Some((rec, Arc::new(policy)));
+        self.evaluate_all(now);
+    }
+
+    /// The periodic compliance work: rules over time (last seen,
+    /// certificate expiry) evaluated again, a sample of compliance per
+    /// organisation, and the retained summaries that changed.
+    pub fn compliance_tick(&mut self, now: Millis) -> Vec<Outgoing> {
+        let timed = self
+            .gov
+            .policy
+            .as_ref()
+            .is_some_and(|(_, p)| p.rules.iter().any(|r| r.is_time_based()));
+        if timed {
+            self.evaluate_all(now);
+        }
+        let mut out = Vec::new();
+        let orgs: Vec<Option<String>> = std::iter::once(None)
+            .chain(self.gov.orgs.keys().cloned().map(Some))
+            .collect();
+        for org in orgs {
+            let access = Access::resolve("", Some(org.as_deref().unwrap_or(ADMIN_ORG)), &self.gov.orgs);
+            let tally = self.tally(&access, now);
+            let key = access.org.clone();
+            let history = self.gov.history.entry(key).or_default();
+            let changed = history
+                .back()
+                .is_none_or(|s| s.total != tally.total || s.compliant != tally.compliant);
+            if changed || history.back().is_some_and(|s| now >= s.at + SAMPLE_EVERY_MS) {
+                history.push_back(Sample {
+                    at: now,
+                    total: tally.total,
+                    compliant: tally.compliant,
+                });
+                if history.len() > HISTORY_KEPT {
+                    history.pop_front();
+                }
+            }
+            let topic = match &org {
+                None => topics::FLEET_COMPLIANCE.to_owned(),
+                Some(o) => topics::compliance(o),
+            };
+            let summary = json!({
+                "policy_version": self.gov.policy.as_ref().map(|(r, _)| r.version),
+                "org": access.org,
+                "total": tally.total,
+                "compliant": tally.compliant,
+                "compliant_pct": pct(tally.compliant, tally.total),
+                "violations_by_rule": tally.by_rule.iter().map(|(r, n)| (r.clone(), json!(n.0))).collect::<serde_json::Map<_, _>>(),
+            });
+            if self.gov.published.get(&topic) != Some(&summary) {
+                let mut body = summary.clone();
+                body["evaluated_at"] = json!(rfc3339(now));
+                out.push(Outgoing {
+                    topic: topic.clone(),
+                    payload: serde_json::to_vec(&body).unwrap_or_default(),
+                    retain: true,
+                });
+                self.gov.published.insert(topic, summary);
+            }
+        }
+        out
+    }
+
+    fn tally(&self, access: &Access, now: Millis) -> Tally {
+        let mut t = Tally::default();
+        for d in self.devices.values().filter(|d| access.sees(&d.id, &d.attrs)) {
+            t.total += 1;
+            let mut broken = 0;
+            for rule in d.violations.keys() {
+                let entry = t.by_rule.entry(rule.clone()).or_default();
+                if self.excepted(rule, d, now) {
+                    entry.1 += 1;
+                } else {
+                    entry.0 += 1;
+                    broken += 1;
+                }
+            }
+            if broken == 0 {
+                t.compliant += 1;
+            }
+        }
+        t
+    }
+
+    /// `compliance`: the report for one operator's scope.
+    pub fn compliance_report(&self, access: &Access, limit: usize, now: Millis) -> Value {
+        let policy = self.gov.policy.as_ref();
+        let rules: BTreeMap<&str, &cityplane_proto::policy::Rule> = policy
+            .map(|(_, p)| p.rules.iter().map(|r| (r.id.as_str(), r)).collect())
+            .unwrap_or_default();
+        let default_mode = policy.map_or(Mode::Report, |(_, p)| p.mode);
+        let tally = self.tally(access, now);
+        let mut by: [BTreeMap<String, (usize, usize)>; 3] = Default::default();
+        let mut worst: Vec<(u32, &DeviceRecord)> = Vec::new();
+        let mut rows: Vec<Value> = Vec::new();
+        let mut violations_total = 0usize;
+        let mut excepted_devices = 0usize;
+        let mut devices: Vec<&DeviceRecord> = self
+            .devices
+            .values()
+            .map(|d| &**d)
+            .filter(|d| access.sees(&d.id, &d.attrs))
+            .collect();
+        devices.sort_by(|a, b| a.id.cmp(&b.id));
+        for d in &devices {
+            let mut score = 0;
+            let mut any_excepted = false;
+            for (rule, v) in &d.violations {
+                let excepted = self.excepted(rule, d, now);
+                any_excepted |= excepted;
+                if !excepted {
+                    score += rules.get(rule.as_str()).map_or(1, |r| r.severity.weight());
+                    violations_total += 1;
+                }
+                if rows.len() < limit {
+                    rows.push(json!({
+                        "id": d.id, "rule": rule,
+                        "severity": rules.get(rule.as_str()).map(|r| r.severity),
+                        "since": rfc3339(v.since), "reason": v.reason, "excepted": excepted,
+                    }));
+                }
+            }
+            if any_excepted && score == 0 {
+                excepted_devices += 1;
+            }
+            let keys = [
+                d.attrs.class.clone().unwrap_or_else(|| "(none)".into()),
+                d.attrs.labels.get("zone").cloned().unwrap_or_else(|| "(none)".into()),
+                d.attrs.owner.clone().unwrap_or_else(|| "(none)".into()),
+            ];
+            for (map, key) in by.iter_mut().zip(keys) {
+                let e = map.entry(key).or_default();
+                e.0 += 1;
+                if score == 0 {
+                    e.1 += 1;
+                }
+            }
+            if score > 0 {
+                worst.push((score, d));
+            }
+        }
+        worst.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.id.cmp(&b.1.id)));
+        let worst: Vec<Value> = worst
+            .into_iter()
+            .take(10)
+            .map(|(score, d)| {
+                json!({
+                    "id": d.id, "class": d.attrs.class, "zone": d.attrs.labels.get("zone"),
+                    "owner": d.attrs.owner, "score": score,
+                    "violations": d.violations.iter().map(|(rule, v)| json!({
+                        "rule": rule, "severity": rules.get(rule.as_str()).map(|r| r.severity),
+                        "since": rfc3339(v.since), "reason": v.reason,
+                        "excepted": self.excepted(rule, d, now),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let group = |name: &str, map: &BTreeMap<String, (usize, usize)>| -> Vec<Value> {
+            map.iter()
+                .map(|(k, (total, ok))| {
+                    json!({name: k, "total": total, "compliant": ok, "compliant_pct": pct(*ok, *total)})
+                })
+                .collect()
+        };
+        let by_rule: Vec<Value> = rules
+            .values()
+            .map(|r| {
+                let (n, ex) = tally.by_rule.get(&r.id).copied().unwrap_or_default();
+                json!({
+                    "rule": r.id, "severity": r.severity, "description": r.description,
+                    "mode": r.effective_mode(default_mode), "violations": n, "excepted": ex,
+                    "remediation": r.remediation.is_some(),
+                })
+            })
+            .collect();
+        let history: Vec<Value> = self
+            .gov
+            .history
+            .get(&access.org)
+            .into_iter()
+            .flatten()
+            .map(|s| {
+                json!({"at": rfc3339(s.at), "total": s.total, "compliant": s.compliant,
+                       "compliant_pct": pct(s.compliant, s.total)})
+            })
+            .collect();
+        json!({
+            "policy_version": policy.map(|(r, _)| r.version),
+            "evaluated_at": rfc3339(now),
+            "org": access.org,
+            "scope": match &access.scope {
+                None => "the whole fleet".to_owned(),
+                Some(s) => serde_json::to_string(s).unwrap_or_default(),
+            },
+            "total": tally.total,
+            "compliant": tally.compliant,
+            "compliant_pct": pct(tally.compliant, tally.total),
+            "excepted": excepted_devices,
+            "by_rule": by_rule,
+            "by_class": group("class", &by[0]),
+            "by_zone": group("zone", &by[1]),
+            "by_owner": group("owner", &by[2]),
+            "worst": worst,
+            "violations": rows,
+            "violations_total": violations_total,
+            "history": history,
+        })
+    }
+
+    /// Enforcement: for each rule in `enforce` mode with a remediation and
+    /// devices breaking it, a rollout spec that remediates them (in waves,
+    /// with the usual gates and abort), unless one is still running for
+    /// that rule. Never fleet-wide: it lists the devices that break the rule.
+    pub fn remediation_specs(&self, now: Millis) -> Vec<serde_json::Value> {
+        let Some((_, policy)) = &self.gov.policy else {
+            return Vec::new();
+        };
+        let mut specs = Vec::new();
+        for rule in &policy.rules {
+            let Some(fix) = &rule.remediation else {
+                continue;
+            };
+            if rule.effective_mode(policy.mode) != Mode::Enforce {
+                continue;
+            }
+            let prefix = remediation_prefix(&rule.id);
+            if self
+                .rollouts
+                .iter()
+                .any(|(n, r)| n.starts_with(&prefix) && r.phase.is_live())
+            {
+                continue;
+            }
+            let mut ids: Vec<&str> = self
+                .devices
+                .values()
+                .filter(|d| !d.revoked && d.violations.contains_key(&rule.id))
+                .filter(|d| !self.excepted(&rule.id, d, now))
+                .map(|d| d.id.as_str())
+                .collect();
+            if ids.is_empty() {
+                continue;
+            }
+            ids.sort_unstable();
+            // A rollout record lists its target: keep it well under the
+            // store's record limit; the rest go in the next one.
+            ids.truncate(5_000);
+            let n = self
+                .rollouts
+                .keys()
+                .filter(|k| k.starts_with(&prefix))
+                .count()
+                + 1;
+            let mut spec = json!({
+                "name": format!("{prefix}{n}"),
+                "target": {"ids": ids},
+                "waves": fix.waves.clone().unwrap_or_else(|| vec!["10%".into(), "50%".into(), "100%".into()]),
+            });
+            if let Some(set) = &fix.set {
+                spec["state"] = Value::Object(set.clone());
+            }
+            if let Some(fw) = &fix.firmware {
+                spec["firmware"] = json!(fw);
+            }
+            specs.push(spec);
+        }
+        specs
+    }
+}
+
+/// Rollouts that remediate `rule` are named `fix-<rule>-<n>` (an id, so
+/// the rule's id is cut to fit).
+pub fn remediation_prefix(rule: &str) -> String {
+    let cut: String = rule.chars().take(48).collect();
+    format!("fix-{cut}-")
+}
+
+#[derive(Default)]
+struct Tally {
+    total: usize,
+    compliant: usize,
+    /// Rule → (violations, excepted).
+    by_rule: BTreeMap<String, (usize, usize)>,
+}
+
+fn pct(part: usize, total: usize) -> f64 {
+    if total == 0 {
+        return 100.0;
+    }
+    (part as f64 * 1000.0 / total as f64).round() / 10.0
+}
