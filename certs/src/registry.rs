@@ -73,7 +73,10 @@ mod tests {
     #[test]
     fn record_times_become_unix_milliseconds() {
         assert_eq!(super::unix_ms("1970-01-01T00:00:01Z"), Some(1000));
-        assert_eq!(super::unix_ms("2026-01-01T00:00:00Z"), Some(1_767_225_600_000));
+        assert_eq!(
+            super::unix_ms("2026-01-01T00:00:00Z"),
+            Some(1_767_225_600_000)
+        );
         assert_eq!(super::unix_ms("junk"), None);
         assert_eq!(super::unix_ms("1969-12-31T00:00:00Z"), None);
     }

@@ -152,8 +152,16 @@ mod tests {
         assert_eq!(ops_verb("fleet/ops/status"), Some("status"));
         assert_eq!(ops_verb("fleet/ops/x/status"), Some("x/status"));
         assert_eq!(ops_verb("fleet/desired/status"), None);
-        assert_eq!(compliance_org(&compliance("lighting-co")), Some("lighting-co"));
-        for bad in ["fleet/compliance", "fleet/compliance/", "fleet/compliance/a/b", "fleet/compliancex/a"] {
+        assert_eq!(
+            compliance_org(&compliance("lighting-co")),
+            Some("lighting-co")
+        );
+        for bad in [
+            "fleet/compliance",
+            "fleet/compliance/",
+            "fleet/compliance/a/b",
+            "fleet/compliancex/a",
+        ] {
             assert_eq!(compliance_org(bad), None, "{bad}");
         }
     }

@@ -13,6 +13,20 @@ use rcgen::{
 /// Signs a client certificate with subject `CN = cn, OU = ou` with the CA
 /// in `pki`, writes `DIR/forged-<n>.crt|key` and returns their paths.
 pub fn client_cert(pki: &Path, cn: &str, ou: &str, n: usize) -> Result<(PathBuf, PathBuf)> {
+    client_cert_with_org(pki, cn, ou, Some("cityplane"), n)
+}
+
+/// [`client_cert`] with this O (organisation), or none: an operator
+/// certificate from before organisations (`cityplane`), or one whose O the
+/// CA would never write. (rcgen writes one value per attribute type, so
+/// "two O" cannot be made here.)
+pub fn client_cert_with_org(
+    pki: &Path,
+    cn: &str,
+    ou: &str,
+    org: Option<&str>,
+    n: usize,
+) -> Result<(PathBuf, PathBuf)> {
     let ca_key = KeyPair::from_pem(&std::fs::read_to_string(pki.join("ca.key"))?)?;
     let ca_pem = std::fs::read(pki.join("ca.crt"))?;
     let ca_der = rustls::pki_types::pem::PemObject::from_pem_slice(&ca_pem)
@@ -22,7 +36,9 @@ pub fn client_cert(pki: &Path, cn: &str, ou: &str, n: usize) -> Result<(PathBuf,
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::OrganizationName, "cityplane");
+    if let Some(org) = org {
+        dn.push(DnType::OrganizationName, org);
+    }
     dn.push(DnType::OrganizationalUnitName, ou);
     dn.push(DnType::CommonName, cn);
     params.distinguished_name = dn;

@@ -731,6 +731,7 @@ async fn a_session_ends_when_its_certificate_expires() {
                 not_before: now - time::Duration::minutes(1),
                 not_after: now + time::Duration::seconds(3),
                 client_auth: true,
+                org: None,
             },
         )
         .expect("issue");

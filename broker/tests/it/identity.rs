@@ -27,6 +27,7 @@ fn issue_with(
             not_before,
             not_after,
             client_auth,
+            org: None,
         },
     )
     .expect("issue");

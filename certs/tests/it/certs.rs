@@ -361,6 +361,7 @@ fn certificates_carry_the_documented_extensions() -> TestResult {
             not_before: now - Duration::days(10),
             not_after: now - Duration::days(1),
             client_auth: false,
+            org: None,
         },
     )?;
     let der = pem_der(&bad.cert_path)?;
@@ -378,6 +379,7 @@ fn certificates_carry_the_documented_extensions() -> TestResult {
                 not_before: now,
                 not_after: now,
                 client_auth: true,
+                org: None,
             },
         )
         .expect_err("empty validity");
@@ -515,5 +517,111 @@ fn ca_key_not_matching_ca_cert_is_detected() -> TestResult {
     std::fs::copy(two.ca_key_path(), one.ca_key_path())?;
     let err = one.issue(Role::Device, "a").expect_err("mismatched key");
     assert!(err.to_string().contains("does not belong"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn an_operator_certificate_names_its_organisation_in_o() -> TestResult {
+    let (_tmp, pki) = pki()?;
+    let read =
+        |info: &cityplane_certs::CertInfo| -> Result<Option<String>, Box<dyn std::error::Error>> {
+            Ok(peer_cert(&pem_der(&info.cert_path)?)?.identity.org)
+        };
+    // Library callers that do not say issue the city's own administrators.
+    let admin = pki.issue(Role::Operator, "alice")?;
+    assert_eq!(read(&admin)?.as_deref(), Some(cityplane_proto::ADMIN_ORG));
+    assert_eq!(admin.org.as_deref(), Some("city"));
+    let lighting = pki.clone().with_org("lighting-co")?;
+    let bob = lighting.issue(Role::Operator, "bob")?;
+    assert_eq!(read(&bob)?.as_deref(), Some("lighting-co"));
+    let nobody = pki.issue_with(
+        Role::Operator,
+        "carol",
+        &IssueOptions {
+            org: Some("nobody".into()),
+            ..IssueOptions::default()
+        },
+    )?;
+    assert_eq!(read(&nobody)?.as_deref(), Some("nobody"));
+    // Devices and controllers belong to none, and cannot be made to.
+    let dev = pki.issue(Role::Device, "dev0001")?;
+    assert_eq!((read(&dev)?, dev.org.clone()), (None, None));
+    assert!(matches!(
+        lighting.issue(Role::Device, "dev0002"),
+        Err(CertError::OrgNotForRole { role: Role::Device })
+    ));
+    assert!(matches!(
+        lighting.issue_bulk(Role::Controller, "ctl", 2, |_| {}),
+        Err(CertError::OrgNotForRole { .. })
+    ));
+    for bad in ["", "Lighting", "a/b", "+", "#"] {
+        assert!(
+            matches!(pki.clone().with_org(bad), Err(CertError::InvalidOrg(_))),
+            "{bad:?}"
+        );
+    }
+    // `list` shows it, also for a certificate whose file is gone (from issued.jsonl).
+    std::fs::remove_file(&bob.cert_path)?;
+    let listed = pki.list()?;
+    let org_of = |id: &str| {
+        listed
+            .iter()
+            .find(|c| c.id == id)
+            .and_then(|c| c.org.clone())
+    };
+    assert_eq!(org_of("bob").as_deref(), Some("lighting-co"));
+    assert_eq!(org_of("alice").as_deref(), Some("city"));
+    assert_eq!(org_of("dev0001"), None);
+    let ops = lighting.issue_bulk(Role::Operator, "op", 2, |_| {})?;
+    assert!(ops
+        .issued
+        .iter()
+        .all(|c| c.org.as_deref() == Some("lighting-co")));
+    Ok(())
+}
+
+#[test]
+fn an_operator_certificate_without_a_valid_o_is_refused() -> TestResult {
+    let (_tmp, pki) = pki()?;
+    for (n, org) in [None, Some("Not An Org"), Some("")].into_iter().enumerate() {
+        let (crt, _) = cityplane_testkit::forge::client_cert_with_org(
+            pki.dir(),
+            "mallory",
+            "operator",
+            org,
+            n,
+        )?;
+        let err = peer_cert(&pem_der(&crt)?).expect_err("refused");
+        assert!(err.to_string().contains("O (organ"), "{org:?}: {err}");
+    }
+    // Before organisations every certificate had O = cityplane: such an
+    // operator belongs to an organisation of that name (which nobody
+    // creates: it sees no device), and devices never read their O.
+    let (crt, _) = cityplane_testkit::forge::client_cert(pki.dir(), "legacy", "operator", 10)?;
+    assert_eq!(
+        peer_cert(&pem_der(&crt)?)?.identity.org.as_deref(),
+        Some("cityplane")
+    );
+    let (crt, _) =
+        cityplane_testkit::forge::client_cert_with_org(pki.dir(), "dev9", "device", None, 11)?;
+    assert_eq!(peer_cert(&pem_der(&crt)?)?.identity.org, None);
+    Ok(())
+}
+
+#[test]
+fn the_registry_input_says_when_a_device_certificate_expires() -> TestResult {
+    let (_tmp, pki) = pki()?;
+    let info = pki
+        .clone()
+        .with_validity_days(40)?
+        .issue(Role::Device, "dev0001")?;
+    let devices = cityplane_certs::registry::issued_devices(pki.dir())?;
+    let expected = time::OffsetDateTime::parse(
+        &info.not_after,
+        &time::format_description::well_known::Rfc3339,
+    )?
+    .unix_timestamp()
+        * 1000;
+    assert_eq!(devices[0].not_after_ms, Some(expected as u64));
     Ok(())
 }
