@@ -29,6 +29,9 @@ pub struct DemoArgs {
     /// Seconds allowed for the fleet to converge
     #[arg(long, default_value_t = 90)]
     pub deadline: u64,
+    /// Where the compliance report for an auditor is written (HTML)
+    #[arg(long, default_value = "cityplane-compliance.html")]
+    pub report: std::path::PathBuf,
 }
 
 const OPERATOR: &str = "demo-operator";
@@ -96,6 +99,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut cc = ControllerConfig::new(data_dir.clone());
     cc.pki = Some(pki_dir.clone());
     cc.registry_source = Some(pki_dir.clone());
+    // Compliance is sampled and enforced every second: the demo is short.
+    cc.compliance_every = Duration::from_secs(1);
     let controller = Controller::start_in_process(&broker, cc)
         .await
         .context("starting the controller")?;
@@ -127,6 +132,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let o = outcome?;
     print_table(&o.rows);
     print_firmware(&o.rows, &o.rollouts);
+    println!("\nCompliance before enforcement:");
+    print!("{}", crate::governance_cmd::compliance_table(&o.compliance.0));
+    println!("\nCompliance after enforcement:");
+    print!("{}", crate::governance_cmd::compliance_table(&o.compliance.1));
+    println!(
+        "\nThe auditor's report: {}",
+        std::fs::canonicalize(&args.report)
+            .unwrap_or_else(|_| args.report.clone())
+            .display()
+    );
     let (total, converged, failed) = o.totals;
     println!(
         "\n{converged} of {total} devices converged ({failed} failed) in {:.1} s after the change; demo took {:.0} s.",
@@ -162,6 +177,8 @@ struct Outcome {
     totals: (u64, u64, u64),
     converge_time: Duration,
     rollouts: Vec<Value>,
+    /// The compliance reports before and after enforcement.
+    compliance: (Value, Value),
 }
 
 async fn drive(
@@ -286,6 +303,7 @@ async fn drive(
     converging.finish();
 
     let rollouts = firmware_rollouts(&mut op, &release_dir).await?;
+    let compliance = security_policy(&mut op, &args.report).await?;
     let mut rows = Vec::new();
     loop {
         let page = op
@@ -307,7 +325,98 @@ async fn drive(
         totals: (n("total"), n("converged"), n("failed")),
         converge_time,
         rollouts,
+        compliance,
     })
+}
+
+/// The city's security policy, as data: published in report mode (the
+/// compliance table shows who breaks it), then enforced (remediation
+/// rollouts, in waves). Returns the reports before and after.
+async fn security_policy(
+    op: &mut Operator,
+    report: &std::path::Path,
+) -> anyhow::Result<(Value, Value)> {
+    println!("\nOne security policy for every party (city IT, lighting contractor, camera integrator):");
+    for (name, scope, rights) in [
+        ("lighting-co", json!({"class": "streetlight"}), json!(["read", "write", "rollout"])),
+        ("camera-int", json!({"class": "camera"}), json!(["read", "rollout"])),
+    ] {
+        let r = op
+            .query("org-create", json!({"name": name, "scope": scope, "rights": rights}))
+            .await?;
+        println!(
+            "  organisation {name:<12} sees {:>4} devices ({scope}), rights {rights}",
+            r["devices"]
+        );
+    }
+    let baseline = json!({"services": {"ssh": false, "telnet": false},
+                          "default_password_changed": true, "ntp": "ntp.city.local"});
+    let policy = |mode: &str| {
+        json!({
+            "description": "City of Example: IoT security policy",
+            "mode": mode,
+            "rules": [
+                {"id": "camera-default-password", "severity": "critical",
+                 "description": "Cameras do not run with the vendor's default admin password",
+                 "selector": {"class": "camera"},
+                 "check": {"reported": "security.default_password_changed", "equals": true},
+                 "remediation": {"set": {"admin_password_hash":
+                     "$argon2id$v=19$m=19456,t=2,p=1$Y2l0eXBsYW5l$rotated-by-policy"}}},
+                {"id": "lamp-telnet-off", "severity": "high",
+                 "description": "Street lights have telnet off",
+                 "selector": {"class": "streetlight"},
+                 "check": {"reported": "security.services.telnet", "equals": false},
+                 "remediation": {"set": {"security": baseline}}},
+                {"id": "lamp-city-ntp", "severity": "medium",
+                 "description": "Street lights take time from the city's NTP servers",
+                 "selector": {"class": "streetlight"},
+                 "check": {"reported": "security.ntp", "one_of": ["ntp.city.local"]},
+                 "remediation": {"set": {"security": baseline}}},
+                {"id": "lamp-firmware", "severity": "high",
+                 "description": "Street lights run firmware 2.0.1 or later",
+                 "selector": {"class": "streetlight"},
+                 "check": {"reported": "firmware", "version_at_least": "2.0.1"}},
+                {"id": "certificate-valid", "severity": "high",
+                 "description": "Device certificates expire in more than 30 days",
+                 "selector": {"all": true}, "check": {"certificate_valid_days": 30}},
+                {"id": "seen-recently", "severity": "medium",
+                 "description": "Every device was seen within the last 10 minutes",
+                 "selector": {"all": true}, "check": {"seen_within_minutes": 10}}
+            ]
+        })
+    };
+    let r = op
+        .query("policy-apply", json!({"policy": policy("report")}))
+        .await?;
+    println!("  policy v{} published in report mode: {} rules", r["version"], r["rules"]);
+    // The first evaluation is on publication; give the summary a moment.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = op.query("compliance", json!({"limit": 0})).await?;
+    let r = op
+        .query("policy-apply", json!({"policy": policy("enforce")}))
+        .await?;
+    println!(
+        "  policy v{} enforces it: remediation rollouts, in waves, for the devices that break a rule",
+        r["version"]
+    );
+    let fixing = bar(
+        before["total"].as_u64().unwrap_or(0),
+        "devices compliant",
+    );
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut after;
+    loop {
+        after = op.query("compliance", json!({"limit": 2000})).await?;
+        fixing.set_position(after["compliant"].as_u64().unwrap_or(0));
+        if after["compliant"] == after["total"] || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    fixing.finish_with_message(format!("{}% compliant", after["compliant_pct"]));
+    let page = crate::compliance_html::render_html(&after);
+    std::fs::write(report, page).with_context(|| format!("writing {}", report.display()))?;
+    Ok((before, after))
 }
 
 /// Hardware models of the simulated streetlights.

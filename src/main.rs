@@ -3,8 +3,10 @@
 mod broker_cmd;
 mod certs_cmd;
 
+mod compliance_html;
 mod demo_cmd;
 mod firmware_cmd;
+mod governance_cmd;
 mod ops_cmd;
 mod rollout_cmd;
 mod serve_cmd;
@@ -63,6 +65,11 @@ enum Command {
         after_help = "The release key is not the CA: keep release.key offline, apart from ca.key.\n\nExamples:\n  cityplane firmware keygen --dir ./release\n  cityplane firmware sign sl200.bin --version 2.1.0 --model SL-200 --key ./release/release.key\n  cityplane firmware verify sl200.bin.release.json --image sl200.bin --key ./release/release.pub"
     )]
     Firmware(firmware_cmd::FirmwareCommand),
+    /// Organisations: who may see and change which devices (the city's administrators manage them).
+    #[command(subcommand)]
+    Orgs(governance_cmd::OrgsCommand),
+    /// How the fleet complies with the security policy: by rule, class, zone, owner; the worst devices.
+    Compliance(governance_cmd::ComplianceArgs),
 }
 
 fn main() -> ExitCode {
@@ -89,6 +96,8 @@ fn main() -> ExitCode {
         Command::Delete(args) => block_on(ops_cmd::delete(args)),
         Command::Rollout(cmd) => block_on(rollout_cmd::run(cmd)),
         Command::Firmware(cmd) => firmware_cmd::run(cmd),
+        Command::Orgs(cmd) => block_on(governance_cmd::orgs(cmd)),
+        Command::Compliance(args) => block_on(governance_cmd::compliance(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

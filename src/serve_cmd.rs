@@ -27,6 +27,11 @@ pub struct ServeArgs {
     /// abort rules checked), in milliseconds
     #[arg(long, env = "CITYPLANE_ROLLOUT_TICK_MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(50..=60_000))]
     pub rollout_tick_ms: u64,
+    /// How often compliance is sampled and published on fleet/compliance,
+    /// time-based policy rules (last seen, certificate expiry) evaluated
+    /// again, and enforcement considered, in milliseconds
+    #[arg(long, env = "CITYPLANE_COMPLIANCE_TICK_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub compliance_tick_ms: u64,
     /// Firmware images the server stores at most, in MiB (published and
     /// uploading); a release beyond it is refused with `quota`
     #[arg(long, env = "CITYPLANE_MAX_FIRMWARE_MIB", default_value_t = 16 * 1024, value_parser = clap::value_parser!(u64).range(1..=16 * 1024 * 1024))]
@@ -38,10 +43,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.broker.print_config {
         print!("{}", toml::to_string_pretty(&config)?);
         println!(
-            "\n# controller (flags or environment)\n# data = {:?}   # CITYPLANE_DATA\n# store_cache_mib = {}   # CITYPLANE_STORE_CACHE_MIB\n# rollout_tick_ms = {}   # CITYPLANE_ROLLOUT_TICK_MS\n# max_firmware_mib = {}   # CITYPLANE_MAX_FIRMWARE_MIB",
+            "\n# controller (flags or environment)\n# data = {:?}   # CITYPLANE_DATA\n# store_cache_mib = {}   # CITYPLANE_STORE_CACHE_MIB\n# rollout_tick_ms = {}   # CITYPLANE_ROLLOUT_TICK_MS\n# compliance_tick_ms = {}   # CITYPLANE_COMPLIANCE_TICK_MS\n# max_firmware_mib = {}   # CITYPLANE_MAX_FIRMWARE_MIB",
             args.data.display().to_string(),
             args.store_cache_mib,
             args.rollout_tick_ms,
+            args.compliance_tick_ms,
             args.max_firmware_mib
         );
         return Ok(());
@@ -66,6 +72,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     cc.pki = pki;
     cc.cache_bytes = args.store_cache_mib * 1024 * 1024;
     cc.rollout_every = std::time::Duration::from_millis(args.rollout_tick_ms);
+    cc.compliance_every = std::time::Duration::from_millis(args.compliance_tick_ms);
     cc.max_firmware_bytes = args.max_firmware_mib << 20;
     let controller = Controller::start_in_process(&broker, cc)
         .await

@@ -529,6 +529,18 @@ impl Fleet {
         self.control(id, Control::DropLink)
     }
 
+    /// Someone with local access changes a setting (a technician turns
+    /// telnet back on): the state changes without a command, and the
+    /// device reports it when it reconnects, at once (its link is dropped).
+    /// False for an unknown id.
+    pub fn tamper(&self, id: &str, key: &str, value: Value) -> bool {
+        let Some(i) = self.index.get(id) else {
+            return false;
+        };
+        self.devices[*i].lock().state.insert(key.to_owned(), value);
+        self.control(id, Control::DropLink)
+    }
+
     /// The rogue devices' ids.
     pub fn rogue_ids(&self) -> Vec<String> {
         self.rogues.iter().map(|(id, _)| id.clone()).collect()

@@ -601,7 +601,7 @@ impl Rule {
         };
         let label_value;
         let (name, value) = match subject {
-            Subject::Reported(k) => (k.to_owned(), f.reported.get(k).filter(|v| !v.is_null())),
+            Subject::Reported(k) => (k.to_owned(), lookup(f.reported, k).filter(|v| !v.is_null())),
             Subject::Label(k) => {
                 label_value = f.attrs.labels.get(k).map(|v| Value::String(v.clone()));
                 (format!("label {k}"), label_value.as_ref())
@@ -629,17 +629,42 @@ impl Rule {
     /// key stops being managed); `Some(reason)` when it would. Mode and
     /// selector are the caller's business.
     pub fn forbids(&self, key: &str, value: &Value) -> Option<String> {
-        if self.reported_key() != Some(key) || value.is_null() {
+        let path = self.reported_key()?;
+        if value.is_null() {
             return None;
         }
+        // The rule may look inside the key: `security.ntp` under `security`.
+        let inner = if path == key {
+            Some(value)
+        } else {
+            let rest = path.strip_prefix(key)?.strip_prefix('.')?;
+            walk(value, rest)
+        };
         let Ok((_, Some(test))) = self.check.parts() else {
             return None;
         };
-        match test_value(key, Some(value), &test) {
+        match test_value(path, inner.filter(|v| !v.is_null()), &test) {
             Outcome::Pass => None,
             Outcome::Fail(why) => Some(why),
         }
     }
+}
+
+/// A reported value by its key, or by a dotted path into nested objects
+/// (`security.services.telnet`). A top-level key holding dots wins.
+pub fn lookup<'a>(state: &'a Map<String, Value>, path: &str) -> Option<&'a Value> {
+    if let Some(v) = state.get(path) {
+        return Some(v);
+    }
+    let (first, rest) = path.split_once('.')?;
+    walk(state.get(first)?, rest)
+}
+
+fn walk<'a>(mut value: &'a Value, path: &str) -> Option<&'a Value> {
+    for part in path.split('.') {
+        value = value.as_object()?.get(part)?;
+    }
+    Some(value)
 }
 
 impl Remediation {
@@ -655,7 +680,7 @@ impl Remediation {
                     return Err("remediation set is empty: it would change nothing".into());
                 }
                 if let (Subject::Reported(k), Some(t)) = (subject, &test) {
-                    if let Some(v) = set.get(k).filter(|v| !v.is_null()) {
+                    if let Some(v) = lookup(set, k).filter(|v| !v.is_null()) {
                         if let Outcome::Fail(why) = test_value(k, Some(v), t) {
                             return Err(format!(
                                 "the remediation sets {k} to {}, which fails the rule's own \

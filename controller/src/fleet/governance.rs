@@ -239,7 +239,7 @@ impl Fleet {
     /// Admission: refuses `state` on `devices` when it would break a rule
     /// of the policy on any of them (an exception covering the rule and the
     /// device lets it through). Says which rule and how many devices.
-    pub fn admit(
+    pub fn admit_state(
         &self,
         devices: &[&DeviceRecord],
         state: &State,

@@ -32,6 +32,9 @@ struct Query {
     /// `rollout-devices`: only devices with this status.
     #[serde(default)]
     status: Option<String>,
+    /// `get-policy`: this version (default: the current one).
+    #[serde(default)]
+    version: Option<u64>,
 }
 
 /// `register`: a provisioning manifest (or part of one).
@@ -413,7 +416,7 @@ pub(super) async fn create_rollout(
     record.org = Some(access.org.clone());
     {
         let targeted: Vec<&crate::model::DeviceRecord> = devices.iter().map(|d| &**d).collect();
-        fleet.admit(&targeted, &record.patch, now)?;
+        fleet.admit_state(&targeted, &record.patch, now)?;
     }
     let name = record.spec.name.clone();
     let sizes = record.wave_sizes.clone();
@@ -477,7 +480,7 @@ fn govern_doc(
     }
     fleet.check_reach(access, &doc.target)?;
     let devices = fleet.targeted(&doc.target);
-    fleet.admit(&devices, &doc.state, now)?;
+    fleet.admit_state(&devices, &doc.state, now)?;
     doc.org = Some(access.org.clone());
     Ok(())
 }

@@ -686,3 +686,29 @@ fn diff_names_rules_and_fields() {
     let json = serde_json::to_value(&d).expect("serializes");
     assert_eq!(json["removed"], json!(["gone"]));
 }
+
+#[test]
+fn a_dotted_path_reads_nested_objects_in_evaluation_and_admission() {
+    let telnet = json!({"reported": "security.services.telnet", "equals": false});
+    let sec = |on: bool| json!({"security": {"services": {"telnet": on}, "ntp": "x"}});
+    assert_eq!(eval(telnet.clone(), sec(false)), None);
+    assert!(eval(telnet.clone(), sec(true)).is_some());
+    assert!(eval(telnet.clone(), json!({"security": {"ntp": "x"}})).is_some());
+    assert!(eval(telnet.clone(), json!({"security": "flat"})).is_some());
+    // A top-level key holding a dot is read as it is.
+    assert_eq!(
+        eval(telnet.clone(), json!({"security.services.telnet": false})),
+        None
+    );
+    let r = rule(telnet);
+    assert!(r
+        .forbids("security", &json!({"services": {"telnet": true}}))
+        .is_some());
+    assert!(r
+        .forbids("security", &json!({"services": {"telnet": false}}))
+        .is_none());
+    // Setting the object without the value would leave it unset.
+    assert!(r.forbids("security", &json!({"ntp": "x"})).is_some());
+    assert!(r.forbids("securityx", &json!({"services": {"telnet": true}})).is_none());
+    assert!(r.forbids("security", &Value::Null).is_none());
+}

@@ -29,6 +29,8 @@ impl Server {
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
             // Rollout steps 10 times a second: waves move on in tests.
             .env("CITYPLANE_ROLLOUT_TICK_MS", "100")
+            // Compliance sampled and enforced 5 times a second.
+            .env("CITYPLANE_COMPLIANCE_TICK_MS", "200")
             // 4 MiB of firmware images: enough for the tests, and the quota's test.
             .env("CITYPLANE_MAX_FIRMWARE_MIB", "4")
             .arg("--pki")
