@@ -235,7 +235,10 @@ mod tests {
     /// Unscoped identities never consult the scope.
     fn may_subscribe(who: &Identity, filter: &str) -> bool {
         super::may_subscribe(who, filter, |d| {
-            assert!(scoped_org(who).is_some(), "{who} consulted the scope for {d}");
+            assert!(
+                scoped_org(who).is_some(),
+                "{who} consulted the scope for {d}"
+            );
             false
         })
     }
@@ -376,10 +379,19 @@ mod tests {
         // no compliance; a legacy `cityplane` certificate is a scoped org.
         let none = operator_of(None, "eve");
         assert_eq!(scoped_org(&none), Some(""));
-        assert!(!super::may_subscribe(&none, "devices/lamp1/reported", |_| false));
+        assert!(!super::may_subscribe(
+            &none,
+            "devices/lamp1/reported",
+            |_| false
+        ));
         assert!(!super::may_subscribe(&none, "fleet/compliance/", |_| true));
-        assert!(super::may_subscribe(&none, "fleet/responses/eve/#", |_| false));
-        assert_eq!(scoped_org(&operator_of(Some("cityplane"), "old")), Some("cityplane"));
+        assert!(super::may_subscribe(&none, "fleet/responses/eve/#", |_| {
+            false
+        }));
+        assert_eq!(
+            scoped_org(&operator_of(Some("cityplane"), "old")),
+            Some("cityplane")
+        );
         assert_eq!(scoped_org(&who(Role::Operator, "alice")), None);
         assert_eq!(scoped_org(&who(Role::Controller, "ctl")), None);
         assert_eq!(scoped_org(&who(Role::Device, "d1")), None);

@@ -751,7 +751,10 @@ impl Session {
             .map_err(|e| format!("write failed: {e}"))?;
         if unscheduled {
             // The router pauses a link that drained its buffer until told it is ready.
-            link.rx.wake().await.map_err(|e| format!("router gone: {e}"))?;
+            link.rx
+                .wake()
+                .await
+                .map_err(|e| format!("router gone: {e}"))?;
         }
         Ok(())
     }

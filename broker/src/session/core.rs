@@ -829,9 +829,7 @@ impl<'a> WirePublish<'a> {
         let qos = (wire[0] >> 1) & 3;
         let topic_len = usize::from(u16_at(body, 0)?);
         let topic = body.get(2..2 + topic_len)?;
-        let pkid = (qos > 0)
-            .then(|| u16_at(body, 2 + topic_len))
-            .flatten();
+        let pkid = (qos > 0).then(|| u16_at(body, 2 + topic_len)).flatten();
         Some(WirePublish { qos, topic, pkid })
     }
 }
@@ -849,10 +847,19 @@ mod tests {
     use crate::mqtt::{encode_publish, encode_remaining_length, next_frame, parse};
     use crate::quota::Quotas;
 
+    /// Operators are the city's own administrators unless said.
     fn who(id: &str, role: Role) -> Identity {
         Identity {
             id: id.into(),
             role,
+            org: (role == Role::Operator).then(|| cityplane_proto::ADMIN_ORG.to_owned()),
+        }
+    }
+
+    fn operator_of(org: &str, id: &str) -> Identity {
+        Identity {
+            org: Some(org.into()),
+            ..who(id, Role::Operator)
         }
     }
 
@@ -914,12 +921,17 @@ mod tests {
         In(Vec<u8>, Vec<Action>),
         /// A packet from the router written to the client.
         Out(Vec<u8>),
+        /// A packet from the router for the client: what becomes of it
+        /// (written ones are then reported with `on_sent`).
+        Deliver(Vec<u8>, Delivery),
+        /// The controller replaces the scope table.
+        Scope(&'static [(&'static str, &'static [&'static str])]),
         /// Time passes.
         Wait(Duration),
         /// The session's timer fires: what it says.
         Timer(Option<End>),
     }
-    use Step::{In, Out, Timer, Wait};
+    use Step::{Deliver, In, Out, Scope, Timer, Wait};
 
     struct Case {
         name: &'static str,
@@ -945,6 +957,7 @@ mod tests {
         limits: Limits,
         quota: Arc<IdentityQuota>,
         retained: Retained,
+        scopes: Scopes,
         core: Core,
         now: Instant,
     }
@@ -958,6 +971,7 @@ mod tests {
                 who,
                 limits,
                 retained: Retained::default(),
+                scopes: Scopes::default(),
                 core: Core::new(keep_alive, now + Duration::from_secs(3_600), now),
                 now,
             }
@@ -975,6 +989,7 @@ mod tests {
                 limits: &self.limits,
                 quota: &self.quota,
                 retained: &self.retained,
+                scopes: &self.scopes,
             };
             self.core.on_read(self.now);
             self.core
@@ -998,6 +1013,22 @@ mod tests {
             match step {
                 In(bytes, expected) => assert_eq!(conn.feed(&bytes), expected, "{name}, step {i}"),
                 Out(bytes) => conn.core.on_sent(&bytes),
+                Deliver(bytes, expected) => {
+                    let got = conn.core.on_delivery(&bytes, &conn.who, &conn.scopes);
+                    if got == Delivery::Write {
+                        conn.core.on_sent(&bytes);
+                    }
+                    assert_eq!(got, expected, "{name}, step {i}");
+                }
+                Scope(table) => conn.scopes.replace(
+                    table
+                        .iter()
+                        .map(|(org, devices)| {
+                            let devices = devices.iter().map(|d| (*d).to_owned()).collect();
+                            ((*org).to_owned(), devices)
+                        })
+                        .collect(),
+                ),
                 Wait(d) => conn.now += d,
                 Timer(expected) => {
                     assert_eq!(conn.core.on_timer(conn.now), expected, "{name}, step {i}")
@@ -1364,6 +1395,167 @@ mod tests {
             vec![scoped.clone(), plain.clone()]
         );
         assert_eq!(rewritten(&unsubscribe(2, &[&filter])), vec![scoped]);
+    }
+
+    /// What the router delivers to a scoped operator: only its scope's
+    /// devices, whatever the subscription; dropped QoS 1 deliveries are
+    /// acknowledged to the router in the order it sent them.
+    #[test]
+    fn deliveries_to_a_scoped_operator_stay_inside_its_scope() {
+        let bob = || operator_of("lighting-co", "bob");
+        let lamp = |qos, pkid| publish(&topics::reported("lamp1"), b"{}", qos, false, pkid);
+        let cam = |qos, pkid| publish(&topics::telemetry("cam1"), b"{}", qos, false, pkid);
+        let drop = |acks: &[u16]| Delivery::Drop { acks: acks.into() };
+        let puback = |pkid| ack(AckKind::PubAck, pkid);
+        let lighting: &[(&str, &[&str])] = &[("lighting-co", &["lamp1"])];
+        let cases = vec![
+            case(
+                "nothing of a device before the controller gives a scope",
+                bob(),
+                vec![
+                    Deliver(lamp(0, 0), drop(&[])),
+                    Deliver(
+                        publish(&topics::presence("lamp1"), b"{}", 1, true, 1),
+                        drop(&[1]),
+                    ),
+                    // Its own answers are no device's.
+                    Deliver(
+                        publish(&topics::response("bob", "r1"), b"{}", 1, false, 2),
+                        Delivery::Write,
+                    ),
+                    In(puback(2), vec![Action::Link]),
+                ],
+            ),
+            case(
+                "inside the scope written, outside dropped; acks to the router keep its order",
+                bob(),
+                vec![
+                    Scope(lighting),
+                    Deliver(lamp(0, 0), Delivery::Write),
+                    Deliver(cam(0, 0), drop(&[])),
+                    // Nothing in flight: a dropped delivery is acknowledged at once.
+                    Deliver(cam(1, 1), drop(&[1])),
+                    Deliver(lamp(1, 2), Delivery::Write),
+                    // Behind 2, which the client has not acknowledged yet.
+                    Deliver(cam(1, 3), drop(&[])),
+                    Deliver(cam(1, 4), drop(&[])),
+                    Deliver(lamp(1, 5), Delivery::Write),
+                    Deliver(cam(1, 6), drop(&[])),
+                    In(
+                        puback(2),
+                        vec![Action::Link, Action::RouterAcks(Box::new([3, 4]))],
+                    ),
+                    In(
+                        puback(5),
+                        vec![Action::Link, Action::RouterAcks(Box::new([6]))],
+                    ),
+                    Deliver(cam(1, 7), drop(&[7])),
+                    // The client cannot acknowledge what it never saw.
+                    In(
+                        puback(3),
+                        vec![Action::Log(Note::UnexpectedAck {
+                            kind: AckKind::PubAck,
+                            pkid: 3,
+                        })],
+                    ),
+                ],
+            ),
+            case(
+                "a scope change applies to the next delivery",
+                bob(),
+                vec![
+                    Scope(lighting),
+                    Deliver(cam(0, 0), drop(&[])),
+                    Scope(&[("lighting-co", &["lamp1", "cam1"])]),
+                    Deliver(cam(0, 0), Delivery::Write),
+                    Scope(&[("camera-int", &["lamp1", "cam1"])]),
+                    Deliver(cam(0, 0), drop(&[])),
+                    Deliver(lamp(0, 0), drop(&[])),
+                ],
+            ),
+            case(
+                "a QoS 2 delivery outside the scope ends the session rather than leak",
+                bob(),
+                vec![Deliver(
+                    cam(2, 9),
+                    Delivery::Close(End::Abrupt(format!(
+                        "internal: a QoS 2 delivery on {:?} outside the scope",
+                        topics::telemetry("cam1")
+                    ))),
+                )],
+            ),
+            case(
+                "the city's operators and the controller see every device",
+                who("alice", Role::Operator),
+                vec![
+                    Deliver(cam(1, 1), Delivery::Write),
+                    Deliver(lamp(0, 0), Delivery::Write),
+                    In(puback(1), vec![Action::Link]),
+                ],
+            ),
+            case(
+                "the controller is not scoped",
+                who("ctl", Role::Controller),
+                vec![Deliver(cam(1, 1), Delivery::Write)],
+            ),
+            case(
+                "a scoped operator names only devices of its scope at SUBSCRIBE",
+                bob(),
+                vec![
+                    Scope(lighting),
+                    In(
+                        subscribe(1, &[(&topics::reported("cam1"), 1)]),
+                        vec![
+                            Action::Log(Note::SubscribeNotAuthorized {
+                                filters: Box::new([topics::reported("cam1")]),
+                            }),
+                            suback_failure(1, 1),
+                        ],
+                    ),
+                    In(
+                        subscribe(2, &[(topics::FLEET_STATUS, 0)]),
+                        vec![
+                            Action::Log(Note::SubscribeNotAuthorized {
+                                filters: Box::new([topics::FLEET_STATUS.into()]),
+                            }),
+                            suback_failure(2, 1),
+                        ],
+                    ),
+                ],
+            ),
+        ];
+        for c in cases {
+            check(c);
+        }
+        // Granted QoS 1 at most: a dropped QoS 2 delivery cannot be hidden.
+        let mut conn = Conn::new(bob(), Limits::default(), 0, &Quotas::default());
+        conn.scopes
+            .replace([("lighting-co".to_owned(), ["lamp1".to_owned()].into())].into());
+        let wildcard = topics::all_devices("reported");
+        let Some(Action::LinkPacket(packet)) = conn
+            .feed(&subscribe(
+                3,
+                &[(&wildcard, 2), (&topics::reported("lamp1"), 0)],
+            ))
+            .pop()
+        else {
+            panic!("not for the link");
+        };
+        let Packet::Subscribe(sub, _) = *packet else {
+            panic!("not a SUBSCRIBE: {packet:?}");
+        };
+        let granted: Vec<_> = sub
+            .filters
+            .iter()
+            .map(|f| (f.path.as_str(), f.qos))
+            .collect();
+        assert_eq!(
+            granted,
+            [
+                (wildcard.as_str(), QoS::AtLeastOnce),
+                (topics::reported("lamp1").as_str(), QoS::AtMostOnce)
+            ]
+        );
     }
 
     #[test]
