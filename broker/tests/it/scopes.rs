@@ -510,7 +510,10 @@ async fn mosquitto_sub_with_a_contractor_certificate_gets_only_its_scope() {
     .kill_on_drop(true);
     let mut sub = sub.spawn().expect("mosquitto_sub");
     // Live reports until it has subscribed and seen one (it then exits).
+    let mut tries = 0;
     let status = loop {
+        tries += 1;
+        assert!(tries < 150, "mosquitto_sub never got a live report");
         lamp2.publish("reported", "live", false).await;
         if let Ok(status) = tokio::time::timeout(Duration::from_millis(200), sub.wait()).await {
             break status.expect("mosquitto_sub runs");
