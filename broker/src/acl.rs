@@ -4,9 +4,17 @@
 //! - device `D`: publish `devices/D/{reported,telemetry,acks,fetch}`, will
 //!   on `devices/D/presence`, subscribe exactly `devices/D/commands` and
 //!   `devices/D/blob`;
-//! - operator: publish under `fleet/desired/#` and `fleet/ops/#`; subscribe to
-//!   filters inside `devices/+/{reported,telemetry,presence}` or `fleet/#`
-//!   (also as `$share/<group>/<filter>`);
+//! - operator: publish under `fleet/desired/#` and `fleet/ops/#` (the
+//!   controller checks what each organisation may write). Subscribe, also
+//!   as `$share/<group>/<filter>`: an operator of the city's own
+//!   organisation ([`ADMIN_ORG`]) to filters inside
+//!   `devices/+/{reported,telemetry,presence}` or `fleet/#`; any other
+//!   operator (scoped: see [`scoped_org`]) to filters inside
+//!   `devices/+/{reported,telemetry,presence}` whose device level, unless a
+//!   wildcard, names a device of its scope, inside its own
+//!   `fleet/responses/<id>/#`, and to `fleet/compliance/<its org>`. What
+//!   a wildcard matches outside the scope is dropped per delivery
+//!   (`session::core`), not here;
 //! - controller: every publish except on `$`-topics (rumqttd neither routes
 //!   a publish to one nor accepts a subscription to one) and on the image
 //!   path (`devices/+/fetch`, `devices/+/blob`: see [`is_image_path`]);
@@ -16,18 +24,32 @@
 //! ([`may_retain`]); wills only where the publisher owns the topic and the
 //! controller does not read it through the operator tap ([`may_set_will`]).
 
-use cityplane_proto::{topics, Identity, Role};
+use cityplane_proto::{topics, Identity, Role, ADMIN_ORG};
 
 const OPERATOR_PUBLISH: [&str; 2] = [topics::FLEET_DESIRED_ALL, topics::FLEET_OPS_ALL];
-/// Built once: proto spells the topics, and `may_subscribe` runs per SUBSCRIBE.
-static OPERATOR_SUBSCRIBE: std::sync::LazyLock<[String; 4]> = std::sync::LazyLock::new(|| {
-    [
-        topics::all_devices("reported"),
-        topics::all_devices("telemetry"),
-        topics::all_devices(topics::DEVICE_WILL_LEAF),
-        topics::FLEET_ALL.to_owned(),
-    ]
-});
+/// What every operator may read of devices. Built once: proto spells the
+/// topics, and `may_subscribe` runs per SUBSCRIBE.
+static OPERATOR_DEVICE_SUBSCRIBE: std::sync::LazyLock<[String; 3]> =
+    std::sync::LazyLock::new(|| {
+        [
+            topics::all_devices("reported"),
+            topics::all_devices("telemetry"),
+            topics::all_devices(topics::DEVICE_WILL_LEAF),
+        ]
+    });
+
+/// The organisation whose scope limits what `who` may read, if any: every
+/// operator's but the city's own ([`ADMIN_ORG`]). Devices and controllers
+/// are not limited by scopes. An operator identity without an
+/// organisation (no certificate yields one: the O is required) is limited
+/// to the empty name, which no scope holds: it sees no device.
+pub fn scoped_org(who: &Identity) -> Option<&str> {
+    match (who.role, who.org.as_deref()) {
+        (Role::Operator, Some(ADMIN_ORG)) => None,
+        (Role::Operator, org) => Some(org.unwrap_or("")),
+        (Role::Device | Role::Controller, _) => None,
+    }
+}
 
 pub fn may_publish(who: &Identity, topic: &str) -> bool {
     if topic.starts_with('$') {
@@ -65,8 +87,10 @@ pub fn is_image_path(topic: &str) -> bool {
 /// Whether `who` may publish `topic` with RETAIN set (an empty retained
 /// payload deletes the retained message). Only the topics the protocol
 /// marks retained: a device's own `reported` (optional), `fleet/status`
-/// from the controller, and presence, which only the broker and device
-/// wills write. Operators never retain: nothing they write is retained.
+/// and the compliance summaries (`fleet/compliance`,
+/// `fleet/compliance/<org>`) from the controller, and presence, which only
+/// the broker and device wills write. Operators never retain: nothing they
+/// write is retained.
 pub fn may_retain(who: &Identity, topic: &str) -> bool {
     if !may_publish(who, topic) {
         return false;
@@ -76,6 +100,8 @@ pub fn may_retain(who: &Identity, topic: &str) -> bool {
         Role::Operator => false,
         Role::Controller => {
             topic == topics::FLEET_STATUS
+                || topic == topics::FLEET_COMPLIANCE
+                || topics::compliance_org(topic).is_some()
                 || matches!(
                     topics::split_device_topic(topic),
                     Some((_, "reported" | "presence"))
@@ -116,7 +142,11 @@ pub fn is_offline_presence(payload: &[u8]) -> bool {
     ) && payload.trim_ascii_start().first() == Some(&b'{')
 }
 
-pub fn may_subscribe(who: &Identity, filter: &str) -> bool {
+/// Whether `who` may subscribe to `filter`. `in_scope(device)` says
+/// whether a scoped operator's organisation may see `device`; it is asked
+/// only for a filter naming one device (the caller holds the scope table,
+/// so this stays a function of its arguments).
+pub fn may_subscribe(who: &Identity, filter: &str, in_scope: impl Fn(&str) -> bool) -> bool {
     match who.role {
         // rumqttd drops the connection on a `$` filter other than `$share`.
         Role::Controller => match filter.strip_prefix(topics::SHARE_PREFIX) {
@@ -140,7 +170,22 @@ pub fn may_subscribe(who: &Identity, filter: &str) -> bool {
                 },
                 None => filter,
             };
-            OPERATOR_SUBSCRIBE.iter().any(|p| covers(p, inner))
+            let device_read = OPERATOR_DEVICE_SUBSCRIBE.iter().any(|p| covers(p, inner));
+            match scoped_org(who) {
+                None => device_read || covers(topics::FLEET_ALL, inner),
+                // Neither `fleet/#` nor `fleet/status` (the whole fleet's
+                // summary) nor anyone else's answers or compliance.
+                Some(org) if !device_read => {
+                    covers(&topics::responses_filter(&who.id), inner)
+                        || (!org.is_empty() && inner == topics::compliance(org))
+                }
+                // A wildcard device level is filtered per delivery; a named
+                // device is refused here unless the scope holds it.
+                Some(_) => match topics::split_device_topic(inner) {
+                    Some((id, _)) if id != "+" => in_scope(id),
+                    _ => true,
+                },
+            }
         }
     }
 }
@@ -170,11 +215,32 @@ fn covers(pattern: &str, filter: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// Operators are the city's own administrators unless said.
     fn who(role: Role, id: &str) -> Identity {
         Identity {
             id: id.into(),
             role,
+            org: (role == Role::Operator).then(|| ADMIN_ORG.to_owned()),
         }
+    }
+
+    fn operator_of(org: Option<&str>, id: &str) -> Identity {
+        Identity {
+            id: id.into(),
+            role: Role::Operator,
+            org: org.map(str::to_owned),
+        }
+    }
+
+    /// Unscoped identities never consult the scope.
+    fn may_subscribe(who: &Identity, filter: &str) -> bool {
+        super::may_subscribe(who, filter, |d| {
+            assert!(
+                scoped_org(who).is_some(),
+                "{who} consulted the scope for {d}"
+            );
+            false
+        })
     }
 
     #[test]
@@ -260,6 +326,78 @@ mod tests {
     }
 
     #[test]
+    fn a_scoped_operator_reads_only_its_scope_its_answers_and_its_compliance() {
+        let o = operator_of(Some("lighting-co"), "bob");
+        let in_scope = |d: &str| d == "lamp1";
+        let sub = |f: &str| super::may_subscribe(&o, f, in_scope);
+        for ok in [
+            "devices/+/reported",
+            "devices/+/telemetry",
+            "devices/+/presence",
+            "devices/lamp1/reported",
+            "devices/lamp1/presence",
+            "$share/dash/devices/+/telemetry",
+            "$share/dash/devices/lamp1/telemetry",
+            "fleet/responses/bob/#",
+            "fleet/responses/bob/r1",
+            "fleet/responses/bob/+",
+            "fleet/compliance/lighting-co",
+        ] {
+            assert!(sub(ok), "{ok}");
+        }
+        for bad in [
+            "devices/cam1/reported",
+            "$share/dash/devices/cam1/telemetry",
+            "devices/lamp1/commands",
+            "devices/#",
+            "devices/+/+",
+            "fleet/#",
+            "fleet/+",
+            "fleet/status",
+            "fleet/compliance",
+            "fleet/compliance/#",
+            "fleet/compliance/+",
+            "fleet/compliance/camera-int",
+            "fleet/responses/#",
+            "fleet/responses/+/r1",
+            "fleet/responses/alice/#",
+            "fleet/responses/bobby/#",
+            "fleet/+/bob/#",
+            "#",
+            "+/+/reported",
+            "+/lamp1/reported",
+            "$share/dash/fleet/#",
+            "$SYS/#",
+        ] {
+            assert!(!sub(bad), "{bad}");
+        }
+        // Publishing is unchanged: the controller checks the scope of writes.
+        assert!(may_publish(&o, "fleet/desired/x"));
+        assert!(may_publish(&o, "fleet/ops/get"));
+        assert!(!may_retain(&o, "fleet/compliance/lighting-co"));
+        // An operator without an organisation reads no device by name and
+        // no compliance; a legacy `cityplane` certificate is a scoped org.
+        let none = operator_of(None, "eve");
+        assert_eq!(scoped_org(&none), Some(""));
+        assert!(!super::may_subscribe(
+            &none,
+            "devices/lamp1/reported",
+            |_| false
+        ));
+        assert!(!super::may_subscribe(&none, "fleet/compliance/", |_| true));
+        assert!(super::may_subscribe(&none, "fleet/responses/eve/#", |_| {
+            false
+        }));
+        assert_eq!(
+            scoped_org(&operator_of(Some("cityplane"), "old")),
+            Some("cityplane")
+        );
+        assert_eq!(scoped_org(&who(Role::Operator, "alice")), None);
+        assert_eq!(scoped_org(&who(Role::Controller, "ctl")), None);
+        assert_eq!(scoped_org(&who(Role::Device, "d1")), None);
+    }
+
+    #[test]
     fn the_controller_may_do_anything_but_dollar_topics() {
         let c = who(Role::Controller, "ctl");
         assert!(may_publish(&c, "devices/d1/commands"));
@@ -279,6 +417,10 @@ mod tests {
         assert!(!may_publish(&c, "devices/d1/fetch"));
         assert!(!may_publish(&c, "devices/d1/blob"));
         assert!(may_retain(&c, "fleet/status"));
+        assert!(may_retain(&c, "fleet/compliance"));
+        assert!(may_retain(&c, "fleet/compliance/lighting-co"));
+        assert!(!may_retain(&c, "fleet/compliance/a/b"));
+        assert!(!may_retain(&c, "fleet/compliance/"));
         assert!(!may_retain(&c, "devices/d1/commands"));
         assert!(!may_retain(&c, "fleet/responses/op/r1"));
     }

@@ -31,6 +31,7 @@ pub mod mqtt;
 mod quota;
 mod registry;
 mod revocation;
+pub mod scopes;
 mod session;
 mod tls;
 
@@ -50,6 +51,7 @@ use tokio::task::JoinHandle;
 
 use crate::registry::Registry;
 use crate::revocation::RevocationState;
+pub use crate::scopes::Scopes;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -121,6 +123,9 @@ pub(crate) struct Shared {
     /// Image read errors are logged at most once a second (one per fetch
     /// could flood the log when a disk fails).
     pub(crate) blob_log: quota::LogBudget,
+    /// Which devices each organisation's operators may see (filled by the
+    /// controller; see [`scopes`]).
+    pub(crate) scopes: Scopes,
 }
 
 /// Opens a link into the router: `(client id, clean session)`.
@@ -212,6 +217,7 @@ impl Broker {
             refusal_log: quota::LogBudget::default(),
             blobs: blobs::Blobs::new(config.firmware_dir.clone()),
             blob_log: quota::LogBudget::default(),
+            scopes: Scopes::default(),
             config,
         });
         let (gate, gate_rx) = watch::channel(false);
@@ -306,6 +312,14 @@ impl RunningBroker {
     /// [`backlog`]). Only one reader can hold it; dropping it lifts the limit.
     pub fn limit_device_backlog(&self, leaves: &[&'static str]) -> Option<backlog::Credit> {
         self.shared.backlog.limit(leaves)
+    }
+
+    /// The scope table of this broker: the controller replaces it when the
+    /// registry or the organisations change; every connection reads it.
+    /// Nobody else fills it: without a controller, operators of any
+    /// organisation but `city` see no device (fail closed).
+    pub fn scopes(&self) -> Scopes {
+        self.shared.scopes.clone()
     }
 
     /// Live MQTT sessions (after CONNECT).

@@ -180,6 +180,7 @@ mod tests {
         Identity {
             id: id.to_owned(),
             role: Role::Device,
+            org: None,
         }
     }
 

@@ -42,7 +42,7 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 use tokio_rustls::server::TlsStream;
 
-use self::core::{Action, Core, End, Env, Fetch, Note};
+use self::core::{Action, Core, Delivery, End, Env, Fetch, Note};
 use crate::handshake::Pending;
 use crate::mqtt::outbound::{self, disconnect_packet, presence_packet, will_packet};
 use crate::mqtt::{self, Frame, Inbound, ProtocolError, Will};
@@ -478,7 +478,7 @@ impl Session {
                     match note {
                         Ok(first) => {
                             // Boxed: only sessions with a link get here.
-                            if let Err(e) = Box::pin(self.forward(first.map(|n| *n), &mut link.rx, &mut state.core)).await {
+                            if let Err(e) = Box::pin(self.forward(first.map(|n| *n), link, &mut state.core)).await {
                                 return End::Abrupt(e);
                             }
                         }
@@ -545,6 +545,7 @@ impl Session {
                 limits,
                 quota: &self.quota,
                 retained: &self.shared.retained,
+                scopes: &self.shared.scopes,
             };
             state.core.on_packet(&frame, inbound, now, &env)
         };
@@ -589,6 +590,11 @@ impl Session {
             }
             Action::LinkPacket(packet) => {
                 to_link(tx, *packet)?.await.map_err(router_gone)?;
+            }
+            Action::RouterAcks(pkids) => {
+                if let Some(last) = queue_pubacks(tx.as_deref(), &pkids) {
+                    to_link(tx, last)?.await.map_err(router_gone)?;
+                }
             }
             Action::Tap { topic, payload_len } => {
                 let Some(tap) = self.shared.tap.get() else {
@@ -689,11 +695,13 @@ impl Session {
         }
     }
 
-    /// Writes one notification and whatever else the router already queued.
+    /// Writes one notification and whatever else the router already queued,
+    /// except the deliveries the core drops (acknowledging those to the
+    /// router as it says).
     async fn forward(
         &mut self,
         first: Option<Notification>,
-        rx: &mut LinkRx,
+        link: &mut Link,
         core: &mut Core,
     ) -> Result<(), String> {
         let mut packets = Vec::new();
@@ -709,7 +717,7 @@ impl Session {
             // (`timeout(ZERO, …)` would round up to the next 1 ms timer tick.)
             let ready = tokio::select! {
                 biased;
-                note = rx.next() => note,
+                note = link.rx.next() => note,
                 _ = std::future::ready(()) => break,
             };
             match ready {
@@ -717,18 +725,36 @@ impl Session {
                 _ => break,
             }
         }
+        let mut router_acks = Vec::new();
         for packet in packets {
             let at = self.wbuf.len();
             V4.write(packet, &mut self.wbuf)
                 .map_err(|e| format!("encode: {e:?}"))?;
-            core.on_sent(&self.wbuf[at..]);
+            match core.on_delivery(&self.wbuf[at..], &self.who, &self.shared.scopes) {
+                Delivery::Write => core.on_sent(&self.wbuf[at..]),
+                Delivery::Drop { acks } => {
+                    self.wbuf.truncate(at);
+                    router_acks.extend_from_slice(&acks);
+                }
+                Delivery::Close(End::Abrupt(reason)) => return Err(reason),
+                Delivery::Close(end) => return Err(format!("{end:?}")),
+            }
+        }
+        if let Some(last) = queue_pubacks(Some(&link.tx), &router_acks) {
+            link.tx
+                .send(last)
+                .await
+                .map_err(|e| format!("router gone: {e}"))?;
         }
         self.flush()
             .await
             .map_err(|e| format!("write failed: {e}"))?;
         if unscheduled {
             // The router pauses a link that drained its buffer until told it is ready.
-            rx.wake().await.map_err(|e| format!("router gone: {e}"))?;
+            link.rx
+                .wake()
+                .await
+                .map_err(|e| format!("router gone: {e}"))?;
         }
         Ok(())
     }
@@ -777,6 +803,25 @@ fn to_link(
         End::Abrupt("internal: packet for a router link the session does not have".into())
     })?;
     Ok(Box::pin(tx.send(packet)))
+}
+
+/// Queues PUBACKs for `pkids` on the router link but the last, which is
+/// returned: sending it wakes the router once for all of them.
+fn queue_pubacks(tx: Option<&LinkTx>, pkids: &[u16]) -> Option<Packet> {
+    let puback = |pkid| {
+        Packet::PubAck(
+            rumqttd::protocol::PubAck {
+                pkid,
+                reason: rumqttd::protocol::PubAckReason::Success,
+            },
+            None,
+        )
+    };
+    let (last, before) = pkids.split_last()?;
+    if let Some(tx) = tx {
+        tx.buffer().extend(before.iter().copied().map(puback));
+    }
+    Some(puback(*last))
 }
 
 fn router_gone(e: LinkError) -> End {

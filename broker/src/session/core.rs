@@ -7,20 +7,28 @@
 //! decides (ACL, rates, subscription and retained limits, the QoS 2
 //! handshake, `$share` scoping, keep-alive) lives here and is tested by
 //! feeding packets (`tests` below). The core awaits nothing and reads no
-//! clock: time comes in as an argument. The per-identity quotas and the
-//! retained accounting are shared by all connections, so the core calls
-//! them through [`Env`] (plain mutexes, no I/O).
+//! clock: time comes in as an argument. The per-identity quotas, the
+//! retained accounting and the scope table are shared by all connections,
+//! so the core calls them through [`Env`] (plain mutexes, no I/O).
+//!
+//! What the router delivers to a scoped operator (any organisation but the
+//! city's own, see [`acl::scoped_org`]) passes [`Core::on_delivery`]: a
+//! message on a device's topic is written only while the scope holds the
+//! device, so wildcard and `$share` subscriptions and retained messages
+//! never show a device outside it, and a device leaving the scope stops
+//! being delivered at once.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
 use cityplane_proto::firmware::{is_sha256_hex, BlobHeader, FetchRequest};
 use cityplane_proto::{topics, Identity, Role};
-use rumqttd::protocol::Packet;
+use rumqttd::protocol::{Packet, QoS};
 use tokio::time::Instant;
 
 use crate::mqtt::{outbound, AckKind, Frame, Inbound, Outbound, Will};
 use crate::quota::{IdentityQuota, Retained};
+use crate::scopes::{ScopeCache, Scopes};
 use crate::{acl, Limits, TAPPED_PREFIXES};
 
 /// Why a session ended; decides whether the will is published.
@@ -73,6 +81,9 @@ pub(crate) enum Action {
     Link,
     /// A packet the core rewrote (`$share` scoping) for the session's own link.
     LinkPacket(Box<Packet>),
+    /// PUBACKs for the router, in this order, for QoS 1 deliveries the
+    /// scope filter dropped (see [`Delivery::Drop`]).
+    RouterAcks(Box<[u16]>),
     /// An operator request also goes to the in-process controller, with the
     /// certificate identity (the router does not carry who published); its
     /// payload is the frame's last `payload_len` bytes.
@@ -200,6 +211,28 @@ pub(crate) struct Env<'a> {
     /// This identity's rates and quotas, shared with its other connections.
     pub(crate) quota: &'a IdentityQuota,
     pub(crate) retained: &'a Retained,
+    /// Which devices each organisation may see (the controller's table).
+    pub(crate) scopes: &'a Scopes,
+}
+
+/// What the pump does with a packet the router sent for the client.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Delivery {
+    /// Write it to the client (and report it with [`Core::on_sent`]).
+    Write,
+    /// Not for this client: the scope does not hold the device. A QoS 1
+    /// delivery must still be acknowledged to the router, which otherwise
+    /// keeps it in flight and stops delivering when its window is full;
+    /// these packet ids are to be acknowledged now, in order. rumqttd
+    /// accepts acks only in the order it sent, so one dropped behind a
+    /// delivery the client has not acknowledged yet waits for that ack
+    /// (it then comes as [`Action::RouterAcks`]). The client never sees
+    /// the packet id.
+    Drop { acks: Box<[u16]> },
+    /// A QoS 2 delivery the client may not see: its PUBREL would reach the
+    /// client. Cannot happen (a scoped operator's subscriptions are granted
+    /// QoS 1 at most); should it, the session ends rather than leak.
+    Close(End),
 }
 
 /// Why a will in CONNECT is refused, if it is (the connection then ends
@@ -242,6 +275,44 @@ pub(crate) struct Core {
     next_pkid: u16,
     /// Packet ids of a device's QoS 2 publishes that await PUBREL.
     qos2_pending: Vec<u16>,
+    /// A scoped operator's view of its scope and unacknowledged deliveries
+    /// (made on its first delivery; `None` for everyone else).
+    scope: Option<Box<ScopeState>>,
+}
+
+/// What [`Core::on_delivery`] keeps for a scoped operator.
+#[derive(Debug, Default)]
+struct ScopeState {
+    cache: ScopeCache,
+    /// QoS 1 deliveries not yet acknowledged to the router, in the order
+    /// it sent them; `true`: dropped, acknowledged by the edge as soon as
+    /// everything before it is. The front is never a dropped one.
+    unacked: VecDeque<(u16, bool)>,
+}
+
+impl ScopeState {
+    /// A dropped QoS 1 delivery: its id if it can be acknowledged now.
+    fn dropped(&mut self, pkid: u16) -> Option<u16> {
+        if self.unacked.is_empty() {
+            return Some(pkid);
+        }
+        self.unacked.push_back((pkid, true));
+        None
+    }
+
+    /// The client acknowledged `pkid`: the dropped deliveries now at the
+    /// front, to acknowledge after it.
+    fn acked(&mut self, pkid: u16) -> Vec<u16> {
+        if let Some(at) = self.unacked.iter().position(|&(p, d)| p == pkid && !d) {
+            self.unacked.remove(at);
+        }
+        let mut release = Vec::new();
+        while let Some(&(p, true)) = self.unacked.front() {
+            release.push(p);
+            self.unacked.pop_front();
+        }
+        release
+    }
 }
 
 impl Core {
@@ -257,6 +328,7 @@ impl Core {
             command_qos: 0,
             next_pkid: 0,
             qos2_pending: Vec::new(),
+            scope: None,
         };
         core.on_read(now);
         core
@@ -309,6 +381,43 @@ impl Core {
     pub(crate) fn on_command(&mut self) -> (u8, u16) {
         self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
         (self.command_qos, self.next_pkid)
+    }
+
+    /// A packet from the router, encoded for the client (rumqttd keeps a
+    /// `Publish`'s QoS and packet id private, so the core reads the wire
+    /// form): whether the client may see it. Everything is written except,
+    /// for a scoped operator, a PUBLISH on a device's topic whose device is
+    /// outside its organisation's scope at this moment.
+    pub(crate) fn on_delivery(&mut self, wire: &[u8], who: &Identity, scopes: &Scopes) -> Delivery {
+        let Some(org) = acl::scoped_org(who) else {
+            return Delivery::Write;
+        };
+        let Some(publish) = WirePublish::read(wire) else {
+            return Delivery::Write;
+        };
+        // Topics in the router came from validated (UTF-8) publishes; a
+        // topic that is not is no device's.
+        let topic = std::str::from_utf8(publish.topic).unwrap_or_default();
+        let (qos, pkid) = (publish.qos, publish.pkid.unwrap_or_default());
+        let state = self.scope.get_or_insert_default();
+        let visible = match topics::split_device_topic(topic) {
+            Some((device, _)) => state.cache.allows(scopes, org, device),
+            None => true,
+        };
+        match (visible, qos) {
+            (true, 0) => Delivery::Write,
+            (true, _) => {
+                state.unacked.push_back((pkid, false));
+                Delivery::Write
+            }
+            (false, 0) => Delivery::Drop { acks: Box::new([]) },
+            (false, 1) => Delivery::Drop {
+                acks: state.dropped(pkid).into_iter().collect(),
+            },
+            (false, _) => Delivery::Close(End::Abrupt(format!(
+                "internal: a QoS 2 delivery on {topic:?} outside the scope"
+            ))),
+        }
     }
 
     /// An encoded packet from the router was written to the client: note
@@ -386,11 +495,18 @@ impl Core {
             // rumqttd logs an ERROR for an ack it did not expect: any client
             // could fill the log on demand. Pass on only what it awaits.
             Inbound::Ack { kind, pkid } => {
-                Actions::one(if self.acks.as_mut().is_some_and(|a| a.take(kind, pkid)) {
-                    Action::Link
-                } else {
-                    Action::Log(Note::UnexpectedAck { kind, pkid })
-                })
+                if !self.acks.as_mut().is_some_and(|a| a.take(kind, pkid)) {
+                    return Actions::one(Action::Log(Note::UnexpectedAck { kind, pkid }));
+                }
+                let mut actions = Actions::one(Action::Link);
+                let release = match (&mut self.scope, kind) {
+                    (Some(scope), AckKind::PubAck) => scope.acked(pkid),
+                    _ => Vec::new(),
+                };
+                if !release.is_empty() {
+                    actions.push(Action::RouterAcks(release.into()));
+                }
+                actions
             }
         }
     }
@@ -510,10 +626,14 @@ impl Core {
         if !env.quota.take_control(now) {
             return Actions::one(over_control_rate(limits));
         }
+        // Checked against the table as it is now; a device leaving the
+        // scope later is stopped per delivery.
+        let in_scope =
+            |device: &str| acl::scoped_org(who).is_none_or(|org| env.scopes.allows(org, device));
         let refused: Vec<String> = filters
             .iter()
             .map(|(f, _)| f)
-            .filter(|f| !acl::may_subscribe(who, f))
+            .filter(|f| !acl::may_subscribe(who, f, in_scope))
             .cloned()
             .collect();
         let new = filters
@@ -597,7 +717,9 @@ fn over_control_rate(limits: &Limits) -> Action {
 /// A linked session's SUBSCRIBE or UNSUBSCRIBE for its router link, with
 /// its shared-subscription groups made per identity: `$share/g/f` becomes
 /// `$share/<id>:g/f` (`:` is in no id), so one operator cannot join
-/// another's group and take a share of its messages.
+/// another's group and take a share of its messages. A scoped operator's
+/// subscriptions are granted QoS 1 at most: a QoS 2 delivery the scope
+/// filter drops would leave the router's PUBREL to reach the client.
 fn scoped(frame: &Frame, who: &Identity) -> Action {
     let Some(mut packet) = outbound::decode(&frame.raw) else {
         return close("packet rejected by the MQTT decoder");
@@ -608,7 +730,15 @@ fn scoped(frame: &Frame, who: &Identity) -> Action {
         }
     };
     match &mut packet {
-        Packet::Subscribe(sub, _) => sub.filters.iter_mut().for_each(|f| scope(&mut f.path)),
+        Packet::Subscribe(sub, _) => {
+            let cap = acl::scoped_org(who).is_some();
+            for f in &mut sub.filters {
+                scope(&mut f.path);
+                if cap && f.qos == QoS::ExactlyOnce {
+                    f.qos = QoS::AtLeastOnce;
+                }
+            }
+        }
         Packet::Unsubscribe(unsub, _) => unsub.filters.iter_mut().for_each(scope),
         _ => {}
     }
@@ -643,39 +773,64 @@ impl AckTrack {
 
     /// Notes what an encoded packet written to the client will be answered with.
     fn sent(&mut self, wire: &[u8]) {
-        let Some(&first) = wire.first() else { return };
-        let mut len = 0usize;
-        let mut at = 1;
-        for (i, b) in wire.iter().skip(1).take(4).enumerate() {
-            len |= usize::from(b & 0x7F) << (7 * i);
-            at += 1;
-            if b & 0x80 == 0 {
-                break;
+        if let Some(publish) = WirePublish::read(wire) {
+            match (publish.qos, publish.pkid) {
+                (1, Some(p)) => {
+                    self.puback.insert(p);
+                }
+                (2, Some(p)) => {
+                    self.pubrec.insert(p);
+                }
+                _ => {}
+            }
+        } else if let Some((6, body)) = packet_body(wire) {
+            if let Some(p) = u16_at(body, 0) {
+                self.pubcomp.insert(p);
             }
         }
-        let body = &wire[at.min(wire.len())..(at + len).min(wire.len())];
-        let u16_at = |i: usize| body.get(i..i + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
-        match first >> 4 {
-            3 => {
-                let qos = (first >> 1) & 3;
-                let pkid = u16_at(0).and_then(|tl| u16_at(2 + usize::from(tl)));
-                match (qos, pkid) {
-                    (1, Some(p)) => {
-                        self.puback.insert(p);
-                    }
-                    (2, Some(p)) => {
-                        self.pubrec.insert(p);
-                    }
-                    _ => {}
-                }
-            }
-            6 => {
-                if let Some(p) = u16_at(0) {
-                    self.pubcomp.insert(p);
-                }
-            }
-            _ => {}
+    }
+}
+
+/// An encoded packet's type and body (after the fixed header).
+fn packet_body(wire: &[u8]) -> Option<(u8, &[u8])> {
+    let first = *wire.first()?;
+    let mut len = 0usize;
+    let mut at = 1;
+    for (i, b) in wire.iter().skip(1).take(4).enumerate() {
+        len |= usize::from(b & 0x7F) << (7 * i);
+        at += 1;
+        if b & 0x80 == 0 {
+            break;
         }
+    }
+    Some((
+        first >> 4,
+        &wire[at.min(wire.len())..(at + len).min(wire.len())],
+    ))
+}
+
+fn u16_at(body: &[u8], i: usize) -> Option<u16> {
+    body.get(i..i + 2).map(|b| u16::from_be_bytes([b[0], b[1]]))
+}
+
+/// The header fields of an encoded PUBLISH.
+struct WirePublish<'a> {
+    qos: u8,
+    topic: &'a [u8],
+    /// `None` at QoS 0 (or when cut short).
+    pkid: Option<u16>,
+}
+
+impl<'a> WirePublish<'a> {
+    fn read(wire: &'a [u8]) -> Option<WirePublish<'a>> {
+        let (3, body) = packet_body(wire)? else {
+            return None;
+        };
+        let qos = (wire[0] >> 1) & 3;
+        let topic_len = usize::from(u16_at(body, 0)?);
+        let topic = body.get(2..2 + topic_len)?;
+        let pkid = (qos > 0).then(|| u16_at(body, 2 + topic_len)).flatten();
+        Some(WirePublish { qos, topic, pkid })
     }
 }
 
@@ -692,10 +847,19 @@ mod tests {
     use crate::mqtt::{encode_publish, encode_remaining_length, next_frame, parse};
     use crate::quota::Quotas;
 
+    /// Operators are the city's own administrators unless said.
     fn who(id: &str, role: Role) -> Identity {
         Identity {
             id: id.into(),
             role,
+            org: (role == Role::Operator).then(|| cityplane_proto::ADMIN_ORG.to_owned()),
+        }
+    }
+
+    fn operator_of(org: &str, id: &str) -> Identity {
+        Identity {
+            org: Some(org.into()),
+            ..who(id, Role::Operator)
         }
     }
 
@@ -757,12 +921,17 @@ mod tests {
         In(Vec<u8>, Vec<Action>),
         /// A packet from the router written to the client.
         Out(Vec<u8>),
+        /// A packet from the router for the client: what becomes of it
+        /// (written ones are then reported with `on_sent`).
+        Deliver(Vec<u8>, Delivery),
+        /// The controller replaces the scope table.
+        Scope(&'static [(&'static str, &'static [&'static str])]),
         /// Time passes.
         Wait(Duration),
         /// The session's timer fires: what it says.
         Timer(Option<End>),
     }
-    use Step::{In, Out, Timer, Wait};
+    use Step::{Deliver, In, Out, Scope, Timer, Wait};
 
     struct Case {
         name: &'static str,
@@ -788,6 +957,7 @@ mod tests {
         limits: Limits,
         quota: Arc<IdentityQuota>,
         retained: Retained,
+        scopes: Scopes,
         core: Core,
         now: Instant,
     }
@@ -801,6 +971,7 @@ mod tests {
                 who,
                 limits,
                 retained: Retained::default(),
+                scopes: Scopes::default(),
                 core: Core::new(keep_alive, now + Duration::from_secs(3_600), now),
                 now,
             }
@@ -818,6 +989,7 @@ mod tests {
                 limits: &self.limits,
                 quota: &self.quota,
                 retained: &self.retained,
+                scopes: &self.scopes,
             };
             self.core.on_read(self.now);
             self.core
@@ -841,6 +1013,22 @@ mod tests {
             match step {
                 In(bytes, expected) => assert_eq!(conn.feed(&bytes), expected, "{name}, step {i}"),
                 Out(bytes) => conn.core.on_sent(&bytes),
+                Deliver(bytes, expected) => {
+                    let got = conn.core.on_delivery(&bytes, &conn.who, &conn.scopes);
+                    if got == Delivery::Write {
+                        conn.core.on_sent(&bytes);
+                    }
+                    assert_eq!(got, expected, "{name}, step {i}");
+                }
+                Scope(table) => conn.scopes.replace(
+                    table
+                        .iter()
+                        .map(|(org, devices)| {
+                            let devices = devices.iter().map(|d| (*d).to_owned()).collect();
+                            ((*org).to_owned(), devices)
+                        })
+                        .collect(),
+                ),
                 Wait(d) => conn.now += d,
                 Timer(expected) => {
                     assert_eq!(conn.core.on_timer(conn.now), expected, "{name}, step {i}")
@@ -1207,6 +1395,167 @@ mod tests {
             vec![scoped.clone(), plain.clone()]
         );
         assert_eq!(rewritten(&unsubscribe(2, &[&filter])), vec![scoped]);
+    }
+
+    /// What the router delivers to a scoped operator: only its scope's
+    /// devices, whatever the subscription; dropped QoS 1 deliveries are
+    /// acknowledged to the router in the order it sent them.
+    #[test]
+    fn deliveries_to_a_scoped_operator_stay_inside_its_scope() {
+        let bob = || operator_of("lighting-co", "bob");
+        let lamp = |qos, pkid| publish(&topics::reported("lamp1"), b"{}", qos, false, pkid);
+        let cam = |qos, pkid| publish(&topics::telemetry("cam1"), b"{}", qos, false, pkid);
+        let drop = |acks: &[u16]| Delivery::Drop { acks: acks.into() };
+        let puback = |pkid| ack(AckKind::PubAck, pkid);
+        let lighting: &[(&str, &[&str])] = &[("lighting-co", &["lamp1"])];
+        let cases = vec![
+            case(
+                "nothing of a device before the controller gives a scope",
+                bob(),
+                vec![
+                    Deliver(lamp(0, 0), drop(&[])),
+                    Deliver(
+                        publish(&topics::presence("lamp1"), b"{}", 1, true, 1),
+                        drop(&[1]),
+                    ),
+                    // Its own answers are no device's.
+                    Deliver(
+                        publish(&topics::response("bob", "r1"), b"{}", 1, false, 2),
+                        Delivery::Write,
+                    ),
+                    In(puback(2), vec![Action::Link]),
+                ],
+            ),
+            case(
+                "inside the scope written, outside dropped; acks to the router keep its order",
+                bob(),
+                vec![
+                    Scope(lighting),
+                    Deliver(lamp(0, 0), Delivery::Write),
+                    Deliver(cam(0, 0), drop(&[])),
+                    // Nothing in flight: a dropped delivery is acknowledged at once.
+                    Deliver(cam(1, 1), drop(&[1])),
+                    Deliver(lamp(1, 2), Delivery::Write),
+                    // Behind 2, which the client has not acknowledged yet.
+                    Deliver(cam(1, 3), drop(&[])),
+                    Deliver(cam(1, 4), drop(&[])),
+                    Deliver(lamp(1, 5), Delivery::Write),
+                    Deliver(cam(1, 6), drop(&[])),
+                    In(
+                        puback(2),
+                        vec![Action::Link, Action::RouterAcks(Box::new([3, 4]))],
+                    ),
+                    In(
+                        puback(5),
+                        vec![Action::Link, Action::RouterAcks(Box::new([6]))],
+                    ),
+                    Deliver(cam(1, 7), drop(&[7])),
+                    // The client cannot acknowledge what it never saw.
+                    In(
+                        puback(3),
+                        vec![Action::Log(Note::UnexpectedAck {
+                            kind: AckKind::PubAck,
+                            pkid: 3,
+                        })],
+                    ),
+                ],
+            ),
+            case(
+                "a scope change applies to the next delivery",
+                bob(),
+                vec![
+                    Scope(lighting),
+                    Deliver(cam(0, 0), drop(&[])),
+                    Scope(&[("lighting-co", &["lamp1", "cam1"])]),
+                    Deliver(cam(0, 0), Delivery::Write),
+                    Scope(&[("camera-int", &["lamp1", "cam1"])]),
+                    Deliver(cam(0, 0), drop(&[])),
+                    Deliver(lamp(0, 0), drop(&[])),
+                ],
+            ),
+            case(
+                "a QoS 2 delivery outside the scope ends the session rather than leak",
+                bob(),
+                vec![Deliver(
+                    cam(2, 9),
+                    Delivery::Close(End::Abrupt(format!(
+                        "internal: a QoS 2 delivery on {:?} outside the scope",
+                        topics::telemetry("cam1")
+                    ))),
+                )],
+            ),
+            case(
+                "the city's operators and the controller see every device",
+                who("alice", Role::Operator),
+                vec![
+                    Deliver(cam(1, 1), Delivery::Write),
+                    Deliver(lamp(0, 0), Delivery::Write),
+                    In(puback(1), vec![Action::Link]),
+                ],
+            ),
+            case(
+                "the controller is not scoped",
+                who("ctl", Role::Controller),
+                vec![Deliver(cam(1, 1), Delivery::Write)],
+            ),
+            case(
+                "a scoped operator names only devices of its scope at SUBSCRIBE",
+                bob(),
+                vec![
+                    Scope(lighting),
+                    In(
+                        subscribe(1, &[(&topics::reported("cam1"), 1)]),
+                        vec![
+                            Action::Log(Note::SubscribeNotAuthorized {
+                                filters: Box::new([topics::reported("cam1")]),
+                            }),
+                            suback_failure(1, 1),
+                        ],
+                    ),
+                    In(
+                        subscribe(2, &[(topics::FLEET_STATUS, 0)]),
+                        vec![
+                            Action::Log(Note::SubscribeNotAuthorized {
+                                filters: Box::new([topics::FLEET_STATUS.into()]),
+                            }),
+                            suback_failure(2, 1),
+                        ],
+                    ),
+                ],
+            ),
+        ];
+        for c in cases {
+            check(c);
+        }
+        // Granted QoS 1 at most: a dropped QoS 2 delivery cannot be hidden.
+        let mut conn = Conn::new(bob(), Limits::default(), 0, &Quotas::default());
+        conn.scopes
+            .replace([("lighting-co".to_owned(), ["lamp1".to_owned()].into())].into());
+        let wildcard = topics::all_devices("reported");
+        let Some(Action::LinkPacket(packet)) = conn
+            .feed(&subscribe(
+                3,
+                &[(&wildcard, 2), (&topics::reported("lamp1"), 0)],
+            ))
+            .pop()
+        else {
+            panic!("not for the link");
+        };
+        let Packet::Subscribe(sub, _) = *packet else {
+            panic!("not a SUBSCRIBE: {packet:?}");
+        };
+        let granted: Vec<_> = sub
+            .filters
+            .iter()
+            .map(|f| (f.path.as_str(), f.qos))
+            .collect();
+        assert_eq!(
+            granted,
+            [
+                (wildcard.as_str(), QoS::AtLeastOnce),
+                (topics::reported("lamp1").as_str(), QoS::AtMostOnce)
+            ]
+        );
     }
 
     #[test]

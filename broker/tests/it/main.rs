@@ -14,5 +14,6 @@ mod malformed;
 mod mosquitto_clients;
 mod pki_hardening;
 mod revocation;
+mod scopes;
 mod tls_hardening;
 mod topic_rules;

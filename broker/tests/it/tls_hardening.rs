@@ -130,6 +130,7 @@ fn issue_device(pki: &Pki, id: &str, not_after: OffsetDateTime) {
             not_before: OffsetDateTime::now_utc() - time::Duration::minutes(5),
             not_after,
             client_auth: true,
+            org: None,
         },
     )
     .expect("issue");
