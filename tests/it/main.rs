@@ -7,6 +7,7 @@ mod crash;
 mod disk_full;
 mod firmware;
 mod fleet;
+mod policy_cli;
 mod registry_cli;
 mod rollouts;
 mod tidy;
