@@ -30,11 +30,11 @@ pub fn render_html(report: &Value) -> String {
         text(&report["evaluated_at"]),
         text(&report["scope"]),
     );
-    let _ = write!(
+    let _ = writeln!(
         h,
         "<section class=\"headline\"><div class=\"big\">{}</div>\
          <div>compliant: <b>{}</b> of <b>{}</b> devices<br>with an exception: <b>{}</b><br>\
-         violations: <b>{}</b></div></section>\n",
+         violations: <b>{}</b></div></section>",
         percent(&report["compliant_pct"]),
         text(&report["compliant"]),
         text(&report["total"]),
