@@ -443,6 +443,10 @@ fn modes_and_weights() {
     .map(Severity::weight)
     .into();
     assert_eq!(w, [1, 3, 7, 15]);
+    assert_eq!(
+        format!("{:<6}|{:>8}", Severity::Low, Mode::Report),
+        "low   |  report"
+    );
     for bad in [r#"{"high": null}"#, r#""High""#, "1"] {
         assert!(serde_json::from_str::<Severity>(bad).is_err(), "{bad}");
     }
@@ -688,4 +692,52 @@ fn diff_names_rules_and_fields() {
     assert_eq!(diff(&old, &old).to_string(), "no changes\n");
     let json = serde_json::to_value(&d).expect("serializes");
     assert_eq!(json["removed"], json!(["gone"]));
+}
+
+/// Labels and attributes go through the same tests as reported keys: every
+/// test on the label `zone` = "north" and the class "camera" agrees with the
+/// same test on a reported key holding that string, missing values included.
+#[test]
+fn registry_subjects_take_every_test() {
+    let tests = [
+        json!({"equals": "north"}),
+        json!({"equals": "south"}),
+        json!({"not_equals": "north"}),
+        json!({"one_of": ["north", "camera"]}),
+        json!({"subset_of": ["north", "camera"]}),
+        json!({"subset_of": ["south"]}),
+        json!({"excludes": ["north", "camera"]}),
+        json!({"version_at_least": "1.0"}),
+        json!({"at_least": 1}),
+        json!({"at_most": 1}),
+        json!({"present": true}),
+        json!({"present": false}),
+    ];
+    for test in &tests {
+        for (subject, value) in [
+            (json!({"label": "zone"}), json!("north")),
+            (json!({"attribute": "class"}), json!("camera")),
+            (json!({"label": "street"}), Value::Null),
+            (json!({"attribute": "owner"}), Value::Null),
+        ] {
+            let mut check = subject.clone();
+            let mut same_reported = json!({"reported": "k"});
+            if let (Some(c), Some(r), Some(t)) = (
+                check.as_object_mut(),
+                same_reported.as_object_mut(),
+                test.as_object(),
+            ) {
+                c.extend(t.clone());
+                r.extend(t.clone());
+            }
+            let reported = if value.is_null() {
+                json!({})
+            } else {
+                json!({ "k": value })
+            };
+            let got = eval(check.clone(), json!({})).is_none();
+            let want = eval(same_reported, reported).is_none();
+            assert_eq!(got, want, "{check}");
+        }
+    }
 }
