@@ -414,7 +414,7 @@ async fn security_policy(
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     fixing.finish_with_message(format!("{}% compliant", after["compliant_pct"]));
-    let page = crate::compliance_html::render_html(&after);
+    let page = cityplane::compliance_html::render_html(&after);
     std::fs::write(report, page).with_context(|| format!("writing {}", report.display()))?;
     Ok((before, after))
 }

@@ -276,7 +276,7 @@ pub async fn compliance(args: ComplianceArgs) -> anyhow::Result<()> {
     match args.cmd {
         Some(ComplianceSub::Report(a)) => {
             let r = ask(&a.connect, "compliance", json!({"limit": a.violations})).await?;
-            let page = crate::compliance_html::render_html(&r);
+            let page = cityplane::compliance_html::render_html(&r);
             std::fs::write(&a.html, page.as_bytes())
                 .with_context(|| format!("writing {}", a.html.display()))?;
             match a.output {

@@ -1,4 +1,6 @@
-//! Library side of the `cityplane` binary: the operator client, shared with
-//! integration tests and benchmarks.
+//! Library side of the `cityplane` binary: the operator client and the
+//! auditor's compliance page, shared with integration tests and benchmarks.
 
 pub mod client;
+/// The auditor's compliance page, rendered from the controller's report.
+pub mod compliance_html;

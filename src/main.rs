@@ -3,11 +3,11 @@
 mod broker_cmd;
 mod certs_cmd;
 
-mod compliance_html;
 mod demo_cmd;
 mod firmware_cmd;
 mod governance_cmd;
 mod ops_cmd;
+mod policy_cmd;
 mod rollout_cmd;
 mod serve_cmd;
 
@@ -23,7 +23,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "cityplane", version, propagate_version = true)]
 #[command(
-    after_help = "Start here (README.md walks through it):\n  cityplane certs init --pki ./pki\n  cityplane certs issue --pki ./pki --role operator --id operator --org city\n  cityplane certs issue --pki ./pki --role device --count 100 --prefix lamp --class streetlight --label zone=north\n  cityplane certs export-server --pki ./pki --out ./server-pki   # no ca.key\n  cityplane serve --pki ./server-pki --data ./data --listen 127.0.0.1:8883\n  cityplane get devices --pki ./pki      # the registry: every issued device\n  cityplane apply --pki ./pki -f desired.json --dry-run\n  cityplane firmware keygen --dir ./release   # then firmware sign, publish\n  cityplane rollout create --pki ./pki -f rollout.json --watch   # in waves, health-gated\n\nLogs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more."
+    after_help = "Start here (README.md walks through it):\n  cityplane certs init --pki ./pki\n  cityplane certs issue --pki ./pki --role operator --id operator --org city\n  cityplane certs issue --pki ./pki --role device --count 100 --prefix lamp --class streetlight --label zone=north\n  cityplane certs export-server --pki ./pki --out ./server-pki   # no ca.key\n  cityplane serve --pki ./server-pki --data ./data --listen 127.0.0.1:8883\n  cityplane get devices --pki ./pki      # the registry: every issued device\n  cityplane apply --pki ./pki -f desired.json --dry-run\n  cityplane firmware keygen --dir ./release   # then firmware sign, publish\n  cityplane rollout create --pki ./pki -f rollout.json --watch   # in waves, health-gated\n  cityplane policy validate -f policy.toml   # the city's security policy\n\nLogs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -70,6 +70,12 @@ enum Command {
     Orgs(governance_cmd::OrgsCommand),
     /// How the fleet complies with the security policy: by rule, class, zone, owner; the worst devices.
     Compliance(governance_cmd::ComplianceArgs),
+    /// The city's security policy: the policy key, checking policies and exports, offline compliance.
+    #[command(
+        subcommand,
+        after_help = "The policy key is not the CA: keep policy.key offline; give policy.pub to every party.\n\nExamples:\n  cityplane policy keygen --dir ./policy-key\n  cityplane policy validate -f policy.toml\n  cityplane policy verify --file policy-v3.json --key ./policy-key/policy.pub\n  cityplane policy check --policy policy-v3.json --key ./policy-key/policy.pub --reported devices.json"
+    )]
+    Policy(policy_cmd::PolicyCommand),
 }
 
 fn main() -> ExitCode {
@@ -98,6 +104,11 @@ fn main() -> ExitCode {
         Command::Firmware(cmd) => firmware_cmd::run(cmd),
         Command::Orgs(cmd) => block_on(governance_cmd::orgs(cmd)),
         Command::Compliance(args) => block_on(governance_cmd::compliance(args)),
+        // Its own exit statuses: 1 for violations, 2 for invalid input.
+        Command::Policy(cmd) => match policy_cmd::run(cmd) {
+            Ok(code) => return code,
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

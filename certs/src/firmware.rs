@@ -3,8 +3,7 @@
 //! A stolen CA key lets an attacker mint identities; a stolen release key
 //! lets one sign images. Keeping them apart means neither alone installs
 //! code on a device, and the release key can live offline with whoever
-//! builds firmware. Ed25519 (ring): small signatures, one fixed curve, no
-//! nonce to get wrong.
+//! builds firmware. The key handling is [`crate::signing`]'s.
 //!
 //! | file | what |
 //! |---|---|
@@ -13,17 +12,15 @@
 
 use std::path::{Path, PathBuf};
 
-use base64::Engine as _;
 use cityplane_proto::firmware::{
     compare_versions, is_sha256_hex, parse_version, ReleaseManifest, SignedRelease,
 };
-use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
+use ring::signature::Ed25519KeyPair;
 
-use crate::fsutil::{self, KEY_MODE, PUBLIC_MODE};
+use crate::signing::{self, KeyKind, SigningError};
 
 pub const RELEASE_KEY_FILE: &str = "release.key";
 pub const RELEASE_PUB_FILE: &str = "release.pub";
-const PEM_TAG: &str = "PRIVATE KEY";
 
 /// Why a release cannot be signed or is not to be installed. Device-side
 /// refusals ([`check_release`]) are what a device puts in its ack.
@@ -44,66 +41,40 @@ pub enum ReleaseError {
     VersionMismatch { release: String, asked: String },
 }
 
+/// The release key, for [`crate::signing`].
+pub const RELEASE_KEY: KeyKind = KeyKind {
+    name: "release",
+    noun: "release",
+    trusted_by: "devices",
+    keygen: "cityplane firmware keygen",
+};
+
+fn key_error(e: SigningError) -> ReleaseError {
+    match e {
+        SigningError::BadSignature => ReleaseError::BadSignature,
+        e => ReleaseError::Key(e.to_string()),
+    }
+}
+
 /// Creates `dir/release.key` (0600) and `dir/release.pub`; refuses to
 /// overwrite a key unless `force` (every device would then refuse releases
 /// signed with the new one until re-provisioned).
 pub fn generate_release_key(dir: &Path, force: bool) -> Result<PathBuf, ReleaseError> {
-    let io = |e: crate::CertError| ReleaseError::Key(e.to_string());
-    fsutil::create_dir(dir).map_err(io)?;
-    fsutil::check_private_dir(dir).map_err(io)?;
-    let key_path = dir.join(RELEASE_KEY_FILE);
-    if key_path.exists() && !force {
-        return Err(ReleaseError::Key(format!(
-            "{} already exists: refusing to replace the release key (devices trust its public \
-             half). Pass --force to make a new one",
-            key_path.display()
-        )));
-    }
-    let rng = ring::rand::SystemRandom::new();
-    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng)
-        .map_err(|_| ReleaseError::Key("cannot generate an Ed25519 key".into()))?;
-    let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
-        .map_err(|_| ReleaseError::Key("generated key does not parse".into()))?;
-    let pem = pem::encode(&pem::Pem::new(PEM_TAG, pkcs8.as_ref().to_vec()));
-    fsutil::write_atomic(dir, RELEASE_KEY_FILE, pem.as_bytes(), KEY_MODE, false).map_err(io)?;
-    let public = format!("{}\n", b64().encode(pair.public_key().as_ref()));
-    fsutil::write_atomic(dir, RELEASE_PUB_FILE, public.as_bytes(), PUBLIC_MODE, true)
-        .map_err(io)?;
-    Ok(key_path)
-}
-
-fn b64() -> base64::engine::GeneralPurpose {
-    base64::engine::general_purpose::STANDARD
+    signing::generate_keypair(dir, RELEASE_KEY, force).map_err(key_error)
 }
 
 /// The release key pair from a `release.key` file.
 pub fn read_release_key(path: &Path) -> Result<Ed25519KeyPair, ReleaseError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ReleaseError::Key(format!("cannot read {}: {e}", path.display())))?;
-    let pem = pem::parse(text.as_bytes())
-        .map_err(|e| ReleaseError::Key(format!("{} is not a PEM key: {e}", path.display())))?;
-    Ed25519KeyPair::from_pkcs8_maybe_unchecked(pem.contents()).map_err(|_| {
-        ReleaseError::Key(format!(
-            "{} is not an Ed25519 release key (make one with `cityplane firmware keygen`)",
-            path.display()
-        ))
-    })
+    signing::read_private_key(path, RELEASE_KEY).map_err(key_error)
 }
 
 /// A public key as written in `release.pub` (32 bytes, base64).
 pub fn parse_public_key(text: &str) -> Result<[u8; 32], ReleaseError> {
-    let bytes = b64()
-        .decode(text.trim())
-        .map_err(|e| ReleaseError::Key(format!("release public key is not base64: {e}")))?;
-    bytes
-        .try_into()
-        .map_err(|_| ReleaseError::Key("release public key is not 32 bytes".into()))
+    signing::parse_public_key(text, RELEASE_KEY).map_err(key_error)
 }
 
 pub fn read_public_key(path: &Path) -> Result<[u8; 32], ReleaseError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ReleaseError::Key(format!("cannot read {}: {e}", path.display())))?;
-    parse_public_key(&text)
+    signing::read_public_key(path, RELEASE_KEY).map_err(key_error)
 }
 
 /// Checks what a signer may put in a manifest (a device checks it again).
@@ -167,10 +138,9 @@ pub fn sign_manifest(
     validate_manifest(manifest)?;
     let text =
         serde_json::to_string(manifest).map_err(|e| ReleaseError::BadManifest(e.to_string()))?;
-    let signature = key.sign(text.as_bytes());
     Ok(SignedRelease {
+        signature: signing::sign_text(key, &text),
         manifest: text,
-        signature: b64().encode(signature.as_ref()),
     })
 }
 
@@ -179,12 +149,7 @@ pub fn verify_release(
     public_key: &[u8; 32],
     release: &SignedRelease,
 ) -> Result<ReleaseManifest, ReleaseError> {
-    let signature = b64()
-        .decode(release.signature.trim())
-        .map_err(|_| ReleaseError::BadSignature)?;
-    UnparsedPublicKey::new(&ED25519, public_key)
-        .verify(release.manifest.as_bytes(), &signature)
-        .map_err(|_| ReleaseError::BadSignature)?;
+    signing::verify_text(public_key, &release.manifest, &release.signature).map_err(key_error)?;
     let manifest: ReleaseManifest = serde_json::from_str(&release.manifest)
         .map_err(|e| ReleaseError::BadManifest(e.to_string()))?;
     validate_manifest(&manifest)?;
@@ -238,6 +203,8 @@ pub fn floor_after(m: &ReleaseManifest, floor: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use ring::signature::KeyPair;
+
     use super::*;
 
     fn manifest(version: &str) -> ReleaseManifest {

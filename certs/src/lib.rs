@@ -40,9 +40,11 @@ mod fsutil;
 mod issued;
 mod peer;
 mod pki;
+pub mod policy;
 pub mod registry;
 mod revocation;
 mod serial;
+pub mod signing;
 
 pub use error::CertError;
 pub use peer::{peer_cert, PeerCert};

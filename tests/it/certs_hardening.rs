@@ -288,7 +288,7 @@ fn an_operator_is_issued_into_an_organisation_and_nothing_else_is() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let pki = tmp.path().join("pki");
     ok(&["certs", "init", "--pki", s(&pki)]);
-    let issue = |extra: &[&str]| {
+    let issue = |extra: &[&'static str]| {
         let mut args = vec!["certs", "issue", "--pki", s(&pki)];
         args.extend_from_slice(extra);
         args

@@ -8,6 +8,7 @@ mod disk_full;
 mod firmware;
 mod fleet;
 mod governance;
+mod policy_cli;
 mod registry_cli;
 mod rollouts;
 mod tidy;

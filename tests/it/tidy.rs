@@ -234,6 +234,26 @@ fn the_device_rules_read_no_clock_and_do_no_io() {
     );
 }
 
+/// The security policy is evaluated on every report by the controller and
+/// offline by the CLI: one pure function of its arguments (time included),
+/// so both give the same verdict and tests need no clock.
+#[test]
+fn the_policy_core_reads_no_clock_and_does_no_io() {
+    let forbidden = [
+        "::now(",
+        "SystemTime",
+        "Instant",
+        "std::fs",
+        "std::net",
+        "tokio",
+    ];
+    let wrong = lines_containing(&["proto/src/policy.rs"], &forbidden, true);
+    assert!(
+        wrong.is_empty(),
+        "I/O or clock in the policy core: {wrong:#?}"
+    );
+}
+
 /// `path:line: text` of every line of `files` outside comments (and, unless
 /// `with_tests`, before their unit tests) that contains one of `forbidden`.
 fn lines_containing(files: &[&str], forbidden: &[&str], with_tests: bool) -> Vec<String> {

@@ -43,6 +43,8 @@ async fn send_all(out: &mpsc::Sender<Outgoing>, messages: impl IntoIterator<Item
 /// fsynced, the next events are applied in memory and their records wait
 /// for the following commit, so the commit grows with the load (group
 /// commit) instead of the loop idling on the disk.
+// The loop's inputs and outputs, each a different channel or handle.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn run(
     mut fleet: Fleet,
     store: Arc<Store>,
@@ -378,6 +380,7 @@ mod paused_clock_tests {
             config,
             shutdown_rx,
             Clock::new(),
+            cityplane_broker::Scopes::default(),
         ));
         Harness {
             events,

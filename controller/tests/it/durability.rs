@@ -553,6 +553,7 @@ fn fill_changes(seq: u64) -> Changes {
             action: "fill".to_owned(),
             name: format!("commit-{seq}"),
             result: "ok".to_owned(),
+            org: None,
         }],
         seq: Some(seq),
         ..Changes::default()

@@ -129,6 +129,7 @@ fn records(seq: u64, opts: &Opts) -> (DeviceRecord, AuditEntry) {
         action: "report".to_owned(),
         name: device.id.clone(),
         result: "ok".to_owned(),
+        org: None,
     };
     (device, audit)
 }

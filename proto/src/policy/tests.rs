@@ -443,6 +443,10 @@ fn modes_and_weights() {
     .map(Severity::weight)
     .into();
     assert_eq!(w, [1, 3, 7, 15]);
+    assert_eq!(
+        format!("{:<6}|{:>8}", Severity::Low, Mode::Report),
+        "low   |  report"
+    );
     for bad in [r#"{"high": null}"#, r#""High""#, "1"] {
         assert!(serde_json::from_str::<Severity>(bad).is_err(), "{bad}");
     }
@@ -513,6 +517,7 @@ fn every_impossible_policy_is_a_clear_error() {
         (one(json!({"seen_within_minutes": 525_601})), "seen_within_minutes = 525601"),
         (one(json!({"seen_within_minutes": 10, "equals": 1})), "rule bad-rule: seen_within_minutes is a test of its own: drop equals"),
         (one(json!({"reported": "a", "one_of": []})), "rule bad-rule: the list is empty"),
+        (one(json!({"reported": "a", "one_of": (0..1001).collect::<Vec<_>>()})), "rule bad-rule: the list has more than 1000 values"),
         (one(json!({"reported": "a", "subset_of": []})), "rule bad-rule: the list is empty"),
         (one(json!({"reported": "a", "excludes": []})), "rule bad-rule: the list is empty"),
         (one(json!({"reported": "a"})), "rule bad-rule: the check has no test"),
@@ -534,6 +539,8 @@ fn every_impossible_policy_is_a_clear_error() {
         (with(json!({"remediation": {"set": {"telnet": true}}})), "rule bad-rule: the remediation sets telnet to true, which fails the rule's own check (telnet is true, must be false)"),
         (with(json!({"remediation": {"set": {"telnet": false}, "waves": ["50%", "10%"]}})), "rule bad-rule: remediation waves: \"10%\" is not a share above"),
         (with(json!({"remediation": {"set": {"telnet": false}, "waves": ["50%"]}})), "the last wave must be \"100%\""),
+        (with(json!({"remediation": {"set": {"telnet": false}, "waves": []}})), "remediation waves: give 1 to 100 waves"),
+        (with(json!({"remediation": {"set": {"telnet": false}, "firmware": "4.2"}})), "rule bad-rule: a remediation gives exactly one of"),
         (with(json!({"remediation": {"set": {"telnet": false}, "waves": ["half"]}})), "\"half\" is not a share"),
         (with(json!({"remediation": {"firmware": "new"}})), "rule bad-rule: remediation firmware \"new\" is not a version"),
         (with(json!({"remediation": {"set": {"telnet": false}, "when": 1}})), "unknown field `when`"),
@@ -711,4 +718,52 @@ fn a_dotted_path_reads_nested_objects_in_evaluation_and_admission() {
     assert!(r.forbids("security", &json!({"ntp": "x"})).is_some());
     assert!(r.forbids("securityx", &json!({"services": {"telnet": true}})).is_none());
     assert!(r.forbids("security", &Value::Null).is_none());
+}
+
+/// Labels and attributes go through the same tests as reported keys: every
+/// test on the label `zone` = "north" and the class "camera" agrees with the
+/// same test on a reported key holding that string, missing values included.
+#[test]
+fn registry_subjects_take_every_test() {
+    let tests = [
+        json!({"equals": "north"}),
+        json!({"equals": "south"}),
+        json!({"not_equals": "north"}),
+        json!({"one_of": ["north", "camera"]}),
+        json!({"subset_of": ["north", "camera"]}),
+        json!({"subset_of": ["south"]}),
+        json!({"excludes": ["north", "camera"]}),
+        json!({"version_at_least": "1.0"}),
+        json!({"at_least": 1}),
+        json!({"at_most": 1}),
+        json!({"present": true}),
+        json!({"present": false}),
+    ];
+    for test in &tests {
+        for (subject, value) in [
+            (json!({"label": "zone"}), json!("north")),
+            (json!({"attribute": "class"}), json!("camera")),
+            (json!({"label": "street"}), Value::Null),
+            (json!({"attribute": "owner"}), Value::Null),
+        ] {
+            let mut check = subject.clone();
+            let mut same_reported = json!({"reported": "k"});
+            if let (Some(c), Some(r), Some(t)) = (
+                check.as_object_mut(),
+                same_reported.as_object_mut(),
+                test.as_object(),
+            ) {
+                c.extend(t.clone());
+                r.extend(t.clone());
+            }
+            let reported = if value.is_null() {
+                json!({})
+            } else {
+                json!({ "k": value })
+            };
+            let got = eval(check.clone(), json!({})).is_none();
+            let want = eval(same_reported, reported).is_none();
+            assert_eq!(got, want, "{check}");
+        }
+    }
 }
