@@ -133,9 +133,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     print_table(&o.rows);
     print_firmware(&o.rows, &o.rollouts);
     println!("\nCompliance before enforcement:");
-    print!("{}", crate::governance_cmd::compliance_table(&o.compliance.0));
+    print!(
+        "{}",
+        crate::governance_cmd::compliance_table(&o.compliance.0)
+    );
     println!("\nCompliance after enforcement:");
-    print!("{}", crate::governance_cmd::compliance_table(&o.compliance.1));
+    print!(
+        "{}",
+        crate::governance_cmd::compliance_table(&o.compliance.1)
+    );
     println!(
         "\nThe auditor's report: {}",
         std::fs::canonicalize(&args.report)
@@ -336,13 +342,26 @@ async fn security_policy(
     op: &mut Operator,
     report: &std::path::Path,
 ) -> anyhow::Result<(Value, Value)> {
-    println!("\nOne security policy for every party (city IT, lighting contractor, camera integrator):");
+    println!(
+        "\nOne security policy for every party (city IT, lighting contractor, camera integrator):"
+    );
     for (name, scope, rights) in [
-        ("lighting-co", json!({"class": "streetlight"}), json!(["read", "write", "rollout"])),
-        ("camera-int", json!({"class": "camera"}), json!(["read", "rollout"])),
+        (
+            "lighting-co",
+            json!({"class": "streetlight"}),
+            json!(["read", "write", "rollout"]),
+        ),
+        (
+            "camera-int",
+            json!({"class": "camera"}),
+            json!(["read", "rollout"]),
+        ),
     ] {
         let r = op
-            .query("org-create", json!({"name": name, "scope": scope, "rights": rights}))
+            .query(
+                "org-create",
+                json!({"name": name, "scope": scope, "rights": rights}),
+            )
             .await?;
         println!(
             "  organisation {name:<12} sees {:>4} devices ({scope}), rights {rights}",
@@ -388,7 +407,10 @@ async fn security_policy(
     let r = op
         .query("policy-apply", json!({"policy": policy("report")}))
         .await?;
-    println!("  policy v{} published in report mode: {} rules", r["version"], r["rules"]);
+    println!(
+        "  policy v{} published in report mode: {} rules",
+        r["version"], r["rules"]
+    );
     // The first evaluation is on publication; give the summary a moment.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = op.query("compliance", json!({"limit": 0})).await?;
@@ -399,10 +421,7 @@ async fn security_policy(
         "  policy v{} enforces it: remediation rollouts, in waves, for the devices that break a rule",
         r["version"]
     );
-    let fixing = bar(
-        before["total"].as_u64().unwrap_or(0),
-        "devices compliant",
-    );
+    let fixing = bar(before["total"].as_u64().unwrap_or(0), "devices compliant");
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut after;
     loop {

@@ -11,7 +11,8 @@ use cityplane::client::{ConnectArgs, Operator};
 
 use crate::ops_cmd::Output;
 
-const SCOPE_HELP: &str = "A scope is a selector over registry attributes, given as KEY=VALUE pairs \
+const SCOPE_HELP: &str =
+    "A scope is a selector over registry attributes, given as KEY=VALUE pairs \
 (all must match): class=…, owner=…, id_prefix=…, and any other key is a label (zone=north). \
 Rights: read (queries), write (documents, registration, labels), rollout (rollouts, firmware), \
 policy (the security policy and its exceptions), incident (incident response).
@@ -148,10 +149,7 @@ pub async fn orgs(cmd: OrgsCommand) -> anyhow::Result<()> {
             if a.output == Output::Json {
                 return print_json(&r);
             }
-            println!(
-                "{:<20} {:>8}  {:<32} SCOPE",
-                "NAME", "DEVICES", "RIGHTS"
-            );
+            println!("{:<20} {:>8}  {:<32} SCOPE", "NAME", "DEVICES", "RIGHTS");
             for o in r["orgs"].as_array().into_iter().flatten() {
                 println!(
                     "{:<20} {:>8}  {:<32} {}",
@@ -344,9 +342,17 @@ pub fn compliance_table(r: &Value) -> String {
             row["excepted"].as_u64().unwrap_or(0)
         );
     }
-    for (key, title) in [("by_class", "CLASS"), ("by_zone", "ZONE"), ("by_owner", "OWNER")] {
+    for (key, title) in [
+        ("by_class", "CLASS"),
+        ("by_zone", "ZONE"),
+        ("by_owner", "OWNER"),
+    ] {
         let field = &key[3..];
-        let _ = writeln!(s, "\n{:<28} {:>8} {:>10} {:>7}", title, "DEVICES", "COMPLIANT", "%");
+        let _ = writeln!(
+            s,
+            "\n{:<28} {:>8} {:>10} {:>7}",
+            title, "DEVICES", "COMPLIANT", "%"
+        );
         for row in r[key].as_array().into_iter().flatten() {
             let _ = writeln!(
                 s,
@@ -404,8 +410,8 @@ pub struct ApplyArgs {
 #[derive(clap::Args, Debug)]
 pub struct GetArgs {
     /// A version (default: the current one)
-    #[arg(long)]
-    pub version: Option<u64>,
+    #[arg(long, value_name = "N")]
+    pub policy_version: Option<u64>,
     #[command(flatten)]
     pub connect: ConnectArgs,
     /// `table` for people, `json` for scripts
@@ -440,8 +446,8 @@ pub struct ExportArgs {
     #[arg(long, short = 'o')]
     pub out: PathBuf,
     /// A version (default: the current one)
-    #[arg(long)]
-    pub version: Option<u64>,
+    #[arg(long, value_name = "N")]
+    pub policy_version: Option<u64>,
     #[command(flatten)]
     pub connect: ConnectArgs,
     /// `table` for people, `json` for scripts
@@ -476,7 +482,8 @@ pub struct ExceptArgs {
 #[derive(clap::Args, Debug)]
 pub struct RevokeArgs {
     /// Exception id (ex-N)
-    pub id: String,
+    #[arg(value_name = "ID")]
+    pub exception: String,
     #[command(flatten)]
     pub connect: ConnectArgs,
     /// `table` for people, `json` for scripts
@@ -530,7 +537,12 @@ pub async fn policy_apply(a: ApplyArgs) -> anyhow::Result<()> {
 }
 
 pub async fn policy_get(a: GetArgs) -> anyhow::Result<()> {
-    let r = ask(&a.connect, "get-policy", json!({"version": a.version})).await?;
+    let r = ask(
+        &a.connect,
+        "get-policy",
+        json!({"version": a.policy_version}),
+    )
+    .await?;
     if a.output == Output::Json {
         return print_json(&r);
     }
@@ -622,8 +634,15 @@ pub async fn policy_diff(a: DiffArgs) -> anyhow::Result<()> {
 }
 
 pub async fn policy_export(a: ExportArgs) -> anyhow::Result<()> {
-    let r = ask(&a.connect, "get-policy", json!({"version": a.version})).await?;
-    let version = r["version"].as_u64().context("the answer carries no version")?;
+    let r = ask(
+        &a.connect,
+        "get-policy",
+        json!({"version": a.policy_version}),
+    )
+    .await?;
+    let version = r["version"]
+        .as_u64()
+        .context("the answer carries no version")?;
     // The exact text that is signed: what a verifier reads back.
     let text = serde_json::to_string(&json!({
         "version": version,
@@ -686,7 +705,11 @@ pub async fn policy_exceptions(a: PlainArgs) -> anyhow::Result<()> {
             "{:<8} {:<24} {:<8} {:<22} {:<12} {}",
             e["id"].as_str().unwrap_or(""),
             e["rule"].as_str().unwrap_or(""),
-            if e["active"].as_bool() == Some(true) { "yes" } else { "no" },
+            if e["active"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                "no"
+            },
             e["expires_at"].as_str().unwrap_or(""),
             e["granted_by"].as_str().unwrap_or(""),
             e["reason"].as_str().unwrap_or("")
@@ -696,11 +719,11 @@ pub async fn policy_exceptions(a: PlainArgs) -> anyhow::Result<()> {
 }
 
 pub async fn policy_revoke(a: RevokeArgs) -> anyhow::Result<()> {
-    let r = ask(&a.connect, "exception-revoke", json!({"id": a.id})).await?;
+    let r = ask(&a.connect, "exception-revoke", json!({"id": a.exception})).await?;
     match a.output {
         Output::Json => print_json(&r),
         Output::Table => {
-            println!("exception {} revoked", a.id);
+            println!("exception {} revoked", a.exception);
             Ok(())
         }
     }

@@ -132,3 +132,15 @@ fn init_tracing(default: &str) {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     cityplane_broker::logging::init_stderr(&directives, ansi);
 }
+
+#[cfg(test)]
+mod tests {
+    /// clap checks a command's definition only when it is parsed: every
+    /// subcommand's, here, so a clash (two `--version`s) fails the tests
+    /// rather than a user's first run.
+    #[test]
+    fn every_command_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

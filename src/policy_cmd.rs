@@ -104,23 +104,31 @@ cityplane policy check --policy policy-v3.json --key policy.pub --reported devic
     Check(CheckArgs),
 
     /// Publish a new version of the policy to the server (the policy right)
-    #[command(after_help = "Every report is then evaluated against it (cityplane compliance). \
+    #[command(
+        after_help = "Every report is then evaluated against it (cityplane compliance). \
 Rules in enforce mode with a remediation open remediation rollouts, in waves, for the devices \
 that break them. Every later desired-state write and rollout is checked against it first.\n\n\
-Examples:\n  cityplane policy apply -f policy.toml\n  cityplane policy diff -f policy.toml   # before applying")]
+Examples:\n  cityplane policy apply -f policy.toml\n  cityplane policy diff -f policy.toml   # before applying"
+    )]
     Apply(crate::governance_cmd::ApplyArgs),
     /// Show the current version (or --version N) from the server
     Get(crate::governance_cmd::GetArgs),
     /// Every published version: when, by whom, how many rules
     History(crate::governance_cmd::PlainArgs),
     /// What changed between two versions, or between a local file and the current one
-    #[command(after_help = "Examples:\n  cityplane policy diff                 # the current version against the one before\n  cityplane policy diff --from 1 --to 3\n  cityplane policy diff -f policy.toml  # a draft against the current version")]
+    #[command(
+        after_help = "Examples:\n  cityplane policy diff                 # the current version against the one before\n  cityplane policy diff --from 1 --to 3\n  cityplane policy diff -f policy.toml  # a draft against the current version"
+    )]
     Diff(crate::governance_cmd::DiffArgs),
     /// Write a version signed with the city's policy key, for every party to verify
-    #[command(after_help = "Examples:\n  cityplane policy export --key ./policy-key/policy.key --out policy-v3.json\n  cityplane policy verify --file policy-v3.json --key ./policy-key/policy.pub")]
+    #[command(
+        after_help = "Examples:\n  cityplane policy export --key ./policy-key/policy.key --out policy-v3.json\n  cityplane policy verify --file policy-v3.json --key ./policy-key/policy.pub"
+    )]
     Export(crate::governance_cmd::ExportArgs),
     /// Waive a rule for some devices until a time (the policy right; audited, always expiring)
-    #[command(after_help = "Examples:\n  cityplane policy except --rule lamp-dim-cap --ids lamp-0007 --reason \"night market\" --for 12h\n  cityplane policy except --rule camera-firmware --selector zone=east --reason \"vendor fix due\" --for 14d")]
+    #[command(
+        after_help = "Examples:\n  cityplane policy except --rule lamp-dim-cap --ids lamp-0007 --reason \"night market\" --for 12h\n  cityplane policy except --rule camera-firmware --selector zone=east --reason \"vendor fix due\" --for 14d"
+    )]
     Except(crate::governance_cmd::ExceptArgs),
     /// Every exception, active or not
     Exceptions(crate::governance_cmd::PlainArgs),

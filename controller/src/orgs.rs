@@ -108,7 +108,11 @@ pub struct Access {
 }
 
 impl Access {
-    pub fn resolve(operator: &str, org: Option<&str>, orgs: &std::collections::BTreeMap<String, OrgRecord>) -> Access {
+    pub fn resolve(
+        operator: &str,
+        org: Option<&str>,
+        orgs: &std::collections::BTreeMap<String, OrgRecord>,
+    ) -> Access {
         let org = org.unwrap_or_default();
         if org == ADMIN_ORG {
             let city = OrgRecord::city();

@@ -110,6 +110,8 @@ pub struct Governance {
     /// Organisations or the registry changed: the broker's scope table is
     /// stale.
     pub scopes_dirty: bool,
+    /// Why enforcement last failed, by rollout name: said once, not every tick.
+    pub enforce_errors: HashMap<String, String>,
 }
 
 /// How many devices a change would put out of compliance, per rule.
@@ -230,10 +232,7 @@ impl Fleet {
 
     /// Is this rule waived for this device now?
     pub fn excepted(&self, rule: &str, d: &DeviceRecord, now: Millis) -> bool {
-        self.gov
-            .exceptions
-            .values()
-            .any(|e| e.covers(rule, d, now))
+        self.gov.exceptions.values().any(|e| e.covers(rule, d, now))
     }
 
     /// Admission: refuses `state` on `devices` when it would break a rule
@@ -312,7 +311,11 @@ impl Fleet {
                 last_seen_ms: (dev.last_seen > 0).then_some(dev.last_seen),
                 now_ms: now,
             };
-            for rule in policy.rules.iter().filter(|r| r.applies_to(&dev.id, &dev.attrs)) {
+            for rule in policy
+                .rules
+                .iter()
+                .filter(|r| r.applies_to(&dev.id, &dev.attrs))
+            {
                 if let Outcome::Fail(reason) = rule.evaluate(&facts) {
                     let since = dev.violations.get(&rule.id).map_or(now, |v| v.since);
                     found.insert(rule.id.clone(), Violation { since, reason });
@@ -387,14 +390,22 @@ impl Fleet {
             .chain(self.gov.orgs.keys().cloned().map(Some))
             .collect();
         for org in orgs {
-            let access = Access::resolve("", Some(org.as_deref().unwrap_or(ADMIN_ORG)), &self.gov.orgs);
+            let access = Access::resolve(
+                "",
+                Some(org.as_deref().unwrap_or(ADMIN_ORG)),
+                &self.gov.orgs,
+            );
             let tally = self.tally(&access, now);
             let key = access.org.clone();
             let history = self.gov.history.entry(key).or_default();
             let changed = history
                 .back()
                 .is_none_or(|s| s.total != tally.total || s.compliant != tally.compliant);
-            if changed || history.back().is_some_and(|s| now >= s.at + SAMPLE_EVERY_MS) {
+            if changed
+                || history
+                    .back()
+                    .is_some_and(|s| now >= s.at + SAMPLE_EVERY_MS)
+            {
                 history.push_back(Sample {
                     at: now,
                     total: tally.total,
@@ -432,7 +443,11 @@ impl Fleet {
 
     fn tally(&self, access: &Access, now: Millis) -> Tally {
         let mut t = Tally::default();
-        for d in self.devices.values().filter(|d| access.sees(&d.id, &d.attrs)) {
+        for d in self
+            .devices
+            .values()
+            .filter(|d| access.sees(&d.id, &d.attrs))
+        {
             t.total += 1;
             let mut broken = 0;
             for rule in d.violations.keys() {
@@ -494,7 +509,11 @@ impl Fleet {
             }
             let keys = [
                 d.attrs.class.clone().unwrap_or_else(|| "(none)".into()),
-                d.attrs.labels.get("zone").cloned().unwrap_or_else(|| "(none)".into()),
+                d.attrs
+                    .labels
+                    .get("zone")
+                    .cloned()
+                    .unwrap_or_else(|| "(none)".into()),
                 d.attrs.owner.clone().unwrap_or_else(|| "(none)".into()),
             ];
             for (map, key) in by.iter_mut().zip(keys) {
@@ -620,10 +639,18 @@ impl Fleet {
                 .filter(|k| k.starts_with(&prefix))
                 .count()
                 + 1;
+            // Staged by default: 10 %, then up to half, then the rest.
+            let shares = match &fix.waves {
+                None => vec![10.0, 40.0, 50.0],
+                Some(_) => fix
+                    .wave_percents()
+                    .unwrap_or_else(|_| vec![10.0, 40.0, 50.0]),
+            };
+            let waves: Vec<Value> = shares.iter().map(|p| json!({"percent": p})).collect();
             let mut spec = json!({
                 "name": format!("{prefix}{n}"),
                 "target": {"ids": ids},
-                "waves": fix.waves.clone().unwrap_or_else(|| vec!["10%".into(), "50%".into(), "100%".into()]),
+                "waves": waves,
             });
             if let Some(set) = &fix.set {
                 spec["state"] = Value::Object(set.clone());

@@ -224,7 +224,9 @@ pub(super) async fn write(
             if req.expires_in_s == 0 || req.expires_in_s > MAX_EXCEPTION_S {
                 return Err(Rejection::new(
                     "bad_schema",
-                    format!("expires_in_s must be 1 to {MAX_EXCEPTION_S} (90 days): exceptions end"),
+                    format!(
+                        "expires_in_s must be 1 to {MAX_EXCEPTION_S} (90 days): exceptions end"
+                    ),
                 ));
             }
             if let Some(Target::Selector(s)) = &req.target {
@@ -274,9 +276,10 @@ pub(super) async fn write(
         "exception-revoke" => {
             access.require(Right::Policy, "revoke policy exceptions")?;
             let req = input::parse::<ExceptionRevoke>(payload, fleet.limits)?;
-            let mut record = fleet.gov.exceptions.get(&req.id).cloned().ok_or_else(|| {
-                Rejection::new("not_found", format!("no exception {:?}", req.id))
-            })?;
+            let mut record =
+                fleet.gov.exceptions.get(&req.id).cloned().ok_or_else(|| {
+                    Rejection::new("not_found", format!("no exception {:?}", req.id))
+                })?;
             record.revoked = true;
             let audit = fleet.audit_entry(who, "exception-revoke", &req.id, "accepted", now);
             let changes = Changes {
@@ -333,7 +336,9 @@ pub(super) fn query(
                 fleet.gov.orgs.get(name)
             }
             .filter(|o| access.is_admin() || o.name == access.org)
-            .ok_or_else(|| Rejection::new("not_found", format!("no organisation named {name:?}")))?;
+            .ok_or_else(|| {
+                Rejection::new("not_found", format!("no organisation named {name:?}"))
+            })?;
             let mut row = org_row(fleet, org);
             let owned = |o: Option<&str>| o.unwrap_or(crate::orgs::ADMIN_ORG) == org.name;
             row["documents"] = json!(fleet
@@ -421,11 +426,8 @@ pub(super) async fn enforce(fleet: &mut Fleet, store: &Arc<Store>, now: Millis) 
         let name = spec["name"].as_str().unwrap_or_default().to_owned();
         let result = match input::parse::<crate::rollout::RolloutSpec>(&bytes, fleet.limits) {
             Ok(parsed) => {
-                let access = Access::resolve(
-                    POLICY_ACTOR,
-                    Some(crate::orgs::ADMIN_ORG),
-                    &fleet.gov.orgs,
-                );
+                let access =
+                    Access::resolve(POLICY_ACTOR, Some(crate::orgs::ADMIN_ORG), &fleet.gov.orgs);
                 fleet.acting_org = Some(access.org.clone());
                 let r = super::operator::create_rollout(fleet, store, &access, parsed, now).await;
                 fleet.acting_org = None;
@@ -434,8 +436,19 @@ pub(super) async fn enforce(fleet: &mut Fleet, store: &Arc<Store>, now: Millis) 
             Err(r) => Err(r),
         };
         match result {
-            Ok(v) => tracing::info!(rollout = %name, devices = %v["devices"], "policy enforcement: remediation rollout created"),
-            Err(r) => tracing::warn!(rollout = %name, %r, "policy enforcement: could not create the remediation rollout"),
+            Ok(v) => {
+                fleet.gov.enforce_errors.remove(&name);
+                tracing::info!(rollout = %name, devices = %v["devices"], "policy enforcement: remediation rollout created");
+            }
+            Err(r) => {
+                // Tried again every tick (another rollout may hold the key
+                // for now); said once per reason.
+                let why = r.to_string();
+                if fleet.gov.enforce_errors.get(&name) != Some(&why) {
+                    tracing::warn!(rollout = %name, %r, "policy enforcement: could not create the remediation rollout; trying again");
+                    fleet.gov.enforce_errors.insert(name, why);
+                }
+            }
         }
     }
 }

@@ -91,7 +91,7 @@ cityplane_proto::object_only!(
 
 /// Verbs on `fleet/ops/` that change state: committed before answered, and
 /// audited (refusals too).
-pub(super) const WRITE_VERBS: [&str; 8] = [
+pub(super) const WRITE_VERBS: [&str; 13] = [
     "register",
     "label",
     "delete-document",
@@ -100,6 +100,11 @@ pub(super) const WRITE_VERBS: [&str; 8] = [
     "rollout-resume",
     "rollout-abort",
     "publish-firmware",
+    "org-create",
+    "org-grant",
+    "policy-apply",
+    "exception-grant",
+    "exception-revoke",
 ];
 
 /// Longest class, owner, label key or value the registry takes.
@@ -697,7 +702,8 @@ fn answer(
                 .document
                 .ok_or_else(|| Rejection::new("bad_schema", "dry-run needs \"document\""))?;
             let bytes = serde_json::to_vec(&doc).unwrap_or_default();
-            let parsed = input::parse::<cityplane_proto::messages::DesiredDoc>(&bytes, fleet.limits)?;
+            let parsed =
+                input::parse::<cityplane_proto::messages::DesiredDoc>(&bytes, fleet.limits)?;
             let mut probe = crate::model::DocRecord {
                 name: parsed.name,
                 target: parsed.target,

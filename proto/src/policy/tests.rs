@@ -716,7 +716,9 @@ fn a_dotted_path_reads_nested_objects_in_evaluation_and_admission() {
         .is_none());
     // Setting the object without the value would leave it unset.
     assert!(r.forbids("security", &json!({"ntp": "x"})).is_some());
-    assert!(r.forbids("securityx", &json!({"services": {"telnet": true}})).is_none());
+    assert!(r
+        .forbids("securityx", &json!({"services": {"telnet": true}}))
+        .is_none());
     assert!(r.forbids("security", &Value::Null).is_none());
 }
 
