@@ -163,6 +163,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!(
         "  cityplane firmware --help            the release key, signing and publishing images"
     );
+    println!("  cityplane policy --help              the security policy: apply, export signed, check offline");
+    println!("  cityplane compliance --help          who breaks the policy; the auditor's HTML report");
+    println!("  cityplane orgs --help                contractors' organisations: scopes and rights");
     println!("  agent-sim run --help                 load-test a server with thousands of devices");
     println!("  docs/PROTOCOL.md, ARCHITECTURE.md    the wire contract and how it is built");
     if let Some(dir) = &args.keep {
@@ -248,6 +251,13 @@ async fn drive(
         if let Some(Some(Value::String(model))) = fleet.value_of(&id, "hardware_model") {
             entry["labels"]["hw"] = json!(model);
         }
+        // Who maintains it: the lighting contractor, the camera integrator
+        // or the city's own services (organisations are scoped by owner).
+        entry["owner"] = json!(match entry["class"].as_str() {
+            Some("streetlight") => "lighting-co",
+            Some("camera") => "camera-int",
+            _ => "city-services",
+        });
     }
     let registering = bar(manifest.len() as u64, "registering the fleet");
     op.register(&manifest, 250, |n| registering.set_position(n as u64))
@@ -394,13 +404,13 @@ async fn security_policy(
                 {"id": "lamp-firmware", "severity": "high",
                  "description": "Street lights run firmware 2.0.1 or later",
                  "selector": {"class": "streetlight"},
-                 "check": {"reported": "firmware", "version_at_least": "2.0.1"}},
+                 "check": {"reported": "firmware", "version_at_least": "2.0.1"}, "mode": "report"},
                 {"id": "certificate-valid", "severity": "high",
                  "description": "Device certificates expire in more than 30 days",
-                 "selector": {"all": true}, "check": {"certificate_valid_days": 30}},
+                 "selector": {"all": true}, "check": {"certificate_valid_days": 30}, "mode": "report"},
                 {"id": "seen-recently", "severity": "medium",
                  "description": "Every device was seen within the last 10 minutes",
-                 "selector": {"all": true}, "check": {"seen_within_minutes": 10}}
+                 "selector": {"all": true}, "check": {"seen_within_minutes": 10}, "mode": "report"}
             ]
         })
     };
