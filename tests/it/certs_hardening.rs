@@ -300,9 +300,18 @@ fn an_operator_is_issued_into_an_organisation_and_nothing_else_is() {
     );
     let err = fails(&issue(&["--role", "device", "--id", "d1", "--org", "city"]));
     assert!(err.contains("--org is for operators"), "{err}");
-    let err = fails(&issue(&["--role", "operator", "--id", "bob", "--org", "Bad/Org"]));
+    let err = fails(&issue(&[
+        "--role", "operator", "--id", "bob", "--org", "Bad/Org",
+    ]));
     assert!(err.contains("organisation"), "{err}");
-    ok(&issue(&["--role", "operator", "--id", "bob", "--org", "lighting-co"]));
+    ok(&issue(&[
+        "--role",
+        "operator",
+        "--id",
+        "bob",
+        "--org",
+        "lighting-co",
+    ]));
     ok(&issue(&["--role", "device", "--id", "d1"]));
 
     let list = ok(&["certs", "list", "--pki", s(&pki)]);

@@ -51,8 +51,8 @@ async fn the_registry_survives_sigkill_and_its_devices_converge_on_first_connect
     // Attributes describe devices only.
     let refused = Command::new(BIN)
         .args([
-            "certs", "issue", "--pki", p, "--role", "operator", "--id", "op2", "--org", "city", "--class",
-            "x",
+            "certs", "issue", "--pki", p, "--role", "operator", "--id", "op2", "--org", "city",
+            "--class", "x",
         ])
         .output()
         .expect("runs");
