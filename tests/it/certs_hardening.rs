@@ -288,11 +288,12 @@ fn an_operator_is_issued_into_an_organisation_and_nothing_else_is() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let pki = tmp.path().join("pki");
     ok(&["certs", "init", "--pki", s(&pki)]);
-    let issue = |extra: &[&'static str]| {
-        let mut args = vec!["certs", "issue", "--pki", s(&pki)];
+    fn with<'a>(pki: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut args = vec!["certs", "issue", "--pki", pki];
         args.extend_from_slice(extra);
         args
-    };
+    }
+    let issue = |extra: &[&'static str]| with(s(&pki), extra);
     let err = fails(&issue(&["--role", "operator", "--id", "bob"]));
     assert!(
         err.contains("--org city") && err.contains("--org lighting-co"),
