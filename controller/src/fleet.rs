@@ -1088,6 +1088,10 @@ pub fn describe(d: &DeviceRecord) -> Value {
         "drift_count": d.drift_count, "inflight": d.inflight,
         "conditions": d.conditions, "recent_commands": d.recent_commands,
         "last_seen": last_seen(d), "rollouts": d.rollouts,
+        "violations": d.violations.iter().map(|(rule, v)| (rule.clone(), json!({
+            "since": rfc3339(v.since), "reason": v.reason,
+        }))).collect::<serde_json::Map<_, _>>(),
+        "certificate_not_after": d.cert_not_after.map(rfc3339),
     })
 }
 

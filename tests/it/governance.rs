@@ -197,9 +197,10 @@ async fn each_organisation_sees_and_touches_exactly_its_scope() {
         "{e}"
     );
     assert!(!e.contains("dev0002"), "{e}");
+    // Every streetlight is the contractor's now, so this selector is in scope.
     let mine = s.file(
         "mine.json",
-        &json!({"name": "lc-note", "target": {"owner": "lighting-co"}, "state": {"note": "lc"}}),
+        &json!({"name": "lc-note", "target": {"class": "streetlight"}, "state": {"note": "lc"}}),
     );
     json_as(&s, "lc", &["apply", "-f", &mine]);
     // The camera integrator may read and run rollouts, not write documents.
@@ -252,6 +253,13 @@ async fn each_organisation_sees_and_touches_exactly_its_scope() {
     assert!(lamps
         .iter()
         .all(|id| fleet.value_of(id, "tag") == Some(None)));
+    // A camera-int device that comes to match the contractor's selector
+    // (the city calls it a streetlight) stays out of its document: scope
+    // holds where desired state is made, not only when a write is checked.
+    s.json(&["devices", "label", "dev0002", "--class", "streetlight"]);
+    let d = json_as(&s, "op", &["describe", "device", "dev0002"]);
+    assert!(d["desired"].get("note").is_none(), "{d}");
+    assert_eq!(d["desired"]["tag"], "ci", "{d}");
 
     // Compliance, the audit and status: the scope only.
     assert_eq!(json_as(&s, "lc", &["compliance"])["total"], 6);

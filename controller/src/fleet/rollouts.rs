@@ -961,6 +961,44 @@ mod tests {
     }
 
     #[test]
+    fn a_contractors_rollout_takes_no_joiner_outside_its_scope() {
+        let mut devices = lamps(4);
+        for d in &mut devices {
+            d.attrs.owner = Some("lighting-co".into());
+        }
+        let mut fleet = fleet_of(devices);
+        fleet.apply_org(crate::orgs::OrgRecord {
+            name: "lighting-co".into(),
+            scope: Some(cityplane_proto::messages::Selector {
+                owner: Some("lighting-co".into()),
+                ..Default::default()
+            }),
+            ..crate::orgs::OrgRecord::city()
+        });
+        let (mut record, devices) = fleet
+            .plan_rollout(
+                spec(
+                    json!({"name": "r", "target": {"class": "lamp"}, "state": {"dimming": 50},
+                            "waves": [{"percent": 100}]}),
+                ),
+                "lc",
+                1_000,
+            )
+            .expect("planned");
+        record.org = Some("lighting-co".into());
+        fleet.apply_rollout(record, devices);
+        // A lamp of someone else's joins the target while the rollout runs.
+        let mut other = DeviceRecord::new("x01");
+        other.attrs.class = Some("lamp".into());
+        other.attrs.owner = Some("camera-int".into());
+        fleet.apply_registry(vec![Arc::new(other)]);
+        fleet.step_rollouts(2_000);
+        assert_eq!(admitted(&fleet, "r").len(), 4);
+        assert!(!fleet.devices["x01"].rollouts.contains_key("r"));
+        assert_eq!(fleet.devices["x01"].desired.get("dimming"), None);
+    }
+
+    #[test]
     fn an_abort_with_rollback_puts_back_what_each_device_had() {
         let mut fleet = fleet_of(lamps(4));
         report(&mut fleet, "d01", 7, 2, 500);
