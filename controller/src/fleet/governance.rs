@@ -298,6 +298,13 @@ impl Fleet {
 
     /// Evaluates the policy on one device, noting what changed.
     pub(super) fn evaluate(&mut self, id: &str, now: Millis) {
+        self.evaluate_rules(id, now, false);
+    }
+
+    /// `timed_only`: only the rules over time (last seen, certificate
+    /// expiry) are judged again; the others keep their last verdict, which
+    /// only a report or a registry change can alter.
+    fn evaluate_rules(&mut self, id: &str, now: Millis, timed_only: bool) {
         let Some(dev) = self.devices.get(id) else {
             return;
         };
@@ -316,6 +323,12 @@ impl Fleet {
                 .iter()
                 .filter(|r| r.applies_to(&dev.id, &dev.attrs))
             {
+                if timed_only && !rule.is_time_based() {
+                    if let Some(v) = dev.violations.get(&rule.id) {
+                        found.insert(rule.id.clone(), v.clone());
+                    }
+                    continue;
+                }
                 if let Outcome::Fail(reason) = rule.evaluate(&facts) {
                     let since = dev.violations.get(&rule.id).map_or(now, |v| v.since);
                     found.insert(rule.id.clone(), Violation { since, reason });
@@ -383,7 +396,10 @@ impl Fleet {
             .as_ref()
             .is_some_and(|(_, p)| p.rules.iter().any(|r| r.is_time_based()));
         if timed {
-            self.evaluate_all(now);
+            let ids: Vec<String> = self.devices.keys().cloned().collect();
+            for id in ids {
+                self.evaluate_rules(&id, now, true);
+            }
         }
         let mut out = Vec::new();
         let orgs: Vec<Option<String>> = std::iter::once(None)
@@ -684,4 +700,86 @@ fn pct(part: usize, total: usize) -> f64 {
         return 100.0;
     }
     (part as f64 * 1000.0 / total as f64).round() / 10.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::input::InputLimits;
+    use crate::reconcile::RetryPolicy;
+
+    fn fleet_with(policy: Value, n: usize) -> Fleet {
+        let devices = (0..n)
+            .map(|i| {
+                let mut d = DeviceRecord::new(&format!("d{i}"));
+                d.attrs.class = Some("lamp".into());
+                d
+            })
+            .collect();
+        let mut fleet = Fleet::new(
+            Vec::new(),
+            devices,
+            0,
+            0,
+            RetryPolicy::default(),
+            InputLimits::default(),
+            "t".into(),
+        );
+        let text = serde_json::to_vec(&policy).expect("json");
+        let parsed = cityplane_proto::policy::parse_policy(&text).expect("policy");
+        let rec = PolicyRecord {
+            version: 1,
+            policy,
+            published_by: "op".into(),
+            org: None,
+            published_at: 0,
+        };
+        fleet.apply_policy(rec, parsed, 0);
+        fleet
+    }
+
+    fn report(fleet: &mut Fleet, id: &str, version: u64, state: Value, now: Millis) {
+        let body = json!({"version": version, "state": state}).to_string();
+        fleet.on_device_message(id, "reported", body.as_bytes(), now);
+    }
+
+    const MIN: Millis = 60_000;
+
+    #[test]
+    fn silence_is_caught_by_the_tick_and_a_violation_keeps_its_start() {
+        let mut fleet = fleet_with(
+            json!({"rules": [
+                {"id": "seen", "description": "seen lately", "severity": "medium",
+                 "selector": {"all": true}, "check": {"seen_within_minutes": 10}},
+                {"id": "dim", "description": "dim", "severity": "low",
+                 "selector": {"class": "lamp"}, "check": {"reported": "dimming", "at_most": 50}}
+            ]}),
+            2,
+        );
+        // Never reported: unknown is not compliant.
+        assert!(fleet.devices["d0"].violations.contains_key("dim"));
+        report(&mut fleet, "d0", 1, json!({"dimming": 10}), 99 * MIN);
+        assert!(fleet.devices["d0"].violations.is_empty());
+        report(&mut fleet, "d0", 2, json!({"dimming": 80}), 100 * MIN);
+        report(&mut fleet, "d1", 1, json!({"dimming": 10}), 100 * MIN);
+        let v = &fleet.devices["d0"].violations;
+        assert_eq!(v.keys().collect::<Vec<_>>(), ["dim"], "{v:?}");
+        assert_eq!(v["dim"].since, 100 * MIN);
+        assert!(fleet.devices["d1"].violations.is_empty());
+        // Time passes without a word from either: only the tick can tell.
+        fleet.compliance_tick(105 * MIN);
+        assert!(!fleet.devices["d1"].violations.contains_key("seen"));
+        fleet.compliance_tick(111 * MIN);
+        assert!(fleet.devices["d1"].violations.contains_key("seen"));
+        let v = &fleet.devices["d0"].violations;
+        assert_eq!(v["dim"].since, 100 * MIN, "the tick keeps what a report said");
+        assert_eq!(v["seen"].since, 111 * MIN);
+        // d0 speaks again, still too bright: the violation keeps its start.
+        report(&mut fleet, "d0", 3, json!({"dimming": 90}), 112 * MIN);
+        let v = &fleet.devices["d0"].violations;
+        assert_eq!(v.keys().collect::<Vec<_>>(), ["dim"]);
+        assert_eq!(v["dim"].since, 100 * MIN);
+        report(&mut fleet, "d0", 4, json!({"dimming": 40}), 113 * MIN);
+        assert!(fleet.devices["d0"].violations.is_empty());
+    }
 }
