@@ -70,10 +70,10 @@ enum Command {
     Orgs(governance_cmd::OrgsCommand),
     /// How the fleet complies with the security policy: by rule, class, zone, owner; the worst devices.
     Compliance(governance_cmd::ComplianceArgs),
-    /// The city's security policy: the policy key, checking policies and exports, offline compliance.
+    /// The city's security policy: publish it, grant exceptions, sign and share it, check devices offline.
     #[command(
         subcommand,
-        after_help = "The policy key is not the CA: keep policy.key offline; give policy.pub to every party.\n\nExamples:\n  cityplane policy keygen --dir ./policy-key\n  cityplane policy validate -f policy.toml\n  cityplane policy verify --file policy-v3.json --key ./policy-key/policy.pub\n  cityplane policy check --policy policy-v3.json --key ./policy-key/policy.pub --reported devices.json"
+        after_help = "The policy key is not the CA: keep policy.key offline; give policy.pub to every party.\n\nExamples:\n  cityplane policy validate -f policy.toml     # offline, see docs/examples/policy.toml\n  cityplane policy apply -f policy.toml        # to the server: evaluated on every report\n  cityplane compliance                         # who breaks which rule\n  cityplane policy keygen --dir ./policy-key\n  cityplane policy export --key ./policy-key/policy.key --out policy-v3.json\n  cityplane policy verify --file policy-v3.json --key ./policy-key/policy.pub\n  cityplane policy check --policy policy-v3.json --key ./policy-key/policy.pub --reported devices.json"
     )]
     Policy(policy_cmd::PolicyCommand),
 }

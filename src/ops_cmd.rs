@@ -758,6 +758,19 @@ pub async fn describe(args: DescribeArgs) -> anyhow::Result<()> {
         d["desired_generation"],
         d["reported_version"]
     );
+    match d["violations"].as_object() {
+        Some(v) if !v.is_empty() => {
+            println!("Violations: (of the security policy; cityplane compliance)");
+            for (rule, why) in v {
+                println!(
+                    "  {rule:<28} since {}  {}",
+                    why["since"].as_str().unwrap_or(""),
+                    why["reason"].as_str().unwrap_or("")
+                );
+            }
+        }
+        _ => {}
+    }
     if let Some(f) = d["failed"].as_str() {
         println!("Failed:     {f}");
     }

@@ -111,7 +111,7 @@ that break them. Every later desired-state write and rollout is checked against 
 Examples:\n  cityplane policy apply -f policy.toml\n  cityplane policy diff -f policy.toml   # before applying"
     )]
     Apply(crate::governance_cmd::ApplyArgs),
-    /// Show the current version (or --version N) from the server
+    /// Show the current version (or --policy-version N) from the server
     Get(crate::governance_cmd::GetArgs),
     /// Every published version: when, by whom, how many rules
     History(crate::governance_cmd::PlainArgs),
