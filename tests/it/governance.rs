@@ -77,6 +77,21 @@ async fn mosquitto_sub(
     count: usize,
     seconds: u64,
 ) -> Vec<String> {
+    mosquitto_lines(s, id, filter, count, seconds)
+        .await
+        .iter()
+        .map(|l| l.split(' ').next().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// `topic payload` lines.
+async fn mosquitto_lines(
+    s: &Setup,
+    id: &str,
+    filter: &str,
+    count: usize,
+    seconds: u64,
+) -> Vec<String> {
     let out = tokio::process::Command::new("mosquitto_sub")
         .args([
             "-h",
@@ -108,7 +123,7 @@ async fn mosquitto_sub(
         .expect("mosquitto_sub runs (CI installs it)");
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .map(|l| l.split(' ').next().unwrap_or_default().to_owned())
+        .map(str::to_owned)
         .collect()
 }
 
@@ -278,6 +293,21 @@ async fn each_organisation_sees_and_touches_exactly_its_scope() {
         .collect();
     assert_eq!(seen, lamps, "lighting-co's subscription");
     assert!(mosquitto_sub(&s, "lc", "fleet/#", 1, 2).await.is_empty());
+    // Its organisation's retained compliance summary: its 6 devices.
+    let summary = mosquitto_lines(&s, "lc", "fleet/compliance/lighting-co", 1, 10).await;
+    let body: Value = summary
+        .first()
+        .and_then(|l| l.split_once(' '))
+        .and_then(|(_, p)| serde_json::from_str(p).ok())
+        .expect("a retained summary");
+    assert_eq!(
+        (&body["org"], &body["total"]),
+        (&json!("lighting-co"), &json!(6)),
+        "{body}"
+    );
+    assert!(mosquitto_sub(&s, "lc", "fleet/compliance/camera-int", 1, 2)
+        .await
+        .is_empty());
     assert!(mosquitto_sub(&s, "lc", "devices/dev0002/presence", 1, 2)
         .await
         .is_empty());

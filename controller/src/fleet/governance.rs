@@ -772,7 +772,11 @@ mod tests {
         fleet.compliance_tick(111 * MIN);
         assert!(fleet.devices["d1"].violations.contains_key("seen"));
         let v = &fleet.devices["d0"].violations;
-        assert_eq!(v["dim"].since, 100 * MIN, "the tick keeps what a report said");
+        assert_eq!(
+            v["dim"].since,
+            100 * MIN,
+            "the tick keeps what a report said"
+        );
         assert_eq!(v["seen"].since, 111 * MIN);
         // d0 speaks again, still too bright: the violation keeps its start.
         report(&mut fleet, "d0", 3, json!({"dimming": 90}), 112 * MIN);
