@@ -12,8 +12,10 @@
 //! - `releases`: firmware version        → `ReleaseRecord` (the image is the
 //!   file `firmware/<sha256>` next to the database, fsynced before this)
 //! - `governance`: `org/<name>` → `OrgRecord`, `policy/<version u64 BE as
-//!   16 hex digits>` → `PolicyRecord`, `exception/<id>` → `ExceptionRecord`
-//!   (organisations, the security policy's versions and its exceptions)
+//!   16 hex digits>` → `PolicyRecord`, `exception/<id>` → `ExceptionRecord`,
+//!   `history/<org>/<unix ms as 16 hex digits>` → a compliance `Sample`
+//!   (organisations, the security policy's versions and exceptions, and
+//!   compliance over time: at most 2,000 samples per organisation)
 //!
 //! Durability: sled's `flush()` is not durable against power loss on Linux
 //! (it uses `sync_file_range` and never fsyncs its directory). After every

@@ -347,7 +347,7 @@ fn policy(mode: &str) -> Value {
 async fn compliance_counts_enforcement_remediates_drift_is_caught_and_admission_holds() {
     let n = 40;
     let s = Setup::new(n);
-    let _server = s.serve();
+    let server = s.serve();
     s.zones(n);
     let fleet = s.online(sim(&s.pki, s.port, n)).await;
     let ids: Vec<String> = (1..=n).map(|i| format!("dev{i:04}")).collect();
@@ -579,4 +579,16 @@ async fn compliance_counts_enforcement_remediates_drift_is_caught_and_admission_
         .output()
         .expect("runs");
     assert!(!out.status.success(), "a tampered export must not verify");
+
+    // A SIGKILL loses none of it: the policy, its exceptions and the
+    // compliance over time (the auditor's chart) come back.
+    let before = s.json(&["compliance"]);
+    let first = before["history"][0].clone();
+    assert!(first.is_object(), "{before}");
+    server.kill();
+    let _server = s.serve();
+    let after = s.json(&["compliance"]);
+    assert_eq!(after["policy_version"], 2, "{after}");
+    assert_eq!(after["history"][0], first, "{after}");
+    assert_eq!(s.json(&["policy", "exceptions"])["total"], 1);
 }

@@ -89,7 +89,7 @@ impl ExceptionRecord {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Sample {
     pub at: Millis,
     pub total: usize,
@@ -112,6 +112,25 @@ pub struct Governance {
     pub scopes_dirty: bool,
     /// Why enforcement last failed, by rollout name: said once, not every tick.
     pub enforce_errors: HashMap<String, String>,
+    /// Compliance samples to store with the next commit (key, JSON or
+    /// delete): the auditor's chart survives a restart.
+    pending: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl Governance {
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// What the next commit writes. A commit that fails loses these samples
+    /// (derived data: the next ones follow), never anything acknowledged.
+    pub fn take_pending(&mut self) -> Vec<(String, Option<Vec<u8>>)> {
+        std::mem::take(&mut self.pending)
+    }
+}
+
+fn history_key(org: &str, at: Millis) -> String {
+    format!("history/{org}/{at:016x}")
 }
 
 /// How many devices a change would put out of compliance, per rule.
@@ -152,6 +171,13 @@ impl Fleet {
                     let rec: ExceptionRecord =
                         serde_json::from_slice(&bytes).map_err(|e| corrupt(&key, e.to_string()))?;
                     self.gov.exceptions.insert(rec.id.clone(), rec);
+                }
+                "history" => {
+                    let org = key.split('/').nth(1).unwrap_or_default().to_owned();
+                    let sample: Sample =
+                        serde_json::from_slice(&bytes).map_err(|e| corrupt(&key, e.to_string()))?;
+                    // Keys sort by time within an organisation.
+                    self.gov.history.entry(org).or_default().push_back(sample);
                 }
                 _ => return Err(corrupt(&key, "unknown kind of record".into())),
             }
@@ -422,13 +448,22 @@ impl Fleet {
                     .back()
                     .is_some_and(|s| now >= s.at + SAMPLE_EVERY_MS)
             {
-                history.push_back(Sample {
+                let sample = Sample {
                     at: now,
                     total: tally.total,
                     compliant: tally.compliant,
-                });
+                };
+                history.push_back(sample);
+                self.gov.pending.push((
+                    history_key(&access.org, now),
+                    serde_json::to_vec(&sample).ok(),
+                ));
                 if history.len() > HISTORY_KEPT {
-                    history.pop_front();
+                    if let Some(old) = history.pop_front() {
+                        self.gov
+                            .pending
+                            .push((history_key(&access.org, old.at), None));
+                    }
                 }
             }
             let topic = match &org {

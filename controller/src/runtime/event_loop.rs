@@ -230,10 +230,11 @@ pub(super) async fn run(
             continue;
         }
         retry_commit_at = None;
-        if fleet.has_dirty() || fleet.has_dirty_rollouts() {
+        if fleet.has_dirty() || fleet.has_dirty_rollouts() || fleet.gov.has_pending() {
             let changes = Changes {
                 devices: fleet.take_dirty(),
                 rollouts: fleet.take_dirty_rollouts(),
+                governance: fleet.gov.take_pending(),
                 seq: Some(fleet.seq),
                 ..Default::default()
             };
@@ -280,6 +281,7 @@ async fn finish(
     let changes = Changes {
         devices: fleet.take_dirty(),
         rollouts: fleet.take_dirty_rollouts(),
+        governance: fleet.gov.take_pending(),
         seq: Some(fleet.seq),
         ..Default::default()
     };
