@@ -29,7 +29,8 @@ use crate::model::{rfc3339, DeviceRecord, Millis, Violation};
 use crate::orgs::{Access, OrgRecord, ADMIN_ORG};
 use crate::store::StoreError;
 
-/// Samples of compliance over time kept per organisation (the chart).
+/// Samples of compliance over time kept per organisation (the chart);
+/// beyond it the older half is thinned.
 const HISTORY_KEPT: usize = 2_000;
 /// A sample is taken when compliance changed, or at least this often.
 const SAMPLE_EVERY_MS: Millis = 60_000;
@@ -459,11 +460,21 @@ impl Fleet {
                     serde_json::to_vec(&sample).ok(),
                 ));
                 if history.len() > HISTORY_KEPT {
-                    if let Some(old) = history.pop_front() {
-                        self.gov
-                            .pending
-                            .push((history_key(&access.org, old.at), None));
+                    // Thin the older half (every second sample goes) rather
+                    // than drop the oldest: the chart keeps its whole span,
+                    // coarser the further back it looks.
+                    let half = history.len() / 2;
+                    let mut kept = VecDeque::with_capacity(history.len());
+                    for (i, s) in history.drain(..).enumerate() {
+                        if i < half && i % 2 == 1 {
+                            self.gov
+                                .pending
+                                .push((history_key(&access.org, s.at), None));
+                        } else {
+                            kept.push_back(s);
+                        }
                     }
+                    *history = kept;
                 }
             }
             let topic = match &org {
@@ -820,5 +831,34 @@ mod tests {
         assert_eq!(v["dim"].since, 100 * MIN);
         report(&mut fleet, "d0", 4, json!({"dimming": 40}), 113 * MIN);
         assert!(fleet.devices["d0"].violations.is_empty());
+    }
+
+    #[test]
+    fn a_full_history_is_thinned_keeping_its_span_and_the_store_follows() {
+        let mut fleet = fleet_with(
+            json!({"rules": [{"id": "dim", "description": "dim", "severity": "low",
+                              "selector": {"all": true},
+                              "check": {"reported": "dimming", "at_most": 50}}]}),
+            1,
+        );
+        let mut stored = std::collections::BTreeSet::new();
+        for i in 0..2_500u64 {
+            fleet.compliance_tick(i * MIN);
+            for (k, v) in fleet.gov.take_pending() {
+                match v {
+                    Some(_) => stored.insert(k),
+                    None => stored.remove(&k),
+                };
+            }
+        }
+        let h = &fleet.gov.history[ADMIN_ORG];
+        assert!(h.len() <= HISTORY_KEPT, "{}", h.len());
+        assert_eq!(h.front().map(|s| s.at), Some(0), "the first sample stays");
+        assert_eq!(h.back().map(|s| s.at), Some(2_499 * MIN));
+        assert_eq!(
+            stored.len(),
+            h.len(),
+            "the store holds exactly what is kept"
+        );
     }
 }
