@@ -447,6 +447,9 @@ async fn security_policy(
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     fixing.finish_with_message(format!("{}% compliant", after["compliant_pct"]));
+    // One more compliance tick, so the chart's last point is this one.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    after = op.query("compliance", json!({"limit": 2000})).await?;
     let page = cityplane::compliance_html::render_html(&after);
     std::fs::write(report, page).with_context(|| format!("writing {}", report.display()))?;
     Ok((before, after))
