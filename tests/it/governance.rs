@@ -424,7 +424,18 @@ async fn compliance_counts_enforcement_remediates_drift_is_caught_and_admission_
 
     // Enforce: remediation rollouts, in waves, until everything complies.
     let f = s.file("policy-v2.json", &policy("enforce"));
+    // The draft against the current version, then published and versioned.
+    let draft = s.json(&["policy", "diff", "-f", &f]);
+    assert_eq!(draft["policy"][0]["field"], "mode", "{draft}");
     s.json(&["policy", "apply", "-f", &f]);
+    assert_eq!(s.json(&["policy", "history"])["total"], 2);
+    assert_eq!(s.json(&["policy", "get"])["policy"]["mode"], "enforce");
+    assert_eq!(
+        s.json(&["policy", "get", "--policy-version", "1"])["policy"]["mode"],
+        "report"
+    );
+    let d = s.json(&["policy", "diff"]);
+    assert_eq!(d, draft, "v1 → v2 is what the draft said");
     eventually("100 % compliant", || {
         let r = s.json(&["compliance"]);
         let _ = std::fs::copy(&s.log, "/tmp/gov-serve.log");
