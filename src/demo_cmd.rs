@@ -164,8 +164,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "  cityplane firmware --help            the release key, signing and publishing images"
     );
     println!("  cityplane policy --help              the security policy: apply, export signed, check offline");
-    println!("  cityplane compliance --help          who breaks the policy; the auditor's HTML report");
-    println!("  cityplane orgs --help                contractors' organisations: scopes and rights");
+    println!(
+        "  cityplane compliance --help          who breaks the policy; the auditor's HTML report"
+    );
+    println!(
+        "  cityplane orgs --help                contractors' organisations: scopes and rights"
+    );
     println!("  agent-sim run --help                 load-test a server with thousands of devices");
     println!("  docs/PROTOCOL.md, ARCHITECTURE.md    the wire contract and how it is built");
     if let Some(dir) = &args.keep {
