@@ -24,7 +24,8 @@
 //!
 //! `cargo bench -p cityplane --bench registry [-- --devices N] [--runs R]
 //! [--batch B] [--policy-rules P] [--compliance-calls C]` (`--policy-rules
-//! 0` skips step 3). Prints a summary and `BENCH_JSON {…}`; writes
+//! 0` skips step 3); `CITYPLANE_BENCH_PERF=FILE` records the server with
+//! `perf` during step 3's queries. Prints a summary and `BENCH_JSON {…}`; writes
 //! target/bench/registry.json.
 
 use std::path::Path;
@@ -159,7 +160,7 @@ async fn run() {
         settle_s.push(t.elapsed().as_secs_f64());
     }
     // 3. The security policy on the registry, then `compliance`.
-    let compliance = compliance(&mut op, &pki_dir, &server_addr, work.path(), devices).await;
+    let compliance = compliance(&mut op, &pki_dir, &server_addr, work.path(), devices, pid).await;
     let status = op.query("status", json!({})).await.expect("status");
     op.disconnect().await;
     drop(server);
@@ -235,6 +236,7 @@ async fn compliance(
     server_addr: &str,
     work: &Path,
     devices: usize,
+    pid: u32,
 ) -> Value {
     let rules = arg("--policy-rules", 30);
     let calls = arg("--compliance-calls", 5).max(1);
@@ -283,6 +285,18 @@ async fn compliance(
     let t = Instant::now();
     op.query("status", json!({})).await.expect("status");
     let settle_s = t.elapsed().as_secs_f64();
+    // `CITYPLANE_BENCH_PERF=FILE`: the server under `perf record` while
+    // the compliance queries run (not the policy apply before them).
+    let perf = std::env::var("CITYPLANE_BENCH_PERF").ok().map(|out| {
+        cityplane_testkit::process::ChildGuard::new(
+            Command::new("perf")
+                .args(["record", "-F", "499", "--call-graph", "dwarf,32768"])
+                .args(["-p", &pid.to_string(), "-o", &out])
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("perf"),
+        )
+    });
     let mut cli_s = Vec::new();
     let mut report = Value::Null;
     for _ in 0..calls {
@@ -307,6 +321,13 @@ async fn compliance(
             .expect("compliance");
         api_s.push(t.elapsed().as_secs_f64());
         assert_eq!(r["total"], devices, "{}", r["total"]);
+    }
+    if let Some(mut p) = perf {
+        // perf writes its file on SIGINT, not on the SIGKILL of ChildGuard.
+        let _ = Command::new("kill")
+            .args(["-INT", &p.pid().to_string()])
+            .status();
+        let _ = p.wait();
     }
     let bytes = serde_json::to_vec(&report).map_or(0, |b| b.len());
     json!({
