@@ -31,6 +31,18 @@
 //! devices (phase 2 needs one connection per device, at most ~15,000).
 //! `CITYPLANE_BENCH_PERF=FILE` records the server with `perf` during phase 1.
 //! Prints a summary and `BENCH_JSON {…}`; writes target/bench/controller_e2e.json.
+//!
+//! `--policy-rules P [--rounds K]` (issue 11) measures phase 1 only, with and
+//! without a security policy of P rules (the first P of
+//! benches/policy-30-rules.json, at most 30), K rounds of both arms in one
+//! run (the order alternates each round), each arm on a fresh `cityplane
+//! serve`. In both arms the N devices are registered first (class, zone and
+//! owner, so class selectors match) and report an agent-sim-like state
+//! (firmware, `security.services.*`, `security.ntp`, class keys: ~500 bytes
+//! instead of phase 1's ~90, the same in both arms); the policy arm
+//! publishes the policy (`policy-apply`) before the clock, so every report
+//! is evaluated against the rules that apply to its device. Writes
+//! target/bench/controller_e2e_policy-{devices,loaders}.json.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -49,6 +61,11 @@ use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cityplane");
 const LOADERS: usize = 4;
+/// The operator identity, of the city's organisation (O=city). Not `op`: a
+/// bench PKI kept from before organisations (target/bench/controller-pki)
+/// has an `op` with O=cityplane, an organisation the controller does not
+/// know, so its writes (`register`, `policy-apply`) are refused.
+const OPERATOR: &str = "bench-city-op";
 
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
@@ -111,6 +128,7 @@ async fn via_devices(
     devices: usize,
     reports: u64,
     burst: bool,
+    rich: bool,
 ) -> (
     tokio::sync::watch::Sender<bool>,
     tokio::sync::watch::Sender<bool>,
@@ -150,7 +168,7 @@ async fn via_devices(
     let connecting = Arc::new(tokio::sync::Semaphore::new(200));
     let t_connect = Instant::now();
     let mut tasks = Vec::with_capacity(devices);
-    for (id, tls) in ids.into_iter().zip(tls) {
+    for (index, (id, tls)) in ids.into_iter().zip(tls).enumerate() {
         let (name, counters, connecting) = (name.clone(), counters.clone(), connecting.clone());
         let (mut go, mut stop) = (go_rx.clone(), stop_rx.clone());
         tasks.push(tokio::spawn(async move {
@@ -163,7 +181,15 @@ async fn via_devices(
             let mut client = None;
             for _ in 0..5 {
                 let permit = connecting.acquire().await;
-                match Client::connect(addr, name.clone(), tls.clone(), &opts, Duration::from_secs(30)).await {
+                match Client::connect(
+                    addr,
+                    name.clone(),
+                    tls.clone(),
+                    &opts,
+                    Duration::from_secs(30),
+                )
+                .await
+                {
                     Ok(c) => {
                         client = Some(c);
                         break;
@@ -195,8 +221,8 @@ async fn via_devices(
                 if version == acked {
                     for _ in 0..per_write {
                         version += 1;
-                        let body = json!({"version": version, "state": {"class": "streetlight", "labels": {"zone": "north"}, "dimming": version}});
-                        client.queue_publish(&topic, body.to_string().as_bytes(), 1, false);
+                        let body = report_body(index, version, rich);
+                        client.queue_publish(&topic, body.as_bytes(), 1, false);
                     }
                     counters.offered.fetch_add(per_write, Ordering::Relaxed);
                     if client.flush().await.is_err() {
@@ -257,7 +283,7 @@ async fn run() {
     } else {
         Pki::init(&pki_dir, false).expect("pki")
     };
-    for id in ["op"] {
+    for id in [OPERATOR] {
         if pki.current_cert(id).expect("list").is_none() {
             pki.issue(Role::Operator, id).expect("operator");
         }
@@ -273,6 +299,12 @@ async fn run() {
         .expect("devices");
     eprintln!("certificates ready in {:.1} s", t.elapsed().as_secs_f64());
 
+    let policy_rules = arg("--policy-rules", 0);
+    if policy_rules > 0 {
+        compare_policy(&root, &pki_dir, devices, reports_per_device, policy_rules).await;
+        return;
+    }
+
     let data = tempfile::tempdir().expect("data");
     let (server, addr) = cityplane_testkit::bench::start_cityplane_serve(
         Path::new(BIN),
@@ -286,7 +318,7 @@ async fn run() {
     let connect = ConnectArgs {
         server: addr.to_string(),
         pki: pki_dir.clone(),
-        id: "op".into(),
+        id: OPERATOR.into(),
         timeout: 30,
     };
     let mut op = Operator::connect_retrying(&connect, Duration::from_secs(10))
@@ -310,10 +342,20 @@ async fn run() {
             devices,
             reports_per_device,
             burst,
+            false,
         )
         .await
     } else {
-        phase1_loaders(&mut op, &pki_dir, port, pid, devices, reports_per_device).await
+        phase1_loaders(
+            &mut op,
+            &pki_dir,
+            port,
+            pid,
+            devices,
+            reports_per_device,
+            false,
+        )
+        .await
     };
     let Phase1 {
         counted,
@@ -467,6 +509,7 @@ async fn phase1_loaders(
     pid: u32,
     devices: usize,
     reports_per_device: u64,
+    rich: bool,
 ) -> Phase1 {
     let mut loaders = Vec::new();
     for n in 0..LOADERS {
@@ -499,13 +542,20 @@ async fn phase1_loaders(
         tasks.push(tokio::spawn(async move {
             for version in 1..=reports_per_device {
                 for d in (n..devices).step_by(LOADERS) {
-                    while published.load(Ordering::Relaxed) > counted.load(Ordering::Relaxed) + WINDOW {
+                    while published.load(Ordering::Relaxed)
+                        > counted.load(Ordering::Relaxed) + WINDOW
+                    {
                         tokio::time::sleep(Duration::from_millis(2)).await;
                     }
                     let id = format!("dev{:04}", d + 1);
-                    let body = json!({"version": version, "state": {"class": "streetlight", "labels": {"zone": "north"}, "dimming": version}});
+                    let body = report_body(d, version, rich);
                     client
-                        .publish(format!("devices/{id}/reported"), QoS::AtLeastOnce, false, body.to_string())
+                        .publish(
+                            format!("devices/{id}/reported"),
+                            QoS::AtLeastOnce,
+                            false,
+                            body,
+                        )
                         .await
                         .expect("publish");
                     published.fetch_add(1, Ordering::Relaxed);
@@ -560,6 +610,7 @@ async fn phase1_loaders(
 
 /// Phase 1 through device connections: every device publishes its own
 /// reports through the broker's device path (edge, ingress, backlog credit).
+#[allow(clippy::too_many_arguments)] // the bench's knobs, passed as they are parsed
 async fn phase1_devices(
     op: &mut Operator,
     pki_dir: &Path,
@@ -568,10 +619,11 @@ async fn phase1_devices(
     devices: usize,
     reports_per_device: u64,
     burst: bool,
+    rich: bool,
 ) -> Phase1 {
     let total_reports = devices as u64 * reports_per_device;
     let (go, stop, c, tasks, connect_s) =
-        via_devices(pki_dir, port, devices, reports_per_device, burst).await;
+        via_devices(pki_dir, port, devices, reports_per_device, burst, rich).await;
     let connected = c.connected.load(Ordering::Relaxed) as usize;
     eprintln!(
         "{connected} devices connected in {connect_s:.1} s (server fds: {})",
@@ -737,4 +789,349 @@ async fn converge(
         commands_applied: stats.commands_applied,
         ignored_replays: stats.ignored_replays,
     }
+}
+
+/// The benchmark policy (benches/policy-30-rules.json), its first `n` rules.
+fn bench_policy(n: usize) -> serde_json::Value {
+    let mut policy: serde_json::Value =
+        serde_json::from_str(include_str!("policy-30-rules.json")).expect("policy JSON");
+    if let Some(rules) = policy["rules"].as_array_mut() {
+        rules.truncate(n);
+    }
+    policy
+}
+
+/// Device `i`'s class (agent-sim's default mix: 60 % streetlights, 20 %
+/// waste bins, 15 % cameras, 5 % air sensors), zone and owner.
+fn device_attrs(i: usize) -> (&'static str, &'static str, &'static str) {
+    const ZONES: [&str; 5] = ["north", "south", "east", "west", "center"];
+    let (class, owner) = match i % 20 {
+        0..=11 => ("streetlight", "lighting-co"),
+        12..=15 => ("waste-bin", "waste-co"),
+        16..=18 => ("camera", "camera-co"),
+        _ => ("air-sensor", "air-co"),
+    };
+    (class, ZONES[(i / 20) % ZONES.len()], owner)
+}
+
+/// The registry entries of `devices` devices (`dev0001`, …).
+fn manifest(devices: usize) -> Vec<serde_json::Value> {
+    (0..devices)
+        .map(|i| {
+            let (class, zone, owner) = device_attrs(i);
+            json!({"id": format!("dev{:04}", i + 1), "class": class, "labels": {"zone": zone}, "owner": owner})
+        })
+        .collect()
+}
+
+/// Report `version` of device `i`. Plain: phase 1's small body. Rich: the
+/// state an agent-sim device of its class reports (classes.rs), with some
+/// drift (old firmware, telnet or ssh on, the default password, another
+/// NTP server) for the policy to find.
+fn report_body(i: usize, version: u64, rich: bool) -> String {
+    if !rich {
+        return json!({"version": version, "state": {"class": "streetlight", "labels": {"zone": "north"}, "dimming": version}})
+            .to_string();
+    }
+    let (class, zone, _) = device_attrs(i);
+    let old = i % 10 == 7;
+    let (firmware, model) = match class {
+        "streetlight" => (if old { "1.3.9" } else { "1.4.2" }, "LumiNode SL-300"),
+        "waste-bin" => (if old { "2.0.3" } else { "2.1.0" }, "BinSense B3"),
+        "camera" => (if old { "5.6.0" } else { "5.7.1" }, "Vista IPC-5120"),
+        _ => (if old { "0.9.1" } else { "0.9.4" }, "AeroQ AQ-12"),
+    };
+    let mut services = json!({"ssh": i % 20 == 5, "telnet": i % 50 == 3});
+    if class == "camera" {
+        services["onvif"] = json!(true);
+    }
+    let mut state = json!({
+        "class": class, "hardware_model": model, "firmware": firmware,
+        "labels": {"zone": zone},
+        "security": {"services": services, "default_password_changed": i % 12 != 1,
+                     "ntp": if i % 10 == 9 { "pool.ntp.org" } else { "ntp.city.local" }},
+        "cert_not_after": "2027-11-30T00:00:00Z",
+        "update": {"state": "idle"},
+    });
+    let extra = match class {
+        "streetlight" => {
+            let dimming = version % 101;
+            json!({"dimming": dimming, "schedule": {"on": "18:30", "off": "06:30"},
+                   "lamp_power_w": dimming * 120 / 100, "fault": if i % 100 == 11 { "lamp_failure" } else { "none" }})
+        }
+        "waste-bin" => {
+            json!({"fill_level": version % 80, "lid_sensor": "closed", "pickup_threshold": 80})
+        }
+        "camera" => json!({"stream_profile": "h264-1080p", "retention_days": 30,
+                           "admin_password_hash": format!("$argon2id$v=19$m=19456,t=2,p=1${i:016x}")}),
+        _ => json!({"sample_interval_s": 60}),
+    };
+    for (k, v) in extra.as_object().into_iter().flatten() {
+        state[k] = v.clone();
+    }
+    json!({"version": version, "state": state}).to_string()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// One arm of the policy comparison: phase 1 on a fresh server.
+struct Arm {
+    rules: usize,
+    round: usize,
+    /// Registering the devices (CLI-free: the operator's `register`).
+    register_s: f64,
+    /// `policy-apply` answered (the policy fsynced, every device evaluated).
+    policy_apply_ms: Option<f64>,
+    /// Then a `status` answered: the device records the policy changed written.
+    settle_s: f64,
+    phase: Phase1,
+    /// The compliance summary after the reports (policy arm only).
+    compliance: serde_json::Value,
+    rss_end: u64,
+}
+
+impl Arm {
+    fn received_per_s(&self) -> f64 {
+        self.phase.counted as f64 / self.phase.persisted_in.as_secs_f64()
+    }
+
+    /// Offered: written by the devices, or queued by the loaders.
+    fn offered(&self) -> (u64, f64) {
+        match &self.phase.via {
+            Some(v) => (v.offered, v.offered as f64 / v.offered_s.max(1e-9)),
+            None => (
+                self.phase.counted,
+                self.phase.counted as f64 / self.phase.publish_done.as_secs_f64().max(1e-9),
+            ),
+        }
+    }
+
+    fn disturbed(&self) -> bool {
+        self.phase.cpu_elsewhere > (self.phase.persisted_in / 10).max(Duration::from_millis(100))
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let (offered, offered_per_s) = self.offered();
+        json!({
+            "policy_rules": self.rules, "round": self.round,
+            "register_s": self.register_s, "policy_apply_ms": self.policy_apply_ms, "settle_s": self.settle_s,
+            "received_persisted": self.phase.counted, "seconds": self.phase.persisted_in.as_secs_f64(),
+            "received_persisted_per_sec": self.received_per_s(),
+            "offered": offered, "offered_per_sec": offered_per_s,
+            "offered_seconds": self.phase.publish_done.as_secs_f64(),
+            "devices_path": self.phase.via.as_ref().map(|v| json!({"connected": v.connected, "connect_s": v.connect_s,
+                "pubacks_received": v.acked, "errors": v.errors})),
+            "cpu_elsewhere_s": self.phase.cpu_elsewhere.as_secs_f64(), "disturbed": self.disturbed(),
+            "server_rss_kib": {"reports_peak": self.phase.rss_peak, "end": self.rss_end},
+            "compliance": self.compliance,
+        })
+    }
+}
+
+/// `--policy-rules P`: phase 1 with and without the policy, `--rounds` times.
+async fn compare_policy(
+    root: &Path,
+    pki_dir: &Path,
+    devices: usize,
+    reports_per_device: u64,
+    rules: usize,
+) {
+    let started = Instant::now();
+    let rounds = arg("--rounds", 1).max(1);
+    let via_devices = std::env::args()
+        .collect::<Vec<_>>()
+        .windows(2)
+        .any(|w| w[0] == "--reports-via" && w[1] == "devices");
+    let burst = std::env::args().any(|a| a == "--device-burst");
+    let policy = bench_policy(rules);
+    let rules = policy["rules"].as_array().map_or(0, Vec::len);
+    let manifest = manifest(devices);
+    let mut arms: Vec<Arm> = Vec::new();
+    for round in 0..rounds {
+        let order = if round % 2 == 0 {
+            [0, rules]
+        } else {
+            [rules, 0]
+        };
+        for arm_rules in order {
+            eprintln!("round {}: {} rules", round + 1, arm_rules);
+            let data = tempfile::tempdir().expect("data");
+            let (server, addr) = cityplane_testkit::bench::start_cityplane_serve(
+                Path::new(BIN),
+                pki_dir,
+                data.path(),
+                &root.join("controller_e2e_policy-serve.log"),
+            )
+            .expect("serve");
+            let pid = server.pid();
+            let connect = ConnectArgs {
+                server: addr.to_string(),
+                pki: pki_dir.to_path_buf(),
+                id: OPERATOR.into(),
+                timeout: 60,
+            };
+            let mut op = Operator::connect_retrying(&connect, Duration::from_secs(10))
+                .await
+                .expect("server up");
+            let t = Instant::now();
+            op.register(&manifest, 500, |_| {}).await.expect("register");
+            let register_s = t.elapsed().as_secs_f64();
+            let policy_apply_ms = if arm_rules > 0 {
+                let t = Instant::now();
+                let r = op
+                    .query("policy-apply", json!({"policy": policy}))
+                    .await
+                    .expect("policy-apply");
+                assert_eq!(r["rules"], rules, "{r}");
+                Some(t.elapsed().as_secs_f64() * 1e3)
+            } else {
+                None
+            };
+            let t = Instant::now();
+            op.query("status", json!({})).await.expect("status");
+            let settle_s = t.elapsed().as_secs_f64();
+            let phase = if via_devices {
+                phase1_devices(
+                    &mut op,
+                    pki_dir,
+                    addr.port(),
+                    pid,
+                    devices,
+                    reports_per_device,
+                    burst,
+                    true,
+                )
+                .await
+            } else {
+                phase1_loaders(
+                    &mut op,
+                    pki_dir,
+                    addr.port(),
+                    pid,
+                    devices,
+                    reports_per_device,
+                    true,
+                )
+                .await
+            };
+            let compliance = if arm_rules > 0 {
+                let r = op
+                    .query("compliance", json!({"limit": 0}))
+                    .await
+                    .expect("compliance");
+                let by_rule: serde_json::Map<String, serde_json::Value> = r["by_rule"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|b| {
+                        (
+                            b["rule"].as_str().unwrap_or("").to_owned(),
+                            b["violations"].clone(),
+                        )
+                    })
+                    .collect();
+                json!({"total": r["total"], "compliant": r["compliant"], "compliant_pct": r["compliant_pct"],
+                       "violations_total": r["violations_total"], "violations_by_rule": by_rule})
+            } else {
+                json!(null)
+            };
+            let rss_end = rss_kib(pid);
+            op.disconnect().await;
+            drop(server);
+            let arm = Arm {
+                rules: arm_rules,
+                round: round + 1,
+                register_s,
+                policy_apply_ms,
+                settle_s,
+                phase,
+                compliance,
+                rss_end,
+            };
+            let (offered, offered_per_s) = arm.offered();
+            eprintln!(
+                "  {} rules: received and persisted {} in {:.2} s = {:.0}/s; offered {offered} = {offered_per_s:.0}/s{}",
+                arm_rules,
+                arm.phase.counted,
+                arm.phase.persisted_in.as_secs_f64(),
+                arm.received_per_s(),
+                if arm.disturbed() { " (DISTURBED)" } else { "" }
+            );
+            arms.push(arm);
+        }
+    }
+    let side = |with: bool| -> (Vec<f64>, Vec<f64>) {
+        let a: Vec<&Arm> = arms.iter().filter(|a| (a.rules > 0) == with).collect();
+        (
+            a.iter().map(|a| a.received_per_s()).collect(),
+            a.iter().map(|a| a.offered().1).collect(),
+        )
+    };
+    let (without_rx, without_tx) = side(false);
+    let (with_rx, with_tx) = side(true);
+    let (m_without, m_with) = (median(without_rx.clone()), median(with_rx.clone()));
+    let drop_pct = (1.0 - m_with / m_without) * 100.0;
+    let incomplete = arms
+        .iter()
+        .any(|a| a.phase.counted < devices as u64 * reports_per_device);
+    let path = match (via_devices, burst) {
+        (true, true) => "device connections, each device's reports in one burst",
+        (true, false) => "device connections (device certificates, edge ingress, backlog credit), one report in flight per device",
+        (false, _) => "4 controller-role loaders (own router links: no device ingress, no backlog credit)",
+    };
+    let list = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.0}"))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    let machine = machine::describe();
+    println!("\ncontroller_e2e --policy-rules {rules}: {devices} registered devices, {reports_per_device} reports each, {rounds} round(s)");
+    println!("  machine: {machine}");
+    println!("  reports via {path}");
+    println!(
+        "  without policy: received and persisted {m_without:.0}/s ({}); offered {:.0}/s ({})",
+        list(&without_rx),
+        median(without_tx.clone()),
+        list(&without_tx)
+    );
+    println!(
+        "  with {rules} rules : received and persisted {m_with:.0}/s ({}); offered {:.0}/s ({})",
+        list(&with_rx),
+        median(with_tx.clone()),
+        list(&with_tx)
+    );
+    println!(
+        "  drop {drop_pct:.1} % [target <= 20 %: {}]; with the policy {m_with:.0}/s [target >= 50,000/s: {}]{}",
+        if drop_pct <= 20.0 { "PASS" } else { "MISS" },
+        if m_with >= 50_000.0 { "PASS" } else { "MISS" },
+        if incomplete { " (INCOMPLETE: some reports not persisted)" } else { "" }
+    );
+    if arms.iter().any(Arm::disturbed) {
+        println!("  DISTURBED: other work used the CPU during some arms (see the JSON)");
+    }
+    let result = json!({
+        "bench": "controller_e2e_policy", "machine": machine, "devices": devices,
+        "reports_per_device": reports_per_device, "policy_rules": rules, "rounds": rounds,
+        "reports_via": if via_devices { "devices" } else { "controller-loaders" }, "device_burst": via_devices && burst,
+        "report_body": "agent-sim-like state (rich), the same in both arms",
+        "median": {
+            "without": {"received_persisted_per_sec": m_without, "offered_per_sec": median(without_tx)},
+            "with": {"received_persisted_per_sec": m_with, "offered_per_sec": median(with_tx)},
+        },
+        "drop_pct": drop_pct,
+        "targets": {"drop_pct_max": 20.0, "drop_met": drop_pct <= 20.0,
+                    "with_policy_per_sec_min": 50000, "with_policy_met": m_with >= 50_000.0},
+        "incomplete": incomplete,
+        "arms": arms.iter().map(Arm::json).collect::<Vec<_>>(),
+    });
+    let name = if via_devices {
+        "controller_e2e_policy-devices"
+    } else {
+        "controller_e2e_policy-loaders"
+    };
+    cityplane_testkit::bench::write_result(root, name, &result, started).expect("result");
 }

@@ -14,8 +14,18 @@
 //!    changed are written (timed too), so each apply is measured on a
 //!    server that is not still writing the previous one.
 //!
+//! 3. **compliance** (issue 11): `cityplane policy apply -f` publishes a
+//!    policy of P rules (default 30: benches/policy-30-rules.json) on the
+//!    registry of never-connected devices (every rule on reported state
+//!    fails closed, "not reported"); then `cityplane compliance --output
+//!    json` (the CLI: process start, mTLS, the query) is timed C times
+//!    (default 5), and the same query through the operator API (one
+//!    connection, answer only) C times; medians.
+//!
 //! `cargo bench -p cityplane --bench registry [-- --devices N] [--runs R]
-//! [--batch B]`. Prints a summary and `BENCH_JSON {…}`; writes
+//! [--batch B] [--policy-rules P] [--compliance-calls C]` (`--policy-rules
+//! 0` skips step 3); `CITYPLANE_BENCH_PERF=FILE` records the server with
+//! `perf` during step 3's queries. Prints a summary and `BENCH_JSON {…}`; writes
 //! target/bench/registry.json.
 
 use std::path::Path;
@@ -149,6 +159,8 @@ async fn run() {
         op.query("status", json!({})).await.expect("status");
         settle_s.push(t.elapsed().as_secs_f64());
     }
+    // 3. The security policy on the registry, then `compliance`.
+    let compliance = compliance(&mut op, &pki_dir, &server_addr, work.path(), devices, pid).await;
     let status = op.query("status", json!({})).await.expect("status");
     op.disconnect().await;
     drop(server);
@@ -167,6 +179,7 @@ async fn run() {
         "apply_records_written_s": settle_s,
         "registry_total": status["total"],
         "server_rss_kib": {"before": rss_before, "after_register": rss_after},
+        "compliance": compliance,
     });
     println!("\nregistry, {devices} devices (manifest, never connected), cityplane serve on loopback mTLS");
     println!(
@@ -189,5 +202,149 @@ async fn run() {
         rss_after,
         rss_after.saturating_sub(rss_before) as f64 / devices as f64
     );
+    if !compliance.is_null() {
+        let c = &compliance;
+        println!(
+            "  policy of {} rules applied via `cityplane policy apply` in {:.3} s (CLI wall), its device records written {:.2} s later",
+            c["policy_rules"], c["policy_apply_cli_s"].as_f64().unwrap_or(f64::NAN),
+            c["policy_settle_s"].as_f64().unwrap_or(f64::NAN)
+        );
+        println!(
+            "  `cityplane compliance --output json` on {devices} devices: {:.3} s median of {} CLI calls ({}) [target <= 1 s: {}]",
+            c["cli_median_s"].as_f64().unwrap_or(f64::NAN),
+            c["calls"],
+            c["cli_s"],
+            if c["cli_median_s"].as_f64().is_some_and(|s| s <= 1.0) { "PASS" } else { "MISS" }
+        );
+        println!(
+            "  the same query through the operator API: {:.3} s median ({}); report: {} of {} compliant, {} violations",
+            c["api_median_s"].as_f64().unwrap_or(f64::NAN),
+            c["api_s"],
+            c["report"]["compliant"],
+            c["report"]["total"],
+            c["report"]["violations_total"]
+        );
+    }
     bench::write_result(&root, "registry", &result, started).expect("result");
+}
+
+/// Step 3: a policy of `--policy-rules` rules published with the CLI, then
+/// `compliance` timed through the CLI and through the operator API.
+async fn compliance(
+    op: &mut Operator,
+    pki_dir: &Path,
+    server_addr: &str,
+    work: &Path,
+    devices: usize,
+    pid: u32,
+) -> Value {
+    let rules = arg("--policy-rules", 30);
+    let calls = arg("--compliance-calls", 5).max(1);
+    if rules == 0 {
+        return Value::Null;
+    }
+    let mut policy: Value =
+        serde_json::from_str(include_str!("policy-30-rules.json")).expect("policy JSON");
+    if let Some(r) = policy["rules"].as_array_mut() {
+        r.truncate(rules);
+    }
+    let rules = policy["rules"].as_array().map_or(0, Vec::len);
+    let policy_path = work.join("policy.json");
+    std::fs::write(
+        &policy_path,
+        serde_json::to_vec_pretty(&policy).expect("json"),
+    )
+    .expect("write");
+    let cli = |args: &[&str]| {
+        let mut c = Command::new(BIN);
+        c.args(args)
+            .args([
+                "--output",
+                "json",
+                "--server",
+                server_addr,
+                "--id",
+                "op-cli",
+            ])
+            .arg("--pki")
+            .arg(pki_dir);
+        c
+    };
+    let t = Instant::now();
+    let file = format!("--file={}", policy_path.display());
+    let out = cli(&["policy", "apply", &file])
+        .output()
+        .expect("policy apply");
+    let apply_s = t.elapsed().as_secs_f64();
+    assert!(
+        out.status.success(),
+        "policy apply failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every device evaluated: wait for the records that changed to be written.
+    let t = Instant::now();
+    op.query("status", json!({})).await.expect("status");
+    let settle_s = t.elapsed().as_secs_f64();
+    // `CITYPLANE_BENCH_PERF=FILE`: the server under `perf record` while
+    // the compliance queries run (not the policy apply before them).
+    let perf = std::env::var("CITYPLANE_BENCH_PERF").ok().map(|out| {
+        cityplane_testkit::process::ChildGuard::new(
+            Command::new("perf")
+                .args(["record", "-F", "499", "--call-graph", "dwarf,32768"])
+                .args(["-p", &pid.to_string(), "-o", &out])
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("perf"),
+        )
+    });
+    let mut cli_s = Vec::new();
+    let mut report = Value::Null;
+    for _ in 0..calls {
+        let t = Instant::now();
+        let out = cli(&["compliance"]).output().expect("compliance");
+        cli_s.push(t.elapsed().as_secs_f64());
+        assert!(
+            out.status.success(),
+            "compliance failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        report = serde_json::from_slice(&out.stdout).expect("compliance JSON");
+        assert_eq!(report["total"], devices, "{}", report["total"]);
+    }
+    let mut api_s = Vec::new();
+    for _ in 0..calls {
+        let t = Instant::now();
+        // The CLI's default: 20 violations listed.
+        let r = op
+            .query("compliance", json!({"limit": 20}))
+            .await
+            .expect("compliance");
+        api_s.push(t.elapsed().as_secs_f64());
+        assert_eq!(r["total"], devices, "{}", r["total"]);
+    }
+    if let Some(mut p) = perf {
+        // perf writes its file on SIGINT, not on the SIGKILL of ChildGuard.
+        let _ = Command::new("kill")
+            .args(["-INT", &p.pid().to_string()])
+            .status();
+        let _ = p.wait();
+    }
+    let bytes = serde_json::to_vec(&report).map_or(0, |b| b.len());
+    json!({
+        "policy_rules": rules,
+        "policy_apply_cli_s": apply_s,
+        "policy_settle_s": settle_s,
+        "calls": calls,
+        "cli_s": cli_s,
+        "cli_median_s": median(cli_s.clone()),
+        "api_s": api_s,
+        "api_median_s": median(api_s.clone()),
+        "target_s": 1.0,
+        "cli_target_met": median(cli_s.clone()) <= 1.0,
+        "answer_bytes": bytes,
+        "report": {"total": report["total"], "compliant": report["compliant"],
+                   "violations_total": report["violations_total"],
+                   "by_rule": report["by_rule"].as_array().into_iter().flatten()
+                       .map(|r| json!({"rule": r["rule"], "violations": r["violations"]})).collect::<Vec<_>>()},
+    })
 }
