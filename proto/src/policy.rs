@@ -261,60 +261,73 @@ impl Check {
     /// The subject and (for the non-standalone ones) the test; a sentence
     /// saying what is wrong when the check is not exactly one of each.
     pub fn parts(&self) -> Result<(Subject<'_>, Option<Test<'_>>), String> {
-        let mut subjects = Vec::new();
-        if let Some(k) = &self.reported {
-            subjects.push(("reported", Subject::Reported(k)));
-        }
-        if let Some(k) = &self.label {
-            subjects.push(("label", Subject::Label(k)));
-        }
-        if let Some(k) = &self.attribute {
-            subjects.push(("attribute", Subject::Attribute(k)));
-        }
-        if let Some(n) = self.certificate_valid_days {
-            subjects.push(("certificate_valid_days", Subject::CertificateValidDays(n)));
-        }
-        if let Some(n) = self.seen_within_minutes {
-            subjects.push(("seen_within_minutes", Subject::SeenWithinMinutes(n)));
-        }
-        let mut tests: Vec<(&str, Result<Test<'_>, String>)> = Vec::new();
-        if let Some(v) = &self.equals {
-            tests.push(("equals", Ok(Test::Equals(v))));
-        }
-        if let Some(v) = &self.not_equals {
-            tests.push(("not_equals", Ok(Test::NotEquals(v))));
-        }
-        if let Some(v) = &self.one_of {
-            tests.push(("one_of", Ok(Test::OneOf(v))));
-        }
-        if let Some(v) = &self.subset_of {
-            tests.push(("subset_of", Ok(Test::SubsetOf(v))));
-        }
-        if let Some(v) = &self.excludes {
-            tests.push(("excludes", Ok(Test::Excludes(v))));
-        }
-        if let Some(v) = &self.version_at_least {
-            tests.push(("version_at_least", Ok(Test::VersionAtLeast(v))));
-        }
-        if let Some(v) = &self.at_least {
-            tests.push(("at_least", number(v, "at_least").map(Test::AtLeast)));
-        }
-        if let Some(v) = &self.at_most {
-            tests.push(("at_most", number(v, "at_most").map(Test::AtMost)));
-        }
-        if let Some(v) = self.present {
-            tests.push(("present", Ok(Test::Present(v))));
-        }
-        let names = |v: &[&str]| v.join(" and ");
-        let subject = match subjects.as_slice() {
-            [] => return Err(format!("the check has no subject: give one of {SUBJECTS}")),
-            [(_, s)] => *s,
-            more => {
-                let n: Vec<&str> = more.iter().map(|(n, _)| *n).collect();
+        // Runs for every rule on every report: fixed arrays, no allocation
+        // unless the check is wrong.
+        let subjects: [(&str, Option<Subject<'_>>); 5] = [
+            ("reported", self.reported.as_deref().map(Subject::Reported)),
+            ("label", self.label.as_deref().map(Subject::Label)),
+            (
+                "attribute",
+                self.attribute.as_deref().map(Subject::Attribute),
+            ),
+            (
+                "certificate_valid_days",
+                self.certificate_valid_days
+                    .map(Subject::CertificateValidDays),
+            ),
+            (
+                "seen_within_minutes",
+                self.seen_within_minutes.map(Subject::SeenWithinMinutes),
+            ),
+        ];
+        let tests: [(&str, Option<Result<Test<'_>, String>>); 9] = [
+            ("equals", self.equals.as_ref().map(|v| Ok(Test::Equals(v)))),
+            (
+                "not_equals",
+                self.not_equals.as_ref().map(|v| Ok(Test::NotEquals(v))),
+            ),
+            ("one_of", self.one_of.as_deref().map(|v| Ok(Test::OneOf(v)))),
+            (
+                "subset_of",
+                self.subset_of.as_deref().map(|v| Ok(Test::SubsetOf(v))),
+            ),
+            (
+                "excludes",
+                self.excludes.as_deref().map(|v| Ok(Test::Excludes(v))),
+            ),
+            (
+                "version_at_least",
+                self.version_at_least
+                    .as_deref()
+                    .map(|v| Ok(Test::VersionAtLeast(v))),
+            ),
+            (
+                "at_least",
+                self.at_least
+                    .as_ref()
+                    .map(|v| number(v, "at_least").map(Test::AtLeast)),
+            ),
+            (
+                "at_most",
+                self.at_most
+                    .as_ref()
+                    .map(|v| number(v, "at_most").map(Test::AtMost)),
+            ),
+            ("present", self.present.map(|v| Ok(Test::Present(v)))),
+        ];
+        let given_subjects = subjects.iter().filter(|(_, s)| s.is_some());
+        let given_tests = tests.iter().filter(|(_, t)| t.is_some());
+        let names = |v: Vec<&str>| v.join(" and ");
+        let (subject_name, subject) = match given_subjects.clone().count() {
+            0 => return Err(format!("the check has no subject: give one of {SUBJECTS}")),
+            1 => {
+                let (n, s) = given_subjects.clone().next().expect("one");
+                (*n, s.expect("given"))
+            }
+            count => {
                 return Err(format!(
-                    "the check has {} subjects ({}): give exactly one",
-                    n.len(),
-                    names(&n)
+                    "the check has {count} subjects ({}): give exactly one",
+                    names(given_subjects.map(|(n, _)| *n).collect())
                 ));
             }
         };
@@ -322,27 +335,22 @@ impl Check {
             subject,
             Subject::CertificateValidDays(_) | Subject::SeenWithinMinutes(_)
         );
-        match (standalone, tests.as_slice()) {
-            (true, []) => Ok((subject, None)),
-            (true, more) => {
-                let n: Vec<&str> = more.iter().map(|(n, _)| *n).collect();
-                Err(format!(
-                    "{} is a test of its own: drop {}",
-                    subjects[0].0,
-                    names(&n)
-                ))
+        match (standalone, given_tests.clone().count()) {
+            (true, 0) => Ok((subject, None)),
+            (true, _) => Err(format!(
+                "{subject_name} is a test of its own: drop {}",
+                names(given_tests.map(|(n, _)| *n).collect())
+            )),
+            (false, 0) => Err(format!("the check has no test: give one of {TESTS}")),
+            (false, 1) => {
+                let (_, t) = given_tests.clone().next().expect("one");
+                Ok((subject, Some(t.clone().expect("given")?)))
             }
-            (false, []) => Err(format!("the check has no test: give one of {TESTS}")),
-            (false, [(_, t)]) => Ok((subject, Some(t.clone()?))),
-            (false, more) => {
-                let n: Vec<&str> = more.iter().map(|(n, _)| *n).collect();
-                Err(format!(
-                    "the check has {} tests ({}): give exactly one (write two rules for two \
-                     requirements)",
-                    n.len(),
-                    names(&n)
-                ))
-            }
+            (false, count) => Err(format!(
+                "the check has {count} tests ({}): give exactly one (write two rules for two \
+                 requirements)",
+                names(given_tests.map(|(n, _)| *n).collect())
+            )),
         }
     }
 }
@@ -601,11 +609,12 @@ impl Rule {
             Err(e) => return Outcome::Fail(format!("the rule's check is invalid: {e}")),
         };
         let label_value;
-        let (name, value) = match subject {
-            Subject::Reported(k) => (k.to_owned(), lookup(f.reported, k).filter(|v| !v.is_null())),
+        // Borrowed for reported keys, the common case: no allocation on a pass.
+        let (name, value): (std::borrow::Cow<'_, str>, Option<&Value>) = match subject {
+            Subject::Reported(k) => (k.into(), lookup(f.reported, k).filter(|v| !v.is_null())),
             Subject::Label(k) => {
                 label_value = f.attrs.labels.get(k).map(|v| Value::String(v.clone()));
-                (format!("label {k}"), label_value.as_ref())
+                (format!("label {k}").into(), label_value.as_ref())
             }
             Subject::Attribute(a) => {
                 let v = match a {
@@ -614,7 +623,7 @@ impl Rule {
                     _ => None,
                 };
                 label_value = v.map(|v| Value::String(v.clone()));
-                (a.to_owned(), label_value.as_ref())
+                (a.into(), label_value.as_ref())
             }
             Subject::CertificateValidDays(n) => return certificate(n, f),
             Subject::SeenWithinMinutes(n) => return seen(n, f),
