@@ -1,5 +1,6 @@
 //! `cityplane`: the operator binary.
 
+mod audit_cmd;
 mod broker_cmd;
 mod certs_cmd;
 
@@ -49,8 +50,8 @@ enum Command {
     Describe(ops_cmd::DescribeArgs),
     /// Fleet counts: total, online, converged, pending, failed, drifted.
     Status(ops_cmd::StatusArgs),
-    /// The audit log of operator writes.
-    Audit(ops_cmd::AuditArgs),
+    /// The audit log of operator writes: filtered, verified through its hash chain, exported signed.
+    Audit(audit_cmd::AuditArgs),
     /// The device registry: register devices from a manifest, set their attributes.
     #[command(subcommand)]
     Devices(ops_cmd::DevicesCommand),
@@ -97,7 +98,7 @@ fn main() -> ExitCode {
         Command::Get(args) => block_on(ops_cmd::get(args)),
         Command::Describe(args) => block_on(ops_cmd::describe(args)),
         Command::Status(args) => block_on(ops_cmd::status(args)),
-        Command::Audit(args) => block_on(ops_cmd::audit(args)),
+        Command::Audit(args) => block_on(audit_cmd::run(args)),
         Command::Devices(cmd) => block_on(ops_cmd::devices(cmd)),
         Command::Delete(args) => block_on(ops_cmd::delete(args)),
         Command::Rollout(cmd) => block_on(rollout_cmd::run(cmd)),

@@ -105,18 +105,6 @@ pub struct StatusArgs {
     pub output: Output,
 }
 
-#[derive(clap::Args, Debug)]
-pub struct AuditArgs {
-    #[command(flatten)]
-    pub connect: ConnectArgs,
-    /// How many of the newest entries
-    #[arg(long, default_value_t = 50)]
-    pub limit: usize,
-    /// `table` for people, `json` for scripts
-    #[arg(long, value_enum, default_value_t = Output::Table)]
-    pub output: Output,
-}
-
 use crate::certs_cmd::parse_label;
 
 fn parse_interval(s: &str) -> Result<f64, String> {
@@ -828,30 +816,5 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         n("failed"),
         n("drifted")
     );
-    Ok(())
-}
-
-pub async fn audit(args: AuditArgs) -> anyhow::Result<()> {
-    let mut op = Operator::connect(&args.connect).await?;
-    let a = op.query("audit", json!({"limit": args.limit})).await?;
-    op.disconnect().await;
-    if args.output == Output::Json {
-        return print_json(&a["entries"]);
-    }
-    println!(
-        "{:<6} {:<22} {:<16} {:<8} {:<20} RESULT",
-        "SEQ", "AT", "WHO", "ACTION", "NAME"
-    );
-    for e in a["entries"].as_array().into_iter().flatten() {
-        println!(
-            "{:<6} {:<22} {:<16} {:<8} {:<20} {}",
-            e["seq"].to_string(),
-            e["at"].as_str().unwrap_or(""),
-            e["who"].as_str().unwrap_or(""),
-            e["action"].as_str().unwrap_or(""),
-            e["name"].as_str().unwrap_or(""),
-            e["result"].as_str().unwrap_or("")
-        );
-    }
     Ok(())
 }

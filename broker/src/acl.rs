@@ -100,6 +100,7 @@ pub fn may_retain(who: &Identity, topic: &str) -> bool {
         Role::Operator => false,
         Role::Controller => {
             topic == topics::FLEET_STATUS
+                || topic == topics::FLEET_AUDIT_HEAD
                 || topic == topics::FLEET_COMPLIANCE
                 || topics::compliance_org(topic).is_some()
                 || matches!(
@@ -417,6 +418,8 @@ mod tests {
         assert!(!may_publish(&c, "devices/d1/fetch"));
         assert!(!may_publish(&c, "devices/d1/blob"));
         assert!(may_retain(&c, "fleet/status"));
+        assert!(may_retain(&c, "fleet/audit/head"));
+        assert!(!may_retain(&c, "fleet/audit/other"));
         assert!(may_retain(&c, "fleet/compliance"));
         assert!(may_retain(&c, "fleet/compliance/lighting-co"));
         assert!(!may_retain(&c, "fleet/compliance/a/b"));

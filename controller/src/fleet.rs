@@ -767,6 +767,8 @@ impl Fleet {
             name: name.to_owned(),
             result: result.to_owned(),
             org: self.acting_org.clone(),
+            prev: String::new(),
+            hash: String::new(),
         }
     }
 

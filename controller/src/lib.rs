@@ -10,6 +10,7 @@
 //! - [`runtime`]: the event loop wired to the broker.
 //! - [`window`]: maintenance windows (when a rollout may start devices).
 
+pub mod audit;
 pub mod delta;
 pub mod fleet;
 pub mod input;

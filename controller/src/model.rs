@@ -250,4 +250,12 @@ pub struct AuditEntry {
     /// The organisation of `who` (an operator's), for scoped reading.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub org: Option<String>,
+    /// Hash of the entry before it in the log (`crate::audit`), set by the
+    /// store when it writes the entry; empty for the first.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prev: String,
+    /// This entry's hash (over everything above); empty before the store
+    /// writes it, and in logs written before the chain existed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub hash: String,
 }

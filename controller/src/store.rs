@@ -153,6 +153,9 @@ pub struct Store {
     /// Audit entries a failed commit could not write; written with the
     /// next commit that succeeds.
     deferred_audit: std::sync::Mutex<Vec<AuditEntry>>,
+    /// Sequence and hash of the last audit entry stored: where the chain
+    /// goes on.
+    audit_head: std::sync::Mutex<(u64, String)>,
     /// Documents as they were before a commit that failed: it may have
     /// reached the disk all the same (e.g. written, then fsync failed), so
     /// the next commit that succeeds writes them back (`None`: deletes).
@@ -253,11 +256,10 @@ struct Encoded {
     docs: Vec<(Vec<u8>, Vec<u8>)>,
     deleted_docs: Vec<Vec<u8>>,
     devices: Vec<(Vec<u8>, Vec<u8>)>,
-    audit: Vec<(Vec<u8>, Vec<u8>)>,
     rollouts: Vec<(Vec<u8>, Vec<u8>)>,
     releases: Vec<(Vec<u8>, Vec<u8>)>,
     governance: Vec<(Vec<u8>, Option<Vec<u8>>)>,
-    /// Kept for the in-memory audit tail.
+    /// Chained and encoded at the write, in the order of the commits.
     audit_entries: Vec<AuditEntry>,
     seq: Option<u64>,
 }
@@ -273,11 +275,6 @@ impl Encoded {
             .devices
             .iter()
             .map(|d| (d.id.as_bytes().to_vec(), json(&**d)))
-            .collect();
-        let audit: Vec<(Vec<u8>, Vec<u8>)> = changes
-            .audit
-            .iter()
-            .map(|a| (a.seq.to_be_bytes().to_vec(), json(a)))
             .collect();
         let rollouts: Vec<(Vec<u8>, Vec<u8>)> = changes
             .rollouts
@@ -307,7 +304,6 @@ impl Encoded {
         if let Some((k, v)) = docs
             .iter()
             .chain(&devices)
-            .chain(&audit)
             .chain(&rollouts)
             .chain(&releases)
             .find(|(_, v)| v.len() > MAX_RECORD)
@@ -326,7 +322,6 @@ impl Encoded {
                 .map(|n| n.as_bytes().to_vec())
                 .collect(),
             devices,
-            audit,
             rollouts,
             releases,
             governance,
@@ -351,11 +346,16 @@ impl Store {
             })
             .collect::<Result<std::collections::VecDeque<AuditEntry>, StoreError>>()?;
         recent.make_contiguous().reverse();
+        let head = recent
+            .back()
+            .map(|a| (a.seq, a.hash.clone()))
+            .unwrap_or_default();
         Ok(Store {
             path: path.to_path_buf(),
             cache_bytes,
             engine: std::sync::Mutex::new(Some(engine)),
             recent_audit: std::sync::Mutex::new(recent),
+            audit_head: std::sync::Mutex::new(head),
             deferred_audit: std::sync::Mutex::new(Vec::new()),
             deferred_docs: std::sync::Mutex::new(Vec::new()),
             gate: None,
@@ -458,7 +458,6 @@ impl Store {
             docs,
             deleted_docs,
             devices,
-            audit,
             rollouts,
             releases,
             governance,
@@ -471,11 +470,7 @@ impl Store {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner()),
         );
-        let audit: Vec<(Vec<u8>, Vec<u8>)> = deferred
-            .iter()
-            .map(|a| (a.seq.to_be_bytes().to_vec(), json(a)))
-            .chain(audit)
-            .collect();
+
         let restores =
             std::mem::take(&mut *self.deferred_docs.lock().unwrap_or_else(|e| e.into_inner()));
         let restored: Vec<(Vec<u8>, Option<Vec<u8>>)> = restores
@@ -483,6 +478,16 @@ impl Store {
             .map(|(name, doc)| (name.as_bytes().to_vec(), doc.as_ref().map(json)))
             .collect();
         let result = self.with(|e| {
+            // Chained here, under the engine's lock: in the order of the
+            // commits, after what the last successful one wrote.
+            let mut head = self.audit_head.lock().unwrap_or_else(|e| e.into_inner());
+            let mut chained: Vec<AuditEntry> =
+                deferred.iter().chain(&audit_entries).cloned().collect();
+            let new_head = crate::audit::chain(&mut chained, &head.1);
+            let audit: Vec<(Vec<u8>, Vec<u8>)> = chained
+                .iter()
+                .map(|a| (a.seq.to_be_bytes().to_vec(), json(a)))
+                .collect();
             // One multi-tree transaction even for device-only commits: sled's
             // `apply_batch` was ~10 % cheaper in CPU, but kept superseded
             // values in memory (100,000 devices: RSS 1.6 GiB after 3 updates
@@ -547,8 +552,11 @@ impl Store {
                 })?;
             }
             // Still under the engine's lock: in the order of the commits.
+            if let Some(last) = chained.last() {
+                *head = (last.seq, new_head);
+            }
             let mut recent = self.recent_audit.lock().unwrap_or_else(|e| e.into_inner());
-            recent.extend(deferred.iter().chain(&audit_entries).cloned());
+            recent.extend(chained);
             let excess = recent.len().saturating_sub(AUDIT_KEPT);
             recent.drain(..excess);
             Ok(())
@@ -595,6 +603,70 @@ impl Store {
             .skip(recent.len().saturating_sub(limit))
             .cloned()
             .collect()
+    }
+
+    /// Sequence and hash of the last audit entry stored (the chain's head).
+    pub fn audit_head(&self) -> (u64, String) {
+        self.audit_head
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Walks the whole stored audit log through its hash chain
+    /// (`crate::audit`): its head, or the first entry that does not fit.
+    pub fn audit_verify(
+        &self,
+    ) -> Result<Result<crate::audit::Head, crate::audit::Broken>, StoreError> {
+        self.with(|e| {
+            let mut v = crate::audit::Verifier::new();
+            for item in e.audit.iter() {
+                let (k, val) = item?;
+                let entry: AuditEntry = decode("audit", &k, &val)?;
+                if let Err(broken) = v.push(&entry) {
+                    return Ok(Err(broken));
+                }
+            }
+            Ok(Ok(v.head().clone()))
+        })
+    }
+
+    /// Up to `limit` audit entries after sequence `after`, oldest first.
+    pub fn audit_page(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        self.with(|e| {
+            e.audit
+                .range(after.saturating_add(1).to_be_bytes()..)
+                .take(limit)
+                .map(|item| {
+                    let (k, v) = item?;
+                    decode("audit", &k, &v)
+                })
+                .collect()
+        })
+    }
+
+    /// The newest `limit` stored audit entries `keep` accepts, oldest first
+    /// (the whole log, not only what memory holds).
+    pub fn audit_find(
+        &self,
+        keep: impl Fn(&AuditEntry) -> bool,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        self.with(|e| {
+            let mut out = Vec::new();
+            for item in e.audit.iter().rev() {
+                let (k, v) = item?;
+                let entry: AuditEntry = decode("audit", &k, &v)?;
+                if keep(&entry) {
+                    out.push(entry);
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            }
+            out.reverse();
+            Ok(out)
+        })
     }
 
     /// The newest `limit` audit entries, oldest first.

@@ -55,6 +55,9 @@ pub const FLEET_RESPONSES: &str = "fleet/responses";
 /// Retained compliance summaries: the whole fleet's here, one
 /// organisation's under `fleet/compliance/<org>` ([`compliance`]).
 pub const FLEET_COMPLIANCE: &str = "fleet/compliance";
+/// The audit log's chain head (retained): sequence and hash of the last
+/// entry, for auditors to hold the log to.
+pub const FLEET_AUDIT_HEAD: &str = "fleet/audit/head";
 
 /// What operator publishes the controller reads start with.
 pub const FLEET_DESIRED_PREFIX: &str = "fleet/desired/";

@@ -1,6 +1,7 @@
 //! The crate's integration tests: one binary (link time on 2 cores), one
 //! module per subject.
 
+mod audit;
 mod certs_hardening;
 mod common;
 mod crash;

@@ -65,6 +65,7 @@ pub(super) async fn run(
     let mut uploads =
         super::firmware::Uploads::new(config.firmware_dir(), config.max_firmware_bytes);
     let mut last_summary = None;
+    let mut last_audit_head = None;
     let mut in_flight: Option<CommitInFlight> = None;
     let mut held = Held::default();
     let mut retry_commit_at: Option<tokio::time::Instant> = None;
@@ -219,6 +220,22 @@ pub(super) async fn run(
             }
         }
         held.commands.extend(fleet.reconcile_due(now));
+        // The audit chain's head, retained, for auditors to hold the log to
+        // (`cityplane audit verify`): published once the entries are stored.
+        let head = store.audit_head();
+        if last_audit_head.as_ref() != Some(&head) {
+            let body = json!({"seq": head.0, "hash": head.1, "at": crate::model::rfc3339(now)});
+            send_all(
+                &out,
+                [Outgoing {
+                    topic: topics::FLEET_AUDIT_HEAD.to_owned(),
+                    payload: serde_json::to_vec(&body).unwrap_or_default(),
+                    retain: true,
+                }],
+            )
+            .await;
+            last_audit_head = Some(head);
+        }
         if fleet.gov.scopes_dirty {
             fleet.gov.scopes_dirty = false;
             scopes.replace(fleet.scope_table());

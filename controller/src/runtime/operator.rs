@@ -35,6 +35,24 @@ struct Query {
     /// `get-policy`: this version (default: the current one).
     #[serde(default)]
     version: Option<u64>,
+    /// `audit`: only entries by this operator id.
+    #[serde(default)]
+    who: Option<String>,
+    /// `audit`: only entries of this organisation.
+    #[serde(default)]
+    org: Option<String>,
+    /// `audit`: only this action (`apply`, `rollout-create`, …).
+    #[serde(default)]
+    action: Option<String>,
+    /// `audit`: only entries at or after this time (RFC 3339).
+    #[serde(default)]
+    since: Option<String>,
+    /// `audit`: only entries before this time (RFC 3339).
+    #[serde(default)]
+    until: Option<String>,
+    /// `audit-export`: entries after this sequence.
+    #[serde(default)]
+    after: Option<u64>,
 }
 
 /// `register`: a provisioning manifest (or part of one).
@@ -783,21 +801,32 @@ fn answer(
                 })?;
             Ok(fleet::describe(dev))
         }
-        "audit" => {
-            // From memory, like every query: reading sled fails on a full disk.
-            let limit = q.limit.unwrap_or(50).min(crate::store::AUDIT_KEPT);
-            let entries: Vec<crate::model::AuditEntry> = if access.is_admin() {
-                store.recent_audit(limit)
-            } else {
-                let mine = store
-                    .recent_audit(crate::store::AUDIT_KEPT)
-                    .into_iter()
-                    .filter(|e| e.org.as_deref() == Some(access.org.as_str()))
-                    .collect::<Vec<_>>();
-                let skip = mine.len().saturating_sub(limit);
-                mine.into_iter().skip(skip).collect()
-            };
-            Ok(json!({"entries": entries}))
+        "audit" => audit_query(store, access, &q),
+        "audit-verify" => {
+            let (seq, hash) = store.audit_head();
+            match store.audit_verify() {
+                Ok(Ok(head)) => {
+                    Ok(json!({"ok": true, "head": head, "stored_head": {"seq": seq, "hash": hash}}))
+                }
+                Ok(Err(broken)) => {
+                    Ok(json!({"ok": false, "seq": broken.seq, "reason": broken.reason}))
+                }
+                Err(e) => Err(storage_rejection(&e)),
+            }
+        }
+        "audit-export" => {
+            if !access.is_admin() {
+                return Err(Rejection::new(
+                    "forbidden",
+                    "the whole audit log is exported by the city's administrators only",
+                ));
+            }
+            let limit = q.limit.unwrap_or(1000).min(5000);
+            let entries = store
+                .audit_page(q.after.unwrap_or(0), limit)
+                .map_err(|e| storage_rejection(&e))?;
+            let (seq, hash) = store.audit_head();
+            Ok(json!({"entries": entries, "head": {"seq": seq, "hash": hash}}))
         }
         other => Err(Rejection::new(
             "unknown_verb",
@@ -805,13 +834,72 @@ fn answer(
                 "unknown operation {other:?}; expected status, get-devices, describe, audit, \
                  get-documents, describe-document, dry-run, get-rollouts, rollout-status, \
                  rollout-devices, get-releases, get-orgs, describe-org, get-policy, \
-                 get-policy-history, get-exceptions, compliance, register, label, \
+                 get-policy-history, get-exceptions, compliance, audit-verify, audit-export, \
+                 register, label, \
                  delete-document, rollout-create, rollout-pause, rollout-resume, rollout-abort, \
                  publish-firmware, org-create, org-grant, policy-apply, exception-grant or \
                  exception-revoke"
             ),
         )),
     }
+}
+
+/// `audit`: the newest entries, filtered. A scoped organisation reads its
+/// own entries only. Without filters the answer comes from memory (it
+/// works on a full disk); with them from the whole stored log, or from
+/// memory when the disk cannot be read.
+fn audit_query(store: &Arc<Store>, access: &Access, q: &Query) -> Result<Value, Rejection> {
+    let limit = q.limit.unwrap_or(50).clamp(1, 5000);
+    let time = |field: &str, v: &Option<String>| -> Result<Option<jiff::Timestamp>, Rejection> {
+        v.as_deref()
+            .map(|t| {
+                t.parse::<jiff::Timestamp>().map_err(|e| {
+                    Rejection::new(
+                        "bad_schema",
+                        format!("{field} {t:?} is not an RFC 3339 time: {e}"),
+                    )
+                })
+            })
+            .transpose()
+    };
+    let (since, until) = (time("since", &q.since)?, time("until", &q.until)?);
+    let org = if access.is_admin() {
+        q.org.clone()
+    } else {
+        Some(access.org.clone())
+    };
+    let keep = |e: &crate::model::AuditEntry| {
+        let at = e.at.parse::<jiff::Timestamp>().ok();
+        q.who.as_ref().is_none_or(|w| &e.who == w)
+            && org
+                .as_ref()
+                .is_none_or(|o| e.org.as_deref() == Some(o.as_str()))
+            && q.action.as_ref().is_none_or(|a| &e.action == a)
+            && q.name.as_ref().is_none_or(|n| &e.name == n)
+            && since.is_none_or(|s| at.is_some_and(|at| at >= s))
+            && until.is_none_or(|u| at.is_some_and(|at| at < u))
+    };
+    let filtered = q.who.is_some()
+        || org.is_some()
+        || q.action.is_some()
+        || q.name.is_some()
+        || since.is_some()
+        || until.is_some();
+    let entries = if filtered {
+        store.audit_find(keep, limit).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "audit: the stored log cannot be read; answering from memory");
+            let mine: Vec<_> = store
+                .recent_audit(crate::store::AUDIT_KEPT)
+                .into_iter()
+                .filter(|e| keep(e))
+                .collect();
+            let skip = mine.len().saturating_sub(limit);
+            mine.into_iter().skip(skip).collect()
+        })
+    } else {
+        store.recent_audit(limit.min(crate::store::AUDIT_KEPT))
+    };
+    Ok(json!({"entries": entries}))
 }
 
 #[cfg(test)]
