@@ -554,6 +554,8 @@ fn fill_changes(seq: u64) -> Changes {
             name: format!("commit-{seq}"),
             result: "ok".to_owned(),
             org: None,
+            prev: String::new(),
+            hash: String::new(),
         }],
         seq: Some(seq),
         ..Changes::default()

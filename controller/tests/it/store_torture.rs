@@ -130,6 +130,8 @@ fn records(seq: u64, opts: &Opts) -> (DeviceRecord, AuditEntry) {
         name: device.id.clone(),
         result: "ok".to_owned(),
         org: None,
+        prev: String::new(),
+        hash: String::new(),
     };
     (device, audit)
 }
