@@ -148,6 +148,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|_| args.report.clone())
             .display()
     );
+    println!(
+        "The audit log: {} entries, hash chain {} (head {}; cityplane audit verify)",
+        o.audit["head"]["entries"],
+        if o.audit["ok"] == true {
+            "verified"
+        } else {
+            "BROKEN"
+        },
+        o.audit["head"]["hash"]
+            .as_str()
+            .map_or("-", |h| &h[..h.len().min(16)])
+    );
     let (total, converged, failed) = o.totals;
     println!(
         "\n{converged} of {total} devices converged ({failed} failed) in {:.1} s after the change; demo took {:.0} s.",
@@ -192,6 +204,8 @@ struct Outcome {
     rollouts: Vec<Value>,
     /// The compliance reports before and after enforcement.
     compliance: (Value, Value),
+    /// `audit-verify` at the end.
+    audit: Value,
 }
 
 async fn drive(
@@ -324,6 +338,8 @@ async fn drive(
 
     let rollouts = firmware_rollouts(&mut op, &release_dir).await?;
     let compliance = security_policy(&mut op, &args.report).await?;
+    // Everything above is in the audit log, hash-chained.
+    let audit = op.query("audit-verify", json!({})).await?;
     let mut rows = Vec::new();
     loop {
         let page = op
@@ -346,6 +362,7 @@ async fn drive(
         converge_time,
         rollouts,
         compliance,
+        audit,
     })
 }
 
