@@ -36,7 +36,7 @@ pub enum OrgsCommand {
     #[command(after_help = SCOPE_HELP)]
     Grant(OrgArgs),
     /// Every organisation (a contractor sees its own)
-    List(ListArgs),
+    List(PlainArgs),
     /// One organisation: scope, rights, devices in scope, its documents and rollouts
     Describe(DescribeArgs),
 }
@@ -54,15 +54,6 @@ pub struct OrgArgs {
     /// What the organisation is (kept in the registry of organisations)
     #[arg(long)]
     pub description: Option<String>,
-    #[command(flatten)]
-    pub connect: ConnectArgs,
-    /// `table` for people, `json` for scripts
-    #[arg(long, value_enum, default_value_t = Output::Table)]
-    pub output: Output,
-}
-
-#[derive(clap::Args, Debug)]
-pub struct ListArgs {
     #[command(flatten)]
     pub connect: ConnectArgs,
     /// `table` for people, `json` for scripts

@@ -246,6 +246,20 @@ impl Fleet {
         fleet
     }
 
+    /// A fleet of `devices` with default policies and no documents (unit tests).
+    #[cfg(test)]
+    pub(crate) fn for_tests(devices: Vec<DeviceRecord>) -> Fleet {
+        Fleet::new(
+            Vec::new(),
+            devices,
+            0,
+            0,
+            RetryPolicy::default(),
+            InputLimits::default(),
+            "test".into(),
+        )
+    }
+
     fn reject(&mut self, what: &str, rejection: &Rejection) {
         *self
             .counters
@@ -1178,15 +1192,7 @@ mod tests {
                 d
             })
             .collect();
-        let mut fleet = Fleet::new(
-            Vec::new(),
-            devices,
-            0,
-            0,
-            RetryPolicy::default(),
-            InputLimits::default(),
-            "test".into(),
-        );
+        let mut fleet = Fleet::for_tests(devices);
         // Documents move between id lists (with repeats) and selectors,
         // overlap, and change priority; devices change zone in between.
         let targets = [

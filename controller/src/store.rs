@@ -291,10 +291,10 @@ impl Encoded {
             .iter()
             .map(|(k, v)| (k.as_bytes().to_vec(), v.clone()))
             .collect();
-        let governed = governance
+        let mut governed = governance
             .iter()
             .filter_map(|(k, v)| Some((k, v.as_ref()?)));
-        if let Some((k, v)) = governed.clone().find(|(_, v)| v.len() > MAX_RECORD) {
+        if let Some((k, v)) = governed.find(|(_, v)| v.len() > MAX_RECORD) {
             return Err(StoreError::Transaction(format!(
                 "record {:?} is {} bytes, above the {MAX_RECORD}-byte limit",
                 String::from_utf8_lossy(k),

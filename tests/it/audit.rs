@@ -78,27 +78,12 @@ async fn the_audit_log_is_hash_chained_verified_exported_signed_and_queried() {
     let want = v["head"]["hash"].clone();
     let mut retained = Value::Null;
     for _ in 0..50 {
-        let out = tokio::process::Command::new("mosquitto_sub")
-            .args([
-                "-h",
-                "localhost",
-                "-p",
-                &s.port.to_string(),
-                "-i",
-                "op",
-                "--cafile",
-            ])
-            .arg(s.pki.join("ca.crt"))
-            .arg("--cert")
-            .arg(s.pki.join("op.crt"))
-            .arg("--key")
-            .arg(s.pki.join("op.key"))
-            .args(["-t", "fleet/audit/head", "-C", "1", "-W", "10"])
-            .kill_on_drop(true)
-            .output()
-            .await
-            .expect("mosquitto_sub runs");
-        retained = serde_json::from_slice(&out.stdout).expect("a retained head");
+        let lines = crate::governance::mosquitto_lines(&s, "op", "fleet/audit/head", 1, 10).await;
+        retained = lines
+            .first()
+            .and_then(|l| l.split_once(' '))
+            .and_then(|(_, p)| serde_json::from_str(p).ok())
+            .expect("a retained head");
         if retained["hash"] == want {
             break;
         }

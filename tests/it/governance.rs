@@ -16,13 +16,7 @@ use serde_json::{json, Value};
 
 /// The CLI as operator `id`.
 fn as_op(s: &Setup, id: &str, args: &[&str]) -> std::process::Output {
-    Command::new(BIN)
-        .args(args)
-        .env("CITYPLANE_SERVER", format!("127.0.0.1:{}", s.port))
-        .env("CITYPLANE_PKI", &s.pki)
-        .env("CITYPLANE_ID", id)
-        .env("RUST_LOG", "error")
-        .stdin(Stdio::null())
+    common::cli_as(&s.pki, s.port, id, args)
         .output()
         .expect("cityplane runs")
 }
@@ -85,7 +79,7 @@ async fn mosquitto_sub(
 }
 
 /// `topic payload` lines.
-async fn mosquitto_lines(
+pub(crate) async fn mosquitto_lines(
     s: &Setup,
     id: &str,
     filter: &str,

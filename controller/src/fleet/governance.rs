@@ -783,8 +783,6 @@ fn pct(part: usize, total: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::input::InputLimits;
-    use crate::reconcile::RetryPolicy;
 
     fn fleet_with(policy: Value, n: usize) -> Fleet {
         let devices = (0..n)
@@ -794,15 +792,7 @@ mod tests {
                 d
             })
             .collect();
-        let mut fleet = Fleet::new(
-            Vec::new(),
-            devices,
-            0,
-            0,
-            RetryPolicy::default(),
-            InputLimits::default(),
-            "t".into(),
-        );
+        let mut fleet = Fleet::for_tests(devices);
         let text = serde_json::to_vec(&policy).expect("json");
         let parsed = cityplane_proto::policy::parse_policy(&text).expect("policy");
         let rec = PolicyRecord {

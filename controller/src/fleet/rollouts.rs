@@ -843,18 +843,9 @@ impl Health {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reconcile::RetryPolicy;
 
     fn fleet_of(devices: Vec<DeviceRecord>) -> Fleet {
-        Fleet::new(
-            Vec::new(),
-            devices,
-            0,
-            0,
-            RetryPolicy::default(),
-            InputLimits::default(),
-            "t".into(),
-        )
+        Fleet::for_tests(devices)
     }
 
     fn lamps(n: usize) -> Vec<DeviceRecord> {

@@ -80,11 +80,16 @@ impl Server {
 
 /// The `cityplane` binary as operator `op` of the serve on `port`.
 pub fn cli(pki: &Path, port: u16, args: &[&str]) -> Command {
+    cli_as(pki, port, "op", args)
+}
+
+/// The `cityplane` binary as operator `id` of the serve on `port`.
+pub fn cli_as(pki: &Path, port: u16, id: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.args(args)
         .env("CITYPLANE_SERVER", format!("127.0.0.1:{port}"))
         .env("CITYPLANE_PKI", pki)
-        .env("CITYPLANE_ID", "op")
+        .env("CITYPLANE_ID", id)
         .env("RUST_LOG", "error")
         .stdin(Stdio::null());
     cmd
