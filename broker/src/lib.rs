@@ -31,6 +31,7 @@ pub mod mqtt;
 mod quota;
 mod registry;
 mod revocation;
+pub mod pins;
 pub mod scopes;
 mod session;
 mod tls;
@@ -51,6 +52,7 @@ use tokio::task::JoinHandle;
 
 use crate::registry::Registry;
 use crate::revocation::RevocationState;
+pub use crate::pins::{Pin, Pins};
 pub use crate::scopes::Scopes;
 
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +128,9 @@ pub(crate) struct Shared {
     /// Which devices each organisation's operators may see (filled by the
     /// controller; see [`scopes`]).
     pub(crate) scopes: Scopes,
+    /// Quarantined devices and the serials others are pinned to (filled
+    /// by the controller; see [`pins`]).
+    pub(crate) pins: Pins,
 }
 
 /// Opens a link into the router: `(client id, clean session)`.
@@ -162,7 +167,9 @@ impl Broker {
     pub async fn start_closed(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
         let pki = Pki::open(&config.pki)?;
         let revocation = RevocationState::load(pki.revocation_path());
-        let tls = tls::server_config(&pki, revocation.clone())?;
+        let registry = Arc::new(Registry::default());
+        let pins = Pins::new(registry.clone());
+        let tls = tls::server_config(&pki, revocation.clone(), pins.clone())?;
         let listener = bind(config.listen).map_err(|source| BrokerError::Bind {
             addr: config.listen,
             source,
@@ -180,7 +187,6 @@ impl Broker {
                 .map_err(|e| e.to_string())
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let registry = Arc::new(Registry::default());
         let dispatch = Arc::new(dispatch::Dispatch::default());
         let dispatch_link = {
             let router_tx = router_tx.clone();
@@ -218,6 +224,7 @@ impl Broker {
             blobs: blobs::Blobs::new(config.firmware_dir.clone()),
             blob_log: quota::LogBudget::default(),
             scopes: Scopes::default(),
+            pins,
             config,
         });
         let (gate, gate_rx) = watch::channel(false);
@@ -320,6 +327,12 @@ impl RunningBroker {
     /// organisation but `city` see no device (fail closed).
     pub fn scopes(&self) -> Scopes {
         self.shared.scopes.clone()
+    }
+
+    /// The pin table of this broker: the controller replaces it when a
+    /// device is quarantined, released or given a new certificate.
+    pub fn pins(&self) -> Pins {
+        self.shared.pins.clone()
     }
 
     /// Live MQTT sessions (after CONNECT).

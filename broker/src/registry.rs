@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use cityplane_proto::Identity;
+use cityplane_proto::{Identity, Role};
 use tokio::sync::Notify;
 
 #[derive(Debug, Default)]
@@ -32,6 +32,8 @@ struct Inner {
 
 #[derive(Debug)]
 struct Entry {
+    /// The device id, for a device's session (pins are per device).
+    device: Option<String>,
     serial: String,
     kill: Arc<Kill>,
 }
@@ -94,12 +96,13 @@ impl Registry {
     }
 
     /// Makes the session reachable by revocation and shutdown.
-    pub(crate) fn register(self: &Arc<Self>, _who: &Identity, serial: &str) -> Registration {
+    pub(crate) fn register(self: &Arc<Self>, who: &Identity, serial: &str) -> Registration {
         let key = self.next.fetch_add(1, Ordering::Relaxed);
         let kill = Arc::new(Kill::default());
         self.lock().live.insert(
             key,
             Entry {
+                device: (who.role == Role::Device).then(|| who.id.clone()),
                 serial: serial.to_owned(),
                 kill: kill.clone(),
             },
@@ -146,12 +149,17 @@ impl Registry {
         true
     }
 
-    /// Cuts every session whose certificate serial matches, as revoked;
-    /// returns how many.
-    pub(crate) fn kick_where(&self, doomed: impl Fn(&str) -> bool) -> usize {
+    /// Cuts every session for which `doomed(device id, certificate serial)`
+    /// holds, as revoked; returns how many. The id is `None` for sessions
+    /// that are not a device's.
+    pub(crate) fn kick_where(&self, doomed: impl Fn(Option<&str>, &str) -> bool) -> usize {
         let inner = self.lock();
         let mut n = 0;
-        for entry in inner.live.values().filter(|e| doomed(&e.serial)) {
+        for entry in inner
+            .live
+            .values()
+            .filter(|e| doomed(e.device.as_deref(), &e.serial))
+        {
             entry.kill.revoked.store(true, Ordering::Release);
             entry.kill.signal();
             n += 1;
@@ -174,7 +182,6 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cityplane_proto::Role;
 
     fn device(id: &str) -> Identity {
         Identity {

@@ -160,7 +160,7 @@ pub(crate) async fn watch(
             Err(_) => {}
         }
         state.replace(loaded);
-        let cut = registry.kick_where(|serial| !state.is_allowed(serial));
+        let cut = registry.kick_where(|_, serial| !state.is_allowed(serial));
         if cut > 0 {
             tracing::warn!(sessions = cut, "sessions cut after revocation list change");
         }

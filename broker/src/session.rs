@@ -194,7 +194,11 @@ impl Session {
         };
 
         let registration = self.shared.registry.register(&self.who, &self.serial);
-        if !self.shared.revocation.is_allowed(&self.serial) {
+        // Checked after registering: a revocation or pin change from now on
+        // finds this session in the registry, and one before it is seen here.
+        let pinned_out =
+            self.who.role == Role::Device && !self.shared.pins.allows(&self.who.id, &self.serial);
+        if !self.shared.revocation.is_allowed(&self.serial) || pinned_out {
             tracing::warn!(who = %self.who, "certificate revoked during connect");
             let _ = self
                 .write_raw(&mqtt::connack(false, mqtt::CONNACK_NOT_AUTHORIZED))

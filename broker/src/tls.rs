@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use cityplane_certs::Pki;
+use cityplane_proto::Role;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
@@ -15,12 +16,14 @@ use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
 };
 
+use crate::pins::Pins;
 use crate::revocation::RevocationState;
 use crate::BrokerError;
 
 pub(crate) fn server_config(
     pki: &Pki,
     revocation: Arc<RevocationState>,
+    pins: Pins,
 ) -> Result<Arc<rustls::ServerConfig>, BrokerError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let read = |path: std::path::PathBuf| {
@@ -50,6 +53,7 @@ pub(crate) fn server_config(
         inner: webpki,
         cas,
         revocation,
+        pins,
     });
 
     let chain = pem_certs(pki.server_cert_path())?;
@@ -102,6 +106,8 @@ struct IdentityVerifier {
     /// The trusted CA certificates, as in `ca.crt`.
     cas: Vec<CertificateDer<'static>>,
     revocation: Arc<RevocationState>,
+    /// The controller's quarantine and certificate pins (devices only).
+    pins: Pins,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +157,10 @@ impl ClientCertVerifier for IdentityVerifier {
             ));
         }
         self.revocation.check(&peer.serial)?;
+        if peer.identity.role == Role::Device && !self.pins.allows(&peer.identity.id, &peer.serial)
+        {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+        }
         Ok(ClientCertVerified::assertion())
     }
 

@@ -142,6 +142,7 @@ mod tests {
                 name: format!("doc{seq}"),
                 result: "accepted generation 1".into(),
                 org: Some("city".into()),
+                devices: Vec::new(),
                 prev: String::new(),
                 hash: String::new(),
             })

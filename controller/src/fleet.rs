@@ -25,6 +25,8 @@ use crate::rollout::{RolloutRecord, Stage};
 use crate::store::Changes;
 
 mod governance;
+mod incidents;
+pub use incidents::{canonical_serial, MAX_INCIDENT_DEVICES};
 mod rollouts;
 pub use governance::{ExceptionRecord, Governance, PolicyRecord};
 pub use rollouts::Control;
@@ -195,6 +197,9 @@ pub struct Fleet {
     pub acting_org: Option<String>,
     /// Organisations, their policy and compliance (`fleet/governance.rs`).
     pub gov: governance::Governance,
+    /// A quarantine or release changed what the broker must refuse
+    /// ([`Fleet::pin_table`]).
+    pub pins_dirty: bool,
 }
 
 impl Fleet {
@@ -229,6 +234,7 @@ impl Fleet {
             dirty_rollouts: HashSet::new(),
             acting_org: None,
             gov: governance::Governance::default(),
+            pins_dirty: false,
         };
         // After a restart nobody is known to be online until they say so;
         // in-flight commands stay and are re-sent (same id) when they return.
@@ -281,6 +287,15 @@ impl Fleet {
 
     /// A message from a device topic (the ACL guarantees it is that device).
     pub fn on_device_message(&mut self, id: &str, leaf: &str, payload: &[u8], now: Millis) {
+        if self.devices.get(id).is_some_and(|d| d.quarantine.is_some()) {
+            // Sent before the broker cut it off (still in the router's
+            // queues): a quarantined device has no say, not even "online".
+            self.reject(
+                leaf,
+                &Rejection::new("quarantined", format!("device {id:?} is quarantined")),
+            );
+            return;
+        }
         let result =
             match leaf {
                 "reported" => input::parse::<Reported>(payload, self.limits)
@@ -394,6 +409,9 @@ impl Fleet {
             let Some(dev) = self.devices.get(&id) else {
                 continue;
             };
+            // A quarantined device is cut off: nothing is desired of it
+            // until it is released (then all of it again).
+            let cut_off = dev.quarantine.is_some();
             let listed = self.index.by_id.get(&id).into_iter().flatten();
             let selecting = self.index.selectors.iter().filter(|name| {
                 self.docs
@@ -427,7 +445,11 @@ impl Fleet {
                     Stage::Queued | Stage::Cancelled => None,
                 }
             });
-            let desired = merge(layers.chain(rollout_layers));
+            let desired = if cut_off {
+                State::new()
+            } else {
+                merge(layers.chain(rollout_layers))
+            };
             if desired != dev.desired {
                 self.seq += 1;
                 let seq = self.seq;
@@ -781,12 +803,14 @@ impl Fleet {
             name: name.to_owned(),
             result: result.to_owned(),
             org: self.acting_org.clone(),
+            devices: Vec::new(),
             prev: String::new(),
             hash: String::new(),
         }
     }
 
-    /// The known devices `target` selects (each once).
+    /// The known devices `target` selects (each once), quarantined ones
+    /// left out: no document or rollout reaches them.
     pub fn targeted(&self, target: &Target) -> Vec<&DeviceRecord> {
         match target {
             // Looked up, not a scan of the fleet against the list.
@@ -797,13 +821,14 @@ impl Fleet {
                     .filter(|id| seen.insert(id.as_str()))
                     .filter_map(|id| self.devices.get(id))
                     .map(|d| &**d)
+                    .filter(|d| d.quarantine.is_none())
                     .collect()
             }
             Target::Selector(_) => self
                 .devices
                 .values()
                 .map(|d| &**d)
-                .filter(|d| selects(target, &d.id, &d.attrs))
+                .filter(|d| d.quarantine.is_none() && selects(target, &d.id, &d.attrs))
                 .collect(),
         }
     }
@@ -1088,6 +1113,7 @@ pub fn device_row(d: &DeviceRecord) -> Value {
         "online": d.online, "converged": d.is_converged(),
         "failed": d.failed.is_some(), "revoked": d.revoked, "generation": d.desired_generation,
         "last_seen": last_seen(d), "firmware": d.reported.get(crate::rollout::FIRMWARE_KEY),
+        "quarantined": d.quarantine.is_some(),
     })
 }
 
@@ -1108,6 +1134,11 @@ pub fn describe(d: &DeviceRecord) -> Value {
             "since": rfc3339(v.since), "reason": v.reason,
         }))).collect::<serde_json::Map<_, _>>(),
         "certificate_not_after": d.cert_not_after.map(rfc3339),
+        "quarantine": d.quarantine.as_ref().map(|q| json!({
+            "incident": q.incident, "since": rfc3339(q.since), "by": q.by,
+            "org": q.org, "reason": q.reason,
+        })),
+        "certificate_pin": d.cert_pin,
     })
 }
 

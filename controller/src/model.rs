@@ -151,6 +151,26 @@ pub struct DeviceRecord {
     /// When its newest certificate expires (from the PKI's record).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert_not_after: Option<Millis>,
+    /// Cut off by an incident: the broker refuses every certificate it
+    /// holds, rollouts and documents pass it by, until it is released.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<Quarantine>,
+    /// The only certificate serials it may connect with (set when it was
+    /// given a new certificate: released, rotated). Empty: any certificate
+    /// the CA issued it and did not revoke.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cert_pin: Vec<String>,
+}
+
+/// Why and by whom a device was quarantined.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quarantine {
+    /// The incident it belongs to (`inc-<n>`), as in the audit log.
+    pub incident: String,
+    pub since: Millis,
+    pub by: String,
+    pub org: String,
+    pub reason: String,
 }
 
 /// A rule a device breaks: since when, and why (the last evaluation's words).
@@ -250,6 +270,10 @@ pub struct AuditEntry {
     /// The organisation of `who` (an operator's), for scoped reading.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub org: Option<String>,
+    /// The devices an incident action touched (quarantine, release), so
+    /// `audit --device` finds them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
     /// Hash of the entry before it in the log (`crate::audit`), set by the
     /// store when it writes the entry; empty for the first.
     #[serde(default, skip_serializing_if = "String::is_empty")]

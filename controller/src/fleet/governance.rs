@@ -544,7 +544,7 @@ impl Fleet {
                     broken += 1;
                 }
             }
-            if broken == 0 {
+            if broken == 0 && d.quarantine.is_none() {
                 t.compliant += 1;
             }
         }
@@ -569,6 +569,7 @@ impl Fleet {
         let mut rows: Vec<Value> = Vec::new();
         let mut violations_total = 0usize;
         let mut excepted_devices = 0usize;
+        let mut quarantined: Vec<Value> = Vec::new();
         let mut devices: Vec<&DeviceRecord> = self
             .devices
             .values()
@@ -599,7 +600,16 @@ impl Fleet {
                     }));
                 }
             }
-            if score == 0 {
+            // A quarantined device is cut off for a reason: it is never
+            // counted compliant, whatever its last report said.
+            if let Some(q) = &d.quarantine {
+                quarantined.push(json!({
+                    "id": d.id, "incident": q.incident, "since": rfc3339(q.since),
+                    "reason": q.reason,
+                }));
+            }
+            let clean = score == 0 && d.quarantine.is_none();
+            if clean {
                 tally.compliant += 1;
             }
             if any_excepted && score == 0 {
@@ -613,7 +623,7 @@ impl Fleet {
             for (map, key) in by.iter_mut().zip(keys) {
                 let e = map.entry(key).or_default();
                 e.0 += 1;
-                if score == 0 {
+                if clean {
                     e.1 += 1;
                 }
             }
@@ -678,6 +688,8 @@ impl Fleet {
             "compliant": tally.compliant,
             "compliant_pct": pct(tally.compliant, tally.total),
             "excepted": excepted_devices,
+            "quarantined": quarantined.len(),
+            "quarantined_devices": quarantined.into_iter().take(limit).collect::<Vec<_>>(),
             "by_rule": by_rule,
             "by_class": group("class", &by[0]),
             "by_zone": group("zone", &by[1]),

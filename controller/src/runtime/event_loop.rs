@@ -53,7 +53,7 @@ pub(super) async fn run(
     config: ControllerConfig,
     mut shutdown: watch::Receiver<bool>,
     clock: Clock,
-    scopes: cityplane_broker::Scopes,
+    tables: BrokerTables,
 ) -> Result<(), ControllerError> {
     let mut known_device = known_devices(config.pki.clone());
     let mut status_tick = tokio::time::interval(config.status_every);
@@ -180,6 +180,9 @@ pub(super) async fn run(
                     let write = topics::desired_name(&msg.topic).is_some()
                         || topics::ops_verb(&msg.topic).is_some_and(|v| WRITE_VERBS.contains(&v));
                     let answers = handle_operator(&mut fleet, &store, &mut uploads, msg, now).await;
+                    // A quarantine is in force before its answer leaves:
+                    // when the operator reads "quarantined", it is.
+                    tables.push_pins(&mut fleet);
                     if write {
                         send_all(&out, answers).await;
                     } else {
@@ -238,8 +241,9 @@ pub(super) async fn run(
         }
         if fleet.gov.scopes_dirty {
             fleet.gov.scopes_dirty = false;
-            scopes.replace(fleet.scope_table());
+            tables.scopes.replace(fleet.scope_table());
         }
+        tables.push_pins(&mut fleet);
 
         let may_commit = in_flight.is_none()
             && retry_commit_at.is_none_or(|at| at <= tokio::time::Instant::now());
@@ -524,5 +528,25 @@ mod paused_clock_tests {
         assert_eq!(summary["converged"], 1, "{summary}");
         assert_eq!(summary["failed"], 0, "{summary}");
         h.stop().await;
+    }
+}
+
+/// The broker's tables the controller fills: who sees which devices, and
+/// which certificates devices may use.
+pub(super) struct BrokerTables {
+    pub(super) scopes: cityplane_broker::Scopes,
+    pub(super) pins: cityplane_broker::Pins,
+}
+
+impl BrokerTables {
+    /// Hands the broker the pin table when a quarantine or release changed it.
+    pub(super) fn push_pins(&self, fleet: &mut Fleet) {
+        if fleet.pins_dirty {
+            fleet.pins_dirty = false;
+            let cut = self.pins.replace(fleet.pin_table());
+            if cut > 0 {
+                tracing::warn!(sessions = cut, "sessions cut: quarantined or pinned to another certificate");
+            }
+        }
     }
 }

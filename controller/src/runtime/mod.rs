@@ -150,9 +150,15 @@ impl Controller {
         );
         fleet.restore_rollouts(loaded.rollouts, loaded.releases);
         fleet.load_governance(loaded.governance, now_ms())?;
-        let scopes = broker.scopes();
-        scopes.replace(fleet.scope_table());
+        let tables = event_loop::BrokerTables {
+            scopes: broker.scopes(),
+            pins: broker.pins(),
+        };
+        tables.scopes.replace(fleet.scope_table());
         fleet.gov.scopes_dirty = false;
+        // Before the broker opens: a quarantined device never gets in.
+        fleet.pins_dirty = true;
+        tables.push_pins(&mut fleet);
 
         const LEAVES: [&str; 3] = ["reported", "acks", "presence"];
         let filters: Vec<String> = LEAVES
@@ -192,7 +198,7 @@ impl Controller {
             config,
             shutdown_rx,
             Clock::new(),
-            scopes,
+            tables,
         ));
         // Subscribed and tapped: now devices may connect.
         broker.open();
@@ -262,6 +268,7 @@ fn known_devices(pki: Option<std::path::PathBuf>) -> Box<dyn FnMut(&str) -> bool
 mod event_loop;
 mod firmware;
 mod governance;
+mod incidents;
 mod operator;
 mod wiring;
 

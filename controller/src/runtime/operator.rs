@@ -109,7 +109,7 @@ cityplane_proto::object_only!(
 
 /// Verbs on `fleet/ops/` that change state: committed before answered, and
 /// audited (refusals too).
-pub(super) const WRITE_VERBS: [&str; 13] = [
+pub(super) const WRITE_VERBS: [&str; 15] = [
     "register",
     "label",
     "delete-document",
@@ -123,6 +123,8 @@ pub(super) const WRITE_VERBS: [&str; 13] = [
     "policy-apply",
     "exception-grant",
     "exception-revoke",
+    "quarantine",
+    "release",
 ];
 
 /// Longest class, owner, label key or value the registry takes.
@@ -212,6 +214,9 @@ async fn operator_write(
         }
         "org-create" | "org-grant" | "policy-apply" | "exception-grant" | "exception-revoke" => {
             super::governance::write(fleet, store, access, verb, payload, now).await
+        }
+        "quarantine" | "release" => {
+            super::incidents::write(fleet, store, access, verb, payload, now).await
         }
         "rollout-create" => {
             access.require(Right::Rollout, "run rollouts")?;
@@ -802,6 +807,11 @@ fn answer(
             Ok(fleet::describe(dev))
         }
         "audit" => audit_query(store, access, &q),
+        "get-quarantined" => Ok(super::incidents::query(
+            fleet,
+            access,
+            q.selector.as_ref(),
+        )),
         "audit-verify" => {
             let (seq, hash) = store.audit_head();
             match store.audit_verify() {
@@ -835,10 +845,10 @@ fn answer(
                  get-documents, describe-document, dry-run, get-rollouts, rollout-status, \
                  rollout-devices, get-releases, get-orgs, describe-org, get-policy, \
                  get-policy-history, get-exceptions, compliance, audit-verify, audit-export, \
-                 register, label, \
+                 get-quarantined, register, label, \
                  delete-document, rollout-create, rollout-pause, rollout-resume, rollout-abort, \
-                 publish-firmware, org-create, org-grant, policy-apply, exception-grant or \
-                 exception-revoke"
+                 publish-firmware, org-create, org-grant, policy-apply, exception-grant, \
+                 exception-revoke, quarantine or release"
             ),
         )),
     }

@@ -554,6 +554,7 @@ fn fill_changes(seq: u64) -> Changes {
             name: format!("commit-{seq}"),
             result: "ok".to_owned(),
             org: None,
+            devices: Vec::new(),
             prev: String::new(),
             hash: String::new(),
         }],

@@ -130,6 +130,7 @@ fn records(seq: u64, opts: &Opts) -> (DeviceRecord, AuditEntry) {
         name: device.id.clone(),
         result: "ok".to_owned(),
         org: None,
+        devices: Vec::new(),
         prev: String::new(),
         hash: String::new(),
     };
