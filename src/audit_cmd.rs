@@ -63,6 +63,9 @@ pub struct ShowArgs {
     /// Only entries naming this (a device, document, rollout or organisation)
     #[arg(long)]
     pub name: Option<String>,
+    /// Only entries about this device (by name, or among an incident's devices)
+    #[arg(long)]
+    pub device: Option<String>,
     /// Only entries at or after this time (RFC 3339)
     #[arg(long)]
     pub since: Option<String>,
@@ -97,7 +100,7 @@ pub struct ExportArgs {
     #[arg(long, short = 'o')]
     pub out: PathBuf,
     /// Sign the head with this Ed25519 key (the city's policy.key)
-    #[arg(long)]
+    #[arg(long, visible_alias = "signed", value_name = "KEY")]
     pub key: Option<PathBuf>,
     #[command(flatten)]
     pub connect: ConnectArgs,
@@ -123,7 +126,7 @@ async fn show(a: ShowArgs) -> anyhow::Result<()> {
         .query(
             "audit",
             json!({"limit": a.limit, "who": a.who, "org": a.org, "action": a.action,
-                   "name": a.name, "since": a.since, "until": a.until}),
+                   "name": a.name, "device": a.device, "since": a.since, "until": a.until}),
         )
         .await;
     op.disconnect().await;

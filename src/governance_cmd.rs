@@ -98,14 +98,14 @@ pub fn selector_of(pairs: &[String]) -> anyhow::Result<Value> {
     Ok(Value::Object(sel))
 }
 
-async fn ask(connect: &ConnectArgs, verb: &str, body: Value) -> anyhow::Result<Value> {
+pub async fn ask(connect: &ConnectArgs, verb: &str, body: Value) -> anyhow::Result<Value> {
     let mut op = Operator::connect(connect).await?;
     let r = op.query(verb, body).await;
     op.disconnect().await;
     r
 }
 
-fn print_json(v: &Value) -> anyhow::Result<()> {
+pub fn print_json(v: &Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }

@@ -7,6 +7,7 @@ mod certs_cmd;
 mod demo_cmd;
 mod firmware_cmd;
 mod governance_cmd;
+mod incident_cmd;
 mod ops_cmd;
 mod policy_cmd;
 mod rollout_cmd;
@@ -77,6 +78,10 @@ enum Command {
         after_help = "The policy key is not the CA: keep policy.key offline; give policy.pub to every party.\n\nExamples:\n  cityplane policy validate -f policy.toml     # offline, see docs/examples/policy.toml\n  cityplane policy apply -f policy.toml        # to the server: evaluated on every report\n  cityplane compliance                         # who breaks which rule\n  cityplane policy keygen --dir ./policy-key\n  cityplane policy export --key ./policy-key/policy.key --out policy-v3.json\n  cityplane policy verify --file policy-v3.json --key ./policy-key/policy.pub\n  cityplane policy check --policy policy-v3.json --key ./policy-key/policy.pub --reported devices.json"
     )]
     Policy(policy_cmd::PolicyCommand),
+    /// Cut devices off at once: certificates refused, sessions cut, out of rollouts, an incident audited.
+    Quarantine(incident_cmd::QuarantineArgs),
+    /// Bring quarantined devices back, each with a new certificate for the installer.
+    Release(incident_cmd::ReleaseArgs),
 }
 
 fn main() -> ExitCode {
@@ -105,6 +110,8 @@ fn main() -> ExitCode {
         Command::Firmware(cmd) => firmware_cmd::run(cmd),
         Command::Orgs(cmd) => block_on(governance_cmd::orgs(cmd)),
         Command::Compliance(args) => block_on(governance_cmd::compliance(args)),
+        Command::Quarantine(args) => block_on(incident_cmd::quarantine(args)),
+        Command::Release(args) => block_on(incident_cmd::release(args)),
         // Its own exit statuses: 1 for violations, 2 for invalid input.
         Command::Policy(cmd) => match policy_cmd::run(cmd) {
             Ok(code) => return code,

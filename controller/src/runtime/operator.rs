@@ -44,6 +44,10 @@ struct Query {
     /// `audit`: only this action (`apply`, `rollout-create`, …).
     #[serde(default)]
     action: Option<String>,
+    /// `audit`: only entries about this device (named, or among the
+    /// devices an incident action touched).
+    #[serde(default)]
+    device: Option<String>,
     /// `audit`: only entries at or after this time (RFC 3339).
     #[serde(default)]
     since: Option<String>,
@@ -886,6 +890,9 @@ fn audit_query(store: &Arc<Store>, access: &Access, q: &Query) -> Result<Value, 
                 .is_none_or(|o| e.org.as_deref() == Some(o.as_str()))
             && q.action.as_ref().is_none_or(|a| &e.action == a)
             && q.name.as_ref().is_none_or(|n| &e.name == n)
+            && q.device
+                .as_ref()
+                .is_none_or(|d| &e.name == d || e.devices.contains(d))
             && since.is_none_or(|s| at.is_some_and(|at| at >= s))
             && until.is_none_or(|u| at.is_some_and(|at| at < u))
     };
@@ -893,6 +900,7 @@ fn audit_query(store: &Arc<Store>, access: &Access, q: &Query) -> Result<Value, 
         || org.is_some()
         || q.action.is_some()
         || q.name.is_some()
+        || q.device.is_some()
         || since.is_some()
         || until.is_some();
     let entries = if filtered {
