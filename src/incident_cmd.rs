@@ -157,7 +157,10 @@ pub async fn quarantine(args: QuarantineArgs) -> anyhow::Result<()> {
         println!("  {id}");
     }
     if ids.len() > SHOWN {
-        println!("  … and {} more (--output json lists all)", ids.len() - SHOWN);
+        println!(
+            "  … and {} more (--output json lists all)",
+            ids.len() - SHOWN
+        );
     }
     println!("bring them back with: cityplane release ID… --out DIR (a new certificate each)");
     Ok(())
@@ -200,7 +203,8 @@ fn strings(v: &Value) -> Vec<String> {
 
 pub async fn release(a: ReleaseArgs) -> anyhow::Result<()> {
     let ca_dir = a.ca.clone().unwrap_or_else(|| a.connect.pki.clone());
-    let pki = Pki::open(&ca_dir).with_context(|| format!("opening the CA in {}", ca_dir.display()))?;
+    let pki =
+        Pki::open(&ca_dir).with_context(|| format!("opening the CA in {}", ca_dir.display()))?;
     if !pki.ca_key_path().exists() {
         bail!(
             "{} holds no ca.key: release issues new certificates, so it runs where the CA is (--ca DIR)",

@@ -28,10 +28,10 @@ mod ingress;
 pub mod link;
 pub mod logging;
 pub mod mqtt;
+pub mod pins;
 mod quota;
 mod registry;
 mod revocation;
-pub mod pins;
 pub mod scopes;
 mod session;
 mod tls;
@@ -50,9 +50,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
+pub use crate::pins::{Pin, Pins};
 use crate::registry::Registry;
 use crate::revocation::RevocationState;
-pub use crate::pins::{Pin, Pins};
 pub use crate::scopes::Scopes;
 
 #[derive(Debug, thiserror::Error)]

@@ -64,10 +64,7 @@ impl Pins {
     }
 
     fn read(&self) -> Arc<Table> {
-        self.table
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.table.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Replaces the whole table (`device id -> pin`) and cuts every live

@@ -9,6 +9,7 @@ mod disk_full;
 mod firmware;
 mod fleet;
 mod governance;
+mod incidents;
 mod policy_cli;
 mod registry_cli;
 mod rollouts;

@@ -545,7 +545,10 @@ impl BrokerTables {
             fleet.pins_dirty = false;
             let cut = self.pins.replace(fleet.pin_table());
             if cut > 0 {
-                tracing::warn!(sessions = cut, "sessions cut: quarantined or pinned to another certificate");
+                tracing::warn!(
+                    sessions = cut,
+                    "sessions cut: quarantined or pinned to another certificate"
+                );
             }
         }
     }

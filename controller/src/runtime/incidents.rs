@@ -92,8 +92,7 @@ pub(super) async fn write(
             let named = fleet.incident_targets(&req.target);
             check_scope(access, &named)?;
             if let Target::Ids(list) = &req.target {
-                if let Some(missing) = list.ids.iter().find(|id| !fleet.devices.contains_key(*id))
-                {
+                if let Some(missing) = list.ids.iter().find(|id| !fleet.devices.contains_key(*id)) {
                     return Err(Rejection::new(
                         "not_found",
                         format!("no device {missing:?} is registered"),
@@ -171,9 +170,9 @@ pub(super) async fn write(
                 check_reason(reason)?;
             }
             let ids: Vec<String> = req.serials.keys().cloned().collect();
-            let named = fleet.incident_targets(&Target::Ids(
-                cityplane_proto::messages::IdList { ids: ids.clone() },
-            ));
+            let named = fleet.incident_targets(&Target::Ids(cityplane_proto::messages::IdList {
+                ids: ids.clone(),
+            }));
             // Outside the scope reads as unknown, as everywhere.
             if let Some(missing) = ids.iter().find(|id| {
                 !named

@@ -811,11 +811,7 @@ fn answer(
             Ok(fleet::describe(dev))
         }
         "audit" => audit_query(store, access, &q),
-        "get-quarantined" => Ok(super::incidents::query(
-            fleet,
-            access,
-            q.selector.as_ref(),
-        )),
+        "get-quarantined" => Ok(super::incidents::query(fleet, access, q.selector.as_ref())),
         "audit-verify" => {
             let (seq, hash) = store.audit_head();
             match store.audit_verify() {
