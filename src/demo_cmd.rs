@@ -131,6 +131,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     let o = outcome?;
     print_table(&o.rows);
+    if let Some(i) = &o.incident {
+        println!(
+            "{} is cut off: quarantined by incident {}, online {} (cityplane quarantine list)",
+            i["id"].as_str().unwrap_or(""),
+            i["incident"].as_str().unwrap_or(""),
+            i["online"]
+        );
+    }
     print_firmware(&o.rows, &o.rollouts);
     println!("\nCompliance before enforcement:");
     print!(
@@ -206,6 +214,8 @@ struct Outcome {
     compliance: (Value, Value),
     /// `audit-verify` at the end.
     audit: Value,
+    /// The rogue device quarantined, if the fleet has a camera to play it.
+    incident: Option<Value>,
 }
 
 async fn drive(
@@ -338,6 +348,7 @@ async fn drive(
 
     let rollouts = firmware_rollouts(&mut op, &release_dir).await?;
     let compliance = security_policy(&mut op, &args.report).await?;
+    let incident = incident(&mut op, &fleet).await?;
     // Everything above is in the audit log, hash-chained.
     let audit = op.query("audit-verify", json!({})).await?;
     let mut rows = Vec::new();
@@ -363,7 +374,55 @@ async fn drive(
         rollouts,
         compliance,
         audit,
+        incident,
     })
+}
+
+/// A camera goes rogue (an uplink to a host outside the city); the policy
+/// catches it on its next report and one command cuts it off. Returns what
+/// to print: the device, the rule's words, the incident.
+async fn incident(op: &mut Operator, fleet: &Fleet) -> anyhow::Result<Option<Value>> {
+    let Some(rogue) = fleet
+        .manifest()
+        .into_iter()
+        .find(|d| d["class"] == "camera")
+        .and_then(|d| d["id"].as_str().map(str::to_owned))
+    else {
+        return Ok(None);
+    };
+    println!(
+        "
+An incident: {rogue} opens an uplink to 203.0.113.66:4444"
+    );
+    fleet.tamper(&rogue, "uplink", json!("203.0.113.66:4444"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let why = loop {
+        let d = op.query("describe", json!({"id": rogue})).await?;
+        if let Some(v) = d["violations"].get("no-unknown-uplink") {
+            break v["reason"].as_str().unwrap_or_default().to_owned();
+        }
+        if Instant::now() > deadline {
+            bail!("the policy did not catch {rogue} within 20 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    println!("  detected by policy rule no-unknown-uplink: {why}");
+    let r = op
+        .query(
+            "quarantine",
+            json!({"target": {"ids": [rogue]},
+                   "reason": format!("rule no-unknown-uplink: {why}")}),
+        )
+        .await?;
+    println!(
+        "  cityplane quarantine --ids {rogue} --reason …  -> incident {}: certificate refused, session cut",
+        r["incident"].as_str().unwrap_or("")
+    );
+    // The broker cut it before the answer; the controller's record says so.
+    let d = op.query("describe", json!({"id": rogue})).await?;
+    Ok(Some(
+        json!({"id": rogue, "incident": r["incident"], "online": d["online"]}),
+    ))
 }
 
 /// The city's security policy, as data: published in report mode (the
@@ -431,7 +490,11 @@ async fn security_policy(
                  "selector": {"all": true}, "check": {"certificate_valid_days": 30}, "mode": "report"},
                 {"id": "seen-recently", "severity": "medium",
                  "description": "Every device was seen within the last 10 minutes",
-                 "selector": {"all": true}, "check": {"seen_within_minutes": 10}, "mode": "report"}
+                 "selector": {"all": true}, "check": {"seen_within_minutes": 10}, "mode": "report"},
+                {"id": "no-unknown-uplink", "severity": "critical",
+                 "description": "No device opens an uplink outside the city's network",
+                 "selector": {"all": true}, "check": {"reported": "uplink", "present": false},
+                 "mode": "report"}
             ]
         })
     };
@@ -665,6 +728,7 @@ fn print_table(rows: &[Value]) {
         online: u64,
         converged: u64,
         failed: u64,
+        quarantined: u64,
     }
     let mut by_class: BTreeMap<String, Counts> = BTreeMap::new();
     for r in rows {
@@ -675,24 +739,26 @@ fn print_table(rows: &[Value]) {
         c.online += u64::from(r["online"] == true);
         c.converged += u64::from(r["converged"] == true);
         c.failed += u64::from(r["failed"] == true);
+        c.quarantined += u64::from(r["quarantined"] == true);
     }
     println!(
-        "\n{:<14} {:>7} {:>7} {:>10} {:>7}",
-        "CLASS", "TOTAL", "ONLINE", "CONVERGED", "FAILED"
+        "\n{:<14} {:>7} {:>7} {:>10} {:>7} {:>12}",
+        "CLASS", "TOTAL", "ONLINE", "CONVERGED", "FAILED", "QUARANTINED"
     );
     let mut all = Counts::default();
     for (class, c) in &by_class {
         println!(
-            "{class:<14} {:>7} {:>7} {:>10} {:>7}",
-            c.total, c.online, c.converged, c.failed
+            "{class:<14} {:>7} {:>7} {:>10} {:>7} {:>12}",
+            c.total, c.online, c.converged, c.failed, c.quarantined
         );
         all.total += c.total;
         all.online += c.online;
         all.converged += c.converged;
         all.failed += c.failed;
+        all.quarantined += c.quarantined;
     }
     println!(
-        "{:<14} {:>7} {:>7} {:>10} {:>7}",
-        "all", all.total, all.online, all.converged, all.failed
+        "{:<14} {:>7} {:>7} {:>10} {:>7} {:>12}",
+        "all", all.total, all.online, all.converged, all.failed, all.quarantined
     );
 }
