@@ -55,6 +55,13 @@ impl std::fmt::Debug for Pins {
     }
 }
 
+/// A table no broker reads (for tests of what fills it).
+impl Default for Pins {
+    fn default() -> Pins {
+        Pins::new(Arc::default())
+    }
+}
+
 impl Pins {
     pub(crate) fn new(registry: Arc<Registry>) -> Pins {
         Pins {

@@ -403,7 +403,10 @@ mod paused_clock_tests {
             config,
             shutdown_rx,
             Clock::new(),
-            cityplane_broker::Scopes::default(),
+            BrokerTables {
+                scopes: cityplane_broker::Scopes::default(),
+                pins: cityplane_broker::Pins::default(),
+            },
         ));
         Harness {
             events,
