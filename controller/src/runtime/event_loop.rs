@@ -339,6 +339,29 @@ pub(super) async fn commit(
 /// The retry schedule as the running loop produces it, on tokio's paused
 /// clock: virtual time only moves when every task waits, so each command is
 /// observed at exactly the instant the loop sent it.
+/// The broker's tables the controller fills: who sees which devices, and
+/// which certificates devices may use.
+pub(super) struct BrokerTables {
+    pub(super) scopes: cityplane_broker::Scopes,
+    pub(super) pins: cityplane_broker::Pins,
+}
+
+impl BrokerTables {
+    /// Hands the broker the pin table when a quarantine or release changed it.
+    pub(super) fn push_pins(&self, fleet: &mut Fleet) {
+        if fleet.pins_dirty {
+            fleet.pins_dirty = false;
+            let cut = self.pins.replace(fleet.pin_table());
+            if cut > 0 {
+                tracing::warn!(
+                    sessions = cut,
+                    "sessions cut: quarantined or pinned to another certificate"
+                );
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod paused_clock_tests {
     use super::*;
@@ -531,28 +554,5 @@ mod paused_clock_tests {
         assert_eq!(summary["converged"], 1, "{summary}");
         assert_eq!(summary["failed"], 0, "{summary}");
         h.stop().await;
-    }
-}
-
-/// The broker's tables the controller fills: who sees which devices, and
-/// which certificates devices may use.
-pub(super) struct BrokerTables {
-    pub(super) scopes: cityplane_broker::Scopes,
-    pub(super) pins: cityplane_broker::Pins,
-}
-
-impl BrokerTables {
-    /// Hands the broker the pin table when a quarantine or release changed it.
-    pub(super) fn push_pins(&self, fleet: &mut Fleet) {
-        if fleet.pins_dirty {
-            fleet.pins_dirty = false;
-            let cut = self.pins.replace(fleet.pin_table());
-            if cut > 0 {
-                tracing::warn!(
-                    sessions = cut,
-                    "sessions cut: quarantined or pinned to another certificate"
-                );
-            }
-        }
     }
 }
