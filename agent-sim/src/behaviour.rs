@@ -12,6 +12,14 @@
 //! and SHA-256 checked, and the floor raised once the new image runs.
 //! Without a key the download is a timer, as it always was.
 //!
+//! Certificate rotation (docs/PROTOCOL.md): a command setting
+//! `certificate` to `{"rotation": R}` for another R than the certificate
+//! in use asks the session loop for a CSR ([`Actions::csr`]) and is
+//! acknowledged (the reported `certificate` changes only once the device
+//! has connected with the new certificate); a command carrying a
+//! certificate ([`Command::certificate`]) is handed to the session loop
+//! ([`Actions::install`]), which holds the keys and acknowledges it.
+//!
 //! No clock and no I/O: time comes in as an argument and what the device
 //! must send comes out as [`Actions`], which the session loop in
 //! `device.rs` carries out. Randomness (failure injection, power loss during
@@ -21,7 +29,7 @@ use std::time::Duration;
 
 use cityplane_certs::firmware::{check_release, floor_after, hex, ReleaseError};
 use cityplane_proto::firmware::{BlobHeader, FetchRequest, ReleaseManifest, MAX_CHUNK};
-use cityplane_proto::messages::{AckStatus, Command, State};
+use cityplane_proto::messages::{AckStatus, CertificateDelivery, CertificateState, Command, State};
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::time::Instant;
@@ -174,11 +182,49 @@ impl UpdateJob {
     }
 }
 
+/// A delivered certificate for the session loop to check and install.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Install {
+    /// The command's id: the ack names it.
+    pub id: String,
+    pub delivery: CertificateDelivery,
+}
+
+/// Longest rotation name a device takes (rollout names are shorter).
+const MAX_ROTATION_LEN: usize = 128;
+
+/// The rotation a `certificate` value names: `{"rotation": R}`, R a
+/// non-empty printable string.
+fn rotation_of(value: &Value) -> Result<String, String> {
+    serde_json::from_value::<CertificateState>(value.clone())
+        .ok()
+        .map(|c| c.rotation)
+        .filter(|r| {
+            !r.is_empty() && r.len() <= MAX_ROTATION_LEN && !r.chars().any(char::is_control)
+        })
+        .ok_or_else(|| {
+            format!("certificate must be {{\"rotation\": name}} (1..{MAX_ROTATION_LEN} characters)")
+        })
+}
+
+/// The rotation of the certificate the device uses (its reported
+/// `certificate`).
+pub(crate) fn current_rotation(v: &DeviceView) -> Option<String> {
+    v.state
+        .get(CertificateState::KEY)
+        .and_then(|c| rotation_of(c).ok())
+}
+
 /// What the device sends after an event, in this order: the full state
-/// ([`report`]), the acks, a fetch, then it reboots (the session ends).
+/// ([`report`]), a CSR, the acks, a fetch, then it reboots (the session
+/// ends). An install is carried out (and acknowledged) by the session loop.
 #[derive(Debug, Default, PartialEq)]
 pub(crate) struct Actions {
     pub report: bool,
+    /// Send a CSR for this rotation (before the acks: the ack of the
+    /// command that asked for it means "CSR sent").
+    pub csr: Option<String>,
+    pub install: Option<Install>,
     pub acks: Vec<AckOut>,
     /// Image bytes to ask for on `devices/D/fetch`.
     pub fetch: Option<FetchRequest>,
@@ -313,10 +359,33 @@ impl Behaviour {
         now: Instant,
     ) -> Actions {
         let counters = env.counters;
-        let mut reason = cmd
-            .state
-            .iter()
-            .find_map(|(k, val)| classes::validate(env.class, k, val, &v.state).err());
+        if let Some(delivery) = cmd.certificate {
+            v.last_generation = v.last_generation.max(cmd.generation);
+            if !cmd.state.is_empty() {
+                let reason = "a certificate delivery sets no state".to_owned();
+                Counters::inc(&counters.commands_rejected);
+                counters.failure(format!("command rejected: {reason}"));
+                return Actions::ack(AckOut {
+                    id: cmd.id,
+                    status: AckStatus::Rejected,
+                    reason: Some(reason),
+                });
+            }
+            return Actions {
+                install: Some(Install {
+                    id: cmd.id,
+                    delivery,
+                }),
+                ..Actions::default()
+            };
+        }
+        let mut reason = cmd.state.iter().find_map(|(k, val)| {
+            if k == CertificateState::KEY {
+                rotation_of(val).err()
+            } else {
+                classes::validate(env.class, k, val, &v.state).err()
+            }
+        });
         let current_fw = v
             .state
             .get("firmware")
@@ -384,13 +453,20 @@ impl Behaviour {
                 reason: Some(reason),
             });
         }
+        // A new rotation is only asked for here: `certificate` keeps naming
+        // the certificate in use until the device connects with the new one.
+        let csr = cmd
+            .state
+            .get(CertificateState::KEY)
+            .and_then(|c| rotation_of(c).ok())
+            .filter(|r| current_rotation(v).as_ref() != Some(r));
         for (k, val) in &cmd.state {
-            if k != "firmware" {
+            if k != "firmware" && k != CertificateState::KEY {
                 classes::apply(env.class, &mut v.state, k, val);
             }
         }
         v.last_change = Some(now);
-        match new_fw {
+        let mut actions = match new_fw {
             None => {
                 v.last_generation = v.last_generation.max(cmd.generation);
                 Counters::inc(&counters.commands_applied);
@@ -403,6 +479,7 @@ impl Behaviour {
                     }],
                     reboot: false,
                     fetch: None,
+                    ..Actions::default()
                 }
             }
             Some(_) if joins_update => {
@@ -462,7 +539,9 @@ impl Behaviour {
                 Counters::inc(&counters.fw_started);
                 actions
             }
-        }
+        };
+        actions.csr = csr;
+        actions
     }
 
     /// Moves the update on when its step's time is up; a step may fail (at
@@ -713,6 +792,7 @@ impl Behaviour {
                 acks,
                 reboot: false,
                 fetch: None,
+                ..Actions::default()
             };
         }
         if job.download.as_ref().is_some_and(|d| !d.complete) {
@@ -749,6 +829,7 @@ impl Behaviour {
                 acks,
                 reboot: false,
                 fetch: None,
+                ..Actions::default()
             };
         };
         let next = self.apply_command(env, rng, v, *cmd, now);
@@ -758,6 +839,8 @@ impl Behaviour {
             acks,
             reboot: next.reboot,
             fetch: next.fetch,
+            csr: next.csr,
+            install: next.install,
         }
     }
 
@@ -870,7 +953,97 @@ mod tests {
             generation,
             state,
             release: None,
+            certificate: None,
         }
+    }
+
+    #[test]
+    fn a_new_rotation_asks_for_a_csr_and_keeps_reporting_the_certificate_in_use() {
+        let mut sim = Sim::new(FirmwareSim::fast(), 0.0);
+        let issued = json!({"rotation": "issued"});
+        sim.view.state.insert("certificate".into(), issued.clone());
+        // The rotation in use: nothing to do.
+        assert_eq!(
+            sim.command("c1", 1, json!({"certificate": issued})),
+            report_and(vec![applied("c1")])
+        );
+        // Another one: a CSR, then the ack; the state still names the old.
+        let got = sim.command(
+            "c2",
+            2,
+            json!({"certificate": {"rotation": "r1"}, "dimming": 50}),
+        );
+        assert_eq!(
+            got,
+            Actions {
+                csr: Some("r1".into()),
+                ..report_and(vec![applied("c2")])
+            }
+        );
+        assert_eq!(sim.view.state["certificate"], issued);
+        assert_eq!(sim.view.state["dimming"], json!(50));
+        for (i, bad) in [
+            json!(null),
+            json!("r1"),
+            json!({"rotation": ""}),
+            json!({"rotation": "r1", "key": "k"}),
+            json!({"rotation": "a\nb"}),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let id = format!("bad{i}");
+            let got = sim.command(&id, 3, json!({"certificate": bad, "dimming": 60}));
+            assert_eq!(got.acks.len(), 1, "{bad}");
+            assert_eq!(got.acks[0].status, AckStatus::Rejected, "{bad}");
+            assert!(got.csr.is_none(), "{bad}");
+            assert_eq!(
+                sim.view.state["dimming"],
+                json!(50),
+                "{bad}: nothing applied"
+            );
+        }
+        assert_eq!(sim.view.state["certificate"], issued);
+    }
+
+    #[test]
+    fn a_certificate_delivery_goes_to_the_session_loop_and_sets_no_state() {
+        let mut sim = Sim::new(FirmwareSim::fast(), 0.0);
+        let delivery = CertificateDelivery {
+            rotation: "r1".into(),
+            pem: "PEM".into(),
+        };
+        let mut cmd = command("c1", 1, json!({}));
+        cmd.certificate = Some(delivery.clone());
+        let env = sim.settings.env();
+        let got = sim
+            .core
+            .on_command(&env, &mut sim.rng, &mut sim.view, cmd.clone(), sim.now);
+        assert_eq!(
+            got,
+            Actions {
+                install: Some(Install {
+                    id: "c1".into(),
+                    delivery: delivery.clone(),
+                }),
+                ..Actions::default()
+            }
+        );
+        // A replay is ignored like any other.
+        let got = sim
+            .core
+            .on_command(&env, &mut sim.rng, &mut sim.view, cmd, sim.now);
+        assert_eq!(got, Actions::default());
+        let mut with_state = command("c2", 2, json!({"dimming": 10}));
+        with_state.certificate = Some(delivery);
+        let got = sim
+            .core
+            .on_command(&env, &mut sim.rng, &mut sim.view, with_state, sim.now);
+        assert_eq!(
+            got,
+            acks(vec![rejected("c2", "a certificate delivery sets no state")])
+        );
+        assert_eq!(sim.view.state["dimming"], json!(30));
     }
 
     fn applied(id: &str) -> AckOut {
@@ -902,6 +1075,7 @@ mod tests {
             acks,
             reboot: false,
             fetch: None,
+            ..Actions::default()
         }
     }
 
@@ -911,6 +1085,7 @@ mod tests {
             acks: Vec::new(),
             reboot: true,
             fetch: None,
+            ..Actions::default()
         }
     }
 

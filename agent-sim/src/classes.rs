@@ -11,6 +11,7 @@
 //! | `labels` | object of strings, always with `zone` (north/south/east/west/center) | yes |
 //! | `security` | `{"services": {name: bool}, "default_password_changed": bool, "ntp": host}` | yes (whole) |
 //! | `cert_not_after` | notAfter of the device certificate (RFC 3339) | no |
+//! | `certificate` | `{"rotation": R}`: the rotation of the certificate in use (`issued` at first); setting another R starts a rotation (docs/PROTOCOL.md), the value changes once the new certificate is in use | yes (rotation) |
 //! | `update` | firmware update sub-state: `{"state": "idle" \| "downloading" \| … }` | no |
 //! | `firmware_floor` | with a release key: the oldest version it accepts (rises with each signed release) | no |
 //!

@@ -3,6 +3,14 @@
 //! ([`crate::behaviour`]) and send what they decide; and the faults it
 //! suffers.
 //!
+//! Certificate rotation happens here too, since it is about keys and
+//! connections: the device makes a new key pair and sends its CSR when its
+//! rules ask ([`Actions::csr`]), checks a delivered certificate against
+//! the CA and that key ([`Actions::install`]), reconnects with it, and goes
+//! back to the old certificate if the broker refuses the new one. Keys stay
+//! in memory (the device's flash): a restarted simulator starts again from
+//! the PKI directory's files.
+//!
 //! Each device is one tokio task holding one [`Client`]. Its state lives in
 //! [`DeviceShared`] (behind a mutex the fleet reads for snapshots); what only
 //! the task needs (replay window, update job, RNG) lives in [`Device`].
@@ -11,19 +19,21 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cityplane_certs::rotation::{check_delivery, device_csr, DeviceCsr};
 use cityplane_proto::firmware::decode_blob;
-use cityplane_proto::messages::{Ack, Command};
+use cityplane_proto::messages::{Ack, AckStatus, CertificateState, Command, CsrRequest};
 use cityplane_proto::topics;
 use rustls::ClientConfig;
 use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
 
-use crate::behaviour::{self, AckOut, Actions, Behaviour, Env};
+use crate::behaviour::{self, AckOut, Actions, Behaviour, Env, Install};
 use crate::classes;
 use crate::fleet::{Attempt, Control, DeviceShared, FleetShared, ATTEMPTS_KEPT};
 use crate::mqtt::{Client, ClientError, ConnectOptions, Packet, Publish, Will, SUBACK_FAILURE};
 use crate::rng::Rng;
 use crate::stats::Counters;
+use crate::tls::Identity;
 use crate::PresenceMode;
 
 const PRESENCE_ONLINE: &[u8] = br#"{"online":true}"#;
@@ -38,10 +48,31 @@ enum End {
     Pause(Duration),
 }
 
+/// A certificate (and key) the device can connect with.
+#[derive(Clone)]
+struct InUse {
+    /// The rotation it came from (`issued` for the provisioned one).
+    rotation: String,
+    serial: String,
+    not_after: String,
+    tls: Arc<ClientConfig>,
+}
+
+/// A key pair made for a rotation, waiting for its certificate.
+struct PendingKey {
+    rotation: String,
+    csr: DeviceCsr,
+}
+
 struct Device {
     dev: Arc<DeviceShared>,
     fleet: Arc<FleetShared>,
-    tls: Arc<ClientConfig>,
+    /// The certificate it connects with.
+    current: InUse,
+    /// Set while `current` is a delivered certificate not yet accepted by
+    /// the broker: what to go back to if it is refused.
+    fallback: Option<InUse>,
+    pending_key: Option<PendingKey>,
     rng: Rng,
     core: Behaviour,
     /// Failed connects or lost sessions since the device was last online.
@@ -51,14 +82,21 @@ struct Device {
 pub(crate) async fn run(
     dev: Arc<DeviceShared>,
     fleet: Arc<FleetShared>,
-    tls: Arc<ClientConfig>,
+    identity: Identity,
     rng: Rng,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut device = Device {
         dev,
         fleet,
-        tls,
+        current: InUse {
+            rotation: CertificateState::ISSUED.to_owned(),
+            serial: identity.serial,
+            not_after: identity.not_after,
+            tls: identity.config,
+        },
+        fallback: None,
+        pending_key: None,
         rng,
         core: Behaviour::new(),
         lost_in_row: 0,
@@ -121,6 +159,21 @@ impl Device {
                         }
                     }
                 }
+                Err(e) if self.fallback.is_some() && refused(&e) => {
+                    // The broker will not take the new certificate (revoked,
+                    // not from its CA, the key lost): back to the old one,
+                    // at once, and keep reporting it.
+                    self.attempt_ended();
+                    Counters::inc(&self.counters().connect_failures);
+                    Counters::inc(&self.counters().rot_fallbacks);
+                    self.counters()
+                        .failure(format!("rotated certificate refused: {}", e.label()));
+                    tracing::warn!(id = %self.dev.id, rotation = %self.current.rotation, error = %e, "new certificate refused; back to the old one");
+                    if let Some(old) = self.fallback.take() {
+                        self.current = old;
+                    }
+                    Duration::ZERO
+                }
                 Err(e) => {
                     self.attempt_ended();
                     Counters::inc(&self.counters().connect_failures);
@@ -170,11 +223,14 @@ impl Device {
         let client = Client::connect(
             self.fleet.addr,
             self.fleet.server_name.clone(),
-            self.tls.clone(),
+            self.current.tls.clone(),
             &opts,
             self.fleet.config.connect_timeout,
         )
         .await?;
+        if self.fallback.take().is_some() {
+            self.rotation_completed();
+        }
         let c = self.counters();
         c.connect_latency(started.elapsed());
         Counters::inc(&c.connects);
@@ -188,6 +244,127 @@ impl Device {
         v.connected = true;
         v.pending = None;
         Ok(client)
+    }
+
+    /// The broker took the delivered certificate: from now on the device
+    /// reports it (the on-connect report carries it, with a new version).
+    fn rotation_completed(&self) {
+        Counters::inc(&self.counters().rot_completed);
+        let mut v = self.dev.lock();
+        v.state.insert(
+            CertificateState::KEY.into(),
+            serde_json::json!({"rotation": self.current.rotation}),
+        );
+        if !self.current.not_after.is_empty() {
+            v.state.insert(
+                "cert_not_after".into(),
+                self.current.not_after.clone().into(),
+            );
+        }
+        v.cert_serial = self.current.serial.clone();
+        v.rotations += 1;
+        tracing::info!(id = %self.dev.id, rotation = %self.current.rotation, serial = %self.current.serial, "connected with the rotated certificate");
+    }
+
+    /// Queues a CSR for `rotation`: for the key already made for it if
+    /// there is one (a repeated request must not orphan the first key's
+    /// certificate), else for a new key pair.
+    fn queue_csr(&mut self, c: &mut Client, rotation: String) -> Result<(), String> {
+        if self
+            .pending_key
+            .as_ref()
+            .is_none_or(|p| p.rotation != rotation)
+        {
+            let csr = device_csr(&self.dev.id).map_err(|e| format!("no key pair: {e}"))?;
+            self.pending_key = Some(PendingKey { rotation, csr });
+        }
+        let Some(pending) = &self.pending_key else {
+            return Err("no key pair".into());
+        };
+        let body = CsrRequest {
+            rotation: pending.rotation.clone(),
+            csr: pending.csr.csr_pem.clone(),
+        };
+        let payload = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
+        self.queue_publish(c, topics::csr(&self.dev.id), payload, 1, false);
+        Counters::inc(&self.counters().csrs_offered);
+        Ok(())
+    }
+
+    /// A delivered certificate: checked, acknowledged, and if good the
+    /// session ends so the device reconnects with it (`Some`).
+    fn install(&mut self, c: &mut Client, install: Install) -> Option<End> {
+        let Install { id, delivery } = install;
+        let verdict = self.check_install(&delivery.rotation, &delivery.pem);
+        let (status, reason, next) = match verdict {
+            Ok(next) => (AckStatus::Applied, None, next),
+            Err(reason) => {
+                Counters::inc(&self.counters().rot_rejected);
+                self.counters()
+                    .failure(format!("certificate delivery rejected: {reason}"));
+                (AckStatus::Rejected, Some(reason), None)
+            }
+        };
+        let counters = self.counters();
+        Counters::inc(if status == AckStatus::Applied {
+            &counters.commands_applied
+        } else {
+            &counters.commands_rejected
+        });
+        self.queue_ack(c, AckOut { id, status, reason });
+        let next = next?;
+        self.fallback = Some(std::mem::replace(&mut self.current, next));
+        // Reconnect at once: no DISCONNECT, as for any session end here.
+        Some(End::Pause(Duration::ZERO))
+    }
+
+    /// `Ok(Some)`: the certificate to reconnect with; `Ok(None)`: nothing
+    /// to do (already in use, or the key was lost); `Err`: the reason to
+    /// reject the delivery.
+    fn check_install(&mut self, rotation: &str, pem: &str) -> Result<Option<InUse>, String> {
+        if rotation == self.current.rotation && self.fallback.is_none() {
+            return Ok(None);
+        }
+        let pending = self
+            .pending_key
+            .as_ref()
+            .filter(|p| p.rotation == rotation)
+            .ok_or_else(|| format!("no key pair waiting for rotation {rotation:?}"))?;
+        let checked = check_delivery(
+            &self.fleet.ca_pem,
+            &self.dev.id,
+            &pending.csr.public_key,
+            pem,
+        )
+        .map_err(|e| e.to_string())?;
+        let lost = self
+            .fleet
+            .config
+            .faults
+            .rotation_lost_key
+            .contains(&self.dev.id);
+        let Some(pending) = self.pending_key.take() else {
+            return Err(format!("no key pair waiting for rotation {rotation:?}"));
+        };
+        if lost {
+            // The fault: the certificate is fine, the key that goes with it
+            // is gone, so it can never be used.
+            Counters::inc(&self.counters().rot_keys_lost);
+            self.counters().failure("rotation key lost");
+            tracing::warn!(id = %self.dev.id, %rotation, "rotation key lost; keeping the old certificate");
+            return Ok(None);
+        }
+        let identity = self
+            .fleet
+            .tls_base
+            .identity_pem(pem.as_bytes(), pending.csr.key_pem.as_bytes())
+            .map_err(|e| format!("unusable with its key: {e}"))?;
+        Ok(Some(InUse {
+            rotation: rotation.to_owned(),
+            serial: checked.serial,
+            not_after: checked.not_after,
+            tls: identity.config,
+        }))
     }
 
     /// Records the end of the current attempt (failed connect or session).
@@ -396,6 +573,8 @@ impl Device {
                         Packet::Publish(p) => {
                             Counters::inc(&self.counters().publishes_received);
                             if let Some(end) = self.on_publish(c, p, &commands_topic) {
+                                // What it answered (an ack) goes out first.
+                                let _ = c.flush().await;
                                 return end;
                             }
                         }
@@ -490,14 +669,19 @@ impl Device {
                 Counters::inc(&self.counters().reboots);
                 return Some(End::Pause(self.reboot_time()));
             }
-            match serde_json::from_slice::<Command>(&p.payload) {
+            let end = match serde_json::from_slice::<Command>(&p.payload) {
                 Ok(cmd) => self.on_command(c, cmd),
                 Err(e) => {
                     Counters::inc(&self.counters().commands_malformed);
                     self.counters().failure("malformed command");
                     tracing::warn!(id = %self.dev.id, error = %e, "malformed command ignored");
+                    None
                 }
+            };
+            if p.qos == 1 {
+                c.queue_puback(p.pkid);
             }
+            return end;
         }
         if p.qos == 1 {
             c.queue_puback(p.pkid);
@@ -523,7 +707,8 @@ impl Device {
         let _ = self.perform(c, actions);
     }
 
-    fn on_command(&mut self, c: &mut Client, cmd: Command) {
+    /// `Some` when the session ends because of it (a certificate installed).
+    fn on_command(&mut self, c: &mut Client, cmd: Command) -> Option<End> {
         let actions = {
             let env = env(&self.fleet, self.dev.class);
             self.core.on_command(
@@ -534,17 +719,32 @@ impl Device {
                 Instant::now(),
             )
         };
-        // A command never ends the session by itself.
-        let _ = self.perform(c, actions);
+        self.perform(c, actions)
     }
 
-    /// Queues what the device's rules decided; `Some` if the device reboots.
-    fn perform(&mut self, c: &mut Client, actions: Actions) -> Option<End> {
+    /// Queues what the device's rules decided; `Some` if the session ends
+    /// (a reboot, or a new certificate to connect with).
+    fn perform(&mut self, c: &mut Client, mut actions: Actions) -> Option<End> {
         if actions.report {
             self.queue_report(c);
         }
+        if let Some(rotation) = actions.csr {
+            if let Err(reason) = self.queue_csr(c, rotation) {
+                // Not sent, so not "applied": the ack says why.
+                self.counters().failure(format!("csr: {reason}"));
+                for ack in &mut actions.acks {
+                    ack.status = AckStatus::Rejected;
+                    ack.reason = Some(reason.clone());
+                }
+            }
+        }
         for ack in actions.acks {
             self.queue_ack(c, ack);
+        }
+        if let Some(install) = actions.install {
+            if let Some(end) = self.install(c, install) {
+                return Some(end);
+            }
         }
         if let Some(req) = actions.fetch {
             if let Ok(payload) = serde_json::to_vec(&req) {
@@ -558,6 +758,13 @@ impl Device {
         }
         None
     }
+}
+
+/// A refusal of the certificate itself (TLS alert, CONNACK refusal, the
+/// connection closed before CONNACK), as opposed to the broker being out
+/// of reach, which says nothing about the certificate.
+fn refused(e: &ClientError) -> bool {
+    !matches!(e, ClientError::Tcp(_) | ClientError::Timeout)
 }
 
 /// What the device's rules read from the fleet.

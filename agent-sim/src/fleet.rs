@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use cityplane_certs::Pki;
-use cityplane_proto::messages::State;
+use cityplane_proto::messages::{CertificateState, State};
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
 use serde_json::Value;
@@ -69,6 +69,10 @@ pub(crate) struct FleetShared {
     pub connecting: Semaphore,
     pub started: Instant,
     pub rogue: Mutex<RogueStats>,
+    /// Builds client configs for rotated certificates.
+    pub tls_base: TlsBase,
+    /// `ca.crt` (PEM): a delivered certificate must chain to it.
+    pub ca_pem: Vec<u8>,
     /// Devices publish presence online themselves (see [`PresenceMode`]).
     /// In `Auto` mode it turns off if the broker closes a session right
     /// after a presence publish.
@@ -126,6 +130,10 @@ pub(crate) struct DeviceView {
     pub firmware_installs: u32,
     /// Image bytes it downloaded, over all its connections.
     pub firmware_bytes: u64,
+    /// The serial of the certificate it connects with.
+    pub cert_serial: String,
+    /// Certificate rotations completed (connected with the new certificate).
+    pub rotations: u32,
 }
 
 /// Connection attempts each device remembers (the oldest are dropped).
@@ -173,6 +181,13 @@ pub struct DeviceSnapshot {
     /// Image bytes this device downloaded, over all its connections (a
     /// download resumed after a dropped connection fetches no byte twice).
     pub firmware_bytes: u64,
+    /// The serial of the certificate it connects with (as `cityplane_certs`
+    /// writes serials): the one it was provisioned with until a rotation
+    /// completes.
+    pub cert_serial: String,
+    /// Certificate rotations it completed (connected with the new
+    /// certificate).
+    pub rotations: u32,
 }
 
 /// A running fleet of simulated devices.
@@ -199,9 +214,11 @@ impl Fleet {
 
         // Certificates: file reads and key parsing, off the async threads.
         let load_config = config.clone();
-        let (identities, rogues) = tokio::task::spawn_blocking(move || {
+        let (identities, rogues, base, ca_pem) = tokio::task::spawn_blocking(move || {
             let pki = Pki::open(&load_config.pki).map_err(|e| SimError::Pki(e.to_string()))?;
             let base = TlsBase::from_ca_file(&pki.ca_cert_path())?;
+            let ca_pem = std::fs::read(pki.ca_cert_path())
+                .map_err(|e| SimError::Pki(format!("{}: {e}", pki.ca_cert_path().display())))?;
             let load = |id: &String| base.identity(&pki.cert_path(id), &pki.key_path(id));
             let identities = load_config
                 .ids
@@ -213,7 +230,7 @@ impl Fleet {
                 .iter()
                 .map(|id| load(id).map(|i| (id.clone(), i.config)))
                 .collect::<Result<Vec<_>, _>>()?;
-            Ok::<_, SimError>((identities, rogues))
+            Ok::<_, SimError>((identities, rogues, base, ca_pem))
         })
         .await
         .map_err(|e| SimError::Other(e.to_string()))??;
@@ -253,6 +270,8 @@ impl Fleet {
             started: Instant::now(),
             counters: Counters::default(),
             rogue: Mutex::new(RogueStats::default()),
+            tls_base: base,
+            ca_pem,
             addr,
             server_name,
             config,
@@ -270,6 +289,10 @@ impl Fleet {
         for ((id, class), identity) in config.ids.iter().zip(classes).zip(identities) {
             let mut rng = Rng::for_name(config.seed, id);
             let mut state = classes::initial_state(class, &mut rng, &identity.not_after);
+            state.insert(
+                CertificateState::KEY.into(),
+                serde_json::json!({"rotation": CertificateState::ISSUED}),
+            );
             if config.release_key.is_some() {
                 // A device that checks releases starts with its own firmware
                 // as the floor (it refuses anything older unless signed as a
@@ -298,18 +321,14 @@ impl Fleet {
                     reboots_before_applying: 0,
                     firmware_installs: 0,
                     firmware_bytes: 0,
+                    cert_serial: identity.serial.clone(),
+                    rotations: 0,
                 }),
                 control: Notify::new(),
             });
             index.insert(id.clone(), devices.len());
             devices.push(dev.clone());
-            let fut = device::run(
-                dev,
-                shared.clone(),
-                identity.config,
-                rng,
-                shutdown_rx.clone(),
-            );
+            let fut = device::run(dev, shared.clone(), identity, rng, shutdown_rx.clone());
             tasks.push(tokio::spawn(fut));
         }
         Ok(Fleet {
@@ -389,6 +408,8 @@ impl Fleet {
             reboots_before_applying: v.reboots_before_applying,
             firmware_installs: v.firmware_installs,
             firmware_bytes: v.firmware_bytes,
+            cert_serial: v.cert_serial.clone(),
+            rotations: v.rotations,
         }
     }
 
@@ -405,6 +426,23 @@ impl Fleet {
         self.index
             .get(id)
             .map(|i| self.devices[*i].lock().state.get(key).cloned())
+    }
+
+    /// The serial of the certificate the device connects with (`None` for
+    /// an unknown id): the provisioned one's until a rotation completes,
+    /// the old one's again after a refused new certificate.
+    pub fn cert_serial(&self, id: &str) -> Option<String> {
+        self.index
+            .get(id)
+            .map(|i| self.devices[*i].lock().cert_serial.clone())
+    }
+
+    /// Certificate rotations the device completed (`None`: unknown id).
+    /// The fleet's totals are in [`SimStats::rotations`].
+    pub fn rotations(&self, id: &str) -> Option<u32> {
+        self.index
+            .get(id)
+            .map(|i| self.devices[*i].lock().rotations)
     }
 
     /// When the device's current session became online (`None`: offline).

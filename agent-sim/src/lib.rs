@@ -36,7 +36,7 @@ use std::time::Duration;
 pub use classes::{Class, ClassMix};
 pub use fleet::{Attempt, DeviceSnapshot, Fleet, ATTEMPTS_KEPT};
 pub use rogue::{RogueActionStats, RogueStats};
-pub use stats::{rss_kib, FirmwareStats, Percentiles, SimStats};
+pub use stats::{rss_kib, FirmwareStats, Percentiles, RotationStats, SimStats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
@@ -95,6 +95,12 @@ pub struct Faults {
     /// How long a reboot keeps a device away (also used for the planned
     /// reboot of a firmware update).
     pub reboot_time: (Duration, Duration),
+    /// `rotation_lost_key`: these devices send their CSR and acknowledge a
+    /// rotation as usual, but lose the new private key before the
+    /// certificate arrives, so they acknowledge the delivery and keep
+    /// using (and reporting) their old certificate: the rotation can never
+    /// complete, and only the reported `certificate` shows it.
+    pub rotation_lost_key: std::collections::BTreeSet<String>,
 }
 
 impl Default for Faults {
@@ -105,6 +111,7 @@ impl Default for Faults {
             offline_for: (Duration::from_secs(5), Duration::from_secs(60)),
             reboot_during_update: 0.0,
             reboot_time: (Duration::from_secs(2), Duration::from_secs(5)),
+            rotation_lost_key: std::collections::BTreeSet::new(),
         }
     }
 }

@@ -158,6 +158,11 @@ struct FaultArgs {
     /// Probability that a power loss interrupts a firmware update.
     #[arg(long, default_value_t = 0.0)]
     reboot_during_update: f64,
+    /// rotation_lost_key: this device (repeat for more) loses the key of a
+    /// certificate rotation before its certificate arrives, so it keeps
+    /// its old certificate.
+    #[arg(long, value_name = "ID")]
+    rotation_lost_key: Vec<String>,
     /// Firmware image size, KiB.
     #[arg(long, default_value_t = 8192)]
     fw_size_kib: u64,
@@ -271,6 +276,7 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
         link_drops_per_hour: f.link_drops_per_hour,
         offline_per_hour: f.offline_per_hour,
         reboot_during_update: f.reboot_during_update,
+        rotation_lost_key: f.rotation_lost_key.iter().cloned().collect(),
         ..Faults::default()
     };
     config.release_key = f

@@ -49,6 +49,11 @@ pub(crate) struct Counters {
     pub fw_outcomes: Mutex<BTreeMap<String, u64>>,
     /// Durations of successful connects (TCP + TLS + CONNACK), in µs.
     pub connect_latency_us: Mutex<Vec<u32>>,
+    pub csrs_offered: AtomicU64,
+    pub rot_completed: AtomicU64,
+    pub rot_rejected: AtomicU64,
+    pub rot_fallbacks: AtomicU64,
+    pub rot_keys_lost: AtomicU64,
 }
 
 /// Samples kept for latency percentiles (beyond this, new samples are dropped).
@@ -137,6 +142,25 @@ pub struct FirmwareStats {
     pub by_outcome: BTreeMap<String, u64>,
 }
 
+/// Certificate rotations (docs/PROTOCOL.md, "Certificate rotation").
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct RotationStats {
+    /// CSRs queued on `devices/D/csr` (offered; a repeat for the same
+    /// pending key counts again).
+    pub csrs_offered: u64,
+    /// Devices that connected with a delivered certificate (one per
+    /// rotation completed; per device: [`crate::DeviceSnapshot::rotations`]).
+    pub completed: u64,
+    /// Deliveries refused (`rejected` ack): wrong key, CA, identity, …
+    pub rejected: u64,
+    /// New certificates the broker refused, after which the device went
+    /// back to its old one.
+    pub fallbacks: u64,
+    /// Deliveries whose key the device had lost (the `rotation_lost_key`
+    /// fault).
+    pub keys_lost: u64,
+}
+
 /// A snapshot of the whole fleet.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct SimStats {
@@ -183,6 +207,7 @@ pub struct SimStats {
     pub reboots: u64,
     pub offline_episodes: u64,
     pub firmware: FirmwareStats,
+    pub rotations: RotationStats,
     /// Failures by reason: connect errors, lost sessions, rejected commands.
     pub failures: BTreeMap<String, u64>,
     /// TCP + TLS + CONNECT/CONNACK of successful connects.
@@ -247,6 +272,13 @@ impl Counters {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .clone(),
+            },
+            rotations: RotationStats {
+                csrs_offered: g(&self.csrs_offered),
+                completed: g(&self.rot_completed),
+                rejected: g(&self.rot_rejected),
+                fallbacks: g(&self.rot_fallbacks),
+                keys_lost: g(&self.rot_keys_lost),
             },
             failures: self
                 .failures

@@ -38,13 +38,26 @@ impl TlsBase {
     /// A client config presenting the certificate and key in `cert`/`key`
     /// (PEM). Also returns the certificate's notAfter (RFC 3339).
     pub fn identity(&self, cert: &Path, key: &Path) -> Result<Identity, SimError> {
-        let cert = ClientCert::from_pem_files(cert, key)?;
+        self.identity_of(ClientCert::from_pem_files(cert, key)?)
+    }
+
+    /// [`identity`](Self::identity) from PEM held in memory (a rotated
+    /// certificate and the key the device generated for it).
+    pub fn identity_pem(&self, cert_pem: &[u8], key_pem: &[u8]) -> Result<Identity, SimError> {
+        self.identity_of(ClientCert::from_pem(cert_pem, key_pem)?)
+    }
+
+    fn identity_of(&self, cert: ClientCert) -> Result<Identity, SimError> {
         let not_after = not_after(cert.leaf().as_ref()).unwrap_or_default();
+        let serial = cityplane_certs::peer_cert(cert.leaf().as_ref())
+            .map(|p| p.serial)
+            .unwrap_or_default();
         let mut config = self.trust.client(Some(cert))?;
         config.resumption = Resumption::disabled();
         Ok(Identity {
             config: Arc::new(config),
             not_after,
+            serial,
         })
     }
 }
@@ -54,6 +67,9 @@ pub struct Identity {
     pub config: Arc<ClientConfig>,
     /// The certificate's notAfter, RFC 3339 (empty if unreadable).
     pub not_after: String,
+    /// The certificate's serial as `cityplane_certs` writes it (empty if
+    /// unreadable).
+    pub serial: String,
 }
 
 fn not_after(der: &[u8]) -> Option<String> {

@@ -1,9 +1,9 @@
 //! Who may publish and subscribe to what. The identity comes from the
 //! verified client certificate, never from anything the client says.
 //!
-//! - device `D`: publish `devices/D/{reported,telemetry,acks,fetch}`, will
-//!   on `devices/D/presence`, subscribe exactly `devices/D/commands` and
-//!   `devices/D/blob`;
+//! - device `D`: publish `devices/D/{reported,telemetry,acks,csr,fetch}`,
+//!   will on `devices/D/presence`, subscribe exactly `devices/D/commands`
+//!   and `devices/D/blob`;
 //! - operator: publish under `fleet/desired/#` and `fleet/ops/#` (the
 //!   controller checks what each organisation may write). Subscribe, also
 //!   as `$share/<group>/<filter>`: an operator of the city's own
@@ -14,7 +14,8 @@
 //!   wildcard, names a device of its scope, inside its own
 //!   `fleet/responses/<id>/#`, and to `fleet/compliance/<its org>`. What
 //!   a wildcard matches outside the scope is dropped per delivery
-//!   (`session::core`), not here;
+//!   (`session::core`), not here. No operator reads `devices/+/csr`: a
+//!   CSR is the device's request to the CA, for the controller only;
 //! - controller: every publish except on `$`-topics (rumqttd neither routes
 //!   a publish to one nor accepts a subscription to one) and on the image
 //!   path (`devices/+/fetch`, `devices/+/blob`: see [`is_image_path`]);
@@ -251,12 +252,16 @@ mod tests {
             "devices/d1/reported",
             "devices/d1/telemetry",
             "devices/d1/acks",
+            "devices/d1/csr",
             "devices/d1/fetch",
         ] {
             assert!(may_publish(&d, ok), "{ok}");
         }
+        assert!(!may_retain(&d, "devices/d1/csr"));
         for bad in [
             "devices/d2/reported",
+            "devices/d2/csr",
+            "devices/+/csr",
             "devices/d2/fetch",
             "devices/d1/blob",
             "devices/d1/commands",
@@ -317,6 +322,9 @@ mod tests {
             "#",
             "devices/#",
             "devices/+/commands",
+            "devices/+/csr",
+            "devices/d1/csr",
+            "$share/g/devices/+/csr",
             "devices/+/+",
             "+/+/reported",
             "$SYS/#",
@@ -350,6 +358,8 @@ mod tests {
             "devices/cam1/reported",
             "$share/dash/devices/cam1/telemetry",
             "devices/lamp1/commands",
+            "devices/lamp1/csr",
+            "devices/+/csr",
             "devices/#",
             "devices/+/+",
             "fleet/#",
@@ -403,6 +413,7 @@ mod tests {
         let c = who(Role::Controller, "ctl");
         assert!(may_publish(&c, "devices/d1/commands"));
         assert!(may_subscribe(&c, "#"));
+        assert!(may_subscribe(&c, "devices/+/csr"));
         assert!(may_subscribe(&c, "$share/g/devices/+/reported"));
         for bad in [
             "$TopicA/B",
@@ -451,6 +462,9 @@ mod tests {
             b"",
             b"null",
             br#"{"online":false,"x":1}"#,
+            // Only the edge says which certificate a device uses.
+            br#"{"online":false,"serial":"0a"}"#,
+            br#"{"online":false,"serial":null}"#,
             br#"[false]"#,
             b"junk",
         ] {

@@ -369,7 +369,15 @@ fn router_config(limits: &Limits) -> RouterConfig {
     // (the in-process controller's unread backlog is also capped, at half
     // of these, by `backlog`).
     let mut custom = HashMap::new();
-    for leaf in ["reported", "acks", "presence", "telemetry"] {
+    // CSRs too: a rotation of the whole fleet is a burst of them (~600 B
+    // each) that the controller must not lose.
+    for leaf in [
+        "reported",
+        "acks",
+        "presence",
+        "telemetry",
+        cityplane_proto::topics::DEVICE_CSR_LEAF,
+    ] {
         custom.insert(
             cityplane_proto::topics::all_devices(leaf),
             rumqttd::SegmentConfig {

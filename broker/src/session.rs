@@ -222,7 +222,7 @@ impl Session {
         // is ending right now) cannot come after this session's online.
         match shared.ingress.reserve_one().await {
             Ok(permit) => shared.registry.claim(&mut registration, &self.who.id, || {
-                if let Some(online) = presence_packet(&self.who.id, true) {
+                if let Some(online) = presence_packet(&self.who.id, Some(&self.serial)) {
                     permit.send(online);
                 }
             }),
@@ -250,7 +250,7 @@ impl Session {
             let mut last = Vec::with_capacity(2);
             last.extend(will.and_then(will_packet));
             if core::says_offline_itself(&self.who.id, will) {
-                last.extend(presence_packet(&self.who.id, false));
+                last.extend(presence_packet(&self.who.id, None));
             }
             if let Ok(permits) = shared.ingress.reserve(last.len()).await {
                 // Nothing if a newer session took over meanwhile: its online

@@ -91,6 +91,25 @@ impl ClientCert {
         })
     }
 
+    /// A chain and key held in memory (PEM), such as a certificate a
+    /// device received in a rotation with the key it generated for it.
+    /// Errors name the path `(memory)`.
+    pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<ClientCert, Error> {
+        let path = PathBuf::from("(memory)");
+        let read = |source| Error::Read {
+            path: path.clone(),
+            source,
+        };
+        let chain = CertificateDer::pem_slice_iter(cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(read)?;
+        if chain.is_empty() {
+            return Err(Error::NoCertificate { path });
+        }
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(read)?;
+        Ok(ClientCert { chain, key, path })
+    }
+
     /// The end-entity certificate (the chain's first; never empty).
     pub fn leaf(&self) -> &CertificateDer<'static> {
         &self.chain[0]

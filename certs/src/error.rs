@@ -103,6 +103,12 @@ pub enum CertError {
     #[error("client certificate rejected: {0}")]
     BadPeerCert(String),
 
+    /// A device's certificate signing request that the CA will not sign:
+    /// unreadable, badly signed, or asking for something other than the
+    /// device's own identity with a P-256 key.
+    #[error("certificate signing request of {id} refused: {reason}")]
+    BadCsr { id: String, reason: String },
+
     #[error("certificate generation failed: {0}")]
     Generate(rcgen::Error),
 

@@ -43,14 +43,15 @@ mod pki;
 pub mod policy;
 pub mod registry;
 mod revocation;
+pub mod rotation;
 mod serial;
 pub mod signing;
 
 pub use error::CertError;
 pub use peer::{peer_cert, PeerCert};
 pub use pki::{
-    BulkIssued, CertInfo, CrlInfo, IssueOptions, Pki, Rotated, BACKDATE, CA_CERT_FILE, CA_KEY_FILE,
-    CA_VALIDITY_DAYS, CRL_FILE, CRL_VALIDITY_DAYS, DEFAULT_VALIDITY_DAYS, ISSUED_FILE,
+    BulkIssued, CertInfo, CrlInfo, IssueOptions, Pki, Rotated, SignedCsr, BACKDATE, CA_CERT_FILE,
+    CA_KEY_FILE, CA_VALIDITY_DAYS, CRL_FILE, CRL_VALIDITY_DAYS, DEFAULT_VALIDITY_DAYS, ISSUED_FILE,
     RESERVED_IDS, REVOCATION_FILE, SERVER_CERT_FILE, SERVER_FILES, SERVER_KEY_FILE,
 };
 pub use revocation::{RevocationList, RevokedEntry, REVOCATION_FORMAT_VERSION};

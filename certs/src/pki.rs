@@ -11,9 +11,10 @@ use std::sync::mpsc;
 use cityplane_proto::messages::Attributes;
 use cityplane_proto::{validate_id, validate_org, Role, ADMIN_ORG};
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
-    RevokedCertParams, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams,
+    CertificateSigningRequestParams, DistinguishedName, DnType, DnValue, ExtendedKeyUsagePurpose,
+    IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, PublicKeyData, RevokedCertParams, SanType,
+    SerialNumber, PKCS_ECDSA_P256_SHA256,
 };
 use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
@@ -158,6 +159,15 @@ pub struct Rotated {
     /// The serials it replaced, now revoked (empty if the id had no valid
     /// certificate).
     pub revoked: Vec<RevokedEntry>,
+}
+
+/// What [`Pki::sign_device_csr`] signed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedCsr {
+    /// As `list` will show it (its `cert_path` is empty: no file is written).
+    pub cert: CertInfo,
+    /// The certificate, PEM: what the device is sent.
+    pub pem: String,
 }
 
 /// A freshly signed CRL (see [`Pki::refresh_crl`]).
@@ -723,6 +733,164 @@ impl Pki {
             .ok_or_else(|| CertError::InvalidSerial(String::new()))
     }
 
+    /// Revokes every serial of `serials` (hex, any case, colons allowed)
+    /// with one rewrite of `revoked.json` and one CRL signing, where
+    /// [`revoke_serial`](Self::revoke_serial) per serial would rewrite and
+    /// re-sign both each time (a rotation of thousands of devices revokes
+    /// their old certificates in one go). Every serial is checked before
+    /// anything is written ([`CertError::InvalidSerial`]). Serials already
+    /// revoked, and repeats, are skipped: the entries returned are the ones
+    /// this call added, in the order given. Ids come from the issuance
+    /// record or the certificate files, as for `revoke_serial`. With
+    /// nothing new to add, the CRL is still re-signed from `revoked.json`
+    /// (re-running after a crash between the two writes completes it).
+    pub fn revoke_serials(&self, serials: &[String]) -> Result<Vec<RevokedEntry>, CertError> {
+        let mut wanted = Vec::with_capacity(serials.len());
+        for serial in serials {
+            let canonical = parse_serial(serial)
+                .filter(|b| b.len() <= MAX_SERIAL_OCTETS)
+                .map(|b| to_hex(&b))
+                .ok_or_else(|| CertError::InvalidSerial(serial.clone()))?;
+            wanted.push(canonical);
+        }
+        let ca = self.load_ca()?;
+        let mut revocations = self.load_revocations()?;
+        let index = self.load_index()?;
+        let mut seen = HashSet::new();
+        let new: Vec<String> = wanted
+            .into_iter()
+            .filter(|s| revocations.find(s).is_none() && seen.insert(s.clone()))
+            .collect();
+        if new.is_empty() {
+            self.write_crl(&ca, &revocations)?;
+            return Ok(Vec::new());
+        }
+        // The files are read only for serials the record does not know.
+        let mut files = None;
+        let revoked_at = rfc3339(now());
+        let mut records = Vec::with_capacity(new.len());
+        for serial in new {
+            let known = match index.by_serial(&serial) {
+                Some(rec) => Some(rec.unrevoked_info()),
+                None => {
+                    if files.is_none() {
+                        files = Some(self.current_certs(&revocations)?);
+                    }
+                    files.iter().flatten().find(|c| c.serial == serial).cloned()
+                }
+            };
+            if known.is_none() {
+                tracing::warn!(%serial, dir = %self.dir.display(), "revoking a serial this directory has no record of");
+            }
+            records.push(RevokedRecord {
+                id: known.as_ref().map(|c| c.id.clone()).unwrap_or_default(),
+                role: known.as_ref().map(|c| c.role),
+                not_after: known
+                    .as_ref()
+                    .map(|c| c.not_after.clone())
+                    .filter(|s| !s.is_empty()),
+                revoked_at: revoked_at.clone(),
+                serial,
+            });
+        }
+        self.append_records(&ca, &mut revocations, records)
+    }
+
+    /// Signs a device certificate for `id` from the device's own
+    /// certificate signing request (PKCS#10, PEM): a rotation in which the
+    /// private key never leaves the device.
+    ///
+    /// The CSR is untrusted input. It must carry a valid self-signature
+    /// (proof that the requester holds the key), a P-256 key, exactly the
+    /// subject the CA gives a device (CN = `id`, OU = `device`, and O =
+    /// `cityplane` or no O) and no requested extensions; anything else is
+    /// [`CertError::BadCsr`]. Only the public key is taken from it: the
+    /// certificate's contents (subject, validity, clientAuth, key usage)
+    /// are built here exactly as [`issue`](Self::issue) builds them.
+    /// `id` must hold a valid device certificate already ([`CertError::NotFound`]
+    /// otherwise): a rotation renews an identity, it does not create one.
+    ///
+    /// The new serial is recorded in `issued.jsonl` (with the attributes of
+    /// the id's newest record, so the registry keeps them) before the
+    /// certificate is returned. No file is written: there is no key to
+    /// write, and `DIR/<id>.crt` stays the certificate paired with
+    /// `DIR/<id>.key`, which whoever provisioned the device from this
+    /// directory still loads. The new certificate is listed from the
+    /// record (empty `cert_path`) and counts as a valid certificate of
+    /// `id` (`issue` refuses, `rotate` and `revoke --id` revoke it); the
+    /// certificate comes back as PEM, for the caller to deliver. The old
+    /// certificate is not
+    /// revoked here: the caller revokes it ([`revoke_serials`](Self::revoke_serials))
+    /// once the device has connected with the new one.
+    pub fn sign_device_csr(&self, id: &str, csr_pem: &str) -> Result<SignedCsr, CertError> {
+        check_id(id)?;
+        let refuse = |reason: String| CertError::BadCsr {
+            id: id.to_owned(),
+            reason,
+        };
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
+            refuse(match e {
+                rcgen::Error::InvalidCertificationRequestSignature => {
+                    "its signature does not verify".to_owned()
+                }
+                rcgen::Error::UnsupportedExtension => "it requests an extension".to_owned(),
+                other => format!("unreadable: {other}"),
+            })
+        })?;
+        check_csr_subject(id, &csr.params.distinguished_name).map_err(refuse)?;
+        let p = &csr.params;
+        if !p.subject_alt_names.is_empty()
+            || !p.key_usages.is_empty()
+            || !p.extended_key_usages.is_empty()
+            || !matches!(p.is_ca, IsCa::NoCa)
+        {
+            return Err(refuse(
+                "it requests extensions; a device asks for none".into(),
+            ));
+        }
+        // The algorithm is read from the CSR's signature; the length and
+        // form pin the curve (an uncompressed P-256 point).
+        let raw = csr.public_key.der_bytes();
+        if csr.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256
+            || raw.len() != 65
+            || raw.first() != Some(&4)
+        {
+            return Err(refuse("its key is not an ECDSA P-256 key".into()));
+        }
+        let ca = self.load_ca()?;
+        let revocations = self.load_revocations()?;
+        let index = self.load_index()?;
+        let live = self.live_certs(id, &revocations, &index)?;
+        if live.is_empty() || live.iter().any(|c| c.role != Role::Device) {
+            return Err(CertError::NotFound {
+                what: format!("a valid device certificate of {id:?} to renew"),
+                dir: self.dir.clone(),
+            });
+        }
+        let opts = IssueOptions {
+            org: None,
+            ..self.issue_options()
+        };
+        let (mut info, pem) = self.build_cert(
+            &ca,
+            Role::Device,
+            id,
+            &opts,
+            &random_serial()?,
+            &csr.public_key,
+        )?;
+        info.cert_path = PathBuf::new();
+        let attributes = index
+            .for_id(id)
+            .last()
+            .map_or_else(|| self.attributes.clone(), |r| r.attributes.clone());
+        self.clone()
+            .with_attributes(attributes)
+            .record_issued(std::slice::from_ref(&info))?;
+        tracing::info!(%id, serial = %info.serial, "signed a device's certificate signing request");
+        Ok(SignedCsr { cert: info, pem })
+    }
+
     /// Re-signs `crl.pem` from `revoked.json` with a fresh `nextUpdate`
     /// ([`CRL_VALIDITY_DAYS`]). Run it regularly (cron) when anything reads
     /// the CRL, and after restoring `revoked.json`.
@@ -997,6 +1165,27 @@ impl Pki {
         opts: &IssueOptions,
         serial: &[u8; SERIAL_LEN],
     ) -> Result<NewCert, CertError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let (info, cert_pem) = self.build_cert(ca, role, id, opts, serial, &key)?;
+        Ok(NewCert {
+            info,
+            cert_pem,
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Signs a certificate for `id` over `public_key`: the one place a
+    /// leaf's contents are decided, whether the CA made the key
+    /// ([`Self::generate`]) or a device did ([`Self::sign_device_csr`]).
+    fn build_cert(
+        &self,
+        ca: &Ca,
+        role: Role,
+        id: &str,
+        opts: &IssueOptions,
+        serial: &[u8; SERIAL_LEN],
+        public_key: &impl PublicKeyData,
+    ) -> Result<(CertInfo, String), CertError> {
         if opts.not_after <= opts.not_before {
             return Err(CertError::InvalidValidity(format!(
                 "not_after ({}) must be later than not_before ({})",
@@ -1004,17 +1193,11 @@ impl Pki {
                 rfc3339(opts.not_before)
             )));
         }
-        let org = subject_org(role, opts.org.as_deref())?;
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
         params.serial_number = Some(SerialNumber::from_slice(serial));
         params.not_before = opts.not_before;
         params.not_after = opts.not_after;
-        params.distinguished_name = dn(&[
-            (DnType::OrganizationName, org),
-            (DnType::OrganizationalUnitName, role.as_str()),
-            (DnType::CommonName, id),
-        ]);
+        params.distinguished_name = subject(role, opts.org.as_deref(), id)?;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![if opts.client_auth {
@@ -1023,7 +1206,7 @@ impl Pki {
             ExtendedKeyUsagePurpose::ServerAuth
         }];
         params.use_authority_key_identifier_extension = true;
-        let cert = params.signed_by(&key, &ca.issuer)?;
+        let cert = params.signed_by(public_key, &ca.issuer)?;
         // Report exactly what was written: read it back from the DER.
         let parsed = parse_identity(cert.der()).map_err(|reason| {
             CertError::bad_file(
@@ -1032,8 +1215,8 @@ impl Pki {
             )
         })?;
         debug_assert_eq!(parsed.serial, serial_hex(serial));
-        Ok(NewCert {
-            info: CertInfo {
+        Ok((
+            CertInfo {
                 id: id.to_owned(),
                 role,
                 not_after: parsed.not_after_rfc3339(),
@@ -1042,9 +1225,8 @@ impl Pki {
                 cert_path: self.cert_path(id),
                 org: parsed.identity.org,
             },
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
+            cert.pem(),
+        ))
     }
 
     /// Writes the key, then the certificate. A crash in between leaves a key
@@ -1244,6 +1426,50 @@ fn subject_org(role: Role, org: Option<&str>) -> Result<&str, CertError> {
         (_, None) => Ok(ORGANIZATION),
         (role, Some(_)) => Err(CertError::OrgNotForRole { role }),
     }
+}
+
+/// A device CSR's subject must be what the CA writes for a device: CN =
+/// `id` and OU = `device` once each, and at most O = [`ORGANIZATION`].
+fn check_csr_subject(id: &str, subject: &DistinguishedName) -> Result<(), String> {
+    let (mut cn, mut ou, mut o) = (0, 0, 0);
+    for (ty, value) in subject.iter() {
+        let value = match value {
+            DnValue::Utf8String(s) => s.as_str(),
+            DnValue::PrintableString(s) => s.as_str(),
+            _ => return Err("its subject uses an unexpected string type".into()),
+        };
+        let (count, want) = match ty {
+            DnType::CommonName => (&mut cn, id),
+            DnType::OrganizationalUnitName => (&mut ou, Role::Device.as_str()),
+            DnType::OrganizationName => (&mut o, ORGANIZATION),
+            _ => return Err("its subject names more than CN, OU and O".into()),
+        };
+        if value != want {
+            return Err(format!(
+                "its subject says {value:?} where a device certificate of {id:?} says {want:?}"
+            ));
+        }
+        *count += 1;
+    }
+    if cn != 1 || ou != 1 || o > 1 {
+        return Err(format!("its subject must be CN={id}, OU=device"));
+    }
+    Ok(())
+}
+
+/// The subject of an identity certificate: O, OU = role, CN = id. Also
+/// what a device's CSR says ([`crate::rotation::device_csr`]).
+pub(crate) fn subject(
+    role: Role,
+    org: Option<&str>,
+    id: &str,
+) -> Result<DistinguishedName, CertError> {
+    let org = subject_org(role, org)?;
+    Ok(dn(&[
+        (DnType::OrganizationName, org),
+        (DnType::OrganizationalUnitName, role.as_str()),
+        (DnType::CommonName, id),
+    ]))
 }
 
 fn dn(parts: &[(DnType, &str)]) -> DistinguishedName {

@@ -1050,6 +1050,7 @@ fn command_message(
         generation: cmd.generation,
         state: cmd.state.clone(),
         release,
+        certificate: None,
     };
     Outgoing {
         topic: topics::commands(device),

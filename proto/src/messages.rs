@@ -36,6 +36,46 @@ pub struct Command {
     /// The signed release to install, when `state` sets `firmware`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub release: Option<crate::firmware::SignedRelease>,
+    /// A certificate signed for the device's pending rotation (the answer
+    /// to its `devices/D/csr`). A command carrying one sets no state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<CertificateDelivery>,
+}
+
+/// The device's certificate for rotation `rotation`, signed by the CA from
+/// the device's CSR (`Command::certificate`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
+pub struct CertificateDelivery {
+    pub rotation: String,
+    /// The certificate, PEM.
+    pub pem: String,
+}
+
+/// `devices/D/csr`: a device asks for a certificate for rotation
+/// `rotation`; the key pair was generated on the device and never leaves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
+pub struct CsrRequest {
+    pub rotation: String,
+    /// PKCS#10, PEM.
+    pub csr: String,
+}
+
+/// The value of the `certificate` key in desired and reported state:
+/// `{"rotation": R}`, the rotation whose certificate the device uses
+/// (`issued` for the certificate it was provisioned with).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
+pub struct CertificateState {
+    pub rotation: String,
+}
+
+impl CertificateState {
+    /// The state key.
+    pub const KEY: &'static str = "certificate";
+    /// The rotation of a device's provisioned certificate.
+    pub const ISSUED: &'static str = "issued";
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -71,12 +111,18 @@ pub struct Ack {
     pub reason: Option<String>,
 }
 
-/// `devices/D/presence`: published by the device on connect (`true`) and as
-/// its will (`false`).
+/// `devices/D/presence`: published by the broker on connect (`true`, with
+/// the serial of the certificate the session authenticated with) and on
+/// disconnect or as the device's will (`false`, no serial).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(remote = "Self", deny_unknown_fields)]
 pub struct Presence {
     pub online: bool,
+    /// Canonical hex serial (as `cityplane_certs` reports it). A device's
+    /// will may not carry one (the broker refuses it): only the edge, which
+    /// saw the certificate, says which one a device is using.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
 }
 
 /// Which devices a desired document applies to: a list of ids or a selector.
@@ -226,7 +272,7 @@ impl Response {
     }
 }
 
-crate::object_only!(serialize: Reported, Command, Ack, Presence, Target, IdList, Selector, DesiredDoc, Attributes, Registration);
+crate::object_only!(serialize: Reported, Command, CertificateDelivery, CsrRequest, CertificateState, Ack, Presence, Target, IdList, Selector, DesiredDoc, Attributes, Registration);
 
 /// Implements `Deserialize` for types whose derived deserializer is an
 /// inherent function (`#[serde(remote = "Self")]`) so that they are read from
@@ -359,6 +405,26 @@ mod tests {
     #[test]
     fn presence_is_an_object_only() {
         only_objects::<Presence>(r#"{"online":true}"#, "[true]");
+        only_objects::<Presence>(r#"{"online":true,"serial":"0a1b"}"#, r#"[true, "0a1b"]"#);
+    }
+
+    #[test]
+    fn rotation_bodies_are_objects_only_and_strict() {
+        only_objects::<Command>(
+            r#"{"id":"c","generation":2,"state":{},"certificate":{"rotation":"r1","pem":"P"}}"#,
+            r#"["c", 2, {}, null, {"rotation": "r1", "pem": "P"}]"#,
+        );
+        only_objects::<CertificateDelivery>(r#"{"rotation":"r1","pem":"P"}"#, r#"["r1", "P"]"#);
+        only_objects::<CsrRequest>(r#"{"rotation":"r1","csr":"C"}"#, r#"["r1", "C"]"#);
+        only_objects::<CertificateState>(r#"{"rotation":"r1"}"#, r#"["r1"]"#);
+        for bad in [
+            r#"{"id":"c","generation":2,"state":{},"certificate":["r1","P"]}"#,
+            r#"{"id":"c","generation":2,"state":{},"certificate":{"rotation":"r1","pem":"P","key":"K"}}"#,
+        ] {
+            assert!(serde_json::from_str::<Command>(bad).is_err(), "{bad}");
+        }
+        assert!(serde_json::from_str::<CsrRequest>(r#"{"rotation":"r1"}"#).is_err());
+        assert!(serde_json::from_str::<CertificateState>(r#"{"rotation":"r1","x":1}"#).is_err());
     }
 
     #[test]

@@ -33,12 +33,23 @@ pub fn blob(device: &str) -> String {
     format!("{DEVICES}/{device}/blob")
 }
 
+/// A device's certificate signing request during a rotation (read by the
+/// controller only).
+pub fn csr(device: &str) -> String {
+    format!("{DEVICES}/{device}/{DEVICE_CSR_LEAF}")
+}
+
 /// The leaf a device asks for image chunks on, and the one they come on.
 pub const DEVICE_FETCH_LEAF: &str = "fetch";
 pub const DEVICE_BLOB_LEAF: &str = "blob";
 
-/// The per-device leaves a device may publish to.
-pub const DEVICE_PUBLISH_LEAVES: [&str; 3] = ["reported", "telemetry", "acks"];
+/// The leaf a device sends its certificate signing requests on.
+pub const DEVICE_CSR_LEAF: &str = "csr";
+
+/// The per-device leaves a device may publish to (besides `fetch`, which the
+/// edge answers itself). Publishing is all this grants: who may read each
+/// leaf is a separate rule (operators never read `csr`).
+pub const DEVICE_PUBLISH_LEAVES: [&str; 4] = ["reported", "telemetry", "acks", DEVICE_CSR_LEAF];
 /// The leaf a device's will must use.
 pub const DEVICE_WILL_LEAF: &str = "presence";
 /// The leaf a device may subscribe to.

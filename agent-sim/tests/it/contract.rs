@@ -40,7 +40,8 @@ async fn fifty_mixed_devices_connect_and_report() {
             .expect("a report and presence from every device", |t, v| {
                 let (id, leaf) = topics::split_device_topic(t)?;
                 match leaf {
-                    "presence" if v == &json!({"online": true}) => Some((id.to_owned(), None)),
+                    // The broker adds the serial of the session's certificate.
+                    "presence" if v["online"] == json!(true) => Some((id.to_owned(), None)),
                     "reported" => Some((id.to_owned(), reported(t, v).map(|(_, r)| r))),
                     _ => None,
                 }
@@ -127,7 +128,7 @@ async fn presence_online_is_announced_per_contract() {
         let id = ctl
             .expect("presence online", |t, v| {
                 let (id, leaf) = topics::split_device_topic(t)?;
-                (leaf == "presence" && v == &json!({"online": true})).then(|| id.to_owned())
+                (leaf == "presence" && v["online"] == json!(true)).then(|| id.to_owned())
             })
             .await;
         online.insert(id);

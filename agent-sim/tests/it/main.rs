@@ -7,4 +7,5 @@ mod faults;
 mod firmware;
 mod mosquitto;
 mod releases;
+mod rotation;
 mod scenarios;

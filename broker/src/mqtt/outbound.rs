@@ -6,6 +6,7 @@
 
 use bytes::BytesMut;
 use cityplane_proto::firmware::{encode_blob, BlobHeader};
+use cityplane_proto::messages::Presence;
 use cityplane_proto::topics;
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::{Packet, Protocol};
@@ -168,14 +169,18 @@ pub(crate) fn link_publish(
     ))
 }
 
-/// `{"online": …}`, retained, QoS 0, on the device's presence topic.
-pub(crate) fn presence_packet(device: &str, online: bool) -> Option<Packet> {
-    let body = if online {
-        &br#"{"online":true}"#[..]
-    } else {
-        &br#"{"online":false}"#[..]
+/// Presence, retained, QoS 0, on the device's presence topic:
+/// `{"online":true,"serial":"<hex>"}` with the serial of the certificate the
+/// session authenticated with (`Some`), so readers learn which certificate a
+/// device uses (a rotation is done when the new serial comes online), or
+/// `{"online":false}` (`None`), which is also all a device's will may say.
+pub(crate) fn presence_packet(device: &str, online_serial: Option<&str>) -> Option<Packet> {
+    let body = Presence {
+        online: online_serial.is_some(),
+        serial: online_serial.map(str::to_owned),
     };
-    link_publish(&topics::presence(device), body, false, true, 0)
+    let body = serde_json::to_vec(&body).ok()?;
+    link_publish(&topics::presence(device), &body, false, true, 0)
 }
 
 /// A will as the router's packet. QoS 2 is sent as QoS 1: the router holds a

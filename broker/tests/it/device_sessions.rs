@@ -186,9 +186,11 @@ async fn a_second_connection_with_the_same_id_takes_the_session_over() {
     // Subscribed, so the first session holds the command route too.
     subscribe_commands(&mut first, 1, 1).await;
     let got = drain(&mut spy_rx, QUIET).await;
+    let serial = t.pki.current_cert("d1").expect("read").expect("d1").serial;
+    let online = format!(r#"{{"online":true,"serial":"{serial}"}}"#).into_bytes();
     assert_eq!(
         only_topic(&got, "devices/d1/presence"),
-        vec![br#"{"online":true}"#.to_vec()]
+        vec![online.clone()]
     );
 
     let mut second = raw_device(addr, t.path(), "d1", will_flags, &will).await;
@@ -199,7 +201,7 @@ async fn a_second_connection_with_the_same_id_takes_the_session_over() {
     let got = drain(&mut spy_rx, QUIET).await;
     assert_eq!(
         only_topic(&got, "devices/d1/presence"),
-        vec![br#"{"online":true}"#.to_vec()],
+        vec![online.clone()],
         "only the new session's online presence, no will or offline for the old one: {got:?}"
     );
     assert_eq!(broker.sessions(), 2, "the new device session and the spy");

@@ -243,8 +243,14 @@ async fn a_scoped_operator_reads_only_its_scope_through_wildcards_shares_and_ret
     // Presence (the edge's own retained messages) too.
     drop(Device::connect(addr, t.path(), "cam2").await);
     Device::connect(addr, t.path(), "lamp2").await;
-    let online = r#"{"online":true}"#;
-    let got = until(&mut bob, "devices/lamp2/presence", online).await;
+    let serial = t
+        .pki
+        .current_cert("lamp2")
+        .expect("read")
+        .expect("lamp2")
+        .serial;
+    let online = format!(r#"{{"online":true,"serial":"{serial}"}}"#);
+    let got = until(&mut bob, "devices/lamp2/presence", &online).await;
     assert!(!devices_in(&got).contains("cam2"), "{got:?}");
     assert!(!devices_in(&got).contains("cam1"), "{got:?}");
 

@@ -277,9 +277,14 @@ async fn a_device_will_may_only_announce_its_own_presence() {
         .await
         .expect("presence published")
         .expect("open");
+    // With the serial of the certificate the session authenticated with.
+    let serial = t.pki.current_cert("d1").expect("read").expect("d1").serial;
     assert_eq!(
         (topic.as_str(), payload.as_slice()),
-        ("devices/d1/presence", &br#"{"online":true}"#[..])
+        (
+            "devices/d1/presence",
+            format!(r#"{{"online":true,"serial":"{serial}"}}"#).as_bytes()
+        )
     );
     drop(eventloop); // socket closed without DISCONNECT
     let (topic, payload) = tokio::time::timeout(Duration::from_secs(10), spy_rx.recv())
@@ -290,5 +295,44 @@ async fn a_device_will_may_only_announce_its_own_presence() {
         (topic.as_str(), payload.as_slice()),
         ("devices/d1/presence", &br#"{"online": false}"#[..])
     );
+    broker.shutdown().await;
+}
+
+/// `devices/D/csr` is a device's request to the CA during a rotation: the
+/// device publishes only its own, and only the controller reads them (an
+/// operator must not collect other devices' pending public keys or learn
+/// who is rotating).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_sends_only_its_own_csr_and_only_the_controller_reads_csrs() {
+    let t = TestPki::new();
+    t.issue(Role::Device, "d1");
+    t.issue(Role::Operator, "op");
+    t.issue(Role::Operator, "sentinel");
+    t.issue(Role::Controller, "spy");
+    let broker = start(t.path(), test_limits()).await;
+    let addr = broker.local_addr();
+    let (_spy, mut spy_rx) = connected(addr, t.path(), "spy", &["devices/+/csr", SENTINEL]).await;
+    let (op, _) = connected(addr, t.path(), "sentinel", &[]).await;
+
+    assert!(
+        !publish_closes(addr, t.path(), "d1", "devices/d1/csr").await,
+        "d1 may send its own CSR"
+    );
+    assert!(
+        publish_closes(addr, t.path(), "d1", "devices/d2/csr").await,
+        "d1 must not send a CSR in d2's name"
+    );
+    let seen = spy_until_sentinel(&op, &mut spy_rx).await;
+    assert_eq!(seen, ["devices/d1/csr"], "only d1's own CSR was routed");
+
+    for filter in ["devices/+/csr", "devices/d1/csr", "$share/g/devices/+/csr"] {
+        assert!(
+            !granted(&subscribe_codes(addr, t.path(), "op", filter).await),
+            "an operator must not read {filter}"
+        );
+    }
+    assert!(granted(
+        &subscribe_codes(addr, t.path(), "spy", "devices/+/csr").await
+    ));
     broker.shutdown().await;
 }
