@@ -28,6 +28,8 @@ mod governance;
 mod incidents;
 pub use incidents::{canonical_serial, MAX_INCIDENT_DEVICES};
 mod rollouts;
+mod rotation;
+pub use rotation::{rotation_state, SignRequest, Signed};
 pub use governance::{ExceptionRecord, Governance, PolicyRecord};
 pub use rollouts::Control;
 
@@ -197,9 +199,16 @@ pub struct Fleet {
     pub acting_org: Option<String>,
     /// Organisations, their policy and compliance (`fleet/governance.rs`).
     pub gov: governance::Governance,
-    /// A quarantine or release changed what the broker must refuse
-    /// ([`Fleet::pin_table`]).
+    /// A quarantine, release or rotation changed what the broker must
+    /// refuse ([`Fleet::pin_table`]).
     pub pins_dirty: bool,
+    /// The runtime can sign CSRs (it holds the CA): rotations may run.
+    pub can_sign: bool,
+    /// Devices with a certificate rotation under way.
+    rotating: HashSet<String>,
+    sign_queue: Vec<rotation::SignRequest>,
+    revoke_queue: Vec<String>,
+    deliveries: Vec<Outgoing>,
 }
 
 impl Fleet {
@@ -235,7 +244,18 @@ impl Fleet {
             acting_org: None,
             gov: governance::Governance::default(),
             pins_dirty: false,
+            can_sign: false,
+            rotating: HashSet::new(),
+            sign_queue: Vec::new(),
+            revoke_queue: Vec::new(),
+            deliveries: Vec::new(),
         };
+        fleet.rotating = fleet
+            .devices
+            .values()
+            .filter(|d| d.cert_rotation.is_some())
+            .map(|d| d.id.clone())
+            .collect();
         // After a restart nobody is known to be online until they say so;
         // in-flight commands stay and are re-sent (same id) when they return.
         for d in fleet.devices.values_mut() {
@@ -304,6 +324,8 @@ impl Fleet {
                     .map(|a| self.on_ack(id, a, now)),
                 "presence" => input::parse::<Presence>(payload, self.limits)
                     .map(|p| self.on_presence(id, p, now)),
+                "csr" => input::parse::<messages::CsrRequest>(payload, self.limits)
+                    .and_then(|c| self.on_csr(id, c, now)),
                 _ => Ok(()),
             };
         if let Err(r) = result {
@@ -392,6 +414,9 @@ impl Fleet {
             }
         }
         dev.online = presence.online;
+        if let Some(serial) = presence.serial.as_deref().filter(|_| presence.online) {
+            self.on_session_serial(id, serial);
+        }
         self.touch(id);
     }
 

@@ -160,6 +160,35 @@ pub struct DeviceRecord {
     /// the CA issued it and did not revoke.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cert_pin: Vec<String>,
+    /// The serial of the certificate its last session authenticated with
+    /// (the broker's edge says so in its online presence).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_serial: Option<String>,
+    /// A certificate rotation under way (from its CSR until it connects
+    /// with the new certificate, or is rolled back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_rotation: Option<CertRotation>,
+}
+
+/// One device's certificate rotation in progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertRotation {
+    /// The rotation rollout's name.
+    pub rotation: String,
+    /// The serial it connected with when it asked (kept until the new one
+    /// is confirmed; what a rollback pins it back to).
+    pub old_serial: Option<String>,
+    pub requested_at: Millis,
+    /// Set once the CA signed its CSR.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_serial: Option<String>,
+    /// The signed certificate (public), re-delivered if asked again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pem: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<Millis>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered_at: Option<Millis>,
 }
 
 /// Why and by whom a device was quarantined.

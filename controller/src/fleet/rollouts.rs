@@ -58,7 +58,7 @@ impl Fleet {
         self.releases.insert(release.version.clone(), release);
     }
 
-    fn members<'a>(&'a self, r: &'a RolloutRecord) -> impl Iterator<Item = Member<'a>> + 'a {
+    pub(super) fn members<'a>(&'a self, r: &'a RolloutRecord) -> impl Iterator<Item = Member<'a>> + 'a {
         let name = r.spec.name.as_str();
         self.devices.values().filter_map(move |d| {
             let entry = d.rollouts.get(name)?;
@@ -317,6 +317,10 @@ impl Fleet {
     /// Moves every live rollout on (level-triggered: it looks at the
     /// devices as they are, so a restart simply steps again).
     pub fn step_rollouts(&mut self, now: Millis) {
+        // A rotation that failed is undone device by device before its
+        // wave is judged (the device is back on its old certificate).
+        self.settle_rotations(now);
+        self.roll_back_failed_rotations();
         let live: Vec<String> = self
             .rollouts
             .iter()

@@ -56,6 +56,14 @@ pub(super) async fn run(
     tables: BrokerTables,
 ) -> Result<(), ControllerError> {
     let mut known_device = known_devices(config.pki.clone());
+    // Rotations need the CA: only a server run from the CA's directory signs.
+    let (signed_tx, mut signed_rx) = mpsc::channel::<Vec<fleet::Signed>>(64);
+    let pki_jobs = config.pki.clone().map(|dir| {
+        let (tx, rx) = mpsc::channel::<PkiJob>(1024);
+        tokio::spawn(pki_worker(dir, rx, signed_tx.clone()));
+        tx
+    });
+    fleet.can_sign = pki_jobs.is_some();
     let mut status_tick = tokio::time::interval(config.status_every);
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut rollout_tick = tokio::time::interval(config.rollout_every);
@@ -119,6 +127,7 @@ pub(super) async fn run(
                     }
                 }
             }
+            Some(signed) = signed_rx.recv() => fleet.on_signed(signed, clock.now()),
             got = events.recv() => match got {
                 Some(ev) => batch.push(ev),
                 None => stop = true,
@@ -223,6 +232,20 @@ pub(super) async fn run(
             }
         }
         held.commands.extend(fleet.reconcile_due(now));
+        // Certificates go out once the records saying so are durable.
+        held.commands.extend(fleet.take_deliveries());
+        if let Some(jobs) = &pki_jobs {
+            let csrs = fleet.take_sign_requests();
+            if !csrs.is_empty() && jobs.try_send(PkiJob::Sign(csrs)).is_err() {
+                tracing::warn!("the CA is busy: CSRs dropped; the devices ask again");
+            }
+            let serials = fleet.take_revocations();
+            if !serials.is_empty() {
+                if let Err(e) = jobs.send(PkiJob::Revoke(serials)).await {
+                    tracing::error!(error = %e, "the CA's worker is gone: serials not revoked in its list (the broker's pins still refuse them)");
+                }
+            }
+        }
         // The audit chain's head, retained, for auditors to hold the log to
         // (`cityplane audit verify`): published once the entries are stored.
         let head = store.audit_head();
@@ -339,6 +362,75 @@ pub(super) async fn commit(
 /// The retry schedule as the running loop produces it, on tokio's paused
 /// clock: virtual time only moves when every task waits, so each command is
 /// observed at exactly the instant the loop sent it.
+/// Work for the CA, done one job at a time (the PKI's files are not
+/// written by two threads at once).
+pub(super) enum PkiJob {
+    Sign(Vec<fleet::SignRequest>),
+    Revoke(Vec<String>),
+}
+
+/// Signs CSRs and revokes serials with the CA in `dir`, off the loop.
+async fn pki_worker(
+    dir: std::path::PathBuf,
+    mut jobs: mpsc::Receiver<PkiJob>,
+    signed: mpsc::Sender<Vec<fleet::Signed>>,
+) {
+    while let Some(job) = jobs.recv().await {
+        let dir = dir.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let pki = cityplane_certs::Pki::open(&dir);
+            match job {
+                PkiJob::Sign(csrs) => Some(
+                    csrs.into_iter()
+                        .map(|r| {
+                            let result = match &pki {
+                                Ok(pki) => pki
+                                    .sign_device_csr(&r.id, &r.csr)
+                                    .map(|s| {
+                                        let not_after = s
+                                            .cert
+                                            .not_after
+                                            .parse::<jiff::Timestamp>()
+                                            .ok()
+                                            .and_then(|t| u64::try_from(t.as_millisecond()).ok());
+                                        (s.cert.serial, s.pem, not_after)
+                                    })
+                                    .map_err(|e| e.to_string()),
+                                Err(e) => Err(format!("the CA cannot be opened: {e}")),
+                            };
+                            if let Err(why) = &result {
+                                tracing::warn!(device = %r.id, reason = %why, "CSR refused");
+                            }
+                            fleet::Signed {
+                                id: r.id,
+                                rotation: r.rotation,
+                                result,
+                            }
+                        })
+                        .collect::<Vec<_>>(),
+                ),
+                PkiJob::Revoke(serials) => {
+                    match pki.and_then(|p| p.revoke_serials(&serials)) {
+                        Ok(done) => {
+                            tracing::info!(revoked = done.len(), "replaced certificates revoked in the CA's list")
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, serials = serials.len(), "could not revoke in the CA's list (the broker's pins still refuse them)")
+                        }
+                    }
+                    None
+                }
+            }
+        })
+        .await;
+        if let Ok(Some(results)) = done {
+            if signed.send(results).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
 /// The broker's tables the controller fills: who sees which devices, and
 /// which certificates devices may use.
 pub(super) struct BrokerTables {

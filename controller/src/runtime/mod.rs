@@ -160,7 +160,7 @@ impl Controller {
         fleet.pins_dirty = true;
         tables.push_pins(&mut fleet);
 
-        const LEAVES: [&str; 3] = ["reported", "acks", "presence"];
+        const LEAVES: [&str; 4] = ["reported", "acks", "presence", topics::DEVICE_CSR_LEAF];
         let filters: Vec<String> = LEAVES
             .iter()
             .map(|leaf| format!("{}/+/{leaf}", topics::DEVICES))

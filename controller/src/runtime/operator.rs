@@ -103,7 +103,27 @@ struct RolloutControl {
     reason: String,
 }
 
+/// `cert-rotate`: a certificate rotation rollout.
+#[derive(Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
+struct RotateRequest {
+    #[serde(default, rename = "request_id")]
+    _request_id: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    target: Target,
+    /// Only devices whose certificate expires within this many days.
+    #[serde(default)]
+    before_days: Option<u32>,
+    /// As a rollout's `waves`.
+    #[serde(default)]
+    waves: Option<Value>,
+    #[serde(default)]
+    success_threshold: Option<f64>,
+}
+
 cityplane_proto::object_only!(
+    RotateRequest,
     Query,
     RegisterRequest,
     LabelRequest,
@@ -113,7 +133,7 @@ cityplane_proto::object_only!(
 
 /// Verbs on `fleet/ops/` that change state: committed before answered, and
 /// audited (refusals too).
-pub(super) const WRITE_VERBS: [&str; 15] = [
+pub(super) const WRITE_VERBS: [&str; 16] = [
     "register",
     "label",
     "delete-document",
@@ -129,6 +149,7 @@ pub(super) const WRITE_VERBS: [&str; 15] = [
     "exception-revoke",
     "quarantine",
     "release",
+    "cert-rotate",
 ];
 
 /// Longest class, owner, label key or value the registry takes.
@@ -218,6 +239,35 @@ async fn operator_write(
         }
         "org-create" | "org-grant" | "policy-apply" | "exception-grant" | "exception-revoke" => {
             super::governance::write(fleet, store, access, verb, payload, now).await
+        }
+        "cert-rotate" => {
+            access.require(Right::Rollout, "rotate certificates")?;
+            let req = input::parse::<RotateRequest>(payload, fleet.limits)?;
+            if let Target::Selector(sel) = &req.target {
+                if sel.is_empty() {
+                    return Err(Rejection::new(
+                        "bad_target",
+                        r#"empty selector; select the devices, e.g. {"class": "camera"} or {"all": true}"#,
+                    ));
+                }
+            }
+            let mut extra = serde_json::Map::new();
+            if let Some(w) = req.waves {
+                extra.insert("waves".into(), w);
+            }
+            if let Some(t) = req.success_threshold {
+                extra.insert("success_threshold".into(), json!(t));
+            }
+            let spec = fleet.rotation_spec(
+                req.name,
+                &req.target,
+                req.before_days,
+                |d| access.sees(&d.id, &d.attrs),
+                extra,
+                now,
+            )?;
+            let spec = input::parse::<RolloutSpec>(spec.to_string().as_bytes(), fleet.limits)?;
+            create_rollout(fleet, store, access, spec, now).await
         }
         "quarantine" | "release" => {
             super::incidents::write(fleet, store, access, verb, payload, now).await
@@ -848,7 +898,7 @@ fn answer(
                  get-quarantined, register, label, \
                  delete-document, rollout-create, rollout-pause, rollout-resume, rollout-abort, \
                  publish-firmware, org-create, org-grant, policy-apply, exception-grant, \
-                 exception-revoke, quarantine or release"
+                 exception-revoke, quarantine, release or cert-rotate"
             ),
         )),
     }
