@@ -10,6 +10,7 @@ mod firmware;
 mod fleet;
 mod governance;
 mod incidents;
+mod rotation;
 mod policy_cli;
 mod registry_cli;
 mod rollouts;
