@@ -36,6 +36,11 @@ pub struct Command {
     /// The signed release to install, when `state` sets `firmware`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub release: Option<crate::firmware::SignedRelease>,
+    /// Plaintexts of the secret references `state` sets, by key
+    /// ([`crate::secrets`]). Filled in by the controller just before the
+    /// command is published, never stored; its `Debug` redacts them.
+    #[serde(default, skip_serializing_if = "crate::secrets::SecretMap::is_empty")]
+    pub secrets: crate::secrets::SecretMap,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
