@@ -195,6 +195,9 @@ pub struct Fleet {
     pub acting_org: Option<String>,
     /// Organisations, their policy and compliance (`fleet/governance.rs`).
     pub gov: governance::Governance,
+    /// Makes devices' secrets for secret rotations (`crate::secrets`); none:
+    /// such a rollout admits nobody.
+    pub secrets: Option<Arc<dyn crate::secrets::Minter>>,
 }
 
 impl Fleet {
@@ -229,6 +232,7 @@ impl Fleet {
             dirty_rollouts: HashSet::new(),
             acting_org: None,
             gov: governance::Governance::default(),
+            secrets: None,
         };
         // After a restart nobody is known to be online until they say so;
         // in-flight commands stay and are re-sent (same id) when they return.
@@ -417,7 +421,7 @@ impl Fleet {
                     Stage::Admitted => Some(Layer {
                         priority: r.spec.priority,
                         seq: r.seq,
-                        state: &r.patch,
+                        state: entry.patch(r),
                     }),
                     Stage::RolledBack => Some(Layer {
                         priority: i64::MIN,
@@ -1025,6 +1029,10 @@ fn command_message(
         generation: cmd.generation,
         state: cmd.state.clone(),
         release,
+        // The plaintexts are added by the runtime as it publishes
+        // (`crate::secrets::fill_command`): nothing the core holds, stores
+        // or logs ever has them.
+        secrets: Default::default(),
     };
     Outgoing {
         topic: topics::commands(device),

@@ -444,6 +444,33 @@ impl Fleet {
             })
             .map(|o| o.spec.name.clone())
             .collect();
+        // A secret rotation: this device's own new secret, kept by the
+        // minter; the device's change is the reference to it.
+        let mut values = State::new();
+        if let Some(name) = &r.spec.secret {
+            let Some(dev) = self.devices.get(id) else {
+                return;
+            };
+            let keep = dev
+                .reported
+                .get(name)
+                .and_then(cityplane_proto::secrets::SecretRef::of)
+                .map(|s| s.fingerprint);
+            let minted = match &self.secrets {
+                Some(m) => m.mint(id, name, keep.as_deref(), now),
+                None => Err("this controller keeps no secrets".to_owned()),
+            };
+            match minted {
+                Ok(reference) => {
+                    values.insert(name.clone(), reference.to_value());
+                }
+                Err(e) => {
+                    // Stays queued: admitted on a later step.
+                    tracing::error!(rollout = %r.spec.name, device = id, error = %e, "could not make a secret");
+                    return;
+                }
+            }
+        }
         let Some(dev) = self.devices.get_mut(id).map(Arc::make_mut) else {
             return;
         };
@@ -457,7 +484,8 @@ impl Fleet {
                 )
             })
             .collect();
-        let skipped = dev.reported_version > 0 && holds(&dev.reported, &r.patch);
+        let patch = if values.is_empty() { &r.patch } else { &values };
+        let skipped = dev.reported_version > 0 && holds(&dev.reported, patch);
         for old in superseded {
             dev.rollouts.remove(&old);
         }
@@ -466,6 +494,7 @@ impl Fleet {
             e.admitted_at = now;
             e.previous = previous;
             e.skipped = skipped;
+            e.values = values;
         }
         self.dirty.insert(id.to_owned());
     }
