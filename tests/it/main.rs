@@ -12,4 +12,5 @@ mod governance;
 mod policy_cli;
 mod registry_cli;
 mod rollouts;
+mod secrets;
 mod tidy;
