@@ -150,34 +150,25 @@ impl Vault {
     /// new file: never a chmod afterwards). A key others may read or
     /// write is refused: whoever reads it reads every secret.
     pub fn open_or_create(path: &Path) -> Result<Vault, SecretsError> {
+        let rng = SystemRandom::new();
+        let raw = match std::fs::File::open(path) {
+            Ok(file) => Vault::read_raw(path, file)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vault::create_key(path, &rng)?,
+            Err(source) => {
+                return Err(SecretsError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        Vault::from_raw(&raw, rng)
+    }
+
+    /// The key in `file` (at `path`), refused if others may read or write it.
+    fn read_raw(path: &Path, file: std::fs::File) -> Result<[u8; 32], SecretsError> {
         let io = |source| SecretsError::Io {
             path: path.to_path_buf(),
             source,
-        };
-        let rng = SystemRandom::new();
-        let file = match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-        {
-            Ok(mut file) => {
-                let mut raw = [0u8; 32];
-                rng.fill(&mut raw).map_err(|_| SecretsError::Random)?;
-                let line = base64::engine::general_purpose::STANDARD.encode(raw) + "\n";
-                file.write_all(line.as_bytes()).map_err(io)?;
-                file.sync_all().map_err(io)?;
-                if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                    std::fs::File::open(dir)
-                        .and_then(|d| d.sync_all())
-                        .map_err(io)?;
-                }
-                return Vault::from_raw(&raw, rng);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                std::fs::File::open(path).map_err(io)?
-            }
-            Err(e) => return Err(io(e)),
         };
         let mode = file.metadata().map_err(io)?.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
@@ -188,14 +179,60 @@ impl Vault {
         }
         let mut text = String::new();
         file.take(256).read_to_string(&mut text).map_err(io)?;
-        let raw = base64::engine::general_purpose::STANDARD
+        base64::engine::general_purpose::STANDARD
             .decode(text.trim())
             .ok()
             .and_then(|b| <[u8; 32]>::try_from(b).ok())
             .ok_or_else(|| SecretsError::Malformed {
                 path: path.to_path_buf(),
-            })?;
-        Vault::from_raw(&raw, rng)
+            })
+    }
+
+    /// A new key at `path`, whole or not at all: written and fsynced
+    /// under a temporary name born 0600, then linked into place (a crash
+    /// leaves no half-written key, and a key already there is never
+    /// replaced).
+    fn create_key(path: &Path, rng: &SystemRandom) -> Result<[u8; 32], SecretsError> {
+        let io = |source| SecretsError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut raw = [0u8; 32];
+        rng.fill(&mut raw).map_err(|_| SecretsError::Random)?;
+        let line = base64::engine::general_purpose::STANDARD.encode(raw) + "\n";
+        let mut tmp_name = path.as_os_str().to_owned();
+        tmp_name.push(".new");
+        let tmp = PathBuf::from(tmp_name);
+        // A leftover from a crash may have any mode: never reuse it.
+        if let Err(e) = std::fs::remove_file(&tmp) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(io(e));
+            }
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io)?;
+        file.write_all(line.as_bytes()).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        let linked = std::fs::hard_link(&tmp, path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {}
+            // Another process made one meanwhile: that one is the key.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Vault::read_raw(path, std::fs::File::open(path).map_err(io)?);
+            }
+            Err(e) => return Err(io(e)),
+        }
+        if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io)?;
+        }
+        Ok(raw)
     }
 
     fn from_raw(raw: &[u8; 32], rng: SystemRandom) -> Result<Vault, SecretsError> {
@@ -368,8 +405,8 @@ impl Secrets {
 /// `get-secrets` (`cityplane secrets list`): per device, each key whose
 /// desired or reported value is a secret reference, with the fingerprint
 /// and rotation time on each side: what was rotated and whether the device
-/// took it, never a plaintext (the records hold none). Devices sorted by
-/// id, a page of them.
+/// took it, never a plaintext (the records hold none). Rows sorted by
+/// device id, `limit` of them from `offset`.
 pub fn listing<'a>(
     devices: impl Iterator<Item = &'a crate::model::DeviceRecord>,
     offset: usize,
