@@ -484,17 +484,22 @@ impl Store {
 
         let restores =
             std::mem::take(&mut *self.deferred_docs.lock().unwrap_or_else(|e| e.into_inner()));
-        let secrets = std::mem::take(
-            &mut *self
-                .pending_secrets
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        );
+        let mut secrets = Vec::new();
         let restored: Vec<(Vec<u8>, Option<Vec<u8>>)> = restores
             .iter()
             .map(|(name, doc)| (name.as_bytes().to_vec(), doc.as_ref().map(json)))
             .collect();
         let result = self.with(|e| {
+            // Taken under the engine's lock, as the audit chain: two
+            // rotations of one secret are written in the order they were
+            // made, whichever commit carries them.
+            secrets = std::mem::take(
+                &mut *self
+                    .pending_secrets
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()),
+            );
+            let secrets = &secrets;
             // Chained here, under the engine's lock: in the order of the
             // commits, after what the last successful one wrote.
             let mut head = self.audit_head.lock().unwrap_or_else(|e| e.into_inner());
@@ -530,7 +535,7 @@ impl Store {
                         gov_t,
                         secrets_t,
                     )| {
-                        for r in &secrets {
+                        for r in secrets {
                             let key = crate::secrets::slot_key(&r.device, &r.name);
                             let old = secrets_t
                                 .get(key.as_slice())?

@@ -173,11 +173,18 @@ async fn rotated_secrets_reach_only_their_devices_roll_back_survive_sigkill_and_
     assert_eq!(s.devices_of("rot-3", Some("rolled_back")).len(), 4);
 
     // SIGKILL mid-rotation: some devices reboot on their command (so it
-    // stays in flight), the server dies, a new one re-sends from the
-    // stored outbox, with the right plaintext.
-    for id in fleet.ids().iter().take(5) {
+    // stays in flight and is re-sent with its id), others are offline
+    // until after the restart (their commands are first sent by the new
+    // server): either way the secret comes from the store, and must be
+    // the one the device's reference names.
+    let ids = fleet.ids();
+    for id in &ids[..5] {
         fleet.reboot_on_next_command(id);
     }
+    for id in &ids[N - 5..] {
+        fleet.take_offline(id, std::time::Duration::from_secs(4));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     s.json(&[
         "secrets",
         "rotate",
@@ -190,13 +197,20 @@ async fn rotated_secrets_reach_only_their_devices_roll_back_survive_sigkill_and_
         "--rollout",
         "rot-4",
     ]);
-    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
     server.kill();
     let server = start();
     s.until_phase("rot-4", "completed").await;
     let fourth = converged(&s, &fleet).await;
     for (id, (fp, _)) in &fourth {
         assert_ne!(&second[id].0, fp, "{id} was not rotated by rot-4");
+    }
+    for id in &ids[..5] {
+        let d = fleet.device(id).expect("device");
+        assert!(
+            d.reboots_before_applying >= 1,
+            "{id} never rebooted on a command"
+        );
     }
     seen.extend(fourth.values().map(|(_, p)| p.clone()));
     assert!(seen.len() >= 3 * N + 4, "{} secrets seen", seen.len());

@@ -653,7 +653,7 @@ impl Fleet {
         }
         json!({
             "name": r.spec.name, "phase": r.phase, "reason": r.reason,
-            "firmware": r.spec.firmware, "keys": r.patch.keys().collect::<Vec<_>>(),
+            "firmware": r.spec.firmware, "secret": r.spec.secret, "keys": r.patch.keys().collect::<Vec<_>>(),
             "wave": (r.wave + 1).min(r.wave_sizes.len()), "waves": r.wave_sizes.len(),
             "devices": total, "counts": counts,
             "author": r.author, "created": rfc3339(r.created_at),
