@@ -1030,7 +1030,7 @@ fn command_message(
         state: cmd.state.clone(),
         release,
         // The plaintexts are added by the runtime as it publishes
-        // (`crate::secrets::fill_command`): nothing the core holds, stores
+        // (`crate::secrets::Secrets::fill_command`): nothing the core holds, stores
         // or logs ever has them.
         secrets: Default::default(),
     };
