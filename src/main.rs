@@ -11,6 +11,7 @@ mod incident_cmd;
 mod ops_cmd;
 mod policy_cmd;
 mod rollout_cmd;
+mod secrets_cmd;
 mod serve_cmd;
 
 use std::process::ExitCode;
@@ -25,7 +26,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "cityplane", version, propagate_version = true)]
 #[command(
-    after_help = "Start here (README.md walks through it):\n  cityplane certs init --pki ./pki\n  cityplane certs issue --pki ./pki --role operator --id operator --org city\n  cityplane certs issue --pki ./pki --role device --count 100 --prefix lamp --class streetlight --label zone=north\n  cityplane certs export-server --pki ./pki --out ./server-pki   # no ca.key\n  cityplane serve --pki ./server-pki --data ./data --listen 127.0.0.1:8883\n  cityplane get devices --pki ./pki      # the registry: every issued device\n  cityplane apply --pki ./pki -f desired.json --dry-run\n  cityplane firmware keygen --dir ./release   # then firmware sign, publish\n  cityplane rollout create --pki ./pki -f rollout.json --watch   # in waves, health-gated\n  cityplane policy validate -f policy.toml   # the city's security policy\n\nLogs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more."
+    after_help = "Start here (README.md walks through it):\n  cityplane certs init --pki ./pki\n  cityplane certs issue --pki ./pki --role operator --id operator --org city\n  cityplane certs issue --pki ./pki --role device --count 100 --prefix lamp --class streetlight --label zone=north\n  cityplane certs export-server --pki ./pki --out ./server-pki   # no ca.key\n  cityplane serve --pki ./server-pki --data ./data --listen 127.0.0.1:8883\n  cityplane get devices --pki ./pki      # the registry: every issued device\n  cityplane apply --pki ./pki -f desired.json --dry-run\n  cityplane firmware keygen --dir ./release   # then firmware sign, publish\n  cityplane rollout create --pki ./pki -f rollout.json --watch   # in waves, health-gated\n  cityplane secrets rotate --pki ./pki --name admin_password --selector '{\"class\": \"camera\"}'\n  cityplane policy validate -f policy.toml   # the city's security policy\n\nLogs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -61,6 +62,9 @@ enum Command {
     /// Change many devices in waves: firmware or configuration, health-gated, with abort and rollback.
     #[command(subcommand)]
     Rollout(rollout_cmd::RolloutCommand),
+    /// Device secrets (admin passwords, API secrets): rotate them in waves, list their fingerprints.
+    #[command(subcommand)]
+    Secrets(secrets_cmd::SecretsCommand),
     /// Signed firmware: the release key, signing images, checking releases.
     #[command(
         subcommand,
@@ -107,6 +111,7 @@ fn main() -> ExitCode {
         Command::Devices(cmd) => block_on(ops_cmd::devices(cmd)),
         Command::Delete(args) => block_on(ops_cmd::delete(args)),
         Command::Rollout(cmd) => block_on(rollout_cmd::run(cmd)),
+        Command::Secrets(cmd) => block_on(secrets_cmd::run(cmd)),
         Command::Firmware(cmd) => firmware_cmd::run(cmd),
         Command::Orgs(cmd) => block_on(governance_cmd::orgs(cmd)),
         Command::Compliance(args) => block_on(governance_cmd::compliance(args)),

@@ -355,7 +355,7 @@ async fn label(args: LabelArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn parse_selector(text: &str) -> anyhow::Result<Value> {
+pub(crate) fn parse_selector(text: &str) -> anyhow::Result<Value> {
     let v: Value = serde_json::from_str(text)
         .context("--selector is JSON, e.g. '{\"class\": \"streetlight\"}'")?;
     if !v.is_object() {

@@ -26,7 +26,8 @@ const SPEC_HELP: &str = "FILE is JSON, for example:
    \"window\": {\"start\": \"01:00\", \"end\": \"04:00\", \"tz\": \"Europe/Paris\"}, \"jitter_s\": 600,
    \"rate\": {\"per_minute\": 50, \"increase_factor\": 2, \"every_succeeded\": 100, \"max_per_minute\": 1000}}
 \"firmware\" names a published release (cityplane firmware publish); \"state\" is a configuration
-change (keys as in a desired document). A rollout has one or both. Waves are spread over the
+change (keys as in a desired document). A rollout has one or both, or instead
+\"secret\": \"admin_password\", a new server-made secret per device (cityplane secrets rotate). Waves are spread over the
 \"zone\" label (\"spread_by\"); the last wave takes every device left. A wave moves on when
 \"success_threshold\"% of it succeeded and its updated devices stayed healthy for soak_s seconds
 (online, fewer than max_reboots reconnects, every rule true on their reported state); a failed

@@ -36,6 +36,13 @@ pub struct ServeArgs {
     /// uploading); a release beyond it is refused with `quota`
     #[arg(long, env = "CITYPLANE_MAX_FIRMWARE_MIB", default_value_t = 16 * 1024, value_parser = clap::value_parser!(u64).range(1..=16 * 1024 * 1024))]
     pub max_firmware_mib: u64,
+    /// The key device secrets (`cityplane secrets rotate`) are sealed with:
+    /// 32 random bytes, created 0600 on first start; refused if group or
+    /// others may read it. Default: secrets.key in --data. Keep it on
+    /// another disk than the data, and a copy of the data directory
+    /// reveals no secret
+    #[arg(long, env = "CITYPLANE_SECRETS_KEY")]
+    pub secrets_key: Option<PathBuf>,
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -43,12 +50,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.broker.print_config {
         print!("{}", toml::to_string_pretty(&config)?);
         println!(
-            "\n# controller (flags or environment)\n# data = {:?}   # CITYPLANE_DATA\n# store_cache_mib = {}   # CITYPLANE_STORE_CACHE_MIB\n# rollout_tick_ms = {}   # CITYPLANE_ROLLOUT_TICK_MS\n# compliance_tick_ms = {}   # CITYPLANE_COMPLIANCE_TICK_MS\n# max_firmware_mib = {}   # CITYPLANE_MAX_FIRMWARE_MIB",
+            "\n# controller (flags or environment)\n# data = {:?}   # CITYPLANE_DATA\n# store_cache_mib = {}   # CITYPLANE_STORE_CACHE_MIB\n# rollout_tick_ms = {}   # CITYPLANE_ROLLOUT_TICK_MS\n# compliance_tick_ms = {}   # CITYPLANE_COMPLIANCE_TICK_MS\n# max_firmware_mib = {}   # CITYPLANE_MAX_FIRMWARE_MIB\n# secrets_key = {:?}   # CITYPLANE_SECRETS_KEY",
             args.data.display().to_string(),
             args.store_cache_mib,
             args.rollout_tick_ms,
             args.compliance_tick_ms,
-            args.max_firmware_mib
+            args.max_firmware_mib,
+            args.secrets_key
+                .clone()
+                .unwrap_or_else(|| cityplane_controller::secrets::default_key_path(&args.data))
+                .display()
+                .to_string()
         );
         return Ok(());
     }
@@ -74,6 +86,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     cc.rollout_every = std::time::Duration::from_millis(args.rollout_tick_ms);
     cc.compliance_every = std::time::Duration::from_millis(args.compliance_tick_ms);
     cc.max_firmware_bytes = args.max_firmware_mib << 20;
+    cc.secrets_key = args.secrets_key.clone();
     let controller = Controller::start_in_process(&broker, cc)
         .await
         .with_context(|| format!("starting the controller on {}", args.data.display()))?;

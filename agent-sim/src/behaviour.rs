@@ -30,6 +30,7 @@ use std::time::Duration;
 use cityplane_certs::firmware::{check_release, floor_after, hex, ReleaseError};
 use cityplane_proto::firmware::{BlobHeader, FetchRequest, ReleaseManifest, MAX_CHUNK};
 use cityplane_proto::messages::{AckStatus, CertificateDelivery, CertificateState, Command, State};
+use cityplane_proto::secrets::{fingerprint, SecretRef};
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::time::Instant;
@@ -297,6 +298,36 @@ pub(crate) fn report(v: &mut DeviceView) -> serde_json::Result<Vec<u8>> {
     })
 }
 
+/// A command's secrets against the references its state sets: each
+/// reference needs its plaintext, whose fingerprint must be the
+/// reference's, and no plaintext may come without a reference. The reason
+/// names keys and fingerprints, never a plaintext.
+fn check_secrets(cmd: &Command) -> Option<String> {
+    for (k, val) in &cmd.state {
+        let Some(r) = SecretRef::of(val) else {
+            continue;
+        };
+        match cmd.secrets.get(k) {
+            None => {
+                return Some(format!(
+                    "secret missing: {k} refers to a secret the command does not carry"
+                ))
+            }
+            Some(plain) if fingerprint(plain) != r.fingerprint => {
+                return Some(format!(
+                    "secret mismatch: {k}'s secret does not have fingerprint {}",
+                    r.fingerprint
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    cmd.secrets
+        .keys()
+        .find(|k| cmd.state.get(*k).and_then(SecretRef::of).is_none())
+        .map(|k| format!("secret unexpected: {k} is not a secret reference in the command's state"))
+}
+
 /// What only the device task remembers between events.
 pub(crate) struct Behaviour {
     replay: ReplayWindow,
@@ -379,13 +410,17 @@ impl Behaviour {
                 ..Actions::default()
             };
         }
-        let mut reason = cmd.state.iter().find_map(|(k, val)| {
-            if k == CertificateState::KEY {
-                rotation_of(val).err()
-            } else {
-                classes::validate(env.class, k, val, &v.state).err()
-            }
-        });
+        let mut reason = cmd
+            .state
+            .iter()
+            .find_map(|(k, val)| {
+                if k == CertificateState::KEY {
+                    rotation_of(val).err()
+                } else {
+                    classes::validate(env.class, k, val, &v.state).err()
+                }
+            })
+            .or_else(|| check_secrets(&cmd));
         let current_fw = v
             .state
             .get("firmware")
@@ -463,6 +498,15 @@ impl Behaviour {
         for (k, val) in &cmd.state {
             if k != "firmware" && k != CertificateState::KEY {
                 classes::apply(env.class, &mut v.state, k, val);
+            }
+            // Checked above: a reference comes with its plaintext.
+            match cmd.secrets.get(k) {
+                Some(plain) if SecretRef::of(val).is_some() => {
+                    v.secrets.insert(k.clone(), plain.to_owned());
+                }
+                _ => {
+                    v.secrets.remove(k);
+                }
             }
         }
         v.last_change = Some(now);
@@ -954,6 +998,7 @@ mod tests {
             state,
             release: None,
             certificate: None,
+            secrets: Default::default(),
         }
     }
 
@@ -1186,6 +1231,88 @@ mod tests {
         fn firmware(&self) -> Value {
             self.view.state["firmware"].clone()
         }
+    }
+
+    /// A secret command: `state` sets `key` to the reference of `refers`,
+    /// `secrets` carries `carries`.
+    fn secret_cmd(id: &str, gen: u64, refers: &str, carries: &[(&str, &str)]) -> Command {
+        let reference = SecretRef {
+            fingerprint: fingerprint(refers),
+            rotated_at: "2026-11-30T19:00:00Z".into(),
+        };
+        let mut cmd = command(id, gen, json!({"admin_password": reference.to_value()}));
+        for (k, p) in carries {
+            cmd.secrets.insert((*k).into(), (*p).into());
+        }
+        cmd
+    }
+
+    #[test]
+    fn a_secret_is_taken_only_with_its_plaintext_matching_the_fingerprint() {
+        let mut sim = Sim::new(FirmwareSim::fast(), 0.0);
+        let cases = [
+            // (what, command, the ack, the secret held after)
+            (
+                "missing",
+                secret_cmd("c1", 1, "pw-a", &[]),
+                rejected(
+                    "c1",
+                    "secret missing: admin_password refers to a secret the command does not carry",
+                ),
+                None,
+            ),
+            (
+                "mismatch",
+                secret_cmd("c2", 2, "pw-a", &[("admin_password", "pw-b")]),
+                rejected(
+                    "c2",
+                    &format!(
+                        "secret mismatch: admin_password's secret does not have fingerprint {}",
+                        fingerprint("pw-a")
+                    ),
+                ),
+                None,
+            ),
+            (
+                "unexpected",
+                secret_cmd(
+                    "c3",
+                    3,
+                    "pw-a",
+                    &[("admin_password", "pw-a"), ("other", "x")],
+                ),
+                rejected(
+                    "c3",
+                    "secret unexpected: other is not a secret reference in the command's state",
+                ),
+                None,
+            ),
+            (
+                "good",
+                secret_cmd("c4", 4, "pw-a", &[("admin_password", "pw-a")]),
+                applied("c4"),
+                Some("pw-a"),
+            ),
+        ];
+        for (what, cmd, ack, held) in cases {
+            let env = sim.settings.env();
+            let got = sim
+                .core
+                .on_command(&env, &mut sim.rng, &mut sim.view, cmd, sim.now);
+            assert_eq!(got.acks, vec![ack], "{what}");
+            assert_eq!(
+                sim.view.secrets.get("admin_password").map(String::as_str),
+                held,
+                "{what}"
+            );
+        }
+        // It reports the reference, never the plaintext.
+        let reported = String::from_utf8(report(&mut sim.view).expect("report")).expect("utf-8");
+        assert!(reported.contains(&fingerprint("pw-a")), "{reported}");
+        assert!(!reported.contains("pw-a\""), "{reported}");
+        // null deletes the key and forgets the secret.
+        sim.command("c5", 5, json!({"admin_password": null}));
+        assert!(sim.view.secrets.is_empty());
     }
 
     #[test]

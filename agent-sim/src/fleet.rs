@@ -134,6 +134,9 @@ pub(crate) struct DeviceView {
     pub cert_serial: String,
     /// Certificate rotations completed (connected with the new certificate).
     pub rotations: u32,
+    /// The secrets it was given (`admin_password` → plaintext), in memory
+    /// only; its state reports their references.
+    pub secrets: std::collections::BTreeMap<String, String>,
 }
 
 /// Connection attempts each device remembers (the oldest are dropped).
@@ -318,6 +321,7 @@ impl Fleet {
                     pending: None,
                     attempts: VecDeque::new(),
                     reboot_on_command: false,
+                    secrets: Default::default(),
                     reboots_before_applying: 0,
                     firmware_installs: 0,
                     firmware_bytes: 0,
@@ -443,6 +447,15 @@ impl Fleet {
         self.index
             .get(id)
             .map(|i| self.devices[*i].lock().rotations)
+    }
+
+    /// The plaintext secrets a device holds, by key. For tests that check
+    /// a secret appears nowhere else; a real device never tells.
+    pub fn secrets_of(&self, id: &str) -> std::collections::BTreeMap<String, String> {
+        self.index
+            .get(id)
+            .map(|i| self.devices[*i].lock().secrets.clone())
+            .unwrap_or_default()
     }
 
     /// When the device's current session became online (`None`: offline).

@@ -475,4 +475,34 @@ mod tests {
             );
         }
     }
+
+    /// Commands carry device secrets: only the device itself reads its
+    /// commands topic, whatever the operator's organisation or filter.
+    #[test]
+    fn nobody_but_the_device_reads_its_commands() {
+        let device = who(Role::Device, "d1");
+        let others = [
+            who(Role::Device, "d2"),
+            operator_of(Some("city"), "alice"),
+            operator_of(Some("lighting-co"), "bob"),
+        ];
+        let filters = [
+            "devices/d1/commands",
+            "devices/+/commands",
+            "devices/d1/+",
+            "devices/d1/#",
+            "+/d1/commands",
+            "#",
+            "$share/g/devices/d1/commands",
+            "$share/g/devices/+/commands",
+        ];
+        assert!(super::may_subscribe(&device, "devices/d1/commands", |_| {
+            true
+        }));
+        for o in &others {
+            for f in filters {
+                assert!(!super::may_subscribe(o, f, |_| true), "{:?} {f}", o.id);
+            }
+        }
+    }
 }

@@ -209,6 +209,9 @@ pub struct Fleet {
     sign_queue: Vec<rotation::SignRequest>,
     revoke_queue: Vec<String>,
     deliveries: Vec<Outgoing>,
+    /// Makes devices' secrets for secret rotations (`crate::secrets`); none:
+    /// such a rollout admits nobody.
+    pub secrets: Option<Arc<dyn crate::secrets::Minter>>,
 }
 
 impl Fleet {
@@ -249,6 +252,7 @@ impl Fleet {
             sign_queue: Vec::new(),
             revoke_queue: Vec::new(),
             deliveries: Vec::new(),
+            secrets: None,
         };
         fleet.rotating = fleet
             .devices
@@ -460,7 +464,7 @@ impl Fleet {
                     Stage::Admitted => Some(Layer {
                         priority: r.spec.priority,
                         seq: r.seq,
-                        state: &r.patch,
+                        state: entry.patch(r),
                     }),
                     Stage::RolledBack => Some(Layer {
                         priority: i64::MIN,
@@ -1076,6 +1080,10 @@ fn command_message(
         state: cmd.state.clone(),
         release,
         certificate: None,
+        // The plaintexts are added by the runtime as it publishes
+        // (`crate::secrets::Secrets::fill_command`): nothing the core holds, stores
+        // or logs ever has them.
+        secrets: Default::default(),
     };
     Outgoing {
         topic: topics::commands(device),

@@ -19,6 +19,7 @@ pub mod orgs;
 pub mod reconcile;
 pub mod rollout;
 pub mod runtime;
+pub mod secrets;
 pub mod store;
 pub mod window;
 

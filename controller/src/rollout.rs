@@ -36,6 +36,11 @@ pub struct RolloutSpec {
     /// Desired-state keys to set (null deletes), like a document's `state`.
     #[serde(default, skip_serializing_if = "State::is_empty")]
     pub state: State,
+    /// A secret-valued key (`admin_password`) to rotate: each device gets a
+    /// new secret of its own when admitted (`cityplane secrets rotate`;
+    /// `crate::secrets`). Alone: no `state` or `firmware` with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
     /// Wave sizes in order; the last wave takes every device left.
     #[serde(default = "default_waves")]
     pub waves: Vec<WaveSpec>,
@@ -360,6 +365,11 @@ pub struct DeviceRollout {
     /// Already at the target when its turn came.
     #[serde(default)]
     pub skipped: bool,
+    /// This device's own change, when it differs per device (a secret
+    /// rotation: the reference to its new secret); empty: the rollout's
+    /// `patch`.
+    #[serde(default, skip_serializing_if = "State::is_empty")]
+    pub values: State,
     /// The failure that counted against the rollout (kept after the device's
     /// own `failed` is cleared by a reconnect, until it succeeds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -372,6 +382,15 @@ pub struct DeviceRollout {
 }
 
 impl DeviceRollout {
+    /// What the rollout sets on this device.
+    pub fn patch<'a>(&'a self, r: &'a RolloutRecord) -> &'a State {
+        if self.values.is_empty() {
+            &r.patch
+        } else {
+            &self.values
+        }
+    }
+
     /// Waiting for wave `wave`.
     pub fn queued(wave: usize) -> DeviceRollout {
         DeviceRollout {
@@ -380,6 +399,7 @@ impl DeviceRollout {
             admitted_at: 0,
             previous: State::new(),
             skipped: false,
+            values: State::new(),
             failed: None,
             succeeded_at: None,
             connects_at_success: 0,
@@ -477,6 +497,18 @@ pub const ALL_STATUSES: [DeviceStatus; 14] = [
     DeviceStatus::Cancelled,
 ];
 
+/// A secret rotation's `patch` value: the keys it holds, for conflicts and
+/// views. Each admitted device gets its own reference instead
+/// ([`DeviceRollout::values`]); should this ever reach a device, it names
+/// no stored secret and the device refuses it ("secret missing").
+pub fn secret_placeholder() -> Value {
+    cityplane_proto::secrets::SecretRef {
+        fingerprint: String::new(),
+        rotated_at: String::new(),
+    }
+    .to_value()
+}
+
 /// Does the device's reported state hold every key of `patch` (null: absent)?
 pub fn holds(reported: &State, patch: &State) -> bool {
     patch.iter().all(|(k, v)| match (v, reported.get(k)) {
@@ -505,7 +537,7 @@ pub fn device_status(
             }
         }
         Stage::Admitted => {
-            if dev.reported_version > 0 && holds(&dev.reported, &rollout.patch) {
+            if dev.reported_version > 0 && holds(&dev.reported, entry.patch(rollout)) {
                 if entry.skipped {
                     return (
                         DeviceStatus::Skipped,
@@ -601,6 +633,26 @@ pub fn check_spec(
         );
     }
     let mut patch = spec.state.clone();
+    if let Some(name) = &spec.secret {
+        if !patch.is_empty() || spec.firmware.is_some() {
+            return bad(
+                "bad_schema",
+                "a secret rotation sets its key alone: no \"state\" or \"firmware\" with \"secret\""
+                    .into(),
+            );
+        }
+        if cityplane_proto::validate_id(name).is_err()
+            || matches!(name.as_str(), FIRMWARE_KEY | "class" | "labels")
+        {
+            return bad(
+                "bad_schema",
+                format!(
+                    "secret key {name:?} must match [a-z0-9][a-z0-9._-]{{0,63}} and not be firmware, class or labels"
+                ),
+            );
+        }
+        patch.insert(name.clone(), secret_placeholder());
+    }
     if let Some(fw) = &spec.firmware {
         if !published(fw) {
             return bad(

@@ -16,6 +16,9 @@
 //!   `history/<org>/<unix ms as 16 hex digits>` → a compliance `Sample`
 //!   (organisations, the security policy's versions and exceptions, and
 //!   compliance over time: at most 2,000 samples per organisation)
+//! - `secrets`: `<device id>\0<key name>` → `secrets::Slot` (the current
+//!   and previous secret, each sealed with the secrets key, which is not
+//!   stored here: see `crate::secrets`)
 //!
 //! Durability: sled's `flush()` is not durable against power loss on Linux
 //! (it uses `sync_file_range` and never fsyncs its directory). After every
@@ -160,6 +163,11 @@ pub struct Store {
     /// reached the disk all the same (e.g. written, then fsync failed), so
     /// the next commit that succeeds writes them back (`None`: deletes).
     deferred_docs: std::sync::Mutex<Vec<(String, Option<DocRecord>)>>,
+    /// New sealed secrets, written with the next commit (the one that
+    /// also writes the admission that made them, so no command referring
+    /// to one is published before it is durable; a failed commit keeps
+    /// them for the next).
+    pending_secrets: std::sync::Mutex<Vec<crate::secrets::Rotation>>,
     gate: Option<CommitGate>,
 }
 
@@ -172,6 +180,7 @@ struct Engine {
     rollouts: sled::Tree,
     releases: sled::Tree,
     governance: sled::Tree,
+    secrets: sled::Tree,
     /// sled's data file, fsynced after each commit.
     data_file: File,
 }
@@ -229,6 +238,7 @@ impl Engine {
             rollouts: db.open_tree("rollouts")?,
             releases: db.open_tree("releases")?,
             governance: db.open_tree("governance")?,
+            secrets: db.open_tree("secrets")?,
             data_file: File::open(path.join("db"))?,
             db,
         };
@@ -358,6 +368,7 @@ impl Store {
             audit_head: std::sync::Mutex::new(head),
             deferred_audit: std::sync::Mutex::new(Vec::new()),
             deferred_docs: std::sync::Mutex::new(Vec::new()),
+            pending_secrets: std::sync::Mutex::new(Vec::new()),
             gate: None,
         })
     }
@@ -432,7 +443,7 @@ impl Store {
 
     /// Writes all changes atomically and returns only once they are on disk.
     pub fn commit(&self, changes: &Changes) -> Result<(), StoreError> {
-        if changes.is_empty() {
+        if changes.is_empty() && !self.has_pending_secrets() {
             return Ok(());
         }
         let encoded = Encoded::new(changes)?;
@@ -445,7 +456,7 @@ impl Store {
     /// again without copying. Returns the ids of the devices written.
     pub fn commit_owned(&self, changes: Changes) -> (Vec<String>, Result<(), StoreError>) {
         let ids = changes.devices.iter().map(|d| d.id.clone()).collect();
-        if changes.is_empty() {
+        if changes.is_empty() && !self.has_pending_secrets() {
             return (ids, Ok(()));
         }
         let encoded = Encoded::new(&changes);
@@ -473,11 +484,22 @@ impl Store {
 
         let restores =
             std::mem::take(&mut *self.deferred_docs.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut secrets = Vec::new();
         let restored: Vec<(Vec<u8>, Option<Vec<u8>>)> = restores
             .iter()
             .map(|(name, doc)| (name.as_bytes().to_vec(), doc.as_ref().map(json)))
             .collect();
         let result = self.with(|e| {
+            // Taken under the engine's lock, as the audit chain: two
+            // rotations of one secret are written in the order they were
+            // made, whichever commit carries them.
+            secrets = std::mem::take(
+                &mut *self
+                    .pending_secrets
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()),
+            );
+            let secrets = &secrets;
             // Chained here, under the engine's lock: in the order of the
             // commits, after what the last successful one wrote.
             let mut head = self.audit_head.lock().unwrap_or_else(|e| e.into_inner());
@@ -500,9 +522,31 @@ impl Store {
                 &e.rollouts,
                 &e.releases,
                 &e.governance,
+                &e.secrets,
             )
                 .transaction(
-                    |(docs_t, devices_t, audit_t, meta_t, rollouts_t, releases_t, gov_t)| {
+                    |(
+                        docs_t,
+                        devices_t,
+                        audit_t,
+                        meta_t,
+                        rollouts_t,
+                        releases_t,
+                        gov_t,
+                        secrets_t,
+                    )| {
+                        for r in secrets {
+                            let key = crate::secrets::slot_key(&r.device, &r.name);
+                            let old = secrets_t
+                                .get(key.as_slice())?
+                                .and_then(|v| serde_json::from_slice(&v).ok());
+                            let slot = crate::secrets::Slot::rotate(
+                                old,
+                                r.sealed.clone(),
+                                r.keep.as_deref(),
+                            );
+                            secrets_t.insert(key.as_slice(), json(&slot))?;
+                        }
                         for (k, v) in &restored {
                             match v {
                                 Some(v) => docs_t.insert(k.as_slice(), v.as_slice())?,
@@ -568,11 +612,64 @@ impl Store {
                 .unwrap_or_else(|e| e.into_inner());
             again.splice(0..0, deferred);
         }
+        if result.is_err() && !secrets.is_empty() {
+            let mut again = self
+                .pending_secrets
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            again.splice(0..0, secrets);
+        }
         if result.is_err() && !restores.is_empty() {
             let mut again = self.deferred_docs.lock().unwrap_or_else(|e| e.into_inner());
             again.splice(0..0, restores);
         }
         result
+    }
+
+    /// A new sealed secret, written with the next commit.
+    pub fn queue_secret(&self, rotation: crate::secrets::Rotation) {
+        self.pending_secrets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(rotation);
+    }
+
+    fn has_pending_secrets(&self) -> bool {
+        !self
+            .pending_secrets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
+    /// The sealed secrets of `name` on `device`: as stored, with the
+    /// rotations still waiting for a commit applied on top.
+    pub fn secret_slot(
+        &self,
+        device: &str,
+        name: &str,
+    ) -> Result<Option<crate::secrets::Slot>, StoreError> {
+        let key = crate::secrets::slot_key(device, name);
+        let stored = self.with(|e| {
+            e.secrets
+                .get(&key)?
+                .map(|v| decode("secrets", &key, &v))
+                .transpose()
+        })?;
+        let pending = self
+            .pending_secrets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        Ok(pending
+            .iter()
+            .filter(|r| r.device == device && r.name == name)
+            .fold(stored, |slot, r| {
+                Some(crate::secrets::Slot::rotate(
+                    slot,
+                    r.sealed.clone(),
+                    r.keep.as_deref(),
+                ))
+            }))
     }
 
     /// After a failed commit of document `name`: make the disk say what it

@@ -6,6 +6,7 @@ pub mod firmware;
 mod identity;
 pub mod messages;
 pub mod policy;
+pub mod secrets;
 pub mod topics;
 
 pub use identity::{validate_id, validate_org, IdError, Identity, Role, ADMIN_ORG, MAX_ID_LEN};

@@ -40,6 +40,11 @@ pub struct Command {
     /// to its `devices/D/csr`). A command carrying one sets no state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<CertificateDelivery>,
+    /// Plaintexts of the secret references `state` sets, by key
+    /// ([`crate::secrets`]). Filled in by the controller just before the
+    /// command is published, never stored; its `Debug` redacts them.
+    #[serde(default, skip_serializing_if = "crate::secrets::SecretMap::is_empty")]
+    pub secrets: crate::secrets::SecretMap,
 }
 
 /// The device's certificate for rotation `rotation`, signed by the CA from

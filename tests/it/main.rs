@@ -14,4 +14,5 @@ mod rotation;
 mod policy_cli;
 mod registry_cli;
 mod rollouts;
+mod secrets;
 mod tidy;

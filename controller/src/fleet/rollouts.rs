@@ -448,6 +448,33 @@ impl Fleet {
             })
             .map(|o| o.spec.name.clone())
             .collect();
+        // A secret rotation: this device's own new secret, kept by the
+        // minter; the device's change is the reference to it.
+        let mut values = State::new();
+        if let Some(name) = &r.spec.secret {
+            let Some(dev) = self.devices.get(id) else {
+                return;
+            };
+            let keep = dev
+                .reported
+                .get(name)
+                .and_then(cityplane_proto::secrets::SecretRef::of)
+                .map(|s| s.fingerprint);
+            let minted = match &self.secrets {
+                Some(m) => m.mint(id, name, keep.as_deref(), now),
+                None => Err("this controller keeps no secrets".to_owned()),
+            };
+            match minted {
+                Ok(reference) => {
+                    values.insert(name.clone(), reference.to_value());
+                }
+                Err(e) => {
+                    // Stays queued: admitted on a later step.
+                    tracing::error!(rollout = %r.spec.name, device = id, error = %e, "could not make a secret");
+                    return;
+                }
+            }
+        }
         let Some(dev) = self.devices.get_mut(id).map(Arc::make_mut) else {
             return;
         };
@@ -461,7 +488,8 @@ impl Fleet {
                 )
             })
             .collect();
-        let skipped = dev.reported_version > 0 && holds(&dev.reported, &r.patch);
+        let patch = if values.is_empty() { &r.patch } else { &values };
+        let skipped = dev.reported_version > 0 && holds(&dev.reported, patch);
         for old in superseded {
             dev.rollouts.remove(&old);
         }
@@ -470,6 +498,7 @@ impl Fleet {
             e.admitted_at = now;
             e.previous = previous;
             e.skipped = skipped;
+            e.values = values;
         }
         self.dirty.insert(id.to_owned());
     }
@@ -628,7 +657,7 @@ impl Fleet {
         }
         json!({
             "name": r.spec.name, "phase": r.phase, "reason": r.reason,
-            "firmware": r.spec.firmware, "keys": r.patch.keys().collect::<Vec<_>>(),
+            "firmware": r.spec.firmware, "secret": r.spec.secret, "keys": r.patch.keys().collect::<Vec<_>>(),
             "wave": (r.wave + 1).min(r.wave_sizes.len()), "waves": r.wave_sizes.len(),
             "devices": total, "counts": counts,
             "author": r.author, "created": rfc3339(r.created_at),
@@ -1031,6 +1060,75 @@ mod tests {
             .control_rollout("r", Control::Resume, "op", "", 3_000)
             .is_err());
     }
+    /// Counts the secrets it makes: `s<n>` for the nth, fingerprinted so.
+    struct CountingMinter(std::sync::atomic::AtomicU64);
+
+    impl crate::secrets::Minter for CountingMinter {
+        fn mint(
+            &self,
+            _device: &str,
+            _name: &str,
+            _keep: Option<&str>,
+            now: Millis,
+        ) -> Result<cityplane_proto::secrets::SecretRef, String> {
+            let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(cityplane_proto::secrets::SecretRef {
+                fingerprint: format!("s{n}"),
+                rotated_at: rfc3339(now),
+            })
+        }
+    }
+
+    #[test]
+    fn a_secret_rotation_gives_each_device_its_own_secret_and_a_rollback_the_old_one() {
+        let mut fleet = fleet_of(lamps(4));
+        // d01 holds a secret already; without a minter nobody is admitted.
+        let old = json!({"secret": {"fingerprint": "old", "rotated_at": "t"}});
+        let body = json!({"version": 2, "state": {"admin_password": old}}).to_string();
+        fleet.on_device_message("d01", "reported", body.as_bytes(), 500);
+        let rotation = json!({"name": "rot", "target": {"class": "lamp"}, "secret": "admin_password",
+                              "waves": [{"count": 2}, {"percent": 100}], "rollback": true});
+        start(&mut fleet, spec(rotation), 1_000);
+        fleet.step_rollouts(1_000);
+        assert!(
+            admitted(&fleet, "rot").is_empty(),
+            "admitted without secrets"
+        );
+        fleet.secrets = Some(Arc::new(CountingMinter(0.into())));
+        fleet.step_rollouts(1_100);
+        let canary = admitted(&fleet, "rot");
+        assert_eq!(canary.len(), 2);
+        let fingerprints: BTreeSet<String> = canary
+            .iter()
+            .map(|id| {
+                let v = &fleet.devices[id].desired["admin_password"];
+                let r = cityplane_proto::secrets::SecretRef::of(v).expect("a reference");
+                r.fingerprint
+            })
+            .collect();
+        assert_eq!(fingerprints.len(), 2, "one secret per device");
+        // Nothing but references: neither the spec's placeholder nor a value.
+        for d in fleet.devices.values() {
+            assert!(d.desired.get("admin_password").is_none_or(|v| {
+                cityplane_proto::secrets::SecretRef::of(v)
+                    .is_some_and(|r| r.fingerprint.starts_with('s'))
+            }));
+        }
+        let (record, devices) = fleet
+            .control_rollout("rot", Control::Abort, "op", "testing", 2_000)
+            .expect("abort");
+        fleet.apply_rollout_change(record, devices);
+        for id in &canary {
+            let before = if id == "d01" {
+                old.clone()
+            } else {
+                Value::Null
+            };
+            let now = fleet.devices[id].desired.get("admin_password").cloned();
+            assert_eq!(now.unwrap_or(Value::Null), before, "{id}");
+        }
+    }
+
     fn at(utc: &str) -> Millis {
         let t: jiff::Timestamp = utc.parse().expect("timestamp");
         t.as_millisecond() as Millis

@@ -246,6 +246,7 @@ impl Fleet {
                             rotation: s.rotation.clone(),
                             pem,
                         }),
+                        secrets: Default::default(),
                     };
                     dev.log_command(&body.id, body.generation, now, format!("certificate {serial} delivered"));
                     self.deliveries.push(Outgoing {

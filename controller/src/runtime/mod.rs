@@ -55,6 +55,9 @@ pub struct ControllerConfig {
     /// Firmware images the server holds at most, in bytes (published and
     /// uploading): operators cannot fill the data disk with them.
     pub max_firmware_bytes: u64,
+    /// The key device secrets are sealed with (`crate::secrets`); `None`:
+    /// `secrets.key` in the data directory, created on first start.
+    pub secrets_key: Option<PathBuf>,
 }
 
 impl ControllerConfig {
@@ -72,6 +75,7 @@ impl ControllerConfig {
             rollout_every: Duration::from_millis(250),
             compliance_every: Duration::from_secs(5),
             max_firmware_bytes: 16 << 30,
+            secrets_key: None,
         }
     }
 
@@ -93,6 +97,8 @@ pub enum ControllerError {
     Store(#[from] StoreError),
     #[error("broker: {0}")]
     Broker(String),
+    #[error(transparent)]
+    Secrets(#[from] crate::secrets::SecretsError),
 }
 
 enum Event {
@@ -149,6 +155,15 @@ impl Controller {
             format!("{:x}", now_ms()),
         );
         fleet.restore_rollouts(loaded.rollouts, loaded.releases);
+        let key_path = config
+            .secrets_key
+            .clone()
+            .unwrap_or_else(|| crate::secrets::default_key_path(&config.data));
+        let secrets = Arc::new(crate::secrets::Secrets {
+            vault: crate::secrets::Vault::open_or_create(&key_path)?,
+            store: store.clone(),
+        });
+        fleet.secrets = Some(secrets.clone());
         fleet.load_governance(loaded.governance, now_ms())?;
         let tables = event_loop::BrokerTables {
             scopes: broker.scopes(),
@@ -188,7 +203,7 @@ impl Controller {
         }
         tokio::spawn(read_tap(tap, events_tx));
         let (out_tx, out_rx) = mpsc::channel(8192);
-        tokio::spawn(publish_to_router(tx, out_rx));
+        tokio::spawn(publish_to_router(tx, out_rx, secrets));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let task = tokio::spawn(run(
             fleet,

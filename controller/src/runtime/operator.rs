@@ -860,6 +860,20 @@ fn answer(
                 })?;
             Ok(fleet::describe(dev))
         }
+        "get-secrets" => Ok(crate::secrets::listing(
+            fleet
+                .devices
+                .values()
+                .map(|d| &**d)
+                .filter(sees)
+                .filter(|d| {
+                    q.selector
+                        .as_ref()
+                        .is_none_or(|s| selects(&Target::Selector(s.clone()), &d.id, &d.attrs))
+                }),
+            q.offset.unwrap_or(0),
+            q.limit.unwrap_or(500).min(2000),
+        )),
         "audit" => audit_query(store, access, &q),
         "get-quarantined" => Ok(super::incidents::query(fleet, access, q.selector.as_ref())),
         "audit-verify" => {
@@ -895,7 +909,7 @@ fn answer(
                  get-documents, describe-document, dry-run, get-rollouts, rollout-status, \
                  rollout-devices, get-releases, get-orgs, describe-org, get-policy, \
                  get-policy-history, get-exceptions, compliance, audit-verify, audit-export, \
-                 get-quarantined, register, label, \
+                 get-quarantined, get-secrets, register, label, \
                  delete-document, rollout-create, rollout-pause, rollout-resume, rollout-abort, \
                  publish-firmware, org-create, org-grant, policy-apply, exception-grant, \
                  exception-revoke, quarantine, release or cert-rotate"

@@ -92,9 +92,18 @@ pub(super) async fn read_tap(
     }
 }
 
-/// Publishes what the loop produces, in order, on the controller's router link.
-pub(super) async fn publish_to_router(mut tx: LinkSender, mut out: mpsc::Receiver<Outgoing>) {
-    while let Some(out) = out.recv().await {
+/// Publishes what the loop produces, in order, on the controller's router
+/// link. A command gets the plaintexts of the secrets it refers to here, at
+/// the last moment: the loop, the outbox and the store never hold them.
+pub(super) async fn publish_to_router(
+    mut tx: LinkSender,
+    mut out: mpsc::Receiver<Outgoing>,
+    secrets: Arc<crate::secrets::Secrets>,
+) {
+    while let Some(mut out) = out.recv().await {
+        if let Some((device, "commands")) = topics::split_device_topic(&out.topic) {
+            out.payload = secrets.fill_command(device, out.payload);
+        }
         if let Err(e) = tx.publish(&out.topic, &out.payload, out.retain).await {
             tracing::error!(error = %e, topic = %out.topic, "router refused publish");
         }
