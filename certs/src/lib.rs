@@ -44,6 +44,7 @@ pub mod policy;
 pub mod registry;
 mod revocation;
 mod serial;
+mod server_cert;
 pub mod signing;
 
 pub use error::CertError;
@@ -51,7 +52,9 @@ pub use peer::{peer_cert, PeerCert};
 pub use pki::{
     BulkIssued, CertInfo, CrlInfo, IssueOptions, Pki, Rotated, BACKDATE, CA_CERT_FILE, CA_KEY_FILE,
     CA_VALIDITY_DAYS, CRL_FILE, CRL_VALIDITY_DAYS, DEFAULT_VALIDITY_DAYS, ISSUED_FILE,
-    RESERVED_IDS, REVOCATION_FILE, SERVER_CERT_FILE, SERVER_FILES, SERVER_KEY_FILE,
+    MAX_OVERLAP_DAYS, RESERVED_IDS, REVOCATION_FILE, SERVER_CERT_FILE, SERVER_FILES,
+    SERVER_KEY_FILE,
 };
 pub use revocation::{RevocationList, RevokedEntry, REVOCATION_FORMAT_VERSION};
 pub use serial::normalize_serial;
+pub use server_cert::ServerRotated;
