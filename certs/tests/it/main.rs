@@ -5,3 +5,4 @@ mod certs;
 mod common;
 mod crl_mosquitto;
 mod hardening;
+mod overlap;
