@@ -101,7 +101,7 @@ pub enum CertError {
     /// `rotate` needs a current certificate to take the role and
     /// organisation from.
     #[error(
-        "{id} has no valid certificate in {} to rotate: issue one with          `cityplane certs issue --id {id} --role ROLE`",
+        "{id} has no valid certificate in {} to rotate: issue one with `cityplane certs issue --id {id} --role ROLE`",
         dir.display()
     )]
     NothingToRotate { id: String, dir: PathBuf },
