@@ -7,10 +7,10 @@
 //! | file | what |
 //! |---|---|
 //! | `ca.crt`, `ca.key` | the CA (ECDSA P-256, 10 years) |
-//! | `broker.crt`, `broker.key` | the broker's server certificate (`localhost`, `127.0.0.1`) |
+//! | `broker.crt`, `broker.key` | the broker's server certificate (`localhost`, `127.0.0.1`; replaced by [`Pki::rotate_server`]) |
 //! | `<id>.crt`, `<id>.key` | one identity each (clientAuth, 365 days by default) |
 //! | `issued.jsonl` | every serial signed (id, role, expiry, registry attributes of a device), appended before the certificate is written |
-//! | `revoked.json` | revoked serials: the broker's source of truth |
+//! | `revoked.json` | revoked serials, some from a later instant (a rotation's overlap): the broker's source of truth |
 //! | `crl.pem` | the same serials as a CA-signed X.509 CRL (mosquitto `crlfile`), valid 30 days |
 //!
 //! Private keys are created with mode 0600; every file is replaced atomically
