@@ -203,10 +203,7 @@ async fn once(a: &Args, pki_dir: &Path, dir: &Path) -> Result<RunResult> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     let states = fleet.device_states();
-    let others: Vec<_> = states
-        .iter()
-        .filter(|d| !suspect.contains(&d.id))
-        .collect();
+    let others: Vec<_> = states.iter().filter(|d| !suspect.contains(&d.id)).collect();
     let first_session = others
         .iter()
         .filter(|d| d.connected && d.connects == connects[&d.id])

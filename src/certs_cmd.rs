@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use cityplane_certs::{CertError, CertInfo, Pki, CRL_VALIDITY_DAYS, DEFAULT_VALIDITY_DAYS};
+use cityplane_certs::{
+    CertError, CertInfo, Pki, CRL_VALIDITY_DAYS, DEFAULT_VALIDITY_DAYS, MAX_OVERLAP_DAYS,
+};
 use cityplane_proto::messages::Attributes;
 use cityplane_proto::Role;
 use clap::{ArgGroup, Args, Subcommand, ValueEnum};
@@ -103,7 +105,9 @@ impl From<RoleArg> for Role {
 pub enum OutputFormat {
     /// Aligned columns for people.
     Table,
-    /// A JSON array of {id, role, serial, not_after, revoked, cert_path, org} for scripts.
+    /// A JSON array of {id, role, serial, not_after, revoked, cert_path, org,
+    /// revoked_from} for scripts (revoked_from: a revocation recorded for a
+    /// later instant; the certificate works until then).
     Json,
 }
 
@@ -183,8 +187,9 @@ sees only the devices the controller puts in its scope.",
         #[arg(long, value_name = "P", requires = "count")]
         prefix: Option<String>,
         /// Replace the identity's current certificate: issue a new key and
-        /// serial, and revoke the old serial. Only with --id. Default: refuse
-        /// if a valid certificate exists.
+        /// serial, and revoke the old serial at once. Only with --id. Default:
+        /// refuse if a valid certificate exists. To keep the old one working
+        /// while the new one is deployed: `certs rotate --id ID --overlap 24h`.
         #[arg(long, conflicts_with = "count")]
         rotate: bool,
         /// The operator's organisation, written as the certificate's O.
@@ -237,6 +242,68 @@ cityplane certs revoke --pki ./pki --id dev0001 --also /etc/cityplane/server-pki
         /// list` shows it (case and ':' separators do not matter).
         #[arg(long, value_name = "HEX")]
         serial: Option<String>,
+        #[command(flatten)]
+        also: AlsoDirs,
+    },
+
+    /// Replace a certificate, the old one working for an overlap; or the server's own
+    #[command(
+        long_about = "Replace a certificate before it is compromised or expires.\n\n\
+With --id: issue a new key and certificate for the identity, with the role and organisation of \
+its current certificate, and record its old serial(s) in revoked.json as revoked from now + \
+--overlap. Until then both certificates work, so the new files can be deployed without cutting \
+the holder off (an operator's machine, a controller, a service); from then on the broker cuts \
+every session of the old certificate and refuses it at the handshake. A stolen old certificate \
+works during the overlap too: keep it short, and to cut a certificate at once use `certs revoke` \
+(which also ends a running overlap). --overlap 0 (the default) revokes at once, as \
+`certs issue --rotate`.\n\n\
+crl.pem lists an old serial only once its overlap is over: brokers that read the CRL \
+(mosquitto) learn of it from the next command that writes the CRL after that instant, e.g. \
+`certs crl`. Our broker reads revoked.json and needs nothing more than the copy --also makes.\n\n\
+With --server: write a new broker.key and broker.crt signed by the same CA, for the names of \
+the current certificate or those given with --dns-name. Devices trust the CA, so they accept it \
+at their next connection. A running server keeps the certificate it started with: copy the new \
+files with `certs export-server` and restart it.",
+        after_help = "Examples:\n  \
+cityplane certs rotate --pki ./pki --id alice --overlap 24h --also /etc/cityplane/server-pki\n  \
+cityplane certs rotate --pki ./pki --id controller --overlap 30m\n  \
+cityplane certs rotate --pki ./pki --id lamp0042                 # no overlap: revoked at once\n  \
+cityplane certs rotate --pki ./pki --server --dns-name broker.city.example --dns-name 10.0.0.5\n  \
+cityplane certs rotate --selector class=camera --before 30d        # the fleet's devices, as a rollout\n  \
+cityplane certs export-server --pki ./pki --out /etc/cityplane/server-pki   # then restart serve",
+        group(ArgGroup::new("what").required(true).args(["id", "server", "selector", "devices"]))
+    )]
+    Rotate {
+        #[command(flatten)]
+        pki: PkiDir,
+        #[command(flatten)]
+        fleet: crate::rotate_cmd::FleetRotateArgs,
+        /// Identity whose certificate to replace; keeps its role and, for an
+        /// operator, its organisation. Example: --id alice
+        #[arg(long, value_name = "ID")]
+        id: Option<String>,
+        /// How long the old certificate keeps working: 90s, 30m, 24h, 7d (a
+        /// bare number is minutes), at most 30 days. Default 0: revoked at once.
+        #[arg(long, value_name = "DURATION", default_value = "0", value_parser = parse_overlap, conflicts_with = "server")]
+        overlap: u64,
+        /// How many days the new certificate is valid (1 to 3650).
+        #[arg(
+            long,
+            value_name = "D",
+            default_value_t = DEFAULT_VALIDITY_DAYS,
+            value_parser = clap::value_parser!(u32).range(1..=3650),
+            conflicts_with = "server"
+        )]
+        days: u32,
+        /// Replace the broker's own certificate (broker.crt, broker.key)
+        /// instead of an identity's.
+        #[arg(long, conflicts_with = "id")]
+        server: bool,
+        /// A name the new server certificate is valid for, DNS name or IP
+        /// address; repeatable. Default: the names of the current broker.crt.
+        /// Example: --dns-name broker.city.example
+        #[arg(long = "dns-name", value_name = "NAME", requires = "server")]
+        dns_names: Vec<String>,
         #[command(flatten)]
         also: AlsoDirs,
     },
@@ -347,6 +414,22 @@ pub fn run(cmd: CertsCommand) -> Result<()> {
             serial,
             also,
         } => revoke(&pki.dir, id, serial, &also.dirs),
+        CertsCommand::Rotate { pki, fleet, .. } if fleet.is_set() => {
+            crate::block_on(crate::rotate_cmd::run(fleet, pki.dir))
+        }
+        CertsCommand::Rotate {
+            pki,
+            id,
+            overlap,
+            days,
+            server: _,
+            dns_names,
+            also,
+            fleet: _,
+        } => match id {
+            Some(id) => rotate_id(&pki.dir, &id, overlap, days, &also.dirs),
+            None => rotate_server(&pki.dir, &dns_names, &also.dirs),
+        },
         CertsCommand::Crl { pki, also } => crl(&pki.dir, &also.dirs),
         CertsCommand::ExportServer { pki, out } => export_server(&pki.dir, &out),
         CertsCommand::List { pki, role, output } => list(&pki.dir, role.map(Role::from), output),
@@ -498,6 +581,121 @@ fn revoke(dir: &Path, id: Option<String>, serial: Option<String>, also: &[PathBu
     publish(&pki, also)
 }
 
+/// `--overlap`: seconds, at most [`MAX_OVERLAP_DAYS`].
+fn parse_overlap(text: &str) -> Result<u64, String> {
+    let secs = crate::governance_cmd::parse_duration(text).map_err(|e| e.to_string())?;
+    if secs > u64::from(MAX_OVERLAP_DAYS) * 86_400 {
+        return Err(format!(
+            "at most {MAX_OVERLAP_DAYS} days: during the overlap a stolen old certificate works \
+             too (revoke at once with `certs revoke`)"
+        ));
+    }
+    Ok(secs)
+}
+
+fn rotate_id(dir: &Path, id: &str, overlap: u64, days: u32, also: &[PathBuf]) -> Result<()> {
+    let pki = open(dir)?.with_validity_days(days)?;
+    let overlap_secs = i64::try_from(overlap).context("--overlap is too long")?;
+    let rotated = pki
+        .rotate_overlapping(id, time::Duration::seconds(overlap_secs))
+        .with_context(|| {
+            format!(
+                "cannot rotate the certificate of {id:?} in {}",
+                dir.display()
+            )
+        })?;
+    let info = &rotated.cert;
+    let org = info
+        .org
+        .as_deref()
+        .map(|o| format!(" of organisation {o}"))
+        .unwrap_or_default();
+    let mut out = format!(
+        "rotated {} certificate of {id}{org}\n  serial     {}\n  not after  {}\n  cert       {}\n  \
+         key        {} (mode 0600: install it on {id} only, keep it secret)\n  ca         {}\n",
+        info.role,
+        info.serial,
+        info.not_after,
+        info.cert_path.display(),
+        pki.key_path(id).display(),
+        pki.ca_cert_path().display(),
+    );
+    let mut until = None;
+    for old in &rotated.revoked {
+        match &old.effective_at {
+            Some(at) => {
+                out += &format!(
+                    "  old        {} works until {at}, revoked from then on\n",
+                    old.serial
+                );
+                until = Some(at.clone());
+            }
+            None => out += &format!("  old        {} revoked now\n", old.serial),
+        }
+    }
+    let d = dir.display();
+    match until {
+        Some(at) => {
+            out += &format!(
+                "Deploy the new files on {id} before {at}: the old certificate stops working then.\n\
+                 Servers: our broker cuts it at that instant by itself once its directory has this \
+                 revoked.json ({}). Brokers reading crl.pem (mosquitto) learn of it only from a CRL \
+                 written after {at}: run `cityplane certs crl --pki {d} --also SERVER_DIR` then.\n",
+                if also.is_empty() {
+                    format!("pass --also SERVER_DIR, or `cityplane certs crl --pki {d} --also SERVER_DIR`")
+                } else {
+                    "copied below".to_owned()
+                }
+            );
+        }
+        None if rotated.revoked.is_empty() => {}
+        None => {
+            if also.is_empty() {
+                out += &format!(
+                    "A server directory learns of it with `cityplane certs crl --pki {d} --also SERVER_DIR`.\n"
+                );
+            }
+        }
+    }
+    print_out(&out)?;
+    publish(&pki, also)
+}
+
+fn rotate_server(dir: &Path, names: &[String], also: &[PathBuf]) -> Result<()> {
+    let pki = open(dir)?;
+    let r = pki.rotate_server(names).with_context(|| {
+        format!(
+            "cannot rotate the broker's certificate in {}",
+            dir.display()
+        )
+    })?;
+    let was = r
+        .old_serial
+        .as_deref()
+        .map(|s| format!(" (was {s})"))
+        .unwrap_or_default();
+    print_out(&format!(
+        "rotated the broker's certificate in {d} for {names}\n  serial     {serial}{was}\n  \
+         not after  {not_after}\n  cert       {crt}\n  key        {key} (mode 0600)\n\
+         Devices trust the CA, so they accept it at their next connection. A running server keeps \
+         the certificate it started with:\n  \
+         cityplane certs export-server --pki {d} --out SERVER_DIR\n  \
+         then restart `cityplane serve` (or `cityplane broker`) on SERVER_DIR.\n",
+        d = dir.display(),
+        names = r.names.join(", "),
+        serial = r.serial,
+        not_after = r.not_after,
+        crt = pki.server_cert_path().display(),
+        key = pki.server_key_path().display(),
+    ))?;
+    if !also.is_empty() {
+        print_out(
+            "  (--also copies revocations only; the server's certificate needs export-server)\n",
+        )?;
+    }
+    Ok(())
+}
+
 fn crl(dir: &Path, also: &[PathBuf]) -> Result<()> {
     let pki = open(dir)?;
     let info = pki
@@ -509,6 +707,12 @@ fn crl(dir: &Path, also: &[PathBuf]) -> Result<()> {
         info.revoked,
         info.next_update
     ))?;
+    if let Some(at) = &info.pending_until {
+        print_out(&format!(
+            "  a revocation recorded for later takes effect at {at}: the CRL lists it only \
+             when re-signed after then\n"
+        ))?;
+    }
     publish(&pki, also)
 }
 
@@ -587,9 +791,14 @@ fn list(dir: &Path, role: Option<Role>, output: OutputFormat) -> Result<()> {
 
 fn table(certs: &[CertInfo]) -> String {
     let header = ["ID", "ROLE", "ORG", "SERIAL", "NOT-AFTER", "REVOKED"];
+    let pending: Vec<Option<String>> = certs
+        .iter()
+        .map(|c| c.revoked_from.as_ref().map(|t| format!("revoked from {t}")))
+        .collect();
     let rows: Vec<[&str; 6]> = certs
         .iter()
-        .map(|c| {
+        .zip(&pending)
+        .map(|(c, pending)| {
             [
                 c.id.as_str(),
                 c.role.as_str(),
@@ -600,7 +809,11 @@ fn table(certs: &[CertInfo]) -> String {
                 } else {
                     &c.not_after
                 },
-                if c.revoked { "yes" } else { "no" },
+                match (pending, c.revoked) {
+                    (Some(from), _) => from.as_str(),
+                    (None, true) => "yes",
+                    (None, false) => "no",
+                },
             ]
         })
         .collect();

@@ -505,7 +505,8 @@ pub fn parse_duration(text: &str) -> anyhow::Result<u64> {
         "d" => 86_400,
         _ => bail!("{text:?}: the unit must be s, m, h or d"),
     };
-    Ok(n * mult)
+    n.checked_mul(mult)
+        .with_context(|| format!("{text:?} is too long a duration"))
 }
 
 pub async fn policy_apply(a: ApplyArgs) -> anyhow::Result<()> {

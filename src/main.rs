@@ -11,6 +11,7 @@ mod incident_cmd;
 mod ops_cmd;
 mod policy_cmd;
 mod rollout_cmd;
+mod rotate_cmd;
 mod secrets_cmd;
 mod serve_cmd;
 

@@ -13,35 +13,53 @@ use crate::ops_cmd::Output;
 /// What `certs rotate` takes to rotate devices' certificates on a server.
 #[derive(clap::Args, Debug, Default)]
 pub struct FleetRotateArgs {
-    /// Devices of the fleet matching KEY=VALUE pairs (class=…, owner=…, any label; all=true for every device)
-    #[arg(long, value_delimiter = ',', conflicts_with = "ids")]
+    /// Rotate the fleet's devices matching KEY=VALUE pairs, on the server, as a rollout
+    /// (class=…, owner=…, any label; all=true for every device)
+    #[arg(long, value_delimiter = ',', conflicts_with = "devices")]
     pub selector: Vec<String>,
-    /// Devices of the fleet by id (comma-separated)
+    /// Rotate these devices (comma-separated ids), on the server, as a rollout
     #[arg(long, value_delimiter = ',')]
-    pub ids: Vec<String>,
-    /// Only devices whose certificate expires within this long: 30d, 12h
+    pub devices: Vec<String>,
+    /// With --selector/--devices: only devices whose certificate expires within this long (30d, 12h)
     #[arg(long, value_name = "DURATION")]
     pub before: Option<String>,
-    /// The rotation's (rollout's) name [default: rotate-N]
+    /// With --selector/--devices: the rotation's (rollout's) name [default: rotate-N]
     #[arg(long)]
     pub name: Option<String>,
-    /// Wave sizes in percent, comma-separated (the last takes the rest) [default: 1,10,89]
+    /// With --selector/--devices: wave sizes in percent, comma-separated [default: 1,10,89]
     #[arg(long, value_delimiter = ',')]
     pub waves: Vec<f64>,
-    /// Percent of a wave that must succeed before the next starts [default: 90]
+    /// With --selector/--devices: percent of a wave that must succeed before the next [default: 90]
     #[arg(long)]
     pub success_threshold: Option<f64>,
+    /// With --selector/--devices: the server (host:port)
+    #[arg(long, env = "CITYPLANE_SERVER", default_value = "127.0.0.1:8883")]
+    pub address: String,
+    /// With --selector/--devices: the operator identity to connect as (its certificate in --pki)
+    #[arg(long, env = "CITYPLANE_ID", default_value = "operator")]
+    pub operator: String,
+    /// With --selector/--devices: `table` for people, `json` for scripts
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
 }
 
 impl FleetRotateArgs {
     pub fn is_set(&self) -> bool {
-        !self.selector.is_empty() || !self.ids.is_empty()
+        !self.selector.is_empty() || !self.devices.is_empty()
     }
 }
 
-pub async fn run(a: &FleetRotateArgs, connect: &ConnectArgs, output: Output) -> anyhow::Result<()> {
-    let target = if !a.ids.is_empty() {
-        json!({"ids": a.ids})
+/// Rotates the fleet's certificates: `pki` holds the operator's certificate.
+pub async fn run(a: FleetRotateArgs, pki: std::path::PathBuf) -> anyhow::Result<()> {
+    let connect = ConnectArgs {
+        server: a.address.clone(),
+        pki,
+        id: a.operator.clone(),
+        timeout: 30,
+    };
+    let output = a.output;
+    let target = if !a.devices.is_empty() {
+        json!({"ids": a.devices})
     } else if a.selector.iter().any(|s| s == "all=true") {
         json!({"all": true})
     } else {
@@ -64,7 +82,7 @@ pub async fn run(a: &FleetRotateArgs, connect: &ConnectArgs, output: Output) -> 
     if a.waves.iter().any(|p| *p <= 0.0) {
         bail!("--waves are percents above 0, e.g. 10,90");
     }
-    let r = ask(connect, "cert-rotate", body)
+    let r = ask(&connect, "cert-rotate", body)
         .await
         .context("the rotation was refused; no certificate changed")?;
     if output == Output::Json {

@@ -7,6 +7,11 @@
 //! parsed from. Size and mtime miss a same-length rewrite within one mtime
 //! tick (or with the mtime restored), and fingerprinting the file apart
 //! from reading it misses a change in between.
+//!
+//! An entry can take effect later than it was written (a rotation's
+//! overlap): the file does not change at that instant, so each poll also
+//! checks whether the next such instant has passed and then cuts the
+//! sessions it revokes. Time is the system clock, as for certificate expiry.
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -15,6 +20,7 @@ use std::time::Duration;
 
 use cityplane_certs::RevocationList;
 use rustls::{CertificateError, OtherError};
+use time::OffsetDateTime;
 
 use crate::registry::Registry;
 
@@ -53,10 +59,15 @@ impl RevocationState {
         })
     }
 
-    /// Refuses a serial that is revoked, or every serial when the list is unusable.
+    /// Refuses a serial that is revoked now, or every serial when the list
+    /// is unusable.
     pub(crate) fn check(&self, serial: &str) -> Result<(), rustls::Error> {
+        self.check_at(serial, OffsetDateTime::now_utc())
+    }
+
+    fn check_at(&self, serial: &str, now: OffsetDateTime) -> Result<(), rustls::Error> {
         match &self.read().list {
-            Ok(list) if list.is_revoked(serial) => {
+            Ok(list) if list.is_revoked_at(serial, now) => {
                 Err(rustls::Error::InvalidCertificate(CertificateError::Revoked))
             }
             Ok(_) => Ok(()),
@@ -71,6 +82,14 @@ impl RevocationState {
 
     pub(crate) fn is_allowed(&self, serial: &str) -> bool {
         self.check(serial).is_ok()
+    }
+
+    /// The next instant after `now` at which a listed serial becomes revoked.
+    fn next_effective_after(&self, now: OffsetDateTime) -> Option<OffsetDateTime> {
+        match &self.read().list {
+            Ok(list) => list.next_effective_after(now),
+            Err(_) => None,
+        }
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Installed> {
@@ -125,7 +144,9 @@ async fn read_if_changed(path: &Path, installed: Option<u64>) -> Option<Installe
     .flatten()
 }
 
-/// Polls the list and cuts sessions whose certificate is no longer allowed.
+/// Polls the list and cuts sessions whose certificate is no longer allowed:
+/// when the file changes, and when an entry recorded for a later instant
+/// takes effect.
 pub(crate) async fn watch(
     state: Arc<RevocationState>,
     registry: Arc<Registry>,
@@ -134,16 +155,24 @@ pub(crate) async fn watch(
 ) {
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_due = state.next_effective_after(OffsetDateTime::now_utc());
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = shutdown.changed() => return,
         }
+        // Taken before the read: an entry due between this instant and the
+        // cut is left for the next tick, never skipped.
+        let now = OffsetDateTime::now_utc();
         let (installed, failing) = {
             let current = state.read();
             (current.digest, current.list.is_err())
         };
         let Some(loaded) = read_if_changed(&state.path, installed).await else {
+            if next_due.is_some_and(|due| due <= now) {
+                next_due = state.next_effective_after(now);
+                cut_refused(&state, &registry, now, "a revocation took effect");
+            }
             continue;
         };
         match &loaded.list {
@@ -160,9 +189,14 @@ pub(crate) async fn watch(
             Err(_) => {}
         }
         state.replace(loaded);
-        let cut = registry.kick_where(|_, serial| !state.is_allowed(serial));
-        if cut > 0 {
-            tracing::warn!(sessions = cut, "sessions cut after revocation list change");
-        }
+        next_due = state.next_effective_after(now);
+        cut_refused(&state, &registry, now, "revocation list changed");
+    }
+}
+
+fn cut_refused(state: &RevocationState, registry: &Registry, now: OffsetDateTime, why: &str) {
+    let cut = registry.kick_where(|_, serial| state.check_at(serial, now).is_err());
+    if cut > 0 {
+        tracing::warn!(sessions = cut, reason = why, "sessions cut by revocation");
     }
 }

@@ -94,6 +94,18 @@ pub enum CertError {
     #[error("invalid validity: {0}")]
     InvalidValidity(String),
 
+    /// A rotation's overlap: negative, or longer than allowed.
+    #[error("invalid overlap: {0}")]
+    InvalidOverlap(String),
+
+    /// `rotate` needs a current certificate to take the role and
+    /// organisation from.
+    #[error(
+        "{id} has no valid certificate in {} to rotate: issue one with `cityplane certs issue --id {id} --role ROLE`",
+        dir.display()
+    )]
+    NothingToRotate { id: String, dir: PathBuf },
+
     #[error("{}: {reason}", path.display())]
     BadFile { path: PathBuf, reason: String },
 

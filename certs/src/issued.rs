@@ -63,6 +63,7 @@ impl IssuedRecord {
             revoked: false,
             cert_path: std::path::PathBuf::new(),
             org: self.org.clone(),
+            revoked_from: None,
         }
     }
 

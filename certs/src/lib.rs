@@ -7,10 +7,10 @@
 //! | file | what |
 //! |---|---|
 //! | `ca.crt`, `ca.key` | the CA (ECDSA P-256, 10 years) |
-//! | `broker.crt`, `broker.key` | the broker's server certificate (`localhost`, `127.0.0.1`) |
+//! | `broker.crt`, `broker.key` | the broker's server certificate (`localhost`, `127.0.0.1`; replaced by [`Pki::rotate_server`]) |
 //! | `<id>.crt`, `<id>.key` | one identity each (clientAuth, 365 days by default) |
 //! | `issued.jsonl` | every serial signed (id, role, expiry, registry attributes of a device), appended before the certificate is written |
-//! | `revoked.json` | revoked serials: the broker's source of truth |
+//! | `revoked.json` | revoked serials, some from a later instant (a rotation's overlap): the broker's source of truth |
 //! | `crl.pem` | the same serials as a CA-signed X.509 CRL (mosquitto `crlfile`), valid 30 days |
 //!
 //! Private keys are created with mode 0600; every file is replaced atomically
@@ -45,6 +45,7 @@ pub mod registry;
 mod revocation;
 pub mod rotation;
 mod serial;
+mod server_cert;
 pub mod signing;
 
 pub use error::CertError;
@@ -52,7 +53,9 @@ pub use peer::{peer_cert, PeerCert};
 pub use pki::{
     BulkIssued, CertInfo, CrlInfo, IssueOptions, Pki, Rotated, SignedCsr, BACKDATE, CA_CERT_FILE,
     CA_KEY_FILE, CA_VALIDITY_DAYS, CRL_FILE, CRL_VALIDITY_DAYS, DEFAULT_VALIDITY_DAYS, ISSUED_FILE,
-    RESERVED_IDS, REVOCATION_FILE, SERVER_CERT_FILE, SERVER_FILES, SERVER_KEY_FILE,
+    MAX_OVERLAP_DAYS, RESERVED_IDS, REVOCATION_FILE, SERVER_CERT_FILE, SERVER_FILES,
+    SERVER_KEY_FILE,
 };
 pub use revocation::{RevocationList, RevokedEntry, REVOCATION_FORMAT_VERSION};
 pub use serial::normalize_serial;
+pub use server_cert::ServerRotated;

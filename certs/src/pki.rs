@@ -58,6 +58,9 @@ pub const CA_VALIDITY_DAYS: u32 = 3650;
 pub const CRL_VALIDITY_DAYS: u32 = 30;
 /// RFC 5280: serial numbers are at most 20 octets.
 const MAX_SERIAL_OCTETS: usize = 20;
+/// The longest overlap [`Pki::rotate_overlapping`] accepts: during it a
+/// stolen old certificate works too.
+pub const MAX_OVERLAP_DAYS: u32 = 30;
 /// Default lifetime of identity certificates.
 pub const DEFAULT_VALIDITY_DAYS: u32 = 365;
 /// Certificates start this long in the past to tolerate clock skew.
@@ -68,8 +71,8 @@ const BULK_WRITERS_PER_CORE: usize = 16;
 const BULK_MAX_WRITERS: usize = 64;
 
 const CA_COMMON_NAME: &str = "cityplane CA";
-const ORGANIZATION: &str = "cityplane";
-const SERVER_NAME: &str = "broker";
+pub(crate) const ORGANIZATION: &str = "cityplane";
+pub(crate) const SERVER_NAME: &str = "broker";
 
 /// One certificate as `list` and `issue` report it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,6 +94,10 @@ pub struct CertInfo {
     /// `revoked.json`.
     #[serde(default)]
     pub org: Option<String>,
+    /// RFC 3339 (UTC), set when `revoked` is a revocation recorded for a
+    /// later instant (a rotation's overlap): the certificate works until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_from: Option<String>,
 }
 
 /// Validity and usage of a certificate to issue (see [`Pki::issue_with`]).
@@ -156,8 +163,8 @@ impl BulkIssued {
 pub struct Rotated {
     /// The new certificate.
     pub cert: CertInfo,
-    /// The serials it replaced, now revoked (empty if the id had no valid
-    /// certificate).
+    /// The serials it replaced, now revoked, or from their `effective_at`
+    /// (empty if the id had no valid certificate).
     pub revoked: Vec<RevokedEntry>,
 }
 
@@ -178,6 +185,9 @@ pub struct CrlInfo {
     pub revoked: usize,
     /// RFC 3339 (UTC): re-sign before this.
     pub next_update: String,
+    /// RFC 3339 (UTC): the next instant a recorded revocation takes effect.
+    /// The CRL does not list it yet: re-sign after it.
+    pub pending_until: Option<String>,
 }
 
 /// A PKI directory. Cheap to create: it holds only the path and the validity
@@ -196,12 +206,20 @@ pub struct Pki {
 }
 
 /// The loaded CA: its signing key and what certificates it signs inherit.
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    not_after: OffsetDateTime,
+pub(crate) struct Ca {
+    pub(crate) issuer: Issuer<'static, KeyPair>,
+    pub(crate) not_after: OffsetDateTime,
 }
 
-fn now() -> OffsetDateTime {
+/// What `init` names the broker's certificate for.
+pub(crate) fn default_server_names() -> Result<Vec<SanType>, CertError> {
+    Ok(vec![
+        SanType::DnsName("localhost".try_into()?),
+        SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+    ])
+}
+
+pub(crate) fn now() -> OffsetDateTime {
     let now = OffsetDateTime::now_utc();
     // X.509 times have whole seconds; keep ours equal to what we write.
     now.replace_nanosecond(0).unwrap_or(now)
@@ -250,24 +268,7 @@ impl Pki {
             issuer: Issuer::new(ca_params, ca_key),
         };
 
-        let server_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let mut server = CertificateParams::new(vec!["localhost".to_owned()])?;
-        server
-            .subject_alt_names
-            .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
-        server.serial_number = Some(SerialNumber::from_slice(&random_serial()?));
-        server.not_before = now - BACKDATE;
-        server.not_after = ca.not_after;
-        server.distinguished_name = dn(&[
-            (DnType::OrganizationName, ORGANIZATION),
-            (DnType::OrganizationalUnitName, SERVER_NAME),
-            (DnType::CommonName, SERVER_NAME),
-        ]);
-        server.is_ca = IsCa::ExplicitNoCa;
-        server.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        server.use_authority_key_identifier_extension = true;
-        let server_cert = server.signed_by(&server_key, &ca.issuer)?;
+        let (server_key, server_cert) = crate::server_cert::sign(&ca, &default_server_names()?)?;
 
         let revocations = RevocationFile::empty();
         let crl = build_crl(&ca, &revocations)?;
@@ -411,7 +412,7 @@ impl Pki {
     /// use [`rotate`](Self::rotate). If every certificate of `id` is revoked,
     /// issues a new one with a new serial.
     pub fn issue(&self, role: Role, id: &str) -> Result<CertInfo, CertError> {
-        Ok(self.issue_checked(role, id, false)?.cert)
+        Ok(self.issue_checked(role, id, false, None)?.cert)
     }
 
     /// Issues a new certificate (new key, new serial) for `id` and revokes
@@ -423,15 +424,61 @@ impl Pki {
     /// old ones: a crash in between leaves a revoked certificate that `issue`
     /// replaces.
     pub fn rotate(&self, role: Role, id: &str) -> Result<CertInfo, CertError> {
-        Ok(self.issue_checked(role, id, true)?.cert)
+        Ok(self.issue_checked(role, id, true, None)?.cert)
     }
 
     /// [`rotate`](Self::rotate), also saying which serials it revoked.
     pub fn rotate_reporting(&self, role: Role, id: &str) -> Result<Rotated, CertError> {
-        self.issue_checked(role, id, true)
+        self.issue_checked(role, id, true, None)
     }
 
-    fn issue_checked(&self, role: Role, id: &str, rotate: bool) -> Result<Rotated, CertError> {
+    /// Rotates `id` with the role and organisation of its current
+    /// certificate; the old serials are recorded as revoked from `now +
+    /// overlap`, so whoever holds them keeps working while the new files are
+    /// deployed. An overlap of zero revokes at once, as [`rotate`](Self::rotate).
+    ///
+    /// [`CertError::NothingToRotate`] if `id` has no valid certificate;
+    /// [`CertError::InvalidOverlap`] for a negative overlap or one over
+    /// [`MAX_OVERLAP_DAYS`].
+    pub fn rotate_overlapping(&self, id: &str, overlap: Duration) -> Result<Rotated, CertError> {
+        check_id(id)?;
+        if overlap.is_negative() || overlap > Duration::days(i64::from(MAX_OVERLAP_DAYS)) {
+            return Err(CertError::InvalidOverlap(format!(
+                "{overlap} is not between 0 and {MAX_OVERLAP_DAYS} days"
+            )));
+        }
+        let live = self.live_certs(id, &self.load_revocations()?, &self.load_index()?)?;
+        let Some(cur) = live.first() else {
+            return Err(CertError::NothingToRotate {
+                id: id.to_owned(),
+                dir: self.dir.clone(),
+            });
+        };
+        let pki = match (cur.role, &cur.org) {
+            (Role::Operator, Some(org)) => self.clone().with_org(org)?,
+            // Defaulting would make a contractor's operator one of the city's.
+            (Role::Operator, None) => {
+                return Err(CertError::bad_file(
+                    self.dir.join(ISSUED_FILE),
+                    format!("no organisation recorded for operator {id}: rotate it with `certs issue --rotate --org`"),
+                ))
+            }
+            (_, _) => Pki {
+                org: None,
+                ..self.clone()
+            },
+        };
+        let effective_at = (overlap > Duration::ZERO).then(|| now() + overlap);
+        pki.issue_checked(cur.role, id, true, effective_at)
+    }
+
+    fn issue_checked(
+        &self,
+        role: Role,
+        id: &str,
+        rotate: bool,
+        effective_at: Option<OffsetDateTime>,
+    ) -> Result<Rotated, CertError> {
         check_id(id)?;
         let ca = self.load_ca()?;
         let mut revocations = self.load_revocations()?;
@@ -451,7 +498,7 @@ impl Pki {
         // Build before revoking, so a failure here leaves everything as it was.
         let opts = self.issue_options();
         let new = self.generate(&ca, role, id, &opts, &random_serial()?)?;
-        let revoked = self.append_revocations(&ca, &mut revocations, &live)?;
+        let revoked = self.append_revocations(&ca, &mut revocations, &live, effective_at)?;
         for old in &revoked {
             tracing::info!(%id, serial = %old.serial, "rotation revoked the old certificate");
         }
@@ -654,6 +701,18 @@ impl Pki {
         let mut revocations = self.load_revocations()?;
         let index = self.load_index()?;
         let live = self.live_certs(id, &revocations, &index)?;
+        // A rotation's old certificate, still in its overlap: revoking the
+        // id means now for it too (it may be the one that was stolen).
+        let now = now();
+        let hasten: Vec<RevokedRecord> = revocations
+            .pending_for_id(id, now)
+            .into_iter()
+            .map(|r| r.in_effect_from(now))
+            .collect();
+        let mut hastened = self.append_records(&ca, &mut revocations, hasten)?;
+        if live.is_empty() && !hastened.is_empty() {
+            return Ok(hastened);
+        }
         if live.is_empty() {
             let last_revoked = index
                 .for_id(id)
@@ -675,7 +734,8 @@ impl Pki {
                 },
             });
         }
-        self.append_revocations(&ca, &mut revocations, &live)
+        hastened.extend(self.append_revocations(&ca, &mut revocations, &live, None)?);
+        Ok(hastened)
     }
 
     /// Revokes the certificate with this serial, whether or not a file or
@@ -694,7 +754,8 @@ impl Pki {
             .ok_or_else(|| CertError::InvalidSerial(serial.to_owned()))?;
         let ca = self.load_ca()?;
         let mut revocations = self.load_revocations()?;
-        if let Some(rec) = revocations.find(&serial) {
+        // A serial only pending (in a rotation's overlap) is revoked again, at once.
+        if let Some(rec) = revocations.find_effective(&serial, now()) {
             let id = rec.id.clone();
             self.write_crl(&ca, &revocations)?;
             return Err(CertError::AlreadyRevoked { serial, id });
@@ -719,6 +780,7 @@ impl Pki {
                             revoked_at: rfc3339(now()),
                             role: None,
                             not_after: None,
+                            effective_at: None,
                         }],
                     )?;
                     return entries
@@ -727,7 +789,7 @@ impl Pki {
                 }
             },
         };
-        let mut entries = self.append_revocations(&ca, &mut revocations, &[cert])?;
+        let mut entries = self.append_revocations(&ca, &mut revocations, &[cert], None)?;
         entries
             .pop()
             .ok_or_else(|| CertError::InvalidSerial(String::new()))
@@ -791,6 +853,7 @@ impl Pki {
                     .filter(|s| !s.is_empty()),
                 revoked_at: revoked_at.clone(),
                 serial,
+                effective_at: None,
             });
         }
         self.append_records(&ca, &mut revocations, records)
@@ -980,6 +1043,7 @@ impl Pki {
         let current_serials: HashSet<&str> = current.iter().map(|c| c.serial.as_str()).collect();
         let mut seen = HashSet::new();
         let mut all = Vec::new();
+        let now = now();
         for rec in &revocations.revoked {
             if current_serials.contains(rec.serial.as_str()) || !seen.insert(rec.serial.as_str()) {
                 continue;
@@ -1004,10 +1068,10 @@ impl Pki {
                 cert_path: PathBuf::new(),
                 // revoked.json does not keep it; issued.jsonl may.
                 org: index.by_serial(&rec.serial).and_then(|r| r.org.clone()),
+                revoked_from: revocations.pending_until(&rec.serial, now).map(rfc3339),
             });
         }
         // Valid certificates whose file is gone: the ones most worth seeing.
-        let now = now();
         for rec in &index.records {
             if current_serials.contains(rec.serial.as_str())
                 || revocations.find(&rec.serial).is_some()
@@ -1032,7 +1096,7 @@ impl Pki {
         }
     }
 
-    fn load_ca(&self) -> Result<Ca, CertError> {
+    pub(crate) fn load_ca(&self) -> Result<Ca, CertError> {
         let key_path = self.ca_key_path();
         let cert_path = self.ca_cert_path();
         let key_pem =
@@ -1096,6 +1160,9 @@ impl Pki {
             role: parsed.identity.role,
             not_after: parsed.not_after_rfc3339(),
             revoked: revocations.find(&parsed.serial).is_some(),
+            revoked_from: revocations
+                .pending_until(&parsed.serial, now())
+                .map(rfc3339),
             serial: parsed.serial,
             cert_path: path,
             org: parsed.identity.org,
@@ -1224,6 +1291,7 @@ impl Pki {
                 revoked: false,
                 cert_path: self.cert_path(id),
                 org: parsed.identity.org,
+                revoked_from: None,
             },
             cert.pem(),
         ))
@@ -1250,12 +1318,14 @@ impl Pki {
         )
     }
 
-    /// Adds `certs` to `revoked.json` and regenerates `crl.pem`.
+    /// Adds `certs` to `revoked.json` (in effect from `effective_at`, or at
+    /// once) and regenerates `crl.pem`.
     fn append_revocations(
         &self,
         ca: &Ca,
         revocations: &mut RevocationFile,
         certs: &[CertInfo],
+        effective_at: Option<OffsetDateTime>,
     ) -> Result<Vec<RevokedEntry>, CertError> {
         let revoked_at = rfc3339(now());
         let records = certs
@@ -1266,6 +1336,7 @@ impl Pki {
                 revoked_at: revoked_at.clone(),
                 role: Some(cert.role),
                 not_after: Some(cert.not_after.clone()).filter(|s| !s.is_empty()),
+                effective_at: effective_at.map(rfc3339),
             })
             .collect();
         self.append_records(ca, revocations, records)
@@ -1308,6 +1379,7 @@ impl Pki {
             path: self.crl_path(),
             revoked: crl.revoked,
             next_update: rfc3339(crl.next_update),
+            pending_until: revocations.next_effective_after(now()).map(rfc3339),
         })
     }
 
@@ -1472,7 +1544,7 @@ pub(crate) fn subject(
     ]))
 }
 
-fn dn(parts: &[(DnType, &str)]) -> DistinguishedName {
+pub(crate) fn dn(parts: &[(DnType, &str)]) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     for (ty, value) in parts {
         dn.push(ty.clone(), *value);
@@ -1506,7 +1578,7 @@ fn build_crl(ca: &Ca, revocations: &RevocationFile) -> Result<SignedCrl, CertErr
     let crl_number = u128::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos()).unwrap_or(0);
     let mut revoked_certs = Vec::with_capacity(revocations.revoked.len());
     let mut seen = HashSet::new();
-    for rec in &revocations.revoked {
+    for rec in revocations.effective_at(this_update) {
         if !seen.insert(rec.serial.as_str()) {
             continue;
         }
@@ -1516,7 +1588,7 @@ fn build_crl(ca: &Ca, revocations: &RevocationFile) -> Result<SignedCrl, CertErr
         })?;
         revoked_certs.push(RevokedCertParams {
             serial_number: SerialNumber::from_slice(&serial),
-            revocation_time: rec.revoked_at_time().unwrap_or(this_update),
+            revocation_time: rec.effective_time().unwrap_or(this_update),
             reason_code: None,
             invalidity_date: None,
         });

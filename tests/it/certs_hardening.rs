@@ -327,3 +327,143 @@ fn an_operator_is_issued_into_an_organisation_and_nothing_else_is() {
     let issued = std::fs::read_to_string(pki.join("issued.jsonl")).expect("issued.jsonl");
     assert!(issued.contains(r#""org":"lighting-co""#), "{issued}");
 }
+
+/// Issue 12: `certs rotate --id` with an overlap keeps the old certificate
+/// working until a stated instant, and `certs list` says so.
+#[test]
+fn certs_rotate_with_an_overlap_lists_the_old_serial_as_revoked_from_later() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = tmp.path().join("pki");
+    let srv = tmp.path().join("srv");
+    ok(&["certs", "init", "--pki", s(&pki)]);
+    let old = serial_of(&ok(&[
+        "certs",
+        "issue",
+        "--pki",
+        s(&pki),
+        "--role",
+        "operator",
+        "--id",
+        "op",
+        "--org",
+        "lighting-co",
+    ]));
+    ok(&["certs", "export-server", "--pki", s(&pki), "--out", s(&srv)]);
+
+    let out = ok(&[
+        "certs",
+        "rotate",
+        "--pki",
+        s(&pki),
+        "--id",
+        "op",
+        "--overlap",
+        "1h",
+        "--also",
+        s(&srv),
+    ]);
+    let new = serial_of(&out);
+    assert_ne!(new, old);
+    let until = out
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix(&format!("old        {old} works until "))
+        })
+        .and_then(|rest| rest.split(',').next())
+        .unwrap_or_else(|| panic!("no 'works until' line for {old}: {out}"));
+    let until_t =
+        time::OffsetDateTime::parse(until, &time::format_description::well_known::Rfc3339)
+            .expect("RFC 3339");
+    let from_now = until_t - time::OffsetDateTime::now_utc();
+    assert!(
+        from_now > time::Duration::minutes(55) && from_now <= time::Duration::hours(1),
+        "{until} is not an hour from now"
+    );
+    assert!(
+        out.contains("certs crl") && out.contains("copied revoked.json"),
+        "{out}"
+    );
+    // The server directory got the pending entry.
+    let published = std::fs::read_to_string(srv.join("revoked.json")).expect("published");
+    assert!(
+        published.contains(&old) && published.contains(until),
+        "{published}"
+    );
+
+    // The new certificate is in place, its key private; same organisation.
+    assert_eq!(
+        std::fs::metadata(pki.join("op.key"))
+            .expect("key")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    let list = ok(&["certs", "list", "--pki", s(&pki)]);
+    let line_of = |serial: &str| {
+        list.lines()
+            .find(|l| l.contains(serial))
+            .unwrap_or_else(|| panic!("{serial} not listed: {list}"))
+            .to_owned()
+    };
+    assert!(
+        line_of(&old).contains(&format!("revoked from {until}")),
+        "{list}"
+    );
+    let new_line = line_of(&new);
+    assert!(
+        new_line.contains("lighting-co") && new_line.trim_end().ends_with("no"),
+        "{list}"
+    );
+    assert!(pki.join("op.crt").is_file());
+
+    // The CRL does not list it yet, and `certs crl` says when it will.
+    let crl = ok(&["certs", "crl", "--pki", s(&pki)]);
+    assert!(
+        crl.contains("(0 revoked serial(s))") && crl.contains(until),
+        "{crl}"
+    );
+
+    // Refusals: too long an overlap, --overlap without --id, nothing to rotate.
+    let err = fails(&[
+        "certs",
+        "rotate",
+        "--pki",
+        s(&pki),
+        "--id",
+        "op",
+        "--overlap",
+        "31d",
+    ]);
+    assert!(err.contains("at most 30 days"), "{err}");
+    fails(&[
+        "certs",
+        "rotate",
+        "--pki",
+        s(&pki),
+        "--server",
+        "--overlap",
+        "1h",
+    ]);
+    let err = fails(&["certs", "rotate", "--pki", s(&pki), "--id", "ghost"]);
+    assert!(err.contains("no valid certificate"), "{err}");
+
+    // The server's own certificate: a new one, a reminder to export and restart.
+    let before = std::fs::read(pki.join("broker.crt")).expect("broker.crt");
+    let out = ok(&["certs", "rotate", "--pki", s(&pki), "--server"]);
+    assert!(
+        out.contains("localhost, 127.0.0.1") && out.contains("export-server"),
+        "{out}"
+    );
+    assert_ne!(
+        std::fs::read(pki.join("broker.crt")).expect("broker.crt"),
+        before
+    );
+
+    let help = ok(&["certs", "rotate", "--help"]);
+    assert!(
+        help.contains("Examples:") && help.contains("--overlap 24h"),
+        "{help}"
+    );
+}

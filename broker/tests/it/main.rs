@@ -14,6 +14,7 @@ mod malformed;
 mod mosquitto_clients;
 mod pki_hardening;
 mod revocation;
+mod rotation;
 mod scopes;
 mod tls_hardening;
 mod topic_rules;

@@ -5,4 +5,5 @@ mod certs;
 mod common;
 mod crl_mosquitto;
 mod hardening;
+mod overlap;
 mod rotation;
