@@ -13,7 +13,9 @@
 //! - a device that does not come back with the new certificate within
 //!   [`Fleet::rotation_deadline_ms`] of the delivery fails; in a rotation
 //!   rollout a failed device is rolled back on its own: pinned back to its
-//!   old serial, the new one revoked, `certificate` desired as before.
+//!   old serial, the new one revoked, `certificate` desired as before. An
+//!   aborted rotation rolls back every device not yet confirmed; a
+//!   completed one lets its last devices finish within the deadline.
 
 use std::sync::Arc;
 
@@ -314,7 +316,12 @@ impl Fleet {
                 self.rotating.remove(&id);
                 continue;
             };
-            let live = self.rollouts.get(&rot.rotation).filter(|r| r.phase.is_live());
+            // A rotation that completed lets its last devices finish (the
+            // deadline still holds); one aborted or gone takes them back.
+            let going = self
+                .rollouts
+                .get(&rot.rotation)
+                .is_some_and(|r| r.phase != crate::rollout::Phase::Aborted);
             let admitted = dev
                 .rollouts
                 .get(&rot.rotation)
@@ -329,7 +336,7 @@ impl Fleet {
                 self.dirty.insert(id.clone());
             }
             let failed = self.devices.get(&id).is_some_and(|d| d.failed.is_some());
-            if live.is_none() || !admitted || failed {
+            if !going || !admitted || failed {
                 back.push(id);
             }
         }
