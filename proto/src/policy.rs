@@ -209,7 +209,9 @@ fn present_value<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>
 
 /// How the controller fixes a violation of an enforced rule: set keys of
 /// the desired state, or install a firmware version; optionally in waves.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A `certificate_valid_days` rule's remediation is built in (a
+/// certificate rotation): it needs no block, or one with `waves` only.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(remote = "Self", deny_unknown_fields)]
 pub struct Remediation {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -575,6 +577,8 @@ impl Rule {
         }
         let mode = self.effective_mode(policy_mode);
         match &self.remediation {
+            // Its remediation is built in: a certificate rotation.
+            None if self.check.certificate_valid_days.is_some() => Ok(()),
             None if mode == Mode::Enforce => err(
                 "mode is enforce but there is no remediation: say how to fix a violation \
                  (remediation = { set = {...} } or { firmware = \"X\" }) or use mode = \"report\""
@@ -680,9 +684,14 @@ fn walk<'a>(mut value: &'a Value, path: &str) -> Option<&'a Value> {
 impl Remediation {
     fn validate(&self, subject: Subject<'_>, test: Option<Test<'_>>) -> Result<(), String> {
         match (&self.set, &self.firmware) {
+            // A certificate's remediation is built in: a rotation (only its
+            // waves may be given).
+            (None, None) if matches!(subject, Subject::CertificateValidDays(_)) => {}
             (Some(_), Some(_)) | (None, None) => {
                 return Err(
-                    "a remediation gives exactly one of set = {...} or firmware = \"X\"".into(),
+                    "a remediation gives exactly one of set = {...} or firmware = \"X\" \
+                     (a certificate_valid_days rule's is built in: a rotation)"
+                        .into(),
                 )
             }
             (Some(set), None) => {

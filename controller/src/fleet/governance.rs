@@ -710,11 +710,21 @@ impl Fleet {
             return Vec::new();
         };
         let mut specs = Vec::new();
+        // A certificate expiry rule's remediation is built in: a rotation
+        // (each device makes a new key; the server signs its CSR), when
+        // this server holds the CA.
+        let rotation = cityplane_proto::policy::Remediation::default();
         for rule in &policy.rules {
-            let Some(fix) = &rule.remediation else {
+            let expiry = rule.check.certificate_valid_days.is_some();
+            let Some(fix) = rule
+                .remediation
+                .as_ref()
+                .or(expiry.then_some(&rotation))
+            else {
                 continue;
             };
-            if rule.effective_mode(policy.mode) != Mode::Enforce {
+            let rotate = expiry && fix.set.is_none() && fix.firmware.is_none();
+            if rule.effective_mode(policy.mode) != Mode::Enforce || (rotate && !self.can_sign) {
                 continue;
             }
             let prefix = remediation_prefix(&rule.id);
@@ -729,7 +739,7 @@ impl Fleet {
                 .devices
                 .values()
                 .filter(|d| !d.revoked && d.violations.contains_key(&rule.id))
-                .filter(|d| !self.excepted(&rule.id, d, now))
+                .filter(|d| d.quarantine.is_none() && !self.excepted(&rule.id, d, now))
                 .map(|d| d.id.as_str())
                 .collect();
             if ids.is_empty() {
@@ -760,6 +770,14 @@ impl Fleet {
             });
             if let Some(set) = &fix.set {
                 spec["state"] = Value::Object(set.clone());
+            }
+            if rotate {
+                let name = format!("{prefix}{n}");
+                spec["state"] = json!({
+                    cityplane_proto::messages::CertificateState::KEY: super::rotation_state(&name)
+                });
+                // A device that cannot rotate is rolled back on its own.
+                spec["success_threshold"] = json!(90.0);
             }
             if let Some(fw) = &fix.firmware {
                 spec["firmware"] = json!(fw);
@@ -893,6 +911,33 @@ mod tests {
             stored.len(),
             h.len(),
             "the store holds exactly what is kept"
+        );
+    }
+
+    #[test]
+    fn an_expiring_certificate_is_remediated_by_a_rotation_when_the_server_can_sign() {
+        const DAY: Millis = 86_400_000;
+        let now = 1_000 * DAY;
+        let mut fleet = fleet_with(
+            json!({"mode": "enforce", "rules": [{"id": "cert-30d", "severity": "high", "description": "renew in time",
+                   "selector": {"all": true}, "check": {"certificate_valid_days": 30}}]}),
+            2,
+        );
+        fleet.set_cert_expiry(&[("d0".into(), now + 10 * DAY), ("d1".into(), now + 100 * DAY)]);
+        fleet.compliance_tick(now);
+        assert!(fleet.devices["d0"].violations.contains_key("cert-30d"));
+        assert!(!fleet.devices["d1"].violations.contains_key("cert-30d"));
+        assert!(
+            fleet.remediation_specs(now).is_empty(),
+            "without the CA the server cannot rotate"
+        );
+        fleet.can_sign = true;
+        let specs = fleet.remediation_specs(now);
+        assert_eq!(specs.len(), 1, "{specs:?}");
+        assert_eq!(specs[0]["target"], json!({"ids": ["d0"]}));
+        assert_eq!(
+            specs[0]["state"],
+            json!({"certificate": {"rotation": "fix-cert-30d-1"}})
         );
     }
 }
