@@ -29,9 +29,9 @@ mod incidents;
 pub use incidents::{canonical_serial, MAX_INCIDENT_DEVICES};
 mod rollouts;
 mod rotation;
-pub use rotation::{rotation_state, SignRequest, Signed};
 pub use governance::{ExceptionRecord, Governance, PolicyRecord};
 pub use rollouts::Control;
+pub use rotation::{rotation_state, SignRequest, Signed};
 
 /// A message for the transport to publish once the changes behind it are durable.
 #[derive(Debug, Clone, PartialEq)]

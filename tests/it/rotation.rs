@@ -26,7 +26,14 @@ fn publishes(s: &Setup, id: &str, cert: &Path, key: &Path) -> bool {
         .arg(cert)
         .arg("--key")
         .arg(key)
-        .args(["-t", &format!("devices/{id}/telemetry"), "-m", "{}", "-q", "1"])
+        .args([
+            "-t",
+            &format!("devices/{id}/telemetry"),
+            "-m",
+            "{}",
+            "-q",
+            "1",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -72,7 +79,14 @@ async fn a_rotation_moves_every_device_to_a_key_of_its_own_and_rolls_back_one_th
     let old_of_lost = before[lost].clone();
 
     // Refusals: an empty selector, and a window that matches nobody.
-    let err = s.fails(&["certs", "rotate", "--before", "1d", "--selector", "class=streetlight"]);
+    let err = s.fails(&[
+        "certs",
+        "rotate",
+        "--before",
+        "1d",
+        "--selector",
+        "class=streetlight",
+    ]);
     assert!(err.contains("nothing to rotate"), "{err}");
 
     let r = s.json(&[
@@ -108,7 +122,10 @@ async fn a_rotation_moves_every_device_to_a_key_of_its_own_and_rolls_back_one_th
         assert_ne!(now, before[id], "{id} still on its old certificate");
     }
     assert_eq!(fleet.rotations(lost), Some(0));
-    assert_eq!(fleet.cert_serial(lost).as_deref(), Some(old_of_lost.as_str()));
+    assert_eq!(
+        fleet.cert_serial(lost).as_deref(),
+        Some(old_of_lost.as_str())
+    );
 
     // Every replaced serial is in the CA's revocation list, the lost-key
     // device's old one is not (it still uses it) and its unused new one is.
@@ -130,7 +147,10 @@ async fn a_rotation_moves_every_device_to_a_key_of_its_own_and_rolls_back_one_th
     for id in succeeded.iter().step_by(50) {
         let cert = s.pki.join(format!("{id}.crt"));
         let key = s.pki.join(format!("{id}.key"));
-        assert!(!publishes(&s, id, &cert, &key), "{id}'s old certificate got in");
+        assert!(
+            !publishes(&s, id, &cert, &key),
+            "{id}'s old certificate got in"
+        );
     }
     assert!(publishes(
         &s,

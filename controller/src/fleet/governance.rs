@@ -716,11 +716,7 @@ impl Fleet {
         let rotation = cityplane_proto::policy::Remediation::default();
         for rule in &policy.rules {
             let expiry = rule.check.certificate_valid_days.is_some();
-            let Some(fix) = rule
-                .remediation
-                .as_ref()
-                .or(expiry.then_some(&rotation))
-            else {
+            let Some(fix) = rule.remediation.as_ref().or(expiry.then_some(&rotation)) else {
                 continue;
             };
             let rotate = expiry && fix.set.is_none() && fix.firmware.is_none();
@@ -923,7 +919,10 @@ mod tests {
                    "selector": {"all": true}, "check": {"certificate_valid_days": 30}}]}),
             2,
         );
-        fleet.set_cert_expiry(&[("d0".into(), now + 10 * DAY), ("d1".into(), now + 100 * DAY)]);
+        fleet.set_cert_expiry(&[
+            ("d0".into(), now + 10 * DAY),
+            ("d1".into(), now + 100 * DAY),
+        ]);
         fleet.compliance_tick(now);
         assert!(fleet.devices["d0"].violations.contains_key("cert-30d"));
         assert!(!fleet.devices["d1"].violations.contains_key("cert-30d"));

@@ -58,7 +58,10 @@ impl Fleet {
         self.releases.insert(release.version.clone(), release);
     }
 
-    pub(super) fn members<'a>(&'a self, r: &'a RolloutRecord) -> impl Iterator<Item = Member<'a>> + 'a {
+    pub(super) fn members<'a>(
+        &'a self,
+        r: &'a RolloutRecord,
+    ) -> impl Iterator<Item = Member<'a>> + 'a {
         let name = r.spec.name.as_str();
         self.devices.values().filter_map(move |d| {
             let entry = d.rollouts.get(name)?;

@@ -80,7 +80,12 @@ impl Fleet {
         let name = match name {
             Some(n) => n,
             None => {
-                let n = self.rollouts.keys().filter(|k| k.starts_with("rotate-")).count() + 1;
+                let n = self
+                    .rollouts
+                    .keys()
+                    .filter(|k| k.starts_with("rotate-"))
+                    .count()
+                    + 1;
                 format!("rotate-{n}")
             }
         };
@@ -141,20 +146,29 @@ impl Fleet {
             .saturating_mul(3)
     }
 
-    pub(super) fn on_csr(&mut self, id: &str, req: CsrRequest, now: Millis) -> Result<(), Rejection> {
+    pub(super) fn on_csr(
+        &mut self,
+        id: &str,
+        req: CsrRequest,
+        now: Millis,
+    ) -> Result<(), Rejection> {
         let in_rotation = self.devices.get(id).is_some_and(|d| {
             d.rollouts
                 .get(&req.rotation)
                 .is_some_and(|e| e.stage == Stage::Admitted)
                 && self.rollouts.get(&req.rotation).is_some_and(|r| {
                     r.phase.is_live()
-                        && r.patch.get(CertificateState::KEY) == Some(&rotation_state(&req.rotation))
+                        && r.patch.get(CertificateState::KEY)
+                            == Some(&rotation_state(&req.rotation))
                 })
         });
         if !in_rotation {
             return Err(Rejection::new(
                 "no_rotation",
-                format!("device {id:?} is not in a live certificate rotation {:?}", req.rotation),
+                format!(
+                    "device {id:?} is not in a live certificate rotation {:?}",
+                    req.rotation
+                ),
             ));
         }
         if !self.can_sign {
@@ -211,7 +225,11 @@ impl Fleet {
             let Some(dev) = self.devices.get_mut(&s.id).map(Arc::make_mut) else {
                 continue;
             };
-            let Some(rot) = dev.cert_rotation.as_mut().filter(|r| r.rotation == s.rotation) else {
+            let Some(rot) = dev
+                .cert_rotation
+                .as_mut()
+                .filter(|r| r.rotation == s.rotation)
+            else {
                 // Rolled back or superseded while the CA signed.
                 if let Ok((serial, _, _)) = s.result {
                     self.revoke_queue.push(serial);
@@ -250,7 +268,12 @@ impl Fleet {
                         }),
                         secrets: Default::default(),
                     };
-                    dev.log_command(&body.id, body.generation, now, format!("certificate {serial} delivered"));
+                    dev.log_command(
+                        &body.id,
+                        body.generation,
+                        now,
+                        format!("certificate {serial} delivered"),
+                    );
                     self.deliveries.push(Outgoing {
                         topic: topics::commands(&s.id),
                         payload: serde_json::to_vec(&body).unwrap_or_default(),
@@ -291,7 +314,12 @@ impl Fleet {
             if let Some(old) = rot.old_serial.filter(|o| o != &serial) {
                 self.revoke_queue.push(old);
             }
-            dev.log_command("-", dev.desired_generation, dev.last_seen, format!("now on certificate {serial}"));
+            dev.log_command(
+                "-",
+                dev.desired_generation,
+                dev.last_seen,
+                format!("now on certificate {serial}"),
+            );
         }
         self.rotating.remove(id);
         self.pins_dirty = true;
@@ -328,7 +356,11 @@ impl Fleet {
                 .is_some_and(|e| e.stage == Stage::Admitted);
             let late = rot.delivered_at.is_some_and(|at| at + deadline <= now);
             if late && dev.failed.is_none() {
-                let dev = self.devices.get_mut(&id).map(Arc::make_mut).expect("present");
+                let dev = self
+                    .devices
+                    .get_mut(&id)
+                    .map(Arc::make_mut)
+                    .expect("present");
                 dev.failed = Some(format!(
                     "certificate rotation: did not connect with its new certificate within {} s of its delivery",
                     deadline / 1000
@@ -369,7 +401,12 @@ impl Fleet {
                 entry.failed = entry.failed.take().or(why);
             }
         }
-        dev.log_command("-", dev.desired_generation, rot.requested_at, "certificate rotation rolled back");
+        dev.log_command(
+            "-",
+            dev.desired_generation,
+            rot.requested_at,
+            "certificate rotation rolled back",
+        );
         self.dirty.insert(id.to_owned());
         self.recompute_desired([id.to_owned()]);
     }
@@ -393,7 +430,11 @@ impl Fleet {
     /// never got as far as a CSR.
     pub(super) fn roll_back_failed_rotations(&mut self) {
         for (id, name) in self.failed_rotation_members() {
-            if self.devices.get(&id).is_some_and(|d| d.cert_rotation.is_some()) {
+            if self
+                .devices
+                .get(&id)
+                .is_some_and(|d| d.cert_rotation.is_some())
+            {
                 self.roll_back_rotation(&id);
                 continue;
             }
