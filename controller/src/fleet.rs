@@ -29,7 +29,7 @@ mod incidents;
 pub use incidents::{canonical_serial, MAX_INCIDENT_DEVICES};
 mod rollouts;
 mod rotation;
-pub use governance::{ExceptionRecord, Governance, PolicyRecord};
+pub use governance::{check_scope, ExceptionRecord, Governance, PolicyRecord};
 pub use rollouts::Control;
 pub use rotation::{rotation_state, SignRequest, Signed};
 
@@ -841,6 +841,13 @@ impl Fleet {
     /// The known devices `target` selects (each once), quarantined ones
     /// left out: no document or rollout reaches them.
     pub fn targeted(&self, target: &Target) -> Vec<&DeviceRecord> {
+        self.selected(target, false)
+    }
+
+    /// The known devices `target` names (each once), quarantined ones too
+    /// if `with_quarantined`.
+    pub(crate) fn selected(&self, target: &Target, with_quarantined: bool) -> Vec<&DeviceRecord> {
+        let keep = |d: &&DeviceRecord| with_quarantined || d.quarantine.is_none();
         match target {
             // Looked up, not a scan of the fleet against the list.
             Target::Ids(list) => {
@@ -850,14 +857,14 @@ impl Fleet {
                     .filter(|id| seen.insert(id.as_str()))
                     .filter_map(|id| self.devices.get(id))
                     .map(|d| &**d)
-                    .filter(|d| d.quarantine.is_none())
+                    .filter(keep)
                     .collect()
             }
             Target::Selector(_) => self
                 .devices
                 .values()
                 .map(|d| &**d)
-                .filter(|d| d.quarantine.is_none() && selects(target, &d.id, &d.attrs))
+                .filter(|d| keep(d) && selects(target, &d.id, &d.attrs))
                 .collect(),
         }
     }

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 /// Whether `mosquitto_pub` with this certificate gets a QoS 1 publish
 /// through as device `id` (CONNACK accepted, PUBACK received).
-fn publishes(s: &Setup, id: &str, cert: &Path, key: &Path) -> bool {
+pub(crate) fn publishes(s: &Setup, id: &str, cert: &Path, key: &Path) -> bool {
     Command::new("mosquitto_pub")
         .args(["-h", "localhost", "-p", &s.port.to_string(), "-i", id])
         .arg("--cafile")

@@ -6,41 +6,14 @@
 //! certificate.
 
 use crate::common;
+use crate::incidents::publishes;
 use crate::rollouts::{sim, Setup};
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use common::eventually;
 use serde_json::Value;
-
-/// Whether `mosquitto_pub` gets a QoS 1 publish through as device `id` with
-/// this certificate.
-fn publishes(s: &Setup, id: &str, cert: &Path, key: &Path) -> bool {
-    Command::new("mosquitto_pub")
-        .args(["-h", "localhost", "-p", &s.port.to_string(), "-i", id])
-        .arg("--cafile")
-        .arg(s.pki.join("ca.crt"))
-        .arg("--cert")
-        .arg(cert)
-        .arg("--key")
-        .arg(key)
-        .args([
-            "-t",
-            &format!("devices/{id}/telemetry"),
-            "-m",
-            "{}",
-            "-q",
-            "1",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("mosquitto_pub runs (CI installs it)")
-        .success()
-}
 
 /// The serials `certs list` shows revoked.
 fn revoked_serials(s: &Setup) -> BTreeSet<String> {

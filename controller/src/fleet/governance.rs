@@ -250,22 +250,7 @@ impl Fleet {
         if access.is_admin() {
             return Ok(());
         }
-        let outside = self
-            .targeted(target)
-            .into_iter()
-            .filter(|d| !access.sees(&d.id, &d.attrs))
-            .count();
-        if outside > 0 {
-            return Err(Rejection::new(
-                "out_of_scope",
-                format!(
-                    "the target reaches {outside} device(s) outside organisation {:?}'s scope; \
-                     narrow the selector to your own devices",
-                    access.org
-                ),
-            ));
-        }
-        Ok(())
+        check_scope(access, &self.targeted(target))
     }
 
     /// Is this rule waived for this device now?
@@ -782,6 +767,26 @@ impl Fleet {
         }
         specs
     }
+}
+
+/// Refuses when any of `devices` lies outside the operator's scope: a
+/// count, never ids (a contractor learns nothing of other parties).
+pub fn check_scope(access: &Access, devices: &[&DeviceRecord]) -> Result<(), Rejection> {
+    let outside = devices
+        .iter()
+        .filter(|d| !access.sees(&d.id, &d.attrs))
+        .count();
+    if outside > 0 {
+        return Err(Rejection::new(
+            "out_of_scope",
+            format!(
+                "the target reaches {outside} device(s) outside organisation {:?}'s scope; \
+                 narrow the selector to your own devices",
+                access.org
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Rollouts that remediate `rule` are named `fix-<rule>-<n>` (an id, so

@@ -22,23 +22,7 @@ impl Fleet {
     /// The known devices `target` names, quarantined ones included
     /// ([`Fleet::targeted`] leaves those out).
     pub fn incident_targets(&self, target: &Target) -> Vec<&DeviceRecord> {
-        match target {
-            Target::Ids(list) => {
-                let mut seen = HashSet::new();
-                list.ids
-                    .iter()
-                    .filter(|id| seen.insert(id.as_str()))
-                    .filter_map(|id| self.devices.get(id))
-                    .map(|d| &**d)
-                    .collect()
-            }
-            Target::Selector(_) => self
-                .devices
-                .values()
-                .map(|d| &**d)
-                .filter(|d| selects(target, &d.id, &d.attrs))
-                .collect(),
-        }
+        self.selected(target, true)
     }
 
     /// The records of `ids` quarantined under `mark`: offline, out of

@@ -9,7 +9,7 @@ use cityplane_proto::messages::Target;
 
 use super::operator::commit_write;
 use super::*;
-use crate::fleet::MAX_INCIDENT_DEVICES;
+use crate::fleet::{check_scope, MAX_INCIDENT_DEVICES};
 use crate::model::Quarantine;
 use crate::orgs::{Access, Right};
 
@@ -42,26 +42,6 @@ fn check_reason(reason: &str) -> Result<(), Rejection> {
         return Err(Rejection::new(
             "bad_schema",
             "a quarantine needs a reason (1 to 1000 bytes): it is what the incident record and an auditor read",
-        ));
-    }
-    Ok(())
-}
-
-/// Refuses a target that names a device outside the operator's scope,
-/// worded like the rollouts' refusal (a count, never ids).
-fn check_scope(access: &Access, devices: &[&crate::model::DeviceRecord]) -> Result<(), Rejection> {
-    let outside = devices
-        .iter()
-        .filter(|d| !access.sees(&d.id, &d.attrs))
-        .count();
-    if outside > 0 {
-        return Err(Rejection::new(
-            "out_of_scope",
-            format!(
-                "the target reaches {outside} device(s) outside organisation {:?}'s scope; \
-                 narrow the selector to your own devices",
-                access.org
-            ),
         ));
     }
     Ok(())
