@@ -206,6 +206,13 @@ async fn a_quarantine_cuts_exactly_its_devices_and_a_release_brings_them_back_on
         .expect("entries")
         .iter()
         .any(|e| e["name"] == incident.as_str()));
+    // The server holds the CA here: the certificates they connected with
+    // are revoked in its list too (for brokers that read the CRL).
+    let serial = fleet.cert_serial("dev0015").expect("serial");
+    eventually("dev0015's certificate in the CA's list", || {
+        crate::rotation::revoked_serials(&s).contains(&serial)
+    })
+    .await;
     // lighting-co's scope holds none of them: it sees no quarantined device.
     let out = as_lc(&["quarantine", "list", "--output", "json"]);
     let theirs: Value = serde_json::from_slice(&out.stdout).expect("json");

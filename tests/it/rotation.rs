@@ -16,7 +16,7 @@ use common::eventually;
 use serde_json::Value;
 
 /// The serials `certs list` shows revoked.
-fn revoked_serials(s: &Setup) -> BTreeSet<String> {
+pub(crate) fn revoked_serials(s: &Setup) -> BTreeSet<String> {
     let out = common::ok(Command::new(common::BIN).args([
         "certs",
         "list",

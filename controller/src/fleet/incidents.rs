@@ -96,6 +96,17 @@ impl Fleet {
     /// state follows (nothing while quarantined), the broker's pins change.
     pub fn apply_incident(&mut self, records: Vec<Arc<DeviceRecord>>) {
         let ids: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
+        // A server holding the CA also revokes, in the CA's list, the
+        // certificate each quarantined device last connected with: brokers
+        // that read the CRL refuse it too (ours already does, by the pins).
+        if self.can_sign {
+            self.revoke_queue.extend(
+                records
+                    .iter()
+                    .filter(|r| r.quarantine.is_some())
+                    .filter_map(|r| r.cert_serial.clone()),
+            );
+        }
         for record in records {
             self.devices.insert(record.id.clone(), record);
         }
