@@ -190,6 +190,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!(
         "  cityplane orgs --help                contractors' organisations: scopes and rights"
     );
+    println!(
+        "  cityplane quarantine --help          cut devices off in one command; release brings them back on new certificates"
+    );
+    println!(
+        "  cityplane certs rotate --help        rotate the fleet's certificates as a rollout (keys made on the devices)"
+    );
+    println!(
+        "  cityplane secrets --help             per-device admin passwords, rotated, never shown"
+    );
     println!("  agent-sim run --help                 load-test a server with thousands of devices");
     println!("  docs/PROTOCOL.md, ARCHITECTURE.md    the wire contract and how it is built");
     if let Some(dir) = &args.keep {
