@@ -10,6 +10,14 @@
 //!   how long a document then takes to converge on all of them (received:
 //!   the controller's converged count).
 //!
+//! - then a rotation of the others' certificates (`cert-rotate`, waves of
+//!   10 % / 90 %): from the command until every one of them has connected
+//!   with a certificate made for its own new key (received: the rollout's
+//!   succeeded count), and the server's CPU time over it.
+//!
+//! Each run issues a fresh PKI (a rotation replaces the devices'
+//! certificates, which the next run's devices would no longer have).
+//!
 //! `cargo bench -p cityplane --bench quarantine [-- --devices N] [--runs R]`
 //! (defaults 5,000 and 3). Prints a summary and `BENCH_JSON {…}`; writes
 //! target/bench/quarantine.json.
@@ -23,6 +31,7 @@ use cityplane::client::{ConnectArgs, Operator};
 use cityplane_agent_sim::{Backoff, Fleet, PresenceMode, SimConfig};
 use cityplane_testkit::bench::{self, target_dir};
 use cityplane_testkit::machine;
+use cityplane_testkit::process::cpu_time;
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cityplane");
@@ -67,6 +76,9 @@ struct RunResult {
     others_on_first_session: usize,
     others: usize,
     others_converged_s: f64,
+    rotation_s: f64,
+    rotation_cpu_s: f64,
+    rotated: u64,
 }
 
 async fn run() -> Result<()> {
@@ -76,17 +88,20 @@ async fn run() -> Result<()> {
     let dir = bench_dir.join("quarantine");
     std::fs::create_dir_all(&dir)?;
     let pki_dir = dir.join("pki");
-    let pki = bench::prepare_pki_verbose(&pki_dir, "dev", a.devices, "bench-controller")?;
-    if !pki.cert_path(OPERATOR).exists() {
-        pki.issue(cityplane_proto::Role::Operator, OPERATOR)?;
-    }
     let mut runs = Vec::new();
     for i in 0..a.runs {
         eprintln!("\nrun {} of {}", i + 1, a.runs);
+        let _ = std::fs::remove_dir_all(&pki_dir);
+        let pki = bench::prepare_pki_verbose(&pki_dir, "dev", a.devices, "bench-controller")?;
+        pki.issue(cityplane_proto::Role::Operator, OPERATOR)?;
         let r = once(&a, &pki_dir, &dir).await?;
         eprintln!(
             "  command {:.3} s; all {} cut {:.3} s after the answer; {} of {} others on their first session, converged in {:.2} s",
             r.command_s, r.quarantined, r.in_effect_after_answer_s, r.others_on_first_session, r.others, r.others_converged_s
+        );
+        eprintln!(
+            "  rotation of {} certificates: {:.2} s, server CPU {:.2} s",
+            r.rotated, r.rotation_s, r.rotation_cpu_s
         );
         runs.push(r);
     }
@@ -102,12 +117,16 @@ async fn run() -> Result<()> {
             "in_effect_after_answer_s": m(|r| r.in_effect_after_answer_s),
             "others_on_first_session": m(|r| r.others_on_first_session as f64),
             "others_converged_s": m(|r| r.others_converged_s),
+            "rotation_s": m(|r| r.rotation_s),
+            "rotation_server_cpu_s": m(|r| r.rotation_cpu_s),
         },
         "runs_detail": runs.iter().map(|r| json!({
             "command_s": r.command_s, "in_effect_after_answer_s": r.in_effect_after_answer_s,
             "quarantined": r.quarantined, "others": r.others,
             "others_on_first_session": r.others_on_first_session,
             "others_converged_s": r.others_converged_s,
+            "rotation_s": r.rotation_s, "rotation_server_cpu_s": r.rotation_cpu_s,
+            "rotated": r.rotated,
         })).collect::<Vec<_>>(),
     });
     let md = &result["median"];
@@ -127,6 +146,11 @@ async fn run() -> Result<()> {
         a.devices - a.devices / 5,
         md["others_on_first_session"],
         md["others_converged_s"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "  then their certificates rotated (keys made on the devices, CSRs signed by the server): {:.2} s, server CPU {:.2} s",
+        md["rotation_s"].as_f64().unwrap_or(0.0),
+        md["rotation_server_cpu_s"].as_f64().unwrap_or(0.0)
     );
     bench::write_result(&bench_dir, "quarantine", &result, started)
 }
@@ -235,10 +259,41 @@ async fn once(a: &Args, pki_dir: &Path, dir: &Path) -> Result<RunResult> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+
+    let pid = server.id();
+    let cpu0 = cpu_time(pid);
+    let t2 = Instant::now();
+    op.query(
+        "cert-rotate",
+        json!({"name": "bench-rotate", "target": {"labels": {"lot": "L-1"}},
+               "waves": [{"percent": 10}, {"percent": 90}], "success_threshold": 100}),
+    )
+    .await?;
+    let rotated = loop {
+        let st = op
+            .query("rollout-status", json!({"name": "bench-rotate"}))
+            .await?;
+        let done = st["totals"]["succeeded"].as_u64().unwrap_or(0);
+        if st["phase"] == "completed" && done as usize >= others.len() {
+            break done;
+        }
+        if st["phase"] != "active" {
+            bail!("the rotation stopped: {st}");
+        }
+        if t2.elapsed() > Duration::from_secs(600) {
+            bail!("the rotation did not finish in 10 minutes: {st}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let rotation_s = t2.elapsed().as_secs_f64();
+    let rotation_cpu_s = (cpu_time(pid) - cpu0).as_secs_f64();
     op.disconnect().await;
     fleet.shutdown().await;
     drop(server);
     Ok(RunResult {
+        rotation_s,
+        rotation_cpu_s,
+        rotated,
         command_s: (answered - t0).as_secs_f64(),
         in_effect_after_answer_s: in_effect.as_secs_f64(),
         quarantined,

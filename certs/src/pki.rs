@@ -886,72 +886,79 @@ impl Pki {
     /// revoked here: the caller revokes it ([`revoke_serials`](Self::revoke_serials))
     /// once the device has connected with the new one.
     pub fn sign_device_csr(&self, id: &str, csr_pem: &str) -> Result<SignedCsr, CertError> {
-        check_id(id)?;
-        let refuse = |reason: String| CertError::BadCsr {
-            id: id.to_owned(),
-            reason,
-        };
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
-            refuse(match e {
-                rcgen::Error::InvalidCertificationRequestSignature => {
-                    "its signature does not verify".to_owned()
-                }
-                rcgen::Error::UnsupportedExtension => "it requests an extension".to_owned(),
-                other => format!("unreadable: {other}"),
+        self.sign_device_csrs(&[(id.to_owned(), csr_pem.to_owned())])?
+            .pop()
+            .unwrap_or_else(|| {
+                Err(CertError::NotFound {
+                    what: format!("a valid device certificate of {id:?} to renew"),
+                    dir: self.dir.clone(),
+                })
             })
-        })?;
-        check_csr_subject(id, &csr.params.distinguished_name).map_err(refuse)?;
-        let p = &csr.params;
-        if !p.subject_alt_names.is_empty()
-            || !p.key_usages.is_empty()
-            || !p.extended_key_usages.is_empty()
-            || !matches!(p.is_ca, IsCa::NoCa)
-        {
-            return Err(refuse(
-                "it requests extensions; a device asks for none".into(),
-            ));
-        }
-        // The algorithm is read from the CSR's signature; the length and
-        // form pin the curve (an uncompressed P-256 point).
-        let raw = csr.public_key.der_bytes();
-        if csr.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256
-            || raw.len() != 65
-            || raw.first() != Some(&4)
-        {
-            return Err(refuse("its key is not an ECDSA P-256 key".into()));
-        }
+    }
+
+    /// [`sign_device_csr`](Self::sign_device_csr) for many `(id, CSR)`
+    /// pairs: the CA, the revocation list and the issuance record are read
+    /// once and the new serials recorded with one append (a rotation of
+    /// thousands of devices would otherwise re-read the whole record per
+    /// CSR). One result per pair, in order; the outer error is the PKI's
+    /// (unreadable, or the record could not be written: then nothing of
+    /// the batch was issued).
+    pub fn sign_device_csrs(
+        &self,
+        requests: &[(String, String)],
+    ) -> Result<Vec<Result<SignedCsr, CertError>>, CertError> {
         let ca = self.load_ca()?;
         let revocations = self.load_revocations()?;
         let index = self.load_index()?;
-        let live = self.live_certs(id, &revocations, &index)?;
-        if live.is_empty() || live.iter().any(|c| c.role != Role::Device) {
-            return Err(CertError::NotFound {
-                what: format!("a valid device certificate of {id:?} to renew"),
-                dir: self.dir.clone(),
-            });
-        }
         let opts = IssueOptions {
             org: None,
             ..self.issue_options()
         };
-        let (mut info, pem) = self.build_cert(
-            &ca,
-            Role::Device,
-            id,
-            &opts,
-            &random_serial()?,
-            &csr.public_key,
-        )?;
-        info.cert_path = PathBuf::new();
-        let attributes = index
-            .for_id(id)
-            .last()
-            .map_or_else(|| self.attributes.clone(), |r| r.attributes.clone());
-        self.clone()
-            .with_attributes(attributes)
-            .record_issued(std::slice::from_ref(&info))?;
-        tracing::info!(%id, serial = %info.serial, "signed a device's certificate signing request");
-        Ok(SignedCsr { cert: info, pem })
+        let mut out = Vec::with_capacity(requests.len());
+        let mut records = Vec::new();
+        for (id, csr_pem) in requests {
+            let signed = (|| {
+                let csr = csr_params(id, csr_pem)?;
+                let live = self.live_certs(id, &revocations, &index)?;
+                if live.is_empty() || live.iter().any(|c| c.role != Role::Device) {
+                    return Err(CertError::NotFound {
+                        what: format!("a valid device certificate of {id:?} to renew"),
+                        dir: self.dir.clone(),
+                    });
+                }
+                let (mut info, pem) = self.build_cert(
+                    &ca,
+                    Role::Device,
+                    id,
+                    &opts,
+                    &random_serial()?,
+                    &csr.public_key,
+                )?;
+                info.cert_path = PathBuf::new();
+                Ok(SignedCsr { cert: info, pem })
+            })();
+            if let Ok(s) = &signed {
+                let attributes = index
+                    .for_id(id)
+                    .last()
+                    .map_or_else(|| self.attributes.clone(), |r| r.attributes.clone());
+                records.push(IssuedRecord {
+                    serial: s.cert.serial.clone(),
+                    id: s.cert.id.clone(),
+                    role: Role::Device,
+                    not_after: s.cert.not_after.clone(),
+                    issued_at: rfc3339(now()),
+                    attributes,
+                    org: None,
+                });
+                tracing::info!(%id, serial = %s.cert.serial, "signed a device's certificate signing request");
+            }
+            out.push(signed);
+        }
+        if !records.is_empty() {
+            IssuedIndex::append(&self.dir, ISSUED_FILE, &records)?;
+        }
+        Ok(out)
     }
 
     /// Re-signs `crl.pem` from `revoked.json` with a fresh `nextUpdate`
@@ -1498,6 +1505,46 @@ fn subject_org(role: Role, org: Option<&str>) -> Result<&str, CertError> {
         (_, None) => Ok(ORGANIZATION),
         (role, Some(_)) => Err(CertError::OrgNotForRole { role }),
     }
+}
+
+/// A device's CSR, parsed and checked (untrusted input: see
+/// [`Pki::sign_device_csr`]); only its public key is used.
+fn csr_params(id: &str, csr_pem: &str) -> Result<CertificateSigningRequestParams, CertError> {
+    check_id(id)?;
+    let refuse = |reason: String| CertError::BadCsr {
+        id: id.to_owned(),
+        reason,
+    };
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
+        refuse(match e {
+            rcgen::Error::InvalidCertificationRequestSignature => {
+                "its signature does not verify".to_owned()
+            }
+            rcgen::Error::UnsupportedExtension => "it requests an extension".to_owned(),
+            other => format!("unreadable: {other}"),
+        })
+    })?;
+    check_csr_subject(id, &csr.params.distinguished_name).map_err(refuse)?;
+    let p = &csr.params;
+    if !p.subject_alt_names.is_empty()
+        || !p.key_usages.is_empty()
+        || !p.extended_key_usages.is_empty()
+        || !matches!(p.is_ca, IsCa::NoCa)
+    {
+        return Err(refuse(
+            "it requests extensions; a device asks for none".into(),
+        ));
+    }
+    // The algorithm is read from the CSR's signature; the length and
+    // form pin the curve (an uncompressed P-256 point).
+    let raw = csr.public_key.der_bytes();
+    if csr.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256
+        || raw.len() != 65
+        || raw.first() != Some(&4)
+    {
+        return Err(refuse("its key is not an ECDSA P-256 key".into()));
+    }
+    Ok(csr)
 }
 
 /// A device CSR's subject must be what the CA writes for a device: CN =

@@ -380,35 +380,45 @@ async fn pki_worker(
         let done = tokio::task::spawn_blocking(move || {
             let pki = cityplane_certs::Pki::open(&dir);
             match job {
-                PkiJob::Sign(csrs) => Some(
-                    csrs.into_iter()
-                        .map(|r| {
-                            let result = match &pki {
-                                Ok(pki) => pki
-                                    .sign_device_csr(&r.id, &r.csr)
-                                    .map(|s| {
-                                        let not_after = s
-                                            .cert
-                                            .not_after
-                                            .parse::<jiff::Timestamp>()
-                                            .ok()
-                                            .and_then(|t| u64::try_from(t.as_millisecond()).ok());
-                                        (s.cert.serial, s.pem, not_after)
-                                    })
-                                    .map_err(|e| e.to_string()),
-                                Err(e) => Err(format!("the CA cannot be opened: {e}")),
-                            };
-                            if let Err(why) = &result {
-                                tracing::warn!(device = %r.id, reason = %why, "CSR refused");
-                            }
-                            fleet::Signed {
-                                id: r.id,
-                                rotation: r.rotation,
-                                result,
-                            }
-                        })
-                        .collect::<Vec<_>>(),
-                ),
+                PkiJob::Sign(csrs) => {
+                    let pairs: Vec<(String, String)> =
+                        csrs.iter().map(|r| (r.id.clone(), r.csr.clone())).collect();
+                    // One read of the CA and its record, one append, per batch.
+                    let results = pki
+                        .and_then(|pki| pki.sign_device_csrs(&pairs))
+                        .map_err(|e| format!("the CA could not sign: {e}"));
+                    Some(
+                        csrs.into_iter()
+                            .enumerate()
+                            .map(|(i, r)| {
+                                let result = match &results {
+                                    Ok(all) => match all.get(i) {
+                                        Some(Ok(s)) => {
+                                            let not_after = s
+                                                .cert
+                                                .not_after
+                                                .parse::<jiff::Timestamp>()
+                                                .ok()
+                                                .and_then(|t| u64::try_from(t.as_millisecond()).ok());
+                                            Ok((s.cert.serial.clone(), s.pem.clone(), not_after))
+                                        }
+                                        Some(Err(e)) => Err(e.to_string()),
+                                        None => Err("the CA gave no answer".to_owned()),
+                                    },
+                                    Err(e) => Err(e.clone()),
+                                };
+                                if let Err(why) = &result {
+                                    tracing::warn!(device = %r.id, reason = %why, "CSR refused");
+                                }
+                                fleet::Signed {
+                                    id: r.id,
+                                    rotation: r.rotation,
+                                    result,
+                                }
+                            })
+                            .collect::<Vec<_>>(),
+                    )
+                }
                 PkiJob::Revoke(serials) => {
                     match pki.and_then(|p| p.revoke_serials(&serials)) {
                         Ok(done) => {
