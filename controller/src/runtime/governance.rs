@@ -215,12 +215,7 @@ pub(super) async fn write(
                     format!("the current policy has no rule {:?}", req.rule),
                 ));
             }
-            if req.reason.trim().is_empty() || req.reason.len() > 1000 {
-                return Err(Rejection::new(
-                    "bad_schema",
-                    "an exception needs a reason (1 to 1000 bytes): it is what an auditor reads",
-                ));
-            }
+            super::incidents::check_reason("an exception", &req.reason)?;
             if req.expires_in_s == 0 || req.expires_in_s > MAX_EXCEPTION_S {
                 return Err(Rejection::new(
                     "bad_schema",

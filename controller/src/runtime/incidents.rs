@@ -37,11 +37,12 @@ struct ReleaseRequest {
 
 cityplane_proto::object_only!(QuarantineRequest, ReleaseRequest);
 
-fn check_reason(reason: &str) -> Result<(), Rejection> {
+/// A reason an auditor reads: 1 to 1,000 bytes, not blank (`what` needs it).
+pub(super) fn check_reason(what: &str, reason: &str) -> Result<(), Rejection> {
     if reason.trim().is_empty() || reason.len() > 1000 {
         return Err(Rejection::new(
             "bad_schema",
-            "a quarantine needs a reason (1 to 1000 bytes): it is what the incident record and an auditor read",
+            format!("{what} needs a reason (1 to 1000 bytes): it is what an auditor reads"),
         ));
     }
     Ok(())
@@ -60,7 +61,7 @@ pub(super) async fn write(
         "quarantine" => {
             access.require(Right::Incident, "quarantine devices")?;
             let req = input::parse::<QuarantineRequest>(payload, fleet.limits)?;
-            check_reason(&req.reason)?;
+            check_reason("a quarantine", &req.reason)?;
             if let Target::Selector(s) = &req.target {
                 if s.is_empty() {
                     return Err(Rejection::new(
@@ -147,7 +148,7 @@ pub(super) async fn write(
                 ));
             }
             if let Some(reason) = &req.reason {
-                check_reason(reason)?;
+                check_reason("a release", reason)?;
             }
             let ids: Vec<String> = req.serials.keys().cloned().collect();
             let named = fleet.incident_targets(&Target::Ids(cityplane_proto::messages::IdList {
