@@ -96,7 +96,7 @@ impl Dispatch {
         }
     }
 
-    fn deliver(&self, device: &str, payload: Bytes) {
+    pub(crate) fn deliver(&self, device: &str, payload: Bytes) {
         let Some(inbox) = self.lock().get(device).cloned() else {
             tracing::debug!(
                 device,

@@ -36,6 +36,8 @@ use rumqttd::Notification;
 use tokio::sync::{mpsc, watch};
 
 use crate::backlog::Backlog;
+use crate::interest::Interest;
+use crate::link::Delivery;
 use crate::{BrokerError, RouterTx};
 
 /// Packets that may wait for the router before sessions have to wait.
@@ -45,6 +47,47 @@ const BATCH: usize = 512;
 /// Not a valid cityplane id (ids start with `[a-z0-9]`), so no client can
 /// take this link over by connecting with the same client id.
 pub(crate) const LINK_ID: &str = "_cityplane-ingress";
+
+/// Where a device's message goes besides the router: the in-process
+/// controller's tap, and whether the router is needed at all.
+#[derive(Default)]
+pub(crate) struct Routing {
+    pub(crate) interest: Interest,
+    pub(crate) device_tap: std::sync::OnceLock<DeviceTapTx>,
+}
+
+/// Device messages on `devices/+/<leaf>` for `leaves` go to `tx`.
+pub(crate) struct DeviceTapTx {
+    pub(crate) leaves: Vec<&'static str>,
+    pub(crate) tx: mpsc::Sender<Delivery>,
+}
+
+impl Routing {
+    /// What the tap takes of `packet`, and whether the router must see it:
+    /// a retained publish always (the router stores it), others only when
+    /// a subscription may match.
+    fn classify(&self, packet: &Packet) -> (Option<(&mpsc::Sender<Delivery>, Delivery)>, bool) {
+        let Packet::Publish(publish, _) = packet else {
+            return (None, true);
+        };
+        let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+            return (None, true);
+        };
+        let tapped = self.device_tap.get().and_then(|tap| {
+            let (_, leaf) = cityplane_proto::topics::split_device_topic(topic)?;
+            tap.leaves.contains(&leaf).then(|| {
+                (
+                    &tap.tx,
+                    Delivery {
+                        topic: publish.topic.clone(),
+                        payload: publish.payload.clone(),
+                    },
+                )
+            })
+        });
+        (tapped, publish.retain || self.interest.wanted(topic))
+    }
+}
 
 /// The router no longer takes packets (its thread is gone).
 #[derive(Debug)]
@@ -67,6 +110,7 @@ impl Ingress {
     pub(crate) async fn start(
         router_tx: RouterTx,
         backlog: Arc<Backlog>,
+        routing: Arc<Routing>,
     ) -> Result<Ingress, BrokerError> {
         let (link_tx, link_rx) = open(&router_tx).await?;
         let dead = Arc::new(AtomicBool::new(false));
@@ -74,7 +118,9 @@ impl Ingress {
         let (stop, _) = watch::channel(());
         tokio::spawn(drain(link_rx, dead.clone(), stop.subscribe()));
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(forward(rx, link_tx, router_tx, dead, stop, backlog));
+        tokio::spawn(forward(
+            rx, link_tx, router_tx, dead, stop, backlog, routing,
+        ));
         Ok(Ingress { tx })
     }
 
@@ -114,6 +160,7 @@ async fn forward(
     dead: Arc<AtomicBool>,
     stop: watch::Sender<()>,
     backlog: Arc<Backlog>,
+    routing: Arc<Routing>,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
     let mut ready = Vec::with_capacity(BATCH);
@@ -142,6 +189,19 @@ async fn forward(
             }
         }
         for packet in batch.drain(..) {
+            let (tapped, wanted) = routing.classify(&packet);
+            if let Some((tap, delivery)) = tapped {
+                if let Err(mpsc::error::TrySendError::Full(delivery)) = tap.try_send(delivery) {
+                    // The controller is behind: the router gets what is
+                    // ready, then every device waits (in TCP) for the
+                    // controller, as with the backlog's credit.
+                    router_gone |= !send(&mut link, &mut ready);
+                    let _ = tap.send(delivery).await;
+                }
+            }
+            if !wanted {
+                continue;
+            }
             if let Err(needed) = backlog.try_take(&packet) {
                 // The controller is behind: hand the router what already has
                 // credit (so it can be read and credit comes back), then wait.

@@ -25,6 +25,7 @@ mod config;
 mod dispatch;
 mod handshake;
 mod ingress;
+mod interest;
 pub mod link;
 pub mod logging;
 pub mod mqtt;
@@ -91,6 +92,9 @@ pub const CONTROLLER_LINK_ID: &str = "_cityplane-controller";
 /// take the link over (rumqttd drops the older link of a duplicate id).
 pub const INTERNAL_LINK_IDS: [&str; 3] = [CONTROLLER_LINK_ID, ingress::LINK_ID, dispatch::LINK_ID];
 
+/// Device messages the controller's tap may hold unread before devices wait.
+const DEVICE_TAP_QUEUE: usize = 8192;
+
 /// Topic prefixes whose operator publishes are handed to the tap.
 pub const TAPPED_PREFIXES: [&str; 2] = [
     cityplane_proto::topics::FLEET_DESIRED_PREFIX,
@@ -103,6 +107,8 @@ pub(crate) struct Shared {
     /// The router link every device session publishes through.
     pub(crate) ingress: ingress::Ingress,
     pub(crate) backlog: Arc<backlog::Backlog>,
+    /// Which device messages need the router, and the controller's tap.
+    pub(crate) routing: Arc<ingress::Routing>,
     pub(crate) tap: std::sync::OnceLock<tokio::sync::mpsc::Sender<OperatorMessage>>,
     pub(crate) config: BrokerConfig,
     pub(crate) acceptor: tokio_rustls::TlsAcceptor,
@@ -205,11 +211,14 @@ impl Broker {
             ))
             .map_err(|e| BrokerError::Link(e.to_string()))?;
         let backlog = Arc::new(backlog::Backlog::default());
-        let ingress = ingress::Ingress::start(router_tx.clone(), backlog.clone()).await?;
+        let routing = Arc::new(ingress::Routing::default());
+        let ingress =
+            ingress::Ingress::start(router_tx.clone(), backlog.clone(), routing.clone()).await?;
         let shared = Arc::new(Shared {
             dispatch: dispatch.clone(),
             ingress,
             backlog,
+            routing,
             tap: std::sync::OnceLock::new(),
             acceptor: tokio_rustls::TlsAcceptor::from(tls),
             router_tx,
@@ -274,8 +283,18 @@ impl RunningBroker {
     /// An in-process link to the router with full rights, for the controller.
     /// It bypasses TLS and the ACL: only trusted code in this process gets one.
     /// `client_id` must start with `_` (e.g. [`CONTROLLER_LINK_ID`]), so no
-    /// client certificate can hold it and take the link over.
+    /// client certificate can hold it and take the link over. The edge cannot
+    /// see what such a link subscribes to, so while the broker runs every
+    /// device message enters the router; [`RunningBroker::open_link`] names
+    /// its filters and costs nothing for topics nobody wants.
     pub async fn link(&self, client_id: &str) -> Result<(LinkTx, LinkRx), BrokerError> {
+        let link = self.raw_link(client_id).await?;
+        let interest = &self.shared.routing.interest;
+        interest.add(interest.permanent(), ["#"]);
+        Ok(link)
+    }
+
+    async fn raw_link(&self, client_id: &str) -> Result<(LinkTx, LinkRx), BrokerError> {
         if !client_id.starts_with('_') {
             return Err(BrokerError::Link(format!(
                 "internal link id {client_id:?} must start with '_' (a client could take it over)"
@@ -299,8 +318,35 @@ impl RunningBroker {
         client_id: &str,
         filters: &[String],
     ) -> Result<(link::LinkSender, link::LinkReceiver), BrokerError> {
-        let (tx, rx) = self.link(client_id).await?;
+        let (tx, rx) = self.raw_link(client_id).await?;
+        let interest = &self.shared.routing.interest;
+        interest.add(interest.permanent(), filters.iter().map(String::as_str));
         link::typed(tx, rx, filters)
+    }
+
+    /// Hands every device message on `devices/+/<leaf>` for `leaves` to the
+    /// returned receiver straight from the edge, in each device's order,
+    /// without the router (which still gets a copy when a subscription or
+    /// the retain flag needs one). Only one tap can exist. A receiver that
+    /// falls behind slows every device down (TCP backpressure); nothing the
+    /// edge acknowledged is dropped.
+    pub fn tap_device_messages(&self, leaves: &[&'static str]) -> Option<link::DeviceTap> {
+        let (tx, rx) = tokio::sync::mpsc::channel(DEVICE_TAP_QUEUE);
+        self.shared
+            .routing
+            .device_tap
+            .set(ingress::DeviceTapTx {
+                leaves: leaves.to_vec(),
+                tx,
+            })
+            .ok()
+            .map(|()| link::DeviceTap::new(rx))
+    }
+
+    /// Commands to devices from in-process code, handed to the device's
+    /// connection without the router (see [`link::Commands`]).
+    pub fn commands(&self) -> link::Commands {
+        link::Commands::new(self.shared.dispatch.clone(), self.shared.routing.clone())
     }
 
     /// Hands every operator PUBLISH under [`TAPPED_PREFIXES`] to the returned

@@ -83,3 +83,54 @@ pub(crate) fn typed(
     }
     Ok((LinkSender { tx, pkid: 0 }, LinkReceiver { rx }))
 }
+
+/// The receiving half of [`crate::RunningBroker::tap_device_messages`].
+pub struct DeviceTap {
+    rx: tokio::sync::mpsc::Receiver<Delivery>,
+}
+
+impl DeviceTap {
+    pub(crate) fn new(rx: tokio::sync::mpsc::Receiver<Delivery>) -> Self {
+        DeviceTap { rx }
+    }
+
+    /// The next device message; `None` once the broker stopped.
+    pub async fn recv(&mut self) -> Option<Delivery> {
+        self.rx.recv().await
+    }
+
+    /// Whatever is queued, up to `limit`, after waiting for at least one;
+    /// 0 once the broker stopped.
+    pub async fn recv_many(&mut self, into: &mut Vec<Delivery>, limit: usize) -> usize {
+        self.rx.recv_many(into, limit).await
+    }
+}
+
+/// Commands to devices from in-process code ([`crate::RunningBroker::commands`]).
+#[derive(Clone)]
+pub struct Commands {
+    dispatch: std::sync::Arc<crate::dispatch::Dispatch>,
+    routing: std::sync::Arc<crate::ingress::Routing>,
+}
+
+impl Commands {
+    pub(crate) fn new(
+        dispatch: std::sync::Arc<crate::dispatch::Dispatch>,
+        routing: std::sync::Arc<crate::ingress::Routing>,
+    ) -> Self {
+        Commands { dispatch, routing }
+    }
+
+    /// Queues `payload` on `device`'s connection (dropped, as through the
+    /// router, when the device is not connected or not keeping up: the
+    /// controller re-sends).
+    pub fn deliver(&self, device: &str, payload: Bytes) {
+        self.dispatch.deliver(device, payload);
+    }
+
+    /// Whether a subscriber other than the device may want `topic`, so the
+    /// router must get a copy too.
+    pub fn routed(&self, topic: &str) -> bool {
+        self.routing.interest.wanted(topic)
+    }
+}

@@ -166,6 +166,9 @@ struct Session {
 struct Link {
     tx: LinkTx,
     rx: LinkRx,
+    /// This session's filters in the edge's table of what the router must
+    /// see ([`crate::interest`]).
+    holder: crate::interest::Holder,
 }
 
 struct Connected {
@@ -308,7 +311,9 @@ impl Session {
                 return;
             }
         };
-        let mut link = Link { tx, rx };
+        let routing = self.shared.routing.clone();
+        let holder = routing.interest.session(&connect.client_id, clean);
+        let mut link = Link { tx, rx, holder };
         if let Some(packet) = Option::<Packet>::from(connack) {
             if self.write_packets([packet]).await.is_err() {
                 let _ = link.tx.send(disconnect_packet()).await;
@@ -333,6 +338,7 @@ impl Session {
             link.tx.buffer().extend(will.and_then(will_packet));
             let _ = link.tx.send(disconnect_packet()).await;
         }
+        routing.interest.end(link.holder, &connect.client_id, clean);
         let _ = self.stream.shutdown().await;
         drop(registration);
     }
@@ -444,6 +450,7 @@ impl Session {
             core: Core::new(connect.keep_alive, self.expires, Instant::now()),
             inbox: Arc::new(crate::dispatch::Inbox::default()),
             route: None,
+            holder: link.as_ref().map(|l| l.holder),
         };
         // Devices get their commands from the edge's dispatcher, not the router.
         let inbox = state.inbox.clone();
@@ -593,7 +600,23 @@ impl Session {
                 to_link(tx, packet)?.await.map_err(router_gone)?;
             }
             Action::LinkPacket(packet) => {
+                // Wanted before the router holds the filter, and no longer
+                // only once it dropped it: the table may err only towards
+                // "wanted" (see `crate::interest`).
+                let interest = &self.shared.routing.interest;
+                let holder = state.holder.unwrap_or_default();
+                let unsubscribed = match &*packet {
+                    Packet::Subscribe(sub, _) => {
+                        interest.add(holder, sub.filters.iter().map(|f| f.path.as_str()));
+                        None
+                    }
+                    Packet::Unsubscribe(unsub, _) => Some(unsub.filters.clone()),
+                    _ => None,
+                };
                 to_link(tx, *packet)?.await.map_err(router_gone)?;
+                if let Some(filters) = unsubscribed {
+                    interest.remove(holder, filters.iter().map(String::as_str));
+                }
             }
             Action::RouterAcks(pkids) => {
                 if let Some(last) = queue_pubacks(tx.as_deref(), &pkids) {
@@ -853,6 +876,8 @@ struct PumpState {
     inbox: Arc<crate::dispatch::Inbox>,
     /// Set while a device is subscribed to its commands.
     route: Option<crate::dispatch::Route>,
+    /// A linked session's filters in [`crate::interest`].
+    holder: Option<crate::interest::Holder>,
 }
 
 /// Waits (at most ~100 ms) until the router has taken everything queued on

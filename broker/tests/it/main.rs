@@ -4,6 +4,7 @@
 mod backlog;
 mod common;
 mod device_sessions;
+mod device_tap;
 mod fetch;
 mod frame_props;
 mod hardening;

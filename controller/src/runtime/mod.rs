@@ -8,8 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cityplane_broker::backlog::Credit;
-use cityplane_broker::link::{LinkReceiver, LinkSender};
+use cityplane_broker::link::{Commands, DeviceTap, LinkSender};
 use cityplane_broker::{OperatorMessage, RunningBroker};
 use cityplane_certs::registry::IssuedDevice;
 use cityplane_proto::messages::{Attributes, Registration, Selector, Target};
@@ -176,22 +175,21 @@ impl Controller {
         tables.push_pins(&mut fleet);
 
         const LEAVES: [&str; 4] = ["reported", "acks", "presence", topics::DEVICE_CSR_LEAF];
-        let filters: Vec<String> = LEAVES
-            .iter()
-            .map(|leaf| format!("{}/+/{leaf}", topics::DEVICES))
-            .collect();
-        let (tx, rx) = broker
-            .open_link(cityplane_broker::CONTROLLER_LINK_ID, &filters)
+        // Device messages come from the edge's tap, commands go straight to
+        // the devices' connections: the router thread is crossed only by
+        // what other subscribers want. The link publishes the rest.
+        let (tx, _rx) = broker
+            .open_link(cityplane_broker::CONTROLLER_LINK_ID, &[])
             .await
             .map_err(|e| ControllerError::Broker(e.to_string()))?;
-        let credit = broker
-            .limit_device_backlog(&LEAVES)
-            .ok_or_else(|| ControllerError::Broker("device backlog already limited".into()))?;
+        let device_tap = broker
+            .tap_device_messages(&LEAVES)
+            .ok_or_else(|| ControllerError::Broker("device messages already tapped".into()))?;
         let tap = broker
             .tap_operator_messages()
             .ok_or_else(|| ControllerError::Broker("operator tap already taken".into()))?;
         let (events_tx, events) = mpsc::channel(8192);
-        tokio::spawn(read_link(rx, events_tx.clone(), credit));
+        tokio::spawn(read_devices(device_tap, events_tx.clone()));
         if let Some(dir) = config.registry_source.clone() {
             // The first read is in the loop's queue before any device can
             // connect (the broker opens below).
@@ -203,7 +201,7 @@ impl Controller {
         }
         tokio::spawn(read_tap(tap, events_tx));
         let (out_tx, out_rx) = mpsc::channel(8192);
-        tokio::spawn(publish_to_router(tx, out_rx, secrets));
+        tokio::spawn(publish(tx, broker.commands(), out_rx, secrets));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let task = tokio::spawn(run(
             fleet,
@@ -289,4 +287,4 @@ mod wiring;
 
 use event_loop::run;
 use governance::enforce;
-use wiring::{publish_to_router, read_issued, read_link, read_tap, watch_issued};
+use wiring::{publish, read_devices, read_issued, read_tap, watch_issued};

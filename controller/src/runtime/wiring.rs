@@ -3,19 +3,11 @@
 
 use super::*;
 
-/// Router → events. Credit for each device message goes back to the broker
-/// as it is read here, so the router holds only a bounded unread backlog;
-/// beyond that, the events queue and then the devices wait.
-pub(super) async fn read_link(mut rx: LinkReceiver, events: mpsc::Sender<Event>, credit: Credit) {
-    loop {
-        let delivery = match rx.recv().await {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::error!(error = %e, "controller link to the router closed");
-                return;
-            }
-        };
-        credit.consumed(&delivery.topic, &delivery.payload);
+/// Device messages → events, straight from the broker's edge. A full
+/// events queue stops this task, which fills the tap's queue, which makes
+/// every device wait (TCP backpressure): nothing acknowledged is dropped.
+pub(super) async fn read_devices(mut tap: DeviceTap, events: mpsc::Sender<Event>) {
+    while let Some(delivery) = tap.recv().await {
         let topic = String::from_utf8_lossy(&delivery.topic);
         let Some((id, leaf)) = topics::split_device_topic(&topic) else {
             continue;
@@ -92,17 +84,28 @@ pub(super) async fn read_tap(
     }
 }
 
-/// Publishes what the loop produces, in order, on the controller's router
-/// link. A command gets the plaintexts of the secrets it refers to here, at
-/// the last moment: the loop, the outbox and the store never hold them.
-pub(super) async fn publish_to_router(
+/// Publishes what the loop produces, in order: commands straight to the
+/// device's connection (through the router when another subscriber wants
+/// them too), the rest on the controller's router link. A command gets the
+/// plaintexts of the secrets it refers to here, at the last moment: the
+/// loop, the outbox and the store never hold them.
+pub(super) async fn publish(
     mut tx: LinkSender,
+    commands: Commands,
     mut out: mpsc::Receiver<Outgoing>,
     secrets: Arc<crate::secrets::Secrets>,
 ) {
     while let Some(mut out) = out.recv().await {
-        if let Some((device, "commands")) = topics::split_device_topic(&out.topic) {
+        if let Some((device, topics::DEVICE_SUBSCRIBE_LEAF)) =
+            topics::split_device_topic(&out.topic)
+        {
             out.payload = secrets.fill_command(device, out.payload);
+            // Through the router it reaches the device too (the broker's
+            // dispatch link), so one path or the other, never both.
+            if !out.retain && !commands.routed(&out.topic) {
+                commands.deliver(device, out.payload.into());
+                continue;
+            }
         }
         if let Err(e) = tx.publish(&out.topic, &out.payload, out.retain).await {
             tracing::error!(error = %e, topic = %out.topic, "router refused publish");

@@ -1,0 +1,286 @@
+//! The in-process controller reads device messages from the edge's tap,
+//! without the router; the router gets a copy only when a subscription may
+//! want it (`broker/src/interest.rs`). Nothing may be lost, doubled or
+//! reordered on either side, and subscribers through the router (wildcard,
+//! persistent sessions that are offline) must still get theirs.
+
+use crate::common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use cityplane_broker::link::DeviceTap;
+use cityplane_proto::Role;
+use common::*;
+use rumqttc::{AsyncClient, Event, Packet, QoS};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+const DEVICES: usize = 3;
+/// Per device: 20 reports in a second's burst is under the 100/s budget.
+const EACH: usize = 20;
+
+fn device(n: usize) -> String {
+    format!("tap-dev{n}")
+}
+
+/// Each device publishes `EACH` reports (QoS 1) numbered from `from`, with
+/// a telemetry message (QoS 0) between them.
+async fn publish_reports(devices: &[AsyncClient], from: usize) {
+    for i in from..from + EACH {
+        for (n, client) in devices.iter().enumerate() {
+            let id = device(n);
+            client
+                .publish(
+                    format!("devices/{id}/reported"),
+                    QoS::AtLeastOnce,
+                    false,
+                    format!("{{\"seq\":{i}}}"),
+                )
+                .await
+                .expect("publish report");
+            client
+                .publish(
+                    format!("devices/{id}/telemetry"),
+                    QoS::AtMostOnce,
+                    false,
+                    format!("{{\"t\":{i}}}"),
+                )
+                .await
+                .expect("publish telemetry");
+        }
+    }
+}
+
+/// Per device, the sequence numbers of `messages` on `leaf`, in arrival order.
+fn by_device<'a>(
+    messages: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    leaf: &str,
+) -> BTreeMap<String, Vec<usize>> {
+    let mut out: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (topic, payload) in messages {
+        let Some((id, l)) = cityplane_proto::topics::split_device_topic(topic) else {
+            continue;
+        };
+        if l != leaf {
+            continue;
+        }
+        let value: serde_json::Value = serde_json::from_slice(payload).expect("json");
+        let seq = value["seq"]
+            .as_u64()
+            .or(value["t"].as_u64())
+            .expect("numbered") as usize;
+        out.entry(id.to_owned()).or_default().push(seq);
+    }
+    out
+}
+
+fn expected(range: std::ops::Range<usize>) -> BTreeMap<String, Vec<usize>> {
+    (0..DEVICES)
+        .map(|n| (device(n), range.clone().collect()))
+        .collect()
+}
+
+/// Reads the tap until `n` messages arrived, then 300 ms more for extras.
+async fn from_tap(tap: &mut DeviceTap, n: usize) -> Vec<(String, Vec<u8>)> {
+    let mut got = Vec::new();
+    loop {
+        let wait = if got.len() < n {
+            Duration::from_secs(10)
+        } else {
+            Duration::from_millis(300)
+        };
+        match tokio::time::timeout(wait, tap.recv()).await {
+            Ok(Some(d)) => got.push((
+                String::from_utf8(d.topic.to_vec()).expect("utf-8"),
+                d.payload.to_vec(),
+            )),
+            Ok(None) => panic!("the tap closed"),
+            Err(_) => return got,
+        }
+    }
+}
+
+async fn from_client(
+    rx: &mut UnboundedReceiver<(String, Vec<u8>)>,
+    n: usize,
+) -> Vec<(String, Vec<u8>)> {
+    let mut got = Vec::new();
+    loop {
+        let wait = if got.len() < n {
+            Duration::from_secs(10)
+        } else {
+            Duration::from_millis(300)
+        };
+        match tokio::time::timeout(wait, rx.recv()).await {
+            Ok(Some(m)) => got.push(m),
+            Ok(None) | Err(_) => return got,
+        }
+    }
+}
+
+fn pairs(v: &[(String, Vec<u8>)]) -> impl Iterator<Item = (&str, &[u8])> {
+    v.iter().map(|(t, p)| (t.as_str(), p.as_slice()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_reach_the_tap_in_order_exactly_once_and_subscribers_still_get_theirs() {
+    let pki = TestPki::new();
+    for n in 0..DEVICES {
+        pki.issue(Role::Device, &device(n));
+    }
+    pki.issue(Role::Operator, "alice");
+    pki.issue(Role::Controller, "bob");
+    let broker = start(pki.path(), test_limits()).await;
+    let mut tap = broker
+        .tap_device_messages(&["reported"])
+        .expect("first tap");
+    assert!(
+        broker.tap_device_messages(&["reported"]).is_none(),
+        "a second tap"
+    );
+    let addr = broker.local_addr();
+
+    // alice watches every report; nobody watches telemetry yet.
+    let (alice, mut alice_rx) = connected(addr, pki.path(), "alice", &["devices/+/reported"]).await;
+    let mut devices = Vec::new();
+    for n in 0..DEVICES {
+        devices.push(connected(addr, pki.path(), &device(n), &[]).await.0);
+    }
+
+    publish_reports(&devices, 0).await;
+    let tapped = from_tap(&mut tap, DEVICES * EACH).await;
+    assert_eq!(
+        by_device(pairs(&tapped), "reported"),
+        expected(0..EACH),
+        "the tap: every report once, in order"
+    );
+    assert!(
+        tapped.iter().all(|(t, _)| t.ends_with("/reported")),
+        "the tap took only its leaf"
+    );
+    let watched = from_client(&mut alice_rx, DEVICES * EACH).await;
+    assert_eq!(
+        by_device(pairs(&watched), "reported"),
+        expected(0..EACH),
+        "alice: every report once, in order"
+    );
+    assert_eq!(
+        watched.len(),
+        DEVICES * EACH,
+        "alice got only what she subscribed to"
+    );
+
+    // bob (a controller client) subscribes to everything with a wildcard
+    // and a shared group;
+    // alice unsubscribes: the tap is unaffected either way.
+    let (_bob, mut bob_rx) = connected(
+        addr,
+        pki.path(),
+        "bob",
+        &["devices/#", "$share/g/devices/+/telemetry"],
+    )
+    .await;
+    alice
+        .unsubscribe("devices/+/reported")
+        .await
+        .expect("unsubscribe");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    publish_reports(&devices, EACH).await;
+    let tapped = from_tap(&mut tap, DEVICES * EACH).await;
+    assert_eq!(
+        by_device(pairs(&tapped), "reported"),
+        expected(EACH..2 * EACH)
+    );
+    let bob = from_client(&mut bob_rx, 3 * DEVICES * EACH).await;
+    assert_eq!(
+        by_device(pairs(&bob), "reported"),
+        expected(EACH..2 * EACH),
+        "bob's wildcard"
+    );
+    let telemetry = by_device(pairs(&bob), "telemetry");
+    for n in 0..DEVICES {
+        // Once through `devices/#` and once through the group (QoS 0: the
+        // router may still drop one under load; none did here, but order is
+        // what the contract says).
+        let seqs = &telemetry[&device(n)];
+        assert_eq!(seqs.len(), 2 * EACH, "bob's telemetry of {}", device(n));
+    }
+    assert!(
+        from_client(&mut alice_rx, 0).await.is_empty(),
+        "alice unsubscribed"
+    );
+    broker.shutdown().await;
+}
+
+/// A persistent session's subscription outlives its connection: messages
+/// published while it is offline must still enter the router, which queues
+/// them for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_persistent_subscriber_still_gets_what_was_published_meanwhile() {
+    let pki = TestPki::new();
+    pki.issue(Role::Device, &device(0));
+    pki.issue(Role::Operator, "carol");
+    let broker = start(pki.path(), test_limits()).await;
+    let _tap = broker.tap_device_messages(&["reported"]).expect("tap");
+    let addr = broker.local_addr();
+    let persistent = |o: &mut rumqttc::MqttOptions| {
+        o.set_clean_session(false);
+    };
+
+    let (carol, mut eventloop) = mqtt_with(
+        addr,
+        tls_config(pki.path(), Some("carol")),
+        "carol",
+        persistent,
+    );
+    connack(&mut eventloop).await.expect("connects");
+    carol
+        .subscribe("devices/+/telemetry", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    loop {
+        if let Event::Incoming(Packet::SubAck(_)) = eventloop.poll().await.expect("suback") {
+            break;
+        }
+    }
+    carol.disconnect().await.expect("disconnect");
+    while eventloop.poll().await.is_ok() {}
+    drop((carol, eventloop));
+
+    let (dev, _) = connected(addr, pki.path(), &device(0), &[]).await;
+    for i in 0..5 {
+        dev.publish(
+            format!("devices/{}/telemetry", device(0)),
+            QoS::AtLeastOnce,
+            false,
+            format!("{{\"t\":{i}}}"),
+        )
+        .await
+        .expect("publish");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let (_carol, mut eventloop) = mqtt_with(
+        addr,
+        tls_config(pki.path(), Some("carol")),
+        "carol",
+        persistent,
+    );
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while got.len() < 5 {
+        match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => got.push(p.payload.to_vec()),
+            Ok(Ok(_)) => {}
+            other => panic!(
+                "carol's queued messages: {other:?} after {} of 5",
+                got.len()
+            ),
+        }
+    }
+    let want: Vec<Vec<u8>> = (0..5)
+        .map(|i| format!("{{\"t\":{i}}}").into_bytes())
+        .collect();
+    assert_eq!(got, want);
+    broker.shutdown().await;
+}
