@@ -32,6 +32,11 @@
 //!    round trip are measured here, over the window from "every device has
 //!    reported" to one second before the simulator's window ends. Broker RSS
 //!    per connection is sampled in the middle of that window.
+//! 3. `steady`, nobody subscribed: the same devices and telemetry without
+//!    the controller, so nothing is delivered; the broker's CPU is read over
+//!    the same window by the clock (paced connects + 1 s, then
+//!    `--steady-secs` − 2 s). What a message costs the broker that only
+//!    receives it (TLS, parsing, the ACL, deciding nobody wants it).
 //!
 //! Presence: against cityplane devices use `PresenceMode::Skip` (the broker
 //! announces them and refuses a device's own presence publish); against
@@ -593,6 +598,9 @@ struct ScenarioRun {
     disturbed: bool,
     /// steady only: what the controller measured.
     load: Option<SteadyLoad>,
+    /// steady without a controller: the broker's CPU over the same window
+    /// (every device online, one second in, until a second before the end).
+    quiet_cpu_pct: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -600,22 +608,29 @@ struct BrokerRun {
     broker: String,
     connect_storm: ScenarioRun,
     steady: ScenarioRun,
+    /// `steady` with nobody subscribed: devices' telemetry only.
+    quiet: ScenarioRun,
 }
 
 async fn run_scenario(
     kind: Kind,
     scenario: Scenario,
+    subscribed: bool,
     pki: &Pki,
     opts: &Opts,
     bench_dir: &Path,
 ) -> Result<ScenarioRun> {
     let started = Instant::now();
+    let name = match scenario {
+        Scenario::Steady if !subscribed => "steady, nobody subscribed",
+        _ => scenario.as_str(),
+    };
     let (mut broker, addr) = start_broker(kind, pki, bench_dir)?;
     let pid = broker.pid().to_string();
     // Connected before the idle reading: one connection more or less does
     // not matter, and the controller must not miss the devices' first reports.
     let controller = match scenario {
-        Scenario::Steady => Some(connect_controller(addr, pki).await?),
+        Scenario::Steady if subscribed => Some(connect_controller(addr, pki).await?),
         _ => None,
     };
     let rss_idle = process::status_kib(&pid, "VmRSS:");
@@ -626,14 +641,25 @@ async fn run_scenario(
     println!(
         "  {} {}: broker pid {}, simulator pid {}",
         kind.name(),
-        scenario.as_str(),
+        name,
         broker.pid(),
         sim.pid()
     );
     let mut load = None;
+    let mut quiet_cpu_pct = None;
     if let Some(controller) = controller {
         let l = steady_controller(controller, opts, broker.pid(), &sim.exited).await?;
         load = Some(l);
+    } else if scenario == Scenario::Steady {
+        // The controller's window, by the clock: paced connects, a second,
+        // then steady's length less two seconds.
+        let connecting = Duration::from_secs_f64(opts.devices as f64 / opts.steady_connect_rate);
+        tokio::time::sleep(connecting + Duration::from_secs(1)).await;
+        let window = Duration::from_secs(opts.steady_secs - 2);
+        let cpu0 = process::cpu_time(&pid);
+        tokio::time::sleep(window).await;
+        let cpu1 = process::cpu_time(&pid);
+        quiet_cpu_pct = Some((cpu1 - cpu0).as_secs_f64() * 100.0 / window.as_secs_f64());
     }
     let budget = ONLINE_WAIT
         + SIM_SLACK
@@ -661,7 +687,7 @@ async fn run_scenario(
         - (own1 - own0).as_secs_f64();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     Ok(ScenarioRun {
-        scenario: scenario.as_str().into(),
+        scenario: name.into(),
         sim_cpu_s,
         sim_rss_peak_kib: num(&out, "/rss_peak_kib") as u64,
         report: out["report"].clone(),
@@ -678,6 +704,7 @@ async fn run_scenario(
         steal_s: (steal1 - steal0).as_secs_f64(),
         disturbed: other_cpu_s > DISTURBED_CPU_S + DISTURBED_SHARE * wall_s * cores,
         load,
+        quiet_cpu_pct,
     })
 }
 
@@ -780,14 +807,18 @@ async fn run(opts: Opts) -> Result<()> {
     let mut results = Vec::new();
     for kind in kinds {
         println!("\n== {} ==", kind.name());
-        let storm = run_scenario(kind, Scenario::ConnectStorm, &pki, &opts, &bench_dir).await?;
+        let storm =
+            run_scenario(kind, Scenario::ConnectStorm, false, &pki, &opts, &bench_dir).await?;
         print_run(&storm);
-        let steady = run_scenario(kind, Scenario::Steady, &pki, &opts, &bench_dir).await?;
+        let steady = run_scenario(kind, Scenario::Steady, true, &pki, &opts, &bench_dir).await?;
         print_run(&steady);
+        let quiet = run_scenario(kind, Scenario::Steady, false, &pki, &opts, &bench_dir).await?;
+        print_run(&quiet);
         results.push(BrokerRun {
             broker: kind.name().into(),
             connect_storm: storm,
             steady,
+            quiet,
         });
     }
 
@@ -801,7 +832,7 @@ async fn run(opts: Opts) -> Result<()> {
         "summary": summary,
         "disturbed": results
             .iter()
-            .any(|r| r.connect_storm.disturbed || r.steady.disturbed),
+            .any(|r| r.connect_storm.disturbed || r.steady.disturbed || r.quiet.disturbed),
         "results": results,
         "total_run_s": started.elapsed().as_secs_f64(),
     });
@@ -885,6 +916,22 @@ fn print_summary(c: Option<&BrokerRun>, m: Option<&BrokerRun>, opts: &Opts) -> V
         ("steady: broker CPU % of a core", |r| {
             r.steady.load.as_ref().map_or(0.0, |l| l.broker_cpu_pct)
         }),
+        ("steady: broker CPU µs per routed message", |r| {
+            r.steady.load.as_ref().map_or(0.0, |l| {
+                let routed = l.delivered_per_s + num(&r.steady.report, "/messages/received_per_s");
+                l.broker_cpu_pct * 1e4 / routed.max(1.0)
+            })
+        }),
+        ("quiet (nobody subscribed): device msg/s, offered", |r| {
+            num(&r.quiet.report, "/messages/offered_per_s")
+        }),
+        ("quiet: broker CPU % of a core", |r| {
+            r.quiet.quiet_cpu_pct.unwrap_or(0.0)
+        }),
+        ("quiet: broker CPU µs per device message", |r| {
+            let offered = num(&r.quiet.report, "/messages/offered_per_s");
+            r.quiet.quiet_cpu_pct.unwrap_or(0.0) * 1e4 / offered.max(1.0)
+        }),
         ("steady: broker KiB/connection", |r| {
             r.steady.broker_kib_per_connection
         }),
@@ -893,7 +940,10 @@ fn print_summary(c: Option<&BrokerRun>, m: Option<&BrokerRun>, opts: &Opts) -> V
         }),
         ("steady: failures", |r| failures(&r.steady)),
         ("CPU elsewhere on the machine, max s", |r| {
-            r.connect_storm.other_cpu_s.max(r.steady.other_cpu_s)
+            r.connect_storm
+                .other_cpu_s
+                .max(r.steady.other_cpu_s)
+                .max(r.quiet.other_cpu_s)
         }),
     ];
     let rows: Vec<Row> = metrics

@@ -63,29 +63,37 @@ pub(crate) struct DeviceTapTx {
 }
 
 impl Routing {
-    /// What the tap takes of `packet`, and whether the router must see it:
-    /// a retained publish always (the router stores it), others only when
-    /// a subscription may match.
-    fn classify(&self, packet: &Packet) -> (Option<(&mpsc::Sender<Delivery>, Delivery)>, bool) {
+    /// What the tap takes of `packet` (a device message on a tapped leaf),
+    /// whoever published it: a device through the ingress, or a
+    /// controller-role client on its own link.
+    pub(crate) fn tapped(&self, packet: &Packet) -> Option<(&mpsc::Sender<Delivery>, Delivery)> {
+        let tap = self.device_tap.get()?;
         let Packet::Publish(publish, _) = packet else {
-            return (None, true);
+            return None;
         };
-        let Ok(topic) = std::str::from_utf8(&publish.topic) else {
-            return (None, true);
+        let topic = std::str::from_utf8(&publish.topic).ok()?;
+        let (_, leaf) = cityplane_proto::topics::split_device_topic(topic)?;
+        tap.leaves.contains(&leaf).then(|| {
+            (
+                &tap.tx,
+                Delivery {
+                    topic: publish.topic.clone(),
+                    payload: publish.payload.clone(),
+                },
+            )
+        })
+    }
+
+    /// Whether the router must see `packet`: a retained publish always (the
+    /// router stores it), others only when a subscription may match.
+    fn wanted(&self, packet: &Packet) -> bool {
+        let Packet::Publish(publish, _) = packet else {
+            return true;
         };
-        let tapped = self.device_tap.get().and_then(|tap| {
-            let (_, leaf) = cityplane_proto::topics::split_device_topic(topic)?;
-            tap.leaves.contains(&leaf).then(|| {
-                (
-                    &tap.tx,
-                    Delivery {
-                        topic: publish.topic.clone(),
-                        payload: publish.payload.clone(),
-                    },
-                )
-            })
-        });
-        (tapped, publish.retain || self.interest.wanted(topic))
+        match std::str::from_utf8(&publish.topic) {
+            Ok(topic) => publish.retain || self.interest.wanted(topic),
+            Err(_) => true,
+        }
     }
 }
 
@@ -189,8 +197,7 @@ async fn forward(
             }
         }
         for packet in batch.drain(..) {
-            let (tapped, wanted) = routing.classify(&packet);
-            if let Some((tap, delivery)) = tapped {
+            if let Some((tap, delivery)) = routing.tapped(&packet) {
                 if let Err(mpsc::error::TrySendError::Full(delivery)) = tap.try_send(delivery) {
                     // The controller is behind: the router gets what is
                     // ready, then every device waits (in TCP) for the
@@ -199,7 +206,7 @@ async fn forward(
                     let _ = tap.send(delivery).await;
                 }
             }
-            if !wanted {
+            if !routing.wanted(&packet) {
                 continue;
             }
             if let Err(needed) = backlog.try_take(&packet) {

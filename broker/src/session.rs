@@ -597,6 +597,12 @@ impl Session {
             }
             Action::Link => {
                 let packet = outbound::decode(&frame.raw).ok_or_else(rejected)?;
+                // A controller-role client reporting for a device (the ACL
+                // lets it) reaches the in-process controller as a device's
+                // own report would; the router no longer carries those to it.
+                if let Some((tap, delivery)) = self.shared.routing.tapped(&packet) {
+                    let _ = tap.send(delivery).await;
+                }
                 to_link(tx, packet)?.await.map_err(router_gone)?;
             }
             Action::LinkPacket(packet) => {
