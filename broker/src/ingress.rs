@@ -19,6 +19,11 @@
 //! task drains what the router sends back on the link (a PubAck per QoS 1
 //! publish; it would answer `Unschedule` with `wake()`).
 //!
+//! On the way, each message is handed to the in-process controller's tap
+//! if it is on one of its leaves, and enters the router only if it is
+//! retained or a subscription may want it ([`crate::interest`]): a quiet
+//! fleet nobody watches costs no router wake-ups at all.
+//!
 //! Packet ids of many devices collide on this link. The router keeps no
 //! state for a QoS 0 or 1 publish it receives (it only queues the PUBACK),
 //! but it holds a QoS 2 publish under its packet id until PUBREL, so only
