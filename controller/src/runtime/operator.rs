@@ -133,7 +133,8 @@ cityplane_proto::object_only!(
 
 /// Verbs on `fleet/ops/` that change state: committed before answered, and
 /// audited (refusals too).
-pub(super) const WRITE_VERBS: [&str; 16] = [
+pub(super) const WRITE_VERBS: [&str; 17] = [
+    "dashboard-login",
     "register",
     "label",
     "delete-document",
@@ -226,6 +227,7 @@ async fn operator_write(
     fleet: &mut Fleet,
     store: &Arc<Store>,
     uploads: &mut Uploads,
+    sign_ins: Option<&crate::signin::SignIns>,
     access: &Access,
     verb: &str,
     payload: &[u8],
@@ -233,6 +235,48 @@ async fn operator_write(
 ) -> Result<Value, Rejection> {
     let who = access.operator.as_str();
     match verb {
+        "dashboard-login" => {
+            // Reading is the least a dashboard shows: an operator of an
+            // unknown organisation gets no link at all.
+            access.require(Right::Read, "sign in to the dashboard")?;
+            input::parse::<Query>(payload, fleet.limits)?;
+            let sign_ins = sign_ins.ok_or_else(|| {
+                Rejection::new(
+                    "dashboard_off",
+                    "this server runs no dashboard (cityplane serve --dashboard 127.0.0.1:8080)",
+                )
+            })?;
+            let identity = cityplane_proto::Identity {
+                id: access.operator.clone(),
+                role: cityplane_proto::Role::Operator,
+                org: Some(access.org.clone()),
+            };
+            let token = sign_ins.issue(&identity, now).map_err(|e| {
+                Rejection::new("unavailable", format!("no sign-in link: {e}"))
+            })?;
+            // The audit line names who signed in, never the token.
+            let audit = fleet.audit_entry(
+                who,
+                "dashboard-login",
+                "",
+                &format!("accepted, a sign-in link valid {} s", sign_ins.ttl_ms() / 1000),
+                now,
+            );
+            commit_write(
+                store,
+                Changes {
+                    audit: vec![audit],
+                    ..Default::default()
+                },
+            )
+            .await?;
+            tracing::info!(operator = who, org = %access.org, "dashboard sign-in link issued");
+            Ok(json!({
+                "url": format!("{}/login?token={token}", sign_ins.base_url()),
+                "expires_in_s": sign_ins.ttl_ms() / 1000,
+                "operator": access.operator, "org": access.org,
+            }))
+        }
         "publish-firmware" => {
             access.require(Right::Rollout, "publish firmware")?;
             publish_chunk(fleet, store, uploads, who, payload, now).await
@@ -531,12 +575,13 @@ pub(super) async fn handle_operator(
     fleet: &mut Fleet,
     store: &Arc<Store>,
     uploads: &mut Uploads,
+    sign_ins: Option<&crate::signin::SignIns>,
     msg: OperatorMessage,
     now: u64,
 ) -> Vec<Outgoing> {
     let access = fleet.access(&msg.from);
     fleet.acting_org = Some(access.org.clone());
-    let out = handle(fleet, store, uploads, &access, msg, now).await;
+    let out = handle(fleet, store, uploads, sign_ins, &access, msg, now).await;
     fleet.acting_org = None;
     out
 }
@@ -571,6 +616,7 @@ async fn handle(
     fleet: &mut Fleet,
     store: &Arc<Store>,
     uploads: &mut Uploads,
+    sign_ins: Option<&crate::signin::SignIns>,
     access: &Access,
     msg: OperatorMessage,
     now: u64,
@@ -634,7 +680,10 @@ async fn handle(
         let rid = fleet::request_id_of(&msg.payload).unwrap_or_else(|| verb.clone());
         let result = if WRITE_VERBS.contains(&verb.as_str()) {
             let result =
-                operator_write(fleet, store, uploads, access, &verb, &msg.payload, now).await;
+                operator_write(
+                    fleet, store, uploads, sign_ins, access, &verb, &msg.payload, now,
+                )
+                .await;
             if let Err(r) = &result {
                 if r.code != "storage_unavailable" {
                     audit_refusal(fleet, store, &who, &verb, "", r, now).await;
@@ -820,6 +869,10 @@ fn answer(
                 "counters": fleet.counters,
             }))
         }
+        "overview" => Ok(fleet::overview(
+            fleet.devices.values().map(|d| &**d).filter(sees),
+            q.limit.unwrap_or(50).min(500),
+        )),
         "get-devices" => {
             let mut rows: Vec<&crate::model::DeviceRecord> = fleet
                 .devices
@@ -905,14 +958,14 @@ fn answer(
         other => Err(Rejection::new(
             "unknown_verb",
             format!(
-                "unknown operation {other:?}; expected status, get-devices, describe, audit, \
+                "unknown operation {other:?}; expected status, overview, get-devices, describe, audit, \
                  get-documents, describe-document, dry-run, get-rollouts, rollout-status, \
                  rollout-devices, get-releases, get-orgs, describe-org, get-policy, \
                  get-policy-history, get-exceptions, compliance, audit-verify, audit-export, \
                  get-quarantined, get-secrets, register, label, \
                  delete-document, rollout-create, rollout-pause, rollout-resume, rollout-abort, \
                  publish-firmware, org-create, org-grant, policy-apply, exception-grant, \
-                 exception-revoke, quarantine, release or cert-rotate"
+                 exception-revoke, quarantine, release, cert-rotate or dashboard-login"
             ),
         )),
     }
