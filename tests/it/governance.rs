@@ -39,7 +39,7 @@ fn refused_as(s: &Setup, id: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-fn issue_operator(s: &Setup, id: &str, org: &str) {
+pub(crate) fn issue_operator(s: &Setup, id: &str, org: &str) {
     ok(Command::new(BIN).args([
         "certs",
         "issue",
