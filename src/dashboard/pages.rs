@@ -480,8 +480,14 @@ pub(super) async fn rollout(
     );
     h += "</tbody></table>";
     if may_control {
-        h += "<p class=\"actions\">";
-        for action in ["pause", "resume", "abort"] {
+        h += "<div class=\"actions\">";
+        let phase = r["phase"].as_str().unwrap_or("");
+        let offered: &[&str] = match phase {
+            "active" => &["pause", "abort"],
+            "paused" | "halted" => &["resume", "abort"],
+            _ => &[],
+        };
+        for action in offered {
             let _ = write!(
                 h,
                 "<form method=\"post\" action=\"/rollouts/{}/{action}\">\
@@ -492,7 +498,7 @@ pub(super) async fn rollout(
                 action[..1].to_uppercase() + &action[1..],
             );
         }
-        h += "</p>";
+        h += "</div>";
     }
     h += "<h2>Devices by status</h2>";
     let counts: Vec<Value> = r["counts"]

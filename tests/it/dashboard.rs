@@ -256,7 +256,16 @@ async fn the_dashboard_refuses_strangers_forged_posts_and_other_organisations_de
         ));
     }
 
-    // Nobody anonymous: every route, and a POST, is refused.
+    // A link is used once; unknown and empty tokens sign nobody in.
+    for bad in ["/login", "/login?token=", "/login?token=0123456789abcdef0123456789abcdef"] {
+        let r = http(&host, "GET", bad, &[], "");
+        assert_eq!(r.status, 401, "{bad}: {}", r.body);
+        assert!(r.header("set-cookie").is_none(), "{bad}");
+    }
+    let link = login_link(&s, "lc");
+    let lc = sign_in(&host, &link);
+    // Nobody anonymous, even while an operator is signed in: every route,
+    // and a POST, is refused.
     for path in ROUTES.iter().chain(&["/events", "/nothing-here"]) {
         let r = http(&host, "GET", path, &[], "");
         assert_eq!(r.status, 401, "anonymous GET {path}: {}", r.body);
@@ -273,14 +282,6 @@ async fn the_dashboard_refuses_strangers_forged_posts_and_other_organisations_de
         "",
     );
     assert_eq!(r.status, 401, "{}", r.body);
-    // A link is used once; unknown and empty tokens sign nobody in.
-    for bad in ["/login", "/login?token=", "/login?token=0123456789abcdef0123456789abcdef"] {
-        let r = http(&host, "GET", bad, &[], "");
-        assert_eq!(r.status, 401, "{bad}: {}", r.body);
-        assert!(r.header("set-cookie").is_none(), "{bad}");
-    }
-    let link = login_link(&s, "lc");
-    let lc = sign_in(&host, &link);
     let path = link.strip_prefix(&format!("http://{host}")).expect("path");
     let again = http(&host, "GET", path, &[], "");
     assert_eq!(again.status, 401, "a link is single use: {}", again.body);
