@@ -28,28 +28,15 @@ use std::time::{Duration, Instant};
 use cityplane::client::{tls_config, ConnectArgs, Operator};
 use cityplane_certs::Pki;
 use cityplane_proto::Role;
+use cityplane_testkit::bench::{self, arg, median};
 use cityplane_testkit::process::{cpu_time, machine_cpu, ChildGuard};
-use cityplane_testkit::{bench, http, machine};
+use cityplane_testkit::{http, machine};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cityplane");
 const LOADERS: usize = 4;
 const OPERATOR: &str = "bench-city-op";
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
 
 fn worst(v: &[f64]) -> f64 {
     v.iter().copied().fold(0.0, f64::max)
@@ -152,9 +139,7 @@ async fn run() {
                    "labels": {"zone": format!("z{:02}", n % 20)}})
         })
         .collect();
-    op.register(&manifest, 1000, |_| {})
-        .await
-        .expect("register");
+    op.register(&manifest, 500, |_| {}).await.expect("register");
     drop(manifest);
     eprintln!(
         "{devices} devices registered in {:.1} s",
@@ -227,10 +212,7 @@ async fn run() {
             "devices, middle page".into(),
             format!("/devices?page={}", last / 2),
         ),
-        (
-            "devices, last page".into(),
-            format!("/devices?page={last}"),
-        ),
+        ("devices, last page".into(), format!("/devices?page={last}")),
         (
             "devices, selector zone=z07, page 10".into(),
             "/devices?page=10&selector=%7B%22labels%22%3A%7B%22zone%22%3A%22z07%22%7D%7D".into(),
@@ -246,12 +228,15 @@ async fn run() {
                 .expect("timed");
             times.push(t);
         }
-        results.push(json!({"page": what, "path": path, "median_s": median(times.clone()),
-                            "worst_s": worst(&times), "runs_s": times}));
+        results.push(
+            json!({"page": what, "path": path, "median_s": median(times.clone()),
+                            "worst_s": worst(&times), "runs_s": times}),
+        );
     }
     let window = at0.elapsed().as_secs_f64();
     let offered = (sent.load(Ordering::Relaxed) - sent0) as f64 / window;
     let status1 = op.query("status", json!({})).await.expect("status");
+    assert_eq!(status1["total"], devices, "{status1}");
     let persisted = (status1["counters"]["reports"].as_u64().unwrap_or(0) as f64
         - status0["counters"]["reports"].as_u64().unwrap_or(0) as f64)
         / window;

@@ -1164,12 +1164,12 @@ struct GroupCounts {
 impl GroupCounts {
     /// The same classification as [`Fleet::summary_of`], so the totals
     /// agree with `status`.
-    fn add(&mut self, d: &DeviceRecord) {
+    fn add(&mut self, d: &DeviceRecord, converged: bool) {
         self.total += 1;
         self.online += usize::from(d.online);
         if d.failed.is_some() {
             self.failed += 1;
-        } else if d.is_converged() {
+        } else if converged {
             self.converged += 1;
         } else {
             self.pending += 1;
@@ -1190,14 +1190,23 @@ pub fn overview<'a>(devices: impl Iterator<Item = &'a DeviceRecord>, limit: usiz
     let mut all = GroupCounts::default();
     let mut by: [BTreeMap<String, GroupCounts>; 3] = Default::default();
     for d in devices {
-        all.add(d);
+        // A delta per device, not one per group it counts in.
+        let converged = d.failed.is_none() && d.is_converged();
+        all.add(d, converged);
         let keys = [
             d.attrs.class.as_deref(),
             d.attrs.labels.get(ZONE_LABEL).map(String::as_str),
             d.attrs.owner.as_deref(),
         ];
         for (map, key) in by.iter_mut().zip(keys) {
-            map.entry(key.unwrap_or("-").to_owned()).or_default().add(d);
+            // Most devices fall in a group already there: no key allocated.
+            match map.get_mut(key.unwrap_or("-")) {
+                Some(group) => group.add(d, converged),
+                None => map
+                    .entry(key.unwrap_or("-").to_owned())
+                    .or_default()
+                    .add(d, converged),
+            }
         }
     }
     let rows = |map: BTreeMap<String, GroupCounts>| -> Value {

@@ -142,7 +142,11 @@ fn digest(s: &str) -> [u8; 32] {
 
 /// Constant-time comparison of two secrets.
 fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 pub(crate) struct Shared {
@@ -315,7 +319,11 @@ fn cookie_of(headers: &HeaderMap) -> Option<String> {
 /// Whether a state-changing request comes from the dashboard's own pages:
 /// its Origin, or failing that its Referer, is the dashboard's origin.
 fn same_origin(state: &Shared, headers: &HeaderMap) -> bool {
-    let header = |name| headers.get(name).and_then(|v: &HeaderValue| v.to_str().ok());
+    let header = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
     match (header(header::ORIGIN), header(header::REFERER)) {
         (Some(origin), _) => origin == state.origin,
         (None, Some(referer)) => referer
@@ -348,8 +356,7 @@ async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Respo
         .is_some_and(|h| h == state.host);
     if !host_ok {
         // Another name for this address (DNS rebinding) is another site.
-        return Failure::new(StatusCode::MISDIRECTED_REQUEST, "unknown host", json)
-            .into_response();
+        return Failure::new(StatusCode::MISDIRECTED_REQUEST, "unknown host", json).into_response();
     }
     if req.uri().path() == "/login" && req.method() == Method::GET {
         return next.run(req).await;
@@ -373,8 +380,12 @@ async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Respo
         }
         let (parts, body) = req.into_parts();
         let Ok(bytes) = axum::body::to_bytes(body, MAX_FORM).await else {
-            return Failure::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large", json)
-                .into_response();
+            return Failure::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body too large",
+                json,
+            )
+            .into_response();
         };
         if !csrf_of(&parts.headers, &bytes).is_some_and(|t| same_secret(&t, &session.csrf)) {
             tracing::warn!(operator = %session.identity.id, path = %parts.uri.path(), "dashboard: request without a valid CSRF token refused");
@@ -387,10 +398,7 @@ async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Respo
     let mut response = next.run(req).await;
     let h = response.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(
-        "x-frame-options",
-        HeaderValue::from_static("DENY"),
-    );
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
     h.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(
@@ -405,10 +413,7 @@ async fn login(
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     let now = cityplane_controller::model::now_ms();
-    let Some(identity) = q
-        .get("token")
-        .and_then(|t| state.sign_ins.redeem(t, now))
-    else {
+    let Some(identity) = q.get("token").and_then(|t| state.sign_ins.redeem(t, now)) else {
         return Failure::new(
             StatusCode::UNAUTHORIZED,
             "this sign-in link is unknown, used or expired: run `cityplane dashboard login` again",
@@ -442,7 +447,9 @@ async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let mut r = pages::error_page(StatusCode::OK, "Signed out.").into_response();
     r.headers_mut().insert(
         header::SET_COOKIE,
-        HeaderValue::from_static("cityplane_session=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
+        HeaderValue::from_static(
+            "cityplane_session=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0",
+        ),
     );
     r
 }
@@ -481,7 +488,11 @@ async fn rollout_control(
 /// The figures a page updates live: the fleet's counts and the rollouts'
 /// progress, sent when they change and at most every [`LIVE_EVERY`].
 async fn live_figures(state: &Shared, session: &Session) -> Result<Value, Failure> {
-    let status = ask(state, session, "status", json!({}), true).await?;
+    let mut status = ask(state, session, "status", json!({}), true).await?;
+    // The counters move with every report; the pages show counts.
+    if let Some(o) = status.as_object_mut() {
+        o.remove("counters");
+    }
     let rollouts = ask(state, session, "get-rollouts", json!({}), true).await?;
     Ok(json!({"status": status, "rollouts": rollouts["rollouts"]}))
 }
@@ -494,27 +505,21 @@ async fn events(
 ) -> Response {
     let cookie = cookie_of(&headers).unwrap_or_default();
     let stream = futures_util::stream::unfold(
-        (state, session, cookie, None::<Value>, true),
-        |(state, session, cookie, last, first)| async move {
+        (state, session, cookie, None::<Value>),
+        |(state, session, cookie, last)| async move {
             loop {
-                if !first {
+                if last.is_some() {
                     tokio::time::sleep(LIVE_EVERY).await;
                 }
                 // A signed-out or expired session stops its stream.
                 state.sessions.get(&cookie)?;
                 let figures = live_figures(&state, &session).await.ok()?;
-                let mut counters = figures.clone();
-                // The counters move with every report; the page shows counts.
-                counters["status"]["counters"] = Value::Null;
-                if last.as_ref() != Some(&counters) {
+                if last.as_ref() != Some(&figures) {
                     let chunk = format!("data: {figures}\n\n");
                     return Some((
                         Ok::<_, std::convert::Infallible>(chunk),
-                        (state, session, cookie, Some(counters), false),
+                        (state, session, cookie, Some(figures)),
                     ));
-                }
-                if first {
-                    tokio::time::sleep(LIVE_EVERY).await;
                 }
             }
         },
@@ -564,7 +569,11 @@ pub(crate) fn number(q: &HashMap<String, String>, name: &str, default: usize) ->
 pub(crate) fn devices_query(q: &HashMap<String, String>, json: bool) -> Result<Value, Failure> {
     let page = number(q, "page", 0).min(1_000_000);
     let mut body = json!({"offset": page * PAGE_SIZE, "limit": PAGE_SIZE});
-    if let Some(text) = q.get("selector").map(|s| s.trim()).filter(|s| !s.is_empty()) {
+    if let Some(text) = q
+        .get("selector")
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+    {
         let sel: Value = serde_json::from_str(text).map_err(|e| {
             Failure::new(
                 StatusCode::BAD_REQUEST,
@@ -595,7 +604,9 @@ async fn api_status(
     State(state): State<AppState>,
     Extension(session): Extension<Session>,
 ) -> Result<Json<Value>, Failure> {
-    Ok(Json(ask(&state, &session, "status", json!({}), true).await?))
+    Ok(Json(
+        ask(&state, &session, "status", json!({}), true).await?,
+    ))
 }
 
 async fn api_overview(
@@ -613,7 +624,9 @@ async fn api_devices(
     Query(q): Params,
 ) -> Result<Json<Value>, Failure> {
     let body = devices_query(&q, true)?;
-    Ok(Json(ask(&state, &session, "get-devices", body, true).await?))
+    Ok(Json(
+        ask(&state, &session, "get-devices", body, true).await?,
+    ))
 }
 
 async fn api_device(
@@ -650,7 +663,14 @@ async fn api_rollout(
     Path(name): Path<String>,
 ) -> Result<Json<Value>, Failure> {
     Ok(Json(
-        ask(&state, &session, "rollout-status", json!({"name": name}), true).await?,
+        ask(
+            &state,
+            &session,
+            "rollout-status",
+            json!({"name": name}),
+            true,
+        )
+        .await?,
     ))
 }
 

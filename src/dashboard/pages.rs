@@ -130,11 +130,19 @@ pub(super) async fn fleet(
     State(state): State<AppState>,
     Extension(session): Extension<Session>,
 ) -> Result<Html<String>, Failure> {
-    let status = ask(&state, &session, "status", json!({}), false).await?;
+    // One pass over the fleet: the overview's `all` is `status`'s counts
+    // (the same classification), which the live updates then keep current.
     let overview = ask(&state, &session, "overview", json!({}), false).await?;
     let mut h = String::from("<section class=\"cards\" id=\"counts\">");
-    for field in ["total", "online", "converged", "pending", "failed", "drifted"] {
-        h += &card(field, field, &status[field]);
+    for field in [
+        "total",
+        "online",
+        "converged",
+        "pending",
+        "failed",
+        "drifted",
+    ] {
+        h += &card(field, field, &overview["all"][field]);
     }
     for field in ["quarantined", "non_compliant"] {
         let _ = write!(
@@ -156,7 +164,11 @@ pub(super) async fn fleet(
             text(&overview[key]["groups"])
         );
         let mut headers = vec![title.trim_start_matches("By ")];
-        headers.extend(GROUP_FIELDS.iter().map(|f| f.trim_end_matches("_compliant")));
+        headers.extend(
+            GROUP_FIELDS
+                .iter()
+                .map(|f| f.trim_end_matches("_compliant")),
+        );
         let headers: Vec<&str> = headers
             .into_iter()
             .map(|h| if h == "non" { "non-compliant" } else { h })
@@ -422,7 +434,9 @@ pub(super) async fn rollouts(
     table(
         &mut h,
         &r["rollouts"],
-        &["Rollout", "Phase", "Wave", "Waves", "Progress", "Failed", "Author", "Created"],
+        &[
+            "Rollout", "Phase", "Wave", "Waves", "Progress", "Failed", "Author", "Created",
+        ],
         |r| {
             let name = r["name"].as_str().unwrap_or("");
             vec![
@@ -509,23 +523,18 @@ pub(super) async fn rollout(
                 .collect()
         })
         .unwrap_or_default();
-    table(
-        &mut h,
-        &Value::Array(counts),
-        &["Status", "Devices"],
-        |c| {
-            let status = c["status"].as_str().unwrap_or("");
-            vec![
-                cell(&c["status"]),
-                format!(
-                    "<td class=\"n\" data-rollout=\"{}\" data-field=\"counts.{}\">{}</td>",
-                    esc(&name),
-                    esc(status),
-                    text(&c["devices"])
-                ),
-            ]
-        },
-    );
+    table(&mut h, &Value::Array(counts), &["Status", "Devices"], |c| {
+        let status = c["status"].as_str().unwrap_or("");
+        vec![
+            cell(&c["status"]),
+            format!(
+                "<td class=\"n\" data-rollout=\"{}\" data-field=\"counts.{}\">{}</td>",
+                esc(&name),
+                esc(status),
+                text(&c["devices"])
+            ),
+        ]
+    });
     h += "<h2>Waves</h2>";
     table(
         &mut h,
@@ -585,7 +594,14 @@ pub(super) async fn compliance_report(
     State(state): State<AppState>,
     Extension(session): Extension<Session>,
 ) -> Result<Response, Failure> {
-    let r = ask(&state, &session, "compliance", json!({"limit": 1000}), false).await?;
+    let r = ask(
+        &state,
+        &session,
+        "compliance",
+        json!({"limit": 1000}),
+        false,
+    )
+    .await?;
     Ok((
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
@@ -641,7 +657,15 @@ pub(super) async fn audit(
     table(
         &mut h,
         &Value::Array(entries),
-        &["Seq", "At", "Operator", "Organisation", "Action", "Name", "Result"],
+        &[
+            "Seq",
+            "At",
+            "Operator",
+            "Organisation",
+            "Action",
+            "Name",
+            "Result",
+        ],
         |e| {
             vec![
                 num_cell(&e["seq"]),

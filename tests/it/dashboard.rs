@@ -7,7 +7,7 @@
 //! the page.
 
 use crate::common;
-use crate::governance::issue_operator;
+use crate::governance::{issue_operator, register_contractors_devices};
 use crate::rollouts::{sim, Setup};
 
 use std::collections::BTreeSet;
@@ -140,30 +140,13 @@ async fn the_dashboard_refuses_strangers_forged_posts_and_other_organisations_de
     issue_operator(&s, "ci", "camera-int");
     issue_operator(&s, "stranger", "nobody");
     let (_server, host) = serve_with_dashboard(&s);
-    // Odd ids: the lighting contractor's lamps; even: the camera integrator's.
-    let manifest: Vec<Value> = (1..=12)
-        .map(|i| {
-            let (class, owner) = if i % 2 == 1 {
-                ("streetlight", "lighting-co")
-            } else {
-                ("camera", "camera-int")
-            };
-            json!({"id": format!("dev{i:04}"), "class": class, "owner": owner,
-                   "labels": {"zone": if i <= 6 { "north" } else { "south" }}})
-        })
-        .collect();
-    let f = s.file("manifest.json", &json!(manifest));
-    s.json(&["devices", "register", "-f", &f]);
+    let (lamps, cameras) = register_contractors_devices(&s, 12);
     for (org, scope, rights) in [
         ("lighting-co", "owner=lighting-co", "read,write,rollout"),
         ("camera-int", "owner=camera-int", "read,rollout"),
     ] {
-        s.json(&[
-            "orgs", "create", org, "--scope", scope, "--rights", rights,
-        ]);
+        s.json(&["orgs", "create", org, "--scope", scope, "--rights", rights]);
     }
-    let lamps: BTreeSet<String> = (1..=12).step_by(2).map(|i| format!("dev{i:04}")).collect();
-    let cameras: BTreeSet<String> = (2..=12).step_by(2).map(|i| format!("dev{i:04}")).collect();
     // The devices never connect: both rollouts stay in their first wave.
     for (id, name, class, state) in [
         ("lc", "lc-dim", "streetlight", json!({"dimming": 40})),
@@ -183,7 +166,11 @@ async fn the_dashboard_refuses_strangers_forged_posts_and_other_organisations_de
     }
 
     // A link is used once; unknown and empty tokens sign nobody in.
-    for bad in ["/login", "/login?token=", "/login?token=0123456789abcdef0123456789abcdef"] {
+    for bad in [
+        "/login",
+        "/login?token=",
+        "/login?token=0123456789abcdef0123456789abcdef",
+    ] {
         let r = http(&host, "GET", bad, &[], "");
         assert_eq!(r.status, 401, "{bad}: {}", r.body);
         assert!(r.header("set-cookie").is_none(), "{bad}");
@@ -204,7 +191,10 @@ async fn the_dashboard_refuses_strangers_forged_posts_and_other_organisations_de
         &host,
         "GET",
         "/api/status",
-        &[("Cookie", "cityplane_session=00112233445566778899aabbccddeeff")],
+        &[(
+            "Cookie",
+            "cityplane_session=00112233445566778899aabbccddeeff",
+        )],
         "",
     );
     assert_eq!(r.status, 401, "{}", r.body);
@@ -272,7 +262,11 @@ async fn the_dashboard_refuses_strangers_forged_posts_and_other_organisations_de
             vec![("Origin", &origin)],
             "csrf=00000000000000000000000000000000".into(),
         ),
-        ("a foreign Origin", vec![("Origin", "http://evil.example")], body.clone()),
+        (
+            "a foreign Origin",
+            vec![("Origin", "http://evil.example")],
+            body.clone(),
+        ),
         (
             "a foreign Referer",
             vec![("Referer", "http://evil.example/page")],
@@ -300,7 +294,10 @@ async fn the_dashboard_refuses_strangers_forged_posts_and_other_organisations_de
         .collect();
     assert!(actions.contains(&"dashboard-login"), "{audit}");
     assert!(actions.contains(&"rollout-pause"), "{audit}");
-    assert!(!audit.to_string().contains(&lc.csrf), "no secret in the audit");
+    assert!(
+        !audit.to_string().contains(&lc.csrf),
+        "no secret in the audit"
+    );
     assert!(
         !std::fs::read_to_string(&s.log)
             .expect("log")
@@ -411,13 +408,22 @@ async fn in_a_browser_the_fleet_shows_the_cli_counts_a_rollout_advances_live_and
     b.goto(&login_link(&s, "op")).await.expect("sign in");
     assert_eq!(b.current_url().await.expect("url").path(), "/");
     js(&b, "window.stayed = true; return null;").await;
-    let fields = ["total", "online", "converged", "pending", "failed", "drifted"];
+    let fields = [
+        "total",
+        "online",
+        "converged",
+        "pending",
+        "failed",
+        "drifted",
+    ];
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let page = page_counts(&b).await;
         let cli = common::json_of(&s.pki, s.port, &["status"]);
         let again = page_counts(&b).await;
-        let same = fields.iter().all(|f| page[f] == cli[f] && again[f] == cli[f]);
+        let same = fields
+            .iter()
+            .all(|f| page[f] == cli[f] && again[f] == cli[f]);
         if same && cli["online"] == 20 {
             break;
         }
@@ -445,7 +451,10 @@ async fn in_a_browser_the_fleet_shows_the_cli_counts_a_rollout_advances_live_and
     let succeeded = "return Number(document.querySelector(\
                      '[data-field=\"counts.succeeded\"]').textContent);";
     let first = js(&b, succeeded).await.as_u64().expect("a number");
-    assert!(first < 20, "the rollout had not finished when the page loaded");
+    assert!(
+        first < 20,
+        "the rollout had not finished when the page loaded"
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut now = first;
     while now <= first || now < 8 {

@@ -188,7 +188,15 @@ pub(super) async fn run(
                     // document that changes 50,000 devices, writes them all).
                     let write = topics::desired_name(&msg.topic).is_some()
                         || topics::ops_verb(&msg.topic).is_some_and(|v| WRITE_VERBS.contains(&v));
-                    let answers = handle_operator(&mut fleet, &store, &mut uploads, config.sign_ins.as_deref(), msg, now).await;
+                    let answers = handle_operator(
+                        &mut fleet,
+                        &store,
+                        &mut uploads,
+                        config.sign_ins.as_deref(),
+                        msg,
+                        now,
+                    )
+                    .await;
                     // A quarantine is in force before its answer leaves:
                     // when the operator reads "quarantined", it is.
                     tables.push_pins(&mut fleet);
@@ -199,7 +207,15 @@ pub(super) async fn run(
                     }
                 }
                 Event::Local { msg, reply } => {
-                    let answers = handle_operator(&mut fleet, &store, &mut uploads, config.sign_ins.as_deref(), msg, now).await;
+                    let answers = handle_operator(
+                        &mut fleet,
+                        &store,
+                        &mut uploads,
+                        config.sign_ins.as_deref(),
+                        msg,
+                        now,
+                    )
+                    .await;
                     tables.push_pins(&mut fleet);
                     if let Some(answer) = answers.into_iter().next() {
                         // The asker may have gone (a closed browser tab).

@@ -251,15 +251,18 @@ async fn operator_write(
                 role: cityplane_proto::Role::Operator,
                 org: Some(access.org.clone()),
             };
-            let token = sign_ins.issue(&identity, now).map_err(|e| {
-                Rejection::new("unavailable", format!("no sign-in link: {e}"))
-            })?;
+            let token = sign_ins
+                .issue(&identity, now)
+                .map_err(|e| Rejection::new("unavailable", format!("no sign-in link: {e}")))?;
             // The audit line names who signed in, never the token.
             let audit = fleet.audit_entry(
                 who,
                 "dashboard-login",
                 "",
-                &format!("accepted, a sign-in link valid {} s", sign_ins.ttl_ms() / 1000),
+                &format!(
+                    "accepted, a sign-in link valid {} s",
+                    sign_ins.ttl_ms() / 1000
+                ),
                 now,
             );
             commit_write(
@@ -679,11 +682,17 @@ async fn handle(
         let verb = verb.to_owned();
         let rid = fleet::request_id_of(&msg.payload).unwrap_or_else(|| verb.clone());
         let result = if WRITE_VERBS.contains(&verb.as_str()) {
-            let result =
-                operator_write(
-                    fleet, store, uploads, sign_ins, access, &verb, &msg.payload, now,
-                )
-                .await;
+            let result = operator_write(
+                fleet,
+                store,
+                uploads,
+                sign_ins,
+                access,
+                &verb,
+                &msg.payload,
+                now,
+            )
+            .await;
             if let Err(r) = &result {
                 if r.code != "storage_unavailable" {
                     audit_refusal(fleet, store, &who, &verb, "", r, now).await;
