@@ -255,7 +255,7 @@ async fn the_dashboard_refuses_strangers_forged_posts_and_other_organisations_de
 
     // Forged cross-site POSTs change nothing.
     let origin = format!("http://{host}");
-    let forged: [(&str, Vec<(&str, &str)>, String); 5] = [
+    let forged: [Forgery; 5] = [
         ("no token", vec![("Origin", &origin)], String::new()),
         (
             "a wrong token",
@@ -310,6 +310,9 @@ async fn the_dashboard_refuses_strangers_forged_posts_and_other_organisations_de
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(lc.get("/api/status").status, 401);
 }
+
+/// What a forged POST says of itself: its name, headers and form.
+type Forgery<'a> = (&'a str, Vec<(&'a str, &'a str)>, String);
 
 fn json_body(r: &Reply) -> Value {
     assert_eq!(r.status, 200, "{}", r.body);

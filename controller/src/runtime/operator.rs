@@ -153,6 +153,14 @@ pub(super) const WRITE_VERBS: [&str; 17] = [
     "cert-rotate",
 ];
 
+/// What the operator protocol keeps between requests, apart from the
+/// fleet: firmware uploads in progress, and the dashboard's sign-in table
+/// (`None`: no dashboard, `dashboard-login` is refused).
+pub(super) struct OperatorSide {
+    pub(super) uploads: Uploads,
+    pub(super) sign_ins: Option<Arc<crate::signin::SignIns>>,
+}
+
 /// Longest class, owner, label key or value the registry takes.
 const MAX_ATTRIBUTE: usize = 128;
 
@@ -226,8 +234,7 @@ fn storage_rejection(e: &StoreError) -> Rejection {
 async fn operator_write(
     fleet: &mut Fleet,
     store: &Arc<Store>,
-    uploads: &mut Uploads,
-    sign_ins: Option<&crate::signin::SignIns>,
+    side: &mut OperatorSide,
     access: &Access,
     verb: &str,
     payload: &[u8],
@@ -240,7 +247,7 @@ async fn operator_write(
             // unknown organisation gets no link at all.
             access.require(Right::Read, "sign in to the dashboard")?;
             input::parse::<Query>(payload, fleet.limits)?;
-            let sign_ins = sign_ins.ok_or_else(|| {
+            let sign_ins = side.sign_ins.as_deref().ok_or_else(|| {
                 Rejection::new(
                     "dashboard_off",
                     "this server runs no dashboard (cityplane serve --dashboard 127.0.0.1:8080)",
@@ -282,7 +289,7 @@ async fn operator_write(
         }
         "publish-firmware" => {
             access.require(Right::Rollout, "publish firmware")?;
-            publish_chunk(fleet, store, uploads, who, payload, now).await
+            publish_chunk(fleet, store, &mut side.uploads, who, payload, now).await
         }
         "org-create" | "org-grant" | "policy-apply" | "exception-grant" | "exception-revoke" => {
             super::governance::write(fleet, store, access, verb, payload, now).await
@@ -577,14 +584,13 @@ pub(super) async fn create_rollout(
 pub(super) async fn handle_operator(
     fleet: &mut Fleet,
     store: &Arc<Store>,
-    uploads: &mut Uploads,
-    sign_ins: Option<&crate::signin::SignIns>,
+    side: &mut OperatorSide,
     msg: OperatorMessage,
     now: u64,
 ) -> Vec<Outgoing> {
     let access = fleet.access(&msg.from);
     fleet.acting_org = Some(access.org.clone());
-    let out = handle(fleet, store, uploads, sign_ins, &access, msg, now).await;
+    let out = handle(fleet, store, side, &access, msg, now).await;
     fleet.acting_org = None;
     out
 }
@@ -618,8 +624,7 @@ fn govern_doc(
 async fn handle(
     fleet: &mut Fleet,
     store: &Arc<Store>,
-    uploads: &mut Uploads,
-    sign_ins: Option<&crate::signin::SignIns>,
+    side: &mut OperatorSide,
     access: &Access,
     msg: OperatorMessage,
     now: u64,
@@ -682,17 +687,7 @@ async fn handle(
         let verb = verb.to_owned();
         let rid = fleet::request_id_of(&msg.payload).unwrap_or_else(|| verb.clone());
         let result = if WRITE_VERBS.contains(&verb.as_str()) {
-            let result = operator_write(
-                fleet,
-                store,
-                uploads,
-                sign_ins,
-                access,
-                &verb,
-                &msg.payload,
-                now,
-            )
-            .await;
+            let result = operator_write(fleet, store, side, access, &verb, &msg.payload, now).await;
             if let Err(r) = &result {
                 if r.code != "storage_unavailable" {
                     audit_refusal(fleet, store, &who, &verb, "", r, now).await;
