@@ -692,3 +692,35 @@ async fn api_audit(
         ask(&state, &session, "audit", audit_query(&q), true).await?,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_addresses_are_accepted() {
+        for ok in ["127.0.0.1:8080", "127.0.0.1:0", "[::1]:8080"] {
+            assert!(check_address(ok.parse().expect("addr")).is_ok(), "{ok}");
+        }
+        for refused in ["0.0.0.0:8080", "10.0.0.5:8080", "[::]:8080"] {
+            assert!(
+                check_address(refused.parse().expect("addr")).is_err(),
+                "{refused}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_csrf_token_is_read_from_the_header_or_the_form_only() {
+        let mut h = HeaderMap::new();
+        assert_eq!(csrf_of(&h, b"reason=x&csrf=abc"), Some("abc".into()));
+        assert_eq!(csrf_of(&h, b"reason=x"), None);
+        assert_eq!(csrf_of(&h, b"\xff\xfe=%%%"), None);
+        h.insert("x-csrf-token", HeaderValue::from_static("def"));
+        assert_eq!(csrf_of(&h, b"csrf=abc"), Some("def".into()));
+        assert!(same_secret("abc", "abc"));
+        assert!(!same_secret("abc", "abd"));
+        assert!(!same_secret("abc", "abcd"));
+        assert!(!same_secret("", "a"));
+    }
+}

@@ -305,6 +305,38 @@ async fn the_dashboard_refuses_strangers_forged_posts_and_other_organisations_de
         "the sign-in token is never logged"
     );
 
+    // Markup in what operators and devices name is shown, never run.
+    s.json(&[
+        "devices",
+        "label",
+        "dev0001",
+        "street=<img src=x onerror=alert(1)>",
+    ]);
+    let page = lc.get("/devices/dev0001");
+    assert!(
+        page.body.contains("&lt;img src=x onerror=alert(1)&gt;") && !page.body.contains("<img"),
+        "{}",
+        page.body
+    );
+
+    // Rights: an organisation that loses `rollout` gets no buttons, and a
+    // press anyway is refused by the controller.
+    let ci = sign_in(&host, &login_link(&s, "ci"));
+    assert!(ci.get("/rollouts/ci-ir").body.contains("id=\"pause\""));
+    s.json(&[
+        "orgs",
+        "grant",
+        "camera-int",
+        "--scope",
+        "owner=camera-int",
+        "--rights",
+        "read",
+    ]);
+    assert!(!ci.get("/rollouts/ci-ir").body.contains("id=\"pause\""));
+    let r = ci.post("/rollouts/ci-ir/pause", &format!("csrf={}", ci.csrf));
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(s.json(&["rollout", "status", "ci-ir"])["phase"], "active");
+
     // Signed out: the session is gone.
     let r = lc.post("/logout", &body);
     assert_eq!(r.status, 200, "{}", r.body);
@@ -516,4 +548,30 @@ async fn in_a_browser_the_fleet_shows_the_cli_counts_a_rollout_advances_live_and
     assert!(text.contains("dimming-set"), "{text}");
     screenshot(&b, "dashboard-compliance.png").await;
     b.close().await.expect("close the browser");
+}
+
+#[test]
+fn the_dashboard_listens_on_loopback_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = std::process::Command::new(common::BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--dashboard",
+            "0.0.0.0:0",
+        ])
+        .arg("--pki")
+        .arg(dir.path().join("pki"))
+        .arg("--data")
+        .arg(dir.path().join("data"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("runs");
+    assert!(
+        !out.status.success(),
+        "serve started with a dashboard on 0.0.0.0"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("loopback only"), "{err}");
 }
