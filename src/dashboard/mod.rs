@@ -52,6 +52,10 @@ const MAX_FORM: usize = 16 * 1024;
 /// Devices per page of the device list.
 pub const PAGE_SIZE: usize = 50;
 const COOKIE: &str = "cityplane_session";
+/// Dashboard requests in the controller's queue at most, whatever the
+/// number of browsers: each is a pass over the fleet in the controller's
+/// one loop, and device reports wait behind it.
+const MAX_ASKS_IN_FLIGHT: usize = 4;
 
 /// Whether the dashboard may listen on `addr`: loopback only, since it
 /// speaks plain HTTP (a session cookie on the network is a stolen session).
@@ -151,6 +155,7 @@ fn same_secret(a: &str, b: &str) -> bool {
 
 pub(crate) struct Shared {
     api: OperatorApi,
+    asks: tokio::sync::Semaphore,
     sign_ins: Arc<SignIns>,
     sessions: Sessions,
     /// `127.0.0.1:8080`: the only Host the dashboard answers to.
@@ -205,6 +210,7 @@ impl Dashboard {
     ) -> anyhow::Result<()> {
         let shared = Arc::new(Shared {
             api,
+            asks: tokio::sync::Semaphore::new(MAX_ASKS_IN_FLIGHT),
             sign_ins: self.sign_ins,
             sessions: Sessions {
                 by_hash: Mutex::new(HashMap::new()),
@@ -298,6 +304,13 @@ pub(crate) async fn ask(
     body: Value,
     json: bool,
 ) -> Result<Value, Failure> {
+    let _turn = state.asks.acquire().await.map_err(|_| {
+        Failure::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the dashboard is stopping",
+            json,
+        )
+    })?;
     state
         .api
         .ask(&session.identity, verb, body)
