@@ -1,8 +1,9 @@
 // Live figures: the server sends the fleet's counts and the rollouts'
 // progress when they change, at most twice a second; elements say which
 // figure they show (data-live: a path in `status`; data-rollout + data-field:
-// a path in that rollout's row). Only textContent is set: nothing received
-// is ever parsed as HTML.
+// a path in that rollout's row; data-status: a path in the status of the
+// rollout whose page this is). Only textContent is set: nothing received is
+// ever parsed as HTML.
 (function () {
   "use strict";
   if (!window.EventSource) return;
@@ -12,9 +13,11 @@
     }, obj);
   }
   function show(v) {
-    return v === undefined || v === null ? "—" : String(v);
+    return v === undefined || v === null || v === "" ? "—" : String(v);
   }
-  var source = new EventSource("/events");
+  // A rollout's page names it: its waves and health gate come along.
+  var page = document.body.getAttribute("data-rollout-page");
+  var source = new EventSource(page ? "/events?rollout=" + encodeURIComponent(page) : "/events");
   source.onmessage = function (e) {
     var f;
     try { f = JSON.parse(e.data); } catch (_) { return; }
@@ -35,6 +38,12 @@
         el.textContent = show(v === undefined && el.getAttribute("data-field").indexOf("counts.") === 0 ? 0 : v);
       }
     });
+    if (f.rollout) {
+      document.querySelectorAll("[data-status]").forEach(function (el) {
+        var v = at(f.rollout, el.getAttribute("data-status"));
+        el.textContent = v !== null && typeof v === "object" ? JSON.stringify(v) : show(v);
+      });
+    }
     document.body.setAttribute("data-updated", String(Date.now()));
   };
 })();

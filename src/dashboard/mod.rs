@@ -500,14 +500,32 @@ async fn rollout_control(
 
 /// The figures a page updates live: the fleet's counts and the rollouts'
 /// progress, sent when they change and at most every [`LIVE_EVERY`].
-async fn live_figures(state: &Shared, session: &Session) -> Result<Value, Failure> {
+/// `rollout`: the page shows that rollout, whose status (waves, the health
+/// gate, what it waits for) comes along.
+async fn live_figures(
+    state: &Shared,
+    session: &Session,
+    rollout: Option<&str>,
+) -> Result<Value, Failure> {
     let mut status = ask(state, session, "status", json!({}), true).await?;
     // The counters move with every report; the pages show counts.
     if let Some(o) = status.as_object_mut() {
         o.remove("counters");
     }
     let rollouts = ask(state, session, "get-rollouts", json!({}), true).await?;
-    Ok(json!({"status": status, "rollouts": rollouts["rollouts"]}))
+    let mut figures = json!({"status": status, "rollouts": rollouts["rollouts"]});
+    if let Some(name) = rollout {
+        figures["rollout"] = ask(
+            state,
+            session,
+            "rollout-status",
+            json!({"name": name}),
+            true,
+        )
+        .await
+        .unwrap_or(Value::Null);
+    }
+    Ok(figures)
 }
 
 /// Server-sent events: the live figures (`EventSource('/events')`).
@@ -515,23 +533,27 @@ async fn events(
     State(state): State<AppState>,
     Extension(session): Extension<Session>,
     headers: HeaderMap,
+    Query(q): Params,
 ) -> Response {
     let cookie = cookie_of(&headers).unwrap_or_default();
+    let rollout = q.get("rollout").cloned();
     let stream = futures_util::stream::unfold(
-        (state, session, cookie, None::<Value>),
-        |(state, session, cookie, last)| async move {
+        (state, session, cookie, rollout, None::<Value>),
+        |(state, session, cookie, rollout, last)| async move {
             loop {
                 if last.is_some() {
                     tokio::time::sleep(LIVE_EVERY).await;
                 }
                 // A signed-out or expired session stops its stream.
                 state.sessions.get(&cookie)?;
-                let figures = live_figures(&state, &session).await.ok()?;
+                let figures = live_figures(&state, &session, rollout.as_deref())
+                    .await
+                    .ok()?;
                 if last.as_ref() != Some(&figures) {
                     let chunk = format!("data: {figures}\n\n");
                     return Some((
                         Ok::<_, std::convert::Infallible>(chunk),
-                        (state, session, cookie, Some(figures)),
+                        (state, session, cookie, rollout, Some(figures)),
                     ));
                 }
             }

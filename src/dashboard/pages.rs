@@ -59,14 +59,28 @@ const NAV: [(&str, &str); 6] = [
 ];
 
 fn layout(session: &Session, active: &str, title: &str, body: &str) -> Html<String> {
+    layout_for(session, active, title, body, None)
+}
+
+/// `rollout`: the page shows that rollout (its live status comes along).
+fn layout_for(
+    session: &Session,
+    active: &str,
+    title: &str,
+    body: &str,
+    rollout: Option<&str>,
+) -> Html<String> {
     let mut h = String::with_capacity(body.len() + 2048);
     let _ = write!(
         h,
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
          <title>{} — cityplane</title>\n<link rel=\"stylesheet\" href=\"/static/dashboard.css\">\n\
-         <script src=\"/static/dashboard.js\" defer></script>\n</head>\n<body>\n<nav>",
-        esc(title)
+         <script src=\"/static/dashboard.js\" defer></script>\n</head>\n<body{}>\n<nav>",
+        esc(title),
+        rollout
+            .map(|r| format!(" data-rollout-page=\"{}\"", esc(r)))
+            .unwrap_or_default()
     );
     for (href, name) in NAV {
         let on = if href == active { " class=\"on\"" } else { "" };
@@ -413,6 +427,13 @@ fn progress(r: &Value) -> String {
     )
 }
 
+/// A cell the rollout page's live status keeps current (`data-status` is
+/// a path in the `rollout-status` answer; paths are built from fixed
+/// field names and numbers).
+fn status_cell(path: &str, v: &Value) -> String {
+    format!("<td data-status=\"{}\">{}</td>", esc(path), text(v))
+}
+
 fn live_cell(r: &Value, field: &str) -> String {
     let name = esc(r["name"].as_str().unwrap_or(""));
     let mut v = r;
@@ -488,8 +509,8 @@ pub(super) async fn rollout(
         text(&r["wave"]),
         text(&r["waves"]),
         progress(&r),
-        cell(&r["waiting"]),
-        cell(&r["reason"]),
+        status_cell("waiting", &r["waiting"]),
+        status_cell("reason", &r["reason"]),
         n = esc(&name),
     );
     h += "</tbody></table>";
@@ -541,22 +562,34 @@ pub(super) async fn rollout(
         &r["wave_rows"],
         &["Wave", "Planned", "Devices", "State", "Counts"],
         |w| {
+            let i = w["wave"].as_u64().unwrap_or(1).saturating_sub(1);
             vec![
                 num_cell(&w["wave"]),
                 num_cell(&w["planned"]),
-                num_cell(&w["devices"]),
-                cell(&w["state"]),
-                format!("<td><code>{}</code></td>", esc(&w["counts"].to_string())),
+                status_cell(&format!("wave_rows.{i}.devices"), &w["devices"]).replacen(
+                    "<td",
+                    "<td class=\"n\"",
+                    1,
+                ),
+                status_cell(&format!("wave_rows.{i}.state"), &w["state"]),
+                format!(
+                    "<td><code data-status=\"wave_rows.{i}.counts\">{}</code></td>",
+                    esc(&w["counts"].to_string())
+                ),
             ]
         },
     );
     h += "<h2>Health gate</h2><table><tbody>";
-    for (label, v) in [
-        ("Soak (s)", &r["health"]["soak_s"]),
-        ("Checked", &r["health"]["checked"]),
-        ("Unhealthy", &r["health"]["unhealthy"]),
+    for (label, field) in [
+        ("Soak (s)", "soak_s"),
+        ("Checked", "checked"),
+        ("Unhealthy", "unhealthy"),
     ] {
-        let _ = write!(h, "<tr><th>{label}</th>{}</tr>", cell(v));
+        let _ = write!(
+            h,
+            "<tr><th>{label}</th>{}</tr>",
+            status_cell(&format!("health.{field}"), &r["health"][field])
+        );
     }
     h += "</tbody></table>";
     table(
@@ -570,7 +603,7 @@ pub(super) async fn rollout(
         vec![cell(&f["id"]), cell(&f["reason"])]
     });
     let title = format!("Rollout {name}");
-    Ok(layout(&session, "/rollouts", &title, &h))
+    Ok(layout_for(&session, "/rollouts", &title, &h, Some(&name)))
 }
 
 pub(super) async fn compliance(

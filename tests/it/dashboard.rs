@@ -505,6 +505,17 @@ async fn in_a_browser_the_fleet_shows_the_cli_counts_a_rollout_advances_live_and
         true,
         "no reload"
     );
+    // The waves' table follows too: the first wave is done.
+    let first_wave =
+        "return document.querySelector('[data-status=\"wave_rows.0.state\"]').textContent;";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while js(&b, first_wave).await != "done" {
+        assert!(
+            Instant::now() < deadline,
+            "wave 1 shown done without a reload"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     screenshot(&b, "dashboard-rollout.png").await;
 
     // Pause from the page pauses the rollout.
