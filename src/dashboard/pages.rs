@@ -340,12 +340,16 @@ pub(super) async fn device(
     table(
         &mut h,
         &d["recent_commands"],
-        &["Command", "Generation", "At (ms)", "Event"],
+        &["Command", "Generation", "At", "Event"],
         |c| {
+            let at = c["at"]
+                .as_u64()
+                .map(|ms| json!(cityplane_controller::model::rfc3339(ms)))
+                .unwrap_or(Value::Null);
             vec![
                 cell(&c["id"]),
                 num_cell(&c["generation"]),
-                num_cell(&c["at"]),
+                cell(&at),
                 cell(&c["event"]),
             ]
         },

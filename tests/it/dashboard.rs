@@ -518,6 +518,34 @@ async fn in_a_browser_the_fleet_shows_the_cli_counts_a_rollout_advances_live_and
     }
     screenshot(&b, "dashboard-rollout.png").await;
 
+    // A page of another site posting to the dashboard in the same browser
+    // (signed in) is refused and changes nothing.
+    let forged = format!(
+        "data:text/html,<form method=post action='http://{host}/rollouts/dim-40/pause'>\
+         <input name=csrf value=guess></form><script>document.forms[0].submit()</script>"
+    );
+    b.goto(&forged).await.expect("the forging page");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while b.current_url().await.expect("url").scheme() == "data" {
+        assert!(Instant::now() < deadline, "the forged form was not sent");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refusal = b
+        .find(fantoccini::Locator::Id("message"))
+        .await
+        .expect("the dashboard's refusal")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        refusal.contains("not signed in") || refusal.contains("refused"),
+        "{refusal}"
+    );
+    assert_eq!(s.json(&["rollout", "status", "dim-40"])["phase"], "active");
+    b.goto(&format!("http://{host}/rollouts/dim-40"))
+        .await
+        .expect("rollout page");
+
     // Pause from the page pauses the rollout.
     b.find(fantoccini::Locator::Id("pause"))
         .await
