@@ -133,7 +133,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     .context("starting the broker")?;
     let addr = broker.local_addr();
     let dashboard = match args.dashboard {
-        Some(at) => Some(crate::dashboard::Dashboard::bind(at).await?),
+        Some(at) => Some(crate::dashboard::Dashboard::bind(at, &Default::default()).await?),
         None => None,
     };
     let mut cc = ControllerConfig::new(data_dir.clone());

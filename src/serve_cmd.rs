@@ -48,6 +48,30 @@ pub struct ServeArgs {
     /// from `cityplane dashboard login`. Default: no dashboard
     #[arg(long, env = "CITYPLANE_DASHBOARD", value_name = "ADDR")]
     pub dashboard: Option<std::net::SocketAddr>,
+    /// Serve the dashboard over HTTPS with this certificate chain (PEM),
+    /// which lets it listen beyond loopback (the server's broker.crt will
+    /// do for browsers that trust the CA)
+    #[arg(long, env = "CITYPLANE_DASHBOARD_TLS_CERT", value_name = "FILE", requires_all = ["dashboard", "dashboard_tls_key"])]
+    pub dashboard_tls_cert: Option<PathBuf>,
+    /// The key of --dashboard-tls-cert (PEM)
+    #[arg(
+        long,
+        env = "CITYPLANE_DASHBOARD_TLS_KEY",
+        value_name = "FILE",
+        requires = "dashboard_tls_cert"
+    )]
+    pub dashboard_tls_key: Option<PathBuf>,
+    /// The address browsers use for the dashboard, e.g.
+    /// https://dashboard.city.example:8443 (needed when it listens on
+    /// 0.0.0.0): the only Host answered and the sign-in links' base.
+    /// Default: the address it listens on
+    #[arg(
+        long,
+        env = "CITYPLANE_DASHBOARD_URL",
+        value_name = "URL",
+        requires = "dashboard"
+    )]
+    pub dashboard_url: Option<String>,
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -84,7 +108,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Bound before anything starts: a wrong address fails the start, and
     // the controller needs the dashboard's sign-in table.
     let dashboard = match args.dashboard {
-        Some(addr) => Some(crate::dashboard::Dashboard::bind(addr).await?),
+        Some(addr) => {
+            let options = crate::dashboard::Options {
+                tls: args
+                    .dashboard_tls_cert
+                    .clone()
+                    .zip(args.dashboard_tls_key.clone()),
+                url: args.dashboard_url.clone(),
+            };
+            Some(crate::dashboard::Dashboard::bind(addr, &options).await?)
+        }
         None => None,
     };
     let broker = Broker::start_closed(config)

@@ -19,9 +19,11 @@
 //! session's CSRF token and come from the dashboard's own origin.
 
 mod pages;
+mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -57,17 +59,41 @@ const COOKIE: &str = "cityplane_session";
 /// one loop, and device reports wait behind it.
 const MAX_ASKS_IN_FLIGHT: usize = 4;
 
-/// Whether the dashboard may listen on `addr`: loopback only, since it
-/// speaks plain HTTP (a session cookie on the network is a stolen session).
-pub fn check_address(addr: SocketAddr) -> anyhow::Result<()> {
-    if !addr.ip().is_loopback() {
+/// Whether the dashboard may listen on `addr`: beyond loopback only with
+/// TLS (a session cookie over plain HTTP on a network is a stolen session).
+pub fn check_address(addr: SocketAddr, tls: bool) -> anyhow::Result<()> {
+    if !tls && !addr.ip().is_loopback() {
         bail!(
-            "the dashboard serves plain HTTP and listens on loopback only (127.0.0.1 or [::1]), \
-             not {addr}: reach it from elsewhere through an SSH tunnel or a TLS reverse proxy \
-             on this host"
+            "without TLS the dashboard listens on loopback only (127.0.0.1 or [::1]), not \
+             {addr}: give it --dashboard-tls-cert and --dashboard-tls-key, or reach it \
+             through an SSH tunnel"
         );
     }
     Ok(())
+}
+
+/// How the dashboard is served beyond the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// HTTPS with this certificate chain and key (PEM files).
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// The address browsers use, `https://dashboard.city.example:8443`:
+    /// the only Host and Origin accepted, and the sign-in links' base.
+    /// Default: the bound address.
+    pub url: Option<String>,
+}
+
+/// `scheme://host[:port]` of a public URL: (origin, host).
+fn origin_of(url: &str, tls: bool) -> anyhow::Result<(String, String)> {
+    let scheme = if tls { "https://" } else { "http://" };
+    let host = url
+        .strip_prefix(scheme)
+        .map(|rest| rest.trim_end_matches('/'))
+        .filter(|h| !h.is_empty() && !h.contains(['/', '?', '#', '@', ' ']))
+        .with_context(|| {
+            format!("--dashboard-url {url:?} must be {scheme}HOST[:PORT], the address browsers use")
+        })?;
+    Ok((format!("{scheme}{host}"), host.to_owned()))
 }
 
 /// A signed-in operator.
@@ -158,6 +184,8 @@ pub(crate) struct Shared {
     asks: tokio::sync::Semaphore,
     sign_ins: Arc<SignIns>,
     sessions: Sessions,
+    /// Served over TLS: the session cookie is `Secure`.
+    secure: bool,
     /// `127.0.0.1:8080`: the only Host the dashboard answers to.
     host: String,
     /// `http://127.0.0.1:8080`: the only Origin a state change may come from.
@@ -170,24 +198,42 @@ type AppState = Arc<Shared>;
 pub struct Dashboard {
     listener: tokio::net::TcpListener,
     sign_ins: Arc<SignIns>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     host: String,
     origin: String,
 }
 
 impl Dashboard {
-    /// Binds `addr` (loopback only) and makes the sign-in table the
-    /// controller issues links into (so the controller can start with it).
-    pub async fn bind(addr: SocketAddr) -> anyhow::Result<Dashboard> {
-        check_address(addr)?;
+    /// Binds `addr` (loopback only without TLS), reads the TLS files once,
+    /// and makes the sign-in table the controller issues links into (so
+    /// the controller can start with it).
+    pub async fn bind(addr: SocketAddr, options: &Options) -> anyhow::Result<Dashboard> {
+        check_address(addr, options.tls.is_some())?;
+        let tls = match &options.tls {
+            Some((cert, key)) => Some(tls::server_config(cert, key)?),
+            None => None,
+        };
+        if addr.ip().is_unspecified() && options.url.is_none() {
+            bail!(
+                "the dashboard on {addr} needs --dashboard-url, the address browsers use \
+                 (e.g. https://dashboard.city.example:{}): only that Host is answered",
+                addr.port()
+            );
+        }
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding the dashboard to {addr}"))?;
-        let host = listener.local_addr()?.to_string();
-        let origin = format!("http://{host}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = match &options.url {
+            Some(url) => url.clone(),
+            None => format!("{scheme}://{}", listener.local_addr()?),
+        };
+        let (origin, host) = origin_of(&url, tls.is_some())?;
         let sign_ins = Arc::new(SignIns::new(origin.clone(), LINK_TTL_MS));
         Ok(Dashboard {
             listener,
             sign_ins,
+            tls,
             host,
             origin,
         })
@@ -197,7 +243,7 @@ impl Dashboard {
         self.sign_ins.clone()
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT`, or the `--dashboard-url`.
     pub fn origin(&self) -> &str {
         &self.origin
     }
@@ -216,13 +262,18 @@ impl Dashboard {
                 by_hash: Mutex::new(HashMap::new()),
                 rng: SystemRandom::new(),
             },
+            secure: self.tls.is_some(),
             host: self.host,
             origin: self.origin,
         });
-        axum::serve(self.listener, router(shared))
-            .with_graceful_shutdown(shutdown)
-            .await
-            .context("serving the dashboard")
+        let app = router(shared);
+        match self.tls {
+            Some(config) => tls::serve(self.listener, config, app, shutdown).await,
+            None => axum::serve(self.listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+                .context("serving the dashboard"),
+        }
     }
 }
 
@@ -443,8 +494,9 @@ async fn login(
     };
     tracing::info!(operator = %identity.id, org = ?identity.org, "dashboard: signed in");
     let set = format!(
-        "{COOKIE}={cookie}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
-        SESSION_TTL.as_secs()
+        "{COOKIE}={cookie}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
+        SESSION_TTL.as_secs(),
+        if state.secure { "; Secure" } else { "" }
     );
     let mut r = (StatusCode::SEE_OTHER, [(header::LOCATION, "/")]).into_response();
     if let Ok(v) = HeaderValue::from_str(&set) {
@@ -735,13 +787,35 @@ mod tests {
     #[test]
     fn only_loopback_addresses_are_accepted() {
         for ok in ["127.0.0.1:8080", "127.0.0.1:0", "[::1]:8080"] {
-            assert!(check_address(ok.parse().expect("addr")).is_ok(), "{ok}");
+            assert!(
+                check_address(ok.parse().expect("addr"), false).is_ok(),
+                "{ok}"
+            );
         }
         for refused in ["0.0.0.0:8080", "10.0.0.5:8080", "[::]:8080"] {
             assert!(
-                check_address(refused.parse().expect("addr")).is_err(),
+                check_address(refused.parse().expect("addr"), false).is_err(),
                 "{refused}"
             );
+        }
+    }
+
+    #[test]
+    fn beyond_loopback_with_tls_and_a_public_url_only() {
+        assert!(check_address("0.0.0.0:8443".parse().expect("addr"), true).is_ok());
+        let (origin, host) = origin_of("https://dash.example:8443/", true).expect("url");
+        assert_eq!(
+            (origin.as_str(), host.as_str()),
+            ("https://dash.example:8443", "dash.example:8443")
+        );
+        for bad in [
+            "http://dash.example",
+            "https://",
+            "https://dash.example/x",
+            "https://u@dash.example",
+            "dash.example",
+        ] {
+            assert!(origin_of(bad, true).is_err(), "{bad}");
         }
     }
 

@@ -1,7 +1,7 @@
 //! A minimal HTTP/1.1 client for the dashboard's tests and bench: one
 //! request per connection, headers exactly as given (the tests choose which
 //! Host, Origin and Cookie a browser or a forger would send), chunked
-//! bodies decoded. Blocking, std only.
+//! bodies decoded; plain TCP or TLS (rustls). Blocking.
 
 use std::io::{Read, Write};
 use std::time::Duration;
@@ -32,6 +32,38 @@ pub fn request(
 ) -> std::io::Result<Reply> {
     let mut stream = std::net::TcpStream::connect(host)?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    exchange(&mut stream, host, method, path, headers, body)
+}
+
+/// As [`request`], over TLS to `addr` as server `name` (its certificate
+/// checked by `config`); the Host header is `name:port`.
+pub fn request_tls(
+    addr: std::net::SocketAddr,
+    name: &str,
+    config: std::sync::Arc<rustls::ClientConfig>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> std::io::Result<Reply> {
+    let tcp = std::net::TcpStream::connect(addr)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let server =
+        rustls::pki_types::ServerName::try_from(name.to_owned()).map_err(std::io::Error::other)?;
+    let conn = rustls::ClientConnection::new(config, server).map_err(std::io::Error::other)?;
+    let mut stream = rustls::StreamOwned::new(conn, tcp);
+    let host = format!("{name}:{}", addr.port());
+    exchange(&mut stream, &host, method, path, headers, body)
+}
+
+fn exchange(
+    stream: &mut (impl Read + Write),
+    host: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> std::io::Result<Reply> {
     let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
     if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
         req += &format!("Host: {host}\r\n");
@@ -49,7 +81,12 @@ pub fn request(
     req += body;
     stream.write_all(req.as_bytes())?;
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
+    // A TLS peer that closes without close_notify still sent everything.
+    if let Err(e) = stream.read_to_end(&mut raw) {
+        if raw.is_empty() || e.kind() != std::io::ErrorKind::UnexpectedEof {
+            return Err(e);
+        }
+    }
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let mut lines = head.lines();

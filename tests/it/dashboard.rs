@@ -614,3 +614,73 @@ fn the_dashboard_listens_on_loopback_only() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("loopback only"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_the_dashboard_listens_beyond_loopback_with_a_secure_cookie() {
+    let s = Setup::new(2);
+    let port = free_port();
+    let crt = s.pki.join("broker.crt");
+    let key = s.pki.join("broker.key");
+    let (crt, key) = (crt.to_str().expect("utf-8"), key.to_str().expect("utf-8"));
+    let listen = format!("0.0.0.0:{port}");
+    let url = format!("https://localhost:{port}");
+    let _server = Server::start_with(
+        &s.pki,
+        &s.data,
+        s.port,
+        &s.log,
+        "warn",
+        &[
+            "--dashboard",
+            &listen,
+            "--dashboard-tls-cert",
+            crt,
+            "--dashboard-tls-key",
+            key,
+            "--dashboard-url",
+            &url,
+        ],
+    );
+    common::wait_up(&s.pki, s.port);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let tls = cityplane_testkit::tls::pki_client(&s.pki, None).expect("a client trusting the CA");
+    let get = |path: &str, headers: &[(&str, &str)]| {
+        cityplane_testkit::http::request_tls(
+            addr,
+            "localhost",
+            tls.clone(),
+            "GET",
+            path,
+            headers,
+            "",
+        )
+        .unwrap_or_else(|e| panic!("GET {path} over TLS: {e}"))
+    };
+    let link = login_link(&s, "op");
+    let path = link
+        .strip_prefix(&format!("{url}/"))
+        .map(|p| format!("/{p}"))
+        .unwrap_or_else(|| panic!("the link names the public URL: {link}"));
+    let r = get(&path, &[]);
+    assert_eq!(r.status, 303, "{}", r.body);
+    let set = r.header("set-cookie").expect("a session cookie");
+    assert!(
+        set.contains("; Secure") && set.contains("HttpOnly"),
+        "{set}"
+    );
+    let cookie = set.split(';').next().expect("cookie").to_owned();
+    let status = get("/api/status", &[("Cookie", &cookie)]);
+    assert_eq!(json_body(&status)["total"], 2);
+    // Plain HTTP on that port gets no page.
+    let plain = cityplane_testkit::http::request(
+        &addr.to_string(),
+        "GET",
+        "/api/status",
+        &[("Cookie", &cookie)],
+        "",
+    );
+    assert!(
+        plain.map_or(true, |r| r.status != 200),
+        "plain HTTP answered"
+    );
+}
