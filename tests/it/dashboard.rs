@@ -599,6 +599,8 @@ fn the_dashboard_listens_on_loopback_only() {
             "127.0.0.1:0",
             "--dashboard",
             "0.0.0.0:0",
+            "--dashboard-url",
+            "http://dash.example:8080",
         ])
         .arg("--pki")
         .arg(dir.path().join("pki"))
