@@ -32,9 +32,45 @@ pub struct DemoArgs {
     /// Where the compliance report for an auditor is written (HTML)
     #[arg(long, default_value = "cityplane-compliance.html")]
     pub report: std::path::PathBuf,
+    /// Serve the operator dashboard (default 127.0.0.1:8080; loopback
+    /// only), print a sign-in link and keep the fleet running until Ctrl-C
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:8080")]
+    pub dashboard: Option<std::net::SocketAddr>,
 }
 
 const OPERATOR: &str = "demo-operator";
+
+/// The dashboard's address and a sign-in link for the demo's operator
+/// (issued through the operator protocol, so it is audited like any).
+async fn show_dashboard(
+    controller: &Controller,
+    origin: &str,
+    pki: &std::path::Path,
+    broker: std::net::SocketAddr,
+) {
+    let me = cityplane_proto::Identity {
+        id: OPERATOR.to_owned(),
+        role: Role::Operator,
+        org: Some(cityplane_proto::ADMIN_ORG.to_owned()),
+    };
+    println!("\nThe dashboard: {origin}");
+    match controller
+        .operator_api()
+        .ask(&me, "dashboard-login", serde_json::json!({}))
+        .await
+    {
+        Ok(r) => println!(
+            "  sign in within 60 s: {}",
+            r["url"].as_str().unwrap_or_default()
+        ),
+        Err(e) => println!("  no sign-in link: {e}"),
+    }
+    println!(
+        "  another link: cityplane dashboard login --server {broker} --pki {} --id {OPERATOR}",
+        pki.display()
+    );
+    println!("The fleet keeps running; Ctrl-C stops the demo.");
+}
 const PREFIX: &str = "dev";
 
 fn bar(len: u64, what: &str) -> ProgressBar {
@@ -96,7 +132,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     .await
     .context("starting the broker")?;
     let addr = broker.local_addr();
+    let dashboard = match args.dashboard {
+        Some(at) => Some(crate::dashboard::Dashboard::bind(at, &Default::default()).await?),
+        None => None,
+    };
     let mut cc = ControllerConfig::new(data_dir.clone());
+    cc.sign_ins = dashboard.as_ref().map(|d| d.sign_ins());
     cc.pki = Some(pki_dir.clone());
     cc.registry_source = Some(pki_dir.clone());
     // Compliance is sampled and enforced every second: the demo is short.
@@ -106,7 +147,28 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .context("starting the controller")?;
     println!("broker + controller listening on {addr} (mutual TLS)");
 
+    let (stop_dashboard, dashboard_stopped) = tokio::sync::oneshot::channel::<()>();
+    let dashboard_task = dashboard.map(|d| {
+        let origin = d.origin().to_owned();
+        let api = controller.operator_api();
+        let task = tokio::spawn(d.serve(api, async {
+            let _ = dashboard_stopped.await;
+        }));
+        (origin, task)
+    });
     let outcome = drive(&args, &pki_dir, addr).await;
+    if let (Ok(_), Some((origin, _))) = (&outcome, &dashboard_task) {
+        // The fleet keeps running: the dashboard shows it live.
+        show_dashboard(&controller, origin, &pki_dir, addr).await;
+        tokio::signal::ctrl_c()
+            .await
+            .context("waiting for Ctrl-C")?;
+    }
+    let _ = stop_dashboard.send(());
+    if let Some((_, task)) = dashboard_task {
+        // Open live-update streams would hold a graceful stop forever.
+        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+    }
 
     // 5. Stop everything we started, whatever happened.
     cityplane_broker::logging::stopping();

@@ -3,6 +3,8 @@
 mod audit_cmd;
 mod broker_cmd;
 mod certs_cmd;
+mod dashboard;
+mod dashboard_cmd;
 
 mod demo_cmd;
 mod firmware_cmd;
@@ -87,6 +89,9 @@ enum Command {
     Quarantine(incident_cmd::QuarantineArgs),
     /// Bring quarantined devices back, each with a new certificate for the installer.
     Release(incident_cmd::ReleaseArgs),
+    /// The operator dashboard in a browser: `cityplane dashboard login` prints a sign-in link.
+    #[command(subcommand)]
+    Dashboard(dashboard_cmd::DashboardCommand),
 }
 
 fn main() -> ExitCode {
@@ -118,6 +123,7 @@ fn main() -> ExitCode {
         Command::Compliance(args) => block_on(governance_cmd::compliance(args)),
         Command::Quarantine(args) => block_on(incident_cmd::quarantine(args)),
         Command::Release(args) => block_on(incident_cmd::release(args)),
+        Command::Dashboard(cmd) => block_on(dashboard_cmd::run(cmd)),
         // Its own exit statuses: 1 for violations, 2 for invalid input.
         Command::Policy(cmd) => match policy_cmd::run(cmd) {
             Ok(code) => return code,

@@ -43,6 +43,35 @@ pub struct ServeArgs {
     /// reveals no secret
     #[arg(long, env = "CITYPLANE_SECRETS_KEY")]
     pub secrets_key: Option<PathBuf>,
+    /// Serve the operator dashboard on this address (loopback only, e.g.
+    /// 127.0.0.1:8080; port 0 picks one). Operators sign in with a link
+    /// from `cityplane dashboard login`. Default: no dashboard
+    #[arg(long, env = "CITYPLANE_DASHBOARD", value_name = "ADDR")]
+    pub dashboard: Option<std::net::SocketAddr>,
+    /// Serve the dashboard over HTTPS with this certificate chain (PEM),
+    /// which lets it listen beyond loopback (the server's broker.crt will
+    /// do for browsers that trust the CA)
+    #[arg(long, env = "CITYPLANE_DASHBOARD_TLS_CERT", value_name = "FILE", requires_all = ["dashboard", "dashboard_tls_key"])]
+    pub dashboard_tls_cert: Option<PathBuf>,
+    /// The key of --dashboard-tls-cert (PEM)
+    #[arg(
+        long,
+        env = "CITYPLANE_DASHBOARD_TLS_KEY",
+        value_name = "FILE",
+        requires = "dashboard_tls_cert"
+    )]
+    pub dashboard_tls_key: Option<PathBuf>,
+    /// The address browsers use for the dashboard, e.g.
+    /// https://dashboard.city.example:8443 (needed when it listens on
+    /// 0.0.0.0): the only Host answered and the sign-in links' base.
+    /// Default: the address it listens on
+    #[arg(
+        long,
+        env = "CITYPLANE_DASHBOARD_URL",
+        value_name = "URL",
+        requires = "dashboard"
+    )]
+    pub dashboard_url: Option<String>,
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -50,7 +79,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.broker.print_config {
         print!("{}", toml::to_string_pretty(&config)?);
         println!(
-            "\n# controller (flags or environment)\n# data = {:?}   # CITYPLANE_DATA\n# store_cache_mib = {}   # CITYPLANE_STORE_CACHE_MIB\n# rollout_tick_ms = {}   # CITYPLANE_ROLLOUT_TICK_MS\n# compliance_tick_ms = {}   # CITYPLANE_COMPLIANCE_TICK_MS\n# max_firmware_mib = {}   # CITYPLANE_MAX_FIRMWARE_MIB\n# secrets_key = {:?}   # CITYPLANE_SECRETS_KEY",
+            "\n# controller (flags or environment)\n# data = {:?}   # CITYPLANE_DATA\n# store_cache_mib = {}   # CITYPLANE_STORE_CACHE_MIB\n# rollout_tick_ms = {}   # CITYPLANE_ROLLOUT_TICK_MS\n# compliance_tick_ms = {}   # CITYPLANE_COMPLIANCE_TICK_MS\n# max_firmware_mib = {}   # CITYPLANE_MAX_FIRMWARE_MIB\n# secrets_key = {:?}   # CITYPLANE_SECRETS_KEY\n# dashboard = {:?}   # CITYPLANE_DASHBOARD",
             args.data.display().to_string(),
             args.store_cache_mib,
             args.rollout_tick_ms,
@@ -60,7 +89,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 .clone()
                 .unwrap_or_else(|| cityplane_controller::secrets::default_key_path(&args.data))
                 .display()
-                .to_string()
+                .to_string(),
+            args.dashboard.map(|a| a.to_string()).unwrap_or_default()
         );
         return Ok(());
     }
@@ -75,6 +105,21 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // broker's edge serves devices from there.
     let mut config = config;
     config.firmware_dir = Some(cityplane_controller::runtime::firmware_dir(&args.data));
+    // Bound before anything starts: a wrong address fails the start, and
+    // the controller needs the dashboard's sign-in table.
+    let dashboard = match args.dashboard {
+        Some(addr) => {
+            let options = crate::dashboard::Options {
+                tls: args
+                    .dashboard_tls_cert
+                    .clone()
+                    .zip(args.dashboard_tls_key.clone()),
+                url: args.dashboard_url.clone(),
+            };
+            Some(crate::dashboard::Dashboard::bind(addr, &options).await?)
+        }
+        None => None,
+    };
     let broker = Broker::start_closed(config)
         .await
         .context("starting the broker")?;
@@ -87,6 +132,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     cc.compliance_every = std::time::Duration::from_millis(args.compliance_tick_ms);
     cc.max_firmware_bytes = args.max_firmware_mib << 20;
     cc.secrets_key = args.secrets_key.clone();
+    cc.sign_ins = dashboard.as_ref().map(|d| d.sign_ins());
     let controller = Controller::start_in_process(&broker, cc)
         .await
         .with_context(|| format!("starting the controller on {}", args.data.display()))?;
@@ -95,10 +141,33 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         broker.local_addr(),
         args.data.display()
     );
+    let (stop_dashboard, dashboard_stopped) = tokio::sync::oneshot::channel::<()>();
+    let dashboard_task = dashboard.map(|d| {
+        eprintln!(
+            "dashboard on {} (sign in: cityplane dashboard login)",
+            d.origin()
+        );
+        let api = controller.operator_api();
+        tokio::spawn(async move {
+            if let Err(e) = d
+                .serve(api, async {
+                    let _ = dashboard_stopped.await;
+                })
+                .await
+            {
+                tracing::error!(error = %format!("{e:#}"), "the dashboard stopped");
+            }
+        })
+    });
     tokio::signal::ctrl_c()
         .await
         .context("waiting for Ctrl-C")?;
     eprintln!("shutting down");
+    let _ = stop_dashboard.send(());
+    if let Some(task) = dashboard_task {
+        // Open live-update streams would hold a graceful stop forever.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
+    }
     cityplane_broker::logging::stopping();
     controller.shutdown().await?;
     broker.shutdown().await;

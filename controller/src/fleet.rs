@@ -1147,6 +1147,92 @@ fn last_seen(d: &DeviceRecord) -> String {
     }
 }
 
+/// One group's figures in [`overview`]: the summary's counts plus the
+/// quarantined and non-compliant devices.
+#[derive(Debug, Clone, Default, Serialize)]
+struct GroupCounts {
+    total: usize,
+    online: usize,
+    converged: usize,
+    pending: usize,
+    failed: usize,
+    drifted: usize,
+    quarantined: usize,
+    non_compliant: usize,
+}
+
+impl GroupCounts {
+    /// The same classification as [`Fleet::summary_of`], so the totals
+    /// agree with `status`.
+    fn add(&mut self, d: &DeviceRecord, converged: bool) {
+        self.total += 1;
+        self.online += usize::from(d.online);
+        if d.failed.is_some() {
+            self.failed += 1;
+        } else if converged {
+            self.converged += 1;
+        } else {
+            self.pending += 1;
+        }
+        self.drifted += usize::from(d.drift_count > 0);
+        self.quarantined += usize::from(d.quarantine.is_some());
+        self.non_compliant += usize::from(!d.violations.is_empty());
+    }
+}
+
+/// The label that names a device's zone in the overview.
+pub const ZONE_LABEL: &str = "zone";
+
+/// `overview`: the devices' counts overall and by class, zone (the `zone`
+/// label) and owner, each dimension's `limit` largest groups (a device
+/// without the attribute counts under `-`). One pass over the devices.
+pub fn overview<'a>(devices: impl Iterator<Item = &'a DeviceRecord>, limit: usize) -> Value {
+    let mut all = GroupCounts::default();
+    let mut by: [BTreeMap<String, GroupCounts>; 3] = Default::default();
+    for d in devices {
+        // A delta per device, not one per group it counts in.
+        let converged = d.failed.is_none() && d.is_converged();
+        all.add(d, converged);
+        let keys = [
+            d.attrs.class.as_deref(),
+            d.attrs.labels.get(ZONE_LABEL).map(String::as_str),
+            d.attrs.owner.as_deref(),
+        ];
+        for (map, key) in by.iter_mut().zip(keys) {
+            // Most devices fall in a group already there: no key allocated.
+            match map.get_mut(key.unwrap_or("-")) {
+                Some(group) => group.add(d, converged),
+                None => map
+                    .entry(key.unwrap_or("-").to_owned())
+                    .or_default()
+                    .add(d, converged),
+            }
+        }
+    }
+    let rows = |map: BTreeMap<String, GroupCounts>| -> Value {
+        let mut rows: Vec<(String, GroupCounts)> = map.into_iter().collect();
+        rows.sort_by(|a, b| b.1.total.cmp(&a.1.total).then_with(|| a.0.cmp(&b.0)));
+        let groups = rows.len();
+        let shown: Vec<Value> = rows
+            .into_iter()
+            .take(limit)
+            .map(|(name, c)| {
+                let mut v = serde_json::to_value(c).unwrap_or_default();
+                v["name"] = json!(name);
+                v
+            })
+            .collect();
+        json!({"groups": groups, "rows": shown})
+    };
+    let [class, zone, owner] = by;
+    json!({
+        "all": all,
+        "class": rows(class),
+        "zone": rows(zone),
+        "owner": rows(owner),
+    })
+}
+
 /// A device row for `get devices`.
 pub fn device_row(d: &DeviceRecord) -> Value {
     json!({

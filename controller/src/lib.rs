@@ -20,7 +20,8 @@ pub mod reconcile;
 pub mod rollout;
 pub mod runtime;
 pub mod secrets;
+pub mod signin;
 pub mod store;
 pub mod window;
 
-pub use runtime::{Controller, ControllerConfig, ControllerError};
+pub use runtime::{Controller, ControllerConfig, ControllerError, OperatorApi, Refusal};

@@ -274,3 +274,19 @@ pub fn start_cityplane_broker(
         .with_context(|| format!("{name}: listening on {addr:?}"))?;
     Ok((guard, addr))
 }
+
+/// `--name N` from the command line, or `default` (absent or unreadable).
+pub fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The median of some timings (NaN for none).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}

@@ -39,7 +39,32 @@ fn refused_as(s: &Setup, id: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-fn issue_operator(s: &Setup, id: &str, org: &str) {
+/// Registers `dev0001…dev{n}`: odd ids are the lighting contractor's lamps,
+/// even ids the camera integrator's cameras (the registry is the
+/// operators' word), the first half in zone north. Their ids: (lamps, cameras).
+pub(crate) fn register_contractors_devices(
+    s: &Setup,
+    n: usize,
+) -> (BTreeSet<String>, BTreeSet<String>) {
+    let manifest: Vec<Value> = (1..=n)
+        .map(|i| {
+            let (class, owner) = if i % 2 == 1 {
+                ("streetlight", "lighting-co")
+            } else {
+                ("camera", "camera-int")
+            };
+            json!({"id": format!("dev{i:04}"), "class": class, "owner": owner,
+                   "labels": {"zone": if i <= n / 2 { "north" } else { "south" }}})
+        })
+        .collect();
+    let f = s.file("manifest.json", &json!(manifest));
+    s.json(&["devices", "register", "-f", &f]);
+    let lamps = (1..=n).step_by(2).map(|i| format!("dev{i:04}")).collect();
+    let cameras = (2..=n).step_by(2).map(|i| format!("dev{i:04}")).collect();
+    (lamps, cameras)
+}
+
+pub(crate) fn issue_operator(s: &Setup, id: &str, org: &str) {
     ok(Command::new(BIN).args([
         "certs",
         "issue",
@@ -128,23 +153,7 @@ async fn each_organisation_sees_and_touches_exactly_its_scope() {
     issue_operator(&s, "ci", "camera-int");
     issue_operator(&s, "stranger", "nobody");
     let _server = s.serve();
-    // Odd ids are the lighting contractor's lamps, even ids the camera
-    // integrator's cameras: the registry is the operators' word.
-    let manifest: Vec<Value> = (1..=12)
-        .map(|i| {
-            let (class, owner) = if i % 2 == 1 {
-                ("streetlight", "lighting-co")
-            } else {
-                ("camera", "camera-int")
-            };
-            json!({"id": format!("dev{i:04}"), "class": class, "owner": owner,
-                   "labels": {"zone": if i <= 6 { "north" } else { "south" }}})
-        })
-        .collect();
-    let f = s.file("manifest.json", &json!(manifest));
-    s.json(&["devices", "register", "-f", &f]);
-    let lamps: BTreeSet<String> = (1..=12).step_by(2).map(|i| format!("dev{i:04}")).collect();
-    let cameras: BTreeSet<String> = (2..=12).step_by(2).map(|i| format!("dev{i:04}")).collect();
+    let (lamps, cameras) = register_contractors_devices(&s, 12);
     let fleet = s.online(sim(&s.pki, s.port, 12)).await;
 
     // Before the city creates it, an organisation can do nothing.

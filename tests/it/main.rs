@@ -5,6 +5,7 @@ mod audit;
 mod certs_hardening;
 mod common;
 mod crash;
+mod dashboard;
 mod disk_full;
 mod firmware;
 mod fleet;

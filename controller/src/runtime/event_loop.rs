@@ -1,7 +1,7 @@
 //! The loop: events in batches, one durable commit per batch (group
 //! commit), then what the commit held is published.
 
-use super::operator::{handle_operator, WRITE_VERBS};
+use super::operator::{handle_operator, OperatorSide, WRITE_VERBS};
 use super::*;
 
 /// What waits for a commit before it may be published.
@@ -70,8 +70,10 @@ pub(super) async fn run(
     rollout_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut compliance_tick = tokio::time::interval(config.compliance_every);
     compliance_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut uploads =
-        super::firmware::Uploads::new(config.firmware_dir(), config.max_firmware_bytes);
+    let mut side = OperatorSide {
+        uploads: super::firmware::Uploads::new(config.firmware_dir(), config.max_firmware_bytes),
+        sign_ins: config.sign_ins.clone(),
+    };
     let mut last_summary = None;
     let mut last_audit_head = None;
     let mut in_flight: Option<CommitInFlight> = None;
@@ -188,7 +190,7 @@ pub(super) async fn run(
                     // document that changes 50,000 devices, writes them all).
                     let write = topics::desired_name(&msg.topic).is_some()
                         || topics::ops_verb(&msg.topic).is_some_and(|v| WRITE_VERBS.contains(&v));
-                    let answers = handle_operator(&mut fleet, &store, &mut uploads, msg, now).await;
+                    let answers = handle_operator(&mut fleet, &store, &mut side, msg, now).await;
                     // A quarantine is in force before its answer leaves:
                     // when the operator reads "quarantined", it is.
                     tables.push_pins(&mut fleet);
@@ -196,6 +198,14 @@ pub(super) async fn run(
                         send_all(&out, answers).await;
                     } else {
                         held.responses.extend(answers);
+                    }
+                }
+                Event::Local { msg, reply } => {
+                    let answers = handle_operator(&mut fleet, &store, &mut side, msg, now).await;
+                    tables.push_pins(&mut fleet);
+                    if let Some(answer) = answers.into_iter().next() {
+                        // The asker may have gone (a closed browser tab).
+                        let _ = reply.send(answer.payload.into());
                     }
                 }
                 Event::Issued(devices) => {

@@ -57,6 +57,9 @@ pub struct ControllerConfig {
     /// The key device secrets are sealed with (`crate::secrets`); `None`:
     /// `secrets.key` in the data directory, created on first start.
     pub secrets_key: Option<PathBuf>,
+    /// The dashboard's sign-in tokens (`dashboard-login`); `None`: this
+    /// server runs no dashboard and the verb is refused.
+    pub sign_ins: Option<Arc<crate::signin::SignIns>>,
 }
 
 impl ControllerConfig {
@@ -75,6 +78,7 @@ impl ControllerConfig {
             compliance_every: Duration::from_secs(5),
             max_firmware_bytes: 16 << 30,
             secrets_key: None,
+            sign_ins: None,
         }
     }
 
@@ -109,11 +113,78 @@ enum Event {
     Operator(OperatorMessage),
     /// The device certificates a PKI directory records, read anew.
     Issued(Vec<IssuedDevice>),
+    /// An operator request from inside the process (the dashboard), for an
+    /// identity it authenticated; answered on `reply`, not over MQTT.
+    Local {
+        msg: OperatorMessage,
+        reply: tokio::sync::oneshot::Sender<bytes::Bytes>,
+    },
 }
 
 pub struct Controller {
     shutdown: watch::Sender<bool>,
     task: JoinHandle<Result<(), ControllerError>>,
+    events: mpsc::Sender<Event>,
+}
+
+/// A refused operator request: the stable code and the reason, as an
+/// operator over MQTT would read them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {reason}")]
+pub struct Refusal {
+    pub code: String,
+    pub reason: String,
+}
+
+/// The operator protocol from inside the process: the same verbs, checks
+/// (organisation scope, rights), audit lines and answers as an operator's
+/// publish on `fleet/ops/<verb>`, for an identity the caller has already
+/// authenticated. The dashboard asks through this, so scoping has one
+/// implementation.
+///
+/// Queries are answered from memory at once, not after the commit that
+/// covers them as over MQTT: what the dashboard shows is a view refreshed
+/// every half second, nothing acts on it; writes are still committed
+/// before they are answered.
+#[derive(Clone)]
+pub struct OperatorApi {
+    events: mpsc::Sender<Event>,
+}
+
+impl OperatorApi {
+    pub async fn ask(
+        &self,
+        from: &cityplane_proto::Identity,
+        verb: &str,
+        body: Value,
+    ) -> Result<Value, Refusal> {
+        let gone = || Refusal {
+            code: "unavailable".into(),
+            reason: "the controller is stopping".into(),
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let msg = OperatorMessage {
+            from: from.clone(),
+            topic: topics::ops(verb),
+            payload: serde_json::to_vec(&body).unwrap_or_default().into(),
+        };
+        self.events
+            .send(Event::Local { msg, reply })
+            .await
+            .map_err(|_| gone())?;
+        let bytes = answer.await.map_err(|_| gone())?;
+        match serde_json::from_slice::<cityplane_proto::messages::Response>(&bytes) {
+            Ok(cityplane_proto::messages::Response::Ok { result, .. }) => Ok(result),
+            Ok(cityplane_proto::messages::Response::Rejected { code, reason, .. }) => {
+                Err(Refusal { code, reason })
+            }
+            Ok(other) => Ok(serde_json::to_value(other).unwrap_or_default()),
+            Err(e) => Err(Refusal {
+                code: "internal".into(),
+                reason: format!("unreadable answer: {e}"),
+            }),
+        }
+    }
 }
 
 impl Controller {
@@ -199,6 +270,7 @@ impl Controller {
             }
             tokio::spawn(watch_issued(dir, events_tx.clone()));
         }
+        let local_tx = events_tx.clone();
         tokio::spawn(read_tap(tap, events_tx));
         let (out_tx, out_rx) = mpsc::channel(8192);
         tokio::spawn(publish(tx, broker.commands(), out_rx, secrets));
@@ -215,7 +287,18 @@ impl Controller {
         ));
         // Subscribed and tapped: now devices may connect.
         broker.open();
-        Ok(Controller { shutdown, task })
+        Ok(Controller {
+            shutdown,
+            task,
+            events: local_tx,
+        })
+    }
+
+    /// The operator protocol for in-process callers (the dashboard).
+    pub fn operator_api(&self) -> OperatorApi {
+        OperatorApi {
+            events: self.events.clone(),
+        }
     }
 
     /// Stops after the current batch is committed.

@@ -133,7 +133,8 @@ cityplane_proto::object_only!(
 
 /// Verbs on `fleet/ops/` that change state: committed before answered, and
 /// audited (refusals too).
-pub(super) const WRITE_VERBS: [&str; 16] = [
+pub(super) const WRITE_VERBS: [&str; 17] = [
+    "dashboard-login",
     "register",
     "label",
     "delete-document",
@@ -151,6 +152,14 @@ pub(super) const WRITE_VERBS: [&str; 16] = [
     "release",
     "cert-rotate",
 ];
+
+/// What the operator protocol keeps between requests, apart from the
+/// fleet: firmware uploads in progress, and the dashboard's sign-in table
+/// (`None`: no dashboard, `dashboard-login` is refused).
+pub(super) struct OperatorSide {
+    pub(super) uploads: Uploads,
+    pub(super) sign_ins: Option<Arc<crate::signin::SignIns>>,
+}
 
 /// Longest class, owner, label key or value the registry takes.
 const MAX_ATTRIBUTE: usize = 128;
@@ -225,7 +234,7 @@ fn storage_rejection(e: &StoreError) -> Rejection {
 async fn operator_write(
     fleet: &mut Fleet,
     store: &Arc<Store>,
-    uploads: &mut Uploads,
+    side: &mut OperatorSide,
     access: &Access,
     verb: &str,
     payload: &[u8],
@@ -233,9 +242,54 @@ async fn operator_write(
 ) -> Result<Value, Rejection> {
     let who = access.operator.as_str();
     match verb {
+        "dashboard-login" => {
+            // Reading is the least a dashboard shows: an operator of an
+            // unknown organisation gets no link at all.
+            access.require(Right::Read, "sign in to the dashboard")?;
+            input::parse::<Query>(payload, fleet.limits)?;
+            let sign_ins = side.sign_ins.as_deref().ok_or_else(|| {
+                Rejection::new(
+                    "dashboard_off",
+                    "this server runs no dashboard (cityplane serve --dashboard 127.0.0.1:8080)",
+                )
+            })?;
+            let identity = cityplane_proto::Identity {
+                id: access.operator.clone(),
+                role: cityplane_proto::Role::Operator,
+                org: Some(access.org.clone()),
+            };
+            let token = sign_ins
+                .issue(&identity, now)
+                .map_err(|e| Rejection::new("unavailable", format!("no sign-in link: {e}")))?;
+            // The audit line names who signed in, never the token.
+            let audit = fleet.audit_entry(
+                who,
+                "dashboard-login",
+                "",
+                &format!(
+                    "accepted, a sign-in link valid {} s",
+                    sign_ins.ttl_ms() / 1000
+                ),
+                now,
+            );
+            commit_write(
+                store,
+                Changes {
+                    audit: vec![audit],
+                    ..Default::default()
+                },
+            )
+            .await?;
+            tracing::info!(operator = who, org = %access.org, "dashboard sign-in link issued");
+            Ok(json!({
+                "url": format!("{}/login?token={token}", sign_ins.base_url()),
+                "expires_in_s": sign_ins.ttl_ms() / 1000,
+                "operator": access.operator, "org": access.org,
+            }))
+        }
         "publish-firmware" => {
             access.require(Right::Rollout, "publish firmware")?;
-            publish_chunk(fleet, store, uploads, who, payload, now).await
+            publish_chunk(fleet, store, &mut side.uploads, who, payload, now).await
         }
         "org-create" | "org-grant" | "policy-apply" | "exception-grant" | "exception-revoke" => {
             super::governance::write(fleet, store, access, verb, payload, now).await
@@ -530,13 +584,13 @@ pub(super) async fn create_rollout(
 pub(super) async fn handle_operator(
     fleet: &mut Fleet,
     store: &Arc<Store>,
-    uploads: &mut Uploads,
+    side: &mut OperatorSide,
     msg: OperatorMessage,
     now: u64,
 ) -> Vec<Outgoing> {
     let access = fleet.access(&msg.from);
     fleet.acting_org = Some(access.org.clone());
-    let out = handle(fleet, store, uploads, &access, msg, now).await;
+    let out = handle(fleet, store, side, &access, msg, now).await;
     fleet.acting_org = None;
     out
 }
@@ -570,7 +624,7 @@ fn govern_doc(
 async fn handle(
     fleet: &mut Fleet,
     store: &Arc<Store>,
-    uploads: &mut Uploads,
+    side: &mut OperatorSide,
     access: &Access,
     msg: OperatorMessage,
     now: u64,
@@ -633,8 +687,7 @@ async fn handle(
         let verb = verb.to_owned();
         let rid = fleet::request_id_of(&msg.payload).unwrap_or_else(|| verb.clone());
         let result = if WRITE_VERBS.contains(&verb.as_str()) {
-            let result =
-                operator_write(fleet, store, uploads, access, &verb, &msg.payload, now).await;
+            let result = operator_write(fleet, store, side, access, &verb, &msg.payload, now).await;
             if let Err(r) = &result {
                 if r.code != "storage_unavailable" {
                     audit_refusal(fleet, store, &who, &verb, "", r, now).await;
@@ -820,6 +873,10 @@ fn answer(
                 "counters": fleet.counters,
             }))
         }
+        "overview" => Ok(fleet::overview(
+            fleet.devices.values().map(|d| &**d).filter(sees),
+            q.limit.unwrap_or(50).min(500),
+        )),
         "get-devices" => {
             let mut rows: Vec<&crate::model::DeviceRecord> = fleet
                 .devices
@@ -905,14 +962,14 @@ fn answer(
         other => Err(Rejection::new(
             "unknown_verb",
             format!(
-                "unknown operation {other:?}; expected status, get-devices, describe, audit, \
+                "unknown operation {other:?}; expected status, overview, get-devices, describe, audit, \
                  get-documents, describe-document, dry-run, get-rollouts, rollout-status, \
                  rollout-devices, get-releases, get-orgs, describe-org, get-policy, \
                  get-policy-history, get-exceptions, compliance, audit-verify, audit-export, \
                  get-quarantined, get-secrets, register, label, \
                  delete-document, rollout-create, rollout-pause, rollout-resume, rollout-abort, \
                  publish-firmware, org-create, org-grant, policy-apply, exception-grant, \
-                 exception-revoke, quarantine, release or cert-rotate"
+                 exception-revoke, quarantine, release, cert-rotate or dashboard-login"
             ),
         )),
     }

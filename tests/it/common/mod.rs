@@ -20,6 +20,18 @@ pub struct Server {
 impl Server {
     /// Starts serve on 127.0.0.1:`port`, its log appended to `log`.
     pub fn start(pki: &Path, data: &Path, port: u16, log: &Path, rust_log: &str) -> Server {
+        Server::start_with(pki, data, port, log, rust_log, &[])
+    }
+
+    /// As [`Server::start`], with more arguments for `serve`.
+    pub fn start_with(
+        pki: &Path,
+        data: &Path,
+        port: u16,
+        log: &Path,
+        rust_log: &str,
+        extra: &[&str],
+    ) -> Server {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -37,6 +49,7 @@ impl Server {
             .arg(pki)
             .arg("--data")
             .arg(data)
+            .args(extra)
             .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
