@@ -106,8 +106,13 @@ fn main() -> ExitCode {
     });
     let result = match cli.command {
         Command::Certs(cmd) => certs_cmd::run(cmd),
-        Command::Broker(args) => block_on(broker_cmd::run(args)),
-        Command::Serve(args) => block_on(serve_cmd::run(args)),
+        Command::Broker(args) => {
+            block_on_threads(args.worker_threads.unwrap_or(1), broker_cmd::run(args))
+        }
+        Command::Serve(args) => match args.broker.worker_threads {
+            Some(n) => block_on_threads(n, serve_cmd::run(args)),
+            None => block_on(serve_cmd::run(args)),
+        },
         Command::Demo(args) => block_on(demo_cmd::run(args)),
         Command::Apply(args) => block_on(ops_cmd::apply(args)),
         Command::Get(args) => block_on(ops_cmd::get(args)),
@@ -141,6 +146,17 @@ fn main() -> ExitCode {
 
 fn block_on(work: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(work)
+}
+
+fn block_on_threads(
+    threads: u16,
+    work: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(usize::from(threads))
         .enable_all()
         .build()?
         .block_on(work)

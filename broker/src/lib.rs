@@ -92,8 +92,9 @@ pub const CONTROLLER_LINK_ID: &str = "_cityplane-controller";
 /// take the link over (rumqttd drops the older link of a duplicate id).
 pub const INTERNAL_LINK_IDS: [&str; 3] = [CONTROLLER_LINK_ID, ingress::LINK_ID, dispatch::LINK_ID];
 
-/// Device messages the controller's tap may hold unread before devices wait.
-const DEVICE_TAP_QUEUE: usize = 8192;
+/// Batches of device messages (each at most the ingress's batch, 512) the
+/// controller's tap may hold unread before devices wait.
+const DEVICE_TAP_QUEUE: usize = 64;
 
 /// Topic prefixes whose operator publishes are handed to the tap.
 pub const TAPPED_PREFIXES: [&str; 2] = [

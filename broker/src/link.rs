@@ -86,23 +86,33 @@ pub(crate) fn typed(
 
 /// The receiving half of [`crate::RunningBroker::tap_device_messages`].
 pub struct DeviceTap {
-    rx: tokio::sync::mpsc::Receiver<Delivery>,
+    rx: tokio::sync::mpsc::Receiver<Vec<Delivery>>,
+    ready: std::collections::VecDeque<Delivery>,
 }
 
 impl DeviceTap {
-    pub(crate) fn new(rx: tokio::sync::mpsc::Receiver<Delivery>) -> Self {
-        DeviceTap { rx }
+    pub(crate) fn new(rx: tokio::sync::mpsc::Receiver<Vec<Delivery>>) -> Self {
+        DeviceTap {
+            rx,
+            ready: Default::default(),
+        }
     }
 
     /// The next device message; `None` once the broker stopped.
     pub async fn recv(&mut self) -> Option<Delivery> {
-        self.rx.recv().await
+        while self.ready.is_empty() {
+            self.ready.extend(self.rx.recv().await?);
+        }
+        self.ready.pop_front()
     }
 
-    /// Whatever is queued, up to `limit`, after waiting for at least one;
-    /// 0 once the broker stopped.
-    pub async fn recv_many(&mut self, into: &mut Vec<Delivery>, limit: usize) -> usize {
-        self.rx.recv_many(into, limit).await
+    /// The messages that arrived together (at least one, in order); `None`
+    /// once the broker stopped.
+    pub async fn recv_batch(&mut self) -> Option<Vec<Delivery>> {
+        if !self.ready.is_empty() {
+            return Some(self.ready.drain(..).collect());
+        }
+        self.rx.recv().await
     }
 }
 

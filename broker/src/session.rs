@@ -601,7 +601,7 @@ impl Session {
                 // lets it) reaches the in-process controller as a device's
                 // own report would; the router no longer carries those to it.
                 if let Some((tap, delivery)) = self.shared.routing.tapped(&packet) {
-                    let _ = tap.send(delivery).await;
+                    let _ = tap.send(vec![delivery]).await;
                 }
                 to_link(tx, packet)?.await.map_err(router_gone)?;
             }

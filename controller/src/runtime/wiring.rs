@@ -7,18 +7,20 @@ use super::*;
 /// events queue stops this task, which fills the tap's queue, which makes
 /// every device wait (TCP backpressure): nothing acknowledged is dropped.
 pub(super) async fn read_devices(mut tap: DeviceTap, events: mpsc::Sender<Event>) {
-    while let Some(delivery) = tap.recv().await {
-        let topic = String::from_utf8_lossy(&delivery.topic);
-        let Some((id, leaf)) = topics::split_device_topic(&topic) else {
-            continue;
-        };
-        let event = Event::Device {
-            id: id.to_owned(),
-            leaf: leaf.to_owned(),
-            payload: delivery.payload,
-        };
-        if events.send(event).await.is_err() {
-            return;
+    while let Some(batch) = tap.recv_batch().await {
+        for delivery in batch {
+            let topic = String::from_utf8_lossy(&delivery.topic);
+            let Some((id, leaf)) = topics::split_device_topic(&topic) else {
+                continue;
+            };
+            let event = Event::Device {
+                id: id.to_owned(),
+                leaf: leaf.to_owned(),
+                payload: delivery.payload,
+            };
+            if events.send(event).await.is_err() {
+                return;
+            }
         }
     }
 }
