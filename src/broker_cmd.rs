@@ -22,8 +22,8 @@ pub struct BrokerArgs {
     /// Threads that run the connections (and, for `serve`, the
     /// controller's loop) [default: 1 for `broker`, the number of cores for
     /// `serve`]. One thread wakes the router's thread and its subscribers'
-    /// tasks without waking another worker: 23 % less CPU per message at
-    /// steady rates, for 5 % fewer TLS handshakes per second in a storm
+    /// tasks without waking another worker: ~16 % less broker CPU at
+    /// steady rates, for ~5 % fewer TLS handshakes per second in a storm
     /// (docs/BENCHMARKS.md, issue 15).
     #[arg(long, env = "CITYPLANE_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub worker_threads: Option<u16>,

@@ -80,26 +80,21 @@ fn expected(range: std::ops::Range<usize>) -> BTreeMap<String, Vec<usize>> {
         .collect()
 }
 
-/// Reads the tap until `n` messages arrived, then 300 ms more for extras.
-async fn from_tap(tap: &mut DeviceTap, n: usize) -> Vec<(String, Vec<u8>)> {
-    let mut got = Vec::new();
-    loop {
-        let wait = if got.len() < n {
-            Duration::from_secs(10)
-        } else {
-            Duration::from_millis(300)
-        };
-        match tokio::time::timeout(wait, tap.recv()).await {
-            Ok(Some(d)) => got.push((
-                String::from_utf8(d.topic.to_vec()).expect("utf-8"),
-                d.payload.to_vec(),
-            )),
-            Ok(None) => panic!("the tap closed"),
-            Err(_) => return got,
+/// The tap as a channel like a client's, so both are read the same way.
+fn tap_channel(mut tap: DeviceTap) -> UnboundedReceiver<(String, Vec<u8>)> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(d) = tap.recv().await {
+            let topic = String::from_utf8(d.topic.to_vec()).expect("utf-8");
+            if tx.send((topic, d.payload.to_vec())).is_err() {
+                return;
+            }
         }
-    }
+    });
+    rx
 }
 
+/// Reads until `n` messages arrived, then 300 ms more for extras.
 async fn from_client(
     rx: &mut UnboundedReceiver<(String, Vec<u8>)>,
     n: usize,
@@ -131,9 +126,11 @@ async fn reports_reach_the_tap_in_order_exactly_once_and_subscribers_still_get_t
     pki.issue(Role::Operator, "alice");
     pki.issue(Role::Controller, "bob");
     let broker = start(pki.path(), test_limits()).await;
-    let mut tap = broker
-        .tap_device_messages(&["reported"])
-        .expect("first tap");
+    let mut tap = tap_channel(
+        broker
+            .tap_device_messages(&["reported"])
+            .expect("first tap"),
+    );
     assert!(
         broker.tap_device_messages(&["reported"]).is_none(),
         "a second tap"
@@ -148,7 +145,7 @@ async fn reports_reach_the_tap_in_order_exactly_once_and_subscribers_still_get_t
     }
 
     publish_reports(&devices, 0).await;
-    let tapped = from_tap(&mut tap, DEVICES * EACH).await;
+    let tapped = from_client(&mut tap, DEVICES * EACH).await;
     assert_eq!(
         by_device(pairs(&tapped), "reported"),
         expected(0..EACH),
@@ -186,7 +183,7 @@ async fn reports_reach_the_tap_in_order_exactly_once_and_subscribers_still_get_t
         .expect("unsubscribe");
     tokio::time::sleep(Duration::from_millis(300)).await;
     publish_reports(&devices, EACH).await;
-    let tapped = from_tap(&mut tap, DEVICES * EACH).await;
+    let tapped = from_client(&mut tap, DEVICES * EACH).await;
     assert_eq!(
         by_device(pairs(&tapped), "reported"),
         expected(EACH..2 * EACH)
