@@ -261,6 +261,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!(
         "  cityplane secrets --help             per-device admin passwords, rotated, never shown"
     );
+    println!(
+        "  cityplane demo --dashboard           this demo, then the fleet in a browser until Ctrl-C"
+    );
     println!("  agent-sim run --help                 load-test a server with thousands of devices");
     println!("  docs/PROTOCOL.md, ARCHITECTURE.md    the wire contract and how it is built");
     if let Some(dir) = &args.keep {
