@@ -56,7 +56,6 @@ pub async fn run(a: FleetRotateArgs, pki: std::path::PathBuf) -> anyhow::Result<
         pki,
         id: a.operator.clone(),
         timeout: 30,
-        cluster: false,
     };
     let output = a.output;
     let target = if !a.devices.is_empty() {

@@ -70,7 +70,6 @@ async fn operator(pki: &Path, port: u16, server: &mut Server, log: &Path) -> Ope
         pki: pki.to_path_buf(),
         id: "op".into(),
         timeout: 10,
-        cluster: false,
     };
     let deadline = Instant::now() + DEADLINE;
     loop {

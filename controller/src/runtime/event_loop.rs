@@ -12,23 +12,11 @@ struct Held {
     responses: Vec<Outgoing>,
     /// Commands: only after the record of the command (the outbox) is durable.
     commands: Vec<Outgoing>,
-    /// An external broker's deliveries: acknowledged only once what they
-    /// changed is durable, so a crash before makes the broker deliver them
-    /// again instead of losing them.
-    acks: Vec<super::external::Ack>,
 }
 
 impl Held {
     fn is_empty(&self) -> bool {
-        self.responses.is_empty() && self.commands.is_empty() && self.acks.is_empty()
-    }
-
-    /// Everything held may go: its state is durable.
-    async fn release(self, out: &mpsc::Sender<Outgoing>) {
-        for ack in self.acks {
-            ack.release();
-        }
-        send_all(out, self.responses.into_iter().chain(self.commands)).await;
+        self.responses.is_empty() && self.commands.is_empty()
     }
 }
 
@@ -112,7 +100,7 @@ pub(super) async fn run(
                     None => std::future::pending().await,
                 }
             } => {
-                let (flight, rollouts) = in_flight
+                let (held, rollouts) = in_flight
                     .take()
                     .map(|c| (c.held, c.rollouts))
                     .unwrap_or_default();
@@ -124,7 +112,7 @@ pub(super) async fn run(
                     ),
                 };
                 match result {
-                    Ok(()) => flight.release(&out).await,
+                    Ok(()) => send_all(&out, held.responses.into_iter().chain(held.commands)).await,
                     Err(e) => {
                         tracing::error!(error = %e, disk_full = e.is_disk_full(), "commit failed; holding changes and commands until storage works again");
                         fleet.mark_dirty(written);
@@ -132,14 +120,11 @@ pub(super) async fn run(
                         // Commands are not sent before their record is durable;
                         // the timers re-send them once a commit succeeds.
                         fleet.commands_not_sent(
-                            flight.commands
+                            held.commands
                                 .iter()
                                 .filter_map(|c| topics::split_device_topic(&c.topic).map(|(id, _)| id)),
                         );
-                        send_all(&out, flight.responses).await;
-                        // Their changes are dirty again: acknowledged with
-                        // the commit that writes them.
-                        held.acks.extend(flight.acks);
+                        send_all(&out, held.responses).await;
                         retry_commit_at = Some(tokio::time::Instant::now() + COMMIT_RETRY);
                     }
                 }
@@ -192,15 +177,14 @@ pub(super) async fn run(
         let now = clock.now();
         for event in batch {
             match event {
-                Event::Device { id, leaf, payload, ack } => {
+                Event::Device { id, leaf, payload } => {
                     if known_device(&id) {
                         fleet.on_device_message(&id, &leaf, &payload, now)
                     } else {
                         fleet.refuse_unknown_device(&id, &leaf)
                     }
-                    held.acks.extend(ack);
                 }
-                Event::Operator(msg, ack) => {
+                Event::Operator(msg) => {
                     // A write commits itself before it is answered: its answer
                     // need not wait for the batch's commit (which, after a
                     // document that changes 50,000 devices, writes them all).
@@ -211,13 +195,8 @@ pub(super) async fn run(
                     // when the operator reads "quarantined", it is.
                     tables.push_pins(&mut fleet);
                     if write {
-                        // Committed by handle_operator (or refused).
-                        if let Some(ack) = ack {
-                            ack.release();
-                        }
                         send_all(&out, answers).await;
                     } else {
-                        held.acks.extend(ack);
                         held.responses.extend(answers);
                     }
                 }
@@ -326,7 +305,8 @@ pub(super) async fn run(
             });
         } else if !held.is_empty() {
             // Nothing new to make durable: what is held may go now.
-            std::mem::take(&mut held).release(&out).await;
+            let ready = std::mem::take(&mut held);
+            send_all(&out, ready.responses.into_iter().chain(ready.commands)).await;
         }
     }
 }
@@ -342,7 +322,9 @@ async fn finish(
 ) -> Result<(), ControllerError> {
     if let Some(c) = in_flight {
         match c.task.await {
-            Ok((_, Ok(()))) => c.held.release(out).await,
+            Ok((_, Ok(()))) => {
+                send_all(out, c.held.responses.into_iter().chain(c.held.commands)).await
+            }
             Ok((written, Err(e))) => {
                 tracing::error!(error = %e, "commit failed at shutdown");
                 fleet.mark_dirty(written);
@@ -359,7 +341,7 @@ async fn finish(
     };
     let (_, result) = commit(store, changes).await;
     match result {
-        Ok(()) => held.release(out).await,
+        Ok(()) => send_all(out, held.responses.into_iter().chain(held.commands)).await,
         Err(e) => {
             tracing::error!(error = %e, "last commit failed at shutdown; the changes since the last commit are re-derived at the next start");
             send_all(out, held.responses).await;
