@@ -14,35 +14,8 @@ use crate::broker_cmd::{self, BrokerArgs};
 pub struct ServeArgs {
     #[command(flatten)]
     pub broker: BrokerArgs,
-    /// Directory of the controller's database (created if missing)
-    #[arg(long, env = "CITYPLANE_DATA", default_value = "data")]
-    pub data: PathBuf,
-    /// Page cache of the controller's database, in MiB. A larger cache
-    /// makes big fleets faster (100,000 devices: ~35,000 reports/s at 64,
-    /// ~42,000 at 256) and barely changes memory there; the process needs
-    /// roughly 9 KiB per device whatever the cache (see docs/BENCHMARKS.md)
-    #[arg(long, env = "CITYPLANE_STORE_CACHE_MIB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65536))]
-    pub store_cache_mib: u64,
-    /// How often rollouts are evaluated (devices started, waves gated,
-    /// abort rules checked), in milliseconds
-    #[arg(long, env = "CITYPLANE_ROLLOUT_TICK_MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(50..=60_000))]
-    pub rollout_tick_ms: u64,
-    /// How often compliance is sampled and published on fleet/compliance,
-    /// time-based policy rules (last seen, certificate expiry) evaluated
-    /// again, and enforcement considered, in milliseconds
-    #[arg(long, env = "CITYPLANE_COMPLIANCE_TICK_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
-    pub compliance_tick_ms: u64,
-    /// Firmware images the server stores at most, in MiB (published and
-    /// uploading); a release beyond it is refused with `quota`
-    #[arg(long, env = "CITYPLANE_MAX_FIRMWARE_MIB", default_value_t = 16 * 1024, value_parser = clap::value_parser!(u64).range(1..=16 * 1024 * 1024))]
-    pub max_firmware_mib: u64,
-    /// The key device secrets (`cityplane secrets rotate`) are sealed with:
-    /// 32 random bytes, created 0600 on first start; refused if group or
-    /// others may read it. Default: secrets.key in --data. Keep it on
-    /// another disk than the data, and a copy of the data directory
-    /// reveals no secret
-    #[arg(long, env = "CITYPLANE_SECRETS_KEY")]
-    pub secrets_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub controller: ControllerOpts,
     /// Serve the operator dashboard on this address (loopback only, e.g.
     /// 127.0.0.1:8080; port 0 picks one). Operators sign in with a link
     /// from `cityplane dashboard login`. Default: no dashboard
@@ -74,22 +47,77 @@ pub struct ServeArgs {
     pub dashboard_url: Option<String>,
 }
 
+/// The controller's own settings, the same for `serve` and `controller`.
+#[derive(clap::Args, Debug)]
+pub struct ControllerOpts {
+    /// Directory of the controller's database (created if missing)
+    #[arg(long, env = "CITYPLANE_DATA", default_value = "data")]
+    pub data: PathBuf,
+    /// Page cache of the controller's database, in MiB. A larger cache
+    /// makes big fleets faster (100,000 devices: ~35,000 reports/s at 64,
+    /// ~42,000 at 256) and barely changes memory there; the process needs
+    /// roughly 9 KiB per device whatever the cache (see docs/BENCHMARKS.md)
+    #[arg(long, env = "CITYPLANE_STORE_CACHE_MIB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub store_cache_mib: u64,
+    /// How often rollouts are evaluated (devices started, waves gated,
+    /// abort rules checked), in milliseconds
+    #[arg(long, env = "CITYPLANE_ROLLOUT_TICK_MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    pub rollout_tick_ms: u64,
+    /// How often compliance is sampled and published on fleet/compliance,
+    /// time-based policy rules (last seen, certificate expiry) evaluated
+    /// again, and enforcement considered, in milliseconds
+    #[arg(long, env = "CITYPLANE_COMPLIANCE_TICK_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub compliance_tick_ms: u64,
+    /// Firmware images the server stores at most, in MiB (published and
+    /// uploading); a release beyond it is refused with `quota`
+    #[arg(long, env = "CITYPLANE_MAX_FIRMWARE_MIB", default_value_t = 16 * 1024, value_parser = clap::value_parser!(u64).range(1..=16 * 1024 * 1024))]
+    pub max_firmware_mib: u64,
+    /// The key device secrets (`cityplane secrets rotate`) are sealed with:
+    /// 32 random bytes, created 0600 on first start; refused if group or
+    /// others may read it. Default: secrets.key in --data. Keep it on
+    /// another disk than the data, and a copy of the data directory
+    /// reveals no secret
+    #[arg(long, env = "CITYPLANE_SECRETS_KEY")]
+    pub secrets_key: Option<PathBuf>,
+}
+
+impl ControllerOpts {
+    /// The controller's configuration from these settings.
+    pub fn config(&self) -> ControllerConfig {
+        let mut cc = ControllerConfig::new(self.data.clone());
+        cc.cache_bytes = self.store_cache_mib * 1024 * 1024;
+        cc.rollout_every = std::time::Duration::from_millis(self.rollout_tick_ms);
+        cc.compliance_every = std::time::Duration::from_millis(self.compliance_tick_ms);
+        cc.max_firmware_bytes = self.max_firmware_mib << 20;
+        cc.secrets_key = self.secrets_key.clone();
+        cc
+    }
+
+    /// The `--print-config` lines of these settings.
+    pub fn print(&self) {
+        println!(
+            "\n# controller (flags or environment)\n# data = {:?}   # CITYPLANE_DATA\n# store_cache_mib = {}   # CITYPLANE_STORE_CACHE_MIB\n# rollout_tick_ms = {}   # CITYPLANE_ROLLOUT_TICK_MS\n# compliance_tick_ms = {}   # CITYPLANE_COMPLIANCE_TICK_MS\n# max_firmware_mib = {}   # CITYPLANE_MAX_FIRMWARE_MIB\n# secrets_key = {:?}   # CITYPLANE_SECRETS_KEY",
+            self.data.display().to_string(),
+            self.store_cache_mib,
+            self.rollout_tick_ms,
+            self.compliance_tick_ms,
+            self.max_firmware_mib,
+            self.secrets_key
+                .clone()
+                .unwrap_or_else(|| cityplane_controller::secrets::default_key_path(&self.data))
+                .display()
+                .to_string(),
+        );
+    }
+}
+
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = broker_cmd::load_config(&args.broker)?;
     if args.broker.print_config {
         print!("{}", toml::to_string_pretty(&config)?);
+        args.controller.print();
         println!(
-            "\n# controller (flags or environment)\n# data = {:?}   # CITYPLANE_DATA\n# store_cache_mib = {}   # CITYPLANE_STORE_CACHE_MIB\n# rollout_tick_ms = {}   # CITYPLANE_ROLLOUT_TICK_MS\n# compliance_tick_ms = {}   # CITYPLANE_COMPLIANCE_TICK_MS\n# max_firmware_mib = {}   # CITYPLANE_MAX_FIRMWARE_MIB\n# secrets_key = {:?}   # CITYPLANE_SECRETS_KEY\n# dashboard = {:?}   # CITYPLANE_DASHBOARD",
-            args.data.display().to_string(),
-            args.store_cache_mib,
-            args.rollout_tick_ms,
-            args.compliance_tick_ms,
-            args.max_firmware_mib,
-            args.secrets_key
-                .clone()
-                .unwrap_or_else(|| cityplane_controller::secrets::default_key_path(&args.data))
-                .display()
-                .to_string(),
+            "# dashboard = {:?}   # CITYPLANE_DASHBOARD",
             args.dashboard.map(|a| a.to_string()).unwrap_or_default()
         );
         return Ok(());
@@ -104,7 +132,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // The controller stores published images in its data directory; the
     // broker's edge serves devices from there.
     let mut config = config;
-    config.firmware_dir = Some(cityplane_controller::runtime::firmware_dir(&args.data));
+    config.firmware_dir = Some(cityplane_controller::runtime::firmware_dir(&args.controller.data));
     // Bound before anything starts: a wrong address fails the start, and
     // the controller needs the dashboard's sign-in table.
     let dashboard = match args.dashboard {
@@ -123,23 +151,18 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let broker = Broker::start_closed(config)
         .await
         .context("starting the broker")?;
-    let mut cc = ControllerConfig::new(args.data.clone());
+    let mut cc = args.controller.config();
     // The registry learns of devices issued with this CA from issued.jsonl.
     cc.registry_source = Some(registry_source);
     cc.pki = pki;
-    cc.cache_bytes = args.store_cache_mib * 1024 * 1024;
-    cc.rollout_every = std::time::Duration::from_millis(args.rollout_tick_ms);
-    cc.compliance_every = std::time::Duration::from_millis(args.compliance_tick_ms);
-    cc.max_firmware_bytes = args.max_firmware_mib << 20;
-    cc.secrets_key = args.secrets_key.clone();
     cc.sign_ins = dashboard.as_ref().map(|d| d.sign_ins());
     let controller = Controller::start_in_process(&broker, cc)
         .await
-        .with_context(|| format!("starting the controller on {}", args.data.display()))?;
+        .with_context(|| format!("starting the controller on {}", args.controller.data.display()))?;
     eprintln!(
         "cityplane serving on {} (broker + controller, data in {}). Ctrl-C stops it.",
         broker.local_addr(),
-        args.data.display()
+        args.controller.data.display()
     );
     let (stop_dashboard, dashboard_stopped) = tokio::sync::oneshot::channel::<()>();
     let dashboard_task = dashboard.map(|d| {
