@@ -101,7 +101,9 @@ async fn a_report_is_acknowledged_to_the_broker_only_once_stored() {
     let (seen_tx, seen) = std_mpsc::channel();
     let (_never_tx, never) = std_mpsc::channel::<()>();
     let never = std::sync::Mutex::new(never);
+    // The registry learns of d1 from the PKI, as `cityplane controller` does.
     let mut a_config = ControllerConfig::new(work.path().join("a"));
+    a_config.registry_source = Some(pki_dir.path().to_path_buf());
     a_config.commit_gate = Some(CommitGate::new(move |pending| {
         if commits_report(pending, "d1") {
             let _ = seen_tx.send(());
@@ -112,12 +114,20 @@ async fn a_report_is_acknowledged_to_the_broker_only_once_stored() {
     let a = Crashable::start(broker.clone(), a_config);
 
     let device = Client::connect(addr, pki_dir.path(), "d1", &[], None).await;
-    // QoS 1: the broker acknowledged it to the device, so it must not be lost.
-    device
-        .publish("devices/d1/reported", json!({"dimming": 77}).to_string())
-        .await;
-    seen.recv_timeout(Duration::from_secs(30))
-        .expect("controller A received the report and is committing it");
+    // QoS 1: the broker acknowledged it to the device, so it must not be
+    // lost. Sent again until A has it: A subscribes after it starts, and a
+    // publish before that reaches nobody.
+    let mut received = false;
+    for _ in 0..60 {
+        device
+            .publish("devices/d1/reported", json!({"version": 1, "state": {"dimming": 77}}).to_string())
+            .await;
+        if seen.recv_timeout(Duration::from_millis(500)).is_ok() {
+            received = true;
+            break;
+        }
+    }
+    assert!(received, "controller A received the report and is committing it");
     a.crash();
 
     // Controller B: another disk (an empty one), the same identity, so the
@@ -125,6 +135,7 @@ async fn a_report_is_acknowledged_to_the_broker_only_once_stored() {
     // acknowledged.
     let (stored_tx, stored) = std_mpsc::channel();
     let mut b_config = ControllerConfig::new(work.path().join("b"));
+    b_config.registry_source = Some(pki_dir.path().to_path_buf());
     b_config.commit_gate = Some(CommitGate::new(move |pending| {
         if commits_report(pending, "d1") {
             let _ = stored_tx.send(());
