@@ -86,9 +86,14 @@ async fn a_report_is_acknowledged_to_the_broker_only_once_stored() {
     pki.issue(Role::Device, "d1").expect("device");
     let work = tempfile::tempdir().expect("tempdir");
     let acl = cityplane_testkit::mosquitto::cluster_acl(work.path(), &["ctl"]).expect("acl");
-    let (_mosquitto, addr) =
-        cityplane_testkit::mosquitto::start_with("external controller", &pki, work.path(), "", &acl)
-            .expect("mosquitto");
+    let (_mosquitto, addr) = cityplane_testkit::mosquitto::start_with(
+        "external controller",
+        &pki,
+        work.path(),
+        "",
+        &acl,
+    )
+    .expect("mosquitto");
     let broker = ExternalBroker {
         nodes: vec![("localhost".into(), addr.port())],
         id: "ctl".into(),
@@ -120,14 +125,20 @@ async fn a_report_is_acknowledged_to_the_broker_only_once_stored() {
     let mut received = false;
     for _ in 0..60 {
         device
-            .publish("devices/d1/reported", json!({"version": 1, "state": {"dimming": 77}}).to_string())
+            .publish(
+                "devices/d1/reported",
+                json!({"version": 1, "state": {"dimming": 77}}).to_string(),
+            )
             .await;
         if seen.recv_timeout(Duration::from_millis(500)).is_ok() {
             received = true;
             break;
         }
     }
-    assert!(received, "controller A received the report and is committing it");
+    assert!(
+        received,
+        "controller A received the report and is committing it"
+    );
     a.crash();
 
     // Controller B: another disk (an empty one), the same identity, so the
