@@ -320,6 +320,7 @@ async fn run() {
         pki: pki_dir.clone(),
         id: OPERATOR.into(),
         timeout: 30,
+        cluster: false,
     };
     let mut op = Operator::connect_retrying(&connect, Duration::from_secs(10))
         .await
@@ -972,6 +973,7 @@ async fn compare_policy(
                 pki: pki_dir.to_path_buf(),
                 id: OPERATOR.into(),
                 timeout: 60,
+                cluster: false,
             };
             let mut op = Operator::connect_retrying(&connect, Duration::from_secs(10))
                 .await

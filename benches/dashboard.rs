@@ -125,6 +125,7 @@ async fn run() {
         pki: pki_dir.clone(),
         id: OPERATOR.into(),
         timeout: 120,
+        cluster: false,
     };
     let mut op = Operator::connect_retrying(&connect, Duration::from_secs(10))
         .await

@@ -165,6 +165,7 @@ async fn once(a: &Args, pki_dir: &Path, dir: &Path) -> Result<RunResult> {
         pki: pki_dir.to_path_buf(),
         id: OPERATOR.to_owned(),
         timeout: 60,
+        cluster: false,
     };
     let mut op = Operator::connect_retrying(&connect, Duration::from_secs(30)).await?;
     let mut sim = SimConfig::new(

@@ -103,6 +103,7 @@ async fn run() {
         pki: pki_dir.clone(),
         id: "op".into(),
         timeout: 60,
+        cluster: false,
     };
     let mut op = Operator::connect_retrying(&connect, Duration::from_secs(10))
         .await

@@ -207,6 +207,7 @@ async fn rollout_once(
         pki: pki_dir.to_path_buf(),
         id: OPERATOR.to_owned(),
         timeout: 30,
+        cluster: false,
     };
     let mut op = Operator::connect_retrying(&connect, Duration::from_secs(30)).await?;
 

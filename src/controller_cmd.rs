@@ -24,7 +24,13 @@ pub struct ControllerArgs {
     /// The broker's nodes as HOST:PORT (MQTT over TLS), comma-separated.
     /// Tried in this order; when the connected one is lost the session
     /// moves to the next
-    #[arg(long, env = "CITYPLANE_BROKER", value_delimiter = ',', required = true, value_name = "HOST:PORT,...")]
+    #[arg(
+        long,
+        env = "CITYPLANE_BROKER",
+        value_delimiter = ',',
+        required = true,
+        value_name = "HOST:PORT,..."
+    )]
     pub broker: Vec<String>,
     /// The PKI (or server) directory: ca.crt, the controller's <id>.crt and
     /// <id>.key, and issued.jsonl (the devices and operators it knows)

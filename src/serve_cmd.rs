@@ -132,7 +132,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // The controller stores published images in its data directory; the
     // broker's edge serves devices from there.
     let mut config = config;
-    config.firmware_dir = Some(cityplane_controller::runtime::firmware_dir(&args.controller.data));
+    config.firmware_dir = Some(cityplane_controller::runtime::firmware_dir(
+        &args.controller.data,
+    ));
     // Bound before anything starts: a wrong address fails the start, and
     // the controller needs the dashboard's sign-in table.
     let dashboard = match args.dashboard {
@@ -158,7 +160,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     cc.sign_ins = dashboard.as_ref().map(|d| d.sign_ins());
     let controller = Controller::start_in_process(&broker, cc)
         .await
-        .with_context(|| format!("starting the controller on {}", args.controller.data.display()))?;
+        .with_context(|| {
+            format!(
+                "starting the controller on {}",
+                args.controller.data.display()
+            )
+        })?;
     eprintln!(
         "cityplane serving on {} (broker + controller, data in {}). Ctrl-C stops it.",
         broker.local_addr(),

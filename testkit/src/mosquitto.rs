@@ -115,3 +115,40 @@ pub fn start_with(
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// An ACL file for mosquitto that gives each identity what `cityplane
+/// cluster sync` gives it on RabbitMQ: devices their own topics, operators
+/// their own request prefix (`fleet/by/<id>/`) and answers, `controller`
+/// everything. Written to `dir/acl`; the line to append to the config.
+pub fn cluster_acl(dir: &Path, controllers: &[&str]) -> Result<String> {
+    let mut acl = String::from(
+        "pattern read devices/%u/commands\n\
+         pattern write devices/%u/reported\n\
+         pattern write devices/%u/telemetry\n\
+         pattern write devices/%u/acks\n\
+         pattern write devices/%u/presence\n\
+         pattern write devices/%u/csr\n\
+         pattern write fleet/by/%u/#\n\
+         pattern read fleet/responses/%u/#\n",
+    );
+    for c in controllers {
+        acl.push_str(&format!("user {c}\ntopic readwrite #\n"));
+    }
+    let path = dir.join("acl");
+    std::fs::write(&path, acl)?;
+    Ok(format!("acl_file {}\n", path.display()))
+}
+
+/// Whether tests needing mosquitto must run (CI sets
+/// `CITYPLANE_REQUIRE_MOSQUITTO=1`); prints why a test skips otherwise.
+pub fn skip_unless_installed(test: &str) -> bool {
+    if installed() {
+        return false;
+    }
+    assert!(
+        std::env::var_os("CITYPLANE_REQUIRE_MOSQUITTO").is_none(),
+        "{test}: mosquitto is required (CITYPLANE_REQUIRE_MOSQUITTO) but {MOSQUITTO} is missing"
+    );
+    eprintln!("{test}: skipped, {MOSQUITTO} is not installed (apt-get install mosquitto)");
+    true
+}

@@ -192,7 +192,12 @@ pub(super) async fn run(
         let now = clock.now();
         for event in batch {
             match event {
-                Event::Device { id, leaf, payload, ack } => {
+                Event::Device {
+                    id,
+                    leaf,
+                    payload,
+                    ack,
+                } => {
                     if known_device(&id) {
                         fleet.on_device_message(&id, &leaf, &payload, now)
                     } else {
@@ -577,6 +582,7 @@ mod paused_clock_tests {
                     id: DEVICE.into(),
                     leaf: leaf.into(),
                     payload: body.to_string().into(),
+                    ack: None,
                 })
                 .await
                 .expect("controller running");

@@ -24,8 +24,8 @@ use cityplane_broker::OperatorMessage;
 use cityplane_certs::registry::IssuedIdentity;
 use cityplane_proto::{topics, Identity, Role};
 use rumqttc::{
-    AsyncClient, Event as MqttEvent, EventLoop, MqttOptions, Packet, Publish, QoS,
-    SubscribeFilter, TlsConfiguration, Transport,
+    AsyncClient, Event as MqttEvent, EventLoop, MqttOptions, Packet, Publish, QoS, SubscribeFilter,
+    TlsConfiguration, Transport,
 };
 use tokio::sync::mpsc;
 

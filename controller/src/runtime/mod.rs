@@ -253,7 +253,9 @@ impl Controller {
         feed_registry(&config, &events_tx).await;
         let (out_tx, out_rx) = mpsc::channel(EVENTS_QUEUE);
         external::spawn(broker, events_tx.clone(), out_rx, secrets);
-        Ok(launch(fleet, store, events_tx, events, out_tx, config, tables))
+        Ok(launch(
+            fleet, store, events_tx, events, out_tx, config, tables,
+        ))
     }
 
     /// The operator protocol for in-process callers (the dashboard).

@@ -7,6 +7,7 @@ mod commit_order;
 mod common;
 mod converge;
 mod durability;
+mod external;
 mod guards;
 mod input_hardening;
 mod internal_links;
