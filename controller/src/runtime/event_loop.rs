@@ -28,7 +28,8 @@ struct CommitInFlight {
     held: Held,
 }
 
-/// Pause before writing again after a failed commit (e.g. a full disk).
+/// Pause before writing again after a failed commit (e.g. a full disk or
+/// the database down).
 const COMMIT_RETRY: Duration = Duration::from_millis(200);
 
 async fn send_all(out: &mpsc::Sender<Outgoing>, messages: impl IntoIterator<Item = Outgoing>) {
@@ -114,7 +115,7 @@ pub(super) async fn run(
                 match result {
                     Ok(()) => send_all(&out, held.responses.into_iter().chain(held.commands)).await,
                     Err(e) => {
-                        tracing::error!(error = %e, disk_full = e.is_disk_full(), "commit failed; holding changes and commands until storage works again");
+                        tracing::error!(error = %e, disk_full = e.is_disk_full(), unavailable = e.is_unavailable(), "commit failed; holding changes and commands until storage works again");
                         fleet.mark_dirty(written);
                         fleet.mark_rollouts_dirty(rollouts);
                         // Commands are not sent before their record is durable;
