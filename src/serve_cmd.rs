@@ -2,7 +2,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use cityplane_broker::Broker;
-use cityplane_controller::{Controller, ControllerConfig};
+use cityplane_controller::store::StoreLocation;
+use cityplane_controller::{Controller, ControllerConfig, StoreUrl};
 
 use crate::broker_cmd::{self, BrokerArgs};
 
@@ -14,10 +15,21 @@ use crate::broker_cmd::{self, BrokerArgs};
 pub struct ServeArgs {
     #[command(flatten)]
     pub broker: BrokerArgs,
-    /// Directory of the controller's database (created if missing)
+    /// The controller's data directory (created if missing): firmware
+    /// images, the secrets key and, without --store, the database (sled)
     #[arg(long, env = "CITYPLANE_DATA", default_value = "data")]
     pub data: PathBuf,
-    /// Page cache of the controller's database, in MiB. A larger cache
+    /// Keep the controller's state in PostgreSQL (15 or later) instead of
+    /// sled under --data: postgres://USER[:PASSWORD]@HOST:PORT/DATABASE,
+    /// e.g. postgres://cityplane@127.0.0.1:5432/cityplane (a unix socket:
+    /// postgres://cityplane@%2Frun%2Fpostgresql/cityplane). The database
+    /// must exist; its table is created at first start. No TLS: loopback or
+    /// a unix socket only. Refused if the server runs with fsync=off or
+    /// synchronous_commit=off. The password never appears in logs or
+    /// errors. Default: sled under --data
+    #[arg(long, env = "CITYPLANE_STORE", value_name = "URL", value_parser = parse_store_url)]
+    pub store: Option<StoreUrl>,
+    /// Page cache of the controller's sled database, in MiB. A larger cache
     /// makes big fleets faster (100,000 devices: ~35,000 reports/s at 64,
     /// ~42,000 at 256) and barely changes memory there; the process needs
     /// roughly 9 KiB per device whatever the cache (see docs/BENCHMARKS.md)
@@ -79,8 +91,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.broker.print_config {
         print!("{}", toml::to_string_pretty(&config)?);
         println!(
-            "\n# controller (flags or environment)\n# data = {:?}   # CITYPLANE_DATA\n# store_cache_mib = {}   # CITYPLANE_STORE_CACHE_MIB\n# rollout_tick_ms = {}   # CITYPLANE_ROLLOUT_TICK_MS\n# compliance_tick_ms = {}   # CITYPLANE_COMPLIANCE_TICK_MS\n# max_firmware_mib = {}   # CITYPLANE_MAX_FIRMWARE_MIB\n# secrets_key = {:?}   # CITYPLANE_SECRETS_KEY\n# dashboard = {:?}   # CITYPLANE_DASHBOARD",
+            "\n# controller (flags or environment)\n# data = {:?}   # CITYPLANE_DATA\n# store = {:?}   # CITYPLANE_STORE\n# store_cache_mib = {}   # CITYPLANE_STORE_CACHE_MIB\n# rollout_tick_ms = {}   # CITYPLANE_ROLLOUT_TICK_MS\n# compliance_tick_ms = {}   # CITYPLANE_COMPLIANCE_TICK_MS\n# max_firmware_mib = {}   # CITYPLANE_MAX_FIRMWARE_MIB\n# secrets_key = {:?}   # CITYPLANE_SECRETS_KEY\n# dashboard = {:?}   # CITYPLANE_DASHBOARD",
             args.data.display().to_string(),
+            args.store.as_ref().map(|u| u.to_string()).unwrap_or_default(),
             args.store_cache_mib,
             args.rollout_tick_ms,
             args.compliance_tick_ms,
@@ -124,6 +137,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .context("starting the broker")?;
     let mut cc = ControllerConfig::new(args.data.clone());
+    cc.store_url = args.store.clone();
     // The registry learns of devices issued with this CA from issued.jsonl.
     cc.registry_source = Some(registry_source);
     cc.pki = pki;
@@ -133,11 +147,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     cc.max_firmware_bytes = args.max_firmware_mib << 20;
     cc.secrets_key = args.secrets_key.clone();
     cc.sign_ins = dashboard.as_ref().map(|d| d.sign_ins());
+    let store = cc.store_location();
     let controller = Controller::start_in_process(&broker, cc)
         .await
-        .with_context(|| format!("starting the controller on {}", args.data.display()))?;
+        .with_context(|| format!("starting the controller on {store}"))?;
     eprintln!(
-        "cityplane serving on {} (broker + controller, data in {}). Ctrl-C stops it.",
+        "cityplane serving on {} (broker + controller, data in {}, store: {store}). Ctrl-C stops it.",
         broker.local_addr(),
         args.data.display()
     );
@@ -172,4 +187,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     controller.shutdown().await?;
     broker.shutdown().await;
     Ok(())
+}
+
+/// `--store`: a PostgreSQL URL (refused with the password redacted).
+fn parse_store_url(url: &str) -> Result<StoreUrl, String> {
+    StoreLocation::from_url(url)
+        .map(|_| StoreUrl(url.to_owned()))
+        .map_err(|e| e.to_string())
 }

@@ -396,7 +396,12 @@ impl Engine {
         }
     }
 
-    fn walk(&mut self, tree: Tree, walk: Walk<'_>, visit: &mut Visit<'_>) -> Result<(), StoreError> {
+    fn walk(
+        &mut self,
+        tree: Tree,
+        walk: Walk<'_>,
+        visit: &mut Visit<'_>,
+    ) -> Result<(), StoreError> {
         match self {
             Engine::Sled(e) => e.walk(tree, walk, visit),
             Engine::Postgres(e) => e.walk(tree, walk, visit),
@@ -726,7 +731,11 @@ impl Store {
                 .iter()
                 .map(|(k, v)| (Tree::Docs, k.as_slice(), v.as_deref()))
                 .chain(docs.iter().map(|d| put(Tree::Docs, d)))
-                .chain(deleted_docs.iter().map(|k| (Tree::Docs, k.as_slice(), None)))
+                .chain(
+                    deleted_docs
+                        .iter()
+                        .map(|k| (Tree::Docs, k.as_slice(), None)),
+                )
                 .chain(devices.iter().map(|d| put(Tree::Devices, d)))
                 .chain(audit.iter().map(|a| put(Tree::Audit, a)))
                 .chain(rollouts.iter().map(|r| put(Tree::Rollouts, r)))
@@ -736,7 +745,10 @@ impl Store {
                         .iter()
                         .map(|(k, v)| (Tree::Governance, k.as_slice(), v.as_deref())),
                 )
-                .chain(seq.as_ref().map(|s| (Tree::Meta, &b"seq"[..], Some(&s[..]))))
+                .chain(
+                    seq.as_ref()
+                        .map(|s| (Tree::Meta, &b"seq"[..], Some(&s[..]))),
+                )
                 .collect();
             e.apply(secrets, &ops)?;
             if let Some(gate) = &self.gate {
@@ -962,63 +974,44 @@ fn decode_u64(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cityplane_proto::messages::{IdList, Target};
-
-    fn doc(name: &str, generation: u64) -> DocRecord {
-        DocRecord {
-            name: name.into(),
-            target: Target::Ids(IdList {
-                ids: vec!["d1".into()],
-            }),
-            priority: 0,
-            state: Default::default(),
-            generation,
-            seq: generation,
-            author: "op".into(),
-            org: None,
-            written_at: 0,
-            history: Vec::new(),
-        }
-    }
-
-    fn docs(store: &Store) -> Vec<(String, u64)> {
-        let mut docs: Vec<_> = store
-            .load()
-            .expect("load")
-            .docs
-            .into_iter()
-            .map(|d| (d.name, d.generation))
-            .collect();
-        docs.sort();
-        docs
-    }
 
     #[test]
-    fn a_refused_document_write_is_undone_by_the_next_commit() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path(), 1 << 20).expect("open");
-        let commit_doc = |d: DocRecord| {
-            store
-                .commit(&Changes {
-                    docs: vec![d],
-                    ..Default::default()
-                })
-                .expect("commit")
-        };
-        commit_doc(doc("kept", 1));
-        // As if these two had reached the disk although their commits failed.
-        commit_doc(doc("kept", 2));
-        commit_doc(doc("new", 1));
-        store.defer_restore_doc("kept", Some(doc("kept", 1)));
-        store.defer_restore_doc("new", None);
-        assert_eq!(docs(&store), [("kept".into(), 2), ("new".into(), 1)]);
-        commit_doc(doc("other", 1));
-        assert_eq!(docs(&store), [("kept".into(), 1), ("other".into(), 1)]);
-        // Done once: later commits leave documents alone.
-        commit_doc(doc("new", 1));
-        assert_eq!(
-            docs(&store),
-            [("kept".into(), 1), ("new".into(), 1), ("other".into(), 1)]
-        );
+    fn passwords_never_show_in_a_redacted_location() {
+        for (url, want) in [
+            (
+                "postgres://city:s3cret@db.example:5432/cityplane",
+                "postgres://city:***@db.example:5432/cityplane",
+            ),
+            // An unescaped `@` in the password: the last one ends it.
+            (
+                "postgresql://city:p@ss:w0rd@127.0.0.1/cp?sslmode=disable",
+                "postgresql://city:***@127.0.0.1/cp?sslmode=disable",
+            ),
+            (
+                "postgres://city@127.0.0.1/cp?password=s3cret&application_name=x",
+                "postgres://city@127.0.0.1/cp?password=***&application_name=x",
+            ),
+            (
+                "host=127.0.0.1 password='s3 cr\\'et' user=city",
+                "host=127.0.0.1 password=*** user=city",
+            ),
+            (
+                "host=/run/postgresql PASSWORD=s3cret",
+                "host=/run/postgresql PASSWORD=***",
+            ),
+            // Nothing to hide: unchanged.
+            (
+                "postgres://city@127.0.0.1:5432/cp",
+                "postgres://city@127.0.0.1:5432/cp",
+            ),
+        ] {
+            assert_eq!(redact_url(url), want, "{url}");
+            let location = StoreLocation::Postgres(url.to_owned());
+            for shown in [location.to_string(), format!("{location:?}")] {
+                assert!(!shown.contains("s3") && !shown.contains("w0rd"), "{shown}");
+            }
+        }
+        let err = StoreLocation::from_url("mysql://root:s3cret@db/x").expect_err("not postgres");
+        assert!(!err.to_string().contains("s3cret"), "{err}");
     }
 }
