@@ -225,6 +225,9 @@ impl Controller {
         broker: &RunningBroker,
         config: ControllerConfig,
     ) -> Result<Controller, ControllerError> {
+        // Firmware and the secrets key live there whichever the engine
+        // (sled creates it for itself; PostgreSQL does not).
+        std::fs::create_dir_all(&config.data).map_err(StoreError::Io)?;
         let location = config.store_location();
         let cache = config.cache_bytes;
         let gate = config.commit_gate.clone();

@@ -17,7 +17,7 @@ use cityplane_controller::store::{
     Changes, CommitGate, Store, StoreError, StoreLocation, AUDIT_KEPT, MAX_RECORD,
 };
 use cityplane_proto::messages::{IdList, Target};
-use cityplane_testkit::postgres::{self, Postgres};
+use cityplane_testkit::postgres::Postgres;
 
 const CACHE: u64 = 4 << 20;
 
@@ -27,7 +27,7 @@ fn on_both_engines(test: &str, check: impl Fn(&dyn Fn() -> Store)) {
     let dir = tempfile::tempdir().expect("tempdir");
     let sled = StoreLocation::Sled(dir.path().join("db"));
     check(&|| open(&sled));
-    if !postgres::available(test) {
+    if !cityplane_testkit::postgres::available(test) {
         return;
     }
     let pg = Postgres::start().expect("PostgreSQL starts");
@@ -383,7 +383,8 @@ fn a_failed_commit_defers_its_audit_to_the_next_one() {
 // PostgreSQL only.
 
 fn postgres_or_skip(test: &str) -> Option<Postgres> {
-    postgres::available(test).then(|| Postgres::start().expect("PostgreSQL starts"))
+    cityplane_testkit::postgres::available(test)
+        .then(|| Postgres::start().expect("PostgreSQL starts"))
 }
 
 /// A server that could lose an acknowledged commit is refused at connect,
