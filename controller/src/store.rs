@@ -357,6 +357,9 @@ impl Tree {
     }
 }
 
+/// A key and its value.
+type Record = (Vec<u8>, Vec<u8>);
+
 /// One write of a commit: `None` deletes the key.
 type Op<'a> = (Tree, &'a [u8], Option<&'a [u8]>);
 
@@ -376,7 +379,8 @@ type Visit<'a> = dyn FnMut(&[u8], &[u8]) -> Result<bool, StoreError> + 'a;
 /// object: there are two, both known here, and each operation is a match.
 enum Engine {
     Sled(sled_engine::SledEngine),
-    Postgres(pg_engine::PgEngine),
+    /// Boxed: the client is ~4 times the size of sled's handles.
+    Postgres(Box<pg_engine::PgEngine>),
 }
 
 impl Engine {
@@ -385,7 +389,9 @@ impl Engine {
             StoreLocation::Sled(path) => {
                 sled_engine::SledEngine::open(path, cache_bytes).map(Engine::Sled)
             }
-            StoreLocation::Postgres(url) => pg_engine::PgEngine::open(url).map(Engine::Postgres),
+            StoreLocation::Postgres(url) => {
+                pg_engine::PgEngine::open(url).map(|e| Engine::Postgres(Box::new(e)))
+            }
         }
     }
 
@@ -437,8 +443,8 @@ impl Engine {
 fn rotated_slots<E>(
     rotations: &[crate::secrets::Rotation],
     mut stored: impl FnMut(&[u8]) -> Result<Option<Vec<u8>>, E>,
-) -> Result<Vec<(Vec<u8>, Vec<u8>)>, E> {
-    let mut slots: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(rotations.len());
+) -> Result<Vec<Record>, E> {
+    let mut slots: Vec<Record> = Vec::with_capacity(rotations.len());
     for r in rotations {
         let key = crate::secrets::slot_key(&r.device, &r.name);
         let old = match slots.iter().rev().find(|(k, _)| *k == key) {

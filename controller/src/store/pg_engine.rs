@@ -264,15 +264,6 @@ impl PgEngine {
                 last.insert((*tree, *k), *v);
             }
             let (puts, deletes): (Vec<_>, Vec<_>) = last.into_iter().partition(|(_, v)| v.is_some());
-            if !deletes.is_empty() {
-                let trees: Vec<&str> = deletes.iter().map(|((t, _), _)| t.name()).collect();
-                let keys: Vec<&[u8]> = deletes.iter().map(|((_, k), _)| *k).collect();
-                tx.execute(
-                    "DELETE FROM cityplane_kv USING unnest($1::text[], $2::bytea[]) AS d(tree, key) \
-                     WHERE cityplane_kv.tree = d.tree AND cityplane_kv.key = d.key",
-                    &[&trees, &keys],
-                )?;
-            }
             let mut puts = puts.into_iter().peekable();
             while puts.peek().is_some() {
                 let (mut trees, mut keys, mut values) = (Vec::new(), Vec::new(), Vec::new());
@@ -289,6 +280,15 @@ impl PgEngine {
                      SELECT * FROM unnest($1::text[], $2::bytea[], $3::bytea[]) \
                      ON CONFLICT (tree, key) DO UPDATE SET value = excluded.value",
                     &[&trees, &keys, &values],
+                )?;
+            }
+            if !deletes.is_empty() {
+                let trees: Vec<&str> = deletes.iter().map(|((t, _), _)| t.name()).collect();
+                let keys: Vec<&[u8]> = deletes.iter().map(|((_, k), _)| *k).collect();
+                tx.execute(
+                    "DELETE FROM cityplane_kv USING unnest($1::text[], $2::bytea[]) AS d(tree, key) \
+                     WHERE cityplane_kv.tree = d.tree AND cityplane_kv.key = d.key",
+                    &[&trees, &keys],
                 )?;
             }
             // Returns once the server says COMMIT, i.e. (synchronous_commit
