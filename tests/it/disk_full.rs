@@ -183,6 +183,16 @@ pub(crate) async fn assert_not_found(op: &mut Operator, name: &str, context: &st
     );
 }
 
+/// A PKI in `work/pki` with operator `op` and [`DEVICES`] devices `dev…`.
+pub(crate) fn pki_with_devices(work: &Path) -> std::path::PathBuf {
+    let pki_dir = work.join("pki");
+    let pki = Pki::init(&pki_dir, false).expect("pki");
+    pki.issue(Role::Operator, "op").expect("operator");
+    pki.issue_bulk(Role::Device, "dev", DEVICES, |_| {})
+        .expect("devices");
+    pki_dir
+}
+
 // ---------------------------------------------------------------------------
 
 async fn disk_full_story(test: &str) {
@@ -202,11 +212,7 @@ async fn disk_full_story(test: &str) {
     let filler = mnt.dir.join("filler");
     let log = work.path().join("serve.log");
 
-    let pki_dir = work.path().join("pki");
-    let pki = Pki::init(&pki_dir, false).expect("pki");
-    pki.issue(Role::Operator, "op").expect("operator");
-    pki.issue_bulk(Role::Device, "dev", DEVICES, |_| {})
-        .expect("devices");
+    let pki_dir = pki_with_devices(work.path());
 
     let port = free_port();
     let mut server = Server::start(&pki_dir, &data, port, &log, "info");

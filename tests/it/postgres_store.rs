@@ -14,12 +14,10 @@
 
 use crate::common::{free_port, online_fleet, Server};
 use crate::disk_full::{
-    accepted, apply, assert_not_found, audit, doc, operator, query, read, wait_converged, DEADLINE,
-    DEVICES,
+    accepted, apply, assert_not_found, audit, doc, operator, pki_with_devices, query, read,
+    wait_converged, DEADLINE, DEVICES,
 };
 
-use cityplane_certs::Pki;
-use cityplane_proto::Role;
 use cityplane_testkit::postgres::Postgres;
 use serde_json::json;
 
@@ -43,17 +41,17 @@ async fn serve_on_postgres_keeps_state_across_restarts_and_outages() {
         .expect("tempdir");
     let data = work.path().join("data");
     let log = work.path().join("serve.log");
-    let pki_dir = work.path().join("pki");
-    let pki = Pki::init(&pki_dir, false).expect("pki");
-    pki.issue(Role::Operator, "op").expect("operator");
-    pki.issue_bulk(Role::Device, "dev", DEVICES, |_| {})
-        .expect("devices");
+    let pki_dir = pki_with_devices(work.path());
     let port = free_port();
     let start = || Server::start_with(&pki_dir, &data, port, &log, "info", &["--store", &url]);
+    let restart = || async {
+        let mut server = start();
+        let op = operator(&pki_dir, port, &mut server, &log).await;
+        (server, op)
+    };
 
     // 1. A document, applied and converged, on PostgreSQL.
-    let mut server = start();
-    let mut op = operator(&pki_dir, port, &mut server, &log).await;
+    let (server, mut op) = restart().await;
     let fleet = online_fleet(&pki_dir, port, DEVICES, DEADLINE).await;
     let answer = apply(&mut op, doc("baseline", 0, "02:00-04:00")).await;
     assert_eq!(answer["status"], "accepted", "{answer}");
@@ -75,8 +73,7 @@ async fn serve_on_postgres_keeps_state_across_restarts_and_outages() {
     op.disconnect().await;
     let exit = server.stop(DEADLINE);
     assert!(exit.success(), "serve exited with {exit}: {}", read(&log));
-    let mut server = start();
-    let mut op = operator(&pki_dir, port, &mut server, &log).await;
+    let (mut server, mut op) = restart().await;
     assert!(fleet.wait_online(DEVICES, DEADLINE).await, "fleet back");
     wait_converged(&mut op, &fleet, "02:00-04:00", "after restart").await;
     let dev = query(&mut op, "describe", json!({"id": "dev0001"})).await;
@@ -124,8 +121,7 @@ async fn serve_on_postgres_keeps_state_across_restarts_and_outages() {
     op.disconnect().await;
     let exit = server.stop(DEADLINE);
     assert!(exit.success(), "serve exited with {exit}: {}", read(&log));
-    let mut server = start();
-    let mut op = operator(&pki_dir, port, &mut server, &log).await;
+    let (server, mut op) = restart().await;
     assert!(fleet.wait_online(DEVICES, DEADLINE).await, "fleet back");
     wait_converged(
         &mut op,
