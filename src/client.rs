@@ -30,6 +30,12 @@ pub struct ConnectArgs {
     /// Seconds to wait for an answer
     #[arg(long, default_value_t = 10)]
     pub timeout: u64,
+    /// The server is an external broker (a RabbitMQ cluster, with
+    /// `cityplane controller` behind it): requests name their sender in
+    /// the topic (fleet/by/<id>/...), which only the broker's permissions
+    /// for this certificate allow
+    #[arg(long, env = "CITYPLANE_CLUSTER")]
+    pub cluster: bool,
 }
 
 /// The client config of identity `id` in the PKI directory `pki`.
@@ -51,6 +57,8 @@ pub struct Operator {
     id: String,
     timeout: Duration,
     next: u64,
+    /// Requests go to `fleet/by/<id>/...` (see [`ConnectArgs::cluster`]).
+    cluster: bool,
 }
 
 /// What [`Operator::register`] did.
@@ -125,6 +133,7 @@ impl Operator {
             id: args.id.clone(),
             timeout,
             next: 0,
+            cluster: args.cluster,
         };
         op.wait(|e| matches!(e, Event::Incoming(Packet::SubAck(_))))
             .await?;
@@ -164,6 +173,10 @@ impl Operator {
         if let Some(obj) = body.as_object_mut() {
             obj.insert("request_id".into(), Value::from(rid.clone()));
         }
+        let topic = match self.cluster {
+            true => topics::by(&self.id, topic).unwrap_or_else(|| topic.to_owned()),
+            false => topic.to_owned(),
+        };
         self.client
             .publish(topic, QoS::AtLeastOnce, false, serde_json::to_vec(&body)?)
             .await?;
@@ -271,7 +284,7 @@ impl Operator {
     }
 }
 
-fn split_server(server: &str) -> anyhow::Result<(String, u16)> {
+pub fn split_server(server: &str) -> anyhow::Result<(String, u16)> {
     if let Ok(addr) = server.parse::<SocketAddr>() {
         // The broker certificate names localhost and 127.0.0.1.
         let host = if addr.ip().is_loopback() {

@@ -339,6 +339,7 @@ async fn drive(
         pki: pki_dir.to_path_buf(),
         id: OPERATOR.to_owned(),
         timeout: 10,
+        cluster: false,
     };
     let mut op = Operator::connect(&connect)
         .await

@@ -3,6 +3,7 @@
 mod audit_cmd;
 mod broker_cmd;
 mod certs_cmd;
+mod controller_cmd;
 mod dashboard;
 mod dashboard_cmd;
 
@@ -47,6 +48,8 @@ enum Command {
     Demo(demo_cmd::DemoArgs),
     /// Run broker + controller in one process (the embedded default).
     Serve(serve_cmd::ServeArgs),
+    /// Run the controller alone, on an external broker (a RabbitMQ cluster).
+    Controller(controller_cmd::ControllerArgs),
     /// Declare desired state for one device or a selector.
     Apply(ops_cmd::ApplyArgs),
     /// List devices or documents (`cityplane get devices`, `cityplane get documents`).
@@ -98,7 +101,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // One-shot commands speak through their own output; servers log.
     init_tracing(match cli.command {
-        Command::Broker(_) | Command::Serve(_) => "info,rumqttd=warn",
+        Command::Broker(_) | Command::Serve(_) | Command::Controller(_) => "info,rumqttd=warn",
         Command::Certs(_) => "warn",
         // The demo draws progress bars; only errors may interrupt them.
         Command::Demo(_) => "error",
@@ -113,6 +116,7 @@ fn main() -> ExitCode {
             Some(n) => block_on_threads(n, serve_cmd::run(args)),
             None => block_on(serve_cmd::run(args)),
         },
+        Command::Controller(args) => block_on(controller_cmd::run(args)),
         Command::Demo(args) => block_on(demo_cmd::run(args)),
         Command::Apply(args) => block_on(ops_cmd::apply(args)),
         Command::Get(args) => block_on(ops_cmd::get(args)),

@@ -56,6 +56,7 @@ pub async fn run(a: FleetRotateArgs, pki: std::path::PathBuf) -> anyhow::Result<
         pki,
         id: a.operator.clone(),
         timeout: 30,
+        cluster: false,
     };
     let output = a.output;
     let target = if !a.devices.is_empty() {

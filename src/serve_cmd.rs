@@ -15,6 +15,42 @@ use crate::broker_cmd::{self, BrokerArgs};
 pub struct ServeArgs {
     #[command(flatten)]
     pub broker: BrokerArgs,
+    #[command(flatten)]
+    pub controller: ControllerOpts,
+    /// Serve the operator dashboard on this address (loopback only, e.g.
+    /// 127.0.0.1:8080; port 0 picks one). Operators sign in with a link
+    /// from `cityplane dashboard login`. Default: no dashboard
+    #[arg(long, env = "CITYPLANE_DASHBOARD", value_name = "ADDR")]
+    pub dashboard: Option<std::net::SocketAddr>,
+    /// Serve the dashboard over HTTPS with this certificate chain (PEM),
+    /// which lets it listen beyond loopback (the server's broker.crt will
+    /// do for browsers that trust the CA)
+    #[arg(long, env = "CITYPLANE_DASHBOARD_TLS_CERT", value_name = "FILE", requires_all = ["dashboard", "dashboard_tls_key"])]
+    pub dashboard_tls_cert: Option<PathBuf>,
+    /// The key of --dashboard-tls-cert (PEM)
+    #[arg(
+        long,
+        env = "CITYPLANE_DASHBOARD_TLS_KEY",
+        value_name = "FILE",
+        requires = "dashboard_tls_cert"
+    )]
+    pub dashboard_tls_key: Option<PathBuf>,
+    /// The address browsers use for the dashboard, e.g.
+    /// https://dashboard.city.example:8443 (needed when it listens on
+    /// 0.0.0.0): the only Host answered and the sign-in links' base.
+    /// Default: the address it listens on
+    #[arg(
+        long,
+        env = "CITYPLANE_DASHBOARD_URL",
+        value_name = "URL",
+        requires = "dashboard"
+    )]
+    pub dashboard_url: Option<String>,
+}
+
+/// The controller's own settings, the same for `serve` and `controller`.
+#[derive(clap::Args, Debug)]
+pub struct ControllerOpts {
     /// The controller's data directory (created if missing): firmware
     /// images, the secrets key and, without --store, the database (sled)
     #[arg(long, env = "CITYPLANE_DATA", default_value = "data")]
@@ -55,59 +91,52 @@ pub struct ServeArgs {
     /// reveals no secret
     #[arg(long, env = "CITYPLANE_SECRETS_KEY")]
     pub secrets_key: Option<PathBuf>,
-    /// Serve the operator dashboard on this address (loopback only, e.g.
-    /// 127.0.0.1:8080; port 0 picks one). Operators sign in with a link
-    /// from `cityplane dashboard login`. Default: no dashboard
-    #[arg(long, env = "CITYPLANE_DASHBOARD", value_name = "ADDR")]
-    pub dashboard: Option<std::net::SocketAddr>,
-    /// Serve the dashboard over HTTPS with this certificate chain (PEM),
-    /// which lets it listen beyond loopback (the server's broker.crt will
-    /// do for browsers that trust the CA)
-    #[arg(long, env = "CITYPLANE_DASHBOARD_TLS_CERT", value_name = "FILE", requires_all = ["dashboard", "dashboard_tls_key"])]
-    pub dashboard_tls_cert: Option<PathBuf>,
-    /// The key of --dashboard-tls-cert (PEM)
-    #[arg(
-        long,
-        env = "CITYPLANE_DASHBOARD_TLS_KEY",
-        value_name = "FILE",
-        requires = "dashboard_tls_cert"
-    )]
-    pub dashboard_tls_key: Option<PathBuf>,
-    /// The address browsers use for the dashboard, e.g.
-    /// https://dashboard.city.example:8443 (needed when it listens on
-    /// 0.0.0.0): the only Host answered and the sign-in links' base.
-    /// Default: the address it listens on
-    #[arg(
-        long,
-        env = "CITYPLANE_DASHBOARD_URL",
-        value_name = "URL",
-        requires = "dashboard"
-    )]
-    pub dashboard_url: Option<String>,
+}
+
+impl ControllerOpts {
+    /// The controller's configuration from these settings.
+    pub fn config(&self) -> ControllerConfig {
+        let mut cc = ControllerConfig::new(self.data.clone());
+        cc.store_url = self.store.clone();
+        cc.cache_bytes = self.store_cache_mib * 1024 * 1024;
+        cc.rollout_every = std::time::Duration::from_millis(self.rollout_tick_ms);
+        cc.compliance_every = std::time::Duration::from_millis(self.compliance_tick_ms);
+        cc.max_firmware_bytes = self.max_firmware_mib << 20;
+        cc.secrets_key = self.secrets_key.clone();
+        cc
+    }
+
+    /// The `--print-config` lines of these settings.
+    pub fn print(&self) {
+        println!(
+            "\n# controller (flags or environment)\n# data = {:?}   # CITYPLANE_DATA\n# store = {:?}   # CITYPLANE_STORE\n# store_cache_mib = {}   # CITYPLANE_STORE_CACHE_MIB\n# rollout_tick_ms = {}   # CITYPLANE_ROLLOUT_TICK_MS\n# compliance_tick_ms = {}   # CITYPLANE_COMPLIANCE_TICK_MS\n# max_firmware_mib = {}   # CITYPLANE_MAX_FIRMWARE_MIB\n# secrets_key = {:?}   # CITYPLANE_SECRETS_KEY",
+            self.data.display().to_string(),
+            self.store.as_ref().map(|u| u.to_string()).unwrap_or_default(),
+            self.store_cache_mib,
+            self.rollout_tick_ms,
+            self.compliance_tick_ms,
+            self.max_firmware_mib,
+            self.secrets_key
+                .clone()
+                .unwrap_or_else(|| cityplane_controller::secrets::default_key_path(&self.data))
+                .display()
+                .to_string(),
+        );
+    }
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = broker_cmd::load_config(&args.broker)?;
     if args.broker.print_config {
         print!("{}", toml::to_string_pretty(&config)?);
+        args.controller.print();
         println!(
-            "\n# controller (flags or environment)\n# data = {:?}   # CITYPLANE_DATA\n# store = {:?}   # CITYPLANE_STORE\n# store_cache_mib = {}   # CITYPLANE_STORE_CACHE_MIB\n# rollout_tick_ms = {}   # CITYPLANE_ROLLOUT_TICK_MS\n# compliance_tick_ms = {}   # CITYPLANE_COMPLIANCE_TICK_MS\n# max_firmware_mib = {}   # CITYPLANE_MAX_FIRMWARE_MIB\n# secrets_key = {:?}   # CITYPLANE_SECRETS_KEY\n# dashboard = {:?}   # CITYPLANE_DASHBOARD",
-            args.data.display().to_string(),
-            args.store.as_ref().map(|u| u.to_string()).unwrap_or_default(),
-            args.store_cache_mib,
-            args.rollout_tick_ms,
-            args.compliance_tick_ms,
-            args.max_firmware_mib,
-            args.secrets_key
-                .clone()
-                .unwrap_or_else(|| cityplane_controller::secrets::default_key_path(&args.data))
-                .display()
-                .to_string(),
+            "# dashboard = {:?}   # CITYPLANE_DASHBOARD",
             args.dashboard.map(|a| a.to_string()).unwrap_or_default()
         );
         return Ok(());
     }
-    if let Some(url) = &args.store {
+    if let Some(url) = &args.controller.store {
         StoreLocation::from_url(&url.0)?;
     }
     broker_cmd::warn_if_ca_key(&config.pki);
@@ -120,7 +149,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // The controller stores published images in its data directory; the
     // broker's edge serves devices from there.
     let mut config = config;
-    config.firmware_dir = Some(cityplane_controller::runtime::firmware_dir(&args.data));
+    config.firmware_dir = Some(cityplane_controller::runtime::firmware_dir(
+        &args.controller.data,
+    ));
     // Bound before anything starts: a wrong address fails the start, and
     // the controller needs the dashboard's sign-in table.
     let dashboard = match args.dashboard {
@@ -139,16 +170,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let broker = Broker::start_closed(config)
         .await
         .context("starting the broker")?;
-    let mut cc = ControllerConfig::new(args.data.clone());
-    cc.store_url = args.store.clone();
+    let mut cc = args.controller.config();
     // The registry learns of devices issued with this CA from issued.jsonl.
     cc.registry_source = Some(registry_source);
     cc.pki = pki;
-    cc.cache_bytes = args.store_cache_mib * 1024 * 1024;
-    cc.rollout_every = std::time::Duration::from_millis(args.rollout_tick_ms);
-    cc.compliance_every = std::time::Duration::from_millis(args.compliance_tick_ms);
-    cc.max_firmware_bytes = args.max_firmware_mib << 20;
-    cc.secrets_key = args.secrets_key.clone();
     cc.sign_ins = dashboard.as_ref().map(|d| d.sign_ins());
     let store = cc.store_location();
     let controller = Controller::start_in_process(&broker, cc)
@@ -157,7 +182,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     eprintln!(
         "cityplane serving on {} (broker + controller, data in {}, store: {store}). Ctrl-C stops it.",
         broker.local_addr(),
-        args.data.display()
+        args.controller.data.display()
     );
     let (stop_dashboard, dashboard_stopped) = tokio::sync::oneshot::channel::<()>();
     let dashboard_task = dashboard.map(|d| {

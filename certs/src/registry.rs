@@ -61,6 +61,49 @@ pub fn issued_devices(dir: &Path) -> Result<Vec<IssuedDevice>, CertError> {
     Ok(out)
 }
 
+/// One certificate holder of any role, as the PKI knows it: what an
+/// external broker's users and the external controller's view of who asks
+/// are made from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedIdentity {
+    pub id: String,
+    pub role: Role,
+    /// An operator's organisation, from its newest certificate.
+    pub org: Option<String>,
+    /// Its newest certificate is revoked.
+    pub revoked: bool,
+}
+
+/// Every identity recorded in `dir` (devices, operators, controllers),
+/// newest record per id and role, in the order ids were first issued.
+pub fn issued_identities(dir: &Path) -> Result<Vec<IssuedIdentity>, CertError> {
+    let index = IssuedIndex::load(&dir.join(ISSUED_FILE))?;
+    let revocation = dir.join(REVOCATION_FILE);
+    let revoked = if revocation.exists() {
+        RevocationFile::load(&revocation)?
+    } else {
+        RevocationFile::empty()
+    };
+    let mut out: Vec<IssuedIdentity> = Vec::new();
+    let mut at: HashMap<(&str, Role), usize> = HashMap::new();
+    for rec in &index.records {
+        let identity = IssuedIdentity {
+            id: rec.id.clone(),
+            role: rec.role,
+            org: rec.org.clone(),
+            revoked: revoked.find(&rec.serial).is_some(),
+        };
+        match at.get(&(rec.id.as_str(), rec.role)) {
+            Some(&i) => out[i] = identity,
+            None => {
+                at.insert((&rec.id, rec.role), out.len());
+                out.push(identity);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// An RFC 3339 time as unix milliseconds (`None` if unreadable or before 1970).
 fn unix_ms(rfc3339: &str) -> Option<u64> {
     let t = time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)

@@ -78,6 +78,14 @@ pub const FLEET_DESIRED_ALL: &str = "fleet/desired/#";
 pub const FLEET_OPS_ALL: &str = "fleet/ops/#";
 /// Everything under `fleet/` (status, responses): what operators may read.
 pub const FLEET_ALL: &str = "fleet/#";
+/// Operators' requests on an external broker, which cannot tell the
+/// controller who published: `fleet/by/<operator>/ops/<verb>` and
+/// `fleet/by/<operator>/desired/<name>`. The broker's per-user topic
+/// permission is what makes the `<operator>` level true (RabbitMQ:
+/// `cityplane cluster sync`); the embedded broker never accepts them.
+pub const FLEET_BY: &str = "fleet/by";
+/// What an external controller subscribes to for operators' requests.
+pub const FLEET_BY_ALL: [&str; 2] = ["fleet/by/+/ops/#", "fleet/by/+/desired/#"];
 /// The prefix of a shared subscription, `$share/<group>/<filter>`.
 pub const SHARE_PREFIX: &str = "$share/";
 /// The broker's own topics: nobody may use them (refusal tests need the name).
@@ -133,6 +141,26 @@ pub fn ops_verb(topic: &str) -> Option<&str> {
     topic.strip_prefix(FLEET_OPS)?.strip_prefix('/')
 }
 
+/// `fleet/ops/<verb>` or `fleet/desired/<name>` as `operator` publishes it
+/// on an external broker (see [`FLEET_BY`]); `None` for any other topic.
+pub fn by(operator: &str, topic: &str) -> Option<String> {
+    let rest = topic.strip_prefix("fleet/")?;
+    (rest.starts_with("ops/") || rest.starts_with("desired/"))
+        .then(|| format!("{FLEET_BY}/{operator}/{rest}"))
+}
+
+/// Splits `fleet/by/<operator>/<rest>` into the operator and the topic the
+/// embedded broker would have carried (`fleet/<rest>`); only `ops/` and
+/// `desired/` requests, from a non-empty operator level.
+pub fn split_by(topic: &str) -> Option<(&str, String)> {
+    let rest = topic.strip_prefix(FLEET_BY)?.strip_prefix('/')?;
+    let (operator, inner) = rest.split_once('/')?;
+    if operator.is_empty() || !(inner.starts_with("ops/") || inner.starts_with("desired/")) {
+        return None;
+    }
+    Some((operator, format!("fleet/{inner}")))
+}
+
 /// Splits `devices/<id>/<leaf>` into `(id, leaf)`.
 pub fn split_device_topic(topic: &str) -> Option<(&str, &str)> {
     let rest = topic.strip_prefix(DEVICES)?.strip_prefix('/')?;
@@ -156,6 +184,25 @@ mod tests {
         assert_eq!(split_device_topic("devices/d1/a/b"), None);
         assert_eq!(split_device_topic("devicesX/d1/a"), None);
         assert_eq!(split_device_topic("devices/d1"), None);
+    }
+
+    #[test]
+    fn requests_by_name_round_trip_and_nothing_else_passes() {
+        let t = by("alice", &ops("status")).unwrap();
+        assert_eq!(t, "fleet/by/alice/ops/status");
+        assert_eq!(split_by(&t), Some(("alice", ops("status"))));
+        let d = by("alice", &desired("dim")).unwrap();
+        assert_eq!(split_by(&d), Some(("alice", desired("dim"))));
+        assert_eq!(by("alice", FLEET_STATUS), None);
+        for bad in [
+            "fleet/by//ops/status",
+            "fleet/by/alice",
+            "fleet/by/alice/responses/x",
+            "fleet/byx/alice/ops/status",
+            "fleet/ops/status",
+        ] {
+            assert_eq!(split_by(bad), None, "{bad}");
+        }
     }
 
     #[test]

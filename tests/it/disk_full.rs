@@ -70,6 +70,7 @@ pub(crate) async fn operator(pki: &Path, port: u16, server: &mut Server, log: &P
         pki: pki.to_path_buf(),
         id: "op".into(),
         timeout: 10,
+        cluster: false,
     };
     let deadline = Instant::now() + DEADLINE;
     loop {

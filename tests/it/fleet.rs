@@ -54,6 +54,7 @@ impl Setup {
             pki: self.pki.clone(),
             id: "op".into(),
             timeout: 10,
+            cluster: false,
         })
         .await
         .expect("operator connects")

@@ -12,11 +12,23 @@ struct Held {
     responses: Vec<Outgoing>,
     /// Commands: only after the record of the command (the outbox) is durable.
     commands: Vec<Outgoing>,
+    /// An external broker's deliveries: acknowledged only once what they
+    /// changed is durable, so a crash before makes the broker deliver them
+    /// again instead of losing them.
+    acks: Vec<super::external::Ack>,
 }
 
 impl Held {
     fn is_empty(&self) -> bool {
-        self.responses.is_empty() && self.commands.is_empty()
+        self.responses.is_empty() && self.commands.is_empty() && self.acks.is_empty()
+    }
+
+    /// Everything held may go: its state is durable.
+    async fn release(self, out: &mpsc::Sender<Outgoing>) {
+        for ack in self.acks {
+            ack.release();
+        }
+        send_all(out, self.responses.into_iter().chain(self.commands)).await;
     }
 }
 
@@ -101,7 +113,7 @@ pub(super) async fn run(
                     None => std::future::pending().await,
                 }
             } => {
-                let (held, rollouts) = in_flight
+                let (flight, rollouts) = in_flight
                     .take()
                     .map(|c| (c.held, c.rollouts))
                     .unwrap_or_default();
@@ -113,7 +125,7 @@ pub(super) async fn run(
                     ),
                 };
                 match result {
-                    Ok(()) => send_all(&out, held.responses.into_iter().chain(held.commands)).await,
+                    Ok(()) => flight.release(&out).await,
                     Err(e) => {
                         tracing::error!(error = %e, disk_full = e.is_disk_full(), unavailable = e.is_unavailable(), "commit failed; holding changes and commands until storage works again");
                         fleet.mark_dirty(written);
@@ -121,11 +133,14 @@ pub(super) async fn run(
                         // Commands are not sent before their record is durable;
                         // the timers re-send them once a commit succeeds.
                         fleet.commands_not_sent(
-                            held.commands
+                            flight.commands
                                 .iter()
                                 .filter_map(|c| topics::split_device_topic(&c.topic).map(|(id, _)| id)),
                         );
-                        send_all(&out, held.responses).await;
+                        send_all(&out, flight.responses).await;
+                        // Their changes are dirty again: acknowledged with
+                        // the commit that writes them.
+                        held.acks.extend(flight.acks);
                         retry_commit_at = Some(tokio::time::Instant::now() + COMMIT_RETRY);
                     }
                 }
@@ -178,14 +193,20 @@ pub(super) async fn run(
         let now = clock.now();
         for event in batch {
             match event {
-                Event::Device { id, leaf, payload } => {
+                Event::Device {
+                    id,
+                    leaf,
+                    payload,
+                    ack,
+                } => {
                     if known_device(&id) {
                         fleet.on_device_message(&id, &leaf, &payload, now)
                     } else {
                         fleet.refuse_unknown_device(&id, &leaf)
                     }
+                    held.acks.extend(ack);
                 }
-                Event::Operator(msg) => {
+                Event::Operator(msg, ack) => {
                     // A write commits itself before it is answered: its answer
                     // need not wait for the batch's commit (which, after a
                     // document that changes 50,000 devices, writes them all).
@@ -196,8 +217,13 @@ pub(super) async fn run(
                     // when the operator reads "quarantined", it is.
                     tables.push_pins(&mut fleet);
                     if write {
+                        // Committed by handle_operator (or refused).
+                        if let Some(ack) = ack {
+                            ack.release();
+                        }
                         send_all(&out, answers).await;
                     } else {
+                        held.acks.extend(ack);
                         held.responses.extend(answers);
                     }
                 }
@@ -306,8 +332,7 @@ pub(super) async fn run(
             });
         } else if !held.is_empty() {
             // Nothing new to make durable: what is held may go now.
-            let ready = std::mem::take(&mut held);
-            send_all(&out, ready.responses.into_iter().chain(ready.commands)).await;
+            std::mem::take(&mut held).release(&out).await;
         }
     }
 }
@@ -323,9 +348,7 @@ async fn finish(
 ) -> Result<(), ControllerError> {
     if let Some(c) = in_flight {
         match c.task.await {
-            Ok((_, Ok(()))) => {
-                send_all(out, c.held.responses.into_iter().chain(c.held.commands)).await
-            }
+            Ok((_, Ok(()))) => c.held.release(out).await,
             Ok((written, Err(e))) => {
                 tracing::error!(error = %e, "commit failed at shutdown");
                 fleet.mark_dirty(written);
@@ -342,7 +365,7 @@ async fn finish(
     };
     let (_, result) = commit(store, changes).await;
     match result {
-        Ok(()) => send_all(out, held.responses.into_iter().chain(held.commands)).await,
+        Ok(()) => held.release(out).await,
         Err(e) => {
             tracing::error!(error = %e, "last commit failed at shutdown; the changes since the last commit are re-derived at the next start");
             send_all(out, held.responses).await;

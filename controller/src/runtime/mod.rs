@@ -140,8 +140,10 @@ enum Event {
         id: String,
         leaf: String,
         payload: bytes::Bytes,
+        /// From an external broker: acknowledged once durable.
+        ack: Option<external::Ack>,
     },
-    Operator(OperatorMessage),
+    Operator(OperatorMessage, Option<external::Ack>),
     /// The device certificates a PKI directory records, read anew.
     Issued(Vec<IssuedDevice>),
     /// An operator request from inside the process (the dashboard), for an
@@ -225,50 +227,7 @@ impl Controller {
         broker: &RunningBroker,
         config: ControllerConfig,
     ) -> Result<Controller, ControllerError> {
-        // Firmware and the secrets key live there whichever the engine
-        // (sled creates it for itself; PostgreSQL does not).
-        std::fs::create_dir_all(&config.data).map_err(StoreError::Io)?;
-        let location = config.store_location();
-        let cache = config.cache_bytes;
-        let gate = config.commit_gate.clone();
-        let store = tokio::task::spawn_blocking(move || {
-            Store::open_at(&location, cache).map(|s| s.with_gate(gate))
-        })
-        .await
-        .map_err(|e| ControllerError::Broker(e.to_string()))??;
-        let store = Arc::new(store);
-        let loaded = {
-            let store = store.clone();
-            tokio::task::spawn_blocking(move || store.load())
-                .await
-                .map_err(|e| ControllerError::Broker(e.to_string()))??
-        };
-        tracing::info!(
-            devices = loaded.devices.len(),
-            documents = loaded.docs.len(),
-            store = %store.location(),
-            "controller state loaded"
-        );
-        let mut fleet = Fleet::new(
-            loaded.docs,
-            loaded.devices,
-            loaded.seq,
-            loaded.audit_last,
-            config.retry.clone(),
-            config.input,
-            format!("{:x}", now_ms()),
-        );
-        fleet.restore_rollouts(loaded.rollouts, loaded.releases);
-        let key_path = config
-            .secrets_key
-            .clone()
-            .unwrap_or_else(|| crate::secrets::default_key_path(&config.data));
-        let secrets = Arc::new(crate::secrets::Secrets {
-            vault: crate::secrets::Vault::open_or_create(&key_path)?,
-            store: store.clone(),
-        });
-        fleet.secrets = Some(secrets.clone());
-        fleet.load_governance(loaded.governance, now_ms())?;
+        let (mut fleet, store, secrets) = prepare(&config).await?;
         let tables = event_loop::BrokerTables {
             scopes: broker.scopes(),
             pins: broker.pins(),
@@ -279,7 +238,6 @@ impl Controller {
         fleet.pins_dirty = true;
         tables.push_pins(&mut fleet);
 
-        const LEAVES: [&str; 4] = ["reported", "acks", "presence", topics::DEVICE_CSR_LEAF];
         // Device messages come from the edge's tap, commands go straight to
         // the devices' connections: the router thread is crossed only by
         // what other subscribers want. The link publishes the rest.
@@ -288,44 +246,47 @@ impl Controller {
             .await
             .map_err(|e| ControllerError::Broker(e.to_string()))?;
         let device_tap = broker
-            .tap_device_messages(&LEAVES)
+            .tap_device_messages(&DEVICE_LEAVES)
             .ok_or_else(|| ControllerError::Broker("device messages already tapped".into()))?;
         let tap = broker
             .tap_operator_messages()
             .ok_or_else(|| ControllerError::Broker("operator tap already taken".into()))?;
-        let (events_tx, events) = mpsc::channel(8192);
+        let (events_tx, events) = mpsc::channel(EVENTS_QUEUE);
         tokio::spawn(read_devices(device_tap, events_tx.clone()));
-        if let Some(dir) = config.registry_source.clone() {
-            // The first read is in the loop's queue before any device can
-            // connect (the broker opens below).
-            let first = read_issued(&dir).await;
-            if let Some(devices) = first.clone() {
-                let _ = events_tx.send(Event::Issued(devices)).await;
-            }
-            tokio::spawn(watch_issued(dir, events_tx.clone()));
-        }
-        let local_tx = events_tx.clone();
-        tokio::spawn(read_tap(tap, events_tx));
-        let (out_tx, out_rx) = mpsc::channel(8192);
+        feed_registry(&config, &events_tx).await;
+        tokio::spawn(read_tap(tap, events_tx.clone()));
+        let (out_tx, out_rx) = mpsc::channel(EVENTS_QUEUE);
         tokio::spawn(publish(tx, broker.commands(), out_rx, secrets));
-        let (shutdown, shutdown_rx) = watch::channel(false);
-        let task = tokio::spawn(run(
-            fleet,
-            store,
-            events,
-            out_tx,
-            config,
-            shutdown_rx,
-            Clock::new(),
-            tables,
-        ));
+        let controller = launch(fleet, store, events_tx, events, out_tx, config, tables);
         // Subscribed and tapped: now devices may connect.
         broker.open();
-        Ok(Controller {
-            shutdown,
-            task,
-            events: local_tx,
-        })
+        Ok(controller)
+    }
+
+    /// Starts the controller as a client of an external MQTT broker
+    /// (a RabbitMQ cluster): device messages and operators' requests
+    /// arrive by subscription and are acknowledged to the broker only once
+    /// what they changed is durable; commands and answers are published.
+    /// The broker enforces identity and topic rules (`cluster sync`).
+    pub async fn start_external(
+        broker: external::ExternalBroker,
+        config: ControllerConfig,
+    ) -> Result<Controller, ControllerError> {
+        let (mut fleet, store, secrets) = prepare(&config).await?;
+        // Nothing reads these tables here: the external broker's users and
+        // permissions are its scopes and pins.
+        let tables = event_loop::BrokerTables {
+            scopes: cityplane_broker::Scopes::default(),
+            pins: cityplane_broker::Pins::default(),
+        };
+        fleet.gov.scopes_dirty = false;
+        let (events_tx, events) = mpsc::channel(EVENTS_QUEUE);
+        feed_registry(&config, &events_tx).await;
+        let (out_tx, out_rx) = mpsc::channel(EVENTS_QUEUE);
+        external::spawn(broker, events_tx.clone(), out_rx, secrets);
+        Ok(launch(
+            fleet, store, events_tx, events, out_tx, config, tables,
+        ))
     }
 
     /// The operator protocol for in-process callers (the dashboard).
@@ -341,6 +302,100 @@ impl Controller {
         self.task
             .await
             .map_err(|e| ControllerError::Broker(e.to_string()))?
+    }
+}
+
+/// The device leaves the controller reads.
+const DEVICE_LEAVES: [&str; 4] = ["reported", "acks", "presence", topics::DEVICE_CSR_LEAF];
+/// Events and outgoing messages queued between the loop and its I/O.
+const EVENTS_QUEUE: usize = 8192;
+
+/// Opens the store, loads the fleet and the secrets vault.
+async fn prepare(
+    config: &ControllerConfig,
+) -> Result<(Fleet, Arc<Store>, Arc<crate::secrets::Secrets>), ControllerError> {
+    // Firmware and the secrets key live there whichever the engine
+    // (sled creates it for itself; PostgreSQL does not).
+    std::fs::create_dir_all(&config.data).map_err(StoreError::Io)?;
+    let location = config.store_location();
+    let cache = config.cache_bytes;
+    let gate = config.commit_gate.clone();
+    let store = tokio::task::spawn_blocking(move || {
+        Store::open_at(&location, cache).map(|s| s.with_gate(gate))
+    })
+    .await
+    .map_err(|e| ControllerError::Broker(e.to_string()))??;
+    let store = Arc::new(store);
+    let loaded = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.load())
+            .await
+            .map_err(|e| ControllerError::Broker(e.to_string()))??
+    };
+    tracing::info!(
+        devices = loaded.devices.len(),
+        documents = loaded.docs.len(),
+        store = %store.location(),
+        "controller state loaded"
+    );
+    let mut fleet = Fleet::new(
+        loaded.docs,
+        loaded.devices,
+        loaded.seq,
+        loaded.audit_last,
+        config.retry.clone(),
+        config.input,
+        format!("{:x}", now_ms()),
+    );
+    fleet.restore_rollouts(loaded.rollouts, loaded.releases);
+    let key_path = config
+        .secrets_key
+        .clone()
+        .unwrap_or_else(|| crate::secrets::default_key_path(&config.data));
+    let secrets = Arc::new(crate::secrets::Secrets {
+        vault: crate::secrets::Vault::open_or_create(&key_path)?,
+        store: store.clone(),
+    });
+    fleet.secrets = Some(secrets.clone());
+    fleet.load_governance(loaded.governance, now_ms())?;
+    Ok((fleet, store, secrets))
+}
+
+/// The registry's first read is queued before any device can be heard
+/// from; then the source is watched.
+async fn feed_registry(config: &ControllerConfig, events: &mpsc::Sender<Event>) {
+    if let Some(dir) = config.registry_source.clone() {
+        if let Some(devices) = read_issued(&dir).await {
+            let _ = events.send(Event::Issued(devices)).await;
+        }
+        tokio::spawn(watch_issued(dir, events.clone()));
+    }
+}
+
+fn launch(
+    fleet: Fleet,
+    store: Arc<Store>,
+    events_tx: mpsc::Sender<Event>,
+    events: mpsc::Receiver<Event>,
+    out_tx: mpsc::Sender<Outgoing>,
+    config: ControllerConfig,
+    tables: event_loop::BrokerTables,
+) -> Controller {
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let task = tokio::spawn(run(
+        fleet,
+        store,
+        events,
+        out_tx,
+        config,
+        shutdown_rx,
+        Clock::new(),
+        tables,
+    ));
+    Controller {
+        shutdown,
+        task,
+        events: events_tx,
     }
 }
 
@@ -396,6 +451,7 @@ fn known_devices(pki: Option<std::path::PathBuf>) -> Box<dyn FnMut(&str) -> bool
 }
 
 mod event_loop;
+pub mod external;
 mod firmware;
 mod governance;
 mod incidents;

@@ -17,6 +17,7 @@ pub(super) async fn read_devices(mut tap: DeviceTap, events: mpsc::Sender<Event>
                 id: id.to_owned(),
                 leaf: leaf.to_owned(),
                 payload: delivery.payload,
+                ack: None,
             };
             if events.send(event).await.is_err() {
                 return;
@@ -80,7 +81,7 @@ pub(super) async fn read_tap(
     events: mpsc::Sender<Event>,
 ) {
     while let Some(message) = tap.recv().await {
-        if events.send(Event::Operator(message)).await.is_err() {
+        if events.send(Event::Operator(message, None)).await.is_err() {
             return;
         }
     }

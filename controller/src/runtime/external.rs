@@ -1,0 +1,396 @@
+//! The controller as a client of an external MQTT broker (a RabbitMQ
+//! cluster, `cityplane cluster`): what feeds the loop and carries its
+//! output when the broker is not in this process.
+//!
+//! - One persistent session (clean session off, QoS 1) under the
+//!   controller's certificate: what arrives while the controller is away
+//!   waits in the broker's queue.
+//! - Deliveries are acknowledged by hand, only once the commit covering
+//!   them is durable ([`Ack`], released by the loop): a crash before that
+//!   makes the broker deliver them again, so nothing the broker
+//!   acknowledged to a device is lost. Reports and acks are idempotent,
+//!   so a redelivery is harmless.
+//! - Nodes are tried in turn: when one dies the session moves to the next.
+//! - Operators name themselves in the topic (`fleet/by/<operator>/...`):
+//!   the broker's per-user topic permission is what makes that true; their
+//!   organisation is read from the PKI's issuance record.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cityplane_broker::OperatorMessage;
+use cityplane_certs::registry::IssuedIdentity;
+use cityplane_proto::{topics, Identity, Role};
+use rumqttc::{
+    AsyncClient, Event as MqttEvent, EventLoop, MqttOptions, Packet, Publish, QoS, SubscribeFilter,
+    TlsConfiguration, Transport,
+};
+use tokio::sync::mpsc;
+
+use super::{Event, DEVICE_LEAVES};
+use crate::fleet::Outgoing;
+
+/// Where and as whom the controller connects.
+#[derive(Clone)]
+pub struct ExternalBroker {
+    /// `(host, port)` of each node, tried in this order and round again.
+    pub nodes: Vec<(String, u16)>,
+    /// The controller's identity: its certificate's CN, and the MQTT
+    /// client id of its persistent session.
+    pub id: String,
+    pub tls: Arc<rustls::ClientConfig>,
+    /// The PKI (or server) directory whose `issued.jsonl` says which
+    /// operators exist and their organisations.
+    pub identities: PathBuf,
+}
+
+impl std::fmt::Debug for ExternalBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExternalBroker")
+            .field("nodes", &self.nodes)
+            .field("id", &self.id)
+            .field("identities", &self.identities)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Unacknowledged deliveries the broker may hand the controller at once:
+/// they wait for the commit that covers them, so this bounds a batch.
+const INFLIGHT: u16 = 1000;
+/// Wait after a failed connection before the next node, doubling to the
+/// maximum.
+const RECONNECT_FIRST: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(2);
+
+/// One delivery's acknowledgement, given by the loop once what it changed
+/// is durable.
+pub(crate) struct Ack {
+    acks: mpsc::UnboundedSender<(u64, u16)>,
+    connection: u64,
+    pkid: u16,
+}
+
+impl Ack {
+    pub(crate) fn release(self) {
+        let _ = self.acks.send((self.connection, self.pkid));
+    }
+}
+
+/// Which connection acknowledgements belong to. A packet id is only
+/// meaningful on the connection it arrived on (the broker numbers its
+/// deliveries per connection and requeues unacknowledged ones when a
+/// connection ends), so an acknowledgement from an earlier connection is
+/// dropped: it could acknowledge another message that reused the id.
+struct Connection {
+    generation: Mutex<u64>,
+}
+
+pub(super) fn spawn(
+    broker: ExternalBroker,
+    events: mpsc::Sender<Event>,
+    out: mpsc::Receiver<Outgoing>,
+    secrets: Arc<crate::secrets::Secrets>,
+) {
+    let options = options(&broker, 0);
+    let (client, eventloop) = AsyncClient::new(options, usize::from(INFLIGHT) * 4);
+    let connection = Arc::new(Connection {
+        generation: Mutex::new(0),
+    });
+    let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+    tokio::spawn(acknowledge(client.clone(), connection.clone(), ack_rx));
+    tokio::spawn(publish(client.clone(), out, secrets));
+    tokio::spawn(receive(
+        broker, client, eventloop, connection, events, ack_tx,
+    ));
+}
+
+fn options(broker: &ExternalBroker, node: usize) -> MqttOptions {
+    let (host, port) = &broker.nodes[node % broker.nodes.len()];
+    let mut options = MqttOptions::new(broker.id.clone(), host.clone(), *port);
+    options.set_clean_session(false);
+    options.set_manual_acks(true);
+    options.set_keep_alive(Duration::from_secs(10));
+    options.set_inflight(INFLIGHT);
+    options.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
+    options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+        broker.tls.clone(),
+    )));
+    options
+}
+
+/// What the controller subscribes to: the device leaves it reads and the
+/// operators' requests.
+fn filters() -> Vec<SubscribeFilter> {
+    DEVICE_LEAVES
+        .iter()
+        .map(|leaf| topics::all_devices(leaf))
+        .chain(topics::FLEET_BY_ALL.iter().map(|f| f.to_string()))
+        .map(|path| SubscribeFilter::new(path, QoS::AtLeastOnce))
+        .collect()
+}
+
+async fn receive(
+    broker: ExternalBroker,
+    client: AsyncClient,
+    mut eventloop: EventLoop,
+    connection: Arc<Connection>,
+    events: mpsc::Sender<Event>,
+    acks: mpsc::UnboundedSender<(u64, u16)>,
+) {
+    let mut node = 0;
+    let mut wait = RECONNECT_FIRST;
+    let mut operators = Operators::new(&broker.identities);
+    loop {
+        match eventloop.poll().await {
+            Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
+                wait = RECONNECT_FIRST;
+                let (host, port) = &broker.nodes[node % broker.nodes.len()];
+                tracing::info!(node = %format!("{host}:{port}"), session_present = ack.session_present, "controller connected to the broker");
+                // A resumed session keeps its subscriptions; subscribing
+                // again is harmless and covers a session the broker lost.
+                if let Err(e) = client.try_subscribe_many(filters()) {
+                    tracing::error!(error = %e, "could not queue the subscriptions");
+                }
+            }
+            Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                // Only this task moves the generation on, so it is the
+                // connection this delivery came on.
+                let generation = *connection
+                    .generation
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                let ack = (p.qos != QoS::AtMostOnce).then(|| Ack {
+                    acks: acks.clone(),
+                    connection: generation,
+                    pkid: p.pkid,
+                });
+                match route(&p, &mut operators) {
+                    Some(event) => {
+                        let event = with_ack(event, ack);
+                        if events.send(event).await.is_err() {
+                            return;
+                        }
+                    }
+                    None => {
+                        if let Some(ack) = ack {
+                            ack.release();
+                        }
+                    }
+                }
+            }
+            Ok(MqttEvent::Incoming(Packet::SubAck(suback))) => {
+                let refused = suback
+                    .return_codes
+                    .iter()
+                    .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                    .count();
+                if refused > 0 {
+                    tracing::error!(
+                        refused,
+                        "the broker refused subscriptions: is the controller's user provisioned (`cityplane cluster sync`)?"
+                    );
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                {
+                    // Acknowledgements queued for the connection that just
+                    // ended must not reach the next one.
+                    let mut current = connection
+                        .generation
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    *current += 1;
+                    eventloop.clean();
+                }
+                let (host, port) = &broker.nodes[node % broker.nodes.len()];
+                tracing::warn!(node = %format!("{host}:{port}"), error = %e, retry_in = ?wait, "lost the broker; trying the next node");
+                node += 1;
+                eventloop.mqtt_options = options(&broker, node);
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(RECONNECT_MAX);
+            }
+        }
+    }
+}
+
+fn with_ack(event: Event, ack: Option<Ack>) -> Event {
+    match event {
+        Event::Device {
+            id, leaf, payload, ..
+        } => Event::Device {
+            id,
+            leaf,
+            payload,
+            ack,
+        },
+        Event::Operator(msg, _) => Event::Operator(msg, ack),
+        other => other,
+    }
+}
+
+/// A delivery as the loop's event: a device's message, or an operator's
+/// request from an operator the PKI knows. `None`: nothing the controller
+/// reads (acknowledged and dropped).
+fn route(p: &Publish, operators: &mut Operators) -> Option<Event> {
+    let topic = p.topic.as_str();
+    if let Some((id, leaf)) = topics::split_device_topic(topic) {
+        if !DEVICE_LEAVES.contains(&leaf) || cityplane_proto::validate_id(id).is_err() {
+            return None;
+        }
+        return Some(Event::Device {
+            id: id.to_owned(),
+            leaf: leaf.to_owned(),
+            payload: p.payload.clone(),
+            ack: None,
+        });
+    }
+    let (operator, inner) = topics::split_by(topic)?;
+    let Some(from) = operators.get(operator) else {
+        tracing::warn!(
+            operator,
+            "request from an identity the PKI does not know as an operator: dropped"
+        );
+        return None;
+    };
+    Some(Event::Operator(
+        OperatorMessage {
+            from,
+            topic: inner,
+            payload: p.payload.clone(),
+        },
+        None,
+    ))
+}
+
+/// The operators the PKI has issued (not revoked), with their
+/// organisations; read again when an unknown name asks, at most once a
+/// second.
+struct Operators {
+    dir: PathBuf,
+    known: HashMap<String, Option<String>>,
+    read_at: Option<std::time::Instant>,
+}
+
+impl Operators {
+    fn new(dir: &Path) -> Operators {
+        let mut operators = Operators {
+            dir: dir.to_path_buf(),
+            known: HashMap::new(),
+            read_at: None,
+        };
+        operators.reload();
+        operators
+    }
+
+    fn reload(&mut self) {
+        self.read_at = Some(std::time::Instant::now());
+        match cityplane_certs::registry::issued_identities(&self.dir) {
+            Ok(all) => self.known = operators_of(all),
+            Err(e) => {
+                tracing::warn!(error = %e, dir = %self.dir.display(), "could not read the operators from the PKI's issuance record")
+            }
+        }
+    }
+
+    fn get(&mut self, id: &str) -> Option<Identity> {
+        let stale = self
+            .read_at
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(1));
+        if !self.known.contains_key(id) && stale {
+            self.reload();
+        }
+        let org = self.known.get(id)?.clone();
+        Some(Identity {
+            id: id.to_owned(),
+            role: Role::Operator,
+            org,
+        })
+    }
+}
+
+fn operators_of(all: Vec<IssuedIdentity>) -> HashMap<String, Option<String>> {
+    all.into_iter()
+        .filter(|i| i.role == Role::Operator && !i.revoked)
+        .map(|i| (i.id, i.org))
+        .collect()
+}
+
+/// Forwards the loop's acknowledgements to the connection they belong to.
+async fn acknowledge(
+    client: AsyncClient,
+    connection: Arc<Connection>,
+    mut acks: mpsc::UnboundedReceiver<(u64, u16)>,
+) {
+    while let Some((generation, pkid)) = acks.recv().await {
+        loop {
+            let sent = {
+                let current = connection
+                    .generation
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if *current != generation {
+                    break;
+                }
+                let mut p = Publish::new("", QoS::AtLeastOnce, Vec::new());
+                p.pkid = pkid;
+                // Never wait while holding the lock: the receiver takes it
+                // to move on to the next connection.
+                client.try_ack(&p)
+            };
+            match sent {
+                Ok(()) => break,
+                Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
+        }
+    }
+}
+
+/// Publishes what the loop produces, in order, at QoS 1 (the client keeps
+/// and resends what the broker has not acknowledged across reconnects).
+/// Commands get their secrets' plaintexts here, at the last moment.
+async fn publish(
+    client: AsyncClient,
+    mut out: mpsc::Receiver<Outgoing>,
+    secrets: Arc<crate::secrets::Secrets>,
+) {
+    while let Some(mut out) = out.recv().await {
+        if let Some((device, topics::DEVICE_SUBSCRIBE_LEAF)) =
+            topics::split_device_topic(&out.topic)
+        {
+            out.payload = secrets.fill_command(device, out.payload);
+        }
+        if client
+            .publish(out.topic, QoS::AtLeastOnce, out.retain, out.payload)
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_unrevoked_operators_ask() {
+        let id = |id: &str, role, org: Option<&str>, revoked| IssuedIdentity {
+            id: id.into(),
+            role,
+            org: org.map(Into::into),
+            revoked,
+        };
+        let known = operators_of(vec![
+            id("alice", Role::Operator, Some("city"), false),
+            id("bob", Role::Operator, Some("lighting-co"), true),
+            id("lamp-1", Role::Device, None, false),
+        ]);
+        assert_eq!(known.get("alice"), Some(&Some("city".to_owned())));
+        assert!(!known.contains_key("bob"));
+        assert!(!known.contains_key("lamp-1"));
+    }
+}
