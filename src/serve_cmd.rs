@@ -2,7 +2,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use cityplane_broker::Broker;
-use cityplane_controller::{Controller, ControllerConfig};
+use cityplane_controller::store::StoreLocation;
+use cityplane_controller::{Controller, ControllerConfig, StoreUrl};
 
 use crate::broker_cmd::{self, BrokerArgs};
 
@@ -50,10 +51,21 @@ pub struct ServeArgs {
 /// The controller's own settings, the same for `serve` and `controller`.
 #[derive(clap::Args, Debug)]
 pub struct ControllerOpts {
-    /// Directory of the controller's database (created if missing)
+    /// The controller's data directory (created if missing): firmware
+    /// images, the secrets key and, without --store, the database (sled)
     #[arg(long, env = "CITYPLANE_DATA", default_value = "data")]
     pub data: PathBuf,
-    /// Page cache of the controller's database, in MiB. A larger cache
+    /// Keep the controller's state in PostgreSQL (15 or later) instead of
+    /// sled under --data: postgres://USER[:PASSWORD]@HOST:PORT/DATABASE,
+    /// e.g. postgres://cityplane@127.0.0.1:5432/cityplane (a unix socket:
+    /// postgres://cityplane@%2Frun%2Fpostgresql/cityplane). The database
+    /// must exist; its table is created at first start. No TLS: loopback or
+    /// a unix socket only. Refused if the server runs with fsync=off or
+    /// synchronous_commit=off. The password never appears in logs or
+    /// errors. Default: sled under --data
+    #[arg(long, env = "CITYPLANE_STORE", value_name = "URL", value_parser = parse_store_url)]
+    pub store: Option<StoreUrl>,
+    /// Page cache of the controller's sled database, in MiB. A larger cache
     /// makes big fleets faster (100,000 devices: ~35,000 reports/s at 64,
     /// ~42,000 at 256) and barely changes memory there; the process needs
     /// roughly 9 KiB per device whatever the cache (see docs/BENCHMARKS.md)
@@ -85,6 +97,7 @@ impl ControllerOpts {
     /// The controller's configuration from these settings.
     pub fn config(&self) -> ControllerConfig {
         let mut cc = ControllerConfig::new(self.data.clone());
+        cc.store_url = self.store.clone();
         cc.cache_bytes = self.store_cache_mib * 1024 * 1024;
         cc.rollout_every = std::time::Duration::from_millis(self.rollout_tick_ms);
         cc.compliance_every = std::time::Duration::from_millis(self.compliance_tick_ms);
@@ -96,8 +109,9 @@ impl ControllerOpts {
     /// The `--print-config` lines of these settings.
     pub fn print(&self) {
         println!(
-            "\n# controller (flags or environment)\n# data = {:?}   # CITYPLANE_DATA\n# store_cache_mib = {}   # CITYPLANE_STORE_CACHE_MIB\n# rollout_tick_ms = {}   # CITYPLANE_ROLLOUT_TICK_MS\n# compliance_tick_ms = {}   # CITYPLANE_COMPLIANCE_TICK_MS\n# max_firmware_mib = {}   # CITYPLANE_MAX_FIRMWARE_MIB\n# secrets_key = {:?}   # CITYPLANE_SECRETS_KEY",
+            "\n# controller (flags or environment)\n# data = {:?}   # CITYPLANE_DATA\n# store = {:?}   # CITYPLANE_STORE\n# store_cache_mib = {}   # CITYPLANE_STORE_CACHE_MIB\n# rollout_tick_ms = {}   # CITYPLANE_ROLLOUT_TICK_MS\n# compliance_tick_ms = {}   # CITYPLANE_COMPLIANCE_TICK_MS\n# max_firmware_mib = {}   # CITYPLANE_MAX_FIRMWARE_MIB\n# secrets_key = {:?}   # CITYPLANE_SECRETS_KEY",
             self.data.display().to_string(),
+            self.store.as_ref().map(|u| u.to_string()).unwrap_or_default(),
             self.store_cache_mib,
             self.rollout_tick_ms,
             self.compliance_tick_ms,
@@ -121,6 +135,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             args.dashboard.map(|a| a.to_string()).unwrap_or_default()
         );
         return Ok(());
+    }
+    if let Some(url) = &args.controller.store {
+        StoreLocation::from_url(&url.0)?;
     }
     broker_cmd::warn_if_ca_key(&config.pki);
     // The controller refuses reports from ids without a <id>.crt; only a CA
@@ -158,16 +175,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     cc.registry_source = Some(registry_source);
     cc.pki = pki;
     cc.sign_ins = dashboard.as_ref().map(|d| d.sign_ins());
+    let store = cc.store_location();
     let controller = Controller::start_in_process(&broker, cc)
         .await
-        .with_context(|| {
-            format!(
-                "starting the controller on {}",
-                args.controller.data.display()
-            )
-        })?;
+        .with_context(|| format!("starting the controller on {store}"))?;
     eprintln!(
-        "cityplane serving on {} (broker + controller, data in {}). Ctrl-C stops it.",
+        "cityplane serving on {} (broker + controller, data in {}, store: {store}). Ctrl-C stops it.",
         broker.local_addr(),
         args.controller.data.display()
     );
@@ -202,4 +215,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     controller.shutdown().await?;
     broker.shutdown().await;
     Ok(())
+}
+
+/// `--store`: taken as given and checked in [`run`], because clap's own
+/// error for a refused value quotes it, password and all.
+fn parse_store_url(url: &str) -> Result<StoreUrl, String> {
+    Ok(StoreUrl(url.to_owned()))
 }

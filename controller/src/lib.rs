@@ -24,4 +24,4 @@ pub mod signin;
 pub mod store;
 pub mod window;
 
-pub use runtime::{Controller, ControllerConfig, ControllerError, OperatorApi, Refusal};
+pub use runtime::{Controller, ControllerConfig, ControllerError, OperatorApi, Refusal, StoreUrl};

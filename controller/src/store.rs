@@ -1,7 +1,11 @@
-//! Durable storage. The only module that touches sled, so the engine can be
-//! replaced.
+//! Durable storage, on one of two engines: sled in a directory (the
+//! default, `store/sled_engine.rs`) or PostgreSQL (`store/pg_engine.rs`).
+//! Only the engines touch sled or PostgreSQL; `Store` keeps everything
+//! else (the audit chain, deferred writes, record limits, the commit gate)
+//! the same on both.
 //!
-//! Key layout (one sled tree each, values are JSON):
+//! Key layout (one tree each, values are JSON; on PostgreSQL a tree is
+//! the `tree` column of one key/value table):
 //! - `docs`:    document name            → `DocRecord`
 //! - `devices`: device id                → `DeviceRecord` (reported, desired,
 //!   status, in-flight command = the outbox)
@@ -10,7 +14,7 @@
 //! - `rollouts`: rollout name            → `RolloutRecord` (each device's
 //!   part in a rollout is in its `DeviceRecord`, written in the same commits)
 //! - `releases`: firmware version        → `ReleaseRecord` (the image is the
-//!   file `firmware/<sha256>` next to the database, fsynced before this)
+//!   file `firmware/<sha256>` in the data directory, fsynced before this)
 //! - `governance`: `org/<name>` → `OrgRecord`, `policy/<version u64 BE as
 //!   16 hex digits>` → `PolicyRecord`, `exception/<id>` → `ExceptionRecord`,
 //!   `history/<org>/<unix ms as 16 hex digits>` → a compliance `Sample`
@@ -20,22 +24,25 @@
 //!   and previous secret, each sealed with the secrets key, which is not
 //!   stored here: see `crate::secrets`)
 //!
-//! Durability: sled's `flush()` is not durable against power loss on Linux
-//! (it uses `sync_file_range` and never fsyncs its directory). After every
-//! commit we therefore `fsync` sled's data file ourselves, and at open we
-//! fsync the directory entries, so an acknowledged write survives a power
-//! cut, not only a process kill.
+//! Keys compare as bytes on both engines, so a walk over a tree meets its
+//! records in the same order (audit sequences are big-endian for that).
+//!
+//! Durability: a commit is one transaction of the engine and `commit`
+//! returns only once it is durable (sled: fsynced by us, see its engine;
+//! PostgreSQL: COMMIT returned with `synchronous_commit` on, which the
+//! engine checks at every connection).
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use sled::Transactional;
 
 use crate::model::{AuditEntry, DeviceRecord, DocRecord, ReleaseRecord};
 use crate::rollout::RolloutRecord;
+
+mod pg_engine;
+mod sled_engine;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -53,6 +60,23 @@ pub enum StoreError {
         key: String,
         reason: String,
     },
+    /// The database cannot be reached (down, restarting, connection lost):
+    /// like a full disk, the controller refuses writes, answers queries
+    /// from memory and retries; the next operation connects again.
+    #[error("store {store} is unavailable: {reason}")]
+    Unavailable { store: String, reason: String },
+    /// The database refused an operation (`code` is its SQLSTATE).
+    #[error("store {store}: {message} (SQLSTATE {code})")]
+    Database {
+        store: String,
+        code: String,
+        message: String,
+    },
+    /// The database would not keep acknowledged writes through a crash, or
+    /// the location is not one we can use: refused before anything is
+    /// written.
+    #[error("store {store} refused: {reason}")]
+    Refused { store: String, reason: String },
 }
 
 impl StoreError {
@@ -70,10 +94,134 @@ impl StoreError {
             } => Some(e),
             _ => None,
         };
+        if let StoreError::Database { code, .. } = self {
+            // PostgreSQL's `disk_full`: its disk, not ours, but the same
+            // remedy (free space, and the controller retries).
+            return code == "53100";
+        }
         io.is_some_and(|e| {
             e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(28)
         })
     }
+
+    /// True when the database cannot be reached: writes are refused and
+    /// retried as on a full disk, queries are answered from memory.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable { .. })
+    }
+
+    /// After this error the engine's handle is not trusted again: the next
+    /// operation opens the database anew (sled keeps an I/O error on its
+    /// handle for good; a PostgreSQL connection may be gone or in an
+    /// aborted transaction).
+    fn drops_engine(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Io(_)
+                | StoreError::Sled(sled::Error::Io(_))
+                | StoreError::Unavailable { .. }
+                | StoreError::Database { .. }
+        )
+    }
+}
+
+/// Where the store lives. `Display` and `Debug` never show a password.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// A sled database in this directory.
+    Sled(PathBuf),
+    /// A PostgreSQL database, `postgres://user[:password]@host[:port]/db`
+    /// (or libpq's `key=value` form).
+    Postgres(String),
+}
+
+impl StoreLocation {
+    /// A `--store` value: a `postgres://` or `postgresql://` URL. (sled is
+    /// the default, chosen by giving none.)
+    pub fn from_url(url: &str) -> Result<StoreLocation, StoreError> {
+        let lower = url.to_ascii_lowercase();
+        if lower.starts_with("postgres://") || lower.starts_with("postgresql://") {
+            Ok(StoreLocation::Postgres(url.to_owned()))
+        } else {
+            Err(StoreError::Refused {
+                store: redact_url(url),
+                reason: "not a store URL: expected postgres://user@host:port/database".into(),
+            })
+        }
+    }
+}
+
+impl std::fmt::Display for StoreLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreLocation::Sled(path) => write!(f, "sled at {}", path.display()),
+            StoreLocation::Postgres(url) => f.write_str(&redact_url(url)),
+        }
+    }
+}
+
+impl std::fmt::Debug for StoreLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+/// `url` with its password replaced by `***`, for errors and logs: the
+/// URL form (`postgres://user:secret@host/db`, also `?password=secret`)
+/// and libpq's `password=secret` keyword form.
+pub fn redact_url(url: &str) -> String {
+    let mut out = url.to_owned();
+    if let Some(scheme_end) = out.find("://") {
+        let auth_start = scheme_end + 3;
+        let authority_end = out[auth_start..]
+            .find(['/', '?'])
+            .map_or(out.len(), |i| auth_start + i);
+        // The last `@` of the authority ends the user info (a password may
+        // hold `@` itself, which a careless URL leaves unescaped).
+        if let Some(at) = out[auth_start..authority_end].rfind('@') {
+            let userinfo = &out[auth_start..auth_start + at];
+            if let Some(colon) = userinfo.find(':') {
+                out.replace_range(auth_start + colon + 1..auth_start + at, "***");
+            }
+        }
+    }
+    redact_password_parameters(&out)
+}
+
+/// `password=…` up to the next `&` or whitespace (query string or
+/// keyword/value form) becomes `password=***`.
+fn redact_password_parameters(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.to_ascii_lowercase().find("password=") {
+        let value_start = i + "password=".len();
+        out.push_str(&rest[..value_start]);
+        out.push_str("***");
+        let value = &rest[value_start..];
+        let value_len = if let Some(quoted) = value.strip_prefix('\'') {
+            // libpq's quoted value: up to the closing quote, \' escaped.
+            let mut end = quoted.len();
+            let mut escaped = false;
+            for (j, c) in quoted.char_indices() {
+                match c {
+                    '\\' if !escaped => escaped = true,
+                    '\'' if !escaped => {
+                        end = j + 1;
+                        break;
+                    }
+                    _ => escaped = false,
+                }
+            }
+            1 + end.min(quoted.len())
+        } else {
+            value
+                .find(|c: char| c == '&' || c.is_whitespace())
+                .unwrap_or(value.len())
+        };
+        rest = &value[value_len..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Everything one commit writes, applied atomically.
@@ -135,21 +283,19 @@ impl std::fmt::Debug for CommitGate {
     }
 }
 
-/// sled writes log items above a quarter of a segment to separate blob
-/// files that it never fsyncs; with 16 MiB segments (sled's default is
-/// 512 KiB) no record of ours gets there, and `commit` refuses any record
-/// larger than [`MAX_RECORD`] outright.
-const SEGMENT_SIZE: usize = 16 * 1024 * 1024;
+/// The largest record `commit` takes. On sled it also keeps every record
+/// in the log segments we fsync (see `sled_engine::SEGMENT_SIZE`).
 pub const MAX_RECORD: usize = 256 * 1024;
 /// Audit entries kept in memory: `audit` queries are answered from there,
-/// because reading sled fails while the disk is full.
+/// because reading the store fails while the disk is full or the database
+/// is down.
 pub const AUDIT_KEPT: usize = 1000;
 
 pub struct Store {
-    path: PathBuf,
+    location: StoreLocation,
     cache_bytes: u64,
-    /// `None` after an I/O error: sled keeps the error on its handle for
-    /// good, so the next operation opens the database again.
+    /// `None` after an error that leaves the engine's handle untrusted
+    /// ([`StoreError::drops_engine`]): the next operation opens it again.
     engine: std::sync::Mutex<Option<Engine>>,
     /// The newest [`AUDIT_KEPT`] stored audit entries, oldest first.
     recent_audit: std::sync::Mutex<std::collections::VecDeque<AuditEntry>>,
@@ -160,8 +306,9 @@ pub struct Store {
     /// goes on.
     audit_head: std::sync::Mutex<(u64, String)>,
     /// Documents as they were before a commit that failed: it may have
-    /// reached the disk all the same (e.g. written, then fsync failed), so
-    /// the next commit that succeeds writes them back (`None`: deletes).
+    /// reached the disk all the same (e.g. written, then fsync failed, or
+    /// COMMIT sent and the connection lost before its answer), so the next
+    /// commit that succeeds writes them back (`None`: deletes).
     deferred_docs: std::sync::Mutex<Vec<(String, Option<DocRecord>)>>,
     /// New sealed secrets, written with the next commit (the one that
     /// also writes the admission that made them, so no command referring
@@ -171,18 +318,144 @@ pub struct Store {
     gate: Option<CommitGate>,
 }
 
-struct Engine {
-    db: sled::Db,
-    docs: sled::Tree,
-    devices: sled::Tree,
-    audit: sled::Tree,
-    meta: sled::Tree,
-    rollouts: sled::Tree,
-    releases: sled::Tree,
-    governance: sled::Tree,
-    secrets: sled::Tree,
-    /// sled's data file, fsynced after each commit.
-    data_file: File,
+/// The store's trees (see the module's key layout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Tree {
+    Docs,
+    Devices,
+    Audit,
+    Meta,
+    Rollouts,
+    Releases,
+    Governance,
+    Secrets,
+}
+
+impl Tree {
+    const ALL: [Tree; 8] = [
+        Tree::Docs,
+        Tree::Devices,
+        Tree::Audit,
+        Tree::Meta,
+        Tree::Rollouts,
+        Tree::Releases,
+        Tree::Governance,
+        Tree::Secrets,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Tree::Docs => "docs",
+            Tree::Devices => "devices",
+            Tree::Audit => "audit",
+            Tree::Meta => "meta",
+            Tree::Rollouts => "rollouts",
+            Tree::Releases => "releases",
+            Tree::Governance => "governance",
+            Tree::Secrets => "secrets",
+        }
+    }
+}
+
+/// A key and its value.
+type Record = (Vec<u8>, Vec<u8>);
+
+/// One write of a commit: `None` deletes the key.
+type Op<'a> = (Tree, &'a [u8], Option<&'a [u8]>);
+
+/// Where a walk over a tree starts and which way it goes.
+#[derive(Clone, Copy)]
+enum Walk<'a> {
+    /// Keys from this one (inclusive) upwards; `&[]`: the whole tree.
+    From(&'a [u8]),
+    /// Every key, from the last downwards.
+    Back,
+}
+
+/// Called with each record a walk meets; `Ok(false)` stops the walk.
+type Visit<'a> = dyn FnMut(&[u8], &[u8]) -> Result<bool, StoreError> + 'a;
+
+/// The two engines behind the same few operations. An enum, not a trait
+/// object: there are two, both known here, and each operation is a match.
+enum Engine {
+    Sled(sled_engine::SledEngine),
+    /// Boxed: the client is ~4 times the size of sled's handles.
+    Postgres(Box<pg_engine::PgEngine>),
+}
+
+impl Engine {
+    fn open(location: &StoreLocation, cache_bytes: u64) -> Result<Engine, StoreError> {
+        match location {
+            StoreLocation::Sled(path) => {
+                sled_engine::SledEngine::open(path, cache_bytes).map(Engine::Sled)
+            }
+            StoreLocation::Postgres(url) => {
+                pg_engine::PgEngine::open(url).map(|e| Engine::Postgres(Box::new(e)))
+            }
+        }
+    }
+
+    fn get(&mut self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match self {
+            Engine::Sled(e) => e.get(tree, key),
+            Engine::Postgres(e) => e.get(tree, key),
+        }
+    }
+
+    fn walk(
+        &mut self,
+        tree: Tree,
+        walk: Walk<'_>,
+        visit: &mut Visit<'_>,
+    ) -> Result<(), StoreError> {
+        match self {
+            Engine::Sled(e) => e.walk(tree, walk, visit),
+            Engine::Postgres(e) => e.walk(tree, walk, visit),
+        }
+    }
+
+    fn len(&mut self, tree: Tree) -> Result<usize, StoreError> {
+        match self {
+            Engine::Sled(e) => Ok(e.len(tree)),
+            Engine::Postgres(e) => e.len(tree),
+        }
+    }
+
+    /// Applies `rotations` (on top of the stored secret slots, read in the
+    /// same transaction) and then `ops`, in order, as one transaction, and
+    /// returns once it is durable.
+    fn apply(
+        &mut self,
+        rotations: &[crate::secrets::Rotation],
+        ops: &[Op<'_>],
+    ) -> Result<(), StoreError> {
+        match self {
+            Engine::Sled(e) => e.apply(rotations, ops),
+            Engine::Postgres(e) => e.apply(rotations, ops),
+        }
+    }
+}
+
+/// The secret slots `rotations` leave, in order: each on top of the slot
+/// `stored` reads (inside the engine's transaction) or of an earlier
+/// rotation of the same key in this commit, so two rotations of one secret
+/// chain whichever engine writes them.
+fn rotated_slots<E>(
+    rotations: &[crate::secrets::Rotation],
+    mut stored: impl FnMut(&[u8]) -> Result<Option<Vec<u8>>, E>,
+) -> Result<Vec<Record>, E> {
+    let mut slots: Vec<Record> = Vec::with_capacity(rotations.len());
+    for r in rotations {
+        let key = crate::secrets::slot_key(&r.device, &r.name);
+        let old = match slots.iter().rev().find(|(k, _)| *k == key) {
+            Some((_, v)) => Some(v.clone()),
+            None => stored(&key)?,
+        };
+        let old = old.and_then(|v| serde_json::from_slice(&v).ok());
+        let slot = crate::secrets::Slot::rotate(old, r.sealed.clone(), r.keep.as_deref());
+        slots.push((key, json(&slot)));
+    }
+    Ok(slots)
 }
 
 /// Everything the controller needs in memory at start.
@@ -197,68 +470,6 @@ pub struct Loaded {
     pub audit_len: usize,
     /// The highest audit sequence stored (the audit may have gaps).
     pub audit_last: u64,
-}
-
-impl Engine {
-    fn open(path: &Path, cache_bytes: u64) -> Result<Engine, StoreError> {
-        std::fs::create_dir_all(path)?;
-        // sled releases its file lock shortly after a dropped handle closes.
-        let mut tries = 0;
-        let db = loop {
-            let opened = sled::Config::new()
-                .path(path)
-                .cache_capacity(cache_bytes)
-                .segment_size(SEGMENT_SIZE)
-                .open();
-            match opened {
-                Ok(db) => break db,
-                Err(sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock && tries < 50 =>
-                {
-                    tries += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(e) if e.to_string().contains("could not acquire lock") && tries < 50 => {
-                    tries += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(source) => {
-                    return Err(StoreError::Open {
-                        path: path.to_path_buf(),
-                        source,
-                    })
-                }
-            }
-        };
-        let engine = Engine {
-            docs: db.open_tree("docs")?,
-            devices: db.open_tree("devices")?,
-            audit: db.open_tree("audit")?,
-            meta: db.open_tree("meta")?,
-            rollouts: db.open_tree("rollouts")?,
-            releases: db.open_tree("releases")?,
-            governance: db.open_tree("governance")?,
-            secrets: db.open_tree("secrets")?,
-            data_file: File::open(path.join("db"))?,
-            db,
-        };
-        engine.db.flush()?;
-        engine.sync_all(path)?;
-        Ok(engine)
-    }
-
-    /// Makes the directory entries of a fresh database durable too.
-    fn sync_all(&self, path: &Path) -> Result<(), StoreError> {
-        self.data_file.sync_all()?;
-        if let Ok(conf) = File::open(path.join("conf")) {
-            conf.sync_all()?;
-        }
-        File::open(path)?.sync_all()?;
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            File::open(parent)?.sync_all()?;
-        }
-        Ok(())
-    }
 }
 
 /// A commit's records, encoded (and size-checked) before any I/O.
@@ -342,26 +553,27 @@ impl Encoded {
 }
 
 impl Store {
-    /// Opens (or creates) the store. `cache_bytes` bounds sled's page cache.
+    /// Opens (or creates) a sled store in `path`. `cache_bytes` bounds
+    /// sled's page cache.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
-        let engine = Engine::open(path, cache_bytes)?;
-        let mut recent = engine
-            .audit
-            .iter()
-            .rev()
-            .take(AUDIT_KEPT)
-            .map(|item| {
-                let (k, v) = item?;
-                decode("audit", &k, &v)
-            })
-            .collect::<Result<std::collections::VecDeque<AuditEntry>, StoreError>>()?;
-        recent.make_contiguous().reverse();
+        Store::open_at(&StoreLocation::Sled(path.to_path_buf()), cache_bytes)
+    }
+
+    /// Opens (or creates) the store at `location`. `cache_bytes` bounds
+    /// sled's page cache (PostgreSQL has its own).
+    pub fn open_at(location: &StoreLocation, cache_bytes: u64) -> Result<Store, StoreError> {
+        let mut engine = Engine::open(location, cache_bytes)?;
+        let mut recent = std::collections::VecDeque::new();
+        engine.walk(Tree::Audit, Walk::Back, &mut |k, v| {
+            recent.push_front(decode("audit", k, v)?);
+            Ok(recent.len() < AUDIT_KEPT)
+        })?;
         let head = recent
             .back()
-            .map(|a| (a.seq, a.hash.clone()))
+            .map(|a: &AuditEntry| (a.seq, a.hash.clone()))
             .unwrap_or_default();
         Ok(Store {
-            path: path.to_path_buf(),
+            location: location.clone(),
             cache_bytes,
             engine: std::sync::Mutex::new(Some(engine)),
             recent_audit: std::sync::Mutex::new(recent),
@@ -379,26 +591,27 @@ impl Store {
         self
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    pub fn location(&self) -> &StoreLocation {
+        &self.location
     }
 
-    /// Runs `f` on the engine, reopening it first if an earlier I/O error
-    /// poisoned it, and dropping it when `f` hits an I/O error.
-    fn with<T>(&self, f: impl FnOnce(&Engine) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    /// Runs `f` on the engine, opening it first if an earlier error
+    /// dropped it, and dropping it when `f` fails in a way that leaves the
+    /// handle untrusted.
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Engine) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let mut guard = self.engine.lock().unwrap_or_else(|e| e.into_inner());
         if guard.is_none() {
-            *guard = Some(Engine::open(&self.path, self.cache_bytes)?);
-            tracing::info!(path = %self.path.display(), "store reopened after an I/O error");
+            *guard = Some(Engine::open(&self.location, self.cache_bytes)?);
+            tracing::info!(store = %self.location, "store reopened after an error");
         }
-        let Some(engine) = guard.as_ref() else {
+        let Some(engine) = guard.as_mut() else {
             return Err(StoreError::Transaction("store unavailable".into()));
         };
         let result = f(engine);
-        if matches!(
-            result,
-            Err(StoreError::Io(_)) | Err(StoreError::Sled(sled::Error::Io(_)))
-        ) {
+        if result.as_ref().is_err_and(StoreError::drops_engine) {
             *guard = None;
         }
         result
@@ -406,28 +619,32 @@ impl Store {
 
     pub fn load(&self) -> Result<Loaded, StoreError> {
         self.with(|e| {
-            let docs = read_all(&e.docs, "docs")?;
-            let devices = read_all(&e.devices, "devices")?;
-            let rollouts: Vec<RolloutRecord> = read_all(&e.rollouts, "rollouts")?;
-            let releases = read_all(&e.releases, "releases")?;
-            let governance = e
-                .governance
-                .iter()
-                .map(|item| {
-                    let (k, v) = item?;
-                    Ok((String::from_utf8_lossy(&k).into_owned(), v.to_vec()))
-                })
-                .collect::<Result<Vec<_>, StoreError>>()?;
+            let docs: Vec<DocRecord> = read_all(e, Tree::Docs)?;
+            let devices: Vec<DeviceRecord> = read_all(e, Tree::Devices)?;
+            let rollouts: Vec<RolloutRecord> = read_all(e, Tree::Rollouts)?;
+            let releases = read_all(e, Tree::Releases)?;
+            let mut governance = Vec::new();
+            e.walk(Tree::Governance, Walk::From(&[]), &mut |k, v| {
+                governance.push((String::from_utf8_lossy(k).into_owned(), v.to_vec()));
+                Ok(true)
+            })?;
             // Belt and braces: the sequence also covers every generation
             // already handed out, should `meta` ever lag the records.
-            let seq = e.meta.get("seq")?.map(|v| decode_u64(&v)).unwrap_or(0);
+            let seq = e
+                .get(Tree::Meta, b"seq")?
+                .map(|v| decode_u64(&v))
+                .unwrap_or(0);
             let seq = devices
                 .iter()
-                .map(|d: &DeviceRecord| d.desired_generation)
-                .chain(docs.iter().map(|d: &DocRecord| d.seq))
+                .map(|d| d.desired_generation)
+                .chain(docs.iter().map(|d| d.seq))
                 .chain(rollouts.iter().map(|r| r.seq))
                 .fold(seq, u64::max);
-            let audit_last = e.audit.last()?.map_or(0, |(k, _)| decode_u64(&k));
+            let mut audit_last = 0;
+            e.walk(Tree::Audit, Walk::Back, &mut |k, _| {
+                audit_last = decode_u64(k);
+                Ok(false)
+            })?;
             Ok(Loaded {
                 docs,
                 devices,
@@ -435,13 +652,13 @@ impl Store {
                 releases,
                 governance,
                 seq,
-                audit_len: e.audit.len(),
+                audit_len: e.len(Tree::Audit)?,
                 audit_last,
             })
         })
     }
 
-    /// Writes all changes atomically and returns only once they are on disk.
+    /// Writes all changes atomically and returns only once they are durable.
     pub fn commit(&self, changes: &Changes) -> Result<(), StoreError> {
         if changes.is_empty() && !self.has_pending_secrets() {
             return Ok(());
@@ -510,85 +727,36 @@ impl Store {
                 .iter()
                 .map(|a| (a.seq.to_be_bytes().to_vec(), json(a)))
                 .collect();
-            // One multi-tree transaction even for device-only commits: sled's
-            // `apply_batch` was ~10 % cheaper in CPU, but kept superseded
-            // values in memory (100,000 devices: RSS 1.6 GiB after 3 updates
-            // each, 3.3 GiB after 8; transactions: 0.9 and 1.0 GiB).
-            (
-                &e.docs,
-                &e.devices,
-                &e.audit,
-                &e.meta,
-                &e.rollouts,
-                &e.releases,
-                &e.governance,
-                &e.secrets,
-            )
-                .transaction(
-                    |(
-                        docs_t,
-                        devices_t,
-                        audit_t,
-                        meta_t,
-                        rollouts_t,
-                        releases_t,
-                        gov_t,
-                        secrets_t,
-                    )| {
-                        for r in secrets {
-                            let key = crate::secrets::slot_key(&r.device, &r.name);
-                            let old = secrets_t
-                                .get(key.as_slice())?
-                                .and_then(|v| serde_json::from_slice(&v).ok());
-                            let slot = crate::secrets::Slot::rotate(
-                                old,
-                                r.sealed.clone(),
-                                r.keep.as_deref(),
-                            );
-                            secrets_t.insert(key.as_slice(), json(&slot))?;
-                        }
-                        for (k, v) in &restored {
-                            match v {
-                                Some(v) => docs_t.insert(k.as_slice(), v.as_slice())?,
-                                None => docs_t.remove(k.as_slice())?,
-                            };
-                        }
-                        for (k, v) in &docs {
-                            docs_t.insert(k.as_slice(), v.as_slice())?;
-                        }
-                        for k in &deleted_docs {
-                            docs_t.remove(k.as_slice())?;
-                        }
-                        for (k, v) in &devices {
-                            devices_t.insert(k.as_slice(), v.as_slice())?;
-                        }
-                        for (k, v) in &audit {
-                            audit_t.insert(k.as_slice(), v.as_slice())?;
-                        }
-                        for (k, v) in &rollouts {
-                            rollouts_t.insert(k.as_slice(), v.as_slice())?;
-                        }
-                        for (k, v) in &releases {
-                            releases_t.insert(k.as_slice(), v.as_slice())?;
-                        }
-                        for (k, v) in &governance {
-                            match v {
-                                Some(v) => gov_t.insert(k.as_slice(), v.as_slice())?,
-                                None => gov_t.remove(k.as_slice())?,
-                            };
-                        }
-                        if let Some(seq) = seq {
-                            meta_t.insert("seq", &seq.to_be_bytes())?;
-                        }
-                        Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
-                    },
+            let seq = seq.map(u64::to_be_bytes);
+            // In this order: a document put back by `restored` and written
+            // again in this commit ends as this commit says.
+            fn put(tree: Tree, (k, v): &(Vec<u8>, Vec<u8>)) -> Op<'_> {
+                (tree, k.as_slice(), Some(v.as_slice()))
+            }
+            let ops: Vec<Op<'_>> = restored
+                .iter()
+                .map(|(k, v)| (Tree::Docs, k.as_slice(), v.as_deref()))
+                .chain(docs.iter().map(|d| put(Tree::Docs, d)))
+                .chain(
+                    deleted_docs
+                        .iter()
+                        .map(|k| (Tree::Docs, k.as_slice(), None)),
                 )
-                .map_err(|e| match e {
-                    sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
-                    other => StoreError::Transaction(format!("{other:?}")),
-                })?;
-            e.db.flush()?;
-            e.data_file.sync_data()?;
+                .chain(devices.iter().map(|d| put(Tree::Devices, d)))
+                .chain(audit.iter().map(|a| put(Tree::Audit, a)))
+                .chain(rollouts.iter().map(|r| put(Tree::Rollouts, r)))
+                .chain(releases.iter().map(|r| put(Tree::Releases, r)))
+                .chain(
+                    governance
+                        .iter()
+                        .map(|(k, v)| (Tree::Governance, k.as_slice(), v.as_deref())),
+                )
+                .chain(
+                    seq.as_ref()
+                        .map(|s| (Tree::Meta, &b"seq"[..], Some(&s[..]))),
+                )
+                .collect();
+            e.apply(secrets, &ops)?;
             if let Some(gate) = &self.gate {
                 (gate.0)(&Pending {
                     docs: &docs,
@@ -651,8 +819,7 @@ impl Store {
     ) -> Result<Option<crate::secrets::Slot>, StoreError> {
         let key = crate::secrets::slot_key(device, name);
         let stored = self.with(|e| {
-            e.secrets
-                .get(&key)?
+            e.get(Tree::Secrets, &key)?
                 .map(|v| decode("secrets", &key, &v))
                 .transpose()
         })?;
@@ -717,28 +884,32 @@ impl Store {
     ) -> Result<Result<crate::audit::Head, crate::audit::Broken>, StoreError> {
         self.with(|e| {
             let mut v = crate::audit::Verifier::new();
-            for item in e.audit.iter() {
-                let (k, val) = item?;
-                let entry: AuditEntry = decode("audit", &k, &val)?;
-                if let Err(broken) = v.push(&entry) {
-                    return Ok(Err(broken));
-                }
-            }
-            Ok(Ok(v.head().clone()))
+            let mut broken = None;
+            e.walk(Tree::Audit, Walk::From(&[]), &mut |k, val| {
+                let entry: AuditEntry = decode("audit", k, val)?;
+                broken = v.push(&entry).err();
+                Ok(broken.is_none())
+            })?;
+            Ok(match broken {
+                Some(b) => Err(b),
+                None => Ok(v.head().clone()),
+            })
         })
     }
 
     /// Up to `limit` audit entries after sequence `after`, oldest first.
     pub fn audit_page(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        if limit == 0 || after == u64::MAX {
+            return Ok(Vec::new());
+        }
+        let from = (after + 1).to_be_bytes();
         self.with(|e| {
-            e.audit
-                .range(after.saturating_add(1).to_be_bytes()..)
-                .take(limit)
-                .map(|item| {
-                    let (k, v) = item?;
-                    decode("audit", &k, &v)
-                })
-                .collect()
+            let mut out = Vec::new();
+            e.walk(Tree::Audit, Walk::From(&from), &mut |k, v| {
+                out.push(decode("audit", k, v)?);
+                Ok(out.len() < limit)
+            })?;
+            Ok(out)
         })
     }
 
@@ -749,18 +920,18 @@ impl Store {
         keep: impl Fn(&AuditEntry) -> bool,
         limit: usize,
     ) -> Result<Vec<AuditEntry>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
         self.with(|e| {
             let mut out = Vec::new();
-            for item in e.audit.iter().rev() {
-                let (k, v) = item?;
-                let entry: AuditEntry = decode("audit", &k, &v)?;
+            e.walk(Tree::Audit, Walk::Back, &mut |k, v| {
+                let entry: AuditEntry = decode("audit", k, v)?;
                 if keep(&entry) {
                     out.push(entry);
-                    if out.len() >= limit {
-                        break;
-                    }
                 }
-            }
+                Ok(out.len() < limit)
+            })?;
             out.reverse();
             Ok(out)
         })
@@ -768,20 +939,7 @@ impl Store {
 
     /// The newest `limit` audit entries, oldest first.
     pub fn audit_tail(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
-        self.with(|e| {
-            let mut out = e
-                .audit
-                .iter()
-                .rev()
-                .take(limit)
-                .map(|item| {
-                    let (k, v) = item?;
-                    decode("audit", &k, &v)
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            out.reverse();
-            Ok(out)
-        })
+        self.audit_find(|_| true, limit)
     }
 }
 
@@ -791,16 +949,13 @@ fn json<T: Serialize>(record: &T) -> Vec<u8> {
     serde_json::to_vec(record).unwrap_or_default()
 }
 
-fn read_all<T: DeserializeOwned>(
-    tree: &sled::Tree,
-    name: &'static str,
-) -> Result<Vec<T>, StoreError> {
-    tree.iter()
-        .map(|item| {
-            let (k, v) = item?;
-            decode(name, &k, &v)
-        })
-        .collect()
+fn read_all<T: DeserializeOwned>(engine: &mut Engine, tree: Tree) -> Result<Vec<T>, StoreError> {
+    let mut out = Vec::new();
+    engine.walk(tree, Walk::From(&[]), &mut |k, v| {
+        out.push(decode(tree.name(), k, v)?);
+        Ok(true)
+    })?;
+    Ok(out)
 }
 
 fn decode<T: DeserializeOwned>(
@@ -825,63 +980,44 @@ fn decode_u64(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cityplane_proto::messages::{IdList, Target};
-
-    fn doc(name: &str, generation: u64) -> DocRecord {
-        DocRecord {
-            name: name.into(),
-            target: Target::Ids(IdList {
-                ids: vec!["d1".into()],
-            }),
-            priority: 0,
-            state: Default::default(),
-            generation,
-            seq: generation,
-            author: "op".into(),
-            org: None,
-            written_at: 0,
-            history: Vec::new(),
-        }
-    }
-
-    fn docs(store: &Store) -> Vec<(String, u64)> {
-        let mut docs: Vec<_> = store
-            .load()
-            .expect("load")
-            .docs
-            .into_iter()
-            .map(|d| (d.name, d.generation))
-            .collect();
-        docs.sort();
-        docs
-    }
 
     #[test]
-    fn a_refused_document_write_is_undone_by_the_next_commit() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path(), 1 << 20).expect("open");
-        let commit_doc = |d: DocRecord| {
-            store
-                .commit(&Changes {
-                    docs: vec![d],
-                    ..Default::default()
-                })
-                .expect("commit")
-        };
-        commit_doc(doc("kept", 1));
-        // As if these two had reached the disk although their commits failed.
-        commit_doc(doc("kept", 2));
-        commit_doc(doc("new", 1));
-        store.defer_restore_doc("kept", Some(doc("kept", 1)));
-        store.defer_restore_doc("new", None);
-        assert_eq!(docs(&store), [("kept".into(), 2), ("new".into(), 1)]);
-        commit_doc(doc("other", 1));
-        assert_eq!(docs(&store), [("kept".into(), 1), ("other".into(), 1)]);
-        // Done once: later commits leave documents alone.
-        commit_doc(doc("new", 1));
-        assert_eq!(
-            docs(&store),
-            [("kept".into(), 1), ("new".into(), 1), ("other".into(), 1)]
-        );
+    fn passwords_never_show_in_a_redacted_location() {
+        for (url, want) in [
+            (
+                "postgres://city:s3cret@db.example:5432/cityplane",
+                "postgres://city:***@db.example:5432/cityplane",
+            ),
+            // An unescaped `@` in the password: the last one ends it.
+            (
+                "postgresql://city:p@ss:w0rd@127.0.0.1/cp?sslmode=disable",
+                "postgresql://city:***@127.0.0.1/cp?sslmode=disable",
+            ),
+            (
+                "postgres://city@127.0.0.1/cp?password=s3cret&application_name=x",
+                "postgres://city@127.0.0.1/cp?password=***&application_name=x",
+            ),
+            (
+                "host=127.0.0.1 password='s3 cr\\'et' user=city",
+                "host=127.0.0.1 password=*** user=city",
+            ),
+            (
+                "host=/run/postgresql PASSWORD=s3cret",
+                "host=/run/postgresql PASSWORD=***",
+            ),
+            // Nothing to hide: unchanged.
+            (
+                "postgres://city@127.0.0.1:5432/cp",
+                "postgres://city@127.0.0.1:5432/cp",
+            ),
+        ] {
+            assert_eq!(redact_url(url), want, "{url}");
+            let location = StoreLocation::Postgres(url.to_owned());
+            for shown in [location.to_string(), format!("{location:?}")] {
+                assert!(!shown.contains("s3") && !shown.contains("w0rd"), "{shown}");
+            }
+        }
+        let err = StoreLocation::from_url("mysql://root:s3cret@db/x").expect_err("not postgres");
+        assert!(!err.to_string().contains("s3cret"), "{err}");
     }
 }

@@ -30,11 +30,11 @@ use cityplane_testkit::loopdev::{self, make_ext4_image, LoopMount};
 use common::{free_port, online_fleet, Server};
 use serde_json::{json, Value};
 
-const DEVICES: usize = 5;
+pub(crate) const DEVICES: usize = 5;
 /// The key every document sets (any device class accepts it).
-const KEY: &str = "maintenance_window";
+pub(crate) const KEY: &str = "maintenance_window";
 /// Bound on every wait; nothing here should take more than a few seconds.
-const DEADLINE: Duration = Duration::from_secs(30);
+pub(crate) const DEADLINE: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------
 // The data filesystem.
@@ -64,7 +64,7 @@ fn fill_up(path: &Path) -> u64 {
 // The server and the operator.
 
 /// Connects the operator, retrying while the server is still starting.
-async fn operator(pki: &Path, port: u16, server: &mut Server, log: &Path) -> Operator {
+pub(crate) async fn operator(pki: &Path, port: u16, server: &mut Server, log: &Path) -> Operator {
     let args = ConnectArgs {
         server: format!("127.0.0.1:{port}"),
         pki: pki.to_path_buf(),
@@ -89,12 +89,12 @@ async fn operator(pki: &Path, port: u16, server: &mut Server, log: &Path) -> Ope
     }
 }
 
-fn read(log: &Path) -> String {
+pub(crate) fn read(log: &Path) -> String {
     std::fs::read_to_string(log).unwrap_or_default()
 }
 
 /// A desired document setting [`KEY`] on every device.
-fn doc(name: &str, priority: i64, value: &str) -> Value {
+pub(crate) fn doc(name: &str, priority: i64, value: &str) -> Value {
     json!({"name": name, "target": {"all": true}, "priority": priority, "state": {KEY: value}})
 }
 
@@ -107,14 +107,14 @@ fn big_doc(name: &str, priority: i64, value: &str) -> Value {
     d
 }
 
-async fn apply(op: &mut Operator, doc: Value) -> Value {
+pub(crate) async fn apply(op: &mut Operator, doc: Value) -> Value {
     let name = doc["name"].as_str().expect("name").to_owned();
     op.request(&format!("fleet/desired/{name}"), doc)
         .await
         .unwrap_or_else(|e| panic!("apply {name}: no answer: {e:#}"))
 }
 
-async fn query(op: &mut Operator, verb: &str, body: Value) -> Value {
+pub(crate) async fn query(op: &mut Operator, verb: &str, body: Value) -> Value {
     op.query(verb, body)
         .await
         .unwrap_or_else(|e| panic!("{verb}: {e:#}"))
@@ -122,7 +122,7 @@ async fn query(op: &mut Operator, verb: &str, body: Value) -> Value {
 
 /// Every device reports `KEY = value` and the controller counts all of them
 /// converged.
-async fn wait_converged(op: &mut Operator, fleet: &Fleet, value: &str, what: &str) {
+pub(crate) async fn wait_converged(op: &mut Operator, fleet: &Fleet, value: &str, what: &str) {
     let want = json!(value);
     let deadline = Instant::now() + DEADLINE;
     loop {
@@ -141,7 +141,7 @@ async fn wait_converged(op: &mut Operator, fleet: &Fleet, value: &str, what: &st
 }
 
 /// The audit as `(name, result)`, oldest first; `Err` when refused.
-async fn audit(op: &mut Operator) -> anyhow::Result<Vec<(String, String)>> {
+pub(crate) async fn audit(op: &mut Operator) -> anyhow::Result<Vec<(String, String)>> {
     let result = op.query("audit", json!({"limit": 100})).await?;
     let entries = result["entries"]
         .as_array()
@@ -158,7 +158,7 @@ async fn audit(op: &mut Operator) -> anyhow::Result<Vec<(String, String)>> {
 }
 
 /// The accepted writes in the audit, in its order: `(name, generation)`.
-fn accepted(entries: &[(String, String)]) -> Vec<(&str, u64)> {
+pub(crate) fn accepted(entries: &[(String, String)]) -> Vec<(&str, u64)> {
     entries
         .iter()
         .filter_map(|(name, result)| {
@@ -174,7 +174,7 @@ fn is_subsequence<T: PartialEq>(a: &[T], b: &[T]) -> bool {
     a.iter().all(|x| b.any(|y| y == x))
 }
 
-async fn assert_not_found(op: &mut Operator, name: &str, context: &str) {
+pub(crate) async fn assert_not_found(op: &mut Operator, name: &str, context: &str) {
     let refused = op.query("status", json!({"name": name})).await;
     assert!(
         refused
@@ -182,6 +182,16 @@ async fn assert_not_found(op: &mut Operator, name: &str, context: &str) {
             .is_err_and(|e| e.to_string().starts_with("not_found")),
         "{context}: the refused document {name:?} exists: {refused:?}"
     );
+}
+
+/// A PKI in `work/pki` with operator `op` and [`DEVICES`] devices `dev…`.
+pub(crate) fn pki_with_devices(work: &Path) -> std::path::PathBuf {
+    let pki_dir = work.join("pki");
+    let pki = Pki::init(&pki_dir, false).expect("pki");
+    pki.issue(Role::Operator, "op").expect("operator");
+    pki.issue_bulk(Role::Device, "dev", DEVICES, |_| {})
+        .expect("devices");
+    pki_dir
 }
 
 // ---------------------------------------------------------------------------
@@ -203,11 +213,7 @@ async fn disk_full_story(test: &str) {
     let filler = mnt.dir.join("filler");
     let log = work.path().join("serve.log");
 
-    let pki_dir = work.path().join("pki");
-    let pki = Pki::init(&pki_dir, false).expect("pki");
-    pki.issue(Role::Operator, "op").expect("operator");
-    pki.issue_bulk(Role::Device, "dev", DEVICES, |_| {})
-        .expect("devices");
+    let pki_dir = pki_with_devices(work.path());
 
     let port = free_port();
     let mut server = Server::start(&pki_dir, &data, port, &log, "info");

@@ -12,6 +12,7 @@ mod fleet;
 mod governance;
 mod incidents;
 mod policy_cli;
+mod postgres_store;
 mod registry_cli;
 mod rollouts;
 mod rotation;

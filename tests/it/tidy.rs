@@ -104,10 +104,11 @@ fn shipped(path: &str) -> bool {
 /// Who may depend on what (ARCHITECTURE.md, "API boundaries").
 #[test]
 fn heavy_dependencies_stay_inside_their_crates() {
-    let allowed: [(&str, &[&str]); 3] = [
+    let allowed: [(&str, &[&str]); 4] = [
         // The router; the controller reads it through the broker's typed link.
         ("rumqttd", &["broker"]),
         ("sled", &["controller"]),
+        ("postgres", &["controller"]),
         // Signing is the CA's job; testkit forges certificates for tests.
         ("rcgen", &["certs", "testkit"]),
     ];
@@ -129,13 +130,34 @@ fn only_the_store_touches_sled() {
         .filter(|(path, text)| {
             text.contains("sled::")
                 && path != "controller/src/store.rs"
+                && path != "controller/src/store/sled_engine.rs"
                 && path != "tests/it/tidy.rs"
                 // The power-loss helper drives stock sled on purpose.
                 && path != "controller/tests/it/store_torture.rs"
         })
         .map(|(path, _)| path)
         .collect();
-    assert!(wrong.is_empty(), "sled used outside store.rs: {wrong:?}");
+    assert!(wrong.is_empty(), "sled used outside the store: {wrong:?}");
+}
+
+/// The PostgreSQL client is the store's PostgreSQL engine's alone (tests
+/// drive a server through `psql`, testkit's `postgres.rs`).
+#[test]
+fn only_the_store_touches_postgres() {
+    let wrong: Vec<String> = sources()
+        .into_iter()
+        .filter(|(path, text)| {
+            text.replace("cityplane_testkit::postgres", "")
+                .contains("postgres::")
+                && path != "controller/src/store/pg_engine.rs"
+                && path != "tests/it/tidy.rs"
+        })
+        .map(|(path, _)| path)
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "postgres used outside its store engine: {wrong:?}"
+    );
 }
 
 #[test]

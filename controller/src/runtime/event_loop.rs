@@ -40,7 +40,8 @@ struct CommitInFlight {
     held: Held,
 }
 
-/// Pause before writing again after a failed commit (e.g. a full disk).
+/// Pause before writing again after a failed commit (e.g. a full disk or
+/// the database down).
 const COMMIT_RETRY: Duration = Duration::from_millis(200);
 
 async fn send_all(out: &mpsc::Sender<Outgoing>, messages: impl IntoIterator<Item = Outgoing>) {
@@ -126,7 +127,7 @@ pub(super) async fn run(
                 match result {
                     Ok(()) => flight.release(&out).await,
                     Err(e) => {
-                        tracing::error!(error = %e, disk_full = e.is_disk_full(), "commit failed; holding changes and commands until storage works again");
+                        tracing::error!(error = %e, disk_full = e.is_disk_full(), unavailable = e.is_unavailable(), "commit failed; holding changes and commands until storage works again");
                         fleet.mark_dirty(written);
                         fleet.mark_rollouts_dirty(rollouts);
                         // Commands are not sent before their record is durable;

@@ -23,12 +23,16 @@ use crate::fleet::{self, Fleet, LabelChange, Outgoing, Overwrite};
 use crate::input::{self, InputLimits, Rejection};
 use crate::model::{now_ms, Millis};
 use crate::reconcile::RetryPolicy;
-use crate::store::{Changes, CommitGate, Store, StoreError};
+use crate::store::{Changes, CommitGate, Store, StoreError, StoreLocation};
 
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
-    /// sled database directory.
+    /// The data directory: firmware images, the secrets key and, unless
+    /// `store_url` says otherwise, the sled database.
     pub data: PathBuf,
+    /// A PostgreSQL database for the store instead of sled in `data`
+    /// (`postgres://user@host:port/db`). Its `Debug` hides the password.
+    pub store_url: Option<StoreUrl>,
     /// When set, reports from ids without a certificate here are refused.
     pub pki: Option<PathBuf>,
     /// A PKI or server directory whose `issued.jsonl` introduces devices to
@@ -66,6 +70,7 @@ impl ControllerConfig {
     pub fn new(data: PathBuf) -> Self {
         ControllerConfig {
             data,
+            store_url: None,
             pki: None,
             registry_source: None,
             retry: RetryPolicy::default(),
@@ -82,10 +87,36 @@ impl ControllerConfig {
         }
     }
 
+    /// Where the store lives: `store_url`, else sled in `data`.
+    pub fn store_location(&self) -> StoreLocation {
+        match &self.store_url {
+            Some(url) => StoreLocation::Postgres(url.0.clone()),
+            None => StoreLocation::Sled(self.data.clone()),
+        }
+    }
+
     /// Where published firmware images are kept (the broker serves them
     /// from there): `firmware/` in the data directory.
     pub fn firmware_dir(&self) -> PathBuf {
         firmware_dir(&self.data)
+    }
+}
+
+/// A store URL (see [`ControllerConfig::store_url`]): a `String` whose
+/// `Debug` and `Display` never show the password, so the config can be
+/// logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoreUrl(pub String);
+
+impl std::fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&crate::store::redact_url(&self.0))
+    }
+}
+
+impl std::fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&crate::store::redact_url(&self.0))
     }
 }
 
@@ -283,13 +314,17 @@ const EVENTS_QUEUE: usize = 8192;
 async fn prepare(
     config: &ControllerConfig,
 ) -> Result<(Fleet, Arc<Store>, Arc<crate::secrets::Secrets>), ControllerError> {
-    let data = config.data.clone();
+    // Firmware and the secrets key live there whichever the engine
+    // (sled creates it for itself; PostgreSQL does not).
+    std::fs::create_dir_all(&config.data).map_err(StoreError::Io)?;
+    let location = config.store_location();
     let cache = config.cache_bytes;
     let gate = config.commit_gate.clone();
-    let store =
-        tokio::task::spawn_blocking(move || Store::open(&data, cache).map(|s| s.with_gate(gate)))
-            .await
-            .map_err(|e| ControllerError::Broker(e.to_string()))??;
+    let store = tokio::task::spawn_blocking(move || {
+        Store::open_at(&location, cache).map(|s| s.with_gate(gate))
+    })
+    .await
+    .map_err(|e| ControllerError::Broker(e.to_string()))??;
     let store = Arc::new(store);
     let loaded = {
         let store = store.clone();
@@ -300,7 +335,7 @@ async fn prepare(
     tracing::info!(
         devices = loaded.devices.len(),
         documents = loaded.docs.len(),
-        data = %config.data.display(),
+        store = %store.location(),
         "controller state loaded"
     );
     let mut fleet = Fleet::new(

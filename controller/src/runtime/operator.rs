@@ -208,7 +208,7 @@ async fn commit_records(
 pub(super) async fn commit_write(store: &Arc<Store>, changes: Changes) -> Result<(), Rejection> {
     let (changes, result) = commit(store, changes).await;
     result.map_err(|e| {
-        tracing::error!(error = %e, disk_full = e.is_disk_full(), "could not store an operator write");
+        tracing::error!(error = %e, disk_full = e.is_disk_full(), unavailable = e.is_unavailable(), "could not store an operator write");
         // The refusal's audit line waits for the next commit that works.
         store.defer_audit(changes.audit.into_iter().map(|a| crate::model::AuditEntry {
             result: "rejected (storage_unavailable)".to_owned(),
@@ -223,6 +223,11 @@ fn storage_rejection(e: &StoreError) -> Rejection {
         "the controller's data disk is full (no space left on device): \
          the write was not stored; free space on the server and retry"
             .to_owned()
+    } else if e.is_unavailable() {
+        format!(
+            "the controller's database is unavailable, the write was not stored; \
+             retry once it is back ({e})"
+        )
     } else {
         format!("the controller could not store the write: {e}")
     };
@@ -662,7 +667,7 @@ async fn handle(
                         vec![response]
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, disk_full = e.is_disk_full(), "could not store desired state");
+                        tracing::error!(error = %e, disk_full = e.is_disk_full(), unavailable = e.is_unavailable(), "could not store desired state");
                         let refusal = storage_rejection(&e);
                         // The failed commit may have reached the disk anyway:
                         // the next commit that succeeds puts back what was.

@@ -12,4 +12,5 @@ mod guards;
 mod input_hardening;
 mod internal_links;
 mod registry;
+mod store_engines;
 mod store_torture;
