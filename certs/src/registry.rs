@@ -61,6 +61,70 @@ pub fn issued_devices(dir: &Path) -> Result<Vec<IssuedDevice>, CertError> {
     Ok(out)
 }
 
+/// One identity (any role) as the issuance record knows it: what an
+/// external broker must hold a user for, or must no longer hold one for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedIdentity {
+    pub id: String,
+    /// The role of its newest certificate that is still usable at `now`, or
+    /// of its newest record when none is.
+    pub role: Role,
+    /// An operator's organisation (from the same record as `role`).
+    pub org: Option<String>,
+    /// At least one of its certificates is unexpired and not revoked at
+    /// `now` (a rotation's overlap keeps the old one usable until its
+    /// `effective_at`).
+    pub usable: bool,
+    /// Its usable certificates name more than one role. A broker that logs
+    /// in by CN alone cannot tell them apart, so such an identity must get
+    /// no user at all.
+    pub conflicting_roles: bool,
+}
+
+/// Every identity recorded in `dir`'s `issued.jsonl` (devices, operators,
+/// controllers), in the order ids were first issued, judged at `now`
+/// against `revoked.json`.
+pub fn issued_identities(
+    dir: &Path,
+    now: time::OffsetDateTime,
+) -> Result<Vec<IssuedIdentity>, CertError> {
+    let index = IssuedIndex::load(&dir.join(ISSUED_FILE))?;
+    let revocation = dir.join(REVOCATION_FILE);
+    let revoked = crate::RevocationList::from_file(&if revocation.exists() {
+        RevocationFile::load(&revocation)?
+    } else {
+        RevocationFile::empty()
+    });
+    let mut out: Vec<IssuedIdentity> = Vec::new();
+    let mut at: HashMap<&str, usize> = HashMap::new();
+    for rec in &index.records {
+        let usable = rec.unexpired_at(now) && !revoked.is_revoked_at(&rec.serial, now);
+        let i = *at.entry(rec.id.as_str()).or_insert_with(|| {
+            out.push(IssuedIdentity {
+                id: rec.id.clone(),
+                role: rec.role,
+                org: rec.org.clone(),
+                usable: false,
+                conflicting_roles: false,
+            });
+            out.len() - 1
+        });
+        let known = &mut out[i];
+        if usable {
+            if known.usable && known.role != rec.role {
+                known.conflicting_roles = true;
+            }
+            known.usable = true;
+            known.role = rec.role;
+            known.org = rec.org.clone();
+        } else if !known.usable {
+            known.role = rec.role;
+            known.org = rec.org.clone();
+        }
+    }
+    Ok(out)
+}
+
 /// An RFC 3339 time as unix milliseconds (`None` if unreadable or before 1970).
 fn unix_ms(rfc3339: &str) -> Option<u64> {
     let t = time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)

@@ -115,6 +115,27 @@ pub fn compliance_org(topic: &str) -> Option<&str> {
     (!org.is_empty() && !org.contains('/')).then_some(org)
 }
 
+/// On a clustered external broker (RabbitMQ) operators name themselves in
+/// the topic: `fleet/by/<operator>/ops/<verb>` and
+/// `fleet/by/<operator>/desired/<name>`. The broker has no hook that could
+/// tell the controller who published, so the broker's per-user topic
+/// permission is what makes the `<operator>` level true.
+pub const FLEET_BY: &str = "fleet/by";
+/// The levels after `fleet/by/<operator>/` where an operator writes.
+pub const BY_OPERATOR_LEAVES: [&str; 2] = ["ops", "desired"];
+
+/// `fleet/by/<operator>/ops/<verb>`: an operator query or order on a
+/// clustered broker.
+pub fn ops_by(operator: &str, verb: &str) -> String {
+    format!("{FLEET_BY}/{operator}/ops/{verb}")
+}
+
+/// `fleet/by/<operator>/desired/<name>`: an operator writes document `name`
+/// on a clustered broker.
+pub fn desired_by(operator: &str, name: &str) -> String {
+    format!("{FLEET_BY}/{operator}/desired/{name}")
+}
+
 /// `devices/+/<leaf>`: one leaf of every device.
 pub fn all_devices(leaf: &str) -> String {
     format!("{DEVICES}/+/{leaf}")
