@@ -4,9 +4,9 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::{Args, Subcommand, ValueEnum};
 use cityplane::cluster::provision::{Desired, Provisioner, SyncReport};
 use cityplane::cluster::rabbit::{self, Cluster, ClusterSpec, ClusterStatus};
+use clap::{Args, Subcommand, ValueEnum};
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Output {
@@ -53,7 +53,9 @@ pub struct DirArgs {
 }
 
 #[derive(Args, Debug)]
-#[command(after_help = "Example:\n  cityplane cluster up --dir ./rabbit --pki ./pki\n  cityplane cluster sync --dir ./rabbit --pki ./pki\n  mosquitto_pub -h localhost -p 28830 --cafile pki/ca.crt --cert pki/lamp0001.crt --key pki/lamp0001.key -i lamp0001 -t devices/lamp0001/reported -m '{}'")]
+#[command(
+    after_help = "Example:\n  cityplane cluster up --dir ./rabbit --pki ./pki\n  cityplane cluster sync --dir ./rabbit --pki ./pki\n  mosquitto_pub -h localhost -p 28830 --cafile pki/ca.crt --cert pki/lamp0001.crt --key pki/lamp0001.key -i lamp0001 -t devices/lamp0001/reported -m '{}'"
+)]
 pub struct UpArgs {
     #[command(flatten)]
     pub dir: DirArgs,
@@ -79,7 +81,9 @@ pub struct StatusArgs {
 }
 
 #[derive(Args, Debug)]
-#[command(after_help = "Example:\n  cityplane certs revoke --pki ./pki --id lamp0042\n  cityplane cluster sync --dir ./rabbit --pki ./pki   # lamp0042's sessions are cut\n  cityplane cluster sync --dir ./rabbit --pki ./pki --prune   # also delete users the PKI never issued")]
+#[command(
+    after_help = "Example:\n  cityplane certs revoke --pki ./pki --id lamp0042\n  cityplane cluster sync --dir ./rabbit --pki ./pki   # lamp0042's sessions are cut\n  cityplane cluster sync --dir ./rabbit --pki ./pki --prune   # also delete users the PKI never issued"
+)]
 pub struct SyncArgs {
     #[command(flatten)]
     pub dir: DirArgs,
@@ -162,7 +166,14 @@ async fn status(args: StatusArgs) -> Result<()> {
                         .unwrap_or_else(|| "-".into()),
                 );
             }
-            println!("{}", if status.healthy { "healthy" } else { "NOT healthy" });
+            println!(
+                "{}",
+                if status.healthy {
+                    "healthy"
+                } else {
+                    "NOT healthy"
+                }
+            );
         }
     }
     if !status.healthy {

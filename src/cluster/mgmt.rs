@@ -71,7 +71,8 @@ impl Mgmt {
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> Result<(), MgmtError> {
-        self.call(Method::POST, path, Some(body.to_string())).await?;
+        self.call(Method::POST, path, Some(body.to_string()))
+            .await?;
         Ok(())
     }
 
@@ -95,8 +96,7 @@ impl Mgmt {
     ) -> Result<Bytes, MgmtError> {
         let mut last = String::from("no node configured");
         for addr in &self.nodes {
-            match tokio::time::timeout(CALL_TIMEOUT, self.once(*addr, &method, path, &body)).await
-            {
+            match tokio::time::timeout(CALL_TIMEOUT, self.once(*addr, &method, path, &body)).await {
                 Ok(Ok((status, bytes))) if status.is_success() => return Ok(bytes),
                 // 5xx from one node (e.g. it is shutting down): try another.
                 Ok(Ok((status, bytes))) if !status.is_server_error() => {
@@ -129,7 +129,8 @@ impl Mgmt {
         body: &Option<String>,
     ) -> Result<(StatusCode, Bytes), Box<dyn std::error::Error + Send + Sync>> {
         let stream = TcpStream::connect(addr).await?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         let driver = tokio::spawn(conn);
         let request = Request::builder()
             .method(method.clone())

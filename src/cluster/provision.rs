@@ -141,7 +141,12 @@ pub fn rules_for(identity: &IssuedIdentity) -> Result<UserRules, String> {
     // id>qos0|qos1`; only the client's own, and only with its own id as the
     // client id (an operator may add `:<session>`, as on the embedded
     // broker; no id contains `:`).
-    let own = |client: &str| format!("^({}|mqtt-subscription-{client}qos[01])$", regex_literal(EXCHANGE));
+    let own = |client: &str| {
+        format!(
+            "^({}|mqtt-subscription-{client}qos[01])$",
+            regex_literal(EXCHANGE)
+        )
+    };
     let devices = key(topics::DEVICES);
     Ok(match identity.role {
         Role::Device => {
@@ -356,7 +361,9 @@ impl Provisioner {
             self.delete_user(user).await?;
         }
         for batch in import.chunks(IMPORT_BATCH) {
-            self.api.post("/api/definitions", &definitions(batch)).await?;
+            self.api
+                .post("/api/definitions", &definitions(batch))
+                .await?;
         }
         report.took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         Ok(report)
@@ -378,10 +385,12 @@ impl Provisioner {
         let permissions = self.api.get("/api/permissions").await?;
         let topic_permissions = self.api.get("/api/topic-permissions").await?;
         let list = |v: &Value, what: &'static str| -> Result<Vec<Value>, ProvisionError> {
-            v.as_array().cloned().ok_or_else(|| ProvisionError::Unexpected {
-                what,
-                detail: v.to_string().chars().take(200).collect(),
-            })
+            v.as_array()
+                .cloned()
+                .ok_or_else(|| ProvisionError::Unexpected {
+                    what,
+                    detail: v.to_string().chars().take(200).collect(),
+                })
         };
         let s = |v: &Value| v.as_str().unwrap_or_default().to_owned();
         let mut out: BTreeMap<String, Observed> = BTreeMap::new();
@@ -407,14 +416,22 @@ impl Provisioner {
         }
         for p in list(&permissions, "permission list")? {
             if let Some(o) = out.get_mut(&s(&p["user"])) {
-                o.permissions
-                    .push((s(&p["vhost"]), s(&p["configure"]), s(&p["write"]), s(&p["read"])));
+                o.permissions.push((
+                    s(&p["vhost"]),
+                    s(&p["configure"]),
+                    s(&p["write"]),
+                    s(&p["read"]),
+                ));
             }
         }
         for p in list(&topic_permissions, "topic permission list")? {
             if let Some(o) = out.get_mut(&s(&p["user"])) {
-                o.topic_permissions
-                    .push((s(&p["vhost"]), s(&p["exchange"]), s(&p["write"]), s(&p["read"])));
+                o.topic_permissions.push((
+                    s(&p["vhost"]),
+                    s(&p["exchange"]),
+                    s(&p["write"]),
+                    s(&p["read"]),
+                ));
             }
         }
         Ok(out)
@@ -464,14 +481,20 @@ mod tests {
             r"^devices\.lamp-01\.(reported|telemetry|acks|csr|presence|fetch)$"
         );
         assert_eq!(r.topic_read, r"^devices\.lamp-01\.(commands|blob)$");
-        assert_eq!(r.configure, r"^(amq\.topic|mqtt-subscription-lamp-01qos[01])$");
+        assert_eq!(
+            r.configure,
+            r"^(amq\.topic|mqtt-subscription-lamp-01qos[01])$"
+        );
     }
 
     #[test]
     fn an_operator_writes_only_under_its_own_name() {
         let r = rules_for(&identity(Role::Operator, "alice", Some("city"))).unwrap();
         assert_eq!(r.topic_write, r"^fleet\.by\.alice\.(ops|desired)\..+$");
-        assert_eq!(r.topic_read, r"^(fleet\.responses\.alice\..+|fleet\.status)$");
+        assert_eq!(
+            r.topic_read,
+            r"^(fleet\.responses\.alice\..+|fleet\.status)$"
+        );
         let scoped = rules_for(&identity(Role::Operator, "bob", Some("lighting-co"))).unwrap();
         assert_eq!(
             scoped.topic_read,

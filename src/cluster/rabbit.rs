@@ -196,7 +196,9 @@ impl RunAs {
     /// Makes `path` (just created by us) the node user's.
     fn own(&self, path: &Path) -> Result<(), ClusterError> {
         match self.ids {
-            Some((uid, gid)) => std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(io(path)),
+            Some((uid, gid)) => {
+                std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(io(path))
+            }
             None => Ok(()),
         }
     }
@@ -286,7 +288,12 @@ pub async fn up(
         }
         let conf = node_config(&info, node, &tls, &password);
         // The config holds the administrator's password: the node's only.
-        write_new(&nd.join("rabbitmq.conf"), conf.as_bytes(), 0o600, Some(&run_as))?;
+        write_new(
+            &nd.join("rabbitmq.conf"),
+            conf.as_bytes(),
+            0o600,
+            Some(&run_as),
+        )?;
         write_new(
             &nd.join("enabled_plugins"),
             b"[rabbitmq_mqtt,rabbitmq_management].\n",
@@ -327,7 +334,11 @@ pub async fn up(
     let rest = &cluster.info.nodes[1..];
     if !rest.is_empty() {
         let names: Vec<&str> = rest.iter().map(|n| n.name.as_str()).collect();
-        progress(&format!("starting {} (joining {})", names.join(", "), first.name));
+        progress(&format!(
+            "starting {} (joining {})",
+            names.join(", "),
+            first.name
+        ));
         for node in rest {
             watch.push(cluster.spawn(node, &run_as)?);
         }
@@ -452,7 +463,12 @@ fn make_dir(path: &Path, run_as: &RunAs) -> Result<(), ClusterError> {
 
 /// Creates `path` with `mode` from the start (a secret never exists with a
 /// wider mode), owned by the node user when `owner` says so.
-fn write_new(path: &Path, data: &[u8], mode: u32, owner: Option<&RunAs>) -> Result<(), ClusterError> {
+fn write_new(
+    path: &Path,
+    data: &[u8],
+    mode: u32,
+    owner: Option<&RunAs>,
+) -> Result<(), ClusterError> {
     let _ = fs::remove_file(path);
     let mut f = OpenOptions::new()
         .write(true)
@@ -624,17 +640,17 @@ impl Cluster {
                 }
             }
             if Instant::now() > deadline {
-                let node = expect
-                    .last()
-                    .map(|n| n.name.clone())
-                    .unwrap_or_default();
+                let node = expect.last().map(|n| n.name.clone()).unwrap_or_default();
                 return Err(self.node_failed(
                     &node,
                     format!("not running after {} s", START_TIMEOUT.as_secs()),
                 ));
             }
             if last_note.elapsed() > Duration::from_secs(10) {
-                progress(&format!("  still starting ({} s)", started.elapsed().as_secs()));
+                progress(&format!(
+                    "  still starting ({} s)",
+                    started.elapsed().as_secs()
+                ));
                 last_note = Instant::now();
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -642,7 +658,12 @@ impl Cluster {
     }
 
     fn node_failed(&self, name: &str, why: String) -> ClusterError {
-        let node = self.info.nodes.iter().position(|n| n.name == name).unwrap_or(0);
+        let node = self
+            .info
+            .nodes
+            .iter()
+            .position(|n| n.name == name)
+            .unwrap_or(0);
         let log = self
             .log_path(node)
             .filter(|p| p.exists())
@@ -662,7 +683,10 @@ impl Cluster {
     async fn status_with(&self, mgmt: &Mgmt) -> Result<ClusterStatus, ClusterError> {
         // One answer for the whole cluster; with every node down, none.
         let (nodes, overview) = match mgmt.get("/api/nodes").await {
-            Ok(nodes) => (nodes, mgmt.get("/api/overview").await.unwrap_or(Value::Null)),
+            Ok(nodes) => (
+                nodes,
+                mgmt.get("/api/overview").await.unwrap_or(Value::Null),
+            ),
             Err(MgmtError::Unreachable { .. }) => (Value::Null, Value::Null),
             Err(e) => return Err(e.into()),
         };
@@ -705,9 +729,17 @@ impl Cluster {
     /// outlive its process, and the number can be reused).
     fn vm_pid(&self, node: &NodeInfo) -> Option<u32> {
         let pid = read_pid(&self.node_dir(node).join("rabbit.pid"))?;
-        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        let cmdline = String::from_utf8_lossy(&cmdline);
-        (cmdline.contains("beam") && cmdline.contains(&node.name)).then_some(pid)
+        // The environment we started it with names this cluster's
+        // directory (the command line does not).
+        let environ = fs::read(format!("/proc/{pid}/environ")).ok()?;
+        let want = format!(
+            "RABBITMQ_MNESIA_BASE={}",
+            self.node_dir(node).join("mnesia").display()
+        );
+        environ
+            .split(|b| *b == 0)
+            .any(|v| v == want.as_bytes())
+            .then_some(pid)
     }
 
     /// Debian's shell wrapper that started the VM, if still alive.
@@ -733,7 +765,10 @@ impl Cluster {
     /// RabbitMQ's logs stay in `rabbitN/log/` for a post-mortem.
     pub async fn down(&self) -> Result<(), ClusterError> {
         for node in &self.info.nodes {
-            for pid in [self.wrapper_pid(node), self.vm_pid(node)].into_iter().flatten() {
+            for pid in [self.wrapper_pid(node), self.vm_pid(node)]
+                .into_iter()
+                .flatten()
+            {
                 signal("TERM", pid);
             }
         }
@@ -743,7 +778,10 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         for node in &self.info.nodes {
-            for pid in [self.wrapper_pid(node), self.vm_pid(node)].into_iter().flatten() {
+            for pid in [self.wrapper_pid(node), self.vm_pid(node)]
+                .into_iter()
+                .flatten()
+            {
                 signal("KILL", pid);
             }
         }
@@ -756,7 +794,13 @@ impl Cluster {
             .status();
         for node in &self.info.nodes {
             let nd = self.node_dir(node);
-            for state in ["mnesia", "rabbitmq.conf", "enabled_plugins", "rabbit.pid", "wrapper.pid"] {
+            for state in [
+                "mnesia",
+                "rabbitmq.conf",
+                "enabled_plugins",
+                "rabbit.pid",
+                "wrapper.pid",
+            ] {
                 remove(&nd.join(state))?;
             }
         }
