@@ -485,6 +485,12 @@ fn write_new(
 
 impl Cluster {
     pub fn open(dir: &Path) -> Result<Cluster, ClusterError> {
+        // Absolute, as `up` recorded it in each node's environment (which
+        // is how a node's VM is told from another process).
+        let dir = &fs::canonicalize(dir).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => ClusterError::NoCluster(dir.to_owned()),
+            _ => io(dir)(e),
+        })?;
         let path = dir.join(CLUSTER_FILE);
         let bytes = match fs::read(&path) {
             Ok(b) => b,
@@ -764,26 +770,33 @@ impl Cluster {
     /// after 30 s), stops this cluster's epmd and removes the nodes' state.
     /// RabbitMQ's logs stay in `rabbitN/log/` for a post-mortem.
     pub async fn down(&self) -> Result<(), ClusterError> {
-        for node in &self.info.nodes {
-            for pid in [self.wrapper_pid(node), self.vm_pid(node)]
-                .into_iter()
-                .flatten()
-            {
-                signal("TERM", pid);
-            }
+        // RabbitMQ deletes its pid file as it begins to stop: the pids are
+        // read once, then watched through /proc.
+        let pids: Vec<u32> = self
+            .info
+            .nodes
+            .iter()
+            .flat_map(|n| [self.wrapper_pid(n), self.vm_pid(n)])
+            .flatten()
+            .collect();
+        for pid in &pids {
+            signal("TERM", *pid);
         }
+        let alive = |pid: &u32| {
+            fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                !s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+        };
         let deadline = Instant::now() + STOP_TIMEOUT;
-        while self.info.nodes.iter().any(|n| self.vm_pid(n).is_some()) && Instant::now() < deadline
-        {
+        while pids.iter().any(alive) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        for node in &self.info.nodes {
-            for pid in [self.wrapper_pid(node), self.vm_pid(node)]
-                .into_iter()
-                .flatten()
-            {
-                signal("KILL", pid);
-            }
+        for pid in pids.iter().filter(|p| alive(p)) {
+            signal("KILL", *pid);
         }
         // epmd outlives the nodes that started it; this one is ours alone.
         let _ = Command::new("epmd")
