@@ -3,6 +3,7 @@
 mod audit_cmd;
 mod broker_cmd;
 mod certs_cmd;
+mod cluster_cmd;
 mod controller_cmd;
 mod dashboard;
 mod dashboard_cmd;
@@ -95,6 +96,12 @@ enum Command {
     /// The operator dashboard in a browser: `cityplane dashboard login` prints a sign-in link.
     #[command(subcommand)]
     Dashboard(dashboard_cmd::DashboardCommand),
+    /// Beyond one machine: a RabbitMQ cluster (mTLS, certificate login) and its users from the PKI.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  cityplane cluster up --dir ./rabbit --pki ./pki          # 3 nodes on 127.0.0.1\n  cityplane cluster sync --dir ./rabbit --pki ./pki        # users + permissions from issued.jsonl\n  cityplane cluster status --dir ./rabbit\n  cityplane cluster down --dir ./rabbit\n\nWhat holds on RabbitMQ and what does not: docs/DEPLOYMENT.md."
+    )]
+    Cluster(cluster_cmd::ClusterCommand),
 }
 
 fn main() -> ExitCode {
@@ -133,6 +140,7 @@ fn main() -> ExitCode {
         Command::Quarantine(args) => block_on(incident_cmd::quarantine(args)),
         Command::Release(args) => block_on(incident_cmd::release(args)),
         Command::Dashboard(cmd) => block_on(dashboard_cmd::run(cmd)),
+        Command::Cluster(cmd) => block_on(cluster_cmd::run(cmd)),
         // Its own exit statuses: 1 for violations, 2 for invalid input.
         Command::Policy(cmd) => match policy_cmd::run(cmd) {
             Ok(code) => return code,

@@ -61,44 +61,65 @@ pub fn issued_devices(dir: &Path) -> Result<Vec<IssuedDevice>, CertError> {
     Ok(out)
 }
 
-/// One certificate holder of any role, as the PKI knows it: what an
-/// external broker's users and the external controller's view of who asks
-/// are made from.
+/// One identity (any role) as the issuance record knows it: what an
+/// external broker must hold a user for, or must no longer hold one for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IssuedIdentity {
     pub id: String,
+    /// The role of its newest certificate that is still usable at `now`, or
+    /// of its newest record when none is.
     pub role: Role,
-    /// An operator's organisation, from its newest certificate.
+    /// An operator's organisation (from the same record as `role`).
     pub org: Option<String>,
-    /// Its newest certificate is revoked.
-    pub revoked: bool,
+    /// At least one of its certificates is unexpired and not revoked at
+    /// `now` (a rotation's overlap keeps the old one usable until its
+    /// `effective_at`).
+    pub usable: bool,
+    /// Its usable certificates name more than one role. A broker that logs
+    /// in by CN alone cannot tell them apart, so such an identity must get
+    /// no user at all.
+    pub conflicting_roles: bool,
 }
 
-/// Every identity recorded in `dir` (devices, operators, controllers),
-/// newest record per id and role, in the order ids were first issued.
-pub fn issued_identities(dir: &Path) -> Result<Vec<IssuedIdentity>, CertError> {
+/// Every identity recorded in `dir`'s `issued.jsonl` (devices, operators,
+/// controllers), in the order ids were first issued, judged at `now`
+/// against `revoked.json`.
+pub fn issued_identities(
+    dir: &Path,
+    now: time::OffsetDateTime,
+) -> Result<Vec<IssuedIdentity>, CertError> {
     let index = IssuedIndex::load(&dir.join(ISSUED_FILE))?;
     let revocation = dir.join(REVOCATION_FILE);
-    let revoked = if revocation.exists() {
+    let revoked = crate::RevocationList::from_file(&if revocation.exists() {
         RevocationFile::load(&revocation)?
     } else {
         RevocationFile::empty()
-    };
+    });
     let mut out: Vec<IssuedIdentity> = Vec::new();
-    let mut at: HashMap<(&str, Role), usize> = HashMap::new();
+    let mut at: HashMap<&str, usize> = HashMap::new();
     for rec in &index.records {
-        let identity = IssuedIdentity {
-            id: rec.id.clone(),
-            role: rec.role,
-            org: rec.org.clone(),
-            revoked: revoked.find(&rec.serial).is_some(),
-        };
-        match at.get(&(rec.id.as_str(), rec.role)) {
-            Some(&i) => out[i] = identity,
-            None => {
-                at.insert((&rec.id, rec.role), out.len());
-                out.push(identity);
+        let usable = rec.unexpired_at(now) && !revoked.is_revoked_at(&rec.serial, now);
+        let i = *at.entry(rec.id.as_str()).or_insert_with(|| {
+            out.push(IssuedIdentity {
+                id: rec.id.clone(),
+                role: rec.role,
+                org: rec.org.clone(),
+                usable: false,
+                conflicting_roles: false,
+            });
+            out.len() - 1
+        });
+        let known = &mut out[i];
+        if usable {
+            if known.usable && known.role != rec.role {
+                known.conflicting_roles = true;
             }
+            known.usable = true;
+            known.role = rec.role;
+            known.org = rec.org.clone();
+        } else if !known.usable {
+            known.role = rec.role;
+            known.org = rec.org.clone();
         }
     }
     Ok(out)

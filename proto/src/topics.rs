@@ -123,6 +123,9 @@ pub fn compliance_org(topic: &str) -> Option<&str> {
     (!org.is_empty() && !org.contains('/')).then_some(org)
 }
 
+/// The levels after `fleet/by/<operator>/` where an operator writes.
+pub const BY_OPERATOR_LEAVES: [&str; 2] = ["ops", "desired"];
+
 /// `devices/+/<leaf>`: one leaf of every device.
 pub fn all_devices(leaf: &str) -> String {
     format!("{DEVICES}/+/{leaf}")

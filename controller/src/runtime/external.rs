@@ -287,7 +287,7 @@ impl Operators {
 
     fn reload(&mut self) {
         self.read_at = Some(std::time::Instant::now());
-        match cityplane_certs::registry::issued_identities(&self.dir) {
+        match cityplane_certs::registry::issued_identities(&self.dir, time::OffsetDateTime::now_utc()) {
             Ok(all) => self.known = operators_of(all),
             Err(e) => {
                 tracing::warn!(error = %e, dir = %self.dir.display(), "could not read the operators from the PKI's issuance record")
@@ -313,7 +313,7 @@ impl Operators {
 
 fn operators_of(all: Vec<IssuedIdentity>) -> HashMap<String, Option<String>> {
     all.into_iter()
-        .filter(|i| i.role == Role::Operator && !i.revoked)
+        .filter(|i| i.role == Role::Operator && i.usable && !i.conflicting_roles)
         .map(|i| (i.id, i.org))
         .collect()
 }

@@ -1,0 +1,524 @@
+//! RabbitMQ users and permissions from cityplane's own truth: every identity
+//! the PKI issued and did not revoke becomes a user with no password
+//! (certificate login only) and topic permissions equivalent to
+//! `broker/src/acl.rs`; every other user is revoked (deleted, which closes
+//! its connections cluster-wide) or reported as drift.
+//!
+//! Topic permissions are regexes over the AMQP routing key, where MQTT's
+//! `/` becomes `.` and a `.` inside an MQTT level becomes `/`. A `.` in an
+//! id would therefore be a wildcard in the regex and an ambiguity in the
+//! key: a device `a.b` granted `devices.a.b.reported` could publish as
+//! `axb`. So an id outside `[a-z0-9_-]` is never provisioned (cityplane ids
+//! may contain `.`: `proto::validate_id`), and every id is escaped as a
+//! regex literal anyway.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::Instant;
+
+use cityplane_certs::registry::{self, IssuedIdentity};
+use cityplane_proto::{topics, Role, ADMIN_ORG};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::mgmt::{segment, Mgmt, MgmtError};
+
+/// The vhost and exchange RabbitMQ's MQTT plugin uses by default.
+const VHOST: &str = "/";
+const EXCHANGE: &str = "amq.topic";
+/// Users per `POST /api/definitions`: one call imports thousands in about
+/// a second; a sync killed between calls is finished by the next one.
+const IMPORT_BATCH: usize = 2000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    #[error("reading the PKI's records: {0}")]
+    Pki(#[from] cityplane_certs::CertError),
+    #[error(transparent)]
+    Mgmt(#[from] MgmtError),
+    #[error("the management API's {what} is not what RabbitMQ 3.10 returns: {detail}")]
+    Unexpected { what: &'static str, detail: String },
+}
+
+/// What the broker should hold: the PKI's identities at one instant.
+#[derive(Debug, Clone, Default)]
+pub struct Desired {
+    pub identities: Vec<IssuedIdentity>,
+}
+
+impl Desired {
+    /// Every identity in `pki/issued.jsonl`, judged against `revoked.json`
+    /// now (a PKI directory or a server directory from `export-server`).
+    pub fn from_pki(pki: &Path) -> Result<Desired, ProvisionError> {
+        Ok(Desired {
+            identities: registry::issued_identities(pki, time::OffsetDateTime::now_utc())?,
+        })
+    }
+}
+
+/// One user as the broker must hold it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UserRules {
+    pub user: String,
+    /// Vhost permissions: configure, write, read (queues and exchanges).
+    pub configure: String,
+    pub write: String,
+    pub read: String,
+    /// Topic permissions on `amq.topic` (routing keys).
+    pub topic_write: String,
+    pub topic_read: String,
+}
+
+/// Why an identity gets no user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Refused {
+    pub id: String,
+    pub reason: String,
+}
+
+/// Whether `id` may become a RabbitMQ user: `[a-z0-9_-]`, 1 to 64 bytes
+/// (cityplane's own rule without `.`). Checked on the raw id, never on a
+/// normalised one.
+pub fn check_broker_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 64 {
+        return Err(format!("{id:?}: an id must be 1 to 64 characters"));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-')))
+    {
+        return Err(format!(
+            "{id:?} contains {c:?}: on RabbitMQ only [a-z0-9_-] is safe in an id \
+             (a '.' separates routing-key levels and matches any character in a permission), \
+             so this identity gets no user; issue it a new id"
+        ));
+    }
+    Ok(())
+}
+
+/// `s` as a regex literal (PCRE, as RabbitMQ's `re`): every character but
+/// letters, digits, `_` and `-` escaped.
+pub fn regex_literal(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 2);
+    for c in s.chars() {
+        if c.is_ascii_alphanumeric() || matches!(c, '_' | '-') {
+            out.push(c);
+        } else {
+            out.push('\\');
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// An MQTT topic prefix from `proto::topics` as routing-key regex text:
+/// levels escaped, joined by an escaped `.`.
+fn key(mqtt_levels: &str) -> String {
+    mqtt_levels
+        .split('/')
+        .map(regex_literal)
+        .collect::<Vec<_>>()
+        .join("\\.")
+}
+
+fn one_of(choices: &[&str]) -> String {
+    let alts: Vec<String> = choices.iter().map(|c| regex_literal(c)).collect();
+    format!("({})", alts.join("|"))
+}
+
+/// The rules for one identity, or why it gets none.
+pub fn rules_for(identity: &IssuedIdentity) -> Result<UserRules, String> {
+    check_broker_id(&identity.id)?;
+    if identity.conflicting_roles {
+        return Err(format!(
+            "{:?} holds usable certificates of two roles; RabbitMQ logs in by CN alone and \
+             cannot tell them apart: revoke one",
+            identity.id
+        ));
+    }
+    let id = regex_literal(&identity.id);
+    // The MQTT plugin's subscription queues are `mqtt-subscription-<client
+    // id>qos0|qos1`; only the client's own, and only with its own id as the
+    // client id (an operator may add `:<session>`, as on the embedded
+    // broker; no id contains `:`).
+    let own = |client: &str| {
+        format!(
+            "^({}|mqtt-subscription-{client}qos[01])$",
+            regex_literal(EXCHANGE)
+        )
+    };
+    let devices = key(topics::DEVICES);
+    Ok(match identity.role {
+        Role::Device => {
+            let mut publish: Vec<&str> = topics::DEVICE_PUBLISH_LEAVES.to_vec();
+            publish.extend([topics::DEVICE_WILL_LEAF, topics::DEVICE_FETCH_LEAF]);
+            let queues = own(&id);
+            UserRules {
+                user: identity.id.clone(),
+                configure: queues.clone(),
+                write: queues.clone(),
+                read: queues,
+                topic_write: format!("^{devices}\\.{id}\\.{}$", one_of(&publish)),
+                topic_read: format!(
+                    "^{devices}\\.{id}\\.{}$",
+                    one_of(&[topics::DEVICE_SUBSCRIBE_LEAF, topics::DEVICE_BLOB_LEAF])
+                ),
+            }
+        }
+        Role::Operator => {
+            let queues = own(&format!("{id}(:[a-z0-9_-]+)?"));
+            let by = key(topics::FLEET_BY);
+            let responses = format!("{}\\.{id}\\..+", key(topics::FLEET_RESPONSES));
+            // As on the embedded broker: the city's own operators read the
+            // fleet summary, a contractor's operators their organisation's
+            // compliance summary instead.
+            let summary = match identity.org.as_deref() {
+                None | Some(ADMIN_ORG) => key(topics::FLEET_STATUS),
+                Some(org) => match check_broker_id(org) {
+                    Ok(()) => key(&topics::compliance(org)),
+                    Err(why) => return Err(format!("organisation {why}")),
+                },
+            };
+            UserRules {
+                user: identity.id.clone(),
+                configure: queues.clone(),
+                write: queues.clone(),
+                read: queues,
+                topic_write: format!(
+                    "^{by}\\.{id}\\.{}\\..+$",
+                    one_of(&topics::BY_OPERATOR_LEAVES)
+                ),
+                topic_read: format!("^({responses}|{summary})$"),
+            }
+        }
+        Role::Controller => UserRules {
+            user: identity.id.clone(),
+            configure: ".*".into(),
+            write: ".*".into(),
+            read: ".*".into(),
+            topic_write: ".*".into(),
+            topic_read: ".*".into(),
+        },
+    })
+}
+
+/// What one sync did.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Users created.
+    pub created: Vec<String>,
+    /// Users whose password, tags or permissions were put back.
+    pub updated: Vec<String>,
+    /// Users that were right already.
+    pub unchanged: usize,
+    /// Users deleted because their identity's certificates are all revoked
+    /// or expired, or because the identity may not be a user (see
+    /// `refused`). Their connections were closed.
+    pub revoked: Vec<String>,
+    /// Identities that get no user, and why.
+    pub refused: Vec<Refused>,
+    /// Users on the broker that the PKI never issued (drift).
+    pub drift: Vec<String>,
+    /// Drift users deleted (`--prune`).
+    pub pruned: Vec<String>,
+    pub took_ms: u64,
+}
+
+impl SyncReport {
+    /// Whether the run changed anything on the broker.
+    pub fn changed(&self) -> bool {
+        !(self.created.is_empty()
+            && self.updated.is_empty()
+            && self.revoked.is_empty()
+            && self.pruned.is_empty())
+    }
+}
+
+/// What the broker holds for one user, as far as a sync cares.
+#[derive(Debug, Default)]
+struct Observed {
+    has_password: bool,
+    tags: Vec<String>,
+    permissions: Vec<(String, String, String, String)>,
+    topic_permissions: Vec<(String, String, String, String)>,
+}
+
+impl Observed {
+    fn matches(&self, want: &UserRules) -> bool {
+        !self.has_password
+            && self.tags.is_empty()
+            && self.permissions
+                == [(
+                    VHOST.to_owned(),
+                    want.configure.clone(),
+                    want.write.clone(),
+                    want.read.clone(),
+                )]
+            && self.topic_permissions
+                == [(
+                    VHOST.to_owned(),
+                    EXCHANGE.to_owned(),
+                    want.topic_write.clone(),
+                    want.topic_read.clone(),
+                )]
+    }
+
+    /// Permissions the import cannot take away (it only adds or replaces):
+    /// another vhost or exchange.
+    fn has_foreign_grants(&self) -> bool {
+        self.permissions.iter().any(|p| p.0 != VHOST)
+            || self
+                .topic_permissions
+                .iter()
+                .any(|p| p.0 != VHOST || p.1 != EXCHANGE)
+    }
+}
+
+/// Provisions one RabbitMQ cluster through its management API.
+#[derive(Debug, Clone)]
+pub struct Provisioner {
+    api: Mgmt,
+    /// The API's own administrator: never drift, never deleted.
+    admin_user: String,
+}
+
+impl Provisioner {
+    pub fn new(api: Mgmt, admin_user: &str) -> Provisioner {
+        Provisioner {
+            api,
+            admin_user: admin_user.to_owned(),
+        }
+    }
+
+    /// Makes the broker's users what `desired` says. Idempotent: a second
+    /// run changes nothing and says so (`SyncReport::changed`). Resumable:
+    /// every run compares against what the broker holds now, so one killed
+    /// half-way is completed by the next. Users of revoked identities are
+    /// deleted (their sessions cut cluster-wide); users the PKI never
+    /// issued are reported as drift and deleted only when `prune`.
+    pub async fn sync(&self, desired: &Desired, prune: bool) -> Result<SyncReport, ProvisionError> {
+        let started = Instant::now();
+        let mut report = SyncReport::default();
+        let observed = self.observe().await?;
+
+        let mut want: Vec<UserRules> = Vec::new();
+        let mut unwanted: BTreeSet<String> = BTreeSet::new();
+        let mut known: BTreeSet<&str> = BTreeSet::new();
+        for identity in &desired.identities {
+            known.insert(&identity.id);
+            if !identity.usable {
+                unwanted.insert(identity.id.clone());
+                continue;
+            }
+            match rules_for(identity) {
+                Ok(rules) => want.push(rules),
+                Err(reason) => {
+                    report.refused.push(Refused {
+                        id: identity.id.clone(),
+                        reason,
+                    });
+                    unwanted.insert(identity.id.clone());
+                }
+            }
+        }
+
+        let mut import = Vec::new();
+        let mut recreate = Vec::new();
+        for rules in want {
+            match observed.get(&rules.user) {
+                None => {
+                    report.created.push(rules.user.clone());
+                    import.push(rules);
+                }
+                Some(o) if o.matches(&rules) => report.unchanged += 1,
+                Some(o) => {
+                    if o.has_foreign_grants() {
+                        recreate.push(rules.user.clone());
+                    }
+                    report.updated.push(rules.user.clone());
+                    import.push(rules);
+                }
+            }
+        }
+        // Revocations first: a revoked identity must lose its sessions even
+        // if the imports below fail.
+        for user in observed.keys() {
+            if *user == self.admin_user {
+                continue;
+            }
+            if unwanted.contains(user) {
+                if self.delete_user(user).await? {
+                    report.revoked.push(user.clone());
+                }
+            } else if !known.contains(user.as_str()) {
+                report.drift.push(user.clone());
+                if prune && self.delete_user(user).await? {
+                    report.pruned.push(user.clone());
+                }
+            }
+        }
+        for user in &recreate {
+            self.delete_user(user).await?;
+        }
+        for batch in import.chunks(IMPORT_BATCH) {
+            self.api
+                .post("/api/definitions", &definitions(batch))
+                .await?;
+        }
+        report.took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        Ok(report)
+    }
+
+    /// Deletes user `id`, which closes its connections on every node (how a
+    /// revocation or a quarantine cuts a live session). `Ok(false)` when
+    /// there was no such user.
+    pub async fn delete_user(&self, id: &str) -> Result<bool, ProvisionError> {
+        Ok(self
+            .api
+            .delete(&format!("/api/users/{}", segment(id)))
+            .await?)
+    }
+
+    /// Every user the broker holds, with its grants.
+    async fn observe(&self) -> Result<BTreeMap<String, Observed>, ProvisionError> {
+        let users = self.api.get("/api/users").await?;
+        let permissions = self.api.get("/api/permissions").await?;
+        let topic_permissions = self.api.get("/api/topic-permissions").await?;
+        let list = |v: &Value, what: &'static str| -> Result<Vec<Value>, ProvisionError> {
+            v.as_array()
+                .cloned()
+                .ok_or_else(|| ProvisionError::Unexpected {
+                    what,
+                    detail: v.to_string().chars().take(200).collect(),
+                })
+        };
+        let s = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+        let mut out: BTreeMap<String, Observed> = BTreeMap::new();
+        for u in list(&users, "user list")? {
+            let tags = match &u["tags"] {
+                Value::Array(a) => a.iter().map(s).collect(),
+                // Older answers give a comma-separated string.
+                Value::String(t) => t
+                    .split(',')
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+                _ => Vec::new(),
+            };
+            out.insert(
+                s(&u["name"]),
+                Observed {
+                    has_password: !s(&u["password_hash"]).is_empty(),
+                    tags,
+                    ..Observed::default()
+                },
+            );
+        }
+        for p in list(&permissions, "permission list")? {
+            if let Some(o) = out.get_mut(&s(&p["user"])) {
+                o.permissions.push((
+                    s(&p["vhost"]),
+                    s(&p["configure"]),
+                    s(&p["write"]),
+                    s(&p["read"]),
+                ));
+            }
+        }
+        for p in list(&topic_permissions, "topic permission list")? {
+            if let Some(o) = out.get_mut(&s(&p["user"])) {
+                o.topic_permissions.push((
+                    s(&p["vhost"]),
+                    s(&p["exchange"]),
+                    s(&p["write"]),
+                    s(&p["read"]),
+                ));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The body of `POST /api/definitions` for `users`: no password (an empty
+/// hash never matches, so only the certificate logs in), no tags.
+fn definitions(users: &[UserRules]) -> Value {
+    json!({
+        "users": users.iter().map(|u| json!({
+            "name": u.user,
+            "password_hash": "",
+            "hashing_algorithm": "rabbit_password_hashing_sha256",
+            "tags": [],
+        })).collect::<Vec<_>>(),
+        "permissions": users.iter().map(|u| json!({
+            "user": u.user, "vhost": VHOST,
+            "configure": u.configure, "write": u.write, "read": u.read,
+        })).collect::<Vec<_>>(),
+        "topic_permissions": users.iter().map(|u| json!({
+            "user": u.user, "vhost": VHOST, "exchange": EXCHANGE,
+            "write": u.topic_write, "read": u.topic_read,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(role: Role, id: &str, org: Option<&str>) -> IssuedIdentity {
+        IssuedIdentity {
+            id: id.into(),
+            role,
+            org: org.map(str::to_owned),
+            usable: true,
+            conflicting_roles: false,
+        }
+    }
+
+    #[test]
+    fn a_device_writes_and_reads_only_its_own_leaves() {
+        let r = rules_for(&identity(Role::Device, "lamp-01", None)).unwrap();
+        assert_eq!(
+            r.topic_write,
+            r"^devices\.lamp-01\.(reported|telemetry|acks|csr|presence|fetch)$"
+        );
+        assert_eq!(r.topic_read, r"^devices\.lamp-01\.(commands|blob)$");
+        assert_eq!(
+            r.configure,
+            r"^(amq\.topic|mqtt-subscription-lamp-01qos[01])$"
+        );
+    }
+
+    #[test]
+    fn an_operator_writes_only_under_its_own_name() {
+        let r = rules_for(&identity(Role::Operator, "alice", Some("city"))).unwrap();
+        assert_eq!(r.topic_write, r"^fleet\.by\.alice\.(ops|desired)\..+$");
+        assert_eq!(
+            r.topic_read,
+            r"^(fleet\.responses\.alice\..+|fleet\.status)$"
+        );
+        let scoped = rules_for(&identity(Role::Operator, "bob", Some("lighting-co"))).unwrap();
+        assert_eq!(
+            scoped.topic_read,
+            r"^(fleet\.responses\.bob\..+|fleet\.compliance\.lighting-co)$"
+        );
+    }
+
+    #[test]
+    fn ids_with_a_dot_or_anything_outside_the_safe_set_get_no_user() {
+        for bad in ["a.b", "a+b", "a#b", "A", "", "a*b", "a/b", "é"] {
+            assert!(
+                rules_for(&identity(Role::Device, bad, None)).is_err(),
+                "{bad:?} was provisioned"
+            );
+        }
+        assert!(rules_for(&identity(Role::Operator, "ok", Some("bad.org"))).is_err());
+    }
+
+    /// Belt and braces behind `check_broker_id`: whatever reaches a
+    /// pattern is a literal there.
+    #[test]
+    fn every_substituted_id_is_a_regex_literal() {
+        assert_eq!(regex_literal("a.b"), r"a\.b");
+        assert_eq!(regex_literal("a.*|x"), r"a\.\*\|x");
+        assert_eq!(key("devices/a.b"), r"devices\.a\.b");
+    }
+}
