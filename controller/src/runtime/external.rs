@@ -287,7 +287,10 @@ impl Operators {
 
     fn reload(&mut self) {
         self.read_at = Some(std::time::Instant::now());
-        match cityplane_certs::registry::issued_identities(&self.dir, time::OffsetDateTime::now_utc()) {
+        match cityplane_certs::registry::issued_identities(
+            &self.dir,
+            time::OffsetDateTime::now_utc(),
+        ) {
             Ok(all) => self.known = operators_of(all),
             Err(e) => {
                 tracing::warn!(error = %e, dir = %self.dir.display(), "could not read the operators from the PKI's issuance record")
@@ -377,20 +380,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_unrevoked_operators_ask() {
-        let id = |id: &str, role, org: Option<&str>, revoked| IssuedIdentity {
+    fn only_usable_unambiguous_operators_ask() {
+        let id = |id: &str, role, org: Option<&str>, usable, conflicting_roles| IssuedIdentity {
             id: id.into(),
             role,
             org: org.map(Into::into),
-            revoked,
+            usable,
+            conflicting_roles,
         };
         let known = operators_of(vec![
-            id("alice", Role::Operator, Some("city"), false),
-            id("bob", Role::Operator, Some("lighting-co"), true),
-            id("lamp-1", Role::Device, None, false),
+            id("alice", Role::Operator, Some("city"), true, false),
+            id("bob", Role::Operator, Some("lighting-co"), false, false),
+            id("lamp-1", Role::Device, None, true, false),
+            id("mallory", Role::Operator, Some("city"), true, true),
         ]);
         assert_eq!(known.get("alice"), Some(&Some("city".to_owned())));
         assert!(!known.contains_key("bob"));
         assert!(!known.contains_key("lamp-1"));
+        assert!(!known.contains_key("mallory"));
     }
 }
