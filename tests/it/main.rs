@@ -6,6 +6,7 @@ mod certs_hardening;
 mod common;
 mod crash;
 mod dashboard;
+mod deployments;
 mod disk_full;
 mod firmware;
 mod fleet;

@@ -1,0 +1,293 @@
+//! One fleet, three ways to run cityplane: the embedded `serve` (broker and
+//! controller in one process), `cityplane controller` behind mosquitto (one
+//! external node, its ACL what `cluster sync` gives RabbitMQ), and
+//! `cityplane controller` behind a 3-node RabbitMQ cluster. The scenarios in
+//! `tests/it/deployments.rs` run unchanged on each, through the same CLI
+//! and devices a user has; only what a deployment cannot promise (listed
+//! in docs/DEPLOYMENT.md) differs, and each difference is asserted too.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use cityplane_agent_sim::{Backoff, PresenceMode, SimConfig};
+use cityplane_testkit::process::ChildGuard;
+use serde_json::Value;
+
+use super::cluster::RabbitCluster;
+use super::{free_port, ok, Server, BIN};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Embedded,
+    Mosquitto,
+    Rabbit,
+}
+
+enum Running {
+    Embedded(Server),
+    Mosquitto {
+        _broker: ChildGuard,
+        controller: ChildGuard,
+    },
+    Rabbit {
+        cluster: RabbitCluster,
+        controller: ChildGuard,
+    },
+}
+
+/// A running deployment with its PKI: operator `op`, devices
+/// `dev0001`… (streetlights), device `rogue01` (no class), controller
+/// `controller`.
+pub struct Deployment {
+    pub kind: Kind,
+    pub dir: tempfile::TempDir,
+    pub pki: PathBuf,
+    /// Where devices and operators connect, `127.0.0.1:PORT`, one per node.
+    pub nodes: Vec<String>,
+    running: Running,
+}
+
+impl Deployment {
+    /// Issues the PKI and starts `kind` with `devices` device certificates;
+    /// `None` when the deployment's programs are missing and not required
+    /// (see `skip_unless_installed` of each).
+    pub fn start(kind: Kind, test: &str, devices: usize) -> Option<Deployment> {
+        if kind == Kind::Mosquitto && cityplane_testkit::mosquitto::skip_unless_installed(test) {
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = dir.path().join("pki");
+        let p = pki.to_str().expect("utf-8");
+        ok(Command::new(BIN).args(["certs", "init", "--pki", p]));
+        ok(Command::new(BIN).args([
+            "certs", "issue", "--pki", p, "--role", "operator", "--id", "op", "--org", "city",
+        ]));
+        ok(Command::new(BIN).args([
+            "certs",
+            "issue",
+            "--pki",
+            p,
+            "--role",
+            "controller",
+            "--id",
+            "controller",
+        ]));
+        ok(Command::new(BIN).args([
+            "certs",
+            "issue",
+            "--pki",
+            p,
+            "--role",
+            "device",
+            "--count",
+            &devices.to_string(),
+            "--prefix",
+            "dev",
+            "--class",
+            "streetlight",
+        ]));
+        // A device of no class: the suite's rogue, which no document targets.
+        ok(Command::new(BIN).args([
+            "certs", "issue", "--pki", p, "--role", "device", "--id", "rogue01",
+        ]));
+        let data = dir.path().join("data");
+        let (running, nodes) = match kind {
+            Kind::Embedded => {
+                let port = free_port();
+                let server =
+                    Server::start(&pki, &data, port, &dir.path().join("serve.log"), "info");
+                (Running::Embedded(server), vec![format!("127.0.0.1:{port}")])
+            }
+            Kind::Mosquitto => {
+                let acl = cityplane_testkit::mosquitto::cluster_acl(dir.path(), &["controller"])
+                    .expect("acl");
+                let (broker, addr) = cityplane_testkit::mosquitto::start_with(
+                    "deployments",
+                    &cityplane_certs::Pki::open(&pki).expect("pki"),
+                    dir.path(),
+                    "",
+                    &acl,
+                )
+                .expect("mosquitto");
+                let nodes = vec![addr.to_string()];
+                let controller = start_controller(&pki, &data, &nodes, dir.path());
+                (
+                    Running::Mosquitto {
+                        _broker: broker,
+                        controller,
+                    },
+                    nodes,
+                )
+            }
+            Kind::Rabbit => {
+                let cluster = RabbitCluster::up(&pki, &dir.path().join("rabbit"))?;
+                cluster.sync(&pki);
+                let nodes = cluster.mqtts();
+                let controller = start_controller(&pki, &data, &nodes, dir.path());
+                (
+                    Running::Rabbit {
+                        cluster,
+                        controller,
+                    },
+                    nodes,
+                )
+            }
+        };
+        let d = Deployment {
+            kind,
+            dir,
+            pki,
+            nodes,
+            running,
+        };
+        d.wait_up();
+        Some(d)
+    }
+
+    /// Runs on an external broker: operators name themselves in topics.
+    pub fn external(&self) -> bool {
+        self.kind != Kind::Embedded
+    }
+
+    /// The `cityplane` binary as operator `op`, against the first node.
+    pub fn cli(&self, args: &[&str]) -> Command {
+        self.cli_at(0, args)
+    }
+
+    /// The `cityplane` binary as operator `op`, against node `node`.
+    pub fn cli_at(&self, node: usize, args: &[&str]) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env("CITYPLANE_SERVER", &self.nodes[node])
+            .env("CITYPLANE_PKI", &self.pki)
+            .env("CITYPLANE_ID", "op")
+            .env("RUST_LOG", "error")
+            .stdin(Stdio::null());
+        if self.external() {
+            cmd.env("CITYPLANE_CLUSTER", "true");
+        }
+        cmd
+    }
+
+    /// An operator command with `--output json` that must succeed; its answer.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut args = args.to_vec();
+        args.extend(["--output", "json"]);
+        let out = ok(&mut self.cli(&args));
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+    }
+
+    /// Writes `doc` to a file in the deployment's directory; its path.
+    pub fn file(&self, name: &str, doc: &Value) -> String {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, doc.to_string()).expect("write");
+        path.to_str().expect("utf-8").to_owned()
+    }
+
+    /// Simulated devices `dev0001`…`dev{n}` spread over every node.
+    pub fn sim(&self, n: usize) -> SimConfig {
+        let mut sim = SimConfig::new(&self.pki, self.nodes.join(","), "dev", n);
+        // The embedded broker publishes presence itself; an external one
+        // carries the devices' own birth message and will.
+        sim.presence = if self.external() {
+            PresenceMode::Publish
+        } else {
+            PresenceMode::Skip
+        };
+        sim.backoff = Backoff {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(400),
+            multiplier: 2.0,
+        };
+        sim
+    }
+
+    /// Revokes `id`'s certificates as an operator does on this deployment:
+    /// `certs revoke` (the embedded broker watches the list), then on
+    /// RabbitMQ `cluster sync` (which deletes the user, cutting its
+    /// sessions cluster-wide). Mosquitto reads its CRL only at start, so
+    /// there revocation cuts nothing live.
+    pub fn revoke(&self, id: &str) {
+        let p = self.pki.to_str().expect("utf-8");
+        ok(Command::new(BIN).args(["certs", "revoke", "--pki", p, "--id", id]));
+        if let Running::Rabbit { cluster, .. } = &self.running {
+            cluster.sync(&self.pki);
+        }
+    }
+
+    /// Whether a live session is cut when its certificate is revoked.
+    pub fn revocation_cuts(&self) -> bool {
+        self.kind != Kind::Mosquitto
+    }
+
+    /// The RabbitMQ cluster, on that deployment.
+    pub fn cluster(&self) -> Option<&RabbitCluster> {
+        match &self.running {
+            Running::Rabbit { cluster, .. } => Some(cluster),
+            _ => None,
+        }
+    }
+
+    /// Whether the server (or the controller) process is still running.
+    pub fn alive(&mut self) -> bool {
+        match &mut self.running {
+            Running::Embedded(server) => server.alive(),
+            Running::Mosquitto { controller, .. } | Running::Rabbit { controller, .. } => {
+                matches!(controller.try_wait(), Ok(None))
+            }
+        }
+    }
+
+    /// The server's or the controller's log.
+    pub fn log(&self) -> String {
+        let name = match self.kind {
+            Kind::Embedded => "serve.log",
+            _ => "controller.log",
+        };
+        std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
+    }
+
+    fn wait_up(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = self
+                .cli(&["status", "--timeout", "2"])
+                .output()
+                .expect("status runs");
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{:?} did not answer `status` within 60 s: {}\n{}",
+                self.kind,
+                String::from_utf8_lossy(&out.stderr),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// `cityplane controller` against `nodes`, its log in `dir/controller.log`.
+fn start_controller(pki: &Path, data: &Path, nodes: &[String], dir: &Path) -> ChildGuard {
+    let log = std::fs::File::create(dir.join("controller.log")).expect("log");
+    let child = Command::new(BIN)
+        .arg("controller")
+        .arg("--broker")
+        .arg(nodes.join(","))
+        .arg("--pki")
+        .arg(pki)
+        .arg("--data")
+        .arg(data)
+        .env("CITYPLANE_ROLLOUT_TICK_MS", "100")
+        .env("CITYPLANE_COMPLIANCE_TICK_MS", "200")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("controller starts");
+    ChildGuard::new(child)
+}

@@ -1,0 +1,153 @@
+//! The promises a user relies on, run unchanged on every deployment (see
+//! `common::deploy`): identity and topic rules both ways, converge, drift
+//! correction, re-drive of a device that was offline, and revocation. What
+//! a deployment cannot promise is asserted as the documented gap it is
+//! (docs/DEPLOYMENT.md), so a change on either side fails here.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use cityplane_agent_sim::Fleet;
+use serde_json::{json, Value};
+
+use crate::common::deploy::{Deployment, Kind};
+use crate::common::{eventually, ok};
+
+const DEVICES: usize = 12;
+
+/// The rogue's attempts that `kind` lets through: docs/DEPLOYMENT.md's gaps.
+fn accepted_by(kind: Kind) -> BTreeSet<&'static str> {
+    match kind {
+        Kind::Embedded => BTreeSet::new(),
+        // Not asked: mosquitto answers a publish its ACL refuses with a
+        // PUBACK and drops it (MQTT 3.1.1 has no way to say no), so a
+        // refusal cannot be told from a delivery by the sender.
+        Kind::Mosquitto => unreachable!("mosquitto's refusals are silent"),
+        // RabbitMQ before 4.1 binds no client id to the certificate.
+        Kind::Rabbit => ["spoof-client-id"].into(),
+    }
+}
+
+fn row<'a>(rows: &'a Value, id: &str) -> &'a Value {
+    rows.as_array()
+        .expect("rows")
+        .iter()
+        .find(|r| r["id"] == id)
+        .unwrap_or_else(|| panic!("{id} not listed: {rows}"))
+}
+
+async fn the_promises_hold_on(kind: Kind, test: &str) {
+    let Some(mut d) = Deployment::start(kind, test, DEVICES) else {
+        return;
+    };
+    let mut sim = d.sim(DEVICES);
+    sim.rogue_ids = vec!["rogue01".to_owned()];
+    let fleet = Fleet::start(sim).await.expect("fleet starts");
+    assert!(
+        fleet.wait_online(DEVICES, Duration::from_secs(60)).await,
+        "{kind:?}: the fleet came online"
+    );
+
+    // Identity and topic rules, both ways: a device holding a valid
+    // certificate tries to be, speak for, and listen to another.
+    if kind != Kind::Mosquitto {
+        let rogues = fleet.run_rogues().await;
+        let accepted: BTreeSet<&str> = rogues
+            .accepted_details
+            .iter()
+            .filter_map(|l| l.split_once(": ").map(|(_, action)| action))
+            .collect();
+        assert_eq!(
+            accepted,
+            accepted_by(kind),
+            "{kind:?}: what the broker let through: {rogues:#?}"
+        );
+        assert_eq!(rogues.unanswered, 0, "{kind:?}: {rogues:#?}");
+    }
+
+    // Converge: one document, every device, acknowledged by the CLI's --wait.
+    let dim30 = d.file(
+        "dim30.json",
+        &json!({"name": "dim", "target": {"class": "streetlight"}, "state": {"dimming": 30}}),
+    );
+    ok(&mut d.cli(&["apply", "-f", &dim30, "--wait", "--timeout", "60"]));
+    assert!(
+        fleet.all_have("dimming", &json!(30), None),
+        "{kind:?}: --wait returned before every device was dimmed"
+    );
+    let docs = d.json(&["get", "documents"]);
+    assert_eq!(
+        (&docs[0]["targeted"], &docs[0]["converged"]),
+        (&json!(DEVICES), &json!(DEVICES)),
+        "{kind:?}: {docs}"
+    );
+
+    // Drift: a device changes by itself; the controller puts it back.
+    assert!(fleet.tamper("dev0002", "dimming", json!(99)));
+    eventually(&format!("{kind:?}: dev0002's drift corrected"), || {
+        fleet.value_of("dev0002", "dimming") == Some(Some(json!(30)))
+    })
+    .await;
+
+    // Offline re-drive: a change made while a device is away reaches it
+    // when it is back.
+    assert!(fleet.take_offline("dev0003", Duration::from_secs(3)));
+    eventually(&format!("{kind:?}: dev0003 offline"), || {
+        fleet.device("dev0003").is_some_and(|s| !s.connected)
+    })
+    .await;
+    let dim40 = d.file(
+        "dim40.json",
+        &json!({"name": "dim", "target": {"class": "streetlight"}, "state": {"dimming": 40}}),
+    );
+    ok(&mut d.cli(&["apply", "-f", &dim40]));
+    eventually(
+        &format!("{kind:?}: every device at 40, dev0003 too"),
+        || fleet.all_have("dimming", &json!(40), None),
+    )
+    .await;
+
+    // Revocation: the certificate's live session is cut and stays out.
+    let before = fleet.device("dev0004").expect("dev0004").connects;
+    d.revoke("dev0004");
+    if d.revocation_cuts() {
+        eventually(&format!("{kind:?}: dev0004 cut"), || {
+            fleet.device("dev0004").is_some_and(|s| !s.connected)
+        })
+        .await;
+        // Its reconnects (50–400 ms apart) are refused.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = fleet.device("dev0004").expect("dev0004");
+        assert!(
+            !after.connected && after.connects == before,
+            "{kind:?}: dev0004 got back in: {after:?}"
+        );
+    }
+    eventually(&format!("{kind:?}: dev0004 listed as revoked"), || {
+        let rows = d.json(&["get", "devices"]);
+        row(&rows, "dev0004")["revoked"] == true && row(&rows, "dev0001")["revoked"] == false
+    })
+    .await;
+
+    fleet.shutdown().await;
+    assert!(d.alive(), "{kind:?}: the server or controller died");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_promises_hold_on_the_embedded_server() {
+    the_promises_hold_on(Kind::Embedded, "the_promises_hold_on_the_embedded_server").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_promises_hold_on_mosquitto_with_an_external_controller() {
+    the_promises_hold_on(
+        Kind::Mosquitto,
+        "the_promises_hold_on_mosquitto_with_an_external_controller",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_promises_hold_on_a_rabbitmq_cluster() {
+    the_promises_hold_on(Kind::Rabbit, "the_promises_hold_on_a_rabbitmq_cluster").await;
+}
