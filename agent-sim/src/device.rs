@@ -46,6 +46,8 @@ enum End {
     Lost(String),
     /// Away on purpose (reboot, offline episode); reconnect after `0`.
     Pause(Duration),
+    /// Reconnect at once, to the same node (a new certificate to use).
+    Reconnect,
 }
 
 /// A certificate (and key) the device can connect with.
@@ -77,12 +79,17 @@ struct Device {
     core: Behaviour,
     /// Failed connects or lost sessions since the device was last online.
     lost_in_row: u32,
+    /// The broker node it tries first (`fleet::home_node`).
+    home: usize,
+    /// The node it connects to next, or is connected to.
+    node: usize,
 }
 
 pub(crate) async fn run(
     dev: Arc<DeviceShared>,
     fleet: Arc<FleetShared>,
     identity: Identity,
+    home: usize,
     rng: Rng,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -100,6 +107,8 @@ pub(crate) async fn run(
         rng,
         core: Behaviour::new(),
         lost_in_row: 0,
+        home,
+        node: home,
     };
     device.main(&mut shutdown).await;
 }
@@ -147,10 +156,18 @@ impl Device {
                     self.attempt_ended();
                     match end {
                         End::Shutdown => return,
-                        End::Pause(d) => d,
+                        End::Pause(d) => {
+                            // A device that was away on purpose starts over
+                            // like a freshly powered one: its first node,
+                            // which keeps the fleet spread after a recovery.
+                            self.node = self.home;
+                            d
+                        }
+                        End::Reconnect => Duration::ZERO,
                         End::Lost(reason) => {
                             Counters::inc(&self.counters().sessions_lost);
                             self.counters().failure(format!("session lost: {reason}"));
+                            self.fail_over();
                             self.lost_in_row += 1;
                             self.fleet
                                 .config
@@ -172,6 +189,9 @@ impl Device {
                     if let Some(old) = self.fallback.take() {
                         self.current = old;
                     }
+                    // As after any failed attempt: the refusal may have been
+                    // the node's rather than the certificate's.
+                    self.fail_over();
                     Duration::ZERO
                 }
                 Err(e) => {
@@ -179,6 +199,7 @@ impl Device {
                     Counters::inc(&self.counters().connect_failures);
                     self.counters().failure(format!("connect: {}", e.label()));
                     tracing::debug!(id = %self.dev.id, error = %e, "connect failed");
+                    self.fail_over();
                     self.lost_in_row += 1;
                     self.fleet
                         .config
@@ -190,6 +211,14 @@ impl Device {
                 return;
             }
         }
+    }
+
+    /// The node failed this device (no connection, or it lost the session):
+    /// the next attempt goes to the next node. Whether the node is down or
+    /// only this link is, another node is the better bet, and each device
+    /// moving on by itself spreads a dead node's devices over the others.
+    fn fail_over(&mut self) {
+        self.node = crate::fleet::next_node(self.node, self.fleet.nodes.len());
     }
 
     async fn connect(&mut self) -> Result<Client, ClientError> {
@@ -220,9 +249,10 @@ impl Device {
             will: Some(&will),
         };
         let started = Instant::now();
+        let node = &self.fleet.nodes[self.node];
         let client = Client::connect(
-            self.fleet.addr,
-            self.fleet.server_name.clone(),
+            node.addr,
+            node.server_name.clone(),
             self.current.tls.clone(),
             &opts,
             self.fleet.config.connect_timeout,
@@ -236,6 +266,7 @@ impl Device {
         Counters::inc(&c.connects);
         c.connected
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        node.connected();
         let mut v = self.dev.lock();
         if v.connects > 0 {
             Counters::inc(&c.reconnects);
@@ -315,7 +346,7 @@ impl Device {
         let next = next?;
         self.fallback = Some(std::mem::replace(&mut self.current, next));
         // Reconnect at once: no DISCONNECT, as for any session end here.
-        Some(End::Pause(Duration::ZERO))
+        Some(End::Reconnect)
     }
 
     /// `Ok(Some)`: the certificate to reconnect with; `Ok(None)`: nothing
@@ -380,6 +411,8 @@ impl Device {
         use std::sync::atomic::Ordering::Relaxed;
         if v.connected {
             self.counters().connected.fetch_sub(1, Relaxed);
+            // Still the node of that session: the main loop moves on after.
+            self.fleet.nodes[self.node].disconnected();
         }
         if v.online {
             self.counters().online.fetch_sub(1, Relaxed);

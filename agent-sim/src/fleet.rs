@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ use crate::classes::{self, Class};
 use crate::mqtt::{Client, ClientError, ConnectOptions, Packet};
 use crate::rng::Rng;
 use crate::rogue::{self, RogueStats};
-use crate::stats::{Counters, SimStats};
+use crate::stats::{Counters, NodeStats, SimStats};
 use crate::tls::TlsBase;
 use crate::{device, PresenceMode, SimConfig, SimError};
 
@@ -59,11 +60,34 @@ impl Pacer {
     }
 }
 
+/// One broker node of `SimConfig::broker`, and who is on it.
+pub(crate) struct Node {
+    /// The entry as configured (`HOST:PORT`), for reports.
+    pub entry: String,
+    pub addr: SocketAddr,
+    pub server_name: ServerName<'static>,
+    /// Devices with a live session on this node (after CONNACK).
+    pub connected: AtomicI64,
+    /// Successful connects to this node, reconnects included.
+    pub connects: AtomicU64,
+}
+
+impl Node {
+    pub(crate) fn connected(&self) {
+        self.connected.fetch_add(1, Ordering::Relaxed);
+        self.connects.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn disconnected(&self) {
+        self.connected.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// What all device tasks share.
 pub(crate) struct FleetShared {
     pub config: SimConfig,
-    pub addr: SocketAddr,
-    pub server_name: ServerName<'static>,
+    /// Never empty: [`resolve_brokers`] refuses an empty list.
+    pub nodes: Vec<Node>,
     pub counters: Counters,
     pub pacer: Pacer,
     pub connecting: Semaphore,
@@ -213,7 +237,7 @@ impl Fleet {
         for id in config.ids.iter().chain(&config.rogue_ids) {
             cityplane_proto::validate_id(id).map_err(|e| SimError::Config(e.to_string()))?;
         }
-        let (addr, server_name) = resolve_broker(&config).await?;
+        let nodes = resolve_brokers(&config).await?;
 
         // Certificates: file reads and key parsing, off the async threads.
         let load_config = config.clone();
@@ -247,9 +271,11 @@ impl Fleet {
                 let last = config.ids.len().saturating_sub(1);
                 for i in [0, last] {
                     if let (Some(id), Some(identity)) = (config.ids.get(i), identities.get(i)) {
+                        // On the node the device will use first, as it would.
+                        let node = &nodes[home_node(i, nodes.len())];
                         verdict = probe_presence(
-                            addr,
-                            &server_name,
+                            node.addr,
+                            &node.server_name,
                             identity.config.clone(),
                             id,
                             &config,
@@ -275,8 +301,7 @@ impl Fleet {
             rogue: Mutex::new(RogueStats::default()),
             tls_base: base,
             ca_pem,
-            addr,
-            server_name,
+            nodes,
             config,
         });
         let config = &shared.config;
@@ -289,7 +314,9 @@ impl Fleet {
         let mut devices = Vec::with_capacity(config.ids.len());
         let mut tasks = Vec::with_capacity(config.ids.len());
         let mut index = HashMap::with_capacity(config.ids.len());
-        for ((id, class), identity) in config.ids.iter().zip(classes).zip(identities) {
+        for (i, ((id, class), identity)) in
+            config.ids.iter().zip(classes).zip(identities).enumerate()
+        {
             let mut rng = Rng::for_name(config.seed, id);
             let mut state = classes::initial_state(class, &mut rng, &identity.not_after);
             state.insert(
@@ -332,7 +359,15 @@ impl Fleet {
             });
             index.insert(id.clone(), devices.len());
             devices.push(dev.clone());
-            let fut = device::run(dev, shared.clone(), identity, rng, shutdown_rx.clone());
+            let home = home_node(i, shared.nodes.len());
+            let fut = device::run(
+                dev,
+                shared.clone(),
+                identity,
+                home,
+                rng,
+                shutdown_rx.clone(),
+            );
             tasks.push(tokio::spawn(fut));
         }
         Ok(Fleet {
@@ -376,6 +411,16 @@ impl Fleet {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         stats.presence = self.presence_source().into();
+        stats.per_node = self
+            .shared
+            .nodes
+            .iter()
+            .map(|n| NodeStats {
+                addr: n.entry.clone(),
+                connected: n.connected.load(Ordering::Relaxed).max(0) as usize,
+                connects: n.connects.load(Ordering::Relaxed),
+            })
+            .collect();
         stats
     }
 
@@ -613,6 +658,7 @@ impl Fleet {
                 self.shared.clone(),
                 id.clone(),
                 tls.clone(),
+                home_node(i, self.shared.nodes.len()),
                 victim,
             )));
         }
@@ -713,31 +759,57 @@ async fn probe_presence(
     }
 }
 
-/// The broker's socket address and the TLS name to verify it against
-/// (`tls_server_name`, else the host part of `HOST:PORT`).
-pub(crate) async fn resolve_broker(
-    config: &SimConfig,
-) -> Result<(std::net::SocketAddr, rustls::pki_types::ServerName<'static>), SimError> {
-    let (host, _) = config
-        .broker
-        .rsplit_once(':')
-        .ok_or_else(|| SimError::Broker {
-            addr: config.broker.clone(),
-            reason: "expected HOST:PORT".into(),
-        })?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let server_name = crate::mqtt::server_name(config.tls_server_name.as_deref().unwrap_or(host))
-        .map_err(SimError::Config)?;
-    let addr = tokio::net::lookup_host(&config.broker)
-        .await
-        .map_err(|e| SimError::Broker {
-            addr: config.broker.clone(),
-            reason: e.to_string(),
-        })?
-        .next()
-        .ok_or_else(|| SimError::Broker {
-            addr: config.broker.clone(),
-            reason: "does not resolve".into(),
-        })?;
-    Ok((addr, server_name))
+/// The node device number `i` tries first: consecutive devices on
+/// consecutive nodes, so a fleet starts spread evenly over the cluster.
+pub(crate) fn home_node(i: usize, nodes: usize) -> usize {
+    i % nodes.max(1)
+}
+
+/// The node after `node`: where a device goes when `node` failed it, so
+/// that a dead node costs each of its devices one attempt, not all of them.
+pub(crate) fn next_node(node: usize, nodes: usize) -> usize {
+    (node + 1) % nodes.max(1)
+}
+
+/// Every entry of `SimConfig::broker` (`HOST:PORT[,HOST:PORT…]`), resolved,
+/// in order, each with the TLS name to verify it against
+/// (`tls_server_name`, else its own host). One bad entry fails the whole
+/// list: a fleet silently spread over fewer nodes than asked for would
+/// load the others more than the test meant.
+pub(crate) async fn resolve_brokers(config: &SimConfig) -> Result<Vec<Node>, SimError> {
+    let entries: Vec<&str> = config.broker.split(',').map(str::trim).collect();
+    let mut nodes = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let bad = |reason: String| SimError::Broker {
+            addr: entry.to_owned(),
+            reason: if config.broker.contains(',') {
+                format!("{reason} (in the list {:?})", config.broker)
+            } else {
+                reason
+            },
+        };
+        if entry.is_empty() {
+            return Err(bad("empty entry: expected HOST:PORT".into()));
+        }
+        let (host, _) = entry
+            .rsplit_once(':')
+            .ok_or_else(|| bad("expected HOST:PORT".into()))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let server_name =
+            crate::mqtt::server_name(config.tls_server_name.as_deref().unwrap_or(host))
+                .map_err(SimError::Config)?;
+        let addr = tokio::net::lookup_host(entry)
+            .await
+            .map_err(|e| bad(e.to_string()))?
+            .next()
+            .ok_or_else(|| bad("does not resolve".into()))?;
+        nodes.push(Node {
+            entry: entry.to_owned(),
+            addr,
+            server_name,
+            connected: AtomicI64::new(0),
+            connects: AtomicU64::new(0),
+        });
+    }
+    Ok(nodes)
 }

@@ -36,7 +36,7 @@ use std::time::Duration;
 pub use classes::{Class, ClassMix};
 pub use fleet::{Attempt, DeviceSnapshot, Fleet, ATTEMPTS_KEPT};
 pub use rogue::{RogueActionStats, RogueStats};
-pub use stats::{rss_kib, FirmwareStats, Percentiles, RotationStats, SimStats};
+pub use stats::{rss_kib, FirmwareStats, NodeStats, Percentiles, RotationStats, SimStats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
@@ -206,10 +206,16 @@ pub enum PresenceMode {
 pub struct SimConfig {
     /// PKI directory: `ca.crt` and `<id>.crt`/`<id>.key` for every device.
     pub pki: PathBuf,
-    /// `host:port` of the MQTT broker (mutual TLS).
+    /// `host:port` of the MQTT broker (mutual TLS), or of several nodes of
+    /// one cluster: `host:port,host:port,…`. Device number `i` (in `ids`,
+    /// from 0) connects to node `i % n` first; a failed connect or a lost
+    /// session sends its next attempt to the next node in the list
+    /// (round-robin, with the usual backoff), while a device back from a
+    /// reboot or an offline episode tries its first node again. Every
+    /// entry must resolve.
     pub broker: String,
-    /// Name to verify the broker's certificate against (default: the host
-    /// part of `broker`).
+    /// Name to verify every node's certificate against (default: the host
+    /// part of each entry of `broker`).
     pub tls_server_name: Option<String>,
     /// Honest devices (certificate CN = client id = device id).
     pub ids: Vec<String>,

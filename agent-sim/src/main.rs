@@ -23,7 +23,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 #[derive(Parser, Debug)]
 #[command(name = "agent-sim", version)]
 #[command(
-    after_help = "Example:\n  cityplane certs issue --pki ./pki --role device --count 1000 --prefix lamp\n  agent-sim run --pki ./pki --broker 127.0.0.1:8883 --devices 1000 --prefix lamp --scenario connect-storm --report storm.json\n\nLogs go to stderr (RUST_LOG=debug for more); the summary goes to stdout."
+    after_help = "Example:\n  cityplane certs issue --pki ./pki --role device --count 1000 --prefix lamp\n  agent-sim run --pki ./pki --broker 127.0.0.1:8883 --devices 1000 --prefix lamp --scenario connect-storm --report storm.json\n  agent-sim run --pki ./pki --broker rmq1:8883,rmq2:8883,rmq3:8883 --devices 1000 --prefix lamp\n\nLogs go to stderr (RUST_LOG=debug for more); the summary goes to stdout."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -41,10 +41,25 @@ struct RunArgs {
     /// PKI directory with ca.crt and <id>.crt/<id>.key per device.
     #[arg(long, env = "CITYPLANE_PKI")]
     pki: PathBuf,
-    /// Broker address, HOST:PORT.
-    #[arg(long, env = "CITYPLANE_SERVER", default_value = "127.0.0.1:8883")]
+    /// Broker address, HOST:PORT, or the nodes of a cluster as a
+    /// comma-separated list HOST:PORT,HOST:PORT,…
+    ///
+    /// With a list, device number i (from 0, in id order) connects to node
+    /// i mod N first, so the fleet starts evenly spread. After a failed
+    /// connect (refused, TLS, CONNACK refusal, timeout) or a lost session a
+    /// device tries the next node in the list, round-robin, with the usual
+    /// backoff; after a reboot or an offline episode it tries its first
+    /// node again. Rogue devices do the same. Every entry must resolve. The
+    /// report counts the devices connected to each node.
+    #[arg(
+        long,
+        env = "CITYPLANE_SERVER",
+        default_value = "127.0.0.1:8883",
+        value_name = "HOST:PORT[,HOST:PORT…]"
+    )]
     broker: String,
-    /// Name the broker's certificate must carry (default: HOST of --broker).
+    /// Name every node's certificate must carry (default: the HOST of each
+    /// --broker entry).
     #[arg(long)]
     tls_server_name: Option<String>,
     /// Number of devices: ids PREFIX0001 … PREFIX{N:04}.

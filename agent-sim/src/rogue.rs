@@ -14,6 +14,7 @@
 //! hole in the broker. No answer within the probe timeout is "unanswered".
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +25,7 @@ use rustls::ClientConfig;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::fleet::FleetShared;
+use crate::fleet::{next_node, FleetShared};
 use crate::mqtt::{self, Client, ClientError, ConnectOptions, Packet, Will};
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -116,10 +117,23 @@ struct Attacker {
     fleet: Arc<FleetShared>,
     id: String,
     tls: Arc<ClientConfig>,
+    /// The broker node its next connection goes to.
+    node: AtomicUsize,
+}
+
+/// The node did not answer at all (as opposed to refusing): another node
+/// may, and the attempt is only worth counting if one does.
+fn unreachable(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::Tcp(_) | ClientError::Tls(_) | ClientError::Timeout
+    )
 }
 
 impl Attacker {
-    /// Connects as `client_id` (spoofed or not) with an optional will.
+    /// Connects as `client_id` (spoofed or not) with an optional will. A
+    /// node out of reach passes the attempt to the next one, each node
+    /// tried at most once; the next attempt starts where this one ended.
     async fn connect(&self, client_id: &str, will: Option<&Will>) -> Result<Client, Outcome> {
         let _permit = self.fleet.connecting.acquire().await;
         let opts = ConnectOptions {
@@ -128,15 +142,27 @@ impl Attacker {
             clean_session: true,
             will,
         };
-        match Client::connect(
-            self.fleet.addr,
-            self.fleet.server_name.clone(),
-            self.tls.clone(),
-            &opts,
-            PROBE_TIMEOUT,
-        )
-        .await
-        {
+        let nodes = self.fleet.nodes.len();
+        let mut result = Err(ClientError::Timeout);
+        for _ in 0..nodes {
+            let at = self.node.load(Ordering::Relaxed);
+            let node = &self.fleet.nodes[at];
+            result = Client::connect(
+                node.addr,
+                node.server_name.clone(),
+                self.tls.clone(),
+                &opts,
+                PROBE_TIMEOUT,
+            )
+            .await;
+            match &result {
+                Err(e) if unreachable(e) => {
+                    self.node.store(next_node(at, nodes), Ordering::Relaxed);
+                }
+                _ => break,
+            }
+        }
+        match result {
             Ok(c) => Ok(c),
             Err(ClientError::Refused(code)) => Err(Outcome::Refused(format!("connack {code}"))),
             Err(e) if closed(&e) => Err(Outcome::Refused("closed before connack".into())),
@@ -256,9 +282,15 @@ pub(crate) async fn attack(
     fleet: Arc<FleetShared>,
     id: String,
     tls: Arc<ClientConfig>,
+    home: usize,
     victim: String,
 ) -> RogueStats {
-    let a = Attacker { fleet, id, tls };
+    let a = Attacker {
+        fleet,
+        id,
+        tls,
+        node: AtomicUsize::new(home),
+    };
     let me = a.id.clone();
     let mut stats = RogueStats::default();
     let mut rec = |action: &str, outcome: Outcome| {

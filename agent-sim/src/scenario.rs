@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 use crate::mqtt::{Client, ConnectOptions, Packet};
 use crate::rng::Rng;
-use crate::stats::{rss_kib, Percentiles, SimStats};
+use crate::stats::{rss_kib, NodeStats, Percentiles, SimStats};
 use crate::tls::TlsBase;
 use crate::{classes, Class, Fleet, RogueStats, SimConfig, SimError};
 
@@ -111,6 +111,9 @@ pub struct ConnectReport {
     pub time_to_online: Percentiles,
     /// TCP + TLS + CONNECT/CONNACK of each successful connect.
     pub handshake: Percentiles,
+    /// Devices connected to each broker node once the fleet was up (the
+    /// end of the connect phase), in the order of `--broker`.
+    pub per_node: Vec<NodeStats>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -315,6 +318,7 @@ pub async fn run(
         },
         time_to_online: Percentiles::from_durations(firsts),
         handshake: stats.connect_latency.clone(),
+        per_node: stats.per_node.clone(),
     };
     if !all_online {
         report.notes.push(format!(
@@ -478,20 +482,29 @@ async fn operator_session(
     operator: &str,
     notes: &mut Vec<String>,
 ) -> Result<Client, SimError> {
-    let (addr, server_name) = crate::fleet::resolve_broker(config).await?;
-    let mut op = Client::connect(
-        addr,
-        server_name,
-        tls,
-        &ConnectOptions {
-            client_id: operator,
-            keep_alive: 60,
-            clean_session: true,
-            will: None,
-        },
-        config.connect_timeout,
-    )
-    .await?;
+    let opts = ConnectOptions {
+        client_id: operator,
+        keep_alive: 60,
+        clean_session: true,
+        will: None,
+    };
+    // Any node of the cluster will do; the first that takes the operator.
+    let mut connected = Err(SimError::Other("no broker node".into()));
+    for node in crate::fleet::resolve_brokers(config).await? {
+        connected = Client::connect(
+            node.addr,
+            node.server_name,
+            tls.clone(),
+            &opts,
+            config.connect_timeout,
+        )
+        .await
+        .map_err(SimError::from);
+        if connected.is_ok() {
+            break;
+        }
+    }
+    let mut op = connected?;
     let responses = topics::responses_filter(operator);
     let sub = op.subscribe(&responses, 1).await?;
     let codes = op
@@ -784,6 +797,15 @@ impl std::fmt::Display for Report {
         );
         let _ = writeln!(s, "  online at   {}", pct(&c.time_to_online));
         let _ = writeln!(s, "  handshake   {}", pct(&c.handshake));
+        // One node says nothing the connect line does not.
+        if c.per_node.len() > 1 {
+            let nodes: Vec<String> = c
+                .per_node
+                .iter()
+                .map(|n| format!("{} {} connected", n.addr, n.connected))
+                .collect();
+            let _ = writeln!(s, "  nodes       {}", nodes.join(", "));
+        }
         let m = &self.messages;
         let _ = writeln!(
             s,

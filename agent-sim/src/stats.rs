@@ -161,12 +161,26 @@ pub struct RotationStats {
     pub keys_lost: u64,
 }
 
+/// One broker node of the fleet's list (`SimConfig::broker`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct NodeStats {
+    /// The node's entry in the list, as given.
+    pub addr: String,
+    /// Devices with a live MQTT session on it now (after CONNACK).
+    pub connected: usize,
+    /// Successful connects to it so far, reconnects included.
+    pub connects: u64,
+}
+
 /// A snapshot of the whole fleet.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct SimStats {
     pub devices: usize,
     /// Live MQTT sessions (after CONNACK).
     pub connected: usize,
+    /// The same per broker node, in the order of `SimConfig::broker`
+    /// (one entry for a single broker).
+    pub per_node: Vec<NodeStats>,
     /// Sessions that finished the on-connect sequence (presence, SUBACK of
     /// the commands subscription, first report).
     pub online: usize,
@@ -233,6 +247,8 @@ impl Counters {
         SimStats {
             devices,
             connected: gauge(&self.connected),
+            // Filled by the fleet, which owns the nodes.
+            per_node: Vec::new(),
             online: gauge(&self.online),
             ever_online: g(&self.ever_online) as usize,
             connect_attempts: g(&self.connect_attempts),

@@ -6,6 +6,7 @@ mod contract;
 mod faults;
 mod firmware;
 mod mosquitto;
+mod nodes;
 mod releases;
 mod rotation;
 mod scenarios;
