@@ -61,6 +61,9 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         id: args.id.clone(),
         tls,
         identities: args.pki.clone(),
+        firmware: Some(cityplane_controller::runtime::firmware_dir(
+            &args.controller.data,
+        )),
     };
     let mut cc = args.controller.config();
     cc.registry_source = Some(args.pki.clone());

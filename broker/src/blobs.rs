@@ -22,16 +22,16 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use cityplane_proto::firmware::{is_sha256_hex, FetchRequest, MAX_CHUNK};
+use cityplane_proto::firmware::{encode_blob, is_sha256_hex, BlobHeader, FetchRequest, MAX_CHUNK};
 
 /// Images kept open. A rollout serves one image (two while a new one is
 /// published next to the old); a few more cost a descriptor each.
-pub(crate) const OPEN_FILES: usize = 8;
+pub const OPEN_FILES: usize = 8;
 
 /// Why a fetch gets no bytes; [`BlobError::code`] goes into the blob
 /// header's `error` (docs/PROTOCOL.md, "Firmware").
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum BlobError {
+pub enum BlobError {
     #[error("no_firmware_store")]
     NoStore,
     #[error("not_found")]
@@ -47,7 +47,7 @@ pub(crate) enum BlobError {
 
 impl BlobError {
     /// The image's size when it is known (for the header's `total`).
-    pub(crate) fn total(&self) -> u64 {
+    pub fn total(&self) -> u64 {
         match self {
             BlobError::OutOfRange { total } => *total,
             _ => 0,
@@ -58,33 +58,33 @@ impl BlobError {
 /// One open image; its size is read once, at open (a name is never
 /// rewritten in place, see the module docs).
 #[derive(Debug)]
-pub(crate) struct Image {
+pub struct Image {
     file: File,
     len: u64,
 }
 
 impl Image {
-    pub(crate) fn total(&self) -> u64 {
+    pub fn total(&self) -> u64 {
         self.len
     }
 
     /// Fills `buf` from `offset`. A file cut short under us (someone
     /// truncated it in place) is an error, not short data.
-    pub(crate) fn read_into(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    pub fn read_into(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.file.read_exact_at(buf, offset)
     }
 }
 
 /// What to send for one valid request: `len` bytes of `image` at `offset`.
 #[derive(Debug)]
-pub(crate) struct Chunk {
-    pub(crate) image: Arc<Image>,
-    pub(crate) offset: u64,
-    pub(crate) len: usize,
+pub struct Chunk {
+    pub image: Arc<Image>,
+    pub offset: u64,
+    pub len: usize,
 }
 
 #[derive(Debug)]
-pub(crate) struct Blobs {
+pub struct Blobs {
     dir: Option<PathBuf>,
     /// Most recently used last. Only found images are kept: one that is
     /// not there yet may be published in a moment.
@@ -92,7 +92,7 @@ pub(crate) struct Blobs {
 }
 
 impl Blobs {
-    pub(crate) fn new(dir: Option<PathBuf>) -> Blobs {
+    pub fn new(dir: Option<PathBuf>) -> Blobs {
         Blobs {
             dir,
             open: Mutex::new(Vec::with_capacity(OPEN_FILES)),
@@ -101,7 +101,7 @@ impl Blobs {
 
     /// The chunk a request asks for: its length clamped to [`MAX_CHUNK`]
     /// and to the end of the image (at the end: zero bytes).
-    pub(crate) fn locate(&self, req: &FetchRequest) -> Result<Chunk, BlobError> {
+    pub fn locate(&self, req: &FetchRequest) -> Result<Chunk, BlobError> {
         let image = self.image(&req.sha256)?;
         let total = image.total();
         if req.offset > total {
@@ -113,6 +113,32 @@ impl Blobs {
             offset: req.offset,
             // At most MAX_CHUNK: fits.
             len: usize::try_from(len).unwrap_or(0),
+        })
+    }
+
+    /// The whole answer to a fetch as one blob payload (header and bytes),
+    /// for a server that publishes it rather than writing it into a
+    /// connection (`cityplane controller` behind an external broker).
+    pub fn answer(&self, req: &FetchRequest) -> Vec<u8> {
+        let header = |offset, total, error| BlobHeader {
+            sha256: req.sha256.clone(),
+            offset,
+            total,
+            error,
+        };
+        let served = self.locate(req).and_then(|chunk| {
+            let mut bytes = vec![0; chunk.len];
+            chunk
+                .image
+                .read_into(chunk.offset, &mut bytes)
+                .map_err(BlobError::Io)?;
+            Ok(encode_blob(
+                &header(chunk.offset, chunk.image.total(), None),
+                &bytes,
+            ))
+        });
+        served.unwrap_or_else(|e| {
+            encode_blob(&header(req.offset, e.total(), Some(e.to_string())), &[])
         })
     }
 

@@ -20,7 +20,7 @@
 
 pub mod acl;
 pub mod backlog;
-mod blobs;
+pub mod blobs;
 mod config;
 mod dispatch;
 mod handshake;

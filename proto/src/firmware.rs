@@ -82,6 +82,36 @@ pub struct BlobHeader {
 
 crate::object_only!(serialize: ReleaseManifest, SignedRelease, FetchRequest, BlobHeader);
 
+/// Reads a device's fetch payload: the request, or the header of the
+/// answer that says why it cannot be served (a bad request is answered,
+/// not punished). Who serves the bytes (the embedded broker's edge, or
+/// `cityplane controller` behind an external broker) answers alike.
+pub fn read_fetch(payload: &[u8]) -> Result<FetchRequest, BlobHeader> {
+    let refuse = |sha256: String, offset: u64, reason: String| BlobHeader {
+        sha256,
+        offset,
+        total: 0,
+        error: Some(format!("bad_request: {reason}")),
+    };
+    let req: FetchRequest = match serde_json::from_slice(payload) {
+        Ok(req) => req,
+        Err(e) if e.is_data() => return Err(refuse(String::new(), 0, format!("bad_schema: {e}"))),
+        Err(e) => return Err(refuse(String::new(), 0, format!("not JSON: {e}"))),
+    };
+    if !is_sha256_hex(&req.sha256) {
+        let reason = "sha256 must be 64 lowercase hex digits".to_owned();
+        return Err(refuse(String::new(), req.offset, reason));
+    }
+    if req.length == 0 {
+        return Err(refuse(
+            req.sha256,
+            req.offset,
+            "length must be above 0".into(),
+        ));
+    }
+    Ok(req)
+}
+
 /// A blob payload: the header, `\n`, the bytes. Compact JSON escapes
 /// newlines inside strings, so the first `\n` always ends the header.
 pub fn encode_blob(header: &BlobHeader, bytes: &[u8]) -> Vec<u8> {

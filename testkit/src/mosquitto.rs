@@ -128,6 +128,8 @@ pub fn cluster_acl(dir: &Path, controllers: &[&str]) -> Result<String> {
          pattern write devices/%u/acks\n\
          pattern write devices/%u/presence\n\
          pattern write devices/%u/csr\n\
+         pattern write devices/%u/fetch\n\
+         pattern read devices/%u/blob\n\
          pattern write fleet/by/%u/#\n\
          pattern read fleet/responses/%u/#\n",
     );

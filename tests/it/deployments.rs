@@ -1,19 +1,23 @@
 //! The promises a user relies on, run unchanged on every deployment (see
 //! `common::deploy`): identity and topic rules both ways, converge, drift
-//! correction, re-drive of a device that was offline, and revocation. What
+//! correction, re-drive of a device that was offline, a rollout of signed
+//! firmware, and revocation. What
 //! a deployment cannot promise is asserted as the documented gap it is
 //! (docs/DEPLOYMENT.md), so a change on either side fails here.
 
 use std::collections::BTreeSet;
+use std::process::Command;
 use std::time::Duration;
 
 use cityplane_agent_sim::Fleet;
 use serde_json::{json, Value};
 
 use crate::common::deploy::{Deployment, Kind};
-use crate::common::{eventually, ok};
+use crate::common::{eventually, ok, BIN};
 
 const DEVICES: usize = 12;
+/// The models agent-sim's streetlights are.
+const LAMP_MODELS: [&str; 3] = ["LumiNode SL-200", "LumiNode SL-300", "Orbis LX-4"];
 
 /// The rogue's attempts that `kind` lets through: docs/DEPLOYMENT.md's gaps.
 fn accepted_by(kind: Kind) -> BTreeSet<&'static str> {
@@ -42,6 +46,15 @@ async fn the_promises_hold_on(kind: Kind, test: &str) {
     };
     let mut sim = d.sim(DEVICES);
     sim.rogue_ids = vec!["rogue01".to_owned()];
+    let release_key = d.dir.path().join("release");
+    ok(Command::new(BIN)
+        .args(["firmware", "keygen", "--dir"])
+        .arg(&release_key));
+    sim.release_key = Some(
+        cityplane_certs::firmware::read_public_key(&release_key.join("release.pub"))
+            .expect("release.pub"),
+    );
+    sim.firmware = cityplane_agent_sim::FirmwareSim::fast();
     let fleet = Fleet::start(sim).await.expect("fleet starts");
     assert!(
         fleet.wait_online(DEVICES, Duration::from_secs(60)).await,
@@ -106,6 +119,61 @@ async fn the_promises_hold_on(kind: Kind, test: &str) {
         || fleet.all_have("dimming", &json!(40), None),
     )
     .await;
+
+    // A rollout of signed firmware: every device fetches the image's bytes
+    // in chunks through the broker, verifies and installs it once.
+    let image = d.dir.path().join("image.bin");
+    std::fs::write(
+        &image,
+        (0..200 * 1024)
+            .map(|i| (i % 251) as u8)
+            .collect::<Vec<u8>>(),
+    )
+    .expect("image");
+    let release = d.dir.path().join("image.release.json");
+    let mut sign = Command::new(BIN);
+    sign.args(["firmware", "sign"])
+        .arg(&image)
+        .args(["--version", "2.0.0", "--key"])
+        .arg(release_key.join("release.key"))
+        .arg("--out")
+        .arg(&release);
+    for model in LAMP_MODELS {
+        sign.args(["--model", model]);
+    }
+    ok(&mut sign);
+    let published = d.json(&[
+        "firmware",
+        "publish",
+        release.to_str().expect("utf-8"),
+        "--image",
+        image.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(published["complete"], true, "{kind:?}: {published}");
+    let spec = d.file(
+        "rollout.json",
+        &json!({"name": "lamps-2", "target": {"class": "streetlight"}, "firmware": "2.0.0",
+                "waves": [{"percent": 100}], "success_threshold": 100, "health": {"soak_s": 1}}),
+    );
+    d.json(&["rollout", "create", "-f", &spec]);
+    let mut status = Value::Null;
+    let completed = tokio::time::timeout(Duration::from_secs(60), async {
+        while status["phase"] != "completed" {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            status = d.json(&["rollout", "status", "lamps-2"]);
+        }
+    })
+    .await;
+    assert!(completed.is_ok(), "{kind:?}: the rollout: {status:#}");
+    for id in fleet.ids() {
+        let device = fleet.device(&id).expect("device");
+        assert_eq!(device.firmware_installs, 1, "{kind:?}: {id}");
+        assert_eq!(
+            fleet.value_of(&id, "firmware"),
+            Some(Some(json!("2.0.0"))),
+            "{kind:?}: {id}"
+        );
+    }
 
     // Revocation: the certificate's live session is cut and stays out.
     let before = fleet.device("dev0004").expect("dev0004").connects;

@@ -21,7 +21,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
-use cityplane_proto::firmware::{is_sha256_hex, BlobHeader, FetchRequest};
+use cityplane_proto::firmware::{BlobHeader, FetchRequest};
 use cityplane_proto::{topics, Identity, Role};
 use rumqttd::protocol::{Packet, QoS};
 use tokio::time::Instant;
@@ -117,27 +117,10 @@ impl Fetch {
     /// Reads a fetch payload. A bad request is answered, not punished: the
     /// session goes on (it cost the device a publish of its budget).
     fn read(payload: &[u8]) -> Fetch {
-        let refuse = |sha256: String, offset: u64, reason: String| {
-            Fetch::Refuse(BlobHeader {
-                sha256,
-                offset,
-                total: 0,
-                error: Some(format!("bad_request: {reason}")),
-            })
-        };
-        let req: FetchRequest = match serde_json::from_slice(payload) {
-            Ok(req) => req,
-            Err(e) if e.is_data() => return refuse(String::new(), 0, format!("bad_schema: {e}")),
-            Err(e) => return refuse(String::new(), 0, format!("not JSON: {e}")),
-        };
-        if !is_sha256_hex(&req.sha256) {
-            let reason = "sha256 must be 64 lowercase hex digits".to_owned();
-            return refuse(String::new(), req.offset, reason);
+        match cityplane_proto::firmware::read_fetch(payload) {
+            Ok(req) => Fetch::Serve(req),
+            Err(header) => Fetch::Refuse(header),
         }
-        if req.length == 0 {
-            return refuse(req.sha256, req.offset, "length must be above 0".into());
-        }
-        Fetch::Serve(req)
     }
 }
 

@@ -44,6 +44,10 @@ pub struct ExternalBroker {
     /// The PKI (or server) directory whose `issued.jsonl` says which
     /// operators exist and their organisations.
     pub identities: PathBuf,
+    /// Where the controller stores firmware images
+    /// ([`super::firmware_dir`]): devices' fetches are answered from it,
+    /// since an external broker has no edge of ours to answer them.
+    pub firmware: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for ExternalBroker {
@@ -52,6 +56,7 @@ impl std::fmt::Debug for ExternalBroker {
             .field("nodes", &self.nodes)
             .field("id", &self.id)
             .field("identities", &self.identities)
+            .field("firmware", &self.firmware)
             .finish_non_exhaustive()
     }
 }
@@ -63,6 +68,10 @@ const INFLIGHT: u16 = 1000;
 /// maximum.
 const RECONNECT_FIRST: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(2);
+/// Fetches waiting for their answer. A device asks again when an answer
+/// does not come, so past this a fetch is dropped rather than let a
+/// rollout's fetches hold up reports and operators' requests.
+const FETCHES_QUEUED: usize = 256;
 
 /// One delivery's acknowledgement, given by the loop once what it changed
 /// is durable.
@@ -99,11 +108,37 @@ pub(super) fn spawn(
         generation: Mutex::new(0),
     });
     let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+    let (fetch_tx, fetch_rx) = mpsc::channel(FETCHES_QUEUED);
+    let blobs = cityplane_broker::blobs::Blobs::new(broker.firmware.clone());
     tokio::spawn(acknowledge(client.clone(), connection.clone(), ack_rx));
     tokio::spawn(publish(client.clone(), out, secrets));
+    tokio::spawn(serve_fetches(client.clone(), blobs, fetch_rx));
     tokio::spawn(receive(
-        broker, client, eventloop, connection, events, ack_tx,
+        broker, client, eventloop, connection, events, ack_tx, fetch_tx,
     ));
+}
+
+/// Answers devices' fetches with blobs (docs/PROTOCOL.md, "Firmware"), as
+/// the embedded broker's edge does: on the device's own blob topic, QoS 0.
+async fn serve_fetches(
+    client: AsyncClient,
+    blobs: cityplane_broker::blobs::Blobs,
+    mut fetches: mpsc::Receiver<(String, bytes::Bytes)>,
+) {
+    while let Some((device, payload)) = fetches.recv().await {
+        let answer = match cityplane_proto::firmware::read_fetch(&payload) {
+            // A page-cache read of at most 64 KiB (see the broker's blobs).
+            Ok(req) => blobs.answer(&req),
+            Err(header) => cityplane_proto::firmware::encode_blob(&header, &[]),
+        };
+        if client
+            .publish(topics::blob(&device), QoS::AtMostOnce, false, answer)
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
 }
 
 fn options(broker: &ExternalBroker, node: usize) -> MqttOptions {
@@ -125,6 +160,7 @@ fn options(broker: &ExternalBroker, node: usize) -> MqttOptions {
 fn filters() -> Vec<SubscribeFilter> {
     DEVICE_LEAVES
         .iter()
+        .chain([&topics::DEVICE_FETCH_LEAF])
         .map(|leaf| topics::all_devices(leaf))
         .chain(topics::FLEET_BY_ALL.iter().map(|f| f.to_string()))
         .map(|path| SubscribeFilter::new(path, QoS::AtLeastOnce))
@@ -138,6 +174,7 @@ async fn receive(
     connection: Arc<Connection>,
     events: mpsc::Sender<Event>,
     acks: mpsc::UnboundedSender<(u64, u16)>,
+    fetches: mpsc::Sender<(String, bytes::Bytes)>,
 ) {
     let mut node = 0;
     let mut wait = RECONNECT_FIRST;
@@ -166,6 +203,15 @@ async fn receive(
                     connection: generation,
                     pkid: p.pkid,
                 });
+                if let Some(device) = fetcher(&p.topic) {
+                    // Nothing to make durable: answered (or dropped, and
+                    // asked again by the device) and acknowledged at once.
+                    let _ = fetches.try_send((device.to_owned(), p.payload.clone()));
+                    if let Some(ack) = ack {
+                        ack.release();
+                    }
+                    continue;
+                }
                 match route(&p, &mut operators) {
                     Some(event) => {
                         let event = with_ack(event, ack);
@@ -214,6 +260,12 @@ async fn receive(
             }
         }
     }
+}
+
+/// The device of `devices/<id>/fetch`, when `<id>` is a valid id.
+fn fetcher(topic: &str) -> Option<&str> {
+    let (id, leaf) = topics::split_device_topic(topic)?;
+    (leaf == topics::DEVICE_FETCH_LEAF && cityplane_proto::validate_id(id).is_ok()).then_some(id)
 }
 
 fn with_ack(event: Event, ack: Option<Ack>) -> Event {

@@ -99,6 +99,7 @@ async fn a_report_is_acknowledged_to_the_broker_only_once_stored() {
         id: "ctl".into(),
         tls: common::tls(pki_dir.path(), "ctl"),
         identities: pki_dir.path().to_path_buf(),
+        firmware: None,
     };
 
     // Controller A stores the report, then its disk stalls: the commit

@@ -185,9 +185,11 @@ impl Deployment {
         path.to_str().expect("utf-8").to_owned()
     }
 
-    /// Simulated devices `dev0001`…`dev{n}` spread over every node.
+    /// Simulated streetlights `dev0001`…`dev{n}` spread over every node.
     pub fn sim(&self, n: usize) -> SimConfig {
         let mut sim = SimConfig::new(&self.pki, self.nodes.join(","), "dev", n);
+        // What the registry says they are (`certs issue --class`).
+        sim.mix = "streetlight=1".parse().expect("mix");
         // The embedded broker publishes presence itself; an external one
         // carries the devices' own birth message and will.
         sim.presence = if self.external() {
