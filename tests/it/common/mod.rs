@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use cityplane_testkit::process::ChildGuard;
 
+pub mod cluster;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_cityplane");
 
 /// `cityplane serve`, killed (SIGKILL) and reaped when dropped.
