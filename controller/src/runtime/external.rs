@@ -287,7 +287,10 @@ impl Operators {
 
     fn reload(&mut self) {
         self.read_at = Some(std::time::Instant::now());
-        match cityplane_certs::registry::issued_identities(&self.dir, time::OffsetDateTime::now_utc()) {
+        match cityplane_certs::registry::issued_identities(
+            &self.dir,
+            time::OffsetDateTime::now_utc(),
+        ) {
             Ok(all) => self.known = operators_of(all),
             Err(e) => {
                 tracing::warn!(error = %e, dir = %self.dir.display(), "could not read the operators from the PKI's issuance record")
