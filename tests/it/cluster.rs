@@ -12,7 +12,7 @@ use rumqttc::{
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::common::cluster::{processes_of, RabbitCluster};
+use crate::common::cluster::RabbitCluster;
 use crate::common::{ok, BIN};
 
 /// How long a refusal (a closed connection) or a delivery may take.
@@ -370,9 +370,8 @@ async fn provisioned_users_hold_the_pki_rules_on_a_rabbitmq_cluster() {
     assert!(b.publish("devices/dev-b/reported", b"{\"n\":3}").await);
     let node_back = lost.elapsed();
 
-    let dir = cluster.dir().to_owned();
+    // Asserts that no process of the cluster (VMs, wrappers, epmd) is left.
     cluster.down();
-    assert_eq!(processes_of(&dir), Vec::<u32>::new());
     eprintln!(
         "cluster test: up {up_took:?}; before sync CONNACK {before:?}; revoked session cut {cut_after:?} after sync began, \
          reconnect CONNACK {after_revoke:?}; node lost -> publish via survivor {reconnected:?}, node back {node_back:?}; \

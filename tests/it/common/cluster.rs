@@ -160,19 +160,26 @@ impl RabbitCluster {
             .arg(&self.dir));
     }
 
-    /// `cluster down`, asserting that no process of this cluster is left
-    /// (what drop does, with the failures visible to the test).
+    /// `cluster down`, asserting that it succeeded and left no process of
+    /// this cluster (drop does the same without asserting). Whatever it
+    /// left is killed before the panic.
     pub fn down(mut self) {
         self.down = true;
-        ok(Command::new(BIN)
+        let out = Command::new(BIN)
             .args(["cluster", "down", "--dir"])
-            .arg(&self.dir));
+            .arg(&self.dir)
+            .output()
+            .expect("cityplane cluster down runs");
         let left = processes_of(&self.dir);
-        assert!(
-            left.is_empty(),
-            "cluster down left these processes of {}: {left:?}",
-            self.dir.display()
-        );
+        if !out.status.success() || !left.is_empty() {
+            stop(&self.dir);
+            panic!(
+                "cluster down: {}, left these processes of {}: {left:?}\n{}",
+                out.status,
+                self.dir.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
 }
 
@@ -244,7 +251,7 @@ fn stop(dir: &Path) {
 /// Live processes started for the cluster in `dir` (the node wrappers, the
 /// Erlang VMs, their epmd): `cluster up` names `dir` in every node's
 /// environment, which the children inherit. Zombies have no environment.
-pub fn processes_of(dir: &Path) -> Vec<u32> {
+fn processes_of(dir: &Path) -> Vec<u32> {
     let marker = format!("RABBITMQ_MNESIA_BASE={}/", dir.display());
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
