@@ -241,10 +241,22 @@ fn stop(dir: &Path) {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    for pid in processes_of(dir) {
+    let left = processes_of(dir);
+    for pid in &left {
         let _ = Command::new("kill")
             .args(["-KILL", &pid.to_string()])
             .status();
+    }
+    // A VM takes a moment to exit after SIGKILL, and one whose wrapper died
+    // with it stays a zombie until PID 1 reaps it: the next test (or the
+    // caller's `pgrep beam`) must see neither.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while left
+        .iter()
+        .any(|pid| Path::new(&format!("/proc/{pid}")).exists())
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
 
