@@ -381,11 +381,12 @@ mod tests {
 
     #[test]
     fn only_unrevoked_operators_ask() {
-        let id = |id: &str, role, org: Option<&str>, revoked| IssuedIdentity {
+        let id = |id: &str, role, org: Option<&str>, revoked: bool| IssuedIdentity {
             id: id.into(),
             role,
             org: org.map(Into::into),
-            revoked,
+            usable: !revoked,
+            conflicting_roles: false,
         };
         let known = operators_of(vec![
             id("alice", Role::Operator, Some("city"), false),
