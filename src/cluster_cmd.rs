@@ -43,6 +43,29 @@ pub enum ClusterCommand {
     /// Idempotent and resumable: run it after every `certs issue` and
     /// `certs revoke`.
     Sync(SyncArgs),
+    /// Stop one node cleanly, keeping its state, so `cluster start-node` brings it back.
+    ///
+    /// Its clients are disconnected and reconnect to another node. The
+    /// others keep serving while a majority of the nodes runs (2 of 3): new
+    /// connections need that majority.
+    StopNode(NodeArgs),
+    /// Start one stopped or crashed node again and wait until it runs in the cluster.
+    ///
+    /// It comes back with the configuration and state `cluster up` gave it
+    /// and rejoins the nodes still running. Refused if it is running.
+    StartNode(NodeArgs),
+}
+
+#[derive(Args, Debug)]
+#[command(
+    after_help = "Example:\n  cityplane cluster stop-node --dir ./rabbit --node 2    # rabbit2@localhost\n  cityplane cluster start-node --dir ./rabbit --node 2"
+)]
+pub struct NodeArgs {
+    #[command(flatten)]
+    pub dir: DirArgs,
+    /// Which node: N of rabbitN@localhost, as `cluster status` names them (1 is the first).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub node: u16,
 }
 
 #[derive(Args, Debug)]
@@ -112,6 +135,20 @@ pub async fn run(cmd: ClusterCommand) -> Result<()> {
         }
         ClusterCommand::Status(args) => status(args).await,
         ClusterCommand::Sync(args) => sync(args).await,
+        ClusterCommand::StopNode(args) => {
+            let cluster = Cluster::open(&args.dir.dir)?;
+            cluster.stop_node(usize::from(args.node) - 1).await?;
+            eprintln!("stopped rabbit{}@localhost; its state stays", args.node);
+            Ok(())
+        }
+        ClusterCommand::StartNode(args) => {
+            let cluster = Cluster::open(&args.dir.dir)?;
+            cluster
+                .start_node(usize::from(args.node) - 1, |line| eprintln!("{line}"))
+                .await
+                .with_context(|| format!("starting rabbit{}@localhost", args.node))?;
+            Ok(())
+        }
     }
 }
 

@@ -99,7 +99,7 @@ enum Command {
     /// Beyond one machine: a RabbitMQ cluster (mTLS, certificate login) and its users from the PKI.
     #[command(
         subcommand,
-        after_help = "Examples:\n  cityplane cluster up --dir ./rabbit --pki ./pki          # 3 nodes on 127.0.0.1\n  cityplane cluster sync --dir ./rabbit --pki ./pki        # users + permissions from issued.jsonl\n  cityplane cluster status --dir ./rabbit\n  cityplane cluster down --dir ./rabbit\n\nWhat holds on RabbitMQ and what does not: docs/DEPLOYMENT.md."
+        after_help = "Examples:\n  cityplane cluster up --dir ./rabbit --pki ./pki          # 3 nodes on 127.0.0.1\n  cityplane cluster sync --dir ./rabbit --pki ./pki        # users + permissions from issued.jsonl\n  cityplane cluster status --dir ./rabbit\n  cityplane cluster stop-node --dir ./rabbit --node 2      # and start-node: one node down and back\n  cityplane cluster down --dir ./rabbit\n\nWhat holds on RabbitMQ and what does not: docs/DEPLOYMENT.md."
     )]
     Cluster(cluster_cmd::ClusterCommand),
 }

@@ -1,5 +1,6 @@
 //! A RabbitMQ cluster on loopback, from the project PKI: `cluster up`,
-//! `status`, `down`, and the failures the tests inject.
+//! `status`, `down`, one node's `stop_node`/`start_node`, and the crash
+//! the tests inject (`kill_node`).
 //!
 //! Layout of a cluster directory:
 //!
@@ -36,7 +37,7 @@ use super::mgmt::{Mgmt, MgmtError};
 /// Debian's `rabbitmq-server` package puts the real scripts here; the
 /// `/usr/sbin` wrappers would redirect the console to /var/log and `cd`
 /// to /var/lib/rabbitmq.
-const RABBITMQ_BIN: &str = "/usr/lib/rabbitmq/bin";
+pub const RABBITMQ_BIN: &str = "/usr/lib/rabbitmq/bin";
 const INSTALL_HINT: &str = "apt-get install rabbitmq-server";
 /// The management API's administrator: created by the first node's first
 /// boot, with no permission on any vhost, so it cannot speak MQTT.
@@ -63,6 +64,10 @@ pub enum ClusterError {
     NoCluster(PathBuf),
     #[error("--nodes must be 1 to {MAX_NODES}, not {0}")]
     BadNodeCount(usize),
+    #[error("this cluster has nodes 1 to {nodes}, not {node}")]
+    NoSuchNode { node: usize, nodes: usize },
+    #[error("{0} is running already")]
+    NodeRunning(String),
     #[error("the user {user} cannot reach {path}: give it search permission (o+x) on every directory above --dir, or choose another --dir")]
     NotTraversable { user: String, path: PathBuf },
     #[error("node {node} did not come up: {why}. Last lines of {log}:\n{tail}")]
@@ -757,12 +762,62 @@ impl Cluster {
             .then_some(pid)
     }
 
-    /// SIGKILLs node `i`'s VM: a crash, for fault tests.
+    /// Node `i` (0-based) of this cluster, or the error naming the range.
+    fn node(&self, i: usize) -> Result<&NodeInfo, ClusterError> {
+        self.info.nodes.get(i).ok_or(ClusterError::NoSuchNode {
+            node: i + 1,
+            nodes: self.info.nodes.len(),
+        })
+    }
+
+    /// SIGKILLs node `i`'s VM (0-based): a crash, for fault tests.
     pub fn kill_node(&self, i: usize) -> Result<(), ClusterError> {
-        let node = &self.info.nodes[i];
+        let node = self.node(i)?;
         if let Some(pid) = self.vm_pid(node) {
             signal("KILL", pid);
         }
+        Ok(())
+    }
+
+    /// Starts node `i` (0-based) again after a crash or `stop_node`, with
+    /// the configuration and state `up` gave it, and waits until it runs in
+    /// the cluster and listens for MQTTS. The other nodes must still hold
+    /// the cluster: a node that comes back alone waits for its peers.
+    pub async fn start_node(
+        &self,
+        i: usize,
+        mut progress: impl FnMut(&str),
+    ) -> Result<(), ClusterError> {
+        let node = self.node(i)?;
+        if self.vm_pid(node).is_some() {
+            return Err(ClusterError::NodeRunning(node.name.clone()));
+        }
+        let run_as = RunAs::detect()?;
+        let started = Instant::now();
+        progress(&format!("starting {}", node.name));
+        let watch = [self.spawn(node, &run_as)?];
+        self.wait_until(&watch, std::slice::from_ref(node), &mut progress, started)
+            .await?;
+        progress(&format!(
+            "{} is running after {} s",
+            node.name,
+            started.elapsed().as_secs()
+        ));
+        Ok(())
+    }
+
+    /// Stops node `i` (0-based) as `down` stops every node (SIGTERM, SIGKILL
+    /// after 30 s) but keeps its state, so `start_node` brings it back.
+    /// Its clients are disconnected and may reconnect to another node.
+    pub async fn stop_node(&self, i: usize) -> Result<(), ClusterError> {
+        let node = self.node(i)?;
+        stop_pids(
+            [self.wrapper_pid(node), self.vm_pid(node)]
+                .into_iter()
+                .flatten()
+                .collect(),
+        )
+        .await;
         Ok(())
     }
 
@@ -770,34 +825,15 @@ impl Cluster {
     /// after 30 s), stops this cluster's epmd and removes the nodes' state.
     /// RabbitMQ's logs stay in `rabbitN/log/` for a post-mortem.
     pub async fn down(&self) -> Result<(), ClusterError> {
-        // RabbitMQ deletes its pid file as it begins to stop: the pids are
-        // read once, then watched through /proc.
-        let pids: Vec<u32> = self
-            .info
-            .nodes
-            .iter()
-            .flat_map(|n| [self.wrapper_pid(n), self.vm_pid(n)])
-            .flatten()
-            .collect();
-        for pid in &pids {
-            signal("TERM", *pid);
-        }
-        let alive = |pid: &u32| {
-            fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-                !s.rsplit(')')
-                    .next()
-                    .unwrap_or("")
-                    .trim_start()
-                    .starts_with('Z')
-            })
-        };
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while pids.iter().any(alive) && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        for pid in pids.iter().filter(|p| alive(p)) {
-            signal("KILL", *pid);
-        }
+        stop_pids(
+            self.info
+                .nodes
+                .iter()
+                .flat_map(|n| [self.wrapper_pid(n), self.vm_pid(n)])
+                .flatten()
+                .collect(),
+        )
+        .await;
         // epmd outlives the nodes that started it; this one is ours alone.
         let _ = Command::new("epmd")
             .arg("-kill")
@@ -821,6 +857,32 @@ impl Cluster {
             remove(&self.dir.join(state))?;
         }
         Ok(())
+    }
+}
+
+/// SIGTERM to `pids` (RabbitMQ shuts down cleanly), SIGKILL to those still
+/// alive after [`STOP_TIMEOUT`]. RabbitMQ deletes its pid file as it begins
+/// to stop: the pids are read once by the caller, then watched through
+/// /proc.
+async fn stop_pids(pids: Vec<u32>) {
+    for pid in &pids {
+        signal("TERM", *pid);
+    }
+    let alive = |pid: &u32| {
+        fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+    };
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    while pids.iter().any(alive) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for pid in pids.iter().filter(|p| alive(p)) {
+        signal("KILL", *pid);
     }
 }
 

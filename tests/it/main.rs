@@ -3,6 +3,7 @@
 
 mod audit;
 mod certs_hardening;
+mod cluster;
 mod common;
 mod crash;
 mod dashboard;
