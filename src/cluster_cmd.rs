@@ -221,7 +221,7 @@ async fn status(args: StatusArgs) -> Result<()> {
 
 async fn sync(args: SyncArgs) -> Result<()> {
     let cluster = Cluster::open(&args.dir.dir)?;
-    let desired = Desired::from_pki(&args.pki)?;
+    let desired = Desired::from_pki_and_cluster(&args.pki, &args.dir.dir)?;
     let provisioner = Provisioner::new(cluster.mgmt()?, &cluster.info.admin_user);
     let report: SyncReport = provisioner.sync(&desired, args.prune).await?;
     match args.output {
@@ -246,6 +246,9 @@ fn print_report(r: &SyncReport, prune: bool) {
         );
         if !r.revoked.is_empty() {
             println!("revoked (sessions cut): {}", list(&r.revoked));
+        }
+        if !r.quarantined.is_empty() {
+            println!("quarantined (sessions cut): {}", list(&r.quarantined));
         }
     }
     for refused in &r.refused {

@@ -1,9 +1,12 @@
 //! `cityplane controller`: the controller alone, as a client of an external
 //! broker (a RabbitMQ cluster from `cityplane cluster up`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
+use cityplane::cluster::provision::{Desired, Provisioner, QUARANTINE_FILE};
+use cityplane::cluster::rabbit::Cluster;
 use cityplane_controller::runtime::external::ExternalBroker;
 use cityplane_controller::Controller;
 
@@ -39,6 +42,13 @@ pub struct ControllerArgs {
     /// The controller's identity: a certificate of role controller in --pki
     #[arg(long, env = "CITYPLANE_CONTROLLER_ID", default_value = "controller")]
     pub id: String,
+    /// The directory of `cityplane cluster up` (its management API and
+    /// admin secret): the controller then keeps the broker's users what the
+    /// PKI and its quarantine say, checked twice a second, so a revoked or
+    /// quarantined identity's sessions are cut cluster-wide within a
+    /// second, with no `cluster sync` by hand
+    #[arg(long, env = "CITYPLANE_CLUSTER_DIR", value_name = "DIR")]
+    pub cluster_dir: Option<PathBuf>,
     #[command(flatten)]
     pub controller: ControllerOpts,
 }
@@ -56,6 +66,21 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
             args.id
         )
     })?;
+    let pins = cityplane_broker::Pins::default();
+    let follower = match &args.cluster_dir {
+        Some(dir) => {
+            let cluster =
+                Cluster::open(dir).with_context(|| format!("--cluster-dir {}", dir.display()))?;
+            let provisioner = Provisioner::new(cluster.mgmt()?, &cluster.info.admin_user);
+            Some(tokio::spawn(follow(
+                provisioner,
+                args.pki.clone(),
+                dir.clone(),
+                pins.clone(),
+            )))
+        }
+        None => None,
+    };
     let broker = ExternalBroker {
         nodes,
         id: args.id.clone(),
@@ -64,6 +89,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         firmware: Some(cityplane_controller::runtime::firmware_dir(
             &args.controller.data,
         )),
+        pins,
     };
     let mut cc = args.controller.config();
     cc.registry_source = Some(args.pki.clone());
@@ -85,6 +111,80 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         .await
         .context("waiting for Ctrl-C")?;
     eprintln!("shutting down");
+    if let Some(follower) = follower {
+        follower.abort();
+    }
     controller.shutdown().await?;
+    Ok(())
+}
+
+/// How often the broker's users are compared with the PKI and quarantine.
+const FOLLOW_EVERY: Duration = Duration::from_millis(500);
+
+/// Keeps the cluster's users what the PKI and the controller's quarantine
+/// say: a sync whenever either changed (and at start), retried until it
+/// succeeds. The quarantine is also written to the cluster directory, so a
+/// `cluster sync` by hand keeps quarantined devices out too.
+async fn follow(
+    provisioner: Provisioner,
+    pki: PathBuf,
+    dir: PathBuf,
+    pins: cityplane_broker::Pins,
+) {
+    let mut applied: Option<Desired> = None;
+    let mut warned = false;
+    loop {
+        let desired = Desired::from_pki(&pki).map(|mut d| {
+            d.quarantined = pins.refused();
+            d
+        });
+        let result = match desired {
+            Ok(desired) if applied.as_ref() == Some(&desired) => Ok(()),
+            Ok(desired) => apply(&provisioner, &dir, &desired).await.map(|()| {
+                applied = Some(desired);
+            }),
+            Err(e) => Err(anyhow::Error::from(e)),
+        };
+        match result {
+            Ok(()) => warned = false,
+            // Once per outage: the broker's API may be down for a while.
+            Err(e) if !warned => {
+                warned = true;
+                tracing::warn!(error = %format!("{e:#}"), "could not bring the broker's users in line with the PKI and quarantine; retrying");
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(FOLLOW_EVERY).await;
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+async fn apply(provisioner: &Provisioner, dir: &Path, desired: &Desired) -> anyhow::Result<()> {
+    let path = dir.join(QUARANTINE_FILE);
+    let list = serde_json::to_vec(&desired.quarantined)?;
+    // Before the sync: a sync by hand racing this one must not let a
+    // device that is being quarantined back in.
+    write_atomic(&path, &list).with_context(|| format!("writing {}", path.display()))?;
+    let report = provisioner.sync(desired, false).await?;
+    if report.changed() {
+        tracing::info!(
+            created = report.created.len(),
+            updated = report.updated.len(),
+            revoked = ?report.revoked,
+            quarantined = ?report.quarantined,
+            "broker users brought in line with the PKI and quarantine"
+        );
+    }
+    for refused in &report.refused {
+        tracing::warn!(id = %refused.id, reason = %refused.reason, "identity gets no broker user");
+    }
     Ok(())
 }

@@ -92,6 +92,16 @@ impl Pins {
         self.read().get(id).is_none_or(|pin| pin.allows(serial))
     }
 
+    /// The quarantined devices: what an external broker must refuse
+    /// whatever certificate they show (it cannot tell serials apart).
+    pub fn refused(&self) -> std::collections::BTreeSet<String> {
+        self.read()
+            .iter()
+            .filter(|(_, pin)| **pin == Pin::Refused)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
     /// Devices in the table (quarantined or pinned).
     pub fn len(&self) -> usize {
         self.read().len()

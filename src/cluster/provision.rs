@@ -36,15 +36,26 @@ pub enum ProvisionError {
     Pki(#[from] cityplane_certs::CertError),
     #[error(transparent)]
     Mgmt(#[from] MgmtError),
+    #[error("reading the controller's quarantine list: {0}")]
+    Quarantine(String),
     #[error("the management API's {what} is not what RabbitMQ 3.10 returns: {detail}")]
     Unexpected { what: &'static str, detail: String },
 }
 
-/// What the broker should hold: the PKI's identities at one instant.
-#[derive(Debug, Clone, Default)]
+/// What the broker should hold: the PKI's identities at one instant, less
+/// the devices the controller quarantined.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Desired {
     pub identities: Vec<IssuedIdentity>,
+    /// Devices the controller cut off (`cityplane quarantine`): their
+    /// certificates are valid, but they get no user until released.
+    pub quarantined: BTreeSet<String>,
 }
+
+/// Where `cityplane controller --cluster-dir` leaves the devices it
+/// quarantined, in the cluster's directory, so that a `cluster sync` run
+/// by hand does not let them back in.
+pub const QUARANTINE_FILE: &str = "quarantined.json";
 
 impl Desired {
     /// Every identity in `pki/issued.jsonl`, judged against `revoked.json`
@@ -52,7 +63,30 @@ impl Desired {
     pub fn from_pki(pki: &Path) -> Result<Desired, ProvisionError> {
         Ok(Desired {
             identities: registry::issued_identities(pki, time::OffsetDateTime::now_utc())?,
+            quarantined: BTreeSet::new(),
         })
+    }
+
+    /// [`Desired::from_pki`] less the devices the controller last recorded
+    /// as quarantined in the cluster directory `dir` ([`QUARANTINE_FILE`];
+    /// none when there is no such file).
+    pub fn from_pki_and_cluster(pki: &Path, dir: &Path) -> Result<Desired, ProvisionError> {
+        let mut desired = Desired::from_pki(pki)?;
+        let path = dir.join(QUARANTINE_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                desired.quarantined = serde_json::from_slice(&bytes)
+                    .map_err(|e| ProvisionError::Quarantine(format!("{}: {e}", path.display())))?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(ProvisionError::Quarantine(format!(
+                    "{}: {e}",
+                    path.display()
+                )))
+            }
+        }
+        Ok(desired)
     }
 }
 
@@ -215,6 +249,9 @@ pub struct SyncReport {
     /// or expired, or because the identity may not be a user (see
     /// `refused`). Their connections were closed.
     pub revoked: Vec<String>,
+    /// Users deleted because the controller quarantined the device. Their
+    /// connections were closed.
+    pub quarantined: Vec<String>,
     /// Identities that get no user, and why.
     pub refused: Vec<Refused>,
     /// Users on the broker that the PKI never issued (drift).
@@ -230,6 +267,7 @@ impl SyncReport {
         !(self.created.is_empty()
             && self.updated.is_empty()
             && self.revoked.is_empty()
+            && self.quarantined.is_empty()
             && self.pruned.is_empty())
     }
 }
@@ -304,9 +342,15 @@ impl Provisioner {
         let mut want: Vec<UserRules> = Vec::new();
         let mut unwanted: BTreeSet<String> = BTreeSet::new();
         let mut known: BTreeSet<&str> = BTreeSet::new();
+        let mut quarantined: BTreeSet<&str> = BTreeSet::new();
         for identity in &desired.identities {
             known.insert(&identity.id);
             if !identity.usable {
+                unwanted.insert(identity.id.clone());
+                continue;
+            }
+            if identity.role == Role::Device && desired.quarantined.contains(&identity.id) {
+                quarantined.insert(&identity.id);
                 unwanted.insert(identity.id.clone());
                 continue;
             }
@@ -348,7 +392,11 @@ impl Provisioner {
             }
             if unwanted.contains(user) {
                 if self.delete_user(user).await? {
-                    report.revoked.push(user.clone());
+                    if quarantined.contains(user.as_str()) {
+                        report.quarantined.push(user.clone());
+                    } else {
+                        report.revoked.push(user.clone());
+                    }
                 }
             } else if !known.contains(user.as_str()) {
                 report.drift.push(user.clone());

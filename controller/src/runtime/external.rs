@@ -48,6 +48,11 @@ pub struct ExternalBroker {
     /// ([`super::firmware_dir`]): devices' fetches are answered from it,
     /// since an external broker has no edge of ours to answer them.
     pub firmware: Option<PathBuf>,
+    /// The controller's pin table, filled as on the embedded broker; here
+    /// nothing in this process enforces it: whoever provisions the broker
+    /// reads the quarantined devices from it (`cityplane controller
+    /// --cluster-dir` deletes their users).
+    pub pins: cityplane_broker::Pins,
 }
 
 impl std::fmt::Debug for ExternalBroker {

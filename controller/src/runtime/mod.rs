@@ -273,13 +273,15 @@ impl Controller {
         config: ControllerConfig,
     ) -> Result<Controller, ControllerError> {
         let (mut fleet, store, secrets) = prepare(&config).await?;
-        // Nothing reads these tables here: the external broker's users and
-        // permissions are its scopes and pins.
+        // The external broker's users and permissions are its scopes; the
+        // pins go to whoever provisions it (see `ExternalBroker::pins`).
         let tables = event_loop::BrokerTables {
             scopes: cityplane_broker::Scopes::default(),
-            pins: cityplane_broker::Pins::default(),
+            pins: broker.pins.clone(),
         };
         fleet.gov.scopes_dirty = false;
+        fleet.pins_dirty = true;
+        tables.push_pins(&mut fleet);
         let (events_tx, events) = mpsc::channel(EVENTS_QUEUE);
         feed_registry(&config, &events_tx).await;
         let (out_tx, out_rx) = mpsc::channel(EVENTS_QUEUE);

@@ -111,7 +111,7 @@ impl Deployment {
                 )
                 .expect("mosquitto");
                 let nodes = vec![addr.to_string()];
-                let controller = start_controller(&pki, &data, &nodes, dir.path());
+                let controller = start_controller(&pki, &data, &nodes, dir.path(), &[]);
                 (
                     Running::Mosquitto {
                         _broker: broker,
@@ -124,7 +124,13 @@ impl Deployment {
                 let cluster = RabbitCluster::up(&pki, &dir.path().join("rabbit"))?;
                 cluster.sync(&pki);
                 let nodes = cluster.mqtts();
-                let controller = start_controller(&pki, &data, &nodes, dir.path());
+                let controller = start_controller(
+                    &pki,
+                    &data,
+                    &nodes,
+                    dir.path(),
+                    &["--cluster-dir", cluster.dir().to_str().expect("utf-8")],
+                );
                 (
                     Running::Rabbit {
                         cluster,
@@ -205,21 +211,19 @@ impl Deployment {
         sim
     }
 
-    /// Revokes `id`'s certificates as an operator does on this deployment:
-    /// `certs revoke` (the embedded broker watches the list), then on
-    /// RabbitMQ `cluster sync` (which deletes the user, cutting its
-    /// sessions cluster-wide). Mosquitto reads its CRL only at start, so
-    /// there revocation cuts nothing live.
+    /// Revokes `id`'s certificates with `certs revoke`, and nothing else:
+    /// the embedded broker watches the list, `cityplane controller
+    /// --cluster-dir` deletes the RabbitMQ user (cutting its sessions
+    /// cluster-wide).
     pub fn revoke(&self, id: &str) {
         let p = self.pki.to_str().expect("utf-8");
         ok(Command::new(BIN).args(["certs", "revoke", "--pki", p, "--id", id]));
-        if let Running::Rabbit { cluster, .. } = &self.running {
-            cluster.sync(&self.pki);
-        }
     }
 
-    /// Whether a live session is cut when its certificate is revoked.
-    pub fn revocation_cuts(&self) -> bool {
+    /// Whether a live session is cut when its certificate is revoked or its
+    /// device quarantined. Mosquitto reads its CRL only at start and knows
+    /// nothing of the controller's quarantine.
+    pub fn cuts_sessions(&self) -> bool {
         self.kind != Kind::Mosquitto
     }
 
@@ -273,7 +277,13 @@ impl Deployment {
 }
 
 /// `cityplane controller` against `nodes`, its log in `dir/controller.log`.
-fn start_controller(pki: &Path, data: &Path, nodes: &[String], dir: &Path) -> ChildGuard {
+fn start_controller(
+    pki: &Path,
+    data: &Path,
+    nodes: &[String],
+    dir: &Path,
+    extra: &[&str],
+) -> ChildGuard {
     let log = std::fs::File::create(dir.join("controller.log")).expect("log");
     let child = Command::new(BIN)
         .arg("controller")
@@ -283,6 +293,7 @@ fn start_controller(pki: &Path, data: &Path, nodes: &[String], dir: &Path) -> Ch
         .arg(pki)
         .arg("--data")
         .arg(data)
+        .args(extra)
         .env("CITYPLANE_ROLLOUT_TICK_MS", "100")
         .env("CITYPLANE_COMPLIANCE_TICK_MS", "200")
         .env("RUST_LOG", "info")
