@@ -529,7 +529,7 @@ impl Device {
             self.queue_publish(c, topics::presence(&id), PRESENCE_ONLINE.to_vec(), 1, true);
         }
         let commands_topic = topics::commands(&id);
-        let sub_pkid = c.queue_subscribe(&commands_topic, 1);
+        let sub_pkid = c.queue_subscribe(&commands_topic, self.fleet.config.commands_qos.min(1));
         // Image chunks come on the blob topic; only devices that download
         // real images (a release key) subscribe, so that without one the
         // device does exactly what it did before (also on other brokers).

@@ -238,6 +238,12 @@ pub struct SimConfig {
     pub presence: PresenceMode,
     /// Publish reports with the retain flag (the contract makes it optional).
     pub retain_reported: bool,
+    /// The QoS of the commands subscription: 1 (default), or 0 on RabbitMQ
+    /// 3.10, where a QoS 1 subscription is a durable queue homed on one
+    /// node, and a device whose node died cannot subscribe anywhere until
+    /// that node is back (docs/DEPLOYMENT.md). Commands are re-sent by the
+    /// controller until reported, so QoS 0 loses nothing.
+    pub commands_qos: u8,
     /// Telemetry interval per device; `None` = no telemetry.
     pub telemetry_interval: Option<Duration>,
     pub backoff: Backoff,
@@ -275,6 +281,7 @@ impl SimConfig {
             keep_alive: 30,
             presence: PresenceMode::Skip,
             retain_reported: false,
+            commands_qos: 1,
             telemetry_interval: None,
             backoff: Backoff::default(),
             faults: Faults::default(),

@@ -118,6 +118,13 @@ struct ConnectArgs {
     /// Publish reported state with the retain flag.
     #[arg(long)]
     retain_reported: bool,
+    /// QoS of the commands subscription. Use 0 against RabbitMQ 3.10: its
+    /// QoS 1 subscription queues are homed on one node, and devices of a
+    /// dead node could not subscribe elsewhere until it is back. The
+    /// controller re-sends a command until the device reports it, so 0
+    /// loses nothing.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    commands_qos: u8,
     /// First reconnect delay, ms (doubles per failure, jittered).
     #[arg(long, default_value_t = 500)]
     backoff_initial_ms: u64,
@@ -281,6 +288,7 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
         _ => PresenceMode::Auto,
     };
     config.retain_reported = c.retain_reported;
+    config.commands_qos = c.commands_qos;
     config.telemetry_interval = telemetry;
     config.backoff = Backoff {
         initial: Duration::from_millis(c.backoff_initial_ms),

@@ -73,6 +73,8 @@ const INFLIGHT: u16 = 1000;
 /// maximum.
 const RECONNECT_FIRST: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(2);
+/// How long a node may take to answer CONNECT.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 /// Fetches waiting for their answer. A device asks again when an answer
 /// does not come, so past this a fetch is dropped rather than let a
 /// rollout's fetches hold up reports and operators' requests.
@@ -108,7 +110,13 @@ pub(super) fn spawn(
     secrets: Arc<crate::secrets::Secrets>,
 ) {
     let options = options(&broker, 0);
-    let (client, eventloop) = AsyncClient::new(options, usize::from(INFLIGHT) * 4);
+    let (client, mut eventloop) = AsyncClient::new(options, usize::from(INFLIGHT) * 4);
+    // A node that just lost a peer answers late: it re-elects the leaders
+    // of the session's replicated queue and takes over the dead node's
+    // clients. Giving up sooner only moves the wait to the next node.
+    eventloop
+        .network_options
+        .set_connection_timeout(CONNECT_TIMEOUT.as_secs());
     let connection = Arc::new(Connection {
         generation: Mutex::new(0),
     });
@@ -408,9 +416,16 @@ async fn acknowledge(
     }
 }
 
-/// Publishes what the loop produces, in order, at QoS 1 (the client keeps
-/// and resends what the broker has not acknowledged across reconnects).
-/// Commands get their secrets' plaintexts here, at the last moment.
+/// Publishes what the loop produces, in order, at QoS 0. Commands get
+/// their secrets' plaintexts here, at the last moment.
+///
+/// Not QoS 1: RabbitMQ 3.10's MQTT plugin closes a publisher's connection
+/// when a QoS 1 publish is routed to a queue it cannot reach (a subscriber's
+/// queue on a node that just died: `mqtt_unexpected_msg` on `basic.nack`,
+/// measured), so every command of a converge would cut the controller off
+/// again and again. Nothing here needs the broker's acknowledgement: a
+/// command is re-sent until the device reports it, an operator asks again
+/// when an answer does not come, and retained summaries are republished.
 async fn publish(
     client: AsyncClient,
     mut out: mpsc::Receiver<Outgoing>,
@@ -423,7 +438,7 @@ async fn publish(
             out.payload = secrets.fill_command(device, out.payload);
         }
         if client
-            .publish(out.topic, QoS::AtLeastOnce, out.retain, out.payload)
+            .publish(out.topic, QoS::AtMostOnce, out.retain, out.payload)
             .await
             .is_err()
         {

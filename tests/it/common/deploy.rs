@@ -40,12 +40,13 @@ enum Running {
 /// `dev0001`… (streetlights), device `rogue01` (no class), controller
 /// `controller`.
 pub struct Deployment {
+    /// First: stopped before the directory it runs in is removed.
+    running: Running,
     pub kind: Kind,
     pub dir: tempfile::TempDir,
     pub pki: PathBuf,
     /// Where devices and operators connect, `127.0.0.1:PORT`, one per node.
     pub nodes: Vec<String>,
-    running: Running,
 }
 
 impl Deployment {
@@ -203,6 +204,11 @@ impl Deployment {
         } else {
             PresenceMode::Skip
         };
+        if self.kind == Kind::Rabbit {
+            // docs/DEPLOYMENT.md: a QoS 1 subscription on RabbitMQ 3.10 is
+            // a queue stranded on its node when that node dies.
+            sim.commands_qos = 0;
+        }
         sim.backoff = Backoff {
             initial: Duration::from_millis(50),
             max: Duration::from_millis(400),
