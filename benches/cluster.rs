@@ -54,8 +54,8 @@ use cityplane_certs::Pki;
 use cityplane_proto::Role;
 use cityplane_testkit::bench::{self, median, target_dir};
 use cityplane_testkit::machine;
-use cityplane_testkit::process::{cpu_time, kill_registered_children, machine_cpu, rss_kib};
 use cityplane_testkit::process::ChildGuard;
+use cityplane_testkit::process::{cpu_time, kill_registered_children, machine_cpu, rss_kib};
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cityplane");
@@ -280,7 +280,12 @@ impl PeakSampler {
         procs
             .iter()
             .zip(self.peaks.iter())
-            .map(|(p, k)| (p.name.clone(), json!(round1(mib(k.load(Ordering::Relaxed))))))
+            .map(|(p, k)| {
+                (
+                    p.name.clone(),
+                    json!(round1(mib(k.load(Ordering::Relaxed)))),
+                )
+            })
             .collect::<serde_json::Map<_, _>>()
             .into()
     }
@@ -314,11 +319,12 @@ fn load1() -> f64 {
 
 /// The node's Erlang VM, from its pid file, if it is a live `beam.smp`.
 fn beam_pid(cluster_dir: &Path, node: usize) -> Option<u32> {
-    let pid: u32 = std::fs::read_to_string(cluster_dir.join(format!("rabbit{}/rabbit.pid", node + 1)))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
+    let pid: u32 =
+        std::fs::read_to_string(cluster_dir.join(format!("rabbit{}/rabbit.pid", node + 1)))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
     (comm.trim() == "beam.smp").then_some(pid)
 }
@@ -388,12 +394,8 @@ async fn start(side: Side, a: &Args, pki: &Path, dir: &Path) -> Result<Deploymen
     let _ = std::fs::remove_dir_all(&data);
     match side {
         Side::Embedded => {
-            let (server, addr) = bench::start_cityplane_serve(
-                Path::new(BIN),
-                pki,
-                &data,
-                &dir.join("serve.log"),
-            )?;
+            let (server, addr) =
+                bench::start_cityplane_serve(Path::new(BIN), pki, &data, &dir.join("serve.log"))?;
             Ok(Deployment {
                 side,
                 nodes: vec![addr.to_string()],
@@ -409,7 +411,10 @@ async fn start(side: Side, a: &Args, pki: &Path, dir: &Path) -> Result<Deploymen
         Side::Cluster => {
             let cdir = dir.join("rabbit");
             if cdir.join("cluster.json").exists() {
-                eprintln!("a cluster of an earlier run is in {}: down first", cdir.display());
+                eprintln!(
+                    "a cluster of an earlier run is in {}: down first",
+                    cdir.display()
+                );
                 cluster_down(&cdir);
             }
             std::fs::create_dir_all(&cdir)?;
@@ -544,7 +549,10 @@ async fn measure(side: Side, n: usize, a: &Args, pki: &Path, dir: &Path) -> Resu
         eprintln!("  after cluster down: beam.smp of this cluster {ours}, on the machine {all}");
         out["beam_smp_left"] = json!({"this_cluster": ours, "machine": all});
         if ours > 0 {
-            bail!("{ours} beam.smp of {} still running after cluster down", cdir.display());
+            bail!(
+                "{ours} beam.smp of {} still running after cluster down",
+                cdir.display()
+            );
         }
     }
     if let Some(e) = out.get("error") {
@@ -555,17 +563,24 @@ async fn measure(side: Side, n: usize, a: &Args, pki: &Path, dir: &Path) -> Resu
 
 async fn phases(d: &Deployment, n: usize, a: &Args, pki: &Path, dir: &Path) -> Result<Value> {
     let procs = &d.procs;
-    let mut op = Operator::connect_retrying(&connect_args(d, pki), Duration::from_secs(90))
+    // The controller answers (a request sent before it subscribed is
+    // lost on an external broker: ask with a short timeout until answered).
+    let mut quick = connect_args(d, pki);
+    quick.timeout = 3;
+    let mut ready = Operator::connect_retrying(&quick, Duration::from_secs(90))
         .await
         .context("operator connect")?;
-    // The controller answers: up.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while status(&mut op, json!({})).await.is_err() {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while status(&mut ready, json!({})).await.is_err() {
         if Instant::now() > deadline {
-            bail!("the controller did not answer status within 60 s");
+            bail!("the controller did not answer status within 90 s");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    ready.disconnect().await;
+    let mut op = Operator::connect_retrying(&connect_args(d, pki), Duration::from_secs(90))
+        .await
+        .context("operator connect")?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle = snapshot(procs);
     let peaks = PeakSampler::start(procs);
@@ -712,10 +727,7 @@ async fn phases(d: &Deployment, n: usize, a: &Args, pki: &Path, dir: &Path) -> R
     }
     let med = |key: &str| {
         round2(median(
-            applies
-                .iter()
-                .filter_map(|r| r[key].as_f64())
-                .collect(),
+            applies.iter().filter_map(|r| r[key].as_f64()).collect(),
         ))
     };
     let mut cpu_median = serde_json::Map::new();
@@ -799,10 +811,15 @@ async fn reports_phase(
     let c = Arc::new(Counters::default());
     let connecting = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     let value = value.to_owned();
+    let version_base = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_millis() as u64)
+        * 1000;
     let t_connect = Instant::now();
     let mut tasks = Vec::with_capacity(n);
     for (index, (id, tls)) in ids.into_iter().zip(tls).enumerate() {
-        let (name, c, connecting, value) = (name.clone(), c.clone(), connecting.clone(), value.clone());
+        let (name, c, connecting, value) =
+            (name.clone(), c.clone(), connecting.clone(), value.clone());
         let (mut go, mut stop) = (go_rx.clone(), stop_rx.clone());
         let addr = addrs[index % addrs.len()];
         tasks.push(tokio::spawn(async move {
@@ -815,8 +832,14 @@ async fn reports_phase(
             let mut client = None;
             for _ in 0..5 {
                 let permit = connecting.acquire().await;
-                match Client::connect(addr, name.clone(), tls.clone(), &opts, Duration::from_secs(30))
-                    .await
+                match Client::connect(
+                    addr,
+                    name.clone(),
+                    tls.clone(),
+                    &opts,
+                    Duration::from_secs(30),
+                )
+                .await
                 {
                     Ok(cl) => {
                         client = Some(cl);
@@ -839,8 +862,9 @@ async fn reports_phase(
                 }
             }
             let topic = format!("devices/{id}/reported");
-            // Above whatever the simulator reported before, so none is stale.
-            let base = 1_000_000u64;
+            // Above whatever the simulator reported before (its versions
+            // start at the Unix time in ms), so none is stale.
+            let base = version_base;
             for k in 1..=r {
                 let body = json!({"version": base + k, "state": {
                     "class": "streetlight", "maintenance_window": value, "dimming": k}})
@@ -885,7 +909,12 @@ async fn reports_phase(
     let connect_s = t_connect.elapsed().as_secs_f64();
     let connected = c.connected.load(Ordering::Relaxed);
     eprintln!("  reports: {connected} report clients connected in {connect_s:.1} s");
-    let counted = |s: &Value| (count(s, &["counters", "reports"]), count(s, &["counters", "stale_reports"]));
+    let counted = |s: &Value| {
+        (
+            count(s, &["counters", "reports"]),
+            count(s, &["counters", "stale_reports"]),
+        )
+    };
     let (base_reports, base_stale) = counted(&status(op, json!({})).await?);
     let total = connected * r;
     let before = snapshot(procs);
@@ -973,7 +1002,11 @@ async fn wait_quiet(max: u64) -> Value {
     let quiet = load1() < 0.8;
     eprintln!(
         "{} after {:.0} s: load {}",
-        if quiet { "quiet" } else { "NOT quiet, running anyway" },
+        if quiet {
+            "quiet"
+        } else {
+            "NOT quiet, running anyway"
+        },
         t.elapsed().as_secs_f64(),
         loadavg()
     );
@@ -1054,17 +1087,35 @@ fn fits(results: &[Value]) -> Value {
                         series.entry(key).or_default().push((n, y));
                     }
                 };
-                push(format!("{p}.rss_connected_mib"), r["rss_mib"]["connected"][p].as_f64());
-                push(format!("{p}.rss_peak_mib"), r["rss_mib"]["peak"][p].as_f64());
-                push(format!("{p}.cpu_connect_s"), r["connect"]["cpu_s"][p].as_f64());
-                push(format!("{p}.cpu_converge_s"), r["converge"]["median"]["cpu_s"][p].as_f64());
-                push(format!("{p}.cpu_reports_s"), r["reports"]["cpu_s"][p].as_f64());
+                push(
+                    format!("{p}.rss_connected_mib"),
+                    r["rss_mib"]["connected"][p].as_f64(),
+                );
+                push(
+                    format!("{p}.rss_peak_mib"),
+                    r["rss_mib"]["peak"][p].as_f64(),
+                );
+                push(
+                    format!("{p}.cpu_connect_s"),
+                    r["connect"]["cpu_s"][p].as_f64(),
+                );
+                push(
+                    format!("{p}.cpu_converge_s"),
+                    r["converge"]["median"]["cpu_s"][p].as_f64(),
+                );
+                push(
+                    format!("{p}.cpu_reports_s"),
+                    r["reports"]["cpu_s"][p].as_f64(),
+                );
             }
         }
         let mut side_fits = serde_json::Map::new();
         for (key, pts) in series {
             if let Some((a, b)) = line(&pts) {
-                side_fits.insert(key, json!({"intercept": round2(a), "per_device": b, "points": pts}));
+                side_fits.insert(
+                    key,
+                    json!({"intercept": round2(a), "per_device": b, "points": pts}),
+                );
             }
         }
         out.insert(side.into(), side_fits.into());
@@ -1119,7 +1170,11 @@ fn summary(r: &Value) {
     );
     for x in r["results"].as_array().into_iter().flatten() {
         let side = x["deployment"].as_str().unwrap_or("?");
-        let main = if side == "cluster" { "controller" } else { "server" };
+        let main = if side == "cluster" {
+            "controller"
+        } else {
+            "server"
+        };
         let rab: Vec<String> = (1..=3)
             .filter_map(|i| x["rss_mib"]["connected"][format!("rabbit{i}")].as_f64())
             .map(|m| format!("{m:.0}"))
@@ -1136,7 +1191,11 @@ fn summary(r: &Value) {
             f(&x["reports"]["received_per_s"]),
             f(&x["reports"]["offered_per_s"]),
             f(&x["rss_mib"]["connected"][main]),
-            if rab.is_empty() { "-".into() } else { rab.join("/") },
+            if rab.is_empty() {
+                "-".into()
+            } else {
+                rab.join("/")
+            },
         );
         let cpu = |phase: &Value| -> String {
             phase
