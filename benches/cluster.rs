@@ -1034,18 +1034,20 @@ async fn run() -> Result<()> {
         skipped = Some(why);
         sides.retain(|s| *s != Side::Cluster);
     }
-    let max_n = a.sizes.iter().copied().max().unwrap_or(0);
-    let pki_dir = dir.join("pki");
-    let pki = bench::prepare_pki_verbose(&pki_dir, "dev", max_n, CONTROLLER)?;
-    if !pki.cert_path(OPERATOR).exists() {
-        pki.issue(Role::Operator, OPERATOR)?;
+    // One PKI per size: the controller registers every device the PKI has
+    // issued, so a PKI of N devices makes "every device" exactly the fleet.
+    for &n in &a.sizes {
+        let pki = bench::prepare_pki_verbose(&dir.join(format!("pki-{n}")), "dev", n, CONTROLLER)?;
+        if !pki.cert_path(OPERATOR).exists() {
+            pki.issue(Role::Operator, OPERATOR)?;
+        }
     }
     let quiet = wait_quiet(a.quiet_wait).await;
     let machine_cpu0 = machine_cpu().0;
     let mut results = Vec::new();
     for &n in &a.sizes {
         for &side in &sides {
-            results.push(measure(side, n, &a, &pki_dir, &dir).await?);
+            results.push(measure(side, n, &a, &dir.join(format!("pki-{n}")), &dir).await?);
         }
     }
     let fits = fits(&results);
