@@ -511,7 +511,36 @@ fn connect_args(d: &Deployment, pki: &Path) -> ConnectArgs {
     }
 }
 
-async fn status(op: &mut Operator, body: Value) -> Result<Value> {
+/// The bench's operator session. It sits idle while devices connect, which
+/// RabbitMQ ends at 1.5 × the keep-alive (rumqttc pings only while polled):
+/// a failed query reconnects once and asks again.
+struct Op {
+    args: ConnectArgs,
+    op: Operator,
+}
+
+impl Op {
+    async fn connect(args: ConnectArgs) -> Result<Op> {
+        let op = Operator::connect_retrying(&args, Duration::from_secs(90))
+            .await
+            .context("operator connect")?;
+        Ok(Op { args, op })
+    }
+
+    async fn query(&mut self, verb: &str, body: Value) -> Result<Value> {
+        match self.op.query(verb, body.clone()).await {
+            Ok(v) => Ok(v),
+            Err(_) => {
+                self.op = Operator::connect_retrying(&self.args, Duration::from_secs(90))
+                    .await
+                    .context("operator reconnect")?;
+                self.op.query(verb, body).await
+            }
+        }
+    }
+}
+
+async fn status(op: &mut Op, body: Value) -> Result<Value> {
     op.query("status", body).await
 }
 
@@ -571,16 +600,14 @@ async fn phases(d: &Deployment, n: usize, a: &Args, pki: &Path, dir: &Path) -> R
         .await
         .context("operator connect")?;
     let deadline = Instant::now() + Duration::from_secs(90);
-    while status(&mut ready, json!({})).await.is_err() {
+    while ready.query("status", json!({})).await.is_err() {
         if Instant::now() > deadline {
             bail!("the controller did not answer status within 90 s");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     ready.disconnect().await;
-    let mut op = Operator::connect_retrying(&connect_args(d, pki), Duration::from_secs(90))
-        .await
-        .context("operator connect")?;
+    let mut op = Op::connect(connect_args(d, pki)).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle = snapshot(procs);
     let peaks = PeakSampler::start(procs);
@@ -759,7 +786,7 @@ async fn phases(d: &Deployment, n: usize, a: &Args, pki: &Path, dir: &Path) -> R
     // 3. Reports through N device connections of this bench.
     let reports = reports_phase(&mut op, d, pki, n, a.reports, &last_value).await?;
     let end = snapshot(procs);
-    op.disconnect().await;
+    op.op.disconnect().await;
 
     Ok(json!({
         "connect": connect,
@@ -778,7 +805,7 @@ async fn phases(d: &Deployment, n: usize, a: &Args, pki: &Path, dir: &Path) -> R
 
 /// Phase 3: `n` device connections publish `r` reports each, one in flight.
 async fn reports_phase(
-    op: &mut Operator,
+    op: &mut Op,
     d: &Deployment,
     pki_dir: &Path,
     n: usize,
@@ -1048,6 +1075,11 @@ async fn run() -> Result<()> {
     for &n in &a.sizes {
         for &side in &sides {
             results.push(measure(side, n, &a, &dir.join(format!("pki-{n}")), &dir).await?);
+            // What is measured so far survives a later failure.
+            std::fs::write(
+                bench_dir.join("cluster.partial.json"),
+                serde_json::to_string_pretty(&results)?,
+            )?;
         }
     }
     let fits = fits(&results);
