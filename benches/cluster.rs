@@ -349,6 +349,22 @@ fn beams_left(cluster_dir: &Path) -> (usize, usize) {
     (ours, pids.len())
 }
 
+/// `epmd` daemons started for `cluster_dir` (their HOME is in it).
+fn epmds_of(cluster_dir: &Path) -> Vec<u32> {
+    let want = format!("HOME={}", cluster_dir.join("home").display());
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "epmd")
+                && std::fs::read(format!("/proc/{pid}/environ"))
+                    .is_ok_and(|e| e.split(|b| *b == 0).any(|v| v == want.as_bytes()))
+        })
+        .collect()
+}
+
 // ---------------------------------------------------------------------------
 // One deployment.
 
@@ -577,6 +593,16 @@ async fn measure(side: Side, n: usize, a: &Args, pki: &Path, dir: &Path) -> Resu
         let (ours, all) = beams_left(&cdir);
         eprintln!("  after cluster down: beam.smp of this cluster {ours}, on the machine {all}");
         out["beam_smp_left"] = json!({"this_cluster": ours, "machine": all});
+        // `cluster down` runs `epmd -kill`; an epmd of this cluster that
+        // survived it would block the next `cluster up` on its port.
+        let epmds = epmds_of(&cdir);
+        for pid in &epmds {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+        }
+        if !epmds.is_empty() {
+            eprintln!("  an epmd of this cluster outlived cluster down: killed {epmds:?}");
+        }
+        out["epmd_left_after_down"] = json!(epmds.len());
         if ours > 0 {
             bail!(
                 "{ours} beam.smp of {} still running after cluster down",
