@@ -21,7 +21,7 @@ beyond one machine (see docs/DEPLOYMENT.md). The broker enforces identities and 
 session and acknowledges each device message only once what it changed is stored, so a crash \
 or a lost node loses nothing the broker accepted. Operators reach it with `--cluster` on \
 their commands.",
-    after_help = "Example:\n  cityplane certs issue --pki ./pki --role controller --id controller\n  cityplane cluster up --dir ./cluster --pki ./pki\n  cityplane cluster sync --dir ./cluster --pki ./pki\n  cityplane controller --broker localhost:18883,localhost:18884,localhost:18885 --pki ./pki --data ./data"
+    after_help = "Example:\n  cityplane certs issue --pki ./pki --role controller --id controller\n  cityplane cluster up --dir ./cluster --pki ./pki\n  cityplane cluster sync --dir ./cluster --pki ./pki\n  cityplane controller --broker localhost:28830,localhost:28831,localhost:28832 --pki ./pki --data ./data --cluster-dir ./cluster\n  CITYPLANE_CLUSTER=true cityplane status --server localhost:28831 --pki ./pki --id op"
 )]
 pub struct ControllerArgs {
     /// The broker's nodes as HOST:PORT (MQTT over TLS), comma-separated.
