@@ -359,6 +359,17 @@ impl Secrets {
     /// else passes unchanged. A reference with no stored secret goes
     /// without one: the device refuses it ("secret missing") and the
     /// rollout says so.
+    /// [`Secrets::fill_command`] when `topic` is a device's commands topic
+    /// (what both runtimes publish from); that device, if so.
+    pub fn fill_if_command<'t>(&self, topic: &'t str, payload: &mut Vec<u8>) -> Option<&'t str> {
+        let (device, leaf) = cityplane_proto::topics::split_device_topic(topic)?;
+        if leaf != cityplane_proto::topics::DEVICE_SUBSCRIBE_LEAF {
+            return None;
+        }
+        *payload = self.fill_command(device, std::mem::take(payload));
+        Some(device)
+    }
+
     pub fn fill_command(&self, device: &str, payload: Vec<u8>) -> Vec<u8> {
         // Cheap test first: most commands set no secret (serde_json's
         // compact output spells a reference exactly so).

@@ -432,11 +432,7 @@ async fn publish(
     secrets: Arc<crate::secrets::Secrets>,
 ) {
     while let Some(mut out) = out.recv().await {
-        if let Some((device, topics::DEVICE_SUBSCRIBE_LEAF)) =
-            topics::split_device_topic(&out.topic)
-        {
-            out.payload = secrets.fill_command(device, out.payload);
-        }
+        secrets.fill_if_command(&out.topic, &mut out.payload);
         if client
             .publish(out.topic, QoS::AtMostOnce, out.retain, out.payload)
             .await

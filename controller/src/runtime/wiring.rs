@@ -99,10 +99,7 @@ pub(super) async fn publish(
     secrets: Arc<crate::secrets::Secrets>,
 ) {
     while let Some(mut out) = out.recv().await {
-        if let Some((device, topics::DEVICE_SUBSCRIBE_LEAF)) =
-            topics::split_device_topic(&out.topic)
-        {
-            out.payload = secrets.fill_command(device, out.payload);
+        if let Some(device) = secrets.fill_if_command(&out.topic, &mut out.payload) {
             // Through the router it reaches the device too (the broker's
             // dispatch link), so one path or the other, never both.
             if !out.retain && !commands.routed(&out.topic) {
