@@ -66,6 +66,13 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
             args.id
         )
     })?;
+    // Before anything is loaded or connected: a standby neither reads a
+    // store that is still being written nor takes the broker session (the
+    // same client id) from the controller that acts.
+    let mut lease = match &args.controller.store {
+        Some(url) => Some(crate::standby::take(&url.0, &args.id).await?),
+        None => None,
+    };
     let pins = cityplane_broker::Pins::default();
     let follower = match &args.cluster_dir {
         Some(dir) => {
@@ -92,6 +99,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         pins,
     };
     let mut cc = args.controller.config();
+    cc.fence = lease.as_ref().map(|l| l.generation);
     cc.registry_source = Some(args.pki.clone());
     cc.pki = crate::broker_cmd::holds_ca_key(&args.pki).then(|| args.pki.clone());
     let controller = Controller::start_external(broker, cc)
@@ -107,14 +115,32 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         args.broker.join(","),
         args.controller.data.display()
     );
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for Ctrl-C")?;
-    eprintln!("shutting down");
+    let lost = async {
+        match lease.as_mut() {
+            Some(held) => held.lost().await,
+            None => std::future::pending().await,
+        }
+    };
+    let lost = tokio::select! {
+        signal = tokio::signal::ctrl_c() => {
+            signal.context("waiting for Ctrl-C")?;
+            None
+        }
+        why = lost => Some(why),
+    };
     if let Some(follower) = follower {
         follower.abort();
     }
+    if let Some(why) = lost {
+        // Its commits are already refused (fenced); nothing it holds is
+        // acknowledged to the broker, which hands it to the successor.
+        anyhow::bail!("stopping: {why}; start it again to stand by");
+    }
+    eprintln!("shutting down");
     controller.shutdown().await?;
+    if let Some(held) = lease {
+        held.release().await;
+    }
     Ok(())
 }
 

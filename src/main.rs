@@ -18,6 +18,7 @@ mod rollout_cmd;
 mod rotate_cmd;
 mod secrets_cmd;
 mod serve_cmd;
+mod standby;
 
 use std::process::ExitCode;
 

@@ -41,8 +41,11 @@ use serde::Serialize;
 use crate::model::{AuditEntry, DeviceRecord, DocRecord, ReleaseRecord};
 use crate::rollout::RolloutRecord;
 
+pub mod lease;
 mod pg_engine;
 mod sled_engine;
+
+pub use lease::{Attempt, Lease};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -65,6 +68,11 @@ pub enum StoreError {
     /// from memory and retries; the next operation connects again.
     #[error("store {store} is unavailable: {reason}")]
     Unavailable { store: String, reason: String },
+    /// This controller's generation of the lease is no longer current:
+    /// another controller took over (or it expired while the database was
+    /// out of reach). Nothing was written; the controller must stop.
+    #[error("store {store}: lease generation {generation} is not current (expired, or another controller took over): nothing written")]
+    Fenced { store: String, generation: i64 },
     /// The database refused an operation (`code` is its SQLSTATE).
     #[error("store {store}: {message} (SQLSTATE {code})")]
     Database {
@@ -316,6 +324,9 @@ pub struct Store {
     /// them for the next).
     pending_secrets: std::sync::Mutex<Vec<crate::secrets::Rotation>>,
     gate: Option<CommitGate>,
+    /// The lease generation every commit is fenced with (PostgreSQL, set
+    /// by [`Store::fence_with`]); 0: unfenced.
+    fence: std::sync::atomic::AtomicI64,
 }
 
 /// The store's trees (see the module's key layout).
@@ -424,14 +435,17 @@ impl Engine {
     /// Applies `rotations` (on top of the stored secret slots, read in the
     /// same transaction) and then `ops`, in order, as one transaction, and
     /// returns once it is durable.
+    /// `fence`: see `PgEngine::apply` (sled is one process's, locked by
+    /// sled itself: nothing to fence).
     fn apply(
         &mut self,
+        fence: Option<i64>,
         rotations: &[crate::secrets::Rotation],
         ops: &[Op<'_>],
     ) -> Result<(), StoreError> {
         match self {
             Engine::Sled(e) => e.apply(rotations, ops),
-            Engine::Postgres(e) => e.apply(rotations, ops),
+            Engine::Postgres(e) => e.apply(fence, rotations, ops),
         }
     }
 }
@@ -582,7 +596,23 @@ impl Store {
             deferred_docs: std::sync::Mutex::new(Vec::new()),
             pending_secrets: std::sync::Mutex::new(Vec::new()),
             gate: None,
+            fence: std::sync::atomic::AtomicI64::new(0),
         })
+    }
+
+    /// Every later commit succeeds only while `generation` of the lease
+    /// is held ([`Lease`]); otherwise it fails with
+    /// [`StoreError::Fenced`] and writes nothing.
+    pub fn fence_with(&self, generation: i64) {
+        self.fence
+            .store(generation, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn fence(&self) -> Option<i64> {
+        match self.fence.load(std::sync::atomic::Ordering::SeqCst) {
+            0 => None,
+            g => Some(g),
+        }
     }
 
     /// Every later commit passes `gate` once durable (see [`CommitGate`]).
@@ -756,7 +786,7 @@ impl Store {
                         .map(|s| (Tree::Meta, &b"seq"[..], Some(&s[..]))),
                 )
                 .collect();
-            e.apply(secrets, &ops)?;
+            e.apply(self.fence(), secrets, &ops)?;
             if let Some(gate) = &self.gate {
                 (gate.0)(&Pending {
                     docs: &docs,

@@ -64,6 +64,10 @@ pub struct ControllerConfig {
     /// The dashboard's sign-in tokens (`dashboard-login`); `None`: this
     /// server runs no dashboard and the verb is refused.
     pub sign_ins: Option<Arc<crate::signin::SignIns>>,
+    /// The generation of the store's lease this controller holds
+    /// ([`crate::store::Lease`], PostgreSQL only): every commit is fenced
+    /// with it. `None`: unfenced (sled, or one controller by itself).
+    pub fence: Option<i64>,
 }
 
 impl ControllerConfig {
@@ -84,6 +88,7 @@ impl ControllerConfig {
             max_firmware_bytes: 16 << 30,
             secrets_key: None,
             sign_ins: None,
+            fence: None,
         }
     }
 
@@ -327,6 +332,9 @@ async fn prepare(
     })
     .await
     .map_err(|e| ControllerError::Broker(e.to_string()))??;
+    if let Some(generation) = config.fence {
+        store.fence_with(generation);
+    }
     let store = Arc::new(store);
     let loaded = {
         let store = store.clone();

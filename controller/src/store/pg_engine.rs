@@ -22,9 +22,10 @@ use std::time::Duration;
 use super::{redact_url, rotated_slots, Op, StoreError, Tree, Visit, Walk};
 
 /// Bumped by a change of the table layout; a database written by a newer
-/// cityplane is refused rather than misread. (A later `shard` and fencing
-/// `generation` column would come with version 2.)
-const SCHEMA_VERSION: i32 = 1;
+/// cityplane is refused rather than misread. Version 2 added the lease
+/// (`cityplane_lease`, see `store/lease.rs`): a version-1 cityplane would
+/// write unfenced beside a controller that holds it, so it is refused.
+const SCHEMA_VERSION: i32 = 2;
 
 const SCHEMA: &str = "
     CREATE TABLE IF NOT EXISTS cityplane_kv (
@@ -36,6 +37,12 @@ const SCHEMA: &str = "
     CREATE TABLE IF NOT EXISTS cityplane_schema (
         only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
         version  integer NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS cityplane_lease (
+        name       text        PRIMARY KEY,
+        holder     text        NOT NULL,
+        generation bigint      NOT NULL,
+        expires_at timestamptz NOT NULL
     );";
 
 /// Records read per round trip when walking a tree: a walk that stops
@@ -54,9 +61,29 @@ pub(super) struct PgEngine {
     client: Option<postgres::Client>,
 }
 
+/// Connects to `url`: its redacted form (for errors) and the client.
+pub(super) fn connect(url: &str) -> Result<(String, postgres::Client), StoreError> {
+    let store = redact_url(url);
+    let mut config: postgres::Config = url.parse().map_err(|e: postgres::Error| {
+        StoreError::Refused {
+            store: store.clone(),
+            reason: format!("not a PostgreSQL URL: {e}"),
+        }
+    })?;
+    // A database that does not answer is unavailable, not a hang of
+    // every commit; keepalives notice a peer that vanished.
+    config
+        .connect_timeout(Duration::from_secs(5))
+        .keepalives_idle(Duration::from_secs(30))
+        .application_name("cityplane");
+    let client = off_runtime(|| config.connect(postgres::NoTls))
+        .map_err(|e| pg_error(&store, "connect", e))?;
+    Ok((store, client))
+}
+
 /// Runs `f` on a thread of its own and waits for it (see the module's
 /// doc): the client's runtime never starts on a tokio worker.
-fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+pub(super) fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     std::thread::scope(|s| {
         s.spawn(f)
             .join()
@@ -66,22 +93,7 @@ fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
 
 impl PgEngine {
     pub(super) fn open(url: &str) -> Result<PgEngine, StoreError> {
-        let store = redact_url(url);
-        let refused = |reason: String| StoreError::Refused {
-            store: store.clone(),
-            reason,
-        };
-        let mut config: postgres::Config = url
-            .parse()
-            .map_err(|e: postgres::Error| refused(format!("not a PostgreSQL URL: {e}")))?;
-        // A database that does not answer is unavailable, not a hang of
-        // every commit; keepalives notice a peer that vanished.
-        config
-            .connect_timeout(Duration::from_secs(5))
-            .keepalives_idle(Duration::from_secs(30))
-            .application_name("cityplane");
-        let client = off_runtime(|| config.connect(postgres::NoTls))
-            .map_err(|e| pg_error(&store, "connect", e))?;
+        let (store, client) = connect(url)?;
         let mut engine = PgEngine {
             store,
             client: Some(client),
@@ -120,6 +132,11 @@ impl PgEngine {
             tx.batch_execute(SCHEMA)?;
             tx.execute(
                 "INSERT INTO cityplane_schema (version) VALUES ($1) ON CONFLICT DO NOTHING",
+                &[&SCHEMA_VERSION],
+            )?;
+            // Version 1's tables are a subset of this one's.
+            tx.execute(
+                "UPDATE cityplane_schema SET version = $1 WHERE version < $1",
                 &[&SCHEMA_VERSION],
             )?;
             let version = tx
@@ -224,13 +241,28 @@ impl PgEngine {
         }
     }
 
+    /// With `fence`, the commit happens only while that generation of the
+    /// lease is held and unexpired (the database's clock): the row is
+    /// read FOR SHARE, so a takeover waits for this commit and a
+    /// controller that lost the lease writes nothing.
     pub(super) fn apply(
         &mut self,
+        fence: Option<i64>,
         rotations: &[crate::secrets::Rotation],
         ops: &[Op<'_>],
     ) -> Result<(), StoreError> {
-        self.call("commit", |c| {
+        let held = self.call("commit", |c| {
             let mut tx = c.transaction()?;
+            if let Some(generation) = fence {
+                let held = tx.query_opt(
+                    "SELECT 1 FROM cityplane_lease WHERE name = $1 AND generation = $2 \
+                     AND expires_at > now() FOR SHARE",
+                    &[&super::lease::LEASE, &generation],
+                )?;
+                if held.is_none() {
+                    return Ok(false);
+                }
+            }
             let slots = if rotations.is_empty() {
                 Vec::new()
             } else {
@@ -293,8 +325,16 @@ impl PgEngine {
             }
             // Returns once the server says COMMIT, i.e. (synchronous_commit
             // on) once the WAL holding it is flushed.
-            tx.commit()
-        })
+            tx.commit().map(|()| true)
+        })?;
+        if held {
+            Ok(())
+        } else {
+            Err(StoreError::Fenced {
+                store: self.store.clone(),
+                generation: fence.unwrap_or_default(),
+            })
+        }
     }
 }
 
@@ -312,7 +352,7 @@ impl Drop for PgEngine {
 /// disk); what the server refused is [`StoreError::Database`] with its
 /// SQLSTATE. Messages go through [`redact_url`]: a connection error may
 /// quote what it was given.
-fn pg_error(store: &str, what: &str, e: postgres::Error) -> StoreError {
+pub(super) fn pg_error(store: &str, what: &str, e: postgres::Error) -> StoreError {
     let unavailable = |reason: String| StoreError::Unavailable {
         store: store.to_owned(),
         reason: redact_url(&format!("{what}: {reason}")),

@@ -421,6 +421,68 @@ fn postgres_without_synchronous_commit_or_fsync_is_refused() {
     Store::open_at(&location, CACHE).expect("a durable server is accepted");
 }
 
+/// Two controllers on one database: only the holder of the current lease
+/// generation writes. One whose lease expired and was taken over writes
+/// nothing, even though its connection and handle are fine; its successor
+/// sees everything it committed before, and a standby cannot take a lease
+/// that is still renewed.
+#[test]
+fn only_the_current_lease_generation_commits() {
+    use cityplane_controller::store::{Attempt, Lease};
+    let Some(pg) = postgres_or_skip("only_the_current_lease_generation_commits") else {
+        return;
+    };
+    let location = StoreLocation::Postgres(pg.url());
+    let mut first = Lease::connect(&pg.url(), "first").expect("lease");
+    let mut second = Lease::connect(&pg.url(), "second").expect("lease");
+    let Attempt::Held { generation: g1 } = first.try_acquire().expect("acquire") else {
+        panic!("a free lease is taken");
+    };
+    match second.try_acquire().expect("acquire") {
+        Attempt::Busy {
+            holder, generation, ..
+        } => assert_eq!((holder.as_str(), generation), ("first", g1)),
+        held => panic!("a held lease is not taken again: {held:?}"),
+    }
+    let old = open(&location);
+    old.fence_with(g1);
+    commit_docs(&old, vec![doc("before", 1)]);
+    assert!(first.renew(g1).expect("renew"), "the holder renews");
+
+    // It stops renewing (paused, cut off): the lease runs out.
+    pg.psql("UPDATE cityplane_lease SET expires_at = now()")
+        .expect("expire");
+    let Attempt::Held { generation: g2 } = second.try_acquire().expect("acquire") else {
+        panic!("an expired lease is taken");
+    };
+    assert_eq!(g2, g1 + 1);
+    let new = open(&location);
+    new.fence_with(g2);
+    let err = old
+        .commit(&Changes {
+            docs: vec![doc("stale", 2)],
+            ..Default::default()
+        })
+        .expect_err("the old generation is fenced");
+    assert!(
+        matches!(err, StoreError::Fenced { generation, .. } if generation == g1),
+        "{err}"
+    );
+    assert!(!first.renew(g1).expect("renew"), "a lost lease is not renewed");
+    commit_docs(&new, vec![doc("after", 3)]);
+    assert_eq!(
+        docs(&open(&location)),
+        [("after".to_owned(), 3), ("before".to_owned(), 1)],
+        "the successor's writes and its predecessor's from before, nothing later"
+    );
+    // Released at a clean stop: a standby takes it at once.
+    second.release(g2).expect("release");
+    assert!(matches!(
+        first.try_acquire().expect("acquire"),
+        Attempt::Held { generation } if generation == g2 + 1
+    ));
+}
+
 /// A commit is one transaction: when its last statement fails (here a
 /// trigger refuses a delete), nothing of it is stored.
 #[test]

@@ -28,12 +28,21 @@ enum Running {
     Embedded(Server),
     Mosquitto {
         _broker: ChildGuard,
-        controller: ChildGuard,
+        controllers: Vec<ChildGuard>,
     },
     Rabbit {
         cluster: RabbitCluster,
-        controller: ChildGuard,
+        controllers: Vec<ChildGuard>,
     },
+}
+
+/// The controllers of an external deployment: `count` processes (the
+/// first acts, the others stand by) sharing `store` (PostgreSQL; `None`:
+/// one controller on sled) and one data directory.
+#[derive(Debug, Clone, Default)]
+pub struct Controllers {
+    pub count: usize,
+    pub store: Option<String>,
 }
 
 /// A running deployment with its PKI: operator `op`, devices
@@ -47,6 +56,7 @@ pub struct Deployment {
     pub pki: PathBuf,
     /// Where devices and operators connect, `127.0.0.1:PORT`, one per node.
     pub nodes: Vec<String>,
+    controllers: Controllers,
 }
 
 impl Deployment {
@@ -54,6 +64,16 @@ impl Deployment {
     /// `None` when the deployment's programs are missing and not required
     /// (see `skip_unless_installed` of each).
     pub fn start(kind: Kind, test: &str, devices: usize) -> Option<Deployment> {
+        Deployment::start_with(kind, test, devices, Controllers::default())
+    }
+
+    /// [`Deployment::start`] with `controllers` (external kinds only).
+    pub fn start_with(
+        kind: Kind,
+        test: &str,
+        devices: usize,
+        controllers: Controllers,
+    ) -> Option<Deployment> {
         if kind == Kind::Mosquitto && cityplane_testkit::mosquitto::skip_unless_installed(test) {
             return None;
         }
@@ -112,11 +132,11 @@ impl Deployment {
                 )
                 .expect("mosquitto");
                 let nodes = vec![addr.to_string()];
-                let controller = start_controller(&pki, &data, &nodes, dir.path(), &[]);
+                let controller = start_controller(&pki, &data, &nodes, dir.path(), &[], &controllers, 0);
                 (
                     Running::Mosquitto {
                         _broker: broker,
-                        controller,
+                        controllers: vec![controller],
                     },
                     nodes,
                 )
@@ -131,25 +151,88 @@ impl Deployment {
                     &nodes,
                     dir.path(),
                     &["--cluster-dir", cluster.dir().to_str().expect("utf-8")],
+                    &controllers,
+                    0,
                 );
                 (
                     Running::Rabbit {
                         cluster,
-                        controller,
+                        controllers: vec![controller],
                     },
                     nodes,
                 )
             }
         };
-        let d = Deployment {
+        let mut d = Deployment {
             kind,
             dir,
             pki,
             nodes,
             running,
+            controllers: controllers.clone(),
         };
         d.wait_up();
+        // Started once the first one acts: they stand by.
+        for i in 1..controllers.count {
+            let child = d.start_controller(i);
+            d.controller_guards().push(child);
+        }
         Some(d)
+    }
+
+    fn start_controller(&self, i: usize) -> ChildGuard {
+        let data = self.dir.path().join("data");
+        let cluster_dir;
+        let extra: Vec<&str> = match self.cluster() {
+            Some(c) => {
+                cluster_dir = c.dir().to_str().expect("utf-8").to_owned();
+                vec!["--cluster-dir", &cluster_dir]
+            }
+            None => Vec::new(),
+        };
+        start_controller(
+            &self.pki,
+            &data,
+            &self.nodes,
+            self.dir.path(),
+            &extra,
+            &self.controllers,
+            i,
+        )
+    }
+
+    fn controller_guards(&mut self) -> &mut Vec<ChildGuard> {
+        match &mut self.running {
+            Running::Mosquitto { controllers, .. } | Running::Rabbit { controllers, .. } => {
+                controllers
+            }
+            Running::Embedded(_) => panic!("the embedded deployment has no controller process"),
+        }
+    }
+
+    /// Controller `i`'s process id.
+    pub fn controller_pid(&mut self, i: usize) -> u32 {
+        self.controller_guards()[i].pid()
+    }
+
+    /// Sends `signal` (`KILL`, `STOP`, `CONT`) to controller `i`.
+    pub fn signal_controller(&mut self, i: usize, signal: &str) {
+        let pid = self.controller_pid(i);
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
+    /// Controller `i`'s exit status, once it has exited.
+    pub fn controller_exit(&mut self, i: usize) -> Option<std::process::ExitStatus> {
+        self.controller_guards()[i].try_wait().expect("try_wait")
+    }
+
+    /// Controller `i`'s log.
+    pub fn controller_log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(controller_log_name(i))).unwrap_or_default()
     }
 
     /// Runs on an external broker: operators name themselves in topics.
@@ -245,8 +328,8 @@ impl Deployment {
     pub fn alive(&mut self) -> bool {
         match &mut self.running {
             Running::Embedded(server) => server.alive(),
-            Running::Mosquitto { controller, .. } | Running::Rabbit { controller, .. } => {
-                matches!(controller.try_wait(), Ok(None))
+            Running::Mosquitto { controllers, .. } | Running::Rabbit { controllers, .. } => {
+                matches!(controllers[0].try_wait(), Ok(None))
             }
         }
     }
@@ -282,17 +365,32 @@ impl Deployment {
     }
 }
 
-/// `cityplane controller` against `nodes`, its log in `dir/controller.log`.
+/// `controller.log`, then `controller-1.log`….
+fn controller_log_name(i: usize) -> String {
+    match i {
+        0 => "controller.log".into(),
+        i => format!("controller-{i}.log"),
+    }
+}
+
+/// Controller `i` of `controllers` against `nodes`, its log in `dir`.
 fn start_controller(
     pki: &Path,
     data: &Path,
     nodes: &[String],
     dir: &Path,
     extra: &[&str],
+    controllers: &Controllers,
+    i: usize,
 ) -> ChildGuard {
-    let log = std::fs::File::create(dir.join("controller.log")).expect("log");
-    let child = Command::new(BIN)
-        .arg("controller")
+    let log = std::fs::File::create(dir.join(controller_log_name(i))).expect("log");
+    let mut cmd = Command::new(BIN);
+    if let Some(url) = &controllers.store {
+        cmd.arg("controller").arg("--store").arg(url);
+    } else {
+        cmd.arg("controller");
+    }
+    let child = cmd
         .arg("--broker")
         .arg(nodes.join(","))
         .arg("--pki")
