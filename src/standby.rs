@@ -4,10 +4,10 @@
 //! loses the lease it stops, and whoever supervises it starts it again,
 //! as a standby.
 
-use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use cityplane_controller::store::lease::{RENEW_EVERY, RETRY_EVERY, TTL};
 use cityplane_controller::store::{Attempt, Lease};
+use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
 /// The lease this process holds.
@@ -138,7 +138,9 @@ impl Held {
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "could not release the store's lease; a standby takes over once it expires ({} s)", TTL.as_secs())
             }
-            Err(e) => tracing::warn!(error = %format!("{e:#}"), "could not release the store's lease"),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "could not release the store's lease")
+            }
         }
     }
 }

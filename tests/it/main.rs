@@ -19,4 +19,5 @@ mod registry_cli;
 mod rollouts;
 mod rotation;
 mod secrets;
+mod standby;
 mod tidy;

@@ -64,12 +64,12 @@ pub(super) struct PgEngine {
 /// Connects to `url`: its redacted form (for errors) and the client.
 pub(super) fn connect(url: &str) -> Result<(String, postgres::Client), StoreError> {
     let store = redact_url(url);
-    let mut config: postgres::Config = url.parse().map_err(|e: postgres::Error| {
-        StoreError::Refused {
-            store: store.clone(),
-            reason: format!("not a PostgreSQL URL: {e}"),
-        }
-    })?;
+    let mut config: postgres::Config =
+        url.parse()
+            .map_err(|e: postgres::Error| StoreError::Refused {
+                store: store.clone(),
+                reason: format!("not a PostgreSQL URL: {e}"),
+            })?;
     // A database that does not answer is unavailable, not a hang of
     // every commit; keepalives notice a peer that vanished.
     config

@@ -468,7 +468,10 @@ fn only_the_current_lease_generation_commits() {
         matches!(err, StoreError::Fenced { generation, .. } if generation == g1),
         "{err}"
     );
-    assert!(!first.renew(g1).expect("renew"), "a lost lease is not renewed");
+    assert!(
+        !first.renew(g1).expect("renew"),
+        "a lost lease is not renewed"
+    );
     commit_docs(&new, vec![doc("after", 3)]);
     assert_eq!(
         docs(&open(&location)),

@@ -132,7 +132,8 @@ impl Deployment {
                 )
                 .expect("mosquitto");
                 let nodes = vec![addr.to_string()];
-                let controller = start_controller(&pki, &data, &nodes, dir.path(), &[], &controllers, 0);
+                let controller =
+                    start_controller(&pki, &data, &nodes, dir.path(), &[], &controllers, 0);
                 (
                     Running::Mosquitto {
                         _broker: broker,

@@ -1,0 +1,200 @@
+//! Several `cityplane controller` processes on one PostgreSQL store: one
+//! acts, the others stand by, and the store's lease (generation-fenced
+//! commits) decides which. A killed controller's work is taken over with
+//! nothing applied twice; a paused one that wakes up after its successor
+//! took over writes nothing and stops.
+
+use std::time::Duration;
+
+use cityplane_agent_sim::Fleet;
+use cityplane_testkit::postgres::Postgres;
+use serde_json::json;
+
+use crate::common::deploy::{Controllers, Deployment, Kind};
+use crate::common::eventually;
+
+// Dimming values no simulated streetlight starts with (0, 30, 50, 70,
+// 100), so every device needs each change.
+
+/// What a controller logs once it holds the lease.
+const ACTS: &str = "this controller acts";
+const STANDS_BY: &str = "standing by";
+
+fn start(test: &str, devices: usize, count: usize) -> Option<(Postgres, Deployment)> {
+    if !cityplane_testkit::postgres::available(test) {
+        return None;
+    }
+    let pg = Postgres::start().expect("PostgreSQL starts");
+    let controllers = Controllers {
+        count,
+        store: Some(pg.url()),
+    };
+    let d = Deployment::start_with(Kind::Mosquitto, test, devices, controllers)?;
+    Some((pg, d))
+}
+
+/// Which of the controllers `among` logged that it acts.
+fn acting(d: &Deployment, among: std::ops::Range<usize>) -> Vec<usize> {
+    among
+        .filter(|&i| d.controller_log(i).contains(ACTS))
+        .collect()
+}
+
+/// `apply` of `dimming`, retried while the new controller is not yet
+/// answering (it loads the store first).
+fn apply_dimming(d: &Deployment, name: &str, dimming: u64) {
+    let path = d.file(
+        &format!("{name}.json"),
+        &json!({"name": name, "target": {"class": "streetlight"}, "state": {"dimming": dimming}}),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = d
+            .cli(&["apply", "-f", &path, "--timeout", "5"])
+            .output()
+            .expect("apply runs");
+        if out.status.success() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "apply {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+async fn converge(fleet: &Fleet, dimming: u64, what: &str) {
+    let converged = tokio::time::timeout(Duration::from_secs(120), async {
+        while !fleet.all_have("dimming", &json!(dimming), None) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert!(
+        converged.is_ok(),
+        "{what}: {}/{} devices at dimming {dimming} after 120 s",
+        fleet.count_with("dimming", &json!(dimming), None).0,
+        fleet.len()
+    );
+}
+
+/// Kill -9 the acting controller of three while 300 devices take a change
+/// (some away, some with the command in flight): one standby takes over,
+/// every device converges, each device applied the change exactly once (an
+/// in-flight command is re-sent under its own id, never as a new one), and
+/// the successor serves the next change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_when_the_acting_controller_is_killed_mid_change() {
+    const N: usize = 300;
+    let test = "a_standby_takes_over_when_the_acting_controller_is_killed_mid_change";
+    let Some((_pg, mut d)) = start(test, N, 3) else {
+        return;
+    };
+    eventually("both standbys stand by", || {
+        (1..3).all(|i| d.controller_log(i).contains(STANDS_BY))
+    })
+    .await;
+    assert_eq!(acting(&d, 0..3), [0], "the first one acts, alone");
+    let fleet = Fleet::start(d.sim(N)).await.expect("fleet starts");
+    assert!(
+        fleet.wait_online(N, Duration::from_secs(120)).await,
+        "{N} devices online"
+    );
+    // Mid-change on purpose: a third of the fleet is away for 15 s (its
+    // commands wait in the acting controller's outbox) and a sixth loses
+    // power on receiving its command (in flight, never acknowledged).
+    let ids = fleet.ids();
+    for id in ids.iter().step_by(3) {
+        assert!(fleet.take_offline(id, Duration::from_secs(15)));
+    }
+    for id in ids.iter().skip(1).step_by(6) {
+        assert!(fleet.reboot_on_next_command(id));
+    }
+    eventually("a third of the fleet is away", || {
+        fleet.stats().online <= N - N / 3
+    })
+    .await;
+    apply_dimming(&d, "dim", 33);
+    eventually("the devices online and powered dimmed", || {
+        fleet.count_with("dimming", &json!(33), None).0 >= N - N / 3 - N / 6
+    })
+    .await;
+    let before = fleet.count_with("dimming", &json!(33), None).0;
+    assert!(before < N, "mid-change: {before}/{N}");
+    d.signal_controller(0, "KILL");
+    converge(&fleet, 33, "after the acting controller was killed").await;
+    let successors = acting(&d, 1..3);
+    assert_eq!(successors.len(), 1, "exactly one standby took over");
+    let stats = fleet.stats();
+    assert_eq!(
+        stats.commands_applied, N as u64,
+        "each device applied the change once ({} replays ignored)",
+        stats.ignored_replays
+    );
+
+    apply_dimming(&d, "brighter", 77);
+    converge(&fleet, 77, "a change after the takeover").await;
+    assert_eq!(fleet.stats().commands_applied, 2 * N as u64);
+    let other = 3 - successors[0];
+    assert!(
+        !d.controller_log(other).contains(ACTS),
+        "the other standby still stands by"
+    );
+    let applies = d.json(&["audit", "--name", "dim"]);
+    assert_eq!(
+        applies.as_array().map(Vec::len),
+        Some(1),
+        "the first apply is audited once: {applies}"
+    );
+    fleet.shutdown().await;
+}
+
+/// The acting controller is paused (SIGSTOP: its connections stay open)
+/// until its lease runs out; the standby takes over and serves a change.
+/// Woken up, the old one finds its lease taken, writes nothing (its
+/// commits are fenced) and exits with an error that says so; the fleet
+/// keeps the successor's state and the successor keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_controller_cannot_overwrite_its_successor() {
+    const N: usize = 20;
+    let test = "a_paused_controller_cannot_overwrite_its_successor";
+    let Some((_pg, mut d)) = start(test, N, 2) else {
+        return;
+    };
+    let fleet = Fleet::start(d.sim(N)).await.expect("fleet starts");
+    assert!(
+        fleet.wait_online(N, Duration::from_secs(60)).await,
+        "{N} devices online"
+    );
+    apply_dimming(&d, "dim", 33);
+    converge(&fleet, 33, "before the pause").await;
+
+    d.signal_controller(0, "STOP");
+    eventually("the standby takes over", || !acting(&d, 1..2).is_empty()).await;
+    apply_dimming(&d, "dim", 45);
+    converge(&fleet, 45, "after the takeover").await;
+
+    d.signal_controller(0, "CONT");
+    eventually("the woken controller stops", || {
+        d.controller_exit(0).is_some()
+    })
+    .await;
+    let exit = d.controller_exit(0).expect("exited");
+    assert!(!exit.success(), "it exits with an error: {exit:?}");
+    assert!(
+        d.controller_log(0)
+            .contains("taken over by another controller"),
+        "it says why: {}",
+        d.controller_log(0)
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        fleet.all_have("dimming", &json!(45), None),
+        "nothing of the old controller's state came back"
+    );
+    apply_dimming(&d, "dim", 55);
+    converge(&fleet, 55, "the successor still serves").await;
+    fleet.shutdown().await;
+}
