@@ -69,10 +69,8 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     // Before anything is loaded or connected: a standby neither reads a
     // store that is still being written nor takes the broker session (the
     // same client id) from the controller that acts.
-    let mut lease = match &args.controller.store {
-        Some(url) => Some(crate::standby::take(&url.0, &args.id).await?),
-        None => None,
-    };
+    let mut lease =
+        crate::standby::take_if_shared(args.controller.store.as_ref(), &args.id).await?;
     let pins = cityplane_broker::Pins::default();
     let follower = match &args.cluster_dir {
         Some(dir) => {
@@ -115,25 +113,11 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         args.broker.join(","),
         args.controller.data.display()
     );
-    let lost = async {
-        match lease.as_mut() {
-            Some(held) => held.lost().await,
-            None => std::future::pending().await,
-        }
-    };
-    let lost = tokio::select! {
-        signal = tokio::signal::ctrl_c() => {
-            signal.context("waiting for Ctrl-C")?;
-            None
-        }
-        why = lost => Some(why),
-    };
+    let lost = crate::standby::until_stopped(&mut lease).await?;
     if let Some(follower) = follower {
         follower.abort();
     }
     if let Some(why) = lost {
-        // Its commits are already refused (fenced); nothing it holds is
-        // acknowledged to the broker, which hands it to the successor.
         anyhow::bail!("stopping: {why}; start it again to stand by");
     }
     eprintln!("shutting down");

@@ -152,6 +152,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     config.firmware_dir = Some(cityplane_controller::runtime::firmware_dir(
         &args.controller.data,
     ));
+    // Another `serve` or `controller` on the same PostgreSQL store acts:
+    // stand by until it stops (see `crate::standby`).
+    let mut lease = crate::standby::take_if_shared(args.controller.store.as_ref(), "serve").await?;
     // Bound before anything starts: a wrong address fails the start, and
     // the controller needs the dashboard's sign-in table.
     let dashboard = match args.dashboard {
@@ -175,6 +178,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     cc.registry_source = Some(registry_source);
     cc.pki = pki;
     cc.sign_ins = dashboard.as_ref().map(|d| d.sign_ins());
+    cc.fence = lease.as_ref().map(|l| l.generation);
     let store = cc.store_location();
     let controller = Controller::start_in_process(&broker, cc)
         .await
@@ -202,9 +206,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             }
         })
     });
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for Ctrl-C")?;
+    if let Some(why) = crate::standby::until_stopped(&mut lease).await? {
+        anyhow::bail!("stopping: {why}; start it again to stand by");
+    }
     eprintln!("shutting down");
     let _ = stop_dashboard.send(());
     if let Some(task) = dashboard_task {
@@ -214,6 +218,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     cityplane_broker::logging::stopping();
     controller.shutdown().await?;
     broker.shutdown().await;
+    if let Some(held) = lease {
+        held.release().await;
+    }
     Ok(())
 }
 

@@ -120,6 +120,38 @@ async fn keep(lease: Arc<Mutex<Lease>>, generation: i64, lost: oneshot::Sender<S
     }
 }
 
+/// Waits for Ctrl-C or, when `lease` is held, for its loss: `Some(why)`
+/// then, and the process must stop at once (its commits are already
+/// refused; nothing it holds was acknowledged, so the broker hands it to
+/// the successor).
+pub async fn until_stopped(lease: &mut Option<Held>) -> anyhow::Result<Option<String>> {
+    let lost = async {
+        match lease.as_mut() {
+            Some(held) => held.lost().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        signal = tokio::signal::ctrl_c() => {
+            signal.context("waiting for Ctrl-C")?;
+            Ok(None)
+        }
+        why = lost => Ok(Some(why)),
+    }
+}
+
+/// Takes the lease of `store` when it is PostgreSQL (sled is one
+/// process's by itself).
+pub async fn take_if_shared(
+    store: Option<&cityplane_controller::StoreUrl>,
+    id: &str,
+) -> anyhow::Result<Option<Held>> {
+    match store {
+        Some(url) => Ok(Some(take(&url.0, id).await?)),
+        None => Ok(None),
+    }
+}
+
 impl Held {
     /// Resolves when the lease is lost: the controller must stop.
     pub async fn lost(&mut self) -> String {
