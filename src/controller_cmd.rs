@@ -20,7 +20,9 @@ beyond one machine (see docs/DEPLOYMENT.md). The broker enforces identities and 
 (provision it with `cityplane cluster sync`); the controller holds one persistent QoS 1 \
 session and acknowledges each device message only once what it changed is stored, so a crash \
 or a lost node loses nothing the broker accepted. Operators reach it with `--cluster` on \
-their commands.",
+their commands. With --store postgres://… several controllers (same identity, secrets key and \
+firmware directory) may run: one acts, the others stand by and take over within ~7 s of it \
+stopping; one that loses the store's lease writes nothing and exits (docs/DEPLOYMENT.md).",
     after_help = "Example:\n  cityplane certs issue --pki ./pki --role controller --id controller\n  cityplane cluster up --dir ./cluster --pki ./pki\n  cityplane cluster sync --dir ./cluster --pki ./pki\n  cityplane controller --broker localhost:28830,localhost:28831,localhost:28832 --pki ./pki --data ./data --cluster-dir ./cluster\n  CITYPLANE_CLUSTER=true cityplane status --server localhost:28831 --pki ./pki --id op"
 )]
 pub struct ControllerArgs {
