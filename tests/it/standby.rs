@@ -292,3 +292,135 @@ async fn a_postgres_outage_under_two_controllers_loses_nothing() {
     assert_eq!(names, ["dim"], "{docs}");
     fleet.shutdown().await;
 }
+
+/// `deploy/dev-cluster.sh`, as a user runs it (the README's steps): up
+/// brings RabbitMQ, PostgreSQL and three controllers (one acting, two
+/// standing by) that an operator reaches; killing the acting one hands
+/// over to a standby that answers the operator; down leaves no process.
+#[test]
+fn the_dev_cluster_script_runs_the_deployment_and_its_takeover() {
+    use std::process::Command;
+    let test = "the_dev_cluster_script_runs_the_deployment_and_its_takeover";
+    if !crate::common::cluster::installed() || !cityplane_testkit::postgres::available(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // As root, RabbitMQ and PostgreSQL run as their own users: they must
+    // reach the directory (a tempdir is 0700).
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    let pki = tmp.path().join("pki");
+    let p = pki.to_str().expect("utf-8");
+    crate::common::ok(Command::new(crate::common::BIN).args(["certs", "init", "--pki", p]));
+    for (role, id) in [("controller", "controller"), ("operator", "op")] {
+        let mut args = vec!["certs", "issue", "--pki", p, "--role", role, "--id", id];
+        if role == "operator" {
+            args.extend(["--org", "city"]);
+        }
+        crate::common::ok(Command::new(crate::common::BIN).args(args));
+    }
+    let dir = tmp.path().join("dev");
+    let base = loop {
+        let base = crate::common::cluster::free_base_port();
+        if std::net::TcpListener::bind(("127.0.0.1", base + 40)).is_ok() {
+            break base;
+        }
+    };
+    let script = |args: &[&str]| {
+        let out = Command::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/dev-cluster.sh"
+        ))
+        .args(args)
+        .args(["--dir", dir.to_str().expect("utf-8")])
+        .env("CITYPLANE", crate::common::BIN)
+        .current_dir(tmp.path())
+        .output()
+        .expect("the script runs");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    struct Down<'a>(&'a dyn Fn(&[&str]) -> (bool, String));
+    impl Drop for Down<'_> {
+        fn drop(&mut self) {
+            let _ = (self.0)(&["down"]);
+        }
+    }
+    let _down = Down(&script);
+    let (up, said) = script(&[
+        "up",
+        "--pki",
+        p,
+        "--base-port",
+        &base.to_string(),
+        "--controllers",
+        "3",
+    ]);
+    assert!(up, "up: {said}");
+    for line in [
+        "controller 1: acting",
+        "controller 2: standing by",
+        "controller 3: standing by",
+        "postgresql: running",
+        "healthy",
+    ] {
+        assert!(said.contains(line), "up says {line:?}: {said}");
+    }
+    let operator_status = || {
+        Command::new(crate::common::BIN)
+            .args(["status", "--output", "json", "--timeout", "5"])
+            .env("CITYPLANE_CLUSTER", "true")
+            .env("CITYPLANE_SERVER", format!("127.0.0.1:{}", base + 1))
+            .env("CITYPLANE_PKI", &pki)
+            .env("CITYPLANE_ID", "op")
+            .output()
+            .expect("status runs")
+            .status
+            .success()
+    };
+    assert!(
+        operator_status(),
+        "an operator reaches the acting controller"
+    );
+
+    let (killed, said) = script(&["kill-controller", "1"]);
+    assert!(killed, "{said}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let taken_over = loop {
+        let (_, said) = script(&["status"]);
+        if said.contains("controller 2: acting") || said.contains("controller 3: acting") {
+            break said;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no standby took over within 60 s: {said}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(taken_over.contains("controller 1: stopped"), "{taken_over}");
+    assert_eq!(
+        taken_over.matches(": acting").count(),
+        1,
+        "one acts: {taken_over}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !operator_status() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the successor answers operators"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    let (down, said) = script(&["down"]);
+    assert!(down, "down: {said}");
+    let (_, said) = script(&["status"]);
+    assert!(
+        said.contains("postgresql: stopped") && !said.contains("controller "),
+        "nothing left running: {said}"
+    );
+}

@@ -194,7 +194,7 @@ impl Drop for RabbitCluster {
 /// Whether `rabbitmq-server` is installed; if not, says so and returns
 /// false, or panics when `CITYPLANE_REQUIRE_RABBITMQ` is set to anything
 /// but `0` (CI).
-fn installed() -> bool {
+pub fn installed() -> bool {
     let server = Path::new(RABBITMQ_BIN).join("rabbitmq-server");
     if server.is_file() {
         return true;
@@ -217,7 +217,7 @@ fn installed() -> bool {
 /// A base port whose 31 ports are free now, below Linux's ephemeral range
 /// (32768..) so outgoing connections do not take them meanwhile; random,
 /// so parallel tests rarely probe the same one.
-fn free_base_port() -> u16 {
+pub fn free_base_port() -> u16 {
     loop {
         let base = fastrand::u16(20000..32768 - PORT_SPAN);
         let free =
