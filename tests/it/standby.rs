@@ -72,12 +72,26 @@ async fn converge(fleet: &Fleet, dimming: u64, what: &str) {
         }
     })
     .await;
-    assert!(
-        converged.is_ok(),
-        "{what}: {}/{} devices at dimming {dimming} after 120 s",
-        fleet.count_with("dimming", &json!(dimming), None).0,
-        fleet.len()
-    );
+    if converged.is_err() {
+        // What the devices left behind saw, for the post-mortem.
+        let behind: Vec<String> = fleet
+            .device_states()
+            .into_iter()
+            .filter(|d| d.state.get("dimming") != Some(&json!(dimming)))
+            .take(5)
+            .map(|d| {
+                format!(
+                    "{} connected={} connects={} commands={} reboots_before_applying={}",
+                    d.id, d.connected, d.connects, d.commands_received, d.reboots_before_applying
+                )
+            })
+            .collect();
+        panic!(
+            "{what}: {}/{} devices at dimming {dimming} after 120 s; behind: {behind:#?}",
+            fleet.count_with("dimming", &json!(dimming), None).0,
+            fleet.len()
+        );
+    }
 }
 
 /// Kill -9 the acting controller of three while 300 devices take a change
