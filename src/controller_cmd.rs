@@ -46,7 +46,9 @@ pub struct ControllerArgs {
     /// admin secret): the controller then keeps the broker's users what the
     /// PKI and its quarantine say, checked twice a second, so a revoked or
     /// quarantined identity's sessions are cut cluster-wide within a
-    /// second, with no `cluster sync` by hand
+    /// second, with no `cluster sync` by hand; and it closes the connection
+    /// of an online device whose command timed out, so it subscribes again
+    /// (RabbitMQ 3.10 can strand a subscription after a node dies)
     #[arg(long, env = "CITYPLANE_CLUSTER_DIR", value_name = "DIR")]
     pub cluster_dir: Option<PathBuf>,
     #[command(flatten)]
@@ -67,17 +69,22 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         )
     })?;
     let pins = cityplane_broker::Pins::default();
+    let mut unanswered = None;
     let follower = match &args.cluster_dir {
         Some(dir) => {
             let cluster =
                 Cluster::open(dir).with_context(|| format!("--cluster-dir {}", dir.display()))?;
             let provisioner = Provisioner::new(cluster.mgmt()?, &cluster.info.admin_user);
-            Some(tokio::spawn(follow(
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            unanswered = Some(tx);
+            let resubscriber = tokio::spawn(resubscribe(provisioner.clone(), rx));
+            let follower = tokio::spawn(follow(
                 provisioner,
                 args.pki.clone(),
                 dir.clone(),
                 pins.clone(),
-            )))
+            ));
+            Some((follower, resubscriber))
         }
         None => None,
     };
@@ -90,6 +97,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
             &args.controller.data,
         )),
         pins,
+        unanswered,
     };
     let mut cc = args.controller.config();
     cc.registry_source = Some(args.pki.clone());
@@ -111,8 +119,9 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         .await
         .context("waiting for Ctrl-C")?;
     eprintln!("shutting down");
-    if let Some(follower) = follower {
+    if let Some((follower, resubscriber)) = follower {
         follower.abort();
+        resubscriber.abort();
     }
     controller.shutdown().await?;
     Ok(())
@@ -155,6 +164,93 @@ async fn follow(
             Err(_) => {}
         }
         tokio::time::sleep(FOLLOW_EVERY).await;
+    }
+}
+
+/// Closes the connections of a device at most this often per command: a
+/// closed connection brings the device back online, which re-drives the
+/// command from attempt 1, so a device that ignores commands would
+/// otherwise be cut every timeout for ever. More than once, because a
+/// device cut while the survivors still clean up after a dead node can be
+/// stranded again.
+const CLOSES_PER_COMMAND: u32 = 3;
+
+/// Closes the connections of devices whose commands go unanswered while
+/// they are online (`ExternalBroker::unanswered`), so they subscribe
+/// afresh. Whatever arrived meanwhile is handled in one go: after a node
+/// dies hundreds time out together.
+async fn resubscribe(
+    provisioner: Provisioner,
+    mut unanswered: tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+) {
+    // Per device: the last command it was cut for, and how often.
+    let mut closes: std::collections::HashMap<String, (String, u32)> = Default::default();
+    while let Some(first) = unanswered.recv().await {
+        let mut ids = std::collections::BTreeSet::new();
+        let mut next = Some(first);
+        while let Some((device, command)) = next {
+            let entry = closes.entry(device.clone()).or_insert((command.clone(), 0));
+            if entry.0 != command {
+                *entry = (command, 0);
+            }
+            if entry.1 < CLOSES_PER_COMMAND {
+                entry.1 += 1;
+                ids.insert(device);
+            }
+            next = unanswered.try_recv().ok();
+        }
+        if ids.is_empty() {
+            continue;
+        }
+        settle(&provisioner).await;
+        while let Ok((device, _)) = unanswered.try_recv() {
+            ids.insert(device);
+        }
+        match provisioner.close_connections(&ids).await {
+            Ok(closed) => tracing::info!(
+                unanswered = ids.len(),
+                closed,
+                "closed the connections of online devices whose commands had no effect, so they subscribe again"
+            ),
+            Err(e) => tracing::warn!(error = %e, unanswered = ids.len(), "could not close the connections of devices whose commands had no effect"),
+        }
+    }
+}
+
+/// How long to wait after a dead node's last transient queue is gone:
+/// the routing-table cleanup that strands subscriptions runs after it.
+const SETTLE_MARGIN: Duration = Duration::from_secs(5);
+/// The longest a close waits for that cleanup.
+const SETTLE_AT_MOST: Duration = Duration::from_secs(120);
+
+/// Waits until no transient queue is recorded on a node that is down (see
+/// `Provisioner::transient_queues_on_down_nodes`), plus [`SETTLE_MARGIN`]
+/// if there were any: a device cut before then could subscribe into the
+/// same trap.
+async fn settle(provisioner: &Provisioner) {
+    let started = std::time::Instant::now();
+    let mut waited = false;
+    while started.elapsed() < SETTLE_AT_MOST {
+        match provisioner.transient_queues_on_down_nodes().await {
+            Ok(0) => break,
+            Ok(left) => {
+                if !waited {
+                    tracing::info!(
+                        left,
+                        "waiting for the cluster to drop a dead node's queues before closing connections"
+                    );
+                }
+                waited = true;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not list the cluster's queues");
+                break;
+            }
+        }
+        tokio::time::sleep(FOLLOW_EVERY).await;
+    }
+    if waited {
+        tokio::time::sleep(SETTLE_MARGIN).await;
     }
 }
 
