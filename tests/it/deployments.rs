@@ -294,6 +294,7 @@ async fn every_device_converges_when_a_rabbitmq_node_dies_mid_change() {
     .await;
     let cluster = d.cluster().expect("a cluster");
     cluster.kill_node(0);
+    let killed = std::time::Instant::now();
     let mut last = 0;
     let converged = tokio::time::timeout(Duration::from_secs(180), async {
         while !fleet.all_have("dimming", &json!(30), None) {
@@ -338,6 +339,11 @@ async fn every_device_converges_when_a_rabbitmq_node_dies_mid_change() {
             tail.join("\n")
         );
     }
+    // How close to the limit it came (`--nocapture`).
+    eprintln!(
+        "{test}: every device converged within {:?} of the node's death",
+        killed.elapsed()
+    );
     // The controller says so too, asked through a surviving node.
     let out = ok(&mut d.cli_at(1, &["get", "documents", "--output", "json"]));
     let docs: Value = serde_json::from_str(&out).expect("json");
