@@ -189,12 +189,7 @@ async fn resubscribe(
         let mut ids = std::collections::BTreeSet::new();
         let mut next = Some(first);
         while let Some((device, command)) = next {
-            let entry = closes.entry(device.clone()).or_insert((command.clone(), 0));
-            if entry.0 != command {
-                *entry = (command, 0);
-            }
-            if entry.1 < CLOSES_PER_COMMAND {
-                entry.1 += 1;
+            if may_close(&mut closes, &device, command) {
                 ids.insert(device);
             }
             next = unanswered.try_recv().ok();
@@ -203,18 +198,47 @@ async fn resubscribe(
             continue;
         }
         settle(&provisioner).await;
-        while let Ok((device, _)) = unanswered.try_recv() {
-            ids.insert(device);
+        while let Ok((device, command)) = unanswered.try_recv() {
+            if may_close(&mut closes, &device, command) {
+                ids.insert(device);
+            }
         }
         match provisioner.close_connections(&ids).await {
-            Ok(closed) => tracing::info!(
+            // Only a close counts: a device the API did not list yet is
+            // tried again at its next timeout.
+            Ok(closed) => {
+                for device in &closed {
+                    if let Some(entry) = closes.get_mut(device) {
+                        entry.1 += 1;
+                    }
+                }
+                tracing::info!(
                 unanswered = ids.len(),
-                closed,
+                closed = closed.len(),
                 "closed the connections of online devices whose commands had no effect, so they subscribe again"
-            ),
-            Err(e) => tracing::warn!(error = %e, unanswered = ids.len(), "could not close the connections of devices whose commands had no effect"),
+            );
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, unanswered = ids.len(), "could not close the connections of devices whose commands had no effect")
+            }
         }
     }
+}
+
+/// Whether `device` may be cut for `command` (fewer than
+/// [`CLOSES_PER_COMMAND`] closes so far; a new command starts again).
+fn may_close(
+    closes: &mut std::collections::HashMap<String, (String, u32)>,
+    device: &str,
+    command: String,
+) -> bool {
+    let entry = closes
+        .entry(device.to_owned())
+        .or_insert_with(|| (command.clone(), 0));
+    if entry.0 != command {
+        *entry = (command, 0);
+    }
+    entry.1 < CLOSES_PER_COMMAND
 }
 
 /// How long to wait after a dead node's last transient queue is gone:

@@ -428,14 +428,18 @@ impl Provisioner {
     }
 
     /// Closes every connection of the users in `ids`, on any node; the
-    /// number closed. A device whose subscription RabbitMQ 3.10 stranded
+    /// users it closed one of (the API lists a connection only once its
+    /// node reported it, so a device can be missing). A device whose subscription RabbitMQ 3.10 stranded
     /// (a binding with no route after a node died, see
     /// `ExternalBroker::unanswered`) reconnects, and its new queue and
     /// binding are whole: a SUBSCRIBE on the same connection would find the
     /// binding recorded and add nothing.
-    pub async fn close_connections(&self, ids: &BTreeSet<String>) -> Result<usize, ProvisionError> {
+    pub async fn close_connections(
+        &self,
+        ids: &BTreeSet<String>,
+    ) -> Result<BTreeSet<String>, ProvisionError> {
         let connections = self.api.get("/api/connections?columns=name,user").await?;
-        let mut closed = 0;
+        let mut closed = BTreeSet::new();
         for c in connections.as_array().into_iter().flatten() {
             let (Some(name), Some(user)) = (c["name"].as_str(), c["user"].as_str()) else {
                 continue;
@@ -446,7 +450,7 @@ impl Provisioner {
                     .delete(&format!("/api/connections/{}", segment(name)))
                     .await?
             {
-                closed += 1;
+                closed.insert(user.to_owned());
             }
         }
         Ok(closed)
