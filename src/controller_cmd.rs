@@ -48,7 +48,9 @@ pub struct ControllerArgs {
     /// admin secret): the controller then keeps the broker's users what the
     /// PKI and its quarantine say, checked twice a second, so a revoked or
     /// quarantined identity's sessions are cut cluster-wide within a
-    /// second, with no `cluster sync` by hand
+    /// second, with no `cluster sync` by hand; and it closes the connection
+    /// of an online device whose command timed out, so it subscribes again
+    /// (RabbitMQ 3.10 can strand a subscription after a node dies)
     #[arg(long, env = "CITYPLANE_CLUSTER_DIR", value_name = "DIR")]
     pub cluster_dir: Option<PathBuf>,
     #[command(flatten)]
@@ -74,17 +76,22 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     let mut lease =
         crate::standby::take_if_shared(args.controller.store.as_ref(), &args.id).await?;
     let pins = cityplane_broker::Pins::default();
+    let mut unanswered = None;
     let follower = match &args.cluster_dir {
         Some(dir) => {
             let cluster =
                 Cluster::open(dir).with_context(|| format!("--cluster-dir {}", dir.display()))?;
             let provisioner = Provisioner::new(cluster.mgmt()?, &cluster.info.admin_user);
-            Some(tokio::spawn(follow(
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            unanswered = Some(tx);
+            let resubscriber = tokio::spawn(resubscribe(provisioner.clone(), rx));
+            let follower = tokio::spawn(follow(
                 provisioner,
                 args.pki.clone(),
                 dir.clone(),
                 pins.clone(),
-            )))
+            ));
+            Some((follower, resubscriber))
         }
         None => None,
     };
@@ -97,6 +104,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
             &args.controller.data,
         )),
         pins,
+        unanswered,
     };
     let mut cc = args.controller.config();
     cc.fence = lease.as_ref().map(|l| l.generation);
@@ -116,8 +124,9 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         args.controller.data.display()
     );
     let lost = crate::standby::until_stopped(&mut lease).await?;
-    if let Some(follower) = follower {
+    if let Some((follower, resubscriber)) = follower {
         follower.abort();
+        resubscriber.abort();
     }
     if let Some(why) = lost {
         anyhow::bail!("stopping: {why}; start it again to stand by");
@@ -167,6 +176,117 @@ async fn follow(
             Err(_) => {}
         }
         tokio::time::sleep(FOLLOW_EVERY).await;
+    }
+}
+
+/// Closes the connections of a device at most this often per command: a
+/// closed connection brings the device back online, which re-drives the
+/// command from attempt 1, so a device that ignores commands would
+/// otherwise be cut every timeout for ever. More than once, because a
+/// device cut while the survivors still clean up after a dead node can be
+/// stranded again.
+const CLOSES_PER_COMMAND: u32 = 3;
+
+/// Closes the connections of devices whose commands go unanswered while
+/// they are online (`ExternalBroker::unanswered`), so they subscribe
+/// afresh. Whatever arrived meanwhile is handled in one go: after a node
+/// dies hundreds time out together.
+async fn resubscribe(
+    provisioner: Provisioner,
+    mut unanswered: tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+) {
+    // Per device: the last command it was cut for, and how often.
+    let mut closes: std::collections::HashMap<String, (String, u32)> = Default::default();
+    while let Some(first) = unanswered.recv().await {
+        let mut ids = std::collections::BTreeSet::new();
+        let mut next = Some(first);
+        while let Some((device, command)) = next {
+            if may_close(&mut closes, &device, command) {
+                ids.insert(device);
+            }
+            next = unanswered.try_recv().ok();
+        }
+        if ids.is_empty() {
+            continue;
+        }
+        settle(&provisioner).await;
+        while let Ok((device, command)) = unanswered.try_recv() {
+            if may_close(&mut closes, &device, command) {
+                ids.insert(device);
+            }
+        }
+        match provisioner.close_connections(&ids).await {
+            // Only a close counts: a device the API did not list yet is
+            // tried again at its next timeout.
+            Ok(closed) => {
+                for device in &closed {
+                    if let Some(entry) = closes.get_mut(device) {
+                        entry.1 += 1;
+                    }
+                }
+                tracing::info!(
+                unanswered = ids.len(),
+                closed = closed.len(),
+                "closed the connections of online devices whose commands had no effect, so they subscribe again"
+            );
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, unanswered = ids.len(), "could not close the connections of devices whose commands had no effect")
+            }
+        }
+    }
+}
+
+/// Whether `device` may be cut for `command` (fewer than
+/// [`CLOSES_PER_COMMAND`] closes so far; a new command starts again).
+fn may_close(
+    closes: &mut std::collections::HashMap<String, (String, u32)>,
+    device: &str,
+    command: String,
+) -> bool {
+    let entry = closes
+        .entry(device.to_owned())
+        .or_insert_with(|| (command.clone(), 0));
+    if entry.0 != command {
+        *entry = (command, 0);
+    }
+    entry.1 < CLOSES_PER_COMMAND
+}
+
+/// How long to wait after a dead node's last transient queue is gone:
+/// the routing-table cleanup that strands subscriptions runs after it.
+const SETTLE_MARGIN: Duration = Duration::from_secs(5);
+/// The longest a close waits for that cleanup.
+const SETTLE_AT_MOST: Duration = Duration::from_secs(120);
+
+/// Waits until no transient queue is recorded on a node that is down (see
+/// `Provisioner::transient_queues_on_down_nodes`), plus [`SETTLE_MARGIN`]
+/// if there were any: a device cut before then could subscribe into the
+/// same trap.
+async fn settle(provisioner: &Provisioner) {
+    let started = std::time::Instant::now();
+    let mut waited = false;
+    while started.elapsed() < SETTLE_AT_MOST {
+        match provisioner.transient_queues_on_down_nodes().await {
+            Ok(0) => break,
+            Ok(left) => {
+                if !waited {
+                    tracing::info!(
+                        left,
+                        "waiting for the cluster to drop a dead node's queues before closing connections"
+                    );
+                }
+                waited = true;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not list the cluster's queues");
+                break;
+            }
+        }
+        tokio::time::sleep(FOLLOW_EVERY).await;
+    }
+    if waited {
+        tokio::time::sleep(SETTLE_MARGIN).await;
     }
 }
 

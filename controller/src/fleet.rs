@@ -39,6 +39,12 @@ pub struct Outgoing {
     pub topic: String,
     pub payload: Vec<u8>,
     pub retain: bool,
+    /// A command re-sent because the last copy had no effect within the
+    /// timeout while the device was online (not the re-drive of a device
+    /// that came back): its subscription may be lost in the broker, which a
+    /// transport that can act on the broker repairs
+    /// ([`crate::runtime::external::ExternalBroker::unanswered`]).
+    pub unanswered: bool,
 }
 
 /// Counters for bad input and notable events (exported in `status`).
@@ -408,6 +414,13 @@ impl Fleet {
         dev.last_seen = now;
         if presence.online && !dev.online {
             dev.connects += 1;
+        }
+        // Every online presence starts a session, also when no offline one
+        // ended the last: no will comes for a connection on a node that
+        // died, nor (measured on RabbitMQ 3.10) for one the broker closed
+        // itself, as `controller --cluster-dir` does to a stranded
+        // subscription.
+        if presence.online {
             // Back online (or rebooted): re-drive anything that failed, and
             // re-send what was in flight now (same id: a device that already
             // applied it ignores the copy) instead of waiting for a timeout.
@@ -933,7 +946,11 @@ impl Fleet {
                     cmd.attempt += 1;
                     cmd.sent_at = now;
                     let (cid, generation, attempt) = (cmd.id.clone(), cmd.generation, cmd.attempt);
-                    out.push(command_message(id, cmd, &self.releases));
+                    let mut message = command_message(id, cmd, &self.releases);
+                    // A re-drive after presence came back starts again at
+                    // attempt 1: only a timeout gets past it.
+                    message.unanswered = attempt >= 2;
+                    out.push(message);
                     dev.log_command(
                         &cid,
                         generation,
@@ -1096,6 +1113,7 @@ fn command_message(
         topic: topics::commands(device),
         payload: serde_json::to_vec(&body).unwrap_or_default(),
         retain: false,
+        unanswered: false,
     }
 }
 
@@ -1117,6 +1135,7 @@ pub fn response_to(operator: &str, response: &Response) -> Outgoing {
         topic: cityplane_proto::topics::response(operator, &rid),
         payload: serde_json::to_vec(response).unwrap_or_default(),
         retain: false,
+        unanswered: false,
     }
 }
 

@@ -427,6 +427,68 @@ impl Provisioner {
             .await?)
     }
 
+    /// Closes every connection of the users in `ids`, on any node; the
+    /// users it closed one of (the API lists a connection only once its
+    /// node reported it, so a device can be missing). A device whose subscription RabbitMQ 3.10 stranded
+    /// (a binding with no route after a node died, see
+    /// `ExternalBroker::unanswered`) reconnects, and its new queue and
+    /// binding are whole: a SUBSCRIBE on the same connection would find the
+    /// binding recorded and add nothing.
+    pub async fn close_connections(
+        &self,
+        ids: &BTreeSet<String>,
+    ) -> Result<BTreeSet<String>, ProvisionError> {
+        let connections = self.api.get("/api/connections?columns=name,user").await?;
+        let mut closed = BTreeSet::new();
+        for c in connections.as_array().into_iter().flatten() {
+            let (Some(name), Some(user)) = (c["name"].as_str(), c["user"].as_str()) else {
+                continue;
+            };
+            if ids.contains(user)
+                && self
+                    .api
+                    .delete(&format!("/api/connections/{}", segment(name)))
+                    .await?
+            {
+                closed.insert(user.to_owned());
+            }
+        }
+        Ok(closed)
+    }
+
+    /// How many transient queues are still recorded on a node that is
+    /// down. RabbitMQ 3.10 deletes a dead node's transient queues in
+    /// batches and only then, all at once, drops their bindings from the
+    /// topic exchange's routing table, by queue name and routing key: a
+    /// device that re-declared its queue (same name) on a survivor meanwhile
+    /// keeps a binding that `list_bindings` shows and nothing routes to
+    /// (rabbitmq-server issues 5075, 6271). Until this is 0 (and that last
+    /// step is done), a device made to subscribe again can be stranded again.
+    pub async fn transient_queues_on_down_nodes(&self) -> Result<usize, ProvisionError> {
+        let nodes = self.api.get("/api/nodes?columns=name,running").await?;
+        let down: BTreeSet<&str> = nodes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|n| n["running"] != Value::Bool(true))
+            .filter_map(|n| n["name"].as_str())
+            .collect();
+        if down.is_empty() {
+            return Ok(0);
+        }
+        let queues = self
+            .api
+            .get("/api/queues?columns=name,node,durable")
+            .await?;
+        Ok(queues
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|q| q["durable"] != Value::Bool(true))
+            .filter(|q| q["node"].as_str().is_some_and(|n| down.contains(n)))
+            .count())
+    }
+
     /// Every user the broker holds, with its grants.
     async fn observe(&self) -> Result<BTreeMap<String, Observed>, ProvisionError> {
         let users = self.api.get("/api/users").await?;

@@ -263,13 +263,14 @@ async fn the_promises_hold_on_a_rabbitmq_cluster() {
 /// devices converge; sessions move to the survivors and every device
 /// converges, the controller's acknowledged work included.
 ///
-/// It fails on RabbitMQ 3.10.8 (docs/DEPLOYMENT.md, "A node lost"): the
-/// controller and every device reconnect, but some of the dead node's
-/// devices (17 of 300, 424 of 2,000 in this session's runs) receive no
-/// command for minutes after subscribing again on a survivor. Run it with
-/// `cargo test -p cityplane --test it -- --ignored node_dies`.
+/// RabbitMQ 3.10.8 strands some of the dead node's devices: re-subscribed
+/// on a survivor while the dead node's transient queues are being cleaned
+/// up, their binding stays listed but leaves the topic exchange's routing
+/// table, so commands to them are dropped (without the repair, 46 of 300
+/// and 181 of 2,000 never converged). It holds because `controller
+/// --cluster-dir` closes the connection of a device whose command timed
+/// out once that cleanup is over (docs/DEPLOYMENT.md, "a node lost").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "RabbitMQ 3.10.8 strands some of a dead node's devices: docs/DEPLOYMENT.md"]
 async fn every_device_converges_when_a_rabbitmq_node_dies_mid_change() {
     const N: usize = 2000;
     let test = "every_device_converges_when_a_rabbitmq_node_dies_mid_change";
@@ -293,6 +294,7 @@ async fn every_device_converges_when_a_rabbitmq_node_dies_mid_change() {
     .await;
     let cluster = d.cluster().expect("a cluster");
     cluster.kill_node(0);
+    let killed = std::time::Instant::now();
     let mut last = 0;
     let converged = tokio::time::timeout(Duration::from_secs(180), async {
         while !fleet.all_have("dimming", &json!(30), None) {
@@ -316,13 +318,32 @@ async fn every_device_converges_when_a_rabbitmq_node_dies_mid_change() {
             })
             .collect();
         let tail = &errors[errors.len().saturating_sub(40)..];
-        let connected = fleet.device_states().iter().filter(|s| s.connected).count();
+        let states = fleet.device_states();
+        let connected = states.iter().filter(|s| s.connected).count();
+        // Connected and never commanded is the stranded subscription's mark.
+        let behind: Vec<String> = states
+            .iter()
+            .filter(|s| s.state.get("dimming") != Some(&json!(30)))
+            .take(10)
+            .map(|s| {
+                format!(
+                    "{}: connected {}, connects {}, commands received {}",
+                    s.id, s.connected, s.connects, s.commands_received
+                )
+            })
+            .collect();
         panic!(
-            "{last} of {N} devices dimmed 180 s after the node died, {connected} connected\n{}\nRabbitMQ's errors:\n{}",
+            "{last} of {N} devices dimmed 180 s after the node died, {connected} connected\n{}\n{}\nRabbitMQ's errors:\n{}",
+            behind.join("\n"),
             d.log(),
             tail.join("\n")
         );
     }
+    // How close to the limit it came (`--nocapture`).
+    eprintln!(
+        "{test}: every device converged within {:?} of the node's death",
+        killed.elapsed()
+    );
     // The controller says so too, asked through a surviving node.
     let out = ok(&mut d.cli_at(1, &["get", "documents", "--output", "json"]));
     let docs: Value = serde_json::from_str(&out).expect("json");

@@ -504,6 +504,7 @@ impl Fleet {
                     topic: topic.clone(),
                     payload: serde_json::to_vec(&body).unwrap_or_default(),
                     retain: true,
+                    unanswered: false,
                 });
                 self.gov.published.insert(topic, summary);
             }

@@ -278,6 +278,7 @@ impl Fleet {
                         topic: topics::commands(&s.id),
                         payload: serde_json::to_vec(&body).unwrap_or_default(),
                         retain: false,
+                        unanswered: false,
                     });
                 }
                 Err(why) => {

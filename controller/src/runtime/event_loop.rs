@@ -163,6 +163,7 @@ pub(super) async fn run(
                         topic: topics::FLEET_STATUS.to_owned(),
                         payload: serde_json::to_vec(&body).unwrap_or_default(),
                         retain: true,
+                        unanswered: false,
                     }]).await;
                     last_summary = Some(summary);
                 }
@@ -294,6 +295,7 @@ pub(super) async fn run(
                     topic: topics::FLEET_AUDIT_HEAD.to_owned(),
                     payload: serde_json::to_vec(&body).unwrap_or_default(),
                     retain: true,
+                    unanswered: false,
                 }],
             )
             .await;
@@ -589,13 +591,14 @@ mod paused_clock_tests {
                 .expect("controller running");
         }
 
-        /// The next command, with the (virtual) instant it was sent.
-        async fn next_command(&mut self) -> (Instant, messages::Command) {
+        /// The next command, with the (virtual) instant it was sent and its
+        /// `Outgoing::unanswered`.
+        async fn next_command(&mut self) -> (Instant, messages::Command, bool) {
             loop {
                 let out = self.out.recv().await.expect("controller running");
                 if out.topic == topics::commands(DEVICE) {
                     let cmd = serde_json::from_slice(&out.payload).expect("command JSON");
-                    return (Instant::now(), cmd);
+                    return (Instant::now(), cmd, out.unanswered);
                 }
             }
         }
@@ -636,14 +639,19 @@ mod paused_clock_tests {
 
         let online_at = Instant::now();
         h.device_says("presence", json!({"online": true})).await;
-        let (first_at, first) = h.next_command().await;
+        let (first_at, first, unanswered) = h.next_command().await;
         assert_eq!(first_at, online_at, "the first command goes out at once");
+        assert!(
+            !unanswered,
+            "a first send is not a sign of a lost subscription"
+        );
         assert_eq!(first.state, state(json!({"dimming": 50})));
 
         let mut previous = first_at;
         for attempt in 1..policy.max_attempts {
-            let (at, cmd) = h.next_command().await;
+            let (at, cmd, unanswered) = h.next_command().await;
             assert_eq!(cmd.id, first.id, "a re-send keeps the command id");
+            assert!(unanswered, "attempt {}: a timed-out command", attempt + 1);
             assert_eq!(cmd.generation, first.generation);
             let gap = at - previous;
             // timeout, then base × 2^(attempt-1) capped at the maximum, with
@@ -677,9 +685,12 @@ mod paused_clock_tests {
         h.device_says("presence", json!({"online": false})).await;
         let back_at = Instant::now();
         h.device_says("presence", json!({"online": true})).await;
-        let (at, cmd) = h.next_command().await;
+        let (at, cmd, unanswered) = h.next_command().await;
         assert_eq!(at, back_at);
         assert_eq!(cmd.id, first.id);
+        // Not after a re-drive: cutting a device that just came back would
+        // bring it back again, and so on.
+        assert!(!unanswered, "a re-drive counted as unanswered");
 
         // Applied and reported: converged, and the timers stay quiet.
         h.device_says("acks", json!({"id": cmd.id, "status": "applied"}))

@@ -53,6 +53,15 @@ pub struct ExternalBroker {
     /// reads the quarantined devices from it (`cityplane controller
     /// --cluster-dir` deletes their users).
     pub pins: cityplane_broker::Pins,
+    /// Told `(device, command id)` of each command re-sent after a timeout
+    /// ([`Outgoing::unanswered`]), for whoever can act on the broker.
+    /// RabbitMQ 3.10 can leave a device that reconnected right after a node
+    /// died subscribed with no route to its queue: `list_bindings` shows
+    /// the binding, the topic exchange's routing table lost it, and every
+    /// command is dropped until the queue is made again (rabbitmq-server
+    /// issues 5075, 6271). `cityplane controller --cluster-dir` closes such
+    /// a device's connection, so it subscribes afresh.
+    pub unanswered: Option<mpsc::UnboundedSender<(String, String)>>,
 }
 
 impl std::fmt::Debug for ExternalBroker {
@@ -124,7 +133,12 @@ pub(super) fn spawn(
     let (fetch_tx, fetch_rx) = mpsc::channel(FETCHES_QUEUED);
     let blobs = cityplane_broker::blobs::Blobs::new(broker.firmware.clone());
     tokio::spawn(acknowledge(client.clone(), connection.clone(), ack_rx));
-    tokio::spawn(publish(client.clone(), out, secrets));
+    tokio::spawn(publish(
+        client.clone(),
+        out,
+        secrets,
+        broker.unanswered.clone(),
+    ));
     tokio::spawn(serve_fetches(client.clone(), blobs, fetch_rx));
     tokio::spawn(receive(
         broker, client, eventloop, connection, events, ack_tx, fetch_tx,
@@ -430,8 +444,17 @@ async fn publish(
     client: AsyncClient,
     mut out: mpsc::Receiver<Outgoing>,
     secrets: Arc<crate::secrets::Secrets>,
+    unanswered: Option<mpsc::UnboundedSender<(String, String)>>,
 ) {
     while let Some(mut out) = out.recv().await {
+        if let Some(tell) = unanswered.as_ref().filter(|_| out.unanswered) {
+            let device = topics::split_device_topic(&out.topic).map(|(d, _)| d.to_owned());
+            let command =
+                serde_json::from_slice::<cityplane_proto::messages::Command>(&out.payload);
+            if let (Some(device), Ok(command)) = (device, command) {
+                let _ = tell.send((device, command.id));
+            }
+        }
         secrets.fill_if_command(&out.topic, &mut out.payload);
         if client
             .publish(out.topic, QoS::AtMostOnce, out.retain, out.payload)

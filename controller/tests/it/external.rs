@@ -101,6 +101,7 @@ async fn a_report_is_acknowledged_to_the_broker_only_once_stored() {
         identities: pki_dir.path().to_path_buf(),
         firmware: None,
         pins: Default::default(),
+        unanswered: None,
     };
 
     // Controller A stores the report, then its disk stalls: the commit
