@@ -72,9 +72,14 @@ pub(super) fn connect(url: &str) -> Result<(String, postgres::Client), StoreErro
             })?;
     // A database that does not answer is unavailable, not a hang of
     // every commit; keepalives notice a peer that vanished.
+    // A controller paused (or stuck) inside a commit would hold the lease
+    // row FOR SHARE for ever, and no standby could take over: the server
+    // ends a session idle in a transaction before the lease expires, and
+    // the paused one finds its connection gone (then fenced) when it wakes.
     config
         .connect_timeout(Duration::from_secs(5))
         .keepalives_idle(Duration::from_secs(30))
+        .options("-c idle_in_transaction_session_timeout=4000")
         .application_name("cityplane");
     let client = off_runtime(|| config.connect(postgres::NoTls))
         .map_err(|e| pg_error(&store, "connect", e))?;
