@@ -266,11 +266,6 @@ impl Fleet {
             .filter(|d| d.cert_rotation.is_some())
             .map(|d| d.id.clone())
             .collect();
-        // After a restart nobody is known to be online until they say so;
-        // in-flight commands stay and are re-sent (same id) when they return.
-        for d in fleet.devices.values_mut() {
-            Arc::make_mut(d).online = false;
-        }
         // A document may have been committed just before a crash, before the
         // device records it changes: derive desired state again from the
         // stored documents so every acknowledged write takes effect.
@@ -280,6 +275,19 @@ impl Fleet {
         let ids: Vec<String> = fleet.devices.keys().cloned().collect();
         fleet.recompute_desired(ids);
         fleet
+    }
+
+    /// Forgets who is online, for a controller whose broker starts with it
+    /// (`serve`): every session ended with the last process, so nobody is
+    /// online until they say so; in-flight commands stay and are re-sent
+    /// (same id) when they return. Not for an external broker: its devices
+    /// stay connected while a controller restarts or a standby takes over,
+    /// and say nothing new, and every presence change meanwhile waits in the
+    /// controller's persistent session, so the stored state is the truth.
+    pub fn forget_presence(&mut self) {
+        for d in self.devices.values_mut() {
+            Arc::make_mut(d).online = false;
+        }
     }
 
     /// A fleet of `devices` with default policies and no documents (unit tests).

@@ -233,6 +233,7 @@ impl Controller {
         config: ControllerConfig,
     ) -> Result<Controller, ControllerError> {
         let (mut fleet, store, secrets) = prepare(&config).await?;
+        fleet.forget_presence();
         let tables = event_loop::BrokerTables {
             scopes: broker.scopes(),
             pins: broker.pins(),
