@@ -209,7 +209,15 @@ async fn resubscribe(
         if ids.is_empty() {
             continue;
         }
+        // How long each step takes is in the log line below: under load the
+        // management API's answers, not the broker, can be the slow part.
+        let started = std::time::Instant::now();
+        tracing::info!(
+            unanswered = ids.len(),
+            "commands to online devices had no effect: their connections will be closed once the cluster has settled"
+        );
         settle(&provisioner).await;
+        let settled = started.elapsed();
         while let Ok((device, command)) = unanswered.try_recv() {
             if may_close(&mut closes, &device, command) {
                 ids.insert(device);
@@ -225,13 +233,15 @@ async fn resubscribe(
                     }
                 }
                 tracing::info!(
-                unanswered = ids.len(),
-                closed = closed.len(),
-                "closed the connections of online devices whose commands had no effect, so they subscribe again"
-            );
+                    unanswered = ids.len(),
+                    closed = closed.len(),
+                    settle_ms = settled.as_millis() as u64,
+                    close_ms = (started.elapsed() - settled).as_millis() as u64,
+                    "closed the connections of online devices whose commands had no effect, so they subscribe again"
+                );
             }
             Err(e) => {
-                tracing::warn!(error = %e, unanswered = ids.len(), "could not close the connections of devices whose commands had no effect")
+                tracing::warn!(error = %e, unanswered = ids.len(), after_ms = started.elapsed().as_millis() as u64, "could not close the connections of devices whose commands had no effect")
             }
         }
     }

@@ -39,8 +39,8 @@ pub struct Outgoing {
     pub topic: String,
     pub payload: Vec<u8>,
     pub retain: bool,
-    /// A command re-sent because the last copy had no effect within the
-    /// timeout while the device was online (not the re-drive of a device
+    /// A command re-sent because the last two copies had no effect within
+    /// the timeout while the device was online (not the re-drive of a device
     /// that came back): its subscription may be lost in the broker, which a
     /// transport that can act on the broker repairs
     /// ([`crate::runtime::external::ExternalBroker::unanswered`]).
@@ -956,8 +956,11 @@ impl Fleet {
                     let (cid, generation, attempt) = (cmd.id.clone(), cmd.generation, cmd.attempt);
                     let mut message = command_message(id, cmd, &self.releases);
                     // A re-drive after presence came back starts again at
-                    // attempt 1: only a timeout gets past it.
-                    message.unanswered = attempt >= 2;
+                    // attempt 1: only timeouts get past it. The first re-send
+                    // is not flagged: it recovers a copy lost with the
+                    // controller's own connection (a broker node died under
+                    // it), which is no sign of the device's subscription.
+                    message.unanswered = attempt >= 3;
                     out.push(message);
                     dev.log_command(
                         &cid,

@@ -312,6 +312,9 @@ impl Observed {
     }
 }
 
+/// Management API calls a bulk close keeps in flight.
+const CLOSES_IN_FLIGHT: usize = 16;
+
 /// Provisions one RabbitMQ cluster through its management API.
 #[derive(Debug, Clone)]
 pub struct Provisioner {
@@ -427,7 +430,8 @@ impl Provisioner {
             .await?)
     }
 
-    /// Closes every connection of the users in `ids`, on any node; the
+    /// Closes every connection of the users in `ids`, on any node
+    /// ([`CLOSES_IN_FLIGHT`] at a time); the
     /// users it closed one of (the API lists a connection only once its
     /// node reported it, so a device can be missing). A device whose subscription RabbitMQ 3.10 stranded
     /// (a binding with no route after a node died, see
@@ -439,21 +443,44 @@ impl Provisioner {
         ids: &BTreeSet<String>,
     ) -> Result<BTreeSet<String>, ProvisionError> {
         let connections = self.api.get("/api/connections?columns=name,user").await?;
+        let targets: Vec<(String, String)> = connections
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| Some((c["name"].as_str()?, c["user"].as_str()?)))
+            .filter(|(_, user)| ids.contains(*user))
+            .map(|(name, user)| (name.to_owned(), user.to_owned()))
+            .collect();
+        // One DELETE at a time took 122 s for 1,551 connections on a loaded
+        // cluster (measured), longer than a command's five attempts.
+        let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(CLOSES_IN_FLIGHT));
+        let mut calls = tokio::task::JoinSet::new();
+        for (name, user) in targets {
+            let api = self.api.clone();
+            let permits = permits.clone();
+            calls.spawn(async move {
+                let _permit = permits.acquire_owned().await;
+                let path = format!("/api/connections/{}", segment(&name));
+                api.delete(&path).await.map(|gone| gone.then_some(user))
+            });
+        }
         let mut closed = BTreeSet::new();
-        for c in connections.as_array().into_iter().flatten() {
-            let (Some(name), Some(user)) = (c["name"].as_str(), c["user"].as_str()) else {
-                continue;
-            };
-            if ids.contains(user)
-                && self
-                    .api
-                    .delete(&format!("/api/connections/{}", segment(name)))
-                    .await?
-            {
-                closed.insert(user.to_owned());
+        let mut failed = None;
+        while let Some(call) = calls.join_next().await {
+            match call {
+                Ok(Ok(Some(user))) => {
+                    closed.insert(user);
+                }
+                Ok(Ok(None)) => {}
+                // The others still run: a device closed is a device helped.
+                Ok(Err(e)) => failed = Some(e),
+                Err(e) => tracing::warn!(error = %e, "a connection close did not finish"),
             }
         }
-        Ok(closed)
+        match failed {
+            Some(e) if closed.is_empty() => Err(e.into()),
+            _ => Ok(closed),
+        }
     }
 
     /// How many transient queues are still recorded on a node that is

@@ -651,7 +651,14 @@ mod paused_clock_tests {
         for attempt in 1..policy.max_attempts {
             let (at, cmd, unanswered) = h.next_command().await;
             assert_eq!(cmd.id, first.id, "a re-send keeps the command id");
-            assert!(unanswered, "attempt {}: a timed-out command", attempt + 1);
+            // The first re-send may only replace a copy lost on the way;
+            // from the second the device's subscription is suspect.
+            assert_eq!(
+                unanswered,
+                attempt >= 2,
+                "attempt {}: flagged unanswered only after a re-send timed out too",
+                attempt + 1
+            );
             assert_eq!(cmd.generation, first.generation);
             let gap = at - previous;
             // timeout, then base × 2^(attempt-1) capped at the maximum, with

@@ -53,7 +53,7 @@ pub struct ExternalBroker {
     /// reads the quarantined devices from it (`cityplane controller
     /// --cluster-dir` deletes their users).
     pub pins: cityplane_broker::Pins,
-    /// Told `(device, command id)` of each command re-sent after a timeout
+    /// Told `(device, command id)` of each command re-sent after a second timeout
     /// ([`Outgoing::unanswered`]), for whoever can act on the broker.
     /// RabbitMQ 3.10 can leave a device that reconnected right after a node
     /// died subscribed with no route to its queue: `list_bindings` shows
