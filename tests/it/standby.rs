@@ -33,6 +33,16 @@ fn start(kind: Kind, test: &str, devices: usize, count: usize) -> Option<(Postgr
     Some((pg, d))
 }
 
+/// `n` simulated devices on `d`, all online within `secs` seconds.
+async fn online_fleet(d: &Deployment, n: usize, secs: u64) -> Fleet {
+    let fleet = Fleet::start(d.sim(n)).await.expect("fleet starts");
+    assert!(
+        fleet.wait_online(n, Duration::from_secs(secs)).await,
+        "{n} devices online"
+    );
+    fleet
+}
+
 /// Which of the controllers `among` logged that it acts.
 fn acting(d: &Deployment, among: std::ops::Range<usize>) -> Vec<usize> {
     among
@@ -141,11 +151,7 @@ async fn killed_mid_change(kind: Kind) {
     })
     .await;
     assert_eq!(acting(&d, 0..3), [0], "the first one acts, alone");
-    let fleet = Fleet::start(d.sim(N)).await.expect("fleet starts");
-    assert!(
-        fleet.wait_online(N, Duration::from_secs(120)).await,
-        "{N} devices online"
-    );
+    let fleet = online_fleet(&d, N, 120).await;
     // Mid-change on purpose: a third of the fleet is away for 15 s (its
     // commands wait in the acting controller's outbox) and a sixth loses
     // power on receiving its command (in flight, never acknowledged).
@@ -207,11 +213,7 @@ async fn a_paused_controller_cannot_overwrite_its_successor() {
     let Some((_pg, mut d)) = start(Kind::Mosquitto, test, N, 2) else {
         return;
     };
-    let fleet = Fleet::start(d.sim(N)).await.expect("fleet starts");
-    assert!(
-        fleet.wait_online(N, Duration::from_secs(60)).await,
-        "{N} devices online"
-    );
+    let fleet = online_fleet(&d, N, 60).await;
     apply_dimming(&d, "dim", 33);
     converge(&d, &fleet, 33, "before the pause").await;
 
@@ -260,11 +262,7 @@ async fn a_postgres_outage_under_two_controllers_loses_nothing() {
         d.controller_log(1).contains(STANDS_BY)
     })
     .await;
-    let fleet = Fleet::start(d.sim(N)).await.expect("fleet starts");
-    assert!(
-        fleet.wait_online(N, Duration::from_secs(60)).await,
-        "{N} devices online"
-    );
+    let fleet = online_fleet(&d, N, 60).await;
     apply_dimming(&d, "dim", 33);
     converge(&d, &fleet, 33, "before the outage").await;
 
