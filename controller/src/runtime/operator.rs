@@ -584,6 +584,24 @@ pub(super) async fn create_rollout(
     Ok(json!({"name": name, "devices": total, "waves": sizes}))
 }
 
+/// What a request leaves to do after its answer is on its way: a stored
+/// document's effect on every device it targets (30 ms for 10,000 devices
+/// here) need not delay the answer, since the answer says only that the
+/// document is durable, and desired state is derived from the stored
+/// documents after a restart anyway. The loop applies it before it looks
+/// at the next event, so nothing reads the fleet in between.
+#[must_use = "the document is stored but not yet in force: call apply"]
+pub(super) struct Deferred(Option<crate::model::DocRecord>);
+
+impl Deferred {
+    pub(super) fn apply(self, fleet: &mut Fleet) {
+        if let Some(doc) = self.0 {
+            let changed = fleet.apply_doc(doc.clone());
+            tracing::info!(name = %doc.name, generation = doc.generation, devices_changed = changed, "desired state in force");
+        }
+    }
+}
+
 /// Operator writes commit immediately (they are rare and must be durable
 /// before they are answered); queries are answered from memory.
 pub(super) async fn handle_operator(
@@ -592,12 +610,13 @@ pub(super) async fn handle_operator(
     side: &mut OperatorSide,
     msg: OperatorMessage,
     now: u64,
-) -> Vec<Outgoing> {
+) -> (Vec<Outgoing>, Deferred) {
     let access = fleet.access(&msg.from);
     fleet.acting_org = Some(access.org.clone());
-    let out = handle(fleet, store, side, &access, msg, now).await;
+    let mut deferred = Deferred(None);
+    let out = handle(fleet, store, side, &access, msg, now, &mut deferred).await;
     fleet.acting_org = None;
-    out
+    (out, deferred)
 }
 
 /// Scope, ownership and admission of a document the fleet found valid.
@@ -633,6 +652,7 @@ async fn handle(
     access: &Access,
     msg: OperatorMessage,
     now: u64,
+    deferred: &mut Deferred,
 ) -> Vec<Outgoing> {
     let who = msg.from.id.clone();
     if let Some(name) = topics::desired_name(&msg.topic) {
@@ -662,8 +682,8 @@ async fn handle(
                 let (_, result) = commit(store, changes).await;
                 match result {
                     Ok(()) => {
-                        let changed = fleet.apply_doc(doc.clone());
-                        tracing::info!(operator = %who, name = %doc.name, generation = doc.generation, devices_changed = changed, "desired state accepted");
+                        tracing::info!(operator = %who, name = %doc.name, generation = doc.generation, "desired state accepted");
+                        deferred.0 = Some(doc);
                         vec![response]
                     }
                     Err(e) => {
