@@ -183,6 +183,8 @@ pub fn wait_for_stdin_eof() {
 /// `warn`); stderr goes to `bench_dir/{prefix}cityplane-broker.log`.
 /// `cityplane serve` (broker and controller) on a free loopback port, its
 /// log (RUST_LOG=warn) in `log`; returns the child and its address.
+/// `CITYPLANE_BENCH_SERVE_WRAP` is a command prefix for it, like
+/// `CITYPLANE_BENCH_BROKER_WRAP` for the broker.
 pub fn start_cityplane_serve(
     bin: &Path,
     pki_dir: &Path,
@@ -191,7 +193,11 @@ pub fn start_cityplane_serve(
 ) -> Result<(ChildGuard, SocketAddr)> {
     let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let log = std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
-    let child = std::process::Command::new(bin)
+    let wrap = std::env::var("CITYPLANE_BENCH_SERVE_WRAP").unwrap_or_default();
+    let mut argv: Vec<std::ffi::OsString> = wrap.split_whitespace().map(Into::into).collect();
+    argv.push(bin.into());
+    let child = std::process::Command::new(&argv[0])
+        .args(&argv[1..])
         .args(["serve", "--listen", &addr.to_string()])
         .arg("--pki")
         .arg(pki_dir)
