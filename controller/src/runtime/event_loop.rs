@@ -1,6 +1,8 @@
 //! The loop: events in batches, one durable commit per batch (group
 //! commit), then what the commit held is published.
 
+use std::collections::HashSet;
+
 use super::operator::{handle_operator, OperatorSide, WRITE_VERBS};
 use super::*;
 
@@ -23,6 +25,18 @@ impl Held {
         self.responses.is_empty() && self.commands.is_empty() && self.acks.is_empty()
     }
 
+    /// The commands to `devices` may go: their records are durable.
+    async fn release_commands_to(&mut self, devices: &[String], out: &mpsc::Sender<Outgoing>) {
+        let devices: HashSet<&str> = devices.iter().map(String::as_str).collect();
+        let (now, later): (Vec<Outgoing>, Vec<Outgoing>) = std::mem::take(&mut self.commands)
+            .into_iter()
+            .partition(|c| {
+                topics::split_device_topic(&c.topic).is_some_and(|(id, _)| devices.contains(id))
+            });
+        self.commands = later;
+        send_all(out, now).await;
+    }
+
     /// Everything held may go: its state is durable.
     async fn release(self, out: &mpsc::Sender<Outgoing>) {
         for ack in self.acks {
@@ -33,11 +47,63 @@ impl Held {
 }
 
 struct CommitInFlight {
-    /// The ids of the device records written, and the outcome.
+    /// The ids of the device records not known durable (all of them, or
+    /// those of the chunk that failed and after), and the outcome.
     task: JoinHandle<(Vec<String>, Result<(), StoreError>)>,
     /// The rollout records written (written again if the commit fails).
     rollouts: Vec<String>,
     held: Held,
+}
+
+/// Writes `changes` in transactions of at most `chunk` device records
+/// (`ControllerConfig::commit_chunk`), and sends the ids of each chunk on
+/// `durable` as it becomes durable, so its commands may leave while the next
+/// is written: a document that changed 10,000 devices made one transaction
+/// of 10,000 records (275 ms here) before the first command could leave.
+/// The other changes (rollouts, governance, the sequence) go with the first
+/// chunk: a restart between chunks then finds a rollout's wave with some of
+/// its devices not yet admitted, and admits them (never twice; admission is
+/// in each device's record). A chunk that fails does not stop the ones
+/// after it: one bad record holds back only its chunk. On failure, returns
+/// the ids of the devices not known durable.
+fn commit_in_chunks(
+    store: &Store,
+    mut changes: Changes,
+    chunk: usize,
+    durable: &mpsc::UnboundedSender<Vec<String>>,
+) -> (Vec<String>, Result<(), StoreError>) {
+    let chunk = chunk.max(1);
+    if changes.devices.len() <= chunk {
+        return store.commit_owned(changes);
+    }
+    let mut rest = changes.devices.split_off(chunk);
+    let mut next = Some(changes);
+    let mut failed: Option<(Vec<String>, StoreError)> = None;
+    while let Some(changes) = next.take() {
+        let last = rest.is_empty();
+        match store.commit_owned(changes) {
+            (ids, Ok(())) if last && failed.is_none() => return (ids, Ok(())),
+            (ids, Ok(())) => {
+                // The loop may have stopped listening (shutdown).
+                let _ = durable.send(ids);
+            }
+            (ids, Err(e)) => match &mut failed {
+                Some((all, _)) => all.extend(ids),
+                None => failed = Some((ids, e)),
+            },
+        }
+        if !last {
+            let tail = rest.split_off(chunk.min(rest.len()));
+            next = Some(Changes {
+                devices: std::mem::replace(&mut rest, tail),
+                ..Default::default()
+            });
+        }
+    }
+    match failed {
+        Some((ids, e)) => (ids, Err(e)),
+        None => (Vec::new(), Ok(())),
+    }
 }
 
 /// Pause before writing again after a failed commit (e.g. a full disk or
@@ -90,6 +156,8 @@ pub(super) async fn run(
     let mut last_summary = None;
     let mut last_audit_head = None;
     let mut in_flight: Option<CommitInFlight> = None;
+    // The chunks of `in_flight` made durable so far (`commit_in_chunks`).
+    let mut durable_rx: Option<mpsc::UnboundedReceiver<Vec<String>>> = None;
     let mut held = Held::default();
     let mut retry_commit_at: Option<tokio::time::Instant> = None;
     // Everything already in the store may have work to do.
@@ -113,10 +181,19 @@ pub(super) async fn run(
                     None => std::future::pending().await,
                 }
             } => {
-                let (flight, rollouts) = in_flight
-                    .take()
-                    .map(|c| (c.held, c.rollouts))
-                    .unwrap_or_default();
+                let (flight, rollouts) = match in_flight.take() {
+                    Some(mut c) => {
+                        // Chunks made durable before the last one's outcome.
+                        if let Some(durable) = durable_rx.as_mut() {
+                            while let Ok(ids) = durable.try_recv() {
+                                c.held.release_commands_to(&ids, &out).await;
+                            }
+                        }
+                        durable_rx = None;
+                        (c.held, c.rollouts)
+                    }
+                    None => Default::default(),
+                };
                 let (written, result) = match done {
                     Ok(pair) => pair,
                     Err(e) => (
@@ -143,6 +220,16 @@ pub(super) async fn run(
                         held.acks.extend(flight.acks);
                         retry_commit_at = Some(tokio::time::Instant::now() + COMMIT_RETRY);
                     }
+                }
+            }
+            Some(ids) = async {
+                match durable_rx.as_mut() {
+                    Some(durable) => durable.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Some(c) = in_flight.as_mut() {
+                    c.held.release_commands_to(&ids, &out).await;
                 }
             }
             Some(signed) = signed_rx.recv() => fleet.on_signed(signed, clock.now()),
@@ -340,9 +427,14 @@ pub(super) async fn run(
                 .iter()
                 .map(|r| r.spec.name.clone())
                 .collect();
+            let (durable_tx, durable) = mpsc::unbounded_channel();
+            let chunk = config.commit_chunk;
+            durable_rx = Some(durable);
             in_flight = Some(CommitInFlight {
                 rollouts,
-                task: tokio::task::spawn_blocking(move || store.commit_owned(changes)),
+                task: tokio::task::spawn_blocking(move || {
+                    commit_in_chunks(&store, changes, chunk, &durable_tx)
+                }),
                 held: std::mem::take(&mut held),
             });
         } else if !held.is_empty() {

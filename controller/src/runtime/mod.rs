@@ -48,6 +48,9 @@ pub struct ControllerConfig {
     pub status_every: Duration,
     /// Events taken per loop turn (one commit each).
     pub max_batch: usize,
+    /// Most device records in one transaction of a commit: each chunk's
+    /// commands leave once it is durable, before the next is written.
+    pub commit_chunk: usize,
     /// Tests only: holds or fails commits (see [`CommitGate`]).
     pub commit_gate: Option<CommitGate>,
     /// How often rollouts are stepped (devices admitted, waves gated).
@@ -82,6 +85,7 @@ impl ControllerConfig {
             cache_bytes: 64 * 1024 * 1024,
             status_every: Duration::from_secs(1),
             max_batch: 2048,
+            commit_chunk: 1_000,
             commit_gate: None,
             rollout_every: Duration::from_millis(250),
             compliance_every: Duration::from_secs(5),

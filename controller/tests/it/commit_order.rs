@@ -44,6 +44,8 @@ struct Rules {
     hold_docs: bool,
     /// Commits writing an in-flight command fail while this is set.
     fail_commands: bool,
+    /// Commits writing this device's in-flight command fail.
+    fail_device: Option<&'static str>,
     log: Vec<Seen>,
 }
 
@@ -85,7 +87,10 @@ impl Gate {
         while rules.hold_docs && !docs.is_empty() {
             rules = self.changed.wait(rules).expect("gate lock");
         }
-        let fail = rules.fail_commands && !commands.is_empty();
+        let fail = (rules.fail_commands && !commands.is_empty())
+            || rules
+                .fail_device
+                .is_some_and(|id| commands.iter().any(|(d, _)| d == id));
         rules.log[at].outcome = if fail {
             Outcome::Failed
         } else {
@@ -134,6 +139,7 @@ impl Drop for ReleaseOnDrop {
         self.0.set(|r| {
             r.hold_docs = false;
             r.fail_commands = false;
+            r.fail_device = None;
         });
     }
 }
@@ -305,5 +311,93 @@ async fn a_storage_outage_longer_than_every_retry_fails_no_device() {
     let cmd: Command =
         serde_json::from_slice(&lamp.next_on(commands_topic).await).expect("command");
     assert_eq!(cmd.state.get("dimming"), Some(&json!(40)));
+    s.stop().await;
+}
+
+/// A commit is written in chunks of device records (one each here), and
+/// each chunk's commands leave as soon as it is durable: a chunk whose write
+/// fails holds back its own device's command only, until it is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_chunk_of_a_commit_commands_its_devices_once_durable_and_a_failing_one_only_its_own() {
+    let gate = Arc::new(Gate::default());
+    let retry = RetryPolicy {
+        max_attempts: 50,
+        ..fast_retry()
+    };
+    let _release = ReleaseOnDrop(gate.clone());
+    let s = Server::start_gated(retry, Some(gate.commit_gate())).await;
+    let ids = s.devices("lamp", 3);
+    let mut lamps = Vec::new();
+    for id in &ids {
+        let topic = format!("devices/{id}/commands");
+        let lamp = Client::connect(s.addr, s.pki_path(), id, &[topic.as_str()], None).await;
+        lamp.publish(
+            &format!("devices/{id}/reported"),
+            json!({"version": 1, "state": {"dimming": 100}}).to_string(),
+        )
+        .await;
+        lamps.push(lamp);
+    }
+    let mut op = s.operator().await;
+    for id in &ids {
+        op.eventually_device(id, "known", |v| v["online"] == true)
+            .await;
+    }
+    let spy = Client::connect(s.addr, s.pki_path(), "spy", &[], None).await;
+
+    gate.set(|r| r.fail_device = Some("lamp0002"));
+    let answer = op
+        .apply(json!({"name": "dim", "target": {"all": true}, "state": {"dimming": 40}}))
+        .await;
+    assert_eq!(answer["status"], "accepted", "{answer}");
+    // lamp0001 and lamp0003 are commanded while lamp0002's record cannot be
+    // written (one commit of all three would have held back every command).
+    for i in [0, 2] {
+        let cmd: Command = serde_json::from_slice(
+            &lamps[i]
+                .next_on(&format!("devices/{}/commands", ids[i]))
+                .await,
+        )
+        .expect("a command");
+        assert_eq!(cmd.state.get("dimming"), Some(&json!(40)), "{}", ids[i]);
+    }
+    gate.until("failing lamp0002's chunk twice", |log| {
+        log.iter()
+            .filter(|s| {
+                s.outcome == Outcome::Failed && s.commands.iter().any(|(d, _)| d == "lamp0002")
+            })
+            .count()
+            >= 2
+    })
+    .await;
+    let log = gate.log();
+    assert!(
+        log.iter().all(|s| s.commands.len() <= 1),
+        "one device record per chunk: {log:#?}"
+    );
+    let early = until_sentinel(&spy, &mut lamps[1], "devices/lamp0002/commands").await;
+    assert!(
+        early.is_empty(),
+        "lamp0002 commanded while its record failed: {:?}",
+        text(&early)
+    );
+
+    // Its record is written at last: then, and only then, its command.
+    gate.set(|r| r.fail_device = None);
+    let cmd: Command = serde_json::from_slice(&lamps[1].next_on("devices/lamp0002/commands").await)
+        .expect("a command");
+    assert_eq!(cmd.state.get("dimming"), Some(&json!(40)));
+    let committed = gate.log().iter().any(|s| {
+        s.outcome == Outcome::Passed
+            && s.commands
+                .iter()
+                .any(|(d, c)| d == "lamp0002" && *c == cmd.id)
+    });
+    assert!(
+        committed,
+        "lamp0002's command left before its record: {:#?}",
+        gate.log()
+    );
+    let mut s = s;
     s.stop().await;
 }

@@ -96,6 +96,10 @@ impl Server {
         config.retry = self.retry.clone();
         config.status_every = Duration::from_millis(200);
         config.commit_gate = self.gate.clone();
+        if self.gate.is_some() {
+            // Every device record its own transaction: the gate sees chunks.
+            config.commit_chunk = 1;
+        }
         let controller = Controller::start_in_process(&broker, config)
             .await
             .expect("controller");
