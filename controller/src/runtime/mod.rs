@@ -49,7 +49,9 @@ pub struct ControllerConfig {
     /// Events taken per loop turn (one commit each).
     pub max_batch: usize,
     /// Most device records in one transaction of a commit: each chunk's
-    /// commands leave once it is durable, before the next is written.
+    /// commands leave once it is durable, before the next is written. 250:
+    /// against 1,000 and one transaction per commit, the fastest apply to
+    /// 10,000 devices and the least memory (docs/BENCHMARKS.md).
     pub commit_chunk: usize,
     /// Tests only: holds or fails commits (see [`CommitGate`]).
     pub commit_gate: Option<CommitGate>,
@@ -85,7 +87,7 @@ impl ControllerConfig {
             cache_bytes: 64 * 1024 * 1024,
             status_every: Duration::from_secs(1),
             max_batch: 2048,
-            commit_chunk: 1_000,
+            commit_chunk: 250,
             commit_gate: None,
             rollout_every: Duration::from_millis(250),
             compliance_every: Duration::from_secs(5),
