@@ -181,6 +181,21 @@ pub fn wait_for_stdin_eof() {
 /// file (`cityplane broker --print-config` shows every key; a missing one
 /// keeps its default). The log filter is `CITYPLANE_BENCH_LOG` (default
 /// `warn`); stderr goes to `bench_dir/{prefix}cityplane-broker.log`.
+/// `bin`, behind the command prefix in the environment variable `var` if
+/// set (e.g. `heaptrack -o /tmp/hp`).
+fn wrapped(var: &str, bin: &Path) -> Command {
+    let wrap = std::env::var(var).unwrap_or_default();
+    let mut argv = wrap.split_whitespace();
+    match argv.next() {
+        Some(first) => {
+            let mut command = Command::new(first);
+            command.args(argv).arg(bin);
+            command
+        }
+        None => Command::new(bin),
+    }
+}
+
 /// `cityplane serve` (broker and controller) on a free loopback port, its
 /// log (RUST_LOG=warn) in `log`; returns the child and its address.
 /// `CITYPLANE_BENCH_SERVE_WRAP` is a command prefix for it, like
@@ -193,11 +208,7 @@ pub fn start_cityplane_serve(
 ) -> Result<(ChildGuard, SocketAddr)> {
     let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let log = std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
-    let wrap = std::env::var("CITYPLANE_BENCH_SERVE_WRAP").unwrap_or_default();
-    let mut argv: Vec<std::ffi::OsString> = wrap.split_whitespace().map(Into::into).collect();
-    argv.push(bin.into());
-    let child = std::process::Command::new(&argv[0])
-        .args(&argv[1..])
+    let child = wrapped("CITYPLANE_BENCH_SERVE_WRAP", bin)
         .args(["serve", "--listen", &addr.to_string()])
         .arg("--pki")
         .arg(pki_dir)
@@ -228,12 +239,8 @@ pub fn start_cityplane_broker(
     std::fs::write(&config, config_toml)?;
     let log_path = bench_dir.join(format!("{prefix}cityplane-broker.log"));
     let mut log = std::fs::File::create(&log_path)?;
-    let wrap = std::env::var("CITYPLANE_BENCH_BROKER_WRAP").unwrap_or_default();
-    let mut argv: Vec<std::ffi::OsString> = wrap.split_whitespace().map(Into::into).collect();
-    argv.push(bin.into());
     let filter = std::env::var("CITYPLANE_BENCH_LOG").unwrap_or_else(|_| "warn".into());
-    let mut child = Command::new(&argv[0])
-        .args(&argv[1..])
+    let mut child = wrapped("CITYPLANE_BENCH_BROKER_WRAP", bin)
         .args(["broker", "--listen", "127.0.0.1:0", "--pki"])
         .arg(&server_dir)
         .arg("--config")

@@ -77,11 +77,11 @@ fn commit_in_chunks(
         return store.commit_owned(changes);
     }
     let mut rest = changes.devices.split_off(chunk);
-    let mut next = Some(changes);
     let mut failed: Option<(Vec<String>, StoreError)> = None;
-    while let Some(changes) = next.take() {
+    let mut batch = changes;
+    loop {
         let last = rest.is_empty();
-        match store.commit_owned(changes) {
+        match store.commit_owned(batch) {
             (ids, Ok(())) if last && failed.is_none() => return (ids, Ok(())),
             (ids, Ok(())) => {
                 // The loop may have stopped listening (shutdown).
@@ -92,13 +92,14 @@ fn commit_in_chunks(
                 None => failed = Some((ids, e)),
             },
         }
-        if !last {
-            let tail = rest.split_off(chunk.min(rest.len()));
-            next = Some(Changes {
-                devices: std::mem::replace(&mut rest, tail),
-                ..Default::default()
-            });
+        if last {
+            break;
         }
+        let tail = rest.split_off(chunk.min(rest.len()));
+        batch = Changes {
+            devices: std::mem::replace(&mut rest, tail),
+            ..Default::default()
+        };
     }
     match failed {
         Some((ids, e)) => (ids, Err(e)),

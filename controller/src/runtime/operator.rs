@@ -596,8 +596,9 @@ pub(super) struct Deferred(Option<crate::model::DocRecord>);
 impl Deferred {
     pub(super) fn apply(self, fleet: &mut Fleet) {
         if let Some(doc) = self.0 {
-            let changed = fleet.apply_doc(doc.clone());
-            tracing::info!(name = %doc.name, generation = doc.generation, devices_changed = changed, "desired state in force");
+            let (name, generation) = (doc.name.clone(), doc.generation);
+            let changed = fleet.apply_doc(doc);
+            tracing::info!(%name, generation, devices_changed = changed, "desired state in force");
         }
     }
 }
