@@ -4,6 +4,7 @@
 //! - [`delta`]: desired-state arithmetic (merge by priority, delta).
 //! - [`reconcile`]: the pure decision for one device.
 //! - [`fleet`]: in-memory fleet state and its transitions (no I/O).
+//! - [`shard`]: which controller acts on which device (pure: hash, rendezvous).
 //! - [`rollout`]: rollouts' spec, records and pure decisions (waves, gates, abort).
 //! - [`window`]: maintenance windows in a named time zone.
 //! - [`store`]: sled behind a small interface, durable commits.
@@ -20,6 +21,7 @@ pub mod reconcile;
 pub mod rollout;
 pub mod runtime;
 pub mod secrets;
+pub mod shard;
 pub mod signin;
 pub mod store;
 pub mod window;

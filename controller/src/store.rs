@@ -43,9 +43,11 @@ use crate::rollout::RolloutRecord;
 
 pub mod lease;
 mod pg_engine;
+mod shards;
 mod sled_engine;
 
 pub use lease::{Attempt, Lease};
+pub use shards::{Round, ShardKeeper};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -68,11 +70,25 @@ pub enum StoreError {
     /// from memory and retries; the next operation connects again.
     #[error("store {store} is unavailable: {reason}")]
     Unavailable { store: String, reason: String },
-    /// This controller's generation of the lease is no longer current:
-    /// another controller took over (or it expired while the database was
-    /// out of reach). Nothing was written; the controller must stop.
-    #[error("store {store}: lease generation {generation} is not current (expired, or another controller took over): nothing written")]
-    Fenced { store: String, generation: i64 },
+    /// This controller's generation of a lease (`controller`, or a
+    /// shard's) is no longer current: another controller took over (or it
+    /// expired while the database was out of reach). Nothing was written;
+    /// the controller must stop acting on what that lease guards.
+    #[error("store {store}: generation {generation} of lease {lease:?} is not current (expired, or another controller took over): nothing written")]
+    Fenced {
+        store: String,
+        lease: String,
+        generation: i64,
+    },
+    /// The commit writes a record guarded by a lease this controller does
+    /// not hold (a device of a shard it does not own, or a global record
+    /// while it is not the leader). Nothing was written.
+    #[error("store {store}: this controller does not hold lease {lease:?}, which guards {record}: nothing written")]
+    NotHeld {
+        store: String,
+        lease: String,
+        record: String,
+    },
     /// The database refused an operation (`code` is its SQLSTATE).
     #[error("store {store}: {message} (SQLSTATE {code})")]
     Database {
@@ -324,9 +340,79 @@ pub struct Store {
     /// them for the next).
     pending_secrets: std::sync::Mutex<Vec<crate::secrets::Rotation>>,
     gate: Option<CommitGate>,
-    /// The lease generation every commit is fenced with (PostgreSQL, set
-    /// by [`Store::fence_with`]); 0: unfenced.
-    fence: std::sync::atomic::AtomicI64,
+    /// The leases commits are fenced with (PostgreSQL, set by
+    /// [`Store::fence_with`] and [`Store::fence_shards`]).
+    fence: std::sync::Mutex<Fence>,
+}
+
+/// The leases a commit must prove, in its own transaction, that this
+/// controller still holds (see `PgEngine::apply`).
+#[derive(Debug, Clone, Default)]
+struct Fence {
+    /// The `controller` lease's generation. Unsharded, it guards every
+    /// record; sharded, every record that is not a device's (documents,
+    /// the audit log, rollouts, ...): the leader's.
+    leader: Option<i64>,
+    /// Sharded: the store's shard count and the generation of each shard
+    /// held. A device's record and secrets are guarded by its shard's
+    /// lease.
+    shards: Option<(u32, std::collections::BTreeMap<u32, i64>)>,
+}
+
+impl Fence {
+    /// The (lease, generation) pairs a commit of `ops` and `rotations`
+    /// must hold; [`StoreError::NotHeld`] when one of its records is
+    /// guarded by a lease this controller does not hold at all.
+    fn rows(
+        &self,
+        store: &StoreLocation,
+        rotations: &[crate::secrets::Rotation],
+        ops: &[Op<'_>],
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        let Some((shards, held)) = &self.shards else {
+            return Ok(self
+                .leader
+                .map(|g| vec![(lease::LEASE.to_owned(), g)])
+                .unwrap_or_default());
+        };
+        let not_held = |lease: String, record: String| StoreError::NotHeld {
+            store: store.to_string(),
+            lease,
+            record,
+        };
+        let mut rows = std::collections::BTreeMap::new();
+        let devices = ops
+            .iter()
+            .filter_map(|(tree, key, _)| match tree {
+                Tree::Devices => Some(*key),
+                // `<device>\0<name>`.
+                Tree::Secrets => key.split(|b| *b == 0).next(),
+                _ => None,
+            })
+            .map(String::from_utf8_lossy)
+            .chain(rotations.iter().map(|r| r.device.as_str().into()));
+        for device in devices {
+            let shard = crate::shard::shard_of(&device, *shards);
+            let row = crate::shard::lease_row(shard);
+            let Some(generation) = held.get(&shard) else {
+                return Err(not_held(row, format!("device {device:?}")));
+            };
+            rows.insert(row, *generation);
+        }
+        if let Some((tree, key, _)) = ops
+            .iter()
+            .find(|(tree, _, _)| !matches!(tree, Tree::Devices | Tree::Secrets))
+        {
+            let Some(generation) = self.leader else {
+                return Err(not_held(
+                    lease::LEASE.to_owned(),
+                    format!("{} {:?}", tree.name(), String::from_utf8_lossy(key)),
+                ));
+            };
+            rows.insert(lease::LEASE.to_owned(), generation);
+        }
+        Ok(rows.into_iter().collect())
+    }
 }
 
 /// The store's trees (see the module's key layout).
@@ -439,7 +525,7 @@ impl Engine {
     /// sled itself: nothing to fence).
     fn apply(
         &mut self,
-        fence: Option<i64>,
+        fence: &[(String, i64)],
         rotations: &[crate::secrets::Rotation],
         ops: &[Op<'_>],
     ) -> Result<(), StoreError> {
@@ -596,23 +682,31 @@ impl Store {
             deferred_docs: std::sync::Mutex::new(Vec::new()),
             pending_secrets: std::sync::Mutex::new(Vec::new()),
             gate: None,
-            fence: std::sync::atomic::AtomicI64::new(0),
+            fence: std::sync::Mutex::new(Fence::default()),
         })
     }
 
-    /// Every later commit succeeds only while `generation` of the lease
-    /// is held ([`Lease`]); otherwise it fails with
-    /// [`StoreError::Fenced`] and writes nothing.
+    /// Every later commit succeeds only while `generation` of the
+    /// `controller` lease is held ([`Lease`]); otherwise it fails with
+    /// [`StoreError::Fenced`] and writes nothing. Once sharded
+    /// ([`Store::fence_shards`]) that lease is the leader's and guards only
+    /// the records that are not a device's.
     pub fn fence_with(&self, generation: i64) {
-        self.fence
-            .store(generation, std::sync::atomic::Ordering::SeqCst);
+        self.fence.lock().unwrap_or_else(|e| e.into_inner()).leader = Some(generation);
     }
 
-    fn fence(&self) -> Option<i64> {
-        match self.fence.load(std::sync::atomic::Ordering::SeqCst) {
-            0 => None,
-            g => Some(g),
-        }
+    /// Sharded: every later commit writes a device's record (or secrets)
+    /// only while the generation in `held` of that device's shard (of
+    /// `shards`, see [`crate::shard`]) is current, and refuses a device of
+    /// a shard not in `held` ([`StoreError::NotHeld`]); anything else
+    /// needs [`Store::fence_with`]'s lease. Called again whenever the
+    /// shards held change ([`ShardKeeper`]).
+    pub fn fence_shards(&self, shards: u32, held: std::collections::BTreeMap<u32, i64>) {
+        self.fence.lock().unwrap_or_else(|e| e.into_inner()).shards = Some((shards, held));
+    }
+
+    fn fence(&self) -> Fence {
+        self.fence.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Every later commit passes `gate` once durable (see [`CommitGate`]).
@@ -786,7 +880,8 @@ impl Store {
                         .map(|s| (Tree::Meta, &b"seq"[..], Some(&s[..]))),
                 )
                 .collect();
-            e.apply(self.fence(), secrets, &ops)?;
+            let fence = self.fence().rows(&self.location, secrets, &ops)?;
+            e.apply(&fence, secrets, &ops)?;
             if let Some(gate) = &self.gate {
                 (gate.0)(&Pending {
                     docs: &docs,
@@ -1010,6 +1105,71 @@ fn decode_u64(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Sharded, a commit proves the lease of each device's shard it
+    /// writes (record or secret slot) and the leader's for anything else,
+    /// and is refused before it is sent when one is not held at all.
+    #[test]
+    fn a_sharded_commit_is_fenced_by_the_leases_of_what_it_writes() {
+        use crate::shard::{lease_row, shard_of, DEFAULT_SHARDS};
+        let location = StoreLocation::Postgres("postgres://db/x".into());
+        let (a, b) = ("lamp0001", "lamp0002");
+        let (sa, sb) = (shard_of(a, DEFAULT_SHARDS), shard_of(b, DEFAULT_SHARDS));
+        assert_ne!(sa, sb);
+        let fence = Fence {
+            leader: None,
+            shards: Some((DEFAULT_SHARDS, [(sa, 4)].into())),
+        };
+        let secret = crate::secrets::slot_key(a, "wifi");
+        let ops: Vec<Op<'_>> = vec![
+            (Tree::Devices, a.as_bytes(), Some(b"{}")),
+            (Tree::Secrets, &secret, Some(b"{}")),
+        ];
+        assert_eq!(
+            fence.rows(&location, &[], &ops).expect("held"),
+            [(lease_row(sa), 4)]
+        );
+        let other = crate::secrets::slot_key(b, "wifi");
+        for op in [
+            (Tree::Devices, b.as_bytes(), Some(&b"{}"[..])),
+            (Tree::Secrets, &other[..], None),
+        ] {
+            let err = fence
+                .rows(&location, &[], &[ops[0], op])
+                .expect_err("b's shard");
+            assert!(
+                matches!(&err, StoreError::NotHeld { lease, .. } if *lease == lease_row(sb)),
+                "{err}"
+            );
+        }
+        let global = [ops[0], (Tree::Meta, &b"seq"[..], Some(&b"1"[..]))];
+        let err = fence
+            .rows(&location, &[], &global)
+            .expect_err("not the leader");
+        assert!(
+            matches!(&err, StoreError::NotHeld { lease, .. } if lease == "controller"),
+            "{err}"
+        );
+        let leader = Fence {
+            leader: Some(9),
+            ..fence
+        };
+        assert_eq!(
+            leader.rows(&location, &[], &global).expect("held"),
+            [("controller".to_owned(), 9), (lease_row(sa), 4)]
+        );
+        // Unsharded, the one lease guards everything.
+        let single = Fence {
+            leader: Some(2),
+            shards: None,
+        };
+        assert_eq!(
+            single
+                .rows(&location, &[], &[ops[0], global[1]])
+                .expect("held"),
+            [("controller".to_owned(), 2)]
+        );
+    }
 
     #[test]
     fn passwords_never_show_in_a_redacted_location() {

@@ -25,8 +25,8 @@ use std::time::Duration;
 use super::pg_engine::{connect, off_runtime, pg_error};
 use super::StoreError;
 
-/// The lease's row: one for the whole fleet. (Shards would be one row
-/// each.)
+/// The lease's row: one for the whole fleet; once sharded, the leader's
+/// (each shard has a row of its own, see `store/shards.rs`).
 pub(super) const LEASE: &str = "controller";
 
 /// How long a lease lasts unless renewed.
@@ -49,30 +49,29 @@ pub enum Attempt {
     },
 }
 
-/// A connection to the store's database for the lease alone.
-pub struct Lease {
+/// A connection to the store's database of its own, kept apart from the
+/// store's (a long commit does not delay a renewal), connected again at
+/// the next call after an error.
+pub(super) struct Conn {
+    /// Redacted, for errors.
     store: String,
-    holder: String,
-    /// `None` after an error: the next call connects again.
-    client: Option<postgres::Client>,
     url: String,
+    /// `None` after an error.
+    client: Option<postgres::Client>,
 }
 
-impl Lease {
-    /// Connects as `holder` (a name unique to this process: it is shown
-    /// to the others while it holds the lease). Creates the tables if the
-    /// store is new.
-    pub fn connect(url: &str, holder: &str) -> Result<Lease, StoreError> {
+impl Conn {
+    /// Connects; creates the tables if the store is new.
+    pub(super) fn open(url: &str) -> Result<Conn, StoreError> {
         // Opening the engine creates (or checks) the schema.
         drop(super::pg_engine::PgEngine::open(url)?);
-        let mut lease = Lease {
+        let mut conn = Conn {
             store: super::redact_url(url),
-            holder: holder.to_owned(),
-            client: None,
             url: url.to_owned(),
+            client: None,
         };
-        lease.client()?;
-        Ok(lease)
+        conn.client()?;
+        Ok(conn)
     }
 
     fn client(&mut self) -> Result<&mut postgres::Client, StoreError> {
@@ -85,7 +84,8 @@ impl Lease {
         })
     }
 
-    fn call<T: Send>(
+    /// Runs `f` off the runtime; after an error the connection is dropped.
+    pub(super) fn call<T: Send>(
         &mut self,
         what: &str,
         f: impl FnOnce(&mut postgres::Client) -> Result<T, postgres::Error> + Send,
@@ -99,6 +99,40 @@ impl Lease {
             }
         }
         result
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            off_runtime(move || drop(client));
+        }
+    }
+}
+
+/// A connection to the store's database for the lease alone.
+pub struct Lease {
+    holder: String,
+    conn: Conn,
+}
+
+impl Lease {
+    /// Connects as `holder` (a name unique to this process: it is shown
+    /// to the others while it holds the lease). Creates the tables if the
+    /// store is new.
+    pub fn connect(url: &str, holder: &str) -> Result<Lease, StoreError> {
+        Ok(Lease {
+            holder: holder.to_owned(),
+            conn: Conn::open(url)?,
+        })
+    }
+
+    fn call<T: Send>(
+        &mut self,
+        what: &str,
+        f: impl FnOnce(&mut postgres::Client) -> Result<T, postgres::Error> + Send,
+    ) -> Result<T, StoreError> {
+        self.conn.call(what, f)
     }
 
     /// Takes the lease if it is free or has expired.
@@ -161,13 +195,5 @@ impl Lease {
             )
             .map(|_| ())
         })
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        if let Some(client) = self.client.take() {
-            off_runtime(move || drop(client));
-        }
     }
 }

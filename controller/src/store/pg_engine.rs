@@ -25,7 +25,10 @@ use super::{redact_url, rotated_slots, Op, StoreError, Tree, Visit, Walk};
 /// cityplane is refused rather than misread. Version 2 added the lease
 /// (`cityplane_lease`, see `store/lease.rs`): a version-1 cityplane would
 /// write unfenced beside a controller that holds it, so it is refused.
-const SCHEMA_VERSION: i32 = 2;
+/// Version 3 added shards (`cityplane_schema.shards`, the members table,
+/// see `store/shards.rs`): a version-2 cityplane would take the
+/// `controller` lease and write every device beside the shards' owners.
+const SCHEMA_VERSION: i32 = 3;
 
 const SCHEMA: &str = "
     CREATE TABLE IF NOT EXISTS cityplane_kv (
@@ -37,6 +40,12 @@ const SCHEMA: &str = "
     CREATE TABLE IF NOT EXISTS cityplane_schema (
         only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
         version  integer NOT NULL
+    );
+    ALTER TABLE cityplane_schema ADD COLUMN IF NOT EXISTS
+        shards integer NOT NULL DEFAULT 16 CHECK (shards BETWEEN 1 AND 1024);
+    CREATE TABLE IF NOT EXISTS cityplane_members (
+        member     text        PRIMARY KEY,
+        expires_at timestamptz NOT NULL
     );
     CREATE TABLE IF NOT EXISTS cityplane_lease (
         name       text        PRIMARY KEY,
@@ -246,26 +255,34 @@ impl PgEngine {
         }
     }
 
-    /// With `fence`, the commit happens only while that generation of the
-    /// lease is held and unexpired (the database's clock): the row is
-    /// read FOR SHARE, so a takeover waits for this commit and a
-    /// controller that lost the lease writes nothing.
+    /// With `fence`, the commit happens only while each of those leases
+    /// is held at that generation and unexpired (the database's clock):
+    /// the rows are read FOR SHARE, so a takeover waits for this commit and
+    /// a controller that lost a lease writes nothing.
     pub(super) fn apply(
         &mut self,
-        fence: Option<i64>,
+        fence: &[(String, i64)],
         rotations: &[crate::secrets::Rotation],
         ops: &[Op<'_>],
     ) -> Result<(), StoreError> {
-        let held = self.call("commit", |c| {
+        let lost = self.call("commit", |c| {
             let mut tx = c.transaction()?;
-            if let Some(generation) = fence {
-                let held = tx.query_opt(
-                    "SELECT 1 FROM cityplane_lease WHERE name = $1 AND generation = $2 \
-                     AND expires_at > now() FOR SHARE",
-                    &[&super::lease::LEASE, &generation],
-                )?;
-                if held.is_none() {
-                    return Ok(false);
+            if !fence.is_empty() {
+                let (names, generations): (Vec<&str>, Vec<i64>) =
+                    fence.iter().map(|(n, g)| (n.as_str(), *g)).unzip();
+                let held: Vec<String> = tx
+                    .query(
+                        "SELECT l.name FROM cityplane_lease l \
+                         JOIN unnest($1::text[], $2::int8[]) AS f(name, generation) \
+                           ON l.name = f.name AND l.generation = f.generation \
+                         WHERE l.expires_at > now() FOR SHARE OF l",
+                        &[&names, &generations],
+                    )?
+                    .into_iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                if let Some(lost) = fence.iter().find(|(n, _)| !held.contains(n)) {
+                    return Ok(Some(lost.clone()));
                 }
             }
             let slots = if rotations.is_empty() {
@@ -330,15 +347,15 @@ impl PgEngine {
             }
             // Returns once the server says COMMIT, i.e. (synchronous_commit
             // on) once the WAL holding it is flushed.
-            tx.commit().map(|()| true)
+            tx.commit().map(|()| None)
         })?;
-        if held {
-            Ok(())
-        } else {
-            Err(StoreError::Fenced {
+        match lost {
+            None => Ok(()),
+            Some((lease, generation)) => Err(StoreError::Fenced {
                 store: self.store.clone(),
-                generation: fence.unwrap_or_default(),
-            })
+                lease,
+                generation,
+            }),
         }
     }
 }

@@ -12,5 +12,6 @@ mod guards;
 mod input_hardening;
 mod internal_links;
 mod registry;
+mod shards;
 mod store_engines;
 mod store_torture;
