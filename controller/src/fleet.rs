@@ -640,6 +640,38 @@ impl Fleet {
         self.recompute_desired(affected)
     }
 
+    /// Follows the documents as the store holds them, written by another
+    /// controller (sharded: the leader writes documents, each shard's
+    /// owner follows them for its own devices): applies those that are new
+    /// or changed, removes those gone. Returns how many devices' desired
+    /// state changed.
+    ///
+    /// The fleet's sequence first moves past every stored document's, so
+    /// a device whose desired state changes now gets a generation past the
+    /// document's: "converged for this document" (`desired_generation >=
+    /// doc.seq`) means the same whichever controller computed it.
+    pub fn follow_docs(&mut self, stored: Vec<DocRecord>) -> usize {
+        self.seq = stored.iter().map(|d| d.seq).fold(self.seq, u64::max);
+        let stored_names: HashSet<&str> = stored.iter().map(|d| d.name.as_str()).collect();
+        let gone: Vec<String> = self
+            .docs
+            .keys()
+            .filter(|n| !stored_names.contains(n.as_str()))
+            .cloned()
+            .collect();
+        let mut changed = 0;
+        for name in gone {
+            changed += self.delete_doc(&name).map_or(0, |(_, n)| n);
+        }
+        for doc in stored {
+            let known = self.docs.get(&doc.name).map(|d| (d.generation, d.seq));
+            if known != Some((doc.generation, doc.seq)) {
+                changed += self.apply_doc(doc);
+            }
+        }
+        changed
+    }
+
     /// Registers devices or updates their attributes (a manifest, an
     /// import). With `Overwrite::Never`, ids already registered keep the
     /// attributes the registry holds: the PKI introduces a device, operators
@@ -1367,6 +1399,86 @@ mod tests {
                 .filter(|d| selects(&d.target, &dev.id, &dev.attrs))
                 .map(DocRecord::layer),
         )
+    }
+
+    fn lamps(range: std::ops::Range<usize>) -> Vec<DeviceRecord> {
+        range
+            .map(|i| {
+                let mut d = DeviceRecord::new(&format!("d{i}"));
+                d.attrs.labels.insert("zone".into(), format!("z{}", i % 3));
+                d
+            })
+            .collect()
+    }
+
+    /// A shard's owner holds some of the devices and follows documents the
+    /// leader wrote: its devices end with the desired state the leader's
+    /// whole fleet gives them, generations past each document's, through
+    /// new documents, changed targets and deletions.
+    #[test]
+    fn an_owner_following_the_leaders_documents_computes_the_same_desired_state() {
+        let mut leader = Fleet::for_tests(lamps(0..12));
+        let mut owner = Fleet::for_tests(lamps(4..8));
+        fn write(leader: &mut Fleet, name: &str, target: Target, state: Value) {
+            leader.seq += 1;
+            let generation = leader.docs.get(name).map_or(0, |d| d.generation) + 1;
+            leader.apply_doc(DocRecord {
+                name: name.into(),
+                target,
+                priority: 0,
+                state: object(state),
+                generation,
+                seq: leader.seq,
+                author: "t".into(),
+                org: None,
+                written_at: 0,
+                history: Vec::new(),
+            });
+        }
+        let all = Target::Selector(Selector {
+            all: true,
+            ..Default::default()
+        });
+        for n in 0..4 {
+            match n {
+                0 => write(&mut leader, "night", zone("z1"), json!({"dim": 30})),
+                1 => write(
+                    &mut leader,
+                    "all",
+                    all.clone(),
+                    json!({"fw": "1.2", "dim": 10}),
+                ),
+                2 => write(
+                    &mut leader,
+                    "night",
+                    ids(&["d5", "d6", "d11"]),
+                    json!({"dim": 40}),
+                ),
+                _ => {
+                    leader.delete_doc("all");
+                }
+            }
+            let stored: Vec<DocRecord> = leader.docs.values().cloned().collect();
+            owner.follow_docs(stored.clone());
+            for dev in owner.devices.values() {
+                assert_eq!(
+                    dev.desired, leader.devices[&dev.id].desired,
+                    "step {n}, {}",
+                    dev.id
+                );
+                for doc in stored
+                    .iter()
+                    .filter(|d| selects(&d.target, &dev.id, &dev.attrs))
+                {
+                    assert!(dev.desired_generation > doc.seq, "step {n}, {}", dev.id);
+                }
+            }
+            assert_eq!(
+                owner.follow_docs(stored),
+                0,
+                "step {n}: nothing new, nothing changes"
+            );
+        }
     }
 
     #[test]

@@ -42,11 +42,13 @@ use crate::model::{AuditEntry, DeviceRecord, DocRecord, ReleaseRecord};
 use crate::rollout::RolloutRecord;
 
 pub mod lease;
+mod listen;
 mod pg_engine;
 mod shards;
 mod sled_engine;
 
 pub use lease::{Attempt, Lease};
+pub use listen::{GlobalListener, Heard};
 pub use shards::{Round, ShardKeeper};
 
 #[derive(Debug, thiserror::Error)]

@@ -74,6 +74,11 @@ impl Conn {
         Ok(conn)
     }
 
+    /// False after an error dropped the connection (until the next call).
+    pub(super) fn is_connected(&self) -> bool {
+        self.client.is_some()
+    }
+
     fn client(&mut self) -> Result<&mut postgres::Client, StoreError> {
         if self.client.is_none() {
             self.client = Some(connect(&self.url)?.1);

@@ -345,6 +345,10 @@ impl PgEngine {
                     &[&trees, &keys],
                 )?;
             }
+            // Delivered at COMMIT, to listeners only if it commits.
+            if let Some(payload) = global_change(ops) {
+                tx.execute("SELECT pg_notify($1, $2)", &[&GLOBAL_CHANNEL, &payload])?;
+            }
             // Returns once the server says COMMIT, i.e. (synchronous_commit
             // on) once the WAL holding it is flushed.
             tx.commit().map(|()| None)
@@ -358,6 +362,26 @@ impl PgEngine {
             }),
         }
     }
+}
+
+/// The channel a commit of global records notifies (`store/listen.rs`).
+pub(super) const GLOBAL_CHANNEL: &str = "cityplane_global";
+
+/// The notification for a commit of `ops`: the global trees it writes
+/// (those every shard's owner follows), comma-separated; `None` when it
+/// writes none. Device records, secrets, the audit log, the sequence and
+/// compliance samples are not followed.
+fn global_change(ops: &[Op<'_>]) -> Option<String> {
+    let trees: std::collections::BTreeSet<&str> = ops
+        .iter()
+        .filter(|(tree, key, _)| match tree {
+            Tree::Docs | Tree::Rollouts | Tree::Releases => true,
+            Tree::Governance => !key.starts_with(b"history/"),
+            Tree::Devices | Tree::Secrets | Tree::Audit | Tree::Meta => false,
+        })
+        .map(|(tree, _, _)| tree.name())
+        .collect();
+    (!trees.is_empty()).then(|| trees.into_iter().collect::<Vec<_>>().join(","))
 }
 
 impl Drop for PgEngine {

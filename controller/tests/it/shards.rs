@@ -271,3 +271,95 @@ fn an_owner_writes_only_its_shards_devices_and_nothing_once_a_paused_shard_is_ta
     assert!(round.lost.contains(&mine), "{round:?}");
     assert!(round.gained.is_empty() && a.held().is_empty(), "{round:?}");
 }
+
+fn doc(name: &str, generation: u64) -> cityplane_controller::model::DocRecord {
+    cityplane_controller::model::DocRecord {
+        name: name.into(),
+        target: cityplane_proto::messages::Target::Ids(cityplane_proto::messages::IdList {
+            ids: vec!["lamp0001".into()],
+        }),
+        priority: 0,
+        state: Default::default(),
+        generation,
+        seq: generation,
+        author: "op".into(),
+        org: None,
+        written_at: 0,
+        history: Vec::new(),
+    }
+}
+
+/// The owners of shards follow what the leader writes: a commit of
+/// documents (or organisations, the policy, ...) is heard once it is
+/// durable, a commit of device records or compliance samples is not, a
+/// refused commit is not, and a listener that lost its connection hears
+/// "everything" (what was sent meanwhile is gone).
+#[test]
+fn a_listener_hears_each_durable_commit_of_global_records_and_everything_after_an_outage() {
+    use cityplane_controller::store::{GlobalListener, Heard};
+    use std::time::Duration;
+    let Some(mut pg) = postgres_or_skip(
+        "a_listener_hears_each_durable_commit_of_global_records_and_everything_after_an_outage",
+    ) else {
+        return;
+    };
+    let location = StoreLocation::Postgres(pg.url());
+    let mut listener = GlobalListener::connect(&pg.url()).expect("listener");
+    let heard = |l: &mut GlobalListener| l.wait(Duration::from_secs(10)).expect("wait");
+    let quiet = |l: &mut GlobalListener| l.wait(Duration::from_millis(200)).expect("wait");
+    assert_eq!(heard(&mut listener), Some(Heard::Everything), "at first");
+    assert_eq!(quiet(&mut listener), None);
+
+    let store = Store::open_at(&location, 4 << 20).expect("open");
+    let trees = |t: &[&str]| Some(Heard::Trees(t.iter().map(|s| (*s).to_owned()).collect()));
+    // Not followed: device records, compliance samples, the sequence.
+    commit_device(&store, "lamp0001", 1).expect("commit");
+    store
+        .commit(&Changes {
+            governance: vec![("history/city/0000000000000001".into(), Some(b"{}".to_vec()))],
+            seq: Some(3),
+            ..Default::default()
+        })
+        .expect("commit");
+    // Refused: fenced by a lease nobody holds.
+    let fenced = Store::open_at(&location, 4 << 20).expect("open");
+    fenced.fence_with(41);
+    fenced
+        .commit(&Changes {
+            docs: vec![doc("refused", 1)],
+            ..Default::default()
+        })
+        .expect_err("fenced");
+    store
+        .commit(&Changes {
+            docs: vec![doc("night", 1)],
+            governance: vec![("org/city".into(), Some(b"{}".to_vec()))],
+            ..Default::default()
+        })
+        .expect("commit");
+    assert_eq!(
+        heard(&mut listener),
+        trees(&["docs", "governance"]),
+        "only the last commit"
+    );
+    assert_eq!(quiet(&mut listener), None);
+
+    pg.restart().expect("restart");
+    let outage = (0..50).find_map(|_| match listener.wait(Duration::from_millis(200)) {
+        Ok(Some(Heard::Everything)) => Some(()),
+        Ok(_) | Err(_) => None,
+    });
+    assert_eq!(
+        outage,
+        Some(()),
+        "a listener that lost its connection rereads everything"
+    );
+    let store = Store::open_at(&location, 4 << 20).expect("open");
+    store
+        .commit(&Changes {
+            deleted_docs: vec!["night".into()],
+            ..Default::default()
+        })
+        .expect("commit");
+    assert_eq!(heard(&mut listener), trees(&["docs"]), "listening again");
+}
