@@ -16,6 +16,8 @@ use cityplane_controller::shard::{shard_of, DEFAULT_SHARDS};
 use cityplane_controller::store::{Changes, ShardKeeper, Store, StoreError, StoreLocation};
 use cityplane_testkit::postgres::Postgres;
 
+use crate::common::doc;
+
 fn postgres_or_skip(test: &str) -> Option<Postgres> {
     cityplane_testkit::postgres::available(test)
         .then(|| Postgres::start().expect("PostgreSQL starts"))
@@ -270,23 +272,6 @@ fn an_owner_writes_only_its_shards_devices_and_nothing_once_a_paused_shard_is_ta
     let round = a.tick().expect("round");
     assert!(round.lost.contains(&mine), "{round:?}");
     assert!(round.gained.is_empty() && a.held().is_empty(), "{round:?}");
-}
-
-fn doc(name: &str, generation: u64) -> cityplane_controller::model::DocRecord {
-    cityplane_controller::model::DocRecord {
-        name: name.into(),
-        target: cityplane_proto::messages::Target::Ids(cityplane_proto::messages::IdList {
-            ids: vec!["lamp0001".into()],
-        }),
-        priority: 0,
-        state: Default::default(),
-        generation,
-        seq: generation,
-        author: "op".into(),
-        org: None,
-        written_at: 0,
-        history: Vec::new(),
-    }
 }
 
 /// The owners of shards follow what the leader writes: a commit of

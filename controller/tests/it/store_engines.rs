@@ -16,8 +16,9 @@ use cityplane_controller::secrets::{Rotation, Vault};
 use cityplane_controller::store::{
     Changes, CommitGate, Store, StoreError, StoreLocation, AUDIT_KEPT, MAX_RECORD,
 };
-use cityplane_proto::messages::{IdList, Target};
 use cityplane_testkit::postgres::Postgres;
+
+use crate::common::doc;
 
 const CACHE: u64 = 4 << 20;
 
@@ -50,23 +51,6 @@ fn open(location: &StoreLocation) -> Store {
             }
             Err(e) => panic!("open {location}: {e}"),
         }
-    }
-}
-
-fn doc(name: &str, generation: u64) -> DocRecord {
-    DocRecord {
-        name: name.into(),
-        target: Target::Ids(IdList {
-            ids: vec!["d1".into()],
-        }),
-        priority: 0,
-        state: Default::default(),
-        generation,
-        seq: generation,
-        author: "op".into(),
-        org: None,
-        written_at: 0,
-        history: Vec::new(),
     }
 }
 

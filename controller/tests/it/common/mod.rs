@@ -510,3 +510,22 @@ async fn report(
         .await
         .expect("report");
 }
+
+/// A stored document record targeting device `d1`, as the store tests
+/// write it.
+pub fn doc(name: &str, generation: u64) -> cityplane_controller::model::DocRecord {
+    cityplane_controller::model::DocRecord {
+        name: name.into(),
+        target: cityplane_proto::messages::Target::Ids(cityplane_proto::messages::IdList {
+            ids: vec!["d1".into()],
+        }),
+        priority: 0,
+        state: Default::default(),
+        generation,
+        seq: generation,
+        author: "op".into(),
+        org: None,
+        written_at: 0,
+        history: Vec::new(),
+    }
+}
