@@ -417,6 +417,11 @@ impl Fence {
     }
 }
 
+/// Where [`Store::device_changes`] goes on from (opaque: a snapshot's
+/// xmin on PostgreSQL).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeCursor(String);
+
 /// The store's trees (see the module's key layout).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Tree {
@@ -741,6 +746,31 @@ impl Store {
             *guard = None;
         }
         result
+    }
+
+    /// The device records written since `since` (`None`: every one), and
+    /// the cursor to ask with next time: how a controller that does not
+    /// write them (sharded, the leader answering queries) keeps a copy.
+    /// A record may come again, never be missed, and comes only once
+    /// durable. PostgreSQL only: sled is one process's.
+    pub fn device_changes(
+        &self,
+        since: Option<&ChangeCursor>,
+    ) -> Result<(Vec<DeviceRecord>, ChangeCursor), StoreError> {
+        self.with(|e| {
+            let Engine::Postgres(pg) = e else {
+                return Err(StoreError::Refused {
+                    store: self.location.to_string(),
+                    reason: "following changes needs PostgreSQL".into(),
+                });
+            };
+            let (rows, cursor) = pg.changes(Tree::Devices, since.map(|c| c.0.as_str()))?;
+            let devices = rows
+                .iter()
+                .map(|(k, v)| decode(Tree::Devices.name(), k, v))
+                .collect::<Result<_, _>>()?;
+            Ok((devices, ChangeCursor(cursor)))
+        })
     }
 
     pub fn load(&self) -> Result<Loaded, StoreError> {

@@ -19,7 +19,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use super::{redact_url, rotated_slots, Op, StoreError, Tree, Visit, Walk};
+use super::{redact_url, rotated_slots, Op, Record, StoreError, Tree, Visit, Walk};
 
 /// Bumped by a change of the table layout; a database written by a newer
 /// cityplane is refused rather than misread. Version 2 added the lease
@@ -41,6 +41,11 @@ const SCHEMA: &str = "
         only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
         version  integer NOT NULL
     );
+    -- The transaction that last wrote the row: what a follower reads
+    -- changes by (`PgEngine::changes`).
+    ALTER TABLE cityplane_kv ADD COLUMN IF NOT EXISTS
+        xid xid8 NOT NULL DEFAULT pg_current_xact_id();
+    CREATE INDEX IF NOT EXISTS cityplane_kv_changes ON cityplane_kv (tree, xid);
     ALTER TABLE cityplane_schema ADD COLUMN IF NOT EXISTS
         shards integer NOT NULL DEFAULT 16 CHECK (shards BETWEEN 1 AND 1024);
     CREATE TABLE IF NOT EXISTS cityplane_members (
@@ -255,6 +260,51 @@ impl PgEngine {
         }
     }
 
+    /// The records of `tree` written since `since` (`None`: all of them),
+    /// and the cursor to ask with next time.
+    ///
+    /// Why not "the largest transaction id seen": ids are handed out when
+    /// a transaction starts writing and commits come in any order, so a
+    /// transaction with a smaller id may commit after one already read.
+    /// The cursor is the xmin of the snapshot read with: every transaction
+    /// below it had ended when the snapshot was taken, so its rows were
+    /// read then; those at or above it are read (again) next time. A row
+    /// may come twice, never not at all.
+    pub(super) fn changes(
+        &mut self,
+        tree: Tree,
+        since: Option<&str>,
+    ) -> Result<(Vec<Record>, String), StoreError> {
+        let since = since.unwrap_or("0").to_owned();
+        self.call("changes", move |c| {
+            let mut tx = c
+                .build_transaction()
+                .isolation_level(postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()?;
+            let cursor: String = tx
+                .query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text", &[])?
+                .get(0);
+            let mut out: Vec<Record> = Vec::new();
+            loop {
+                let after = out.last().map(|(k, _)| k.clone()).unwrap_or_default();
+                let page = tx.query(
+                    "SELECT key, value FROM cityplane_kv \
+                     WHERE tree = $1 AND xid >= $2::text::xid8 AND key > $3 \
+                     ORDER BY key LIMIT $4",
+                    &[&tree.name(), &since, &after, &PAGE],
+                )?;
+                let full = page.len() as i64 == PAGE;
+                out.extend(page.into_iter().map(|r| (r.get(0), r.get(1))));
+                if !full {
+                    break;
+                }
+            }
+            tx.commit()?;
+            Ok((out, cursor))
+        })
+    }
+
     /// With `fence`, the commit happens only while each of those leases
     /// is held at that generation and unexpired (the database's clock):
     /// the rows are read FOR SHARE, so a takeover waits for this commit and
@@ -332,7 +382,8 @@ impl PgEngine {
                 tx.execute(
                     "INSERT INTO cityplane_kv (tree, key, value) \
                      SELECT * FROM unnest($1::text[], $2::bytea[], $3::bytea[]) \
-                     ON CONFLICT (tree, key) DO UPDATE SET value = excluded.value",
+                     ON CONFLICT (tree, key) DO UPDATE SET value = excluded.value, \
+                       xid = pg_current_xact_id()",
                     &[&trees, &keys, &values],
                 )?;
             }

@@ -348,3 +348,103 @@ fn a_listener_hears_each_durable_commit_of_global_records_and_everything_after_a
         .expect("commit");
     assert_eq!(heard(&mut listener), trees(&["docs"]), "listening again");
 }
+
+/// The leader keeps a copy of every device record by reading what
+/// changed since its last read. A transaction that started writing before
+/// another but commits after it (ids are handed out in one order, commits
+/// land in another) is read all the same, and nothing uncommitted is.
+#[test]
+fn a_follower_reads_every_committed_device_change_whatever_the_commit_order() {
+    let Some(pg) = postgres_or_skip(
+        "a_follower_reads_every_committed_device_change_whatever_the_commit_order",
+    ) else {
+        return;
+    };
+    let location = StoreLocation::Postgres(pg.url());
+    let writer = Store::open_at(&location, 4 << 20).expect("open");
+    let follower = Store::open_at(&location, 4 << 20).expect("open");
+    let versions = |devices: Vec<DeviceRecord>| -> BTreeMap<String, u64> {
+        devices
+            .into_iter()
+            .map(|d| (d.id, d.reported_version))
+            .collect()
+    };
+    let (first, cursor) = follower.device_changes(None).expect("read");
+    assert!(first.is_empty());
+    commit_device(&writer, "lamp0001", 1).expect("commit");
+    commit_device(&writer, "lamp0002", 1).expect("commit");
+    let (read, cursor) = follower.device_changes(Some(&cursor)).expect("read");
+    assert_eq!(
+        versions(read),
+        BTreeMap::from([("lamp0001".into(), 1), ("lamp0002".into(), 1)])
+    );
+
+    // A slow transaction takes its id now and commits later.
+    let late = serde_json::to_string(&*device("lamp-late", 5)).expect("json");
+    let slow = {
+        let sql = format!(
+            "BEGIN; SELECT pg_current_xact_id(); \
+             SELECT pg_sleep(3); \
+             INSERT INTO cityplane_kv (tree, key, value) \
+               VALUES ('devices', 'lamp-late', convert_to('{late}', 'UTF8')); COMMIT;"
+        );
+        let port = pg.port();
+        std::thread::spawn(move || {
+            let out = std::process::Command::new(
+                std::path::Path::new(cityplane_testkit::postgres::BIN_DIR).join("psql"),
+            )
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+            .args([
+                "-d",
+                "postgres",
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                &sql,
+            ])
+            .output()
+            .expect("psql");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        })
+    };
+    // Wait until it holds its id, then commit after it started.
+    for _ in 0..100 {
+        let busy = pg
+            .psql(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE backend_xid IS NOT NULL AND query LIKE '%pg_sleep%'",
+            )
+            .expect("psql");
+        if busy == "1" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    commit_device(&writer, "lamp0003", 1).expect("commit");
+    let (read, cursor) = follower.device_changes(Some(&cursor)).expect("read");
+    assert_eq!(
+        versions(read),
+        BTreeMap::from([("lamp0003".into(), 1)]),
+        "the slow transaction's rows are not committed yet"
+    );
+    slow.join().expect("the slow transaction");
+    commit_device(&writer, "lamp0001", 2).expect("an update");
+    let (read, _) = follower.device_changes(Some(&cursor)).expect("read");
+    let read = versions(read);
+    assert_eq!(
+        read.get("lamp-late"),
+        Some(&5),
+        "committed after a later transaction was read, and read all the same: {read:?}"
+    );
+    assert_eq!(
+        read.get("lamp0001"),
+        Some(&2),
+        "an updated record: {read:?}"
+    );
+}
