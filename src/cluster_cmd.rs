@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use cityplane::cluster::provision::{Desired, Provisioner, SyncReport};
+use cityplane::cluster::provision::{Desired, Provisioner, ShardQueues, SyncReport};
 use cityplane::cluster::rabbit::{self, Cluster, ClusterSpec, ClusterStatus};
 use clap::{Args, Subcommand, ValueEnum};
 
@@ -116,6 +116,22 @@ pub struct SyncArgs {
     /// Delete users the PKI never issued (otherwise only reported as drift).
     #[arg(long)]
     pub prune: bool,
+    /// For sharded controllers: make one session queue per shard and bind
+    /// each device's leaves to its shard's queue, before the device gets a
+    /// user (so its first report has somewhere to go). N must be the
+    /// store's shard count: 16 unless it was created otherwise. Sharded
+    /// controllers are not released yet (docs/DESIGN-SHARDING.md)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub shards: Option<u32>,
+    /// With --shards: the controllers' identity (their certificate's CN),
+    /// whose shard sessions the queues are for
+    #[arg(
+        long,
+        value_name = "ID",
+        default_value = "controller",
+        requires = "shards"
+    )]
+    pub controller_id: String,
     #[arg(long, value_enum, default_value_t = Output::Text)]
     pub output: Output,
 }
@@ -221,7 +237,11 @@ async fn status(args: StatusArgs) -> Result<()> {
 
 async fn sync(args: SyncArgs) -> Result<()> {
     let cluster = Cluster::open(&args.dir.dir)?;
-    let desired = Desired::from_pki_and_cluster(&args.pki, &args.dir.dir)?;
+    let mut desired = Desired::from_pki_and_cluster(&args.pki, &args.dir.dir)?;
+    desired.shards = args.shards.map(|shards| ShardQueues {
+        controller: args.controller_id.clone(),
+        shards,
+    });
     let provisioner = Provisioner::new(cluster.mgmt()?, &cluster.info.admin_user);
     let report: SyncReport = provisioner.sync(&desired, args.prune).await?;
     match args.output {
@@ -250,6 +270,12 @@ fn print_report(r: &SyncReport, prune: bool) {
         if !r.quarantined.is_empty() {
             println!("quarantined (sessions cut): {}", list(&r.quarantined));
         }
+    }
+    if !r.queues_created.is_empty() {
+        println!("shard queues created: {}", r.queues_created.len());
+    }
+    if !r.bound.is_empty() {
+        println!("devices bound to their shard's queue: {}", r.bound.len());
     }
     for refused in &r.refused {
         println!("refused {}: {}", refused.id, refused.reason);

@@ -42,6 +42,17 @@ pub enum ProvisionError {
     Unexpected { what: &'static str, detail: String },
 }
 
+/// Bindings per `POST /api/definitions`: RabbitMQ 3.10 makes about 200 a
+/// second on 3 nodes (docs/DESIGN-SHARDING.md), so a call stays well
+/// inside the API client's timeout.
+const BINDING_BATCH: usize = 1000;
+
+/// The MQTT plugin's queue lifetime when no session uses it
+/// (`mqtt.subscription_ttl`, default 24 h): a queue declared here must carry
+/// the same arguments as the plugin's own declaration, or the plugin's
+/// declare fails when the session connects.
+const SUBSCRIPTION_TTL_MS: u64 = 86_400_000;
+
 /// What the broker should hold: the PKI's identities at one instant, less
 /// the devices the controller quarantined.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -50,7 +61,55 @@ pub struct Desired {
     /// Devices the controller cut off (`cityplane quarantine`): their
     /// certificates are valid, but they get no user until released.
     pub quarantined: BTreeSet<String>,
+    /// Sharded controllers: each device's leaves bound to its shard's
+    /// session queue (none: a controller subscribes for itself).
+    pub shards: Option<ShardQueues>,
 }
+
+/// Where sharded controllers receive device messages
+/// (docs/DESIGN-SHARDING.md): one persistent MQTT session per shard, client
+/// id `<controller>.shard-<k>`, whose queue the MQTT plugin names
+/// `mqtt-subscription-<client id>qos1`. A device's leaves the controller
+/// reads are bound to its shard's queue before the device gets a user, so
+/// none of its messages is routed nowhere; nothing is subscribed by the
+/// sessions themselves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ShardQueues {
+    /// The controllers' identity (the CN of their certificate).
+    pub controller: String,
+    /// The store's shard count (`cityplane_schema.shards`).
+    pub shards: u32,
+}
+
+impl ShardQueues {
+    /// The MQTT client id of shard `shard`'s session.
+    pub fn client_id(&self, shard: u32) -> String {
+        format!("{}.shard-{shard}", self.controller)
+    }
+
+    /// The queue of shard `shard`'s session.
+    pub fn queue(&self, shard: u32) -> String {
+        format!("mqtt-subscription-{}qos1", self.client_id(shard))
+    }
+
+    /// `device`'s bindings: (queue, routing key) for each leaf the
+    /// controller reads.
+    pub fn bindings(&self, device: &str) -> Vec<(String, String)> {
+        let queue = self.queue(cityplane_controller::shard::shard_of(device, self.shards));
+        CONTROLLER_LEAVES
+            .iter()
+            .map(|leaf| {
+                (
+                    queue.clone(),
+                    format!("{}.{device}.{leaf}", topics::DEVICES),
+                )
+            })
+            .collect()
+    }
+}
+
+/// The device leaves a controller reads (`runtime::DEVICE_LEAVES`).
+const CONTROLLER_LEAVES: [&str; 4] = ["reported", "acks", "presence", topics::DEVICE_CSR_LEAF];
 
 /// Where `cityplane controller --cluster-dir` leaves the devices it
 /// quarantined, in the cluster's directory, so that a `cluster sync` run
@@ -64,6 +123,7 @@ impl Desired {
         Ok(Desired {
             identities: registry::issued_identities(pki, time::OffsetDateTime::now_utc())?,
             quarantined: BTreeSet::new(),
+            shards: None,
         })
     }
 
@@ -258,6 +318,10 @@ pub struct SyncReport {
     pub drift: Vec<String>,
     /// Drift users deleted (`--prune`).
     pub pruned: Vec<String>,
+    /// Sharded: shard queues created.
+    pub queues_created: Vec<String>,
+    /// Sharded: devices whose bindings were made (before their users).
+    pub bound: Vec<String>,
     pub took_ms: u64,
 }
 
@@ -268,7 +332,9 @@ impl SyncReport {
             && self.updated.is_empty()
             && self.revoked.is_empty()
             && self.quarantined.is_empty()
-            && self.pruned.is_empty())
+            && self.pruned.is_empty()
+            && self.queues_created.is_empty()
+            && self.bound.is_empty())
     }
 }
 
@@ -411,6 +477,19 @@ impl Provisioner {
         for user in &recreate {
             self.delete_user(user).await?;
         }
+        if let Some(shards) = &desired.shards {
+            // Bound before any user is made: a new device's first report
+            // already has somewhere to go.
+            let bound: Vec<&str> = desired
+                .identities
+                .iter()
+                .filter(|i| i.role == Role::Device && !unwanted.contains(&i.id))
+                .map(|i| i.id.as_str())
+                .chain(quarantined.iter().copied())
+                .filter(|id| check_broker_id(id).is_ok())
+                .collect();
+            self.bind(shards, &bound, &mut report).await?;
+        }
         for batch in import.chunks(IMPORT_BATCH) {
             self.api
                 .post("/api/definitions", &definitions(batch))
@@ -418,6 +497,92 @@ impl Provisioner {
         }
         report.took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         Ok(report)
+    }
+
+    /// Makes the shard queues and the bindings of the devices in `bound`;
+    /// what is already there is left alone. A revoked device's bindings
+    /// stay: it has no user, so nothing is routed through them, and the
+    /// API's administrator has no permission on queues to remove them (it
+    /// manages users only). A quarantined device keeps them for its
+    /// release.
+    async fn bind(
+        &self,
+        shards: &ShardQueues,
+        bound: &[&str],
+        report: &mut SyncReport,
+    ) -> Result<(), ProvisionError> {
+        let queues = self.api.get("/api/queues?columns=name").await?;
+        let existing: BTreeSet<&str> = queues
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|q| q["name"].as_str())
+            .collect();
+        let missing: Vec<String> = (0..shards.shards)
+            .map(|k| shards.queue(k))
+            .filter(|q| !existing.contains(q.as_str()))
+            .collect();
+        if !missing.is_empty() {
+            let queues: Vec<Value> = missing
+                .iter()
+                .map(|q| {
+                    json!({
+                        "name": q, "vhost": VHOST, "durable": true, "auto_delete": false,
+                        "arguments": {"x-queue-type": "quorum", "x-expires": SUBSCRIPTION_TTL_MS},
+                    })
+                })
+                .collect();
+            self.api
+                .post("/api/definitions", &json!({"queues": queues}))
+                .await?;
+            report.queues_created = missing;
+        }
+
+        let ours: BTreeSet<String> = (0..shards.shards).map(|k| shards.queue(k)).collect();
+        let listed = self
+            .api
+            .get(&format!(
+                "/api/exchanges/{}/{}/bindings/source",
+                segment(VHOST),
+                segment(EXCHANGE)
+            ))
+            .await?;
+        let existing: BTreeSet<(String, String)> = listed
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|b| Some((b["destination"].as_str()?, b["routing_key"].as_str()?)))
+            .filter(|(queue, _)| ours.contains(*queue))
+            .map(|(q, k)| (q.to_owned(), k.to_owned()))
+            .collect();
+
+        let mut add = Vec::new();
+        for device in bound {
+            let missing: Vec<(String, String)> = shards
+                .bindings(device)
+                .into_iter()
+                .filter(|b| !existing.contains(b))
+                .collect();
+            if !missing.is_empty() {
+                report.bound.push((*device).to_owned());
+                add.extend(missing);
+            }
+        }
+        for batch in add.chunks(BINDING_BATCH) {
+            let bindings: Vec<Value> = batch
+                .iter()
+                .map(|(queue, key)| {
+                    json!({
+                        "source": EXCHANGE, "vhost": VHOST, "destination": queue,
+                        "destination_type": "queue", "routing_key": key, "arguments": {},
+                    })
+                })
+                .collect();
+            self.api
+                .post("/api/definitions", &json!({"bindings": bindings}))
+                .await?;
+        }
+        Ok(())
     }
 
     /// Deletes user `id`, which closes its connections on every node (how a

@@ -38,8 +38,21 @@ impl Mqtt {
     /// Connects to `addr` ("127.0.0.1:PORT") as `id` with `id`'s certificate
     /// and client id; the CONNACK's refusal as an error.
     async fn connect(pki: &Path, addr: &str, id: &str) -> Result<Mqtt, ConnectionError> {
+        Mqtt::connect_as(pki, addr, id, id, true).await
+    }
+
+    /// [`Mqtt::connect`] with another client id than the CN, and a
+    /// persistent session unless `clean`.
+    async fn connect_as(
+        pki: &Path,
+        addr: &str,
+        id: &str,
+        client_id: &str,
+        clean: bool,
+    ) -> Result<Mqtt, ConnectionError> {
         let (host, port) = addr.rsplit_once(':').expect("host:port");
-        let mut options = MqttOptions::new(id, host, port.parse().expect("port"));
+        let mut options = MqttOptions::new(client_id, host, port.parse().expect("port"));
+        options.set_clean_session(clean);
         options.set_keep_alive(Duration::from_secs(5));
         options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
             std::sync::Arc::new(cityplane_certs::client_tls::config(pki, id).expect("tls")),
@@ -201,8 +214,9 @@ async fn create_intruder(cluster: &RabbitCluster, name: &str) {
 /// One cluster for every check (it takes ~25 s to start): users appear
 /// only with `sync`, the topic rules hold both ways for devices and
 /// operators, an id with a `.` gets no user, a revocation cuts a live
-/// session and refuses the reconnect, drift is reported and pruned, the
-/// cluster survives the loss of a node, and `down` leaves no process.
+/// session and refuses the reconnect, drift is reported and pruned,
+/// `--shards` binds each device to its shard's session queue, the cluster
+/// survives the loss of a node, and `down` leaves no process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provisioned_users_hold_the_pki_rules_on_a_rabbitmq_cluster() {
     let started = Instant::now();
@@ -215,6 +229,7 @@ async fn provisioned_users_hold_the_pki_rules_on_a_rabbitmq_cluster() {
         ("device", "dev-a"),
         ("device", "dev-b"),
         ("device", "dev-c"),
+        ("device", "dev-d"),
         ("device", "dev.dot"),
         ("operator", "alice"),
         ("operator", "bob"),
@@ -234,7 +249,7 @@ async fn provisioned_users_hold_the_pki_rules_on_a_rabbitmq_cluster() {
     let report = cluster.sync(&pki);
     assert_eq!(
         names(&report, "created"),
-        ["alice", "bob", "ctl", "dev-a", "dev-b", "dev-c"],
+        ["alice", "bob", "ctl", "dev-a", "dev-b", "dev-c", "dev-d"],
         "{report}"
     );
     // '.' is a routing-key separator: `dev.dot` could otherwise publish
@@ -332,7 +347,66 @@ async fn provisioned_users_hold_the_pki_rules_on_a_rabbitmq_cluster() {
             "{field}: {report}"
         );
     }
-    assert_eq!(report["unchanged"], 5, "{report}");
+    assert_eq!(report["unchanged"], 6, "{report}");
+
+    // Sharded controllers (4 shards): the sync makes a session queue per
+    // shard and binds each device's leaves to its shard's queue, so each
+    // shard's persistent session (client id `ctl.shard-<k>`, subscribing to
+    // nothing itself) receives its own devices' reports and no others.
+    let shard = |id: &str| cityplane_controller::shard::shard_of(id, 4);
+    let report = cluster.sync_with(&pki, &["--shards", "4", "--controller-id", "ctl"]);
+    assert_eq!(names(&report, "queues_created").len(), 4, "{report}");
+    assert_eq!(
+        names(&report, "bound"),
+        ["dev-a", "dev-b", "dev-d"],
+        "{report}"
+    );
+    let mut sessions = Vec::new();
+    for k in 0..4 {
+        let client_id = format!("ctl.shard-{k}");
+        let session = Mqtt::connect_as(&pki, &node[k % 3], "ctl", &client_id, false)
+            .await
+            .expect("a shard session");
+        sessions.push(session);
+    }
+    let mut a = Mqtt::connect(&pki, &node[1], "dev-a").await.expect("dev-a");
+    assert!(a.publish("devices/dev-a/reported", b"{\"n\":10}").await);
+    assert!(a.publish("devices/dev-a/telemetry", b"{\"t\":1}").await);
+    let mut b = Mqtt::connect(&pki, &node[2], "dev-b").await.expect("dev-b");
+    assert!(b.publish("devices/dev-b/acks", b"{\"id\":\"c1\"}").await);
+    let mut expected: Vec<Vec<String>> = vec![Vec::new(); 4];
+    expected[shard("dev-a") as usize].push("devices/dev-a/reported".into());
+    expected[shard("dev-b") as usize].push("devices/dev-b/acks".into());
+    for (k, want) in expected.iter().enumerate() {
+        let mut got = Vec::new();
+        for _ in want {
+            got.extend(sessions[k].delivery().await.map(|(topic, _)| topic));
+        }
+        assert_eq!(&got, want, "shard {k}'s session");
+    }
+    // A wildcard subscription (`devices/+/reported`) still gets its own.
+    assert_eq!(
+        ctl.delivery().await.map(|(topic, _)| topic).as_deref(),
+        Some("devices/dev-a/reported")
+    );
+    // Nothing else arrived anywhere (telemetry is not bound).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (k, session) in sessions.iter_mut().enumerate() {
+        assert!(session.seen.try_recv().is_err(), "shard {k} got more");
+    }
+    let report = cluster.sync_with(&pki, &["--shards", "4", "--controller-id", "ctl"]);
+    assert!(
+        names(&report, "bound").is_empty() && names(&report, "queues_created").is_empty(),
+        "a second sync binds nothing: {report}"
+    );
+    // A revoked device loses its user; its bindings route nothing then.
+    ok(std::process::Command::new(BIN)
+        .args(["certs", "revoke", "--id", "dev-d", "--pki"])
+        .arg(&pki));
+    let report = cluster.sync_with(&pki, &["--shards", "4", "--controller-id", "ctl"]);
+    assert_eq!(names(&report, "revoked"), ["dev-d"], "{report}");
+    assert!(names(&report, "bound").is_empty(), "{report}");
+    drop(sessions);
 
     // A node lost: its clients reconnect to a survivor (2 of 3 still hold
     // the client-id majority), and the node rejoins.

@@ -100,7 +100,8 @@ impl RabbitCluster {
         self.sync_with(pki, &["--prune"])
     }
 
-    fn sync_with(&self, pki: &Path, extra: &[&str]) -> Value {
+    /// `cluster sync --output json` with more arguments.
+    pub fn sync_with(&self, pki: &Path, extra: &[&str]) -> Value {
         let out = ok(Command::new(BIN)
             .args(["cluster", "sync", "--output", "json", "--dir"])
             .arg(&self.dir)
