@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use cityplane::cluster::provision::{Desired, Provisioner, QUARANTINE_FILE};
+use cityplane::cluster::provision::{Desired, Provisioner, ShardQueues, QUARANTINE_FILE};
 use cityplane::cluster::rabbit::Cluster;
 use cityplane_controller::runtime::external::ExternalBroker;
 use cityplane_controller::Controller;
@@ -53,6 +53,15 @@ pub struct ControllerArgs {
     /// (RabbitMQ 3.10 can strand a subscription after a node dies)
     #[arg(long, env = "CITYPLANE_CLUSTER_DIR", value_name = "DIR")]
     pub cluster_dir: Option<PathBuf>,
+    /// Receive device messages through N shard sessions (client ids
+    /// <id>.shard-0 …), one queue each, instead of one session for the
+    /// whole fleet: the broker spreads the fleet's messages over N queues
+    /// (`cluster sync --shards N` binds each device to its shard's queue;
+    /// with --cluster-dir the controller does it itself). One controller
+    /// holds all N; a standby takes them all over. A step towards sharded
+    /// controllers (docs/DESIGN-SHARDING.md)
+    #[arg(long, env = "CITYPLANE_SHARDS", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub shards: Option<u32>,
     #[command(flatten)]
     pub controller: ControllerOpts,
 }
@@ -85,11 +94,16 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             unanswered = Some(tx);
             let resubscriber = tokio::spawn(resubscribe(provisioner.clone(), rx));
+            let shards = args.shards.map(|shards| ShardQueues {
+                controller: args.id.clone(),
+                shards,
+            });
             let follower = tokio::spawn(follow(
                 provisioner,
                 args.pki.clone(),
                 dir.clone(),
                 pins.clone(),
+                shards,
             ));
             Some((follower, resubscriber))
         }
@@ -105,6 +119,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         )),
         pins,
         unanswered,
+        shard_sessions: args.shards,
     };
     let mut cc = args.controller.config();
     cc.fence = lease.as_ref().map(|l| l.generation);
@@ -151,12 +166,14 @@ async fn follow(
     pki: PathBuf,
     dir: PathBuf,
     pins: cityplane_broker::Pins,
+    shards: Option<ShardQueues>,
 ) {
     let mut applied: Option<Desired> = None;
     let mut warned = false;
     loop {
         let desired = Desired::from_pki(&pki).map(|mut d| {
             d.quarantined = pins.refused();
+            d.shards = shards.clone();
             d
         });
         let result = match desired {

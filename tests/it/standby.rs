@@ -28,6 +28,10 @@ fn start(kind: Kind, test: &str, devices: usize, count: usize) -> Option<(Postgr
     let controllers = Controllers {
         count,
         store: Some(pg.url()),
+        // On RabbitMQ the controllers receive through 4 shard sessions, so
+        // a takeover resumes all of them (one session for everything is
+        // what tests/it/deployments.rs runs).
+        shards: (kind == Kind::Rabbit).then_some(4),
     };
     let d = Deployment::start_with(kind, test, devices, controllers)?;
     Some((pg, d))
@@ -128,8 +132,9 @@ async fn a_standby_takes_over_when_the_acting_controller_is_killed_mid_change() 
     killed_mid_change(Kind::Mosquitto).await;
 }
 
-/// The same on the RabbitMQ cluster: the successor resumes the controller's
-/// session (a quorum queue) from whichever node it reaches. Devices stay
+/// The same on the RabbitMQ cluster, with device messages through 4 shard
+/// sessions: the successor resumes the controller's sessions (quorum
+/// queues) from whichever node it reaches. Devices stay
 /// connected across the takeover and say nothing new, and RabbitMQ 3.10
 /// sends no retained presence to a wildcard subscription: a successor that
 /// forgot who was online (as `serve` must after a restart) never commanded

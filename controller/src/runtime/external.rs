@@ -62,6 +62,12 @@ pub struct ExternalBroker {
     /// issues 5075, 6271). `cityplane controller --cluster-dir` closes such
     /// a device's connection, so it subscribes afresh.
     pub unanswered: Option<mpsc::UnboundedSender<(String, String)>>,
+    /// Device messages arrive through this many shard sessions (client ids
+    /// `<id>.shard-<k>`) instead of the main session's subscriptions: each
+    /// a persistent session of its own, subscribing to nothing, whose
+    /// queue `cluster sync --shards N` binds each device's leaves to
+    /// (docs/DESIGN-SHARDING.md). `None`: one session for everything.
+    pub shard_sessions: Option<u32>,
 }
 
 impl std::fmt::Debug for ExternalBroker {
@@ -112,14 +118,54 @@ struct Connection {
     generation: Mutex<u64>,
 }
 
+/// Which of the controller's sessions a connection is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Session {
+    /// Client id `<id>`: operators' requests, devices' fetches, everything
+    /// published, and device messages unless there are shard sessions.
+    Main { device_messages: bool },
+    /// Client id `<id>.shard-<k>`: device messages of shard k only.
+    Shard(u32),
+}
+
+impl Session {
+    fn client_id(self, id: &str) -> String {
+        match self {
+            Session::Main { .. } => id.to_owned(),
+            Session::Shard(k) => format!("{id}.shard-{k}"),
+        }
+    }
+}
+
 pub(super) fn spawn(
     broker: ExternalBroker,
     events: mpsc::Sender<Event>,
     out: mpsc::Receiver<Outgoing>,
     secrets: Arc<crate::secrets::Secrets>,
 ) {
-    let options = options(&broker, 0);
-    let (client, mut eventloop) = AsyncClient::new(options, usize::from(INFLIGHT) * 4);
+    let (fetch_tx, fetch_rx) = mpsc::channel(FETCHES_QUEUED);
+    let main = Session::Main {
+        device_messages: broker.shard_sessions.is_none(),
+    };
+    let client = connect(&broker, main, &events, &fetch_tx);
+    let blobs = cityplane_broker::blobs::Blobs::new(broker.firmware.clone());
+    tokio::spawn(serve_fetches(client.clone(), blobs, fetch_rx));
+    tokio::spawn(publish(client, out, secrets, broker.unanswered.clone()));
+    for k in 0..broker.shard_sessions.unwrap_or(0) {
+        connect(&broker, Session::Shard(k), &events, &fetch_tx);
+    }
+}
+
+/// Starts `session`'s connection, its receiver and its acknowledgements;
+/// returns its client.
+fn connect(
+    broker: &ExternalBroker,
+    session: Session,
+    events: &mpsc::Sender<Event>,
+    fetches: &mpsc::Sender<(String, bytes::Bytes)>,
+) -> AsyncClient {
+    let (client, mut eventloop) =
+        AsyncClient::new(options(broker, session, 0), usize::from(INFLIGHT) * 4);
     // A node that just lost a peer answers late: it re-elects the leaders
     // of the session's replicated queue and takes over the dead node's
     // clients. Giving up sooner only moves the wait to the next node.
@@ -130,19 +176,18 @@ pub(super) fn spawn(
         generation: Mutex::new(0),
     });
     let (ack_tx, ack_rx) = mpsc::unbounded_channel();
-    let (fetch_tx, fetch_rx) = mpsc::channel(FETCHES_QUEUED);
-    let blobs = cityplane_broker::blobs::Blobs::new(broker.firmware.clone());
     tokio::spawn(acknowledge(client.clone(), connection.clone(), ack_rx));
-    tokio::spawn(publish(
-        client.clone(),
-        out,
-        secrets,
-        broker.unanswered.clone(),
-    ));
-    tokio::spawn(serve_fetches(client.clone(), blobs, fetch_rx));
     tokio::spawn(receive(
-        broker, client, eventloop, connection, events, ack_tx, fetch_tx,
+        broker.clone(),
+        session,
+        client.clone(),
+        eventloop,
+        connection,
+        events.clone(),
+        ack_tx,
+        fetches.clone(),
     ));
+    client
 }
 
 /// Answers devices' fetches with blobs (docs/PROTOCOL.md, "Firmware"), as
@@ -168,9 +213,9 @@ async fn serve_fetches(
     }
 }
 
-fn options(broker: &ExternalBroker, node: usize) -> MqttOptions {
+fn options(broker: &ExternalBroker, session: Session, node: usize) -> MqttOptions {
     let (host, port) = &broker.nodes[node % broker.nodes.len()];
-    let mut options = MqttOptions::new(broker.id.clone(), host.clone(), *port);
+    let mut options = MqttOptions::new(session.client_id(&broker.id), host.clone(), *port);
     options.set_clean_session(false);
     options.set_manual_acks(true);
     options.set_keep_alive(Duration::from_secs(10));
@@ -182,10 +227,25 @@ fn options(broker: &ExternalBroker, node: usize) -> MqttOptions {
     options
 }
 
-/// What the controller subscribes to: the device leaves it reads and the
-/// operators' requests.
-fn filters() -> Vec<SubscribeFilter> {
-    DEVICE_LEAVES
+/// What a session subscribes to: the main session the devices' fetches,
+/// the operators' requests and (without shard sessions) the device leaves
+/// the controller reads. A shard session's device bindings are
+/// provisioned, not subscribed; it subscribes to one topic nobody
+/// publishes, only so that the MQTT plugin declares its queue and consumes
+/// it even when the session connects before `cluster sync --shards` made
+/// the queue (bindings made later then deliver at once).
+fn filters(session: Session) -> Vec<SubscribeFilter> {
+    let device_messages = match session {
+        Session::Main { device_messages } => device_messages,
+        Session::Shard(k) => {
+            return vec![SubscribeFilter::new(
+                format!("cityplane/shards/{k}"),
+                QoS::AtLeastOnce,
+            )]
+        }
+    };
+    let leaves: &[&str] = if device_messages { &DEVICE_LEAVES } else { &[] };
+    leaves
         .iter()
         .chain([&topics::DEVICE_FETCH_LEAF])
         .map(|leaf| topics::all_devices(leaf))
@@ -194,8 +254,10 @@ fn filters() -> Vec<SubscribeFilter> {
         .collect()
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn receive(
     broker: ExternalBroker,
+    session: Session,
     client: AsyncClient,
     mut eventloop: EventLoop,
     connection: Arc<Connection>,
@@ -211,10 +273,10 @@ async fn receive(
             Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
                 wait = RECONNECT_FIRST;
                 let (host, port) = &broker.nodes[node % broker.nodes.len()];
-                tracing::info!(node = %format!("{host}:{port}"), session_present = ack.session_present, "controller connected to the broker");
+                tracing::info!(node = %format!("{host}:{port}"), session = ?session, session_present = ack.session_present, "controller connected to the broker");
                 // A resumed session keeps its subscriptions; subscribing
                 // again is harmless and covers a session the broker lost.
-                if let Err(e) = client.try_subscribe_many(filters()) {
+                if let Err(e) = client.try_subscribe_many(filters(session)) {
                     tracing::error!(error = %e, "could not queue the subscriptions");
                 }
             }
@@ -279,9 +341,9 @@ async fn receive(
                     eventloop.clean();
                 }
                 let (host, port) = &broker.nodes[node % broker.nodes.len()];
-                tracing::warn!(node = %format!("{host}:{port}"), error = %e, retry_in = ?wait, "lost the broker; trying the next node");
+                tracing::warn!(node = %format!("{host}:{port}"), session = ?session, error = %e, retry_in = ?wait, "lost the broker; trying the next node");
                 node += 1;
-                eventloop.mqtt_options = options(&broker, node);
+                eventloop.mqtt_options = options(&broker, session, node);
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(RECONNECT_MAX);
             }

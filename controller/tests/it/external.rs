@@ -102,6 +102,7 @@ async fn a_report_is_acknowledged_to_the_broker_only_once_stored() {
         firmware: None,
         pins: Default::default(),
         unanswered: None,
+        shard_sessions: None,
     };
 
     // Controller A stores the report, then its disk stalls: the commit

@@ -43,6 +43,9 @@ enum Running {
 pub struct Controllers {
     pub count: usize,
     pub store: Option<String>,
+    /// `--shards N` (RabbitMQ): device messages through N shard sessions,
+    /// bound by `cluster sync --shards N` before the devices connect.
+    pub shards: Option<u32>,
 }
 
 /// A running deployment with its PKI: operator `op`, devices
@@ -144,7 +147,10 @@ impl Deployment {
             }
             Kind::Rabbit => {
                 let cluster = RabbitCluster::up(&pki, &dir.path().join("rabbit"))?;
-                cluster.sync(&pki);
+                match controllers.shards {
+                    Some(n) => cluster.sync_with(&pki, &["--shards", &n.to_string()]),
+                    None => cluster.sync(&pki),
+                };
                 let nodes = cluster.mqtts();
                 let controller = start_controller(
                     &pki,
@@ -390,6 +396,9 @@ fn start_controller(
         cmd.arg("controller").arg("--store").arg(url);
     } else {
         cmd.arg("controller");
+    }
+    if let Some(n) = controllers.shards {
+        cmd.arg("--shards").arg(n.to_string());
     }
     let child = cmd
         .arg("--broker")
