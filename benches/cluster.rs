@@ -32,9 +32,10 @@
 //!
 //! `cargo bench -p cityplane --bench cluster [-- --sizes 500,1000]
 //! [--reports R] [--applies K] [--only embedded|cluster] [--base-port P]
-//! [--quiet-wait S]`; env `CITYPLANE_BENCH_SIZES`, `CITYPLANE_BENCH_REPORTS`
+//! [--shards N] [--quiet-wait S]`; env `CITYPLANE_BENCH_SIZES`, `CITYPLANE_BENCH_REPORTS`
 //! (default 5), `CITYPLANE_BENCH_APPLIES` (3), `CITYPLANE_BENCH_ONLY`,
-//! `CITYPLANE_BENCH_BASE_PORT` (29630), `CITYPLANE_BENCH_QUIET_WAIT` (seconds
+//! `CITYPLANE_BENCH_BASE_PORT` (29630), `CITYPLANE_BENCH_SHARDS` (device
+//! messages through N shard sessions), `CITYPLANE_BENCH_QUIET_WAIT` (seconds
 //! to wait for a load average below 0.8 before starting, default 600; 0 = do
 //! not wait). Without rabbitmq-server installed the cluster side is skipped
 //! (said on stdout and in the JSON). Prints a summary and `BENCH_JSON {…}`;
@@ -89,6 +90,8 @@ struct Args {
     only: Option<Side>,
     base_port: u16,
     quiet_wait: u64,
+    /// `controller --shards N` (and `cluster sync --shards N`).
+    shards: Option<u32>,
 }
 
 fn args() -> Result<Args> {
@@ -117,6 +120,7 @@ fn args() -> Result<Args> {
             .transpose()?,
         base_port: env("CITYPLANE_BENCH_BASE_PORT").map_or(Ok(29630), |v| v.parse())?,
         quiet_wait: env("CITYPLANE_BENCH_QUIET_WAIT").map_or(Ok(600), |v| v.parse())?,
+        shards: env("CITYPLANE_BENCH_SHARDS").map(|v| v.parse()).transpose()?,
     };
     bench::parse_args(std::env::args().skip(1), |key, value| {
         match key {
@@ -126,6 +130,7 @@ fn args() -> Result<Args> {
             "--only" => a.only = Some(parse_side(&value()?)?),
             "--base-port" => a.base_port = value()?.parse()?,
             "--quiet-wait" => a.quiet_wait = value()?.parse()?,
+            "--shards" => a.shards = Some(value()?.parse()?),
             _ => return Ok(false),
         }
         Ok(true)
@@ -466,10 +471,16 @@ async fn start(side: Side, a: &Args, pki: &Path, dir: &Path) -> Result<Deploymen
                 .iter()
                 .filter_map(|v| v.as_str().map(str::to_owned))
                 .collect();
+            let shards = a.shards.map(|n| n.to_string());
+            let sharded = shards.clone();
             let (sync_out, sync_s) = tokio::task::spawn_blocking(move || {
-                run_cli(&[
+                let mut args = vec![
                     "cluster", "sync", "--dir", &cdir_s, "--pki", &pki_s, "--output", "json",
-                ])
+                ];
+                if let Some(n) = &sharded {
+                    args.extend(["--shards", n]);
+                }
+                run_cli(&args)
             })
             .await??;
             let sync: Value = serde_json::from_str(sync_out.trim()).unwrap_or(Value::Null);
@@ -485,6 +496,7 @@ async fn start(side: Side, a: &Args, pki: &Path, dir: &Path) -> Result<Deploymen
                     .arg(pki)
                     .arg("--data")
                     .arg(&data)
+                    .args(shards.iter().flat_map(|n| ["--shards", n.as_str()]))
                     .env("RUST_LOG", "warn")
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
@@ -509,7 +521,7 @@ async fn start(side: Side, a: &Args, pki: &Path, dir: &Path) -> Result<Deploymen
                 nodes,
                 procs,
                 setup: json!({"cluster_up_s": round1(up_s), "cluster_sync_s": round1(sync_s),
-                              "users_created": users}),
+                              "users_created": users, "shards": a.shards}),
                 server: Some(controller),
                 cluster: Some(cluster),
             })
