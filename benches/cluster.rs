@@ -120,7 +120,9 @@ fn args() -> Result<Args> {
             .transpose()?,
         base_port: env("CITYPLANE_BENCH_BASE_PORT").map_or(Ok(29630), |v| v.parse())?,
         quiet_wait: env("CITYPLANE_BENCH_QUIET_WAIT").map_or(Ok(600), |v| v.parse())?,
-        shards: env("CITYPLANE_BENCH_SHARDS").map(|v| v.parse()).transpose()?,
+        shards: env("CITYPLANE_BENCH_SHARDS")
+            .map(|v| v.parse())
+            .transpose()?,
     };
     bench::parse_args(std::env::args().skip(1), |key, value| {
         match key {

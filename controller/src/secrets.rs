@@ -49,6 +49,12 @@ pub enum SecretsError {
     Random,
     #[error("a sealed secret does not open (wrong key, or moved to another device or name)")]
     Open,
+    #[error(
+        "secrets key {path} does not open the secrets the store holds (device {device:?}): \
+         they were sealed with another key. Every controller of a store needs the same key \
+         (--secrets-key, or secrets.key in --data): copy the one the store was used with"
+    )]
+    WrongKey { path: PathBuf, device: String },
 }
 
 /// A secret as stored: sealed, with what may be shown of it.

@@ -969,6 +969,29 @@ impl Store {
 
     /// The sealed secrets of `name` on `device`: as stored, with the
     /// rotations still waiting for a commit applied on top.
+    /// One stored secret slot (the first by key), with its device and
+    /// name: enough to tell whether a key is the one the store's secrets
+    /// were sealed with.
+    pub fn any_secret_slot(
+        &self,
+    ) -> Result<Option<(String, String, crate::secrets::Slot)>, StoreError> {
+        self.with(|e| {
+            let mut found = None;
+            e.walk(Tree::Secrets, Walk::From(&[]), &mut |k, v| {
+                let mut parts = k.splitn(2, |b| *b == 0);
+                let device = String::from_utf8_lossy(parts.next().unwrap_or_default());
+                let name = String::from_utf8_lossy(parts.next().unwrap_or_default());
+                found = Some((
+                    device.into_owned(),
+                    name.into_owned(),
+                    decode("secrets", k, v)?,
+                ));
+                Ok(false)
+            })?;
+            Ok(found)
+        })
+    }
+
     pub fn secret_slot(
         &self,
         device: &str,

@@ -298,4 +298,41 @@ async fn rotated_secrets_reach_only_their_devices_roll_back_survive_sigkill_and_
         .expect("serve runs");
     let said = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success() && said.contains("0600"), "{said}");
+
+    // Another key (a standby or a restore given the wrong file): refused
+    // before the server acts, saying so, rather than failing every secret
+    // command later.
+    let other = s.dir.path().join("other.key");
+    cityplane_controller::secrets::Vault::open_or_create(&other).expect("another key");
+    std::fs::copy(&other, &key).expect("replace the key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let err = s.dir.path().join("wrong-key.err");
+    let mut serve = cityplane_testkit::process::ChildGuard::new(
+        std::process::Command::new(common::BIN)
+            .args(["serve", "--listen", &format!("127.0.0.1:{}", s.port)])
+            .arg("--pki")
+            .arg(&s.pki)
+            .arg("--data")
+            .arg(&s.data)
+            .env("RUST_LOG", "error")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&err).expect("stderr file"))
+            .spawn()
+            .expect("serve runs"),
+    );
+    // Bounded: a server that accepted the key would serve for ever.
+    let mut exited = None;
+    for _ in 0..600 {
+        exited = serve.try_wait().expect("try_wait");
+        if exited.is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let said = std::fs::read_to_string(&err).unwrap_or_default();
+    assert!(
+        exited.is_some_and(|s| !s.success()) && said.contains("sealed with another key"),
+        "serve with another key: {exited:?}: {said}"
+    );
 }

@@ -377,8 +377,27 @@ async fn prepare(
         .secrets_key
         .clone()
         .unwrap_or_else(|| crate::secrets::default_key_path(&config.data));
+    let vault = crate::secrets::Vault::open_or_create(&key_path)?;
+    // A controller with another key than the one that sealed the store's
+    // secrets (a standby or a restore given the wrong file) would fail
+    // every secret command only once it acts: refused here, before it acts.
+    let sample = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.any_secret_slot())
+            .await
+            .map_err(|e| ControllerError::Broker(e.to_string()))??
+    };
+    if let Some((device, name, slot)) = sample {
+        if vault.open(&device, &name, &slot.current).is_err() {
+            return Err(crate::secrets::SecretsError::WrongKey {
+                path: key_path,
+                device,
+            }
+            .into());
+        }
+    }
     let secrets = Arc::new(crate::secrets::Secrets {
-        vault: crate::secrets::Vault::open_or_create(&key_path)?,
+        vault,
         store: store.clone(),
     });
     fleet.secrets = Some(secrets.clone());
