@@ -287,15 +287,17 @@ async fn rotated_secrets_reach_only_their_devices_roll_back_survive_sigkill_and_
         .mode();
     assert_eq!(mode & 0o777, 0o600);
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).expect("chmod");
-    let refused = std::process::Command::new(common::BIN)
-        .args(["serve", "--listen", &format!("127.0.0.1:{}", s.port)])
-        .arg("--pki")
-        .arg(&s.pki)
-        .arg("--data")
-        .arg(&s.data)
-        .env("RUST_LOG", "error")
-        .output()
-        .expect("serve runs");
+    let serve = || {
+        let mut cmd = std::process::Command::new(common::BIN);
+        cmd.args(["serve", "--listen", &format!("127.0.0.1:{}", s.port)])
+            .arg("--pki")
+            .arg(&s.pki)
+            .arg("--data")
+            .arg(&s.data)
+            .env("RUST_LOG", "error");
+        cmd
+    };
+    let refused = serve().output().expect("serve runs");
     let said = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success() && said.contains("0600"), "{said}");
 
@@ -308,13 +310,7 @@ async fn rotated_secrets_reach_only_their_devices_roll_back_survive_sigkill_and_
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let err = s.dir.path().join("wrong-key.err");
     let mut serve = cityplane_testkit::process::ChildGuard::new(
-        std::process::Command::new(common::BIN)
-            .args(["serve", "--listen", &format!("127.0.0.1:{}", s.port)])
-            .arg("--pki")
-            .arg(&s.pki)
-            .arg("--data")
-            .arg(&s.data)
-            .env("RUST_LOG", "error")
+        serve()
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&err).expect("stderr file"))
