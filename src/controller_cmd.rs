@@ -123,6 +123,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     };
     let mut cc = args.controller.config();
     cc.fence = lease.as_ref().map(|l| l.generation);
+    cc.lease_holder = lease.as_ref().map(|l| l.holder.clone());
     cc.registry_source = Some(args.pki.clone());
     cc.pki = crate::broker_cmd::holds_ca_key(&args.pki).then(|| args.pki.clone());
     let controller = Controller::start_external(broker, cc)

@@ -816,5 +816,11 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         n("failed"),
         n("drifted")
     );
+    if let Some(holder) = s["controller"]["holder"].as_str() {
+        println!(
+            "acting controller: {holder} (lease generation {})",
+            s["controller"]["lease_generation"]
+        );
+    }
     Ok(())
 }

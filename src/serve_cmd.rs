@@ -179,6 +179,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     cc.pki = pki;
     cc.sign_ins = dashboard.as_ref().map(|d| d.sign_ins());
     cc.fence = lease.as_ref().map(|l| l.generation);
+    cc.lease_holder = lease.as_ref().map(|l| l.holder.clone());
     let store = cc.store_location();
     let controller = Controller::start_in_process(&broker, cc)
         .await

@@ -13,6 +13,8 @@ use tokio::sync::oneshot;
 /// The lease this process holds.
 pub struct Held {
     pub generation: i64,
+    /// The name it is held under (`id@host:pid`).
+    pub holder: String,
     lease: Arc<Mutex<Lease>>,
     keeper: tokio::task::JoinHandle<()>,
     lost: oneshot::Receiver<String>,
@@ -81,6 +83,7 @@ pub async fn take(url: &str, id: &str) -> anyhow::Result<Held> {
     let keeper = tokio::spawn(keep(lease.clone(), generation, lost_tx));
     Ok(Held {
         generation,
+        holder,
         lease,
         keeper,
         lost,

@@ -182,6 +182,15 @@ async fn killed_mid_change(kind: Kind) {
     converge(&d, &fleet, 33, "after the acting controller was killed").await;
     let successors = acting(&d, 1..3);
     assert_eq!(successors.len(), 1, "exactly one standby took over");
+    // `status` names the controller that acts now.
+    let pid = d.controller_pid(successors[0]);
+    let status = d.json(&["status"]);
+    assert!(
+        status["controller"]["holder"]
+            .as_str()
+            .is_some_and(|h| h.starts_with("controller@") && h.ends_with(&format!(":{pid}"))),
+        "{status}"
+    );
     let stats = fleet.stats();
     assert_eq!(
         stats.commands_applied, N as u64,

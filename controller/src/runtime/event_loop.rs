@@ -153,6 +153,11 @@ pub(super) async fn run(
     let mut side = OperatorSide {
         uploads: super::firmware::Uploads::new(config.firmware_dir(), config.max_firmware_bytes),
         sign_ins: config.sign_ins.clone(),
+        acting: config
+            .lease_holder
+            .clone()
+            .zip(config.fence)
+            .map(|(holder, generation)| json!({"holder": holder, "lease_generation": generation})),
     };
     let mut last_summary = None;
     let mut last_audit_head = None;

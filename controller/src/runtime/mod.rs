@@ -74,6 +74,9 @@ pub struct ControllerConfig {
     /// ([`crate::store::Lease`], PostgreSQL only): every commit is fenced
     /// with it. `None`: unfenced (sled, or one controller by itself).
     pub fence: Option<i64>,
+    /// The name this controller holds the store's lease under
+    /// (`id@host:pid`, with `fence`): `status` says which controller acts.
+    pub lease_holder: Option<String>,
 }
 
 impl ControllerConfig {
@@ -96,6 +99,7 @@ impl ControllerConfig {
             secrets_key: None,
             sign_ins: None,
             fence: None,
+            lease_holder: None,
         }
     }
 

@@ -159,6 +159,9 @@ pub(super) const WRITE_VERBS: [&str; 17] = [
 pub(super) struct OperatorSide {
     pub(super) uploads: Uploads,
     pub(super) sign_ins: Option<Arc<crate::signin::SignIns>>,
+    /// On a shared store, which controller acts (`status`'s `controller`):
+    /// the lease's holder and generation.
+    pub(super) acting: Option<Value>,
 }
 
 /// Longest class, owner, label key or value the registry takes.
@@ -723,6 +726,12 @@ async fn handle(
         } else {
             input::parse::<Query>(&msg.payload, fleet.limits)
                 .and_then(|q| answer(fleet, store, access, &verb, q, now))
+                .map(|mut result| {
+                    if let (Some(acting), "status") = (&side.acting, verb.as_str()) {
+                        result["controller"] = acting.clone();
+                    }
+                    result
+                })
         };
         let response = match result {
             Ok(result) => Response::Ok {
