@@ -242,7 +242,11 @@ async fn sync(args: SyncArgs) -> Result<()> {
         controller: args.controller_id.clone(),
         shards,
     });
-    let provisioner = Provisioner::new(cluster.mgmt()?, &cluster.info.admin_user);
+    let provisioner = Provisioner::new(cluster.mgmt()?, &cluster.info.admin_user).with_progress(
+        std::sync::Arc::new(|done, total| {
+            eprintln!("binding devices to their shard's queue: {done}/{total}");
+        }),
+    );
     let report: SyncReport = provisioner.sync(&desired, args.prune).await?;
     match args.output {
         Output::Json => println!("{}", serde_json::to_string(&report)?),
