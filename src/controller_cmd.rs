@@ -56,11 +56,11 @@ pub struct ControllerArgs {
     /// Receive device messages through N shard sessions (client ids
     /// <id>.shard-0 …), one queue each, instead of one session for the
     /// whole fleet: the broker spreads the fleet's messages over N queues
-    /// (`cluster sync --shards N` binds each device to its shard's queue;
-    /// with --cluster-dir the controller does it itself). One controller
+    /// (the controller binds each device to its shard's queue through
+    /// --cluster-dir, which it needs, before they connect). One controller
     /// holds all N; a standby takes them all over. A step towards sharded
     /// controllers (docs/DESIGN-SHARDING.md)
-    #[arg(long, env = "CITYPLANE_SHARDS", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    #[arg(long, env = "CITYPLANE_SHARDS", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024), requires = "cluster_dir")]
     pub shards: Option<u32>,
     #[command(flatten)]
     pub controller: ControllerOpts,
@@ -98,6 +98,18 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
                 controller: args.id.clone(),
                 shards,
             });
+            if shards.is_some() {
+                // Before the shard sessions connect: devices already
+                // online (users from an earlier sync) must have their
+                // bindings, or their reports would be routed nowhere. The
+                // quarantine is the one this controller last wrote.
+                let mut desired = Desired::from_pki_and_cluster(&args.pki, dir)?;
+                desired.shards = shards.clone();
+                provisioner
+                    .sync(&desired, false)
+                    .await
+                    .context("binding the devices to their shard queues (--shards)")?;
+            }
             let follower = tokio::spawn(follow(
                 provisioner,
                 args.pki.clone(),

@@ -279,6 +279,18 @@ async fn receive(
                 if let Err(e) = client.try_subscribe_many(filters(session)) {
                     tracing::error!(error = %e, "could not queue the subscriptions");
                 }
+                if session
+                    == (Session::Main {
+                        device_messages: false,
+                    })
+                {
+                    // A session that once read device messages itself
+                    // (before --shards) would go on receiving copies of
+                    // what the shard sessions receive.
+                    for leaf in DEVICE_LEAVES {
+                        let _ = client.try_unsubscribe(topics::all_devices(leaf));
+                    }
+                }
             }
             Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
                 // Only this task moves the generation on, so it is the
