@@ -428,14 +428,14 @@ struct Operators {
 }
 
 impl Operators {
+    /// Read at the first request (`get`), not here: shard sessions never
+    /// see an operator, and need not each read `issued.jsonl` at start.
     fn new(dir: &Path) -> Operators {
-        let mut operators = Operators {
+        Operators {
             dir: dir.to_path_buf(),
             known: HashMap::new(),
             read_at: None,
-        };
-        operators.reload();
-        operators
+        }
     }
 
     fn reload(&mut self) {

@@ -70,6 +70,12 @@ impl ShardKeeper {
     pub fn connect(url: &str, member: &str) -> Result<ShardKeeper, StoreError> {
         let mut conn = Conn::open(url)?;
         let shards: i32 = conn.call("shard count", |c| {
+            // Once per member's start is often enough to keep it small.
+            c.execute(
+                "DELETE FROM cityplane_members \
+                 WHERE expires_at < now() - make_interval(secs => $1)",
+                &[&FORGET_AFTER_SECS],
+            )?;
             c.query_one("SELECT shards FROM cityplane_schema", &[])
                 .map(|r| r.get(0))
         })?;
@@ -110,11 +116,6 @@ impl ShardKeeper {
                  VALUES ($1, now() + make_interval(secs => $2)) \
                  ON CONFLICT (member) DO UPDATE SET expires_at = excluded.expires_at",
                 &[&member, &ttl],
-            )?;
-            c.execute(
-                "DELETE FROM cityplane_members \
-                 WHERE expires_at < now() - make_interval(secs => $1)",
-                &[&FORGET_AFTER_SECS],
             )?;
             Ok(c.query(
                 "SELECT member FROM cityplane_members WHERE expires_at > now() ORDER BY member",
