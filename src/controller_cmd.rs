@@ -8,6 +8,8 @@ use anyhow::Context;
 use cityplane::cluster::provision::{Desired, Provisioner, ShardQueues, QUARANTINE_FILE};
 use cityplane::cluster::rabbit::Cluster;
 use cityplane_controller::runtime::external::ExternalBroker;
+use cityplane_controller::runtime::sharding::Sharding;
+use cityplane_controller::store::ShardKeeper;
 use cityplane_controller::Controller;
 
 use crate::serve_cmd::ControllerOpts;
@@ -55,11 +57,16 @@ pub struct ControllerArgs {
     pub cluster_dir: Option<PathBuf>,
     /// Receive device messages through N shard sessions (client ids
     /// <id>.shard-0 …), one queue each, instead of one session for the
-    /// whole fleet: the broker spreads the fleet's messages over N queues
-    /// (the controller binds each device to its shard's queue through
-    /// --cluster-dir, which it needs, before they connect). One controller
-    /// holds all N; a standby takes them all over. A step towards sharded
-    /// controllers (docs/DESIGN-SHARDING.md)
+    /// whole fleet (the controller binds each device to its shard's queue
+    /// through --cluster-dir, which it needs, before they connect). With
+    /// --store postgres://… the controllers on that store share the fleet:
+    /// each acts on the shards the store assigns it (their sessions and
+    /// their devices' records), one of them also leads (operators,
+    /// documents), and a stopped or killed one's shards move to the others
+    /// within ~7 s. The first sharded controller fixes the store's N; so
+    /// far sharded controllers take documents but refuse rollouts,
+    /// registry, quarantine and policy writes (docs/DESIGN-SHARDING.md).
+    /// Without --store: one controller holds all N
     #[arg(long, env = "CITYPLANE_SHARDS", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024), requires = "cluster_dir")]
     pub shards: Option<u32>,
     #[command(flatten)]
@@ -79,11 +86,23 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
             args.id
         )
     })?;
+    // Sharded: several controllers act at once, each on its shards; the
+    // one that holds the store's lease leads (operators, documents).
+    let sharded = match (&args.controller.store, args.shards) {
+        (Some(url), Some(wanted)) => Some(join_shards(&url.0, &args.id, wanted).await?),
+        _ => None,
+    };
+    let shards = match &sharded {
+        Some(keeper) => Some(keeper.shards()),
+        None => args.shards,
+    };
     // Before anything is loaded or connected: a standby neither reads a
     // store that is still being written nor takes the broker session (the
     // same client id) from the controller that acts.
-    let mut lease =
-        crate::standby::take_if_shared(args.controller.store.as_ref(), &args.id).await?;
+    let mut lease = match sharded {
+        Some(_) => None,
+        None => crate::standby::take_if_shared(args.controller.store.as_ref(), &args.id).await?,
+    };
     let pins = cityplane_broker::Pins::default();
     let mut unanswered = None;
     let follower = match &args.cluster_dir {
@@ -94,7 +113,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             unanswered = Some(tx);
             let resubscriber = tokio::spawn(resubscribe(provisioner.clone(), rx));
-            let shards = args.shards.map(|shards| ShardQueues {
+            let shards = shards.map(|shards| ShardQueues {
                 controller: args.id.clone(),
                 shards,
             });
@@ -131,14 +150,23 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         )),
         pins,
         unanswered,
-        shard_sessions: args.shards,
+        shard_sessions: shards,
+        member: None,
     };
     let mut cc = args.controller.config();
     cc.fence = lease.as_ref().map(|l| l.generation);
     cc.lease_holder = lease.as_ref().map(|l| l.holder.clone());
     cc.registry_source = Some(args.pki.clone());
     cc.pki = crate::broker_cmd::holds_ca_key(&args.pki).then(|| args.pki.clone());
-    let controller = Controller::start_external(broker, cc)
+    let sharding = match (sharded, &args.controller.store) {
+        (Some(keeper), Some(url)) => Some(Sharding {
+            url: url.0.clone(),
+            keeper,
+        }),
+        _ => None,
+    };
+    let is_sharded = sharding.is_some();
+    let controller = Controller::start_external(broker, cc, sharding)
         .await
         .with_context(|| {
             format!(
@@ -147,10 +175,44 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
             )
         })?;
     eprintln!(
-        "cityplane controller for {} (data in {}). Ctrl-C stops it.",
+        "cityplane controller for {} (data in {}{}). Ctrl-C stops it.",
         args.broker.join(","),
-        args.controller.data.display()
+        args.controller.data.display(),
+        if is_sharded {
+            format!(
+                "; sharded: {} shards shared with the other controllers on the store",
+                shards.unwrap_or_default()
+            )
+        } else {
+            String::new()
+        }
     );
+    if let (true, Some(url)) = (is_sharded, &args.controller.store) {
+        // Leads once it holds the store's lease: at once if no other
+        // controller does, else when the leader stops renewing it.
+        let took = tokio::select! {
+            signal = tokio::signal::ctrl_c() => {
+                signal.context("waiting for Ctrl-C")?;
+                None
+            }
+            held = crate::standby::take_as(
+                &url.0,
+                &args.id,
+                "another controller leads (operators, documents); this one acts on its shards and leads when that one stops",
+            ) => Some(held?),
+        };
+        if let Some(held) = &took {
+            controller
+                .lead(held.generation, held.holder.clone())
+                .await
+                .context("leading")?;
+        }
+        lease = took;
+        if lease.is_none() {
+            // Ctrl-C before it led.
+            return stop(controller, lease, follower).await;
+        }
+    }
     let lost = crate::standby::until_stopped(&mut lease).await?;
     if let Some((follower, resubscriber)) = follower {
         follower.abort();
@@ -159,12 +221,52 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     if let Some(why) = lost {
         anyhow::bail!("stopping: {why}; start it again to stand by");
     }
+    stop(controller, lease, None).await
+}
+
+/// A clean stop: the last commit, then the store's lease and (sharded)
+/// the shards are given up, so the others take over at once.
+async fn stop(
+    controller: Controller,
+    lease: Option<crate::standby::Held>,
+    follower: Option<(tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>)>,
+) -> anyhow::Result<()> {
+    if let Some((follower, resubscriber)) = follower {
+        follower.abort();
+        resubscriber.abort();
+    }
     eprintln!("shutting down");
     controller.shutdown().await?;
     if let Some(held) = lease {
         held.release().await;
     }
     Ok(())
+}
+
+/// Joins the controllers that share the store at `url`: connects this
+/// one's shard keeper and checks the store's shard count (the first
+/// sharded controller fixes it).
+async fn join_shards(url: &str, id: &str, wanted: u32) -> anyhow::Result<ShardKeeper> {
+    let member = crate::standby::holder(id);
+    let url = url.to_owned();
+    let keeper = tokio::task::spawn_blocking(move || {
+        let mut keeper = ShardKeeper::connect(&url, &member)?;
+        keeper.fix_shards(wanted)?;
+        Ok::<_, cityplane_controller::store::StoreError>(keeper)
+    })
+    .await
+    .context("shard keeper task")?
+    .context("joining the sharded controllers on the store")?;
+    if keeper.shards() != wanted {
+        anyhow::bail!(
+            "the store is split into {} shards, fixed when its first sharded controller started: \
+             start this one with --shards {} (and `cluster sync --shards {}`)",
+            keeper.shards(),
+            keeper.shards(),
+            keeper.shards()
+        );
+    }
+    Ok(keeper)
 }
 
 /// How often the broker's users are compared with the PKI and quarantine.

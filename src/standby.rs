@@ -22,7 +22,7 @@ pub struct Held {
 
 /// A name for this process among the controllers: shown to the others
 /// while it holds the lease.
-fn holder(id: &str) -> String {
+pub fn holder(id: &str) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "unknown-host".into());
@@ -42,6 +42,16 @@ async fn blocking<T: Send + 'static>(
 /// Waits until this process holds the lease of the store at `url`,
 /// saying once that it stands by (and for whom), then keeps it.
 pub async fn take(url: &str, id: &str) -> anyhow::Result<Held> {
+    take_as(
+        url,
+        id,
+        "standing by: another controller holds the store's lease; taking over when it stops renewing it",
+    )
+    .await
+}
+
+/// [`take`], saying `waiting` (once per holder) while another holds it.
+pub async fn take_as(url: &str, id: &str, waiting: &'static str) -> anyhow::Result<Held> {
     let holder = holder(id);
     let lease = {
         let url = url.to_owned();
@@ -66,7 +76,7 @@ pub async fn take(url: &str, id: &str) -> anyhow::Result<Held> {
                         holder = %other,
                         generation,
                         expires_in_s = expires_in.as_secs_f64().ceil(),
-                        "standing by: another controller holds the store's lease; taking over when it stops renewing it"
+                        "{waiting}"
                     );
                     said = Some(other);
                 }

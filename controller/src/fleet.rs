@@ -218,6 +218,11 @@ pub struct Fleet {
     /// Makes devices' secrets for secret rotations (`crate::secrets`); none:
     /// such a rollout admits nobody.
     pub secrets: Option<Arc<dyn crate::secrets::Minter>>,
+    /// Sharded (docs/DESIGN-SHARDING.md): the shards this controller
+    /// holds. It writes only their devices; the others' records are
+    /// read-only copies of the store's ([`Fleet::follow_devices`]), kept
+    /// for queries. `None`: every device is this controller's.
+    pub owner: Option<crate::shard::Ownership>,
 }
 
 impl Fleet {
@@ -259,6 +264,7 @@ impl Fleet {
             revoke_queue: Vec::new(),
             deliveries: Vec::new(),
             secrets: None,
+            owner: None,
         };
         fleet.rotating = fleet
             .devices
@@ -325,6 +331,11 @@ impl Fleet {
 
     /// A message from a device topic (the ACL guarantees it is that device).
     pub fn on_device_message(&mut self, id: &str, leaf: &str, payload: &[u8], now: Millis) {
+        if !self.owns(id) {
+            // From a shard session of a shard just given up: its new
+            // owner gets it again from the broker (not acknowledged here).
+            return;
+        }
         if self.devices.get(id).is_some_and(|d| d.quarantine.is_some()) {
             // Sent before the broker cut it off (still in the router's
             // queues): a quarantined device has no say, not even "online".
@@ -445,6 +456,77 @@ impl Fleet {
         self.touch(id);
     }
 
+    /// Whether this controller writes `id`'s record (see [`Fleet::owner`]).
+    pub fn owns(&self, id: &str) -> bool {
+        self.owner.as_ref().is_none_or(|o| o.owns(id))
+    }
+
+    /// Becomes one of several sharded controllers, holding no shard yet:
+    /// nothing of another's devices is reconciled or written from now on.
+    pub fn shard(&mut self, shards: u32) {
+        self.owner = Some(crate::shard::Ownership::none_of(shards));
+        self.forget_what_is_not_owned();
+    }
+
+    fn forget_what_is_not_owned(&mut self) {
+        let Some(owner) = &self.owner else {
+            return;
+        };
+        self.dirty.retain(|id| owner.owns(id));
+        self.to_reconcile.retain(|id| owner.owns(id));
+    }
+
+    /// Takes the store's records of devices this controller does not
+    /// write: another controller's (read-only copies, for queries), or
+    /// of shards it is about to take (then the previous owner's last
+    /// word, before it acts on them). Its own devices' records are newer
+    /// here than in the store, or the same.
+    pub fn follow_devices(&mut self, stored: Vec<DeviceRecord>) {
+        for record in stored {
+            if self.owns(&record.id) {
+                continue;
+            }
+            // Generations handed out by another owner stay behind this
+            // one's sequence, should these devices become its own.
+            self.seq = self.seq.max(record.desired_generation);
+            if record.cert_rotation.is_some() {
+                self.rotating.insert(record.id.clone());
+            } else {
+                self.rotating.remove(&record.id);
+            }
+            self.devices.insert(record.id.clone(), Arc::new(record));
+        }
+    }
+
+    /// Holds exactly `held` from now on (sharded only). Devices of shards
+    /// given up or lost are no longer written: what they had pending here
+    /// is dropped, since their new owner starts from the store (and the
+    /// broker hands it whatever was not acknowledged). Devices of shards
+    /// gained get the documents' desired state and are reconciled: a
+    /// command the last owner left in flight is re-sent under its own id
+    /// when its timer is due. Call [`Fleet::follow_devices`] with the
+    /// store's records first. Returns the shards gained.
+    pub fn hold_shards(&mut self, held: BTreeSet<u32>) -> BTreeSet<u32> {
+        let Some(owner) = self.owner.as_mut() else {
+            return BTreeSet::new();
+        };
+        let gained = owner.hold(held);
+        let shards = owner.shards();
+        self.forget_what_is_not_owned();
+        if gained.is_empty() {
+            return gained;
+        }
+        let ids: Vec<String> = self
+            .devices
+            .keys()
+            .filter(|id| gained.contains(&crate::shard::shard_of(id, shards)))
+            .cloned()
+            .collect();
+        self.recompute_desired(ids.iter().cloned());
+        self.to_reconcile.extend(ids);
+        gained
+    }
+
     fn touch(&mut self, id: &str) {
         if !self.to_reconcile.contains(id) {
             self.to_reconcile.insert(id.to_owned());
@@ -456,7 +538,7 @@ impl Fleet {
     fn recompute_desired(&mut self, ids: impl IntoIterator<Item = String>) -> usize {
         let mut changed = 0;
         for id in ids {
-            let Some(dev) = self.devices.get(&id) else {
+            let Some(dev) = self.devices.get(&id).filter(|_| self.owns(&id)) else {
                 continue;
             };
             // A quarantined device is cut off: nothing is desired of it
@@ -757,6 +839,9 @@ impl Fleet {
         let mut changed = Vec::new();
         for record in records {
             let id = record.id.clone();
+            if !self.owns(&id) {
+                continue;
+            }
             match self.devices.get_mut(&id).map(Arc::make_mut) {
                 Some(dev) => {
                     if dev.attrs != record.attrs {
@@ -792,6 +877,9 @@ impl Fleet {
     /// the registry holds.
     pub fn set_revoked(&mut self, revoked: &HashSet<String>) {
         for (id, dev) in self.devices.iter_mut() {
+            if !self.owner.as_ref().is_none_or(|o| o.owns(id)) {
+                continue;
+            }
             let now_revoked = revoked.contains(id);
             if dev.revoked != now_revoked {
                 Arc::make_mut(dev).revoked = now_revoked;
@@ -866,6 +954,12 @@ impl Fleet {
             "devices": self.targeted(&doc.target).len(),
             "changing": changing, "keys": keys,
         }))
+    }
+
+    /// Audit entries go on after `last` (the store's head, for a
+    /// controller that takes over writing the log).
+    pub fn audit_after(&mut self, last: u64) {
+        self.audit_seq = self.audit_seq.max(last);
     }
 
     pub fn audit_entry(
@@ -944,6 +1038,10 @@ impl Fleet {
         let ids = std::mem::take(&mut self.to_reconcile);
         let mut out = Vec::new();
         for id in ids {
+            // A timer set before its shard went to another controller.
+            if !self.owns(&id) {
+                continue;
+            }
             self.reconcile_one(&id, now, &mut out);
             self.dirty.insert(id);
         }
@@ -1018,10 +1116,26 @@ impl Fleet {
 
     /// Device records changed since the last call, for the commit.
     pub fn take_dirty(&mut self) -> Vec<Arc<DeviceRecord>> {
-        self.dirty
+        let owner = self.owner.as_ref();
+        let mut foreign = 0;
+        let taken = self
+            .dirty
             .drain()
+            .filter(|id| {
+                let owned = owner.is_none_or(|o| o.owns(id));
+                foreign += usize::from(!owned);
+                owned
+            })
             .filter_map(|id| self.devices.get(&id).cloned())
-            .collect()
+            .collect();
+        if foreign > 0 {
+            // A commit with them would be refused whole (`NotHeld`).
+            tracing::warn!(
+                devices = foreign,
+                "changes to devices of shards this controller does not hold were not written"
+            );
+        }
+        taken
     }
 
     /// The commands to `devices` were not sent (their commit failed): a copy
@@ -1042,7 +1156,12 @@ impl Fleet {
 
     /// Marks records whose commit failed, so the next commit writes them.
     pub fn mark_dirty(&mut self, ids: impl IntoIterator<Item = String>) {
-        self.dirty.extend(ids);
+        let owner = self.owner.as_ref();
+        // A commit that failed because its shard was lost meanwhile.
+        self.dirty.extend(
+            ids.into_iter()
+                .filter(|id| owner.is_none_or(|o| o.owns(id))),
+        );
     }
 
     /// Marks devices for the next reconcile (e.g. all of them after a restart).
@@ -1479,6 +1598,132 @@ mod tests {
                 "step {n}: nothing new, nothing changes"
             );
         }
+    }
+
+    /// Sharded: a controller reconciles, commands and writes only the
+    /// devices of the shards it holds, whatever reaches it (a document for
+    /// the whole fleet, a late message from a shard given up); the others'
+    /// records it takes from the store as they are. A shard gained comes
+    /// with its last owner's records, and a command that owner left in
+    /// flight is re-sent under its own id, never as a new one.
+    #[test]
+    fn a_sharded_owner_writes_and_commands_only_the_devices_of_its_shards() {
+        const SHARDS: u32 = 4;
+        let shard = |id: &str| crate::shard::shard_of(id, SHARDS);
+        let mut devices = lamps(0..40);
+        for d in &mut devices {
+            d.online = true;
+            d.reported = object(json!({"dim": 0}));
+            d.reported_version = 1;
+        }
+        let mut fleet = Fleet::for_tests(devices);
+        fleet.shard(SHARDS);
+        fleet.hold_shards([0, 1].into());
+        fleet.seq += 1;
+        fleet.apply_doc(DocRecord {
+            name: "all".into(),
+            target: Target::Selector(Selector {
+                all: true,
+                ..Default::default()
+            }),
+            priority: 0,
+            state: object(json!({"dim": 30})),
+            generation: 1,
+            seq: fleet.seq,
+            author: "t".into(),
+            org: None,
+            written_at: 0,
+            history: Vec::new(),
+        });
+        let now = 1_000;
+        let commands = fleet.reconcile_due(now);
+        let commanded: HashSet<String> = commands
+            .iter()
+            .filter_map(|c| topics::split_device_topic(&c.topic).map(|(id, _)| id.to_owned()))
+            .collect();
+        let owned: HashSet<String> = fleet
+            .devices
+            .keys()
+            .filter(|id| shard(id) <= 1)
+            .cloned()
+            .collect();
+        assert!(!owned.is_empty() && owned.len() < 40, "{owned:?}");
+        assert_eq!(commanded, owned, "commands to its own devices only");
+        let written: HashSet<String> = fleet.take_dirty().iter().map(|d| d.id.clone()).collect();
+        assert_eq!(written, owned, "records of its own devices only");
+
+        // A late report of another shard's device changes nothing here,
+        // nor did the document: its owner computes its desired state.
+        let foreign = fleet
+            .devices
+            .keys()
+            .find(|id| shard(id) == 2)
+            .cloned()
+            .expect("a device of shard 2");
+        assert!(
+            fleet.devices[&foreign].desired.is_empty(),
+            "a copy is not recomputed"
+        );
+        fleet.on_device_message(
+            &foreign,
+            "reported",
+            br#"{"version": 9, "state": {"dim": 1}}"#,
+            now,
+        );
+        assert!(fleet.reconcile_due(now).is_empty());
+        assert!(
+            fleet.take_dirty().is_empty(),
+            "nothing of shard 2 is written"
+        );
+        assert_eq!(fleet.devices[&foreign].reported_version, 1);
+
+        // Shard 2 moves here; its last owner had sent `foreign` a command.
+        let mut stored = (*fleet.devices[&foreign]).clone();
+        stored.desired = object(json!({"dim": 30}));
+        stored.desired_generation = fleet.seq + 50;
+        stored.inflight = Some(Inflight {
+            id: "c-other-7".into(),
+            generation: stored.desired_generation,
+            state: object(json!({"dim": 30})),
+            sent_at: now,
+            attempt: 1,
+        });
+        fleet.follow_devices(vec![stored.clone()]);
+        assert_eq!(fleet.devices[&foreign].inflight, stored.inflight);
+        assert_eq!(fleet.hold_shards([0, 1, 2].into()), [2].into());
+        assert!(
+            fleet.seq >= stored.desired_generation,
+            "generations go on past the last owner's"
+        );
+        let later = now + fleet.policy.command_timeout.as_millis() as u64 + 60_000;
+        let resent: Vec<messages::Command> = fleet
+            .reconcile_due(later)
+            .iter()
+            .filter(|c| c.topic == topics::commands(&foreign))
+            .map(|c| serde_json::from_slice(&c.payload).expect("command"))
+            .collect();
+        assert_eq!(resent.len(), 1, "{resent:?}");
+        assert_eq!(resent[0].id, "c-other-7", "re-sent under its own id");
+
+        // Shard 0 goes: what it had pending is not written here any more.
+        let mine = fleet
+            .devices
+            .keys()
+            .find(|id| shard(id) == 0)
+            .cloned()
+            .expect("a device of shard 0");
+        fleet.on_device_message(
+            &mine,
+            "reported",
+            br#"{"version": 9, "state": {"dim": 1}}"#,
+            now,
+        );
+        fleet.hold_shards([1, 2].into());
+        fleet.reconcile_due(later);
+        assert!(
+            fleet.take_dirty().iter().all(|d| shard(&d.id) != 0),
+            "a shard given up is not written"
+        );
     }
 
     #[test]

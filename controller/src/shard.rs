@@ -53,6 +53,44 @@ pub fn lease_row(shard: u32) -> String {
     format!("shard-{shard}")
 }
 
+/// Which devices a sharded controller may write: those of the shards it
+/// holds. Unsharded, a controller owns every device (`Fleet::owner` is
+/// `None`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ownership {
+    shards: u32,
+    held: BTreeSet<u32>,
+}
+
+impl Ownership {
+    /// A controller of a store of `shards` shards that holds none yet.
+    pub fn none_of(shards: u32) -> Ownership {
+        Ownership {
+            shards: shards.max(1),
+            held: BTreeSet::new(),
+        }
+    }
+
+    pub fn shards(&self) -> u32 {
+        self.shards
+    }
+
+    pub fn held(&self) -> &BTreeSet<u32> {
+        &self.held
+    }
+
+    pub fn owns(&self, device: &str) -> bool {
+        self.held.contains(&shard_of(device, self.shards))
+    }
+
+    /// Holds exactly `held` from now on; returns the shards gained.
+    pub fn hold(&mut self, held: BTreeSet<u32>) -> BTreeSet<u32> {
+        let gained = held.difference(&self.held).copied().collect();
+        self.held = held;
+        gained
+    }
+}
+
 /// `member`'s rendezvous score for `shard`.
 fn score(member: &str, shard: u32) -> u64 {
     mix(fnv1a(member.as_bytes()) ^ mix(u64::from(shard).wrapping_add(0x9e37_79b9_7f4a_7c15)))

@@ -773,6 +773,33 @@ impl Store {
         })
     }
 
+    /// The stored documents (a sharded owner follows the leader's).
+    pub fn docs(&self) -> Result<Vec<DocRecord>, StoreError> {
+        self.with(|e| read_all(e, Tree::Docs))
+    }
+
+    /// Reads the audit log's tail again, for a controller that starts
+    /// writing it after another did (a sharded controller that became the
+    /// leader): its entries chain on from the stored head. Returns the
+    /// last entry's sequence number.
+    pub fn refresh_audit(&self) -> Result<u64, StoreError> {
+        self.with(|e| {
+            let mut recent = std::collections::VecDeque::new();
+            e.walk(Tree::Audit, Walk::Back, &mut |k, v| {
+                recent.push_front(decode("audit", k, v)?);
+                Ok(recent.len() < AUDIT_KEPT)
+            })?;
+            let head = recent
+                .back()
+                .map(|a: &AuditEntry| (a.seq, a.hash.clone()))
+                .unwrap_or_default();
+            let last = head.0;
+            *self.audit_head.lock().unwrap_or_else(|e| e.into_inner()) = head;
+            *self.recent_audit.lock().unwrap_or_else(|e| e.into_inner()) = recent;
+            Ok(last)
+        })
+    }
+
     pub fn load(&self) -> Result<Loaded, StoreError> {
         self.with(|e| {
             let docs: Vec<DocRecord> = read_all(e, Tree::Docs)?;

@@ -21,6 +21,18 @@ const ACTS: &str = "this controller acts";
 const STANDS_BY: &str = "standing by";
 
 fn start(kind: Kind, test: &str, devices: usize, count: usize) -> Option<(Postgres, Deployment)> {
+    start_sharded(kind, test, devices, count, None)
+}
+
+/// `count` controllers on one PostgreSQL store; with `shards`, sharded
+/// (RabbitMQ only): they share the fleet instead of standing by.
+fn start_sharded(
+    kind: Kind,
+    test: &str,
+    devices: usize,
+    count: usize,
+    shards: Option<u32>,
+) -> Option<(Postgres, Deployment)> {
     if !cityplane_testkit::postgres::available(test) {
         return None;
     }
@@ -28,10 +40,7 @@ fn start(kind: Kind, test: &str, devices: usize, count: usize) -> Option<(Postgr
     let controllers = Controllers {
         count,
         store: Some(pg.url()),
-        // On RabbitMQ the controllers receive through 4 shard sessions, so
-        // a takeover resumes all of them (one session for everything is
-        // what tests/it/deployments.rs runs).
-        shards: (kind == Kind::Rabbit).then_some(4),
+        shards,
     };
     let d = Deployment::start_with(kind, test, devices, controllers)?;
     Some((pg, d))
@@ -132,9 +141,8 @@ async fn a_standby_takes_over_when_the_acting_controller_is_killed_mid_change() 
     killed_mid_change(Kind::Mosquitto).await;
 }
 
-/// The same on the RabbitMQ cluster, with device messages through 4 shard
-/// sessions: the successor resumes the controller's sessions (quorum
-/// queues) from whichever node it reaches. Devices stay
+/// The same on the RabbitMQ cluster: the successor resumes the
+/// controller's session (a quorum queue) from whichever node it reaches. Devices stay
 /// connected across the takeover and say nothing new, and RabbitMQ 3.10
 /// sends no retained presence to a wildcard subscription: a successor that
 /// forgot who was online (as `serve` must after a restart) never commanded
@@ -466,4 +474,97 @@ fn the_dev_cluster_script_runs_the_deployment_and_its_takeover() {
         said.contains("postgresql: stopped") && !said.contains("controller "),
         "nothing left running: {said}"
     );
+}
+
+/// Which controller (index among the deployment's) holds each shard's
+/// unexpired lease, by the process id in the holder's name
+/// (`controller@host:pid`); `None` for a shard nobody holds.
+fn shard_holders(pg: &Postgres, d: &mut Deployment, count: usize) -> Vec<Option<usize>> {
+    let rows = pg
+        .psql(
+            "SELECT name || '=' || CASE WHEN expires_at > now() THEN holder ELSE '' END \
+             FROM cityplane_lease WHERE name LIKE 'shard-%' \
+             ORDER BY substr(name, 7)::int",
+        )
+        .unwrap_or_default();
+    let pids: Vec<u32> = (0..count).map(|i| d.controller_pid(i)).collect();
+    rows.lines()
+        .filter(|l| l.starts_with("shard-"))
+        .map(|l| {
+            let holder = l.split_once('=').map_or("", |(_, h)| h);
+            let pid = holder.rsplit(':').next()?.parse::<u32>().ok()?;
+            pids.iter().position(|p| *p == pid)
+        })
+        .collect()
+}
+
+/// Three sharded controllers share 300 devices on the RabbitMQ cluster
+/// (16 shards; each holds its shards' sessions and writes only their
+/// devices). The one holding the most shards is killed (-9) mid-change,
+/// with a third of the fleet away and a sixth losing power on its command:
+/// its shards move to the two others within the lease's expiry, every
+/// device converges, each applied the change exactly once (a command left
+/// in flight is re-sent under its own id by the new owner), and a change
+/// after the kill converges too, led by whichever controller leads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharded_controllers_share_the_fleet_and_one_killed_mid_change_loses_nothing() {
+    const N: usize = 300;
+    const SHARDS: usize = 16;
+    let test = "sharded_controllers_share_the_fleet_and_one_killed_mid_change_loses_nothing";
+    let Some((pg, mut d)) = start_sharded(Kind::Rabbit, test, N, 3, Some(SHARDS as u32)) else {
+        return;
+    };
+    eventually("all 16 shards held, spread over the controllers", || {
+        let holders = shard_holders(&pg, &mut d, 3);
+        let spread: std::collections::BTreeSet<usize> = holders.iter().flatten().copied().collect();
+        holders.len() == SHARDS && holders.iter().all(Option::is_some) && spread.len() >= 2
+    })
+    .await;
+    let fleet = online_fleet(&d, N, 120).await;
+    let ids = fleet.ids();
+    for id in ids.iter().step_by(3) {
+        assert!(fleet.take_offline(id, Duration::from_secs(15)));
+    }
+    for id in ids.iter().skip(1).step_by(6) {
+        assert!(fleet.reboot_on_next_command(id));
+    }
+    eventually("a third of the fleet is away", || {
+        fleet.stats().online <= N - N / 3
+    })
+    .await;
+    apply_dimming(&d, "dim", 33);
+    eventually("the devices online and powered dimmed", || {
+        fleet.count_with("dimming", &json!(33), None).0 >= N - N / 3 - N / 6
+    })
+    .await;
+    let before = fleet.count_with("dimming", &json!(33), None).0;
+    assert!(before < N, "mid-change: {before}/{N}");
+
+    let holders = shard_holders(&pg, &mut d, 3);
+    let held_by = |i: usize| holders.iter().filter(|h| **h == Some(i)).count();
+    let victim = (0..3)
+        .max_by_key(|i| held_by(*i))
+        .expect("three controllers");
+    assert!(held_by(victim) > 0, "{holders:?}");
+    d.signal_controller(victim, "KILL");
+    converge(&d, &fleet, 33, "after a sharded controller was killed").await;
+    let after = shard_holders(&pg, &mut d, 3);
+    assert!(
+        after.iter().all(|h| h.is_some_and(|i| i != victim)),
+        "every shard is held by a live controller: {after:?}"
+    );
+    let stats = fleet.stats();
+    assert_eq!(
+        stats.commands_applied, N as u64,
+        "each device applied the change once ({} replays ignored)",
+        stats.ignored_replays
+    );
+
+    apply_dimming(&d, "brighter", 77);
+    converge(&d, &fleet, 77, "a change after the kill").await;
+    assert_eq!(fleet.stats().commands_applied, 2 * N as u64);
+    let status = d.json(&["status"]);
+    // The leader answers from its copies of the other owners' records too.
+    assert_eq!(status["total"], json!(N + 1), "{status}");
+    fleet.shutdown().await;
 }

@@ -322,7 +322,7 @@ impl Fleet {
 
     /// Evaluates the policy on one device, noting what changed.
     pub(super) fn evaluate(&mut self, id: &str, now: Millis) {
-        let Some(dev) = self.devices.get(id) else {
+        let Some(dev) = self.devices.get(id).filter(|_| self.owns(id)) else {
             return;
         };
         let mut found = BTreeMap::new();
@@ -353,7 +353,7 @@ impl Fleet {
     /// standing violation keeps its first words ("last seen 11 minutes
     /// ago"), as its `since` already says how long it has lasted, so a
     /// silent fleet is not rewritten every tick.
-    fn evaluate_timed(&mut self, now: Millis) {
+    pub fn evaluate_timed(&mut self, now: Millis) {
         let Some((_, policy)) = self.gov.policy.clone() else {
             return;
         };
@@ -363,7 +363,7 @@ impl Fleet {
             return;
         }
         let mut flipped: Vec<(String, String, Option<Violation>)> = Vec::new();
-        for dev in self.devices.values() {
+        for dev in self.devices.values().filter(|d| self.owns(&d.id)) {
             let facts = facts(dev, now);
             for rule in timed.iter().filter(|r| r.applies_to(&dev.id, &dev.attrs)) {
                 match (rule.evaluate(&facts), dev.violations.contains_key(&rule.id)) {
@@ -413,7 +413,7 @@ impl Fleet {
     /// Certificate expiry per device, from the PKI's issuance record.
     pub fn set_cert_expiry(&mut self, expiry: &[(String, Millis)]) {
         for (id, at) in expiry {
-            if let Some(dev) = self.devices.get(id) {
+            if let Some(dev) = self.devices.get(id).filter(|_| self.owns(id)) {
                 if dev.cert_not_after != Some(*at) {
                     if let Some(dev) = self.devices.get_mut(id).map(Arc::make_mut) {
                         dev.cert_not_after = Some(*at);

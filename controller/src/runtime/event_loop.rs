@@ -166,6 +166,12 @@ pub(super) async fn run(
     let mut durable_rx: Option<mpsc::UnboundedReceiver<Vec<String>>> = None;
     let mut held = Held::default();
     let mut retry_commit_at: Option<tokio::time::Instant> = None;
+    // Sharded, a controller writes the global records (documents, the
+    // audit log, rollouts, governance) only once it holds the leader's
+    // lease (`Event::Lead`); its own shards' devices it writes at once.
+    let mut leader = fleet.owner.is_none();
+    // The PKI's last word, for devices of shards gained later.
+    let mut last_issued: Option<Vec<IssuedDevice>> = None;
     // Everything already in the store may have work to do.
     let ids: Vec<String> = fleet.devices.keys().cloned().collect();
     fleet.reconcile_later(ids);
@@ -244,7 +250,7 @@ pub(super) async fn run(
                 None => stop = true,
             },
             _ = tokio::time::sleep_until(wake) => {}
-            _ = status_tick.tick() => {
+            _ = status_tick.tick(), if leader => {
                 let summary = fleet.summary();
                 if last_summary.as_ref() != Some(&summary) {
                     let body = json!({
@@ -262,15 +268,22 @@ pub(super) async fn run(
                 }
             }
             _ = rollout_tick.tick() => {
-                if !fleet.rollouts.is_empty() {
+                // Sharded, rollouts are not run yet (operators are told so).
+                if !fleet.rollouts.is_empty() && fleet.owner.is_none() {
                     fleet.step_rollouts(clock.now());
                 }
             }
             _ = compliance_tick.tick() => {
                 let now = clock.now();
-                let summaries = fleet.compliance_tick(now);
-                send_all(&out, summaries).await;
-                super::enforce(&mut fleet, &store, now).await;
+                if leader {
+                    let summaries = fleet.compliance_tick(now);
+                    send_all(&out, summaries).await;
+                    super::enforce(&mut fleet, &store, now).await;
+                } else {
+                    // Each owner judges its own devices; the samples are
+                    // the leader's.
+                    fleet.evaluate_timed(now);
+                }
             }
             _ = shutdown.changed() => stop = true,
         }
@@ -342,36 +355,64 @@ pub(super) async fn run(
                     // Before the next event: nothing reads the fleet without it.
                     deferred.apply(&mut fleet);
                 }
-                Event::Issued(devices) => {
-                    let revoked: std::collections::HashSet<String> = devices
-                        .iter()
-                        .filter(|d| d.revoked)
-                        .map(|d| d.id.clone())
-                        .collect();
-                    let expiry: Vec<(String, u64)> = devices
-                        .iter()
-                        .filter_map(|d| Some((d.id.clone(), d.not_after_ms?)))
-                        .collect();
-                    let entries: Vec<Registration> = devices
-                        .into_iter()
-                        .map(|d| Registration {
-                            id: d.id,
-                            class: d.attributes.class,
-                            labels: d.attributes.labels,
-                            owner: d.attributes.owner,
-                        })
-                        .collect();
-                    let (new, updated) =
-                        fleet.register(&entries, fleet::FROM_PKI, Overwrite::Never, now);
-                    fleet.set_revoked(&revoked);
-                    fleet.set_cert_expiry(&expiry);
-                    if new + updated > 0 {
+                Event::Shards { acting, copies } => {
+                    fleet.follow_devices(copies);
+                    let held = acting.keys().copied().collect();
+                    if let Some(owner) = &fleet.owner {
+                        store.fence_shards(owner.shards(), acting);
+                    }
+                    let gained = fleet.hold_shards(held);
+                    if !gained.is_empty() {
+                        // Devices issued while their shard had no owner
+                        // here (at start, none had).
+                        if let Some(devices) = last_issued.clone() {
+                            register_issued(&mut fleet, devices, now);
+                        }
+                    }
+                }
+                Event::Docs(docs) => {
+                    let changed = fleet.follow_docs(docs);
+                    if changed > 0 {
                         tracing::info!(
-                            new,
-                            updated,
-                            "registry: devices from the PKI's issuance record"
+                            devices = changed,
+                            "documents followed: desired state changed"
                         );
                     }
+                }
+                Event::Lead { generation, holder } => {
+                    store.fence_with(generation);
+                    // The log and the documents as the last leader left
+                    // them: entries chain on from the stored head.
+                    loop {
+                        let store = store.clone();
+                        let read = tokio::task::spawn_blocking(move || {
+                            let last = store.refresh_audit()?;
+                            Ok::<_, StoreError>((last, store.docs()?))
+                        })
+                        .await
+                        .map_err(|e| StoreError::Transaction(e.to_string()))
+                        .and_then(|r| r);
+                        match read {
+                            Ok((last, docs)) => {
+                                fleet.audit_after(last);
+                                fleet.follow_docs(docs);
+                                break;
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot read the audit log and documents to lead; retrying")
+                            }
+                        }
+                        tokio::time::sleep(COMMIT_RETRY).await;
+                    }
+                    side.acting = Some(json!({"holder": holder, "lease_generation": generation}));
+                    leader = true;
+                    tracing::info!(%holder, generation, "leading: this controller answers operators and writes the global records");
+                }
+                Event::Issued(devices) => {
+                    if fleet.owner.is_some() {
+                        last_issued = Some(devices.clone());
+                    }
+                    register_issued(&mut fleet, devices, now);
                 }
             }
         }
@@ -393,7 +434,7 @@ pub(super) async fn run(
         // The audit chain's head, retained, for auditors to hold the log to
         // (`cityplane audit verify`): published once the entries are stored.
         let head = store.audit_head();
-        if last_audit_head.as_ref() != Some(&head) {
+        if leader && last_audit_head.as_ref() != Some(&head) {
             let body = json!({"seq": head.0, "hash": head.1, "at": crate::model::rfc3339(now)});
             send_all(
                 &out,
@@ -424,7 +465,8 @@ pub(super) async fn run(
                 devices: fleet.take_dirty(),
                 rollouts: fleet.take_dirty_rollouts(),
                 governance: fleet.gov.take_pending(),
-                seq: Some(fleet.seq),
+                // The leader's record, like the documents it numbers.
+                seq: leader.then_some(fleet.seq),
                 ..Default::default()
             };
             let store = store.clone();
@@ -473,7 +515,7 @@ async fn finish(
         devices: fleet.take_dirty(),
         rollouts: fleet.take_dirty_rollouts(),
         governance: fleet.gov.take_pending(),
-        seq: Some(fleet.seq),
+        seq: fleet.owner.is_none().then_some(fleet.seq),
         ..Default::default()
     };
     let (_, result) = commit(store, changes).await;
@@ -608,6 +650,41 @@ impl BrokerTables {
                 );
             }
         }
+    }
+}
+
+/// Registers the devices the PKI's issuance record holds (those this
+/// controller writes: sharded, its own shards'), their revocations and
+/// certificate expiries.
+fn register_issued(fleet: &mut Fleet, devices: Vec<IssuedDevice>, now: Millis) {
+    let revoked: std::collections::HashSet<String> = devices
+        .iter()
+        .filter(|d| d.revoked)
+        .map(|d| d.id.clone())
+        .collect();
+    let expiry: Vec<(String, u64)> = devices
+        .iter()
+        .filter_map(|d| Some((d.id.clone(), d.not_after_ms?)))
+        .collect();
+    let entries: Vec<Registration> = devices
+        .into_iter()
+        .filter(|d| fleet.owns(&d.id))
+        .map(|d| Registration {
+            id: d.id,
+            class: d.attributes.class,
+            labels: d.attributes.labels,
+            owner: d.attributes.owner,
+        })
+        .collect();
+    let (new, updated) = fleet.register(&entries, fleet::FROM_PKI, Overwrite::Never, now);
+    fleet.set_revoked(&revoked);
+    fleet.set_cert_expiry(&expiry);
+    if new + updated > 0 {
+        tracing::info!(
+            new,
+            updated,
+            "registry: devices from the PKI's issuance record"
+        );
     }
 }
 

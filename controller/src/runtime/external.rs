@@ -68,6 +68,12 @@ pub struct ExternalBroker {
     /// queue `cluster sync --shards N` binds each device's leaves to
     /// (docs/DESIGN-SHARDING.md). `None`: one session for everything.
     pub shard_sessions: Option<u32>,
+    /// Sharded (several controllers, docs/DESIGN-SHARDING.md): this
+    /// controller's name among them (`id@host:pid`). It then publishes
+    /// through a session of its own (client id `<id>.out-<member>`, clean),
+    /// holds the shard sessions of the shards it holds, and the main
+    /// session only while it leads; `shard_sessions` is ignored.
+    pub member: Option<String>,
 }
 
 impl std::fmt::Debug for ExternalBroker {
@@ -126,15 +132,37 @@ enum Session {
     Main { device_messages: bool },
     /// Client id `<id>.shard-<k>`: device messages of shard k only.
     Shard(u32),
+    /// Sharded, client id `<id>.out-<member>`: what this controller
+    /// publishes. A clean session that subscribes to nothing: each
+    /// controller has its own, so none evicts another's.
+    Publisher,
 }
 
 impl Session {
-    fn client_id(self, id: &str) -> String {
+    fn client_id(self, broker: &ExternalBroker) -> String {
+        let id = &broker.id;
         match self {
             Session::Main { .. } => id.to_owned(),
             Session::Shard(k) => format!("{id}.shard-{k}"),
+            Session::Publisher => {
+                let member: String = broker
+                    .member
+                    .as_deref()
+                    .unwrap_or_default()
+                    .chars()
+                    .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                    .collect();
+                format!("{id}.out-{member}")
+            }
         }
     }
+}
+
+/// Which sessions a sharded controller holds, as the keeper and the
+/// leader's lease say (see [`ExternalBroker::member`]).
+pub(super) struct Steering {
+    pub(super) shards: tokio::sync::watch::Receiver<std::collections::BTreeSet<u32>>,
+    pub(super) lead: tokio::sync::watch::Receiver<bool>,
 }
 
 pub(super) fn spawn(
@@ -142,28 +170,84 @@ pub(super) fn spawn(
     events: mpsc::Sender<Event>,
     out: mpsc::Receiver<Outgoing>,
     secrets: Arc<crate::secrets::Secrets>,
+    steering: Option<Steering>,
 ) {
     let (fetch_tx, fetch_rx) = mpsc::channel(FETCHES_QUEUED);
+    let blobs = cityplane_broker::blobs::Blobs::new(broker.firmware.clone());
+    if let Some(steering) = steering {
+        let (client, tasks) = connect(&broker, Session::Publisher, &events, &fetch_tx);
+        // For the life of the process.
+        std::mem::forget(tasks);
+        tokio::spawn(serve_fetches(client.clone(), blobs, fetch_rx));
+        tokio::spawn(publish(client, out, secrets, broker.unanswered.clone()));
+        tokio::spawn(steer(broker, steering, events, fetch_tx));
+        return;
+    }
     let main = Session::Main {
         device_messages: broker.shard_sessions.is_none(),
     };
-    let client = connect(&broker, main, &events, &fetch_tx);
-    let blobs = cityplane_broker::blobs::Blobs::new(broker.firmware.clone());
+    let (client, tasks) = connect(&broker, main, &events, &fetch_tx);
+    std::mem::forget(tasks);
     tokio::spawn(serve_fetches(client.clone(), blobs, fetch_rx));
     tokio::spawn(publish(client, out, secrets, broker.unanswered.clone()));
     for k in 0..broker.shard_sessions.unwrap_or(0) {
-        connect(&broker, Session::Shard(k), &events, &fetch_tx);
+        let (_, tasks) = connect(&broker, Session::Shard(k), &events, &fetch_tx);
+        std::mem::forget(tasks);
+    }
+}
+
+/// A session's tasks: dropping them ends the session's connection (the
+/// broker then requeues what it delivered and was not acknowledged, for
+/// whoever holds the session next).
+struct SessionTasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for SessionTasks {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// Holds the shard sessions of the shards the keeper says, and the main
+/// session while this controller leads.
+async fn steer(
+    broker: ExternalBroker,
+    mut steering: Steering,
+    events: mpsc::Sender<Event>,
+    fetches: mpsc::Sender<(String, bytes::Bytes)>,
+) {
+    let mut shards: std::collections::BTreeMap<u32, SessionTasks> = Default::default();
+    let mut main: Option<SessionTasks> = None;
+    loop {
+        let want = steering.shards.borrow_and_update().clone();
+        shards.retain(|k, _| want.contains(k));
+        for k in want {
+            shards
+                .entry(k)
+                .or_insert_with(|| connect(&broker, Session::Shard(k), &events, &fetches).1);
+        }
+        if *steering.lead.borrow_and_update() && main.is_none() {
+            let session = Session::Main {
+                device_messages: false,
+            };
+            main = Some(connect(&broker, session, &events, &fetches).1);
+        }
+        tokio::select! {
+            changed = steering.shards.changed() => if changed.is_err() { return },
+            changed = steering.lead.changed() => if changed.is_err() { return },
+        }
     }
 }
 
 /// Starts `session`'s connection, its receiver and its acknowledgements;
-/// returns its client.
+/// returns its client and its tasks.
 fn connect(
     broker: &ExternalBroker,
     session: Session,
     events: &mpsc::Sender<Event>,
     fetches: &mpsc::Sender<(String, bytes::Bytes)>,
-) -> AsyncClient {
+) -> (AsyncClient, SessionTasks) {
     let (client, mut eventloop) =
         AsyncClient::new(options(broker, session, 0), usize::from(INFLIGHT) * 4);
     // A node that just lost a peer answers late: it re-elects the leaders
@@ -176,8 +260,8 @@ fn connect(
         generation: Mutex::new(0),
     });
     let (ack_tx, ack_rx) = mpsc::unbounded_channel();
-    tokio::spawn(acknowledge(client.clone(), connection.clone(), ack_rx));
-    tokio::spawn(receive(
+    let acks = tokio::spawn(acknowledge(client.clone(), connection.clone(), ack_rx));
+    let receiver = tokio::spawn(receive(
         broker.clone(),
         session,
         client.clone(),
@@ -187,7 +271,7 @@ fn connect(
         ack_tx,
         fetches.clone(),
     ));
-    client
+    (client, SessionTasks(vec![acks, receiver]))
 }
 
 /// Answers devices' fetches with blobs (docs/PROTOCOL.md, "Firmware"), as
@@ -215,8 +299,10 @@ async fn serve_fetches(
 
 fn options(broker: &ExternalBroker, session: Session, node: usize) -> MqttOptions {
     let (host, port) = &broker.nodes[node % broker.nodes.len()];
-    let mut options = MqttOptions::new(session.client_id(&broker.id), host.clone(), *port);
-    options.set_clean_session(false);
+    let mut options = MqttOptions::new(session.client_id(broker), host.clone(), *port);
+    // Persistent, so what arrives while the controller is away waits for
+    // it; the publisher receives nothing, so nothing waits.
+    options.set_clean_session(session == Session::Publisher);
     options.set_manual_acks(true);
     options.set_keep_alive(Duration::from_secs(10));
     options.set_inflight(INFLIGHT);
@@ -237,6 +323,7 @@ fn options(broker: &ExternalBroker, session: Session, node: usize) -> MqttOption
 fn filters(session: Session) -> Vec<SubscribeFilter> {
     let device_messages = match session {
         Session::Main { device_messages } => device_messages,
+        Session::Publisher => return Vec::new(),
         Session::Shard(k) => {
             return vec![SubscribeFilter::new(
                 format!("cityplane/shards/{k}"),
@@ -276,8 +363,11 @@ async fn receive(
                 tracing::info!(node = %format!("{host}:{port}"), session = ?session, session_present = ack.session_present, "controller connected to the broker");
                 // A resumed session keeps its subscriptions; subscribing
                 // again is harmless and covers a session the broker lost.
-                if let Err(e) = client.try_subscribe_many(filters(session)) {
-                    tracing::error!(error = %e, "could not queue the subscriptions");
+                let filters = filters(session);
+                if !filters.is_empty() {
+                    if let Err(e) = client.try_subscribe_many(filters) {
+                        tracing::error!(error = %e, "could not queue the subscriptions");
+                    }
                 }
                 if session
                     == (Session::Main {

@@ -168,12 +168,35 @@ enum Event {
         msg: OperatorMessage,
         reply: tokio::sync::oneshot::Sender<bytes::Bytes>,
     },
+    /// Sharded: the shards to act on, with the generations of their
+    /// leases (the fence), and the device records the store got since the
+    /// last round (`sharding.rs`).
+    Shards {
+        acting: std::collections::BTreeMap<u32, i64>,
+        copies: Vec<crate::model::DeviceRecord>,
+    },
+    /// Sharded: the stored documents, as the leader wrote them.
+    Docs(Vec<crate::model::DocRecord>),
+    /// Sharded: this controller holds the leader's lease from now on.
+    Lead {
+        generation: i64,
+        holder: String,
+    },
 }
 
 pub struct Controller {
     shutdown: watch::Sender<bool>,
     task: JoinHandle<Result<(), ControllerError>>,
     events: mpsc::Sender<Event>,
+    /// Sharded: the keeper (told to leave once the loop stopped) and the
+    /// switch of the main session (on when this controller leads).
+    sharded: Option<ShardedParts>,
+}
+
+struct ShardedParts {
+    keeper_stop: tokio::sync::oneshot::Sender<()>,
+    keeper: JoinHandle<()>,
+    lead: watch::Sender<bool>,
 }
 
 /// A refused operator request: the stable code and the reason, as an
@@ -285,9 +308,15 @@ impl Controller {
     /// arrive by subscription and are acknowledged to the broker only once
     /// what they changed is durable; commands and answers are published.
     /// The broker enforces identity and topic rules (`cluster sync`).
+    ///
+    /// With `sharding`, this controller is one of several on a shared
+    /// PostgreSQL store (docs/DESIGN-SHARDING.md): it acts on the devices
+    /// of the shards it holds, keeps read-only copies of the others', and
+    /// answers operators only once told it leads ([`Controller::lead`]).
     pub async fn start_external(
-        broker: external::ExternalBroker,
+        mut broker: external::ExternalBroker,
         mut config: ControllerConfig,
+        sharding: Option<sharding::Sharding>,
     ) -> Result<Controller, ControllerError> {
         // One transaction per commit here: the broker's deliveries are
         // acknowledged only when the whole commit is durable, and the
@@ -307,12 +336,64 @@ impl Controller {
         fleet.pins_dirty = true;
         tables.push_pins(&mut fleet);
         let (events_tx, events) = mpsc::channel(EVENTS_QUEUE);
+        let mut steering = None;
+        let mut parts = None;
+        if let Some(sharding) = sharding {
+            fleet.shard(sharding.keeper.shards());
+            broker.member = Some(sharding.keeper.member().to_owned());
+            let (shards_tx, shards_rx) = watch::channel(Default::default());
+            let (lead, lead_rx) = watch::channel(false);
+            steering = Some(external::Steering {
+                shards: shards_rx,
+                lead: lead_rx,
+            });
+            // Handles of their own: neither waits behind the loop's commits.
+            let (copies, documents) = {
+                let location = config.store_location();
+                let cache = config.cache_bytes;
+                tokio::task::spawn_blocking(move || {
+                    Ok::<_, StoreError>((
+                        Store::open_at(&location, cache)?,
+                        Store::open_at(&location, cache)?,
+                    ))
+                })
+                .await
+                .map_err(|e| ControllerError::Broker(e.to_string()))??
+            };
+            tokio::spawn(sharding::follow_documents(
+                sharding.url.clone(),
+                documents,
+                events_tx.clone(),
+            ));
+            let (keeper_stop, keeper) =
+                sharding::spawn_keeper(sharding, copies, events_tx.clone(), shards_tx);
+            parts = Some(ShardedParts {
+                keeper_stop,
+                keeper,
+                lead,
+            });
+        }
         feed_registry(&config, &events_tx).await;
         let (out_tx, out_rx) = mpsc::channel(EVENTS_QUEUE);
-        external::spawn(broker, events_tx.clone(), out_rx, secrets);
-        Ok(launch(
-            fleet, store, events_tx, events, out_tx, config, tables,
-        ))
+        external::spawn(broker, events_tx.clone(), out_rx, secrets, steering);
+        let mut controller = launch(fleet, store, events_tx, events, out_tx, config, tables);
+        controller.sharded = parts;
+        Ok(controller)
+    }
+
+    /// Sharded: this controller now holds the leader's lease (of
+    /// `generation`, under the name `holder`): it writes the global
+    /// records from now on (documents, the audit log) and answers
+    /// operators, through the main session it opens now.
+    pub async fn lead(&self, generation: i64, holder: String) -> Result<(), ControllerError> {
+        self.events
+            .send(Event::Lead { generation, holder })
+            .await
+            .map_err(|_| ControllerError::Broker("the controller stopped".into()))?;
+        if let Some(parts) = &self.sharded {
+            parts.lead.send_replace(true);
+        }
+        Ok(())
     }
 
     /// The operator protocol for in-process callers (the dashboard).
@@ -325,9 +406,16 @@ impl Controller {
     /// Stops after the current batch is committed.
     pub async fn shutdown(self) -> Result<(), ControllerError> {
         let _ = self.shutdown.send(true);
-        self.task
+        let stopped = self
+            .task
             .await
-            .map_err(|e| ControllerError::Broker(e.to_string()))?
+            .map_err(|e| ControllerError::Broker(e.to_string()))?;
+        // Only now: the last commit is written, nothing more is.
+        if let Some(parts) = self.sharded {
+            let _ = parts.keeper_stop.send(());
+            let _ = parts.keeper.await;
+        }
+        stopped
     }
 }
 
@@ -444,6 +532,7 @@ fn launch(
         shutdown,
         task,
         events: events_tx,
+        sharded: None,
     }
 }
 
@@ -504,6 +593,7 @@ mod firmware;
 mod governance;
 mod incidents;
 mod operator;
+pub mod sharding;
 mod wiring;
 
 use event_loop::run;

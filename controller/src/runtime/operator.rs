@@ -153,6 +153,13 @@ pub(super) const WRITE_VERBS: [&str; 17] = [
     "cert-rotate",
 ];
 
+/// The write verbs sharded controllers take so far: those that write
+/// only global records the owners follow (documents) or that nothing
+/// else reads (firmware images, sign-ins). The others write devices'
+/// records, or records the owners would have to follow (organisations,
+/// policy, rollouts), and are refused.
+const SHARDED_WRITES: [&str; 3] = ["dashboard-login", "delete-document", "publish-firmware"];
+
 /// What the operator protocol keeps between requests, apart from the
 /// fleet: firmware uploads in progress, and the dashboard's sign-in table
 /// (`None`: no dashboard, `dashboard-login` is refused).
@@ -249,6 +256,16 @@ async fn operator_write(
     now: Millis,
 ) -> Result<Value, Rejection> {
     let who = access.operator.as_str();
+    if fleet.owner.is_some() && !SHARDED_WRITES.contains(&verb) {
+        return Err(Rejection::new(
+            "unavailable",
+            format!(
+                "{verb} is not available yet with sharded controllers: each device's record has \
+                 one writer, its shard's owner, and only documents reach the owners so far \
+                 (docs/DESIGN-SHARDING.md); run one controller (without --shards) for it"
+            ),
+        ));
+    }
     match verb {
         "dashboard-login" => {
             // Reading is the least a dashboard shows: an operator of an

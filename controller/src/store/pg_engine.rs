@@ -93,7 +93,9 @@ pub(super) fn connect(url: &str) -> Result<(String, postgres::Client), StoreErro
     config
         .connect_timeout(Duration::from_secs(5))
         .keepalives_idle(Duration::from_secs(30))
-        .options("-c idle_in_transaction_session_timeout=4000")
+        // Every connection makes sure of the schema (CREATE ... IF NOT
+        // EXISTS): its NOTICEs, a dozen per connection, are not news.
+        .options("-c idle_in_transaction_session_timeout=4000 -c client_min_messages=warning")
         .application_name("cityplane");
     let client = off_runtime(|| config.connect(postgres::NoTls))
         .map_err(|e| pg_error(&store, "connect", e))?;

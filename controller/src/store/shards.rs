@@ -88,6 +88,25 @@ impl ShardKeeper {
         })
     }
 
+    /// Splits the store into `wanted` shards if no controller ever held a
+    /// shard of it (the first sharded controller decides), and returns the
+    /// store's shard count, which the caller must then use: a device's
+    /// shard is fixed for good once anyone held one.
+    pub fn fix_shards(&mut self, wanted: u32) -> Result<u32, StoreError> {
+        let wanted = i32::try_from(wanted.clamp(1, crate::shard::MAX_SHARDS)).unwrap_or(1);
+        let shards: i32 = self.conn.call("shard count", move |c| {
+            c.execute(
+                "UPDATE cityplane_schema SET shards = $1 \
+                 WHERE NOT EXISTS (SELECT 1 FROM cityplane_lease WHERE name LIKE 'shard-%')",
+                &[&wanted],
+            )?;
+            c.query_one("SELECT shards FROM cityplane_schema", &[])
+                .map(|r| r.get(0))
+        })?;
+        self.shards = u32::try_from(shards).unwrap_or(1).max(1);
+        Ok(self.shards)
+    }
+
     pub fn member(&self) -> &str {
         &self.member
     }

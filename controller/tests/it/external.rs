@@ -34,7 +34,7 @@ impl Crashable {
                 .build()
                 .expect("runtime");
             rt.block_on(async move {
-                let controller = Controller::start_external(broker, config)
+                let controller = Controller::start_external(broker, config, None)
                     .await
                     .expect("controller starts");
                 let _ = up_tx.send(());
@@ -103,6 +103,7 @@ async fn a_report_is_acknowledged_to_the_broker_only_once_stored() {
         pins: Default::default(),
         unanswered: None,
         shard_sessions: None,
+        member: None,
     };
 
     // Controller A stores the report, then its disk stalls: the commit

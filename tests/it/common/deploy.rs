@@ -373,6 +373,33 @@ impl Deployment {
 }
 
 /// `controller.log`, then `controller-1.log`….
+/// A failed test's logs (the controllers', the server's) outlive its
+/// directory: copied to `$TMPDIR/cityplane-failed/<dir>/`, and the path said.
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let Some(name) = self.dir.path().file_name() else {
+            return;
+        };
+        let keep = std::env::temp_dir().join("cityplane-failed").join(name);
+        if std::fs::create_dir_all(&keep).is_err() {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(self.dir.path()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "log") {
+                let _ = std::fs::copy(&path, keep.join(entry.file_name()));
+            }
+        }
+        eprintln!("logs kept in {}", keep.display());
+    }
+}
+
 fn controller_log_name(i: usize) -> String {
     match i {
         0 => "controller.log".into(),

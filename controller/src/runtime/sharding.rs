@@ -1,0 +1,227 @@
+//! Sharded controllers' I/O around the loop (docs/DESIGN-SHARDING.md):
+//! holding shards, keeping copies of the other controllers' devices, and
+//! following the leader's documents. The loop decides nothing here; it is
+//! told which shards it acts on ([`Event::Shards`]) and what the store
+//! holds ([`Event::Docs`]).
+//!
+//! Every round (once a second, `lease::RETRY_EVERY`):
+//!
+//! 1. shards the last round said to give up are released: the loop was
+//!    told to stop acting on them then, and a commit of theirs still in
+//!    flight is refused by the fence once their new owner holds them;
+//! 2. the keeper heartbeats, renews, and takes what the assignment gives
+//!    this controller ([`ShardKeeper::tick`]);
+//! 3. the device records written since the last round are read
+//!    (`Store::device_changes`): *after* the take, so a shard gained this
+//!    round comes with its last owner's final word (any later commit of
+//!    that owner is fenced);
+//! 4. the loop gets the shards to act on and the records; the broker
+//!    sessions follow the same set.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::Event;
+use crate::model::DeviceRecord;
+use crate::store::lease::RETRY_EVERY;
+use crate::store::{ChangeCursor, GlobalListener, Heard, ShardKeeper, Store, StoreError};
+
+/// What a controller needs to share a fleet with others.
+pub struct Sharding {
+    /// The shared store (PostgreSQL).
+    pub url: String,
+    /// This controller's hold on its shards, connected, with the store's
+    /// shard count fixed ([`ShardKeeper::fix_shards`]).
+    pub keeper: ShardKeeper,
+}
+
+/// The keeper's side of a round, run off the loop (blocking).
+struct Rounds {
+    keeper: ShardKeeper,
+    /// A store handle of the keeper's own, so reading copies never waits
+    /// behind the loop's commits.
+    copies: Store,
+    cursor: Option<ChangeCursor>,
+    releasing: BTreeSet<u32>,
+}
+
+/// One round's outcome for the loop.
+struct Turn {
+    acting: BTreeMap<u32, i64>,
+    copies: Vec<DeviceRecord>,
+    gained: Vec<u32>,
+    lost: Vec<u32>,
+    given_up: Vec<u32>,
+}
+
+impl Rounds {
+    fn round(&mut self) -> Result<Turn, StoreError> {
+        let given_up: Vec<u32> = self.releasing.iter().copied().collect();
+        if !self.releasing.is_empty() {
+            self.keeper.release(&self.releasing)?;
+            self.releasing.clear();
+        }
+        let round = self.keeper.tick()?;
+        let acting: BTreeMap<u32, i64> = self
+            .keeper
+            .held()
+            .iter()
+            .filter(|(s, _)| !round.give_up.contains(s))
+            .map(|(s, g)| (*s, *g))
+            .collect();
+        self.releasing = round.give_up;
+        let (copies, cursor) = self.copies.device_changes(self.cursor.as_ref())?;
+        self.cursor = Some(cursor);
+        Ok(Turn {
+            acting,
+            copies,
+            gained: round.gained.keys().copied().collect(),
+            lost: round.lost.into_iter().collect(),
+            given_up,
+        })
+    }
+}
+
+/// The keeper task: rounds until told to stop, then leaves (its shards
+/// released at once, so the others take them at their next round).
+pub(super) fn spawn_keeper(
+    sharding: Sharding,
+    copies: Store,
+    events: mpsc::Sender<Event>,
+    sessions: watch::Sender<BTreeSet<u32>>,
+) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let (stop_tx, mut stop) = oneshot::channel();
+    let task = tokio::spawn(async move {
+        let member = sharding.keeper.member().to_owned();
+        let mut rounds = Some(Rounds {
+            keeper: sharding.keeper,
+            copies,
+            cursor: None,
+            releasing: BTreeSet::new(),
+        });
+        let mut warned = false;
+        loop {
+            let Some(mut r) = rounds.take() else { return };
+            let (r, turn) = match tokio::task::spawn_blocking(move || {
+                let turn = r.round();
+                (r, turn)
+            })
+            .await
+            {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::error!(error = %e, "shard keeper failed");
+                    return;
+                }
+            };
+            rounds = Some(r);
+            match turn {
+                Ok(turn) => {
+                    warned = false;
+                    if !(turn.gained.is_empty() && turn.lost.is_empty() && turn.given_up.is_empty())
+                    {
+                        tracing::info!(
+                            %member,
+                            gained = ?turn.gained,
+                            lost = ?turn.lost,
+                            given_up = ?turn.given_up,
+                            holding = ?turn.acting.keys().collect::<Vec<_>>(),
+                            "shards moved"
+                        );
+                    }
+                    let set: BTreeSet<u32> = turn.acting.keys().copied().collect();
+                    let event = Event::Shards {
+                        acting: turn.acting,
+                        copies: turn.copies,
+                    };
+                    if events.send(event).await.is_err() {
+                        return;
+                    }
+                    sessions.send_replace(set);
+                }
+                Err(e) => {
+                    if !warned {
+                        warned = true;
+                        // Commits of its shards are refused meanwhile by
+                        // the database's clock; renewed in time, nothing
+                        // changes.
+                        tracing::warn!(error = %e, "could not hold the shards; retrying");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(RETRY_EVERY) => {}
+                _ = &mut stop => break,
+            }
+        }
+        if let Some(r) = rounds {
+            match tokio::task::spawn_blocking(move || r.keeper.leave()).await {
+                Ok(Ok(())) => tracing::info!(%member, "shards released"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "could not release the shards; the others take them once they expire")
+                }
+                Err(e) => tracing::warn!(error = %e, "could not release the shards"),
+            }
+        }
+    });
+    (stop_tx, task)
+}
+
+/// How long a wait for the leader's notifications lasts before the
+/// follower checks whether the loop is still there.
+const LISTEN_FOR: Duration = Duration::from_secs(1);
+
+/// Follows the documents the leader writes: read again whenever a commit
+/// of theirs is heard, and in full after a lost connection.
+pub(super) async fn follow_documents(url: String, store: Store, events: mpsc::Sender<Event>) {
+    let mut listener: Option<GlobalListener> = None;
+    let store = std::sync::Arc::new(store);
+    let mut warned = false;
+    loop {
+        let url = url.clone();
+        let store = store.clone();
+        let taken = listener.take();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut l = match taken {
+                Some(l) => l,
+                None => match GlobalListener::connect(&url) {
+                    Ok(l) => l,
+                    Err(e) => return (None, Err(e)),
+                },
+            };
+            let heard = l.wait(LISTEN_FOR);
+            let docs = match heard {
+                Ok(Some(Heard::Everything)) => store.docs().map(Some),
+                Ok(Some(Heard::Trees(trees))) if trees.contains("docs") => store.docs().map(Some),
+                Ok(_) => Ok(None),
+                Err(e) => Err(e),
+            };
+            (Some(l), docs)
+        })
+        .await;
+        let Ok((back, docs)) = result else { return };
+        listener = back;
+        match docs {
+            Ok(Some(docs)) => {
+                warned = false;
+                if events.send(Event::Docs(docs)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) => {
+                if events.is_closed() {
+                    return;
+                }
+            }
+            Err(e) => {
+                if !warned {
+                    warned = true;
+                    tracing::warn!(error = %e, "could not follow the leader's documents; retrying");
+                }
+                tokio::time::sleep(RETRY_EVERY).await;
+            }
+        }
+    }
+}
