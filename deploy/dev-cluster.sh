@@ -2,14 +2,15 @@
 # The whole clustered deployment on this one machine, for development and
 # CI: a 3-node RabbitMQ cluster (`cityplane cluster up`), a PostgreSQL
 # instance of its own, and N `cityplane controller` processes sharing it
-# (one acts, the others stand by: docs/DEPLOYMENT.md). Real hosts take the
+# (one acts, the others stand by; with --shards S they share the fleet's S
+# shards and one of them leads: docs/DEPLOYMENT.md). Real hosts take the
 # same steps, each on its own machine (README "Beyond one machine").
 #
 #   deploy/dev-cluster.sh up [--dir DIR] [--pki DIR] [--controllers N]
-#                            [--base-port P] [--pg-port P]
+#                            [--shards S] [--base-port P] [--pg-port P]
 #   deploy/dev-cluster.sh status [--dir DIR]
 #   deploy/dev-cluster.sh kill-controller K [--dir DIR]   # SIGKILL controller K (1-based)
-#   deploy/dev-cluster.sh start-controller K [--dir DIR]  # start it again: it stands by
+#   deploy/dev-cluster.sh start-controller K [--dir DIR]  # start it again (stands by, or takes shards)
 #   deploy/dev-cluster.sh down [--dir DIR]                # stops all; the database stays
 #
 # Defaults: --dir ./dev-cluster, --pki ./pki, 3 controllers, RabbitMQ's
@@ -25,6 +26,7 @@ CITYPLANE=${CITYPLANE:-cityplane}
 dir=./dev-cluster
 pki=./pki
 controllers=3
+shards=
 base=28830
 pg_port=
 
@@ -52,6 +54,7 @@ while [ $# -gt 0 ]; do
     --dir) dir=$2; shift 2 ;;
     --pki) pki=$2; shift 2 ;;
     --controllers) controllers=$2; shift 2 ;;
+    --shards) shards=$2; shift 2 ;;
     --base-port) base=$2; shift 2 ;;
     --pg-port) pg_port=$2; shift 2 ;;
     -h|--help) usage 0 ;;
@@ -59,6 +62,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 [[ "$controllers" =~ ^[1-9][0-9]?$ ]] || die "--controllers must be 1 to 99"
+[ -z "$shards" ] || [[ "$shards" =~ ^[1-9][0-9]{0,3}$ ]] || die "--shards must be 1 to 1024"
 # RabbitMQ takes P to P+30 (docs/DEPLOYMENT.md).
 pg_port=${pg_port:-$((base + 40))}
 
@@ -75,11 +79,21 @@ alive() {
   [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
 }
 
-# acting / standing by / stopped, from its pid file and log.
+# acting / standing by / stopped (sharded: leading or not, and the shards
+# held), from its pid file and log.
 controller_state() {
-  local i=$1
+  local i=$1 held
   if ! alive "$dir/controller-$i.pid"; then
     echo stopped
+    return
+  fi
+  if [ -s "$dir/shards" ]; then
+    held=$(grep -o 'holding=\[[0-9, ]*\]' "$dir/controller-$i.log" | tail -n 1 | sed 's/holding=//')
+    if grep -q 'this controller acts' "$dir/controller-$i.log"; then
+      echo "leading, shards ${held:-[]}"
+    else
+      echo "shards ${held:-[]}"
+    fi
   elif grep -q 'this controller acts' "$dir/controller-$i.log"; then
     echo acting
   else
@@ -91,8 +105,10 @@ start_controller() {
   local i=$1 nodes
   nodes="127.0.0.1:$base,127.0.0.1:$((base + 1)),127.0.0.1:$((base + 2))"
   # setsid: it outlives this script and its terminal.
+  local sharding=()
+  [ -s "$dir/shards" ] && sharding=(--shards "$(cat "$dir/shards")")
   setsid "$CITYPLANE" controller --broker "$nodes" --pki "$pki" --data "$dir/data" \
-    --cluster-dir "$dir/rabbit" --store "$(cat "$dir/store.url")" \
+    --cluster-dir "$dir/rabbit" --store "$(cat "$dir/store.url")" "${sharding[@]}" \
     >"$dir/controller-$i.log" 2>&1 </dev/null &
   echo $! >"$dir/controller-$i.pid"
 }
@@ -121,7 +137,13 @@ up() {
 
   echo "RabbitMQ: 3 nodes from $pki (~25 s)"
   "$CITYPLANE" cluster up --dir "$dir/rabbit" --pki "$pki" --base-port "$base"
-  "$CITYPLANE" cluster sync --dir "$dir/rabbit" --pki "$pki" >/dev/null
+  if [ -n "$shards" ]; then
+    echo "$shards" >"$dir/shards"
+    "$CITYPLANE" cluster sync --dir "$dir/rabbit" --pki "$pki" --shards "$shards" >/dev/null
+  else
+    : >"$dir/shards"
+    "$CITYPLANE" cluster sync --dir "$dir/rabbit" --pki "$pki" >/dev/null
+  fi
 
   echo "PostgreSQL on 127.0.0.1:$pg_port"
   if [ ! -f "$dir/pg/data/PG_VERSION" ]; then
@@ -143,7 +165,11 @@ up() {
   wait_for "controller 1 acting" 60 grep -q 'this controller acts' "$dir/controller-1.log"
   for i in $(seq 2 "$controllers"); do
     start_controller "$i"
-    wait_for "controller $i standing by" 30 grep -q 'standing by' "$dir/controller-$i.log"
+    if [ -n "$shards" ]; then
+      wait_for "controller $i sharing the fleet" 30 grep -q 'another controller leads' "$dir/controller-$i.log"
+    else
+      wait_for "controller $i standing by" 30 grep -q 'standing by' "$dir/controller-$i.log"
+    fi
   done
   status
   echo
@@ -196,7 +222,11 @@ case "$verb" in
   kill-controller)
     alive "$dir/controller-$target.pid" || die "controller $target is not running"
     kill -KILL "$(cat "$dir/controller-$target.pid")"
-    echo "controller $target killed; a standby takes over within ~7 s"
+    if [ -s "$dir/shards" ]; then
+      echo "controller $target killed; its shards (and the lead, if it led) move to the others within ~7 s"
+    else
+      echo "controller $target killed; a standby takes over within ~7 s"
+    fi
     ;;
   start-controller)
     dir=$(realpath "$dir")

@@ -345,9 +345,10 @@ async fn a_postgres_outage_under_two_controllers_loses_nothing() {
 }
 
 /// `deploy/dev-cluster.sh`, as a user runs it (the README's steps): up
-/// brings RabbitMQ, PostgreSQL and three controllers (one acting, two
-/// standing by) that an operator reaches; killing the acting one hands
-/// over to a standby that answers the operator; down leaves no process.
+/// brings RabbitMQ, PostgreSQL and three sharded controllers (`--shards
+/// 8`: one leads, each holds shards) that an operator reaches; killing the
+/// leader hands the lead to another that answers the operator; down leaves
+/// no process. (Standing by is `a_standby_takes_over_on_the_rabbitmq_cluster`.)
 #[test]
 fn the_dev_cluster_script_runs_the_deployment_and_its_takeover() {
     use std::process::Command;
@@ -410,12 +411,14 @@ fn the_dev_cluster_script_runs_the_deployment_and_its_takeover() {
         &base.to_string(),
         "--controllers",
         "3",
+        "--shards",
+        "8",
     ]);
     assert!(up, "up: {said}");
     for line in [
-        "controller 1: acting",
-        "controller 2: standing by",
-        "controller 3: standing by",
+        "controller 1: leading, shards [",
+        "controller 2: shards [",
+        "controller 3: shards [",
         "postgresql: running",
         "healthy",
     ] {
@@ -443,20 +446,20 @@ fn the_dev_cluster_script_runs_the_deployment_and_its_takeover() {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let taken_over = loop {
         let (_, said) = script(&["status"]);
-        if said.contains("controller 2: acting") || said.contains("controller 3: acting") {
+        if said.contains("controller 2: leading") || said.contains("controller 3: leading") {
             break said;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "no standby took over within 60 s: {said}"
+            "no controller took the lead within 60 s: {said}"
         );
         std::thread::sleep(Duration::from_millis(500));
     };
     assert!(taken_over.contains("controller 1: stopped"), "{taken_over}");
     assert_eq!(
-        taken_over.matches(": acting").count(),
+        taken_over.matches(": leading").count(),
         1,
-        "one acts: {taken_over}"
+        "one leads: {taken_over}"
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !operator_status() {
