@@ -32,10 +32,12 @@
 //!
 //! `cargo bench -p cityplane --bench cluster [-- --sizes 500,1000]
 //! [--reports R] [--applies K] [--only embedded|cluster] [--base-port P]
-//! [--shards N] [--quiet-wait S]`; env `CITYPLANE_BENCH_SIZES`, `CITYPLANE_BENCH_REPORTS`
+//! [--shards N] [--controllers K] [--quiet-wait S]`; env `CITYPLANE_BENCH_SIZES`, `CITYPLANE_BENCH_REPORTS`
 //! (default 5), `CITYPLANE_BENCH_APPLIES` (3), `CITYPLANE_BENCH_ONLY`,
 //! `CITYPLANE_BENCH_BASE_PORT` (29630), `CITYPLANE_BENCH_SHARDS` (device
-//! messages through N shard sessions), `CITYPLANE_BENCH_QUIET_WAIT` (seconds
+//! messages through N shard sessions), `CITYPLANE_BENCH_CONTROLLERS` (K
+//! sharded controllers sharing a throwaway PostgreSQL store; needs
+//! `--shards`), `CITYPLANE_BENCH_QUIET_WAIT` (seconds
 //! to wait for a load average below 0.8 before starting, default 600; 0 = do
 //! not wait). Without rabbitmq-server installed the cluster side is skipped
 //! (said on stdout and in the JSON). Prints a summary and `BENCH_JSON {…}`;
@@ -92,6 +94,8 @@ struct Args {
     quiet_wait: u64,
     /// `controller --shards N` (and `cluster sync --shards N`).
     shards: Option<u32>,
+    /// More than 1: that many sharded controllers on a PostgreSQL store.
+    controllers: usize,
 }
 
 fn args() -> Result<Args> {
@@ -123,6 +127,7 @@ fn args() -> Result<Args> {
         shards: env("CITYPLANE_BENCH_SHARDS")
             .map(|v| v.parse())
             .transpose()?,
+        controllers: env("CITYPLANE_BENCH_CONTROLLERS").map_or(Ok(1), |v| v.parse())?,
     };
     bench::parse_args(std::env::args().skip(1), |key, value| {
         match key {
@@ -133,10 +138,14 @@ fn args() -> Result<Args> {
             "--base-port" => a.base_port = value()?.parse()?,
             "--quiet-wait" => a.quiet_wait = value()?.parse()?,
             "--shards" => a.shards = Some(value()?.parse()?),
+            "--controllers" => a.controllers = value()?.parse()?,
             _ => return Ok(false),
         }
         Ok(true)
     })?;
+    if a.controllers == 0 || (a.controllers > 1 && a.shards.is_none()) {
+        bail!("--controllers K: 1, or more with --shards N (sharded controllers)");
+    }
     if a.sizes.is_empty() || a.sizes.contains(&0) || a.reports == 0 || a.applies == 0 {
         bail!("sizes, --reports and --applies must be at least 1");
     }
@@ -381,15 +390,18 @@ struct Deployment {
     nodes: Vec<String>,
     procs: Vec<Proc>,
     setup: Value,
-    /// Dropped in this order: the controller (or server) first, then the cluster.
-    server: Option<ChildGuard>,
+    /// Dropped in this order: the controllers (or server) first, then the
+    /// cluster and the store.
+    server: Vec<ChildGuard>,
     cluster: Option<ClusterGuard>,
+    store: Option<cityplane_testkit::postgres::Postgres>,
 }
 
 impl Deployment {
     fn stop(&mut self) {
-        self.server.take();
+        self.server.clear();
         self.cluster.take();
+        self.store.take();
     }
 }
 
@@ -427,8 +439,9 @@ async fn start(side: Side, a: &Args, pki: &Path, dir: &Path) -> Result<Deploymen
                     pid: server.pid(),
                 }],
                 setup: json!({}),
-                server: Some(server),
+                server: vec![server],
                 cluster: None,
+                store: None,
             })
         }
         Side::Cluster => {
@@ -488,10 +501,23 @@ async fn start(side: Side, a: &Args, pki: &Path, dir: &Path) -> Result<Deploymen
             let sync: Value = serde_json::from_str(sync_out.trim()).unwrap_or(Value::Null);
             let users = sync["created"].as_array().map_or(0, Vec::len);
             eprintln!("  cluster up {up_s:.1} s, sync {sync_s:.1} s ({users} users created)");
-            let log = std::fs::File::create(dir.join("controller.log"))?;
-            let controller = ChildGuard::new(
-                Command::new(BIN)
-                    .arg("controller")
+            // Sharded controllers share a throwaway PostgreSQL store.
+            let store = if a.controllers > 1 {
+                Some(cityplane_testkit::postgres::Postgres::start()?)
+            } else {
+                None
+            };
+            let mut controllers = Vec::new();
+            let mut procs = Vec::new();
+            for k in 0..a.controllers {
+                let name = if a.controllers == 1 {
+                    "controller".to_owned()
+                } else {
+                    format!("controller-{}", k + 1)
+                };
+                let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+                let mut cmd = Command::new(BIN);
+                cmd.arg("controller")
                     .arg("--broker")
                     .arg(nodes.join(","))
                     .arg("--pki")
@@ -499,17 +525,27 @@ async fn start(side: Side, a: &Args, pki: &Path, dir: &Path) -> Result<Deploymen
                     .arg("--data")
                     .arg(&data)
                     .args(shards.iter().flat_map(|n| ["--shards", n.as_str()]))
-                    .env("RUST_LOG", "warn")
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(log)
-                    .spawn()
-                    .context("start cityplane controller")?,
-            );
-            let mut procs = vec![Proc {
-                name: "controller".into(),
-                pid: controller.pid(),
-            }];
+                    .env("RUST_LOG", "warn");
+                if shards.is_some() {
+                    // Binds the devices to their shards' queues.
+                    cmd.arg("--cluster-dir").arg(&cdir);
+                }
+                if let Some(pg) = &store {
+                    cmd.arg("--store").arg(pg.url());
+                }
+                let controller = ChildGuard::new(
+                    cmd.stdin(Stdio::null())
+                        .stdout(Stdio::null())
+                        .stderr(log)
+                        .spawn()
+                        .context("start cityplane controller")?,
+                );
+                procs.push(Proc {
+                    name,
+                    pid: controller.pid(),
+                });
+                controllers.push(controller);
+            }
             for i in 0..nodes.len() {
                 let pid = beam_pid(&cdir, i)
                     .with_context(|| format!("no beam.smp for rabbit{}", i + 1))?;
@@ -523,9 +559,11 @@ async fn start(side: Side, a: &Args, pki: &Path, dir: &Path) -> Result<Deploymen
                 nodes,
                 procs,
                 setup: json!({"cluster_up_s": round1(up_s), "cluster_sync_s": round1(sync_s),
-                              "users_created": users, "shards": a.shards}),
-                server: Some(controller),
+                              "users_created": users, "shards": a.shards,
+                              "controllers": a.controllers}),
+                server: controllers,
                 cluster: Some(cluster),
+                store,
             })
         }
     }
@@ -839,8 +877,14 @@ async fn phases(d: &Deployment, n: usize, a: &Args, pki: &Path, dir: &Path) -> R
     let sim_stats = fleet.shutdown().await;
     drop(sim_stats);
 
-    // 3. Reports through N device connections of this bench.
-    let reports = reports_phase(&mut op, d, pki, n, a.reports, &last_value).await?;
+    // 3. Reports through N device connections of this bench. Received is
+    // counted by the controller answering `status`: sharded, each counts
+    // only its own shards' reports, so the phase is not run.
+    let reports = if a.controllers > 1 {
+        json!({"skipped": "sharded: each controller counts only its own shards' reports"})
+    } else {
+        reports_phase(&mut op, d, pki, n, a.reports, &last_value).await?
+    };
     let end = snapshot(procs);
     op.op.disconnect().await;
 
@@ -1271,11 +1315,15 @@ fn summary(r: &Value) {
     );
     for x in r["results"].as_array().into_iter().flatten() {
         let side = x["deployment"].as_str().unwrap_or("?");
-        let main = if side == "cluster" {
-            "controller"
-        } else {
-            "server"
-        };
+        let connected = &x["rss_mib"]["connected"];
+        // The controllers together (sharded: several), or the server.
+        let main: f64 = connected
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| k.starts_with("controller") || k.as_str() == "server")
+            .filter_map(|(_, v)| v.as_f64())
+            .sum();
         let rab: Vec<String> = (1..=3)
             .filter_map(|i| x["rss_mib"]["connected"][format!("rabbit{i}")].as_f64())
             .map(|m| format!("{m:.0}"))
@@ -1291,7 +1339,7 @@ fn summary(r: &Value) {
             f(&x["converge"]["median"]["controller_converged_s"]),
             f(&x["reports"]["received_per_s"]),
             f(&x["reports"]["offered_per_s"]),
-            f(&x["rss_mib"]["connected"][main]),
+            main,
             if rab.is_empty() {
                 "-".into()
             } else {

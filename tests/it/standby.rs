@@ -141,17 +141,6 @@ async fn a_standby_takes_over_when_the_acting_controller_is_killed_mid_change() 
     killed_mid_change(Kind::Mosquitto).await;
 }
 
-/// The same on the RabbitMQ cluster: the successor resumes the
-/// controller's session (a quorum queue) from whichever node it reaches. Devices stay
-/// connected across the takeover and say nothing new, and RabbitMQ 3.10
-/// sends no retained presence to a wildcard subscription: a successor that
-/// forgot who was online (as `serve` must after a restart) never commanded
-/// 10 to 28 of the 300 again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_standby_takes_over_on_the_rabbitmq_cluster() {
-    killed_mid_change(Kind::Rabbit).await;
-}
-
 async fn killed_mid_change(kind: Kind) {
     const N: usize = 300;
     let test =
@@ -348,7 +337,7 @@ async fn a_postgres_outage_under_two_controllers_loses_nothing() {
 /// brings RabbitMQ, PostgreSQL and three sharded controllers (`--shards
 /// 8`: one leads, each holds shards) that an operator reaches; killing the
 /// leader hands the lead to another that answers the operator; down leaves
-/// no process. (Standing by is `a_standby_takes_over_on_the_rabbitmq_cluster`.)
+/// no process.
 #[test]
 fn the_dev_cluster_script_runs_the_deployment_and_its_takeover() {
     use std::process::Command;
@@ -503,12 +492,13 @@ fn shard_holders(pg: &Postgres, d: &mut Deployment, count: usize) -> Vec<Option<
 
 /// Three sharded controllers share 300 devices on the RabbitMQ cluster
 /// (16 shards; each holds its shards' sessions and writes only their
-/// devices). The one holding the most shards is killed (-9) mid-change,
-/// with a third of the fleet away and a sixth losing power on its command:
-/// its shards move to the two others within the lease's expiry, every
-/// device converges, each applied the change exactly once (a command left
-/// in flight is re-sent under its own id by the new owner), and a change
-/// after the kill converges too, led by whichever controller leads.
+/// devices; the first started leads). The leader is killed (-9)
+/// mid-change, with a third of the fleet away and a sixth losing power on
+/// its command: its shards move to the two others within the lease's
+/// expiry and one of them leads, every device converges, each applied the
+/// change exactly once (a command left in flight is re-sent under its own
+/// id by the new owner), and a change through the new leader converges
+/// too, which answers for the whole fleet.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sharded_controllers_share_the_fleet_and_one_killed_mid_change_loses_nothing() {
     const N: usize = 300;
@@ -543,12 +533,10 @@ async fn sharded_controllers_share_the_fleet_and_one_killed_mid_change_loses_not
     let before = fleet.count_with("dimming", &json!(33), None).0;
     assert!(before < N, "mid-change: {before}/{N}");
 
-    let holders = shard_holders(&pg, &mut d, 3);
-    let held_by = |i: usize| holders.iter().filter(|h| **h == Some(i)).count();
-    let victim = (0..3)
-        .max_by_key(|i| held_by(*i))
-        .expect("three controllers");
-    assert!(held_by(victim) > 0, "{holders:?}");
+    assert_eq!(acting(&d, 0..3), [0], "the first one leads");
+    // It holds some of the 16 shards, but for 1 run in ~700 ((2/3)^16):
+    // then only the lead moves.
+    let victim = 0;
     d.signal_controller(victim, "KILL");
     converge(&d, &fleet, 33, "after a sharded controller was killed").await;
     let after = shard_holders(&pg, &mut d, 3);
@@ -565,6 +553,7 @@ async fn sharded_controllers_share_the_fleet_and_one_killed_mid_change_loses_not
 
     apply_dimming(&d, "brighter", 77);
     converge(&d, &fleet, 77, "a change after the kill").await;
+    assert_eq!(acting(&d, 1..3).len(), 1, "one of the others leads");
     assert_eq!(fleet.stats().commands_applied, 2 * N as u64);
     let status = d.json(&["status"]);
     // The leader answers from its copies of the other owners' records too.
