@@ -76,6 +76,10 @@ pub(super) struct PgEngine {
 }
 
 /// Connects to `url`: its redacted form (for errors) and the client.
+/// The advisory lock the schema check holds (a constant of ours:
+/// "cityplan" in ASCII).
+const SCHEMA_LOCK: i64 = 0x6369_7479_706c_616e;
+
 pub(super) fn connect(url: &str) -> Result<(String, postgres::Client), StoreError> {
     let store = redact_url(url);
     let mut config: postgres::Config =
@@ -150,6 +154,10 @@ impl PgEngine {
     fn create_schema(&mut self) -> Result<(), StoreError> {
         let version: i32 = self.call("schema", |c| {
             let mut tx = c.transaction()?;
+            // Controllers started together on a new database would race
+            // their CREATE ... IF NOT EXISTS, and all but one fail on the
+            // catalog's unique index: one at a time, until commit.
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])?;
             tx.batch_execute(SCHEMA)?;
             tx.execute(
                 "INSERT INTO cityplane_schema (version) VALUES ($1) ON CONFLICT DO NOTHING",
