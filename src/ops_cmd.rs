@@ -817,10 +817,32 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         n("drifted")
     );
     if let Some(holder) = s["controller"]["holder"].as_str() {
+        let shards = &s["controller"]["shards"];
+        let role = if shards.is_object() {
+            "leading controller"
+        } else {
+            "acting controller"
+        };
         println!(
-            "acting controller: {holder} (lease generation {})",
+            "{role}: {holder} (lease generation {})",
             s["controller"]["lease_generation"]
         );
+        if let Some(held) = shards["held"].as_object() {
+            println!(
+                "shards: {} over {} controllers",
+                shards["count"],
+                held.len()
+            );
+            for (member, list) in held {
+                let list: Vec<String> = list
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(Value::to_string)
+                    .collect();
+                println!("  {member}: {}", list.join(","));
+            }
+        }
     }
     Ok(())
 }

@@ -48,7 +48,8 @@ pub struct Outgoing {
 }
 
 /// Counters for bad input and notable events (exported in `status`).
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[serde(default)]
 pub struct Counters {
     pub reports: u64,
     pub stale_reports: u64,
@@ -56,6 +57,20 @@ pub struct Counters {
     pub commands_resent: u64,
     pub drift_corrected: u64,
     pub rejected_inputs: BTreeMap<String, u64>,
+}
+
+impl Counters {
+    /// Adds `other`'s counts (sharded: another controller's).
+    pub fn add(&mut self, other: &Counters) {
+        self.reports += other.reports;
+        self.stale_reports += other.stale_reports;
+        self.commands_sent += other.commands_sent;
+        self.commands_resent += other.commands_resent;
+        self.drift_corrected += other.drift_corrected;
+        for (k, v) in &other.rejected_inputs {
+            *self.rejected_inputs.entry(k.clone()).or_default() += v;
+        }
+    }
 }
 
 /// Fleet summary, as published on `fleet/status`.

@@ -537,6 +537,7 @@ async fn sharded_controllers_share_the_fleet_and_one_killed_mid_change_loses_not
     // It holds some of the 16 shards, but for 1 run in ~700 ((2/3)^16):
     // then only the lead moves.
     let victim = 0;
+    let victim_pid = d.controller_pid(victim);
     d.signal_controller(victim, "KILL");
     converge(&d, &fleet, 33, "after a sharded controller was killed").await;
     let after = shard_holders(&pg, &mut d, 3);
@@ -558,5 +559,30 @@ async fn sharded_controllers_share_the_fleet_and_one_killed_mid_change_loses_not
     let status = d.json(&["status"]);
     // The leader answers from its copies of the other owners' records too.
     assert_eq!(status["total"], json!(N + 1), "{status}");
+    // And says who holds which shards: the two live controllers, all 16.
+    let held = status["controller"]["shards"]["held"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    let counted: usize = held
+        .values()
+        .map(|v| v.as_array().map_or(0, Vec::len))
+        .sum();
+    assert_eq!(counted, SHARDS, "{status}");
+    assert_eq!(held.len(), 2, "{status}");
+    assert!(
+        !held.keys().any(|k| k.ends_with(&format!(":{victim_pid}"))),
+        "{status}"
+    );
+    // Its counters are both live controllers' added up (each publishes
+    // its own once a second): they sent a new command to each of the 300
+    // devices in the second change and to about 230 in the first (those
+    // online, less the killed one's share, then those away on their
+    // return), ~530 in all; the leader alone sent about half of that.
+    let sent = |c: &serde_json::Value| c["commands_sent"].as_u64().unwrap_or(0);
+    eventually("status counts every controller's commands", || {
+        sent(&d.json(&["status"])["counters"]) >= 400
+    })
+    .await;
     fleet.shutdown().await;
 }

@@ -158,6 +158,8 @@ pub(super) async fn run(
             .clone()
             .zip(config.fence)
             .map(|(holder, generation)| json!({"holder": holder, "lease_generation": generation})),
+        shards: None,
+        fleet_counters: None,
     };
     let mut last_summary = None;
     let mut last_audit_head = None;
@@ -355,7 +357,33 @@ pub(super) async fn run(
                     // Before the next event: nothing reads the fleet without it.
                     deferred.apply(&mut fleet);
                 }
-                Event::Shards { acting, copies } => {
+                Event::Shards {
+                    acting,
+                    copies,
+                    holders,
+                    others,
+                    counters,
+                } => {
+                    let _ =
+                        counters.send(serde_json::to_string(&fleet.counters).unwrap_or_default());
+                    // `status` counts what every controller received.
+                    let mut all = fleet.counters.clone();
+                    for other in &others {
+                        if let Ok(c) = serde_json::from_str::<fleet::Counters>(other) {
+                            all.add(&c);
+                        }
+                    }
+                    side.fleet_counters = Some(all);
+                    // `status` names who holds which shards: by holder.
+                    let mut by_holder: std::collections::BTreeMap<String, Vec<u32>> =
+                        Default::default();
+                    for (shard, holder) in holders {
+                        by_holder.entry(holder).or_default().push(shard);
+                    }
+                    side.shards = Some(json!({
+                        "count": fleet.owner.as_ref().map(|o| o.shards()),
+                        "held": by_holder,
+                    }));
                     fleet.follow_devices(copies);
                     let held = acting.keys().copied().collect();
                     if let Some(owner) = &fleet.owner {

@@ -174,6 +174,13 @@ enum Event {
     Shards {
         acting: std::collections::BTreeMap<u32, i64>,
         copies: Vec<crate::model::DeviceRecord>,
+        /// Who holds each shard (`status` shows it).
+        holders: std::collections::BTreeMap<u32, String>,
+        /// The other live controllers' counters (JSON), as they last
+        /// published them.
+        others: Vec<String>,
+        /// Where this controller's counters go (JSON), to be published.
+        counters: tokio::sync::oneshot::Sender<String>,
     },
     /// Sharded: the stored documents, as the leader wrote them.
     Docs(Vec<crate::model::DocRecord>),

@@ -169,6 +169,11 @@ pub(super) struct OperatorSide {
     /// On a shared store, which controller acts (`status`'s `controller`):
     /// the lease's holder and generation.
     pub(super) acting: Option<Value>,
+    /// Sharded: the store's shard count and who holds which shards.
+    pub(super) shards: Option<Value>,
+    /// Sharded: the counters of every live controller added up (each
+    /// counts only its own shards' messages), as of the last round.
+    pub(super) fleet_counters: Option<crate::fleet::Counters>,
 }
 
 /// Longest class, owner, label key or value the registry takes.
@@ -746,6 +751,16 @@ async fn handle(
                 .map(|mut result| {
                     if let (Some(acting), "status") = (&side.acting, verb.as_str()) {
                         result["controller"] = acting.clone();
+                        if let Some(shards) = &side.shards {
+                            result["controller"]["shards"] = shards.clone();
+                        }
+                        // Only a fleet-wide answer is a fleet's count.
+                        if let (Some(all), true) =
+                            (&side.fleet_counters, result.get("counters").is_some())
+                        {
+                            result["controller"]["own_counters"] = result["counters"].clone();
+                            result["counters"] = json!(all);
+                        }
                     }
                     result
                 })

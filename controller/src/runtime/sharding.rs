@@ -40,6 +40,8 @@ pub struct Sharding {
 /// The keeper's side of a round, run off the loop (blocking).
 struct Rounds {
     keeper: ShardKeeper,
+    /// The loop's counters as it last said them (JSON).
+    counters: String,
     /// A store handle of the keeper's own, so reading copies never waits
     /// behind the loop's commits.
     copies: Store,
@@ -50,6 +52,8 @@ struct Rounds {
 /// One round's outcome for the loop.
 struct Turn {
     acting: BTreeMap<u32, i64>,
+    holders: BTreeMap<u32, String>,
+    others: Vec<String>,
     copies: Vec<DeviceRecord>,
     gained: Vec<u32>,
     lost: Vec<u32>,
@@ -74,8 +78,12 @@ impl Rounds {
         self.releasing = round.give_up;
         let (copies, cursor) = self.copies.device_changes(self.cursor.as_ref())?;
         self.cursor = Some(cursor);
+        let holders = self.keeper.holders()?;
+        let others = self.keeper.exchange_counters(&self.counters)?;
         Ok(Turn {
             acting,
+            holders,
+            others,
             copies,
             gained: round.gained.keys().copied().collect(),
             lost: round.lost.into_iter().collect(),
@@ -97,6 +105,7 @@ pub(super) fn spawn_keeper(
         let member = sharding.keeper.member().to_owned();
         let mut rounds = Some(Rounds {
             keeper: sharding.keeper,
+            counters: "{}".into(),
             copies,
             cursor: None,
             releasing: BTreeSet::new(),
@@ -132,12 +141,19 @@ pub(super) fn spawn_keeper(
                         );
                     }
                     let set: BTreeSet<u32> = turn.acting.keys().copied().collect();
+                    let (counters_tx, counters) = oneshot::channel();
                     let event = Event::Shards {
                         acting: turn.acting,
                         copies: turn.copies,
+                        holders: turn.holders,
+                        others: turn.others,
+                        counters: counters_tx,
                     };
                     if events.send(event).await.is_err() {
                         return;
+                    }
+                    if let (Ok(mine), Some(r)) = (counters.await, rounds.as_mut()) {
+                        r.counters = mine;
                     }
                     sessions.send_replace(set);
                 }

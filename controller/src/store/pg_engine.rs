@@ -52,6 +52,7 @@ const SCHEMA: &str = "
         member     text        PRIMARY KEY,
         expires_at timestamptz NOT NULL
     );
+    ALTER TABLE cityplane_members ADD COLUMN IF NOT EXISTS counters jsonb;
     CREATE TABLE IF NOT EXISTS cityplane_lease (
         name       text        PRIMARY KEY,
         holder     text        NOT NULL,

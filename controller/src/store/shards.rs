@@ -107,6 +107,50 @@ impl ShardKeeper {
         Ok(self.shards)
     }
 
+    /// Who holds each shard now (unexpired leases only), by the
+    /// database's clock: what `status` shows of a sharded deployment.
+    pub fn holders(&mut self) -> Result<BTreeMap<u32, String>, StoreError> {
+        let rows: Vec<(String, String)> = self.conn.call("shard holders", |c| {
+            Ok(c.query(
+                "SELECT name, holder FROM cityplane_lease \
+                 WHERE name LIKE 'shard-%' AND expires_at > now()",
+                &[],
+            )?
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect())
+        })?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(name, holder)| {
+                let shard = name.strip_prefix("shard-")?.parse().ok()?;
+                Some((shard, holder))
+            })
+            .collect())
+    }
+
+    /// Publishes this member's counters (JSON, see `fleet::Counters`) on
+    /// its row, and returns the other live members' last published ones:
+    /// the leader's `status` adds them up, since each controller counts
+    /// only what its own shards received.
+    pub fn exchange_counters(&mut self, mine: &str) -> Result<Vec<String>, StoreError> {
+        let (member, mine) = (self.member.clone(), mine.to_owned());
+        self.conn.call("member counters", move |c| {
+            c.execute(
+                "UPDATE cityplane_members SET counters = $2::text::jsonb WHERE member = $1",
+                &[&member, &mine],
+            )?;
+            Ok(c.query(
+                "SELECT counters::text FROM cityplane_members \
+                 WHERE member <> $1 AND expires_at > now() AND counters IS NOT NULL",
+                &[&member],
+            )?
+            .into_iter()
+            .map(|r| r.get(0))
+            .collect())
+        })
+    }
+
     pub fn member(&self) -> &str {
         &self.member
     }
