@@ -670,15 +670,7 @@ impl Store {
     /// sled's page cache (PostgreSQL has its own).
     pub fn open_at(location: &StoreLocation, cache_bytes: u64) -> Result<Store, StoreError> {
         let mut engine = Engine::open(location, cache_bytes)?;
-        let mut recent = std::collections::VecDeque::new();
-        engine.walk(Tree::Audit, Walk::Back, &mut |k, v| {
-            recent.push_front(decode("audit", k, v)?);
-            Ok(recent.len() < AUDIT_KEPT)
-        })?;
-        let head = recent
-            .back()
-            .map(|a: &AuditEntry| (a.seq, a.hash.clone()))
-            .unwrap_or_default();
+        let (recent, head) = audit_tail(&mut engine)?;
         Ok(Store {
             location: location.clone(),
             cache_bytes,
@@ -784,15 +776,7 @@ impl Store {
     /// last entry's sequence number.
     pub fn refresh_audit(&self) -> Result<u64, StoreError> {
         self.with(|e| {
-            let mut recent = std::collections::VecDeque::new();
-            e.walk(Tree::Audit, Walk::Back, &mut |k, v| {
-                recent.push_front(decode("audit", k, v)?);
-                Ok(recent.len() < AUDIT_KEPT)
-            })?;
-            let head = recent
-                .back()
-                .map(|a: &AuditEntry| (a.seq, a.hash.clone()))
-                .unwrap_or_default();
+            let (recent, head) = audit_tail(e)?;
             let last = head.0;
             *self.audit_head.lock().unwrap_or_else(|e| e.into_inner()) = head;
             *self.recent_audit.lock().unwrap_or_else(|e| e.into_inner()) = recent;
@@ -1154,6 +1138,23 @@ fn json<T: Serialize>(record: &T) -> Vec<u8> {
     // Records are plain data (string keys, no floats that could be NaN
     // from our side): serialization cannot fail.
     serde_json::to_vec(record).unwrap_or_default()
+}
+
+/// The newest [`AUDIT_KEPT`] audit entries and the chain's head (last
+/// sequence number and hash).
+type AuditTail = (std::collections::VecDeque<AuditEntry>, (u64, String));
+
+fn audit_tail(engine: &mut Engine) -> Result<AuditTail, StoreError> {
+    let mut recent = std::collections::VecDeque::new();
+    engine.walk(Tree::Audit, Walk::Back, &mut |k, v| {
+        recent.push_front(decode("audit", k, v)?);
+        Ok(recent.len() < AUDIT_KEPT)
+    })?;
+    let head = recent
+        .back()
+        .map(|a: &AuditEntry| (a.seq, a.hash.clone()))
+        .unwrap_or_default();
+    Ok((recent, head))
 }
 
 fn read_all<T: DeserializeOwned>(engine: &mut Engine, tree: Tree) -> Result<Vec<T>, StoreError> {

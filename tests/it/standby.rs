@@ -56,6 +56,48 @@ async fn online_fleet(d: &Deployment, n: usize, secs: u64) -> Fleet {
     fleet
 }
 
+/// `n` devices online, then a change applied mid-way on purpose: a third
+/// of the fleet is away for 15 s (its commands wait in the outbox) and a
+/// sixth loses power on receiving its command (in flight, never
+/// acknowledged); returns once the others applied it.
+async fn mid_change(d: &Deployment, n: usize) -> Fleet {
+    let fleet = online_fleet(d, n, 120).await;
+    let ids = fleet.ids();
+    for id in ids.iter().step_by(3) {
+        assert!(fleet.take_offline(id, Duration::from_secs(15)));
+    }
+    for id in ids.iter().skip(1).step_by(6) {
+        assert!(fleet.reboot_on_next_command(id));
+    }
+    eventually("a third of the fleet is away", || {
+        fleet.stats().online <= n - n / 3
+    })
+    .await;
+    apply_dimming(d, "dim", 33);
+    eventually("the devices online and powered dimmed", || {
+        fleet.count_with("dimming", &json!(33), None).0 >= n - n / 3 - n / 6
+    })
+    .await;
+    let before = fleet.count_with("dimming", &json!(33), None).0;
+    assert!(before < n, "mid-change: {before}/{n}");
+    fleet
+}
+
+/// Each of the `n` devices applied the first change exactly once (a
+/// command re-sent after a takeover keeps its id); then a second change
+/// (`brighter`, 77) converges and is applied once more by each.
+async fn applied_once_then_brighter(d: &Deployment, fleet: &Fleet, n: usize, what: &str) {
+    let stats = fleet.stats();
+    assert_eq!(
+        stats.commands_applied, n as u64,
+        "each device applied the change once ({} replays ignored)",
+        stats.ignored_replays
+    );
+    apply_dimming(d, "brighter", 77);
+    converge(d, fleet, 77, what).await;
+    assert_eq!(fleet.stats().commands_applied, 2 * n as u64);
+}
+
 /// Which of the controllers `among` logged that it acts.
 fn acting(d: &Deployment, among: std::ops::Range<usize>) -> Vec<usize> {
     among
@@ -153,28 +195,7 @@ async fn killed_mid_change(kind: Kind) {
     })
     .await;
     assert_eq!(acting(&d, 0..3), [0], "the first one acts, alone");
-    let fleet = online_fleet(&d, N, 120).await;
-    // Mid-change on purpose: a third of the fleet is away for 15 s (its
-    // commands wait in the acting controller's outbox) and a sixth loses
-    // power on receiving its command (in flight, never acknowledged).
-    let ids = fleet.ids();
-    for id in ids.iter().step_by(3) {
-        assert!(fleet.take_offline(id, Duration::from_secs(15)));
-    }
-    for id in ids.iter().skip(1).step_by(6) {
-        assert!(fleet.reboot_on_next_command(id));
-    }
-    eventually("a third of the fleet is away", || {
-        fleet.stats().online <= N - N / 3
-    })
-    .await;
-    apply_dimming(&d, "dim", 33);
-    eventually("the devices online and powered dimmed", || {
-        fleet.count_with("dimming", &json!(33), None).0 >= N - N / 3 - N / 6
-    })
-    .await;
-    let before = fleet.count_with("dimming", &json!(33), None).0;
-    assert!(before < N, "mid-change: {before}/{N}");
+    let fleet = mid_change(&d, N).await;
     d.signal_controller(0, "KILL");
     converge(&d, &fleet, 33, "after the acting controller was killed").await;
     let successors = acting(&d, 1..3);
@@ -188,16 +209,7 @@ async fn killed_mid_change(kind: Kind) {
             .is_some_and(|h| h.starts_with("controller@") && h.ends_with(&format!(":{pid}"))),
         "{status}"
     );
-    let stats = fleet.stats();
-    assert_eq!(
-        stats.commands_applied, N as u64,
-        "each device applied the change once ({} replays ignored)",
-        stats.ignored_replays
-    );
-
-    apply_dimming(&d, "brighter", 77);
-    converge(&d, &fleet, 77, "a change after the takeover").await;
-    assert_eq!(fleet.stats().commands_applied, 2 * N as u64);
+    applied_once_then_brighter(&d, &fleet, N, "a change after the takeover").await;
     let other = 3 - successors[0];
     assert!(
         !d.controller_log(other).contains(ACTS),
@@ -513,25 +525,7 @@ async fn sharded_controllers_share_the_fleet_and_one_killed_mid_change_loses_not
         holders.len() == SHARDS && holders.iter().all(Option::is_some) && spread.len() >= 2
     })
     .await;
-    let fleet = online_fleet(&d, N, 120).await;
-    let ids = fleet.ids();
-    for id in ids.iter().step_by(3) {
-        assert!(fleet.take_offline(id, Duration::from_secs(15)));
-    }
-    for id in ids.iter().skip(1).step_by(6) {
-        assert!(fleet.reboot_on_next_command(id));
-    }
-    eventually("a third of the fleet is away", || {
-        fleet.stats().online <= N - N / 3
-    })
-    .await;
-    apply_dimming(&d, "dim", 33);
-    eventually("the devices online and powered dimmed", || {
-        fleet.count_with("dimming", &json!(33), None).0 >= N - N / 3 - N / 6
-    })
-    .await;
-    let before = fleet.count_with("dimming", &json!(33), None).0;
-    assert!(before < N, "mid-change: {before}/{N}");
+    let fleet = mid_change(&d, N).await;
 
     assert_eq!(acting(&d, 0..3), [0], "the first one leads");
     // It holds some of the 16 shards, but for 1 run in ~700 ((2/3)^16):
@@ -545,17 +539,8 @@ async fn sharded_controllers_share_the_fleet_and_one_killed_mid_change_loses_not
         after.iter().all(|h| h.is_some_and(|i| i != victim)),
         "every shard is held by a live controller: {after:?}"
     );
-    let stats = fleet.stats();
-    assert_eq!(
-        stats.commands_applied, N as u64,
-        "each device applied the change once ({} replays ignored)",
-        stats.ignored_replays
-    );
-
-    apply_dimming(&d, "brighter", 77);
-    converge(&d, &fleet, 77, "a change after the kill").await;
+    applied_once_then_brighter(&d, &fleet, N, "a change after the kill").await;
     assert_eq!(acting(&d, 1..3).len(), 1, "one of the others leads");
-    assert_eq!(fleet.stats().commands_applied, 2 * N as u64);
     let status = d.json(&["status"]);
     // The leader answers from its copies of the other owners' records too.
     assert_eq!(status["total"], json!(N + 1), "{status}");
