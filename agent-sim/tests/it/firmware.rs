@@ -207,6 +207,9 @@ async fn a_power_loss_mid_update_is_reported_after_the_device_returns() {
         "{reason}"
     );
     assert_eq!(last.state["firmware"], old);
+    // Online means the command subscription was granted, which can come
+    // after the report published on reconnect.
+    assert!(fleet.wait_online(2, common::WAIT).await);
     let after = fleet.device(id).expect("device");
     assert_eq!(after.connects, 2);
     assert!(after.online);
