@@ -27,6 +27,7 @@ use crate::store::Changes;
 mod governance;
 mod incidents;
 pub use incidents::{canonical_serial, MAX_INCIDENT_DEVICES};
+mod intents;
 mod rollouts;
 mod rotation;
 pub use governance::{check_scope, ExceptionRecord, Governance, PolicyRecord};
@@ -238,6 +239,10 @@ pub struct Fleet {
     /// read-only copies of the store's ([`Fleet::follow_devices`]), kept
     /// for queries. `None`: every device is this controller's.
     pub owner: Option<crate::shard::Ownership>,
+    /// Sharded: the operator intents the store keeps, by number
+    /// ([`Fleet::take_intents`]), and the highest number ever given.
+    intents: BTreeMap<u64, Arc<crate::model::IntentRecord>>,
+    intent_last: u64,
 }
 
 impl Fleet {
@@ -280,6 +285,8 @@ impl Fleet {
             deliveries: Vec::new(),
             secrets: None,
             owner: None,
+            intents: BTreeMap::new(),
+            intent_last: 0,
         };
         fleet.rotating = fleet
             .devices
@@ -509,6 +516,8 @@ impl Fleet {
             } else {
                 self.rotating.remove(&record.id);
             }
+            let mut record = record;
+            self.overlay_intents(&mut record);
             self.devices.insert(record.id.clone(), Arc::new(record));
         }
     }
@@ -537,6 +546,8 @@ impl Fleet {
             .filter(|id| gained.contains(&crate::shard::shard_of(id, shards)))
             .cloned()
             .collect();
+        // Intents their last owner had not applied yet.
+        self.reapply_intents();
         self.recompute_desired(ids.iter().cloned());
         self.to_reconcile.extend(ids);
         gained
@@ -865,6 +876,7 @@ impl Fleet {
                         changed.push(id.clone());
                     }
                     dev.registered_by = record.registered_by.clone();
+                    dev.intent_seq = dev.intent_seq.max(record.intent_seq);
                 }
                 None => {
                     self.devices.insert(id.clone(), record);
@@ -1739,6 +1751,115 @@ mod tests {
             fleet.take_dirty().iter().all(|d| shard(&d.id) != 0),
             "a shard given up is not written"
         );
+    }
+
+    /// Sharded, `label` and `register` reach a device's record through
+    /// its owner only, once, whoever owns it when (`fleet/intents.rs`).
+    #[test]
+    fn a_sharded_registry_write_is_applied_once_by_each_devices_owner() {
+        const SHARDS: u32 = 4;
+        let shard = |id: &str| crate::shard::shard_of(id, SHARDS);
+        let north = DocRecord {
+            name: "north".into(),
+            target: zone("north"),
+            priority: 0,
+            state: object(json!({"dim": 50})),
+            generation: 1,
+            seq: 1,
+            author: "t".into(),
+            org: None,
+            written_at: 0,
+            history: Vec::new(),
+        };
+        let fleet_of = |held: BTreeSet<u32>| {
+            let mut devices = lamps(0..40);
+            for d in &mut devices {
+                d.online = true;
+                d.reported_version = 1;
+            }
+            let mut f = Fleet::for_tests(devices);
+            f.shard(SHARDS);
+            f.hold_shards(held);
+            f.follow_docs(vec![north.clone()]);
+            f.take_dirty();
+            f
+        };
+        let mut leader = fleet_of([0, 1].into());
+        let mut other = fleet_of([2, 3].into());
+        let pick = |s: u32| {
+            (0..40)
+                .map(|i| format!("d{i}"))
+                .find(|id| shard(id) == s)
+                .expect("a device of that shard")
+        };
+        let (mine, theirs) = (pick(0), pick(2));
+        let stale = (*other.devices[&theirs]).clone();
+
+        // The leader labels one device of its own and one of the other's.
+        let change = LabelChange {
+            set: [("zone".to_owned(), "north".to_owned())].into(),
+            ..Default::default()
+        };
+        let records = leader.labelled_records(&[mine.clone(), theirs.clone()], &change);
+        let intents = leader.registry_intents(&records, 1_000);
+        assert_eq!(intents.len(), 1);
+        assert_eq!(leader.took_intents(intents.clone()), (0, 2));
+        let written: Vec<String> = leader.take_dirty().iter().map(|d| d.id.clone()).collect();
+        assert_eq!(
+            written,
+            vec![mine.clone()],
+            "the leader writes its own device only"
+        );
+        assert_eq!(leader.devices[&mine].desired, object(json!({"dim": 50})));
+        assert_eq!(
+            leader.devices[&theirs].attrs.labels["zone"], "north",
+            "the copy shows it"
+        );
+        assert_eq!(
+            leader.devices[&theirs].intent_seq, 0,
+            "the copy has not passed it"
+        );
+
+        // Its owner applies it, once: read again, it changes nothing.
+        other.take_intents(intents.clone(), 1);
+        let written = other.take_dirty();
+        assert_eq!(written.len(), 1);
+        assert_eq!(
+            (written[0].id.as_str(), written[0].intent_seq),
+            (theirs.as_str(), 1)
+        );
+        assert_eq!(written[0].desired, object(json!({"dim": 50})));
+        other.take_intents(intents.clone(), 1);
+        assert!(other.take_dirty().is_empty(), "applied once");
+
+        // A copy read before its owner applied it still shows it, and the
+        // intent is not passed, so not pruned.
+        leader.follow_devices(vec![stale.clone()]);
+        assert_eq!(leader.devices[&theirs].attrs.labels["zone"], "north");
+        assert!(leader.passed_intents(1_000 + 3_600_000).is_empty());
+
+        // Its owner dies before its record was durable: the shard moves to
+        // the leader, which applies the intent there.
+        assert_eq!(leader.hold_shards([0, 1, 2].into()), [2].into());
+        let written: Vec<Arc<DeviceRecord>> = leader.take_dirty();
+        let rec = written.iter().find(|d| d.id == theirs).expect("written");
+        assert_eq!(
+            (rec.intent_seq, rec.attrs.labels["zone"].as_str()),
+            (1, "north")
+        );
+        assert_eq!(rec.desired, object(json!({"dim": 50})));
+        assert_eq!(
+            leader.passed_intents(1_000 + 59_000),
+            Vec::<u64>::new(),
+            "kept a minute"
+        );
+        assert_eq!(leader.passed_intents(1_000 + 60_000), vec![1]);
+
+        // The next leader numbers on from the store's last number.
+        let mut next = fleet_of([3].into());
+        next.take_intents(Vec::new(), 7);
+        let more = next.registry_intents(&records, 2_000);
+        assert_eq!(more[0].seq, 8);
     }
 
     #[test]

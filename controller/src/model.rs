@@ -168,6 +168,41 @@ pub struct DeviceRecord {
     /// with the new certificate, or is rolled back).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert_rotation: Option<CertRotation>,
+    /// Sharded: the last operator intent applied to this record
+    /// ([`IntentRecord::seq`]). It travels with the record, so an intent
+    /// is applied once per device whoever owns it when.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub intent_seq: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// Sharded (docs/DESIGN-SHARDING.md, "Operator writes"): an operator's
+/// write about devices, committed by the leading controller and applied
+/// to each device's record by the owner of its shard, where the record's
+/// `intent_seq` is lower. The leader numbers them; several make one
+/// write when its devices do not fit one record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IntentRecord {
+    pub seq: u64,
+    pub at: Millis,
+    pub devices: BTreeMap<String, Intent>,
+}
+
+/// What an intent does to one device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Intent {
+    /// Its registry fields as `register` or `label` left them: applied
+    /// whole (not as a change), so applying it again changes nothing.
+    Registry {
+        attrs: Attributes,
+        registered_by: String,
+        /// Used when the device is new to its owner.
+        registered_at: Millis,
+    },
 }
 
 /// One device's certificate rotation in progress.

@@ -264,6 +264,11 @@ pub struct Changes {
     /// Governance records by key (see the module's key layout); `None`
     /// deletes the key.
     pub governance: Vec<(String, Option<Vec<u8>>)>,
+    /// Sharded: operator intents the leader numbered (the store keeps
+    /// the highest number with them, see [`Store::intents`]).
+    pub intents: Vec<crate::model::IntentRecord>,
+    /// Sharded: intents every device they name has passed.
+    pub pruned_intents: Vec<u64>,
 }
 
 impl Changes {
@@ -276,6 +281,8 @@ impl Changes {
             && self.rollouts.is_empty()
             && self.releases.is_empty()
             && self.governance.is_empty()
+            && self.intents.is_empty()
+            && self.pruned_intents.is_empty()
     }
 }
 
@@ -433,10 +440,11 @@ enum Tree {
     Releases,
     Governance,
     Secrets,
+    Intents,
 }
 
 impl Tree {
-    const ALL: [Tree; 8] = [
+    const ALL: [Tree; 9] = [
         Tree::Docs,
         Tree::Devices,
         Tree::Audit,
@@ -445,6 +453,7 @@ impl Tree {
         Tree::Releases,
         Tree::Governance,
         Tree::Secrets,
+        Tree::Intents,
     ];
 
     fn name(self) -> &'static str {
@@ -457,6 +466,7 @@ impl Tree {
             Tree::Releases => "releases",
             Tree::Governance => "governance",
             Tree::Secrets => "secrets",
+            Tree::Intents => "intents",
         }
     }
 }
@@ -587,6 +597,10 @@ struct Encoded {
     rollouts: Vec<(Vec<u8>, Vec<u8>)>,
     releases: Vec<(Vec<u8>, Vec<u8>)>,
     governance: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// Intents written (`Some`) and pruned (`None`), by number.
+    intents: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// The highest intent number written, kept in `meta`.
+    intent_seq: Option<[u8; 8]>,
     /// Chained and encoded at the write, in the order of the commits.
     audit_entries: Vec<AuditEntry>,
     seq: Option<u64>,
@@ -619,8 +633,20 @@ impl Encoded {
             .iter()
             .map(|(k, v)| (k.as_bytes().to_vec(), v.clone()))
             .collect();
+        let intents: Vec<(Vec<u8>, Option<Vec<u8>>)> = changes
+            .intents
+            .iter()
+            .map(|i| (i.seq.to_be_bytes().to_vec(), Some(json(i))))
+            .chain(
+                changes
+                    .pruned_intents
+                    .iter()
+                    .map(|n| (n.to_be_bytes().to_vec(), None)),
+            )
+            .collect();
         let mut governed = governance
             .iter()
+            .chain(&intents)
             .filter_map(|(k, v)| Some((k, v.as_ref()?)));
         if let Some((k, v)) = governed.find(|(_, v)| v.len() > MAX_RECORD) {
             return Err(StoreError::Transaction(format!(
@@ -653,6 +679,13 @@ impl Encoded {
             rollouts,
             releases,
             governance,
+            intents,
+            intent_seq: changes
+                .intents
+                .iter()
+                .map(|i| i.seq)
+                .max()
+                .map(u64::to_be_bytes),
             audit_entries: changes.audit.clone(),
             seq: changes.seq,
         })
@@ -770,6 +803,19 @@ impl Store {
         self.with(|e| read_all(e, Tree::Docs))
     }
 
+    /// The operator intents kept (sharded), in order, and the highest
+    /// number ever written (pruned ones included): where the next leader
+    /// numbers on from.
+    pub fn intents(&self) -> Result<(Vec<crate::model::IntentRecord>, u64), StoreError> {
+        self.with(|e| {
+            let intents = read_all(e, Tree::Intents)?;
+            let last = e
+                .get(Tree::Meta, b"intent_seq")?
+                .map_or(0, |v| decode_u64(&v));
+            Ok((intents, last))
+        })
+    }
+
     /// Reads the audit log's tail again, for a controller that starts
     /// writing it after another did (a sharded controller that became the
     /// leader): its entries chain on from the stored head. Returns the
@@ -856,6 +902,8 @@ impl Store {
             rollouts,
             releases,
             governance,
+            intents,
+            intent_seq,
             audit_entries,
             seq,
         } = encoded;
@@ -921,6 +969,16 @@ impl Store {
                 .chain(
                     seq.as_ref()
                         .map(|s| (Tree::Meta, &b"seq"[..], Some(&s[..]))),
+                )
+                .chain(
+                    intents
+                        .iter()
+                        .map(|(k, v)| (Tree::Intents, k.as_slice(), v.as_deref())),
+                )
+                .chain(
+                    intent_seq
+                        .as_ref()
+                        .map(|s| (Tree::Meta, &b"intent_seq"[..], Some(&s[..]))),
                 )
                 .collect();
             let fence = self.fence().rows(&self.location, secrets, &ops)?;

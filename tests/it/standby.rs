@@ -569,5 +569,47 @@ async fn sharded_controllers_share_the_fleet_and_one_killed_mid_change_loses_not
         sent(&d.json(&["status"])["counters"]) >= 400
     })
     .await;
+
+    // The registry goes through the leader as intents, which each
+    // device's owner writes into its record (fleet/intents.rs): half the
+    // fleet labelled north, a document for north reaches exactly them,
+    // and a device registered now is stored by its owner.
+    let north: Vec<String> = fleet.ids().into_iter().step_by(2).collect();
+    let mut label = vec!["devices", "label"];
+    label.extend(north.iter().map(String::as_str));
+    label.push("zone=north");
+    let answer = d.json(&label);
+    assert_eq!(answer["changed"], json!(north.len()), "{answer}");
+    let doc = d.file(
+        "north.json",
+        &json!({"name": "north", "target": {"labels": {"zone": "north"}},
+                "priority": 10, "state": {"dimming": 55}}),
+    );
+    d.json(&["apply", "-f", &doc]);
+    eventually("the north half dims to 55, the rest stays at 77", || {
+        fleet.count_with("dimming", &json!(55), None).0 == north.len()
+            && fleet.count_with("dimming", &json!(77), None).0 == N - north.len()
+    })
+    .await;
+    let manifest = d.file(
+        "spare.json",
+        &json!([{"id": "spare-0001", "class": "streetlight", "labels": {"zone": "north"}}]),
+    );
+    let answer = d.json(&["devices", "register", "-f", &manifest]);
+    assert_eq!(answer["registered"], json!(1), "{answer}");
+    let stored_north = || {
+        pg.psql(
+            "SELECT count(*) FROM cityplane_kv WHERE tree = 'devices' \
+             AND convert_from(value, 'UTF8')::jsonb #>> '{attrs,labels,zone}' = 'north'",
+        )
+        .unwrap_or_default()
+        .trim()
+        .parse::<usize>()
+        .unwrap_or(0)
+    };
+    eventually("the owners stored the labels and the new device", || {
+        stored_north() == north.len() + 1
+    })
+    .await;
     fleet.shutdown().await;
 }

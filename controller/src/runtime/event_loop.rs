@@ -281,6 +281,7 @@ pub(super) async fn run(
                     let summaries = fleet.compliance_tick(now);
                     send_all(&out, summaries).await;
                     super::enforce(&mut fleet, &store, now).await;
+                    prune_intents(&mut fleet, &store, now).await;
                 } else {
                     // Each owner judges its own devices; the samples are
                     // the leader's.
@@ -407,6 +408,9 @@ pub(super) async fn run(
                         );
                     }
                 }
+                Event::Intents(intents, last) => {
+                    fleet.take_intents(intents, last);
+                }
                 Event::Lead { generation, holder } => {
                     store.fence_with(generation);
                     // The log and the documents as the last leader left
@@ -415,15 +419,17 @@ pub(super) async fn run(
                         let store = store.clone();
                         let read = tokio::task::spawn_blocking(move || {
                             let last = store.refresh_audit()?;
-                            Ok::<_, StoreError>((last, store.docs()?))
+                            Ok::<_, StoreError>((last, store.docs()?, store.intents()?))
                         })
                         .await
                         .map_err(|e| StoreError::Transaction(e.to_string()))
                         .and_then(|r| r);
                         match read {
-                            Ok((last, docs)) => {
+                            Ok((last, docs, (intents, last_intent))) => {
                                 fleet.audit_after(last);
                                 fleet.follow_docs(docs);
+                                // Numbered on from the last leader's.
+                                fleet.take_intents(intents, last_intent);
                                 break;
                             }
                             Err(e) => {
@@ -555,6 +561,23 @@ async fn finish(
         }
     }
     Ok(())
+}
+
+/// Sharded, the leader deletes the operator intents every device has
+/// passed (`Fleet::passed_intents`).
+async fn prune_intents(fleet: &mut Fleet, store: &Arc<Store>, now: Millis) {
+    let passed = fleet.passed_intents(now);
+    if passed.is_empty() {
+        return;
+    }
+    let changes = Changes {
+        pruned_intents: passed.clone(),
+        ..Default::default()
+    };
+    match commit(store, changes).await.1 {
+        Ok(()) => fleet.pruned_intents(&passed),
+        Err(e) => tracing::warn!(error = %e, "could not prune passed intents; retrying later"),
+    }
 }
 
 pub(super) async fn commit(

@@ -184,6 +184,9 @@ enum Event {
     },
     /// Sharded: the stored documents, as the leader wrote them.
     Docs(Vec<crate::model::DocRecord>),
+    /// Sharded: the operator intents stored, and the highest number given
+    /// (`Store::intents`).
+    Intents(Vec<crate::model::IntentRecord>, u64),
     /// Sharded: this controller holds the leader's lease from now on.
     Lead {
         generation: i64,

@@ -154,11 +154,17 @@ pub(super) const WRITE_VERBS: [&str; 17] = [
 ];
 
 /// The write verbs sharded controllers take so far: those that write
-/// only global records the owners follow (documents) or that nothing
-/// else reads (firmware images, sign-ins). The others write devices'
-/// records, or records the owners would have to follow (organisations,
-/// policy, rollouts), and are refused.
-const SHARDED_WRITES: [&str; 3] = ["dashboard-login", "delete-document", "publish-firmware"];
+/// only global records the owners follow (documents, the registry's
+/// intents) or that nothing else reads (firmware images, sign-ins). The
+/// others write devices' records, or records the owners would have to
+/// follow (organisations, policy, rollouts), and are refused.
+const SHARDED_WRITES: [&str; 5] = [
+    "dashboard-login",
+    "delete-document",
+    "publish-firmware",
+    "register",
+    "label",
+];
 
 /// What the operator protocol keeps between requests, apart from the
 /// fleet: firmware uploads in progress, and the dashboard's sign-in table
@@ -205,18 +211,35 @@ fn check_attributes(a: &Attributes) -> Result<(), Rejection> {
     Ok(())
 }
 
-/// Commits device records an operator write changed, with its audit line.
-async fn commit_records(
+/// Commits the registry records `register` or `label` made, with the
+/// write's audit line, then applies them. Sharded, the leader writes no
+/// device's record: it commits them as intents, which each device's owner
+/// applies (`fleet/intents.rs`). Returns (devices new, devices whose
+/// attributes changed).
+async fn write_registry(
+    fleet: &mut Fleet,
     store: &Arc<Store>,
-    devices: Vec<Arc<crate::model::DeviceRecord>>,
+    records: Vec<Arc<crate::model::DeviceRecord>>,
     audit: crate::model::AuditEntry,
-) -> Result<(), Rejection> {
+    now: Millis,
+) -> Result<(usize, usize), Rejection> {
+    if fleet.owner.is_none() {
+        let changes = Changes {
+            devices: records.clone(),
+            audit: vec![audit],
+            ..Default::default()
+        };
+        commit_write(store, changes).await?;
+        return Ok(fleet.apply_registry(records));
+    }
+    let intents = fleet.registry_intents(&records, now);
     let changes = Changes {
-        devices,
+        intents: intents.clone(),
         audit: vec![audit],
         ..Default::default()
     };
-    commit_write(store, changes).await
+    commit_write(store, changes).await?;
+    Ok(fleet.took_intents(intents))
 }
 
 /// Commits an operator write; a failure becomes the operator's refusal.
@@ -266,7 +289,8 @@ async fn operator_write(
             "unavailable",
             format!(
                 "{verb} is not available yet with sharded controllers: each device's record has \
-                 one writer, its shard's owner, and only documents reach the owners so far \
+                 one writer, its shard's owner, and only documents and the registry (register, \
+                 label) reach the owners so far \
                  (docs/DESIGN-SHARDING.md); run one controller (without --shards) for it"
             ),
         ));
@@ -415,8 +439,7 @@ async fn operator_write(
                 &format!("accepted, {} records written", records.len()),
                 now,
             );
-            commit_records(store, records.clone(), audit).await?;
-            let (new, updated) = fleet.apply_registry(records);
+            let (new, updated) = write_registry(fleet, store, records, audit, now).await?;
             tracing::info!(operator = who, new, updated, "devices registered");
             Ok(json!({"registered": new, "updated": updated, "total": fleet.devices.len()}))
         }
@@ -474,8 +497,7 @@ async fn operator_write(
                 &format!("accepted, {} changed", records.len()),
                 now,
             );
-            commit_records(store, records.clone(), audit).await?;
-            let (_, changed) = fleet.apply_registry(records);
+            let (_, changed) = write_registry(fleet, store, records, audit, now).await?;
             Ok(json!({"matched": ids.len(), "changed": changed}))
         }
         "delete-document" => {

@@ -189,8 +189,9 @@ pub(super) fn spawn_keeper(
 /// follower checks whether the loop is still there.
 const LISTEN_FOR: Duration = Duration::from_secs(1);
 
-/// Follows the documents the leader writes: read again whenever a commit
-/// of theirs is heard, and in full after a lost connection.
+/// Follows the documents and operator intents the leader writes: read
+/// again whenever a commit of theirs is heard, and in full after a lost
+/// connection.
 pub(super) async fn follow_documents(url: String, store: Store, events: mpsc::Sender<Event>) {
     let mut listener: Option<GlobalListener> = None;
     let store = std::sync::Arc::new(store);
@@ -207,28 +208,40 @@ pub(super) async fn follow_documents(url: String, store: Store, events: mpsc::Se
                     Err(e) => return (None, Err(e)),
                 },
             };
-            let heard = l.wait(LISTEN_FOR);
-            let docs = match heard {
-                Ok(Some(Heard::Everything)) => store.docs().map(Some),
-                Ok(Some(Heard::Trees(trees))) if trees.contains("docs") => store.docs().map(Some),
-                Ok(_) => Ok(None),
+            let read = |docs: bool, intents: bool| -> Result<Vec<Event>, StoreError> {
+                let mut out = Vec::new();
+                if docs {
+                    out.push(Event::Docs(store.docs()?));
+                }
+                if intents {
+                    let (intents, last) = store.intents()?;
+                    out.push(Event::Intents(intents, last));
+                }
+                Ok(out)
+            };
+            let heard = match l.wait(LISTEN_FOR) {
+                Ok(Some(Heard::Everything)) => read(true, true),
+                Ok(Some(Heard::Trees(trees))) => {
+                    read(trees.contains("docs"), trees.contains("intents"))
+                }
+                Ok(None) => Ok(Vec::new()),
                 Err(e) => Err(e),
             };
-            (Some(l), docs)
+            (Some(l), heard)
         })
         .await;
-        let Ok((back, docs)) = result else { return };
+        let Ok((back, heard)) = result else { return };
         listener = back;
-        match docs {
-            Ok(Some(docs)) => {
+        match heard {
+            Ok(read) => {
                 warned = false;
-                if events.send(Event::Docs(docs)).await.is_err() {
-                    return;
-                }
-            }
-            Ok(None) => {
                 if events.is_closed() {
                     return;
+                }
+                for event in read {
+                    if events.send(event).await.is_err() {
+                        return;
+                    }
                 }
             }
             Err(e) => {

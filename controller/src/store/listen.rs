@@ -20,7 +20,8 @@ use super::StoreError;
 /// What changed since the last [`GlobalListener::wait`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Heard {
-    /// These trees (`docs`, `rollouts`, `releases`, `governance`).
+    /// These trees (`docs`, `rollouts`, `releases`, `governance`,
+    /// `intents`).
     Trees(BTreeSet<String>),
     /// Anything may have: read every global record again.
     Everything,

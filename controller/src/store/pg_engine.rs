@@ -437,7 +437,7 @@ fn global_change(ops: &[Op<'_>]) -> Option<String> {
     let trees: std::collections::BTreeSet<&str> = ops
         .iter()
         .filter(|(tree, key, _)| match tree {
-            Tree::Docs | Tree::Rollouts | Tree::Releases => true,
+            Tree::Docs | Tree::Rollouts | Tree::Releases | Tree::Intents => true,
             Tree::Governance => !key.starts_with(b"history/"),
             Tree::Devices | Tree::Secrets | Tree::Audit | Tree::Meta => false,
         })

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use cityplane_controller::model::{AuditEntry, DeviceRecord, DocRecord};
+use cityplane_controller::model::{AuditEntry, DeviceRecord, DocRecord, Intent, IntentRecord};
 use cityplane_controller::secrets::{Rotation, Vault};
 use cityplane_controller::store::{
     Changes, CommitGate, Store, StoreError, StoreLocation, AUDIT_KEPT, MAX_RECORD,
@@ -149,6 +149,7 @@ fn every_tree_round_trips_through_a_reopen() {
                     ("org/x".into(), Some(br#"{"name":"x"}"#.to_vec())),
                     ("org/y".into(), Some(br#"{"name":"y"}"#.to_vec())),
                 ],
+                intents: vec![intent(10), intent(2), intent(300)],
                 ..Default::default()
             })
             .expect("first commit");
@@ -157,6 +158,7 @@ fn every_tree_round_trips_through_a_reopen() {
                 deleted_docs: vec!["a".into()],
                 devices: vec![device("d1", 9)],
                 governance: vec![("org/x".into(), None)],
+                pruned_intents: vec![300, 2],
                 ..Default::default()
             })
             .expect("second commit");
@@ -175,7 +177,27 @@ fn every_tree_round_trips_through_a_reopen() {
             [("org/y".to_owned(), br#"{"name":"y"}"#.to_vec())]
         );
         assert_eq!((loaded.seq, loaded.audit_len, loaded.audit_last), (5, 1, 1));
+        // Kept in order; the highest number stays after it was pruned.
+        let (intents, last) = reopen().intents().expect("intents");
+        assert_eq!(intents, [intent(10)]);
+        assert_eq!(last, 300);
     });
+}
+
+fn intent(seq: u64) -> IntentRecord {
+    IntentRecord {
+        seq,
+        at: 1_000,
+        devices: [(
+            format!("d{seq}"),
+            Intent::Registry {
+                attrs: Default::default(),
+                registered_by: "op".into(),
+                registered_at: 1_000,
+            },
+        )]
+        .into(),
+    }
 }
 
 /// The audit log: chained across commits and reopens, paged, searched and

@@ -1,0 +1,192 @@
+//! Operator writes about devices when controllers are sharded
+//! (docs/DESIGN-SHARDING.md, "Operator writes"). Each device's record has
+//! one writer, its shard's owner, so the leading controller does not write
+//! it: it commits an [`IntentRecord`] (the registry fields `register` or
+//! `label` computed for each device), and every controller applies the
+//! intents it reads to the devices it owns whose record has not passed
+//! them yet (`DeviceRecord::intent_seq`). The number travels with the
+//! record, so an intent is applied once per device, whoever owns it when.
+//! The records of other controllers' devices (copies) show the intents
+//! at once, without passing them, so queries and the next write see what
+//! was answered.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::*;
+use crate::model::{Intent, IntentRecord};
+
+/// How long a passed intent is kept before it is pruned: the owner of a
+/// device marks it passed before its commit of the record is durable.
+const PRUNE_AFTER: Millis = 60_000;
+
+/// Largest intent written, in bytes of JSON: under the store's record
+/// limit with room to spare.
+const INTENT_BYTES: usize = crate::store::MAX_RECORD / 2;
+
+impl Fleet {
+    /// The intents that apply `records` (made by
+    /// [`Fleet::registered_records`] or [`Fleet::labelled_records`]),
+    /// numbered after the last one given and cut to fit the store's
+    /// record limit. Only the leading controller makes them.
+    pub fn registry_intents(
+        &mut self,
+        records: &[Arc<DeviceRecord>],
+        now: Millis,
+    ) -> Vec<IntentRecord> {
+        let mut out: Vec<IntentRecord> = Vec::new();
+        let mut bytes = 0;
+        for r in records {
+            let intent = Intent::Registry {
+                attrs: r.attrs.clone(),
+                registered_by: r.registered_by.clone(),
+                registered_at: r.registered_at,
+            };
+            let size = r.id.len() + serde_json::to_vec(&intent).map_or(0, |v| v.len()) + 8;
+            if out.is_empty() || bytes + size > INTENT_BYTES {
+                self.intent_last += 1;
+                out.push(IntentRecord {
+                    seq: self.intent_last,
+                    at: now,
+                    devices: BTreeMap::new(),
+                });
+                bytes = 0;
+            }
+            bytes += size;
+            if let Some(last) = out.last_mut() {
+                last.devices.insert(r.id.clone(), intent);
+            }
+        }
+        out
+    }
+
+    /// Takes what the store keeps: every intent (in order, pruned ones
+    /// gone) and the highest number given. Applies them where they have
+    /// not been. Returns (devices new, devices whose attributes changed).
+    pub fn take_intents(&mut self, stored: Vec<IntentRecord>, last: u64) -> (usize, usize) {
+        self.intent_last = self
+            .intent_last
+            .max(last)
+            .max(stored.iter().map(|i| i.seq).max().unwrap_or(0));
+        // Those numbered after `last` were committed after the store was
+        // read (this controller's own, as leader): still to come.
+        self.intents.retain(|seq, _| *seq > last);
+        self.intents
+            .extend(stored.into_iter().map(|i| (i.seq, Arc::new(i))));
+        self.reapply_intents()
+    }
+
+    /// Takes intents this controller just committed (the leader): applied
+    /// now, as [`Fleet::take_intents`] would once it reads them.
+    pub fn took_intents(&mut self, committed: Vec<IntentRecord>) -> (usize, usize) {
+        let (mut new, mut updated) = (0, 0);
+        for intent in committed {
+            let intent = Arc::new(intent);
+            self.intent_last = self.intent_last.max(intent.seq);
+            self.intents.insert(intent.seq, intent.clone());
+            let (n, u) = self.apply_intent(&intent);
+            new += n;
+            updated += u;
+        }
+        (new, updated)
+    }
+
+    pub(super) fn reapply_intents(&mut self) -> (usize, usize) {
+        let (mut new, mut updated) = (0, 0);
+        let intents: Vec<Arc<IntentRecord>> = self.intents.values().cloned().collect();
+        for intent in intents {
+            let (n, u) = self.apply_intent(&intent);
+            new += n;
+            updated += u;
+        }
+        (new, updated)
+    }
+
+    /// One intent: written to the devices this controller owns that have
+    /// not passed it; shown on the others' copies.
+    fn apply_intent(&mut self, intent: &IntentRecord) -> (usize, usize) {
+        let (mut new, mut updated) = (0, 0);
+        let mut owned = Vec::new();
+        for (id, what) in &intent.devices {
+            if self
+                .devices
+                .get(id)
+                .is_some_and(|d| d.intent_seq >= intent.seq)
+            {
+                continue;
+            }
+            let Intent::Registry {
+                attrs,
+                registered_by,
+                registered_at,
+            } = what;
+            if self.owns(id) {
+                let mut rec = DeviceRecord::new(id);
+                rec.attrs = attrs.clone();
+                rec.registered_by = registered_by.clone();
+                rec.registered_at = *registered_at;
+                rec.intent_seq = intent.seq;
+                owned.push(Arc::new(rec));
+                continue;
+            }
+            match self.devices.get_mut(id).map(Arc::make_mut) {
+                Some(dev) => {
+                    if dev.attrs != *attrs {
+                        dev.attrs = attrs.clone();
+                        updated += 1;
+                    }
+                    dev.registered_by = registered_by.clone();
+                }
+                None => {
+                    let mut rec = DeviceRecord::new(id);
+                    rec.attrs = attrs.clone();
+                    rec.registered_by = registered_by.clone();
+                    rec.registered_at = *registered_at;
+                    self.devices.insert(id.clone(), Arc::new(rec));
+                    new += 1;
+                }
+            }
+        }
+        let (n, u) = self.apply_registry(owned);
+        (new + n, updated + u)
+    }
+
+    /// Shows on a copy just read from the store the intents its owner
+    /// has not applied yet.
+    pub(super) fn overlay_intents(&self, record: &mut DeviceRecord) {
+        for intent in self.intents.range(record.intent_seq + 1..).map(|(_, i)| i) {
+            if let Some(Intent::Registry {
+                attrs,
+                registered_by,
+                ..
+            }) = intent.devices.get(&record.id)
+            {
+                record.attrs = attrs.clone();
+                record.registered_by = registered_by.clone();
+            }
+        }
+    }
+
+    /// The intents every device they name has passed, kept long enough
+    /// that the owners' records saying so are durable: the leader prunes
+    /// them.
+    pub fn passed_intents(&self, now: Millis) -> Vec<u64> {
+        self.intents
+            .values()
+            .filter(|i| i.at + PRUNE_AFTER <= now)
+            .filter(|i| {
+                i.devices
+                    .keys()
+                    .all(|id| self.devices.get(id).is_some_and(|d| d.intent_seq >= i.seq))
+            })
+            .map(|i| i.seq)
+            .collect()
+    }
+
+    /// Forgets pruned intents (their commit is durable).
+    pub fn pruned_intents(&mut self, pruned: &[u64]) {
+        for seq in pruned {
+            self.intents.remove(seq);
+        }
+    }
+}
