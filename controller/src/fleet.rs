@@ -28,6 +28,7 @@ mod governance;
 mod incidents;
 pub use incidents::{canonical_serial, MAX_INCIDENT_DEVICES};
 mod intents;
+pub use intents::IntentKind;
 mod rollouts;
 mod rotation;
 pub use governance::{check_scope, ExceptionRecord, Governance, PolicyRecord};
@@ -518,6 +519,15 @@ impl Fleet {
             }
             let mut record = record;
             self.overlay_intents(&mut record);
+            // What the broker enforces follows the owners' incidents.
+            let pins = |d: &DeviceRecord| (d.quarantine.is_some(), d.cert_pin.clone());
+            let before = self
+                .devices
+                .get(&record.id)
+                .map_or((false, Vec::new()), |d| pins(d));
+            if before != pins(&record) {
+                self.pins_dirty = true;
+            }
             self.devices.insert(record.id.clone(), Arc::new(record));
         }
     }
@@ -1756,7 +1766,7 @@ mod tests {
     /// Sharded, `label` and `register` reach a device's record through
     /// its owner only, once, whoever owns it when (`fleet/intents.rs`).
     #[test]
-    fn a_sharded_registry_write_is_applied_once_by_each_devices_owner() {
+    fn a_sharded_write_about_devices_is_applied_once_by_each_devices_owner() {
         const SHARDS: u32 = 4;
         let shard = |id: &str| crate::shard::shard_of(id, SHARDS);
         let north = DocRecord {
@@ -1801,7 +1811,7 @@ mod tests {
             ..Default::default()
         };
         let records = leader.labelled_records(&[mine.clone(), theirs.clone()], &change);
-        let intents = leader.registry_intents(&records, 1_000);
+        let intents = leader.intents_of(&records, IntentKind::Registry, 1_000);
         assert_eq!(intents.len(), 1);
         assert_eq!(leader.took_intents(intents.clone()), (0, 2));
         let written: Vec<String> = leader.take_dirty().iter().map(|d| d.id.clone()).collect();
@@ -1855,10 +1865,58 @@ mod tests {
         );
         assert_eq!(leader.passed_intents(1_000 + 60_000), vec![1]);
 
+        // A quarantine and a release of the other's device: the copy shows
+        // them (the broker's pins follow), its owner writes them once.
+        let mark = crate::model::Quarantine {
+            incident: "inc-9".into(),
+            since: 2_000,
+            by: "op".into(),
+            org: "city".into(),
+            reason: "tampered".into(),
+        };
+        let other_dev = pick(3);
+        let (cut, _) = leader.quarantined_records(std::slice::from_ref(&other_dev), &mark);
+        let quarantine = leader.intents_of(&cut, IntentKind::Incident, 2_000);
+        leader.pins_dirty = false;
+        leader.took_intents(quarantine.clone());
+        assert!(leader.pins_dirty, "the pins follow a copy's quarantine");
+        assert_eq!(
+            leader.pin_table().get(&other_dev),
+            Some(&cityplane_broker::Pin::Refused)
+        );
+        assert!(leader.take_dirty().is_empty(), "not written by the leader");
+        let mut all = intents.clone();
+        all.extend(quarantine.clone());
+        other.take_intents(all.clone(), 2);
+        let written = other.take_dirty();
+        assert_eq!(written.len(), 1);
+        assert_eq!(written[0].quarantine.as_ref(), Some(&mark));
+        assert_eq!(written[0].intent_seq, 2);
+        other.take_intents(all.clone(), 2);
+        assert!(other.take_dirty().is_empty(), "quarantined once");
+        let serials = [(other_dev.clone(), "0abc".to_owned())].into();
+        let back = leader
+            .released_records(&serials, 3_000)
+            .expect("quarantined here");
+        let release = leader.intents_of(&back, IntentKind::Incident, 3_000);
+        leader.took_intents(release.clone());
+        assert_eq!(
+            leader.pin_table().get(&other_dev),
+            Some(&cityplane_broker::Pin::Only(vec!["0abc".into()]))
+        );
+        all.extend(release);
+        other.take_intents(all, 3);
+        let written = other.take_dirty();
+        assert_eq!(written.len(), 1);
+        assert_eq!(
+            (written[0].quarantine.is_none(), written[0].cert_pin.clone()),
+            (true, vec!["0abc".to_owned()])
+        );
+
         // The next leader numbers on from the store's last number.
         let mut next = fleet_of([3].into());
         next.take_intents(Vec::new(), 7);
-        let more = next.registry_intents(&records, 2_000);
+        let more = next.intents_of(&records, IntentKind::Registry, 2_000);
         assert_eq!(more[0].seq, 8);
     }
 

@@ -203,6 +203,10 @@ pub enum Intent {
         /// Used when the device is new to its owner.
         registered_at: Millis,
     },
+    /// Cut off by an incident (`quarantine`).
+    Quarantine { mark: Quarantine },
+    /// Back from quarantine, pinned to this certificate serial (`release`).
+    Release { serial: String },
 }
 
 /// One device's certificate rotation in progress.

@@ -53,7 +53,7 @@ fn unanswered_by(kind: Kind) -> BTreeSet<&'static str> {
 }
 
 /// `id` loses its session and its reconnects (50–400 ms apart) are refused.
-async fn stays_out(fleet: &Fleet, id: &str, connects_before: u32, kind: Kind) {
+pub(crate) async fn stays_out(fleet: &Fleet, id: &str, connects_before: u32, kind: Kind) {
     eventually(&format!("{kind:?}: {id} cut"), || {
         fleet.device(id).is_some_and(|s| !s.connected)
     })

@@ -611,5 +611,38 @@ async fn sharded_controllers_share_the_fleet_and_one_killed_mid_change_loses_not
         stored_north() == north.len() + 1
     })
     .await;
+
+    // An incident through the leader, also as an intent: the device is
+    // cut and stays out, its owner stores the mark, then the release
+    // and its new certificate's pin.
+    let cut = "dev0007";
+    let stored = |path: &str| {
+        pg.psql(&format!(
+            "SELECT coalesce(convert_from(value, 'UTF8')::jsonb #>> '{{{path}}}', '-') \
+             FROM cityplane_kv WHERE tree = 'devices' AND key = convert_to('{cut}', 'UTF8')"
+        ))
+        .unwrap_or_default()
+    };
+    let before = fleet.device(cut).expect("device").connects;
+    let answer = d.json(&["quarantine", "--ids", cut, "--reason", "tampered"]);
+    assert_eq!(answer["quarantined"], json!(1), "{answer}");
+    crate::deployments::stays_out(&fleet, cut, before, Kind::Rabbit).await;
+    eventually("its owner stored the quarantine", || {
+        stored("quarantine,reason") == "tampered"
+    })
+    .await;
+    let installer = d.dir.path().join("installer");
+    let answer = d.json(&["release", cut, "--out", installer.to_str().expect("utf-8")]);
+    let serial = answer["serials"][cut]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(!serial.is_empty(), "{answer}");
+    eventually(
+        "its owner stored the release, pinned to the new serial",
+        || stored("quarantine") == "-" && stored("cert_pin,0") == serial,
+    )
+    .await;
+    assert_eq!(d.json(&["quarantine", "list"])["total"], json!(0));
     fleet.shutdown().await;
 }

@@ -20,27 +20,81 @@ use crate::model::{Intent, IntentRecord};
 /// device marks it passed before its commit of the record is durable.
 const PRUNE_AFTER: Millis = 60_000;
 
+/// Which intents [`Fleet::intents_of`] makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IntentKind {
+    /// `register`, `label`: the registry fields.
+    Registry,
+    /// `quarantine` (the mark) or `release` (the serial pinned).
+    Incident,
+}
+
+/// Shows `what` on a copy of another controller's device (its owner
+/// writes the rest: rollouts cancelled, commands logged). Returns whether
+/// what the broker enforces changed.
+fn show(dev: &mut DeviceRecord, what: &Intent) -> bool {
+    match what {
+        Intent::Registry {
+            attrs,
+            registered_by,
+            ..
+        } => {
+            dev.attrs = attrs.clone();
+            dev.registered_by = registered_by.clone();
+            false
+        }
+        Intent::Quarantine { mark } => {
+            let changed = dev.quarantine.is_none();
+            if changed {
+                dev.quarantine = Some(mark.clone());
+                dev.online = false;
+            }
+            changed
+        }
+        Intent::Release { serial } => {
+            let changed = dev.quarantine.is_some();
+            if changed {
+                dev.quarantine = None;
+                dev.cert_pin = vec![serial.clone()];
+                dev.failed = None;
+            }
+            changed
+        }
+    }
+}
+
 /// Largest intent written, in bytes of JSON: under the store's record
 /// limit with room to spare.
 const INTENT_BYTES: usize = crate::store::MAX_RECORD / 2;
 
 impl Fleet {
     /// The intents that apply `records` (made by
-    /// [`Fleet::registered_records`] or [`Fleet::labelled_records`]),
+    /// [`Fleet::registered_records`], [`Fleet::labelled_records`],
+    /// [`Fleet::quarantined_records`] or [`Fleet::released_records`]),
     /// numbered after the last one given and cut to fit the store's
     /// record limit. Only the leading controller makes them.
-    pub fn registry_intents(
+    pub fn intents_of(
         &mut self,
         records: &[Arc<DeviceRecord>],
+        what: IntentKind,
         now: Millis,
     ) -> Vec<IntentRecord> {
         let mut out: Vec<IntentRecord> = Vec::new();
         let mut bytes = 0;
         for r in records {
-            let intent = Intent::Registry {
-                attrs: r.attrs.clone(),
-                registered_by: r.registered_by.clone(),
-                registered_at: r.registered_at,
+            let intent = match what {
+                IntentKind::Registry => Intent::Registry {
+                    attrs: r.attrs.clone(),
+                    registered_by: r.registered_by.clone(),
+                    registered_at: r.registered_at,
+                },
+                IntentKind::Incident => match (&r.quarantine, r.cert_pin.first()) {
+                    (Some(mark), _) => Intent::Quarantine { mark: mark.clone() },
+                    (None, Some(serial)) => Intent::Release {
+                        serial: serial.clone(),
+                    },
+                    (None, None) => continue,
+                },
             };
             let size = r.id.len() + serde_json::to_vec(&intent).map_or(0, |v| v.len()) + 8;
             if out.is_empty() || bytes + size > INTENT_BYTES {
@@ -106,48 +160,75 @@ impl Fleet {
     /// not passed it; shown on the others' copies.
     fn apply_intent(&mut self, intent: &IntentRecord) -> (usize, usize) {
         let (mut new, mut updated) = (0, 0);
-        let mut owned = Vec::new();
+        let (mut registry, mut incidents) = (Vec::new(), Vec::new());
         for (id, what) in &intent.devices {
-            if self
-                .devices
-                .get(id)
-                .is_some_and(|d| d.intent_seq >= intent.seq)
-            {
+            let current = self.devices.get(id);
+            if current.is_some_and(|d| d.intent_seq >= intent.seq) {
                 continue;
             }
-            let Intent::Registry {
-                attrs,
-                registered_by,
-                registered_at,
-            } = what;
-            if self.owns(id) {
-                let mut rec = DeviceRecord::new(id);
-                rec.attrs = attrs.clone();
-                rec.registered_by = registered_by.clone();
-                rec.registered_at = *registered_at;
-                rec.intent_seq = intent.seq;
-                owned.push(Arc::new(rec));
-                continue;
-            }
-            match self.devices.get_mut(id).map(Arc::make_mut) {
-                Some(dev) => {
-                    if dev.attrs != *attrs {
-                        dev.attrs = attrs.clone();
-                        updated += 1;
+            if !self.owns(id) {
+                match self.devices.get_mut(id).map(Arc::make_mut) {
+                    Some(dev) => {
+                        let before = dev.attrs.clone();
+                        if show(dev, what) {
+                            self.pins_dirty = true;
+                        }
+                        updated += usize::from(dev.attrs != before);
                     }
-                    dev.registered_by = registered_by.clone();
+                    None => {
+                        if let Intent::Registry { registered_at, .. } = what {
+                            let mut rec = DeviceRecord::new(id);
+                            rec.registered_at = *registered_at;
+                            show(&mut rec, what);
+                            self.devices.insert(id.clone(), Arc::new(rec));
+                            new += 1;
+                        }
+                    }
                 }
-                None => {
+                continue;
+            }
+            match what {
+                Intent::Registry {
+                    attrs,
+                    registered_by,
+                    registered_at,
+                } => {
                     let mut rec = DeviceRecord::new(id);
                     rec.attrs = attrs.clone();
                     rec.registered_by = registered_by.clone();
                     rec.registered_at = *registered_at;
-                    self.devices.insert(id.clone(), Arc::new(rec));
-                    new += 1;
+                    rec.intent_seq = intent.seq;
+                    registry.push(Arc::new(rec));
+                    continue;
+                }
+                Intent::Quarantine { mark } => {
+                    let (records, _already) =
+                        self.quarantined_records(std::slice::from_ref(id), mark);
+                    incidents.extend(records);
+                }
+                Intent::Release { serial } => {
+                    let serials = [(id.clone(), serial.clone())].into();
+                    // Not quarantined (any more): nothing to release.
+                    incidents.extend(
+                        self.released_records(&serials, intent.at)
+                            .unwrap_or_default(),
+                    );
                 }
             }
+            // Passed, whatever it changed: the number is written with the
+            // record.
+            if let Some(dev) = self.devices.get_mut(id) {
+                Arc::make_mut(dev).intent_seq = intent.seq;
+                self.dirty.insert(id.clone());
+            }
         }
-        let (n, u) = self.apply_registry(owned);
+        for rec in &mut incidents {
+            Arc::make_mut(rec).intent_seq = intent.seq;
+        }
+        if !incidents.is_empty() {
+            self.apply_incident(incidents);
+        }
+        let (n, u) = self.apply_registry(registry);
         (new + n, updated + u)
     }
 
@@ -155,14 +236,8 @@ impl Fleet {
     /// has not applied yet.
     pub(super) fn overlay_intents(&self, record: &mut DeviceRecord) {
         for intent in self.intents.range(record.intent_seq + 1..).map(|(_, i)| i) {
-            if let Some(Intent::Registry {
-                attrs,
-                registered_by,
-                ..
-            }) = intent.devices.get(&record.id)
-            {
-                record.attrs = attrs.clone();
-                record.registered_by = registered_by.clone();
+            if let Some(what) = intent.devices.get(&record.id) {
+                show(record, what);
             }
         }
     }

@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 
 use cityplane_proto::messages::Target;
 
-use super::operator::commit_write;
+use super::operator::write_devices;
 use super::*;
-use crate::fleet::{check_scope, MAX_INCIDENT_DEVICES};
+use crate::fleet::{check_scope, IntentKind, MAX_INCIDENT_DEVICES};
 use crate::model::Quarantine;
 use crate::orgs::{Access, Right};
 
@@ -124,13 +124,7 @@ pub(super) async fn write(
                 now,
             );
             audit.devices = cut.clone();
-            let changes = Changes {
-                devices: records.clone(),
-                audit: vec![audit],
-                ..Default::default()
-            };
-            commit_write(store, changes).await?;
-            fleet.apply_incident(records);
+            write_devices(fleet, store, records, audit, IntentKind::Incident, now).await?;
             tracing::warn!(operator = who, %incident, devices = cut.len(), reason = %req.reason, "devices quarantined");
             Ok(json!({
                 "incident": incident, "quarantined": cut.len(), "already": already.len(),
@@ -181,17 +175,11 @@ pub(super) async fn write(
                 now,
             );
             audit.devices = ids.clone();
-            let changes = Changes {
-                devices: records.clone(),
-                audit: vec![audit],
-                ..Default::default()
-            };
-            commit_write(store, changes).await?;
             let pins: BTreeMap<String, String> = records
                 .iter()
                 .map(|r| (r.id.clone(), r.cert_pin.join(",")))
                 .collect();
-            fleet.apply_incident(records);
+            write_devices(fleet, store, records, audit, IntentKind::Incident, now).await?;
             tracing::info!(operator = who, devices = ids.len(), "devices released");
             Ok(json!({"released": ids.len(), "ids": ids, "serials": pins}))
         }

@@ -4,7 +4,7 @@
 use super::event_loop::commit;
 use super::firmware::{publish_chunk, releases, Uploads};
 use super::*;
-use crate::fleet::Control;
+use crate::fleet::{Control, IntentKind};
 use crate::orgs::{Access, Right};
 use crate::rollout::RolloutSpec;
 use cityplane_proto::messages::Response;
@@ -154,16 +154,18 @@ pub(super) const WRITE_VERBS: [&str; 17] = [
 ];
 
 /// The write verbs sharded controllers take so far: those that write
-/// only global records the owners follow (documents, the registry's
-/// intents) or that nothing else reads (firmware images, sign-ins). The
+/// only global records the owners follow (documents, intents about
+/// devices) or that nothing else reads (firmware images, sign-ins). The
 /// others write devices' records, or records the owners would have to
 /// follow (organisations, policy, rollouts), and are refused.
-const SHARDED_WRITES: [&str; 5] = [
+const SHARDED_WRITES: [&str; 7] = [
     "dashboard-login",
     "delete-document",
     "publish-firmware",
     "register",
     "label",
+    "quarantine",
+    "release",
 ];
 
 /// What the operator protocol keeps between requests, apart from the
@@ -211,16 +213,19 @@ fn check_attributes(a: &Attributes) -> Result<(), Rejection> {
     Ok(())
 }
 
-/// Commits the registry records `register` or `label` made, with the
-/// write's audit line, then applies them. Sharded, the leader writes no
-/// device's record: it commits them as intents, which each device's owner
-/// applies (`fleet/intents.rs`). Returns (devices new, devices whose
-/// attributes changed).
-async fn write_registry(
+/// Commits the device records an operator write made (`register`,
+/// `label`: the registry; `quarantine`, `release`: an incident), with its
+/// audit line, then applies them. Sharded, the leader writes no device's
+/// record: it commits them as intents, which each device's owner applies
+/// (`fleet/intents.rs`), and shows them on its copies at once (the
+/// broker's pins follow). Returns (devices new, devices whose attributes
+/// changed).
+pub(super) async fn write_devices(
     fleet: &mut Fleet,
     store: &Arc<Store>,
     records: Vec<Arc<crate::model::DeviceRecord>>,
     audit: crate::model::AuditEntry,
+    kind: IntentKind,
     now: Millis,
 ) -> Result<(usize, usize), Rejection> {
     if fleet.owner.is_none() {
@@ -230,9 +235,15 @@ async fn write_registry(
             ..Default::default()
         };
         commit_write(store, changes).await?;
-        return Ok(fleet.apply_registry(records));
+        return Ok(match kind {
+            IntentKind::Registry => fleet.apply_registry(records),
+            IntentKind::Incident => {
+                fleet.apply_incident(records);
+                (0, 0)
+            }
+        });
     }
-    let intents = fleet.registry_intents(&records, now);
+    let intents = fleet.intents_of(&records, kind, now);
     let changes = Changes {
         intents: intents.clone(),
         audit: vec![audit],
@@ -289,8 +300,8 @@ async fn operator_write(
             "unavailable",
             format!(
                 "{verb} is not available yet with sharded controllers: each device's record has \
-                 one writer, its shard's owner, and only documents and the registry (register, \
-                 label) reach the owners so far \
+                 one writer, its shard's owner, and only documents, the registry and \
+                 incidents reach the owners so far \
                  (docs/DESIGN-SHARDING.md); run one controller (without --shards) for it"
             ),
         ));
@@ -439,7 +450,8 @@ async fn operator_write(
                 &format!("accepted, {} records written", records.len()),
                 now,
             );
-            let (new, updated) = write_registry(fleet, store, records, audit, now).await?;
+            let (new, updated) =
+                write_devices(fleet, store, records, audit, IntentKind::Registry, now).await?;
             tracing::info!(operator = who, new, updated, "devices registered");
             Ok(json!({"registered": new, "updated": updated, "total": fleet.devices.len()}))
         }
@@ -497,7 +509,8 @@ async fn operator_write(
                 &format!("accepted, {} changed", records.len()),
                 now,
             );
-            let (_, changed) = write_registry(fleet, store, records, audit, now).await?;
+            let (_, changed) =
+                write_devices(fleet, store, records, audit, IntentKind::Registry, now).await?;
             Ok(json!({"matched": ids.len(), "changed": changed}))
         }
         "delete-document" => {
