@@ -244,6 +244,9 @@ pub struct Fleet {
     /// ([`Fleet::take_intents`]), and the highest number ever given.
     intents: BTreeMap<u64, Arc<crate::model::IntentRecord>>,
     intent_last: u64,
+    /// Writes the global records (rollouts' waves and aborts): always,
+    /// but sharded only while it holds the leader's lease.
+    pub leading: bool,
 }
 
 impl Fleet {
@@ -288,6 +291,7 @@ impl Fleet {
             owner: None,
             intents: BTreeMap::new(),
             intent_last: 0,
+            leading: true,
         };
         fleet.rotating = fleet
             .devices
@@ -488,6 +492,7 @@ impl Fleet {
     /// nothing of another's devices is reconciled or written from now on.
     pub fn shard(&mut self, shards: u32) {
         self.owner = Some(crate::shard::Ownership::none_of(shards));
+        self.leading = false;
         self.forget_what_is_not_owned();
     }
 

@@ -207,6 +207,8 @@ pub enum Intent {
     Quarantine { mark: Quarantine },
     /// Back from quarantine, pinned to this certificate serial (`release`).
     Release { serial: String },
+    /// Queued in a rollout's wave (`rollout-create`: the leader's plan).
+    Enrol { rollout: String, wave: usize },
 }
 
 /// One device's certificate rotation in progress.

@@ -803,6 +803,11 @@ impl Store {
         self.with(|e| read_all(e, Tree::Docs))
     }
 
+    /// The rollouts and firmware releases stored (what owners follow).
+    pub fn rollouts(&self) -> Result<(Vec<RolloutRecord>, Vec<ReleaseRecord>), StoreError> {
+        self.with(|e| Ok((read_all(e, Tree::Rollouts)?, read_all(e, Tree::Releases)?)))
+    }
+
     /// The operator intents kept (sharded), in order, and the highest
     /// number ever written (pruned ones included): where the next leader
     /// numbers on from.

@@ -644,5 +644,26 @@ async fn sharded_controllers_share_the_fleet_and_one_killed_mid_change_loses_not
     )
     .await;
     assert_eq!(d.json(&["quarantine", "list"])["total"], json!(0));
+
+    // A rollout through the leader: planned there (each device's wave an
+    // intent), each owner admits its own devices, the leader moves the
+    // waves on with its copies' counts. The spare never connects, hence
+    // 90 %. The released device may be back on its old certificate, or not
+    // yet: RabbitMQ logs in by CN and cannot hold it to its new serial
+    // (docs/DEPLOYMENT.md's table).
+    let spec = d.file(
+        "bright.json",
+        &json!({"name": "bright", "target": {"class": "streetlight"},
+                "state": {"dimming": 90}, "priority": 100, "success_threshold": 90,
+                "waves": [{"percent": 10}, {"percent": 100}]}),
+    );
+    let answer = d.json(&["rollout", "create", "-f", &spec]);
+    assert_eq!(answer["devices"], json!(N + 1), "{answer}");
+    eventually("the rollout completes over the sharded controllers", || {
+        d.json(&["rollout", "status", "bright"])["phase"] == "completed"
+    })
+    .await;
+    let bright = fleet.count_with("dimming", &json!(90), None).0;
+    assert!(bright >= N - 1, "{bright} of {N} devices at 90");
     fleet.shutdown().await;
 }

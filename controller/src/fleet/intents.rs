@@ -22,11 +22,13 @@ const PRUNE_AFTER: Millis = 60_000;
 
 /// Which intents [`Fleet::intents_of`] makes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IntentKind {
+pub enum IntentKind<'a> {
     /// `register`, `label`: the registry fields.
     Registry,
     /// `quarantine` (the mark) or `release` (the serial pinned).
     Incident,
+    /// `rollout-create`: each device's wave in this rollout.
+    Enrol(&'a str),
 }
 
 /// Shows `what` on a copy of another controller's device (its owner
@@ -60,6 +62,13 @@ fn show(dev: &mut DeviceRecord, what: &Intent) -> bool {
             }
             changed
         }
+        Intent::Enrol { rollout, wave } => {
+            // Queued only: a device already in it keeps its part.
+            dev.rollouts
+                .entry(rollout.clone())
+                .or_insert_with(|| crate::rollout::DeviceRollout::queued(*wave));
+            false
+        }
     }
 }
 
@@ -76,7 +85,7 @@ impl Fleet {
     pub fn intents_of(
         &mut self,
         records: &[Arc<DeviceRecord>],
-        what: IntentKind,
+        what: IntentKind<'_>,
         now: Millis,
     ) -> Vec<IntentRecord> {
         let mut out: Vec<IntentRecord> = Vec::new();
@@ -94,6 +103,13 @@ impl Fleet {
                         serial: serial.clone(),
                     },
                     (None, None) => continue,
+                },
+                IntentKind::Enrol(rollout) => match r.rollouts.get(rollout) {
+                    Some(entry) => Intent::Enrol {
+                        rollout: rollout.to_owned(),
+                        wave: entry.wave,
+                    },
+                    None => continue,
                 },
             };
             let size = r.id.len() + serde_json::to_vec(&intent).map_or(0, |v| v.len()) + 8;
@@ -205,6 +221,11 @@ impl Fleet {
                     let (records, _already) =
                         self.quarantined_records(std::slice::from_ref(id), mark);
                     incidents.extend(records);
+                }
+                Intent::Enrol { .. } => {
+                    if let Some(dev) = self.devices.get_mut(id).map(Arc::make_mut) {
+                        show(dev, what);
+                    }
                 }
                 Intent::Release { serial } => {
                     let serials = [(id.clone(), serial.clone())].into();

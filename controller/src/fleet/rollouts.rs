@@ -183,7 +183,7 @@ impl Fleet {
 
     /// Takes `name`'s entries from `devices` (planned from the records as
     /// they were) into the live records, which may have changed meanwhile.
-    fn adopt_entries(&mut self, name: &str, devices: Vec<Arc<DeviceRecord>>) {
+    pub fn adopt_entries(&mut self, name: &str, devices: Vec<Arc<DeviceRecord>>) {
         let mut changed = Vec::new();
         for planned in devices {
             let Some(entry) = planned.rollouts.get(name) else {
@@ -267,17 +267,10 @@ impl Fleet {
         let mut records = Vec::new();
         let mut rolled = 0;
         for (dev, entry, status, _) in self.members(r) {
-            let stage = match entry.stage {
-                Stage::Queued => Stage::Cancelled,
-                Stage::Admitted if entry.skipped => continue,
-                Stage::Admitted if r.spec.rollback => {
-                    rolled += 1;
-                    Stage::RolledBack
-                }
-                Stage::Admitted if status.is_success() => continue,
-                Stage::Admitted => Stage::Cancelled,
-                Stage::RolledBack | Stage::Cancelled => continue,
+            let Some(stage) = aborted_stage(entry, status, r.spec.rollback) else {
+                continue;
             };
+            rolled += usize::from(stage == Stage::RolledBack);
             let mut dev = dev.clone();
             if let Some(e) = dev.rollouts.get_mut(&r.spec.name) {
                 e.stage = stage;
@@ -293,6 +286,37 @@ impl Fleet {
         records
     }
 
+    /// Sharded: the devices this controller owns in a rollout the leader
+    /// aborted end their part as [`Fleet::control_rollout`] would have
+    /// ended it (level-triggered: the leader writes only the record).
+    fn settle_aborted(&mut self) {
+        if self.owner.is_none() {
+            return;
+        }
+        let mut changed = Vec::new();
+        for r in self.rollouts.values().filter(|r| r.phase == Phase::Aborted) {
+            for (dev, entry, status, _) in self.members(r) {
+                if !self.owns(&dev.id) {
+                    continue;
+                }
+                if let Some(stage) = aborted_stage(entry, status, r.spec.rollback) {
+                    changed.push((dev.id.clone(), r.spec.name.clone(), stage));
+                }
+            }
+        }
+        let mut ids = Vec::new();
+        for (id, name, stage) in changed {
+            if let Some(dev) = self.devices.get_mut(&id).map(Arc::make_mut) {
+                if let Some(e) = dev.rollouts.get_mut(&name) {
+                    e.stage = stage;
+                }
+                self.dirty.insert(id.clone());
+                ids.push(id);
+            }
+        }
+        self.recompute_desired(ids);
+    }
+
     /// A control made durable.
     pub fn apply_rollout_change(&mut self, record: RolloutRecord, devices: Vec<Arc<DeviceRecord>>) {
         let name = record.spec.name.clone();
@@ -300,12 +324,48 @@ impl Fleet {
         self.adopt_entries(&name, devices);
     }
 
-    /// Rollout records changed by steps since the last commit.
+    /// Rollout records changed by steps since the last commit. Sharded,
+    /// only the leader writes them (the others follow its records).
     pub fn take_dirty_rollouts(&mut self) -> Vec<RolloutRecord> {
+        if !self.leading {
+            self.dirty_rollouts.clear();
+            return Vec::new();
+        }
         self.dirty_rollouts
             .drain()
             .filter_map(|n| self.rollouts.get(&n).cloned())
             .collect()
+    }
+
+    /// Sharded, not leading: the rollouts and releases the leader stored.
+    /// The devices this controller owns that take part in a rollout whose
+    /// record changed get their desired state again.
+    pub fn follow_rollouts(&mut self, rollouts: Vec<RolloutRecord>, releases: Vec<ReleaseRecord>) {
+        let stored: BTreeMap<String, RolloutRecord> = rollouts
+            .into_iter()
+            .map(|r| (r.spec.name.clone(), r))
+            .collect();
+        let changed: HashSet<&String> = stored
+            .iter()
+            .filter(|(n, r)| self.rollouts.get(*n) != Some(r))
+            .map(|(n, _)| n)
+            .chain(self.rollouts.keys().filter(|n| !stored.contains_key(*n)))
+            .collect();
+        let ids: Vec<String> = self
+            .devices
+            .values()
+            .filter(|d| d.rollouts.keys().any(|n| changed.contains(n)))
+            .map(|d| d.id.clone())
+            .collect();
+        if let Some(seq) = stored.values().map(|r| r.seq).max() {
+            self.seq = self.seq.max(seq);
+        }
+        self.rollouts = stored;
+        self.releases = releases
+            .into_iter()
+            .map(|r| (r.version.clone(), r))
+            .collect();
+        self.recompute_desired(ids);
     }
 
     /// Rollout records whose commit failed: the next commit writes them.
@@ -320,6 +380,7 @@ impl Fleet {
     /// Moves every live rollout on (level-triggered: it looks at the
     /// devices as they are, so a restart simply steps again).
     pub fn step_rollouts(&mut self, now: Millis) {
+        self.settle_aborted();
         // A rotation that failed is undone device by device before its
         // wave is judged (the device is back on its old certificate).
         self.settle_rotations(now);
@@ -351,6 +412,7 @@ impl Fleet {
             let joining: Vec<String> = self
                 .targeted(&r.spec.target)
                 .into_iter()
+                .filter(|d| self.owns(&d.id))
                 .filter(|d| !d.revoked && !d.rollouts.contains_key(name))
                 .filter(|d| self.org_sees(r.org.as_deref(), d))
                 .map(|d| d.id.clone())
@@ -370,11 +432,23 @@ impl Fleet {
         let mut admit: Vec<(usize, String)> = Vec::new();
         let (mut started_last_minute, mut succeeded) = (0u64, 0u64);
         let starts_from = r.starts_from(now);
+        // Sharded, each owner admits its own devices and takes its share
+        // of the rate (by the shards it holds); the leader gates the waves
+        // with every device's record, its copies included.
+        let mut share = 1.0;
+        if let Some(o) = &self.owner {
+            share = o.held().len() as f64 / f64::from(o.shards().max(1));
+        }
         for (dev, entry, status, why) in self.members(&r) {
+            let mine = self.owns(&dev.id);
             match entry.stage {
                 Stage::Admitted => {
-                    started_last_minute += u64::from(entry.admitted_at + 60_000 > now);
+                    // Fleet-wide: the rate grows with every success.
                     succeeded += u64::from(status.is_success());
+                    if !mine {
+                        continue;
+                    }
+                    started_last_minute += u64::from(entry.admitted_at + 60_000 > now);
                     if status.is_success() && entry.succeeded_at.is_none() {
                         notes.push((dev.id.clone(), Some(now), None));
                     } else if status == DeviceStatus::Failed && entry.failed.is_none() {
@@ -382,7 +456,8 @@ impl Fleet {
                     }
                 }
                 Stage::Queued
-                    if active
+                    if mine
+                        && active
                         && entry.wave <= r.wave
                         && starts_from.is_some_and(|base| r.start_at(base, &dev.id) <= now) =>
                 {
@@ -409,8 +484,7 @@ impl Fleet {
         if let Some(rate) = &r.spec.rate {
             // Earlier waves first, then by id: the order the plan spread.
             admit.sort_unstable();
-            let budget = rate
-                .per_minute_after(succeeded)
+            let budget = ((rate.per_minute_after(succeeded) as f64 * share).ceil() as u64)
                 .saturating_sub(started_last_minute);
             admit.truncate(usize::try_from(budget).unwrap_or(usize::MAX));
         }
@@ -419,6 +493,9 @@ impl Fleet {
             self.admit(&r, id, now);
         }
         self.recompute_desired(admit);
+        if !self.leading {
+            return;
+        }
         let Some(r) = self.rollouts.get(name).cloned() else {
             return;
         };
@@ -876,6 +953,21 @@ impl Health {
     }
 }
 
+/// What an abort makes of a device's part: queued ones are cancelled;
+/// with `rollback`, every device the rollout reached gets back what it had
+/// (those already at the target before keep it), without, the devices not
+/// yet done are cancelled. `None`: it stays as it is.
+fn aborted_stage(entry: &DeviceRollout, status: DeviceStatus, rollback: bool) -> Option<Stage> {
+    match entry.stage {
+        Stage::Queued => Some(Stage::Cancelled),
+        Stage::Admitted if entry.skipped => None,
+        Stage::Admitted if rollback => Some(Stage::RolledBack),
+        Stage::Admitted if status.is_success() => None,
+        Stage::Admitted => Some(Stage::Cancelled),
+        Stage::RolledBack | Stage::Cancelled => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -940,6 +1032,116 @@ mod tests {
         let mut again = fleet_of(devices);
         again.restore_rollouts(fleet.rollouts.values().cloned().collect(), Vec::new());
         again
+    }
+
+    /// Sharded: the leader plans and gates, each owner admits and ends
+    /// its own devices' part; the leader's copies carry the counts.
+    #[test]
+    fn sharded_owners_run_their_devices_part_and_the_leader_gates_the_waves() {
+        const SHARDS: u32 = 4;
+        let shard = |id: &str| crate::shard::shard_of(id, SHARDS);
+        let sharded = |held: std::collections::BTreeSet<u32>, leading: bool| {
+            let mut f = fleet_of(lamps(20));
+            f.shard(SHARDS);
+            f.hold_shards(held);
+            f.leading = leading;
+            f
+        };
+        let mut leader = sharded([0, 1].into(), true);
+        let mut other = sharded([2, 3].into(), false);
+        let (record, devices) = leader
+            .plan_rollout(
+                spec(
+                    json!({"name": "r", "target": {"class": "lamp"}, "state": {"dimming": 50},
+                            "waves": [{"percent": 50}, {"percent": 100}],
+                            "success_threshold": 100, "rollback": true}),
+                ),
+                "op",
+                1_000,
+            )
+            .expect("planned");
+        let intents = leader.intents_of(&devices, IntentKind::Enrol("r"), 1_000);
+        leader.apply_rollout(record.clone(), Vec::new());
+        leader.took_intents(intents.clone());
+        other.follow_rollouts(vec![record.clone()], Vec::new());
+        other.take_intents(intents.clone(), intents.len() as u64);
+        let first_wave = |f: &Fleet, mine: bool| -> Vec<String> {
+            let mut ids: Vec<String> = f
+                .devices
+                .values()
+                .filter(|d| d.rollouts.get("r").is_some_and(|e| e.wave == 0))
+                .filter(|d| f.owns(&d.id) == mine)
+                .map(|d| d.id.clone())
+                .collect();
+            ids.sort();
+            ids
+        };
+        let (mine, theirs) = (first_wave(&leader, true), first_wave(&other, true));
+        assert!(
+            !mine.is_empty() && !theirs.is_empty(),
+            "{mine:?} {theirs:?}"
+        );
+        leader.take_dirty();
+        other.take_dirty();
+
+        // Each admits its own first wave, and only that.
+        leader.step_rollouts(1_000);
+        other.step_rollouts(1_000);
+        assert_eq!(admitted(&leader, "r"), mine);
+        assert_eq!(admitted(&other, "r"), theirs);
+        assert!(other.take_dirty().iter().all(|d| shard(&d.id) >= 2));
+        assert!(
+            other.take_dirty_rollouts().is_empty(),
+            "only the leader writes rollouts"
+        );
+
+        // They apply it; the leader sees the others' through its copies,
+        // and only then moves the wave on.
+        for id in &mine {
+            report(&mut leader, id, 50, 2, 2_000);
+        }
+        for id in &theirs {
+            report(&mut other, id, 50, 2, 2_000);
+        }
+        other.step_rollouts(2_000);
+        leader.step_rollouts(2_000);
+        assert_eq!(
+            leader.rollouts["r"].wave, 0,
+            "the others' devices not seen yet"
+        );
+        let copies: Vec<DeviceRecord> = theirs
+            .iter()
+            .map(|id| (*other.devices[id]).clone())
+            .collect();
+        leader.follow_devices(copies);
+        leader.step_rollouts(3_000);
+        assert_eq!(leader.rollouts["r"].wave, 1);
+        assert_eq!(leader.take_dirty_rollouts().len(), 1);
+
+        // Aborted by the leader: the others' devices are rolled back by
+        // their owner when it reads the record.
+        let (aborted, _) = leader
+            .control_rollout("r", Control::Abort, "op", "bad batch", 4_000)
+            .expect("aborted");
+        other.follow_rollouts(vec![aborted], Vec::new());
+        other.step_rollouts(4_000);
+        for id in &theirs {
+            assert_eq!(
+                other.devices[id].rollouts["r"].stage,
+                Stage::RolledBack,
+                "{id}"
+            );
+            assert_eq!(
+                other.devices[id].desired.get("dimming"),
+                Some(&json!(0)),
+                "{id}"
+            );
+        }
+        assert!(other
+            .devices
+            .values()
+            .filter(|d| other.owns(&d.id))
+            .all(|d| d.rollouts["r"].stage != Stage::Queued));
     }
 
     #[test]

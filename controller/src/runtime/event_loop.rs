@@ -270,8 +270,7 @@ pub(super) async fn run(
                 }
             }
             _ = rollout_tick.tick() => {
-                // Sharded, rollouts are not run yet (operators are told so).
-                if !fleet.rollouts.is_empty() && fleet.owner.is_none() {
+                if !fleet.rollouts.is_empty() {
                     fleet.step_rollouts(clock.now());
                 }
             }
@@ -411,6 +410,12 @@ pub(super) async fn run(
                 Event::Intents(intents, last) => {
                     fleet.take_intents(intents, last);
                 }
+                Event::Rollouts(rollouts, releases) => {
+                    // The leader writes them: its own are the newest.
+                    if !leader {
+                        fleet.follow_rollouts(rollouts, releases);
+                    }
+                }
                 Event::Lead { generation, holder } => {
                     store.fence_with(generation);
                     // The log and the documents as the last leader left
@@ -419,15 +424,21 @@ pub(super) async fn run(
                         let store = store.clone();
                         let read = tokio::task::spawn_blocking(move || {
                             let last = store.refresh_audit()?;
-                            Ok::<_, StoreError>((last, store.docs()?, store.intents()?))
+                            Ok::<_, StoreError>((
+                                last,
+                                store.docs()?,
+                                store.intents()?,
+                                store.rollouts()?,
+                            ))
                         })
                         .await
                         .map_err(|e| StoreError::Transaction(e.to_string()))
                         .and_then(|r| r);
                         match read {
-                            Ok((last, docs, (intents, last_intent))) => {
+                            Ok((last, docs, (intents, last_intent), (rollouts, releases))) => {
                                 fleet.audit_after(last);
                                 fleet.follow_docs(docs);
+                                fleet.follow_rollouts(rollouts, releases);
                                 // Numbered on from the last leader's.
                                 fleet.take_intents(intents, last_intent);
                                 break;
@@ -440,6 +451,7 @@ pub(super) async fn run(
                     }
                     side.acting = Some(json!({"holder": holder, "lease_generation": generation}));
                     leader = true;
+                    fleet.leading = true;
                     tracing::info!(%holder, generation, "leading: this controller answers operators and writes the global records");
                 }
                 Event::Issued(devices) => {

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use cityplane_proto::messages::Target;
 
-use super::operator::write_devices;
+use super::operator::{audited, write_devices};
 use super::*;
 use crate::fleet::{check_scope, IntentKind, MAX_INCIDENT_DEVICES};
 use crate::model::Quarantine;
@@ -124,7 +124,15 @@ pub(super) async fn write(
                 now,
             );
             audit.devices = cut.clone();
-            write_devices(fleet, store, records, audit, IntentKind::Incident, now).await?;
+            write_devices(
+                fleet,
+                store,
+                records,
+                IntentKind::Incident,
+                audited(audit),
+                now,
+            )
+            .await?;
             tracing::warn!(operator = who, %incident, devices = cut.len(), reason = %req.reason, "devices quarantined");
             Ok(json!({
                 "incident": incident, "quarantined": cut.len(), "already": already.len(),
@@ -179,7 +187,15 @@ pub(super) async fn write(
                 .iter()
                 .map(|r| (r.id.clone(), r.cert_pin.join(",")))
                 .collect();
-            write_devices(fleet, store, records, audit, IntentKind::Incident, now).await?;
+            write_devices(
+                fleet,
+                store,
+                records,
+                IntentKind::Incident,
+                audited(audit),
+                now,
+            )
+            .await?;
             tracing::info!(operator = who, devices = ids.len(), "devices released");
             Ok(json!({"released": ids.len(), "ids": ids, "serials": pins}))
         }

@@ -187,6 +187,11 @@ enum Event {
     /// Sharded: the operator intents stored, and the highest number given
     /// (`Store::intents`).
     Intents(Vec<crate::model::IntentRecord>, u64),
+    /// Sharded: the rollouts and releases stored (`Store::rollouts`).
+    Rollouts(
+        Vec<crate::rollout::RolloutRecord>,
+        Vec<crate::model::ReleaseRecord>,
+    ),
     /// Sharded: this controller holds the leader's lease from now on.
     Lead {
         generation: i64,

@@ -7,7 +7,7 @@ use super::*;
 use crate::fleet::{Control, IntentKind};
 use crate::orgs::{Access, Right};
 use crate::rollout::RolloutSpec;
-use cityplane_proto::messages::Response;
+use cityplane_proto::messages::{CertificateState, Response};
 
 /// Like every body, a JSON object only (see `cityplane_proto::messages`).
 #[derive(Deserialize)]
@@ -154,11 +154,12 @@ pub(super) const WRITE_VERBS: [&str; 17] = [
 ];
 
 /// The write verbs sharded controllers take so far: those that write
-/// only global records the owners follow (documents, intents about
-/// devices) or that nothing else reads (firmware images, sign-ins). The
-/// others write devices' records, or records the owners would have to
-/// follow (organisations, policy, rollouts), and are refused.
-const SHARDED_WRITES: [&str; 7] = [
+/// only global records the owners follow (documents, rollouts, intents
+/// about devices) or that nothing else reads (firmware images, sign-ins).
+/// The others write devices' records, or records the owners would have
+/// to follow (organisations, policy, certificate rotations), and are
+/// refused.
+const SHARDED_WRITES: [&str; 11] = [
     "dashboard-login",
     "delete-document",
     "publish-firmware",
@@ -166,6 +167,10 @@ const SHARDED_WRITES: [&str; 7] = [
     "label",
     "quarantine",
     "release",
+    "rollout-create",
+    "rollout-pause",
+    "rollout-resume",
+    "rollout-abort",
 ];
 
 /// What the operator protocol keeps between requests, apart from the
@@ -218,21 +223,21 @@ fn check_attributes(a: &Attributes) -> Result<(), Rejection> {
 /// audit line, then applies them. Sharded, the leader writes no device's
 /// record: it commits them as intents, which each device's owner applies
 /// (`fleet/intents.rs`), and shows them on its copies at once (the
-/// broker's pins follow). Returns (devices new, devices whose attributes
-/// changed).
+/// broker's pins follow). `with` is the rest of the commit (the audit
+/// line, a rollout's record). Returns (devices new, devices whose
+/// attributes changed).
 pub(super) async fn write_devices(
     fleet: &mut Fleet,
     store: &Arc<Store>,
     records: Vec<Arc<crate::model::DeviceRecord>>,
-    audit: crate::model::AuditEntry,
-    kind: IntentKind,
+    kind: IntentKind<'_>,
+    with: Changes,
     now: Millis,
 ) -> Result<(usize, usize), Rejection> {
     if fleet.owner.is_none() {
         let changes = Changes {
             devices: records.clone(),
-            audit: vec![audit],
-            ..Default::default()
+            ..with
         };
         commit_write(store, changes).await?;
         return Ok(match kind {
@@ -241,16 +246,27 @@ pub(super) async fn write_devices(
                 fleet.apply_incident(records);
                 (0, 0)
             }
+            IntentKind::Enrol(name) => {
+                fleet.adopt_entries(name, records);
+                (0, 0)
+            }
         });
     }
     let intents = fleet.intents_of(&records, kind, now);
     let changes = Changes {
         intents: intents.clone(),
-        audit: vec![audit],
-        ..Default::default()
+        ..with
     };
     commit_write(store, changes).await?;
     Ok(fleet.took_intents(intents))
+}
+
+/// Just an operator write's audit line, for [`write_devices`].
+pub(super) fn audited(audit: crate::model::AuditEntry) -> Changes {
+    Changes {
+        audit: vec![audit],
+        ..Default::default()
+    }
 }
 
 /// Commits an operator write; a failure becomes the operator's refusal.
@@ -300,8 +316,8 @@ async fn operator_write(
             "unavailable",
             format!(
                 "{verb} is not available yet with sharded controllers: each device's record has \
-                 one writer, its shard's owner, and only documents, the registry and \
-                 incidents reach the owners so far \
+                 one writer, its shard's owner, and only documents, the registry, \
+                 incidents and rollouts reach the owners so far \
                  (docs/DESIGN-SHARDING.md); run one controller (without --shards) for it"
             ),
         ));
@@ -411,8 +427,13 @@ async fn operator_write(
             }
             let control =
                 Control::parse(verb).ok_or_else(|| Rejection::new("unknown_verb", verb))?;
-            let (record, devices) =
+            let (record, mut devices) =
                 fleet.control_rollout(&req.name, control, who, &req.reason, now)?;
+            if fleet.owner.is_some() {
+                // Sharded, the owners end their devices' part of an
+                // aborted rollout when they read its record.
+                devices.clear();
+            }
             let phase = record.phase;
             let audit = fleet.audit_entry(
                 who,
@@ -450,8 +471,15 @@ async fn operator_write(
                 &format!("accepted, {} records written", records.len()),
                 now,
             );
-            let (new, updated) =
-                write_devices(fleet, store, records, audit, IntentKind::Registry, now).await?;
+            let (new, updated) = write_devices(
+                fleet,
+                store,
+                records,
+                IntentKind::Registry,
+                audited(audit),
+                now,
+            )
+            .await?;
             tracing::info!(operator = who, new, updated, "devices registered");
             Ok(json!({"registered": new, "updated": updated, "total": fleet.devices.len()}))
         }
@@ -509,8 +537,15 @@ async fn operator_write(
                 &format!("accepted, {} changed", records.len()),
                 now,
             );
-            let (_, changed) =
-                write_devices(fleet, store, records, audit, IntentKind::Registry, now).await?;
+            let (_, changed) = write_devices(
+                fleet,
+                store,
+                records,
+                IntentKind::Registry,
+                audited(audit),
+                now,
+            )
+            .await?;
             Ok(json!({"matched": ids.len(), "changed": changed}))
         }
         "delete-document" => {
@@ -613,6 +648,13 @@ pub(super) async fn create_rollout(
 ) -> Result<Value, Rejection> {
     let who = access.operator.as_str();
     fleet.check_reach(access, &spec.target)?;
+    if fleet.owner.is_some() && spec.state.contains_key(CertificateState::KEY) {
+        return Err(Rejection::new(
+            "unavailable",
+            "certificate rotation is not available yet with sharded controllers \
+             (docs/DESIGN-SHARDING.md); run one controller (without --shards) for it",
+        ));
+    }
     let (mut record, devices) = fleet.plan_rollout(spec, who, now)?;
     record.org = Some(access.org.clone());
     {
@@ -628,16 +670,15 @@ pub(super) async fn create_rollout(
         &format!("accepted, {} devices in waves of {sizes:?}", devices.len()),
         now,
     );
-    let changes = Changes {
-        devices: devices.clone(),
+    let with = Changes {
         rollouts: vec![record.clone()],
         audit: vec![audit],
         seq: Some(record.seq),
         ..Default::default()
     };
-    commit_write(store, changes).await?;
     let total = devices.len();
-    fleet.apply_rollout(record, devices);
+    write_devices(fleet, store, devices, IntentKind::Enrol(&name), with, now).await?;
+    fleet.apply_rollout(record, Vec::new());
     // The first devices start now, not at the next tick.
     fleet.step_rollouts(now);
     tracing::info!(operator = who, rollout = %name, devices = total, "rollout created");
