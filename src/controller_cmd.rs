@@ -64,8 +64,8 @@ pub struct ControllerArgs {
     /// their devices' records), one of them also leads (operators,
     /// documents), and a stopped or killed one's shards move to the others
     /// within ~7 s. The first sharded controller fixes the store's N; so
-    /// far sharded controllers take documents but refuse rollouts,
-    /// registry, quarantine and policy writes (docs/DESIGN-SHARDING.md).
+    /// far sharded controllers take every operator write but certificate
+    /// rotation (docs/DESIGN-SHARDING.md).
     /// Without --store: one controller holds all N
     #[arg(long, env = "CITYPLANE_SHARDS", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024), requires = "cluster_dir")]
     pub shards: Option<u32>,

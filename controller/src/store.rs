@@ -803,6 +803,22 @@ impl Store {
         self.with(|e| read_all(e, Tree::Docs))
     }
 
+    /// The organisations, policy versions and exceptions stored (what
+    /// owners follow; not the compliance history, which only the leader
+    /// writes and shows).
+    pub fn governance(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.with(|e| {
+            let mut out = Vec::new();
+            e.walk(Tree::Governance, Walk::From(&[]), &mut |k, v| {
+                if !k.starts_with(b"history/") {
+                    out.push((String::from_utf8_lossy(k).into_owned(), v.to_vec()));
+                }
+                Ok(true)
+            })?;
+            Ok(out)
+        })
+    }
+
     /// The rollouts and firmware releases stored (what owners follow).
     pub fn rollouts(&self) -> Result<(Vec<RolloutRecord>, Vec<ReleaseRecord>), StoreError> {
         self.with(|e| Ok((read_all(e, Tree::Rollouts)?, read_all(e, Tree::Releases)?)))

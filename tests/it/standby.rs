@@ -665,5 +665,31 @@ async fn sharded_controllers_share_the_fleet_and_one_killed_mid_change_loses_not
     .await;
     let bright = fleet.count_with("dimming", &json!(90), None).0;
     assert!(bright >= N - 1, "{bright} of {N} devices at 90");
+
+    // A policy through the leader: each owner judges its own devices,
+    // and the leader's report counts them all from its copies (the leader
+    // alone holds about half of them).
+    let policy = d.file(
+        "policy.json",
+        &json!({"description": "test city", "mode": "report", "rules": [
+            {"id": "dim-cap", "description": "Lamps dim to 80 or less", "severity": "medium",
+             "selector": {"class": "streetlight"},
+             "check": {"reported": "dimming", "at_most": 80}}]}),
+    );
+    let answer = d.json(&["policy", "apply", "-f", &policy]);
+    assert_eq!(answer["version"], json!(1), "{answer}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let report = d.json(&["compliance"]);
+        let violations = report["by_rule"][0]["violations"].as_u64().unwrap_or(0);
+        if violations >= N as u64 - 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "every owner judged its devices by the leader's policy: {report}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     fleet.shutdown().await;
 }

@@ -208,6 +208,21 @@ impl Fleet {
         Ok(())
     }
 
+    /// Sharded, not leading: the organisations, policy and exceptions the
+    /// leader stored ([`crate::store::Store::governance`]), in place of
+    /// those held; the devices this controller owns are judged again.
+    pub fn follow_governance(
+        &mut self,
+        records: Vec<(String, Vec<u8>)>,
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        self.gov.orgs.clear();
+        self.gov.versions.clear();
+        self.gov.exceptions.clear();
+        self.gov.policy = None;
+        self.load_governance(records, now)
+    }
+
     /// What the operator behind `who` may do.
     pub fn access(&self, who: &cityplane_proto::Identity) -> Access {
         Access::resolve(&who.id, who.org.as_deref(), &self.gov.orgs)
@@ -844,6 +859,71 @@ mod tests {
     }
 
     const MIN: Millis = 60_000;
+
+    /// Sharded: an owner follows the organisations and policy the leader
+    /// stored and judges its own devices only; a later version replaces
+    /// the one it held.
+    #[test]
+    fn a_sharded_owner_follows_the_leaders_policy_for_its_own_devices() {
+        let record = |version: u64, at_most: u64| {
+            let rec = PolicyRecord {
+                version,
+                policy: json!({"rules": [{"id": "dim", "description": "dim", "severity": "low",
+                                          "selector": {"all": true},
+                                          "check": {"reported": "dimming", "at_most": at_most}}]}),
+                published_by: "op".into(),
+                org: None,
+                published_at: 0,
+            };
+            (
+                PolicyRecord::key(version),
+                serde_json::to_vec(&rec).expect("json"),
+            )
+        };
+        let devices = (0..20)
+            .map(|i| {
+                let mut d = DeviceRecord::new(&format!("d{i}"));
+                d.reported = json!({"dimming": 30})
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default();
+                d.reported_version = 1;
+                d
+            })
+            .collect();
+        let mut owner = Fleet::for_tests(devices);
+        owner.shard(4);
+        owner.hold_shards([0, 1].into());
+        owner.take_dirty();
+        owner
+            .follow_governance(vec![record(1, 10)], 0)
+            .expect("follows");
+        let written: Vec<String> = owner.take_dirty().iter().map(|d| d.id.clone()).collect();
+        let mine: Vec<String> = (0..20)
+            .map(|i| format!("d{i}"))
+            .filter(|id| owner.owns(id))
+            .collect();
+        assert!(!mine.is_empty() && mine.len() < 20);
+        let mut sorted = written.clone();
+        sorted.sort();
+        let mut expected = mine.clone();
+        expected.sort();
+        assert_eq!(
+            sorted, expected,
+            "its own devices judged and written, no copy"
+        );
+        assert!(mine
+            .iter()
+            .all(|id| owner.devices[id].violations.contains_key("dim")));
+        // Version 2 allows 50: the violations end.
+        owner
+            .follow_governance(vec![record(1, 10), record(2, 50)], 0)
+            .expect("follows");
+        assert_eq!(owner.gov.policy.as_ref().map(|(r, _)| r.version), Some(2));
+        assert!(mine
+            .iter()
+            .all(|id| owner.devices[id].violations.is_empty()));
+    }
 
     #[test]
     fn silence_is_caught_by_the_tick_and_a_violation_keeps_its_start() {

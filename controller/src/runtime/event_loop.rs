@@ -410,6 +410,14 @@ pub(super) async fn run(
                 Event::Intents(intents, last) => {
                     fleet.take_intents(intents, last);
                 }
+                Event::Governance(records) => {
+                    // The leader writes it: its own is the newest.
+                    if !leader {
+                        if let Err(e) = fleet.follow_governance(records, now) {
+                            tracing::error!(error = %e, "could not follow the leader's organisations and policy");
+                        }
+                    }
+                }
                 Event::Rollouts(rollouts, releases) => {
                     // The leader writes them: its own are the newest.
                     if !leader {

@@ -187,6 +187,9 @@ enum Event {
     /// Sharded: the operator intents stored, and the highest number given
     /// (`Store::intents`).
     Intents(Vec<crate::model::IntentRecord>, u64),
+    /// Sharded: the organisations, policy and exceptions stored
+    /// (`Store::governance`).
+    Governance(Vec<(String, Vec<u8>)>),
     /// Sharded: the rollouts and releases stored (`Store::rollouts`).
     Rollouts(
         Vec<crate::rollout::RolloutRecord>,

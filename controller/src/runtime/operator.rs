@@ -154,12 +154,11 @@ pub(super) const WRITE_VERBS: [&str; 17] = [
 ];
 
 /// The write verbs sharded controllers take so far: those that write
-/// only global records the owners follow (documents, rollouts, intents
-/// about devices) or that nothing else reads (firmware images, sign-ins).
-/// The others write devices' records, or records the owners would have
-/// to follow (organisations, policy, certificate rotations), and are
-/// refused.
-const SHARDED_WRITES: [&str; 11] = [
+/// only global records the owners follow (documents, governance,
+/// rollouts, intents about devices) or that nothing else reads (firmware
+/// images, sign-ins). `cert-rotate` is refused: the CA would sign where a
+/// device's CSR arrives, at its owner, which is not built yet.
+const SHARDED_WRITES: [&str; 16] = [
     "dashboard-login",
     "delete-document",
     "publish-firmware",
@@ -171,6 +170,11 @@ const SHARDED_WRITES: [&str; 11] = [
     "rollout-pause",
     "rollout-resume",
     "rollout-abort",
+    "org-create",
+    "org-grant",
+    "policy-apply",
+    "exception-grant",
+    "exception-revoke",
 ];
 
 /// What the operator protocol keeps between requests, apart from the
@@ -316,8 +320,8 @@ async fn operator_write(
             "unavailable",
             format!(
                 "{verb} is not available yet with sharded controllers: each device's record has \
-                 one writer, its shard's owner, and only documents, the registry, \
-                 incidents and rollouts reach the owners so far \
+                 one writer, its shard's owner, and the CA would have to sign at \
+                 each owner, which is not built yet \
                  (docs/DESIGN-SHARDING.md); run one controller (without --shards) for it"
             ),
         ));

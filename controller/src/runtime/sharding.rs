@@ -189,8 +189,8 @@ pub(super) fn spawn_keeper(
 /// follower checks whether the loop is still there.
 const LISTEN_FOR: Duration = Duration::from_secs(1);
 
-/// Follows the documents, rollouts, releases and operator intents the
-/// leader writes: read
+/// Follows the documents, governance, rollouts, releases and operator
+/// intents the leader writes: read
 /// again whenever a commit of theirs is heard, and in full after a lost
 /// connection.
 pub(super) async fn follow_documents(url: String, store: Store, events: mpsc::Sender<Event>) {
@@ -209,29 +209,31 @@ pub(super) async fn follow_documents(url: String, store: Store, events: mpsc::Se
                     Err(e) => return (None, Err(e)),
                 },
             };
-            let read =
-                |docs: bool, rollouts: bool, intents: bool| -> Result<Vec<Event>, StoreError> {
-                    let mut out = Vec::new();
-                    if docs {
-                        out.push(Event::Docs(store.docs()?));
-                    }
-                    if rollouts {
-                        let (rollouts, releases) = store.rollouts()?;
-                        out.push(Event::Rollouts(rollouts, releases));
-                    }
-                    if intents {
-                        let (intents, last) = store.intents()?;
-                        out.push(Event::Intents(intents, last));
-                    }
-                    Ok(out)
-                };
+            // `None`: everything.
+            let read = |trees: Option<&BTreeSet<String>>| -> Result<Vec<Event>, StoreError> {
+                let heard = |tree: &str| trees.is_none_or(|t| t.contains(tree));
+                let mut out = Vec::new();
+                if heard("docs") {
+                    out.push(Event::Docs(store.docs()?));
+                }
+                // Before rollouts and intents: scopes decide what reaches
+                // a device.
+                if heard("governance") {
+                    out.push(Event::Governance(store.governance()?));
+                }
+                if heard("rollouts") || heard("releases") {
+                    let (rollouts, releases) = store.rollouts()?;
+                    out.push(Event::Rollouts(rollouts, releases));
+                }
+                if heard("intents") {
+                    let (intents, last) = store.intents()?;
+                    out.push(Event::Intents(intents, last));
+                }
+                Ok(out)
+            };
             let heard = match l.wait(LISTEN_FOR) {
-                Ok(Some(Heard::Everything)) => read(true, true, true),
-                Ok(Some(Heard::Trees(trees))) => read(
-                    trees.contains("docs"),
-                    trees.contains("rollouts") || trees.contains("releases"),
-                    trees.contains("intents"),
-                ),
+                Ok(Some(Heard::Everything)) => read(None),
+                Ok(Some(Heard::Trees(trees))) => read(Some(&trees)),
                 Ok(None) => Ok(Vec::new()),
                 Err(e) => Err(e),
             };
