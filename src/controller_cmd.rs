@@ -104,6 +104,10 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         None => crate::standby::take_if_shared(args.controller.store.as_ref(), &args.id).await?,
     };
     let pins = cityplane_broker::Pins::default();
+    // Sharded, only the leader keeps the broker's users: the others' would
+    // triple the management API's load, and one that has not yet heard of
+    // a quarantine would let the device back in.
+    let (leading_tx, leading) = tokio::sync::watch::channel(sharded.is_none());
     let mut unanswered = None;
     let follower = match &args.cluster_dir {
         Some(dir) => {
@@ -135,6 +139,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
                 dir.clone(),
                 pins.clone(),
                 shards,
+                leading,
             ));
             Some((follower, resubscriber))
         }
@@ -206,6 +211,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
                 .lead(held.generation, held.holder.clone())
                 .await
                 .context("leading")?;
+            leading_tx.send_replace(true);
         }
         lease = took;
         if lease.is_none() {
@@ -275,17 +281,22 @@ const FOLLOW_EVERY: Duration = Duration::from_millis(500);
 /// Keeps the cluster's users what the PKI and the controller's quarantine
 /// say: a sync whenever either changed (and at start), retried until it
 /// succeeds. The quarantine is also written to the cluster directory, so a
-/// `cluster sync` by hand keeps quarantined devices out too.
+/// `cluster sync` by hand keeps quarantined devices out too. Sharded, only
+/// while this controller leads (`leading`).
 async fn follow(
     provisioner: Provisioner,
     pki: PathBuf,
     dir: PathBuf,
     pins: cityplane_broker::Pins,
     shards: Option<ShardQueues>,
+    mut leading: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut applied: Option<Desired> = None;
     let mut warned = false;
     loop {
+        if leading.wait_for(|l| *l).await.is_err() {
+            return;
+        }
         let desired = Desired::from_pki(&pki).map(|mut d| {
             d.quarantined = pins.refused();
             d.shards = shards.clone();
