@@ -206,15 +206,14 @@ impl Vault {
         let mut raw = [0u8; 32];
         rng.fill(&mut raw).map_err(|_| SecretsError::Random)?;
         let line = base64::engine::general_purpose::STANDARD.encode(raw) + "\n";
+        // A name of its own: controllers started together on one data
+        // directory each write theirs, and the first linked wins. A
+        // leftover from a crash is never reused (`create_new`).
+        let mut nonce = [0u8; 8];
+        rng.fill(&mut nonce).map_err(|_| SecretsError::Random)?;
         let mut tmp_name = path.as_os_str().to_owned();
-        tmp_name.push(".new");
+        tmp_name.push(format!(".new-{}", u64::from_be_bytes(nonce)));
         let tmp = PathBuf::from(tmp_name);
-        // A leftover from a crash may have any mode: never reuse it.
-        if let Err(e) = std::fs::remove_file(&tmp) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                return Err(io(e));
-            }
-        }
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -518,6 +517,40 @@ mod tests {
             Vault::open_or_create(&loose),
             Err(SecretsError::Permissions { .. })
         ));
+    }
+
+    /// Controllers started together on one data directory (the sharded
+    /// bench's three) all open the same key: one makes it, the others
+    /// read it, none fails or ends with another key.
+    #[test]
+    fn controllers_started_together_all_get_the_one_key() {
+        for _ in 0..50 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join(KEY_FILE);
+            let sealed: Vec<Result<Sealed, String>> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..4)
+                    .map(|_| {
+                        s.spawn(|| {
+                            Vault::open_or_create(&path)
+                                .map_err(|e| e.to_string())
+                                .and_then(|v| v.seal("d", "k", "pw", 0).map_err(|e| e.to_string()))
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("thread"))
+                    .collect()
+            });
+            let file = Vault::open_or_create(&path).expect("the key");
+            for s in sealed {
+                let s = s.expect("every one opens the key");
+                assert_eq!(
+                    file.open("d", "k", &s).expect("sealed with the file's key"),
+                    "pw"
+                );
+            }
+        }
     }
 
     #[test]
