@@ -807,16 +807,7 @@ impl Store {
     /// owners follow; not the compliance history, which only the leader
     /// writes and shows).
     pub fn governance(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        self.with(|e| {
-            let mut out = Vec::new();
-            e.walk(Tree::Governance, Walk::From(&[]), &mut |k, v| {
-                if !k.starts_with(b"history/") {
-                    out.push((String::from_utf8_lossy(k).into_owned(), v.to_vec()));
-                }
-                Ok(true)
-            })?;
-            Ok(out)
-        })
+        self.with(|e| read_governance(e, false))
     }
 
     /// The rollouts and firmware releases stored (what owners follow).
@@ -857,11 +848,7 @@ impl Store {
             let devices: Vec<DeviceRecord> = read_all(e, Tree::Devices)?;
             let rollouts: Vec<RolloutRecord> = read_all(e, Tree::Rollouts)?;
             let releases = read_all(e, Tree::Releases)?;
-            let mut governance = Vec::new();
-            e.walk(Tree::Governance, Walk::From(&[]), &mut |k, v| {
-                governance.push((String::from_utf8_lossy(k).into_owned(), v.to_vec()));
-                Ok(true)
-            })?;
+            let governance = read_governance(e, true)?;
             // Belt and braces: the sequence also covers every generation
             // already handed out, should `meta` ever lag the records.
             let seq = e
@@ -1234,6 +1221,21 @@ fn audit_tail(engine: &mut Engine) -> Result<AuditTail, StoreError> {
         .map(|a: &AuditEntry| (a.seq, a.hash.clone()))
         .unwrap_or_default();
     Ok((recent, head))
+}
+
+/// The governance records by key, the compliance history's with them or not.
+fn read_governance(
+    engine: &mut Engine,
+    history: bool,
+) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    let mut out = Vec::new();
+    engine.walk(Tree::Governance, Walk::From(&[]), &mut |k, v| {
+        if history || !k.starts_with(b"history/") {
+            out.push((String::from_utf8_lossy(k).into_owned(), v.to_vec()));
+        }
+        Ok(true)
+    })?;
+    Ok(out)
 }
 
 fn read_all<T: DeserializeOwned>(engine: &mut Engine, tree: Tree) -> Result<Vec<T>, StoreError> {

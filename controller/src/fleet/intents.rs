@@ -149,27 +149,25 @@ impl Fleet {
     /// Takes intents this controller just committed (the leader): applied
     /// now, as [`Fleet::take_intents`] would once it reads them.
     pub fn took_intents(&mut self, committed: Vec<IntentRecord>) -> (usize, usize) {
-        let (mut new, mut updated) = (0, 0);
-        for intent in committed {
-            let intent = Arc::new(intent);
+        let committed: Vec<Arc<IntentRecord>> = committed.into_iter().map(Arc::new).collect();
+        for intent in &committed {
             self.intent_last = self.intent_last.max(intent.seq);
             self.intents.insert(intent.seq, intent.clone());
-            let (n, u) = self.apply_intent(&intent);
-            new += n;
-            updated += u;
         }
-        (new, updated)
+        self.apply_intents(committed)
     }
 
     pub(super) fn reapply_intents(&mut self) -> (usize, usize) {
-        let (mut new, mut updated) = (0, 0);
         let intents: Vec<Arc<IntentRecord>> = self.intents.values().cloned().collect();
-        for intent in intents {
-            let (n, u) = self.apply_intent(&intent);
-            new += n;
-            updated += u;
-        }
-        (new, updated)
+        self.apply_intents(intents)
+    }
+
+    /// [`Fleet::apply_intent`] each, in order; the counts added up.
+    fn apply_intents(&mut self, intents: Vec<Arc<IntentRecord>>) -> (usize, usize) {
+        intents.iter().fold((0, 0), |(new, updated), intent| {
+            let (n, u) = self.apply_intent(intent);
+            (new + n, updated + u)
+        })
     }
 
     /// One intent: written to the devices this controller owns that have
