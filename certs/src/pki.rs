@@ -2,8 +2,9 @@
 //! identity.
 
 use std::collections::HashSet;
-use std::fs;
+use std::fs::{self, File, OpenOptions};
 use std::net::{IpAddr, Ipv4Addr};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -35,6 +36,12 @@ pub const REVOCATION_FILE: &str = "revoked.json";
 pub const CRL_FILE: &str = "crl.pem";
 /// Every serial this CA signed (see `issued.rs`). Stays in the CA directory.
 pub const ISSUED_FILE: &str = "issued.jsonl";
+/// Held (`flock`) by every operation that reads the CA's files and writes
+/// them again: two writers of `revoked.json` at once (a controller revoking
+/// rotated serials, an operator's `certs revoke`, several controllers on
+/// one directory) would otherwise each write their own read back, and one
+/// revocation would be lost.
+pub const LOCK_FILE: &str = ".pki.lock";
 
 /// What a server directory ([`Pki::export_server`]) holds: enough to verify
 /// clients and prove the broker's identity, nothing that can sign.
@@ -480,6 +487,7 @@ impl Pki {
         effective_at: Option<OffsetDateTime>,
     ) -> Result<Rotated, CertError> {
         check_id(id)?;
+        let _lock = self.lock()?;
         let ca = self.load_ca()?;
         let mut revocations = self.load_revocations()?;
         let index = self.load_index()?;
@@ -561,6 +569,7 @@ impl Pki {
             check_id(id)?;
         }
         subject_org(role, self.org.as_deref())?;
+        let _lock = self.lock()?;
         let ca = self.load_ca()?;
         let revocations = self.load_revocations()?;
         let index = self.load_index()?;
@@ -697,6 +706,7 @@ impl Pki {
     /// [`CertError::NotFound`] when the id never had a certificate here.
     pub fn revoke_id_all(&self, id: &str) -> Result<Vec<RevokedEntry>, CertError> {
         check_id(id)?;
+        let _lock = self.lock()?;
         let ca = self.load_ca()?;
         let mut revocations = self.load_revocations()?;
         let index = self.load_index()?;
@@ -752,6 +762,7 @@ impl Pki {
             .filter(|b| b.len() <= MAX_SERIAL_OCTETS)
             .map(|b| to_hex(&b))
             .ok_or_else(|| CertError::InvalidSerial(serial.to_owned()))?;
+        let _lock = self.lock()?;
         let ca = self.load_ca()?;
         let mut revocations = self.load_revocations()?;
         // A serial only pending (in a rotation's overlap) is revoked again, at once.
@@ -815,6 +826,7 @@ impl Pki {
                 .ok_or_else(|| CertError::InvalidSerial(serial.clone()))?;
             wanted.push(canonical);
         }
+        let _lock = self.lock()?;
         let ca = self.load_ca()?;
         let mut revocations = self.load_revocations()?;
         let index = self.load_index()?;
@@ -907,6 +919,7 @@ impl Pki {
         &self,
         requests: &[(String, String)],
     ) -> Result<Vec<Result<SignedCsr, CertError>>, CertError> {
+        let _lock = self.lock()?;
         let ca = self.load_ca()?;
         let revocations = self.load_revocations()?;
         let index = self.load_index()?;
@@ -965,6 +978,7 @@ impl Pki {
     /// ([`CRL_VALIDITY_DAYS`]). Run it regularly (cron) when anything reads
     /// the CRL, and after restoring `revoked.json`.
     pub fn refresh_crl(&self) -> Result<CrlInfo, CertError> {
+        let _lock = self.lock()?;
         let ca = self.load_ca()?;
         let revocations = self.load_revocations()?;
         self.write_crl(&ca, &revocations)
@@ -1131,6 +1145,24 @@ impl Pki {
         let issuer = Issuer::from_ca_cert_der(&pem.contents.as_slice().into(), key)
             .map_err(|e| CertError::bad_file(&cert_path, format!("not usable as a CA: {e}")))?;
         Ok(Ca { issuer, not_after })
+    }
+
+    /// Waits for, then holds, this directory's [`LOCK_FILE`] until the
+    /// returned file is dropped. Taken once per public operation (`flock`
+    /// is not re-entrant across descriptors: a nested take would wait for
+    /// itself).
+    fn lock(&self) -> Result<File, CertError> {
+        let path = self.dir.join(LOCK_FILE);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(KEY_MODE)
+            .open(&path)
+            .map_err(|e| CertError::io("open", &path, e))?;
+        file.lock().map_err(|e| CertError::io("lock", &path, e))?;
+        Ok(file)
     }
 
     fn load_revocations(&self) -> Result<RevocationFile, CertError> {

@@ -245,3 +245,52 @@ fn revoke_serials_revokes_a_batch_into_one_crl() -> TestResult {
     assert_eq!(std::fs::read(pki.revocation_path())?, before);
     Ok(())
 }
+
+/// A controller revoking rotated serials while an operator revokes a stolen
+/// device (or several controllers on one directory): each revocation reads
+/// `revoked.json`, adds to it and writes it back, so two at once must not
+/// each write their own read back and lose the other's.
+#[test]
+fn revocations_at_the_same_time_are_all_kept() -> TestResult {
+    const WRITERS: usize = 4;
+    const EACH: usize = 12;
+    let (_tmp, pki) = pki()?;
+    let mut serials = Vec::new();
+    for w in 0..WRITERS {
+        let mut mine = Vec::new();
+        for i in 0..EACH {
+            mine.push(pki.issue(Role::Device, &format!("w{w}-d{i}"))?.serial);
+        }
+        serials.push(mine);
+    }
+    std::thread::scope(|s| {
+        for (w, mine) in serials.iter().enumerate() {
+            let pki = pki.clone();
+            s.spawn(move || {
+                for (i, serial) in mine.iter().enumerate() {
+                    // One writer by id, the others by serial, one at a time
+                    // or in pairs: every kind of revocation takes the lock.
+                    let done = match (w, i % 2) {
+                        (0, _) => pki.revoke_id(&format!("w{w}-d{i}")).map(|_| ()),
+                        (_, 0) => pki.revoke_serial(serial).map(|_| ()),
+                        _ => pki.revoke_serials(std::slice::from_ref(serial)).map(|_| ()),
+                    };
+                    done.expect("revoked");
+                }
+            });
+        }
+    });
+    let list = RevocationList::load(&pki.revocation_path())?;
+    let lost: Vec<&String> = serials
+        .iter()
+        .flatten()
+        .filter(|s| !list.is_revoked(s))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} revocations lost",
+        lost.len(),
+        WRITERS * EACH
+    );
+    Ok(())
+}
