@@ -32,14 +32,17 @@
 //!
 //! `cargo bench -p cityplane --bench cluster [-- --sizes 500,1000]
 //! [--reports R] [--applies K] [--only embedded|cluster] [--base-port P]
-//! [--shards N] [--controllers K] [--quiet-wait S]`; env `CITYPLANE_BENCH_SIZES`, `CITYPLANE_BENCH_REPORTS`
+//! [--shards N] [--controllers K] [--quiet-wait S] [--in-flight H]
+//! [--connect-limit S]`; env `CITYPLANE_BENCH_SIZES`, `CITYPLANE_BENCH_REPORTS`
 //! (default 5), `CITYPLANE_BENCH_APPLIES` (3), `CITYPLANE_BENCH_ONLY`,
 //! `CITYPLANE_BENCH_BASE_PORT` (29630), `CITYPLANE_BENCH_SHARDS` (device
 //! messages through N shard sessions), `CITYPLANE_BENCH_CONTROLLERS` (K
 //! sharded controllers sharing a throwaway PostgreSQL store; needs
 //! `--shards`), `CITYPLANE_BENCH_QUIET_WAIT` (seconds
 //! to wait for a load average below 0.8 before starting, default 600; 0 = do
-//! not wait). Without rabbitmq-server installed the cluster side is skipped
+//! not wait), `CITYPLANE_BENCH_IN_FLIGHT` (handshakes in flight, default
+//! 200), `CITYPLANE_BENCH_CONNECT_LIMIT` (seconds the connect phase may
+//! take, default 600). Without rabbitmq-server installed the cluster side is skipped
 //! (said on stdout and in the JSON). Prints a summary and `BENCH_JSON {…}`;
 //! writes target/bench/cluster.json, logs under target/bench/cluster/.
 
@@ -67,7 +70,8 @@ const OPERATOR: &str = "bench-city-op";
 /// `cityplane controller`'s default `--id`.
 const CONTROLLER: &str = "controller";
 const RABBITMQ_SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
-/// Handshakes in flight, for the simulator and the report clients alike.
+/// Handshakes in flight, for the simulator and the report clients alike
+/// (`--in-flight`).
 const IN_FLIGHT: usize = 200;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +100,10 @@ struct Args {
     shards: Option<u32>,
     /// More than 1: that many sharded controllers on a PostgreSQL store.
     controllers: usize,
+    /// Handshakes in flight (the simulator's and the report clients').
+    in_flight: usize,
+    /// How long the connect phase may take before the size is given up.
+    connect_limit: Duration,
 }
 
 fn args() -> Result<Args> {
@@ -128,6 +136,10 @@ fn args() -> Result<Args> {
             .map(|v| v.parse())
             .transpose()?,
         controllers: env("CITYPLANE_BENCH_CONTROLLERS").map_or(Ok(1), |v| v.parse())?,
+        in_flight: env("CITYPLANE_BENCH_IN_FLIGHT").map_or(Ok(IN_FLIGHT), |v| v.parse())?,
+        connect_limit: Duration::from_secs(
+            env("CITYPLANE_BENCH_CONNECT_LIMIT").map_or(Ok(600), |v| v.parse())?,
+        ),
     };
     bench::parse_args(std::env::args().skip(1), |key, value| {
         match key {
@@ -139,6 +151,8 @@ fn args() -> Result<Args> {
             "--quiet-wait" => a.quiet_wait = value()?.parse()?,
             "--shards" => a.shards = Some(value()?.parse()?),
             "--controllers" => a.controllers = value()?.parse()?,
+            "--in-flight" => a.in_flight = value()?.parse()?,
+            "--connect-limit" => a.connect_limit = Duration::from_secs(value()?.parse()?),
             _ => return Ok(false),
         }
         Ok(true)
@@ -146,8 +160,13 @@ fn args() -> Result<Args> {
     if a.controllers == 0 || (a.controllers > 1 && a.shards.is_none()) {
         bail!("--controllers K: 1, or more with --shards N (sharded controllers)");
     }
-    if a.sizes.is_empty() || a.sizes.contains(&0) || a.reports == 0 || a.applies == 0 {
-        bail!("sizes, --reports and --applies must be at least 1");
+    if a.sizes.is_empty()
+        || a.sizes.contains(&0)
+        || a.reports == 0
+        || a.applies == 0
+        || a.in_flight == 0
+    {
+        bail!("sizes, --reports, --applies and --in-flight must be at least 1");
     }
     Ok(a)
 }
@@ -699,7 +718,7 @@ async fn phases(d: &Deployment, n: usize, a: &Args, pki: &Path, dir: &Path) -> R
     };
     sim.mix = "streetlight=1".parse().map_err(anyhow::Error::msg)?;
     sim.connect_rate = 0.0;
-    sim.max_connecting = IN_FLIGHT;
+    sim.max_connecting = a.in_flight;
     sim.connect_timeout = Duration::from_secs(30);
     sim.keep_alive = 60;
     sim.backoff = Backoff {
@@ -711,14 +730,14 @@ async fn phases(d: &Deployment, n: usize, a: &Args, pki: &Path, dir: &Path) -> R
     let bench0 = bench_cpu();
     let t0 = Instant::now();
     let fleet = Fleet::start(sim).await.context("simulated fleet")?;
-    let sim_online = fleet.wait_online(n, Duration::from_secs(600)).await;
+    let sim_online = fleet.wait_online(n, a.connect_limit).await;
     let sim_online_s = t0.elapsed().as_secs_f64();
     let ctl_online_s = loop {
         let s = status(&mut op, json!({})).await?;
         if count(&s, &["online"]) >= n as u64 {
             break Some(t0.elapsed().as_secs_f64());
         }
-        if t0.elapsed() > Duration::from_secs(600) {
+        if t0.elapsed() > a.connect_limit {
             break None;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -728,7 +747,8 @@ async fn phases(d: &Deployment, n: usize, a: &Args, pki: &Path, dir: &Path) -> R
     let st = fleet.stats();
     if !sim_online || ctl_online_s.is_none() {
         bail!(
-            "not all {n} online within 600 s: simulator {} online, {} connect failures",
+            "not all {n} online within {} s: simulator {} online, {} connect failures",
+            a.connect_limit.as_secs(),
             st.online,
             st.connect_failures
         );
@@ -880,7 +900,7 @@ async fn phases(d: &Deployment, n: usize, a: &Args, pki: &Path, dir: &Path) -> R
     // 3. Reports through N device connections of this bench. Received is
     // counted by the controller answering `status` (sharded: the leader
     // adds up every controller's counters, published once a second).
-    let reports = reports_phase(&mut op, d, pki, n, a.reports, &last_value).await?;
+    let reports = reports_phase(&mut op, d, pki, n, a, &last_value).await?;
     let end = snapshot(procs);
     op.op.disconnect().await;
 
@@ -905,9 +925,10 @@ async fn reports_phase(
     d: &Deployment,
     pki_dir: &Path,
     n: usize,
-    r: u64,
+    a: &Args,
     value: &str,
 ) -> Result<Value> {
+    let r = a.reports;
     use cityplane_agent_sim::mqtt::{server_name, Client, ConnectOptions, Packet};
     use cityplane_agent_sim::tls::TlsBase;
     let procs = &d.procs;
@@ -932,7 +953,7 @@ async fn reports_phase(
     let (go, go_rx) = tokio::sync::watch::channel(false);
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let c = Arc::new(Counters::default());
-    let connecting = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+    let connecting = Arc::new(tokio::sync::Semaphore::new(a.in_flight));
     let value = value.to_owned();
     let version_base = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -1027,7 +1048,7 @@ async fn reports_phase(
         }));
     }
     while c.connected.load(Ordering::Relaxed) + c.errors.load(Ordering::Relaxed) < n as u64 {
-        if t_connect.elapsed() > Duration::from_secs(600) {
+        if t_connect.elapsed() > a.connect_limit {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1201,6 +1222,8 @@ async fn run() -> Result<()> {
         "sizes": a.sizes,
         "reports_per_device": a.reports,
         "applies": a.applies,
+        "handshakes_in_flight": a.in_flight,
+        "connect_limit_s": a.connect_limit.as_secs(),
         "repetition": format!("each size once per deployment; the converge {} times (medians); connect and reports once", a.applies),
         "results": results,
         "fits": fits,
