@@ -38,6 +38,10 @@ pub struct FleetRotateArgs {
     /// With --selector/--devices: the operator identity to connect as (its certificate in --pki)
     #[arg(long, env = "CITYPLANE_ID", default_value = "operator")]
     pub operator: String,
+    /// With --selector/--devices: the server is an external broker (a RabbitMQ cluster or
+    /// mosquitto, with `cityplane controller` behind it); requests name their sender in the topic
+    #[arg(long, env = "CITYPLANE_CLUSTER")]
+    pub cluster: bool,
     /// With --selector/--devices: `table` for people, `json` for scripts
     #[arg(long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -56,7 +60,7 @@ pub async fn run(a: FleetRotateArgs, pki: std::path::PathBuf) -> anyhow::Result<
         pki,
         id: a.operator.clone(),
         timeout: 30,
-        cluster: false,
+        cluster: a.cluster,
     };
     let output = a.output;
     let target = if !a.devices.is_empty() {

@@ -227,6 +227,11 @@ pub struct Fleet {
     pub pins_dirty: bool,
     /// The runtime can sign CSRs (it holds the CA): rotations may run.
     pub can_sign: bool,
+    /// The broker says which certificate (serial) each device's session
+    /// uses: our edge does; RabbitMQ and mosquitto do not (a device's own
+    /// presence carries none). Only that confirms a rotated device, so
+    /// without it rotations are refused ([`Fleet::cannot_rotate`]).
+    pub sees_session_serials: bool,
     /// Devices with a certificate rotation under way.
     rotating: HashSet<String>,
     sign_queue: Vec<rotation::SignRequest>,
@@ -283,6 +288,7 @@ impl Fleet {
             gov: governance::Governance::default(),
             pins_dirty: false,
             can_sign: false,
+            sees_session_serials: true,
             rotating: HashSet::new(),
             sign_queue: Vec::new(),
             revoke_queue: Vec::new(),

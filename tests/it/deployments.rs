@@ -215,6 +215,34 @@ async fn the_promises_hold_on(kind: Kind, test: &str) {
         );
     }
 
+    // Certificate rotation is confirmed only by a broker that says which
+    // certificate a device connected with (ours); elsewhere it would roll
+    // every device back, so it is refused before any device starts, also
+    // as a plain rollout of the `certificate` key. (It runs on the
+    // embedded broker in `rotation.rs`.)
+    if d.external() {
+        let why = d.fails(&["certs", "rotate", "--selector", "class=streetlight"]);
+        assert!(
+            why.contains("unavailable")
+                && why.contains("which certificate each device connected with"),
+            "{kind:?}: {why}"
+        );
+        let spec = d.file(
+            "rotate.json",
+            &json!({"name": "rot", "target": {"class": "streetlight"},
+                    "state": {"certificate": {"rotation": "rot"}}}),
+        );
+        let why = d.fails(&["rollout", "create", "-f", &spec]);
+        assert!(why.contains("unavailable"), "{kind:?}: {why}");
+        for name in ["rot", "rotate-1"] {
+            let why = d.fails(&["rollout", "status", name]);
+            assert!(
+                why.contains("no rollout named"),
+                "{kind:?}: a refused rotation was stored: {why}"
+            );
+        }
+    }
+
     // Revocation: the certificate's live session is cut and stays out.
     let before = fleet.device("dev0004").expect("dev0004").connects;
     d.revoke("dev0004");

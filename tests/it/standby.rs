@@ -665,6 +665,13 @@ async fn sharded_controllers_share_the_fleet_and_one_killed_mid_change_loses_not
     .await;
     let bright = fleet.count_with("dimming", &json!(90), None).0;
     assert!(bright >= N - 1, "{bright} of {N} devices at 90");
+    // Every operator write is taken sharded; a certificate rotation is
+    // refused for the broker's reason (deployments.rs), not for sharding's.
+    let why = d.fails(&["certs", "rotate", "--selector", "class=streetlight"]);
+    assert!(
+        why.contains("which certificate each device connected with") && !why.contains("shard"),
+        "{why}"
+    );
 
     // A policy through the leader: each owner judges its own devices,
     // and the leader's report counts them all from its copies (the leader

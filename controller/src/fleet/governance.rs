@@ -721,7 +721,9 @@ impl Fleet {
                 continue;
             };
             let rotate = expiry && fix.set.is_none() && fix.firmware.is_none();
-            if rule.effective_mode(policy.mode) != Mode::Enforce || (rotate && !self.can_sign) {
+            if rule.effective_mode(policy.mode) != Mode::Enforce
+                || (rotate && self.cannot_rotate().is_some())
+            {
                 continue;
             }
             let prefix = remediation_prefix(&rule.id);
@@ -997,7 +999,7 @@ mod tests {
     }
 
     #[test]
-    fn an_expiring_certificate_is_remediated_by_a_rotation_when_the_server_can_sign() {
+    fn an_expiring_certificate_is_remediated_by_a_rotation_when_the_server_can_sign_and_confirm() {
         const DAY: Millis = 86_400_000;
         let now = 1_000 * DAY;
         let mut fleet = fleet_with(
@@ -1017,6 +1019,13 @@ mod tests {
             "without the CA the server cannot rotate"
         );
         fleet.can_sign = true;
+        fleet.sees_session_serials = false;
+        assert!(
+            fleet.remediation_specs(now).is_empty(),
+            "on a broker that does not say which certificate a device uses, a rotation \
+             could never be confirmed"
+        );
+        fleet.sees_session_serials = true;
         let specs = fleet.remediation_specs(now);
         assert_eq!(specs.len(), 1, "{specs:?}");
         assert_eq!(specs[0]["target"], json!({"ids": ["d0"]}));

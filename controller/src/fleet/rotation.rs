@@ -70,12 +70,8 @@ impl Fleet {
         extra: serde_json::Map<String, Value>,
         now: Millis,
     ) -> Result<Value, Rejection> {
-        if !self.can_sign {
-            return Err(Rejection::new(
-                "no_ca",
-                "this server holds no CA key, so it cannot sign the devices' new certificates: \
-                 run serve from the CA's directory (--pki DIR with ca.key) to rotate",
-            ));
+        if let Some(why) = self.cannot_rotate() {
+            return Err(why);
         }
         let name = match name {
             Some(n) => n,
@@ -131,6 +127,30 @@ impl Fleet {
             obj.extend(extra);
         }
         Ok(spec)
+    }
+
+    /// Why this controller cannot run a certificate rotation, if it
+    /// cannot: a rotation that could never be confirmed would fail and
+    /// roll back every device, so it is refused before it starts.
+    pub fn cannot_rotate(&self) -> Option<Rejection> {
+        if !self.sees_session_serials {
+            return Some(Rejection::new(
+                "unavailable",
+                "certificate rotation needs a broker that tells the controller which \
+                 certificate each device connected with (to confirm the new one, then refuse \
+                 the old): the embedded broker (`cityplane serve`) does; RabbitMQ and mosquitto \
+                 do not, so every device would be rolled back. Rotate on the embedded broker, \
+                 or reissue with `cityplane certs issue --rotate` (docs/DEPLOYMENT.md)",
+            ));
+        }
+        if !self.can_sign {
+            return Some(Rejection::new(
+                "no_ca",
+                "this server holds no CA key, so it cannot sign the devices' new certificates: \
+                 run serve from the CA's directory (--pki DIR with ca.key) to rotate",
+            ));
+        }
+        None
     }
 
     /// Whether a rollout rotates certificates (its change is `certificate`).

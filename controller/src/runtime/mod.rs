@@ -344,6 +344,9 @@ impl Controller {
         // chunks of 250, 10.5 s without (docs/BENCHMARKS.md).
         config.commit_chunk = usize::MAX;
         let (mut fleet, store, secrets) = prepare(&config).await?;
+        // A device's own presence carries no serial: nothing here could
+        // confirm a rotated certificate.
+        fleet.sees_session_serials = false;
         // The external broker's users and permissions are its scopes; the
         // pins go to whoever provisions it (see `ExternalBroker::pins`).
         let tables = event_loop::BrokerTables {

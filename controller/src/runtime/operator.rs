@@ -153,30 +153,6 @@ pub(super) const WRITE_VERBS: [&str; 17] = [
     "cert-rotate",
 ];
 
-/// The write verbs sharded controllers take so far: those that write
-/// only global records the owners follow (documents, governance,
-/// rollouts, intents about devices) or that nothing else reads (firmware
-/// images, sign-ins). `cert-rotate` is refused: the CA would sign where a
-/// device's CSR arrives, at its owner, which is not built yet.
-const SHARDED_WRITES: [&str; 16] = [
-    "dashboard-login",
-    "delete-document",
-    "publish-firmware",
-    "register",
-    "label",
-    "quarantine",
-    "release",
-    "rollout-create",
-    "rollout-pause",
-    "rollout-resume",
-    "rollout-abort",
-    "org-create",
-    "org-grant",
-    "policy-apply",
-    "exception-grant",
-    "exception-revoke",
-];
-
 /// What the operator protocol keeps between requests, apart from the
 /// fleet: firmware uploads in progress, and the dashboard's sign-in table
 /// (`None`: no dashboard, `dashboard-login` is refused).
@@ -315,17 +291,6 @@ async fn operator_write(
     now: Millis,
 ) -> Result<Value, Rejection> {
     let who = access.operator.as_str();
-    if fleet.owner.is_some() && !SHARDED_WRITES.contains(&verb) {
-        return Err(Rejection::new(
-            "unavailable",
-            format!(
-                "{verb} is not available yet with sharded controllers: each device's record has \
-                 one writer, its shard's owner, and the CA would have to sign at \
-                 each owner, which is not built yet \
-                 (docs/DESIGN-SHARDING.md); run one controller (without --shards) for it"
-            ),
-        ));
-    }
     match verb {
         "dashboard-login" => {
             // Reading is the least a dashboard shows: an operator of an
@@ -652,12 +617,10 @@ pub(super) async fn create_rollout(
 ) -> Result<Value, Rejection> {
     let who = access.operator.as_str();
     fleet.check_reach(access, &spec.target)?;
-    if fleet.owner.is_some() && spec.state.contains_key(CertificateState::KEY) {
-        return Err(Rejection::new(
-            "unavailable",
-            "certificate rotation is not available yet with sharded controllers \
-             (docs/DESIGN-SHARDING.md); run one controller (without --shards) for it",
-        ));
+    if spec.state.contains_key(CertificateState::KEY) {
+        if let Some(why) = fleet.cannot_rotate() {
+            return Err(why);
+        }
     }
     let (mut record, devices) = fleet.plan_rollout(spec, who, now)?;
     record.org = Some(access.org.clone());

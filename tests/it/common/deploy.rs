@@ -275,6 +275,13 @@ impl Deployment {
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
     }
 
+    /// An operator command that must fail; what it said on stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.cli(args).output().expect("cityplane runs");
+        assert!(!out.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
     /// Writes `doc` to a file in the deployment's directory; its path.
     pub fn file(&self, name: &str, doc: &Value) -> String {
         let path = self.dir.path().join(name);
