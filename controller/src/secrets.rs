@@ -145,6 +145,10 @@ pub fn slot_key(device: &str, name: &str) -> Vec<u8> {
     k
 }
 
+/// A temporary key file older than this is a crash's leftover
+/// ([`Vault::remove_stale_temporaries`]).
+const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// The sealing key and the random generator.
 pub struct Vault {
     key: LessSafeKey,
@@ -156,6 +160,7 @@ impl Vault {
     /// new file: never a chmod afterwards). A key others may read or
     /// write is refused: whoever reads it reads every secret.
     pub fn open_or_create(path: &Path) -> Result<Vault, SecretsError> {
+        Vault::remove_stale_temporaries(path);
         let rng = SystemRandom::new();
         let raw = match std::fs::File::open(path) {
             Ok(file) => Vault::read_raw(path, file)?,
@@ -192,6 +197,43 @@ impl Vault {
             .ok_or_else(|| SecretsError::Malformed {
                 path: path.to_path_buf(),
             })
+    }
+
+    /// Removes what [`Vault::create_key`] leaves after a crash between
+    /// writing its temporary file and removing it: an unused key, 0600,
+    /// under `<key>.new-<n>`. Only files older than [`STALE_AFTER`]: a
+    /// controller starting beside this one may be writing its own right
+    /// now. Best effort: a file left here harms nothing.
+    fn remove_stale_temporaries(path: &Path) {
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+            return;
+        };
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        let mut prefix = name.to_owned();
+        prefix.push(".new-");
+        let prefix = prefix.as_encoded_bytes();
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let now = std::time::SystemTime::now();
+        for entry in entries.flatten() {
+            if !entry.file_name().as_encoded_bytes().starts_with(prefix) {
+                continue;
+            }
+            let stale = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| now.duration_since(t).ok())
+                .is_some_and(|age| age >= STALE_AFTER);
+            if stale && std::fs::remove_file(entry.path()).is_ok() {
+                tracing::info!(file = %entry.path().display(), "removed a secrets key's temporary file left by a crash");
+            }
+        }
     }
 
     /// A new key at `path`, whole or not at all: written and fsynced
@@ -551,6 +593,32 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_temporary_key_left_by_a_crash_is_removed_and_one_being_written_is_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(KEY_FILE);
+        let left = dir.path().join(format!("{KEY_FILE}.new-1"));
+        let writing = dir.path().join(format!("{KEY_FILE}.new-2"));
+        let other = dir.path().join("other.new-3");
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        for f in [&left, &writing, &other] {
+            let file = std::fs::File::create(f).expect("create");
+            if f != &writing {
+                file.set_modified(hour_ago).expect("mtime");
+            }
+        }
+        Vault::open_or_create(&path).expect("the key");
+        assert!(!left.exists(), "a crash's leftover stays");
+        assert!(writing.exists(), "a key being written now was removed");
+        assert!(other.exists(), "a file not of the key was removed");
+        // Also when the key already exists.
+        std::fs::File::create(&left)
+            .and_then(|f| f.set_modified(hour_ago))
+            .expect("leftover");
+        Vault::open_or_create(&path).expect("the key");
+        assert!(!left.exists());
     }
 
     #[test]
