@@ -327,6 +327,7 @@ pub async fn up(
         first.name,
         cluster.node_dir(first).join("log").display()
     ));
+    cluster.start_epmd(&run_as)?;
     let mut watch = vec![cluster.spawn(first, &run_as)?];
     cluster
         .wait_until(&watch, &cluster.info.nodes[..1], &mut progress, started)
@@ -537,6 +538,40 @@ impl Cluster {
     pub fn log_path(&self, node: usize) -> Option<PathBuf> {
         let n = self.info.nodes.get(node)?;
         Some(self.node_dir(n).join("log").join(format!("{}.log", n.name)))
+    }
+
+    /// Starts this cluster's epmd before its first node (which would
+    /// otherwise start one itself), with `-relaxed_command_check`: a plain
+    /// epmd refuses `epmd -kill` while any name is registered, and one
+    /// outlived `down` that way (a later `up` on the same ports then found
+    /// its port taken). `-daemon` returns once it listens.
+    fn start_epmd(&self, run_as: &RunAs) -> Result<(), ClusterError> {
+        let first = &self.info.nodes[0];
+        let mut cmd = Command::new("epmd");
+        cmd.args(["-daemon", "-relaxed_command_check"])
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0);
+        self.node_env(&mut cmd, first);
+        // What names this cluster's processes (`processes_of` in the tests).
+        cmd.env("RABBITMQ_MNESIA_BASE", self.node_dir(first).join("mnesia"));
+        if let Some((uid, gid)) = run_as.ids {
+            cmd.uid(uid).gid(gid);
+        }
+        let status = cmd.status().map_err(io(Path::new("epmd")))?;
+        if !status.success() {
+            return Err(ClusterError::Io {
+                path: PathBuf::from("epmd"),
+                source: std::io::Error::other(format!(
+                    "epmd -daemon on port {} failed: {status}",
+                    self.info.epmd_port
+                )),
+            });
+        }
+        Ok(())
     }
 
     fn spawn(&self, node: &NodeInfo, run_as: &RunAs) -> Result<Spawned, ClusterError> {

@@ -176,8 +176,7 @@ pub(super) fn spawn(
     let blobs = cityplane_broker::blobs::Blobs::new(broker.firmware.clone());
     if let Some(steering) = steering {
         let (client, tasks) = connect(&broker, Session::Publisher, &events, &fetch_tx);
-        // For the life of the process.
-        std::mem::forget(tasks);
+        tasks.detach();
         tokio::spawn(serve_fetches(client.clone(), blobs, fetch_rx));
         tokio::spawn(publish(client, out, secrets, broker.unanswered.clone()));
         tokio::spawn(steer(broker, steering, events, fetch_tx));
@@ -187,12 +186,12 @@ pub(super) fn spawn(
         device_messages: broker.shard_sessions.is_none(),
     };
     let (client, tasks) = connect(&broker, main, &events, &fetch_tx);
-    std::mem::forget(tasks);
+    tasks.detach();
     tokio::spawn(serve_fetches(client.clone(), blobs, fetch_rx));
     tokio::spawn(publish(client, out, secrets, broker.unanswered.clone()));
     for k in 0..broker.shard_sessions.unwrap_or(0) {
         let (_, tasks) = connect(&broker, Session::Shard(k), &events, &fetch_tx);
-        std::mem::forget(tasks);
+        tasks.detach();
     }
 }
 
@@ -200,6 +199,14 @@ pub(super) fn spawn(
 /// broker then requeues what it delivered and was not acknowledged, for
 /// whoever holds the session next).
 struct SessionTasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl SessionTasks {
+    /// For the life of the process: the tasks run on, their handles
+    /// dropped (which detaches a tokio task; only `Drop` here aborts).
+    fn detach(mut self) {
+        self.0.clear();
+    }
+}
 
 impl Drop for SessionTasks {
     fn drop(&mut self) {

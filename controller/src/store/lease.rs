@@ -63,12 +63,13 @@ pub(super) struct Conn {
 impl Conn {
     /// Connects; creates the tables if the store is new.
     pub(super) fn open(url: &str) -> Result<Conn, StoreError> {
-        // Opening the engine creates (or checks) the schema.
-        drop(super::pg_engine::PgEngine::open(url)?);
+        // Opening the engine creates (or checks) the schema; its
+        // connection is then this one's.
+        let client = super::pg_engine::PgEngine::open(url)?.into_client();
         let mut conn = Conn {
             store: super::redact_url(url),
             url: url.to_owned(),
-            client: None,
+            client,
         };
         conn.client()?;
         Ok(conn)

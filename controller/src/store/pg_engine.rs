@@ -129,6 +129,12 @@ impl PgEngine {
         Ok(engine)
     }
 
+    /// The connection, schema checked, for a caller that keeps its own
+    /// (the lease's, `store/lease.rs`): one connection, not a second.
+    pub(super) fn into_client(mut self) -> Option<postgres::Client> {
+        self.client.take()
+    }
+
     /// Refuses a server that acknowledges commits it could lose in a
     /// crash: `fsync=off` loses them outright, `synchronous_commit=off`
     /// answers COMMIT before the WAL is flushed.

@@ -161,6 +161,42 @@ impl RabbitCluster {
             .arg(&self.dir));
     }
 
+    /// Registers a name with this cluster's epmd and keeps it registered
+    /// while the returned socket is open: what a node not yet unregistered,
+    /// or a CLI's Erlang VM, looks like to epmd at `cluster down`.
+    pub fn hold_epmd_name(&self, name: &str) -> std::net::TcpStream {
+        use std::io::{Read as _, Write as _};
+        let info: Value = serde_json::from_slice(
+            &std::fs::read(self.dir.join("cluster.json")).expect("cluster.json"),
+        )
+        .expect("cluster.json parses");
+        let port = u16::try_from(info["epmd_port"].as_u64().expect("epmd_port")).expect("port");
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("epmd listens");
+        // ALIVE2_REQ (erts' epmd protocol): listening port, normal node,
+        // TCP, distribution versions 5..6, the name, no extra.
+        let mut body = vec![b'x'];
+        body.extend_from_slice(&1u16.to_be_bytes());
+        body.extend_from_slice(&[77, 0]);
+        body.extend_from_slice(&6u16.to_be_bytes());
+        body.extend_from_slice(&5u16.to_be_bytes());
+        body.extend_from_slice(&u16::try_from(name.len()).expect("short").to_be_bytes());
+        body.extend_from_slice(name.as_bytes());
+        body.extend_from_slice(&0u16.to_be_bytes());
+        let mut req = u16::try_from(body.len())
+            .expect("short")
+            .to_be_bytes()
+            .to_vec();
+        req.extend_from_slice(&body);
+        s.write_all(&req).expect("ALIVE2_REQ");
+        let mut resp = [0u8; 2];
+        s.read_exact(&mut resp).expect("ALIVE2 response");
+        assert!(
+            matches!(resp, [b'y' | b'v', 0]),
+            "epmd refused the name: {resp:?}"
+        );
+        s
+    }
+
     /// `cluster down`, asserting that it succeeded and left no process of
     /// this cluster (drop does the same without asserting). Whatever it
     /// left is killed before the panic.
