@@ -14,8 +14,9 @@
 //! deployment (the server, or the controller and each node's `beam.smp`):
 //!
 //! 1. **connect**: N agent-sim devices (this process; on the cluster device
-//!    i goes to node i % 3 and publishes its own presence), 200 handshakes
-//!    in flight, unpaced; the clock stops when the controller's `status`
+//!    i goes to node i % 3, publishes its own presence and subscribes to its
+//!    commands with QoS 0, as docs/DEPLOYMENT.md advises on RabbitMQ 3.10),
+//!    200 handshakes in flight (`--in-flight`), unpaced; the clock stops when the controller's `status`
 //!    counts N online (received), and separately when the simulator sees N
 //!    sessions.
 //! 2. **converge**, 3 times: `cityplane apply -f doc --wait` (the CLI, a
