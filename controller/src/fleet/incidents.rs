@@ -94,7 +94,7 @@ impl Fleet {
 
     /// Puts committed quarantine or release records in place: desired
     /// state follows (nothing while quarantined), the broker's pins change.
-    pub fn apply_incident(&mut self, records: Vec<Arc<DeviceRecord>>) {
+    pub fn apply_incident(&mut self, records: Vec<Arc<DeviceRecord>>, now: Millis) {
         let ids: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
         // A server holding the CA also revokes, in the CA's list, the
         // certificate each quarantined device last connected with: brokers
@@ -111,7 +111,6 @@ impl Fleet {
             self.devices.insert(record.id.clone(), record);
         }
         self.recompute_desired(ids.iter().cloned());
-        let now = crate::model::now_ms();
         for id in &ids {
             self.evaluate(id, now);
         }
@@ -205,7 +204,7 @@ mod tests {
         });
         let (records, already) = fleet.quarantined_records(&["d1".into(), "d9".into()], &mark());
         assert_eq!((records.len(), already.len()), (1, 0));
-        fleet.apply_incident(records);
+        fleet.apply_incident(records, 1);
         assert_eq!(fleet.targeted(&all).len(), 2, "documents pass d1 by");
         assert_eq!(fleet.incident_targets(&all).len(), 3);
         assert_eq!(fleet.pin_table().get("d1"), Some(&Pin::Refused));
@@ -219,7 +218,7 @@ mod tests {
         let released = fleet
             .released_records(&BTreeMap::from([("d1".into(), "00:AB:CD".into())]), 2)
             .unwrap();
-        fleet.apply_incident(released);
+        fleet.apply_incident(released, 2);
         assert_eq!(
             fleet.pin_table().get("d1"),
             Some(&Pin::Only(vec!["abcd".into()]))

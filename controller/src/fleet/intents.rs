@@ -245,7 +245,9 @@ impl Fleet {
             Arc::make_mut(rec).intent_seq = intent.seq;
         }
         if !incidents.is_empty() {
-            self.apply_incident(incidents);
+            // Judged as of the leader's write; the next compliance tick
+            // judges again.
+            self.apply_incident(incidents, intent.at);
         }
         let (n, u) = self.apply_registry(registry);
         (new + n, updated + u)

@@ -223,7 +223,7 @@ pub(super) async fn write_devices(
         return Ok(match kind {
             IntentKind::Registry => fleet.apply_registry(records),
             IntentKind::Incident => {
-                fleet.apply_incident(records);
+                fleet.apply_incident(records, now);
                 (0, 0)
             }
             IntentKind::Enrol(name) => {
