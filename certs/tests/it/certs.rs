@@ -84,11 +84,15 @@ fn private_keys_are_created_0600() -> TestResult {
         assert_eq!(mode(&key)?, 0o600, "{}", key.display());
     }
     assert_eq!(mode(&pki.cert_path("op1"))?, 0o644);
-    // No temporary files are left behind.
+    // No temporary files are left behind; the lock stays, private.
     for entry in std::fs::read_dir(pki.dir())? {
         let name = entry?.file_name().to_string_lossy().into_owned();
-        assert!(!name.starts_with('.'), "leftover {name}");
+        assert!(
+            !name.starts_with('.') || name == cityplane_certs::LOCK_FILE,
+            "leftover {name}"
+        );
     }
+    assert_eq!(mode(&pki.dir().join(cityplane_certs::LOCK_FILE))?, 0o600);
     Ok(())
 }
 
