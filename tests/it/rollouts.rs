@@ -69,9 +69,7 @@ impl Setup {
 
     /// The CLI's exit and its standard error, for refusals.
     pub fn fails(&self, args: &[&str]) -> String {
-        let out = cli(&self.pki, self.port, args).output().expect("runs");
-        assert!(!out.status.success(), "{args:?} succeeded");
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        common::fails(&mut cli(&self.pki, self.port, args))
     }
 
     pub fn file(&self, name: &str, v: &Value) -> String {

@@ -166,11 +166,10 @@ impl RabbitCluster {
     /// or a CLI's Erlang VM, looks like to epmd at `cluster down`.
     pub fn hold_epmd_name(&self, name: &str) -> std::net::TcpStream {
         use std::io::{Read as _, Write as _};
-        let info: Value = serde_json::from_slice(
-            &std::fs::read(self.dir.join("cluster.json")).expect("cluster.json"),
-        )
-        .expect("cluster.json parses");
-        let port = u16::try_from(info["epmd_port"].as_u64().expect("epmd_port")).expect("port");
+        let port = Cluster::open(&self.dir)
+            .expect("the cluster's record")
+            .info
+            .epmd_port;
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("epmd listens");
         // ALIVE2_REQ (erts' epmd protocol): listening port, normal node,
         // TCP, distribution versions 5..6, the name, no extra.

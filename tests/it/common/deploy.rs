@@ -277,9 +277,7 @@ impl Deployment {
 
     /// An operator command that must fail; what it said on stderr.
     pub fn fails(&self, args: &[&str]) -> String {
-        let out = self.cli(args).output().expect("cityplane runs");
-        assert!(!out.status.success(), "{args:?} succeeded");
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        super::fails(&mut self.cli(args))
     }
 
     /// Writes `doc` to a file in the deployment's directory; its path.

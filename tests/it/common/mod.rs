@@ -152,6 +152,13 @@ pub async fn online_fleet(
 }
 
 /// Runs a command that must succeed; its standard output.
+/// Runs `cmd`, which must fail; what it said on stderr.
+pub fn fails(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("runs");
+    assert!(!out.status.success(), "{cmd:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 pub fn ok(cmd: &mut Command) -> String {
     let out = cmd.output().expect("runs");
     assert!(
