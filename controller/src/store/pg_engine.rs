@@ -95,16 +95,29 @@ pub(super) fn connect(url: &str) -> Result<(String, postgres::Client), StoreErro
     // row FOR SHARE for ever, and no standby could take over: the server
     // ends a session idle in a transaction before the lease expires, and
     // the paused one finds its connection gone (then fenced) when it wakes.
+    let options = session_options(config.get_options());
     config
         .connect_timeout(Duration::from_secs(5))
         .keepalives_idle(Duration::from_secs(30))
-        // Every connection makes sure of the schema (CREATE ... IF NOT
-        // EXISTS): its NOTICEs, a dozen per connection, are not news.
-        .options("-c idle_in_transaction_session_timeout=4000 -c client_min_messages=warning")
+        .options(&options)
         .application_name("cityplane");
     let client = off_runtime(|| config.connect(postgres::NoTls))
         .map_err(|e| pg_error(&store, "connect", e))?;
     Ok((store, client))
+}
+
+/// The server settings each session starts with: the URL's own
+/// `options=` first (a `search_path`, say), then ours, so that where both
+/// set one, ours holds (PostgreSQL takes the last): the idle-in-transaction
+/// limit is what lets a standby take the lease from a paused controller.
+/// Every connection makes sure of the schema (CREATE ... IF NOT EXISTS):
+/// its NOTICEs, a dozen per connection, are not news.
+fn session_options(theirs: Option<&str>) -> String {
+    const OURS: &str = "-c idle_in_transaction_session_timeout=4000 -c client_min_messages=warning";
+    match theirs.map(str::trim) {
+        Some(theirs) if !theirs.is_empty() => format!("{theirs} {OURS}"),
+        _ => OURS.to_owned(),
+    }
 }
 
 /// Runs `f` on a thread of its own and waits for it (see the module's

@@ -393,6 +393,37 @@ fn postgres_or_skip(test: &str) -> Option<Postgres> {
         .then(|| Postgres::start().expect("PostgreSQL starts"))
 }
 
+/// Settings in the URL's own `options=` reach every session beside ours:
+/// with a `search_path`, two fleets share a database, a schema each.
+#[test]
+fn the_urls_own_session_options_are_kept() {
+    let Some(pg) = postgres_or_skip("the_urls_own_session_options_are_kept") else {
+        return;
+    };
+    pg.psql("CREATE SCHEMA city2").expect("schema");
+    let url = format!("{}?options=-c%20search_path%3Dcity2", pg.url());
+    let store = open(&StoreLocation::Postgres(url));
+    store
+        .commit(&Changes {
+            devices: vec![device("d1", 1)],
+            seq: Some(1),
+            ..Default::default()
+        })
+        .expect("commit");
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM city2.cityplane_kv WHERE tree = 'devices'")
+            .expect("psql"),
+        "1",
+        "the records are in the URL's schema"
+    );
+    assert_eq!(
+        pg.psql("SELECT to_regclass('public.cityplane_kv') IS NULL")
+            .expect("psql"),
+        "t",
+        "nothing was created in the default schema"
+    );
+}
+
 /// A server that could lose an acknowledged commit is refused at connect,
 /// with the setting named: in the server's settings or only for the role
 /// we connect as (a session's setting is what counts).
