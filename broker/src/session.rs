@@ -456,7 +456,9 @@ impl Session {
         let inbox = state.inbox.clone();
         // Packets the client sent right behind its CONNECT.
         let tx = link.as_deref_mut().map(|l| &mut l.tx);
-        if let Some(end) = self.take_frames(tx, &mut state, Instant::now()).await {
+        // Boxed here and below: its future (~1.5 KiB, the packet handlers'
+        // states) would otherwise be part of every idle device's task.
+        if let Some(end) = Box::pin(self.take_frames(tx, &mut state, Instant::now())).await {
             return end;
         }
         loop {
@@ -480,7 +482,7 @@ impl Session {
                     let now = Instant::now();
                     state.core.on_read(now);
                     let tx = link.as_deref_mut().map(|l| &mut l.tx);
-                    if let Some(end) = self.take_frames(tx, &mut state, now).await {
+                    if let Some(end) = Box::pin(self.take_frames(tx, &mut state, now)).await {
                         return end;
                     }
                 }
