@@ -488,7 +488,6 @@ struct Phase1 {
     cpu_elsewhere: Duration,
 }
 
-/// CPU so far: the machine's, the bench's, the server's.
 /// `perf record` of the server into the file `var` names, when it is set.
 fn perf_start(var: &str, pid: u32) -> Option<ChildGuard> {
     std::env::var(var).ok().map(|out| {
@@ -513,6 +512,7 @@ fn perf_stop(perf: Option<ChildGuard>) {
     }
 }
 
+/// CPU so far: the machine's, the bench's, the server's.
 fn cpu_mark(pid: u32) -> (Duration, Duration, Duration) {
     (machine_cpu().0, cpu_time("self"), cpu_time(pid))
 }
