@@ -43,6 +43,7 @@ use crate::rollout::RolloutRecord;
 
 pub mod lease;
 mod listen;
+mod pg_client;
 mod pg_engine;
 mod shards;
 mod sled_engine;

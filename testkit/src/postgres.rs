@@ -44,6 +44,8 @@ pub struct Postgres {
     settings: Vec<String>,
     /// `None` while stopped.
     server: Option<ChildGuard>,
+    /// Every process stopped by [`Postgres::freeze`].
+    frozen: bool,
 }
 
 impl Postgres {
@@ -88,6 +90,7 @@ impl Postgres {
             port,
             settings: settings.iter().map(|(k, v)| format!("{k}={v}")).collect(),
             server: None,
+            frozen: false,
         };
         pg.start_again()?;
         Ok(pg)
@@ -173,6 +176,55 @@ impl Postgres {
         Ok(())
     }
 
+    /// Stops every process of the server (SIGSTOP: the postmaster and
+    /// its backends) without closing a connection: the kernel still
+    /// accepts connections and data, nothing answers, as with a server
+    /// whose disk hangs. [`Postgres::thaw`] lets it go on.
+    pub fn freeze(&mut self) -> Result<()> {
+        self.frozen = true;
+        self.signal_all("-STOP")
+    }
+
+    /// Undoes [`Postgres::freeze`].
+    pub fn thaw(&mut self) -> Result<()> {
+        self.frozen = false;
+        self.signal_all("-CONT")
+    }
+
+    /// The postmaster, then its children (a child may have exited since
+    /// it was listed: only the postmaster must take the signal).
+    fn signal_all(&self, sig: &str) -> Result<()> {
+        let mut pids = self.processes()?.into_iter();
+        if let Some(postmaster) = pids.next() {
+            signal(postmaster, sig)?;
+        }
+        for pid in pids {
+            let _ = Command::new("kill")
+                .args([sig, &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+        Ok(())
+    }
+
+    /// The postmaster's pid, then its children's.
+    fn processes(&self) -> Result<Vec<u32>> {
+        let Some(server) = &self.server else {
+            bail!("PostgreSQL is not running");
+        };
+        let postmaster = server.pid();
+        let mut pids = vec![postmaster];
+        for entry in std::fs::read_dir("/proc")? {
+            let Some(pid) = entry?.file_name().to_str().and_then(|n| n.parse().ok()) else {
+                continue;
+            };
+            if crate::process::status_field(pid, "PPid:") == Some(u64::from(postmaster)) {
+                pids.push(pid);
+            }
+        }
+        Ok(pids)
+    }
+
     /// [`Postgres::stop`], then [`Postgres::start_again`].
     pub fn restart(&mut self) -> Result<()> {
         self.stop()?;
@@ -205,7 +257,11 @@ impl Drop for Postgres {
     fn drop(&mut self) {
         // Immediate shutdown (SIGQUIT) takes the backends down with the
         // postmaster; a SIGKILL (the guard's) would leave them behind for
-        // a while. Then the guard reaps it.
+        // a while. Then the guard reaps it. A frozen server is let go
+        // first: a stopped process handles no signal but SIGKILL.
+        if self.frozen {
+            let _ = self.thaw();
+        }
         if let Some(server) = self.server.take() {
             let _ = signal(server.pid(), "-QUIT");
             let mut server = server;

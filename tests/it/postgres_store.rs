@@ -6,8 +6,11 @@
 //! PostgreSQL is down a write is refused with `storage_unavailable` and a
 //! reason that says the database is unavailable, queries keep being
 //! answered from memory; once it is back, writes are accepted without a
-//! restart and nothing acknowledged before the outage is lost. The URL's
-//! password never reaches the log.
+//! restart and nothing acknowledged before the outage is lost. A server
+//! that hangs (every process stopped: connections stay open, nothing
+//! answers) is the same outage once the URL's `socket_timeout` has passed,
+//! not a controller stuck until someone restarts it. The URL's password
+//! never reaches the log.
 //!
 //! Skipped without PostgreSQL 15's binaries, unless
 //! `CITYPLANE_REQUIRE_POSTGRES=1` (CI), where it fails.
@@ -24,6 +27,10 @@ use serde_json::json;
 /// Trust authentication ignores it; it is there to be kept out of the log.
 const PASSWORD: &str = "pw-never-logged";
 
+/// The URL's `socket_timeout`: how long a statement waits for a hung
+/// server (the default, 30 s, would outlast the operator's 10 s).
+const SOCKET_TIMEOUT_SECS: u64 = 2;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_on_postgres_keeps_state_across_restarts_and_outages() {
     if !cityplane_testkit::postgres::available(
@@ -34,7 +41,8 @@ async fn serve_on_postgres_keeps_state_across_restarts_and_outages() {
     let mut pg = Postgres::start().expect("PostgreSQL starts");
     let url = pg
         .url()
-        .replace("postgres@", &format!("postgres:{PASSWORD}@"));
+        .replace("postgres@", &format!("postgres:{PASSWORD}@"))
+        + &format!("?socket_timeout={SOCKET_TIMEOUT_SECS}");
     let work = tempfile::Builder::new()
         .prefix("cityplane-pg-e2e-")
         .tempdir()
@@ -117,7 +125,28 @@ async fn serve_on_postgres_keeps_state_across_restarts_and_outages() {
     assert_eq!(answer["status"], "accepted", "{answer}");
     wait_converged(&mut op, &fleet, "03:00-05:00", "recovered").await;
 
-    // 5. Restart once more: both accepted documents, not the refused one.
+    // 5. It hangs: the write is refused once the deadline has passed, as
+    // when it is down; reads answer; once it answers again, so do writes.
+    pg.freeze().expect("stop every PostgreSQL process");
+    let answer = apply(&mut op, doc("while-hung", 30, "hung")).await;
+    assert_eq!(answer["status"], "rejected", "{answer}");
+    assert_eq!(answer["code"], "storage_unavailable", "{answer}");
+    let reason = answer["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(&format!(
+            "did not answer within {SOCKET_TIMEOUT_SECS} s (socket_timeout"
+        )),
+        "{answer}"
+    );
+    let st = query(&mut op, "status", json!({})).await;
+    assert_eq!(st["converged"], json!(DEVICES), "{st}");
+    assert!(server.alive(), "serve died: {}", read(&log));
+    pg.thaw().expect("let PostgreSQL go on");
+    let answer = apply(&mut op, doc("thawed", 40, "04:00-06:00")).await;
+    assert_eq!(answer["status"], "accepted", "{answer}");
+    wait_converged(&mut op, &fleet, "04:00-06:00", "after the hang").await;
+
+    // 6. Restart once more: the accepted documents, not the refused ones.
     op.disconnect().await;
     let exit = server.stop(DEADLINE);
     assert!(exit.success(), "serve exited with {exit}: {}", read(&log));
@@ -126,23 +155,23 @@ async fn serve_on_postgres_keeps_state_across_restarts_and_outages() {
     wait_converged(
         &mut op,
         &fleet,
-        "03:00-05:00",
+        "04:00-06:00",
         "after the outage and a restart",
     )
     .await;
     assert_not_found(&mut op, "while-down", "after restart").await;
+    assert_not_found(&mut op, "while-hung", "after restart").await;
     let entries = audit(&mut op).await.expect("audit");
-    assert_eq!(
-        accepted(&entries),
-        [("baseline", 1), ("recovered", 1)],
-        "{entries:?}"
-    );
-    assert!(
-        entries
-            .iter()
-            .any(|(n, r)| n == "while-down" && r.starts_with("rejected (storage_unavailable)")),
-        "the refusal is audited once the database is back: {entries:?}"
-    );
+    let names: Vec<&str> = accepted(&entries).iter().map(|(n, _)| *n).collect();
+    assert_eq!(names, ["baseline", "recovered", "thawed"], "{entries:?}");
+    for refused in ["while-down", "while-hung"] {
+        assert!(
+            entries
+                .iter()
+                .any(|(n, r)| n == refused && r.starts_with("rejected (storage_unavailable)")),
+            "the refusal of {refused} is audited once the database is back: {entries:?}"
+        );
+    }
 
     let log_text = read(&log);
     assert!(log_text.contains("unavailable"), "the outage is logged");

@@ -22,6 +22,7 @@
 
 use std::time::Duration;
 
+use super::pg_client::{PgClient, PgError};
 use super::pg_engine::{connect, off_runtime, pg_error};
 use super::StoreError;
 
@@ -57,7 +58,7 @@ pub(super) struct Conn {
     store: String,
     url: String,
     /// `None` after an error.
-    client: Option<postgres::Client>,
+    client: Option<PgClient>,
 }
 
 impl Conn {
@@ -80,7 +81,7 @@ impl Conn {
         self.client.is_some()
     }
 
-    fn client(&mut self) -> Result<&mut postgres::Client, StoreError> {
+    fn client(&mut self) -> Result<&mut PgClient, StoreError> {
         if self.client.is_none() {
             self.client = Some(connect(&self.url)?.1);
         }
@@ -94,7 +95,7 @@ impl Conn {
     pub(super) fn call<T: Send>(
         &mut self,
         what: &str,
-        f: impl FnOnce(&mut postgres::Client) -> Result<T, postgres::Error> + Send,
+        f: impl FnOnce(&mut PgClient) -> Result<T, PgError> + Send,
     ) -> Result<T, StoreError> {
         let store = self.store.clone();
         let client = self.client()?;
@@ -136,7 +137,7 @@ impl Lease {
     fn call<T: Send>(
         &mut self,
         what: &str,
-        f: impl FnOnce(&mut postgres::Client) -> Result<T, postgres::Error> + Send,
+        f: impl FnOnce(&mut PgClient) -> Result<T, PgError> + Send,
     ) -> Result<T, StoreError> {
         self.conn.call(what, f)
     }

@@ -11,8 +11,6 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use postgres::fallible_iterator::FallibleIterator;
-
 use super::lease::Conn;
 use super::pg_engine::GLOBAL_CHANNEL;
 use super::StoreError;
@@ -53,20 +51,9 @@ impl GlobalListener {
             self.listening = true;
             return Ok(Some(Heard::Everything));
         }
-        let payloads: Vec<String> = self.conn.call("notifications", move |c| {
-            let mut notifications = c.notifications();
-            let mut payloads = Vec::new();
-            let first = notifications.timeout_iter(timeout).next()?;
-            if let Some(first) = first {
-                payloads.push(first.payload().to_owned());
-                // And whatever else is buffered, without waiting.
-                let mut more = notifications.iter();
-                while let Some(n) = more.next()? {
-                    payloads.push(n.payload().to_owned());
-                }
-            }
-            Ok(payloads)
-        })?;
+        let payloads: Vec<String> = self
+            .conn
+            .call("notifications", move |c| c.notifications(timeout))?;
         let trees: BTreeSet<String> = payloads
             .iter()
             .flat_map(|p| p.split(','))

@@ -4,8 +4,9 @@
 //! at every connection, as is `fsync`), that is after the commit's WAL is
 //! flushed on the server.
 //!
-//! The client is the synchronous `postgres` crate, which runs a small
-//! tokio runtime of its own inside each call. Entering a runtime from a
+//! The client is [`PgClient`] (`store/pg_client.rs`), which runs a small
+//! tokio runtime of its own inside each call and gives each statement a
+//! deadline. Entering a runtime from a
 //! tokio worker thread panics, and the store is called from those too
 //! (queries of the audit, secret look-ups), so every call into the client,
 //! and dropping it, happens on a short-lived thread of its own
@@ -19,6 +20,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use super::pg_client::{take_timeout, IsolationLevel, PgClient, PgError};
 use super::{redact_url, rotated_slots, Op, Record, StoreError, Tree, Visit, Walk};
 
 /// Bumped by a change of the table layout; a database written by a newer
@@ -73,7 +75,7 @@ pub(super) struct PgEngine {
     /// Redacted, for errors.
     store: String,
     /// `Some` until dropped (dropped on a thread of its own, see the module).
-    client: Option<postgres::Client>,
+    client: Option<PgClient>,
 }
 
 /// Connects to `url`: its redacted form (for errors) and the client.
@@ -81,16 +83,20 @@ pub(super) struct PgEngine {
 /// "cityplan" in ASCII).
 const SCHEMA_LOCK: i64 = 0x6369_7479_706c_616e;
 
-pub(super) fn connect(url: &str) -> Result<(String, postgres::Client), StoreError> {
+pub(super) fn connect(url: &str) -> Result<(String, PgClient), StoreError> {
     let store = redact_url(url);
-    let mut config: postgres::Config =
-        url.parse()
-            .map_err(|e: postgres::Error| StoreError::Refused {
-                store: store.clone(),
-                reason: format!("not a PostgreSQL URL: {e}"),
-            })?;
+    let refused = |reason: String| StoreError::Refused {
+        store: store.clone(),
+        reason,
+    };
+    let (url, timeout) = take_timeout(url).map_err(refused)?;
+    let mut config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e: tokio_postgres::Error| refused(format!("not a PostgreSQL URL: {e}")))?;
     // A database that does not answer is unavailable, not a hang of
-    // every commit; keepalives notice a peer that vanished.
+    // every commit (the deadline of each statement, and these);
+    // keepalives notice a peer that vanished under a connection that only
+    // waits (the listener's): 30 s idle, then 3 probes 10 s apart.
     // A controller paused (or stuck) inside a commit would hold the lease
     // row FOR SHARE for ever, and no standby could take over: the server
     // ends a session idle in a transaction before the lease expires, and
@@ -99,9 +105,11 @@ pub(super) fn connect(url: &str) -> Result<(String, postgres::Client), StoreErro
     config
         .connect_timeout(Duration::from_secs(5))
         .keepalives_idle(Duration::from_secs(30))
+        .keepalives_interval(Duration::from_secs(10))
+        .keepalives_retries(3)
         .options(&options)
         .application_name("cityplane");
-    let client = off_runtime(|| config.connect(postgres::NoTls))
+    let client = off_runtime(|| PgClient::connect(&config, timeout))
         .map_err(|e| pg_error(&store, "connect", e))?;
     Ok((store, client))
 }
@@ -144,7 +152,7 @@ impl PgEngine {
 
     /// The connection, schema checked, for a caller that keeps its own
     /// (the lease's, `store/lease.rs`): one connection, not a second.
-    pub(super) fn into_client(mut self) -> Option<postgres::Client> {
+    pub(super) fn into_client(mut self) -> Option<PgClient> {
         self.client.take()
     }
 
@@ -210,7 +218,7 @@ impl PgEngine {
     fn call<T: Send>(
         &mut self,
         what: &str,
-        f: impl FnOnce(&mut postgres::Client) -> Result<T, postgres::Error> + Send,
+        f: impl FnOnce(&mut PgClient) -> Result<T, PgError> + Send,
     ) -> Result<T, StoreError> {
         let Some(client) = self.client.as_mut() else {
             return Err(StoreError::Unavailable {
@@ -307,11 +315,7 @@ impl PgEngine {
     ) -> Result<(Vec<Record>, String), StoreError> {
         let since = since.unwrap_or("0").to_owned();
         self.call("changes", move |c| {
-            let mut tx = c
-                .build_transaction()
-                .isolation_level(postgres::IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()?;
+            let mut tx = c.read_only_transaction(IsolationLevel::RepeatableRead)?;
             let cursor: String = tx
                 .query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text", &[])?
                 .get(0);
@@ -383,7 +387,7 @@ impl PgEngine {
                     .map(|r| (r.get(0), r.get(1)))
                     .collect();
                 rotated_slots(rotations, |k| {
-                    Ok::<_, postgres::Error>(stored.get(k).cloned())
+                    Ok::<_, PgError>(stored.get(k).cloned())
                 })?
             };
             // A key may be written twice in one commit (a document put
@@ -479,10 +483,13 @@ impl Drop for PgEngine {
 /// disk); what the server refused is [`StoreError::Database`] with its
 /// SQLSTATE. Messages go through [`redact_url`]: a connection error may
 /// quote what it was given.
-pub(super) fn pg_error(store: &str, what: &str, e: postgres::Error) -> StoreError {
+pub(super) fn pg_error(store: &str, what: &str, e: PgError) -> StoreError {
     let unavailable = |reason: String| StoreError::Unavailable {
         store: store.to_owned(),
         reason: redact_url(&format!("{what}: {reason}")),
+    };
+    let PgError::Pg(e) = e else {
+        return unavailable(e.to_string());
     };
     let Some(db) = e.as_db_error() else {
         return unavailable(e.to_string());
