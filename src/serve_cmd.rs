@@ -62,7 +62,9 @@ pub struct ControllerOpts {
     /// must exist; its table is created at first start. No TLS: loopback or
     /// a unix socket only. Refused if the server runs with fsync=off or
     /// synchronous_commit=off. The password never appears in logs or
-    /// errors. Default: sled under --data
+    /// errors. ?socket_timeout=SECONDS (default 30): how long a statement
+    /// waits for a database that stopped answering before it counts as
+    /// unavailable. Default: sled under --data
     #[arg(long, env = "CITYPLANE_STORE", value_name = "URL", value_parser = parse_store_url)]
     pub store: Option<StoreUrl>,
     /// Page cache of the controller's sled database, in MiB. A larger cache

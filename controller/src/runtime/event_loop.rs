@@ -112,11 +112,14 @@ fn commit_in_chunks(
 const COMMIT_RETRY: Duration = Duration::from_millis(200);
 
 async fn send_all(out: &mpsc::Sender<Outgoing>, messages: impl IntoIterator<Item = Outgoing>) {
-    for message in messages {
-        if out.send(message).await.is_err() {
-            return;
+    tokio::task::unconstrained(async {
+        for message in messages {
+            if out.send(message).await.is_err() {
+                return;
+            }
         }
-    }
+    })
+    .await
 }
 
 /// The loop. Commits are pipelined: while one batch's commit is being
@@ -507,6 +510,17 @@ pub(super) async fn run(
             tables.scopes.replace(fleet.scope_table());
         }
         tables.push_pins(&mut fleet);
+        // The commands of every chunk made durable meanwhile leave now: the
+        // `durable` branch above is one of several ready ones, taken once
+        // per turn, and a turn with a batch of events takes tens of ms, so
+        // waiting for it held commands back long after their chunk was
+        // durable (a 10,000-device change: the last chunk durable at
+        // 0.63 s, its commands sent after 0.8 s).
+        if let (Some(c), Some(durable)) = (in_flight.as_mut(), durable_rx.as_mut()) {
+            while let Ok(ids) = durable.try_recv() {
+                c.held.release_commands_to(&ids, &out).await;
+            }
+        }
 
         let may_commit = in_flight.is_none()
             && retry_commit_at.is_none_or(|at| at <= tokio::time::Instant::now());
