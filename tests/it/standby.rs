@@ -665,6 +665,15 @@ async fn sharded_controllers_share_the_fleet_and_one_killed_mid_change_loses_not
     .await;
     let bright = fleet.count_with("dimming", &json!(90), None).0;
     assert!(bright >= N - 1, "{bright} of {N} devices at 90");
+    let intents = || {
+        pg.psql("SELECT count(*) FROM cityplane_kv WHERE tree = 'intents'")
+            .unwrap_or_default()
+    };
+    let left = intents();
+    assert!(
+        left.parse::<u64>().is_ok_and(|n| n > 0),
+        "the registry, the incident and the rollout's waves were intents: {left:?}"
+    );
     // Every operator write is taken sharded; a certificate rotation is
     // refused for the broker's reason (deployments.rs), not for sharding's.
     let why = d.fails(&["certs", "rotate", "--selector", "class=streetlight"]);
@@ -697,6 +706,20 @@ async fn sharded_controllers_share_the_fleet_and_one_killed_mid_change_loses_not
             "every owner judged its devices by the leader's policy: {report}"
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // The leader deletes the intents every device they name has passed,
+    // a minute after each (`PRUNE_AFTER`, fleet/intents.rs): the tree
+    // does not grow with every operator write. The rollout's were made
+    // less than a minute ago.
+    let deadline = std::time::Instant::now() + Duration::from_secs(150);
+    while intents() != "0" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the leader pruned the intents every device passed: {} left",
+            intents()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
     fleet.shutdown().await;
 }
