@@ -209,9 +209,8 @@ impl PgClient {
         })
     }
 
-    /// The payloads of the notifications that arrive within `wait` (those
-    /// already here at once, then the first to come and whatever came
-    /// with it); empty if none did.
+    /// Waits up to `wait` for a notification (none if one is already
+    /// queued), then takes every payload queued; empty if none came.
     pub(super) fn notifications(&mut self, wait: Duration) -> Result<Vec<String>, PgError> {
         let mut payloads = Vec::new();
         let received = &mut self.notifications;
@@ -254,36 +253,33 @@ impl PgTx<'_> {
 /// `host=… socket_timeout=10`.
 pub(super) fn take_timeout(url: &str) -> Result<(String, Option<Duration>), String> {
     let mut value = None;
-    let rest = if let Some((base, query)) = url.split_once('?') {
-        let kept: Vec<&str> = query
-            .split('&')
+    // The `key=value` parts other than ours; ours goes to `value`.
+    fn others<'a>(
+        parts: impl Iterator<Item = &'a str>,
+        value: &mut Option<String>,
+    ) -> Vec<&'a str> {
+        parts
             .filter(|kv| match kv.split_once('=') {
-                Some((k, v)) if k == TIMEOUT_PARAM => {
-                    value = Some(v.to_owned());
+                Some((k, v)) if k.trim() == TIMEOUT_PARAM => {
+                    *value = Some(v.to_owned());
                     false
                 }
                 _ => true,
             })
-            .collect();
+            .collect()
+    }
+    // The form first: a `?` may be part of a key=value form's password.
+    let rest = if !url.contains("://") {
+        others(url.split(' '), &mut value).join(" ")
+    } else if let Some((base, query)) = url.split_once('?') {
+        let kept = others(query.split('&'), &mut value);
         if kept.is_empty() {
             base.to_owned()
         } else {
             format!("{base}?{}", kept.join("&"))
         }
-    } else if url.contains("://") {
-        url.to_owned()
     } else {
-        let kept: Vec<&str> = url
-            .split_whitespace()
-            .filter(|kv| match kv.split_once('=') {
-                Some((k, v)) if k.trim() == TIMEOUT_PARAM => {
-                    value = Some(v.to_owned());
-                    false
-                }
-                _ => true,
-            })
-            .collect();
-        kept.join(" ")
+        url.to_owned()
     };
     let timeout = match value {
         None => Some(DEFAULT_TIMEOUT),
@@ -337,6 +333,13 @@ mod tests {
             t("host=/run/postgresql socket_timeout=3 dbname=city"),
             (
                 "host=/run/postgresql dbname=city".to_owned(),
+                Some(Duration::from_secs(3))
+            )
+        );
+        assert_eq!(
+            t("host=h password=a?b socket_timeout=3"),
+            (
+                "host=h password=a?b".to_owned(),
                 Some(Duration::from_secs(3))
             )
         );
