@@ -36,6 +36,7 @@ mod revocation;
 pub mod scopes;
 mod session;
 mod tls;
+mod tls_stream;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -112,7 +113,7 @@ pub(crate) struct Shared {
     pub(crate) routing: Arc<ingress::Routing>,
     pub(crate) tap: std::sync::OnceLock<tokio::sync::mpsc::Sender<OperatorMessage>>,
     pub(crate) config: BrokerConfig,
-    pub(crate) acceptor: tokio_rustls::TlsAcceptor,
+    pub(crate) tls: Arc<rustls::ServerConfig>,
     pub(crate) router_tx: RouterTx,
     pub(crate) registry: Arc<Registry>,
     pub(crate) revocation: Arc<RevocationState>,
@@ -221,7 +222,7 @@ impl Broker {
             backlog,
             routing,
             tap: std::sync::OnceLock::new(),
-            acceptor: tokio_rustls::TlsAcceptor::from(tls),
+            tls,
             router_tx,
             registry: registry.clone(),
             revocation: revocation.clone(),

@@ -37,10 +37,8 @@ use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::{Packet, Protocol};
 use rumqttd::Notification;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
-use tokio_rustls::server::TlsStream;
 
 use self::core::{Action, Core, Delivery, End, Env, Fetch, Note};
 use crate::handshake::Pending;
@@ -52,7 +50,7 @@ use crate::Shared;
 
 mod core;
 
-type Stream = TlsStream<TcpStream>;
+type Stream = crate::tls_stream::TlsStream;
 
 /// The whole life of one connection: this future is the connection's tokio
 /// task, and its size (the largest state it can be in) is paid by every
@@ -89,7 +87,10 @@ async fn handshake(
     // Without NODELAY every small MQTT packet waits for a delayed ACK (~40 ms).
     let _ = tcp.set_nodelay(true);
     let limits = &shared.config.limits;
-    let accept = timeout(limits.handshake_timeout, shared.acceptor.accept(tcp));
+    let accept = timeout(
+        limits.handshake_timeout,
+        crate::tls_stream::TlsStream::accept(shared.tls.clone(), tcp),
+    );
     let stream = tokio::select! {
         accepted = accept => match accepted {
             Ok(Ok(stream)) => stream,
@@ -113,8 +114,6 @@ async fn handshake(
     };
     drop(pending);
     let Some(peer_cert) = stream
-        .get_ref()
-        .1
         .peer_certificates()
         .and_then(|chain| chain.first())
         .and_then(|der| cityplane_certs::peer_cert(der.as_ref()).ok())

@@ -461,3 +461,84 @@ fn in_memory_handshake(
         }
     }
 }
+
+/// A client of identity `id` that speaks only TLS `version`.
+fn client_speaking(
+    pki: &Path,
+    id: &str,
+    version: &'static rustls::SupportedProtocolVersion,
+) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let roots = cityplane_testkit::tls::roots(&pki.join("ca.crt")).expect("roots");
+    let chain = CertificateDer::pem_file_iter(pki.join(format!("{id}.crt")))
+        .expect("certificate file")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("certificate");
+    let key = PrivateKeyDer::from_pem_file(pki.join(format!("{id}.key"))).expect("key");
+    let config = rustls::ClientConfig::builder_with_provider(
+        rustls::crypto::ring::default_provider().into(),
+    )
+    .with_protocol_versions(&[version])
+    .expect("version")
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .expect("client config");
+    Arc::new(config)
+}
+
+/// The edge's TLS layer (rustls' unbuffered API, `broker/src/tls_stream.rs`)
+/// with either protocol version a client may choose: a message spanning
+/// several TLS records arrives whole, from a device and to a subscriber.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_1_2_and_1_3_clients_exchange_messages_of_many_records() {
+    let t = TestPki::new();
+    t.issue(Role::Device, "big-dev");
+    t.issue(Role::Operator, "watcher");
+    let broker = start(t.path(), test_limits()).await;
+    let addr = broker.local_addr();
+    // ~100 KiB: seven records of at most 16 KiB.
+    let payload =
+        serde_json::to_vec(&serde_json::json!({"blob": "x".repeat(100 * 1024)})).expect("json");
+    let big = |o: &mut rumqttc::MqttOptions| {
+        o.set_max_packet_size(256 * 1024, 256 * 1024);
+    };
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let what = format!("{:?}", version.version);
+        let (w, w_loop) = mqtt_with(
+            addr,
+            client_speaking(t.path(), "watcher", version),
+            "watcher",
+            big,
+        );
+        let (_watcher, mut seen) = subscribed(w, w_loop, &["devices/+/reported"]).await;
+        let (d, d_loop) = mqtt_with(
+            addr,
+            client_speaking(t.path(), "big-dev", version),
+            "big-dev",
+            big,
+        );
+        let (device, _) = subscribed(d, d_loop, &[]).await;
+        device
+            .publish(
+                "devices/big-dev/reported",
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                payload.clone(),
+            )
+            .await
+            .expect("publish");
+        let (topic, got) = tokio::time::timeout(Duration::from_secs(10), seen.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the report did not arrive"))
+            .expect("watcher's loop");
+        assert_eq!(topic, "devices/big-dev/reported", "{what}");
+        assert!(
+            got == payload,
+            "{what}: {} bytes arrived, {} sent",
+            got.len(),
+            payload.len()
+        );
+    }
+    broker.shutdown().await;
+}

@@ -138,7 +138,20 @@ pub async fn connected(
     AsyncClient,
     tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
 ) {
-    let (client, mut eventloop) = mqtt(addr, pki, id, id);
+    let (client, eventloop) = mqtt(addr, pki, id, id);
+    subscribed(client, eventloop, subscribe).await
+}
+
+/// Waits for `client`'s CONNACK, subscribes it to `subscribe` and forwards
+/// every message it receives.
+pub async fn subscribed(
+    client: AsyncClient,
+    mut eventloop: EventLoop,
+    subscribe: &[&str],
+) -> (
+    AsyncClient,
+    tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+) {
     connack(&mut eventloop).await.expect("connects");
     for filter in subscribe {
         client
