@@ -86,6 +86,13 @@ pub struct ControllerOpts {
     /// uploading); a release beyond it is refused with `quota`
     #[arg(long, env = "CITYPLANE_MAX_FIRMWARE_MIB", default_value_t = 16 * 1024, value_parser = clap::value_parser!(u64).range(1..=16 * 1024 * 1024))]
     pub max_firmware_mib: u64,
+    /// Sharded controllers: how long the leader keeps an operator write
+    /// about devices (label, register, quarantine, release, a rollout's
+    /// waves) after every device's owner applied it, in seconds. Copies of
+    /// other shards show it until they read the owner's record, seconds
+    /// later: keep it well above that lag
+    #[arg(long, env = "CITYPLANE_INTENT_KEEP_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(10..=86_400))]
+    pub intent_keep_secs: u64,
     /// The key device secrets (`cityplane secrets rotate`) are sealed with:
     /// 32 random bytes, created 0600 on first start; refused if group or
     /// others may read it. Default: secrets.key in --data. Keep it on
@@ -105,19 +112,21 @@ impl ControllerOpts {
         cc.compliance_every = std::time::Duration::from_millis(self.compliance_tick_ms);
         cc.max_firmware_bytes = self.max_firmware_mib << 20;
         cc.secrets_key = self.secrets_key.clone();
+        cc.intent_keep = std::time::Duration::from_secs(self.intent_keep_secs);
         cc
     }
 
     /// The `--print-config` lines of these settings.
     pub fn print(&self) {
         println!(
-            "\n# controller (flags or environment)\n# data = {:?}   # CITYPLANE_DATA\n# store = {:?}   # CITYPLANE_STORE\n# store_cache_mib = {}   # CITYPLANE_STORE_CACHE_MIB\n# rollout_tick_ms = {}   # CITYPLANE_ROLLOUT_TICK_MS\n# compliance_tick_ms = {}   # CITYPLANE_COMPLIANCE_TICK_MS\n# max_firmware_mib = {}   # CITYPLANE_MAX_FIRMWARE_MIB\n# secrets_key = {:?}   # CITYPLANE_SECRETS_KEY",
+            "\n# controller (flags or environment)\n# data = {:?}   # CITYPLANE_DATA\n# store = {:?}   # CITYPLANE_STORE\n# store_cache_mib = {}   # CITYPLANE_STORE_CACHE_MIB\n# rollout_tick_ms = {}   # CITYPLANE_ROLLOUT_TICK_MS\n# compliance_tick_ms = {}   # CITYPLANE_COMPLIANCE_TICK_MS\n# max_firmware_mib = {}   # CITYPLANE_MAX_FIRMWARE_MIB\n# intent_keep_secs = {}   # CITYPLANE_INTENT_KEEP_SECS\n# secrets_key = {:?}   # CITYPLANE_SECRETS_KEY",
             self.data.display().to_string(),
             self.store.as_ref().map(|u| u.to_string()).unwrap_or_default(),
             self.store_cache_mib,
             self.rollout_tick_ms,
             self.compliance_tick_ms,
             self.max_firmware_mib,
+            self.intent_keep_secs,
             self.secrets_key
                 .clone()
                 .unwrap_or_else(|| cityplane_controller::secrets::default_key_path(&self.data))

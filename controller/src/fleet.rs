@@ -28,7 +28,7 @@ mod governance;
 mod incidents;
 pub use incidents::{canonical_serial, MAX_INCIDENT_DEVICES};
 mod intents;
-pub use intents::IntentKind;
+pub use intents::{IntentKind, DEFAULT_INTENT_KEEP};
 mod rollouts;
 mod rotation;
 pub use governance::{check_scope, ExceptionRecord, Governance, PolicyRecord};
@@ -1857,7 +1857,9 @@ mod tests {
         // intent is not passed, so not pruned.
         leader.follow_devices(vec![stale.clone()]);
         assert_eq!(leader.devices[&theirs].attrs.labels["zone"], "north");
-        assert!(leader.passed_intents(1_000 + 3_600_000).is_empty());
+        assert!(leader
+            .passed_intents(1_000 + 3_600_000, DEFAULT_INTENT_KEEP)
+            .is_empty());
 
         // Its owner dies before its record was durable: the shard moves to
         // the leader, which applies the intent there.
@@ -1870,11 +1872,14 @@ mod tests {
         );
         assert_eq!(rec.desired, object(json!({"dim": 50})));
         assert_eq!(
-            leader.passed_intents(1_000 + 59_000),
+            leader.passed_intents(1_000 + 59_000, DEFAULT_INTENT_KEEP),
             Vec::<u64>::new(),
             "kept a minute"
         );
-        assert_eq!(leader.passed_intents(1_000 + 60_000), vec![1]);
+        assert_eq!(
+            leader.passed_intents(1_000 + 60_000, DEFAULT_INTENT_KEEP),
+            vec![1]
+        );
 
         // A quarantine and a release of the other's device: the copy shows
         // them (the broker's pins follow), its owner writes them once.

@@ -709,10 +709,9 @@ async fn sharded_controllers_share_the_fleet_and_one_killed_mid_change_loses_not
     }
 
     // The leader deletes the intents every device they name has passed,
-    // a minute after each (`PRUNE_AFTER`, fleet/intents.rs): the tree
-    // does not grow with every operator write. The rollout's were made
-    // less than a minute ago.
-    let deadline = std::time::Instant::now() + Duration::from_secs(150);
+    // `--intent-keep-secs` after each (20 s here, `start_controller`): the
+    // tree does not grow with every operator write.
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
     while intents() != "0" {
         assert!(
             std::time::Instant::now() < deadline,

@@ -16,9 +16,11 @@ use std::sync::Arc;
 use super::*;
 use crate::model::{Intent, IntentRecord};
 
-/// How long a passed intent is kept before it is pruned: the owner of a
-/// device marks it passed before its commit of the record is durable.
-const PRUNE_AFTER: Millis = 60_000;
+/// How long a passed intent is kept before it is pruned, by default: the
+/// owner of a device marks it passed before its commit of the record is
+/// durable, and copies show it until they read that record (they lag by
+/// seconds).
+pub const DEFAULT_INTENT_KEEP: Millis = 60_000;
 
 /// Which intents [`Fleet::intents_of`] makes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -263,13 +265,13 @@ impl Fleet {
         }
     }
 
-    /// The intents every device they name has passed, kept long enough
-    /// that the owners' records saying so are durable: the leader prunes
-    /// them.
-    pub fn passed_intents(&self, now: Millis) -> Vec<u64> {
+    /// The intents every device they name has passed, made at least
+    /// `keep` ago (long enough that the owners' records saying so are
+    /// durable and copies have read them): the leader prunes them.
+    pub fn passed_intents(&self, now: Millis, keep: Millis) -> Vec<u64> {
         self.intents
             .values()
-            .filter(|i| i.at + PRUNE_AFTER <= now)
+            .filter(|i| i.at + keep <= now)
             .filter(|i| {
                 i.devices
                     .keys()

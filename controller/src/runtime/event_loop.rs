@@ -283,7 +283,7 @@ pub(super) async fn run(
                     let summaries = fleet.compliance_tick(now);
                     send_all(&out, summaries).await;
                     super::enforce(&mut fleet, &store, now).await;
-                    prune_intents(&mut fleet, &store, now).await;
+                    prune_intents(&mut fleet, &store, now, config.intent_keep).await;
                 } else {
                     // Each owner judges its own devices; the samples are
                     // the leader's.
@@ -599,8 +599,8 @@ async fn finish(
 
 /// Sharded, the leader deletes the operator intents every device has
 /// passed (`Fleet::passed_intents`).
-async fn prune_intents(fleet: &mut Fleet, store: &Arc<Store>, now: Millis) {
-    let passed = fleet.passed_intents(now);
+async fn prune_intents(fleet: &mut Fleet, store: &Arc<Store>, now: Millis, keep: Duration) {
+    let passed = fleet.passed_intents(now, keep.as_millis() as Millis);
     if passed.is_empty() {
         return;
     }

@@ -74,6 +74,10 @@ pub struct ControllerConfig {
     /// ([`crate::store::Lease`], PostgreSQL only): every commit is fenced
     /// with it. `None`: unfenced (sled, or one controller by itself).
     pub fence: Option<i64>,
+    /// Sharded: how long the leader keeps an operator write about devices
+    /// once every device's owner has applied it (see
+    /// [`crate::fleet::DEFAULT_INTENT_KEEP`]).
+    pub intent_keep: Duration,
     /// The name this controller holds the store's lease under
     /// (`id@host:pid`, with `fence`): `status` says which controller acts.
     pub lease_holder: Option<String>,
@@ -99,6 +103,7 @@ impl ControllerConfig {
             secrets_key: None,
             sign_ins: None,
             fence: None,
+            intent_keep: Duration::from_millis(crate::fleet::DEFAULT_INTENT_KEEP),
             lease_holder: None,
         }
     }

@@ -442,6 +442,9 @@ fn start_controller(
         .args(extra)
         .env("CITYPLANE_ROLLOUT_TICK_MS", "100")
         .env("CITYPLANE_COMPLIANCE_TICK_MS", "200")
+        // Above the copies' lag (seconds), under the default minute: the
+        // kill test waits for the leader to prune.
+        .env("CITYPLANE_INTENT_KEEP_SECS", "20")
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
