@@ -423,15 +423,16 @@ mod tests {
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
-    /// A server `TlsStream` and a tokio-rustls client connected to it.
-    async fn pair() -> (TlsStream, tokio_rustls::client::TlsStream<TcpStream>) {
+    /// A server configuration for a fresh self-signed certificate, and
+    /// that certificate.
+    fn server_config() -> (rustls::ServerConfig, CertificateDer<'static>) {
         let key = rcgen::KeyPair::generate().expect("key");
         let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
             .expect("params")
             .self_signed(&key)
             .expect("certificate");
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        let mut server = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .expect("versions")
             .with_no_client_auth()
@@ -442,8 +443,15 @@ mod tests {
             .expect("server config");
         // As the broker's (`tls.rs`): no tickets for the client to leave unread.
         server.send_tls13_tickets = 0;
+        (server, cert.der().clone())
+    }
+
+    /// A server `TlsStream` and a tokio-rustls client connected to it.
+    async fn pair() -> (TlsStream, tokio_rustls::client::TlsStream<TcpStream>) {
+        let (server, cert) = server_config();
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(cert.der().clone()).expect("root");
+        roots.add(cert).expect("root");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
         let client = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .expect("versions")
@@ -520,22 +528,7 @@ mod tests {
     /// hang; the refusal says why.
     #[tokio::test]
     async fn plain_mqtt_on_the_tls_port_is_refused_with_an_alert() {
-        let key = rcgen::KeyPair::generate().expect("key");
-        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
-            .expect("params")
-            .self_signed(&key)
-            .expect("certificate");
-        let server = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-        )
-        .expect("server config");
+        let (server, _) = server_config();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let accepting = tokio::spawn(async move {
