@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use super::operator::{handle_operator, OperatorSide, WRITE_VERBS};
+use super::operator::{handle_operator, OperatorSide};
 use super::*;
 
 /// What waits for a commit before it may be published.
@@ -322,8 +322,7 @@ pub(super) async fn run(
                     // A write commits itself before it is answered: its answer
                     // need not wait for the batch's commit (which, after a
                     // document that changes 50,000 devices, writes them all).
-                    let write = topics::desired_name(&msg.topic).is_some()
-                        || topics::ops_verb(&msg.topic).is_some_and(|v| WRITE_VERBS.contains(&v));
+                    let write = super::operator::is_write(&msg.topic);
                     let (answers, deferred) =
                         handle_operator(&mut fleet, &store, &mut side, msg, now).await;
                     // A quarantine is in force before its answer leaves:
@@ -347,6 +346,14 @@ pub(super) async fn run(
                     }
                     // Before the next event: nothing reads the fleet without it.
                     deferred.apply(&mut fleet);
+                }
+                Event::Redelivered(msg, ack) => {
+                    if let Some(ack) = ack {
+                        ack.release();
+                    }
+                    let answer =
+                        super::operator::refuse_redelivered(&mut fleet, &store, &msg, now).await;
+                    send_all(&out, answer).await;
                 }
                 Event::Local { msg, reply } => {
                     let (answers, deferred) =

@@ -412,7 +412,7 @@ async fn receive(
                 }
                 match route(&p, &mut operators) {
                     Some(event) => {
-                        let event = with_ack(event, ack);
+                        let event = with_ack(redelivered(event, p.dup), ack);
                         if events.send(event).await.is_err() {
                             return;
                         }
@@ -466,6 +466,19 @@ fn fetcher(topic: &str) -> Option<&str> {
     (leaf == topics::DEVICE_FETCH_LEAF && cityplane_proto::validate_id(id).is_ok()).then_some(id)
 }
 
+/// An operator's write delivered again (`dup`: the broker re-sends what a
+/// connection it lost had not acknowledged) is not carried out: see
+/// [`super::operator::refuse_redelivered`]. Device messages and queries
+/// are idempotent and go on as they are.
+fn redelivered(event: Event, dup: bool) -> Event {
+    match event {
+        Event::Operator(msg, ack) if dup && super::operator::is_write(&msg.topic) => {
+            Event::Redelivered(msg, ack)
+        }
+        other => other,
+    }
+}
+
 fn with_ack(event: Event, ack: Option<Ack>) -> Event {
     match event {
         Event::Device {
@@ -477,6 +490,7 @@ fn with_ack(event: Event, ack: Option<Ack>) -> Event {
             ack,
         },
         Event::Operator(msg, _) => Event::Operator(msg, ack),
+        Event::Redelivered(msg, _) => Event::Redelivered(msg, ack),
         other => other,
     }
 }
@@ -640,6 +654,48 @@ async fn publish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A write the broker delivers again is answered with a refusal, not
+    /// carried out: its first delivery may have been refused and answered
+    /// already (found with a hung database under two controllers: the
+    /// standby that took over the session did a write the operator had
+    /// been told was refused). Queries and first deliveries go on.
+    #[test]
+    fn an_operators_write_delivered_again_is_refused_not_done() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut operators = Operators::new(dir.path());
+        operators.known.insert("alice".into(), Some("city".into()));
+        operators.read_at = Some(std::time::Instant::now());
+        let mut delivery = |topic: &str, dup: bool| {
+            let mut p = Publish::new(topic, QoS::AtLeastOnce, r#"{"request_id":"r-7"}"#);
+            p.dup = dup;
+            let event = route(&p, &mut operators).expect("routed");
+            redelivered(event, p.dup)
+        };
+        let kind = |e: &Event| match e {
+            Event::Operator(..) => "operator",
+            Event::Redelivered(..) => "redelivered",
+            _ => "other",
+        };
+        for (topic, dup, want) in [
+            ("fleet/by/alice/desired/dim", true, "redelivered"),
+            ("fleet/by/alice/ops/label", true, "redelivered"),
+            ("fleet/by/alice/ops/quarantine", true, "redelivered"),
+            ("fleet/by/alice/ops/status", true, "operator"),
+            ("fleet/by/alice/desired/dim", false, "operator"),
+            ("fleet/by/alice/ops/label", false, "operator"),
+        ] {
+            assert_eq!(kind(&delivery(topic, dup)), want, "{topic} dup={dup}");
+        }
+        let Event::Redelivered(msg, _) = delivery("fleet/by/alice/desired/dim", true) else {
+            panic!("not refused");
+        };
+        let (verb, name, _, answer) = super::super::operator::redelivered_answer(&msg);
+        assert_eq!((verb, name), ("apply", "dim"), "audited as");
+        assert_eq!(answer.topic, topics::response("alice", "r-7"));
+        let body: serde_json::Value = serde_json::from_slice(&answer.payload).expect("json");
+        assert_eq!(body["code"], "redelivered", "{body}");
+    }
 
     #[test]
     fn only_usable_unambiguous_operators_ask() {

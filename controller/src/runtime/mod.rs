@@ -165,6 +165,10 @@ enum Event {
         ack: Option<external::Ack>,
     },
     Operator(OperatorMessage, Option<external::Ack>),
+    /// An operator's write the external broker delivered again (MQTT's
+    /// DUP): answered with a refusal, not carried out (see
+    /// [`operator::refuse_redelivered`]).
+    Redelivered(OperatorMessage, Option<external::Ack>),
     /// The device certificates a PKI directory records, read anew.
     Issued(Vec<IssuedDevice>),
     /// An operator request from inside the process (the dashboard), for an

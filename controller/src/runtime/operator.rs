@@ -241,6 +241,53 @@ pub(super) async fn write_devices(
     Ok(fleet.took_intents(intents))
 }
 
+/// Whether a request on `topic` (below `fleet/by/<operator>/`) changes
+/// anything: a document, or one of [`WRITE_VERBS`].
+pub(super) fn is_write(topic: &str) -> bool {
+    topics::desired_name(topic).is_some()
+        || topics::ops_verb(topic).is_some_and(|v| WRITE_VERBS.contains(&v))
+}
+
+/// The answer to a write the broker delivered a second time. The first
+/// delivery may already have been carried out or refused, and answered
+/// (its acknowledgement was lost with the connection, or the session
+/// moved to a controller that took over): doing it now could apply a
+/// write the operator was told was refused, or one they gave up on. So
+/// it is refused, saying so; asking again is safe. Writes are idempotent
+/// for an operator who asks again after reading the fleet: `get` shows
+/// what the first delivery did.
+pub(super) async fn refuse_redelivered(
+    fleet: &mut Fleet,
+    store: &Arc<Store>,
+    msg: &OperatorMessage,
+    now: Millis,
+) -> Vec<Outgoing> {
+    let (verb, name, refusal, answer) = redelivered_answer(msg);
+    audit_refusal(fleet, store, &msg.from.id, verb, name, &refusal, now).await;
+    vec![answer]
+}
+
+/// [`refuse_redelivered`]'s refusal: the audit's verb and name, and the
+/// answer to the operator.
+pub(super) fn redelivered_answer(msg: &OperatorMessage) -> (&str, &str, Rejection, Outgoing) {
+    let (verb, name) = match topics::desired_name(&msg.topic) {
+        Some(name) => ("apply", name),
+        None => (topics::ops_verb(&msg.topic).unwrap_or_default(), ""),
+    };
+    let rid = fleet::request_id_of(&msg.payload)
+        .unwrap_or_else(|| if name.is_empty() { verb } else { name }.to_owned());
+    tracing::warn!(operator = %msg.from.id, topic = %msg.topic, request_id = %rid, "an operator's write delivered again by the broker: refused, not carried out");
+    let refusal = Rejection::new(
+        "redelivered",
+        "the broker delivered this request again (the controller's connection or the acting \
+         controller changed while it was in flight); it was not carried out now, and may or \
+         may not have been before: check with `get` and ask again"
+            .to_owned(),
+    );
+    let answer = fleet::response_to(&msg.from.id, &refusal.response(rid));
+    (verb, name, refusal, answer)
+}
+
 /// Just an operator write's audit line, for [`write_devices`].
 pub(super) fn audited(audit: crate::model::AuditEntry) -> Changes {
     Changes {
