@@ -105,13 +105,18 @@ fn acting(d: &Deployment, among: std::ops::Range<usize>) -> Vec<usize> {
         .collect()
 }
 
+/// The file of document `name`: every streetlight at `dimming`.
+fn dimming_doc(d: &Deployment, name: &str, dimming: u64) -> String {
+    d.file(
+        &format!("{name}.json"),
+        &json!({"name": name, "target": {"class": "streetlight"}, "state": {"dimming": dimming}}),
+    )
+}
+
 /// `apply` of `dimming`, retried while the new controller is not yet
 /// answering (it loads the store first).
 fn apply_dimming(d: &Deployment, name: &str, dimming: u64) {
-    let path = d.file(
-        &format!("{name}.json"),
-        &json!({"name": name, "target": {"class": "streetlight"}, "state": {"dimming": dimming}}),
-    );
+    let path = dimming_doc(d, name, dimming);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let out = d
@@ -275,10 +280,7 @@ async fn a_paused_controller_cannot_overwrite_its_successor() {
 /// unpolled): the first answer was lost with that connection (rumqttc
 /// drops what it had not sent) and the broker delivered the request again.
 fn refused_while_down(d: &Deployment, name: &str, dimming: u64, state: &str) {
-    let path = d.file(
-        &format!("{name}.json"),
-        &json!({"name": name, "target": {"class": "streetlight"}, "state": {"dimming": dimming}}),
-    );
+    let path = dimming_doc(d, name, dimming);
     let out = d
         .cli(&["apply", "-f", &path, "--timeout", "20"])
         .output()
@@ -292,6 +294,18 @@ fn refused_while_down(d: &Deployment, name: &str, dimming: u64, state: &str) {
         !out.status.success()
             && (said.contains("storage_unavailable") || said.contains("redelivered")),
         "a write while the database {state} is refused: {said}"
+    );
+}
+
+/// Once the database is back: `dim` at `dimming` is accepted and every
+/// device converges, and none holds what was refused (`refused`).
+async fn accepted_again(d: &Deployment, fleet: &Fleet, dimming: u64, refused: u64, what: &str) {
+    apply_dimming(d, "dim", dimming);
+    converge(d, fleet, dimming, what).await;
+    assert_eq!(
+        fleet.count_with("dimming", &json!(refused), None).0,
+        0,
+        "{what}: the refused write did nothing"
     );
 }
 
@@ -332,13 +346,7 @@ async fn a_postgres_outage_under_two_controllers_loses_nothing() {
     tokio::time::sleep(Duration::from_secs(8)).await;
     pg.start_again().expect("start PostgreSQL again");
 
-    apply_dimming(&d, "dim", 55);
-    converge(&d, &fleet, 55, "after the outage").await;
-    assert_eq!(
-        fleet.count_with("dimming", &json!(45), None).0,
-        0,
-        "the refused write did nothing"
-    );
+    accepted_again(&d, &fleet, 55, 45, "after the outage").await;
 
     // A hung server (every PostgreSQL process stopped, connections open)
     // is the same outage once the URL's `socket_timeout` has passed: the
@@ -351,13 +359,7 @@ async fn a_postgres_outage_under_two_controllers_loses_nothing() {
     refused_while_down(&d, "hung", 46, "hangs");
     tokio::time::sleep(Duration::from_secs(8)).await;
     pg.thaw().expect("let PostgreSQL go on");
-    apply_dimming(&d, "dim", 66);
-    converge(&d, &fleet, 66, "after the database hung").await;
-    assert_eq!(
-        fleet.count_with("dimming", &json!(46), None).0,
-        0,
-        "the write refused while it hung did nothing"
-    );
+    accepted_again(&d, &fleet, 66, 46, "after the database hung").await;
 
     let took_over = d.controller_log(1).contains(ACTS);
     if took_over {
