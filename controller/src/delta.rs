@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use cityplane_proto::messages::{Attributes, State, Target};
 use serde_json::Value;
 
+use crate::reported::ReportedState;
+
 /// Keys in desired whose value differs from reported. A `null` in desired
 /// means "absent": it is in the delta only while reported still has the key.
 /// Keys only in reported are ignored. Values (arrays, objects) compare whole.
@@ -19,6 +21,12 @@ pub fn delta(desired: &State, reported: &State) -> State {
         })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
+}
+
+/// [`delta`] against the reported state the controller holds, parsing only
+/// the keys desired names.
+pub fn delta_reported(desired: &State, reported: &ReportedState) -> State {
+    delta(desired, &reported.pick_keys_of(desired))
 }
 
 /// Applies a command's state the way a device must: set every key, `null` deletes.

@@ -14,11 +14,11 @@ use cityplane_proto::topics;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::delta::{delta, merge, selects, Layer};
+use crate::delta::{delta, delta_reported, merge, selects, Layer};
 use crate::input::{self, InputLimits, Rejection};
 use crate::model::{
     rfc3339, AuditEntry, DeviceRecord, DocRecord, DocVersion, Inflight, Millis, ReleaseRecord,
-    DOC_HISTORY,
+    ReportedState, DOC_HISTORY,
 };
 use crate::reconcile::{reconcile, Action, RetryPolicy};
 use crate::rollout::{RolloutRecord, Stage};
@@ -423,14 +423,15 @@ impl Fleet {
         let was_in_sync = dev.reported_version > 0
             && dev.inflight.is_none()
             && dev.converged_generation == dev.desired_generation
-            && delta(&dev.desired, &dev.reported).is_empty();
+            && delta_reported(&dev.desired, &dev.reported).is_empty();
+        let in_sync = delta(&dev.desired, &report.state).is_empty();
         // What the device says of its class or labels is reported state
         // only: the registry's attributes decide which documents select it.
-        dev.reported = report.state;
+        dev.reported = ReportedState::new(&report.state);
         dev.reported_version = report.version;
         dev.last_seen = now;
         dev.online = true;
-        let drifted = was_in_sync && !delta(&dev.desired, &dev.reported).is_empty();
+        let drifted = was_in_sync && !in_sync;
         if drifted {
             dev.drift_count += 1;
             self.counters.drift_corrected += 1;
@@ -1474,13 +1475,13 @@ pub fn device_row(d: &DeviceRecord) -> Value {
 }
 
 pub fn describe(d: &DeviceRecord) -> Value {
-    let delta: State = delta(&d.desired, &d.reported);
+    let delta: State = delta_reported(&d.desired, &d.reported);
     json!({
         "id": d.id, "class": d.attrs.class, "labels": d.attrs.labels, "owner": d.attrs.owner,
         "registered": rfc3339(d.registered_at), "registered_by": d.registered_by,
         "revoked": d.revoked, "online": d.online,
         "desired": d.desired, "desired_generation": d.desired_generation,
-        "reported": if d.reported_version > 0 { Value::Object(d.reported.clone()) } else { Value::Null },
+        "reported": if d.reported_version > 0 { Value::Object(d.reported.to_state()) } else { Value::Null },
         "reported_version": d.reported_version,
         "delta": delta, "converged": d.is_converged(), "failed": d.failed,
         "drift_count": d.drift_count, "inflight": d.inflight,
@@ -1661,7 +1662,7 @@ mod tests {
         let mut devices = lamps(0..40);
         for d in &mut devices {
             d.online = true;
-            d.reported = object(json!({"dim": 0}));
+            d.reported = object(json!({"dim": 0})).into();
             d.reported_version = 1;
         }
         let mut fleet = Fleet::for_tests(devices);

@@ -18,6 +18,7 @@ pub mod input;
 pub mod model;
 pub mod orgs;
 pub mod reconcile;
+pub mod reported;
 pub mod rollout;
 pub mod runtime;
 pub mod secrets;

@@ -5,6 +5,8 @@ use std::collections::{BTreeMap, VecDeque};
 use cityplane_proto::messages::{Attributes, State, Target};
 use serde::{Deserialize, Serialize};
 
+pub use crate::reported::ReportedState;
+
 /// Milliseconds since the Unix epoch: records outlive the process, so they
 /// hold wall-clock times.
 pub type Millis = u64;
@@ -121,7 +123,8 @@ pub struct DeviceRecord {
     /// Its certificate is revoked: it stays listed, as revoked.
     #[serde(default)]
     pub revoked: bool,
-    pub reported: State,
+    /// As compact JSON text: see [`crate::reported`].
+    pub reported: ReportedState,
     /// 0 = never reported.
     pub reported_version: u64,
     pub online: bool,
@@ -273,7 +276,8 @@ impl DeviceRecord {
     }
 
     pub fn is_converged(&self) -> bool {
-        self.reported_version > 0 && crate::delta::delta(&self.desired, &self.reported).is_empty()
+        self.reported_version > 0
+            && crate::delta::delta_reported(&self.desired, &self.reported).is_empty()
     }
 
     /// Sets a condition, keeping its transition time when the status is unchanged.

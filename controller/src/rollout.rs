@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::input::Rejection;
-use crate::model::{DeviceRecord, Millis};
+use crate::model::{DeviceRecord, Millis, ReportedState};
 use crate::window::Window;
 
 /// The key a firmware release sets in desired state.
@@ -510,7 +510,8 @@ pub fn secret_placeholder() -> Value {
 }
 
 /// Does the device's reported state hold every key of `patch` (null: absent)?
-pub fn holds(reported: &State, patch: &State) -> bool {
+pub fn holds(reported: &ReportedState, patch: &State) -> bool {
+    let reported = reported.pick_keys_of(patch);
     patch.iter().all(|(k, v)| match (v, reported.get(k)) {
         (Value::Null, None) => true,
         (want, Some(have)) => want == have,

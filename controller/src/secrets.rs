@@ -480,15 +480,16 @@ pub fn listing<'a>(
     let mut devices: Vec<&crate::model::DeviceRecord> = devices.collect();
     devices.sort_by(|a, b| a.id.cmp(&b.id));
     for d in devices {
+        let reported = d.reported.to_state();
         let keys: std::collections::BTreeSet<&String> = d
             .desired
             .iter()
-            .chain(d.reported.iter())
+            .chain(reported.iter())
             .filter(|(_, v)| SecretRef::of(v).is_some())
             .map(|(k, _)| k)
             .collect();
         for key in keys {
-            let (desired, reported) = (side(&d.desired, key), side(&d.reported, key));
+            let (desired, reported) = (side(&d.desired, key), side(&reported, key));
             rows.push(serde_json::json!({
                 "id": d.id, "key": key,
                 "converged": desired.is_some() && desired == reported,

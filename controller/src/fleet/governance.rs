@@ -134,11 +134,27 @@ fn history_key(org: &str, at: Millis) -> String {
     format!("history/{org}/{at:016x}")
 }
 
-fn facts(dev: &DeviceRecord, now: Millis) -> Facts<'_> {
+/// The reported keys these rules read, parsed (a rule's key `a.b` reads
+/// `a.b` or `a`, see [`cityplane_proto::policy::lookup`]).
+fn reported_for<'r>(
+    dev: &DeviceRecord,
+    rules: impl Iterator<Item = &'r cityplane_proto::policy::Rule> + Clone,
+) -> State {
+    let mut keys = rules.filter_map(|r| r.reported_key()).peekable();
+    if keys.peek().is_none() {
+        return State::new();
+    }
+    dev.reported.pick(|k| {
+        keys.clone()
+            .any(|key| key == k || key.split_once('.').is_some_and(|(first, _)| first == k))
+    })
+}
+
+fn facts<'a>(dev: &'a DeviceRecord, reported: &'a State, now: Millis) -> Facts<'a> {
     Facts {
         id: &dev.id,
         attrs: &dev.attrs,
-        reported: &dev.reported,
+        reported,
         cert_not_after_ms: dev.cert_not_after,
         last_seen_ms: (dev.last_seen > 0).then_some(dev.last_seen),
         now_ms: now,
@@ -342,12 +358,13 @@ impl Fleet {
         };
         let mut found = BTreeMap::new();
         if let Some((_, policy)) = &self.gov.policy {
-            let facts = facts(dev, now);
-            for rule in policy
+            let applies = policy
                 .rules
                 .iter()
-                .filter(|r| r.applies_to(&dev.id, &dev.attrs))
-            {
+                .filter(|r| r.applies_to(&dev.id, &dev.attrs));
+            let reported = reported_for(dev, applies.clone());
+            let facts = facts(dev, &reported, now);
+            for rule in applies {
                 if let Outcome::Fail(reason) = rule.evaluate(&facts) {
                     let since = dev.violations.get(&rule.id).map_or(now, |v| v.since);
                     found.insert(rule.id.clone(), Violation { since, reason });
@@ -379,8 +396,13 @@ impl Fleet {
         }
         let mut flipped: Vec<(String, String, Option<Violation>)> = Vec::new();
         for dev in self.devices.values().filter(|d| self.owns(&d.id)) {
-            let facts = facts(dev, now);
-            for rule in timed.iter().filter(|r| r.applies_to(&dev.id, &dev.attrs)) {
+            let applies = timed
+                .iter()
+                .copied()
+                .filter(|r| r.applies_to(&dev.id, &dev.attrs));
+            let reported = reported_for(dev, applies.clone());
+            let facts = facts(dev, &reported, now);
+            for rule in applies {
                 match (rule.evaluate(&facts), dev.violations.contains_key(&rule.id)) {
                     (Outcome::Pass, true) => flipped.push((dev.id.clone(), rule.id.clone(), None)),
                     (Outcome::Fail(reason), false) => flipped.push((
@@ -888,7 +910,8 @@ mod tests {
                 d.reported = json!({"dimming": 30})
                     .as_object()
                     .cloned()
-                    .unwrap_or_default();
+                    .unwrap_or_default()
+                    .into();
                 d.reported_version = 1;
                 d
             })

@@ -538,6 +538,7 @@ impl Fleet {
             let keep = dev
                 .reported
                 .get(name)
+                .as_ref()
                 .and_then(cityplane_proto::secrets::SecretRef::of)
                 .map(|s| s.fingerprint);
             let minted = match &self.secrets {
@@ -558,15 +559,11 @@ impl Fleet {
         let Some(dev) = self.devices.get_mut(id).map(Arc::make_mut) else {
             return;
         };
+        let mut have = dev.reported.pick_keys_of(&r.patch);
         let previous: State = r
             .patch
             .keys()
-            .map(|k| {
-                (
-                    k.clone(),
-                    dev.reported.get(k).cloned().unwrap_or(Value::Null),
-                )
-            })
+            .map(|k| (k.clone(), have.remove(k).unwrap_or(Value::Null)))
             .collect();
         let patch = if values.is_empty() { &r.patch } else { &values };
         let skipped = dev.reported_version > 0 && holds(&dev.reported, patch);
@@ -708,9 +705,14 @@ impl Fleet {
                     "{reboots} reconnects since it updated (reboot loop)"
                 ))
             } else {
+                let reported = dev.reported.pick(|k| {
+                    gate.rules
+                        .iter()
+                        .any(|r| r.key.split('.').next() == Some(k))
+                });
                 gate.rules
                     .iter()
-                    .find(|rule| !rule.check(&dev.reported))
+                    .find(|rule| !rule.check(&reported))
                     .map(|rule| format!("fails {}", rule.describe()))
             };
             if let Some(why) = why {
@@ -987,7 +989,8 @@ mod tests {
                 d.reported = json!({"dimming": 0})
                     .as_object()
                     .cloned()
-                    .unwrap_or_default();
+                    .unwrap_or_default()
+                    .into();
                 d.reported_version = 1;
                 d.online = true;
                 d

@@ -821,7 +821,7 @@ mod paused_clock_tests {
             history: Vec::new(),
         };
         let mut lamp = DeviceRecord::new(DEVICE);
-        lamp.reported = state(json!({"dimming": 10}));
+        lamp.reported = state(json!({"dimming": 10})).into();
         lamp.reported_version = 1;
         let fleet = Fleet::new(
             vec![doc],

@@ -535,8 +535,9 @@ fn power_loss_experiment() {
 fn device(id: String, version: u64, pad: usize) -> DeviceRecord {
     let mut d = DeviceRecord::new(&id);
     d.reported_version = version;
-    d.reported
-        .insert("pad".to_owned(), Value::String("x".repeat(pad)));
+    let mut reported = serde_json::Map::new();
+    reported.insert("pad".to_owned(), Value::String("x".repeat(pad)));
+    d.reported = reported.into();
     d
 }
 

@@ -117,11 +117,13 @@ fn records(seq: u64, opts: &Opts) -> (DeviceRecord, AuditEntry) {
     device.reported_version = seq;
     device.desired_generation = seq;
     device.online = true;
-    device.reported.insert("seq".to_owned(), json!(seq));
-    device.reported.insert(
+    let mut reported = serde_json::Map::new();
+    reported.insert("seq".to_owned(), json!(seq));
+    reported.insert(
         "pad".to_owned(),
         Value::String("x".repeat(opts.pad.unwrap_or(64))),
     );
+    device.reported = reported.into();
     let audit = AuditEntry {
         seq,
         at: String::new(),
