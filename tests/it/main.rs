@@ -7,6 +7,7 @@ mod cluster;
 mod common;
 mod crash;
 mod dashboard;
+mod demo;
 mod deployments;
 mod disk_full;
 mod firmware;
