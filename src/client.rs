@@ -161,17 +161,18 @@ impl Operator {
     /// Publishes `body` (with a fresh request id) to `topic` and returns the answer.
     pub async fn request(&mut self, topic: &str, mut body: Value) -> anyhow::Result<Value> {
         self.next += 1;
-        let rid = format!(
-            "{}-{}-{}",
-            std::process::id(),
-            self.next,
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis())
-                .unwrap_or(0)
-        );
+        let now = cityplane_controller::model::now_ms();
+        let rid = format!("{}-{}-{now}", std::process::id(), self.next);
         if let Some(obj) = body.as_object_mut() {
             obj.insert("request_id".into(), Value::from(rid.clone()));
+            // Past it this command has stopped waiting: a write the
+            // controller takes up later (queued in an external broker while
+            // no controller read) is refused, not done behind our back.
+            let stop = now.saturating_add(self.timeout.as_millis() as u64);
+            obj.insert(
+                "expires_at".into(),
+                Value::from(cityplane_controller::model::rfc3339(stop)),
+            );
         }
         let topic = match self.cluster {
             true => topics::by(&self.id, topic).unwrap_or_else(|| topic.to_owned()),

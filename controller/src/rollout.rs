@@ -74,6 +74,10 @@ pub struct RolloutSpec {
     pub spread_by: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// When the sender stops waiting (RFC 3339): taken up later, the write
+    /// is refused with `expired` (docs/PROTOCOL.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
 }
 
 fn default_waves() -> Vec<WaveSpec> {

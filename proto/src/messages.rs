@@ -241,6 +241,10 @@ pub struct DesiredDoc {
     /// Echoed in the response so the operator can match it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// When the sender stops waiting (RFC 3339): taken up later, the write
+    /// is refused with `expired` (docs/PROTOCOL.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
 }
 
 /// The controller's answer on `fleet/responses/<operator>/<request id>`,

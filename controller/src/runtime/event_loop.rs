@@ -323,6 +323,19 @@ pub(super) async fn run(
                     // need not wait for the batch's commit (which, after a
                     // document that changes 50,000 devices, writes them all).
                     let write = super::operator::is_write(&msg.topic);
+                    let stale = write
+                        .then(|| super::operator::expired(&msg.payload, now))
+                        .flatten();
+                    if let Some(refusal) = stale {
+                        if let Some(ack) = ack {
+                            ack.release();
+                        }
+                        let answer =
+                            super::operator::refuse_expired(&mut fleet, &store, &msg, refusal, now)
+                                .await;
+                        send_all(&out, answer).await;
+                        continue;
+                    }
                     let (answers, deferred) =
                         handle_operator(&mut fleet, &store, &mut side, msg, now).await;
                     // A quarantine is in force before its answer leaves:

@@ -30,6 +30,9 @@ pub const MAX_IMAGE: u64 = 1 << 30;
 struct PublishChunk {
     #[serde(default, rename = "request_id")]
     _request_id: Option<String>,
+    /// Read before the schema ([`super::operator::expired`]).
+    #[serde(default, rename = "expires_at")]
+    _expires_at: Option<Value>,
     release: SignedRelease,
     offset: u64,
     /// Standard base64 of the image bytes at `offset`.

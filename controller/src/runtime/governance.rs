@@ -18,6 +18,9 @@ use crate::orgs::{check_org_name, parse_rights, Access, OrgRecord, Right};
 struct OrgRequest {
     #[serde(default, rename = "request_id")]
     _request_id: Option<String>,
+    /// Read before the schema ([`super::operator::expired`]).
+    #[serde(default, rename = "expires_at")]
+    _expires_at: Option<Value>,
     name: String,
     #[serde(default)]
     description: Option<String>,
@@ -33,6 +36,9 @@ struct OrgRequest {
 struct PolicyApply {
     #[serde(default, rename = "request_id")]
     _request_id: Option<String>,
+    /// Read before the schema ([`super::operator::expired`]).
+    #[serde(default, rename = "expires_at")]
+    _expires_at: Option<Value>,
     policy: Value,
 }
 
@@ -42,6 +48,9 @@ struct PolicyApply {
 struct ExceptionGrant {
     #[serde(default, rename = "request_id")]
     _request_id: Option<String>,
+    /// Read before the schema ([`super::operator::expired`]).
+    #[serde(default, rename = "expires_at")]
+    _expires_at: Option<Value>,
     rule: String,
     #[serde(default)]
     target: Option<Target>,
@@ -56,6 +65,9 @@ struct ExceptionGrant {
 struct ExceptionRevoke {
     #[serde(default, rename = "request_id")]
     _request_id: Option<String>,
+    /// Read before the schema ([`super::operator::expired`]).
+    #[serde(default, rename = "expires_at")]
+    _expires_at: Option<Value>,
     id: String,
 }
 

@@ -19,6 +19,9 @@ use crate::orgs::{Access, Right};
 struct QuarantineRequest {
     #[serde(default, rename = "request_id")]
     _request_id: Option<String>,
+    /// Read before the schema ([`super::operator::expired`]).
+    #[serde(default, rename = "expires_at")]
+    _expires_at: Option<Value>,
     target: Target,
     reason: String,
 }
@@ -30,6 +33,9 @@ struct QuarantineRequest {
 struct ReleaseRequest {
     #[serde(default, rename = "request_id")]
     _request_id: Option<String>,
+    /// Read before the schema ([`super::operator::expired`]).
+    #[serde(default, rename = "expires_at")]
+    _expires_at: Option<Value>,
     serials: BTreeMap<String, String>,
     #[serde(default)]
     reason: Option<String>,

@@ -16,6 +16,9 @@ struct Query {
     /// Accepted so `deny_unknown_fields` lets it through; read leniently elsewhere.
     #[serde(default, rename = "request_id")]
     _request_id: Option<String>,
+    /// Read before the schema ([`super::operator::expired`]).
+    #[serde(default, rename = "expires_at")]
+    _expires_at: Option<Value>,
     #[serde(default)]
     id: Option<String>,
     #[serde(default)]
@@ -65,6 +68,9 @@ struct Query {
 struct RegisterRequest {
     #[serde(default, rename = "request_id")]
     _request_id: Option<String>,
+    /// Read before the schema ([`super::operator::expired`]).
+    #[serde(default, rename = "expires_at")]
+    _expires_at: Option<Value>,
     devices: Vec<Registration>,
 }
 
@@ -74,6 +80,9 @@ struct RegisterRequest {
 struct LabelRequest {
     #[serde(default, rename = "request_id")]
     _request_id: Option<String>,
+    /// Read before the schema ([`super::operator::expired`]).
+    #[serde(default, rename = "expires_at")]
+    _expires_at: Option<Value>,
     #[serde(default)]
     ids: Vec<String>,
     #[serde(default)]
@@ -87,6 +96,9 @@ struct LabelRequest {
 struct DeleteRequest {
     #[serde(default, rename = "request_id")]
     _request_id: Option<String>,
+    /// Read before the schema ([`super::operator::expired`]).
+    #[serde(default, rename = "expires_at")]
+    _expires_at: Option<Value>,
     name: String,
     #[serde(default)]
     if_generation: Option<u64>,
@@ -98,6 +110,9 @@ struct DeleteRequest {
 struct RolloutControl {
     #[serde(default, rename = "request_id")]
     _request_id: Option<String>,
+    /// Read before the schema ([`super::operator::expired`]).
+    #[serde(default, rename = "expires_at")]
+    _expires_at: Option<Value>,
     name: String,
     #[serde(default)]
     reason: String,
@@ -109,6 +124,9 @@ struct RolloutControl {
 struct RotateRequest {
     #[serde(default, rename = "request_id")]
     _request_id: Option<String>,
+    /// Read before the schema ([`super::operator::expired`]).
+    #[serde(default, rename = "expires_at")]
+    _expires_at: Option<Value>,
     #[serde(default)]
     name: Option<String>,
     target: Target,
@@ -270,13 +288,6 @@ pub(super) async fn refuse_redelivered(
 /// [`refuse_redelivered`]'s refusal: the audit's verb and name, and the
 /// answer to the operator.
 pub(super) fn redelivered_answer(msg: &OperatorMessage) -> (&str, &str, Rejection, Outgoing) {
-    let (verb, name) = match topics::desired_name(&msg.topic) {
-        Some(name) => ("apply", name),
-        None => (topics::ops_verb(&msg.topic).unwrap_or_default(), ""),
-    };
-    let rid = fleet::request_id_of(&msg.payload)
-        .unwrap_or_else(|| if name.is_empty() { verb } else { name }.to_owned());
-    tracing::warn!(operator = %msg.from.id, topic = %msg.topic, request_id = %rid, "an operator's write delivered again by the broker: refused, not carried out");
     let refusal = Rejection::new(
         "redelivered",
         "the broker delivered this request again (the controller's connection or the acting \
@@ -284,8 +295,83 @@ pub(super) fn redelivered_answer(msg: &OperatorMessage) -> (&str, &str, Rejectio
          may not have been before: check with `get` and ask again"
             .to_owned(),
     );
+    refusal_answer(msg, refusal)
+}
+
+/// A write refused before it was looked at: the audit's verb and name,
+/// the refusal, and the answer to the operator.
+fn refusal_answer(msg: &OperatorMessage, refusal: Rejection) -> (&str, &str, Rejection, Outgoing) {
+    let (verb, name) = match topics::desired_name(&msg.topic) {
+        Some(name) => ("apply", name),
+        None => (topics::ops_verb(&msg.topic).unwrap_or_default(), ""),
+    };
+    let rid = fleet::request_id_of(&msg.payload)
+        .unwrap_or_else(|| if name.is_empty() { verb } else { name }.to_owned());
+    // "redelivered": delivered again by the broker; "expired": taken up
+    // after its sender stopped waiting.
+    tracing::warn!(operator = %msg.from.id, topic = %msg.topic, request_id = %rid, code = %refusal.code, "an operator's write refused unread: not carried out");
     let answer = fleet::response_to(&msg.from.id, &refusal.response(rid));
     (verb, name, refusal, answer)
+}
+
+/// How far the controller's clock may run ahead of an operator's before
+/// a request counts as expired that was not.
+pub(super) const CLOCK_SKEW: Millis = 60_000;
+
+/// A write's `expires_at` (RFC 3339; the CLI sets it to when it stops
+/// waiting for the answer) has passed, by more than [`CLOCK_SKEW`], when
+/// the controller takes it up: the refusal. A request can wait that long
+/// in an external broker's queue while no controller reads it; carried
+/// out then, it would change the fleet long after its operator was told
+/// it timed out (and may have asked again, or given up on it). A request
+/// without the field is not judged; one whose field is not a time is
+/// refused.
+pub(super) fn expired(payload: &[u8], now: Millis) -> Option<Rejection> {
+    #[derive(Deserialize)]
+    struct Envelope {
+        #[serde(default)]
+        expires_at: Option<Value>,
+    }
+    // A body that does not parse is refused by its schema later.
+    let at = serde_json::from_slice::<Envelope>(payload)
+        .ok()?
+        .expires_at?;
+    let parsed = at.as_str().and_then(|t| {
+        time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+    });
+    let Some(parsed) = parsed else {
+        return Some(Rejection::new(
+            "bad_schema",
+            format!("expires_at: {at} is not an RFC 3339 time"),
+        ));
+    };
+    let deadline = (parsed.unix_timestamp_nanos() / 1_000_000).max(0) as u128;
+    if u128::from(now) <= deadline + u128::from(CLOCK_SKEW) {
+        return None;
+    }
+    Some(Rejection::new(
+        "expired",
+        format!(
+            "this request expired at {} and reached the controller at {} (its clock): it was \
+             not carried out. Its sender had stopped waiting; check with `get` and ask again \
+             (if the clocks disagree, set the operator's and the controller's by NTP)",
+            at.as_str().unwrap_or_default(),
+            crate::model::rfc3339(now)
+        ),
+    ))
+}
+
+/// Refuses a write [`expired`] found stale, audited like any refusal.
+pub(super) async fn refuse_expired(
+    fleet: &mut Fleet,
+    store: &Arc<Store>,
+    msg: &OperatorMessage,
+    refusal: Rejection,
+    now: Millis,
+) -> Vec<Outgoing> {
+    let (verb, name, refusal, answer) = refusal_answer(msg, refusal);
+    audit_refusal(fleet, store, &msg.from.id, verb, name, &refusal, now).await;
+    vec![answer]
 }
 
 /// Just an operator write's audit line, for [`write_devices`].
@@ -659,9 +745,11 @@ pub(super) async fn create_rollout(
     fleet: &mut Fleet,
     store: &Arc<Store>,
     access: &Access,
-    spec: RolloutSpec,
+    mut spec: RolloutSpec,
     now: Millis,
 ) -> Result<Value, Rejection> {
+    // Judged already (`expired`); the stored rollout keeps what it is.
+    spec.expires_at = None;
     let who = access.operator.as_str();
     fleet.check_reach(access, &spec.target)?;
     if spec.state.contains_key(CertificateState::KEY) {
@@ -1197,6 +1285,51 @@ fn audit_query(store: &Arc<Store>, access: &Access, q: &Query) -> Result<Value, 
 #[cfg(test)]
 mod query_tests {
     use super::*;
+
+    #[test]
+    fn a_write_is_judged_by_its_expiry_with_room_for_clock_skew() {
+        let at = |t: &str| {
+            format!(
+                r#"{{"request_id": "r", "expires_at": {t}, "data": "{}"}}"#,
+                "x".repeat(64)
+            )
+        };
+        // 2026-12-02T12:00:00Z
+        let noon: Millis = 1_796_212_800_000;
+        let code = |body: String, now: Millis| expired(body.as_bytes(), now).map(|r| r.code);
+        let deadline = r#""2026-12-02T12:00:00Z""#;
+        assert_eq!(code(at(deadline), noon - 5_000), None, "before");
+        assert_eq!(
+            code(at(deadline), noon + CLOCK_SKEW),
+            None,
+            "within the skew"
+        );
+        assert_eq!(code(at(deadline), noon + CLOCK_SKEW + 1), Some("expired"));
+        assert_eq!(
+            code(at(r#""2026-12-02T13:00:00+01:00""#), noon + CLOCK_SKEW + 1),
+            Some("expired"),
+            "an offset"
+        );
+        assert_eq!(
+            code(at(r#""2026-12-02T12:00:00.500Z""#), noon + CLOCK_SKEW + 400),
+            None,
+            "milliseconds"
+        );
+        for bad in [r#""tomorrow""#, "1796212800000", r#"{"at": 1}"#] {
+            assert_eq!(code(at(bad), noon), Some("bad_schema"), "{bad}");
+        }
+        // Not judged: no field (or null), or a body its schema will refuse.
+        assert_eq!(code(r#"{"request_id": "r"}"#.into(), noon), None);
+        assert_eq!(code(at("null"), noon), None);
+        assert_eq!(code("not json".into(), noon), None);
+        let refusal = expired(at(deadline).as_bytes(), noon + 3_600_000).expect("expired");
+        assert!(
+            refusal.reason.contains("2026-12-02T12:00:00Z")
+                && refusal.reason.contains("2026-12-02T13:00:00"),
+            "{}",
+            refusal.reason
+        );
+    }
 
     #[test]
     fn a_query_is_an_object_only() {

@@ -115,3 +115,49 @@ async fn an_ack_for_another_command_changes_nothing() {
     );
     s.stop().await;
 }
+
+/// A write taken up after its `expires_at` (plus the clock skew allowed)
+/// is refused and audited, not carried out: one that waited in a broker's
+/// queue while no controller read it must not change the fleet long after
+/// its sender stopped waiting. In time it is done; a query is answered
+/// either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_taken_up_after_it_expired_is_refused_not_done() {
+    use cityplane_controller::model::{now_ms, rfc3339};
+    const PAST: &str = "2020-01-01T00:00:00Z";
+    let mut s = Server::start().await;
+    let mut op = s.operator().await;
+    let doc = |name: &str, expires_at: &str| {
+        json!({"name": name, "target": {"class": "streetlight"},
+               "state": {"dimming": 10}, "expires_at": expires_at})
+    };
+    let late = op.apply(doc("late", PAST)).await;
+    assert_eq!(
+        (&late["status"], &late["code"]),
+        (&json!("rejected"), &json!("expired")),
+        "{late}"
+    );
+    let register =
+        json!({"devices": [{"id": "lamp9", "class": "streetlight"}], "expires_at": PAST});
+    let late = op.request("fleet/ops/register", register).await;
+    assert_eq!(late["code"], "expired", "{late}");
+
+    let in_time = rfc3339(now_ms() + 60_000);
+    let done = op.apply(doc("fresh", &in_time)).await;
+    assert_eq!(done["status"], "accepted", "{done}");
+    let docs = op.query("get-documents", json!({"expires_at": PAST})).await;
+    let names: Vec<&str> = docs["documents"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d["name"].as_str())
+        .collect();
+    assert_eq!(names, ["fresh"], "{docs}");
+    let lamp9 = op
+        .request("fleet/ops/describe", json!({"id": "lamp9"}))
+        .await;
+    assert_eq!(lamp9["status"], "rejected", "registered late: {lamp9}");
+    let audit = op.query("audit", json!({})).await.to_string();
+    assert_eq!(audit.matches("rejected (expired)").count(), 2, "{audit}");
+    s.stop().await;
+}
