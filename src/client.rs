@@ -27,7 +27,9 @@ pub struct ConnectArgs {
     /// Identity to connect as (an operator certificate's id)
     #[arg(long, env = "CITYPLANE_ID", default_value = "operator")]
     pub id: String,
-    /// Seconds to wait for an answer
+    /// Seconds to wait for an answer. A write the controller takes up more
+    /// than 60 s after this runs out (it waited in a broker's queue) is
+    /// refused with `expired`, not done behind your back
     #[arg(long, default_value_t = 10)]
     pub timeout: u64,
     /// The server is an external broker (a RabbitMQ cluster, with
