@@ -243,13 +243,11 @@ impl TlsStream {
                     let guess = hint + 22 * (hint / 16_384 + 1) + 64;
                     let mut encrypt = |out: &mut [u8]| match write(&mut traffic, out) {
                         Ok(n) => Ok(n),
-                        Err(EncryptError::InsufficientSize(size)) => Err(Grow(size)),
-                        Err(EncryptError::EncryptExhausted) => Err(Grow(InsufficientSizeError {
-                            required_size: usize::MAX,
-                        })),
+                        Err(EncryptError::InsufficientSize(size)) => Err(Refused::Grow(size)),
+                        Err(EncryptError::EncryptExhausted) => Err(Refused::KeysExhausted),
                     };
                     append(&mut self.outgoing, guess, &mut encrypt)
-                        .map_err(|_| io::Error::other("TLS: cannot encrypt (keys exhausted)"))?;
+                        .map_err(|e| io::Error::other(format!("TLS: cannot encrypt: {e}")))?;
                     true
                 }
                 ConnectionState::ReadTraffic(mut traffic) => {
@@ -347,15 +345,20 @@ impl TlsStream {
     }
 }
 
-/// A buffer too small for rustls: how large it must be.
-struct Grow(InsufficientSizeError);
+/// Why rustls wrote nothing into the buffer offered.
+#[derive(Debug, thiserror::Error)]
+enum Refused {
+    /// Too small: how large it must be.
+    #[error("TLS output of {} bytes refused", .0.required_size)]
+    Grow(InsufficientSizeError),
+    /// The connection's keys may encrypt no more records.
+    #[error("the connection's keys are exhausted")]
+    KeysExhausted,
+}
 
-impl From<Grow> for rustls::Error {
-    fn from(Grow(size): Grow) -> Self {
-        rustls::Error::General(format!(
-            "TLS output of {} bytes refused",
-            size.required_size
-        ))
+impl From<Refused> for rustls::Error {
+    fn from(e: Refused) -> Self {
+        rustls::Error::General(e.to_string())
     }
 }
 
@@ -366,7 +369,7 @@ fn encode(
 ) -> Result<(), rustls::Error> {
     let mut write = |buf: &mut [u8]| match data.encode(buf) {
         Ok(n) => Ok(n),
-        Err(EncodeError::InsufficientSize(size)) => Err(Grow(size)),
+        Err(EncodeError::InsufficientSize(size)) => Err(Refused::Grow(size)),
         Err(EncodeError::AlreadyEncoded) => Ok(0),
     };
     Ok(append(out, 0, &mut write)?)
@@ -377,13 +380,13 @@ fn encode(
 fn append(
     out: &mut Vec<u8>,
     guess: usize,
-    write: &mut impl FnMut(&mut [u8]) -> Result<usize, Grow>,
-) -> Result<(), Grow> {
+    write: &mut impl FnMut(&mut [u8]) -> Result<usize, Refused>,
+) -> Result<(), Refused> {
     let start = out.len();
     out.resize(start + guess, 0);
     let n = match write(&mut out[start..]) {
         Ok(n) => n,
-        Err(Grow(size)) if size.required_size <= MAX_OUTGOING => {
+        Err(Refused::Grow(size)) if size.required_size <= MAX_OUTGOING => {
             out.resize(start + size.required_size, 0);
             match write(&mut out[start..]) {
                 Ok(n) => n,
