@@ -438,7 +438,7 @@ impl Fleet {
             tracing::info!(device = id, "drift: reported state moved away from desired");
         }
         self.touch(id);
-        self.evaluate(id, now);
+        self.evaluate_with(id, now, Some(&report.state));
     }
 
     fn on_ack(&mut self, id: &str, ack: messages::Ack, now: Millis) {

@@ -138,15 +138,16 @@ fn history_key(org: &str, at: Millis) -> String {
 /// `a.b` or `a`, see [`cityplane_proto::policy::lookup`]).
 fn reported_for<'r>(
     dev: &DeviceRecord,
-    rules: impl Iterator<Item = &'r cityplane_proto::policy::Rule> + Clone,
+    rules: impl Iterator<Item = &'r cityplane_proto::policy::Rule>,
 ) -> State {
-    let mut keys = rules.filter_map(|r| r.reported_key()).peekable();
-    if keys.peek().is_none() {
+    // Once per device: the rules' selectors are not matched again per key.
+    let keys: Vec<&str> = rules.filter_map(|r| r.reported_key()).collect();
+    if keys.is_empty() {
         return State::new();
     }
     dev.reported.pick(|k| {
-        keys.clone()
-            .any(|key| key == k || key.split_once('.').is_some_and(|(first, _)| first == k))
+        keys.iter()
+            .any(|key| *key == k || key.split_once('.').is_some_and(|(first, _)| first == k))
     })
 }
 
@@ -353,6 +354,12 @@ impl Fleet {
 
     /// Evaluates the policy on one device, noting what changed.
     pub(super) fn evaluate(&mut self, id: &str, now: Millis) {
+        self.evaluate_with(id, now, None);
+    }
+
+    /// [`Fleet::evaluate`], given the device's reported state already
+    /// parsed (a report just taken) instead of parsing the keys it needs.
+    pub(super) fn evaluate_with(&mut self, id: &str, now: Millis, parsed: Option<&State>) {
         let Some(dev) = self.devices.get(id).filter(|_| self.owns(id)) else {
             return;
         };
@@ -362,8 +369,15 @@ impl Fleet {
                 .rules
                 .iter()
                 .filter(|r| r.applies_to(&dev.id, &dev.attrs));
-            let reported = reported_for(dev, applies.clone());
-            let facts = facts(dev, &reported, now);
+            let picked;
+            let reported = match parsed {
+                Some(state) => state,
+                None => {
+                    picked = reported_for(dev, applies.clone());
+                    &picked
+                }
+            };
+            let facts = facts(dev, reported, now);
             for rule in applies {
                 if let Outcome::Fail(reason) = rule.evaluate(&facts) {
                     let since = dev.violations.get(&rule.id).map_or(now, |v| v.since);
