@@ -424,14 +424,13 @@ impl Fleet {
             && dev.inflight.is_none()
             && dev.converged_generation == dev.desired_generation
             && delta_reported(&dev.desired, &dev.reported).is_empty();
-        let in_sync = delta(&dev.desired, &report.state).is_empty();
         // What the device says of its class or labels is reported state
         // only: the registry's attributes decide which documents select it.
         dev.reported = ReportedState::new(&report.state);
         dev.reported_version = report.version;
         dev.last_seen = now;
         dev.online = true;
-        let drifted = was_in_sync && !in_sync;
+        let drifted = was_in_sync && !delta(&dev.desired, &report.state).is_empty();
         if drifted {
             dev.drift_count += 1;
             self.counters.drift_corrected += 1;

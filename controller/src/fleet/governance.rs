@@ -365,15 +365,16 @@ impl Fleet {
         };
         let mut found = BTreeMap::new();
         if let Some((_, policy)) = &self.gov.policy {
-            let applies = policy
+            let applies: Vec<&cityplane_proto::policy::Rule> = policy
                 .rules
                 .iter()
-                .filter(|r| r.applies_to(&dev.id, &dev.attrs));
+                .filter(|r| r.applies_to(&dev.id, &dev.attrs))
+                .collect();
             let picked;
             let reported = match parsed {
                 Some(state) => state,
                 None => {
-                    picked = reported_for(dev, applies.clone());
+                    picked = reported_for(dev, applies.iter().copied());
                     &picked
                 }
             };
@@ -410,11 +411,12 @@ impl Fleet {
         }
         let mut flipped: Vec<(String, String, Option<Violation>)> = Vec::new();
         for dev in self.devices.values().filter(|d| self.owns(&d.id)) {
-            let applies = timed
+            let applies: Vec<&cityplane_proto::policy::Rule> = timed
                 .iter()
                 .copied()
-                .filter(|r| r.applies_to(&dev.id, &dev.attrs));
-            let reported = reported_for(dev, applies.clone());
+                .filter(|r| r.applies_to(&dev.id, &dev.attrs))
+                .collect();
+            let reported = reported_for(dev, applies.iter().copied());
             let facts = facts(dev, &reported, now);
             for rule in applies {
                 match (rule.evaluate(&facts), dev.violations.contains_key(&rule.id)) {

@@ -331,7 +331,7 @@ pub(super) async fn run(
                             ack.release();
                         }
                         let answer =
-                            super::operator::refuse_expired(&mut fleet, &store, &msg, refusal, now)
+                            super::operator::refuse_unread(&mut fleet, &store, &msg, refusal, now)
                                 .await;
                         send_all(&out, answer).await;
                         continue;
@@ -364,8 +364,14 @@ pub(super) async fn run(
                     if let Some(ack) = ack {
                         ack.release();
                     }
-                    let answer =
-                        super::operator::refuse_redelivered(&mut fleet, &store, &msg, now).await;
+                    let answer = super::operator::refuse_unread(
+                        &mut fleet,
+                        &store,
+                        &msg,
+                        super::operator::redelivered(),
+                        now,
+                    )
+                    .await;
                     send_all(&out, answer).await;
                 }
                 Event::Local { msg, reply } => {

@@ -468,7 +468,7 @@ fn fetcher(topic: &str) -> Option<&str> {
 
 /// An operator's write delivered again (`dup`: the broker re-sends what a
 /// connection it lost had not acknowledged) is not carried out: see
-/// [`super::operator::refuse_redelivered`]. Device messages and queries
+/// [`super::operator::redelivered`]. Device messages and queries
 /// are idempotent and go on as they are.
 fn redelivered(event: Event, dup: bool) -> Event {
     match event {
@@ -690,7 +690,8 @@ mod tests {
         let Event::Redelivered(msg, _) = delivery("fleet/by/alice/desired/dim", true) else {
             panic!("not refused");
         };
-        let (verb, name, _, answer) = super::super::operator::redelivered_answer(&msg);
+        let (verb, name, _, answer) =
+            super::super::operator::refusal_answer(&msg, super::super::operator::redelivered());
         assert_eq!((verb, name), ("apply", "dim"), "audited as");
         assert_eq!(answer.topic, topics::response("alice", "r-7"));
         let body: serde_json::Value = serde_json::from_slice(&answer.payload).expect("json");

@@ -167,7 +167,7 @@ enum Event {
     Operator(OperatorMessage, Option<external::Ack>),
     /// An operator's write the external broker delivered again (MQTT's
     /// DUP): answered with a refusal, not carried out (see
-    /// [`operator::refuse_redelivered`]).
+    /// [`operator::redelivered`]).
     Redelivered(OperatorMessage, Option<external::Ack>),
     /// The device certificates a PKI directory records, read anew.
     Issued(Vec<IssuedDevice>),

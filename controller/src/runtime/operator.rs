@@ -266,7 +266,7 @@ pub(super) fn is_write(topic: &str) -> bool {
         || topics::ops_verb(topic).is_some_and(|v| WRITE_VERBS.contains(&v))
 }
 
-/// The answer to a write the broker delivered a second time. The first
+/// The refusal of a write the broker delivered a second time. The first
 /// delivery may already have been carried out or refused, and answered
 /// (its acknowledgement was lost with the connection, or the session
 /// moved to a controller that took over): doing it now could apply a
@@ -274,33 +274,36 @@ pub(super) fn is_write(topic: &str) -> bool {
 /// it is refused, saying so; asking again is safe. Writes are idempotent
 /// for an operator who asks again after reading the fleet: `get` shows
 /// what the first delivery did.
-pub(super) async fn refuse_redelivered(
-    fleet: &mut Fleet,
-    store: &Arc<Store>,
-    msg: &OperatorMessage,
-    now: Millis,
-) -> Vec<Outgoing> {
-    let (verb, name, refusal, answer) = redelivered_answer(msg);
-    audit_refusal(fleet, store, &msg.from.id, verb, name, &refusal, now).await;
-    vec![answer]
-}
-
-/// [`refuse_redelivered`]'s refusal: the audit's verb and name, and the
-/// answer to the operator.
-pub(super) fn redelivered_answer(msg: &OperatorMessage) -> (&str, &str, Rejection, Outgoing) {
-    let refusal = Rejection::new(
+pub(super) fn redelivered() -> Rejection {
+    Rejection::new(
         "redelivered",
         "the broker delivered this request again (the controller's connection or the acting \
          controller changed while it was in flight); it was not carried out now, and may or \
          may not have been before: check with `get` and ask again"
             .to_owned(),
-    );
-    refusal_answer(msg, refusal)
+    )
+}
+
+/// Refuses a write before looking at it ([`redelivered`], [`expired`]),
+/// audited like any refusal.
+pub(super) async fn refuse_unread(
+    fleet: &mut Fleet,
+    store: &Arc<Store>,
+    msg: &OperatorMessage,
+    refusal: Rejection,
+    now: Millis,
+) -> Vec<Outgoing> {
+    let (verb, name, refusal, answer) = refusal_answer(msg, refusal);
+    audit_refusal(fleet, store, &msg.from.id, verb, name, &refusal, now).await;
+    vec![answer]
 }
 
 /// A write refused before it was looked at: the audit's verb and name,
 /// the refusal, and the answer to the operator.
-fn refusal_answer(msg: &OperatorMessage, refusal: Rejection) -> (&str, &str, Rejection, Outgoing) {
+pub(super) fn refusal_answer(
+    msg: &OperatorMessage,
+    refusal: Rejection,
+) -> (&str, &str, Rejection, Outgoing) {
     let (verb, name) = match topics::desired_name(&msg.topic) {
         Some(name) => ("apply", name),
         None => (topics::ops_verb(&msg.topic).unwrap_or_default(), ""),
@@ -359,19 +362,6 @@ pub(super) fn expired(payload: &[u8], now: Millis) -> Option<Rejection> {
             crate::model::rfc3339(now)
         ),
     ))
-}
-
-/// Refuses a write [`expired`] found stale, audited like any refusal.
-pub(super) async fn refuse_expired(
-    fleet: &mut Fleet,
-    store: &Arc<Store>,
-    msg: &OperatorMessage,
-    refusal: Rejection,
-    now: Millis,
-) -> Vec<Outgoing> {
-    let (verb, name, refusal, answer) = refusal_answer(msg, refusal);
-    audit_refusal(fleet, store, &msg.from.id, verb, name, &refusal, now).await;
-    vec![answer]
 }
 
 /// Just an operator write's audit line, for [`write_devices`].
