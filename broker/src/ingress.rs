@@ -22,7 +22,9 @@
 //! On the way, each message is handed to the in-process controller's tap
 //! if it is on one of its leaves, and enters the router only if it is
 //! retained or a subscription may want it ([`crate::interest`]): a quiet
-//! fleet nobody watches costs no router wake-ups at all.
+//! fleet nobody watches costs no router wake-ups at all. A QoS 0 message
+//! that only clean linked sessions want goes to them without the router
+//! ([`crate::direct`]), each session woken once per batch.
 //!
 //! Packet ids of many devices collide on this link. The router keeps no
 //! state for a QoS 0 or 1 publish it receives (it only queues the PUBACK),
@@ -41,7 +43,8 @@ use rumqttd::Notification;
 use tokio::sync::{mpsc, watch};
 
 use crate::backlog::Backlog;
-use crate::interest::Interest;
+use crate::direct::Sink;
+use crate::interest::{Interest, Route};
 use crate::link::Delivery;
 use crate::{BrokerError, RouterTx};
 
@@ -94,15 +97,26 @@ impl Routing {
         })
     }
 
-    /// Whether the router must see `packet`: a retained publish always (the
-    /// router stores it), others only when a subscription may match.
-    fn wanted(&self, packet: &Packet) -> bool {
+    /// Where `packet` goes: a retained publish always to the router (it
+    /// stores it); a QoS 0 one straight to the subscribed sessions when the
+    /// edge can serve them all ([`crate::direct`]); others to the router
+    /// only when a subscription may match. `sinks` gets the sessions for
+    /// [`Route::Direct`].
+    fn route(&self, packet: &Packet, sinks: &mut Vec<Arc<Sink>>) -> Route {
         let Packet::Publish(publish, _) = packet else {
-            return true;
+            return Route::Router;
         };
-        match std::str::from_utf8(&publish.topic) {
-            Ok(topic) => publish.retain || self.interest.wanted(topic),
-            Err(_) => true,
+        let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+            return Route::Router;
+        };
+        if publish.retain {
+            Route::Router
+        } else if crate::mqtt::outbound::is_qos0(publish) {
+            self.interest.route(topic, sinks)
+        } else if self.interest.wanted(topic) {
+            Route::Router
+        } else {
+            Route::Nobody
         }
     }
 }
@@ -182,6 +196,9 @@ async fn forward(
 ) {
     let mut batch = Vec::with_capacity(BATCH);
     let mut ready = Vec::with_capacity(BATCH);
+    // Sessions a message goes to directly, and those to wake after the batch.
+    let mut sinks = Vec::new();
+    let mut woken: Vec<Arc<Sink>> = Vec::new();
     let mut router_gone = false;
     while rx.recv_many(&mut batch, BATCH).await > 0 {
         if router_gone {
@@ -213,18 +230,25 @@ async fn forward(
                 tap = Some(tx);
                 tapped.push(delivery);
             }
-            if !routing.wanted(&packet) {
-                continue;
+            match routing.route(&packet, &mut sinks) {
+                Route::Nobody => continue,
+                Route::Direct => {
+                    direct(&packet, &sinks, &mut woken);
+                    continue;
+                }
+                Route::Router => {}
             }
             if let Err(needed) = backlog.try_take(&packet) {
                 // The controller is behind: hand the router what already has
                 // credit (so it can be read and credit comes back), then wait.
                 router_gone |= !send(&mut link, &mut ready);
+                wake(&mut woken);
                 backlog.wait(needed).await;
             }
             ready.push(packet);
         }
         router_gone |= !send(&mut link, &mut ready);
+        wake(&mut woken);
         if let Some(tap) = tap {
             // A full tap means the controller is behind: every device waits
             // (in TCP) for it, as with the backlog's credit; nothing is dropped.
@@ -236,6 +260,29 @@ async fn forward(
     drop(stop);
     if !router_gone {
         let _ = poll_once(link.send(crate::mqtt::outbound::disconnect_packet()));
+    }
+}
+
+/// Queues `packet` (a QoS 0 publish) on each of `sinks`, to be woken later.
+fn direct(packet: &Packet, sinks: &[Arc<Sink>], woken: &mut Vec<Arc<Sink>>) {
+    let Packet::Publish(publish, _) = packet else {
+        return;
+    };
+    for sink in sinks {
+        let delivery = Delivery {
+            topic: publish.topic.clone(),
+            payload: publish.payload.clone(),
+        };
+        if sink.push(delivery) && !woken.iter().any(|w| Arc::ptr_eq(w, sink)) {
+            woken.push(sink.clone());
+        }
+    }
+}
+
+/// One wake-up per session for what the batch queued for it.
+fn wake(woken: &mut Vec<Arc<Sink>>) {
+    for sink in woken.drain(..) {
+        sink.wake();
     }
 }
 

@@ -22,6 +22,7 @@ pub mod acl;
 pub mod backlog;
 pub mod blobs;
 mod config;
+mod direct;
 mod dispatch;
 mod handshake;
 mod ingress;

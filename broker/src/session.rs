@@ -168,6 +168,8 @@ struct Link {
     /// This session's filters in the edge's table of what the router must
     /// see ([`crate::interest`]).
     holder: crate::interest::Holder,
+    /// A clean session's QoS 0 device messages from the edge ([`crate::direct`]).
+    sink: Option<Arc<crate::direct::Sink>>,
 }
 
 struct Connected {
@@ -311,8 +313,13 @@ impl Session {
             }
         };
         let routing = self.shared.routing.clone();
-        let holder = routing.interest.session(&connect.client_id, clean);
-        let mut link = Link { tx, rx, holder };
+        let (holder, sink) = routing.interest.session(&connect.client_id, clean);
+        let mut link = Link {
+            tx,
+            rx,
+            holder,
+            sink,
+        };
         if let Some(packet) = Option::<Packet>::from(connack) {
             if self.write_packets([packet]).await.is_err() {
                 let _ = link.tx.send(disconnect_packet()).await;
@@ -453,6 +460,7 @@ impl Session {
         };
         // Devices get their commands from the edge's dispatcher, not the router.
         let inbox = state.inbox.clone();
+        let sink = link.as_ref().and_then(|l| l.sink.clone());
         // Packets the client sent right behind its CONNECT.
         let tx = link.as_deref_mut().map(|l| &mut l.tx);
         // Boxed here and below: its future (~1.5 KiB, the packet handlers'
@@ -483,6 +491,12 @@ impl Session {
                     let tx = link.as_deref_mut().map(|l| &mut l.tx);
                     if let Some(end) = Box::pin(self.take_frames(tx, &mut state, now)).await {
                         return end;
+                    }
+                }
+                taken = next_direct(sink.as_deref()) => {
+                    // Boxed: only clean linked sessions get here.
+                    if let Err(e) = Box::pin(self.deliver_direct(taken, &mut state.core)).await {
+                        return End::Abrupt(e);
                     }
                 }
                 note = next_notification(link.as_deref_mut()) => {
@@ -793,6 +807,35 @@ impl Session {
         Ok(())
     }
 
+    /// Writes QoS 0 device messages the edge handed over ([`crate::direct`]),
+    /// through the same scope check as the router's deliveries.
+    async fn deliver_direct(
+        &mut self,
+        taken: crate::direct::Taken,
+        core: &mut Core,
+    ) -> Result<(), String> {
+        if taken.dropped > 0 {
+            tracing::warn!(who = %self.who, dropped = taken.dropped, budget_bytes = crate::direct::BUDGET, "client is not reading fast enough: QoS 0 device messages dropped");
+        }
+        for delivery in taken.deliveries {
+            let at = self.wbuf.len();
+            outbound::write_publish(
+                &mut self.wbuf,
+                &delivery.topic,
+                &delivery.payload,
+                0,
+                false,
+                0,
+            );
+            match core.on_delivery(&self.wbuf[at..], &self.who, &self.shared.scopes) {
+                Delivery::Write => {}
+                Delivery::Drop { .. } => self.wbuf.truncate(at),
+                Delivery::Close(end) => return Err(format!("{end:?}")),
+            }
+        }
+        self.flush().await.map_err(|e| format!("write failed: {e}"))
+    }
+
     async fn write_packets(
         &mut self,
         packets: impl IntoIterator<Item = Packet>,
@@ -865,9 +908,21 @@ fn router_gone(e: LinkError) -> End {
 /// `wbuf` capacity kept between writes; a larger one is released.
 const WBUF_KEEP: usize = 4096;
 
+/// Direct deliveries written per turn of a session's loop, at most, so one
+/// busy subscriber's writes do not hold its other work back for long.
+const DIRECT_BATCH: usize = 256;
+
 /// The next notification on the session's link; never resolves without one.
 /// Boxed, and the error reduced to "gone": both would otherwise take room in
 /// every session's task (`LinkError` alone is ~800 bytes).
+/// What the edge queued for a clean linked session; never for others.
+async fn next_direct(sink: Option<&crate::direct::Sink>) -> crate::direct::Taken {
+    match sink {
+        Some(sink) => Box::pin(sink.take(DIRECT_BATCH)).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn next_notification(link: Option<&mut Link>) -> Result<Option<Box<Notification>>, ()> {
     match link {
         Some(link) => Box::pin(link.rx.next())

@@ -57,16 +57,29 @@ fn ack(header: u8, pkid: u16) -> [u8; 4] {
 /// Builds the wire bytes of a PUBLISH (used for wills, which we publish ourselves).
 pub fn encode_publish(topic: &str, payload: &[u8], qos: u8, retain: bool, pkid: u16) -> Vec<u8> {
     let mut out = Vec::with_capacity(5 + 2 + topic.len() + 2 + payload.len());
-    out.push(0x30 | (qos << 1) | u8::from(retain));
-    let len = 2 + topic.len() + if qos > 0 { 2 } else { 0 } + payload.len();
-    encode_remaining_length(len, &mut out);
-    out.extend_from_slice(&(topic.len() as u16).to_be_bytes());
-    out.extend_from_slice(topic.as_bytes());
-    if qos > 0 {
-        out.extend_from_slice(&pkid.to_be_bytes());
-    }
-    out.extend_from_slice(payload);
+    write_publish(&mut out, topic.as_bytes(), payload, qos, retain, pkid);
     out
+}
+
+/// [`encode_publish`] appended to `out`. `topic` must be at most 65,535
+/// bytes (the length prefix), as every topic the broker accepted is.
+pub(crate) fn write_publish<B: bytes::BufMut + Extend<u8>>(
+    out: &mut B,
+    topic: &[u8],
+    payload: &[u8],
+    qos: u8,
+    retain: bool,
+    pkid: u16,
+) {
+    out.put_u8(0x30 | (qos << 1) | u8::from(retain));
+    let len = 2 + topic.len() + if qos > 0 { 2 } else { 0 } + payload.len();
+    encode_remaining_length(len, out);
+    out.put_u16(topic.len() as u16);
+    out.put_slice(topic);
+    if qos > 0 {
+        out.put_u16(pkid);
+    }
+    out.put_slice(payload);
 }
 
 /// A blob for `device`: a QoS 0 PUBLISH on `devices/<device>/blob` whose
@@ -143,6 +156,13 @@ pub fn decode(raw: &[u8]) -> Option<Packet> {
     V4.read_mut(&mut buf, usize::MAX).ok()
 }
 
+/// Whether `publish` is QoS 0. rumqttd keeps the QoS private; its public
+/// `len` counts a packet id exactly when there is one (QoS 1 and 2).
+/// `tests::qos0_is_told_from_qos1_and_2` holds this against a rumqttd upgrade.
+pub(crate) fn is_qos0(publish: &rumqttd::protocol::Publish) -> bool {
+    publish.len() == 2 + publish.topic.len() + publish.payload.len()
+}
+
 /// A validated QoS 2 PUBLISH frame decoded as QoS 1 (see `session::core`:
 /// device QoS 2 is routed at least once).
 pub(crate) fn decode_as_qos1(raw: &[u8]) -> Option<Packet> {
@@ -209,6 +229,17 @@ pub(crate) fn disconnect_packet() -> Packet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn qos0_is_told_from_qos1_and_2() {
+        for qos in 0..=2u8 {
+            let frame = encode_publish("devices/d1/telemetry", b"{}", qos, false, 7);
+            let Some(Packet::Publish(publish, _)) = decode(&frame) else {
+                panic!("not decoded");
+            };
+            assert_eq!(is_qos0(&publish), qos == 0, "QoS {qos}");
+        }
+    }
 
     fn wire(packet: Outbound) -> Vec<u8> {
         let mut out = BytesMut::new();

@@ -281,3 +281,98 @@ async fn an_offline_persistent_subscriber_still_gets_what_was_published_meanwhil
     assert_eq!(got, want);
     broker.shutdown().await;
 }
+
+/// Exactly `range`'s telemetry per device, once each and in order, and
+/// nothing else: what `rx` gets next.
+async fn assert_telemetry(
+    rx: &mut UnboundedReceiver<(String, Vec<u8>)>,
+    range: std::ops::Range<usize>,
+    who: &str,
+) {
+    let got = from_client(rx, DEVICES * range.len()).await;
+    assert_eq!(
+        by_device(pairs(&got), "telemetry"),
+        expected(range.clone()),
+        "{who}: each telemetry message once, in order"
+    );
+    assert_eq!(got.len(), DEVICES * range.len(), "{who}: nothing else");
+}
+
+/// QoS 0 device messages that only clean sessions want go to them from the
+/// edge, without the router (`broker/src/direct.rs`); as soon as one
+/// subscriber needs the router (a shared group, a persistent session,
+/// connected or not) they all go through it. Whichever way, every
+/// subscriber gets each message once and in order (a group: once among its
+/// members), and the way back to the edge opens when the last such
+/// subscriber is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos0_messages_reach_every_kind_of_subscriber_once_and_in_order() {
+    let pki = TestPki::new();
+    for n in 0..DEVICES {
+        pki.issue(Role::Device, &device(n));
+    }
+    for who in ["alice", "carol", "dave"] {
+        pki.issue(Role::Operator, who);
+    }
+    let broker = start(pki.path(), test_limits()).await;
+    let addr = broker.local_addr();
+    let telemetry = ["devices/+/telemetry"];
+    let mut devices = Vec::new();
+    for n in 0..DEVICES {
+        devices.push(connected(addr, pki.path(), &device(n), &[]).await.0);
+    }
+
+    // Only a clean session: the edge delivers.
+    let (_alice, mut alice) = connected(addr, pki.path(), "alice", &telemetry).await;
+    publish_reports(&devices, 0).await;
+    assert_telemetry(&mut alice, 0..EACH, "alice alone").await;
+
+    // A shared group of two clean sessions (one identity's group): the
+    // router picks a member for each message.
+    let group = ["$share/g/devices/+/telemetry"];
+    let (dave, mut dave_rx) = connected(addr, pki.path(), "dave", &group).await;
+    let (dave2, mut dave2_rx) = {
+        let (client, eventloop) = mqtt(addr, pki.path(), "dave", "dave:2");
+        subscribed(client, eventloop, &group).await
+    };
+    publish_reports(&devices, EACH).await;
+    assert_telemetry(&mut alice, EACH..2 * EACH, "alice with a group").await;
+    let mut members = from_client(&mut dave_rx, 0).await;
+    members.extend(from_client(&mut dave2_rx, 0).await);
+    let mut shared = by_device(pairs(&members), "telemetry");
+    shared.values_mut().for_each(|seqs| seqs.sort_unstable());
+    assert_eq!(
+        shared,
+        expected(EACH..2 * EACH),
+        "the group: each message once among its members"
+    );
+    dave.disconnect().await.expect("disconnect");
+    dave2.disconnect().await.expect("disconnect");
+
+    // A persistent session: the router delivers, connected or not.
+    let persistent = |o: &mut rumqttc::MqttOptions| {
+        o.set_clean_session(false);
+    };
+    let (carol, eventloop) = mqtt_with(
+        addr,
+        tls_config(pki.path(), Some("carol")),
+        "carol",
+        persistent,
+    );
+    let (carol, mut carol_rx) = subscribed(carol, eventloop, &telemetry).await;
+    publish_reports(&devices, 2 * EACH).await;
+    assert_telemetry(&mut alice, 2 * EACH..3 * EACH, "alice with carol").await;
+    assert_telemetry(&mut carol_rx, 2 * EACH..3 * EACH, "carol (persistent)").await;
+    carol.disconnect().await.expect("disconnect");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    publish_reports(&devices, 3 * EACH).await;
+    assert_telemetry(&mut alice, 3 * EACH..4 * EACH, "alice, carol offline").await;
+
+    // carol back with a clean session discards the stored one: the edge
+    // delivers to both again.
+    let (_carol, mut carol_rx) = connected(addr, pki.path(), "carol", &telemetry).await;
+    publish_reports(&devices, 4 * EACH).await;
+    assert_telemetry(&mut alice, 4 * EACH..5 * EACH, "alice, carol clean").await;
+    assert_telemetry(&mut carol_rx, 4 * EACH..5 * EACH, "carol (clean)").await;
+    broker.shutdown().await;
+}

@@ -104,6 +104,16 @@ impl Device {
     }
 }
 
+impl Device {
+    /// A QoS 0 publish: nothing comes back.
+    async fn publish_qos0(&mut self, leaf: &str, payload: &str) {
+        let topic = format!("{}/{}/{leaf}", topics::DEVICES, self.id);
+        let packet =
+            cityplane_broker::mqtt::encode_publish(&topic, payload.as_bytes(), 0, false, 0);
+        self.stream.write_all(&packet).await.expect("publish");
+    }
+}
+
 /// Everything `rx` got up to and including `(topic, payload)`.
 async fn until(
     rx: &mut UnboundedReceiver<(String, Vec<u8>)>,
@@ -533,5 +543,45 @@ async fn mosquitto_sub_with_a_contractor_certificate_gets_only_its_scope() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(printed.trim(), "devices/lamp1/reported l1");
+    broker.shutdown().await;
+}
+
+/// QoS 0 device messages reach clean sessions from the edge, without the
+/// router (`broker/src/direct.rs`): the scope holds on that way too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scoped_operator_gets_qos0_telemetry_of_its_scope_only() {
+    let (t, broker) = setup().await;
+    let addr = broker.local_addr();
+    let mut lamp1 = Device::connect(addr, t.path(), "lamp1").await;
+    let mut cam1 = Device::connect(addr, t.path(), "cam1").await;
+    let (_bob, mut bob) = subscribed(addr, t.path(), "bob", &["devices/+/telemetry"]).await;
+    let (_alice, mut alice) = subscribed(addr, t.path(), "alice", &["devices/+/telemetry"]).await;
+
+    for n in 0..20 {
+        cam1.publish_qos0("telemetry", &format!("c{n}")).await;
+        lamp1.publish_qos0("telemetry", &format!("l{n}")).await;
+    }
+    // Acknowledged once queued behind cam1's QoS 0 messages; lamp1's last
+    // one then comes after all of them, for every subscriber.
+    cam1.publish("reported", "cam-done", false).await;
+    lamp1.publish_qos0("telemetry", "l-end").await;
+
+    let got = until(&mut bob, "devices/lamp1/telemetry", "l-end").await;
+    assert_eq!(devices_in(&got), set(&["lamp1"]), "{got:?}");
+    let lamp: Vec<String> = got.iter().map(|(_, p)| p.clone()).collect();
+    let want: Vec<String> = (0..20)
+        .map(|n| format!("l{n}"))
+        .chain(["l-end".to_owned()])
+        .collect();
+    assert_eq!(lamp, want, "bob: lamp1's telemetry once each, in order");
+
+    let got = until(&mut alice, "devices/lamp1/telemetry", "l-end").await;
+    let cam: Vec<&str> = got
+        .iter()
+        .filter(|(t, _)| t == "devices/cam1/telemetry")
+        .map(|(_, p)| p.as_str())
+        .collect();
+    let want: Vec<String> = (0..20).map(|n| format!("c{n}")).collect();
+    assert_eq!(cam, want, "alice (the city) sees cam1's too");
     broker.shutdown().await;
 }
