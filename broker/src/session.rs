@@ -457,6 +457,7 @@ impl Session {
             inbox: Arc::new(crate::dispatch::Inbox::default()),
             route: None,
             holder: link.as_ref().map(|l| l.holder),
+            router_pubacks: 0,
         };
         // Devices get their commands from the edge's dispatcher, not the router.
         let inbox = state.inbox.clone();
@@ -504,7 +505,7 @@ impl Session {
                     match note {
                         Ok(first) => {
                             // Boxed: only sessions with a link get here.
-                            if let Err(e) = Box::pin(self.forward(first.map(|n| *n), link, &mut state.core)).await {
+                            if let Err(e) = Box::pin(self.forward(first.map(|n| *n), link, &mut state)).await {
                                 return End::Abrupt(e);
                             }
                         }
@@ -610,8 +611,33 @@ impl Session {
                 };
                 permit.send(packet.ok_or_else(rejected)?);
             }
+            Action::Command { device, ack } => {
+                let topic = topics::commands(&device);
+                if state.router_pubacks == 0 && !self.shared.routing.interest.wanted(&topic) {
+                    // Only the device wants it: no router crossing (see
+                    // `crate::dispatch`); the payload is the frame's tail.
+                    let Some(Packet::Publish(publish, _)) = outbound::decode(&frame.raw) else {
+                        return Err(rejected());
+                    };
+                    self.shared.dispatch.deliver(&device, publish.payload);
+                    if let Some(pkid) = ack {
+                        mqtt::Outbound::Ack(mqtt::AckKind::PubAck, pkid).encode(&mut self.wbuf);
+                    }
+                    return Ok(());
+                }
+                let packet = outbound::decode(&frame.raw).ok_or_else(rejected)?;
+                if ack.is_some() {
+                    state.router_pubacks += 1;
+                }
+                to_link(tx, packet)?.await.map_err(router_gone)?;
+            }
             Action::Link => {
                 let packet = outbound::decode(&frame.raw).ok_or_else(rejected)?;
+                if let Packet::Publish(..) = packet {
+                    if frame.raw[0] & 0b0110 == 0b0010 {
+                        state.router_pubacks += 1;
+                    }
+                }
                 // A controller-role client reporting for a device (the ACL
                 // lets it) reaches the in-process controller as a device's
                 // own report would; the router no longer carries those to it.
@@ -750,8 +776,9 @@ impl Session {
         &mut self,
         first: Option<Notification>,
         link: &mut Link,
-        core: &mut Core,
+        state: &mut PumpState,
     ) -> Result<(), String> {
+        let core = &mut state.core;
         let mut packets = Vec::new();
         let mut unscheduled = false;
         let mut next = first;
@@ -775,6 +802,9 @@ impl Session {
         }
         let mut router_acks = Vec::new();
         for packet in packets {
+            if let Packet::PubAck(..) = packet {
+                state.router_pubacks = state.router_pubacks.saturating_sub(1);
+            }
             let at = self.wbuf.len();
             V4.write(packet, &mut self.wbuf)
                 .map_err(|e| format!("encode: {e:?}"))?;
@@ -940,6 +970,11 @@ struct PumpState {
     route: Option<crate::dispatch::Route>,
     /// A linked session's filters in [`crate::interest`].
     holder: Option<crate::interest::Holder>,
+    /// QoS 1 publishes this session handed to the router that the router
+    /// has not acknowledged yet: while there are any, the edge answers no
+    /// PUBACK itself (MQTT 4.6: PUBACKs go out in the order of the
+    /// publishes).
+    router_pubacks: u32,
 }
 
 /// Waits (at most ~100 ms) until the router has taken everything queued on

@@ -79,6 +79,15 @@ pub(crate) enum Action {
     /// The packet being handled, as the client sent it, to the session's
     /// own router link.
     Link,
+    /// A controller's command for a device (QoS 0 or 1, not retained): the
+    /// edge hands it to the device's connection itself and answers the
+    /// PUBACK (`ack`), unless another subscriber wants it or the router
+    /// still owes this session a PUBACK (they must go out in order), in
+    /// which case it is [`Action::Link`].
+    Command {
+        device: String,
+        ack: Option<u16>,
+    },
     /// A packet the core rewrote (`$share` scoping) for the session's own link.
     LinkPacket(Box<Packet>),
     /// PUBACKs for the router, in this order, for QoS 1 deliveries the
@@ -538,6 +547,10 @@ impl Core {
         {
             return self.on_fetch(frame, qos, pkid, payload_len);
         }
+        let command = topics::split_device_topic(&topic)
+            .filter(|(_, leaf)| *leaf == topics::DEVICE_SUBSCRIBE_LEAF)
+            .filter(|_| who.role == Role::Controller && qos < 2 && !retain)
+            .map(|(device, _)| device.to_owned());
         let mut actions = Actions::default();
         if who.role == Role::Operator && TAPPED_PREFIXES.iter().any(|p| topic.starts_with(p)) {
             actions.push(Action::Tap { topic, payload_len });
@@ -546,7 +559,13 @@ impl Core {
             if qos == 2 {
                 self.acks.get_or_insert_default().awaiting_pubrel(pkid);
             }
-            actions.push(Action::Link);
+            actions.push(match command {
+                Some(device) => Action::Command {
+                    device,
+                    ack: (qos == 1).then_some(pkid),
+                },
+                None => Action::Link,
+            });
             return actions;
         }
         // A device's publish enters the router through the shared ingress
@@ -1215,6 +1234,22 @@ mod tests {
                 vec![In(publish(&fetch, &fetch_body(0, 1), 1, false, 1), vec![refused(format!(
                     "not authorized to publish to {fetch:?}"
                 ))])],
+            ),
+            case(
+                "the controller's commands are the edge's to deliver, unless QoS 2",
+                who("ctl", Role::Controller),
+                vec![
+                    In(publish(&topics::commands("d1"), b"{}", 1, false, 7), vec![Action::Command {
+                        device: "d1".into(),
+                        ack: Some(7),
+                    }]),
+                    In(publish(&topics::commands("d1"), b"{}", 0, false, 0), vec![Action::Command {
+                        device: "d1".into(),
+                        ack: None,
+                    }]),
+                    In(publish(&topics::commands("d1"), b"{}", 2, false, 8), vec![Action::Link]),
+                    In(publish(&topics::reported("d1"), b"{}", 1, false, 10), vec![Action::Link]),
+                ],
             ),
             case(
                 "a fetch with RETAIN is refused",

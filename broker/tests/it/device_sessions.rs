@@ -300,3 +300,89 @@ async fn subscribe_commands(
         [0x90, 3, 0, pkid, qos]
     );
 }
+
+/// A QoS 1 PUBLISH frame of `topic` with packet id `pkid`.
+fn publish1(topic: &str, payload: &str, pkid: u16) -> Vec<u8> {
+    encode_publish(topic, payload.as_bytes(), 1, false, pkid)
+}
+
+fn pubacks(pkids: impl IntoIterator<Item = u16>) -> Vec<u8> {
+    pkids
+        .into_iter()
+        .flat_map(|p| {
+            let [hi, lo] = p.to_be_bytes();
+            [0x40, 2, hi, lo]
+        })
+        .collect()
+}
+
+/// A controller's commands go from its connection straight to the device's
+/// while nobody else subscribes to them, and through the router when
+/// someone does. Either way each arrives once and in order, and the
+/// controller's PUBACKs come in the order of its publishes (MQTT 4.6) even
+/// when one the router acknowledges comes first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controllers_commands_reach_the_device_once_in_order_and_are_acked_in_order() {
+    let t = TestPki::new();
+    t.issue(Role::Device, "d1");
+    t.issue(Role::Controller, "ctl");
+    t.issue(Role::Controller, "audit");
+    let limits = cityplane_broker::Limits {
+        max_publishes_per_sec: 10_000,
+        ..test_limits()
+    };
+    let broker = start(t.path(), limits).await;
+    let addr = broker.local_addr();
+    let (_d1, mut d1) = connected(addr, t.path(), "d1", &["devices/d1/commands"]).await;
+    let mut ctl = raw_connected(addr, t.path(), "ctl").await;
+    let commands = "devices/d1/commands";
+    let payloads = |r: std::ops::Range<u16>| -> Vec<Vec<u8>> {
+        r.map(|n| format!("{{\"id\":\"c{n}\"}}").into_bytes())
+            .collect()
+    };
+    let send = |r: std::ops::Range<u16>| -> Vec<u8> {
+        r.flat_map(|n| publish1(commands, &format!("{{\"id\":\"c{n}\"}}"), n))
+            .collect()
+    };
+
+    // Nobody else wants them: the edge hands them over and acknowledges.
+    ctl.write_all(&send(1..21)).await.expect("publish");
+    assert_eq!(
+        read_exact(&mut ctl, 80).await.expect("pubacks"),
+        pubacks(1..21)
+    );
+    assert_eq!(
+        only_topic(&drain(&mut d1, QUIET).await, commands),
+        payloads(1..21)
+    );
+
+    // A publish the router acknowledges, then a command: PUBACKs in order.
+    let mut both = publish1("devices/d1/reported", "{}", 21);
+    both.extend(publish1(commands, "{\"id\":\"c22\"}", 22));
+    ctl.write_all(&both).await.expect("publish");
+    assert_eq!(
+        read_exact(&mut ctl, 8).await.expect("pubacks"),
+        pubacks([21, 22])
+    );
+    assert_eq!(
+        only_topic(&drain(&mut d1, QUIET).await, commands),
+        payloads(22..23)
+    );
+
+    // Another subscriber: through the router, to both, once each.
+    let (_audit, mut audit) = connected(addr, t.path(), "audit", &["devices/+/commands"]).await;
+    ctl.write_all(&send(23..33)).await.expect("publish");
+    assert_eq!(
+        read_exact(&mut ctl, 40).await.expect("pubacks"),
+        pubacks(23..33)
+    );
+    assert_eq!(
+        only_topic(&drain(&mut d1, QUIET).await, commands),
+        payloads(23..33)
+    );
+    assert_eq!(
+        only_topic(&drain(&mut audit, QUIET).await, commands),
+        payloads(23..33)
+    );
+    broker.shutdown().await;
+}
