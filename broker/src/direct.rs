@@ -1,45 +1,34 @@
-//! Device messages handed by the edge straight to clean linked sessions,
-//! without rumqttd's router.
+//! QoS 0 device messages handed by the edge straight to clean linked
+//! sessions, without rumqttd's router.
 //!
 //! With a controller or operator subscribed over the network, every device
 //! message crossed the router's thread: the ingress woke it, it matched the
 //! topic and woke the subscriber's task. Two thread wake-ups and context
 //! switches per message, where mosquitto handles a message in one pass; the
 //! broker spent 1.5× mosquitto's CPU per routed message in the `steady`
-//! bench (docs/BENCHMARKS.md).
+//! bench (docs/BENCHMARKS.md). Most of that traffic is QoS 0 telemetry.
 //!
-//! **When.** A device's publish that is not retained, on a topic whose
-//! every matching subscription is an unshared filter of a clean linked
-//! session ([`crate::interest::Interest::route`]), is queued here for each
-//! of those sessions and never enters the router. Anything else goes
-//! through the router as before, which still holds every subscription:
-//! retained messages (it stores them), `$share` groups (it picks the
-//! member), a persistent session (it queues while the client is away), an
-//! in-process link, and a QoS 1 delivery to a scoped operator (whose
-//! PUBACKs the scope filter reorders for the router). It is all or nothing
-//! per message, so no subscriber gets a copy both ways; a session gets a
-//! copy per matching filter, as from the router.
-//!
-//! **Packet ids.** The router numbers a session's QoS 1 and 2 deliveries
-//! 1..=100 (rumqttd's in-flight window); the edge numbers its own from
-//! [`FIRST_PKID`] up, with at most [`INFLIGHT`] unacknowledged, so a
-//! client's PUBACK says by its id which of the two it answers. A session
-//! whose client stops acknowledging stops taking from its sink, which then
-//! fills and drops, as below.
+//! **When.** A device's publish that is QoS 0 and not retained, on a topic
+//! whose every matching subscription is an unshared filter of a clean linked
+//! session ([`crate::interest::Interest::route`]), is queued here for each of
+//! those sessions and never enters the router. Anything else goes through
+//! the router as before, which still holds every subscription: QoS 1 and 2
+//! (the router assigns packet ids and keeps what is in flight), retained
+//! messages (it stores them), `$share` groups (it picks the member), a
+//! persistent session (it queues while the client is away), an in-process
+//! link. It is all or nothing per message, so no subscriber gets a copy both
+//! ways; a session gets a copy per matching filter, as from the router.
 //!
 //! **Order.** MQTT 3.1.1 (4.6) asks for each subscriber to get one client's
 //! messages on a topic in order, per QoS. Both paths keep order, and a
 //! device's QoS 0 messages on a topic take one path while the subscriptions
 //! matching it stay the same.
 //!
-//! **Loss.** As through the router, messages for a subscriber that does
-//! not keep up are dropped (the router drops the oldest of a filter's log
-//! that a reader has not read; the device tap, not this, is where nothing
-//! acknowledged may be lost): a sink holds at most [`BUDGET`] bytes, and
+//! **Loss.** As through the router, QoS 0 messages for a subscriber that
+//! does not keep up are dropped: a sink holds at most [`BUDGET`] bytes, and
 //! what does not fit is counted and logged by the session. A client that
 //! subscribes to every device and never reads holds at most that much of
-//! the broker's memory per connection, and slows no device down. A clean
-//! session's unacknowledged messages end with it, as with the router.
+//! the broker's memory per connection, and slows no device down.
 //!
 //! **Who sees what** is unchanged: the filters here are the ones the ACL
 //! granted (a SUBSCRIBE with one refused filter is refused whole), and a
@@ -52,41 +41,24 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use crate::link::Delivery;
+
 /// Bytes of topic and payload a sink holds for its session, at most.
 pub(crate) const BUDGET: usize = 4 * 1024 * 1024;
-
-/// The router's packet ids for a session's deliveries are 1..=100
-/// (rumqttd 0.20's `MAX_INFLIGHT`); the edge's start above them. A session
-/// that gets a router delivery with a higher id ends (see
-/// `session::forward`) rather than confuse the two.
-pub(crate) const FIRST_PKID: u16 = 101;
-
-/// The edge's QoS 1 deliveries a session may have unacknowledged.
-pub(crate) const INFLIGHT: usize = 100;
-
-/// A device message for one session, at the QoS it is delivered at.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Message {
-    pub(crate) topic: bytes::Bytes,
-    pub(crate) payload: bytes::Bytes,
-    pub(crate) qos: u8,
-}
 
 /// How often a session logs what its sink dropped, at most.
 const LOG_EVERY: Duration = Duration::from_secs(1);
 
-/// One clean linked session's queue of device messages.
+/// One clean linked session's queue of QoS 0 device messages.
 #[derive(Debug, Default)]
 pub(crate) struct Sink {
     state: Mutex<State>,
     ready: Notify,
-    /// Whether the edge may deliver QoS 1 to this session.
-    qos1: bool,
 }
 
 #[derive(Debug, Default)]
 struct State {
-    queue: VecDeque<Message>,
+    queue: VecDeque<Delivery>,
     bytes: usize,
     /// Dropped and not yet reported to the session.
     dropped: u64,
@@ -96,30 +68,19 @@ struct State {
 /// What [`Sink::take`] hands the session.
 #[derive(Debug, Default)]
 pub(crate) struct Taken {
-    pub(crate) deliveries: Vec<Message>,
+    pub(crate) deliveries: Vec<Delivery>,
     /// Messages dropped since the last report, when one is due.
     pub(crate) dropped: u64,
 }
 
 impl Sink {
-    pub(crate) fn new(qos1: bool) -> Sink {
-        Sink {
-            qos1,
-            ..Sink::default()
-        }
-    }
-
-    pub(crate) fn qos1(&self) -> bool {
-        self.qos1
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Queues `delivery` without waking the session (the ingress wakes
     /// each sink once per batch, [`Sink::wake`]); false if it was dropped.
-    pub(crate) fn push(&self, delivery: Message) -> bool {
+    pub(crate) fn push(&self, delivery: Delivery) -> bool {
         let size = delivery.topic.len() + delivery.payload.len();
         let mut state = self.lock();
         if state.bytes + size > BUDGET {
@@ -149,7 +110,7 @@ impl Sink {
                         .is_none_or(|at| now.duration_since(at) >= LOG_EVERY);
                 if !state.queue.is_empty() || report {
                     let n = state.queue.len().min(max);
-                    let deliveries: Vec<Message> = state.queue.drain(..n).collect();
+                    let deliveries: Vec<Delivery> = state.queue.drain(..n).collect();
                     state.bytes -= deliveries
                         .iter()
                         .map(|d| d.topic.len() + d.payload.len())
@@ -183,11 +144,10 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
-    fn delivery(n: usize, size: usize) -> Message {
-        Message {
+    fn delivery(n: usize, size: usize) -> Delivery {
+        Delivery {
             topic: Bytes::from(format!("devices/d{n}/telemetry")),
             payload: Bytes::from(vec![b'x'; size]),
-            qos: 0,
         }
     }
 

@@ -22,8 +22,8 @@
 //! On the way, each message is handed to the in-process controller's tap
 //! if it is on one of its leaves, and enters the router only if it is
 //! retained or a subscription may want it ([`crate::interest`]): a quiet
-//! fleet nobody watches costs no router wake-ups at all. A message that
-//! only clean linked sessions want goes to them without the router
+//! fleet nobody watches costs no router wake-ups at all. A QoS 0 message
+//! that only clean linked sessions want goes to them without the router
 //! ([`crate::direct`]), each session woken once per batch.
 //!
 //! Packet ids of many devices collide on this link. The router keeps no
@@ -98,11 +98,11 @@ impl Routing {
     }
 
     /// Where `packet` goes: a retained publish always to the router (it
-    /// stores it); others straight to the subscribed sessions when the edge
-    /// can serve them all ([`crate::direct`]), else to the router when a
-    /// subscription may match. `sinks` gets the sessions (and the QoS each
-    /// gets it at) for [`Route::Direct`]. Only QoS 0 and 1 come here.
-    fn route(&self, packet: &Packet, sinks: &mut Vec<(Arc<Sink>, u8)>) -> Route {
+    /// stores it); a QoS 0 one straight to the subscribed sessions when the
+    /// edge can serve them all ([`crate::direct`]); others to the router
+    /// only when a subscription may match. `sinks` gets the sessions for
+    /// [`Route::Direct`].
+    fn route(&self, packet: &Packet, sinks: &mut Vec<Arc<Sink>>) -> Route {
         let Packet::Publish(publish, _) = packet else {
             return Route::Router;
         };
@@ -111,13 +111,12 @@ impl Routing {
         };
         if publish.retain {
             Route::Router
+        } else if crate::mqtt::outbound::is_qos0(publish) {
+            self.interest.route(topic, sinks)
+        } else if self.interest.wanted(topic) {
+            Route::Router
         } else {
-            let qos = if crate::mqtt::outbound::is_qos0(publish) {
-                0
-            } else {
-                1
-            };
-            self.interest.route(topic, qos, sinks)
+            Route::Nobody
         }
     }
 }
@@ -264,16 +263,15 @@ async fn forward(
     }
 }
 
-/// Queues `packet` (a publish) on each of `sinks`, to be woken later.
-fn direct(packet: &Packet, sinks: &[(Arc<Sink>, u8)], woken: &mut Vec<Arc<Sink>>) {
+/// Queues `packet` (a QoS 0 publish) on each of `sinks`, to be woken later.
+fn direct(packet: &Packet, sinks: &[Arc<Sink>], woken: &mut Vec<Arc<Sink>>) {
     let Packet::Publish(publish, _) = packet else {
         return;
     };
-    for (sink, qos) in sinks {
-        let delivery = crate::direct::Message {
+    for sink in sinks {
+        let delivery = Delivery {
             topic: publish.topic.clone(),
             payload: publish.payload.clone(),
-            qos: *qos,
         };
         if sink.push(delivery) && !woken.iter().any(|w| Arc::ptr_eq(w, sink)) {
             woken.push(sink.clone());

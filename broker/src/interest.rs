@@ -27,7 +27,7 @@ use crate::direct::Sink;
 /// in-process link (never removed).
 pub(crate) type Holder = u64;
 
-/// Where a not retained QoS 0 or 1 message goes ([`Interest::route`]).
+/// Where a QoS 0, not retained message goes ([`Interest::route`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Route {
     /// No subscription may match it.
@@ -35,8 +35,7 @@ pub(crate) enum Route {
     /// At least one subscription the edge cannot serve itself matches it.
     Router,
     /// Every matching subscription is a clean linked session's own
-    /// (unshared) filter whose sink takes the QoS it is delivered at: to
-    /// their sinks, not to the router.
+    /// (unshared) filter: to their sinks, not to the router.
     Direct,
 }
 
@@ -48,8 +47,9 @@ pub(crate) struct Interest {
 
 #[derive(Default)]
 struct Table {
-    /// Filter (without a `$share/<group>/` prefix) → who holds it.
-    filters: HashMap<String, Vec<Sub>>,
+    /// Filter (without a `$share/<group>/` prefix) → who holds it, and
+    /// whether through a shared subscription.
+    filters: HashMap<String, Vec<(Holder, bool)>>,
     /// The filters with a wildcard, matched one by one (few in practice:
     /// per-identity filter quotas bound them).
     wild: Vec<String>,
@@ -64,36 +64,16 @@ struct Table {
     sinks: HashMap<Holder, Arc<Sink>>,
 }
 
-/// One holder's subscription to a filter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Sub {
-    holder: Holder,
-    /// Through a `$share` group.
-    shared: bool,
-    /// The QoS it was granted (the router grants what is asked).
-    qos: u8,
-}
-
 impl Table {
-    fn add(&mut self, holder: Holder, filter: &str, qos: u8) {
+    fn add(&mut self, holder: Holder, filter: &str) {
         let held = self.holders.entry(holder).or_default();
-        let (bare, shared) = unshared(filter);
-        let subs = self.filters.entry(bare.to_owned()).or_default();
         if held.insert(filter.to_owned()) {
+            let (bare, shared) = unshared(filter);
+            let subs = self.filters.entry(bare.to_owned()).or_default();
             if subs.is_empty() && is_wild(bare) {
                 self.wild.push(bare.to_owned());
             }
-            subs.push(Sub {
-                holder,
-                shared,
-                qos,
-            });
-        } else if let Some(sub) = subs
-            .iter_mut()
-            .find(|s| s.holder == holder && s.shared == shared)
-        {
-            // Subscribing again replaces the subscription's QoS (MQTT 3.8.4).
-            sub.qos = qos;
+            subs.push((holder, shared));
         }
     }
 
@@ -109,10 +89,7 @@ impl Table {
     fn release(&mut self, holder: Holder, filter: &str) {
         let (bare, shared) = unshared(filter);
         if let Some(subs) = self.filters.get_mut(bare) {
-            if let Some(at) = subs
-                .iter()
-                .position(|s| s.holder == holder && s.shared == shared)
-            {
+            if let Some(at) = subs.iter().position(|s| *s == (holder, shared)) {
                 subs.swap_remove(at);
             }
             if subs.is_empty() {
@@ -132,20 +109,15 @@ impl Table {
 
 impl Interest {
     /// A new holder for a linked session of `client_id`, and for a clean
-    /// one its sink, which takes QoS 1 deliveries if `qos1`. A clean
-    /// session discards what earlier persistent sessions of that id left
-    /// (the router does the same when the link is built).
-    pub(crate) fn session(
-        &self,
-        client_id: &str,
-        clean: bool,
-        qos1: bool,
-    ) -> (Holder, Option<Arc<Sink>>) {
+    /// one its sink. A clean session discards what earlier persistent
+    /// sessions of that id left (the router does the same when the link is
+    /// built).
+    pub(crate) fn session(&self, client_id: &str, clean: bool) -> (Holder, Option<Arc<Sink>>) {
         let holder = self.next.fetch_add(1, Ordering::Relaxed);
         if !clean {
             return (holder, None);
         }
-        let sink = Arc::new(Sink::new(qos1));
+        let sink = Arc::new(Sink::default());
         let mut table = self.write();
         for old in table.parked.remove(client_id).unwrap_or_default() {
             table.drop_holder(old);
@@ -174,20 +146,10 @@ impl Interest {
         self.next.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// `filters` at QoS 2 (what an in-process link gets).
     pub(crate) fn add<'a>(&self, holder: Holder, filters: impl IntoIterator<Item = &'a str>) {
-        self.subscribe(holder, filters.into_iter().map(|f| (f, 2)));
-    }
-
-    /// A SUBSCRIBE's filters with the QoS each was granted.
-    pub(crate) fn subscribe<'a>(
-        &self,
-        holder: Holder,
-        filters: impl IntoIterator<Item = (&'a str, u8)>,
-    ) {
         let mut table = self.write();
-        for (filter, qos) in filters {
-            table.add(holder, filter, qos);
+        for filter in filters {
+            table.add(holder, filter);
         }
     }
 
@@ -204,12 +166,11 @@ impl Interest {
         table.filters.contains_key(topic) || table.wild.iter().any(|f| matches(f, topic))
     }
 
-    /// Where a not retained message on `topic` published at `qos` (0 or 1)
-    /// goes; for [`Route::Direct`], `sinks` is left holding each receiving
-    /// session's sink and the QoS it gets the message at, once per filter
-    /// of its that matches: a copy each, as the router delivers one per
-    /// matching subscription.
-    pub(crate) fn route(&self, topic: &str, qos: u8, sinks: &mut Vec<(Arc<Sink>, u8)>) -> Route {
+    /// Where a QoS 0, not retained message on `topic` goes; for
+    /// [`Route::Direct`], `sinks` is left holding each receiving session's
+    /// sink once per filter of its that matches: a copy each, as the router
+    /// delivers one per matching subscription.
+    pub(crate) fn route(&self, topic: &str, sinks: &mut Vec<Arc<Sink>>) -> Route {
         sinks.clear();
         let table = self.read();
         let exact = table.filters.get(topic);
@@ -219,20 +180,19 @@ impl Interest {
             .filter(|f| matches(f, topic))
             .filter_map(|f| table.filters.get(f.as_str()));
         let mut matched = false;
-        for sub in exact.into_iter().chain(wild).flatten() {
+        for &(holder, shared) in exact.into_iter().chain(wild).flatten() {
             matched = true;
-            let delivered = qos.min(sub.qos);
             // `$` topics are not for wildcards (MQTT 4.7.2), which `matches`
             // does not check: the router decides those.
             let sink = table
                 .sinks
-                .get(&sub.holder)
-                .filter(|s| !sub.shared && !topic.starts_with('$') && (delivered == 0 || s.qos1()));
+                .get(&holder)
+                .filter(|_| !shared && !topic.starts_with('$'));
             let Some(sink) = sink else {
                 sinks.clear();
                 return Route::Router;
             };
-            sinks.push((sink.clone(), delivered));
+            sinks.push(sink.clone());
         }
         if matched {
             Route::Direct
@@ -313,8 +273,8 @@ mod tests {
         assert!(!interest.wanted(topic));
 
         // Two sessions hold the same wildcard; one leaving keeps it wanted.
-        let (a, _) = interest.session("alice:1", true, true);
-        let (b, _) = interest.session("bob:1", true, true);
+        let (a, _) = interest.session("alice:1", true);
+        let (b, _) = interest.session("bob:1", true);
         interest.add(a, ["devices/+/telemetry"]);
         interest.add(b, ["$share/bob:g/devices/+/telemetry"]);
         assert!(interest.wanted(topic));
@@ -330,17 +290,17 @@ mod tests {
 
         // A persistent session's filters outlive it until a clean session
         // of the same client id; another id's clean session does not touch them.
-        let (p, _) = interest.session("carol:1", false, true);
+        let (p, _) = interest.session("carol:1", false);
         interest.add(p, ["devices/#"]);
         interest.end(p, "carol:1", false);
         assert!(interest.wanted(topic));
-        let (other, _) = interest.session("carol:2", true, true);
+        let (other, _) = interest.session("carol:2", true);
         interest.end(other, "carol:2", true);
         assert!(interest.wanted(topic));
-        let (resumed, _) = interest.session("carol:1", false, true);
+        let (resumed, _) = interest.session("carol:1", false);
         interest.end(resumed, "carol:1", false);
         assert!(interest.wanted(topic));
-        let (clean, _) = interest.session("carol:1", true, true);
+        let (clean, _) = interest.session("carol:1", true);
         assert!(!interest.wanted(topic));
         interest.end(clean, "carol:1", true);
 
@@ -350,100 +310,69 @@ mod tests {
     }
 
     #[test]
-    fn a_message_goes_direct_only_when_every_match_is_a_clean_sessions_own_filter() {
+    fn a_qos0_message_goes_direct_only_when_every_match_is_a_clean_sessions_own_filter() {
         let interest = Interest::default();
         let mut sinks = Vec::new();
         let topic = "devices/d1/telemetry";
-        assert_eq!(interest.route(topic, 0, &mut sinks), Route::Nobody);
+        assert_eq!(interest.route(topic, &mut sinks), Route::Nobody);
 
         // One clean session with two filters matching: its sink twice, a
         // copy per subscription as through the router.
-        let (a, a_sink) = interest.session("alice:1", true, true);
+        let (a, a_sink) = interest.session("alice:1", true);
         let a_sink = a_sink.expect("a clean session has a sink");
         interest.add(a, ["devices/+/telemetry", "devices/#"]);
-        assert_eq!(interest.route(topic, 0, &mut sinks), Route::Direct);
+        assert_eq!(interest.route(topic, &mut sinks), Route::Direct);
         assert_eq!(sinks.len(), 2);
-        assert!(sinks
-            .iter()
-            .all(|(s, qos)| Arc::ptr_eq(s, &a_sink) && *qos == 0));
+        assert!(sinks.iter().all(|s| Arc::ptr_eq(s, &a_sink)));
         assert_eq!(
-            interest.route("devices/d1/reported", 0, &mut sinks),
+            interest.route("devices/d1/reported", &mut sinks),
             Route::Direct
         );
         assert_eq!(sinks.len(), 1);
         assert_eq!(
-            interest.route("fleet/compliance/x", 0, &mut sinks),
+            interest.route("fleet/compliance/x", &mut sinks),
             Route::Nobody
         );
         assert!(sinks.is_empty());
 
         // A second clean session on an exact filter: both sinks.
-        let (b, _) = interest.session("bob:1", true, true);
+        let (b, _) = interest.session("bob:1", true);
         interest.add(b, [topic]);
-        assert_eq!(interest.route(topic, 0, &mut sinks), Route::Direct);
+        assert_eq!(interest.route(topic, &mut sinks), Route::Direct);
         assert_eq!(sinks.len(), 3);
 
         // A shared subscription needs the router (it picks the member)...
         interest.add(b, ["$share/bob:g/devices/+/telemetry"]);
-        assert_eq!(interest.route(topic, 0, &mut sinks), Route::Router);
+        assert_eq!(interest.route(topic, &mut sinks), Route::Router);
         assert!(sinks.is_empty(), "nothing to deliver directly");
         interest.remove(b, ["$share/bob:g/devices/+/telemetry"]);
-        assert_eq!(interest.route(topic, 0, &mut sinks), Route::Direct);
+        assert_eq!(interest.route(topic, &mut sinks), Route::Direct);
 
         // ...and so does a persistent session, connected or parked...
-        let (p, p_sink) = interest.session("carol:1", false, true);
+        let (p, p_sink) = interest.session("carol:1", false);
         assert!(p_sink.is_none());
         interest.add(p, ["devices/+/telemetry"]);
-        assert_eq!(interest.route(topic, 0, &mut sinks), Route::Router);
+        assert_eq!(interest.route(topic, &mut sinks), Route::Router);
         interest.end(p, "carol:1", false);
-        assert_eq!(interest.route(topic, 0, &mut sinks), Route::Router);
-        let (clean, _) = interest.session("carol:1", true, true);
-        assert_eq!(interest.route(topic, 0, &mut sinks), Route::Direct);
+        assert_eq!(interest.route(topic, &mut sinks), Route::Router);
+        let (clean, _) = interest.session("carol:1", true);
+        assert_eq!(interest.route(topic, &mut sinks), Route::Direct);
         interest.end(clean, "carol:1", true);
 
         // ...and an in-process link, and a `$` topic a wildcard seems to match.
         let link = interest.permanent();
         interest.add(link, ["devices/+/acks"]);
+        assert_eq!(interest.route("devices/d1/acks", &mut sinks), Route::Router);
         assert_eq!(
-            interest.route("devices/d1/acks", 0, &mut sinks),
-            Route::Router
-        );
-        assert_eq!(
-            interest.route("$SYS/x/telemetry", 0, &mut sinks),
+            interest.route("$SYS/x/telemetry", &mut sinks),
             Route::Nobody
         );
         interest.add(a, ["#"]);
-        assert_eq!(interest.route("$SYS/x", 0, &mut sinks), Route::Router);
-
-        // QoS 1: delivered at the lower of the two, to a sink that takes it.
-        let (q, _) = interest.session("quinn:1", true, true);
-        interest.subscribe(q, [("devices/+/reported", 1)]);
-        assert_eq!(
-            interest.route("devices/d1/reported", 1, &mut sinks),
-            Route::Direct
-        );
-        let qos: Vec<u8> = sinks.iter().map(|(_, q)| *q).collect();
-        assert_eq!(qos, [1, 1, 1], "alice's devices/# and # (QoS 2), quinn's");
-        interest.subscribe(q, [("devices/+/reported", 0)]);
-        interest.route("devices/d1/reported", 1, &mut sinks);
-        let qos: Vec<u8> = sinks.iter().map(|(_, q)| *q).collect();
-        assert_eq!(qos, [1, 1, 0], "subscribing again replaced quinn's QoS");
-        let (scoped, _) = interest.session("sam:1", true, false);
-        interest.subscribe(scoped, [("devices/+/reported", 1)]);
-        assert_eq!(
-            interest.route("devices/d1/reported", 1, &mut sinks),
-            Route::Router
-        );
-        assert_eq!(
-            interest.route("devices/d1/reported", 0, &mut sinks),
-            Route::Direct
-        );
-        interest.end(scoped, "sam:1", true);
-        interest.end(q, "quinn:1", true);
+        assert_eq!(interest.route("$SYS/x", &mut sinks), Route::Router);
 
         // A session that ended takes its sink with it.
         interest.end(a, "alice:1", true);
         interest.end(b, "bob:1", true);
-        assert_eq!(interest.route(topic, 0, &mut sinks), Route::Nobody);
+        assert_eq!(interest.route(topic, &mut sinks), Route::Nobody);
     }
 }

@@ -1,9 +1,7 @@
 //! One client connection: TLS handshake, CONNECT, then packets both ways.
 //!
 //! Operators and the controller get a router link of their own (they
-//! subscribe through the router); a clean session's device messages mostly
-//! come from the edge instead ([`crate::direct`]), and a controller's
-//! commands mostly go to the device without the router (`Action::Command`). Devices do not: their commands come from
+//! subscribe through the router). Devices do not: their commands come from
 //! [`crate::dispatch`], and what they publish (and their wills and presence)
 //! enters the router through the broker's one shared link
 //! ([`crate::ingress`]). For devices the edge therefore answers everything
@@ -315,10 +313,7 @@ impl Session {
             }
         };
         let routing = self.shared.routing.clone();
-        // A scoped operator's PUBACKs pass the scope filter's bookkeeping,
-        // which is the router's packet ids': it gets only QoS 0 from the edge.
-        let qos1 = crate::acl::scoped_org(&self.who).is_none();
-        let (holder, sink) = routing.interest.session(&connect.client_id, clean, qos1);
+        let (holder, sink) = routing.interest.session(&connect.client_id, clean);
         let mut link = Link {
             tx,
             rx,
@@ -463,7 +458,6 @@ impl Session {
             route: None,
             holder: link.as_ref().map(|l| l.holder),
             router_pubacks: 0,
-            edge_acks: None,
         };
         // Devices get their commands from the edge's dispatcher, not the router.
         let inbox = state.inbox.clone();
@@ -500,9 +494,9 @@ impl Session {
                         return end;
                     }
                 }
-                taken = next_direct(sink.as_deref(), state.edge_free()) => {
+                taken = next_direct(sink.as_deref()) => {
                     // Boxed: only clean linked sessions get here.
-                    if let Err(e) = Box::pin(self.deliver_direct(taken, &mut state)).await {
+                    if let Err(e) = Box::pin(self.deliver_direct(taken, &mut state.core)).await {
                         return End::Abrupt(e);
                     }
                 }
@@ -660,10 +654,7 @@ impl Session {
                 let holder = state.holder.unwrap_or_default();
                 let unsubscribed = match &*packet {
                     Packet::Subscribe(sub, _) => {
-                        interest.subscribe(
-                            holder,
-                            sub.filters.iter().map(|f| (f.path.as_str(), f.qos as u8)),
-                        );
+                        interest.add(holder, sub.filters.iter().map(|f| f.path.as_str()));
                         None
                     }
                     Packet::Unsubscribe(unsub, _) => Some(unsub.filters.clone()),
@@ -672,11 +663,6 @@ impl Session {
                 to_link(tx, *packet)?.await.map_err(router_gone)?;
                 if let Some(filters) = unsubscribed {
                     interest.remove(holder, filters.iter().map(String::as_str));
-                }
-            }
-            Action::EdgeAcked(pkid) => {
-                if let Some(acks) = &mut state.edge_acks {
-                    acks.acked(pkid);
                 }
             }
             Action::RouterAcks(pkids) => {
@@ -822,11 +808,6 @@ impl Session {
             let at = self.wbuf.len();
             V4.write(packet, &mut self.wbuf)
                 .map_err(|e| format!("encode: {e:?}"))?;
-            if core::in_edge_pkids(&self.wbuf[at..]) {
-                return Err(
-                    "internal: the router numbered a delivery in the edge's packet ids".into(),
-                );
-            }
             match core.on_delivery(&self.wbuf[at..], &self.who, &self.shared.scopes) {
                 Delivery::Write => core.on_sent(&self.wbuf[at..]),
                 Delivery::Drop { acks } => {
@@ -861,30 +842,23 @@ impl Session {
     async fn deliver_direct(
         &mut self,
         taken: crate::direct::Taken,
-        state: &mut PumpState,
+        core: &mut Core,
     ) -> Result<(), String> {
         if taken.dropped > 0 {
-            tracing::warn!(who = %self.who, dropped = taken.dropped, budget_bytes = crate::direct::BUDGET, "client is not reading fast enough: device messages dropped");
+            tracing::warn!(who = %self.who, dropped = taken.dropped, budget_bytes = crate::direct::BUDGET, "client is not reading fast enough: QoS 0 device messages dropped");
         }
         for delivery in taken.deliveries {
             let at = self.wbuf.len();
-            let pkid = match delivery.qos {
-                0 => 0,
-                _ => state.edge_acks.get_or_insert_default().next(),
-            };
             outbound::write_publish(
                 &mut self.wbuf,
                 &delivery.topic,
                 &delivery.payload,
-                delivery.qos,
+                0,
                 false,
-                pkid,
+                0,
             );
-            let core = &mut state.core;
             match core.on_delivery(&self.wbuf[at..], &self.who, &self.shared.scopes) {
-                Delivery::Write => core.on_sent(&self.wbuf[at..]),
-                // Only QoS 0 comes here for a scoped operator (its sink
-                // takes no QoS 1), so there is no packet id to give back.
+                Delivery::Write => {}
                 Delivery::Drop { .. } => self.wbuf.truncate(at),
                 Delivery::Close(end) => return Err(format!("{end:?}")),
             }
@@ -972,12 +946,10 @@ const DIRECT_BATCH: usize = 256;
 /// Boxed, and the error reduced to "gone": both would otherwise take room in
 /// every session's task (`LinkError` alone is ~800 bytes).
 /// What the edge queued for a clean linked session; never for others.
-/// What the edge queued for a clean linked session, at most `free` (the
-/// room left for its unacknowledged QoS 1 deliveries); never for others.
-async fn next_direct(sink: Option<&crate::direct::Sink>, free: usize) -> crate::direct::Taken {
+async fn next_direct(sink: Option<&crate::direct::Sink>) -> crate::direct::Taken {
     match sink {
-        Some(sink) if free > 0 => Box::pin(sink.take(DIRECT_BATCH.min(free))).await,
-        _ => std::future::pending().await,
+        Some(sink) => Box::pin(sink.take(DIRECT_BATCH)).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -1003,49 +975,6 @@ struct PumpState {
     /// PUBACK itself (MQTT 4.6: PUBACKs go out in the order of the
     /// publishes).
     router_pubacks: u32,
-    /// The edge's own QoS 1 deliveries awaiting PUBACK ([`crate::direct`]);
-    /// boxed and made on the first: most sessions never get one.
-    edge_acks: Option<Box<EdgeAcks>>,
-}
-
-impl PumpState {
-    fn edge_free(&self) -> usize {
-        self.edge_acks
-            .as_ref()
-            .map_or(crate::direct::INFLIGHT, |a| {
-                crate::direct::INFLIGHT.saturating_sub(a.unacked.len())
-            })
-    }
-}
-
-/// Packet ids of the edge's QoS 1 deliveries to a session, not yet
-/// acknowledged (at most [`crate::direct::INFLIGHT`]).
-#[derive(Debug, Default)]
-struct EdgeAcks {
-    unacked: Vec<u16>,
-    last: u16,
-}
-
-impl EdgeAcks {
-    /// The next free id at or above [`crate::direct::FIRST_PKID`].
-    fn next(&mut self) -> u16 {
-        loop {
-            self.last = match self.last {
-                u16::MAX => crate::direct::FIRST_PKID,
-                last => last.max(crate::direct::FIRST_PKID - 1) + 1,
-            };
-            if !self.unacked.contains(&self.last) {
-                self.unacked.push(self.last);
-                return self.last;
-            }
-        }
-    }
-
-    fn acked(&mut self, pkid: u16) {
-        if let Some(at) = self.unacked.iter().position(|p| *p == pkid) {
-            self.unacked.swap_remove(at);
-        }
-    }
 }
 
 /// Waits (at most ~100 ms) until the router has taken everything queued on

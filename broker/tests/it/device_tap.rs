@@ -13,7 +13,6 @@ use cityplane_broker::link::DeviceTap;
 use cityplane_proto::Role;
 use common::*;
 use rumqttc::{AsyncClient, Event, Packet, QoS};
-use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 const DEVICES: usize = 3;
@@ -375,113 +374,5 @@ async fn qos0_messages_reach_every_kind_of_subscriber_once_and_in_order() {
     publish_reports(&devices, 4 * EACH).await;
     assert_telemetry(&mut alice, 4 * EACH..5 * EACH, "alice, carol clean").await;
     assert_telemetry(&mut carol_rx, 4 * EACH..5 * EACH, "carol (clean)").await;
-    broker.shutdown().await;
-}
-
-/// One PUBLISH read off a raw connection: (topic, packet id, payload).
-async fn read_publish(
-    stream: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
-    wait: Duration,
-) -> Option<(String, u16, Vec<u8>)> {
-    let head = tokio::time::timeout(wait, read_exact(stream, 1))
-        .await
-        .ok()?
-        .expect("read");
-    assert_eq!(head[0] & 0xf0, 0x30, "a PUBLISH: {head:?}");
-    let (mut len, mut shift) = (0usize, 0);
-    loop {
-        let b = read_exact(stream, 1).await.expect("length")[0];
-        len |= usize::from(b & 0x7f) << shift;
-        shift += 7;
-        if b & 0x80 == 0 {
-            break;
-        }
-    }
-    let body = read_exact(stream, len).await.expect("body");
-    let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
-    let topic = String::from_utf8(body[2..2 + topic_len].to_vec()).expect("utf-8");
-    let qos = (head[0] >> 1) & 3;
-    assert_eq!(qos, 1, "{topic}");
-    let at = 2 + topic_len;
-    let pkid = u16::from_be_bytes([body[at], body[at + 1]]);
-    Some((topic, pkid, body[at + 2..].to_vec()))
-}
-
-/// QoS 1 device messages that only clean sessions want come from the edge
-/// too, with packet ids of its own and at most 100 unacknowledged: a
-/// client that stops acknowledging gets no more until it does, then the
-/// rest, once each and in order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn qos1_messages_from_the_edge_wait_for_the_clients_acks() {
-    let pki = TestPki::new();
-    for n in 0..DEVICES {
-        pki.issue(Role::Device, &device(n));
-    }
-    pki.issue(Role::Operator, "alice");
-    let broker = start(pki.path(), test_limits()).await;
-    let addr = broker.local_addr();
-    let mut alice = raw_connected(addr, pki.path(), "alice").await;
-    alice
-        .write_all(&frame(
-            0x82,
-            &[&[0, 1][..], &field(b"devices/+/reported"), &[1]].concat(),
-        ))
-        .await
-        .expect("subscribe");
-    assert_eq!(
-        read_exact(&mut alice, 5).await.expect("suback"),
-        [0x90, 3, 0, 1, 1]
-    );
-    let mut devices = Vec::new();
-    for n in 0..DEVICES {
-        devices.push(connected(addr, pki.path(), &device(n), &[]).await.0);
-    }
-    // 2 × EACH reports per device: more than the window of 100.
-    publish_reports(&devices, 0).await;
-    publish_reports(&devices, EACH).await;
-    let total = DEVICES * 2 * EACH;
-
-    let mut got = Vec::new();
-    while let Some(publish) = read_publish(&mut alice, Duration::from_secs(1)).await {
-        got.push(publish);
-    }
-    assert_eq!(
-        got.len(),
-        100,
-        "the window, then nothing until acknowledged"
-    );
-    let mut pkids: Vec<u16> = got.iter().map(|(_, p, _)| *p).collect();
-    pkids.sort_unstable();
-    pkids.dedup();
-    assert_eq!(pkids.len(), 100, "distinct packet ids in flight");
-
-    // Acknowledging lets the rest through.
-    let acks: Vec<u8> = got
-        .iter()
-        .flat_map(|(_, p, _)| {
-            let [hi, lo] = p.to_be_bytes();
-            [0x40, 2, hi, lo]
-        })
-        .collect();
-    alice.write_all(&acks).await.expect("pubacks");
-    while got.len() < total {
-        let publish = read_publish(&mut alice, Duration::from_secs(10))
-            .await
-            .unwrap_or_else(|| panic!("stalled after {} of {total}", got.len()));
-        let [hi, lo] = publish.1.to_be_bytes();
-        alice.write_all(&[0x40, 2, hi, lo]).await.expect("puback");
-        got.push(publish);
-    }
-    let messages: Vec<(String, Vec<u8>)> = got.into_iter().map(|(t, _, p)| (t, p)).collect();
-    assert_eq!(
-        by_device(pairs(&messages), "reported"),
-        expected(0..2 * EACH)
-    );
-    assert!(
-        read_publish(&mut alice, Duration::from_millis(300))
-            .await
-            .is_none(),
-        "nothing more"
-    );
     broker.shutdown().await;
 }
