@@ -92,12 +92,19 @@ pub fn is_image_path(topic: &str) -> bool {
 /// `fleet/compliance/<org>`) from the controller, and presence, which only
 /// the broker and device wills write. Operators never retain: nothing they
 /// write is retained.
+/// The leaves of its own topics on which a device may publish with RETAIN.
+/// The edge routes every message on them through the router (which stores
+/// retained ones), so retained and live ones keep their order
+/// ([`crate::direct`]).
+pub const DEVICE_RETAINABLE_LEAVES: [&str; 1] = ["reported"];
+
 pub fn may_retain(who: &Identity, topic: &str) -> bool {
     if !may_publish(who, topic) {
         return false;
     }
     match who.role {
-        Role::Device => matches!(topics::split_device_topic(topic), Some((_, "reported"))),
+        Role::Device => topics::split_device_topic(topic)
+            .is_some_and(|(_, leaf)| DEVICE_RETAINABLE_LEAVES.contains(&leaf)),
         Role::Operator => false,
         Role::Controller => {
             topic == topics::FLEET_STATUS

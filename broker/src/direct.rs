@@ -9,20 +9,29 @@
 //! bench (docs/BENCHMARKS.md). Most of that traffic is QoS 0 telemetry.
 //!
 //! **When.** A device's publish that is QoS 0 and not retained, on a topic
-//! whose every matching subscription is an unshared filter of a clean linked
-//! session ([`crate::interest::Interest::route`]), is queued here for each of
-//! those sessions and never enters the router. Anything else goes through
-//! the router as before, which still holds every subscription: QoS 1 and 2
+//! that cannot hold a retained message and whose every matching
+//! subscription is an unshared filter of a clean linked session
+//! ([`crate::interest::Interest::route`]), is queued here for each of those
+//! sessions and never enters the router. Anything else goes through the
+//! router as before, which still holds every subscription: QoS 1 and 2
 //! (the router assigns packet ids and keeps what is in flight), retained
-//! messages (it stores them), `$share` groups (it picks the member), a
-//! persistent session (it queues while the client is away), an in-process
-//! link. It is all or nothing per message, so no subscriber gets a copy both
-//! ways; a session gets a copy per matching filter, as from the router.
+//! messages (it stores them) and every message on a topic that may hold
+//! one (a device's reports and presence, so that retained and live ones
+//! keep their order), `$share` groups (it picks the member), a persistent
+//! session (it queues while the client is away), an in-process link. It is
+//! all or nothing per message, so no subscriber gets a copy both ways; a
+//! session gets a copy per matching filter, as from the router.
 //!
 //! **Order.** MQTT 3.1.1 (4.6) asks for each subscriber to get one client's
 //! messages on a topic in order, per QoS. Both paths keep order, and a
 //! device's QoS 0 messages on a topic take one path while the subscriptions
-//! matching it stay the same.
+//! matching it stay the same. Across topics and QoS levels MQTT promises
+//! nothing, and here a device's telemetry may reach a subscriber before
+//! the report or presence it sent earlier. QoS 1 stays on the router for
+//! that reason: taking a device's acks past the router put them ahead of
+//! the report sent before them, which readers of a firmware update's
+//! progress rely on (session 22 tried it; `agent-sim/tests/it/firmware.rs`
+//! failed).
 //!
 //! **Loss.** As through the router, QoS 0 messages for a subscriber that
 //! does not keep up are dropped: a sink holds at most [`BUDGET`] bytes, and

@@ -99,8 +99,9 @@ impl Routing {
 
     /// Where `packet` goes: a retained publish always to the router (it
     /// stores it); a QoS 0 one straight to the subscribed sessions when the
-    /// edge can serve them all ([`crate::direct`]); others to the router
-    /// only when a subscription may match. `sinks` gets the sessions for
+    /// edge can serve them all ([`crate::direct`]) and its topic cannot
+    /// hold a retained message; others to the router only when a
+    /// subscription may match. `sinks` gets the sessions for
     /// [`Route::Direct`].
     fn route(&self, packet: &Packet, sinks: &mut Vec<Arc<Sink>>) -> Route {
         let Packet::Publish(publish, _) = packet else {
@@ -109,9 +110,15 @@ impl Routing {
         let Ok(topic) = std::str::from_utf8(&publish.topic) else {
             return Route::Router;
         };
+        // A topic that may hold a retained message (a device's reports; its
+        // presence is always retained) takes the router whatever the flag,
+        // so retained and live messages on it keep their order for every
+        // subscriber.
+        let retainable = cityplane_proto::topics::split_device_topic(topic)
+            .is_some_and(|(_, leaf)| crate::acl::DEVICE_RETAINABLE_LEAVES.contains(&leaf));
         if publish.retain {
             Route::Router
-        } else if crate::mqtt::outbound::is_qos0(publish) {
+        } else if crate::mqtt::outbound::is_qos0(publish) && !retainable {
             self.interest.route(topic, sinks)
         } else if self.interest.wanted(topic) {
             Route::Router

@@ -376,3 +376,32 @@ async fn qos0_messages_reach_every_kind_of_subscriber_once_and_in_order() {
     assert_telemetry(&mut carol_rx, 4 * EACH..5 * EACH, "carol (clean)").await;
     broker.shutdown().await;
 }
+
+/// A device's reports may be retained (the router stores those) or not: all
+/// of them take the router, QoS 0 included, so a subscriber gets them in
+/// the order the device sent them, never a live one from the edge before
+/// the retained one sent first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_and_live_reports_reach_a_clean_subscriber_in_order() {
+    let pki = TestPki::new();
+    pki.issue(Role::Device, &device(0));
+    pki.issue(Role::Operator, "alice");
+    let broker = start(pki.path(), test_limits()).await;
+    let addr = broker.local_addr();
+    let (_alice, mut alice) = connected(addr, pki.path(), "alice", &["devices/+/reported"]).await;
+    let (dev, _) = connected(addr, pki.path(), &device(0), &[]).await;
+    for i in 0..EACH {
+        dev.publish(
+            format!("devices/{}/reported", device(0)),
+            QoS::AtMostOnce,
+            i % 2 == 0,
+            format!("{{\"seq\":{i}}}"),
+        )
+        .await
+        .expect("publish");
+    }
+    let got = from_client(&mut alice, EACH).await;
+    let want: BTreeMap<String, Vec<usize>> = [(device(0), (0..EACH).collect())].into();
+    assert_eq!(by_device(pairs(&got), "reported"), want);
+    broker.shutdown().await;
+}
