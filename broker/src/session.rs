@@ -1,10 +1,7 @@
 //! One client connection: TLS handshake, CONNECT, then packets both ways.
 //!
 //! Operators and the controller get a router link of their own (they
-//! subscribe through the router); a clean session's QoS 0 device messages
-//! mostly come from the edge instead ([`crate::direct`]), and a
-//! controller's commands mostly go to the device without the router
-//! (`Action::Command`). Devices do not: their commands come from
+//! subscribe through the router). Devices do not: their commands come from
 //! [`crate::dispatch`], and what they publish (and their wills and presence)
 //! enters the router through the broker's one shared link
 //! ([`crate::ingress`]). For devices the edge therefore answers everything
@@ -12,6 +9,11 @@
 //! publish is handed to the router, the QoS 2 handshake (PUBREC, PUBCOMP),
 //! SUBACK, UNSUBACK and PINGRESP. Session takeover is done by the
 //! [`crate::registry`].
+//!
+//! Two shortcuts skip the router thread: a clean linked session's QoS 0
+//! device messages come from the edge ([`crate::direct`]), and a
+//! controller's commands go straight to the device's session
+//! (`Action::Command`).
 //!
 //! Contract notes for devices:
 //! - A device always gets a clean session. One that asks for
