@@ -616,15 +616,17 @@ impl Session {
                 };
                 permit.send(packet.ok_or_else(rejected)?);
             }
-            Action::Command { device, ack } => {
+            Action::Command {
+                device,
+                ack,
+                payload_len,
+            } => {
                 let topic = topics::commands(&device);
                 if state.router_pubacks == 0 && !self.shared.routing.interest.wanted(&topic) {
                     // Only the device wants it: no router crossing (see
-                    // `crate::dispatch`); the payload is the frame's tail.
-                    let Some(Packet::Publish(publish, _)) = outbound::decode(&frame.raw) else {
-                        return Err(rejected());
-                    };
-                    self.shared.dispatch.deliver(&device, publish.payload);
+                    // `crate::dispatch`).
+                    let payload = frame.raw.slice(frame.raw.len() - payload_len..);
+                    self.shared.dispatch.deliver(&device, payload);
                     if let Some(pkid) = ack {
                         mqtt::Outbound::Ack(mqtt::AckKind::PubAck, pkid).encode(&mut self.wbuf);
                     }

@@ -84,9 +84,11 @@ pub(crate) enum Action {
     /// PUBACK (`ack`), unless another subscriber wants it or the router
     /// still owes this session a PUBACK (they must go out in order), in
     /// which case it is [`Action::Link`].
+    /// Its payload is the frame's last `payload_len` bytes.
     Command {
         device: String,
         ack: Option<u16>,
+        payload_len: usize,
     },
     /// A packet the core rewrote (`$share` scoping) for the session's own link.
     LinkPacket(Box<Packet>),
@@ -563,6 +565,7 @@ impl Core {
                 Some(device) => Action::Command {
                     device,
                     ack: (qos == 1).then_some(pkid),
+                    payload_len,
                 },
                 None => Action::Link,
             });
@@ -1242,10 +1245,12 @@ mod tests {
                     In(publish(&topics::commands("d1"), b"{}", 1, false, 7), vec![Action::Command {
                         device: "d1".into(),
                         ack: Some(7),
+                        payload_len: 2,
                     }]),
                     In(publish(&topics::commands("d1"), b"{}", 0, false, 0), vec![Action::Command {
                         device: "d1".into(),
                         ack: None,
+                        payload_len: 2,
                     }]),
                     In(publish(&topics::commands("d1"), b"{}", 2, false, 8), vec![Action::Link]),
                     In(publish(&topics::reported("d1"), b"{}", 1, false, 10), vec![Action::Link]),
