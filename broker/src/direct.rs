@@ -1,43 +1,61 @@
-//! QoS 0 device messages handed by the edge straight to clean linked
-//! sessions, without rumqttd's router.
+//! Device messages handed by the edge straight to clean linked sessions,
+//! without rumqttd's router.
 //!
 //! With a controller or operator subscribed over the network, every device
 //! message crossed the router's thread: the ingress woke it, it matched the
 //! topic and woke the subscriber's task. Two thread wake-ups and context
 //! switches per message, where mosquitto handles a message in one pass; the
 //! broker spent 1.5× mosquitto's CPU per routed message in the `steady`
-//! bench (docs/BENCHMARKS.md). Most of that traffic is QoS 0 telemetry.
+//! bench (docs/BENCHMARKS.md).
 //!
-//! **When.** A device's publish that is QoS 0 and not retained, on a topic
-//! that cannot hold a retained message and whose every matching
-//! subscription is an unshared filter of a clean linked session
-//! ([`crate::interest::Interest::route`]), is queued here for each of those
-//! sessions and never enters the router. Anything else goes through the
-//! router as before, which still holds every subscription: QoS 1 and 2
-//! (the router assigns packet ids and keeps what is in flight), retained
-//! messages (it stores them) and every message on a topic that may hold
-//! one (a device's reports and presence, so that retained and live ones
-//! keep their order), `$share` groups (it picks the member), a persistent
-//! session (it queues while the client is away), an in-process link. It is
-//! all or nothing per message, so no subscriber gets a copy both ways; a
-//! session gets a copy per matching filter, as from the router.
+//! **When.** Two ways ([`crate::interest`]):
+//! - A clean, unscoped linked session's SUBSCRIBE whose filters are all on
+//!   a device's own leaves (`devices/<id or +>/<reported, telemetry, acks,
+//!   csr or presence>`) is answered by the edge, and the router never holds
+//!   those filters. Every message on such a topic reaches the edge first
+//!   (a device's through the ingress, a linked client's on its way to its
+//!   router link, wills and presence alike), which queues it here for each
+//!   such subscription, QoS 0 or 1, retained or not, and keeps the last
+//!   retained one per topic to send on a new subscription. The router gets
+//!   the message too only when it is retained (it keeps its own copy for
+//!   its own subscribers) or one of its own filters matches.
+//! - For the router's own filters: a QoS 0 message not retained, on a
+//!   topic that cannot hold a retained message, that only clean linked
+//!   sessions' unshared filters match goes here instead of to the router
+//!   (all or nothing: nobody gets it both ways).
 //!
-//! **Order.** MQTT 3.1.1 (4.6) asks for each subscriber to get one client's
-//! messages on a topic in order, per QoS. Both paths keep order, and a
-//! device's QoS 0 messages on a topic take one path while the subscriptions
-//! matching it stay the same. Across topics and QoS levels MQTT promises
-//! nothing, and here a device's telemetry may reach a subscriber before
-//! the report or presence it sent earlier. QoS 1 stays on the router for
-//! that reason: taking a device's acks past the router put them ahead of
-//! the report sent before them, which readers of a firmware update's
-//! progress rely on (session 22 tried it; `agent-sim/tests/it/firmware.rs`
-//! failed).
+//! Everything else is the router's, as before: `$share` groups (it picks
+//! the member), persistent sessions (it queues while the client is away),
+//! in-process links, scoped operators (their QoS 1 bookkeeping is the
+//! router's packet ids), filters outside a device's own leaves (`#`,
+//! `devices/#`, commands).
 //!
-//! **Loss.** As through the router, QoS 0 messages for a subscriber that
-//! does not keep up are dropped: a sink holds at most [`BUDGET`] bytes, and
-//! what does not fit is counted and logged by the session. A client that
-//! subscribes to every device and never reads holds at most that much of
-//! the broker's memory per connection, and slows no device down.
+//! **Order.** For a subscription the edge holds, all of a device's
+//! messages take one path (the ingress, in the order the device sent them),
+//! so a subscriber of several of its topics gets them in that order across
+//! topics: a report before the ack sent after it, presence before the
+//! first report. The retained messages a new subscription gets are queued
+//! before any live one, under the table's lock. (Session 22 tried QoS 1
+//! from the edge while the router still held the filters: a device's acks
+//! overtook the reports it had sent before them, which still crossed the
+//! router; `agent-sim/tests/it/firmware.rs` failed.)
+//!
+//! **Packet ids.** The router numbers a session's QoS 1 and 2 deliveries
+//! 1..=100 (rumqttd's in-flight window); the edge numbers its own from
+//! [`FIRST_PKID`] up, with at most [`INFLIGHT`] unacknowledged, so a
+//! client's PUBACK says by its id which of the two it answers. A session
+//! whose client stops acknowledging stops taking from its sink.
+//!
+//! **Loss.** As through the router, messages for a subscriber that does
+//! not keep up are dropped (the router drops the oldest of a filter's log
+//! that a reader has not read; the device tap, not this, is where nothing
+//! acknowledged may be lost): a sink holds at most [`BUDGET`] bytes of live
+//! messages, and what does not fit is counted and logged by the session. A
+//! client that subscribes to every device and never reads holds at most
+//! that much of the broker's memory per connection (plus the retained
+//! messages it was sent on subscribing, whose bytes the store shares), and
+//! slows no device down. A clean session's unacknowledged messages end
+//! with it, as with the router.
 //!
 //! **Who sees what** is unchanged: the filters here are the ones the ACL
 //! granted (a SUBSCRIBE with one refused filter is refused whole), and a
@@ -48,17 +66,48 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tokio::sync::Notify;
-
-use crate::link::Delivery;
 
 /// Bytes of topic and payload a sink holds for its session, at most.
 pub(crate) const BUDGET: usize = 4 * 1024 * 1024;
 
+/// The router numbers a session's QoS 1 and 2 deliveries 1..=100 (rumqttd
+/// 0.20's `MAX_INFLIGHT`); the edge's own start above them, so a client's
+/// PUBACK says by its id which of the two it answers. A session that gets
+/// a router delivery numbered from here ends (`session::forward`) rather
+/// than confuse the two.
+pub(crate) const FIRST_PKID: u16 = 101;
+
+/// The edge's QoS 1 deliveries a session may have unacknowledged.
+pub(crate) const INFLIGHT: usize = 100;
+
+/// A device message for one session, at the QoS it is delivered at.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Message {
+    pub(crate) topic: Bytes,
+    pub(crate) payload: Bytes,
+    pub(crate) qos: u8,
+    /// Sent because the session subscribed (a retained message), not live.
+    pub(crate) retain: bool,
+}
+
+impl Message {
+    /// What it counts against [`BUDGET`]: retained messages nothing
+    /// (see [`Sink::push_retained`]).
+    fn charged(&self) -> usize {
+        if self.retain {
+            0
+        } else {
+            self.topic.len() + self.payload.len()
+        }
+    }
+}
+
 /// How often a session logs what its sink dropped, at most.
 const LOG_EVERY: Duration = Duration::from_secs(1);
 
-/// One clean linked session's queue of QoS 0 device messages.
+/// One clean linked session's queue of device messages.
 #[derive(Debug, Default)]
 pub(crate) struct Sink {
     state: Mutex<State>,
@@ -67,7 +116,7 @@ pub(crate) struct Sink {
 
 #[derive(Debug, Default)]
 struct State {
-    queue: VecDeque<Delivery>,
+    queue: VecDeque<Message>,
     bytes: usize,
     /// Dropped and not yet reported to the session.
     dropped: u64,
@@ -77,7 +126,7 @@ struct State {
 /// What [`Sink::take`] hands the session.
 #[derive(Debug, Default)]
 pub(crate) struct Taken {
-    pub(crate) deliveries: Vec<Delivery>,
+    pub(crate) deliveries: Vec<Message>,
     /// Messages dropped since the last report, when one is due.
     pub(crate) dropped: u64,
 }
@@ -89,8 +138,8 @@ impl Sink {
 
     /// Queues `delivery` without waking the session (the ingress wakes
     /// each sink once per batch, [`Sink::wake`]); false if it was dropped.
-    pub(crate) fn push(&self, delivery: Delivery) -> bool {
-        let size = delivery.topic.len() + delivery.payload.len();
+    pub(crate) fn push(&self, delivery: Message) -> bool {
+        let size = delivery.charged();
         let mut state = self.lock();
         if state.bytes + size > BUDGET {
             state.dropped += 1;
@@ -99,6 +148,19 @@ impl Sink {
         state.bytes += size;
         state.queue.push_back(delivery);
         true
+    }
+
+    /// Queues the retained messages a new subscription gets, whatever the
+    /// budget: their bytes are the edge's store's, shared, and there are at
+    /// most as many as the store holds (one per device topic). Dropping
+    /// some would leave a subscriber without a device's presence.
+    pub(crate) fn push_retained(&self, retained: impl IntoIterator<Item = Message>) {
+        self.lock()
+            .queue
+            .extend(retained.into_iter().map(|message| Message {
+                retain: true,
+                ..message
+            }));
     }
 
     pub(crate) fn wake(&self) {
@@ -119,11 +181,8 @@ impl Sink {
                         .is_none_or(|at| now.duration_since(at) >= LOG_EVERY);
                 if !state.queue.is_empty() || report {
                     let n = state.queue.len().min(max);
-                    let deliveries: Vec<Delivery> = state.queue.drain(..n).collect();
-                    state.bytes -= deliveries
-                        .iter()
-                        .map(|d| d.topic.len() + d.payload.len())
-                        .sum::<usize>();
+                    let deliveries: Vec<Message> = state.queue.drain(..n).collect();
+                    state.bytes -= deliveries.iter().map(Message::charged).sum::<usize>();
                     if state.queue.is_empty() && state.queue.capacity() > 64 {
                         state.queue = VecDeque::new();
                     }
@@ -151,12 +210,13 @@ impl Sink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
 
-    fn delivery(n: usize, size: usize) -> Delivery {
-        Delivery {
+    fn delivery(n: usize, size: usize) -> Message {
+        Message {
             topic: Bytes::from(format!("devices/d{n}/telemetry")),
             payload: Bytes::from(vec![b'x'; size]),
+            qos: 0,
+            retain: false,
         }
     }
 

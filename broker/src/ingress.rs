@@ -43,8 +43,8 @@ use rumqttd::Notification;
 use tokio::sync::{mpsc, watch};
 
 use crate::backlog::Backlog;
-use crate::direct::Sink;
-use crate::interest::{Interest, Route};
+use crate::direct::{Message, Sink};
+use crate::interest::{Interest, Published, Sinks};
 use crate::link::Delivery;
 use crate::{BrokerError, RouterTx};
 
@@ -97,35 +97,58 @@ impl Routing {
         })
     }
 
-    /// Where `packet` goes: a retained publish always to the router (it
-    /// stores it); a QoS 0 one straight to the subscribed sessions when the
-    /// edge can serve them all ([`crate::direct`]) and its topic cannot
-    /// hold a retained message; others to the router only when a
-    /// subscription may match. `sinks` gets the sessions for
-    /// [`Route::Direct`].
-    fn route(&self, packet: &Packet, sinks: &mut Vec<Arc<Sink>>) -> Route {
-        let Packet::Publish(publish, _) = packet else {
-            return Route::Router;
-        };
-        let Ok(topic) = std::str::from_utf8(&publish.topic) else {
-            return Route::Router;
+    /// Where `packet` goes: `sinks` gets the sessions the edge delivers it
+    /// to itself ([`crate::direct`]); true when the router must get it too
+    /// (to store a retained one, or for a subscription held there).
+    fn route(&self, packet: &Packet, sinks: &mut Sinks) -> bool {
+        sinks.clear();
+        let Some((message, topic)) = published(packet) else {
+            return true;
         };
         // A topic that may hold a retained message (a device's reports; its
-        // presence is always retained) takes the router whatever the flag,
-        // so retained and live messages on it keep their order for every
-        // subscriber.
+        // presence is always retained) takes the router whatever the flag
+        // for the router's own subscriptions, so retained and live messages
+        // on it keep their order for them.
         let retainable = cityplane_proto::topics::split_device_topic(topic)
             .is_some_and(|(_, leaf)| crate::acl::DEVICE_RETAINABLE_LEAVES.contains(&leaf));
-        if publish.retain {
-            Route::Router
-        } else if crate::mqtt::outbound::is_qos0(publish) && !retainable {
-            self.interest.route(topic, sinks)
-        } else if self.interest.wanted(topic) {
-            Route::Router
-        } else {
-            Route::Nobody
-        }
+        self.interest.route(&message, retainable, sinks)
     }
+
+    /// A linked client's publish on a device topic, which goes to the
+    /// router on the client's own link: delivered here to the sessions
+    /// whose subscriptions the edge holds (the router knows nothing of
+    /// them).
+    pub(crate) fn at_edge(&self, packet: &Packet) {
+        let Some((message, _)) = published(packet) else {
+            return;
+        };
+        let mut sinks = Vec::new();
+        self.interest.route_at_edge(&message, &mut sinks);
+        let mut woken = Vec::new();
+        direct(packet, &sinks, &mut woken);
+        wake(&mut woken);
+    }
+}
+
+/// A publish as [`crate::interest`] routes it, and its topic.
+fn published(packet: &Packet) -> Option<(Published<'_>, &str)> {
+    let Packet::Publish(publish, _) = packet else {
+        return None;
+    };
+    let topic = std::str::from_utf8(&publish.topic).ok()?;
+    let qos = if crate::mqtt::outbound::is_qos0(publish) {
+        0
+    } else {
+        1
+    };
+    let message = Published {
+        topic,
+        topic_bytes: &publish.topic,
+        payload: &publish.payload,
+        qos,
+        retain: publish.retain,
+    };
+    Some((message, topic))
 }
 
 /// The router no longer takes packets (its thread is gone).
@@ -237,13 +260,10 @@ async fn forward(
                 tap = Some(tx);
                 tapped.push(delivery);
             }
-            match routing.route(&packet, &mut sinks) {
-                Route::Nobody => continue,
-                Route::Direct => {
-                    direct(&packet, &sinks, &mut woken);
-                    continue;
-                }
-                Route::Router => {}
+            let router = routing.route(&packet, &mut sinks);
+            direct(&packet, &sinks, &mut woken);
+            if !router {
+                continue;
             }
             if let Err(needed) = backlog.try_take(&packet) {
                 // The controller is behind: hand the router what already has
@@ -270,15 +290,17 @@ async fn forward(
     }
 }
 
-/// Queues `packet` (a QoS 0 publish) on each of `sinks`, to be woken later.
-fn direct(packet: &Packet, sinks: &[Arc<Sink>], woken: &mut Vec<Arc<Sink>>) {
+/// Queues `packet` (a publish) on each of `sinks`, to be woken later.
+fn direct(packet: &Packet, sinks: &Sinks, woken: &mut Vec<Arc<Sink>>) {
     let Packet::Publish(publish, _) = packet else {
         return;
     };
-    for sink in sinks {
-        let delivery = Delivery {
+    for (sink, qos) in sinks {
+        let delivery = Message {
             topic: publish.topic.clone(),
             payload: publish.payload.clone(),
+            qos: *qos,
+            retain: false,
         };
         if sink.push(delivery) && !woken.iter().any(|w| Arc::ptr_eq(w, sink)) {
             woken.push(sink.clone());

@@ -346,7 +346,11 @@ impl Session {
             // So the link is drained first, and the last packets go together
             // with a single wake-up.
             drained(&link.tx).await;
-            link.tx.buffer().extend(will.and_then(will_packet));
+            if let Some(will) = will.and_then(will_packet) {
+                // The router does not hold the edge's own subscriptions.
+                routing.at_edge(&will);
+                link.tx.buffer().push_back(will);
+            }
             let _ = link.tx.send(disconnect_packet()).await;
         }
         routing.interest.end(link.holder, &connect.client_id, clean);
@@ -463,6 +467,11 @@ impl Session {
             route: None,
             holder: link.as_ref().map(|l| l.holder),
             router_pubacks: 0,
+            edge_acks: None,
+            // A scoped operator's deliveries pass the scope filter, whose
+            // bookkeeping of QoS 1 is the router's packet ids'.
+            edge_subscriptions: link.as_ref().is_some_and(|l| l.sink.is_some())
+                && crate::acl::scoped_org(&self.who).is_none(),
         };
         // Devices get their commands from the edge's dispatcher, not the router.
         let inbox = state.inbox.clone();
@@ -499,9 +508,9 @@ impl Session {
                         return end;
                     }
                 }
-                taken = next_direct(sink.as_deref()) => {
+                taken = next_direct(sink.as_deref(), state.edge_free()) => {
                     // Boxed: only clean linked sessions get here.
-                    if let Err(e) = Box::pin(self.deliver_direct(taken, &mut state.core)).await {
+                    if let Err(e) = Box::pin(self.deliver_direct(taken, &mut state)).await {
                         return End::Abrupt(e);
                     }
                 }
@@ -651,6 +660,8 @@ impl Session {
                 if let Some((tap, delivery)) = self.shared.routing.tapped(&packet) {
                     let _ = tap.send(vec![delivery]).await;
                 }
+                // The router does not hold the edge's own subscriptions.
+                self.shared.routing.at_edge(&packet);
                 to_link(tx, packet)?.await.map_err(router_gone)?;
             }
             Action::LinkPacket(packet) => {
@@ -661,15 +672,49 @@ impl Session {
                 let holder = state.holder.unwrap_or_default();
                 let unsubscribed = match &*packet {
                     Packet::Subscribe(sub, _) => {
-                        interest.add(holder, sub.filters.iter().map(|f| f.path.as_str()));
+                        let filters: Vec<(&str, u8)> = sub
+                            .filters
+                            .iter()
+                            .map(|f| (f.path.as_str(), f.qos as u8))
+                            .collect();
+                        if state.edge_subscriptions && interest.subscribe_at_edge(holder, &filters)
+                        {
+                            // Granted as asked, as the router grants.
+                            let codes = filters.iter().map(|(_, q)| *q).collect();
+                            mqtt::Outbound::SubAck {
+                                pkid: sub.pkid,
+                                codes,
+                            }
+                            .encode(&mut self.wbuf);
+                            return Ok(());
+                        }
+                        // A filter the edge held moves to the router, which
+                        // then serves it alone (no copy both ways).
+                        let paths: Vec<&str> = filters.iter().map(|(f, _)| *f).collect();
+                        interest.unsubscribe_at_edge(holder, &paths);
+                        interest.add(holder, paths);
                         None
                     }
-                    Packet::Unsubscribe(unsub, _) => Some(unsub.filters.clone()),
+                    Packet::Unsubscribe(unsub, _) => {
+                        let filters: Vec<&str> = unsub.filters.iter().map(String::as_str).collect();
+                        if interest.unsubscribe_at_edge(holder, &filters)
+                            && state.edge_subscriptions
+                        {
+                            mqtt::Outbound::UnsubAck(unsub.pkid).encode(&mut self.wbuf);
+                            return Ok(());
+                        }
+                        Some(unsub.filters.clone())
+                    }
                     _ => None,
                 };
                 to_link(tx, *packet)?.await.map_err(router_gone)?;
                 if let Some(filters) = unsubscribed {
                     interest.remove(holder, filters.iter().map(String::as_str));
+                }
+            }
+            Action::EdgeAcked(pkid) => {
+                if let Some(acks) = &mut state.edge_acks {
+                    acks.acked(pkid);
                 }
             }
             Action::RouterAcks(pkids) => {
@@ -815,6 +860,11 @@ impl Session {
             let at = self.wbuf.len();
             V4.write(packet, &mut self.wbuf)
                 .map_err(|e| format!("encode: {e:?}"))?;
+            if core::in_edge_pkids(&self.wbuf[at..]) {
+                return Err(
+                    "internal: the router numbered a delivery in the edge's packet ids".into(),
+                );
+            }
             match core.on_delivery(&self.wbuf[at..], &self.who, &self.shared.scopes) {
                 Delivery::Write => core.on_sent(&self.wbuf[at..]),
                 Delivery::Drop { acks } => {
@@ -844,28 +894,35 @@ impl Session {
         Ok(())
     }
 
-    /// Writes QoS 0 device messages the edge handed over ([`crate::direct`]),
+    /// Writes device messages the edge handed over ([`crate::direct`]),
     /// through the same scope check as the router's deliveries.
     async fn deliver_direct(
         &mut self,
         taken: crate::direct::Taken,
-        core: &mut Core,
+        state: &mut PumpState,
     ) -> Result<(), String> {
         if taken.dropped > 0 {
-            tracing::warn!(who = %self.who, dropped = taken.dropped, budget_bytes = crate::direct::BUDGET, "client is not reading fast enough: QoS 0 device messages dropped");
+            tracing::warn!(who = %self.who, dropped = taken.dropped, budget_bytes = crate::direct::BUDGET, "client is not reading fast enough: device messages dropped");
         }
         for delivery in taken.deliveries {
             let at = self.wbuf.len();
+            let pkid = match delivery.qos {
+                0 => 0,
+                _ => state.edge_acks.get_or_insert_default().next(),
+            };
             outbound::write_publish(
                 &mut self.wbuf,
                 &delivery.topic,
                 &delivery.payload,
-                0,
-                false,
-                0,
+                delivery.qos,
+                delivery.retain,
+                pkid,
             );
+            let core = &mut state.core;
             match core.on_delivery(&self.wbuf[at..], &self.who, &self.shared.scopes) {
-                Delivery::Write => {}
+                Delivery::Write => core.on_sent(&self.wbuf[at..]),
+                // Only QoS 0 comes here for a scoped operator (it holds no
+                // subscription at the edge), so no packet id is given back.
                 Delivery::Drop { .. } => self.wbuf.truncate(at),
                 Delivery::Close(end) => return Err(format!("{end:?}")),
             }
@@ -952,11 +1009,12 @@ const DIRECT_BATCH: usize = 256;
 /// The next notification on the session's link; never resolves without one.
 /// Boxed, and the error reduced to "gone": both would otherwise take room in
 /// every session's task (`LinkError` alone is ~800 bytes).
-/// What the edge queued for a clean linked session; never for others.
-async fn next_direct(sink: Option<&crate::direct::Sink>) -> crate::direct::Taken {
+/// What the edge queued for a clean linked session, at most `free` (the
+/// room left for its unacknowledged QoS 1 deliveries); never for others.
+async fn next_direct(sink: Option<&crate::direct::Sink>, free: usize) -> crate::direct::Taken {
     match sink {
-        Some(sink) => Box::pin(sink.take(DIRECT_BATCH)).await,
-        None => std::future::pending().await,
+        Some(sink) if free > 0 => Box::pin(sink.take(DIRECT_BATCH.min(free))).await,
+        _ => std::future::pending().await,
     }
 }
 
@@ -982,6 +1040,52 @@ struct PumpState {
     /// PUBACK itself (MQTT 4.6: PUBACKs go out in the order of the
     /// publishes).
     router_pubacks: u32,
+    /// The edge's own QoS 1 deliveries awaiting PUBACK ([`crate::direct`]);
+    /// boxed and made on the first: most sessions never get one.
+    edge_acks: Option<Box<EdgeAcks>>,
+    /// Whether the edge may hold this session's device subscriptions
+    /// itself (clean and unscoped: [`crate::interest`]).
+    edge_subscriptions: bool,
+}
+
+impl PumpState {
+    fn edge_free(&self) -> usize {
+        self.edge_acks
+            .as_ref()
+            .map_or(crate::direct::INFLIGHT, |a| {
+                crate::direct::INFLIGHT.saturating_sub(a.unacked.len())
+            })
+    }
+}
+
+/// Packet ids of the edge's QoS 1 deliveries to a session, not yet
+/// acknowledged (at most [`crate::direct::INFLIGHT`]).
+#[derive(Debug, Default)]
+struct EdgeAcks {
+    unacked: Vec<u16>,
+    last: u16,
+}
+
+impl EdgeAcks {
+    /// The next free id at or above [`crate::direct::FIRST_PKID`].
+    fn next(&mut self) -> u16 {
+        loop {
+            self.last = match self.last {
+                u16::MAX => crate::direct::FIRST_PKID,
+                last => last.max(crate::direct::FIRST_PKID - 1) + 1,
+            };
+            if !self.unacked.contains(&self.last) {
+                self.unacked.push(self.last);
+                return self.last;
+            }
+        }
+    }
+
+    fn acked(&mut self, pkid: u16) {
+        if let Some(at) = self.unacked.iter().position(|p| *p == pkid) {
+            self.unacked.swap_remove(at);
+        }
+    }
 }
 
 /// Waits (at most ~100 ms) until the router has taken everything queued on

@@ -95,6 +95,9 @@ pub(crate) enum Action {
     /// PUBACKs for the router, in this order, for QoS 1 deliveries the
     /// scope filter dropped (see [`Delivery::Drop`]).
     RouterAcks(Box<[u16]>),
+    /// The client acknowledged a QoS 1 delivery of the edge's own
+    /// ([`crate::direct`]); the router never sent it and must not hear of it.
+    EdgeAcked(u16),
     /// An operator request also goes to the in-process controller, with the
     /// certificate identity (the router does not carry who published); its
     /// payload is the frame's last `payload_len` bytes.
@@ -492,6 +495,9 @@ impl Core {
                 if !self.acks.as_mut().is_some_and(|a| a.take(kind, pkid)) {
                     return Actions::one(Action::Log(Note::UnexpectedAck { kind, pkid }));
                 }
+                if kind == AckKind::PubAck && pkid >= crate::direct::FIRST_PKID {
+                    return Actions::one(Action::EdgeAcked(pkid));
+                }
                 let mut actions = Actions::one(Action::Link);
                 let release = match (&mut self.scope, kind) {
                     (Some(scope), AckKind::PubAck) => scope.acked(pkid),
@@ -816,6 +822,15 @@ fn packet_body(wire: &[u8]) -> Option<(u8, &[u8])> {
 
 fn u16_at(body: &[u8], i: usize) -> Option<u16> {
     body.get(i..i + 2).map(|b| u16::from_be_bytes([b[0], b[1]]))
+}
+
+/// Whether `wire`, a PUBLISH from the router, carries a packet id in the
+/// range the edge numbers its own deliveries from ([`crate::direct`]): a
+/// rumqttd that numbered further would make PUBACKs ambiguous.
+pub(crate) fn in_edge_pkids(wire: &[u8]) -> bool {
+    WirePublish::read(wire)
+        .and_then(|p| p.pkid)
+        .is_some_and(|p| p >= crate::direct::FIRST_PKID)
 }
 
 /// The header fields of an encoded PUBLISH.
@@ -1514,6 +1529,23 @@ mod tests {
                     Deliver(cam(1, 1), Delivery::Write),
                     Deliver(lamp(0, 0), Delivery::Write),
                     In(puback(1), vec![Action::Link]),
+                ],
+            ),
+            case(
+                "a PUBACK for the edge's own delivery stays at the edge; the router's go on",
+                who("op1", Role::Operator),
+                vec![
+                    Deliver(lamp(1, 2), Delivery::Write),
+                    Deliver(lamp(1, 101), Delivery::Write),
+                    In(puback(101), vec![Action::EdgeAcked(101)]),
+                    In(
+                        puback(101),
+                        vec![Action::Log(Note::UnexpectedAck {
+                            kind: AckKind::PubAck,
+                            pkid: 101,
+                        })],
+                    ),
+                    In(puback(2), vec![Action::Link]),
                 ],
             ),
             case(

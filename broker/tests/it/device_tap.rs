@@ -94,25 +94,6 @@ fn tap_channel(mut tap: DeviceTap) -> UnboundedReceiver<(String, Vec<u8>)> {
     rx
 }
 
-/// Reads until `n` messages arrived, then 300 ms more for extras.
-async fn from_client(
-    rx: &mut UnboundedReceiver<(String, Vec<u8>)>,
-    n: usize,
-) -> Vec<(String, Vec<u8>)> {
-    let mut got = Vec::new();
-    loop {
-        let wait = if got.len() < n {
-            Duration::from_secs(10)
-        } else {
-            Duration::from_millis(300)
-        };
-        match tokio::time::timeout(wait, rx.recv()).await {
-            Ok(Some(m)) => got.push(m),
-            Ok(None) | Err(_) => return got,
-        }
-    }
-}
-
 fn pairs(v: &[(String, Vec<u8>)]) -> impl Iterator<Item = (&str, &[u8])> {
     v.iter().map(|(t, p)| (t.as_str(), p.as_slice()))
 }
@@ -145,7 +126,7 @@ async fn reports_reach_the_tap_in_order_exactly_once_and_subscribers_still_get_t
     }
 
     publish_reports(&devices, 0).await;
-    let tapped = from_client(&mut tap, DEVICES * EACH).await;
+    let tapped = gather(&mut tap, DEVICES * EACH).await;
     assert_eq!(
         by_device(pairs(&tapped), "reported"),
         expected(0..EACH),
@@ -155,7 +136,7 @@ async fn reports_reach_the_tap_in_order_exactly_once_and_subscribers_still_get_t
         tapped.iter().all(|(t, _)| t.ends_with("/reported")),
         "the tap took only its leaf"
     );
-    let watched = from_client(&mut alice_rx, DEVICES * EACH).await;
+    let watched = gather(&mut alice_rx, DEVICES * EACH).await;
     assert_eq!(
         by_device(pairs(&watched), "reported"),
         expected(0..EACH),
@@ -183,12 +164,12 @@ async fn reports_reach_the_tap_in_order_exactly_once_and_subscribers_still_get_t
         .expect("unsubscribe");
     tokio::time::sleep(Duration::from_millis(300)).await;
     publish_reports(&devices, EACH).await;
-    let tapped = from_client(&mut tap, DEVICES * EACH).await;
+    let tapped = gather(&mut tap, DEVICES * EACH).await;
     assert_eq!(
         by_device(pairs(&tapped), "reported"),
         expected(EACH..2 * EACH)
     );
-    let bob = from_client(&mut bob_rx, 3 * DEVICES * EACH).await;
+    let bob = gather(&mut bob_rx, 3 * DEVICES * EACH).await;
     assert_eq!(
         by_device(pairs(&bob), "reported"),
         expected(EACH..2 * EACH),
@@ -203,7 +184,7 @@ async fn reports_reach_the_tap_in_order_exactly_once_and_subscribers_still_get_t
         assert_eq!(seqs.len(), 2 * EACH, "bob's telemetry of {}", device(n));
     }
     assert!(
-        from_client(&mut alice_rx, 0).await.is_empty(),
+        gather(&mut alice_rx, 0).await.is_empty(),
         "alice unsubscribed"
     );
     broker.shutdown().await;
@@ -289,7 +270,7 @@ async fn assert_telemetry(
     range: std::ops::Range<usize>,
     who: &str,
 ) {
-    let got = from_client(rx, DEVICES * range.len()).await;
+    let got = gather(rx, DEVICES * range.len()).await;
     assert_eq!(
         by_device(pairs(&got), "telemetry"),
         expected(range.clone()),
@@ -337,8 +318,8 @@ async fn qos0_messages_reach_every_kind_of_subscriber_once_and_in_order() {
     };
     publish_reports(&devices, EACH).await;
     assert_telemetry(&mut alice, EACH..2 * EACH, "alice with a group").await;
-    let mut members = from_client(&mut dave_rx, 0).await;
-    members.extend(from_client(&mut dave2_rx, 0).await);
+    let mut members = gather(&mut dave_rx, 0).await;
+    members.extend(gather(&mut dave2_rx, 0).await);
     let mut shared = by_device(pairs(&members), "telemetry");
     shared.values_mut().for_each(|seqs| seqs.sort_unstable());
     assert_eq!(
@@ -400,7 +381,7 @@ async fn retained_and_live_reports_reach_a_clean_subscriber_in_order() {
         .await
         .expect("publish");
     }
-    let got = from_client(&mut alice, EACH).await;
+    let got = gather(&mut alice, EACH).await;
     let want: BTreeMap<String, Vec<usize>> = [(device(0), (0..EACH).collect())].into();
     assert_eq!(by_device(pairs(&got), "reported"), want);
     broker.shutdown().await;

@@ -5,6 +5,7 @@ mod backlog;
 mod common;
 mod device_sessions;
 mod device_tap;
+mod edge_subscriptions;
 mod fetch;
 mod frame_props;
 mod hardening;

@@ -143,14 +143,37 @@ pub async fn connected(
 }
 
 /// Waits for `client`'s CONNACK, subscribes it to `subscribe` and forwards
-/// every message it receives.
+/// every message it receives as (topic, payload).
 pub async fn subscribed(
+    client: AsyncClient,
+    eventloop: EventLoop,
+    subscribe: &[&str],
+) -> (
+    AsyncClient,
+    tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+) {
+    let (client, mut full) = watching(client, eventloop, subscribe).await;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(p) = full.recv().await {
+            if !p.topic.is_empty() && tx.send((p.topic, p.payload.to_vec())).is_err() {
+                return;
+            }
+        }
+    });
+    (client, rx)
+}
+
+/// [`subscribed`] (one SUBSCRIBE per filter, at QoS 1, each granted), with
+/// every PUBLISH as rumqttc saw it: QoS, RETAIN, packet id. An UNSUBACK
+/// comes as an empty publish on the empty topic, in the order it came.
+pub async fn watching(
     client: AsyncClient,
     mut eventloop: EventLoop,
     subscribe: &[&str],
 ) -> (
     AsyncClient,
-    tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    tokio::sync::mpsc::UnboundedReceiver<rumqttc::Publish>,
 ) {
     connack(&mut eventloop).await.expect("connects");
     for filter in subscribe {
@@ -162,24 +185,55 @@ pub async fn subscribed(
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let mut pending_subacks = subscribe.len();
     while pending_subacks > 0 {
-        if let Event::Incoming(Packet::SubAck(ack)) = eventloop.poll().await.expect("suback") {
-            assert!(
-                ack.return_codes
-                    .iter()
-                    .all(|c| !matches!(c, rumqttc::SubscribeReasonCode::Failure)),
-                "subscription refused: {ack:?}"
-            );
-            pending_subacks -= 1;
+        match eventloop.poll().await.expect("suback") {
+            Event::Incoming(Packet::SubAck(ack)) => {
+                assert!(
+                    ack.return_codes
+                        .iter()
+                        .all(|c| !matches!(c, rumqttc::SubscribeReasonCode::Failure)),
+                    "subscription refused: {ack:?}"
+                );
+                pending_subacks -= 1;
+            }
+            // A retained message for an earlier filter may come before the
+            // SUBACK of a later one (the edge and the router answer apart).
+            Event::Incoming(Packet::Publish(p)) => {
+                let _ = tx.send(p);
+            }
+            _ => {}
         }
     }
     tokio::spawn(async move {
         while let Ok(event) = eventloop.poll().await {
-            if let Event::Incoming(Packet::Publish(p)) = event {
-                let _ = tx.send((p.topic.clone(), p.payload.to_vec()));
+            match event {
+                Event::Incoming(Packet::Publish(p)) => {
+                    let _ = tx.send(p);
+                }
+                Event::Incoming(Packet::UnsubAck(_)) => {
+                    let _ = tx.send(rumqttc::Publish::new("", QoS::AtMostOnce, ""));
+                }
+                _ => {}
             }
         }
     });
     (client, rx)
+}
+
+/// Reads until `n` items arrived (10 s at most each), then 300 ms more
+/// for extras.
+pub async fn gather<T>(rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>, n: usize) -> Vec<T> {
+    let mut got = Vec::new();
+    loop {
+        let wait = if got.len() < n {
+            Duration::from_secs(10)
+        } else {
+            Duration::from_millis(300)
+        };
+        match tokio::time::timeout(wait, rx.recv()).await {
+            Ok(Some(m)) => got.push(m),
+            Ok(None) | Err(_) => return got,
+        }
+    }
 }
 
 /// Raw TLS connection for hand-made packets.
