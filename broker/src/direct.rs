@@ -52,10 +52,12 @@
 //! acknowledged may be lost): a sink holds at most [`BUDGET`] bytes of live
 //! messages, and what does not fit is counted and logged by the session. A
 //! client that subscribes to every device and never reads holds at most
-//! that much of the broker's memory per connection (plus the retained
-//! messages it was sent on subscribing, whose bytes the store shares), and
-//! slows no device down. A clean session's unacknowledged messages end
-//! with it, as with the router.
+//! that much of the broker's memory per connection, plus
+//! [`RETAINED_BUDGET`] for the retained messages it was sent on
+//! subscribing (their bytes are the store's, shared; subscribing again and
+//! again without reading hits that bound), and slows no device down. A
+//! clean session's unacknowledged messages end with it, as with the
+//! router.
 //!
 //! **Who sees what** is unchanged: the filters here are the ones the ACL
 //! granted (a SUBSCRIBE with one refused filter is refused whole), and a
@@ -93,16 +95,23 @@ pub(crate) struct Message {
 }
 
 impl Message {
-    /// What it counts against [`BUDGET`]: retained messages nothing
-    /// (see [`Sink::push_retained`]).
-    fn charged(&self) -> usize {
+    /// What it counts against its budget: a live message its bytes
+    /// ([`BUDGET`]); a retained one its own size ([`RETAINED_BUDGET`]:
+    /// its bytes are the store's, shared).
+    fn charged(&self) -> (usize, usize) {
         if self.retain {
-            0
+            (0, std::mem::size_of::<Message>())
         } else {
-            self.topic.len() + self.payload.len()
+            (self.topic.len() + self.payload.len(), 0)
         }
     }
 }
+
+/// Bytes of queue a sink spends on retained messages sent on subscribing,
+/// at most: room for ~400,000 (every device's presence and report at
+/// 100,000 devices, twice), and a bound on a client that subscribes again
+/// and again without reading.
+pub(crate) const RETAINED_BUDGET: usize = 32 * 1024 * 1024;
 
 /// How often a session logs what its sink dropped, at most.
 const LOG_EVERY: Duration = Duration::from_secs(1);
@@ -118,6 +127,7 @@ pub(crate) struct Sink {
 struct State {
     queue: VecDeque<Message>,
     bytes: usize,
+    retained_bytes: usize,
     /// Dropped and not yet reported to the session.
     dropped: u64,
     reported_at: Option<Instant>,
@@ -139,7 +149,7 @@ impl Sink {
     /// Queues `delivery` without waking the session (the ingress wakes
     /// each sink once per batch, [`Sink::wake`]); false if it was dropped.
     pub(crate) fn push(&self, delivery: Message) -> bool {
-        let size = delivery.charged();
+        let (size, _) = delivery.charged();
         let mut state = self.lock();
         if state.bytes + size > BUDGET {
             state.dropped += 1;
@@ -150,17 +160,25 @@ impl Sink {
         true
     }
 
-    /// Queues the retained messages a new subscription gets, whatever the
-    /// budget: their bytes are the edge's store's, shared, and there are at
-    /// most as many as the store holds (one per device topic). Dropping
-    /// some would leave a subscriber without a device's presence.
+    /// Queues the retained messages a new subscription gets, outside the
+    /// live messages' budget: a subscriber must not miss a device's
+    /// presence because telemetry filled its queue. What does not fit
+    /// [`RETAINED_BUDGET`] is dropped and counted.
     pub(crate) fn push_retained(&self, retained: impl IntoIterator<Item = Message>) {
-        self.lock()
-            .queue
-            .extend(retained.into_iter().map(|message| Message {
+        let mut state = self.lock();
+        for message in retained {
+            let message = Message {
                 retain: true,
                 ..message
-            }));
+            };
+            let (_, size) = message.charged();
+            if state.retained_bytes + size > RETAINED_BUDGET {
+                state.dropped += 1;
+                continue;
+            }
+            state.retained_bytes += size;
+            state.queue.push_back(message);
+        }
     }
 
     pub(crate) fn wake(&self) {
@@ -182,7 +200,10 @@ impl Sink {
                 if !state.queue.is_empty() || report {
                     let n = state.queue.len().min(max);
                     let deliveries: Vec<Message> = state.queue.drain(..n).collect();
-                    state.bytes -= deliveries.iter().map(Message::charged).sum::<usize>();
+                    for (live, retained) in deliveries.iter().map(Message::charged) {
+                        state.bytes -= live;
+                        state.retained_bytes -= retained;
+                    }
                     if state.queue.is_empty() && state.queue.capacity() > 64 {
                         state.queue = VecDeque::new();
                     }
@@ -261,5 +282,26 @@ mod tests {
         assert_eq!(taken.deliveries.len(), 4);
         assert_eq!(taken.dropped, 0, "reported at most once a second");
         assert_eq!(sink.lock().dropped, 1);
+    }
+
+    #[tokio::test]
+    async fn retained_messages_have_a_budget_of_their_own() {
+        let sink = Sink::default();
+        for n in 0..4 {
+            assert!(sink.push(delivery(n, BUDGET / 4 - 100)));
+        }
+        let fit = RETAINED_BUDGET / std::mem::size_of::<Message>();
+        sink.push_retained((0..fit + 3).map(|n| delivery(n, 10)));
+        assert_eq!(
+            sink.lock().queue.len(),
+            4 + fit,
+            "a full live budget takes nothing from it"
+        );
+        assert_eq!(sink.lock().dropped, 3);
+        let taken = sink.take(4 + fit).await;
+        assert_eq!(taken.dropped, 3);
+        assert!(taken.deliveries[4..].iter().all(|m| m.retain));
+        let state = sink.lock();
+        assert_eq!((state.bytes, state.retained_bytes), (0, 0));
     }
 }

@@ -10,10 +10,12 @@
 //! SUBACK, UNSUBACK and PINGRESP. Session takeover is done by the
 //! [`crate::registry`].
 //!
-//! Two shortcuts skip the router thread: a clean linked session's QoS 0
-//! device messages come from the edge ([`crate::direct`]), and a
-//! controller's commands go straight to the device's session
-//! (`Action::Command`).
+//! Two shortcuts skip the router thread: a clean linked session's device
+//! messages come from the edge ([`crate::direct`]; the edge answers the
+//! SUBSCRIBE and UNSUBSCRIBE of a clean, unscoped session whose filters
+//! are all on a device's own leaves, numbers its QoS 1 deliveries from 101
+//! and keeps the client's PUBACKs for them), and a controller's commands
+//! go straight to the device's session (`Action::Command`).
 //!
 //! Contract notes for devices:
 //! - A device always gets a clean session. One that asks for
