@@ -9,7 +9,7 @@
 //! bench (docs/BENCHMARKS.md).
 //!
 //! **When.** Two ways ([`crate::interest`]):
-//! - A clean, unscoped linked session's SUBSCRIBE whose filters are all on
+//! - A clean linked session's SUBSCRIBE whose filters are all on
 //!   a device's own leaves (`devices/<id or +>/<reported, telemetry, acks,
 //!   csr or presence>`) is answered by the edge, and the router never holds
 //!   those filters. Every message on such a topic reaches the edge first
@@ -26,8 +26,7 @@
 //!
 //! Everything else is the router's, as before: `$share` groups (it picks
 //! the member), persistent sessions (it queues while the client is away),
-//! in-process links, scoped operators (their QoS 1 bookkeeping is the
-//! router's packet ids), filters outside a device's own leaves (`#`,
+//! in-process links, filters outside a device's own leaves (`#`,
 //! `devices/#`, commands).
 //!
 //! **Order.** For a subscription the edge holds, all of a device's
@@ -62,7 +61,9 @@
 //! **Who sees what** is unchanged: the filters here are the ones the ACL
 //! granted (a SUBSCRIBE with one refused filter is refused whole), and a
 //! scoped operator's deliveries pass the same per-delivery scope check as
-//! the router's.
+//! the router's. One of the edge's QoS 1 deliveries that the check drops
+//! is simply not sent: its packet id is free again, and unlike the
+//! router's it owes nobody a PUBACK.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;

@@ -15,8 +15,8 @@
 //! are added before the SUBSCRIBE reaches the router and removed only
 //! after the UNSUBSCRIBE or the clean end was handed to it.
 //!
-//! The table also holds subscriptions the router never hears of: a clean,
-//! unscoped session's filters on a device's own leaves, which the edge
+//! The table also holds subscriptions the router never hears of: a clean
+//! session's filters on a device's own leaves, which the edge
 //! serves itself, with the last retained message of each device topic
 //! ([`crate::direct`] says when and why). Those are never "wanted": the
 //! router does not serve them.
@@ -71,7 +71,7 @@ struct Table {
     /// Clean linked sessions' queues for messages the edge delivers itself
     /// ([`crate::direct`]).
     sinks: HashMap<Holder, Arc<Sink>>,
-    /// Filters on device topics that clean, unscoped linked sessions hold
+    /// Filters on device topics that clean linked sessions hold
     /// at the edge alone ([`is_edge_filter`]; the router never hears of
     /// them): filter → holder and granted QoS.
     edge: HashMap<String, Vec<(Holder, u8)>>,

@@ -12,7 +12,7 @@
 //!
 //! Two shortcuts skip the router thread: a clean linked session's device
 //! messages come from the edge ([`crate::direct`]; the edge answers the
-//! SUBSCRIBE and UNSUBSCRIBE of a clean, unscoped session whose filters
+//! SUBSCRIBE and UNSUBSCRIBE of a clean session whose filters
 //! are all on a device's own leaves, numbers its QoS 1 deliveries from 101
 //! and keeps the client's PUBACKs for them), and a controller's commands
 //! go straight to the device's session (`Action::Command`).
@@ -470,10 +470,7 @@ impl Session {
             holder: link.as_ref().map(|l| l.holder),
             router_pubacks: 0,
             edge_acks: None,
-            // A scoped operator's deliveries pass the scope filter, whose
-            // bookkeeping of QoS 1 is the router's packet ids'.
-            edge_subscriptions: link.as_ref().is_some_and(|l| l.sink.is_some())
-                && crate::acl::scoped_org(&self.who).is_none(),
+            edge_subscriptions: link.as_ref().is_some_and(|l| l.sink.is_some()),
         };
         // Devices get their commands from the edge's dispatcher, not the router.
         let inbox = state.inbox.clone();
@@ -923,9 +920,14 @@ impl Session {
             let core = &mut state.core;
             match core.on_delivery(&self.wbuf[at..], &self.who, &self.shared.scopes) {
                 Delivery::Write => core.on_sent(&self.wbuf[at..]),
-                // Only QoS 0 comes here for a scoped operator (it holds no
-                // subscription at the edge), so no packet id is given back.
-                Delivery::Drop { .. } => self.wbuf.truncate(at),
+                // Out of a scoped operator's scope: never sent, so its
+                // packet id is free again and nobody else is told.
+                Delivery::Drop { .. } => {
+                    self.wbuf.truncate(at);
+                    if let Some(acks) = &mut state.edge_acks {
+                        acks.acked(pkid);
+                    }
+                }
                 Delivery::Close(end) => return Err(format!("{end:?}")),
             }
         }
@@ -1046,7 +1048,7 @@ struct PumpState {
     /// boxed and made on the first: most sessions never get one.
     edge_acks: Option<Box<EdgeAcks>>,
     /// Whether the edge may hold this session's device subscriptions
-    /// itself (clean and unscoped: [`crate::interest`]).
+    /// itself (clean: [`crate::interest`]).
     edge_subscriptions: bool,
 }
 

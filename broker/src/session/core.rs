@@ -401,8 +401,13 @@ impl Core {
             Some((device, _)) => state.cache.allows(scopes, org, device),
             None => true,
         };
+        // The edge's own QoS 1 deliveries ([`crate::direct`]) owe the
+        // router nothing: one out of scope is simply not sent.
+        let edge = pkid >= crate::direct::FIRST_PKID;
         match (visible, qos) {
             (true, 0) => Delivery::Write,
+            (true, 1) if edge => Delivery::Write,
+            (false, 1) if edge => Delivery::Drop { acks: Box::new([]) },
             (true, _) => {
                 state.unacked.push_back((pkid, false));
                 Delivery::Write
@@ -1494,6 +1499,30 @@ mod tests {
                         vec![Action::Log(Note::UnexpectedAck {
                             kind: AckKind::PubAck,
                             pkid: 3,
+                        })],
+                    ),
+                ],
+            ),
+            case(
+                "the edge's own QoS 1 deliveries: outside the scope not sent and owed to nobody",
+                bob(),
+                vec![
+                    Scope(lighting),
+                    Deliver(lamp(1, 2), Delivery::Write),
+                    Deliver(cam(1, 101), drop(&[])),
+                    Deliver(lamp(1, 102), Delivery::Write),
+                    // The router's delivery before still waits for its PUBACK.
+                    Deliver(cam(1, 3), drop(&[])),
+                    In(puback(102), vec![Action::EdgeAcked(102)]),
+                    In(
+                        puback(2),
+                        vec![Action::Link, Action::RouterAcks(Box::new([3]))],
+                    ),
+                    In(
+                        puback(101),
+                        vec![Action::Log(Note::UnexpectedAck {
+                            kind: AckKind::PubAck,
+                            pkid: 101,
                         })],
                     ),
                 ],

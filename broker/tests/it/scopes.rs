@@ -441,8 +441,10 @@ async fn an_operator_of_an_organisation_without_a_scope_sees_no_device() {
 }
 
 /// The router keeps a window of 100 unacknowledged QoS 1 deliveries per
-/// connection: dropped deliveries it never got an ack for would close it
-/// after 100 and nothing in scope would arrive again.
+/// connection, and so does the edge for its own (which serves this
+/// subscription: `broker/src/direct.rs`): dropped deliveries never
+/// acknowledged or released would fill it after 100, and nothing in scope
+/// would arrive again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_qos1_deliveries_do_not_stall_the_ones_in_scope() {
     let (t, broker) = setup().await;
