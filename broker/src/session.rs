@@ -696,10 +696,13 @@ impl Session {
                     }
                     Packet::Unsubscribe(unsub, _) => {
                         let filters: Vec<&str> = unsub.filters.iter().map(String::as_str).collect();
-                        if interest.unsubscribe_at_edge(holder, &filters)
-                            && state.edge_subscriptions
-                        {
-                            mqtt::Outbound::UnsubAck(unsub.pkid).encode(&mut self.wbuf);
+                        let router_free = interest.unsubscribe_at_edge(holder, &filters);
+                        // rumqttd answers an UNSUBSCRIBE once per filter it
+                        // held, and not at all when it held none: the edge
+                        // answers it, once, and drops the router's answers
+                        // (`forward`).
+                        mqtt::Outbound::UnsubAck(unsub.pkid).encode(&mut self.wbuf);
+                        if router_free && state.edge_subscriptions {
                             return Ok(());
                         }
                         Some(unsub.filters.clone())
@@ -853,8 +856,11 @@ impl Session {
         }
         let mut router_acks = Vec::new();
         for packet in packets {
-            if let Packet::PubAck(..) = packet {
-                state.router_pubacks = state.router_pubacks.saturating_sub(1);
+            match packet {
+                Packet::PubAck(..) => state.router_pubacks = state.router_pubacks.saturating_sub(1),
+                // The edge answered the UNSUBSCRIBE (`perform`).
+                Packet::UnsubAck(..) => continue,
+                _ => {}
             }
             let at = self.wbuf.len();
             V4.write(packet, &mut self.wbuf)

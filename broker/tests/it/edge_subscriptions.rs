@@ -300,3 +300,40 @@ async fn a_subscriber_that_does_not_acknowledge_gets_at_most_100_qos1_messages()
     assert!(ids.len() >= 100, "distinct ids while in flight");
     broker.shutdown().await;
 }
+
+/// Every UNSUBSCRIBE is answered once, by the edge, whoever held the
+/// filters: rumqttd answers one for filters it never held not at all, and
+/// one per filter it held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_unsubscribe_is_answered_once() {
+    let pki = TestPki::new();
+    pki.issue(Role::Device, "lamp1");
+    pki.issue(Role::Operator, "carol");
+    let broker = start(pki.path(), test_limits()).await;
+    let addr = broker.local_addr();
+    // A persistent session: the router holds its filters.
+    let (carol, eventloop) = mqtt_with(addr, tls_config(pki.path(), Some("carol")), "carol", |o| {
+        o.set_clean_session(false);
+    });
+    let (carol, mut rx) = watching(carol, eventloop, &["devices/+/reported", "fleet/#"]).await;
+    let unsuback = [(String::new(), String::new(), false)];
+    for filter in ["devices/nobody/telemetry", "devices/+/reported", "fleet/#"] {
+        carol.unsubscribe(filter).await.expect("unsubscribe");
+        assert_eq!(
+            seen(&gather(&mut rx, 1).await),
+            unsuback,
+            "one UNSUBACK for {filter}"
+        );
+    }
+    let (lamp, _) = connected(addr, pki.path(), "lamp1", &[]).await;
+    publish(
+        &lamp,
+        &topics::reported("lamp1"),
+        QoS::AtLeastOnce,
+        false,
+        "{}",
+    )
+    .await;
+    assert!(gather(&mut rx, 0).await.is_empty(), "unsubscribed");
+    broker.shutdown().await;
+}
