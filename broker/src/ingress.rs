@@ -102,14 +102,14 @@ impl Routing {
     /// (to store a retained one, or for a subscription held there).
     fn route(&self, packet: &Packet, sinks: &mut Sinks) -> bool {
         sinks.clear();
-        let Some((message, topic)) = published(packet) else {
+        let Some(message) = published(packet) else {
             return true;
         };
         // A topic that may hold a retained message (a device's reports; its
         // presence is always retained) takes the router whatever the flag
         // for the router's own subscriptions, so retained and live messages
         // on it keep their order for them.
-        let retainable = cityplane_proto::topics::split_device_topic(topic)
+        let retainable = cityplane_proto::topics::split_device_topic(message.topic)
             .is_some_and(|(_, leaf)| crate::acl::DEVICE_RETAINABLE_LEAVES.contains(&leaf));
         self.interest.route(&message, retainable, sinks)
     }
@@ -119,7 +119,7 @@ impl Routing {
     /// whose subscriptions the edge holds (the router knows nothing of
     /// them).
     pub(crate) fn at_edge(&self, packet: &Packet) {
-        let Some((message, _)) = published(packet) else {
+        let Some(message) = published(packet) else {
             return;
         };
         let mut sinks = Vec::new();
@@ -130,8 +130,8 @@ impl Routing {
     }
 }
 
-/// A publish as [`crate::interest`] routes it, and its topic.
-fn published(packet: &Packet) -> Option<(Published<'_>, &str)> {
+/// A publish as [`crate::interest`] routes it.
+fn published(packet: &Packet) -> Option<Published<'_>> {
     let Packet::Publish(publish, _) = packet else {
         return None;
     };
@@ -141,14 +141,13 @@ fn published(packet: &Packet) -> Option<(Published<'_>, &str)> {
     } else {
         1
     };
-    let message = Published {
+    Some(Published {
         topic,
         topic_bytes: &publish.topic,
         payload: &publish.payload,
         qos,
         retain: publish.retain,
-    };
-    Some((message, topic))
+    })
 }
 
 /// The router no longer takes packets (its thread is gone).

@@ -169,13 +169,7 @@ impl Table {
         if !is_edge_topic(topic) {
             return;
         }
-        let exact = self.edge.get(topic);
-        let wild = self
-            .edge_wild
-            .iter()
-            .filter(|f| matches(f, topic))
-            .filter_map(|f| self.edge.get(f.as_str()));
-        for &(holder, granted) in exact.into_iter().chain(wild).flatten() {
+        for &(holder, granted) in matching(&self.edge, &self.edge_wild, topic) {
             if let Some(sink) = self.sinks.get(&holder) {
                 out.push((sink.clone(), granted.min(message.qos)));
             }
@@ -191,14 +185,8 @@ impl Table {
         if message.retain {
             return true;
         }
-        let exact = self.filters.get(topic);
-        let wild = self
-            .wild
-            .iter()
-            .filter(|f| matches(f, topic))
-            .filter_map(|f| self.filters.get(f.as_str()));
         let mark = out.len();
-        for &(holder, shared) in exact.into_iter().chain(wild).flatten() {
+        for &(holder, shared) in matching(&self.filters, &self.wild, topic) {
             // `$` topics are not for wildcards (MQTT 4.7.2), which `matches`
             // does not check: the router decides those.
             let sink = self
@@ -396,31 +384,41 @@ impl Interest {
     }
 }
 
-/// The leaves of device topics the edge serves subscriptions to itself:
-/// what a device publishes (through the ingress) and its presence.
-const EDGE_LEAVES: [&str; 5] = [
-    "reported",
-    "telemetry",
-    "acks",
-    topics::DEVICE_CSR_LEAF,
-    topics::DEVICE_WILL_LEAF,
-];
+/// A leaf of a device topic the edge serves subscriptions to itself: what
+/// a device publishes (through the ingress) and its presence.
+fn is_edge_leaf(leaf: &str) -> bool {
+    topics::DEVICE_PUBLISH_LEAVES.contains(&leaf) || leaf == topics::DEVICE_WILL_LEAF
+}
 
 /// A device topic whose subscriptions the edge may hold:
-/// `devices/<id>/<leaf>` with a leaf of [`EDGE_LEAVES`].
+/// `devices/<id>/<leaf>` with a leaf of [`is_edge_leaf`].
 pub(crate) fn is_edge_topic(topic: &str) -> bool {
-    topics::split_device_topic(topic).is_some_and(|(_, leaf)| EDGE_LEAVES.contains(&leaf))
+    topics::split_device_topic(topic).is_some_and(|(_, leaf)| is_edge_leaf(leaf))
 }
 
 /// A filter the edge may hold instead of the router: `devices/<id or
-/// +>/<leaf>` with a leaf of [`EDGE_LEAVES`]. It matches only topics that
+/// +>/<leaf>` with a leaf of [`is_edge_leaf`]. It matches only topics that
 /// reach the edge's routing (a device's publishes and presence, through
 /// the ingress; a linked client's, [`Interest::route_at_edge`]), never a
 /// device's commands (a controller's link) or image path.
 pub(crate) fn is_edge_filter(filter: &str) -> bool {
-    topics::split_device_topic(filter).is_some_and(|(id, leaf)| {
-        EDGE_LEAVES.contains(&leaf) && (id == "+" || !id.contains(['+', '#']))
-    })
+    topics::split_device_topic(filter)
+        .is_some_and(|(id, leaf)| is_edge_leaf(leaf) && (id == "+" || !id.contains(['+', '#'])))
+}
+
+/// The subscriptions in `filters` whose filter matches `topic`: the exact
+/// one, then those of the filters with a wildcard (`wild`).
+fn matching<'a, T>(
+    filters: &'a HashMap<String, Vec<T>>,
+    wild: &'a [String],
+    topic: &'a str,
+) -> impl Iterator<Item = &'a T> {
+    let exact = filters.get(topic);
+    let wild = wild
+        .iter()
+        .filter(move |f| matches(f, topic))
+        .filter_map(move |f| filters.get(f.as_str()));
+    exact.into_iter().chain(wild).flatten()
 }
 
 /// The filter without a `$share/<group>/` prefix, and whether it had one.

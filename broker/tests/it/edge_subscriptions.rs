@@ -22,6 +22,21 @@ async fn watcher(
     watching(client, eventloop, filters).await
 }
 
+/// [`watcher`] with a persistent session (the router holds its filters).
+async fn persistent_watcher(
+    addr: std::net::SocketAddr,
+    pki: &std::path::Path,
+    id: &str,
+    client_id: &str,
+    filters: &[&str],
+) -> (AsyncClient, UnboundedReceiver<Publish>) {
+    let tls = tls_config(pki, Some(id));
+    let (client, eventloop) = mqtt_with(addr, tls, client_id, |o| {
+        o.set_clean_session(false);
+    });
+    watching(client, eventloop, filters).await
+}
+
 /// (topic, payload, retain) of each, in arrival order.
 fn seen(got: &[Publish]) -> Vec<(String, String, bool)> {
     got.iter()
@@ -138,15 +153,14 @@ async fn a_new_subscriber_gets_each_retained_device_message_once_then_live_ones(
     );
 
     // The router kept its copies for the sessions it serves.
-    let (carol, eventloop) = mqtt_with(
+    let (_carol, mut carol) = persistent_watcher(
         addr,
-        tls_config(pki.path(), Some("carol")),
+        pki.path(),
+        "carol",
         "carol:p",
-        |o| {
-            o.set_clean_session(false);
-        },
-    );
-    let (_carol, mut carol) = watching(carol, eventloop, &["devices/+/reported"]).await;
+        &["devices/+/reported"],
+    )
+    .await;
     let mut got = seen(&gather(&mut carol, 2).await);
     got.sort();
     assert_eq!(
@@ -312,10 +326,8 @@ async fn every_unsubscribe_is_answered_once() {
     let broker = start(pki.path(), test_limits()).await;
     let addr = broker.local_addr();
     // A persistent session: the router holds its filters.
-    let (carol, eventloop) = mqtt_with(addr, tls_config(pki.path(), Some("carol")), "carol", |o| {
-        o.set_clean_session(false);
-    });
-    let (carol, mut rx) = watching(carol, eventloop, &["devices/+/reported", "fleet/#"]).await;
+    let filters = ["devices/+/reported", "fleet/#"];
+    let (carol, mut rx) = persistent_watcher(addr, pki.path(), "carol", "carol", &filters).await;
     let unsuback = [(String::new(), String::new(), false)];
     for filter in ["devices/nobody/telemetry", "devices/+/reported", "fleet/#"] {
         carol.unsubscribe(filter).await.expect("unsubscribe");
