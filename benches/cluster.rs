@@ -34,7 +34,7 @@
 //! `cargo bench -p cityplane --bench cluster [-- --sizes 500,1000]
 //! [--reports R] [--applies K] [--only embedded|cluster] [--base-port P]
 //! [--shards N] [--controllers K] [--quiet-wait S] [--in-flight H]
-//! [--connect-limit S]`; env `CITYPLANE_BENCH_SIZES`, `CITYPLANE_BENCH_REPORTS`
+//! [--connect-limit S] [--command-timeout S]`; env `CITYPLANE_BENCH_SIZES`, `CITYPLANE_BENCH_REPORTS`
 //! (default 5), `CITYPLANE_BENCH_APPLIES` (3), `CITYPLANE_BENCH_ONLY`,
 //! `CITYPLANE_BENCH_BASE_PORT` (29630), `CITYPLANE_BENCH_SHARDS` (device
 //! messages through N shard sessions), `CITYPLANE_BENCH_CONTROLLERS` (K
@@ -43,7 +43,9 @@
 //! to wait for a load average below 0.8 before starting, default 600; 0 = do
 //! not wait), `CITYPLANE_BENCH_IN_FLIGHT` (handshakes in flight, default
 //! 200), `CITYPLANE_BENCH_CONNECT_LIMIT` (seconds the connect phase may
-//! take, default 600). Without rabbitmq-server installed the cluster side is skipped
+//! take, default 600), `CITYPLANE_BENCH_COMMAND_TIMEOUT` (the cluster's
+//! controllers' `--command-timeout-secs`; their default 10 when unset).
+//! Without rabbitmq-server installed the cluster side is skipped
 //! (said on stdout and in the JSON). Prints a summary and `BENCH_JSON {…}`;
 //! writes target/bench/cluster.json, logs under target/bench/cluster/.
 
@@ -105,6 +107,9 @@ struct Args {
     in_flight: usize,
     /// How long the connect phase may take before the size is given up.
     connect_limit: Duration,
+    /// The cluster's controllers' `--command-timeout-secs` (their default
+    /// when unset).
+    command_timeout: Option<u64>,
 }
 
 fn args() -> Result<Args> {
@@ -141,6 +146,9 @@ fn args() -> Result<Args> {
         connect_limit: Duration::from_secs(
             env("CITYPLANE_BENCH_CONNECT_LIMIT").map_or(Ok(600), |v| v.parse())?,
         ),
+        command_timeout: env("CITYPLANE_BENCH_COMMAND_TIMEOUT")
+            .map(|v| v.parse())
+            .transpose()?,
     };
     bench::parse_args(std::env::args().skip(1), |key, value| {
         match key {
@@ -154,6 +162,7 @@ fn args() -> Result<Args> {
             "--controllers" => a.controllers = value()?.parse()?,
             "--in-flight" => a.in_flight = value()?.parse()?,
             "--connect-limit" => a.connect_limit = Duration::from_secs(value()?.parse()?),
+            "--command-timeout" => a.command_timeout = Some(value()?.parse()?),
             _ => return Ok(false),
         }
         Ok(true)
@@ -552,6 +561,9 @@ async fn start(side: Side, a: &Args, pki: &Path, dir: &Path) -> Result<Deploymen
                 }
                 if let Some(pg) = &store {
                     cmd.arg("--store").arg(pg.url());
+                }
+                if let Some(secs) = a.command_timeout {
+                    cmd.arg("--command-timeout-secs").arg(secs.to_string());
                 }
                 let controller = ChildGuard::new(
                     cmd.stdin(Stdio::null())
@@ -1235,6 +1247,7 @@ async fn run() -> Result<()> {
         "applies": a.applies,
         "handshakes_in_flight": a.in_flight,
         "connect_limit_s": a.connect_limit.as_secs(),
+        "cluster_command_timeout_s": a.command_timeout,
         "repetition": format!("each size once per deployment; the converge {} times (medians); connect and reports once", a.applies),
         "results": results,
         "fits": fits,

@@ -100,6 +100,18 @@ pub struct ControllerOpts {
     /// reveals no secret
     #[arg(long, env = "CITYPLANE_SECRETS_KEY")]
     pub secrets_key: Option<PathBuf>,
+    /// How long a command may go without effect (no report showing it)
+    /// before it is sent again, in seconds; re-sends then also wait a
+    /// backoff (1 s doubling each time, at most 60 s). Raise it where round
+    /// trips are slow: on a RabbitMQ cluster that shares small machines, a
+    /// fleet-wide change can take longer than 10 s to come back, and every
+    /// early re-send is more load (docs/DEPLOYMENT.md)
+    #[arg(long, env = "CITYPLANE_COMMAND_TIMEOUT_SECS", value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub command_timeout_secs: u64,
+    /// Sends of one change (the first included) before a device that shows
+    /// no effect is marked Failed
+    #[arg(long, env = "CITYPLANE_COMMAND_ATTEMPTS", value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub command_attempts: u32,
 }
 
 impl ControllerOpts {
@@ -113,13 +125,15 @@ impl ControllerOpts {
         cc.max_firmware_bytes = self.max_firmware_mib << 20;
         cc.secrets_key = self.secrets_key.clone();
         cc.intent_keep = std::time::Duration::from_secs(self.intent_keep_secs);
+        cc.retry.command_timeout = std::time::Duration::from_secs(self.command_timeout_secs);
+        cc.retry.max_attempts = self.command_attempts;
         cc
     }
 
     /// The `--print-config` lines of these settings.
     pub fn print(&self) {
         println!(
-            "\n# controller (flags or environment)\n# data = {:?}   # CITYPLANE_DATA\n# store = {:?}   # CITYPLANE_STORE\n# store_cache_mib = {}   # CITYPLANE_STORE_CACHE_MIB\n# rollout_tick_ms = {}   # CITYPLANE_ROLLOUT_TICK_MS\n# compliance_tick_ms = {}   # CITYPLANE_COMPLIANCE_TICK_MS\n# max_firmware_mib = {}   # CITYPLANE_MAX_FIRMWARE_MIB\n# intent_keep_secs = {}   # CITYPLANE_INTENT_KEEP_SECS\n# secrets_key = {:?}   # CITYPLANE_SECRETS_KEY",
+            "\n# controller (flags or environment)\n# data = {:?}   # CITYPLANE_DATA\n# store = {:?}   # CITYPLANE_STORE\n# store_cache_mib = {}   # CITYPLANE_STORE_CACHE_MIB\n# rollout_tick_ms = {}   # CITYPLANE_ROLLOUT_TICK_MS\n# compliance_tick_ms = {}   # CITYPLANE_COMPLIANCE_TICK_MS\n# max_firmware_mib = {}   # CITYPLANE_MAX_FIRMWARE_MIB\n# intent_keep_secs = {}   # CITYPLANE_INTENT_KEEP_SECS\n# secrets_key = {:?}   # CITYPLANE_SECRETS_KEY\n# command_timeout_secs = {}   # CITYPLANE_COMMAND_TIMEOUT_SECS\n# command_attempts = {}   # CITYPLANE_COMMAND_ATTEMPTS",
             self.data.display().to_string(),
             self.store.as_ref().map(|u| u.to_string()).unwrap_or_default(),
             self.store_cache_mib,
@@ -132,6 +146,8 @@ impl ControllerOpts {
                 .unwrap_or_else(|| cityplane_controller::secrets::default_key_path(&self.data))
                 .display()
                 .to_string(),
+            self.command_timeout_secs,
+            self.command_attempts,
         );
     }
 }
@@ -240,4 +256,42 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 /// error for a refused value quotes it, password and all.
 fn parse_store_url(url: &str) -> Result<StoreUrl, String> {
     Ok(StoreUrl(url.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use cityplane_controller::reconcile::RetryPolicy;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Opts {
+        #[command(flatten)]
+        controller: super::ControllerOpts,
+    }
+
+    fn retry(args: &[&str]) -> Result<RetryPolicy, clap::Error> {
+        let args = std::iter::once("cityplane").chain(args.iter().copied());
+        Opts::try_parse_from(args).map(|o| o.controller.config().retry)
+    }
+
+    #[test]
+    fn the_command_timeout_and_attempts_come_from_the_flags() {
+        let set =
+            retry(&["--command-timeout-secs", "45", "--command-attempts", "8"]).expect("valid");
+        assert_eq!(set.command_timeout, Duration::from_secs(45));
+        assert_eq!(set.max_attempts, 8);
+        // The backoff is not a setting.
+        assert_eq!(set.backoff_base, RetryPolicy::default().backoff_base);
+        assert_eq!(retry(&[]).expect("defaults"), RetryPolicy::default());
+        for bad in [
+            ["--command-timeout-secs", "0"],
+            ["--command-timeout-secs", "3601"],
+            ["--command-attempts", "0"],
+        ] {
+            let err = retry(&bad).expect_err("out of range").to_string();
+            assert!(err.contains(bad[0]), "{bad:?}: {err}");
+        }
+    }
 }
