@@ -34,7 +34,7 @@
 //! `cargo bench -p cityplane --bench cluster [-- --sizes 500,1000]
 //! [--reports R] [--applies K] [--only embedded|cluster] [--base-port P]
 //! [--shards N] [--controllers K] [--quiet-wait S] [--in-flight H]
-//! [--connect-limit S] [--command-timeout S]`; env `CITYPLANE_BENCH_SIZES`, `CITYPLANE_BENCH_REPORTS`
+//! [--connect-limit S] [--command-timeout S] [--connect-rate R]`; env `CITYPLANE_BENCH_SIZES`, `CITYPLANE_BENCH_REPORTS`
 //! (default 5), `CITYPLANE_BENCH_APPLIES` (3), `CITYPLANE_BENCH_ONLY`,
 //! `CITYPLANE_BENCH_BASE_PORT` (29630), `CITYPLANE_BENCH_SHARDS` (device
 //! messages through N shard sessions), `CITYPLANE_BENCH_CONTROLLERS` (K
@@ -44,7 +44,9 @@
 //! not wait), `CITYPLANE_BENCH_IN_FLIGHT` (handshakes in flight, default
 //! 200), `CITYPLANE_BENCH_CONNECT_LIMIT` (seconds the connect phase may
 //! take, default 600), `CITYPLANE_BENCH_COMMAND_TIMEOUT` (the cluster's
-//! controllers' `--command-timeout-secs`; their default 10 when unset).
+//! controllers' `--command-timeout-secs`; their default 10 when unset),
+//! `CITYPLANE_BENCH_CONNECT_RATE` (new device connections per second on
+//! the cluster, reconnects included; default 0, unpaced).
 //! Without rabbitmq-server installed the cluster side is skipped
 //! (said on stdout and in the JSON). Prints a summary and `BENCH_JSON {…}`;
 //! writes target/bench/cluster.json, logs under target/bench/cluster/.
@@ -110,6 +112,11 @@ struct Args {
     /// The cluster's controllers' `--command-timeout-secs` (their default
     /// when unset).
     command_timeout: Option<u64>,
+    /// New device connections per second on the cluster, reconnects
+    /// included (0: unpaced). Each device's command subscription declares a
+    /// queue (a Mnesia transaction over the three nodes), which follows
+    /// the handshake: `--in-flight` alone does not bound them.
+    connect_rate: f64,
 }
 
 fn args() -> Result<Args> {
@@ -149,6 +156,7 @@ fn args() -> Result<Args> {
         command_timeout: env("CITYPLANE_BENCH_COMMAND_TIMEOUT")
             .map(|v| v.parse())
             .transpose()?,
+        connect_rate: env("CITYPLANE_BENCH_CONNECT_RATE").map_or(Ok(0.0), |v| v.parse())?,
     };
     bench::parse_args(std::env::args().skip(1), |key, value| {
         match key {
@@ -163,6 +171,7 @@ fn args() -> Result<Args> {
             "--in-flight" => a.in_flight = value()?.parse()?,
             "--connect-limit" => a.connect_limit = Duration::from_secs(value()?.parse()?),
             "--command-timeout" => a.command_timeout = Some(value()?.parse()?),
+            "--connect-rate" => a.connect_rate = value()?.parse()?,
             _ => return Ok(false),
         }
         Ok(true)
@@ -175,8 +184,10 @@ fn args() -> Result<Args> {
         || a.reports == 0
         || a.applies == 0
         || a.in_flight == 0
+        || a.connect_rate.is_nan()
+        || a.connect_rate < 0.0
     {
-        bail!("sizes, --reports, --applies and --in-flight must be at least 1");
+        bail!("sizes, --reports, --applies and --in-flight must be at least 1, --connect-rate at least 0");
     }
     Ok(a)
 }
@@ -738,7 +749,10 @@ async fn phases(d: &Deployment, n: usize, a: &Args, pki: &Path, dir: &Path) -> R
         sim.commands_qos = 0;
     }
     sim.mix = "streetlight=1".parse().map_err(anyhow::Error::msg)?;
-    sim.connect_rate = 0.0;
+    sim.connect_rate = match d.side {
+        Side::Embedded => 0.0,
+        Side::Cluster => a.connect_rate,
+    };
     sim.max_connecting = a.in_flight;
     sim.connect_timeout = Duration::from_secs(30);
     sim.keep_alive = 60;
@@ -1248,6 +1262,7 @@ async fn run() -> Result<()> {
         "handshakes_in_flight": a.in_flight,
         "connect_limit_s": a.connect_limit.as_secs(),
         "cluster_command_timeout_s": a.command_timeout,
+        "cluster_connect_rate_per_s": a.connect_rate,
         "repetition": format!("each size once per deployment; the converge {} times (medians); connect and reports once", a.applies),
         "results": results,
         "fits": fits,

@@ -49,6 +49,7 @@ use tokio::time::{timeout, Instant};
 
 use self::core::{Action, Core, Delivery, End, Env, Fetch, Note};
 use crate::handshake::Pending;
+use crate::interest::is_edge_filter;
 use crate::mqtt::outbound::{self, disconnect_packet, presence_packet, will_packet};
 use crate::mqtt::{self, Frame, Inbound, ProtocolError, Will};
 use crate::quota::IdentityQuota;
@@ -471,6 +472,7 @@ impl Session {
             router_pubacks: 0,
             edge_acks: None,
             edge_subscriptions: link.as_ref().is_some_and(|l| l.sink.is_some()),
+            split_subacks: Default::default(),
         };
         // Devices get their commands from the edge's dispatcher, not the router.
         let inbox = state.inbox.clone();
@@ -670,21 +672,57 @@ impl Session {
                 let interest = &self.shared.routing.interest;
                 let holder = state.holder.unwrap_or_default();
                 let unsubscribed = match &*packet {
-                    Packet::Subscribe(sub, _) => {
+                    Packet::Subscribe(sub, props) => {
                         let filters: Vec<(&str, u8)> = sub
                             .filters
                             .iter()
                             .map(|f| (f.path.as_str(), f.qos as u8))
                             .collect();
-                        if state.edge_subscriptions && interest.subscribe_at_edge(holder, &filters)
+                        let edge: Vec<(&str, u8)> = filters
+                            .iter()
+                            .copied()
+                            .filter(|(f, _)| is_edge_filter(f))
+                            .collect();
+                        if state.edge_subscriptions
+                            && !edge.is_empty()
+                            && interest.subscribe_at_edge(holder, &edge)
                         {
-                            // Granted as asked, as the router grants.
-                            let codes = filters.iter().map(|(_, q)| *q).collect();
-                            mqtt::Outbound::SubAck {
-                                pkid: sub.pkid,
-                                codes,
+                            if edge.len() == filters.len() {
+                                // Granted as asked, as the router grants.
+                                let codes = filters.iter().map(|(_, q)| *q).collect();
+                                mqtt::Outbound::SubAck {
+                                    pkid: sub.pkid,
+                                    codes,
+                                }
+                                .encode(&mut self.wbuf);
+                                return Ok(());
                             }
-                            .encode(&mut self.wbuf);
+                            // Device filters beside others (`mosquitto_sub
+                            // -t devices/+/reported -t fleet/status` is one
+                            // SUBSCRIBE): the edge keeps the device ones, so
+                            // a device's messages keep their order across its
+                            // topics, and the router takes the rest and
+                            // answers for them; `forward` puts the edge's
+                            // codes back in their places in that SUBACK.
+                            let codes = filters
+                                .iter()
+                                .map(|(f, q)| is_edge_filter(f).then_some(*q))
+                                .collect();
+                            state.split_subacks.insert(sub.pkid, codes);
+                            let rest: Vec<_> = sub
+                                .filters
+                                .iter()
+                                .filter(|f| !is_edge_filter(&f.path))
+                                .cloned()
+                                .collect();
+                            interest.add(holder, rest.iter().map(|f| f.path.as_str()));
+                            let rest = rumqttd::protocol::Subscribe {
+                                pkid: sub.pkid,
+                                filters: rest,
+                            };
+                            to_link(tx, Packet::Subscribe(rest, props.clone()))?
+                                .await
+                                .map_err(router_gone)?;
                             return Ok(());
                         }
                         // A filter the edge held moves to the router, which
@@ -860,6 +898,16 @@ impl Session {
                 Packet::PubAck(..) => state.router_pubacks = state.router_pubacks.saturating_sub(1),
                 // The edge answered the UNSUBSCRIBE (`perform`).
                 Packet::UnsubAck(..) => continue,
+                Packet::SubAck(ack, _) if state.split_subacks.contains_key(&ack.pkid) => {
+                    let split = state.split_subacks.remove(&ack.pkid).unwrap_or_default();
+                    let codes = merge_suback(split, &ack.return_codes);
+                    mqtt::Outbound::SubAck {
+                        pkid: ack.pkid,
+                        codes,
+                    }
+                    .encode(&mut self.wbuf);
+                    continue;
+                }
                 _ => {}
             }
             let at = self.wbuf.len();
@@ -1056,6 +1104,31 @@ struct PumpState {
     /// Whether the edge may hold this session's device subscriptions
     /// itself (clean: [`crate::interest`]).
     edge_subscriptions: bool,
+    /// SUBSCRIBEs split between the edge and the router, by packet id: the
+    /// code the edge granted each filter it kept, `None` where the router's
+    /// SUBACK has the code. At most one per packet id.
+    split_subacks: std::collections::HashMap<u16, Vec<Option<u8>>>,
+}
+
+/// The SUBACK codes of a split SUBSCRIBE, in the order of its filters: the
+/// edge's where it kept the filter, the router's in turn for the others (a
+/// failure should the router answer fewer, as a client reusing a packet id
+/// too early could make it).
+fn merge_suback(
+    split: Vec<Option<u8>>,
+    router: &[rumqttd::protocol::SubscribeReasonCode],
+) -> Box<[u8]> {
+    use rumqttd::protocol::{QoS, SubscribeReasonCode as Code};
+    let mut router = router.iter().map(|code| match code {
+        Code::QoS0 | Code::Success(QoS::AtMostOnce) => 0,
+        Code::QoS1 | Code::Success(QoS::AtLeastOnce) => 1,
+        Code::QoS2 | Code::Success(QoS::ExactlyOnce) => 2,
+        _ => 0x80,
+    });
+    split
+        .into_iter()
+        .map(|edge| edge.or_else(|| router.next()).unwrap_or(0x80))
+        .collect()
 }
 
 impl PumpState {

@@ -57,6 +57,28 @@ async fn publish(client: &AsyncClient, topic: &str, qos: QoS, retain: bool, payl
         .expect("publish");
 }
 
+/// `device` sends a report, an ack and telemetry in turn, `rounds` times
+/// (QoS 1, 1 and 0); returns (topic, payload, retain) of each in order.
+async fn report_ack_telemetry(
+    device: &AsyncClient,
+    id: &str,
+    rounds: usize,
+) -> Vec<(String, String, bool)> {
+    let mut sent = Vec::new();
+    for i in 0..rounds {
+        for (leaf, qos) in [
+            ("reported", QoS::AtLeastOnce),
+            ("acks", QoS::AtLeastOnce),
+            ("telemetry", QoS::AtMostOnce),
+        ] {
+            let topic = format!("devices/{id}/{leaf}");
+            publish(device, &topic, qos, false, &format!("{{\"seq\":{i}}}")).await;
+            sent.push((topic, format!("{{\"seq\":{i}}}"), false));
+        }
+    }
+    sent
+}
+
 /// What a new subscriber gets first: the last retained message of each
 /// device topic its filters match (RETAIN set, once, a deleted one never),
 /// then live ones (RETAIN clear, QoS 1 as published). A persistent session,
@@ -194,23 +216,63 @@ async fn a_devices_messages_on_several_topics_arrive_in_the_order_sent() {
     ];
     let (_alice, mut alice) = watcher(addr, pki.path(), "alice", &filters).await;
     let (cam, _) = connected(addr, pki.path(), "cam1", &[]).await;
-    let mut want = Vec::new();
-    for i in 0..EACH {
-        for (leaf, qos) in [
-            ("reported", QoS::AtLeastOnce),
-            ("acks", QoS::AtLeastOnce),
-            ("telemetry", QoS::AtMostOnce),
-        ] {
-            let topic = format!("devices/cam1/{leaf}");
-            publish(&cam, &topic, qos, false, &format!("{{\"seq\":{i}}}")).await;
-            want.push((topic, format!("{{\"seq\":{i}}}"), false));
-        }
-    }
+    let want = report_ack_telemetry(&cam, "cam1", EACH).await;
     let got: Vec<_> = seen(&gather(&mut alice, want.len()).await)
         .into_iter()
         .filter(|(t, _, _)| !t.ends_with("/presence"))
         .collect();
     assert_eq!(got, want);
+    broker.shutdown().await;
+}
+
+/// One SUBSCRIBE of device filters beside another (`mosquitto_sub -t
+/// devices/+/reported -t fleet/#` sends one): the edge keeps the device
+/// filters, so the device's messages still arrive in the order sent across
+/// its topics; the router serves the other filter; the one SUBACK carries
+/// each filter's code in the order asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_mixing_device_and_other_filters_keeps_the_device_order() {
+    const EACH: usize = 30;
+    let pki = TestPki::new();
+    pki.issue(Role::Device, "cam1");
+    pki.issue(Role::Controller, "alice");
+    pki.issue(Role::Controller, "ctl");
+    let broker = start(pki.path(), test_limits()).await;
+    let addr = broker.local_addr();
+    let (client, eventloop) = mqtt(addr, pki.path(), "alice", "alice");
+    let filters = [
+        ("devices/+/reported", QoS::AtLeastOnce),
+        ("fleet/#", QoS::AtMostOnce),
+        ("devices/+/acks", QoS::AtLeastOnce),
+        ("devices/+/telemetry", QoS::AtMostOnce),
+    ];
+    let (_alice, mut alice, codes) = watching_at_once(client, eventloop, &filters).await;
+    use rumqttc::SubscribeReasonCode::Success;
+    assert_eq!(
+        codes,
+        [
+            Success(QoS::AtLeastOnce),
+            Success(QoS::AtMostOnce),
+            Success(QoS::AtLeastOnce),
+            Success(QoS::AtMostOnce),
+        ],
+        "one code per filter, in order"
+    );
+    let (cam, _) = connected(addr, pki.path(), "cam1", &[]).await;
+    let (ctl, _) = connected(addr, pki.path(), "ctl", &[]).await;
+    let want = report_ack_telemetry(&cam, "cam1", EACH).await;
+    publish(&ctl, "fleet/test", QoS::AtLeastOnce, false, "{}").await;
+    let got = seen(&gather(&mut alice, want.len() + 1).await);
+    let (fleet, device): (Vec<_>, Vec<_>) = got
+        .into_iter()
+        .filter(|(t, _, _)| !t.ends_with("/presence"))
+        .partition(|(t, _, _)| t.starts_with("fleet/"));
+    assert_eq!(device, want);
+    assert_eq!(
+        fleet,
+        [("fleet/test".to_owned(), "{}".to_owned(), false)],
+        "the router's filter"
+    );
     broker.shutdown().await;
 }
 

@@ -203,6 +203,50 @@ pub async fn watching(
             _ => {}
         }
     }
+    forward_publishes(eventloop, tx);
+    (client, rx)
+}
+
+/// [`watching`] with every filter in one SUBSCRIBE, each at its own QoS;
+/// also returns the SUBACK's codes.
+pub async fn watching_at_once(
+    client: AsyncClient,
+    mut eventloop: EventLoop,
+    filters: &[(&str, QoS)],
+) -> (
+    AsyncClient,
+    tokio::sync::mpsc::UnboundedReceiver<rumqttc::Publish>,
+    Vec<rumqttc::SubscribeReasonCode>,
+) {
+    connack(&mut eventloop).await.expect("connects");
+    client
+        .subscribe_many(
+            filters
+                .iter()
+                .map(|(f, q)| rumqttc::SubscribeFilter::new((*f).to_owned(), *q)),
+        )
+        .await
+        .expect("subscribe");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let codes = loop {
+        match eventloop.poll().await.expect("suback") {
+            Event::Incoming(Packet::SubAck(ack)) => break ack.return_codes,
+            Event::Incoming(Packet::Publish(p)) => {
+                let _ = tx.send(p);
+            }
+            _ => {}
+        }
+    };
+    forward_publishes(eventloop, tx);
+    (client, rx, codes)
+}
+
+/// Hands every PUBLISH the client gets to `tx`, and each UNSUBACK as an
+/// empty publish on topic "".
+fn forward_publishes(
+    mut eventloop: EventLoop,
+    tx: tokio::sync::mpsc::UnboundedSender<rumqttc::Publish>,
+) {
     tokio::spawn(async move {
         while let Ok(event) = eventloop.poll().await {
             match event {
@@ -216,7 +260,6 @@ pub async fn watching(
             }
         }
     });
-    (client, rx)
 }
 
 /// Reads until `n` items arrived (10 s at most each), then 300 ms more
