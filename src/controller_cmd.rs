@@ -352,6 +352,16 @@ async fn resubscribe(
         if ids.is_empty() {
             continue;
         }
+        // A subscription is stranded only after a node loss; otherwise the
+        // commands are slow (an overloaded cluster), and cutting the devices
+        // would add reconnects and queue declarations to that load.
+        if let Ok(false) = provisioner.node_lost_lately().await {
+            tracing::info!(
+                unanswered = ids.len(),
+                "commands to online devices had no effect, but no broker node was lost lately: their connections are left open (re-sent as usual)"
+            );
+            continue;
+        }
         // How long each step takes is in the log line below: under load the
         // management API's answers, not the broker, can be the slow part.
         let started = std::time::Instant::now();

@@ -681,6 +681,17 @@ impl Provisioner {
     /// keeps a binding that `list_bindings` shows and nothing routes to
     /// (rabbitmq-server issues 5075, 6271). Until this is 0 (and that last
     /// step is done), a device made to subscribe again can be stranded again.
+    /// Whether a node is down or came back lately ([`node_lost_lately`]):
+    /// only then can a subscription be stranded (see
+    /// [`Provisioner::transient_queues_on_down_nodes`]).
+    pub async fn node_lost_lately(&self) -> Result<bool, ProvisionError> {
+        let nodes = self
+            .api
+            .get("/api/nodes?columns=name,running,uptime")
+            .await?;
+        Ok(node_lost_lately(&nodes))
+    }
+
     pub async fn transient_queues_on_down_nodes(&self) -> Result<usize, ProvisionError> {
         let nodes = self.api.get("/api/nodes?columns=name,running").await?;
         let down: BTreeSet<&str> = nodes
@@ -786,8 +797,71 @@ fn definitions(users: &[UserRules]) -> Value {
     })
 }
 
+/// How long after a node came back the controller still takes an
+/// unanswered command for a stranded subscription.
+pub const NODE_LOSS_WINDOW_MS: u64 = 10 * 60 * 1000;
+
+/// From `/api/nodes` (name, running, uptime in ms): a node is down, or one
+/// started again less than [`NODE_LOSS_WINDOW_MS`] ago and over a minute
+/// after the longest-running one (nodes started together, as a cluster
+/// is, are no loss). Otherwise commands that go unanswered are slow, not
+/// stranded, and closing their devices' connections only adds load: at
+/// 10,000 devices on 2 cores, 853 such closes in one converge fed its
+/// queue declarations past RabbitMQ's 130 s timeout (docs/BENCHMARKS.md).
+pub fn node_lost_lately(nodes: &Value) -> bool {
+    let nodes = nodes.as_array().map(Vec::as_slice).unwrap_or_default();
+    if nodes.iter().any(|n| n["running"] != Value::Bool(true)) {
+        return true;
+    }
+    let uptimes: Vec<u64> = nodes.iter().filter_map(|n| n["uptime"].as_u64()).collect();
+    let oldest = uptimes.iter().copied().max().unwrap_or(0);
+    uptimes
+        .iter()
+        .any(|&up| up < NODE_LOSS_WINDOW_MS && oldest.saturating_sub(up) > 60_000)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_node_counts_as_lost_while_down_and_for_a_while_after_it_came_back() {
+        use super::{node_lost_lately, NODE_LOSS_WINDOW_MS as WINDOW};
+        let nodes = |n: &[(bool, u64)]| {
+            serde_json::Value::Array(
+                n.iter()
+                    .map(|(running, uptime)| serde_json::json!({"running": running, "uptime": uptime}))
+                    .collect(),
+            )
+        };
+        let hour = 3_600_000;
+        assert!(
+            !node_lost_lately(&nodes(&[(true, hour); 3])),
+            "all up for an hour"
+        );
+        assert!(
+            !node_lost_lately(&nodes(&[(true, 20_000), (true, 15_000), (true, 10_000)])),
+            "a cluster started together"
+        );
+        // The API gives a node that is down no uptime.
+        let one_down = serde_json::json!([
+            {"running": true, "uptime": hour},
+            {"running": false},
+            {"running": true, "uptime": hour},
+        ]);
+        assert!(node_lost_lately(&one_down), "one down");
+        assert!(
+            node_lost_lately(&nodes(&[(true, hour), (true, 30_000), (true, hour)])),
+            "one back 30 s ago"
+        );
+        assert!(
+            !node_lost_lately(&nodes(&[(true, hour), (true, WINDOW + 1), (true, hour)])),
+            "one back longer ago than the window"
+        );
+        assert!(
+            !node_lost_lately(&serde_json::json!("not a list")),
+            "nothing to go by"
+        );
+    }
+
     use super::*;
 
     fn identity(role: Role, id: &str, org: Option<&str>) -> IssuedIdentity {
