@@ -869,6 +869,16 @@ async fn phases(d: &Deployment, n: usize, a: &Args, pki: &Path, dir: &Path) -> R
             Ok((out, s)) => (out, s, true),
             Err(e) => {
                 let text = format!("{e:#}");
+                // Why, in the log: the JSON alone does not say.
+                let tail: String = text
+                    .chars()
+                    .rev()
+                    .take(600)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                eprintln!("  apply {k}: the CLI failed: …{tail}");
                 let json = text
                     .find('{')
                     .and_then(|i| text.rfind('}').map(|j| text[i..=j].to_owned()))
