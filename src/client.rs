@@ -53,6 +53,33 @@ pub fn tls_config(pki: &Path, id: &str) -> anyhow::Result<Arc<rustls::ClientConf
     }
 }
 
+/// Why a request went unanswered. A query may be asked again after
+/// either (it changes nothing); a write may have been done, so the
+/// caller says so instead.
+#[derive(Debug)]
+pub enum Unanswered {
+    /// No answer within the timeout: the answer, or the request, may be
+    /// lost (an external broker drops what a controller publishes on a
+    /// connection it loses) or the controller is slow or down.
+    Silent(Duration),
+    /// The connection to the server went away.
+    Lost(String),
+}
+
+impl std::fmt::Display for Unanswered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unanswered::Silent(t) => write!(
+                f,
+                "no answer within {t:?}: is `cityplane serve` running? (a busy cluster may need a longer --timeout)"
+            ),
+            Unanswered::Lost(e) => write!(f, "connection to the server lost: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for Unanswered {}
+
 pub struct Operator {
     client: AsyncClient,
     eventloop: EventLoop,
@@ -150,14 +177,28 @@ impl Operator {
                     .eventloop
                     .poll()
                     .await
-                    .context("connection to the server lost")?;
+                    .map_err(|e| anyhow::Error::new(Unanswered::Lost(e.to_string())))?;
                 if done(&event) {
                     return Ok(event);
                 }
             }
         })
         .await
-        .with_context(|| format!("no answer within {timeout:?}: is `cityplane serve` running?"))?
+        .map_err(|_| anyhow::Error::new(Unanswered::Silent(timeout)))?
+    }
+
+    /// After [`Unanswered::Lost`]: connects again (the event loop does, on
+    /// its next poll) and subscribes to the answers again, which a clean
+    /// session forgot.
+    pub async fn resume(&mut self) -> anyhow::Result<()> {
+        self.wait(|e| matches!(e, Event::Incoming(Packet::ConnAck(_))))
+            .await?;
+        self.client
+            .subscribe(topics::responses_filter(&self.id), QoS::AtLeastOnce)
+            .await?;
+        self.wait(|e| matches!(e, Event::Incoming(Packet::SubAck(_))))
+            .await?;
+        Ok(())
     }
 
     /// Publishes `body` (with a fresh request id) to `topic` and returns the answer.

@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
-use cityplane::client::{ConnectArgs, Operator, Registered};
+use cityplane::client::{ConnectArgs, Operator, Registered, Unanswered};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Output {
@@ -490,7 +490,14 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
     }
     let answer = op
         .request(&cityplane_proto::topics::desired(&name), doc)
-        .await?;
+        .await
+        .map_err(|e| match e.downcast_ref::<Unanswered>() {
+            // Not asked again: a write may have been done.
+            Some(_) => e.context(format!(
+                "apply {name:?} unanswered: it may still be taken up; `cityplane get documents` says whether it was"
+            )),
+            None => e,
+        })?;
     if answer["status"] != "accepted" {
         if args.output == Output::Json {
             print_json(&answer)?;
@@ -549,19 +556,46 @@ pub async fn wait_converged(
         .progress_chars("=> "),
     );
     let start = Instant::now();
+    let mut last: Option<Value> = None;
     loop {
-        let status = op.query("status", json!({"name": name})).await?;
-        let (total, converged, failed) = counts(&status);
-        bar.set_length(total);
-        bar.set_position(converged);
-        bar.set_message(format!("{failed} failed, {} online", status["online"]));
-        if converged + failed >= total && total > 0 {
-            bar.finish();
-            return Ok(status);
+        // A status query changes nothing, so one that went unanswered is
+        // asked again: on a loaded cluster an answer can be lost with the
+        // connection it was published on, and the fleet converges anyway.
+        match op.query("status", json!({"name": name})).await {
+            Ok(status) => {
+                let (total, converged, failed) = counts(&status);
+                bar.set_length(total);
+                bar.set_position(converged);
+                bar.set_message(format!("{failed} failed, {} online", status["online"]));
+                if converged + failed >= total && total > 0 {
+                    bar.finish();
+                    return Ok(status);
+                }
+                last = Some(status);
+            }
+            Err(e) => {
+                let Some(why) = e.downcast_ref::<Unanswered>() else {
+                    return Err(e);
+                };
+                // Said on stderr, not only in the bar: `--output json`
+                // and a pipe hide the bar.
+                bar.suspend(|| eprintln!("warning: status: {why}; asking again"));
+                if matches!(why, Unanswered::Lost(_)) {
+                    if let Err(e) = op.resume().await {
+                        if e.downcast_ref::<Unanswered>().is_none() {
+                            return Err(e);
+                        }
+                    }
+                }
+            }
         }
         if start.elapsed() >= deadline {
             bar.abandon_with_message(format!("deadline of {deadline:?} passed"));
-            return Ok(status);
+            return last.with_context(|| {
+                format!(
+                    "the controller answered no status query within the deadline of {deadline:?}"
+                )
+            });
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }

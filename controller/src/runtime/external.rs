@@ -96,6 +96,8 @@ const RECONNECT_FIRST: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(2);
 /// How long a node may take to answer CONNECT.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+/// The publisher's keep-alive (see [`options`]).
+const PUBLISHER_KEEP_ALIVE: Duration = Duration::from_secs(30);
 /// Fetches waiting for their answer. A device asks again when an answer
 /// does not come, so past this a fetch is dropped rather than let a
 /// rollout's fetches hold up reports and operators' requests.
@@ -311,7 +313,18 @@ fn options(broker: &ExternalBroker, session: Session, node: usize) -> MqttOption
     // it; the publisher receives nothing, so nothing waits.
     options.set_clean_session(session == Session::Publisher);
     options.set_manual_acks(true);
-    options.set_keep_alive(Duration::from_secs(10));
+    options.set_keep_alive(match session {
+        // RabbitMQ stops reading a connection that publishes faster than
+        // its queues take (credit flow), PINGREQ included, and rumqttc
+        // gives up when a PINGRESP is a keep-alive late: with 10 s every
+        // controller's publisher lost its node at the start of each
+        // 10,000-device converge, and what it had published at QoS 0
+        // with it (operators' answers, commands re-sent 30 s later).
+        // A node that dies closes its sockets, so this is only how long
+        // a silent, hung node goes unnoticed.
+        Session::Publisher => PUBLISHER_KEEP_ALIVE,
+        _ => Duration::from_secs(10),
+    });
     options.set_inflight(INFLIGHT);
     options.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
     options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
