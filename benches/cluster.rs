@@ -43,8 +43,9 @@
 //! to wait for a load average below 0.8 before starting, default 600; 0 = do
 //! not wait), `CITYPLANE_BENCH_IN_FLIGHT` (handshakes in flight, default
 //! 200), `CITYPLANE_BENCH_CONNECT_LIMIT` (seconds the connect phase may
-//! take, default 600), `CITYPLANE_BENCH_COMMAND_TIMEOUT` (the cluster's
-//! controllers' `--command-timeout-secs`; their default 10 when unset),
+//! take; default 600, or 1.5 × devices / `--connect-rate` when longer),
+//! `CITYPLANE_BENCH_COMMAND_TIMEOUT` (the cluster's controllers'
+//! `--command-timeout-secs`; their default 10 when unset),
 //! `CITYPLANE_BENCH_CONNECT_RATE` (new device connections per second on
 //! the cluster, reconnects included; default 0, unpaced).
 //! Without rabbitmq-server installed the cluster side is skipped
@@ -107,8 +108,9 @@ struct Args {
     controllers: usize,
     /// Handshakes in flight (the simulator's and the report clients').
     in_flight: usize,
-    /// How long the connect phase may take before the size is given up.
-    connect_limit: Duration,
+    /// How long the connect phase may take before the size is given up;
+    /// unset, [`Args::connect_limit`] decides.
+    connect_limit: Option<Duration>,
     /// The cluster's controllers' `--command-timeout-secs` (their default
     /// when unset).
     command_timeout: Option<u64>,
@@ -150,9 +152,9 @@ fn args() -> Result<Args> {
             .transpose()?,
         controllers: env("CITYPLANE_BENCH_CONTROLLERS").map_or(Ok(1), |v| v.parse())?,
         in_flight: env("CITYPLANE_BENCH_IN_FLIGHT").map_or(Ok(IN_FLIGHT), |v| v.parse())?,
-        connect_limit: Duration::from_secs(
-            env("CITYPLANE_BENCH_CONNECT_LIMIT").map_or(Ok(600), |v| v.parse())?,
-        ),
+        connect_limit: env("CITYPLANE_BENCH_CONNECT_LIMIT")
+            .map(|v| v.parse().map(Duration::from_secs))
+            .transpose()?,
         command_timeout: env("CITYPLANE_BENCH_COMMAND_TIMEOUT")
             .map(|v| v.parse())
             .transpose()?,
@@ -169,7 +171,7 @@ fn args() -> Result<Args> {
             "--shards" => a.shards = Some(value()?.parse()?),
             "--controllers" => a.controllers = value()?.parse()?,
             "--in-flight" => a.in_flight = value()?.parse()?,
-            "--connect-limit" => a.connect_limit = Duration::from_secs(value()?.parse()?),
+            "--connect-limit" => a.connect_limit = Some(Duration::from_secs(value()?.parse()?)),
             "--command-timeout" => a.command_timeout = Some(value()?.parse()?),
             "--connect-rate" => a.connect_rate = value()?.parse()?,
             _ => return Ok(false),
@@ -190,6 +192,22 @@ fn args() -> Result<Args> {
         bail!("sizes, --reports, --applies and --in-flight must be at least 1, --connect-rate at least 0");
     }
     Ok(a)
+}
+
+impl Args {
+    /// `--connect-limit`, or 600 s, or half as long again as `n` devices
+    /// take at `rate` per second when that is longer: at 15/s, 10,000
+    /// devices need 667 s, and a 600 s limit gave the run up at 9,005.
+    fn connect_limit(&self, n: usize, rate: f64) -> Duration {
+        self.connect_limit.unwrap_or_else(|| {
+            let paced = if rate > 0.0 {
+                1.5 * n as f64 / rate
+            } else {
+                0.0
+            };
+            Duration::from_secs_f64(paced.max(600.0))
+        })
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -765,15 +783,17 @@ async fn phases(d: &Deployment, n: usize, a: &Args, pki: &Path, dir: &Path) -> R
     let bench0 = bench_cpu();
     let t0 = Instant::now();
     let sim_commands_qos = sim.commands_qos;
+    let sim_connect_rate = sim.connect_rate;
     let fleet = Fleet::start(sim).await.context("simulated fleet")?;
-    let sim_online = fleet.wait_online(n, a.connect_limit).await;
+    let connect_limit = a.connect_limit(n, sim_connect_rate);
+    let sim_online = fleet.wait_online(n, connect_limit).await;
     let sim_online_s = t0.elapsed().as_secs_f64();
     let ctl_online_s = loop {
         let s = status(&mut op, json!({})).await?;
         if count(&s, &["online"]) >= n as u64 {
             break Some(t0.elapsed().as_secs_f64());
         }
-        if t0.elapsed() > a.connect_limit {
+        if t0.elapsed() > connect_limit {
             break None;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -784,7 +804,7 @@ async fn phases(d: &Deployment, n: usize, a: &Args, pki: &Path, dir: &Path) -> R
     if !sim_online || ctl_online_s.is_none() {
         bail!(
             "not all {n} online within {} s: simulator {} online, {} connect failures",
-            a.connect_limit.as_secs(),
+            connect_limit.as_secs(),
             st.online,
             st.connect_failures
         );
@@ -1095,7 +1115,7 @@ async fn reports_phase(
         }));
     }
     while c.connected.load(Ordering::Relaxed) + c.errors.load(Ordering::Relaxed) < n as u64 {
-        if t_connect.elapsed() > a.connect_limit {
+        if t_connect.elapsed() > a.connect_limit(n, 0.0) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1270,7 +1290,8 @@ async fn run() -> Result<()> {
         "reports_per_device": a.reports,
         "applies": a.applies,
         "handshakes_in_flight": a.in_flight,
-        "connect_limit_s": a.connect_limit.as_secs(),
+        // Per size, at the cluster's pace.
+        "connect_limit_s": a.sizes.iter().map(|&n| a.connect_limit(n, a.connect_rate).as_secs()).collect::<Vec<_>>(),
         "cluster_command_timeout_s": a.command_timeout,
         "cluster_connect_rate_per_s": a.connect_rate,
         "repetition": format!("each size once per deployment; the converge {} times (medians); connect and reports once", a.applies),
