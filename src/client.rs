@@ -153,9 +153,6 @@ impl Operator {
             Ok(Err(e)) => bail!("cannot connect to {} as {:?}: {e}", args.server, args.id),
             Err(_) => bail!("no answer from {} within {timeout:?}", args.server),
         }
-        client
-            .subscribe(topics::responses_filter(&args.id), QoS::AtLeastOnce)
-            .await?;
         let mut op = Operator {
             client,
             eventloop,
@@ -164,8 +161,7 @@ impl Operator {
             next: 0,
             cluster: args.cluster,
         };
-        op.wait(|e| matches!(e, Event::Incoming(Packet::SubAck(_))))
-            .await?;
+        op.subscribe_answers().await?;
         Ok(op)
     }
 
@@ -193,6 +189,11 @@ impl Operator {
     pub async fn resume(&mut self) -> anyhow::Result<()> {
         self.wait(|e| matches!(e, Event::Incoming(Packet::ConnAck(_))))
             .await?;
+        self.subscribe_answers().await
+    }
+
+    /// Subscribes to this operator's answers and waits for the SUBACK.
+    async fn subscribe_answers(&mut self) -> anyhow::Result<()> {
         self.client
             .subscribe(topics::responses_filter(&self.id), QoS::AtLeastOnce)
             .await?;
