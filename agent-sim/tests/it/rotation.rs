@@ -71,6 +71,19 @@ async fn presence_of(ctl: &mut TestClient, id: &str) -> Option<String> {
     .await
 }
 
+/// The serial of `id`'s next online presence, after a reconnect. The old
+/// session's offline presence may come first, or not at all: when the new
+/// connection claims the id before the broker has seen the old socket close,
+/// the old session is taken over, and a taken-over session says nothing
+/// (`broker/src/registry.rs`), so that the retained presence ends online.
+async fn online_again(ctl: &mut TestClient, id: &str) -> String {
+    loop {
+        if let Some(serial) = presence_of(ctl, id).await {
+            return serial;
+        }
+    }
+}
+
 /// The `certificate` of `id`'s next report.
 async fn reported_certificate(ctl: &mut TestClient, id: &str) -> Value {
     let want = topics::reported(id);
@@ -142,13 +155,8 @@ async fn a_device_rotates_to_a_key_of_its_own_and_one_that_loses_it_keeps_the_ol
     );
     // The good device is back with the new certificate, and says so.
     assert_eq!(
-        presence_of(&mut ctl, good).await,
-        None,
-        "the old session ends"
-    );
-    assert_eq!(
-        presence_of(&mut ctl, good).await,
-        Some(signed[0].cert.serial.clone()),
+        online_again(&mut ctl, good).await,
+        signed[0].cert.serial,
         "online again with the new serial"
     );
     assert_eq!(
@@ -241,10 +249,9 @@ async fn a_certificate_for_another_key_is_rejected_and_a_refused_one_falls_back(
     tokio::time::sleep(REVOCATION_SETTLES).await;
     deliver(&ctl, id, "c4", 4, "r1", &right.pem);
     assert_eq!(ack_of(&mut ctl, id, "c4").await.0, "applied");
-    assert_eq!(presence_of(&mut ctl, id).await, None);
     assert_eq!(
-        presence_of(&mut ctl, id).await,
-        Some(old.clone()),
+        online_again(&mut ctl, id).await,
+        old,
         "back online with the old certificate"
     );
     assert_eq!(
