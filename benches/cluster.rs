@@ -583,7 +583,11 @@ async fn start(side: Side, a: &Args, pki: &Path, dir: &Path) -> Result<Deploymen
                     .arg("--data")
                     .arg(&data)
                     .args(shards.iter().flat_map(|n| ["--shards", n.as_str()]))
-                    .env("RUST_LOG", "warn");
+                    // Shards changing hands, in the log with the warnings.
+                    .env(
+                        "RUST_LOG",
+                        "warn,cityplane_controller::runtime::sharding=info",
+                    );
                 if shards.is_some() {
                     // Binds the devices to their shards' queues.
                     cmd.arg("--cluster-dir").arg(&cdir);
@@ -1173,6 +1177,17 @@ async fn reports_phase(
     }
     let offered = c.offered.load(Ordering::Relaxed);
     let written_s = written_s.unwrap_or(took);
+    // Acknowledged by the broker and not counted: where they are.
+    let uncounted = c.acked.load(Ordering::Relaxed).saturating_sub(received);
+    let queues = match (&d.cluster, uncounted) {
+        (Some(guard), 1..) => {
+            eprintln!("  reports: {uncounted} acknowledged by the broker and not counted; the controllers' queues:");
+            let listed = shard_queues(&guard.dir);
+            eprintln!("{listed}");
+            Value::String(listed)
+        }
+        _ => Value::Null,
+    };
     eprintln!(
         "  reports: {received} received ({stale} stale) of {total} in {took:.2} s = {:.0}/s received; offered {offered} in {written_s:.2} s",
         received as f64 / took
@@ -1195,7 +1210,33 @@ async fn reports_phase(
         "cpu_s": cpu_json(procs, &before, &after),
         "bench_cpu_s": round2(bench_cpu_s),
         "machine_cpu_s": round2(machine_cpu_s),
+        "uncounted_queues": queues,
     }))
+}
+
+/// `rabbitmqctl list_queues` of the controllers' queues (ready,
+/// unacknowledged, consumers), or why it could not be had.
+fn shard_queues(dir: &Path) -> String {
+    let listed = cityplane::cluster::rabbit::Cluster::open(dir).and_then(|c| {
+        c.ctl(
+            0,
+            &[
+                "list_queues",
+                "name",
+                "messages_ready",
+                "messages_unacknowledged",
+                "consumers",
+            ],
+        )
+    });
+    match listed {
+        Ok(out) => String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.contains("mqtt-subscription-dev"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Err(e) => format!("(list_queues: {e})"),
+    }
 }
 
 #[derive(Default)]

@@ -366,7 +366,8 @@ impl Fleet {
     pub fn on_device_message(&mut self, id: &str, leaf: &str, payload: &[u8], now: Millis) {
         if !self.owns(id) {
             // From a shard session of a shard just given up: its new
-            // owner gets it again from the broker (not acknowledged here).
+            // owner gets it again from the broker (the loop does not
+            // acknowledge it).
             return;
         }
         if self.devices.get(id).is_some_and(|d| d.quarantine.is_some()) {

@@ -311,6 +311,14 @@ pub(super) async fn run(
                     payload,
                     ack,
                 } => {
+                    if !fleet.owns(&id) {
+                        // From the session of a shard this controller just
+                        // gave up or lost, which ends soon after (`steer`).
+                        // Not acknowledged: the broker then gives it to the
+                        // shard's new holder. Acknowledged, it would be lost.
+                        drop(ack);
+                        continue;
+                    }
                     if known_device(&id) {
                         fleet.on_device_message(&id, &leaf, &payload, now)
                     } else {
@@ -823,6 +831,12 @@ mod paused_clock_tests {
 
     /// One device that reported `dimming: 10`, one document that wants 50.
     fn start(policy: RetryPolicy) -> Harness {
+        start_with(policy, None)
+    }
+
+    /// As [`start`]; with `shards`, one of several sharded controllers
+    /// that holds no shard (yet).
+    fn start_with(policy: RetryPolicy, shards: Option<u32>) -> Harness {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(Store::open(dir.path(), 8 << 20).expect("store"));
         let doc = DocRecord {
@@ -842,7 +856,7 @@ mod paused_clock_tests {
         let mut lamp = DeviceRecord::new(DEVICE);
         lamp.reported = state(json!({"dimming": 10})).into();
         lamp.reported_version = 1;
-        let fleet = Fleet::new(
+        let mut fleet = Fleet::new(
             vec![doc],
             vec![lamp],
             1,
@@ -851,6 +865,9 @@ mod paused_clock_tests {
             InputLimits::default(),
             "test".into(),
         );
+        if let Some(shards) = shards {
+            fleet.shard(shards);
+        }
         let config = ControllerConfig::new(dir.path().to_path_buf());
         let (events, events_rx) = mpsc::channel(64);
         let (out_tx, out) = mpsc::channel(64);
@@ -920,6 +937,32 @@ mod paused_clock_tests {
         async fn stop(self) {
             let _ = self.shutdown.send(true);
             self.task.await.expect("join").expect("clean stop");
+        }
+    }
+
+    /// A shard session may deliver a device's message after its shard
+    /// moved to another controller: acknowledged, the broker would drop
+    /// it, and no controller would ever read it.
+    #[tokio::test(start_paused = true)]
+    async fn a_device_message_is_acknowledged_only_by_the_controller_that_owns_the_device() {
+        for (shards, owned) in [(None, true), (Some(16), false)] {
+            let h = start_with(RetryPolicy::default(), shards);
+            let (acks, mut acked) = mpsc::unbounded_channel();
+            h.events
+                .send(Event::Device {
+                    id: DEVICE.into(),
+                    leaf: "reported".into(),
+                    payload: json!({"version": 2, "state": {"dimming": 50}})
+                        .to_string()
+                        .into(),
+                    ack: Some(super::super::external::Ack::for_tests(acks, 7)),
+                })
+                .await
+                .expect("controller running");
+            // `None`: the acknowledgement was dropped unsent.
+            let got = acked.recv().await;
+            assert_eq!(got, owned.then_some((0, 7)), "shards {shards:?}");
+            h.stop().await;
         }
     }
 

@@ -117,6 +117,18 @@ impl Ack {
     }
 }
 
+#[cfg(test)]
+impl Ack {
+    /// An acknowledgement of delivery `pkid` that arrives on `acks`.
+    pub(crate) fn for_tests(acks: mpsc::UnboundedSender<(u64, u16)>, pkid: u16) -> Ack {
+        Ack {
+            acks,
+            connection: 0,
+            pkid,
+        }
+    }
+}
+
 /// Which connection acknowledgements belong to. A packet id is only
 /// meaningful on the connection it arrived on (the broker numbers its
 /// deliveries per connection and requeues unacknowledged ones when a
@@ -163,7 +175,8 @@ impl Session {
 /// Which sessions a sharded controller holds, as the keeper and the
 /// leader's lease say (see [`ExternalBroker::member`]).
 pub(super) struct Steering {
-    pub(super) shards: tokio::sync::watch::Receiver<std::collections::BTreeSet<u32>>,
+    /// The shards held, with their lease generations.
+    pub(super) shards: tokio::sync::watch::Receiver<std::collections::BTreeMap<u32, i64>>,
     pub(super) lead: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -226,15 +239,22 @@ async fn steer(
     events: mpsc::Sender<Event>,
     fetches: mpsc::Sender<(String, bytes::Bytes)>,
 ) {
-    let mut shards: std::collections::BTreeMap<u32, SessionTasks> = Default::default();
+    let mut shards: std::collections::BTreeMap<u32, (i64, SessionTasks)> = Default::default();
     let mut main: Option<SessionTasks> = None;
     loop {
         let want = steering.shards.borrow_and_update().clone();
-        shards.retain(|k, _| want.contains(k));
-        for k in want {
-            shards
-                .entry(k)
-                .or_insert_with(|| connect(&broker, Session::Shard(k), &events, &fetches).1);
+        // A shard given up, or held again under a new lease since: its
+        // session ends, and with it what the loop left unacknowledged
+        // (deliveries for devices it did not own at the time) goes back
+        // to the queue. A session kept across would sit on them.
+        shards.retain(|k, (generation, _)| want.get(k) == Some(generation));
+        for (k, generation) in want {
+            shards.entry(k).or_insert_with(|| {
+                (
+                    generation,
+                    connect(&broker, Session::Shard(k), &events, &fetches).1,
+                )
+            });
         }
         if *steering.lead.borrow_and_update() && main.is_none() {
             let session = Session::Main {

@@ -98,7 +98,7 @@ pub(super) fn spawn_keeper(
     sharding: Sharding,
     copies: Store,
     events: mpsc::Sender<Event>,
-    sessions: watch::Sender<BTreeSet<u32>>,
+    sessions: watch::Sender<BTreeMap<u32, i64>>,
 ) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let (stop_tx, mut stop) = oneshot::channel();
     let task = tokio::spawn(async move {
@@ -140,7 +140,9 @@ pub(super) fn spawn_keeper(
                             "shards moved"
                         );
                     }
-                    let set: BTreeSet<u32> = turn.acting.keys().copied().collect();
+                    // With their lease generations: a shard lost and taken
+                    // again between two looks of `steer` gets a new session.
+                    let held = turn.acting.clone();
                     let (counters_tx, counters) = oneshot::channel();
                     let event = Event::Shards {
                         acting: turn.acting,
@@ -155,7 +157,7 @@ pub(super) fn spawn_keeper(
                     if let (Ok(mine), Some(r)) = (counters.await, rounds.as_mut()) {
                         r.counters = mine;
                     }
-                    sessions.send_replace(set);
+                    sessions.send_replace(held);
                 }
                 Err(e) => {
                     if !warned {
