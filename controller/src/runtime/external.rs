@@ -96,8 +96,8 @@ const RECONNECT_FIRST: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(2);
 /// How long a node may take to answer CONNECT.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
-/// The publisher's keep-alive (see [`options`]).
-const PUBLISHER_KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// Every session's keep-alive (see [`options`]).
+const KEEP_ALIVE: Duration = Duration::from_secs(30);
 /// Fetches waiting for their answer. A device asks again when an answer
 /// does not come, so past this a fetch is dropped rather than let a
 /// rollout's fetches hold up reports and operators' requests.
@@ -333,18 +333,18 @@ fn options(broker: &ExternalBroker, session: Session, node: usize) -> MqttOption
     // it; the publisher receives nothing, so nothing waits.
     options.set_clean_session(session == Session::Publisher);
     options.set_manual_acks(true);
-    options.set_keep_alive(match session {
-        // RabbitMQ stops reading a connection that publishes faster than
-        // its queues take (credit flow), PINGREQ included, and rumqttc
-        // gives up when a PINGRESP is a keep-alive late: with 10 s every
-        // controller's publisher lost its node at the start of each
-        // 10,000-device converge, and what it had published at QoS 0
-        // with it (operators' answers, commands re-sent 30 s later).
-        // A node that dies closes its sockets, so this is only how long
-        // a silent, hung node goes unnoticed.
-        Session::Publisher => PUBLISHER_KEEP_ALIVE,
-        _ => Duration::from_secs(10),
-    });
+    // RabbitMQ stops reading a connection that publishes faster than its
+    // queues take (credit flow), PINGREQ included, and rumqttc gives up
+    // when a PINGRESP is a keep-alive late: with 10 s every controller's
+    // publisher lost its node at the start of each 10,000-device
+    // converge, and what it had published at QoS 0 with it (operators'
+    // answers, commands re-sent 30 s later). The receiving sessions lost
+    // theirs too, in bursts (49 times in one 10,000-device run), when a
+    // busy node or a loop behind on its commits kept a PINGRESP unread
+    // for 10 s: each loss sends what was in flight round again. A node
+    // that dies closes its sockets, so this is only how long a silent,
+    // hung node goes unnoticed.
+    options.set_keep_alive(KEEP_ALIVE);
     options.set_inflight(INFLIGHT);
     options.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
     options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(

@@ -17,6 +17,10 @@
 //!    that owner is fenced);
 //! 4. the loop gets the shards to act on and the records; the broker
 //!    sessions follow the same set.
+//!
+//! The next round starts once the loop has taken this one up; until then
+//! the keeper only renews, once a second (`ShardKeeper::renew`), so a loop
+//! busy with a backlog does not cost the controller its shards.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -151,10 +155,14 @@ pub(super) fn spawn_keeper(
                         others: turn.others,
                         counters: counters_tx,
                     };
-                    if events.send(event).await.is_err() {
+                    let delivered = async {
+                        events.send(event).await.ok()?;
+                        Some(counters.await.ok())
+                    };
+                    let Some(mine) = renewing(&mut rounds, delivered).await else {
                         return;
-                    }
-                    if let (Ok(mine), Some(r)) = (counters.await, rounds.as_mut()) {
+                    };
+                    if let (Some(mine), Some(r)) = (mine, rounds.as_mut()) {
                         r.counters = mine;
                     }
                     sessions.send_replace(held);
@@ -185,6 +193,44 @@ pub(super) fn spawn_keeper(
         }
     });
     (stop_tx, task)
+}
+
+/// Waits for `delivered` (the loop taking a turn up), renewing the
+/// leases every `RETRY_EVERY` meanwhile. Behind thousands of queued device
+/// messages that can take longer than a lease lasts (`lease::TTL`): a
+/// controller would lose its shards for being busy with them, and the
+/// others would take them, with the sessions and deliveries in flight.
+async fn renewing<T>(
+    rounds: &mut Option<Rounds>,
+    delivered: impl std::future::Future<Output = T>,
+) -> T {
+    tokio::pin!(delivered);
+    loop {
+        tokio::select! {
+            out = &mut delivered => return out,
+            _ = tokio::time::sleep(RETRY_EVERY) => {
+                let Some(mut r) = rounds.take() else { continue };
+                let renewed = tokio::task::spawn_blocking(move || {
+                    let renewed = r.keeper.renew();
+                    (r, renewed)
+                })
+                .await;
+                match renewed {
+                    Ok((r, renewed)) => {
+                        if let Err(e) = renewed {
+                            // The next round retries and warns.
+                            tracing::debug!(error = %e, "could not renew the shards between rounds");
+                        }
+                        *rounds = Some(r);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "shard keeper failed");
+                        return delivered.await;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// How long a wait for the leader's notifications lasts before the

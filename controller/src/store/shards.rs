@@ -43,6 +43,8 @@ pub struct ShardKeeper {
     shards: u32,
     conn: Conn,
     held: BTreeMap<u32, i64>,
+    /// Found lost by [`ShardKeeper::renew`]: the next round reports them.
+    lost_since: BTreeSet<u32>,
 }
 
 /// What one [`ShardKeeper::tick`] found and did.
@@ -85,6 +87,7 @@ impl ShardKeeper {
             shards: u32::try_from(shards).unwrap_or(1).max(1),
             conn,
             held: BTreeMap::new(),
+            lost_since: BTreeSet::new(),
         })
     }
 
@@ -171,6 +174,34 @@ impl ShardKeeper {
     /// out of reach) changes nothing held here; a lease that expires
     /// meanwhile shows up as lost at the next round that reaches it.
     pub fn tick(&mut self) -> Result<Round, StoreError> {
+        let (members, mut lost) = self.heartbeat_and_renew()?;
+        lost.append(&mut self.lost_since);
+        let held: BTreeSet<u32> = self.held.keys().copied().collect();
+        let plan = crate::shard::plan(&self.member, self.shards, &members, &held);
+        let gained = self.take(&plan.take)?;
+        self.held.extend(&gained);
+        Ok(Round {
+            members,
+            gained,
+            lost,
+            give_up: plan.give_up,
+        })
+    }
+
+    /// Between rounds: the heartbeat and the renewal of what is held,
+    /// nothing taken or given up. For a caller whose rounds wait on
+    /// something slow (the loop taking the last one up): a member that
+    /// only renews keeps its shards and its place in the assignment. What
+    /// it finds lost, the next [`ShardKeeper::tick`] reports.
+    pub fn renew(&mut self) -> Result<(), StoreError> {
+        let (_, mut lost) = self.heartbeat_and_renew()?;
+        self.lost_since.append(&mut lost);
+        Ok(())
+    }
+
+    /// The live members (this one included) and the shards whose leases
+    /// could not be renewed, no longer held.
+    fn heartbeat_and_renew(&mut self) -> Result<(Vec<String>, BTreeSet<u32>), StoreError> {
         let ttl = TTL.as_secs_f64();
         let member = self.member.clone();
         let mut members: Vec<String> = self.conn.call("membership", move |c| {
@@ -213,17 +244,7 @@ impl ShardKeeper {
             .filter(|s| !renewed.contains(&crate::shard::lease_row(*s)))
             .collect();
         self.held.retain(|s, _| !lost.contains(s));
-
-        let held: BTreeSet<u32> = self.held.keys().copied().collect();
-        let plan = crate::shard::plan(&self.member, self.shards, &members, &held);
-        let gained = self.take(&plan.take)?;
-        self.held.extend(&gained);
-        Ok(Round {
-            members,
-            gained,
-            lost,
-            give_up: plan.give_up,
-        })
+        Ok((members, lost))
     }
 
     /// Takes those of `shards` that are free or expired; returns the ones

@@ -182,6 +182,52 @@ fn a_joining_member_takes_its_share_and_nothing_else_moves_and_a_leaving_one_giv
     assert_eq!(stored_owners(&pg), three);
 }
 
+/// A member whose rounds wait on something slow (its loop, behind
+/// thousands of device messages) renews in between: it keeps its shards
+/// and its place, where one that only did rounds would lose both once a
+/// lease's time passed. What it loses anyway, its next round reports.
+#[test]
+fn a_member_that_renews_between_rounds_keeps_its_shards_and_its_next_round_reports_what_it_lost() {
+    let Some(pg) = postgres_or_skip(
+        "a_member_that_renews_between_rounds_keeps_its_shards_and_its_next_round_reports_what_it_lost",
+    ) else {
+        return;
+    };
+    let (mut a, mut b) = (keeper(&pg, "a"), keeper(&pg, "b"));
+    settle(&mut [&mut a, &mut b]);
+    let two = owners(&[&a, &b]);
+    let of_a: BTreeSet<u32> = a.held().keys().copied().collect();
+    assert!(!of_a.is_empty());
+
+    // A lease's time passes for a, which only renews meanwhile.
+    expire(&pg, "a");
+    a.renew().expect("renew");
+    let round = b.tick().expect("round");
+    assert_eq!(round.members, ["a", "b"], "a is still a member");
+    assert!(round.gained.is_empty(), "b took {:?}", round.gained);
+    let round = a.tick().expect("round");
+    assert!(
+        round.lost.is_empty() && round.gained.is_empty(),
+        "{round:?}"
+    );
+    assert_eq!(owners(&[&a, &b]), two);
+    assert_eq!(stored_owners(&pg), two);
+
+    // Renewed too late: b took a's shards first. a's renewal finds them
+    // gone, and its next round says so.
+    expire(&pg, "a");
+    let round = b.tick().expect("round");
+    assert_eq!(
+        round.gained.keys().copied().collect::<BTreeSet<_>>(),
+        of_a,
+        "b takes a's expired shards"
+    );
+    a.renew().expect("renew");
+    assert!(a.held().is_empty(), "{:?}", a.held());
+    let round = a.tick().expect("round");
+    assert_eq!(round.lost, of_a, "reported by the round after the renewal");
+}
+
 fn device(id: &str, version: u64) -> Arc<DeviceRecord> {
     let mut d = DeviceRecord::new(id);
     d.reported_version = version;
