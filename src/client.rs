@@ -183,12 +183,12 @@ impl Operator {
         .map_err(|_| anyhow::Error::new(Unanswered::Silent(timeout)))?
     }
 
-    /// After [`Unanswered::Lost`]: connects again (the event loop does, on
-    /// its next poll) and subscribes to the answers again, which a clean
-    /// session forgot.
+    /// After [`Unanswered::Lost`]: subscribes to the answers again, which
+    /// a clean session forgot, connecting again first if nothing has yet
+    /// (the event loop does, on its next poll). Whoever polled since may
+    /// have seen the CONNACK already, so this does not wait for one.
+    /// `Lost` again while the broker is still away.
     pub async fn resume(&mut self) -> anyhow::Result<()> {
-        self.wait(|e| matches!(e, Event::Incoming(Packet::ConnAck(_))))
-            .await?;
         self.subscribe_answers().await
     }
 

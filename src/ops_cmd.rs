@@ -557,11 +557,25 @@ pub async fn wait_converged(
     );
     let start = Instant::now();
     let mut last: Option<Value> = None;
+    // Set by a lost connection, until the answers are subscribed again: a
+    // query on a new clean session before that would never be answered.
+    let mut resubscribe = false;
     loop {
+        let asked = if resubscribe {
+            // The broker may still be away: then this fails as `Lost`
+            // again, and the next turn tries again.
+            op.resume().await.map(|()| resubscribe = false)
+        } else {
+            Ok(())
+        };
         // A status query changes nothing, so one that went unanswered is
         // asked again: on a loaded cluster an answer can be lost with the
         // connection it was published on, and the fleet converges anyway.
-        match op.query("status", json!({"name": name})).await {
+        let asked = match asked {
+            Ok(()) => op.query("status", json!({"name": name})).await,
+            Err(e) => Err(e),
+        };
+        match asked {
             Ok(status) => {
                 let (total, converged, failed) = counts(&status);
                 bar.set_length(total);
@@ -580,13 +594,7 @@ pub async fn wait_converged(
                 // Said on stderr, not only in the bar: `--output json`
                 // and a pipe hide the bar.
                 bar.suspend(|| eprintln!("warning: status: {why}; asking again"));
-                if matches!(why, Unanswered::Lost(_)) {
-                    if let Err(e) = op.resume().await {
-                        if e.downcast_ref::<Unanswered>().is_none() {
-                            return Err(e);
-                        }
-                    }
-                }
+                resubscribe |= matches!(why, Unanswered::Lost(_));
             }
         }
         if start.elapsed() >= deadline {

@@ -46,6 +46,9 @@ pub const MAX_NODES: usize = 9;
 pub const DEFAULT_BASE_PORT: u16 = 28830;
 /// A node of this machine kind starts in ~20 s; two joining at once on
 /// two busy cores take longer.
+/// The MQTT plugin's unacknowledged deliveries per subscriber
+/// (`mqtt.prefetch`, see `node_config`).
+const MQTT_PREFETCH: u32 = 1000;
 const START_TIMEOUT: Duration = Duration::from_secs(180);
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -425,6 +428,10 @@ fn node_config(info: &ClusterInfo, node: &NodeInfo, tls: &Path, password: &str) 
          mqtt.allow_anonymous = false\n\
          # Persistent sessions replicated across nodes (takes effect on a new cluster only).\n\
          mqtt.durable_queue_type = quorum\n\
+         # Unacknowledged deliveries per subscriber (the plugin's default is 10). The\n\
+         # controller acknowledges a shard's messages once its commit holds them: at 10\n\
+         # each shard session got 10 per commit round trip (226 reports/s at 10,000).\n\
+         mqtt.prefetch = {MQTT_PREFETCH}\n\
          ssl_options.cacertfile = {tls}/ca.crt\n\
          ssl_options.certfile = {tls}/broker.crt\n\
          ssl_options.keyfile = {tls}/broker.key\n\
@@ -985,6 +992,7 @@ mod tests {
             "ssl_options.fail_if_no_peer_cert = true",
             "cluster_formation.classic_config.nodes.3 = rabbit3@localhost",
             "default_permissions.write = ^$",
+            "mqtt.prefetch = 1000",
         ] {
             assert!(conf.lines().any(|l| l == line), "{line} missing:\n{conf}");
         }

@@ -88,7 +88,29 @@ pub fn start_with(
         .port();
     let conf_path = bench_dir.join(format!("{prefix}mosquitto.conf"));
     std::fs::write(&conf_path, config(generated_by, pki, port) + extra)?;
-    let log = File::create(bench_dir.join(format!("{prefix}mosquitto.log")))?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let guard = run(bench_dir, prefix, addr, |p| File::create(p))?;
+    Ok((guard, addr))
+}
+
+/// Starts mosquitto again as [`start_with`] left it configured in
+/// `bench_dir` (same port, its log appended to), once the first one
+/// ended: a broker restart, which loses what its sessions held.
+pub fn restart(bench_dir: &Path, prefix: &str, addr: SocketAddr) -> Result<ChildGuard> {
+    run(bench_dir, prefix, addr, |p| {
+        File::options().append(true).open(p)
+    })
+}
+
+fn run(
+    bench_dir: &Path,
+    prefix: &str,
+    addr: SocketAddr,
+    open_log: impl FnOnce(&Path) -> std::io::Result<File>,
+) -> Result<ChildGuard> {
+    let conf_path = bench_dir.join(format!("{prefix}mosquitto.conf"));
+    let log_path = bench_dir.join(format!("{prefix}mosquitto.log"));
+    let log = open_log(&log_path)?;
     let child = Command::new(MOSQUITTO)
         .arg("-c")
         .arg(&conf_path)
@@ -98,16 +120,12 @@ pub fn start_with(
         .spawn()
         .with_context(|| format!("spawn {MOSQUITTO}"))?;
     let mut guard = ChildGuard::new(child);
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let deadline = Instant::now() + Duration::from_secs(10);
-    let name = format!(
-        "mosquitto (see {})",
-        bench_dir.join(format!("{prefix}mosquitto.log")).display()
-    );
+    let name = format!("mosquitto (see {})", log_path.display());
     loop {
         guard.check_alive(&name)?;
         if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return Ok((guard, addr));
+            return Ok(guard);
         }
         if Instant::now() > deadline {
             bail!("mosquitto is not listening on {addr} after 10 s");

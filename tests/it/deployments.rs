@@ -398,81 +398,155 @@ async fn every_device_converges_when_a_rabbitmq_node_dies_mid_change() {
 /// converged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apply_wait_asks_again_when_a_status_query_goes_unanswered() {
-    use std::io::BufRead;
     const N: usize = 3;
     let test = "apply_wait_asks_again_when_a_status_query_goes_unanswered";
     let Some(mut d) = Deployment::start(Kind::Mosquitto, test, N) else {
         return;
     };
+    // The devices are offline, so the wait cannot end before the pause.
+    let mut apply = Watched::spawn(apply_dim_and_wait(&d));
+    apply.until(Stream::Stdout, "accepted \"dim\"");
+    d.signal_controller(0, "STOP");
+    // The old behaviour: the first unanswered poll ended the command.
+    apply.until(Stream::Stderr, "warning: status: no answer within 2s");
+    d.signal_controller(0, "CONT");
+    let fleet = Fleet::start(d.sim(N)).await.expect("fleet starts");
+    apply.converged(N).await;
+    assert!(fleet.all_have("dimming", &json!(40), None));
+    fleet.shutdown().await;
+}
+
+/// The same when the connection itself goes: the broker restarts while
+/// `apply --wait` polls, and stays away for longer than a poll. The
+/// command connects again, subscribes to its answers again (the new
+/// clean session has forgotten them), and ends when the fleet converged.
+/// Asked on a session without the subscription, every answer would go
+/// nowhere until the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_wait_connects_again_when_the_broker_restarts_mid_wait() {
+    const N: usize = 3;
+    let test = "apply_wait_connects_again_when_the_broker_restarts_mid_wait";
+    let Some(mut d) = Deployment::start(Kind::Mosquitto, test, N) else {
+        return;
+    };
+    let mut apply = Watched::spawn(apply_dim_and_wait(&d));
+    apply.until(Stream::Stdout, "accepted \"dim\"");
+    d.restart_broker(Duration::from_secs(3));
+    apply.until(Stream::Stderr, "asking again");
+    // The devices once the controller has its subscriptions again: this
+    // mosquitto keeps no sessions across a restart, so a device's first
+    // report before then would be lost, and the controller commands no
+    // device it has no report of (docs/DEPLOYMENT.md, mosquitto).
+    eventually("the controller answers again", || {
+        d.cli(&["get", "documents"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+    .await;
+    let fleet = Fleet::start(d.sim(N)).await.expect("fleet starts");
+    apply.converged(N).await;
+    assert!(fleet.all_have("dimming", &json!(40), None));
+    fleet.shutdown().await;
+}
+
+/// `apply -f dim.json --wait` (dimming 40 for every streetlight), each
+/// poll given 2 s, the whole wait 120 s.
+fn apply_dim_and_wait(d: &Deployment) -> Command {
     let dim = d.file(
         "dim.json",
         &json!({"name": "dim", "target": {"class": "streetlight"}, "state": {"dimming": 40}}),
     );
-    // The devices are offline, so the wait cannot end before the pause.
-    let mut apply = d
-        .cli(&[
-            "apply",
-            "-f",
-            &dim,
-            "--wait",
-            "--timeout",
-            "2",
-            "--wait-timeout",
-            "120",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("apply runs");
-    let lines = |stream: Box<dyn std::io::Read + Send>| {
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stream)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let _ = tx.send(line);
-            }
-        });
-        rx
-    };
-    let stdout = lines(Box::new(apply.stdout.take().expect("stdout")));
-    let stderr = lines(Box::new(apply.stderr.take().expect("stderr")));
-    let mut said = Vec::new();
-    let until = |rx: &std::sync::mpsc::Receiver<String>, want: &str, said: &mut Vec<String>| {
+    d.cli(&[
+        "apply",
+        "-f",
+        &dim,
+        "--wait",
+        "--timeout",
+        "2",
+        "--wait-timeout",
+        "120",
+    ])
+}
+
+#[derive(Clone, Copy)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// A command under way whose output is read line by line as it comes.
+struct Watched {
+    child: std::process::Child,
+    stdout: std::sync::mpsc::Receiver<String>,
+    stderr: std::sync::mpsc::Receiver<String>,
+    said: Vec<String>,
+}
+
+impl Watched {
+    fn spawn(mut cmd: Command) -> Watched {
+        use std::io::BufRead;
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("command runs");
+        let lines = |stream: Box<dyn std::io::Read + Send>| {
+            let (tx, rx) = std::sync::mpsc::channel::<String>();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(stream)
+                    .lines()
+                    .map_while(Result::ok)
+                {
+                    let _ = tx.send(line);
+                }
+            });
+            rx
+        };
+        let stdout = lines(Box::new(child.stdout.take().expect("stdout")));
+        let stderr = lines(Box::new(child.stderr.take().expect("stderr")));
+        Watched {
+            child,
+            stdout,
+            stderr,
+            said: Vec::new(),
+        }
+    }
+
+    /// Reads `stream` until a line contains `want` (at most a minute).
+    fn until(&mut self, stream: Stream, want: &str) {
+        let rx = match stream {
+            Stream::Stdout => &self.stdout,
+            Stream::Stderr => &self.stderr,
+        };
         while let Ok(line) = rx.recv_timeout(Duration::from_secs(60)) {
-            said.push(line.clone());
+            self.said.push(line.clone());
             if line.contains(want) {
                 return;
             }
         }
-        panic!("never said {want:?}; said:\n{}", said.join("\n"));
-    };
-    until(&stdout, "accepted \"dim\"", &mut said);
-    d.signal_controller(0, "STOP");
-    // The old behaviour: the first unanswered poll ended the command.
-    until(&stderr, "warning: status: no answer within 2s", &mut said);
-    d.signal_controller(0, "CONT");
-    let fleet = Fleet::start(d.sim(N)).await.expect("fleet starts");
-    let status = tokio::task::spawn_blocking(move || apply.wait_with_output())
-        .await
-        .expect("joins")
-        .expect("apply ends");
-    // Both senders go at the end of their streams.
-    let rest: Vec<String> = stdout.iter().chain(stderr.iter()).collect();
-    said.extend(rest);
-    assert!(
-        status.status.success(),
-        "{}\n{}",
-        status.status,
-        said.join("\n")
-    );
-    assert!(
-        said.iter()
-            .any(|l| l == &format!("all {N} targeted devices converged")),
-        "{}",
-        said.join("\n")
-    );
-    assert!(fleet.all_have("dimming", &json!(40), None));
-    fleet.shutdown().await;
+        panic!("never said {want:?}; said:\n{}", self.said.join("\n"));
+    }
+
+    /// Waits for the end: a success that says all `n` devices converged.
+    async fn converged(self, n: usize) {
+        let Watched {
+            child,
+            stdout,
+            stderr,
+            mut said,
+        } = self;
+        let status = tokio::task::spawn_blocking(move || child.wait_with_output())
+            .await
+            .expect("joins")
+            .expect("command ends");
+        // Both senders go at the end of their streams.
+        said.extend(stdout.iter().chain(stderr.iter()));
+        let said = said.join("\n");
+        assert!(status.status.success(), "{}\n{said}", status.status);
+        assert!(
+            said.lines()
+                .any(|l| l == format!("all {n} targeted devices converged")),
+            "{said}"
+        );
+    }
 }

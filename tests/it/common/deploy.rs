@@ -27,7 +27,7 @@ pub enum Kind {
 enum Running {
     Embedded(Server),
     Mosquitto {
-        _broker: ChildGuard,
+        broker: ChildGuard,
         controllers: Vec<ChildGuard>,
     },
     Rabbit {
@@ -139,7 +139,7 @@ impl Deployment {
                     start_controller(&pki, &data, &nodes, dir.path(), &[], &controllers, 0);
                 (
                     Running::Mosquitto {
-                        _broker: broker,
+                        broker,
                         controllers: vec![controller],
                     },
                     nodes,
@@ -230,6 +230,21 @@ impl Deployment {
             .status()
             .expect("kill runs");
         assert!(status.success(), "kill -{signal} {pid}");
+    }
+
+    /// Kills mosquitto, waits `away`, and starts it again on the same
+    /// port (mosquitto deployments only): every client loses its
+    /// connection, and the broker what its sessions held.
+    pub fn restart_broker(&mut self, away: Duration) {
+        let dir = self.dir.path().to_path_buf();
+        let addr: std::net::SocketAddr = self.nodes[0].parse().expect("node address");
+        let Running::Mosquitto { broker, .. } = &mut self.running else {
+            panic!("restart_broker: a mosquitto deployment only");
+        };
+        broker.kill().expect("kill mosquitto");
+        broker.wait().expect("reap mosquitto");
+        std::thread::sleep(away);
+        *broker = cityplane_testkit::mosquitto::restart(&dir, "", addr).expect("mosquitto again");
     }
 
     /// Controller `i`'s exit status, once it has exited.
