@@ -20,7 +20,8 @@
 //!
 //! The next round starts once the loop has taken this one up; until then
 //! the keeper only renews, once a second (`ShardKeeper::renew`), so a loop
-//! busy with a backlog does not cost the controller its shards.
+//! busy with a backlog does not cost the controller its shards; for at
+//! most [`RENEW_FOR`], after which the loop counts as stuck.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -196,18 +197,25 @@ pub(super) fn spawn_keeper(
 }
 
 /// Waits for `delivered` (the loop taking a turn up), renewing the
-/// leases every `RETRY_EVERY` meanwhile. Behind thousands of queued device
-/// messages that can take longer than a lease lasts (`lease::TTL`): a
-/// controller would lose its shards for being busy with them, and the
-/// others would take them, with the sessions and deliveries in flight.
+/// leases every `RETRY_EVERY` meanwhile, for at most [`RENEW_FOR`].
+/// Behind thousands of queued device messages that can take longer than
+/// a lease lasts (`lease::TTL`): a controller would lose its shards for
+/// being busy with them, and the others would take them, with the
+/// sessions and deliveries in flight. A loop that takes no turn up for
+/// longer is stuck, not busy: its shards go to the others.
 async fn renewing<T>(
     rounds: &mut Option<Rounds>,
     delivered: impl std::future::Future<Output = T>,
 ) -> T {
     tokio::pin!(delivered);
+    let give_up = tokio::time::Instant::now() + RENEW_FOR;
     loop {
         tokio::select! {
             out = &mut delivered => return out,
+            _ = tokio::time::sleep_until(give_up) => {
+                tracing::warn!(waited = ?RENEW_FOR, "the loop has not taken the shard round up; no longer renewing, so the other controllers take these shards");
+                return delivered.await;
+            }
             _ = tokio::time::sleep(RETRY_EVERY) => {
                 let Some(mut r) = rounds.take() else { continue };
                 let renewed = tokio::task::spawn_blocking(move || {
@@ -232,6 +240,9 @@ async fn renewing<T>(
         }
     }
 }
+
+/// How long the keeper renews for a loop that has not taken its round up.
+const RENEW_FOR: Duration = Duration::from_secs(60);
 
 /// How long a wait for the leader's notifications lasts before the
 /// follower checks whether the loop is still there.
