@@ -430,7 +430,7 @@ fn node_config(info: &ClusterInfo, node: &NodeInfo, tls: &Path, password: &str) 
          mqtt.durable_queue_type = quorum\n\
          # Unacknowledged deliveries per subscriber (the plugin's default is 10). The\n\
          # controller acknowledges a shard's messages once its commit holds them: at 10\n\
-         # each shard session got 10 per commit round trip (226 reports/s at 10,000).\n\
+         # its view trailed 10,000 devices' acks by 20-35 s, at 1000 by 4-8 s.\n\
          mqtt.prefetch = {MQTT_PREFETCH}\n\
          ssl_options.cacertfile = {tls}/ca.crt\n\
          ssl_options.certfile = {tls}/broker.crt\n\
